@@ -1,0 +1,180 @@
+"""The DuckDB catalog: views over the Parquet lake plus the pipeline's small state tables.
+
+The lake is the source of truth; the catalog file holds only view definitions and state
+(runs, epochs, rollouts, policy_versions). Writers open it briefly (``Catalog.write()``), so
+analysts can open it read-only between writes (``Catalog.read()`` retries while a writer holds
+the lock). The file is created with DuckDB's v1.5.0 storage format, so the PyPI ``duckdb`` CLI
+can open it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+from lightning_core.lake import SCHEMA_RUN, ensure_schema_files
+
+STORAGE_VERSION = "v1.5.0"
+
+STATE_TABLES = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      VARCHAR PRIMARY KEY,
+    project     VARCHAR,
+    config      JSON,
+    created_at  TIMESTAMPTZ DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id          VARCHAR,
+    epoch           BIGINT,
+    status          VARCHAR,        -- planned | rollouts_done | triplets_done | trained | completed | failed
+    policy_version  VARCHAR,        -- the version that served this epoch's rollouts
+    new_version     VARCHAR,        -- the version this epoch's training produced
+    stats           JSON,
+    started_at      TIMESTAMPTZ DEFAULT current_timestamp,
+    finished_at     TIMESTAMPTZ,
+    PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    run_id        VARCHAR,
+    epoch         BIGINT,
+    rollout_id    VARCHAR PRIMARY KEY,
+    task_id       VARCHAR,
+    group_id      VARCHAR,
+    sample_index  BIGINT,
+    attempt       BIGINT DEFAULT 0,
+    status        VARCHAR,          -- planned | succeeded | failed | timed_out
+    error         VARCHAR,
+    reward        DOUBLE,
+    started_at    TIMESTAMPTZ,
+    finished_at   TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS policy_versions (
+    version         VARCHAR PRIMARY KEY,
+    policy          VARCHAR DEFAULT 'default',
+    parent_version  VARCHAR,
+    run_id          VARCHAR,
+    epoch           BIGINT,
+    path            VARCHAR,
+    metrics         JSON,
+    created_at      TIMESTAMPTZ DEFAULT current_timestamp
+);
+"""
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def view_sql(lake_root: Path) -> str:
+    """Return the DDL of the lake views for a lake at ``lake_root`` (an absolute path)."""
+    training = _quote(str(lake_root / "spans" / "training" / "*" / "*" / "*.parquet"))
+    production = _quote(str(lake_root / "spans" / "production" / "*" / "*.parquet"))
+    return f"""
+-- One row per span file row, exactly as stored; partition values from the folder names.
+CREATE OR REPLACE VIEW spans_raw AS
+SELECT * FROM read_parquet({training}, hive_partitioning = true,
+                           hive_types = {{'run_id': VARCHAR, 'epoch': BIGINT}})
+WHERE run_id <> '{SCHEMA_RUN}'
+UNION ALL BY NAME
+SELECT *, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
+FROM read_parquet({production}, hive_partitioning = true, hive_types = {{'date': VARCHAR}})
+WHERE date <> '1970-01-01';
+
+-- One row per span: ids, name, times (ns and timestamps), status, attributes/resource/events as
+-- JSON, the rollout context, and the attributes most queries need as columns.
+CREATE OR REPLACE VIEW spans AS
+SELECT
+    run_id, epoch, rollout_id, task_id, attempt,
+    trace_id, span_id, parent_id, name, kind,
+    start_ns, end_ns,
+    make_timestamp_ns(start_ns) AS start_time,
+    make_timestamp_ns(end_ns) AS end_time,
+    (end_ns - start_ns) / 1e6 AS duration_ms,
+    status_code, status_message,
+    attributes::JSON AS attributes,
+    events::JSON AS events,
+    links::JSON AS links,
+    resource::JSON AS resource,
+    service_name, scope_name, scope_version,
+    json_extract_string(attributes, '$."arclight.span.kind"') AS span_kind,
+    json_extract_string(attributes, '$."agent.name"') AS agent_name,
+    json_extract_string(attributes, '$."gen_ai.operation.name"') AS gen_ai_operation,
+    json_extract_string(attributes, '$."gen_ai.response.id"') AS response_id,
+    TRY_CAST(json_extract_string(attributes, '$."arclight.reward.value"') AS DOUBLE) AS reward_value,
+    date AS production_date,
+    received_ns
+FROM spans_raw;
+"""
+
+
+class Catalog:
+    """The DuckDB catalog of one lake."""
+
+    def __init__(self, lake_root: str | Path, catalog_path: str | Path | None = None, *,
+                 memory_limit: str | None = None, threads: int | None = None):
+        self.lake_root = Path(lake_root).resolve()
+        self.path = Path(catalog_path) if catalog_path else self.lake_root / "catalog.duckdb"
+        self.memory_limit = memory_limit
+        self.threads = threads
+
+    @classmethod
+    def from_config(cls, config) -> "Catalog":
+        """Build the catalog named by an ``ArclightConfig``."""
+        lake = config.lake
+        return cls(lake.path, lake.catalog_path, memory_limit=lake.duckdb_memory_limit, threads=lake.duckdb_threads)
+
+    def ensure(self) -> None:
+        """Create the lake folders, the catalog file, its views and state tables (idempotent)."""
+        self.lake_root.mkdir(parents=True, exist_ok=True)
+        ensure_schema_files(self.lake_root)
+        with self.write() as con:
+            con.execute(STATE_TABLES)
+            con.execute(view_sql(self.lake_root))
+
+    @contextlib.contextmanager
+    def write(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the catalog for writing (waiting while another process holds it), then close it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = _connect_retrying(self.path, read_only=False, timeout_s=timeout_s, config=self._config(create=True))
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def read(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the catalog read-only (waiting while a writer holds it), then close it."""
+        if not self.path.exists():
+            self.ensure()
+        con = _connect_retrying(self.path, read_only=True, timeout_s=timeout_s, config=self._config(create=False))
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _config(self, *, create: bool) -> dict[str, str]:
+        config: dict[str, str] = {}
+        if create and not self.path.exists():
+            config["storage_compatibility_version"] = STORAGE_VERSION
+        if self.memory_limit:
+            config["memory_limit"] = self.memory_limit
+        if self.threads:
+            config["threads"] = str(self.threads)
+        return config
+
+
+def _connect_retrying(path: Path, *, read_only: bool, timeout_s: float, config: dict[str, str]) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)

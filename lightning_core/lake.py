@@ -1,0 +1,284 @@
+"""The Parquet lake: one row per span, hive-partitioned by run and epoch (or date in production).
+
+Layout under the lake root::
+
+    spans/training/run_id=<run>/epoch=<n>/part-<ns>-<uuid>.parquet
+    spans/production/date=<YYYY-MM-DD>/part-<ns>-<uuid>.parquet
+
+Files are written to a temporary name, fsynced and renamed into place, so a reader never sees
+a half-written file and a writer that returns has made its rows durable. The partition values
+come from the folder names; every other column is inside the file (``SPAN_SCHEMA``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan, Status as PbStatus
+
+from lightning_core import semconv
+from lightning_core.config import RUN_ID_PATTERN
+
+SPAN_SCHEMA = pa.schema(
+    [
+        ("trace_id", pa.string()),
+        ("span_id", pa.string()),
+        ("parent_id", pa.string()),
+        ("name", pa.string()),
+        ("kind", pa.string()),
+        ("start_ns", pa.int64()),
+        ("end_ns", pa.int64()),
+        ("status_code", pa.string()),
+        ("status_message", pa.string()),
+        ("attributes", pa.string()),  # JSON object, key order as sent
+        ("events", pa.string()),  # JSON list of {name, time_ns, attributes}
+        ("links", pa.string()),  # JSON list of {trace_id, span_id, attributes}
+        ("resource", pa.string()),  # JSON object of resource attributes
+        ("scope_name", pa.string()),
+        ("scope_version", pa.string()),
+        ("service_name", pa.string()),
+        ("rollout_id", pa.string()),
+        ("task_id", pa.string()),
+        ("attempt", pa.int64()),
+        ("received_ns", pa.int64()),
+    ]
+)
+
+_KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in PbSpan.SpanKind.items()}
+_STATUS_NAMES = {v: k.removeprefix("STATUS_CODE_") for k, v in PbStatus.StatusCode.items()}
+
+
+class SpanDataError(ValueError):
+    """A span payload that cannot be stored; the message names the span and the field."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One lake folder: a training (run, epoch) or a production date."""
+
+    run_id: str | None
+    epoch: int | None
+    date: str | None = None
+
+    def relative_dir(self) -> Path:
+        """Return this partition's folder relative to the lake root."""
+        if self.run_id is None:
+            return Path("spans", "production", f"date={self.date}")
+        return Path("spans", "training", f"run_id={self.run_id}", f"epoch={self.epoch}")
+
+
+def any_value(value: AnyValue) -> Any:
+    """Convert an OTLP ``AnyValue`` to a JSON-able Python value."""
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    if which == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, which)
+
+
+def key_values(items: Iterable[KeyValue]) -> dict[str, Any]:
+    """Convert OTLP attributes to a dict, keeping the order they were sent in."""
+    return {kv.key: any_value(kv.value) for kv in items}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+
+
+def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | None = None) -> dict[Partition, list[dict[str, Any]]]:
+    """Flatten an OTLP trace export request into span rows grouped by lake partition."""
+    received_ns = received_ns if received_ns is not None else time.time_ns()
+    grouped: dict[Partition, list[dict[str, Any]]] = defaultdict(list)
+    for resource_spans in request.resource_spans:
+        resource = key_values(resource_spans.resource.attributes)
+        resource_json = _dumps(resource)
+        partition_of = _partitioner(resource)
+        service_name = _as_str(resource.get(semconv.SERVICE_NAME))
+        rollout_id = _as_str(resource.get(semconv.ROLLOUT_ID))
+        task_id = _as_str(resource.get(semconv.TASK_ID))
+        attempt = _as_int(resource.get(semconv.ATTEMPT), semconv.ATTEMPT)
+        for scope_spans in resource_spans.scope_spans:
+            scope_name, scope_version = scope_spans.scope.name, scope_spans.scope.version
+            for span in scope_spans.spans:
+                if len(span.trace_id) != 16 or len(span.span_id) != 8:
+                    raise SpanDataError(
+                        f"span {span.name!r}: trace_id must be 16 bytes and span_id 8 bytes, "
+                        f"found {len(span.trace_id)} and {len(span.span_id)}"
+                    )
+                grouped[partition_of(span.start_time_unix_nano)].append(
+                    {
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_id": span.parent_span_id.hex() if span.parent_span_id else None,
+                        "name": span.name,
+                        "kind": _KIND_NAMES.get(span.kind, str(span.kind)),
+                        "start_ns": span.start_time_unix_nano,
+                        "end_ns": span.end_time_unix_nano,
+                        "status_code": _STATUS_NAMES.get(span.status.code, str(span.status.code)),
+                        "status_message": span.status.message or None,
+                        "attributes": _dumps(key_values(span.attributes)),
+                        "events": _dumps(
+                            [
+                                {"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)}
+                                for e in span.events
+                            ]
+                        ),
+                        "links": _dumps(
+                            [
+                                {"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "attributes": key_values(l.attributes)}
+                                for l in span.links
+                            ]
+                        ),
+                        "resource": resource_json,
+                        "scope_name": scope_name or None,
+                        "scope_version": scope_version or None,
+                        "service_name": service_name,
+                        "rollout_id": rollout_id,
+                        "task_id": task_id,
+                        "attempt": attempt,
+                        "received_ns": received_ns,
+                    }
+                )
+    return grouped
+
+
+def _partitioner(resource: dict[str, Any]):
+    run_id = resource.get(semconv.RUN_ID)
+    if run_id is None or run_id == "":
+        return lambda start_ns: Partition(None, None, _utc_date(start_ns))
+    run_id = str(run_id)
+    if not RUN_ID_PATTERN.match(run_id):
+        raise SpanDataError(
+            f"resource attribute {semconv.RUN_ID}={run_id!r} is not a valid run id: "
+            "use letters, digits, '.', '_' and '-' (it names a lake folder)"
+        )
+    epoch = _as_int(resource.get(semconv.EPOCH), semconv.EPOCH)
+    partition = Partition(run_id, epoch if epoch is not None else 0)
+    return lambda start_ns: partition
+
+
+def _utc_date(ns: int) -> str:
+    return dt.datetime.fromtimestamp((ns or time.time_ns()) / 1e9, tz=dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def _as_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _as_int(value: Any, key: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SpanDataError(f"resource attribute {key}={value!r} must be an integer") from None
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build an Arrow table with ``SPAN_SCHEMA`` from span rows."""
+    return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
+
+
+class Lake:
+    """Writes span rows into the lake folder atomically, and compacts small files."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_schema_files(self.root)
+
+    def write(self, grouped: dict[Partition, list[dict[str, Any]]]) -> list[Path]:
+        """Write each partition's rows to a new Parquet file and fsync it; return the files."""
+        written = []
+        for partition, rows in grouped.items():
+            if rows:
+                written.append(self.write_table(partition, rows_to_table(rows)))
+        return written
+
+    def write_table(self, partition: Partition, table: pa.Table) -> Path:
+        """Write one Arrow table into ``partition`` durably (temp file, fsync, rename, fsync dir)."""
+        folder = self.root / partition.relative_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
+        return _durable_write(folder, name, table)
+
+    def partitions(self) -> list[Path]:
+        """Return every partition folder that holds span files."""
+        spans = self.root / "spans"
+        return sorted({p.parent for p in spans.rglob("part-*.parquet")})
+
+    def compact(self, *, min_files: int = 16, idle_s: float = 10.0, now: float | None = None) -> int:
+        """Merge the files of each idle partition that has at least ``min_files``; return merges done.
+
+        A partition is idle when its newest file is older than ``idle_s`` seconds. The merged
+        file is renamed into place before the small files are removed, so rows are never missing;
+        a reader that lists the folder in that instant may see a row twice, which the pipeline's
+        de-duplication on (trace_id, span_id) absorbs.
+        """
+        now = now if now is not None else time.time()
+        merged = 0
+        for folder in self.partitions():
+            files = sorted(folder.glob("part-*.parquet"))
+            if len(files) < min_files:
+                continue
+            if now - max(f.stat().st_mtime for f in files) < idle_s:
+                continue
+            table = pa.concat_tables([pq.read_table(f, schema=SPAN_SCHEMA) for f in files])
+            table = table.sort_by([("start_ns", "ascending")])
+            name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}-c.parquet"
+            _durable_write(folder, name, table)
+            for f in files:
+                f.unlink()
+            _fsync_dir(folder)
+            merged += 1
+        return merged
+
+
+def _durable_write(folder: Path, name: str, table: pa.Table) -> Path:
+    tmp = folder / f".{name}.tmp"
+    final = folder / name
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+SCHEMA_RUN = "_schema"
+
+
+def ensure_schema_files(root: Path) -> None:
+    """Place an empty, correctly typed file in each glob so views work on an empty lake."""
+    for partition in (Partition(SCHEMA_RUN, -1), Partition(None, None, "1970-01-01")):
+        folder = root / partition.relative_dir()
+        target = folder / "part-0-schema.parquet"
+        if not target.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            _durable_write(folder, target.name, SPAN_SCHEMA.empty_table())

