@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS policy_versions (
     metrics         JSON,
     created_at      TIMESTAMPTZ DEFAULT current_timestamp
 );
+-- Added by the trainer (issue 5); ALTERs keep catalogs made before it readable and writable.
+ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS kind VARCHAR;            -- lora | full
+ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS base_model VARCHAR;      -- folder of the base weights
+ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS mlflow_run_id VARCHAR;
+ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS registry_version VARCHAR; -- MLflow model registry version
 """
 
 

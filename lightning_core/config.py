@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -82,11 +82,60 @@ class TrackingConfig(Section):
     experiment: str | None = Field(None, description="Experiment name; default the project name.")
 
 
+class TrainerConfig(Section):
+    """Training of a policy from an epoch's triplets (GRPO, or SFT on the best traces)."""
+
+    mode: Literal["grpo", "sft"] = Field("grpo", description="grpo: clipped policy gradient on advantages; sft: fine-tune on high-reward triplets.")
+    finetune: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter (default) or all weights.")
+    learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate (5e-4 suits LoRA; use ~1e-6..1e-5 for full).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names LoRA wraps."
+    )
+    epsilon_low: float = Field(0.2, ge=0, description="Clip the importance ratio below at 1 - epsilon_low.")
+    epsilon_high: float = Field(0.2, ge=0, description="Clip the importance ratio above at 1 + epsilon_high.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (base model; LoRA: adapter off); 0 skips it.")
+    loss_normalization: Literal["token", "sequence", "rollout"] = Field(
+        "token", description="token: every response token weighs the same; sequence: every triplet; rollout: every rollout."
+    )
+    use_recorded_logprobs: bool = Field(True, description="Ratio against sampling-time logprobs when present (else on-policy, ratio 1).")
+    micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass.")
+    tokens_per_step: int = Field(16384, ge=1, description="Token budget (prompt + response) of one optimizer step; micro-batches accumulate to it.")
+    passes: int = Field(1, ge=1, description="Passes over the epoch's triplets (trl's num_iterations).")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch; None = all the data.")
+    max_prompt_length: int = Field(2048, ge=1, description="Prompts are cut to their last N tokens.")
+    max_response_length: int = Field(1024, ge=1, description="Responses are cut to their first N tokens.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed of LoRA init and data order (offset by the epoch).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+    device: str = Field("auto", description="auto: cuda when available, else cpu.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    success_reward: float = Field(1.0, description="A rollout whose reward is >= this counts as a success (success_rate).")
+    sft_min_reward: float | None = Field(1.0, description="SFT keeps triplets whose reward is >= this; None = no threshold.")
+    sft_top_fraction: float | None = Field(None, gt=0, le=1, description="SFT keeps the top fraction of each group by reward.")
+    sft_epochs: float = Field(1.0, gt=0, description="SFT passes over the kept triplets.")
+    output_dir: Path = Field(Path(".arclight/checkpoints"), description="Checkpoints: <output_dir>/<policy>/<version>, plus a 'latest' link.")
+    registry_alias: str = Field("serving", description="MLflow registry alias set on each new version.")
+    log_samples: int = Field(16, ge=0, description="Trajectories logged to MLflow as a table.")
+
+
 class PolicyConfig(Section):
     """One trainable policy: the agents whose calls train it, and its adapter."""
 
     name: str = Field("default", description="Policy name; adapters are served as <name>-v<version>.")
     agent_match: str | None = Field(None, description="Regex (search semantics) on the owning agent's name; None = all agents.")
+    trainer: dict[str, Any] = Field(default_factory=dict, description="Per-policy overrides of the trainer section, e.g. {learning_rate: 1e-4}.")
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer_overrides_are_known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(TrainerConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown trainer keys {unknown}; known: {sorted(TrainerConfig.model_fields)}")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -106,6 +155,7 @@ class ArclightConfig(Section):
     collector: CollectorConfig = Field(default_factory=CollectorConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     policies: list[PolicyConfig] = Field(default_factory=lambda: [PolicyConfig()], description="Trainable policies.")
 
     @field_validator("run_name")
@@ -126,7 +176,16 @@ class ArclightConfig(Section):
         data.lake.path = _absolute(base, data.lake.path)
         if data.lake.catalog is not None:
             data.lake.catalog = _absolute(base, data.lake.catalog)
+        data.trainer.output_dir = _absolute(base, data.trainer.output_dir)
         return data
+
+    def trainer_for(self, policy: str) -> TrainerConfig:
+        """Return the trainer settings of ``policy``: the trainer section plus the policy's overrides."""
+        names = [p.name for p in self.policies]
+        if policy not in names:
+            raise ValueError(f"policy {policy!r} is not in the config (policies: {names})")
+        overrides = next(p.trainer for p in self.policies if p.name == policy)
+        return TrainerConfig.model_validate({**self.trainer.model_dump(), **overrides})
 
     @property
     def mlflow_uri(self) -> str:
