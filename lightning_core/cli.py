@@ -14,7 +14,7 @@ from rich.console import Console
 from lightning_core.config import ArclightConfig, ConfigError, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train LLM agents from their own traces.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Project config YAML (default: built-in defaults).")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set collector.port=4319 (repeatable).")

@@ -151,6 +151,8 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
             raise ServiceError(f"collector.endpoint {c.endpoint} does not answer /healthz: start it or remove the setting")
         return service
     log_dir = log_dir or config.project_dir / ".arclight" / "logs"
+    if c.port == 0:
+        c = c.model_copy(update={"port": free_port(c.host if c.host != "0.0.0.0" else "127.0.0.1")})
     argv = [
         sys.executable, "-m", "lightning_core", "collector",
         "--lake", str(config.lake.path), "--host", c.host, "--port", str(c.port),

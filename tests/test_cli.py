@@ -1,0 +1,75 @@
+"""The arclight command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from lightning_core import tracing
+from lightning_core.catalog import Catalog
+from tests.conftest import REPO
+
+
+def _arclight(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightning_core", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def _lake_with_spans(tmp_path):
+    lake = tmp_path / "lake"
+    handle = tracing.init_tracing(lake=lake, context=tracing.RolloutContext(run_id="cli", epoch=1), set_global=False)
+    with tracing.agent("a"):
+        tracing.emit_reward(0.25)
+    handle.flush()
+    Catalog(lake).ensure()
+    return lake
+
+
+def test_query_prints_json_csv_and_table(tmp_path):
+    lake = _lake_with_spans(tmp_path)
+    sql = "SELECT name, reward_value FROM spans WHERE run_id = 'cli' ORDER BY name"
+    out = _arclight("query", "--lake", str(lake), "--format", "json", sql)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [
+        {"name": "agent a", "reward_value": None},
+        {"name": "reward primary", "reward_value": 0.25},
+    ]
+    csv = _arclight("query", "--lake", str(lake), "--format", "csv", sql)
+    assert csv.stdout.splitlines()[0].replace('"', "") == "name,reward_value"
+    table = _arclight("query", "--lake", str(lake), sql)
+    assert "reward primary" in table.stdout and "2 row(s)" in table.stderr
+
+
+def test_query_is_read_only_and_reports_sql_errors(tmp_path):
+    lake = _lake_with_spans(tmp_path)
+    out = _arclight("query", "--lake", str(lake), "CREATE TABLE t (x INT)")
+    assert out.returncode == 1 and "read-only" in out.stderr.lower()
+    out = _arclight("query", "--lake", str(lake), "SELECT nope FROM spans")
+    assert out.returncode == 1 and "nope" in out.stderr
+
+
+def test_shell_runs_statements_read_only(tmp_path):
+    lake = _lake_with_spans(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_core", "shell", "--lake", str(lake)],
+        input="SELECT count(*) AS n\nFROM spans WHERE run_id = 'cli';\n.quit\n",
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "│ 2 " in proc.stdout or " 2 " in proc.stdout
+
+
+def test_config_errors_exit_2_without_a_traceback(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("lake:\n  pth: x\n")
+    out = _arclight("query", "--config", str(bad), "SELECT 1")
+    assert out.returncode == 2
+    assert "unknown key 'lake.pth'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_traces_rollouts_through_a_real_collector(tmp_path):
+    out = _arclight("demo", "--rollouts", "4", "--set", f"project_dir={tmp_path}", "--set", "collector.port=0", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    with Catalog(tmp_path / ".arclight" / "lake").read() as con:
+        counts = con.execute("SELECT count(DISTINCT rollout_id), count(*) FROM spans WHERE run_id='default'").fetchall()
+    assert counts == [(4, 4 * 6)]  # planner, user message, executor, tool, answer, reward

@@ -1,0 +1,59 @@
+"""Config loading: one model, YAML plus overrides, errors that name the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_core.config import ConfigError, load_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    cfg = load_config(_write(tmp_path, "name: calc\nrun_name: r1\nlake:\n  path: data/lake\n"))
+    assert cfg.name == "calc"
+    assert cfg.lake.path == (tmp_path / "data" / "lake").resolve()
+    assert cfg.lake.catalog_path == cfg.lake.path / "catalog.duckdb"
+    assert cfg.mlflow_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_overrides_win_over_the_file_and_parse_as_yaml(tmp_path):
+    cfg = load_config(_write(tmp_path, "collector:\n  port: 5000\n"), overrides=["collector.port=4319", "collector.token=abc"])
+    assert cfg.collector.port == 4319
+    assert cfg.collector.token == "abc"
+    assert cfg.collector.url == "http://127.0.0.1:4319"
+
+
+def test_unknown_key_names_the_key_the_file_and_a_suggestion(tmp_path):
+    path = _write(tmp_path, "collector:\n  prot: 4318\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and "collector.prot" in message and "did you mean 'port'" in message
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path):
+    path = _write(tmp_path, "collector:\n  port: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "collector.port" in str(err.value) and "'lots'" in str(err.value) and str(path) in str(err.value)
+
+
+def test_bad_run_name_explains_the_allowed_characters(tmp_path):
+    with pytest.raises(ConfigError, match="letters, digits"):
+        load_config(_write(tmp_path, "run_name: 'my run/1'\n"))
+
+
+def test_malformed_override_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, overrides=["collector.port"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping of settings"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
