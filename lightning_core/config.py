@@ -198,6 +198,24 @@ class PipelineConfig(Section):
     normalize_advantage_std: bool = Field(True, description="GRPO: divide (R - group mean) by (group std + 1e-4).")
 
 
+class RolloutsConfig(Section):
+    """Which agent runs, on which tasks, how many samples per task, and how rollouts are bounded."""
+
+    agent: str | None = Field(None, description="The agent as 'module:function' (sync or async); it gets (task, ctx).")
+    agent_path: list[Path] = Field(default_factory=list, description="Folders added to sys.path to import the agent; the project folder always is.")
+    dataset: Path | None = Field(None, description="Training tasks: a JSONL file, one JSON object per line ('id' optional).")
+    eval_dataset: Path | None = Field(None, description="Held-out tasks for evaluate (JSONL).")
+    tasks_per_epoch: int | None = Field(None, ge=1, description="Tasks drawn per epoch (seeded by epoch); None = every task.")
+    group_size: int = Field(8, ge=1, description="Rollouts per task (the GRPO group).")
+    eval_tasks: int | None = Field(None, ge=1, description="Cap on held-out tasks evaluated; None = all.")
+    concurrency: int = Field(4, ge=1, description="Rollouts running at once.")
+    timeout_s: float = Field(120.0, gt=0, description="A rollout still running after this is stopped and recorded as timed_out.")
+    retries: int = Field(0, ge=0, description="Extra attempts for a rollout that failed or timed out.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature the agent is told to use for training rollouts.")
+    resources: dict[str, Any] = Field(default_factory=dict, description="Anything the agent needs (prompt template, tool settings); passed as ctx.resources.")
+    seed: int = Field(0, description="Seed of task sampling.")
+
+
 class ArclightConfig(Section):
     """A training project: what to run, where data goes, and how each stage behaves."""
 
@@ -213,6 +231,8 @@ class ArclightConfig(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     policies: list[PolicyConfig] = Field(default_factory=lambda: [PolicyConfig()], description="Trainable policies.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    rollouts: RolloutsConfig = Field(default_factory=RolloutsConfig)
+    epochs: int = Field(1, ge=1, description="Epochs `arclight train` and the train flow run.")
 
     @field_validator("run_name")
     @classmethod
@@ -236,6 +256,11 @@ class ArclightConfig(Section):
             if getattr(section, key) is not None:
                 setattr(section, key, _absolute(base, getattr(section, key)))
         data.trainer.output_dir = _absolute(base, data.trainer.output_dir)
+        r = data.rollouts
+        r.agent_path = [_absolute(base, p) for p in r.agent_path]
+        for key in ("dataset", "eval_dataset"):
+            if getattr(r, key) is not None:
+                setattr(r, key, _absolute(base, getattr(r, key)))
         return data
 
     def trainer_for(self, policy: str) -> TrainerConfig:

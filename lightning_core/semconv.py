@@ -27,6 +27,7 @@ KIND_REWARD = "reward"
 KIND_MESSAGE = "message"
 KIND_LLM = "llm"
 KIND_ROLLOUT = "rollout"
+KIND_ROLLOUT_OUTCOME = "rollout_outcome"
 
 # Span names written by the SDK (the kind attribute is authoritative; names are for people).
 SPAN_NAME_AGENT = "agent {name}"
@@ -34,6 +35,7 @@ SPAN_NAME_TOOL = "tool {name}"
 SPAN_NAME_REWARD = "reward {name}"
 SPAN_NAME_MESSAGE = "message"
 SPAN_NAME_ROLLOUT = "rollout"
+SPAN_NAME_ROLLOUT_OUTCOME = "rollout outcome"
 
 # --- Arclight attributes --------------------------------------------------------------------
 AGENT_NAME = "agent.name"  # shared with OpenInference's Agents SDK instrumentation

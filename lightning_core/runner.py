@@ -1,0 +1,270 @@
+"""The rollout runner: runs a user agent on one task in a worker process, bounded by a timeout.
+
+The agent is any function ``agent(task: dict, ctx: AgentContext) -> float | None`` (sync or
+async), named as ``"module:function"``. It talks to the model through ``ctx.base_url`` (the
+gateway's per-rollout OpenAI-compatible URL) and returns its final reward, or emits rewards
+itself with ``lightning_core.tracing.emit_reward``.
+
+Each attempt runs in its own process (forked from a clean fork server), so an agent that hangs
+is really stopped at the timeout: the process is killed, the epoch goes on. The worker sets up
+tracing with the rollout context, wraps the agent in a ``rollout`` span, and flushes every span
+to the collector before it reports back. The parent records every outcome (succeeded, failed
+with the exception, timed out) as a ``rollout outcome`` span and returns it to the caller, which
+stores it in the catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from lightning_core import semconv, tracing
+
+SUCCEEDED, FAILED, TIMED_OUT = "succeeded", "failed", "timed_out"
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """One planned rollout: which task, which sample of its group, in which run and epoch."""
+
+    run_id: str
+    epoch: int
+    rollout_id: str
+    task_id: str
+    group_id: str
+    sample_index: int
+    task: dict[str, Any]
+
+
+@dataclass
+class AgentContext:
+    """What an agent gets besides its task: where the model is and what it may use."""
+
+    run_id: str
+    epoch: int
+    rollout_id: str
+    task_id: str
+    attempt: int
+    base_url: str
+    model: str
+    api_key: str
+    temperature: float = 1.0
+    resources: dict[str, Any] = field(default_factory=dict)
+    mode: str = "train"  # train | eval
+
+    def openai_client(self, **kwargs: Any):
+        """Return an ``openai.OpenAI`` client pointed at this rollout's gateway URL."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, **kwargs)
+
+    def async_openai_client(self, **kwargs: Any):
+        """Return an ``openai.AsyncOpenAI`` client pointed at this rollout's gateway URL."""
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **kwargs)
+
+
+@dataclass(frozen=True)
+class RolloutOutcome:
+    """How one rollout ended, after its last attempt."""
+
+    rollout_id: str
+    status: str
+    attempt: int
+    reward: float | None
+    error: str | None
+    started_at: float
+    finished_at: float
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Everything a worker needs to run agents, independent of any one rollout."""
+
+    agent: str
+    collector_url: str
+    gateway_url: str
+    model: str
+    api_key: str = "arclight"
+    collector_token: str | None = None
+    agent_path: tuple[str, ...] = ()
+    timeout_s: float = 120.0
+    retries: int = 0
+    temperature: float = 1.0
+    resources: dict[str, Any] = field(default_factory=dict)
+    mode: str = "train"
+
+
+def load_agent(ref: str, *, paths: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """Import ``module:function``; the error names what was missing and the path searched."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"agent {ref!r} must be written as 'module:function', e.g. 'calc_agent:run'")
+    for path in reversed(paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"agent module {module_name!r} could not be imported ({exc}); searched {list(paths)} and sys.path") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"agent {ref!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> None:
+    """Run one attempt inside the worker process and send back (status, reward, error)."""
+    context = tracing.RolloutContext(spec.run_id, spec.epoch, spec.rollout_id, spec.task_id, attempt)
+    handle = tracing.init_tracing(
+        endpoint=settings.collector_url, token=settings.collector_token, context=context, service_name="arclight-agent"
+    )
+    ctx = AgentContext(
+        run_id=spec.run_id, epoch=spec.epoch, rollout_id=spec.rollout_id, task_id=spec.task_id, attempt=attempt,
+        base_url=f"{settings.gateway_url.rstrip('/')}/rollout/{spec.rollout_id}/v1", model=settings.model,
+        api_key=settings.api_key, temperature=settings.temperature, resources=dict(settings.resources), mode=settings.mode,
+    )
+    status, reward, error = SUCCEEDED, None, None
+    attributes = {semconv.SPAN_KIND: semconv.KIND_ROLLOUT, "arclight.rollout.sample_index": spec.sample_index}
+    with handle.tracer.start_as_current_span(semconv.SPAN_NAME_ROLLOUT, attributes=attributes, record_exception=True, set_status_on_exception=True):
+        try:
+            fn = load_agent(settings.agent, paths=settings.agent_path)
+            result = fn(dict(spec.task), ctx)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_awaited(result))
+            if result is not None:
+                tracing.emit_reward(result)
+                reward = tracing._as_reward(result)
+        except BaseException as exc:  # the agent's failure is data, not the runner's
+            status = FAILED
+            error = f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exc(limit=8))[-2000:]}"
+    flushed = handle.flush(30)
+    handle.shutdown()
+    if not flushed and status == SUCCEEDED:
+        status, error = FAILED, f"spans could not be delivered to the collector at {settings.collector_url}"
+    conn.send((status, reward, error))
+    conn.close()
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+_context: multiprocessing.context.BaseContext | None = None
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """A fork server started once, so workers fork from a clean, single-threaded process."""
+    global _context
+    if _context is None:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        _context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            _context.set_forkserver_preload(["lightning_core.runner", "openai", "httpx"])
+    return _context
+
+
+def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> RolloutOutcome:
+    """Run one attempt in a worker process; kill it if it outlives ``settings.timeout_s``."""
+    ctx = _mp_context()
+    parent, child = ctx.Pipe(duplex=False)
+    started = time.time()
+    process = ctx.Process(target=_worker, args=(child, settings, spec, attempt), daemon=True, name=f"rollout-{spec.rollout_id}")
+    process.start()
+    child.close()
+    status, reward, error = TIMED_OUT, None, f"rollout did not finish within {settings.timeout_s:g} s and was stopped"
+    try:
+        if parent.poll(settings.timeout_s):
+            status, reward, error = parent.recv()
+    except EOFError:
+        status, error = FAILED, None
+    finally:
+        process.join(timeout=0 if status == TIMED_OUT else 10)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=10)
+        parent.close()
+    if status == FAILED and error is None:
+        error = f"the worker process died with exit code {process.exitcode} before reporting"
+    return RolloutOutcome(spec.rollout_id, status, attempt, reward, error, started, time.time())
+
+
+def run_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0) -> RolloutOutcome:
+    """Run a rollout with up to ``settings.retries`` extra attempts; record each outcome as a span."""
+    outcome = None
+    for attempt in range(first_attempt, first_attempt + settings.retries + 1):
+        outcome = run_attempt(settings, spec, attempt)
+        record_outcome_span(settings, spec, outcome)
+        if outcome.status == SUCCEEDED:
+            break
+    assert outcome is not None
+    return outcome
+
+
+def record_outcome_span(settings: RunnerSettings, spec: RolloutSpec, outcome: RolloutOutcome) -> None:
+    """Export one ``rollout outcome`` span with the attempt's status, reward and error."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import Status, StatusCode
+
+    context = tracing.RolloutContext(spec.run_id, spec.epoch, spec.rollout_id, spec.task_id, outcome.attempt)
+    provider = TracerProvider(resource=Resource.create({semconv.SERVICE_NAME: "arclight-runner", **context.resource_attributes()}))
+    headers = {"Authorization": f"Bearer {settings.collector_token}"} if settings.collector_token else None
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{settings.collector_url.rstrip('/')}/v1/traces", headers=headers)))
+    attributes = tracing.sanitize_attributes(
+        {
+            semconv.SPAN_KIND: semconv.KIND_ROLLOUT_OUTCOME,
+            semconv.ROLLOUT_STATUS: outcome.status,
+            semconv.ROLLOUT_ERROR: outcome.error,
+            "arclight.rollout.reward": outcome.reward,
+            "arclight.rollout.group_id": spec.group_id,
+            "arclight.rollout.sample_index": spec.sample_index,
+        }
+    )
+    span = provider.get_tracer("arclight.runner").start_span(
+        semconv.SPAN_NAME_ROLLOUT_OUTCOME, attributes=attributes, start_time=int(outcome.started_at * 1e9)
+    )
+    if outcome.status != SUCCEEDED:
+        span.set_status(Status(StatusCode.ERROR, (outcome.error or outcome.status)[:500]))
+    span.end(end_time=int(outcome.finished_at * 1e9))
+    provider.shutdown()
+
+
+def outcome_row(spec: RolloutSpec, outcome: RolloutOutcome) -> dict[str, Any]:
+    """Return the catalog ``rollouts`` row of a finished rollout."""
+    return {
+        **{k: v for k, v in asdict(spec).items() if k != "task"},
+        "attempt": outcome.attempt,
+        "status": outcome.status,
+        "error": outcome.error,
+        "reward": outcome.reward,
+        "started_at": outcome.started_at,
+        "finished_at": outcome.finished_at,
+    }
+
+
+def settings_from_config(config, *, collector_url: str, gateway_url: str, model: str, mode: str = "train") -> RunnerSettings:
+    """Build runner settings from an ``ArclightConfig`` and the addresses of running services."""
+    r = config.rollouts
+    if not r.agent:
+        raise ValueError("rollouts.agent is not set: name the agent as 'module:function' in the config")
+    paths = tuple(str(p) for p in [*r.agent_path, config.project_dir])
+    load_agent(r.agent, paths=paths)  # fail before any rollout starts
+    return RunnerSettings(
+        agent=r.agent, collector_url=collector_url, gateway_url=gateway_url, model=model,
+        api_key=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or "arclight",
+        collector_token=config.collector.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN"),
+        agent_path=paths, timeout_s=r.timeout_s, retries=r.retries,
+        temperature=r.temperature if mode == "train" else 0.0, resources=dict(r.resources), mode=mode,
+    )

@@ -1,0 +1,96 @@
+"""The rollout runner with real worker processes and a real collector."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lightning_core.catalog import Catalog
+from lightning_core.runner import FAILED, SUCCEEDED, TIMED_OUT, RolloutSpec, RunnerSettings, load_agent, run_rollout
+from tests.conftest import REPO
+
+
+def _settings(collector, agent: str, **kw) -> RunnerSettings:
+    return RunnerSettings(
+        agent=f"tests.helpers.agents:{agent}", collector_url=collector.url, gateway_url="http://127.0.0.1:8400",
+        model="default", agent_path=(str(REPO),), timeout_s=kw.pop("timeout_s", 30), **kw,
+    )
+
+
+def _spec(rollout_id: str, task=None) -> RolloutSpec:
+    return RolloutSpec("runner", 0, rollout_id, "t1", "t1", 0, task or {"a": 6, "b": 7, "answer": 42})
+
+
+def _spans(cfg, rollout_id: str) -> list[tuple]:
+    with Catalog.from_config(cfg).read() as con:
+        return con.execute(
+            "SELECT name, span_kind, attempt, json_extract_string(attributes, '$.\"arclight.rollout.status\"'), reward_value "
+            "FROM spans WHERE run_id = 'runner' AND rollout_id = ? ORDER BY span_kind = 'rollout_outcome', start_ns", [rollout_id]
+        ).fetchall()
+
+
+def test_a_returned_reward_is_recorded_with_the_agents_spans(collector, collector_config):
+    outcome = run_rollout(_settings(collector, "returns_reward"), _spec("ok-1"))
+    assert (outcome.status, outcome.reward, outcome.error) == (SUCCEEDED, 1.0, None)
+    spans = _spans(collector_config, "ok-1")
+    names = [s[0] for s in spans]
+    assert names == ["rollout", "agent solver", "tool calc", "reward primary", "rollout outcome"]
+    assert spans[3][4] == 1.0 and spans[-1][3] == SUCCEEDED
+
+
+def test_async_agents_and_self_emitted_rewards(collector, collector_config):
+    outcome = run_rollout(_settings(collector, "async_emits_rewards"), _spec("async-1"))
+    assert outcome.status == SUCCEEDED and outcome.reward is None
+    rewards = [s[4] for s in _spans(collector_config, "async-1") if s[1] == "reward"]
+    assert rewards == [0.25, 0.75]
+
+
+def test_a_raising_agent_is_a_recorded_failure_with_the_exception(collector, collector_config):
+    outcome = run_rollout(_settings(collector, "raises"), _spec("boom-1"))
+    assert outcome.status == FAILED
+    assert "RuntimeError: agent broke on t1" in outcome.error
+    spans = _spans(collector_config, "boom-1")
+    assert spans[-1][0] == "rollout outcome" and spans[-1][3] == FAILED
+    assert "agent crasher" in [s[0] for s in spans]  # spans before the crash are kept
+
+
+def test_a_hung_agent_is_stopped_at_the_timeout(collector, collector_config):
+    started = time.monotonic()
+    outcome = run_rollout(_settings(collector, "hangs", timeout_s=3), _spec("hang-1"))
+    assert time.monotonic() - started < 20
+    assert outcome.status == TIMED_OUT and "did not finish within 3 s" in outcome.error
+    assert _spans(collector_config, "hang-1")[-1][2:4] == (0, TIMED_OUT)
+
+
+def test_retries_make_new_attempts_and_record_each(collector, collector_config):
+    outcome = run_rollout(_settings(collector, "raises", retries=2), _spec("retry-1"))
+    assert outcome.status == FAILED and outcome.attempt == 2
+    outcomes = [(s[2], s[3]) for s in _spans(collector_config, "retry-1") if s[0] == "rollout outcome"]
+    assert outcomes == [(0, FAILED), (1, FAILED), (2, FAILED)]
+
+
+def test_the_agent_gets_its_rollout_url_model_and_resources(collector, collector_config):
+    settings = _settings(collector, "reports_context", resources={"prompt": "Solve: {q}"})
+    assert run_rollout(settings, _spec("ctx-1")).status == SUCCEEDED
+    with Catalog.from_config(collector_config).read() as con:
+        content = con.execute(
+            "SELECT json_extract_string(attributes, '$.\"arclight.message.content\"') FROM spans "
+            "WHERE rollout_id = 'ctx-1' AND span_kind = 'message'"
+        ).fetchall()[0][0]
+    assert content == "http://127.0.0.1:8400/rollout/ctx-1/v1|default|0|Solve: {q}"
+
+
+def test_a_silent_agent_succeeds_with_only_runner_spans(collector, collector_config):
+    outcome = run_rollout(_settings(collector, "silent"), _spec("silent-1"))
+    assert outcome.status == SUCCEEDED and outcome.reward is None
+    assert [s[0] for s in _spans(collector_config, "silent-1")] == ["rollout", "rollout outcome"]
+
+
+def test_bad_agent_references_fail_before_anything_runs():
+    with pytest.raises(ValueError, match="'module:function'"):
+        load_agent("no_colon")
+    with pytest.raises(ValueError, match="could not be imported"):
+        load_agent("no_such_module_xyz:run")
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_agent("tests.helpers.agents:nope", paths=(str(REPO),))
