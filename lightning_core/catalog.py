@@ -10,6 +10,7 @@ can open it too.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -50,7 +51,9 @@ CREATE TABLE IF NOT EXISTS rollouts (
     error         VARCHAR,
     reward        DOUBLE,
     started_at    TIMESTAMPTZ,
-    finished_at   TIMESTAMPTZ
+    finished_at   TIMESTAMPTZ,
+    task          JSON,             -- the dataset row the agent got
+    mode          VARCHAR DEFAULT 'train'  -- train | eval
 );
 CREATE TABLE IF NOT EXISTS policy_versions (
     version         VARCHAR PRIMARY KEY,
@@ -144,22 +147,24 @@ class Catalog:
     def write(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open the catalog for writing (waiting while another process holds it), then close it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = _connect_retrying(self.path, read_only=False, timeout_s=timeout_s, config=self._config(create=True))
-        try:
-            yield con
-        finally:
-            con.close()
+        with _process_lock(self.path):
+            con = _connect_retrying(self.path, read_only=False, timeout_s=timeout_s, config=self._config(create=True))
+            try:
+                yield con
+            finally:
+                con.close()
 
     @contextlib.contextmanager
     def read(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open the catalog read-only (waiting while a writer holds it), then close it."""
         if not self.path.exists():
             self.ensure()
-        con = _connect_retrying(self.path, read_only=True, timeout_s=timeout_s, config=self._config(create=False))
-        try:
-            yield con
-        finally:
-            con.close()
+        with _process_lock(self.path):
+            con = _connect_retrying(self.path, read_only=True, timeout_s=timeout_s, config=self._config(create=False))
+            try:
+                yield con
+            finally:
+                con.close()
 
     def _config(self, *, create: bool) -> dict[str, str]:
         config: dict[str, str] = {}
@@ -170,6 +175,18 @@ class Catalog:
         if self.threads:
             config["threads"] = str(self.threads)
         return config
+
+
+_locks: dict[str, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+def _process_lock(path: Path) -> threading.RLock:
+    """One lock per catalog file in this process: DuckDB refuses two differently configured
+    connections to one file in one process, so threads take turns (processes wait on the file lock)."""
+    key = str(path.resolve())
+    with _locks_guard:
+        return _locks.setdefault(key, threading.RLock())
 
 
 def _connect_retrying(path: Path, *, read_only: bool, timeout_s: float, config: dict[str, str]) -> duckdb.DuckDBPyConnection:
