@@ -198,10 +198,18 @@ def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> Ro
     return RolloutOutcome(spec.rollout_id, status, attempt, reward, error, started, time.time())
 
 
-def run_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0) -> RolloutOutcome:
-    """Run a rollout with up to ``settings.retries`` extra attempts; record each outcome as a span."""
+def run_rollout(
+    settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0, before_attempt: Callable[[int], None] | None = None
+) -> RolloutOutcome:
+    """Run a rollout with up to ``settings.retries`` extra attempts; record each outcome as a span.
+
+    ``before_attempt(attempt)`` runs before each attempt (the flow registers the attempt with the
+    gateway there, so the gateway's spans carry the same attempt number as the agent's).
+    """
     outcome = None
     for attempt in range(first_attempt, first_attempt + settings.retries + 1):
+        if before_attempt is not None:
+            before_attempt(attempt)
         outcome = run_attempt(settings, spec, attempt)
         record_outcome_span(settings, spec, outcome)
         if outcome.status == SUCCEEDED:

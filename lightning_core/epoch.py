@@ -1,0 +1,185 @@
+"""Epoch bookkeeping: tasks, the rollout plan, outcomes and stage status in the catalog.
+
+Every function here is idempotent for a (run, epoch): planning twice returns the same plan,
+recording an outcome replaces it, and ``pending_rollouts`` lists only what has not finished,
+so an epoch interrupted at any stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+from lightning_core.catalog import Catalog
+from lightning_core.config import ArclightConfig
+from lightning_core.runner import RolloutOutcome, RolloutSpec
+
+# Stage order of an epoch; an epoch's status is the last stage it completed.
+STAGES = ("planned", "rollouts_done", "ingested", "triplets_done", "trained", "completed")
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be read; the message names the file and line."""
+
+
+def load_tasks(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL dataset: one JSON object per line; ``id`` defaults to ``task-<line>``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset {path} not found: set rollouts.dataset to a JSONL file")
+    tasks, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            task = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(task, dict):
+            raise DatasetError(f"{path}:{number}: expected a JSON object, found {type(task).__name__}")
+        task_id = str(task.get("id", f"task-{number}"))
+        if task_id in seen:
+            raise DatasetError(f"{path}:{number}: duplicate task id {task_id!r}")
+        seen.add(task_id)
+        tasks.append({**task, "id": task_id})
+    if not tasks:
+        raise DatasetError(f"dataset {path} has no tasks")
+    return tasks
+
+
+def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train") -> list[RolloutSpec]:
+    """Return the epoch's rollouts, planning them (seeded by epoch) on the first call only."""
+    existing = planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
+    if existing:
+        return existing
+    r = config.rollouts
+    if mode == "train":
+        if r.dataset is None:
+            raise DatasetError("rollouts.dataset is not set: point it at a JSONL file of training tasks")
+        tasks = load_tasks(r.dataset)
+        rng = random.Random(r.seed * 100_003 + epoch)
+        if r.tasks_per_epoch is not None and r.tasks_per_epoch < len(tasks):
+            tasks = rng.sample(tasks, r.tasks_per_epoch)
+        group_size = r.group_size
+    else:
+        if r.eval_dataset is None:
+            raise DatasetError("rollouts.eval_dataset is not set: point it at a JSONL file of held-out tasks")
+        tasks = load_tasks(r.eval_dataset)[: r.eval_tasks or None]
+        group_size = 1
+    prefix = f"{run_id}-{'e' if mode == 'train' else 'eval'}{epoch}"
+    specs = [
+        RolloutSpec(run_id, epoch, f"{prefix}-{task['id']}-{k}", task["id"], task["id"], k, task)
+        for task in tasks
+        for k in range(group_size)
+    ]
+    with catalog.write() as con:
+        con.executemany(
+            "INSERT INTO rollouts (run_id, epoch, rollout_id, task_id, group_id, sample_index, attempt, status, task, mode) "
+            "VALUES (?, ?, ?, ?, ?, ?, 0, 'planned', ?, ?) ON CONFLICT DO NOTHING",
+            [(s.run_id, s.epoch, s.rollout_id, s.task_id, s.group_id, s.sample_index, json.dumps(s.task), mode) for s in specs],
+        )
+    return specs
+
+
+def planned_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train", only_pending: bool = False) -> list[RolloutSpec]:
+    """Return the rollouts planned for (run, epoch), optionally only those not finished yet."""
+    condition = "AND status = 'planned'" if only_pending else ""
+    with catalog.read() as con:
+        rows = con.execute(
+            f"SELECT run_id, epoch, rollout_id, task_id, group_id, sample_index, task FROM rollouts "
+            f"WHERE run_id = ? AND epoch = ? AND mode = ? {condition} ORDER BY task_id, sample_index",
+            [run_id, epoch, mode],
+        ).fetchall()
+    return [RolloutSpec(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else {}) for r in rows]
+
+
+def pending_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train") -> list[RolloutSpec]:
+    """Return the planned rollouts that have no recorded outcome yet."""
+    return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode, only_pending=True)
+
+
+def record_outcome(catalog: Catalog, outcome: RolloutOutcome) -> None:
+    """Store a rollout's outcome (status, attempt, reward, error, times) in the catalog."""
+    with catalog.write() as con:
+        con.execute(
+            "UPDATE rollouts SET status = ?, attempt = ?, reward = ?, error = ?, started_at = ?, finished_at = ? WHERE rollout_id = ?",
+            [outcome.status, outcome.attempt, outcome.reward, outcome.error,
+             _ts(outcome.started_at), _ts(outcome.finished_at), outcome.rollout_id],
+        )
+
+
+def _ts(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
+
+
+def rollout_counts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train") -> dict[str, int]:
+    """Return how many rollouts of (run, epoch) are in each status."""
+    with catalog.read() as con:
+        rows = con.execute(
+            "SELECT status, count(*) FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = ? GROUP BY status",
+            [run_id, epoch, mode],
+        ).fetchall()
+    return {status: n for status, n in rows}
+
+
+def ensure_run(catalog: Catalog, config: ArclightConfig) -> None:
+    """Record the run and its config once."""
+    with catalog.write() as con:
+        con.execute(
+            "INSERT INTO runs (run_id, project, config) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            [config.run_name, config.name, config.model_dump_json()],
+        )
+
+
+def epoch_status(catalog: Catalog, *, run_id: str, epoch: int) -> str | None:
+    """Return the last completed stage of an epoch, or None when it has not started."""
+    with catalog.read() as con:
+        row = con.execute("SELECT status FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch]).fetchall()
+    return row[0][0] if row else None
+
+
+def reached(status: str | None, stage: str) -> bool:
+    """True when an epoch with ``status`` has completed ``stage``."""
+    return status is not None and status in STAGES and STAGES.index(status) >= STAGES.index(stage)
+
+
+def set_epoch_status(catalog: Catalog, *, run_id: str, epoch: int, status: str, **fields: Any) -> None:
+    """Advance an epoch's status (and set fields such as policy_version, new_version, stats)."""
+    if status not in STAGES and status != "failed":
+        raise ValueError(f"epoch status {status!r} must be one of {STAGES + ('failed',)}")
+    updates = {"status": status, **{k: (json.dumps(v) if k == "stats" else v) for k, v in fields.items()}}
+    if status == "completed":
+        updates["finished_at"] = dt.datetime.now(dt.timezone.utc)
+    with catalog.write() as con:
+        con.execute("INSERT INTO epochs (run_id, epoch, status) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", [run_id, epoch, status])
+        assignments = ", ".join(f"{key} = ?" for key in updates)
+        con.execute(f"UPDATE epochs SET {assignments} WHERE run_id = ? AND epoch = ?", [*updates.values(), run_id, epoch])
+
+
+def next_epoch(catalog: Catalog, *, run_id: str) -> int:
+    """Return the epoch to run next: an unfinished one if there is one, else the last completed + 1."""
+    with catalog.read() as con:
+        rows = con.execute("SELECT epoch, status FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
+    for epoch, status in rows:
+        if status != "completed":
+            return epoch
+    return rows[-1][0] + 1 if rows else 0
+
+
+def epoch_rewards(catalog: Catalog, *, run_id: str, mode: str = "train") -> list[tuple[int, float | None, int, int]]:
+    """Return (epoch, mean reward, succeeded rollouts, all rollouts) per epoch of a run."""
+    with catalog.read() as con:
+        return con.execute(
+            "SELECT epoch, avg(reward) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'succeeded'), count(*) "
+            "FROM rollouts WHERE run_id = ? AND mode = ? GROUP BY epoch ORDER BY epoch",
+            [run_id, mode],
+        ).fetchall()
+
+
+def chunks(items: list, size: int) -> Iterable[list]:
+    """Yield consecutive slices of ``items`` of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

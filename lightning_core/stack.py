@@ -1,0 +1,136 @@
+"""The services an epoch needs (collector, vLLM replicas, gateway), started or attached as one.
+
+``open_stack(config)`` attaches to the services ``arclight up`` left running for this project
+(recorded in ``<project>/.arclight/services.json``) or named in the config, and starts the rest
+for the duration of the ``with`` block. ``up``/``down``/``status`` manage long-lived ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from lightning_core.config import ArclightConfig
+from lightning_core.gateway_client import GatewayClient
+from lightning_core.services import Service, ServiceError, is_healthy, start_collector
+
+log = logging.getLogger("arclight.stack")
+
+
+@dataclass
+class Stack:
+    """Running collector, vLLM replicas and gateway, and which of them this process owns."""
+
+    collector: Service
+    replicas: list[Service] = field(default_factory=list)
+    gateway: Service | None = None
+
+    def services(self) -> list[Service]:
+        """Return every service, in start order."""
+        return [self.collector, *self.replicas, *([self.gateway] if self.gateway else [])]
+
+    def gateway_client(self, config: ArclightConfig) -> GatewayClient:
+        """Return an admin client for the gateway."""
+        if self.gateway is None:
+            raise ServiceError("this stack has no gateway")
+        return GatewayClient(self.gateway.url, token=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN"))
+
+    def stop(self) -> None:
+        """Stop the services this process started, in reverse order."""
+        for service in reversed(self.services()):
+            if service.owned:
+                service.stop()
+
+
+def state_path(config: ArclightConfig) -> Path:
+    """Return the file where ``arclight up`` records the services it started."""
+    return config.project_dir / ".arclight" / "services.json"
+
+
+def _recorded(config: ArclightConfig) -> dict[str, dict]:
+    path = state_path(config)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {}
+
+
+def _attach_recorded(config: ArclightConfig, name: str) -> Service | None:
+    entry = _recorded(config).get(name)
+    if entry and is_healthy(entry["health_url"]):
+        return Service(name=name, url=entry["url"], health_url=entry["health_url"])
+    return None
+
+
+def start_stack(config: ArclightConfig, *, with_model: bool = True, log_dir: Path | None = None) -> Stack:
+    """Attach to running services or start them; on failure stop whatever this call started."""
+    from lightning_core.serving import start_gateway, start_vllm_replicas
+
+    stack = Stack(collector=_attach_recorded(config, "collector") or start_collector(config, log_dir=log_dir))
+    try:
+        if with_model:
+            recorded = [s for s in (_attach_recorded(config, f"vllm{i}") for i in range(16)) if s is not None]
+            stack.replicas = recorded or start_vllm_replicas(config, log_dir=log_dir)
+            stack.gateway = _attach_recorded(config, "gateway") or start_gateway(
+                config, upstreams=[r.url for r in stack.replicas], collector_url=stack.collector.url, log_dir=log_dir
+            )
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@contextlib.contextmanager
+def open_stack(config: ArclightConfig, *, with_model: bool = True) -> Iterator[Stack]:
+    """Run the ``with`` block with a collector (and vLLM + gateway), stopping what was started here."""
+    stack = start_stack(config, with_model=with_model)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def up(config: ArclightConfig) -> dict[str, dict]:
+    """Start the services in the background for later runs and record them; return the record."""
+    running = status(config)
+    if running and all(entry["healthy"] for entry in running.values()):
+        return running
+    down(config)
+    stack = start_stack(config)
+    record = {
+        service.name: {"url": service.url, "health_url": service.health_url,
+                       "pid": service.process.pid if service.process else None,
+                       "log": str(service.log_path) if service.log_path else None}
+        for service in stack.services()
+    }
+    path = state_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def status(config: ArclightConfig) -> dict[str, dict]:
+    """Return the recorded services with a ``healthy`` flag each."""
+    return {name: {**entry, "healthy": is_healthy(entry["health_url"])} for name, entry in _recorded(config).items()}
+
+
+def down(config: ArclightConfig) -> list[str]:
+    """Stop the services ``up`` recorded (SIGTERM to each process group); return their names."""
+    stopped = []
+    for name, entry in _recorded(config).items():
+        pid = entry.get("pid")
+        if not pid:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+            stopped.append(name)
+    state_path(config).unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,224 @@
+"""The epoch's stages as plain functions (no Prefect): rollouts, ingest, triplets, train, redeploy.
+
+``tasks/`` wraps each in a Prefect task and ``flows/`` chains them. Every stage reads and writes
+the catalog and the lake, so any one can be re-run alone for a (run, epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_core import epoch as ep
+from lightning_core.catalog import Catalog
+from lightning_core.config import ArclightConfig
+from lightning_core.runner import FAILED, SUCCEEDED, RolloutOutcome, RolloutSpec, RunnerSettings, run_rollout, settings_from_config
+from lightning_core.stack import Stack
+
+log = logging.getLogger("arclight.stages")
+
+_VERSION_NUMBER = re.compile(r"-v(\d+)$")
+
+
+def runner_settings(config: ArclightConfig, stack: Stack, *, mode: str = "train") -> RunnerSettings:
+    """Return the settings every rollout of this stack uses (the agent is imported once, to fail early)."""
+    if stack.gateway is None:
+        raise ValueError("rollouts need a gateway: open the stack with its model")
+    return settings_from_config(
+        config, collector_url=stack.collector.url, gateway_url=stack.gateway.url, model=config.policies[0].name, mode=mode
+    )
+
+
+def run_one_rollout(
+    config: ArclightConfig, stack: Stack, settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0
+) -> RolloutOutcome:
+    """Register each attempt with the gateway, run the rollout, record its outcome in the catalog."""
+    gateway = stack.gateway_client(config)
+
+    def register(attempt: int) -> None:
+        gateway.register_rollout(
+            rollout_id=spec.rollout_id, run_id=spec.run_id, epoch=spec.epoch, task_id=spec.task_id, attempt=attempt
+        )
+
+    try:
+        outcome = run_rollout(settings, spec, first_attempt=first_attempt, before_attempt=register)
+    finally:
+        gateway.forget_rollout(spec.rollout_id)
+        gateway.close()
+    ep.record_outcome(Catalog.from_config(config), outcome)
+    return outcome
+
+
+def first_attempts(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, int]:
+    """Return, per rollout that already left spans (an interrupted run), the next attempt number.
+
+    A rollout re-run after a crash gets a new attempt number, so the pipeline, which trains on
+    each rollout's last attempt, never mixes the spans of the two runs.
+    """
+    with Catalog.from_config(config).read() as con:
+        rows = con.execute(
+            "SELECT rollout_id, max(attempt) FROM spans WHERE run_id = ? AND epoch = ? AND rollout_id IS NOT NULL GROUP BY rollout_id",
+            [run_id, epoch],
+        ).fetchall()
+    return {rollout_id: (attempt or 0) + 1 for rollout_id, attempt in rows}
+
+
+def ingest_barrier(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str = "train") -> dict[str, int]:
+    """Make every span of the epoch durable, then fail rollouts whose agent left no spans.
+
+    Workers flush their own spans before reporting, so once the gateway has flushed its LLM-call
+    spans the collector has acknowledged, and so stored, every span of the epoch.
+    """
+    if stack.gateway is not None:
+        gateway = stack.gateway_client(config)
+        try:
+            if not gateway.flush():
+                raise RuntimeError("the gateway could not flush its spans to the collector; re-run the epoch to resume")
+        finally:
+            gateway.close()
+    catalog = Catalog.from_config(config)
+    with catalog.write() as con:
+        con.execute(
+            """
+            UPDATE rollouts SET status = 'failed',
+                   error = 'the agent produced no spans: no model calls, tools, messages or rewards were recorded'
+            WHERE run_id = $run_id AND epoch = $epoch AND mode = $mode AND status = 'succeeded'
+              AND rollout_id NOT IN (
+                  SELECT DISTINCT rollout_id FROM spans
+                  WHERE run_id = $run_id AND epoch = $epoch AND rollout_id IS NOT NULL
+                    AND coalesce(span_kind, '') NOT IN ('rollout', 'rollout_outcome'))
+            """,
+            {"run_id": run_id, "epoch": epoch, "mode": mode},
+        )
+    return ep.rollout_counts(catalog, run_id=run_id, epoch=epoch, mode=mode)
+
+
+def materialize(config: ArclightConfig, *, run_id: str, epoch: int):
+    """Run the SQL pipeline for (run, epoch): triplets per policy, with advantages."""
+    from lightning_core.pipeline import materialize_triplets
+
+    return materialize_triplets(config, run_id=run_id, epoch=epoch)
+
+
+def train(config: ArclightConfig, *, run_id: str, epoch: int) -> list[Any]:
+    """Train every policy on its triplets of the epoch; return the trainer's results."""
+    from lightning_core.serving import model_dir
+    from lightning_core.trainer.train import train_policies
+
+    return train_policies(config, run_id=run_id, epoch=epoch, base_model_dir=model_dir(config))
+
+
+def version_number(version: str) -> int:
+    """Return N of a version id ``<policy>-vN``."""
+    match = _VERSION_NUMBER.search(version)
+    if not match:
+        raise ValueError(f"policy version {version!r} is not of the form <policy>-v<N>")
+    return int(match.group(1))
+
+
+@dataclass
+class Redeployed:
+    """One policy version that now serves."""
+
+    policy: str
+    version: str
+    first_answer_s: float
+
+
+def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
+    """Make the newest recorded version of every policy serve (no-op where it already does)."""
+    from lightning_core.redeploy import deploy_adapter, served_name
+    from lightning_core.trainer.versions import latest_version
+
+    catalog = Catalog.from_config(config)
+    gateway = stack.gateway_client(config)
+    deployed = []
+    try:
+        serving = gateway.policies()["policies"]
+        for policy in config.policies:
+            latest = latest_version(catalog, policy=policy.name)
+            if latest is None:
+                continue
+            number = version_number(latest["version"])
+            if (serving.get(policy.name) or {}).get("served_model") == served_name(policy.name, number):
+                continue
+            if latest.get("kind") == "full":
+                raise NotImplementedError("full fine-tuning redeploy: restart vLLM with model.path set to the new checkpoint")
+            d = deploy_adapter(
+                gateway=gateway, replicas=[r.url for r in stack.replicas], policy=policy.name, adapter_dir=latest["path"],
+                version=number, keep_versions=config.serving.keep_versions, verify_prompt=config.serving.verify_prompt,
+            )
+            deployed.append(Redeployed(policy.name, latest["version"], d.first_answer_s))
+    finally:
+        gateway.close()
+    return deployed
+
+
+def serving_versions(config: ArclightConfig, stack: Stack) -> dict[str, str]:
+    """Return the version each policy serves now ('base' before any training)."""
+    gateway = stack.gateway_client(config)
+    try:
+        serving = gateway.policies()["policies"]
+    finally:
+        gateway.close()
+    return {p.name: (serving.get(p.name) or {}).get("served_model") or "base" for p in config.policies}
+
+
+def summary_rows(config: ArclightConfig) -> list[dict[str, Any]]:
+    """Return one row per epoch of the run: rewards, rollout outcomes, versions."""
+    catalog = Catalog.from_config(config)
+    with catalog.read() as con:
+        rows = con.execute(
+            """
+            SELECT e.epoch, e.status, e.policy_version, e.new_version,
+                   avg(r.reward) FILTER (WHERE r.status = 'succeeded') AS reward_mean,
+                   count(*) FILTER (WHERE r.status = 'succeeded') AS succeeded,
+                   count(*) FILTER (WHERE r.status = 'failed') AS failed,
+                   count(*) FILTER (WHERE r.status = 'timed_out') AS timed_out,
+                   count(r.rollout_id) AS rollouts
+            FROM epochs e LEFT JOIN rollouts r ON r.run_id = e.run_id AND r.epoch = e.epoch AND r.mode = 'train'
+            WHERE e.run_id = ?
+            GROUP BY ALL ORDER BY e.epoch
+            """,
+            [config.run_name],
+        ).fetchall()
+    keys = ("epoch", "status", "policy_version", "new_version", "reward_mean", "succeeded", "failed", "timed_out", "rollouts")
+    return [dict(zip(keys, row)) for row in rows]
+
+
+def eval_run_id(config: ArclightConfig) -> str:
+    """Return the run that holds a project's evaluation rollouts."""
+    return f"{config.run_name}.eval"
+
+
+def eval_epoch(catalog: Catalog, *, run_id: str, label: str) -> int:
+    """Return the eval epoch of ``label`` (the versions evaluated): its earlier one, or a new one."""
+    with catalog.read() as con:
+        rows = con.execute("SELECT epoch, policy_version FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
+    for number, evaluated in rows:
+        if evaluated == label:
+            return number
+    number = rows[-1][0] + 1 if rows else 0
+    ep.set_epoch_status(catalog, run_id=run_id, epoch=number, status="planned", policy_version=label)
+    return number
+
+
+def eval_result(config: ArclightConfig, *, epoch: int, label: str) -> dict[str, Any]:
+    """Return reward and success rate of one evaluation (failed rollouts count as 0)."""
+    success = config.trainer.success_reward
+    with Catalog.from_config(config).read() as con:
+        n, reward, successes, failed = con.execute(
+            "SELECT count(*), avg(coalesce(reward, 0)), count(*) FILTER (WHERE reward >= ?), count(*) FILTER (WHERE status <> 'succeeded') "
+            "FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = 'eval'",
+            [success, eval_run_id(config), epoch],
+        ).fetchall()[0]
+    return {"label": label, "eval_epoch": epoch, "tasks": n, "reward_mean": reward,
+            "success_rate": (successes / n) if n else None, "failed": failed}
+
+
+__all__ = [
+    "FAILED", "SUCCEEDED", "runner_settings", "run_one_rollout", "ingest_barrier", "materialize", "train",
+    "deploy_latest", "serving_versions", "summary_rows", "version_number",
+]

@@ -1,0 +1,105 @@
+"""Prefect tasks: a few lines around each ``lightning_core`` stage (retries, timeouts, artifacts)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lightning_core import epoch as ep
+from lightning_core import stages
+from lightning_core.catalog import Catalog
+from lightning_core.config import ArclightConfig
+from lightning_core.runner import RolloutOutcome, RolloutSpec, RunnerSettings
+from lightning_core.stack import Stack
+
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_guard = threading.Lock()
+
+
+def artifact_key(*parts: Any) -> str:
+    """Return a Prefect artifact key (lowercase letters, digits, dashes) built from ``parts``."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
+
+
+def _slot(concurrency: int) -> threading.BoundedSemaphore:
+    with _slots_guard:
+        return _slots.setdefault(concurrency, threading.BoundedSemaphore(concurrency))
+
+
+@task(name="plan", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def plan(config: ArclightConfig, *, run_id: str, epoch: int, mode: str = "train") -> list[RolloutSpec]:
+    """Plan the epoch's rollouts (idempotent) and return those still to run."""
+    ep.plan_epoch(config, Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+    return ep.pending_rollouts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+
+
+@task(name="rollout", cache_policy=NO_CACHE, task_run_name="rollout-{spec.rollout_id}")
+def rollout(
+    spec: RolloutSpec, *, config: ArclightConfig, stack: Stack, settings: RunnerSettings, first_attempt: int = 0
+) -> RolloutOutcome:
+    """Run one rollout (at most ``rollouts.concurrency`` at once); its own timeout bounds it."""
+    with _slot(config.rollouts.concurrency):
+        return stages.run_one_rollout(config, stack, settings, spec, first_attempt=first_attempt)
+
+
+@task(name="ingest-barrier", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=300)
+def ingest(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str = "train") -> dict[str, int]:
+    """Wait until every span of the epoch is in the lake; fail rollouts that left no spans."""
+    return stages.ingest_barrier(config, stack, run_id=run_id, epoch=epoch, mode=mode)
+
+
+@task(name="triplets", cache_policy=NO_CACHE, retries=1, timeout_seconds=1800)
+def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, Any]:
+    """Repair spans and materialize triplets with advantages; publish counts as an artifact."""
+    report = stages.materialize(config, run_id=run_id, epoch=epoch)
+    rows = [
+        {"policy": p.policy, "agent_match": p.agent_match or "(all)", "triplets": p.triplets, "rollouts": p.rollouts,
+         "groups": p.groups, "zero_adv_groups": len(p.zero_advantage_groups), "missing_token_ids": p.missing_token_ids,
+         "no_reward": p.no_reward}
+        for p in report.policies
+    ]
+    create_table_artifact(rows, key=artifact_key(run_id, "triplets", epoch), description=f"Triplets of epoch {epoch}")
+    return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds}
+
+
+@task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)
+def train(config: ArclightConfig, *, run_id: str, epoch: int) -> list[dict[str, Any]]:
+    """Train each policy on its triplets; return one summary per policy."""
+    results = stages.train(config, run_id=run_id, epoch=epoch)
+    return [
+        {"policy": r.policy, "version": r.version, "parent_version": r.parent_version, "message": r.message,
+         **{k: r.metrics.get(k) for k in ("reward/mean", "loss", "kl", "clip_ratio", "grad_norm", "tokens_per_s")}}
+        for r in results
+    ]
+
+
+@task(name="redeploy", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=600)
+def redeploy(config: ArclightConfig, stack: Stack) -> list[dict[str, Any]]:
+    """Serve the newest version of every policy; the old one stays loaded for rollback."""
+    return [vars(d) for d in stages.deploy_latest(config, stack)]
+
+
+def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> None:
+    """Publish the run's per-epoch summary table and a markdown report with the reward curve."""
+    rows = stages.summary_rows(config)
+    create_table_artifact(rows, key=artifact_key(run_id, "epochs"), description=f"Run {run_id}: one row per epoch")
+    lines = [f"# Run `{run_id}` after epoch {epoch}", "", "| epoch | reward | succeeded | failed | timed out | served | trained |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
+        lines.append(f"| {r['epoch']} | {reward} {_bar(r['reward_mean'])} | {r['succeeded']} | {r['failed']} | "
+                     f"{r['timed_out']} | {r['policy_version'] or ''} | {r['new_version'] or ''} |")
+    lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · catalog: `{config.lake.catalog_path}`"]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(run_id, "report"), description="Reward per epoch")
+
+
+def _bar(value: float | None, width: int = 20) -> str:
+    if value is None:
+        return ""
+    filled = max(0, min(width, round(value * width)))
+    return "`" + "█" * filled + "·" * (width - filled) + "`"
