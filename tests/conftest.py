@@ -36,3 +36,45 @@ def collector(collector_config) -> Service:
     service = start_collector(collector_config, timeout_s=60)
     yield service
     service.stop()
+
+
+# --- Serving (issue 4): a tiny model, a real vLLM CPU server with LoRA, the gateway in front ----
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (6.6M parameters) with SmolLM2's tokenizer, saved as safetensors."""
+    from lightning_core.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def serving_config(tmp_path_factory, tiny_model_dir, collector_config) -> ArclightConfig:
+    """Config that serves the tiny model (fp32, small context) and records to the session collector."""
+    return make_config(
+        tmp_path_factory.mktemp("serving"),
+        f"model.path={tiny_model_dir}", "model.served_name=tiny",
+        "serving.port=0", "serving.dtype=float32", "serving.max_model_len=1024", "serving.max_lora_rank=16",
+        f"collector.endpoint={collector_config.collector.url}",
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_server(serving_config) -> Service:
+    """A real vLLM (CPU build) serving the tiny model with runtime LoRA loading enabled."""
+    from lightning_core.serving import start_vllm
+
+    service = start_vllm(serving_config)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(serving_config, vllm_server, collector) -> Service:
+    """A real ``arclight gateway`` process in front of ``vllm_server``, recording spans to ``collector``."""
+    from lightning_core.serving import start_gateway
+
+    service = start_gateway(serving_config, upstreams=[vllm_server.url], collector_url=collector.url)
+    yield service
+    service.stop()

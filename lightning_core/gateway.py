@@ -1,0 +1,758 @@
+"""OpenAI-compatible gateway in front of vLLM that records every model call as a span.
+
+Agents point their OpenAI client at ``{gateway}/rollout/{rollout_id}/v1`` (training rollouts) or
+``{gateway}/v1`` (production traffic); nothing else changes. For each call the gateway
+
+- maps the client's ``model`` to the policy version serving now (``Router.resolve``),
+- asks vLLM for token ids and logprobs, and strips from the answer what the client did not ask for,
+- sends every call of one rollout to the same replica,
+- records one span per call (per choice when ``n > 1``) with the exact token ids and logprobs.
+
+Admin endpoints (bearer token when one is set): ``POST /admin/rollouts`` registers a rollout
+(unknown rollout ids get 404), ``DELETE /admin/rollouts/{id}`` forgets it, ``GET /admin/policies``
+lists policy versions, ``PUT /admin/policies/{name}`` switches a policy to a loaded adapter
+atomically, ``POST /admin/policies/{name}/rollback`` switches back. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+import uvicorn
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status, StatusCode
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from lightning_core import semconv
+
+log = logging.getLogger("arclight.gateway")
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+SERVICE_NAME = "arclight-gateway"
+SCOPE = InstrumentationScope("arclight.gateway", "0.1.0")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "n", "seed",
+                 "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+
+
+class GatewayError(Exception):
+    """A request the gateway answers with an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class RolloutInfo(BaseModel):
+    """A registered rollout: where its spans belong and which policy it samples from."""
+
+    model_config = ConfigDict(extra="forbid")
+    rollout_id: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._:-]+$")
+    run_id: str | None = None
+    epoch: int | None = None
+    task_id: str | None = None
+    attempt: int | None = None
+    policy: str | None = Field(None, description="Policy every call of this rollout uses; default by model name.")
+
+
+class PolicySwitch(BaseModel):
+    """Make ``served_model`` (an adapter loaded on every replica) the current version of a policy."""
+
+    model_config = ConfigDict(extra="forbid")
+    served_model: str = Field(min_length=1)
+    version: int = Field(ge=0)
+
+
+@dataclass
+class PolicyState:
+    """A policy's current served model and the earlier versions still loaded (newest first)."""
+
+    name: str
+    served_model: str | None = None
+    version: int = 0
+    history: list[tuple[str, int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the state as JSON-ready data."""
+        return {"name": self.name, "served_model": self.served_model, "version": self.version,
+                "history": [{"served_model": m, "version": v} for m, v in self.history]}
+
+
+@dataclass
+class Target:
+    """Where one call goes: the served model name, its policy and version, and the replica."""
+
+    served_model: str
+    policy: str | None
+    version: int
+    replica: str
+
+
+class Router:
+    """Maps rollouts to replicas and client model names to the policy versions serving now."""
+
+    def __init__(self, *, upstreams: list[str], base_model: str, policies: list[str]):
+        if not upstreams:
+            raise ValueError("the gateway needs at least one vLLM upstream URL")
+        self.upstreams = [u.rstrip("/").removesuffix("/v1") for u in upstreams]
+        self.base_model = base_model
+        self.policies = {name: PolicyState(name) for name in (policies or ["default"])}
+        self.default_policy = next(iter(self.policies))
+        self.rollouts: dict[str, tuple[RolloutInfo, str, Resource]] = {}
+        self._load = {u: 0 for u in self.upstreams}
+        self._round_robin = itertools.cycle(self.upstreams)
+        self.production_resource = Resource.create({semconv.SERVICE_NAME: SERVICE_NAME})
+
+    def register(self, info: RolloutInfo) -> str:
+        """Register (or re-register) a rollout; return the replica its calls will stick to."""
+        if info.policy is not None and info.policy not in self.policies:
+            raise GatewayError(400, f"policy {info.policy!r} is not served here; known policies: {sorted(self.policies)}")
+        old = self.rollouts.pop(info.rollout_id, None)
+        if old is not None:
+            self._load[old[1]] -= 1
+        replica = min(self.upstreams, key=lambda u: self._load[u])
+        self._load[replica] += 1
+        attrs = {semconv.SERVICE_NAME: SERVICE_NAME, semconv.ROLLOUT_ID: info.rollout_id}
+        for key, value in ((semconv.RUN_ID, info.run_id), (semconv.EPOCH, info.epoch),
+                           (semconv.TASK_ID, info.task_id), (semconv.ATTEMPT, info.attempt)):
+            if value is not None:
+                attrs[key] = value
+        self.rollouts[info.rollout_id] = (info, replica, Resource.create(attrs))
+        return replica
+
+    def forget(self, rollout_id: str) -> bool:
+        """Forget a rollout; later calls with its id get 404."""
+        old = self.rollouts.pop(rollout_id, None)
+        if old is not None:
+            self._load[old[1]] -= 1
+        return old is not None
+
+    def rollout(self, rollout_id: str) -> tuple[RolloutInfo, str, Resource]:
+        """Return a registered rollout, or raise 404."""
+        try:
+            return self.rollouts[rollout_id]
+        except KeyError:
+            raise GatewayError(404, f"rollout {rollout_id!r} is not registered: POST /admin/rollouts first "
+                                    "(or use /v1/... for traffic outside rollouts)", "not_found_error") from None
+
+    def resolve(self, requested: Any, rollout: RolloutInfo | None, replica: str | None) -> Target:
+        """Pick the served model: an exact loaded version, the rollout's policy, a policy named by ``model``, or the default."""
+        replica = replica or next(self._round_robin)
+        if isinstance(requested, str):
+            if requested == self.base_model:
+                return Target(self.base_model, None, 0, replica)
+            for state in self.policies.values():
+                if requested == state.served_model:
+                    return Target(requested, state.name, state.version, replica)
+                for model, version in state.history:
+                    if requested == model:
+                        return Target(requested, state.name, version, replica)
+        name = (rollout.policy if rollout is not None and rollout.policy else None) \
+            or (requested if requested in self.policies else self.default_policy)
+        state = self.policies[name]
+        return Target(state.served_model or self.base_model, name, state.version, replica)
+
+    def switch(self, policy: str, update: PolicySwitch, *, keep: int) -> PolicyState:
+        """Make ``update`` the policy's current version; the old one becomes the first rollback."""
+        state = self.policies.setdefault(policy, PolicyState(policy))
+        if state.served_model is not None and state.served_model != update.served_model:
+            state.history.insert(0, (state.served_model, state.version))
+        state.history = [(m, v) for m, v in state.history if m != update.served_model][: max(keep - 1, 0)]
+        state.served_model, state.version = update.served_model, update.version
+        return state
+
+    def rollback(self, policy: str) -> PolicyState:
+        """Switch a policy back to its previous version (still loaded); 409 when there is none."""
+        state = self.policies.get(policy)
+        if state is None:
+            raise GatewayError(404, f"policy {policy!r} is not served here", "not_found_error")
+        if not state.history:
+            raise GatewayError(409, f"policy {policy!r} has no earlier version loaded to roll back to", "conflict")
+        model, version = state.history.pop(0)
+        state.served_model, state.version = model, version
+        return state
+
+
+class GatewayMetrics:
+    """Prometheus metrics of one gateway, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("arclight_gateway_requests", "Model calls answered.", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "arclight_gateway_request_latency_seconds", "Time from request to the last byte of the answer.", ["endpoint"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry,
+        )
+        self.tokens = Counter("arclight_gateway_tokens", "Tokens processed.", ["kind"], registry=self.registry)
+        self.in_flight = Gauge("arclight_gateway_in_flight", "Calls being answered now.", registry=self.registry)
+        self.spans = Counter("arclight_gateway_spans_recorded", "LLM-call spans handed to the exporter.", registry=self.registry)
+        self.rollouts = Gauge("arclight_gateway_rollouts", "Registered rollouts.", registry=self.registry)
+        self.policy_version = Gauge("arclight_gateway_policy_version", "Current version per policy.", ["policy"], registry=self.registry)
+
+
+@dataclass
+class Capture:
+    """What one model call produced, gathered from a JSON answer or an SSE stream."""
+
+    response_id: str | None = None
+    response_model: str | None = None
+    prompt_token_ids: list[int] | None = None
+    choices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+
+    def choice(self, index: int) -> dict[str, Any]:
+        """Return the accumulator of one choice."""
+        return self.choices.setdefault(index, {"token_ids": [], "logprobs": [], "text": [], "tool_calls": [], "finish_reason": None})
+
+
+class SpanRecorder:
+    """Builds one span per model call and exports it in batches (resources carry the rollout context)."""
+
+    def __init__(self, exporter: SpanExporter, metrics: GatewayMetrics):
+        self.processor = BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=1024, schedule_delay_millis=200)
+        self.metrics = metrics
+
+    def record(self, *, name: str, resource: Resource, parent: SpanContext | None, start_ns: int, end_ns: int,
+               attributes: dict[str, Any], error: str | None = None) -> None:
+        """Hand one finished span to the batch exporter."""
+        trace_id = parent.trace_id if parent is not None else random.getrandbits(128)
+        context = SpanContext(trace_id, random.getrandbits(64), is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        status = Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET)
+        span = ReadableSpan(
+            name=name, context=context, parent=parent, resource=resource, attributes=attributes,
+            kind=SpanKind.CLIENT, status=status, start_time=start_ns, end_time=end_ns, instrumentation_scope=SCOPE,
+        )
+        self.processor.on_end(span)
+        self.metrics.spans.inc()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Export every recorded span now."""
+        return self.processor.force_flush(int(timeout_s * 1000))
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporter."""
+        self.processor.shutdown()
+
+
+def parse_traceparent(header: str | None) -> SpanContext | None:
+    """Return the caller's span context from a W3C ``traceparent`` header, if it has a valid one."""
+    if not header:
+        return None
+    parts = header.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+
+
+def build_app(
+    *,
+    upstreams: list[str],
+    base_model: str,
+    policies: list[str] | None = None,
+    exporter: SpanExporter,
+    token: str | None = None,
+    upstream_timeout_s: float = 600.0,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    keep_versions: int = 2,
+) -> Starlette:
+    """Return the gateway's Starlette app (spans go to ``exporter``)."""
+    router = Router(upstreams=upstreams, base_model=base_model, policies=policies or ["default"])
+    metrics = GatewayMetrics()
+    recorder = SpanRecorder(exporter, metrics)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        state["client"] = httpx.AsyncClient(timeout=httpx.Timeout(upstream_timeout_s, connect=10.0), limits=limits)
+        try:
+            yield
+        finally:
+            await state["client"].aclose()
+            recorder.shutdown()
+
+    def authorize(request: Request) -> None:
+        if token is not None and request.headers.get("authorization", "") != f"Bearer {token}":
+            raise GatewayError(401, "missing or wrong bearer token: send 'Authorization: Bearer <gateway token>' "
+                                    "(the OpenAI client sends its api_key this way)", "authentication_error")
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise GatewayError(413, f"body of {declared} bytes is over the limit of {max_body_bytes} bytes")
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            raise GatewayError(413, f"body of {len(body)} bytes is over the limit of {max_body_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise GatewayError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise GatewayError(400, f"body must be a JSON object, found {type(data).__name__}")
+        return data
+
+    def error_response(exc: GatewayError) -> JSONResponse:
+        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}, status_code=exc.status)
+
+    async def completions(request: Request) -> Response:
+        operation = "chat" if request.url.path.endswith("/chat/completions") else "text_completion"
+        endpoint = "chat" if operation == "chat" else "completions"
+        start_ns, started = time.time_ns(), time.perf_counter()
+        try:
+            authorize(request)
+            rollout_id = request.path_params.get("rollout_id")
+            info, replica, resource = router.rollout(rollout_id) if rollout_id is not None else (None, None, router.production_resource)
+            body = await read_json(request)
+            validate_request(body, operation)
+            target = router.resolve(body.get("model"), info, replica)
+        except GatewayError as exc:
+            metrics.requests.labels(endpoint, str(exc.status)).inc()
+            return error_response(exc)
+        call = Call(operation=operation, body=body, target=target, resource=resource, start_ns=start_ns, started=started,
+                    parent=parse_traceparent(request.headers.get("traceparent")))
+        upstream_body = call.upstream_body()
+        url = f"{target.replica}/v1/{'chat/completions' if operation == 'chat' else 'completions'}"
+        metrics.in_flight.inc()
+        if body.get("stream"):
+            return await stream(call, url, upstream_body, endpoint)
+        try:
+            try:
+                upstream = await state["client"].post(url, json=upstream_body)
+            except httpx.TimeoutException:
+                raise GatewayError(504, f"vLLM at {target.replica} did not answer within {upstream_timeout_s:.0f} s", "upstream_timeout") from None
+            except httpx.HTTPError as exc:
+                raise GatewayError(502, f"vLLM at {target.replica} could not be reached: {exc!r}", "upstream_unavailable") from None
+            if upstream.status_code != 200:
+                raise GatewayError(upstream.status_code, f"vLLM answered {upstream.status_code}: {upstream_message(upstream.content)}",
+                                   "upstream_error")
+            data = upstream.json()
+            call.capture_json(data)
+            call.strip_json(data)
+            finish(call, endpoint, "200")
+            return JSONResponse(data)
+        except GatewayError as exc:
+            finish(call, endpoint, str(exc.status), error=exc.message)
+            return error_response(exc)
+        finally:
+            metrics.in_flight.dec()
+
+    async def stream(call: "Call", url: str, upstream_body: dict[str, Any], endpoint: str) -> Response:
+        client: httpx.AsyncClient = state["client"]
+        try:
+            upstream = await client.send(client.build_request("POST", url, json=upstream_body), stream=True)
+        except httpx.HTTPError as exc:
+            metrics.in_flight.dec()
+            status = 504 if isinstance(exc, httpx.TimeoutException) else 502
+            err = GatewayError(status, f"vLLM at {call.target.replica} could not be reached: {exc!r}", "upstream_unavailable")
+            finish(call, endpoint, str(status), error=err.message)
+            return error_response(err)
+        if upstream.status_code != 200:
+            content = await upstream.aread()
+            await upstream.aclose()
+            metrics.in_flight.dec()
+            err = GatewayError(upstream.status_code, f"vLLM answered {upstream.status_code}: {upstream_message(content)}", "upstream_error")
+            finish(call, endpoint, str(upstream.status_code), error=err.message)
+            return error_response(err)
+
+        async def events() -> AsyncIterator[bytes]:
+            error: str | None = None
+            try:
+                async for line in upstream.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        yield b"data: [DONE]\n\n"
+                        continue
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError:
+                        yield f"data: {payload}\n\n".encode()
+                        continue
+                    if "error" in chunk and "choices" not in chunk:
+                        error = f"vLLM stream error: {upstream_message(payload.encode())}"
+                    call.capture_chunk(chunk)
+                    if call.strip_chunk(chunk):
+                        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+            except httpx.HTTPError as exc:
+                error = f"vLLM stream from {call.target.replica} broke off: {exc!r}"
+                raise
+            except asyncio.CancelledError:
+                error = "client disconnected before the stream ended"
+                raise
+            finally:
+                await upstream.aclose()
+                metrics.in_flight.dec()
+                finish(call, endpoint, "200" if error is None else "stream_error", error=error)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    def finish(call: "Call", endpoint: str, status: str, *, error: str | None = None) -> None:
+        elapsed = time.perf_counter() - call.started
+        metrics.requests.labels(endpoint, status).inc()
+        metrics.latency.labels(endpoint).observe(elapsed)
+        usage = call.capture.usage or {}
+        metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens") or 0)
+        metrics.tokens.labels("completion").inc(usage.get("completion_tokens") or 0)
+        end_ns = call.start_ns + int(elapsed * 1e9)
+        for attributes in call.span_attributes(latency_ms=elapsed * 1000, error=error):
+            recorder.record(name=f"{call.operation} {call.target.served_model}", resource=call.resource, parent=call.parent,
+                            start_ns=call.start_ns, end_ns=end_ns, attributes=attributes, error=error)
+
+    async def models(request: Request) -> Response:
+        try:
+            authorize(request)
+            rollout_id = request.path_params.get("rollout_id")
+            replica = router.rollout(rollout_id)[1] if rollout_id is not None else router.upstreams[0]
+            try:
+                upstream = await state["client"].get(f"{replica}/v1/models")
+            except httpx.HTTPError as exc:
+                raise GatewayError(502, f"vLLM at {replica} could not be reached: {exc!r}", "upstream_unavailable") from None
+            data = upstream.json()
+        except GatewayError as exc:
+            return error_response(exc)
+        created = int(time.time())
+        data.setdefault("data", []).extend(
+            {"id": name, "object": "model", "created": created, "owned_by": "arclight", "root": s.served_model or router.base_model}
+            for name, s in router.policies.items()
+        )
+        return JSONResponse(data)
+
+    async def register_rollout(request: Request) -> Response:
+        try:
+            authorize(request)
+            info = RolloutInfo.model_validate(await read_json(request))
+            replica = router.register(info)
+        except ValidationError as exc:
+            return error_response(GatewayError(422, f"rollout registration is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"))
+        except GatewayError as exc:
+            return error_response(exc)
+        metrics.rollouts.set(len(router.rollouts))
+        base = str(request.base_url).rstrip("/")
+        return JSONResponse({"rollout_id": info.rollout_id, "base_url": f"{base}/rollout/{info.rollout_id}/v1", "replica": replica},
+                            status_code=201)
+
+    async def forget_rollout(request: Request) -> Response:
+        try:
+            authorize(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        known = router.forget(request.path_params["rollout_id"])
+        metrics.rollouts.set(len(router.rollouts))
+        return Response(status_code=204 if known else 404)
+
+    async def list_policies(request: Request) -> Response:
+        try:
+            authorize(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        return JSONResponse({"base_model": router.base_model, "upstreams": router.upstreams,
+                             "policies": {n: s.as_dict() for n, s in router.policies.items()}})
+
+    async def switch_policy(request: Request) -> Response:
+        name = request.path_params["policy"]
+        try:
+            authorize(request)
+            update = PolicySwitch.model_validate(await read_json(request))
+            await check_loaded(update.served_model)
+            policy = router.switch(name, update, keep=keep_versions)
+        except ValidationError as exc:
+            return error_response(GatewayError(422, f"policy switch is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"))
+        except GatewayError as exc:
+            return error_response(exc)
+        metrics.policy_version.labels(name).set(policy.version)
+        log.info("policy %s now serves %s (version %d)", name, policy.served_model, policy.version)
+        return JSONResponse(policy.as_dict())
+
+    async def rollback_policy(request: Request) -> Response:
+        name = request.path_params["policy"]
+        try:
+            authorize(request)
+            policy = router.rollback(name)
+        except GatewayError as exc:
+            return error_response(exc)
+        metrics.policy_version.labels(name).set(policy.version)
+        return JSONResponse(policy.as_dict())
+
+    async def check_loaded(served_model: str) -> None:
+        """Refuse to switch to a model that some replica does not serve."""
+        for replica in router.upstreams:
+            try:
+                listed = (await state["client"].get(f"{replica}/v1/models")).json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise GatewayError(502, f"vLLM at {replica} could not be asked for its models: {exc!r}", "upstream_unavailable") from None
+            names = {m.get("id") for m in listed.get("data", [])}
+            if served_model not in names:
+                raise GatewayError(409, f"{served_model!r} is not loaded on {replica} (it serves {sorted(names)}): "
+                                        "load the adapter on every replica first", "conflict")
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "upstreams": router.upstreams})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def flush(request: Request) -> Response:
+        try:
+            authorize(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        ok = await asyncio.to_thread(recorder.flush)
+        return JSONResponse({"flushed": ok}, status_code=200 if ok else 503)
+
+    routes = [
+        Route("/rollout/{rollout_id}/v1/chat/completions", completions, methods=["POST"]),
+        Route("/rollout/{rollout_id}/v1/completions", completions, methods=["POST"]),
+        Route("/rollout/{rollout_id}/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/admin/rollouts", register_rollout, methods=["POST"]),
+        Route("/admin/rollouts/{rollout_id}", forget_rollout, methods=["DELETE"]),
+        Route("/admin/policies", list_policies, methods=["GET"]),
+        Route("/admin/policies/{policy}", switch_policy, methods=["PUT"]),
+        Route("/admin/policies/{policy}/rollback", rollback_policy, methods=["POST"]),
+        Route("/admin/flush", flush, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.router, app.state.metrics, app.state.recorder = router, metrics, recorder
+    return app
+
+
+def validate_request(body: dict[str, Any], operation: str) -> None:
+    """Raise a 400 for requests vLLM would misread or that cannot be recorded."""
+    if operation == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise GatewayError(400, "'messages' must be a non-empty list of message objects")
+    elif not isinstance(body.get("prompt"), (str, list)) or body.get("prompt") in ("", []):
+        raise GatewayError(400, "'prompt' must be a non-empty string or list")
+    if "model" in body and not isinstance(body["model"], str):
+        raise GatewayError(400, f"'model' must be a string, found {type(body['model']).__name__}")
+    n = body.get("n", 1)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise GatewayError(400, f"'n' must be a positive integer, found {n!r}")
+
+
+def upstream_message(content: bytes) -> str:
+    """Return the error message inside a vLLM error body (or the body itself, shortened)."""
+    try:
+        data = json.loads(content)
+        err = data.get("error", data)
+        message = err.get("message") if isinstance(err, dict) else err
+        return str(message or data)[:2000]
+    except (ValueError, AttributeError):
+        return content.decode(errors="replace")[:2000]
+
+
+@dataclass
+class Call:
+    """One model call in flight: what the client asked for, what vLLM is asked, what came back."""
+
+    operation: str
+    body: dict[str, Any]
+    target: Target
+    resource: Resource
+    start_ns: int
+    started: float
+    parent: SpanContext | None
+    capture: Capture = field(default_factory=Capture)
+
+    @property
+    def wants_token_ids(self) -> bool:
+        """True when the client asked vLLM for token ids itself."""
+        return bool(self.body.get("return_token_ids"))
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """True when the client asked for logprobs itself."""
+        value = self.body.get("logprobs")
+        return bool(value) if self.operation == "chat" else value is not None
+
+    @property
+    def wants_usage(self) -> bool:
+        """True when a streaming client asked for the usage chunk."""
+        return bool((self.body.get("stream_options") or {}).get("include_usage"))
+
+    def upstream_body(self) -> dict[str, Any]:
+        """Return the request sent to vLLM: the client's, plus token ids, logprobs and usage."""
+        body = dict(self.body)
+        body["model"] = self.target.served_model
+        body["return_token_ids"] = True
+        if not self.wants_logprobs:
+            if self.operation == "chat":
+                body["logprobs"], body["top_logprobs"] = True, 0
+            else:
+                body["logprobs"] = 0
+        if body.get("stream"):
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return body
+
+    def capture_json(self, data: dict[str, Any]) -> None:
+        """Gather ids, token ids, logprobs, text and usage from a non-streaming answer."""
+        self.capture_chunk(data, streamed=False)
+
+    def capture_chunk(self, data: dict[str, Any], *, streamed: bool = True) -> None:
+        """Gather what one answer or SSE chunk carries."""
+        cap = self.capture
+        cap.response_id = cap.response_id or data.get("id")
+        cap.response_model = cap.response_model or data.get("model")
+        if data.get("prompt_token_ids") is not None:
+            cap.prompt_token_ids = data["prompt_token_ids"]
+        if data.get("usage"):
+            cap.usage = data["usage"]
+        for choice in data.get("choices") or []:
+            acc = cap.choice(choice.get("index", 0))
+            if choice.get("prompt_token_ids") is not None:
+                cap.prompt_token_ids = choice["prompt_token_ids"]
+            acc["token_ids"].extend(choice.get("token_ids") or [])
+            acc["logprobs"].extend(_sampled_logprobs(choice.get("logprobs"), self.operation))
+            if self.operation == "chat":
+                message = choice.get("delta" if streamed else "message") or {}
+                if message.get("content"):
+                    acc["text"].append(message["content"])
+                if message.get("tool_calls"):
+                    acc["tool_calls"].extend(message["tool_calls"])
+            elif choice.get("text"):
+                acc["text"].append(choice["text"])
+            if choice.get("finish_reason"):
+                acc["finish_reason"] = choice["finish_reason"]
+
+    def strip_json(self, data: dict[str, Any]) -> None:
+        """Remove from an answer what the client did not ask for."""
+        self.strip_chunk(data)
+
+    def strip_chunk(self, data: dict[str, Any]) -> bool:
+        """Remove what the client did not ask for; False when the whole chunk should be dropped."""
+        if not self.wants_token_ids:
+            data.pop("prompt_token_ids", None)
+            for choice in data.get("choices") or []:
+                choice.pop("token_ids", None)
+                choice.pop("prompt_token_ids", None)
+        if not self.wants_logprobs:
+            for choice in data.get("choices") or []:
+                if "logprobs" in choice:
+                    choice["logprobs"] = None
+        if self.body.get("stream") and not self.wants_usage:
+            if data.get("usage") is not None and not data.get("choices"):
+                return False
+            data.pop("usage", None)
+        return True
+
+    def span_attributes(self, *, latency_ms: float, error: str | None) -> list[dict[str, Any]]:
+        """Return the attributes of this call's span(s): one per choice (one when there is none)."""
+        cap, body, target = self.capture, self.body, self.target
+        base: dict[str, Any] = {
+            semconv.SPAN_KIND: semconv.KIND_LLM,
+            semconv.GEN_AI_OPERATION_NAME: self.operation,
+            semconv.GEN_AI_SYSTEM: "vllm",
+            semconv.SERVED_MODEL: target.served_model,
+            semconv.POLICY_VERSION: target.version,
+            semconv.LLM_REPLICA: target.replica,
+            semconv.LLM_LATENCY_MS: round(latency_ms, 3),
+            semconv.LLM_STREAMED: bool(body.get("stream")),
+            semconv.REQUEST_PARAMS: json.dumps({k: body[k] for k in SAMPLING_KEYS if k in body}, ensure_ascii=False),
+        }
+        if isinstance(body.get("model"), str):
+            base[semconv.GEN_AI_REQUEST_MODEL] = body["model"]
+        if target.policy is not None:
+            base[semconv.POLICY_NAME] = target.policy
+        if self.operation == "chat":
+            base[semconv.REQUEST_MESSAGES] = json.dumps(body.get("messages"), ensure_ascii=False, default=str)
+        else:
+            prompt = body.get("prompt")
+            base[semconv.REQUEST_PROMPT] = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        if cap.response_id:
+            base[semconv.GEN_AI_RESPONSE_ID] = cap.response_id
+        if cap.response_model:
+            base[semconv.GEN_AI_RESPONSE_MODEL] = cap.response_model
+        if cap.usage:
+            base[semconv.GEN_AI_USAGE_INPUT_TOKENS] = int(cap.usage.get("prompt_tokens") or 0)
+            base[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = int(cap.usage.get("completion_tokens") or 0)
+        if cap.prompt_token_ids:
+            base[semconv.PROMPT_TOKEN_IDS] = [int(t) for t in cap.prompt_token_ids]
+        if error:
+            base[semconv.ERROR_TYPE] = error[:2000]
+        if not cap.choices:
+            return [base]
+        spans = []
+        for index in sorted(cap.choices):
+            acc = cap.choices[index]
+            attrs = dict(base)
+            attrs[semconv.RESPONSE_TOKEN_IDS] = [int(t) for t in acc["token_ids"]]
+            attrs[semconv.RESPONSE_LOGPROBS] = [float(x) for x in acc["logprobs"]]
+            attrs[semconv.RESPONSE_TEXT] = "".join(acc["text"])
+            if acc["tool_calls"]:
+                attrs[semconv.RESPONSE_TOOL_CALLS] = json.dumps(acc["tool_calls"], ensure_ascii=False)
+            if acc["finish_reason"]:
+                attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = [str(acc["finish_reason"])]
+            if len(cap.choices) > 1:
+                attrs[semconv.CHOICE_INDEX] = index
+            spans.append(attrs)
+        return spans
+
+
+def _sampled_logprobs(logprobs: Any, operation: str) -> list[float]:
+    """Return the sampled tokens' logprobs from a chat or completions ``logprobs`` object."""
+    if not logprobs:
+        return []
+    if operation == "chat":
+        return [float(item["logprob"]) for item in logprobs.get("content") or [] if item.get("logprob") is not None]
+    return [float(x) if x is not None else float("nan") for x in logprobs.get("token_logprobs") or []]
+
+
+def serve(
+    *,
+    host: str,
+    port: int,
+    upstreams: list[str],
+    base_model: str,
+    policies: list[str],
+    collector_url: str,
+    token: str | None = None,
+    collector_token: str | None = None,
+    upstream_timeout_s: float = 600.0,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    keep_versions: int = 2,
+    log_level: str = "info",
+) -> None:
+    """Run the gateway in the foreground until interrupted; spans go to the collector at ``collector_url``."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    token = token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or None
+    if host not in LOOPBACK_HOSTS and not token:
+        raise ValueError(f"gateway.host {host!r} is reachable from other machines: set gateway.token "
+                         "(or $ARCLIGHT_GATEWAY_TOKEN) or bind to 127.0.0.1")
+    collector_token = collector_token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN") or None
+    headers = {"Authorization": f"Bearer {collector_token}"} if collector_token else None
+    exporter = OTLPSpanExporter(endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers)
+    app = build_app(upstreams=upstreams, base_model=base_model, policies=policies, exporter=exporter, token=token,
+                    upstream_timeout_s=upstream_timeout_s, max_body_bytes=max_body_bytes, keep_versions=keep_versions)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10)

