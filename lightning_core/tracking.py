@@ -1,0 +1,165 @@
+"""MLflow tracking of training: one MLflow run per (Arclight run, policy), resumed every epoch.
+
+Per-step metrics (``loss``, ``kl``, ``clip_ratio``, ``entropy``, ``grad_norm``, ``tokens_per_s``)
+use the global optimizer step; per-epoch metrics (``reward/mean``, ``reward/std``,
+``success_rate``, ``triplets``, ``zero_adv_groups``) use the epoch as step, so the MLflow UI draws
+the reward curve. Each epoch adds a reward-curve plot, a table of sample trajectories and the
+checkpoint; each new version is registered as ``<project>-<policy>`` with an alias.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+EPOCH_METRICS = ("reward/mean", "reward/std", "success_rate", "triplets", "zero_adv_groups")
+
+
+def experiment_id(config) -> str:
+    """Point MLflow at the config's store and return the project's experiment (created if missing)."""
+    mlflow.set_tracking_uri(config.mlflow_uri)
+    name = config.tracking.experiment or config.name
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if config.mlflow_uri.startswith("sqlite:"):  # keep artifacts next to the database, not in the cwd
+        location = (Path(config.project_dir).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(config, *, run_id: str, policy: str, params: dict[str, Any]) -> mlflow.ActiveRun:
+    """Start (or resume) the MLflow run of ``run_id``/``policy``; log params it does not have yet."""
+    exp = experiment_id(config)
+    client = MlflowClient()
+    found = client.search_runs(
+        [exp], filter_string=f"tags.`arclight.run_id` = '{run_id}' and tags.`arclight.policy` = '{policy}'",
+        max_results=1,
+    )
+    if found:
+        active = mlflow.start_run(run_id=found[0].info.run_id)
+        have = found[0].data.params
+    else:
+        active = mlflow.start_run(experiment_id=exp, run_name=f"{run_id}/{policy}",
+                                  tags={"arclight.run_id": run_id, "arclight.policy": policy})
+        have = {}
+    new = {k: _param(v) for k, v in params.items() if k not in have}
+    changed = {k: _param(v) for k, v in params.items() if k in have and have[k] != _param(v)}
+    if new:
+        mlflow.log_params(new)
+    if changed:  # MLflow params are immutable; record the change as a tag
+        log.warning("params changed since the run started (kept as tags): %s", sorted(changed))
+        mlflow.set_tags({f"param_changed.{k}": v for k, v in changed.items()})
+    return active
+
+
+def next_step(run_id: str) -> int:
+    """Return the first unused global step of a run (steps continue across epochs)."""
+    history = MlflowClient().get_metric_history(run_id, "loss")
+    return max((m.step for m in history), default=-1) + 1
+
+
+def log_metrics(metrics: dict[str, float], *, step: int) -> None:
+    """Log the finite values of ``metrics`` at ``step``."""
+    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    if finite:
+        mlflow.log_metrics(finite, step=step)
+
+
+def log_reward_curve(run_id: str, *, epoch: int) -> str:
+    """Plot the run's reward/mean (± reward/std) and success_rate per epoch; log it as an artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = MlflowClient()
+    mean = {m.step: m.value for m in client.get_metric_history(run_id, "reward/mean")}
+    std = {m.step: m.value for m in client.get_metric_history(run_id, "reward/std")}
+    success = {m.step: m.value for m in client.get_metric_history(run_id, "success_rate")}
+    epochs = sorted(mean)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ys = [mean[e] for e in epochs]
+    ax.plot(epochs, ys, marker="o", label="reward/mean")
+    if epochs and all(e in std for e in epochs):
+        ax.fill_between(epochs, [mean[e] - std[e] for e in epochs], [mean[e] + std[e] for e in epochs], alpha=0.2)
+    if success:
+        ax.plot(sorted(success), [success[e] for e in sorted(success)], marker="s", label="success_rate")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward")
+    ax.set_title("Reward per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    artifact = "plots/reward_curve.png"
+    mlflow.log_figure(fig, artifact)
+    plt.close(fig)
+    return artifact
+
+
+def log_samples(rows: list[dict[str, Any]], *, epoch: int, limit: int) -> str | None:
+    """Log up to ``limit`` trajectories (prompt, response, reward, advantage) as an MLflow table."""
+    if limit <= 0 or not rows:
+        return None
+    picked = sorted(rows, key=lambda r: (str(r.get("group_id")), -float(r.get("reward") or 0.0)))[:limit]
+    table = {
+        key: [_cell(r.get(key)) for r in picked]
+        for key in ("rollout_id", "group_id", "turn_index", "agent_name", "reward", "advantage",
+                    "prompt_messages", "response_text")
+    }
+    artifact = f"samples/epoch_{epoch}.json"
+    mlflow.log_table(data=table, artifact_file=artifact)
+    return artifact
+
+
+def log_checkpoint(path: Path, *, version: str) -> str:
+    """Log a checkpoint folder as ``checkpoints/<version>``; return its artifact URI."""
+    mlflow.log_artifacts(str(path), artifact_path=f"checkpoints/{version}")
+    return mlflow.get_artifact_uri(f"checkpoints/{version}")
+
+
+def registered_model_name(config, policy: str) -> str:
+    """Return the registry name of a policy: ``<project>-<policy>``."""
+    return f"{config.name}-{policy}"
+
+
+def register_version(config, *, policy: str, source: str, mlflow_run_id: str, version: str, alias: str) -> str:
+    """Register a checkpoint as a model version, alias it, and return the registry version number."""
+    client = MlflowClient()
+    name = registered_model_name(config, policy)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, tags={"arclight.policy": policy})
+    # register_model() of a plain artifact folder fails in MLflow 3.17 (no MLmodel); this does not.
+    mv = client.create_model_version(name, source=source, run_id=mlflow_run_id,
+                                     tags={"arclight.version": version, "arclight.policy": policy})
+    set_alias(config, policy=policy, registry_version=str(mv.version), alias=alias)
+    return str(mv.version)
+
+
+def set_alias(config, *, policy: str, registry_version: str, alias: str) -> None:
+    """Point ``alias`` of the policy's registered model at ``registry_version`` (serving, rollback)."""
+    mlflow.set_tracking_uri(config.mlflow_uri)
+    MlflowClient().set_registered_model_alias(registered_model_name(config, policy), alias, registry_version)
+
+
+def _param(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:6000]
+
+
+def _cell(value: Any) -> Any:
+    if value is None or isinstance(value, (int, float, str)):
+        return value
+    return str(value)
+
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,0 +1,225 @@
+"""Triplet rows -> training samples -> optimizer steps of micro-batches -> padded tensors.
+
+Pure data preparation: no model, no config object. A *sample* is one triplet (one model call):
+prompt ids, response ids, the logprobs recorded when it was sampled (or None), its advantage.
+A *step* is the samples of one optimizer step (up to a token budget), split into micro-batches,
+each sample carrying the weight that makes the summed loss the chosen normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from trl.trainer.utils import pad
+
+ZERO_ADVANTAGE = 1e-8
+
+
+@dataclass
+class Sample:
+    """One trainable triplet."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float] | None
+    advantage: float
+    reward: float
+    rollout_id: str
+    group_id: str
+    row: int
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus response tokens (what a forward pass costs)."""
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class Step:
+    """The micro-batches of one optimizer step and each sample's loss weight."""
+
+    micro_batches: list[list[Sample]]
+    weights: dict[int, float] = field(default_factory=dict)  # row -> weight of each of its response tokens
+
+    @property
+    def samples(self) -> list[Sample]:
+        """All samples of the step, in order."""
+        return [s for mb in self.micro_batches for s in mb]
+
+
+def rows_of(triplets: Any) -> list[dict[str, Any]]:
+    """Return triplets (a pyarrow Table, a polars frame or a list of dicts) as a list of dicts."""
+    if isinstance(triplets, list):
+        return triplets
+    if hasattr(triplets, "to_pylist"):
+        return triplets.to_pylist()
+    if hasattr(triplets, "to_dicts"):
+        return triplets.to_dicts()
+    raise TypeError(f"triplets must be a pyarrow Table, a polars DataFrame or a list of dicts, found {type(triplets).__name__}")
+
+
+def group_key(row: dict[str, Any]) -> str:
+    """Return the group a triplet's advantage is relative to (group_id, else task_id)."""
+    return str(row.get("group_id") or row.get("task_id") or "")
+
+
+def rollout_key(row: dict[str, Any], index: int) -> str:
+    """Return the rollout a triplet belongs to (its own row when the rollout id is missing)."""
+    return str(row.get("rollout_id") or f"row-{index}")
+
+
+def epoch_stats(rows: list[dict[str, Any]], *, success_reward: float) -> dict[str, float]:
+    """Reward statistics per rollout (one reward each), triplet count and groups with no signal."""
+    rollout_reward: dict[str, float] = {}
+    for i, row in enumerate(rows):
+        if row.get("reward") is not None:
+            rollout_reward.setdefault(rollout_key(row, i), float(row["reward"]))
+    rewards = list(rollout_reward.values())
+    mean = sum(rewards) / len(rewards) if rewards else float("nan")
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) if rewards else float("nan")
+    group_adv: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        group_adv[group_key(row)].append(abs(float(row.get("advantage") or 0.0)))
+    zero_groups = sum(1 for advs in group_adv.values() if max(advs) < ZERO_ADVANTAGE)
+    return {
+        "reward/mean": mean,
+        "reward/std": std,
+        "success_rate": (sum(r >= success_reward for r in rewards) / len(rewards)) if rewards else float("nan"),
+        "triplets": float(len(rows)),
+        "rollouts": float(len(rewards)),
+        "groups": float(len(group_adv)),
+        "zero_adv_groups": float(zero_groups),
+    }
+
+
+def make_samples(
+    rows: list[dict[str, Any]],
+    *,
+    max_prompt_length: int,
+    max_response_length: int,
+    use_recorded_logprobs: bool,
+    keep_zero_advantage: bool = False,
+) -> tuple[list[Sample], dict[str, int]]:
+    """Turn triplet rows into samples; drop the untrainable ones and count why."""
+    counts = {"dropped_zero_advantage": 0, "dropped_no_tokens": 0, "dropped_bad_advantage": 0,
+              "truncated_prompt": 0, "truncated_response": 0, "logprobs_missing": 0, "logprobs_mismatched": 0}
+    samples: list[Sample] = []
+    for i, row in enumerate(rows):
+        prompt = list(row.get("prompt_token_ids") or row.get("prompt_ids") or [])
+        response = list(row.get("response_token_ids") or row.get("response_ids") or [])
+        advantage = row.get("advantage")
+        if not prompt or not response:
+            counts["dropped_no_tokens"] += 1
+            continue
+        if advantage is None or not math.isfinite(float(advantage)):
+            counts["dropped_bad_advantage"] += 1
+            continue
+        if abs(float(advantage)) < ZERO_ADVANTAGE and not keep_zero_advantage:
+            counts["dropped_zero_advantage"] += 1
+            continue
+        logprobs = row.get("response_logprobs") if use_recorded_logprobs else None
+        if logprobs is not None and (len(logprobs) != len(response) or any(lp is None for lp in logprobs)):
+            counts["logprobs_mismatched"] += 1
+            logprobs = None
+        if logprobs is None:
+            counts["logprobs_missing"] += 1
+        else:
+            logprobs = [float(lp) for lp in logprobs]
+        if len(prompt) > max_prompt_length:
+            counts["truncated_prompt"] += 1
+            prompt = prompt[-max_prompt_length:]
+        if len(response) > max_response_length:
+            counts["truncated_response"] += 1
+            response = response[:max_response_length]
+            logprobs = logprobs[:max_response_length] if logprobs is not None else None
+        samples.append(Sample(
+            prompt_ids=[int(t) for t in prompt], response_ids=[int(t) for t in response], logprobs=logprobs,
+            advantage=float(advantage), reward=float(row.get("reward") or 0.0),
+            rollout_id=rollout_key(row, i), group_id=group_key(row), row=i,
+        ))
+    return samples, counts
+
+
+def plan_steps(
+    samples: list[Sample],
+    *,
+    tokens_per_step: int,
+    micro_batch_size: int,
+    normalization: str,
+    seed: int,
+) -> list[Step]:
+    """Shuffle rollouts (keeping each rollout's turns together), pack steps to the token budget."""
+    by_rollout: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_rollout[s.rollout_id].append(s)
+    order = sorted(by_rollout)
+    random.Random(seed).shuffle(order)
+    steps: list[list[Sample]] = [[]]
+    used = 0
+    for rollout in order:
+        for s in by_rollout[rollout]:
+            if steps[-1] and used + s.tokens > tokens_per_step:
+                steps.append([])
+                used = 0
+            steps[-1].append(s)
+            used += s.tokens
+    return [
+        Step(micro_batches=[chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)],
+             weights=loss_weights(chunk, normalization=normalization))
+        for chunk in steps if chunk
+    ]
+
+
+def loss_weights(samples: Iterable[Sample], *, normalization: str) -> dict[int, float]:
+    """Per-token weight of each sample so that the weighted token sum is the normalised loss.
+
+    token: every response token of the step weighs 1/N_tokens. sequence: each triplet's mean over its
+    tokens, averaged over triplets. rollout: each rollout's mean over all its tokens, averaged over
+    rollouts (a 20-turn rollout counts as much as a 1-turn one).
+    """
+    samples = list(samples)
+    if normalization == "token":
+        total = sum(len(s.response_ids) for s in samples)
+        return {s.row: 1.0 / total for s in samples}
+    if normalization == "sequence":
+        return {s.row: 1.0 / (len(s.response_ids) * len(samples)) for s in samples}
+    if normalization == "rollout":
+        per_rollout: dict[str, int] = defaultdict(int)
+        for s in samples:
+            per_rollout[s.rollout_id] += len(s.response_ids)
+        return {s.row: 1.0 / (per_rollout[s.rollout_id] * len(per_rollout)) for s in samples}
+    raise ValueError(f"loss normalization must be 'token', 'sequence' or 'rollout', found {normalization!r}")
+
+
+def collate(samples: list[Sample], *, weights: dict[int, float], pad_token_id: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch: prompts on the left, responses on the right, so responses share columns.
+
+    ``old_logps`` holds recorded logprobs (NaN where none were recorded); ``position_ids`` count
+    real tokens only, so a sample's logprobs do not depend on how much padding it got.
+    """
+    prompts = [torch.tensor(s.prompt_ids, dtype=torch.long) for s in samples]
+    responses = [torch.tensor(s.response_ids, dtype=torch.long) for s in samples]
+    prompt_ids = pad(prompts, padding_value=pad_token_id, padding_side="left")
+    prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left")
+    response_ids = pad(responses, padding_value=pad_token_id, padding_side="right")
+    response_mask = pad([torch.ones_like(r) for r in responses], padding_value=0, padding_side="right")
+    old = [torch.tensor(s.logprobs if s.logprobs is not None else [math.nan] * len(s.response_ids), dtype=torch.float32)
+           for s in samples]
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    batch = {
+        "input_ids": torch.cat([prompt_ids, response_ids], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "response_ids": response_ids,
+        "response_mask": response_mask.float(),
+        "old_logps": pad(old, padding_value=math.nan, padding_side="right"),
+        "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        "weights": torch.tensor([weights[s.row] for s in samples], dtype=torch.float32),
+    }
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,179 @@
+"""The GRPO step: batch -> response logprobs -> ratio -> clipped loss (+ KL) -> metrics.
+
+``grpo_loss`` is the loss of trl's GRPOTrainer (two-sided clip with epsilon low/high, k3 KL to the
+reference) with the normalisation folded into per-sample weights (see ``batches.loss_weights``).
+``train_grpo`` runs the optimizer steps: micro-batches accumulate gradients to a token budget,
+gradients are clipped, and a step whose loss or gradients are not finite is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Callable
+
+import torch
+from trl.trainer.utils import selective_log_softmax_and_entropy
+
+from lightning_core.trainer.batches import Sample, Step, collate
+
+log = logging.getLogger(__name__)
+
+
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token logprobs (and entropy, without grad) of the response tokens; logits only for them."""
+    width = batch["response_ids"].size(1)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
+    logits = out.logits[:, :-1, :]  # position t predicts token t+1: the last width+1 positions give the response
+    logps, entropy = selective_log_softmax_and_entropy(logits, batch["response_ids"], entropy_requires_grad=False)
+    return logps, (entropy if with_entropy else None)
+
+
+def grpo_loss(
+    *,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss summed with per-sample token weights; NaN old logps mean on-policy."""
+    old_logps = torch.where(torch.isnan(old_logps), logps.detach(), old_logps)
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps (the reference model's response logprobs)")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    weight = mask * weights.unsqueeze(1)
+    loss = (per_token * weight).sum()
+    n = mask.sum().clamp(min=1.0)
+    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    stats = {
+        "ratio_sum": (ratio.detach() * mask).sum(),
+        "clipped_sum": (is_clipped.float() * mask).sum(),
+        "kl_sum": (kl.detach() * mask).sum() if kl is not None else torch.zeros((), device=logps.device),
+        "tokens": n,
+    }
+    return loss, stats
+
+
+def train_grpo(
+    model: torch.nn.Module,
+    steps: list[Step],
+    *,
+    optimizer: torch.optim.Optimizer,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float,
+    max_grad_norm: float,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    reference: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    pad_token_id: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    passes: int = 1,
+    max_steps: int | None = None,
+) -> list[dict[str, float]]:
+    """Run the optimizer steps; return one metrics dict per step (skipped steps included)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    first_pass_logps: dict[int, list[float]] = {}  # on-policy "old" logprobs, reused by later passes
+    history: list[dict[str, float]] = []
+    model.train()
+    for step_index, step in enumerate(s for _ in range(passes) for s in steps):
+        if max_steps is not None and step_index >= max_steps:
+            break
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "ratio_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0}
+        skip_reason = None
+        for micro in step.micro_batches:
+            samples = _with_first_pass_logps(micro, first_pass_logps)
+            batch = collate(samples, weights=step.weights, pad_token_id=pad_token_id, device=device)
+            with _autocast(device, autocast_dtype):
+                ref = None
+                if beta != 0.0:
+                    with torch.no_grad():
+                        ref = reference(batch).float()
+                logps, entropy = response_logps(model, batch, with_entropy=True)
+                logps = logps.float()
+                loss, stats = grpo_loss(
+                    logps=logps, old_logps=batch["old_logps"], advantages=batch["advantages"],
+                    mask=batch["response_mask"], weights=batch["weights"], epsilon_low=epsilon_low,
+                    epsilon_high=epsilon_high, beta=beta, ref_logps=ref,
+                )
+            if not torch.isfinite(loss):
+                skip_reason = "loss"
+                break
+            loss.backward()
+            if passes > 1:
+                _remember(samples, logps, first_pass_logps)
+            totals["loss"] += loss.item()
+            for key in ("ratio_sum", "clipped_sum", "kl_sum", "tokens"):
+                totals[key] += stats[key].item()
+            totals["entropy_sum"] += (entropy.float() * batch["response_mask"]).sum().item()
+        grad_norm = math.nan
+        if skip_reason is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            if not math.isfinite(grad_norm):
+                skip_reason = "grad"
+        if skip_reason is None:
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d skipped: non-finite %s; parameters left unchanged", step_index, skip_reason)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(s.tokens for s in step.samples)
+        n = max(totals["tokens"], 1.0)
+        metrics = {
+            "loss": totals["loss"] if skip_reason is None else math.nan,
+            "kl": totals["kl_sum"] / n,
+            "clip_ratio": totals["clipped_sum"] / n,
+            "ratio/mean": totals["ratio_sum"] / n,
+            "entropy": totals["entropy_sum"] / n,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+            "step_tokens": float(tokens),
+            "step_triplets": float(len(step.samples)),
+            "skipped": 0.0 if skip_reason is None else 1.0,
+        }
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step_index, metrics)
+    return history
+
+
+def _with_first_pass_logps(samples: list[Sample], seen: dict[int, list[float]]) -> list[Sample]:
+    """In passes after the first, samples without recorded logprobs use those of the first pass."""
+    out = []
+    for s in samples:
+        if s.logprobs is None and s.row in seen:
+            s = Sample(**{**s.__dict__, "logprobs": seen[s.row]})
+        out.append(s)
+    return out
+
+
+def _remember(samples: list[Sample], logps: torch.Tensor, seen: dict[int, list[float]]) -> None:
+    for i, s in enumerate(samples):
+        if s.logprobs is None and s.row not in seen:
+            seen[s.row] = logps[i, : len(s.response_ids)].detach().float().cpu().tolist()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,84 @@
+"""Load the model a policy trains: base weights, plus a fresh or parent LoRA adapter, on a device."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU (``auto``) or when asked; None means plain fp32."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def load_policy_model(
+    base_model_dir: str | Path,
+    *,
+    finetune: str,
+    device: torch.device,
+    bf16: bool,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    lora_target_modules: list[str],
+    parent_adapter_dir: str | Path | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """Return a trainable model: a PeftModel (LoRA) or the full model, with fp32 trainable weights."""
+    # LoRA keeps the frozen base in bf16 when autocasting; full fine-tuning keeps fp32 master weights.
+    weight_dtype = torch.bfloat16 if (bf16 and finetune == "lora") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=weight_dtype)
+    if finetune == "lora":
+        if parent_adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(parent_adapter_dir), is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(
+                r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                target_modules=list(lora_target_modules), task_type="CAUSAL_LM",
+            ))
+        for p in model.parameters():  # adapters train in fp32 even on a bf16 base
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    elif parent_adapter_dir is not None:
+        raise ValueError(f"finetune='full' continues from a full checkpoint (pass it as base_model_dir), "
+                         f"not from an adapter ({parent_adapter_dir})")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model.to(device)
+
+
+def reference_logps_fn(model: torch.nn.Module, *, base_model_dir: str | Path, finetune: str, device: torch.device):
+    """Return batch -> reference response logprobs: the adapter switched off (LoRA) or a frozen base copy."""
+    from lightning_core.trainer.grpo import response_logps
+
+    if finetune == "lora":
+        def reference(batch):
+            with model.disable_adapter():
+                return response_logps(model, batch)[0]
+        return reference
+    ref = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32).to(device).eval()
+    ref.requires_grad_(False)
+    return lambda batch: response_logps(ref, batch)[0]

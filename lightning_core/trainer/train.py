@@ -1,0 +1,243 @@
+"""Train one policy on one epoch's triplets and publish the result as a new policy version.
+
+triplets -> samples -> (GRPO steps | SFT) -> atomic checkpoint -> MLflow artifact + registry
+-> catalog row -> 'latest' link. The catalog row is written after the checkpoint and its
+registration, and 'latest' moves last, so nothing ever points at a version that is not complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from lightning_core import tracking
+from lightning_core.catalog import Catalog
+from lightning_core.config import ArclightConfig, TrainerConfig
+from lightning_core.trainer import checkpoint, versions
+from lightning_core.trainer.batches import epoch_stats, make_samples, plan_steps, rows_of
+from lightning_core.trainer.grpo import train_grpo
+from lightning_core.trainer.policy_model import (autocast_dtype, load_policy_model, pick_device,
+                                                 reference_logps_fn, seed_everything)
+from lightning_core.trainer.sft import select_sft_rows, train_sft
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What one policy's training in one epoch produced (``version`` is None when nothing was trained)."""
+
+    policy: str
+    run_id: str
+    epoch: int
+    version: str | None
+    parent_version: str | None
+    path: Path | None
+    metrics: dict[str, float]
+    steps: list[dict[str, float]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    registry_version: str | None = None
+    message: str = ""
+
+
+def train_policy(
+    config: ArclightConfig,
+    triplets: Any,
+    *,
+    policy: str,
+    base_model_dir: str | Path,
+    parent_adapter_dir: str | Path | None = None,
+    parent_version: str | None = None,
+    run_id: str,
+    epoch: int,
+) -> TrainResult:
+    """Train ``policy`` on its triplets of one epoch; save, record and register the new version."""
+    cfg = config.trainer_for(policy)
+    rows = [r for r in rows_of(triplets) if r.get("policy") in (None, policy)]
+    stats = epoch_stats(rows, success_reward=cfg.success_reward)
+    catalog = Catalog.from_config(config)
+    catalog.ensure()
+    if parent_adapter_dir is not None and parent_version is None:
+        parent_version = versions.version_at_path(catalog, str(Path(parent_adapter_dir).resolve()))
+
+    if cfg.mode == "sft":
+        picked = select_sft_rows(rows, min_reward=cfg.sft_min_reward, top_fraction=cfg.sft_top_fraction)
+        samples, counts = make_samples(picked, max_prompt_length=cfg.max_prompt_length,
+                                       max_response_length=cfg.max_response_length,
+                                       use_recorded_logprobs=False, keep_zero_advantage=True)
+    else:
+        samples, counts = make_samples(rows, max_prompt_length=cfg.max_prompt_length,
+                                       max_response_length=cfg.max_response_length,
+                                       use_recorded_logprobs=cfg.use_recorded_logprobs)
+    stats.update({k: float(v) for k, v in counts.items()})
+    stats["trainable_triplets"] = float(len(samples))
+
+    params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
+    with tracking.start_run(config, run_id=run_id, policy=policy, params=params) as run:
+        mlflow_run_id = run.info.run_id
+        tracking.log_metrics({k: stats[k] for k in tracking.EPOCH_METRICS}, step=epoch)
+        tracking.log_reward_curve(mlflow_run_id, epoch=epoch)
+        tracking.log_samples(rows, epoch=epoch, limit=cfg.log_samples)
+        if not samples:
+            message = _nothing_to_train(cfg, stats, policy=policy, epoch=epoch)
+            log.warning(message)
+            mlflow.set_tag(f"epoch_{epoch}.outcome", "no_trainable_triplets")
+            return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=None, parent_version=parent_version,
+                               path=None, metrics=stats, mlflow_run_id=mlflow_run_id, message=message)
+
+        seed_everything(cfg.seed + epoch)
+        device = pick_device(cfg.device)
+        amp = autocast_dtype(cfg.dtype, device)
+        model = load_policy_model(
+            base_model_dir, finetune=cfg.finetune, device=device, bf16=amp is not None, lora_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+            parent_adapter_dir=parent_adapter_dir, gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+        first_step = tracking.next_step(mlflow_run_id)
+        t0 = time.perf_counter()
+        if cfg.mode == "sft":
+            steps = _run_sft(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device, amp=amp,
+                             seed=cfg.seed + epoch)
+            for i, m in enumerate(steps):
+                tracking.log_metrics(m, step=first_step + i)
+        else:
+            steps = _run_grpo(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device, amp=amp,
+                              seed=cfg.seed + epoch,
+                              on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
+        stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
+        tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps")}, step=epoch)
+        if stats["optimizer_steps"] == 0:
+            message = (f"policy {policy!r} epoch {epoch}: all {len(steps)} steps were skipped (non-finite loss "
+                       "or gradients); no new version")
+            log.warning(message)
+            mlflow.set_tag(f"epoch_{epoch}.outcome", "all_steps_skipped")
+            return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=None, parent_version=parent_version,
+                               path=None, metrics=stats, steps=steps, mlflow_run_id=mlflow_run_id, message=message)
+
+        version = versions.next_version(catalog, policy=policy)
+        root = cfg.output_dir / policy
+        path = checkpoint.save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir),
+                                          root=root, name=version)
+        source = tracking.log_checkpoint(path, version=version)
+        registry_version = tracking.register_version(config, policy=policy, source=source, mlflow_run_id=mlflow_run_id,
+                                                     version=version, alias=cfg.registry_alias)
+        versions.record_version(
+            catalog, version=version, policy=policy, parent_version=parent_version, run_id=run_id, epoch=epoch,
+            path=str(path), metrics=stats, kind=cfg.finetune, base_model=str(Path(base_model_dir).resolve()),
+            mlflow_run_id=mlflow_run_id, registry_version=registry_version,
+        )
+        checkpoint.set_latest(root, version)
+        mlflow.set_tag(f"epoch_{epoch}.outcome", f"trained:{version}")
+        message = (f"policy {policy!r} epoch {epoch}: {version} from {int(stats['trainable_triplets'])} triplets, "
+                   f"{int(stats['optimizer_steps'])} steps, reward/mean {stats['reward/mean']:.3f}")
+        log.info(message)
+        return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=version, parent_version=parent_version,
+                           path=path, metrics=stats, steps=steps, mlflow_run_id=mlflow_run_id,
+                           registry_version=registry_version, message=message)
+
+
+def train_policies(
+    config: ArclightConfig,
+    *,
+    run_id: str,
+    epoch: int,
+    base_model_dir: str | Path,
+    triplets: dict[str, Any] | None = None,
+) -> list[TrainResult]:
+    """Train every policy of the config on its own triplets, one after another, each from its latest version."""
+    catalog = Catalog.from_config(config)
+    catalog.ensure()
+    results = []
+    for policy in config.policies:
+        if triplets is not None:
+            table = triplets.get(policy.name, [])
+        else:
+            from lightning_core.pipeline import load_triplets  # the SQL pipeline's reader (issue 3)
+
+            table = load_triplets(config, run_id=run_id, epoch=epoch, policy=policy.name)
+        parent = versions.latest_version(catalog, policy=policy.name)
+        full = config.trainer_for(policy.name).finetune == "full"
+        results.append(train_policy(
+            config, table, policy=policy.name,
+            base_model_dir=parent["path"] if (parent and full) else base_model_dir,
+            parent_adapter_dir=parent["path"] if (parent and not full) else None,
+            parent_version=parent["version"] if parent else None, run_id=run_id, epoch=epoch,
+        ))
+    return results
+
+
+def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step):
+    steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
+                       normalization=cfg.loss_normalization, seed=seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device)
+                 if cfg.beta != 0.0 else None)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    return train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                      beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
+                      reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
+                      max_steps=cfg.max_steps)
+
+
+def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
+    logs = train_sft(model, samples, tokenizer=tokenizer, learning_rate=cfg.learning_rate,
+                     weight_decay=cfg.weight_decay, micro_batch_size=cfg.micro_batch_size, epochs=cfg.sft_epochs,
+                     max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_prompt_length + cfg.max_response_length,
+                     seed=seed, bf16=amp is not None, device=device)
+    return [{"loss": float(h["loss"]), "grad_norm": float(h.get("grad_norm", math.nan)),
+             "entropy": float(h.get("entropy", math.nan)), "skipped": 0.0} for h in logs]
+
+
+def _save_model(model, folder: Path, *, cfg: TrainerConfig, base_model_dir) -> None:
+    model.save_pretrained(str(folder))
+    if cfg.finetune == "full":  # a full checkpoint must be loadable on its own: carry the tokenizer files
+        import shutil
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                     "generation_config.json"):
+            src = Path(base_model_dir) / name
+            if src.exists() and not (folder / name).exists():
+                shutil.copy2(src, folder / name)
+
+
+def _summarise(steps: list[dict[str, float]], *, elapsed: float) -> dict[str, float]:
+    done = [s for s in steps if not s.get("skipped")]
+
+    def mean(key: str) -> float:
+        values = [s[key] for s in done if key in s and math.isfinite(s[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    tokens = sum(s.get("step_tokens", 0.0) for s in steps)
+    return {
+        "loss": mean("loss"), "kl": mean("kl"), "clip_ratio": mean("clip_ratio"), "entropy": mean("entropy"),
+        "grad_norm": mean("grad_norm"), "tokens_per_s": tokens / elapsed if tokens else math.nan,
+        "optimizer_steps": float(len(done)), "skipped_steps": float(len(steps) - len(done)),
+        "train_time_s": elapsed,
+    }
+
+
+def _nothing_to_train(cfg: TrainerConfig, stats: dict[str, float], *, policy: str, epoch: int) -> str:
+    if cfg.mode == "sft":
+        why = (f"no triplet passed the SFT selection (sft_min_reward={cfg.sft_min_reward}, "
+               f"sft_top_fraction={cfg.sft_top_fraction}; reward/mean {stats['reward/mean']:.3f})")
+    elif stats["triplets"] == 0:
+        why = "no triplets for this policy"
+    elif stats["zero_adv_groups"] == stats["groups"]:
+        why = (f"all {int(stats['groups'])} groups have equal rewards within the group (zero advantages), "
+               "so there is no learning signal")
+    else:
+        why = (f"no trainable triplets among {int(stats['triplets'])} (zero advantage: "
+               f"{int(stats['dropped_zero_advantage'])}, no tokens: {int(stats['dropped_no_tokens'])}, "
+               f"bad advantage: {int(stats['dropped_bad_advantage'])})")
+    return f"policy {policy!r} epoch {epoch}: nothing to train, {why}; no new version"

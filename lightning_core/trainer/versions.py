@@ -1,0 +1,70 @@
+"""Policy versions in the catalog: ``<policy>-v<n>``, numbered per policy, with parent and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from lightning_core.catalog import Catalog
+
+_NUMBER = re.compile(r"-v(\d+)$")
+
+
+def version_name(policy: str, number: int) -> str:
+    """Return the version id of the ``number``-th version of ``policy`` (also the served adapter name)."""
+    return f"{policy}-v{number}"
+
+
+def next_version(catalog: Catalog, *, policy: str) -> str:
+    """Return the id the next version of ``policy`` gets."""
+    with catalog.read() as con:
+        names = [r[0] for r in con.execute("SELECT version FROM policy_versions WHERE policy = ?", [policy]).fetchall()]
+    numbers = [int(m.group(1)) for m in (_NUMBER.search(n) for n in names) if m]
+    return version_name(policy, max(numbers, default=0) + 1)
+
+
+def latest_version(catalog: Catalog, *, policy: str) -> dict[str, Any] | None:
+    """Return the newest recorded version of ``policy`` as a dict, or None."""
+    with catalog.read() as con:
+        rows = con.execute("SELECT * FROM policy_versions WHERE policy = ?", [policy]).fetchdf().to_dict("records")
+    rows = [r for r in rows if _NUMBER.search(r["version"])]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: int(_NUMBER.search(r["version"]).group(1)))
+    row["metrics"] = json.loads(row["metrics"]) if isinstance(row.get("metrics"), str) else row.get("metrics")
+    return row
+
+
+def version_at_path(catalog: Catalog, path: str) -> str | None:
+    """Return the version whose checkpoint lives at ``path``, or None."""
+    with catalog.read() as con:
+        row = con.execute("SELECT version FROM policy_versions WHERE path = ?", [str(path)]).fetchone()
+    return row[0] if row else None
+
+
+def record_version(
+    catalog: Catalog,
+    *,
+    version: str,
+    policy: str,
+    parent_version: str | None,
+    run_id: str,
+    epoch: int,
+    path: str,
+    metrics: dict[str, Any],
+    kind: str,
+    base_model: str,
+    mlflow_run_id: str | None,
+    registry_version: str | None,
+) -> None:
+    """Insert one version row (versions are immutable: a second insert of the same id fails)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    with catalog.write() as con:
+        con.execute(
+            "INSERT INTO policy_versions (version, policy, parent_version, run_id, epoch, path, metrics, kind, "
+            "base_model, mlflow_run_id, registry_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [version, policy, parent_version, run_id, epoch, path, json.dumps(clean), kind, base_model,
+             mlflow_run_id, registry_version],
+        )

@@ -1,0 +1,160 @@
+"""train_policy end to end on a tiny Llama: checkpoint, catalog version, MLflow run and registry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from lightning_core.catalog import Catalog
+from lightning_core.config import load_config
+from lightning_core.trainer import checkpoint, train_policies, train_policy
+from lightning_core.trainer.sft import select_sft_rows
+from tests.tiny_llama import build_tiny_llama, make_triplets, triplet_table
+
+FAST = ["trainer.micro_batch_size=8", "trainer.learning_rate=0.02", "trainer.lora_r=4", "trainer.lora_alpha=8",
+        "trainer.log_samples=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def project(tmp_path, *overrides):
+    return load_config(None, overrides=[f"project_dir={tmp_path}", "name=calc", *FAST, *overrides])
+
+
+def versions_rows(cfg):
+    with Catalog.from_config(cfg).read() as con:
+        return con.execute("SELECT version, policy, parent_version, run_id, epoch, path, metrics, kind, "
+                           "registry_version FROM policy_versions ORDER BY created_at").fetchall()
+
+
+def test_an_epoch_trains_saves_records_and_registers_a_version(tmp_path, tiny_dir):
+    cfg = project(tmp_path)
+    result = train_policy(cfg, triplet_table(make_triplets(groups=3, per_group=4, epoch=0)), policy="default",
+                          base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    assert result.version == "default-v1" and result.parent_version is None
+    assert result.path == tmp_path / ".arclight/checkpoints/default/default-v1"
+    assert (result.path / "adapter_model.safetensors").is_file() and (result.path / "adapter_config.json").is_file()
+    assert checkpoint.latest(tmp_path / ".arclight/checkpoints/default") == result.path
+    assert result.metrics["triplets"] == 12 and result.metrics["trainable_triplets"] == 12
+    assert result.metrics["reward/mean"] == pytest.approx(0.25) and result.metrics["success_rate"] == pytest.approx(0.25)
+    assert result.metrics["optimizer_steps"] == 1 and result.metrics["skipped_steps"] == 0
+
+    (row,) = versions_rows(cfg)
+    assert row[:6] == ("default-v1", "default", None, "r1", 0, str(result.path))
+    assert json.loads(row[6])["reward/mean"] == pytest.approx(0.25) and row[7] == "lora" and row[8] == "1"
+
+    # The MLflow store (real SQLite) shows the run, its metrics, plot, samples table, checkpoint and version.
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    assert cfg.mlflow_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient()
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.run_name == "r1/default" and run.data.params["learning_rate"] == "0.02"
+    for name in ("loss", "kl", "clip_ratio", "entropy", "grad_norm", "tokens_per_s", "reward/mean", "reward/std",
+                 "success_rate", "triplets", "zero_adv_groups"):
+        assert name in run.data.metrics, name
+    assert run.data.metrics["triplets"] == 12 and run.data.metrics["reward/mean"] == pytest.approx(0.25)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "samples", "checkpoints"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/reward_curve.png"]
+    ckpt = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/default-v1")}
+    assert "checkpoints/default-v1/adapter_model.safetensors" in ckpt
+    local = Path(client.download_artifacts(run.info.run_id, "samples/epoch_0.json", str(tmp_path / "dl")))
+    table = json.loads(local.read_text())
+    assert len(table["data"]) == 4 and "response_text" in table["columns"]
+    mv = client.get_model_version_by_alias("calc-default", "serving")
+    assert str(mv.version) == "1" and mv.run_id == result.mlflow_run_id and mv.tags["arclight.version"] == "default-v1"
+    assert mv.source.endswith("checkpoints/default-v1")
+
+
+def test_epoch_with_equal_rewards_in_every_group_makes_no_version(tmp_path, tiny_dir, caplog):
+    cfg = project(tmp_path)
+    rows = make_triplets(groups=2, per_group=3, rewarded=None)
+    assert all(r["advantage"] == 0.0 for r in rows)
+    result = train_policy(cfg, triplet_table(rows), policy="default", base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    assert result.version is None and result.path is None
+    assert "all 2 groups have equal rewards" in result.message and "no new version" in result.message
+    assert result.metrics["zero_adv_groups"] == 2
+    assert versions_rows(cfg) == []
+    assert not (tmp_path / ".arclight/checkpoints/default").exists()
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    run = MlflowClient().get_run(result.mlflow_run_id)
+    assert run.data.tags["epoch_0.outcome"] == "no_trainable_triplets" and run.data.metrics["zero_adv_groups"] == 2
+
+
+def test_two_policies_keep_their_own_version_lines_across_epochs(tmp_path, tiny_dir):
+    cfg = project(tmp_path, "policies=[{name: planner, agent_match: plan}, {name: executor, agent_match: exec, "
+                            "trainer: {learning_rate: 0.01}}]")
+    for epoch in (0, 1):
+        tables = {p: triplet_table(make_triplets(groups=2, per_group=2, policy=p, epoch=epoch, seed=epoch))
+                  for p in ("planner", "executor")}
+        results = train_policies(cfg, run_id="r1", epoch=epoch, base_model_dir=tiny_dir, triplets=tables)
+        assert [r.version for r in results] == [f"planner-v{epoch + 1}", f"executor-v{epoch + 1}"]
+    rows = {r[0]: r for r in versions_rows(cfg)}
+    assert rows["planner-v2"][2] == "planner-v1" and rows["executor-v2"][2] == "executor-v1"
+    assert rows["planner-v1"][2] is None and rows["executor-v2"][4] == 1
+    # epoch 1 continued the epoch-0 adapter: its weights differ from a fresh adapter's zero-initialised lora_B
+    from safetensors.torch import load_file
+
+    v1 = load_file(Path(rows["planner-v1"][5]) / "adapter_model.safetensors")
+    v2 = load_file(Path(rows["planner-v2"][5]) / "adapter_model.safetensors")
+    key = next(k for k in v1 if "lora_B" in k)
+    assert v1[key].abs().sum() > 0 and not torch.equal(v1[key], v2[key])
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("calc-planner", "serving").version) == "2"
+    assert str(client.get_model_version_by_alias("calc-executor", "serving").version) == "2"
+    run = client.get_run(results[1].mlflow_run_id)
+    assert run.data.params["learning_rate"] == "0.01"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")] == [0, 1]
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 2  # steps continue across epochs
+
+
+def test_a_crash_while_saving_leaves_latest_on_the_previous_complete_version(tmp_path):
+    root = tmp_path / "ckpt"
+
+    def write_ok(folder):
+        folder.mkdir()
+        (folder / "weights").write_text("v1")
+
+    checkpoint.save_atomically(write_ok, root=root, name="p-v1")
+    checkpoint.set_latest(root, "p-v1")
+
+    def write_and_crash(folder):
+        folder.mkdir()
+        (folder / "weights").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomically(write_and_crash, root=root, name="p-v2")
+    assert sorted(os.listdir(root)) == ["latest", "p-v1"]
+    assert checkpoint.latest(root) == root / "p-v1" and (root / "latest" / "weights").read_text() == "v1"
+    with pytest.raises(FileExistsError):
+        checkpoint.save_atomically(write_ok, root=root, name="p-v1")
+
+
+def test_sft_keeps_the_best_triplets_and_raises_their_likelihood(tmp_path, tiny_dir):
+    rows = make_triplets(groups=2, per_group=4, rewarded=2)
+    for i, r in enumerate(rows):
+        r["reward"] = [0.0, 0.5, 1.0, 0.2][i % 4]
+    assert {r["rollout_id"] for r in select_sft_rows(rows, min_reward=1.0, top_fraction=None)} == {"g0-s2", "g1-s2"}
+    top = select_sft_rows(rows, min_reward=None, top_fraction=0.5)
+    assert {r["rollout_id"] for r in top} == {"g0-s2", "g0-s1", "g1-s2", "g1-s1"}
+
+    # full fine-tuning here (the random tiny model's attention-only LoRA barely moves SFT loss)
+    cfg = project(tmp_path, "trainer.mode=sft", "trainer.finetune=full", "trainer.sft_epochs=8",
+                  "trainer.learning_rate=0.05")
+    result = train_policy(cfg, triplet_table(rows), policy="default", base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    assert result.version == "default-v1" and result.metrics["trainable_triplets"] == 2
+    losses = [s["loss"] for s in result.steps]
+    assert len(losses) == 8 and losses[-1] < 0.5 * losses[0], losses  # loss on the kept responses' tokens falls
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(result.path))
+    assert versions_rows(cfg)[0][7] == "full"
