@@ -295,6 +295,40 @@ def redeploy(
                   f"unloaded {', '.join(done.unloaded) or 'nothing'})")
 
 
+@app.command()
+def triplets(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    lake: Optional[Path] = LakeOpt,
+    run: Optional[str] = typer.Option(None, "--run", help="Run id (default: production spans, which have none)."),
+    epoch: Optional[int] = typer.Option(None, "--epoch", help="Epoch (default: every epoch of the run)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Only this configured policy (default: all)."),
+    agent_match: Optional[str] = typer.Option(None, "--agent-match", help="Regex on agent names (overrides the policy's)."),
+    reward_policy: Optional[str] = typer.Option(None, "--reward-policy", help="final | first_occurrence | first_sibling | discounted"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the triplets to this Parquet file."),
+) -> None:
+    """Run the SQL pipeline on spans in the lake and write triplets (visible in the `triplets` view)."""
+    from lightning_core.pipeline import PipelineError, materialize_triplets
+
+    extra = list(overrides or []) + ([f"pipeline.reward_policy={reward_policy}"] if reward_policy else [])
+    cfg = load(config, extra, lake=lake)
+    try:
+        report = materialize_triplets(cfg, run_id=run, epoch=epoch, policy=policy, agent_match=agent_match, out=out)
+    except PipelineError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    where = f"run {run} epoch {'all' if epoch is None else epoch}" if run else "production spans"
+    console.print(f"{where}: {report.spans} spans ({report.repaired_spans} repaired), {report.rollouts} rollouts, "
+                  f"{report.llm_calls} calls (+{report.judge_calls} judge), {report.rewards} rewards "
+                  f"({report.missing_rewards} missing), agents {report.agents} in {report.seconds:.2f}s")
+    for p in report.policies:
+        console.print(f"policy {p.policy} (agent_match={p.agent_match!r}): {p.triplets} triplets, {p.rollouts} rollouts, "
+                      f"{p.groups} groups, {len(p.zero_advantage_groups)} all-equal groups, "
+                      f"{p.missing_token_ids} missing token ids, {p.dropped} dropped, {p.retokenized} retokenized")
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
 def main() -> None:
     """Entry point for ``python -m lightning_core``."""
     app()

@@ -1,0 +1,312 @@
+"""The SQL pipeline: spans of one (run, epoch) -> repaired tree -> calls, rewards -> triplets.
+
+Each stage is one file in ``sql/`` ending in one SELECT; this module binds its parameters and
+keeps its result as a temporary table named after the stage, which the next stage reads:
+
+    repair -> repaired_spans -> agents -> span_agents -> llm_calls, rewards, rollout_summary
+    per policy: credit -> triplets (triplet_rows) -> advantages -> lake
+
+It runs in its own in-memory DuckDB (memory limit and threads from ``lake``), reading the lake
+directly, so analysts keep their catalog while it works. Outputs go to the lake
+(``triplet_store``) and appear in the catalog's views (``triplets``, ``llm_calls``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lightning_core import triplet_store as store
+from lightning_core.catalog import Catalog, view_sql
+from lightning_core.config import ArclightConfig, PolicyConfig
+from lightning_core.triplet_store import TRIPLET_SCHEMA, load_triplets  # noqa: F401 (the trainer's reader)
+
+SHARED_STAGES = (
+    ("repair", "repaired_spans"),
+    ("agents", "span_agents"),
+    ("llm_calls", "llm_calls"),
+    ("rewards", "rewards"),
+    ("rollout_summary", "rollout_summary"),
+)
+POLICY_STAGES = (("credit", "credit"), ("triplets", "triplet_rows"))
+_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class PipelineError(ValueError):
+    """A pipeline input that cannot work (bad regex, unknown policy); says what was expected."""
+
+
+@dataclass
+class PolicyReport:
+    """What one policy's triplets hold."""
+
+    policy: str
+    agent_match: str | None
+    triplets: int = 0
+    rollouts: int = 0
+    groups: int = 0
+    zero_advantage_groups: list[str] = field(default_factory=list)
+    missing_token_ids: int = 0
+    retokenized: int = 0
+    dropped: int = 0
+    no_reward: int = 0
+    path: str | None = None
+
+
+@dataclass
+class TripletReport:
+    """Counts of one pipeline run over a (run, epoch) or the production traces."""
+
+    run_id: str | None
+    epoch: int | None
+    spans: int = 0
+    repaired_spans: int = 0
+    llm_calls: int = 0
+    judge_calls: int = 0
+    rewards: int = 0
+    missing_rewards: int = 0
+    tool_failures: int = 0
+    rollouts: int = 0
+    agents: dict[str, int] = field(default_factory=dict)
+    policies: list[PolicyReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def sql_text(stage: str) -> str:
+    """Return the SQL of one stage file."""
+    path = store.SQL_DIR / f"{stage}.sql"
+    if not path.is_file():
+        raise PipelineError(f"no SQL file for stage {stage!r}: expected {path}")
+    return path.read_text()
+
+
+def sql_parameters(sql: str) -> set[str]:
+    """Return the ``$name`` parameters a SQL text uses (comments and JSON paths ignored)."""
+    code = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+    return set(_PARAM.findall(code))
+
+
+def run_stage(con: duckdb.DuckDBPyConnection, stage: str, *, params: dict[str, Any], table: str | None = None):
+    """Run one stage with its parameters bound; keep it as temp ``table`` or return the relation."""
+    sql = sql_text(stage)
+    needed = sql_parameters(sql)
+    missing = needed - params.keys()
+    if missing:
+        raise PipelineError(f"stage {stage!r} needs parameters {sorted(missing)}; given {sorted(params)}")
+    bound = {k: params[k] for k in needed}
+    if table is None:
+        return con.sql(sql, params=bound)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {sql}", bound)
+    return None
+
+
+def validate_pattern(pattern: str | None, *, what: str = "agent_match") -> None:
+    """Fail unless ``pattern`` compiles both in Python ``re`` and in DuckDB (RE2 syntax)."""
+    if pattern is None:
+        return
+    if not isinstance(pattern, str):
+        raise PipelineError(f"{what} must be a regular expression string or None, found {type(pattern).__name__}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise PipelineError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
+    try:
+        duckdb.connect().execute("SELECT regexp_matches('', $p)", {"p": pattern}).fetchall()
+    except duckdb.Error as exc:
+        raise PipelineError(
+            f"{what} {pattern!r} is not valid in DuckDB's RE2 syntax (no look-around or backreferences): {exc}"
+        ) from None
+
+
+def select_policies(config: ArclightConfig, policy: str | None) -> list[PolicyConfig]:
+    """Return the configured policies to materialize (one by name, or all)."""
+    if policy is None:
+        return list(config.policies)
+    chosen = [p for p in config.policies if p.name == policy]
+    if not chosen:
+        raise PipelineError(f"policy {policy!r} is not configured; known: {[p.name for p in config.policies]}")
+    return chosen
+
+
+def connect(config: ArclightConfig) -> duckdb.DuckDBPyConnection:
+    """Open the pipeline's in-memory DuckDB with the lake's span views and the configured limits."""
+    lake_root = Path(config.lake.path).resolve()
+    Catalog(lake_root).lake_root.mkdir(parents=True, exist_ok=True)
+    from lightning_core.lake import ensure_schema_files
+
+    ensure_schema_files(lake_root)
+    tmp = lake_root / ".duckdb_tmp"
+    tmp.mkdir(exist_ok=True)
+    con = duckdb.connect(config={
+        "memory_limit": config.lake.duckdb_memory_limit,
+        "threads": str(config.lake.duckdb_threads),
+        "temp_directory": str(tmp),
+        "preserve_insertion_order": "false",
+    })
+    con.execute(view_sql(lake_root))
+    return con
+
+
+def materialize_triplets(
+    config: ArclightConfig,
+    *,
+    run_id: str | None,
+    epoch: int | None,
+    policy: str | None = None,
+    agent_match: str | None = None,
+    out: str | Path | None = None,
+) -> TripletReport:
+    """Turn the spans of (run_id, epoch) -- production traces when run_id is None -- into triplets.
+
+    Writes triplets per policy, and the run's llm_calls, rewards and rollout_summary, to the lake
+    (replacing earlier output of the same partition); ``agent_match`` overrides the policy's
+    pattern (with one policy); ``out`` also writes every policy's triplets to one Parquet file.
+    """
+    started = time.perf_counter()
+    pipeline = config.pipeline
+    policies = select_policies(config, policy)
+    if agent_match is not None:
+        if len(policies) != 1:
+            raise PipelineError(f"agent_match overrides one policy's pattern; {len(policies)} policies selected, name one")
+        policies = [policies[0].model_copy(update={"agent_match": agent_match})]
+    for p in policies:
+        validate_pattern(p.agent_match, what=f"policy {p.name!r} agent_match")
+    validate_pattern(pipeline.reward_agent_match, what="pipeline.reward_agent_match")
+    if run_id is None and epoch is not None:
+        raise PipelineError(f"production traces have no epoch: pass epoch=None with run_id=None, not {epoch}")
+
+    lake_root = Path(config.lake.path).resolve()
+    report = TripletReport(run_id=run_id, epoch=epoch)
+    con = connect(config)
+    try:
+        base = {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty}
+        for stage, table in SHARED_STAGES:
+            run_stage(con, stage, params=base, table=table)
+        _count_shared(con, report)
+        if run_id is not None and epoch is None:
+            epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM repaired_spans ORDER BY 1").fetchall()]
+        else:
+            epochs = [epoch]
+        for output in store.OUTPUTS:
+            for e in epochs:
+                rows = con.sql(f"SELECT * EXCLUDE (run_id, epoch) FROM {output} WHERE epoch IS NOT DISTINCT FROM $e",
+                               params={"e": e}).to_arrow_table()
+                store.replace_partition(store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows)
+        collected = []
+        for p in policies:
+            table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
+            report.policies.append(policy_report)
+            collected.append(table)
+        if out is not None:
+            import pyarrow.parquet as pq
+
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(collected) if collected else store.TRIPLET_SCHEMA.empty_table(), str(out))
+    finally:
+        con.close()
+    ensure_views(config)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_id, epochs, lake_root):
+    pipeline = config.pipeline
+    params = {
+        "agent_match": policy.agent_match,
+        "reward_agent_match": pipeline.reward_agent_match,
+        "reward_policy": pipeline.reward_policy,
+        "gamma": pipeline.gamma,
+        "missing_reward": pipeline.missing_reward,
+        "missing_token_ids": pipeline.missing_token_ids,
+        "policy": policy.name,
+        "normalize_std": pipeline.normalize_advantage_std,
+    }
+    for stage, table in POLICY_STAGES:
+        run_stage(con, stage, params=params, table=table)
+    report = PolicyReport(policy=policy.name, agent_match=policy.agent_match)
+    report.dropped = con.execute(
+        "SELECT count(*) FROM credit WHERE list_contains(flags, 'missing_token_ids')").fetchall()[0][0] if pipeline.missing_token_ids == "drop" else 0
+    table = run_stage(con, "advantages", params=params).to_arrow_table()
+    if pipeline.missing_token_ids == "retokenize":
+        from lightning_core.retokenize import retokenize_missing
+
+        table, report.retokenized = retokenize_missing(table, tokenizer_path=_tokenizer_path(config))
+    table = store.conform_triplets(table)
+    _count_policy(table, report)
+    for e in epochs:
+        part = table.filter(pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
+        folder = store.output_dir(lake_root, "triplets", run_id=run_id, epoch=e, policy=policy.name)
+        store.replace_partition(folder, store.drop_partition_columns(part))
+        report.path = str(folder)
+    return table, report
+
+
+def _tokenizer_path(config: ArclightConfig) -> Path:
+    path = config.pipeline.tokenizer_path or getattr(getattr(config, "model", None), "path", None)
+    if path is None:
+        raise PipelineError("pipeline.missing_token_ids=retokenize needs pipeline.tokenizer_path (or model.path): "
+                            "a model folder with a tokenizer")
+    path = Path(path)
+    return path if path.is_absolute() else Path(config.project_dir) / path
+
+
+def _count_shared(con, report: TripletReport) -> None:
+    report.spans, report.repaired_spans = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE repair_reason IS NOT NULL AND parent_node IS NOT NULL) FROM repaired_spans"
+    ).fetchall()[0]
+    report.llm_calls, report.judge_calls = con.execute(
+        "SELECT count(*) FILTER (WHERE NOT in_reward), count(*) FILTER (WHERE in_reward) FROM llm_calls").fetchall()[0]
+    report.rewards, report.missing_rewards, report.tool_failures = con.execute(
+        "SELECT count(*) FILTER (WHERE kind = 'reward' AND value IS NOT NULL), "
+        "count(*) FILTER (WHERE kind = 'reward' AND value IS NULL), count(*) FILTER (WHERE kind = 'tool_failure') "
+        "FROM rewards").fetchall()[0]
+    report.rollouts = con.execute("SELECT count(*) FROM rollout_summary").fetchall()[0][0]
+    report.agents = dict(con.execute(
+        "SELECT coalesce(agent_name, '<none>'), count(*) FROM llm_calls WHERE NOT in_reward GROUP BY 1 ORDER BY 1").fetchall())
+
+
+def _count_policy(table: pa.Table, report: PolicyReport) -> None:
+    con = duckdb.connect()
+    con.register("t", table)
+    report.triplets, report.rollouts, report.groups, report.missing_token_ids, report.no_reward = con.execute(
+        "SELECT count(*), count(DISTINCT rollout_id), count(DISTINCT group_id), "
+        "count(*) FILTER (WHERE list_contains(flags, 'missing_token_ids')), "
+        "count(*) FILTER (WHERE list_contains(flags, 'no_reward')) FROM t").fetchall()[0]
+    report.zero_advantage_groups = [g for (g,) in con.execute(
+        "SELECT DISTINCT group_id FROM t WHERE list_contains(flags, 'zero_advantage_group') ORDER BY 1").fetchall()]
+    con.close()
+
+
+def ensure_views(config: ArclightConfig) -> None:
+    """Create the analyst views (triplets, llm_calls, rewards, agents, rollout_summary) in the catalog."""
+    lake_root = Path(config.lake.path).resolve()
+    _ensure_schema_outputs(config, lake_root)
+    catalog = Catalog.from_config(config)
+    catalog.ensure()
+    with catalog.write() as con:
+        con.execute(store.views_sql(lake_root))
+
+
+def _ensure_schema_outputs(config: ArclightConfig, lake_root: Path) -> None:
+    """Place empty, typed output files so the views work before any pipeline run."""
+    triplets_dir = store.output_dir(lake_root, "triplets", run_id=store.SCHEMA_RUN, epoch=-1, policy=store.SCHEMA_RUN)
+    wanted = [store.output_dir(lake_root, o, run_id=store.SCHEMA_RUN, epoch=-1) for o in store.OUTPUTS]
+    if triplets_dir.is_dir() and all(d.is_dir() for d in wanted):
+        return
+    con = connect(config)
+    try:
+        base = {"run_id": store.SCHEMA_RUN, "epoch": -1, "tool_failure_penalty": 0.0}
+        for stage, table in SHARED_STAGES:
+            run_stage(con, stage, params=base, table=table)
+        for output, folder in zip(store.OUTPUTS, wanted):
+            store.replace_partition(folder, con.sql(f"SELECT * EXCLUDE (run_id, epoch) FROM {output}").to_arrow_table())
+    finally:
+        con.close()
+    store.replace_partition(triplets_dir, store.drop_partition_columns(store.TRIPLET_SCHEMA.empty_table()))

@@ -1,0 +1,82 @@
+-- credit: one row per selected call -- its owning agent matches $agent_match (search
+-- semantics; NULL = every agent) and it is not inside a reward function -- with the reward that
+-- $reward_policy assigns it and the return R of its rollout:
+--   final             every call gets the rollout's last reward (R = that reward)
+--   first_occurrence  a call gets the first reward that starts after it ends (R = sum of rewards)
+--   first_sibling     a reward goes to the nearest earlier call under the same parent span;
+--                     the first such reward wins (R = sum of rewards)
+--   discounted        the last reward * $gamma ^ (selected calls after this one) (R = last reward)
+-- Failed tool calls charged to a call add their (negative) value to its reward and to R.
+-- Rewards count when their emitting agent matches $reward_agent_match (NULL = all), whichever
+-- agent's calls are selected, so a critic can give rewards without training.
+-- Reads: llm_calls, rewards.
+WITH
+selected_calls AS (
+    SELECT *,
+        row_number() OVER (PARTITION BY grp ORDER BY start_ns, node) AS turn,
+        count(*) OVER (PARTITION BY grp) AS turns
+    FROM llm_calls
+    WHERE NOT in_reward
+      AND ($agent_match IS NULL OR coalesce(regexp_matches(agent_name, $agent_match), false))
+),
+counted_rewards AS (
+    SELECT * FROM rewards
+    WHERE kind = 'reward' AND value IS NOT NULL
+      AND ($reward_agent_match IS NULL OR coalesce(regexp_matches(agent_name, $reward_agent_match), false))
+),
+rollout_rewards AS (
+    SELECT grp, arg_max(value, start_ns) AS final_value, sum(value) AS total_value, count(*) AS reward_count
+    FROM counted_rewards GROUP BY grp
+),
+first_occurrence AS (
+    SELECT c.call_key, c.grp, r.value
+    FROM selected_calls c
+    ASOF JOIN counted_rewards r ON c.grp = r.grp AND c.end_ns <= r.start_ns
+),
+sibling_events AS (
+    SELECT grp, parent_node, start_ns, 0 AS ord, call_key, NULL::DOUBLE AS value FROM selected_calls
+    UNION ALL
+    SELECT grp, parent_node, start_ns, 1 AS ord, NULL AS call_key, value FROM counted_rewards
+),
+preceding_sibling AS (
+    SELECT *, last_value(call_key IGNORE NULLS) OVER (
+        PARTITION BY grp, parent_node ORDER BY start_ns, ord ROWS UNBOUNDED PRECEDING) AS prev_call
+    FROM sibling_events
+),
+first_sibling AS (
+    SELECT grp, prev_call AS call_key, first(value ORDER BY start_ns) AS value
+    FROM preceding_sibling
+    WHERE call_key IS NULL AND prev_call IS NOT NULL
+    GROUP BY grp, prev_call
+),
+penalties AS (
+    SELECT grp, caused_by_call AS call_key, sum(value) AS penalty, count(*) AS failures
+    FROM rewards WHERE kind = 'tool_failure' AND caused_by_call IS NOT NULL AND value <> 0
+    GROUP BY grp, caused_by_call
+),
+matched AS (
+    SELECT c.*,
+        CASE $reward_policy
+            WHEN 'final' THEN rr.final_value
+            WHEN 'discounted' THEN rr.final_value * pow($gamma::DOUBLE, c.turns - c.turn)
+            WHEN 'first_occurrence' THEN fo.value
+            WHEN 'first_sibling' THEN fs.value
+        END AS matched_reward,
+        CASE WHEN $reward_policy IN ('final', 'discounted') THEN rr.final_value ELSE rr.total_value END AS rollout_reward,
+        coalesce(p.penalty, 0.0) AS penalty,
+        coalesce(p.failures, 0) AS failures
+    FROM selected_calls c
+    LEFT JOIN rollout_rewards rr ON rr.grp = c.grp
+    LEFT JOIN first_occurrence fo ON fo.grp = c.grp AND fo.call_key = c.call_key
+    LEFT JOIN first_sibling fs ON fs.grp = c.grp AND fs.call_key = c.call_key
+    LEFT JOIN penalties p ON p.grp = c.grp AND p.call_key = c.call_key
+)
+SELECT m.* EXCLUDE (matched_reward, rollout_reward, flags),
+    coalesce(m.matched_reward, $missing_reward::DOUBLE) + m.penalty AS reward,
+    coalesce(m.rollout_reward, $missing_reward::DOUBLE)
+        + sum(m.penalty) OVER (PARTITION BY m.grp) AS rollout_return,
+    list_filter(m.flags || [
+        CASE WHEN m.matched_reward IS NULL THEN 'no_reward' END,
+        CASE WHEN m.failures > 0 THEN 'tool_failure' END
+    ], lambda x: x IS NOT NULL) AS flags
+FROM matched m

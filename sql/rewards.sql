@@ -1,0 +1,50 @@
+-- rewards: one row per reward signal of a rollout. kind = 'reward': a reward span (emit_reward,
+-- or Agent Lightning's agentlightning.reward.0.value), value NULL when the reward was None or not
+-- a number. kind = 'tool_failure': a failed tool call or an exception span, value
+-- -$tool_failure_penalty, charged to the call that caused it (caused_by_call: the latest call of
+-- the same agent -- else of the rollout -- that ended before the failure started).
+-- Reads: span_agents (sql/agents.sql), llm_calls (sql/llm_calls.sql).
+WITH
+reward_spans AS (
+    SELECT run_id, epoch, rollout_id, task_id, grp, node, trace_id, span_id, name, start_ns, end_ns,
+           parent_node, agent_name, in_reward, 'reward' AS kind, reward_value AS value,
+           NULL::VARCHAR AS caused_by_call
+    FROM span_agents
+    WHERE is_reward
+),
+failed_spans AS (
+    SELECT * FROM span_agents
+    WHERE (is_tool AND status_code = 'ERROR')
+       OR (has_exception AND NOT (is_agent OR is_llm OR is_reward OR is_tool OR is_rollout OR in_reward))
+),
+innermost_failures AS (
+    -- an exception inside a failed tool call is the same failure: count the tool call once
+    SELECT f.* FROM failed_spans f
+    LEFT JOIN failed_spans p ON p.node = f.parent_node AND p.is_tool
+    WHERE p.node IS NULL AND NOT f.in_reward
+),
+policy_calls AS (
+    SELECT grp, coalesce(agent_name, '') AS agent_key, end_ns, call_key FROM llm_calls WHERE NOT in_reward
+),
+caused_by_same_agent AS (
+    SELECT f.node, c.call_key
+    FROM innermost_failures f
+    ASOF JOIN policy_calls c ON f.grp = c.grp AND coalesce(f.agent_name, '') = c.agent_key AND f.start_ns >= c.end_ns
+),
+caused_by_any AS (
+    SELECT f.node, c.call_key
+    FROM innermost_failures f
+    ASOF JOIN policy_calls c ON f.grp = c.grp AND f.start_ns >= c.end_ns
+),
+failure_rows AS (
+    SELECT f.run_id, f.epoch, f.rollout_id, f.task_id, f.grp, f.node, f.trace_id, f.span_id, f.name,
+           f.start_ns, f.end_ns, f.parent_node, f.agent_name, f.in_reward, 'tool_failure' AS kind,
+           -$tool_failure_penalty::DOUBLE AS value,
+           coalesce(s.call_key, a.call_key) AS caused_by_call
+    FROM innermost_failures f
+    LEFT JOIN caused_by_same_agent s USING (node)
+    LEFT JOIN caused_by_any a USING (node)
+)
+SELECT * FROM reward_spans
+UNION ALL BY NAME
+SELECT * FROM failure_rows

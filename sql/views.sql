@@ -1,0 +1,51 @@
+-- Analyst views over the pipeline's outputs in the lake (written by `arclight triplets` and the
+-- epoch flow). {…} placeholders are lake file globs that the caller pastes as quoted literals:
+-- view DDL cannot take bound parameters. Runs from `_production` are production traces
+-- (run_id NULL); `_schema` holds the empty files that keep the views valid on an empty lake.
+
+-- llm_calls: one row per model call (gateway and instrumentation spans of a call merged), with
+-- its owning agent, token ids, logprobs, messages, model, policy version and flags.
+CREATE OR REPLACE VIEW llm_calls AS
+SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS run_id,
+                  CASE WHEN run_id = '_production' THEN NULL ELSE epoch END AS epoch)
+FROM read_parquet({llm_calls}, hive_partitioning = true, hive_types = {'run_id': VARCHAR, 'epoch': BIGINT}, union_by_name = true)
+WHERE run_id <> '_schema';
+
+-- rewards: one row per reward signal: a reward span (value NULL when it was None) or an
+-- automatic tool-failure penalty with the call it is charged to.
+CREATE OR REPLACE VIEW rewards AS
+SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS run_id,
+                  CASE WHEN run_id = '_production' THEN NULL ELSE epoch END AS epoch)
+FROM read_parquet({rewards}, hive_partitioning = true, hive_types = {'run_id': VARCHAR, 'epoch': BIGINT}, union_by_name = true)
+WHERE run_id <> '_schema';
+
+-- triplets: one row per training sample: a selected model call of one policy with prompt and
+-- response token ids, logprobs, reward, GRPO advantage and flags.
+CREATE OR REPLACE VIEW triplets AS
+SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS run_id,
+                  CASE WHEN run_id = '_production' THEN NULL ELSE epoch END AS epoch)
+FROM read_parquet({triplets}, hive_partitioning = true,
+                  hive_types = {'run_id': VARCHAR, 'epoch': BIGINT, 'policy': VARCHAR}, union_by_name = true)
+WHERE run_id <> '_schema';
+
+-- rollout_summary: one row per rollout: status, final reward, calls, tokens, duration, agents,
+-- span coverage, repairs and flags.
+CREATE OR REPLACE VIEW rollout_summary AS
+SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS run_id,
+                  CASE WHEN run_id = '_production' THEN NULL ELSE epoch END AS epoch)
+FROM read_parquet({rollout_summary}, hive_partitioning = true, hive_types = {'run_id': VARCHAR, 'epoch': BIGINT}, union_by_name = true)
+WHERE run_id <> '_schema';
+
+-- agents: one row per (run, epoch, agent) discovered in the calls: call counts, rollouts and
+-- tokens -- the names a policy's agent_match is written against.
+CREATE OR REPLACE VIEW agents AS
+SELECT run_id, epoch, agent_name,
+       count(*) FILTER (WHERE NOT in_reward) AS calls,
+       count(*) FILTER (WHERE in_reward) AS judge_calls,
+       count(DISTINCT grp) AS rollouts,
+       count(*) FILTER (WHERE list_contains(flags, 'missing_token_ids')) AS calls_missing_token_ids,
+       sum(len(prompt_token_ids)) AS prompt_tokens,
+       sum(len(response_token_ids)) AS response_tokens,
+       make_timestamp_ns(min(start_ns)) AS first_call, make_timestamp_ns(max(end_ns)) AS last_call
+FROM llm_calls
+GROUP BY ALL;

@@ -1,0 +1,112 @@
+"""Stage 3 (sql/llm_calls.sql): merging duplicate spans of a call, messages, judges, missing ids."""
+
+from __future__ import annotations
+
+import json
+
+from lightning_core.model import tokenizer_cache_dir
+from lightning_core.pipeline import materialize_triplets
+from lightning_core.triplet_store import load_triplets
+from tests.conftest import make_config
+from tests.spans_factory import Rollout, rows, shared_stages, write
+
+
+def test_nested_duplicate_spans_of_one_call_merge_and_take_token_ids_from_the_gateway(tmp_path):
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1")
+    agent = r.agent("planner", 0, 100, parent=r.span("rollout", 0, 100))
+    chain = r.span("ChatOpenAI", 10, 50, parent=agent, attrs={"llm.request.type": "chat"})
+    client = r.span("openai.chat", 11, 49, parent=chain, attrs={
+        "gen_ai.operation.name": "chat", "gen_ai.response.id": "chatcmpl-1",
+        "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text", "content": "2+2?"}]}]),
+        "gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "4"}]}])})
+    gateway = r.call(12, 48, parent=client, response_id="chatcmpl-1", prompt=(7, 8, 9), response=(10,), logprobs=(-0.5,), text="4")
+    write(cfg.lake.path, [r])
+    [call] = rows(shared_stages(cfg), "SELECT * FROM llm_calls")
+    assert call["span_count"] == 3 and call["span_id"] == gateway
+    assert call["prompt_token_ids"] == [7, 8, 9] and call["response_token_ids"] == [10]
+    assert call["response_logprobs"] == [-0.5] and call["response_text"] == "4"
+    assert call["agent_name"] == "planner" and call["flags"] == []
+    assert call["span_ids"][0] == chain
+
+
+def test_gateway_span_in_its_own_trace_joins_its_call_by_response_id_or_by_time(tmp_path):
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1")
+    agent = r.agent("writer", 0, 100, parent=r.span("rollout", 0, 100))
+    # OpenInference client span: the response id only inside output.value
+    r.span("ChatCompletion", 10, 30, parent=agent, attrs={
+        "openinference.span.kind": "LLM", "output.value": json.dumps({"id": "chatcmpl-9", "choices": []})})
+    r.call(11, 29, response_id="chatcmpl-9", trace_id="a" * 32, prompt=(1,), response=(2,))
+    # Agents SDK generation span: no response id at all; the gateway span nests in time
+    r.span("generation", 40, 60, parent=agent, attrs={"gen_ai.operation.name": "chat"})
+    r.call(41, 59, trace_id="b" * 32, prompt=(3,), response=(4,))
+    write(cfg.lake.path, [r])
+    calls = rows(shared_stages(cfg), "SELECT * FROM llm_calls ORDER BY start_ns")
+    assert [(c["prompt_token_ids"], c["span_count"], c["agent_name"]) for c in calls] == [([1], 2, "writer"), ([3], 2, "writer")]
+
+
+def test_judge_call_inside_a_reward_function_is_not_training_data(tmp_path):
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.call(10, 20, parent=agent)
+    judge_fn = r.span("reward judge", 60, 90, attrs={"arclight.span.kind": "reward"}, parent=agent)
+    r.call(61, 80, parent=judge_fn, text="score: 1")
+    r.reward(1.0, 85, parent=judge_fn)
+    write(cfg.lake.path, [r])
+    calls = rows(shared_stages(cfg), "SELECT in_reward, flags FROM llm_calls ORDER BY start_ns")
+    assert calls == [{"in_reward": False, "flags": []}, {"in_reward": True, "flags": ["judge"]}]
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert report.judge_calls == 1 and report.policies[0].triplets == 1
+    assert load_triplets(cfg, run_id="r1", epoch=0, policy="default")["reward"].to_pylist() == [1.0]
+
+
+def _uninstrumented_rollout() -> Rollout:
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.span("openai.chat", 10, 20, parent=agent, attrs={  # OpenLLMetry < 0.55, no gateway
+        "llm.request.type": "chat", "gen_ai.prompt.0.role": "system", "gen_ai.prompt.0.content": "Be brief.",
+        "gen_ai.prompt.1.role": "user", "gen_ai.prompt.1.content": "Say hi.", "gen_ai.completion.0.content": "hi"})
+    r.span("ChatCompletion", 30, 40, parent=agent, attrs={  # OpenInference, no gateway
+        "openinference.span.kind": "LLM", "llm.input_messages.0.message.role": "user",
+        "llm.input_messages.0.message.content": "And bye?", "llm.output_messages.0.message.content": "bye"})
+    r.call(42, 45, parent=agent)
+    r.reward(1.0, 48, parent=agent)
+    return r
+
+
+def test_calls_without_token_ids_are_flagged_with_their_flattened_messages(tmp_path):
+    cfg = make_config(tmp_path)
+    write(cfg.lake.path, [_uninstrumented_rollout()])
+    calls = rows(shared_stages(cfg), "SELECT * FROM llm_calls ORDER BY start_ns")
+    assert json.loads(calls[0]["prompt_messages"]) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    assert json.loads(calls[1]["prompt_messages"]) == [{"role": "user", "content": "And bye?"}]
+    assert [c["response_text"] for c in calls] == ["hi", "bye", "ok"]
+    assert [c["flags"] for c in calls] == [["missing_token_ids", "missing_logprobs"]] * 2 + [[]]
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert report.policies[0].triplets == 3 and report.policies[0].missing_token_ids == 2
+
+
+def test_missing_token_ids_can_be_dropped(tmp_path):
+    cfg = make_config(tmp_path, "pipeline.missing_token_ids=drop")
+    write(cfg.lake.path, [_uninstrumented_rollout()])
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert report.policies[0].triplets == 1 and report.policies[0].dropped == 2
+    assert load_triplets(cfg, run_id="r1", epoch=0, policy="default")["turn_index"].to_pylist() == [0]
+
+
+def test_missing_token_ids_can_be_retokenized_and_say_so(tmp_path):
+    from lightning_core.model import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    cfg = make_config(tmp_path, "pipeline.missing_token_ids=retokenize", f"pipeline.tokenizer_path={tokenizer_cache_dir()}")
+    write(cfg.lake.path, [_uninstrumented_rollout()])
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert report.policies[0].retokenized == 2
+    first = load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()[0]
+    assert "retokenized" in first["flags"] and "missing_token_ids" not in first["flags"]
+    assert first["response_token_ids"] == tokenizer.encode("hi", add_special_tokens=False)
+    assert tokenizer.decode(first["prompt_token_ids"]).count("Say hi.") == 1
+    assert first["response_logprobs"] is None
