@@ -76,6 +76,7 @@ class TripletReport:
     rollouts: int = 0
     agents: dict[str, int] = field(default_factory=dict)
     policies: list[PolicyReport] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -188,7 +189,9 @@ def materialize_triplets(
     try:
         base = {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty}
         for stage, table in SHARED_STAGES:
+            tick = time.perf_counter()
             run_stage(con, stage, params=base, table=table)
+            report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
         _count_shared(con, report)
         if run_id is not None and epoch is None:
             epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM repaired_spans ORDER BY 1").fetchall()]
@@ -199,10 +202,13 @@ def materialize_triplets(
                 rows = con.sql(f"SELECT * EXCLUDE (run_id, epoch) FROM {output} WHERE epoch IS NOT DISTINCT FROM $e",
                                params={"e": e}).to_arrow_table()
                 store.replace_partition(store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows)
+        report.stage_seconds["write_outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
         collected = []
         for p in policies:
+            tick = time.perf_counter()
             table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
             report.policies.append(policy_report)
+            report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
             collected.append(table)
         if out is not None:
             import pyarrow.parquet as pq

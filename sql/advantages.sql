@@ -3,7 +3,7 @@
 -- advantage R - mean, divided by (std + 1e-4) when $normalize_std, goes to all its calls.
 -- Groups whose returns are all equal (or that hold one rollout) get advantage 0 and the flag
 -- 'zero_advantage_group': they train nothing.
--- Reads: triplet_rows (sql/triplets.sql).
+-- Reads: triplet_rows (sql/triplets.sql), llm_calls (token ids, messages).
 WITH
 rollout_returns AS (
     SELECT group_id, grp, any_value(rollout_return) AS R FROM triplet_rows GROUP BY group_id, grp
@@ -23,10 +23,12 @@ rollout_advantages AS (
 SELECT
     t.run_id, t.epoch, t.policy, t.rollout_id, t.task_id, t.group_id, t.attempt, t.agent_name,
     t.turn_index, t.trace_id, t.span_id, t.start_ns,
-    t.prompt_token_ids, t.response_token_ids, t.response_logprobs,
-    t.prompt_messages, t.response_text,
-    t.reward, a.advantage, t.policy_version, t.model,
+    c.prompt_token_ids, c.response_token_ids, c.response_logprobs,
+    c.prompt_messages, c.response_text,
+    t.reward, a.advantage, c.policy_version, c.model,
     CASE WHEN a.all_equal THEN list_append(t.flags, 'zero_advantage_group') ELSE t.flags END AS flags,
     t.rollout_return, t.end_ns, t.response_id
-FROM triplet_rows t JOIN rollout_advantages a USING (grp)
+FROM triplet_rows t
+JOIN rollout_advantages a USING (grp)
+JOIN llm_calls c ON c.grp = t.grp AND c.call_key = t.call_key
 ORDER BY t.group_id, t.rollout_id, t.turn_index

@@ -1,7 +1,7 @@
 -- agents: one row per repaired span with its owning agent: the nearest agent span among itself
 -- and its ancestors in the repaired tree (NULL when none), whether it runs inside a reward
 -- function (a reward span above it: an LLM judge), and the outermost LLM span above it (nested
--- LLM spans are one model call).
+-- LLM spans are one model call). The LLM spans' attributes stay in repaired_spans.
 -- Reads: repaired_spans (sql/repair.sql).
 WITH RECURSIVE
 walk (node, agent_node, agent_name, in_reward, llm_root, depth) AS (
@@ -25,5 +25,5 @@ owning_agent AS (
     SELECT w.*, a.span_id AS agent_span_id
     FROM walk w LEFT JOIN repaired_spans a ON a.node = w.agent_node
 )
-SELECT s.*, o.agent_name, o.agent_node, o.agent_span_id, o.in_reward, o.llm_root, o.depth
+SELECT s.* EXCLUDE (llm_attributes), o.agent_name, o.agent_node, o.agent_span_id, o.in_reward, o.llm_root, o.depth
 FROM repaired_spans s JOIN owning_agent o USING (node)

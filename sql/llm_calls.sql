@@ -5,16 +5,16 @@
 -- Prompt messages and response text come from the gateway, else GenAI / OpenLLMetry /
 -- OpenInference attributes. in_reward marks calls made inside a reward function (LLM judges).
 -- n > 1 choices of one request are separate calls (arclight.llm.choice_index).
--- Reads: span_agents (sql/agents.sql).
+-- Reads: span_agents (sql/agents.sql), repaired_spans (its llm_attributes).
 WITH
 llm_spans AS (
-    SELECT s.* EXCLUDE (llm_attributes),
-        json_extract(s.llm_attributes, [
+    SELECT s.*,
+        json_extract(r.llm_attributes, [
             '$."arclight.llm.prompt_token_ids"',      -- 1
             '$."arclight.llm.response_token_ids"',    -- 2
             '$."arclight.llm.response_logprobs"'      -- 3
         ]) AS arrays,
-        json_extract_string(s.llm_attributes, [
+        json_extract_string(r.llm_attributes, [
             '$."arclight.llm.request_messages"',      -- 1
             '$."arclight.llm.response_text"',         -- 2
             '$."arclight.policy.version"',            -- 3
@@ -34,8 +34,8 @@ llm_spans AS (
             '$."arclight.llm.choice_index"',          -- 17
             '$."arclight.llm.request_prompt"'         -- 18
         ]) AS f,
-        s.llm_attributes
-    FROM span_agents s
+        r.llm_attributes
+    FROM span_agents s JOIN repaired_spans r USING (node)
     WHERE s.is_llm
 ),
 fields AS (
@@ -81,44 +81,65 @@ flat_messages AS (
     )
     GROUP BY node
 ),
-spans_of_call AS (
+cluster_ids AS (
+    -- the response id of each cluster of nested LLM spans (narrow, so the window stays cheap)
+    SELECT grp, llm_root, max(response_id || '#' || choice_index) AS cluster_key
+    FROM fields GROUP BY grp, llm_root
+),
+spans_of_call AS MATERIALIZED (
     SELECT f.* EXCLUDE (llm_attributes, gateway_messages, genai_messages, oi_request_messages, needs_flat_messages),
         coalesce(f.gateway_messages, f.genai_messages, fm.messages, f.oi_request_messages) AS prompt_messages,
         f.response_token_ids IS NOT NULL AS from_gateway,
         -- n > 1 choices: the gateway writes one span per choice under one response id
-        coalesce(f.response_id || '#' || f.choice_index,
-                 max(f.response_id || '#' || f.choice_index) OVER (PARTITION BY f.grp, f.llm_root),
-                 'span:' || f.llm_root::VARCHAR) AS call_key
-    FROM fields f LEFT JOIN flat_messages fm USING (node)
+        coalesce(f.response_id || '#' || f.choice_index, k.cluster_key, 'span:' || f.llm_root::VARCHAR) AS call_key,
+        -- which span a field is taken from: the gateway's first, then the outermost
+        (CASE WHEN f.response_token_ids IS NOT NULL THEN 0 ELSE 1 END)::HUGEINT * 10000000000000000000000
+            + f.depth::HUGEINT * 10000000000000000000 + f.start_ns AS gateway_first,
+        f.depth::HUGEINT * 10000000000000000000 + f.start_ns AS outermost_first
+    FROM fields f
+    LEFT JOIN flat_messages fm USING (node)
+    LEFT JOIN cluster_ids k ON k.grp = f.grp AND k.llm_root = f.llm_root
 ),
-calls AS (
+call_spans AS (
+    -- per call, on narrow columns: which span each field comes from
     SELECT grp, call_key,
         any_value(run_id) AS run_id, any_value(epoch) AS epoch,
         any_value(rollout_id) AS rollout_id, any_value(task_id) AS task_id, any_value(attempt) AS attempt,
-        first(node ORDER BY from_gateway DESC, depth, start_ns) AS node,
-        first(trace_id ORDER BY from_gateway DESC, depth, start_ns) AS trace_id,
-        first(span_id ORDER BY from_gateway DESC, depth, start_ns) AS span_id,
+        arg_min(node, gateway_first) AS node,
+        arg_min(trace_id, gateway_first) AS trace_id,
+        arg_min(span_id, gateway_first) AS span_id,
         -- the call's place in the tree: its outermost span
-        first(parent_node ORDER BY depth, start_ns) AS parent_node,
+        arg_min(parent_node, outermost_first) AS parent_node,
+        arg_min(span_id, outermost_first) AS outer_span_id,
         min(start_ns) AS start_ns, max(end_ns) AS end_ns,
-        first(agent_name ORDER BY depth, start_ns) FILTER (WHERE agent_name IS NOT NULL) AS agent_name,
-        first(agent_span_id ORDER BY depth, start_ns) FILTER (WHERE agent_name IS NOT NULL) AS agent_span_id,
+        arg_min(agent_name, outermost_first) FILTER (WHERE agent_name IS NOT NULL) AS agent_name,
+        arg_min(agent_span_id, outermost_first) FILTER (WHERE agent_name IS NOT NULL) AS agent_span_id,
         bool_or(in_reward) AS in_reward,
-        first(prompt_token_ids ORDER BY from_gateway DESC, depth) FILTER (WHERE prompt_token_ids IS NOT NULL) AS prompt_token_ids,
-        first(response_token_ids ORDER BY depth) FILTER (WHERE response_token_ids IS NOT NULL) AS response_token_ids,
-        first(response_logprobs ORDER BY from_gateway DESC, depth) FILTER (WHERE response_logprobs IS NOT NULL) AS response_logprobs,
-        first(prompt_messages ORDER BY from_gateway DESC, depth) FILTER (WHERE prompt_messages IS NOT NULL) AS prompt_messages,
-        first(response_text ORDER BY from_gateway DESC, depth) FILTER (WHERE response_text IS NOT NULL) AS response_text,
-        first(policy_version ORDER BY from_gateway DESC, depth) FILTER (WHERE policy_version IS NOT NULL) AS policy_version,
-        first(model ORDER BY from_gateway DESC, depth) FILTER (WHERE model IS NOT NULL) AS model,
-        first(response_id) FILTER (WHERE response_id IS NOT NULL) AS response_id,
+        arg_min(node, gateway_first) FILTER (WHERE response_token_ids IS NOT NULL) AS tokens_node,
+        arg_min(node, gateway_first) FILTER (WHERE prompt_token_ids IS NOT NULL) AS prompt_ids_node,
+        arg_min(node, gateway_first) FILTER (WHERE response_logprobs IS NOT NULL) AS logprobs_node,
+        arg_min(node, gateway_first) FILTER (WHERE prompt_messages IS NOT NULL) AS messages_node,
+        arg_min(node, gateway_first) FILTER (WHERE response_text IS NOT NULL) AS text_node,
+        arg_min(policy_version, gateway_first) FILTER (WHERE policy_version IS NOT NULL) AS policy_version,
+        arg_min(model, gateway_first) FILTER (WHERE model IS NOT NULL) AS model,
+        max(response_id) AS response_id,
         max(usage_input_tokens) AS usage_input_tokens,
         max(usage_output_tokens) AS usage_output_tokens,
         bool_or(status_code = 'ERROR') AS failed,
-        count(*) AS span_count,
-        list(span_id ORDER BY depth, start_ns) AS span_ids
+        count(*) AS span_count
     FROM spans_of_call
     GROUP BY grp, call_key
+),
+calls AS (
+    -- then the wide fields, each from its chosen span
+    SELECT c.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node),
+        p.prompt_token_ids, t.response_token_ids, l.response_logprobs, m.prompt_messages, x.response_text
+    FROM call_spans c
+    LEFT JOIN spans_of_call p ON p.node = c.prompt_ids_node
+    LEFT JOIN spans_of_call t ON t.node = c.tokens_node
+    LEFT JOIN spans_of_call l ON l.node = c.logprobs_node
+    LEFT JOIN spans_of_call m ON m.node = c.messages_node
+    LEFT JOIN spans_of_call x ON x.node = c.text_node
 )
 SELECT *,
     list_filter([

@@ -9,7 +9,7 @@
 -- (start asc, end desc, original depth asc, node), so the result has no cycle.
 -- Parameters: $run_id, $epoch (NULL = every epoch of the run).
 WITH RECURSIVE
-selected AS (
+selected AS NOT MATERIALIZED (
     SELECT run_id, epoch, rollout_id, task_id, attempt, trace_id, span_id, parent_id, name,
            start_ns, end_ns, status_code, attributes::VARCHAR AS attributes,
            events::VARCHAR AS events, received_ns
@@ -17,10 +17,15 @@ selected AS (
     WHERE run_id IS NOT DISTINCT FROM $run_id
       AND ($epoch IS NULL OR epoch = $epoch)
 ),
+duplicated AS (
+    -- OTLP retries and compaction can store a span twice (rare): find those ids on narrow columns
+    SELECT trace_id, span_id FROM selected GROUP BY trace_id, span_id HAVING count(*) > 1
+),
 deduped AS (
-    -- OTLP retries and compaction can store a span twice: keep the last one received
-    SELECT * FROM selected
-    QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY received_ns DESC) = 1
+    SELECT s.* FROM selected s ANTI JOIN duplicated d USING (trace_id, span_id)
+    UNION ALL
+    (SELECT s.* FROM selected s SEMI JOIN duplicated d USING (trace_id, span_id)
+     QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY received_ns DESC) = 1)
 ),
 extracted AS (
     SELECT *, json_extract_string(attributes, [
@@ -89,7 +94,7 @@ nodes AS MATERIALIZED (
 ),
 linked AS (
     -- the original parent, when it exists in the same rollout
-    SELECT n.*, p.node AS orig_parent,
+    SELECT n.* EXCLUDE (llm_attributes), p.node AS orig_parent,
            p.start_ns <= n.start_ns AND n.end_ns <= p.end_ns AS parent_encloses
     FROM nodes n
     LEFT JOIN nodes p ON p.trace_id = n.trace_id AND p.span_id = n.parent_id AND p.grp = n.grp
@@ -158,8 +163,9 @@ SELECT
          WHEN w.detach_reason IN ('missing_parent', 'parent_cycle', 'outside_parent') THEN w.detach_reason || '_no_enclosing_span'
     END AS repair_reason,
     w.is_llm, w.is_tool, w.is_reward, w.is_agent, w.is_rollout, w.agent_label,
-    w.reward_value, w.rollout_status, w.has_exception, w.llm_attributes
+    w.reward_value, w.rollout_status, w.has_exception, payload.llm_attributes
 FROM with_paths w
+JOIN nodes payload ON payload.node = w.node
 LEFT JOIN tightest_parent tp ON tp.node = w.node
 LEFT JOIN skipped_agent sa ON sa.node = w.node
 LEFT JOIN nodes np ON np.node = coalesce(sa.candidate, tp.candidate, CASE WHEN w.detach_reason IS NULL THEN w.orig_parent END)

@@ -1,5 +1,5 @@
 -- triplets: one row per selected model call, in time order per rollout (turn_index from 0):
--- prompt token ids, response token ids, logprobs, messages, reward and the rollout's return.
+-- the reward and the rollout's return (token ids and messages are joined in advantages.sql).
 -- Calls without token ids are dropped when $missing_token_ids = 'drop' (else kept, flagged).
 -- group_id is the GRPO group: the task (a rollout with no task is its own group).
 -- Reads: credit (sql/credit.sql).
@@ -13,8 +13,5 @@ SELECT
     coalesce(task_id, rollout_id, grp) AS group_id, attempt, agent_name,
     (row_number() OVER (PARTITION BY grp ORDER BY start_ns, node) - 1)::BIGINT AS turn_index,
     trace_id, span_id, start_ns, end_ns,
-    prompt_token_ids, response_token_ids, response_logprobs,
-    prompt_messages, response_text,
-    reward, rollout_return,
-    policy_version, model, response_id, grp, flags
+    reward, rollout_return, response_id, grp, call_key, flags
 FROM kept

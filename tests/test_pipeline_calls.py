@@ -27,7 +27,7 @@ def test_nested_duplicate_spans_of_one_call_merge_and_take_token_ids_from_the_ga
     assert call["prompt_token_ids"] == [7, 8, 9] and call["response_token_ids"] == [10]
     assert call["response_logprobs"] == [-0.5] and call["response_text"] == "4"
     assert call["agent_name"] == "planner" and call["flags"] == []
-    assert call["span_ids"][0] == chain
+    assert call["outer_span_id"] == chain
 
 
 def test_gateway_span_in_its_own_trace_joins_its_call_by_response_id_or_by_time(tmp_path):
