@@ -131,12 +131,15 @@ def build_tiny_model(
     intermediate_size: int = 256,
     max_position_embeddings: int = 2048,
     dtype: str = "float32",
+    initializer_range: float = 0.1,
 ) -> Path:
     """Write a tiny random Llama with SmolLM2's tokenizer to ``out_dir`` (safetensors); return it.
 
     The defaults give about 6.6M parameters (almost all in the tied 49152-token embedding) and a head
-    size of 64, which vLLM's CPU attention supports; small
-    enough for vLLM on CPU to start fast and for a LoRA to overfit in a few steps.
+    size of 64, which vLLM's CPU attention supports; small enough for vLLM on CPU to start fast and
+    for a LoRA to overfit in a few steps. ``initializer_range`` is larger than Llama's 0.02 on
+    purpose: with a tied embedding the largest reachable logit is about ``initializer_range *
+    hidden_size``, and at 0.02 x 128 no adapter can make one token clearly the most likely.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -154,6 +157,7 @@ def build_tiny_model(
         head_dim=hidden_size // heads,
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-5,
+        initializer_range=initializer_range,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

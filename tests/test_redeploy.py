@@ -1,0 +1,121 @@
+"""Hot redeploy of a freshly trained LoRA adapter into a real vLLM (CPU), behind the real gateway."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from lightning_core import semconv
+from lightning_core.gateway_client import GatewayClient
+from lightning_core.model import load_tokenizer
+from lightning_core.redeploy import RedeployError, deploy_adapter
+
+pytestmark = pytest.mark.integration
+
+PROMPT = [{"role": "user", "content": "Say hi."}]
+TARGET = "Arclight learns fast."
+POLICY = "redeploy-test"  # its own policy, so the session's other gateway users keep the base model
+
+
+def train_overfit_adapter(model_dir: Path, out_dir: Path, *, steps: int = 20, seed: int = 0) -> Path:
+    """Train a LoRA adapter with peft until greedy decoding answers PROMPT with TARGET; return its folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    target_ids = tokenizer.encode(TARGET)  # no EOS: it shares a tied embedding row with <|im_end|> and slows overfitting
+    input_ids = torch.tensor([prompt_ids + target_ids])
+    labels = torch.tensor([[-100] * len(prompt_ids) + target_ids])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(model, lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        out = model(input_ids=input_ids, labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    predicted = out.logits[0, len(prompt_ids) - 1 : -1].argmax(-1).tolist()
+    assert predicted == target_ids, f"adapter did not overfit (loss {out.loss.item():.3f}): {predicted} != {target_ids}"
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return train_overfit_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapters") / "overfit")
+
+
+def greedy(client: OpenAI, model: str) -> str:
+    response = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=12, temperature=0)
+    return response.choices[0].message.content
+
+
+def served_models(url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+
+
+def test_hot_redeploy_changes_outputs_without_restart_and_rejects_a_corrupt_adapter(
+    gateway, vllm_server, adapter_dir, collector_config, tmp_path
+):
+    admin = GatewayClient(gateway.url)
+    client = OpenAI(base_url=admin.register_rollout(rollout_id="redeploy-1", run_id="redeploy-test", epoch=0),
+                    api_key="x", max_retries=0)
+    pid = vllm_server.process.pid
+    before = greedy(client, POLICY)
+    assert TARGET not in before
+
+    done = deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=POLICY, adapter_dir=adapter_dir, keep_versions=2)
+    assert (done.version, done.served_model) == (1, f"{POLICY}-v1")
+    assert done.first_answer_s < 10.0  # target < 2 s on an idle machine; benchmarks/ measures it
+    assert greedy(client, POLICY).startswith(TARGET)
+    assert vllm_server.process.pid == pid and vllm_server.process.poll() is None
+
+    # The span of a call to the new version names the served adapter and its version.
+    response = client.chat.completions.create(model=POLICY, messages=PROMPT, max_tokens=4, temperature=0)
+    assert admin.flush()
+    from tests.test_gateway import gateway_spans
+
+    [span] = gateway_spans(collector_config, admin, response.id)
+    assert span["attributes"][semconv.SERVED_MODEL] == f"{POLICY}-v1"
+    assert span["attributes"][semconv.POLICY_VERSION] == 1
+    assert span["attributes"][semconv.POLICY_NAME] == POLICY
+
+    # A corrupt adapter is refused; version 1 keeps serving.
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64 + b"not a safetensors file")
+    with pytest.raises(RedeployError, match="refused adapter"):
+        deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=POLICY, adapter_dir=corrupt)
+    assert admin.policies()["policies"][POLICY]["served_model"] == f"{POLICY}-v1"
+    assert greedy(client, POLICY).startswith(TARGET)
+    assert f"{POLICY}-v2" not in served_models(vllm_server.url)
+
+    # Two more versions: keep_versions=2 keeps current + previous loaded and unloads the rest.
+    deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=POLICY, adapter_dir=adapter_dir, keep_versions=2)
+    v3 = deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=POLICY, adapter_dir=adapter_dir, keep_versions=2)
+    assert v3.version == 3 and v3.unloaded == [f"{POLICY}-v1"]
+    loaded = served_models(vllm_server.url)
+    assert {f"{POLICY}-v2", f"{POLICY}-v3"} <= loaded and f"{POLICY}-v1" not in loaded
+
+    # Rollback switches the gateway back to the previous version, still loaded.
+    state = admin.rollback(POLICY)
+    assert (state["served_model"], state["version"]) == (f"{POLICY}-v2", 2)
+    assert greedy(client, POLICY).startswith(TARGET)
+    assert greedy(client, "tiny") == before  # the base model is untouched
+    assert vllm_server.process.pid == pid
+
+
+def test_switch_to_an_adapter_that_is_not_loaded_is_refused(gateway):
+    r = httpx.put(f"{gateway.url}/admin/policies/default", json={"served_model": "never-loaded-v9", "version": 9})
+    assert r.status_code == 409 and "not loaded" in r.json()["error"]["message"]
+    assert json.loads(httpx.get(f"{gateway.url}/admin/policies").text)["policies"]["default"]["served_model"] is None
