@@ -90,6 +90,10 @@ def deploy_adapter(
     with httpx.Client(timeout=timeout_s) as http:
         try:
             for replica in replicas:
+                if name in _served(http, replica):
+                    # a versioned name never changes its weights: a replica that kept it loaded
+                    # (a gateway restart, an attached vLLM) serves the right adapter already
+                    continue
                 _load(http, replica, name, Path(adapter_dir).resolve())
                 loaded.append(replica)
             load_s = time.perf_counter() - started
@@ -151,6 +155,16 @@ def deploy_full_weights(
     gateway.switch_policy(policy, served_model=base, version=version)
     return Deployment(policy=policy, version=version, served_model=base, load_s=load_s, first_answer_s=first_answer_s,
                       switch_s=time.perf_counter() - started, verify_text=texts[0])
+
+
+def _served(http: httpx.Client, replica: str) -> set[str]:
+    """Return the model names (base and adapters) ``replica`` serves now."""
+    try:
+        response = http.get(f"{replica}/v1/models")
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise RedeployError(f"vLLM at {replica} could not be asked for its models: {exc!r}") from None
+    return {m.get("id") for m in response.json().get("data", [])}
 
 
 def _load(http: httpx.Client, replica: str, name: str, path: Path) -> None:

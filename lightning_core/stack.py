@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import httpx
+
 from lightning_core.config import ArclightConfig
 from lightning_core.gateway_client import GatewayClient
 from lightning_core.services import Service, ServiceError, is_healthy, start_collector
@@ -76,6 +78,7 @@ def start_stack(config: ArclightConfig, *, with_model: bool = True, log_dir: Pat
 
     stack = Stack(collector=_attach_recorded(config, "collector") or start_collector(config, log_dir=log_dir))
     try:
+        check_collector_lake(config, stack.collector)
         if with_model:
             recorded = [s for s in (_attach_recorded(config, f"vllm{i}") for i in range(16)) if s is not None]
             stack.replicas = recorded or start_vllm_replicas(config, log_dir=log_dir)
@@ -96,6 +99,16 @@ def open_stack(config: ArclightConfig, *, with_model: bool = True) -> Iterator[S
         yield stack
     finally:
         stack.stop()
+
+
+def check_collector_lake(config: ArclightConfig, collector: Service) -> None:
+    """Refuse a collector that writes to another lake than the project reads (spans would vanish)."""
+    lake = httpx.get(collector.health_url, timeout=10).json().get("lake")
+    if lake is not None and Path(lake).resolve() != Path(config.lake.path).resolve():
+        raise ServiceError(
+            f"the collector at {collector.url} writes to the lake {lake}, but this project reads {config.lake.path}: "
+            f"set lake.path to {lake}, or let Arclight start a collector for this project (remove collector.endpoint)"
+        )
 
 
 def up(config: ArclightConfig) -> dict[str, dict]:

@@ -1,0 +1,105 @@
+"""The train-epoch flow through Prefect with the real collector, gateway, vLLM and MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from lightning_core.catalog import Catalog
+from lightning_core.services import free_port
+from tests.conftest import REPO, make_config
+
+pytestmark = pytest.mark.integration
+
+POLICY = "flowtest"
+
+
+def _dataset(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _overrides(tmp, *, vllm_server, collector, collector_config, tiny_model_dir, dataset, **extra) -> list[str]:
+    settings = {
+        "project_dir": str(tmp),
+        "lake.path": str(collector_config.lake.path),
+        "lake.catalog": str(tmp / "catalog.duckdb"),
+        "name": "flowtest",
+        "run_name": "flowrun",
+        "collector.endpoint": collector.url,
+        "serving.urls": json.dumps([vllm_server.url]),
+        "gateway.port": str(free_port()),
+        "model.path": str(tiny_model_dir),
+        "model.served_name": "tiny",
+        "policies": json.dumps([{"name": POLICY}]),
+        "rollouts.agent": "tests.helpers.flow_agent:run",
+        "rollouts.agent_path": json.dumps([str(REPO)]),
+        "rollouts.dataset": dataset,
+        "rollouts.group_size": "4",
+        "rollouts.concurrency": "4",
+        "rollouts.timeout_s": "20",
+        "trainer.micro_batch_size": "4",
+        "trainer.lora_r": "4",
+        "trainer.lora_alpha": "8",
+        "trainer.learning_rate": "0.01",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def test_two_epochs_chain_policy_versions_and_record_failures(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.train import train_epoch
+
+    questions = [{"id": f"q{i}", "question": f"Say the word {w}.", "target": w} for i, w in enumerate(["xyzzy", "plugh", "qwfp"])]
+    odd = [{"id": "boom", "behavior": "raise", "question": "", "target": ""},
+           {"id": "stuck", "behavior": "hang", "question": "", "target": ""},
+           {"id": "quiet", "behavior": "silent", "question": "", "target": ""}]
+    dataset = _dataset(tmp_path / "tasks.jsonl", questions + odd)
+    overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                           tiny_model_dir=tiny_model_dir,
+                           dataset=dataset, **{"rollouts.timeout_s": "15", "rollouts.group_size": "2"})
+    first = train_epoch(overrides=overrides)
+    second = train_epoch(overrides=overrides)
+    cfg = make_config(tmp_path, *overrides)
+    catalog = Catalog.from_config(cfg)
+    with catalog.read() as con:
+        epochs = con.execute("SELECT epoch, status, policy_version, new_version FROM epochs WHERE run_id='flowrun' ORDER BY epoch").fetchall()
+        outcomes = dict(con.execute(
+            "SELECT task_id, string_agg(DISTINCT status) FROM rollouts WHERE run_id='flowrun' AND epoch=0 GROUP BY task_id").fetchall())
+        errors = dict(con.execute("SELECT task_id, any_value(error) FROM rollouts WHERE run_id='flowrun' AND epoch=0 GROUP BY task_id").fetchall())
+        versions = con.execute("SELECT version, parent_version, epoch FROM policy_versions WHERE policy = ? ORDER BY version", [POLICY]).fetchall()
+        served = con.execute(
+            "SELECT DISTINCT json_extract_string(attributes, '$.\"arclight.policy.version\"') FROM spans "
+            "WHERE run_id='flowrun' AND epoch=1 AND span_kind='llm'").fetchall()
+    assert [e[:2] for e in epochs] == [(0, "completed"), (1, "completed")]
+    assert epochs[0][3] == f"{POLICY}-v1" and epochs[1][2] == f"{POLICY}-v1"  # epoch 1 sampled from what epoch 0 trained
+    assert versions[0] == (f"{POLICY}-v1", None, 0)
+    assert versions[1] == (f"{POLICY}-v2", f"{POLICY}-v1", 1)
+    assert [s[0] for s in served] == ["1"] or [s[0] for s in served] == [f"{POLICY}-v1"]
+    assert outcomes["boom"] == "failed" and "asked this agent to fail" in errors["boom"]
+    assert outcomes["stuck"] == "timed_out"
+    assert outcomes["quiet"] == "failed" and "produced no spans" in errors["quiet"]
+    assert all(outcomes[q["id"]] == "succeeded" for q in questions)
+    assert first["epoch"] == 0 and second["epoch"] == 1
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
+    experiment = client.get_experiment_by_name("flowtest")
+    runs = client.search_runs([experiment.experiment_id])
+    history = [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "reward/mean")]
+    assert sorted(set(history)) == [0, 1]
