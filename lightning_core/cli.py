@@ -329,6 +329,95 @@ def triplets(
         console.print(f"wrote {out}")
 
 
+ConfigArg = typer.Argument(..., help="Project config YAML, e.g. examples/calc/config.yaml.")
+
+
+@app.command()
+def train(
+    config: Path = ConfigArg,
+    overrides: Optional[list[str]] = SetOpt,
+    epochs: Optional[int] = typer.Option(None, help="Total epochs the run should have (default: the config's epochs)."),
+) -> None:
+    """Train: start what is needed, run epochs through Prefect with progress, then summarise."""
+    from lightning_core.progress import run_with_progress
+
+    cfg = load(config, overrides)
+    target = epochs or cfg.epochs
+    extra = list(overrides or [])
+
+    def work():
+        from flows.train import train as train_flow
+
+        return train_flow(config_path=str(config), overrides=extra, epochs=target)
+
+    run_with_progress(cfg, work, console=console, epochs=target, title=f"training {cfg.name} / run {cfg.run_name}")
+
+
+@app.command()
+def evaluate(
+    config: Path = ConfigArg,
+    overrides: Optional[list[str]] = SetOpt,
+    label: Optional[str] = typer.Option(None, help="Name of this evaluation (default: the versions serving)."),
+) -> None:
+    """Evaluate the serving policy on the held-out tasks and print reward and success rate."""
+    from lightning_core.progress import run_with_progress
+
+    cfg = load(config, overrides)
+    extra = list(overrides or [])
+
+    def work():
+        from flows.train import evaluate as evaluate_flow
+
+        return evaluate_flow(config_path=str(config), overrides=extra, label=label)
+
+    result = run_with_progress(cfg, work, console=console, epochs=None, title=f"evaluating {cfg.name}", summary=False)
+    if result is not None:
+        console.print_json(data=result)
+
+
+@app.command()
+def up(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Start the collector, vLLM and the gateway in the background for later runs of this project."""
+    from lightning_core.services import ServiceError
+    from lightning_core.stack import up as stack_up
+
+    cfg = load(config, overrides)
+    try:
+        record = stack_up(cfg)
+    except ServiceError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    for name, entry in record.items():
+        console.print(f"{name:10} {entry['url']}  pid {entry.get('pid')}  log {entry.get('log')}")
+
+
+@app.command()
+def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Report on the services ``arclight up`` started for this project."""
+    from lightning_core.stack import status as stack_status
+
+    cfg = load(config, overrides)
+    services = stack_status(cfg)
+    if not services:
+        console.print("no services recorded: `arclight up CONFIG` starts them (flows start their own otherwise)")
+        raise typer.Exit(1)
+    for name, entry in services.items():
+        state = "[green]healthy[/green]" if entry["healthy"] else "[red]not answering[/red]"
+        console.print(f"{name:10} {entry['url']}  {state}  pid {entry.get('pid')}")
+    if not all(e["healthy"] for e in services.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> None:
+    """Stop the services ``arclight up`` started for this project."""
+    from lightning_core.stack import down as stack_down
+
+    cfg = load(config, overrides)
+    stopped = stack_down(cfg)
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
 def main() -> None:
     """Entry point for ``python -m lightning_core``."""
     app()

@@ -1,0 +1,101 @@
+"""Terminal progress for long runs: a rich display fed by the catalog, then a summary.
+
+The display polls the catalog (epochs and rollouts tables) once a second, so it shows the same
+truth a re-run would resume from, whatever runs the work (an in-process flow, a worker).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lightning_core.catalog import Catalog
+from lightning_core.config import ArclightConfig
+
+
+def _snapshot(catalog: Catalog, run_id: str) -> dict[str, Any]:
+    with catalog.read() as con:
+        epochs = con.execute("SELECT epoch, status FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
+        current = epochs[-1][0] if epochs else None
+        counts = dict(con.execute(
+            "SELECT status, count(*) FROM rollouts WHERE run_id = ? AND epoch = ? GROUP BY status", [run_id, current]
+        ).fetchall()) if current is not None else {}
+    return {
+        "completed": sum(1 for _, s in epochs if s == "completed"),
+        "epoch": current,
+        "stage": epochs[-1][1] if epochs else "starting services",
+        "planned": sum(counts.values()),
+        "done": sum(n for s, n in counts.items() if s != "planned"),
+        "failed": counts.get("failed", 0) + counts.get("timed_out", 0),
+    }
+
+
+def run_with_progress(
+    config: ArclightConfig,
+    work: Callable[[], Any],
+    *,
+    console: Console,
+    epochs: int | None,
+    title: str,
+    summary: bool = True,
+    run_id: str | None = None,
+) -> Any:
+    """Run ``work()`` while showing epoch and rollout progress; print a summary; Ctrl-C stops cleanly."""
+    catalog = Catalog.from_config(config)
+    catalog.ensure()
+    run_id = run_id or config.run_name
+    stop = threading.Event()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        epoch_bar = progress.add_task("epochs", total=epochs, note="") if epochs else None
+        rollout_bar = progress.add_task("rollouts", total=None, note="starting services")
+
+        def poll() -> None:
+            while not stop.wait(1.0):
+                try:
+                    snap = _snapshot(catalog, run_id)
+                except Exception:  # a locked or half-created catalog: try again next second
+                    continue
+                if epoch_bar is not None:
+                    progress.update(epoch_bar, completed=snap["completed"], note=f"epoch {snap['epoch']}: {snap['stage']}")
+                note = f"{snap['failed']} failed/timed out" if snap["failed"] else ""
+                progress.update(rollout_bar, total=snap["planned"] or None, completed=snap["done"], note=note)
+
+        poller = threading.Thread(target=poll, name="arclight-progress", daemon=True)
+        poller.start()
+        try:
+            result = work()
+        except KeyboardInterrupt:
+            stop.set()
+            console.print("[yellow]interrupted:[/yellow] services started for this run were stopped; "
+                          "run the same command again to resume where it stopped")
+            raise SystemExit(130) from None
+        finally:
+            stop.set()
+            poller.join(timeout=5)
+    if summary:
+        print_summary(config, console=console)
+    return result
+
+
+def print_summary(config: ArclightConfig, *, console: Console) -> None:
+    """Print reward per epoch and where the results are."""
+    from lightning_core.stages import summary_rows
+
+    table = Table(title=f"run {config.run_name}")
+    for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out", "trained", "status"):
+        table.add_column(column)
+    for r in summary_rows(config):
+        reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
+        table.add_row(str(r["epoch"]), r["policy_version"] or "", reward, str(r["succeeded"]), str(r["failed"]),
+                      str(r["timed_out"]), r["new_version"] or "-", r["status"])
+    console.print(table)
+    lake = config.lake.path
+    console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
+    console.print(f"lake:    {lake}\ncatalog: {config.lake.catalog_path}")
+    console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
+    console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')

@@ -1,0 +1,75 @@
+"""prefect.yaml against a real local Prefect server: deploy --all, then run train-epoch/calc on a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lightning_core.catalog import Catalog
+from lightning_core.services import free_port, start_process
+from tests.conftest import REPO, make_config
+
+pytestmark = pytest.mark.integration
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    service = start_process(
+        "prefect-server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services"],
+        url=f"http://127.0.0.1:{port}", health_url=f"http://127.0.0.1:{port}/api/health",
+        log_path=home / "server.log", env=env, timeout_s=120,
+    )
+    yield {**os.environ, **env, "ARCLIGHT_REPO": str(REPO)}
+    service.stop()
+
+
+def _prefect(env, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_deploy_all_then_run_train_epoch_on_a_process_worker(prefect_server, tmp_path, vllm_server, collector, collector_config, tiny_model_dir):
+    env = prefect_server
+    _prefect(env, "work-pool", "create", "arclight", "--type", "process")
+    _prefect(env, "deploy", "--all")
+    listed = _prefect(env, "deployment", "ls").stdout
+    for name in ("train-epoch/calc", "train/calc", "evaluate/calc"):
+        assert name in listed
+
+    dataset = tmp_path / "tasks.jsonl"
+    dataset.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Say {w}.", "target": w}) + "\n"
+                               for i, w in enumerate(["xyzzy", "plugh"])))
+    overrides = [
+        f"project_dir={tmp_path}", "name=deployed", "run_name=deployed",
+        f"lake.path={collector_config.lake.path}", f"lake.catalog={tmp_path / 'catalog.duckdb'}",
+        f"collector.endpoint={collector.url}", f"serving.urls={json.dumps([vllm_server.url])}",
+        f"gateway.port={free_port()}", f"model.path={tiny_model_dir}", "model.served_name=tiny",
+        "policies=[{name: deployed}]", "rollouts.agent=tests.helpers.flow_agent:run",
+        f"rollouts.agent_path={json.dumps([str(REPO)])}", f"rollouts.dataset={dataset}",
+        "rollouts.group_size=3", "rollouts.timeout_s=60", "trainer.lora_r=4", "trainer.lora_alpha=8",
+    ]
+    run = _prefect(env, "deployment", "run", "train-epoch/calc", "--params", json.dumps({"overrides": overrides}))
+    flow_run_id = next(line.split(":")[-1].strip() for line in run.stdout.splitlines() if "UUID" in line)
+    _prefect(env, "worker", "start", "--pool", "arclight", "--run-once", timeout=600)
+
+    api = env["PREFECT_API_URL"]
+    state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]
+    assert state["type"] == "COMPLETED", state
+    cfg = make_config(tmp_path, *overrides)
+    with Catalog.from_config(cfg).read() as con:
+        assert con.execute("SELECT epoch, status FROM epochs WHERE run_id = 'deployed'").fetchall() == [(0, "completed")]
+        assert con.execute("SELECT count(*) FROM rollouts WHERE run_id = 'deployed' AND status = 'succeeded'").fetchall() == [(6,)]
