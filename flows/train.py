@@ -115,9 +115,13 @@ def _row(config: ArclightConfig, epoch: int) -> dict[str, Any]:
 
 
 def _prepare(config: ArclightConfig) -> None:
+    """Create the catalog, the run row and the MLflow store before any stage can be interrupted."""
+    from lightning_core import tracking
+
     catalog = Catalog.from_config(config)
     catalog.ensure()
     ep.ensure_run(catalog, config)
+    tracking.experiment_id(config)  # a crash during MLflow's first schema migration would leave it broken
 
 
 @flow(name="train-epoch", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)

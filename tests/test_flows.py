@@ -103,3 +103,62 @@ def test_two_epochs_chain_policy_versions_and_record_failures(
     runs = client.search_runs([experiment.experiment_id])
     history = [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "reward/mean")]
     assert sorted(set(history)) == [0, 1]
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    parent = psutil.Process(pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_killed_during_training_resumes_without_rerunning_rollouts(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.train import train_epoch
+
+    questions = [{"id": f"k{i}", "question": f"Say the word {w}.", "target": w} for i, w in enumerate(["xyzzy", "plugh"])]
+    dataset = _dataset(tmp_path / "tasks.jsonl", questions)
+    overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                           tiny_model_dir=tiny_model_dir, dataset=dataset,
+                           **{"run_name": "killrun", "rollouts.group_size": "3", "trainer.passes": "200"})
+    cfg = make_config(tmp_path, *overrides)
+    catalog = Catalog.from_config(cfg)
+    script = "import sys, json; from flows.train import train_epoch; train_epoch(overrides=json.loads(sys.argv[1]))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(overrides)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if catalog.path.exists():
+                with catalog.read() as con:
+                    rows = con.execute("SELECT status FROM epochs WHERE run_id = 'killrun'").fetchall()
+                status = rows[0][0] if rows else None
+            if status == "triplets_done":  # the train task has started
+                time.sleep(4)
+                break
+            time.sleep(0.2)
+        assert status == "triplets_done" and proc.poll() is None, f"never reached training (status {status})"
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait(timeout=30)
+
+    with catalog.read() as con:
+        before = con.execute("SELECT rollout_id, status, finished_at FROM rollouts WHERE run_id='killrun' ORDER BY 1").fetchall()
+        outcome_spans = con.execute("SELECT count(*) FROM spans WHERE run_id='killrun' AND span_kind='rollout_outcome'").fetchall()
+        assert con.execute("SELECT count(*) FROM policy_versions WHERE run_id='killrun'").fetchall() == [(0,)]
+    assert len(before) == 6 and all(r[1] == "succeeded" for r in before)
+
+    result = train_epoch(overrides=[*overrides, "trainer.passes=1"])
+    assert result["epoch"] == 0 and result["status"] == "completed"
+    with catalog.read() as con:
+        after = con.execute("SELECT rollout_id, status, finished_at FROM rollouts WHERE run_id='killrun' ORDER BY 1").fetchall()
+        assert con.execute("SELECT count(*) FROM spans WHERE run_id='killrun' AND span_kind='rollout_outcome'").fetchall() == outcome_spans
+        assert con.execute("SELECT version, epoch FROM policy_versions WHERE run_id='killrun'").fetchall() == [(f"{POLICY}-v1", 0)]
+    assert after == before  # no rollout ran again
