@@ -88,11 +88,26 @@ def _attributes_sql(slot: dict) -> str:
     hp = f"(hash(r, {slot['slot'] - 1}) % 1000000)::BIGINT"  # the client slot: same prompt length
     return (f"json_object('arclight.span.kind', 'llm', 'gen_ai.operation.name', 'chat', 'gen_ai.response.id', {rid}, "
             f"'arclight.llm.served_model', 'base', 'arclight.policy.version', 'v3', "
-            f"'arclight.llm.prompt_token_ids', list_transform(range(100 + {hp} % 300), lambda i: (hash(r, i) % 49152)::BIGINT), "
-            f"'arclight.llm.response_token_ids', list_transform(range(20 + {h} % 60), lambda i: (hash(r, i, 7) % 49152)::BIGINT), "
-            f"'arclight.llm.response_logprobs', list_transform(range(20 + {h} % 60), lambda i: -((hash(r, i, 9) % 2000) / 1000.0)), "
             f"'arclight.llm.request_messages', {messages.replace(h, hp)}, "
             f"'arclight.llm.response_text', repeat('answer ', 20))")
+
+
+def _typed_sql(slot: dict) -> dict[str, str]:
+    """The columns promoted at ingest (lake.promoted_columns), as SQL over the rollout number r."""
+    kind = slot["kind"]
+    h = f"(hash(r, {slot['slot']}) % 1000000)::BIGINT"
+    hp = f"(hash(r, {slot['slot'] - 1}) % 1000000)::BIGINT"
+    cols = {"span_kind": f"'{kind}'" if kind in ("rollout", "agent", "tool", "message", "reward") else "NULL",
+            "agent_name": f"'{slot['agent']}'" if kind == "agent" else "NULL",
+            "response_id": f"'chatcmpl-' || md5((r * 10 + {slot['call']})::VARCHAR)" if kind in ("client", "gateway") else "NULL",
+            "reward_value": "(r % 5) / 4.0" if kind == "reward" else "NULL",
+            "prompt_token_ids": "NULL", "response_token_ids": "NULL", "response_logprobs": "NULL"}
+    if kind == "gateway":
+        cols["span_kind"] = "'llm'"
+        cols["prompt_token_ids"] = f"list_transform(range(100 + {hp} % 300), lambda i: (hash(r, i) % 49152)::BIGINT)"
+        cols["response_token_ids"] = f"list_transform(range(20 + {h} % 60), lambda i: (hash(r, i, 7) % 49152)::BIGINT)"
+        cols["response_logprobs"] = f"list_transform(range(20 + {h} % 60), lambda i: -((hash(r, i, 9) % 2000) / 1000.0))"
+    return cols
 
 
 def generate(lake_root: Path, *, rollouts: int, run_id: str = "bench", epoch: int = 0, files: int = 8) -> int:
@@ -123,10 +138,12 @@ SELECT {trace} AS trace_id, substr(md5(r::VARCHAR || '-{slot['slot']}'), 1, 16) 
        {status} AS status_code, NULL AS status_message, ({_attributes_sql(slot)})::VARCHAR AS attributes,
        {events} AS events, '[]' AS links, '{{"service.name":"agent"}}' AS resource, 'bench' AS scope_name,
        NULL AS scope_version, 'agent' AS service_name, 'ro-' || r AS rollout_id, 'task-' || (r // 8) AS task_id,
-       0::BIGINT AS attempt, 1700000000000000000 + r * 2000000 AS received_ns
+       0::BIGINT AS attempt, 1700000000000000000 + r * 2000000 AS received_ns,
+       {", ".join(f"{v} AS {k}" for k, v in _typed_sql(slot).items())}
 FROM range({{lo}}, {{hi}}) t(r)""")
     con = duckdb.connect(config={"threads": "2"})
-    cast = ", ".join(f"{f.name}::{'BIGINT' if str(f.type) == 'int64' else 'VARCHAR'} AS {f.name}" for f in SPAN_SCHEMA)
+    types = {"int64": "BIGINT", "double": "DOUBLE", "list<item: int64>": "BIGINT[]", "list<item: double>": "DOUBLE[]"}
+    cast = ", ".join(f"{f.name}::{types.get(str(f.type), 'VARCHAR')} AS {f.name}" for f in SPAN_SCHEMA)
     total = 0
     step = -(-rollouts // files)
     for i, lo in enumerate(range(0, rollouts, step)):
@@ -175,12 +192,11 @@ def python_baseline(lake_root: Path, *, rollouts: int, run_id: str = "bench") ->
         rewards = sorted((r["start_ns"], r["attrs"].get("arclight.reward.value")) for r in rows
                          if r["attrs"].get("arclight.span.kind") == "reward")
         final = rewards[-1][1] if rewards else None
-        calls = sorted((r for r in rows if "arclight.llm.response_token_ids" in r["attrs"]), key=lambda r: r["start_ns"])
+        calls = sorted((r for r in rows if r["response_token_ids"] is not None), key=lambda r: r["start_ns"])
         for turn, c in enumerate(calls):
             triplets.append({"rollout_id": rollout_id, "agent": agent_of(c), "turn": turn,
-                             "prompt": c["attrs"]["arclight.llm.prompt_token_ids"],
-                             "response": c["attrs"]["arclight.llm.response_token_ids"],
-                             "logprobs": c["attrs"]["arclight.llm.response_logprobs"], "reward": final})
+                             "prompt": c["prompt_token_ids"], "response": c["response_token_ids"],
+                             "logprobs": c["response_logprobs"], "reward": final})
     return spans, time.perf_counter() - started, len(triplets)
 
 

@@ -82,18 +82,22 @@ def view_sql(lake_root: Path) -> str:
     training = _quote(str(lake_root / "spans" / "training" / "*" / "*" / "*.parquet"))
     production = _quote(str(lake_root / "spans" / "production" / "*" / "*.parquet"))
     return f"""
--- One row per span file row, exactly as stored; partition values from the folder names.
+-- One row per span file row, exactly as stored; partition values from the folder names, and the
+-- row's place (filename, file_row_number), which identifies one stored copy of a span.
 CREATE OR REPLACE VIEW spans_raw AS
-SELECT * FROM read_parquet({training}, hive_partitioning = true,
+SELECT * FROM read_parquet({training}, hive_partitioning = true, union_by_name = true,
+                           filename = true, file_row_number = true,
                            hive_types = {{'run_id': VARCHAR, 'epoch': BIGINT}})
 WHERE run_id <> '{SCHEMA_RUN}'
 UNION ALL BY NAME
 SELECT *, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
-FROM read_parquet({production}, hive_partitioning = true, hive_types = {{'date': VARCHAR}})
+FROM read_parquet({production}, hive_partitioning = true, union_by_name = true,
+                  filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}})
 WHERE date <> '1970-01-01';
 
 -- One row per span: ids, name, times (ns and timestamps), status, attributes/resource/events as
--- JSON, the rollout context, and the attributes most queries need as columns.
+-- JSON, the rollout context, the columns promoted at ingest (span_kind, agent_name, response_id,
+-- reward_value) and the gateway's token ids and logprobs (stored typed, not in attributes).
 CREATE OR REPLACE VIEW spans AS
 SELECT
     run_id, epoch, rollout_id, task_id, attempt,
@@ -108,11 +112,10 @@ SELECT
     links::JSON AS links,
     resource::JSON AS resource,
     service_name, scope_name, scope_version,
-    json_extract_string(attributes, '$."arclight.span.kind"') AS span_kind,
-    json_extract_string(attributes, '$."agent.name"') AS agent_name,
+    span_kind, agent_name,
     json_extract_string(attributes, '$."gen_ai.operation.name"') AS gen_ai_operation,
-    json_extract_string(attributes, '$."gen_ai.response.id"') AS response_id,
-    TRY_CAST(json_extract_string(attributes, '$."arclight.reward.value"') AS DOUBLE) AS reward_value,
+    response_id, reward_value,
+    prompt_token_ids, response_token_ids, response_logprobs,
     date AS production_date,
     received_ns
 FROM spans_raw;

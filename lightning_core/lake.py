@@ -53,8 +53,24 @@ SPAN_SCHEMA = pa.schema(
         ("task_id", pa.string()),
         ("attempt", pa.int64()),
         ("received_ns", pa.int64()),
+        # Promoted at ingest (``promoted_columns``): copies of the keys every query filters on...
+        ("span_kind", pa.string()),  # arclight.span.kind
+        ("agent_name", pa.string()),  # agent.name
+        ("response_id", pa.string()),  # gen_ai.response.id
+        ("reward_value", pa.float64()),  # arclight.reward.value (else agentlightning.reward.0.value)
+        # ...and the gateway's training arrays, moved out of ``attributes`` and stored only here.
+        ("prompt_token_ids", pa.list_(pa.int64())),  # arclight.llm.prompt_token_ids
+        ("response_token_ids", pa.list_(pa.int64())),  # arclight.llm.response_token_ids
+        ("response_logprobs", pa.list_(pa.float64())),  # arclight.llm.response_logprobs
     ]
 )
+
+# attribute key -> (column, element type); these keys leave the attributes JSON at ingest
+PROMOTED_ARRAYS = {
+    semconv.PROMPT_TOKEN_IDS: ("prompt_token_ids", int),
+    semconv.RESPONSE_TOKEN_IDS: ("response_token_ids", int),
+    semconv.RESPONSE_LOGPROBS: ("response_logprobs", float),
+}
 
 _KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in PbSpan.SpanKind.items()}
 _STATUS_NAMES = {v: k.removeprefix("STATUS_CODE_") for k, v in PbStatus.StatusCode.items()}
@@ -102,6 +118,56 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
 
 
+def _typed_list(value: Any, element: type) -> list | None:
+    """Return ``value`` (a list, or JSON text of one) as a list of ``element``; None if it is not one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if not isinstance(value, list) or any(isinstance(v, (list, dict, str, bool)) for v in value):
+        return None
+    try:
+        return [None if v is None else element(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
+    """Return a span's typed columns and its ``attributes`` JSON (without the promoted arrays).
+
+    The collector and the embedded exporter both store spans through this, so their rows are
+    identical. An array that is not a list of numbers stays in the JSON and its column is NULL.
+    """
+    columns: dict[str, Any] = {
+        "span_kind": _as_str(attributes.get(semconv.SPAN_KIND)),
+        "agent_name": _as_str(attributes.get(semconv.AGENT_NAME)),
+        "response_id": _as_str(attributes.get(semconv.GEN_AI_RESPONSE_ID)),
+        "reward_value": _number(attributes.get(semconv.REWARD_VALUE, attributes.get(semconv.AGENTLIGHTNING_REWARD_0_VALUE))),
+    }
+    kept = attributes
+    for key, (column, element) in PROMOTED_ARRAYS.items():
+        columns[column] = None
+        if key in attributes:
+            typed = _typed_list(attributes[key], element)
+            if typed is not None:
+                if kept is attributes:
+                    kept = dict(attributes)
+                del kept[key]
+                columns[column] = typed
+    columns["attributes"] = _dumps(kept)
+    return columns
+
+
 def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | None = None) -> dict[Partition, list[dict[str, Any]]]:
     """Flatten an OTLP trace export request into span rows grouped by lake partition."""
     received_ns = received_ns if received_ns is not None else time.time_ns()
@@ -133,7 +199,7 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
                         "end_ns": span.end_time_unix_nano,
                         "status_code": _STATUS_NAMES.get(span.status.code, str(span.status.code)),
                         "status_message": span.status.message or None,
-                        "attributes": _dumps(key_values(span.attributes)),
+                        **promoted_columns(key_values(span.attributes)),
                         "events": _dumps(
                             [
                                 {"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)}
@@ -275,10 +341,10 @@ SCHEMA_RUN = "_schema"
 
 
 def ensure_schema_files(root: Path) -> None:
-    """Place an empty, correctly typed file in each glob so views work on an empty lake."""
+    """Place an empty file of the current ``SPAN_SCHEMA`` in each glob so views work on an empty lake."""
     for partition in (Partition(SCHEMA_RUN, -1), Partition(None, None, "1970-01-01")):
         folder = root / partition.relative_dir()
         target = folder / "part-0-schema.parquet"
-        if not target.exists():
+        if not target.exists() or not pq.read_schema(target).equals(SPAN_SCHEMA, check_metadata=False):
             folder.mkdir(parents=True, exist_ok=True)
             _durable_write(folder, target.name, SPAN_SCHEMA.empty_table())

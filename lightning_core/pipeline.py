@@ -3,7 +3,11 @@
 Each stage is one file in ``sql/`` ending in one SELECT; this module binds its parameters and
 keeps its result as a temporary table named after the stage, which the next stage reads:
 
-    repair -> repaired_spans -> agents -> span_agents -> llm_calls, rewards, rollout_summary
+    span_nodes -> repairs (view repaired_spans) -> agent_owners (view span_agents) -> llm_spans
+    -> calls (view llm_calls) -> rewards, rollout_summary
+
+Tables stay narrow; views join the columns people and later stages read, so wide data (token
+ids, messages) is copied once, from the lake into llm_spans.
     per policy: credit -> triplets (triplet_rows) -> advantages -> lake
 
 It runs in its own in-memory DuckDB (memory limit and threads from ``lake``), reading the lake
@@ -29,13 +33,19 @@ from lightning_core.config import ArclightConfig, PolicyConfig
 from lightning_core.triplet_store import TRIPLET_SCHEMA, load_triplets  # noqa: F401 (the trainer's reader)
 
 SHARED_STAGES = (
-    ("repair", "repaired_spans"),
-    ("agents", "span_agents"),
-    ("llm_calls", "llm_calls"),
+    ("span_nodes", "span_nodes"),
+    ("repair", "repairs"),
+    ("repaired_spans", "repaired_spans"),  # a view: span_nodes + repairs
+    ("agents", "agent_owners"),
+    ("span_agents", "span_agents"),  # a view: repaired_spans + agent_owners
+    ("llm_spans", "llm_spans"),
+    ("calls", "calls"),
+    ("llm_calls", "llm_calls"),  # a view: calls + their wide fields
     ("rewards", "rewards"),
     ("rollout_summary", "rollout_summary"),
 )
 POLICY_STAGES = (("credit", "credit"), ("triplets", "triplet_rows"))
+VIEW_STAGES = {"repaired_spans", "span_agents", "llm_calls"}  # views: they only join columns to narrow tables
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -104,7 +114,8 @@ def run_stage(con: duckdb.DuckDBPyConnection, stage: str, *, params: dict[str, A
     bound = {k: params[k] for k in needed}
     if table is None:
         return con.sql(sql, params=bound)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {sql}", bound)
+    kind = "VIEW" if stage in VIEW_STAGES else "TABLE"
+    con.execute(f"CREATE OR REPLACE TEMP {kind} {table} AS {sql}", bound)
     return None
 
 
@@ -268,14 +279,14 @@ def _count_shared(con, report: TripletReport) -> None:
         "SELECT count(*), count(*) FILTER (WHERE repair_reason IS NOT NULL AND parent_node IS NOT NULL) FROM repaired_spans"
     ).fetchall()[0]
     report.llm_calls, report.judge_calls = con.execute(
-        "SELECT count(*) FILTER (WHERE NOT in_reward), count(*) FILTER (WHERE in_reward) FROM llm_calls").fetchall()[0]
+        "SELECT count(*) FILTER (WHERE NOT in_reward), count(*) FILTER (WHERE in_reward) FROM calls").fetchall()[0]
     report.rewards, report.missing_rewards, report.tool_failures = con.execute(
         "SELECT count(*) FILTER (WHERE kind = 'reward' AND value IS NOT NULL), "
         "count(*) FILTER (WHERE kind = 'reward' AND value IS NULL), count(*) FILTER (WHERE kind = 'tool_failure') "
         "FROM rewards").fetchall()[0]
     report.rollouts = con.execute("SELECT count(*) FROM rollout_summary").fetchall()[0][0]
     report.agents = dict(con.execute(
-        "SELECT coalesce(agent_name, '<none>'), count(*) FROM llm_calls WHERE NOT in_reward GROUP BY 1 ORDER BY 1").fetchall())
+        "SELECT coalesce(agent_name, '<none>'), count(*) FROM calls WHERE NOT in_reward GROUP BY 1 ORDER BY 1").fetchall())
 
 
 def _count_policy(table: pa.Table, report: PolicyReport) -> None:

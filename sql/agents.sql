@@ -1,9 +1,13 @@
--- agents: one row per repaired span with its owning agent: the nearest agent span among itself
--- and its ancestors in the repaired tree (NULL when none), whether it runs inside a reward
--- function (a reward span above it: an LLM judge), and the outermost LLM span above it (nested
--- LLM spans are one model call). The LLM spans' attributes stay in repaired_spans.
--- Reads: repaired_spans (sql/repair.sql).
+-- agents: one narrow row per span with its owning agent: the nearest agent span among itself and
+-- its ancestors in the repaired tree (NULL when none), whether it runs inside a reward function
+-- (a reward span above it: an LLM judge), the outermost LLM span above it (nested LLM spans are
+-- one model call) and its depth. sql/span_agents.sql adds the span's columns.
+-- Reads: span_nodes (sql/span_nodes.sql), repairs (sql/repair.sql).
 WITH RECURSIVE
+tree AS MATERIALIZED (
+    SELECT n.node, r.parent_node, n.is_agent, n.agent_label, n.is_reward, n.is_llm
+    FROM span_nodes n JOIN repairs r USING (node)
+),
 walk (node, agent_node, agent_name, in_reward, llm_root, depth) AS (
     SELECT node,
            CASE WHEN is_agent THEN node END,
@@ -11,7 +15,7 @@ walk (node, agent_node, agent_name, in_reward, llm_root, depth) AS (
            is_reward,
            CASE WHEN is_llm THEN node END,
            0
-    FROM repaired_spans WHERE parent_node IS NULL
+    FROM tree WHERE parent_node IS NULL
     UNION ALL
     SELECT c.node,
            CASE WHEN c.is_agent THEN c.node ELSE w.agent_node END,
@@ -19,11 +23,6 @@ walk (node, agent_node, agent_name, in_reward, llm_root, depth) AS (
            w.in_reward OR c.is_reward,
            coalesce(w.llm_root, CASE WHEN c.is_llm THEN c.node END),
            w.depth + 1
-    FROM walk w JOIN repaired_spans c ON c.parent_node = w.node
-),
-owning_agent AS (
-    SELECT w.*, a.span_id AS agent_span_id
-    FROM walk w LEFT JOIN repaired_spans a ON a.node = w.agent_node
+    FROM walk w JOIN tree c ON c.parent_node = w.node
 )
-SELECT s.* EXCLUDE (llm_attributes), o.agent_name, o.agent_node, o.agent_span_id, o.in_reward, o.llm_root, o.depth
-FROM repaired_spans s JOIN owning_agent o USING (node)
+SELECT * FROM walk

@@ -10,14 +10,14 @@
 -- Rewards count when their emitting agent matches $reward_agent_match (NULL = all), whichever
 -- agent's calls are selected, so a critic can give rewards without training.
 -- Only narrow columns travel through here; advantages.sql joins the token ids back.
--- Reads: llm_calls, rewards.
+-- Reads: calls (sql/calls.sql), rewards.
 WITH
 selected_calls AS (
     SELECT run_id, epoch, rollout_id, task_id, attempt, grp, call_key, node, trace_id, span_id,
         parent_node, start_ns, end_ns, agent_name, response_id, flags,
         row_number() OVER (PARTITION BY grp ORDER BY start_ns, node) AS turn,
         count(*) OVER (PARTITION BY grp) AS turns
-    FROM llm_calls
+    FROM calls
     WHERE NOT in_reward
       AND ($agent_match IS NULL OR coalesce(regexp_matches(agent_name, $agent_match), false))
 ),

@@ -1,103 +1,21 @@
--- repair: one row per span of one (run, epoch) -- or of the production traces when $run_id is
--- NULL -- de-duplicated on (trace_id, span_id), classified (agent, llm, tool, reward), with its
--- repaired parent, its original parent and the reason it moved.
+-- repair: one narrow row per span (sql/span_nodes.sql): its repaired parent (parent_node) and the
+-- reason it moved (NULL when it did not); sql/repaired_spans.sql adds the span's columns.
 --
 -- A span moves when its parent is missing, does not enclose it in time, or sits in a parent
 -- cycle; a root moves when another span of its rollout encloses it. It moves to the tightest
 -- enclosing span of the same rollout (an agent span wins a tie), never to one of its original
 -- descendants. Every edge goes from a span to one that precedes it in the order
 -- (start asc, end desc, original depth asc, node), so the result has no cycle.
--- Parameters: $run_id, $epoch (NULL = every epoch of the run).
+-- Only narrow columns (ids, times, kinds) travel through here.
+-- Reads: span_nodes (sql/span_nodes.sql).
 WITH RECURSIVE
-selected AS NOT MATERIALIZED (
-    SELECT run_id, epoch, rollout_id, task_id, attempt, trace_id, span_id, parent_id, name,
-           start_ns, end_ns, status_code, attributes::VARCHAR AS attributes,
-           events::VARCHAR AS events, received_ns
-    FROM spans
-    WHERE run_id IS NOT DISTINCT FROM $run_id
-      AND ($epoch IS NULL OR epoch = $epoch)
-),
-duplicated AS (
-    -- OTLP retries and compaction can store a span twice (rare): find those ids on narrow columns
-    SELECT trace_id, span_id FROM selected GROUP BY trace_id, span_id HAVING count(*) > 1
-),
-deduped AS (
-    SELECT s.* FROM selected s ANTI JOIN duplicated d USING (trace_id, span_id)
-    UNION ALL
-    (SELECT s.* FROM selected s SEMI JOIN duplicated d USING (trace_id, span_id)
-     QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY received_ns DESC) = 1)
-),
-extracted AS (
-    SELECT *, json_extract_string(attributes, [
-        '$."arclight.span.kind"',                              -- 1
-        '$."agent.name"',                                      -- 2
-        '$."gen_ai.agent.name"',                               -- 3
-        '$."recipient_agent_type"',                            -- 4
-        '$."langchain.chain.type"',                            -- 5
-        '$."agentops.span.kind"',                              -- 6
-        '$."operation.name"',                                  -- 7
-        '$."executor.id"',                                     -- 8
-        '$."openinference.span.kind"',                         -- 9
-        '$."metadata"',                                        -- 10
-        '$."traceloop.association.properties.langgraph_node"', -- 11
-        '$."gen_ai.operation.name"',                           -- 12
-        '$."llm.request.type"',                                -- 13
-        '$."arclight.reward.value"',                           -- 14
-        '$."agentlightning.reward.0.value"',                   -- 15
-        '$."arclight.rollout_id"',                             -- 16
-        '$."arclight.task_id"',                                -- 17
-        '$."arclight.attempt"',                                -- 18
-        '$."traceloop.span.kind"',                             -- 19
-        '$."arclight.rollout.status"'                          -- 20
-    ]) AS a
-    FROM deduped
-),
-classified AS (
-    SELECT
-        run_id, epoch,
-        coalesce(rollout_id, a[16]) AS rollout_id,
-        coalesce(task_id, a[17]) AS task_id,
-        coalesce(attempt, TRY_CAST(a[18] AS BIGINT)) AS attempt,
-        coalesce(rollout_id, a[16], trace_id) AS grp,
-        trace_id, span_id, parent_id, name, start_ns, end_ns, status_code,
-        a[1] = 'llm' OR a[12] IN ('chat', 'text_completion') OR a[9] = 'LLM'
-            OR a[13] IN ('chat', 'completion') AS is_llm,
-        a[1] = 'tool' OR a[12] = 'execute_tool' OR a[9] = 'TOOL' OR a[19] = 'tool'
-            OR a[6] = 'tool' AS is_tool,
-        a[1] = 'reward' OR json_exists(attributes, '$."agentlightning.reward.0.value"') AS is_reward,
-        TRY_CAST(coalesce(a[14], a[15]) AS DOUBLE) AS reward_value,
-        coalesce(a[2], a[3], CASE WHEN a[6] = 'agent' THEN a[7] END, a[4], a[8],
-                 CASE WHEN json_valid(a[10]) THEN json_extract_string(a[10], '$.langgraph_node') END,
-                 a[11], a[5], CASE WHEN a[9] = 'AGENT' THEN name END) AS agent_label,
-        a[1] = 'rollout' AS is_rollout,
-        a[20] AS rollout_status,
-        contains(events, '"name":"exception"') AS has_exception,
-        attributes
-    FROM extracted
-),
-latest_attempt AS (
-    -- a retried rollout trains on its last attempt only
-    SELECT grp, max(attempt) AS attempt FROM classified GROUP BY grp
-),
-nodes AS MATERIALIZED (
-    SELECT c.* EXCLUDE (is_llm, is_tool, is_reward, agent_label, attributes),
-        coalesce(c.is_llm, false) AS is_llm,
-        coalesce(c.is_tool, false) AND NOT coalesce(c.is_llm, false) AS is_tool,
-        coalesce(c.is_reward, false) AS is_reward,
-        c.agent_label IS NOT NULL
-            AND NOT (coalesce(c.is_llm, false) OR coalesce(c.is_tool, false) OR coalesce(c.is_reward, false)) AS is_agent,
-        c.agent_label,
-        CASE WHEN c.is_llm THEN c.attributes END AS llm_attributes,
-        row_number() OVER () AS node
-    FROM classified c
-    JOIN latest_attempt l ON l.grp = c.grp AND l.attempt IS NOT DISTINCT FROM c.attempt
-),
-linked AS (
+linked AS MATERIALIZED (
     -- the original parent, when it exists in the same rollout
-    SELECT n.* EXCLUDE (llm_attributes), p.node AS orig_parent,
+    SELECT n.node, n.grp, n.start_ns, n.end_ns, n.is_agent, n.is_llm, n.parent_id,
+           p.node AS orig_parent,
            p.start_ns <= n.start_ns AND n.end_ns <= p.end_ns AS parent_encloses
-    FROM nodes n
-    LEFT JOIN nodes p ON p.trace_id = n.trace_id AND p.span_id = n.parent_id AND p.grp = n.grp
+    FROM span_nodes n
+    LEFT JOIN span_nodes p ON p.trace_id = n.trace_id AND p.span_id = n.parent_id AND p.grp = n.grp
 ),
 original_paths (node, path) AS (
     -- root-to-span path in the original tree; spans caught in a parent cycle get none
@@ -149,23 +67,19 @@ skipped_agent AS (
       AND list_contains(a.path, p.node) AND NOT list_contains(a.path, s.node)
       AND (a.start_ns < s.start_ns OR a.end_ns > s.end_ns OR (a.depth, a.node) < (s.depth, s.node))
     QUALIFY row_number() OVER (PARTITION BY s.node ORDER BY a.end_ns - a.start_ns, a.start_ns DESC, a.node DESC) = 1
+),
+new_parent AS (
+    SELECT w.node, w.detach_reason, w.depth, sa.candidate AS agent_candidate, tp.candidate AS enclosing_candidate,
+        coalesce(sa.candidate, tp.candidate, CASE WHEN w.detach_reason IS NULL THEN w.orig_parent END) AS parent_node
+    FROM with_paths w
+    LEFT JOIN tightest_parent tp ON tp.node = w.node
+    LEFT JOIN skipped_agent sa ON sa.node = w.node
 )
 SELECT
-    w.run_id, w.epoch, w.rollout_id, w.task_id, w.attempt, w.grp, w.node,
-    w.trace_id, w.span_id, w.name, w.start_ns, w.end_ns, w.status_code,
-    coalesce(sa.candidate, tp.candidate, CASE WHEN w.detach_reason IS NULL THEN w.orig_parent END) AS parent_node,
-    np.trace_id AS parent_trace_id,
-    np.span_id AS parent_span_id,
-    w.parent_id AS original_parent_id,
-    CASE WHEN sa.candidate IS NOT NULL THEN 'agent_skipped'
-         WHEN tp.candidate IS NOT NULL AND w.detach_reason = 'root' THEN 'enclosed_root'
-         WHEN tp.candidate IS NOT NULL THEN w.detach_reason
-         WHEN w.detach_reason IN ('missing_parent', 'parent_cycle', 'outside_parent') THEN w.detach_reason || '_no_enclosing_span'
-    END AS repair_reason,
-    w.is_llm, w.is_tool, w.is_reward, w.is_agent, w.is_rollout, w.agent_label,
-    w.reward_value, w.rollout_status, w.has_exception, payload.llm_attributes
-FROM with_paths w
-JOIN nodes payload ON payload.node = w.node
-LEFT JOIN tightest_parent tp ON tp.node = w.node
-LEFT JOIN skipped_agent sa ON sa.node = w.node
-LEFT JOIN nodes np ON np.node = coalesce(sa.candidate, tp.candidate, CASE WHEN w.detach_reason IS NULL THEN w.orig_parent END)
+    node, parent_node,
+    CASE WHEN agent_candidate IS NOT NULL THEN 'agent_skipped'
+         WHEN enclosing_candidate IS NOT NULL AND detach_reason = 'root' THEN 'enclosed_root'
+         WHEN enclosing_candidate IS NOT NULL THEN detach_reason
+         WHEN detach_reason IN ('missing_parent', 'parent_cycle', 'outside_parent') THEN detach_reason || '_no_enclosing_span'
+    END AS repair_reason
+FROM new_parent

@@ -3,7 +3,7 @@
 -- a number. kind = 'tool_failure': a failed tool call or an exception span, value
 -- -$tool_failure_penalty, charged to the call that caused it (caused_by_call: the latest call of
 -- the same agent -- else of the rollout -- that ended before the failure started).
--- Reads: span_agents (sql/agents.sql), llm_calls (sql/llm_calls.sql).
+-- Reads: span_agents (sql/agents.sql), calls (sql/calls.sql).
 WITH
 reward_spans AS (
     SELECT run_id, epoch, rollout_id, task_id, grp, node, trace_id, span_id, name, start_ns, end_ns,
@@ -24,7 +24,7 @@ innermost_failures AS (
     WHERE p.node IS NULL AND NOT f.in_reward
 ),
 policy_calls AS (
-    SELECT grp, coalesce(agent_name, '') AS agent_key, end_ns, call_key FROM llm_calls WHERE NOT in_reward
+    SELECT grp, coalesce(agent_name, '') AS agent_key, end_ns, call_key FROM calls WHERE NOT in_reward
 ),
 caused_by_same_agent AS (
     SELECT f.node, c.call_key

@@ -1,7 +1,7 @@
 -- rollout_summary: one row per rollout (per trace for production spans): status, final reward,
 -- calls, tokens, duration, agents, span coverage (share of spans owned by an agent), repairs
 -- and flags. Independent of any policy's agent selection.
--- Reads: span_agents, llm_calls, rewards.
+-- Reads: span_agents, calls, rewards.
 WITH
 span_stats AS (
     SELECT grp, any_value(run_id) AS run_id, any_value(epoch) AS epoch,
@@ -19,10 +19,10 @@ call_stats AS (
         count(*) FILTER (WHERE NOT in_reward) AS calls,
         count(*) FILTER (WHERE in_reward) AS judge_calls,
         count(*) FILTER (WHERE list_contains(flags, 'missing_token_ids')) AS calls_missing_token_ids,
-        sum(coalesce(len(prompt_token_ids), usage_input_tokens)) AS prompt_tokens,
-        sum(coalesce(len(response_token_ids), usage_output_tokens)) AS response_tokens,
+        sum(coalesce(prompt_tokens, usage_input_tokens)) AS prompt_tokens,
+        sum(coalesce(response_tokens, usage_output_tokens)) AS response_tokens,
         list(DISTINCT agent_name ORDER BY agent_name) FILTER (WHERE agent_name IS NOT NULL) AS agents
-    FROM llm_calls GROUP BY grp
+    FROM calls GROUP BY grp
 ),
 reward_stats AS (
     SELECT grp,

@@ -1,4 +1,5 @@
-"""Build span rows for pipeline tests directly in the lake's schema (no SDK in between)."""
+"""Build span rows for pipeline tests directly in the lake's schema (no SDK in between; attributes
+are promoted to typed columns exactly as at ingest)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_core.lake import Lake, Partition, rows_to_table
+from lightning_core.lake import Lake, Partition, promoted_columns, rows_to_table
 
 _ids = itertools.count(1)
 
@@ -33,7 +34,7 @@ class Rollout:
         self.rows.append({
             "trace_id": trace_id or self.trace_id, "span_id": span_id, "parent_id": parent, "name": name,
             "kind": "INTERNAL", "start_ns": start * 1000, "end_ns": end * 1000, "status_code": status,
-            "status_message": None, "attributes": json.dumps(attrs or {}), "events": json.dumps(events or []),
+            "status_message": None, **promoted_columns(attrs or {}), "events": json.dumps(events or []),
             "links": "[]", "resource": "{}", "scope_name": "test", "scope_version": None, "service_name": "test",
             "rollout_id": self.rollout_id, "task_id": self.task_id, "attempt": self.attempt, "received_ns": received_ns,
         })

@@ -41,7 +41,8 @@ def gateway_spans(collector_config, admin: GatewayClient, response_id: str, *, e
     while True:
         with Catalog.from_config(collector_config).read() as con:
             rows = con.execute(
-                """SELECT attributes, rollout_id, task_id, run_id, epoch, status_code, name, trace_id FROM spans
+                """SELECT attributes, rollout_id, task_id, run_id, epoch, status_code, name, trace_id,
+                          prompt_token_ids, response_token_ids, response_logprobs FROM spans
                    WHERE json_extract_string(attributes, '$."gen_ai.response.id"') = ?""",
                 [response_id],
             ).fetchall()
@@ -50,8 +51,11 @@ def gateway_spans(collector_config, admin: GatewayClient, response_id: str, *, e
         time.sleep(0.3)
     keys = ("attributes", "rollout_id", "task_id", "run_id", "epoch", "status_code", "name", "trace_id")
     spans = [dict(zip(keys, row)) for row in rows]
-    for span in spans:
+    for span, row in zip(spans, rows):
+        # the token id and logprob arrays are stored as typed columns, not in the attributes JSON
         span["attributes"] = json.loads(span["attributes"])
+        typed = zip((semconv.PROMPT_TOKEN_IDS, semconv.RESPONSE_TOKEN_IDS, semconv.RESPONSE_LOGPROBS), row[len(keys):])
+        span["attributes"].update({key: value for key, value in typed if value is not None})
     assert len(spans) == expect, f"expected {expect} span(s) for {response_id}, found {len(spans)}"
     return spans
 

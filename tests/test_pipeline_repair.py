@@ -129,3 +129,18 @@ def test_only_the_last_attempt_of_a_rollout_is_used(tmp_path):
     write(cfg.lake.path, [first, second])
     con = shared_stages(cfg)
     assert rows(con, "SELECT attempt, start_ns FROM llm_calls") == [{"attempt": 1, "start_ns": 21000}]
+
+
+def test_spans_without_an_attempt_number_join_the_last_attempt_they_fall_in(tmp_path):
+    # the gateway's span of a call carries no attempt when the rollout was registered without one
+    cfg = make_config(tmp_path)
+    first, second = Rollout("ro1", attempt=0), Rollout("ro1", attempt=1)
+    first.call(1, 2, parent=first.span("rollout", 0, 10))
+    gateway = Rollout("ro1", attempt=None)
+    gateway.call(3, 4, prompt=(9,), response_id="old")
+    second.span("openai.chat", 21, 24, parent=second.agent("solver", 20, 30),
+                        attrs={"gen_ai.operation.name": "chat", "gen_ai.response.id": "new"})
+    gateway.call(22, 23, prompt=(7, 8), response_id="new")
+    write(cfg.lake.path, [first, second, gateway])
+    calls = rows(shared_stages(cfg), "SELECT response_id, prompt_token_ids, agent_name, span_count FROM llm_calls")
+    assert calls == [{"response_id": "new", "prompt_token_ids": [7, 8], "agent_name": "solver", "span_count": 2}]

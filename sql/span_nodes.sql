@@ -1,0 +1,82 @@
+-- span_nodes: one narrow row per span of one (run, epoch) -- or of the production traces when
+-- $run_id is NULL -- de-duplicated on (trace_id, span_id), of the rollout's last attempt only,
+-- classified (agent, llm, tool, reward, rollout) and numbered (node). No payload: LLM spans'
+-- messages and token ids are read back from the lake by sql/llm_spans.sql.
+-- Parameters: $run_id, $epoch (NULL = every epoch of the run).
+WITH
+selected AS (
+    SELECT run_id, epoch, rollout_id, task_id, attempt, trace_id, span_id, parent_id, name,
+           start_ns, end_ns, status_code, span_kind, agent_name, reward_value, received_ns,
+           hash(filename) AS file_key, file_row_number,  -- which stored copy (sql/llm_spans.sql reads it back)
+           contains(events, '"name":"exception"') AS has_exception,
+           json_extract_string(attributes, [
+               '$."gen_ai.agent.name"',                               -- 1
+               '$."recipient_agent_type"',                            -- 2
+               '$."langchain.chain.type"',                            -- 3
+               '$."agentops.span.kind"',                              -- 4
+               '$."operation.name"',                                  -- 5
+               '$."executor.id"',                                     -- 6
+               '$."openinference.span.kind"',                         -- 7
+               '$."metadata"',                                        -- 8
+               '$."traceloop.association.properties.langgraph_node"', -- 9
+               '$."gen_ai.operation.name"',                           -- 10
+               '$."llm.request.type"',                                -- 11
+               '$."arclight.rollout_id"',                             -- 12
+               '$."arclight.task_id"',                                -- 13
+               '$."arclight.attempt"',                                -- 14
+               '$."traceloop.span.kind"',                             -- 15
+               '$."arclight.rollout.status"',                         -- 16
+               '$."agentlightning.reward.0.value"'                    -- 17
+           ]) AS a
+    FROM spans_raw
+    WHERE run_id IS NOT DISTINCT FROM $run_id
+      AND ($epoch IS NULL OR epoch = $epoch)
+),
+classified AS MATERIALIZED (
+    SELECT
+        run_id, epoch,
+        coalesce(rollout_id, a[12]) AS rollout_id,
+        coalesce(task_id, a[13]) AS task_id,
+        coalesce(attempt, TRY_CAST(a[14] AS BIGINT)) AS attempt,
+        coalesce(rollout_id, a[12], trace_id) AS grp,
+        trace_id, span_id, parent_id, name, start_ns, end_ns, status_code, received_ns,
+        file_key, file_row_number, hash(trace_id, span_id) AS span_key,
+        coalesce(span_kind = 'llm' OR a[10] IN ('chat', 'text_completion') OR a[7] = 'LLM'
+                 OR a[11] IN ('chat', 'completion'), false) AS is_llm,
+        coalesce(span_kind = 'tool' OR a[10] = 'execute_tool' OR a[7] = 'TOOL' OR a[15] = 'tool'
+                 OR a[4] = 'tool', false) AS is_tool,
+        coalesce(span_kind = 'reward' OR a[17] IS NOT NULL, false) AS is_reward,
+        reward_value,
+        coalesce(agent_name, a[1], CASE WHEN a[4] = 'agent' THEN a[5] END, a[2], a[6],
+                 CASE WHEN json_valid(a[8]) THEN json_extract_string(a[8], '$.langgraph_node') END,
+                 a[9], a[3], CASE WHEN a[7] = 'AGENT' THEN name END) AS agent_label,
+        coalesce(span_kind = 'rollout', false) AS is_rollout,
+        a[16] AS rollout_status,
+        has_exception
+    FROM selected
+),
+duplicated AS (
+    -- OTLP retries and compaction can store a span twice (rare): find them on one hashed key
+    SELECT span_key FROM classified GROUP BY span_key HAVING count(*) > 1
+),
+deduped AS (
+    SELECT c.* FROM classified c ANTI JOIN duplicated d USING (span_key)
+    UNION ALL
+    (SELECT c.* FROM classified c SEMI JOIN duplicated d USING (span_key)
+     QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY received_ns DESC) = 1)
+),
+attempt_starts AS (
+    SELECT grp, attempt, min(start_ns) AS first_start FROM deduped WHERE attempt IS NOT NULL GROUP BY grp, attempt
+),
+latest_attempt AS (
+    -- a retried rollout trains on its last attempt only; spans that carry no attempt number (a
+    -- gateway the rollout was registered with without one) count when they start within it
+    SELECT grp, max(attempt) AS attempt, arg_max(first_start, attempt) AS first_start FROM attempt_starts GROUP BY grp
+)
+SELECT d.* EXCLUDE (is_tool),
+    d.is_tool AND NOT d.is_llm AS is_tool,
+    d.agent_label IS NOT NULL AND NOT (d.is_llm OR d.is_tool OR d.is_reward) AS is_agent,
+    row_number() OVER () AS node
+FROM deduped d
+LEFT JOIN latest_attempt l ON l.grp = d.grp
+WHERE l.grp IS NULL OR d.attempt = l.attempt OR (d.attempt IS NULL AND d.start_ns >= l.first_start)
