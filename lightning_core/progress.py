@@ -17,6 +17,20 @@ from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what is wrong and how to fix it (no traceback needed)."""
+    from lightning_core.config import ConfigError
+    from lightning_core.epoch import DatasetError
+    from lightning_core.pipeline import PipelineError
+    from lightning_core.redeploy import RedeployError
+    from lightning_core.services import ServiceError
+
+    return (ConfigError, DatasetError, PipelineError, RedeployError, ServiceError)
+
+
+EXPECTED_ERRORS = _expected_errors()
+
+
 def _snapshot(catalog: Catalog, run_id: str) -> dict[str, Any]:
     with catalog.read() as con:
         epochs = con.execute("SELECT epoch, status FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
@@ -74,6 +88,11 @@ def run_with_progress(
             console.print("[yellow]interrupted:[/yellow] services started for this run were stopped; "
                           "run the same command again to resume where it stopped")
             raise SystemExit(130) from None
+        except EXPECTED_ERRORS as exc:
+            stop.set()
+            console.print(f"[red]error:[/red] {exc}")
+            console.print("completed stages are kept; fix the problem and run the same command again to resume")
+            raise SystemExit(1) from None
         finally:
             stop.set()
             poller.join(timeout=5)

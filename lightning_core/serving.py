@@ -135,6 +135,8 @@ def start_gateway(
         if not service.alive():
             raise ServiceError(f"gateway.endpoint {g.endpoint} does not answer /healthz: start it or remove the setting")
         return service
+    if g.port == 0:
+        g = g.model_copy(update={"port": free_port()})
     log_dir = log_dir or config.project_dir / ".arclight" / "logs"
     argv = [
         sys.executable, "-m", "lightning_core", "gateway",
