@@ -102,6 +102,12 @@ class ServingConfig(Section):
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for the CPU build.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments, e.g. ['--enforce-eager'].")
     verify_prompt: str = Field("Say hi.", description="Prompt of the real request that verifies a redeployed version.")
+    redeploy: Literal["auto", "lora", "merged"] = Field(
+        "auto",
+        description="lora: hot-load each version as an adapter (keeps rollbacks loaded; several policies at once). "
+        "merged: merge the adapter into the base weights and reload them in place (vLLM on CPU serves adapters "
+        "several times slower). auto: merged when vLLM runs on CPU with one policy, else lora.",
+    )
 
 
 class TrackingConfig(Section):

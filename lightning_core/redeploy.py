@@ -149,12 +149,49 @@ def deploy_full_weights(
             if response.status_code != 200:
                 raise RedeployError(f"vLLM at {replica} could not reload weights from {model_dir}: "
                                     f"{response.status_code} {response.text[:2000]}")
+            # cached prefixes were computed with the old weights (every rollout shares its system prompt)
+            reset = http.post(f"{replica}/reset_prefix_cache")
+            if reset.status_code != 200:
+                raise RedeployError(f"vLLM at {replica} reloaded weights but could not reset its prefix cache: "
+                                    f"{reset.status_code} {reset.text[:500]}")
         load_s = time.perf_counter() - started
         texts = [_verify(http, replica, base, verify_prompt) for replica in replicas]
         first_answer_s = time.perf_counter() - started
     gateway.switch_policy(policy, served_model=base, version=version)
     return Deployment(policy=policy, version=version, served_model=base, load_s=load_s, first_answer_s=first_answer_s,
                       switch_s=time.perf_counter() - started, verify_text=texts[0])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def merge_adapter(*, base_model_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Write base weights with the LoRA adapter merged in to ``out_dir`` (atomically); reuse it if present.
+
+    On CPU, vLLM serves a LoRA adapter several times slower than plain weights, so there the
+    redeploy path merges and reloads weights in place instead of loading the adapter.
+    """
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    check_adapter_dir(adapter_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (Path(base_model_dir) / name).is_file():
+            shutil.copy2(Path(base_model_dir) / name, tmp / name)
+    tmp.rename(out_dir)
+    return out_dir
 
 
 def _served(http: httpx.Client, replica: str) -> set[str]:

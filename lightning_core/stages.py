@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lightning_core import epoch as ep
@@ -127,13 +129,28 @@ class Redeployed:
     first_answer_s: float
 
 
+def redeploy_mode(config: ArclightConfig) -> str:
+    """Return how new versions reach vLLM: 'lora' (adapters) or 'merged' (weights reloaded in place)."""
+    mode = config.serving.redeploy
+    if mode == "auto":
+        on_gpu = shutil.which("nvidia-smi") is not None
+        mode = "merged" if not on_gpu and len(config.policies) == 1 else "lora"
+    if mode == "merged" and len(config.policies) > 1:
+        raise ValueError(f"serving.redeploy=merged serves one set of weights, but {len(config.policies)} policies are "
+                         "configured: use serving.redeploy=lora to serve one adapter per policy")
+    return mode
+
+
 def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does)."""
-    from lightning_core.redeploy import deploy_adapter, served_name
+    from lightning_core.redeploy import deploy_adapter, deploy_full_weights, merge_adapter
+    from lightning_core.serving import model_dir
     from lightning_core.trainer.versions import latest_version
 
     catalog = Catalog.from_config(config)
     gateway = stack.gateway_client(config)
+    mode = redeploy_mode(config)
+    replicas = [r.url for r in stack.replicas]
     deployed = []
     try:
         serving = gateway.policies()["policies"]
@@ -142,14 +159,19 @@ def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
             if latest is None:
                 continue
             number = version_number(latest["version"])
-            if (serving.get(policy.name) or {}).get("served_model") == served_name(policy.name, number):
+            if (serving.get(policy.name) or {}).get("version") == number:
                 continue
-            if latest.get("kind") == "full":
-                raise NotImplementedError("full fine-tuning redeploy: restart vLLM with model.path set to the new checkpoint")
-            d = deploy_adapter(
-                gateway=gateway, replicas=[r.url for r in stack.replicas], policy=policy.name, adapter_dir=latest["path"],
-                version=number, keep_versions=config.serving.keep_versions, verify_prompt=config.serving.verify_prompt,
-            )
+            if latest.get("kind") == "full" or mode == "merged":
+                weights = Path(latest["path"])
+                if latest.get("kind") != "full":
+                    weights = merge_adapter(base_model_dir=model_dir(config), adapter_dir=weights,
+                                            out_dir=weights.with_name(f"{weights.name}.merged"), dtype=config.serving.dtype)
+                d = deploy_full_weights(gateway=gateway, replicas=replicas, policy=policy.name, model_dir=weights,
+                                        version=number, verify_prompt=config.serving.verify_prompt)
+            else:
+                d = deploy_adapter(gateway=gateway, replicas=replicas, policy=policy.name, adapter_dir=latest["path"],
+                                   version=number, keep_versions=config.serving.keep_versions,
+                                   verify_prompt=config.serving.verify_prompt)
             deployed.append(Redeployed(policy.name, latest["version"], d.first_answer_s))
     finally:
         gateway.close()
@@ -163,7 +185,11 @@ def serving_versions(config: ArclightConfig, stack: Stack) -> dict[str, str]:
         serving = gateway.policies()["policies"]
     finally:
         gateway.close()
-    return {p.name: (serving.get(p.name) or {}).get("served_model") or "base" for p in config.policies}
+    labels = {}
+    for p in config.policies:
+        number = (serving.get(p.name) or {}).get("version") or 0
+        labels[p.name] = f"{p.name}-v{number}" if number else "base"
+    return labels
 
 
 def summary_rows(config: ArclightConfig) -> list[dict[str, Any]]:

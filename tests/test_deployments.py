@@ -60,7 +60,7 @@ def test_deploy_all_then_run_train_epoch_on_a_process_worker(prefect_server, tmp
         f"gateway.port={free_port()}", f"model.path={tiny_model_dir}", "model.served_name=tiny",
         "policies=[{name: deployed}]", "rollouts.agent=tests.helpers.flow_agent:run",
         f"rollouts.agent_path={json.dumps([str(REPO)])}", f"rollouts.dataset={dataset}",
-        "rollouts.group_size=3", "rollouts.timeout_s=60", "trainer.lora_r=4", "trainer.lora_alpha=8",
+        "rollouts.group_size=3", "rollouts.timeout_s=60", "serving.redeploy=lora", "trainer.lora_r=4", "trainer.lora_alpha=8",
     ]
     run = _prefect(env, "deployment", "run", "train-epoch/calc", "--params", json.dumps({"overrides": overrides}))
     flow_run_id = next(line.split(":")[-1].strip() for line in run.stdout.splitlines() if "UUID" in line)

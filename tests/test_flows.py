@@ -49,6 +49,7 @@ def _overrides(tmp, *, vllm_server, collector, collector_config, tiny_model_dir,
         "trainer.lora_r": "4",
         "trainer.lora_alpha": "8",
         "trainer.learning_rate": "0.01",
+        "serving.redeploy": "lora",  # the session shares one vLLM: keep its base weights (test_redeploy covers merged)
         **extra,
     }
     return [f"{k}={v}" for k, v in settings.items()]

@@ -119,3 +119,29 @@ def test_switch_to_an_adapter_that_is_not_loaded_is_refused(gateway):
     r = httpx.put(f"{gateway.url}/admin/policies/default", json={"served_model": "never-loaded-v9", "version": 9})
     assert r.status_code == 409 and "not loaded" in r.json()["error"]["message"]
     assert json.loads(httpx.get(f"{gateway.url}/admin/policies").text)["policies"]["default"]["served_model"] is None
+
+
+def test_merged_redeploy_reloads_weights_in_place_and_resets_the_prefix_cache(gateway, vllm_server, adapter_dir, tiny_model_dir, tmp_path):
+    from lightning_core.redeploy import deploy_full_weights, merge_adapter
+
+    policy = "merged-test"
+    admin = GatewayClient(gateway.url)
+    client = OpenAI(base_url=admin.register_rollout(rollout_id="merged-1", run_id="redeploy-test", epoch=0),
+                    api_key="x", max_retries=0)
+    pid = vllm_server.process.pid
+    before = greedy(client, "tiny")
+    assert TARGET not in before  # also warms the prefix cache with the base weights
+    merged = merge_adapter(base_model_dir=tiny_model_dir, adapter_dir=adapter_dir, out_dir=tmp_path / "v1.merged", dtype="float32")
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    assert merge_adapter(base_model_dir=tiny_model_dir, adapter_dir=adapter_dir, out_dir=merged) == merged  # reused
+    try:
+        done = deploy_full_weights(gateway=admin, replicas=[vllm_server.url], policy=policy, model_dir=merged, version=1)
+        assert (done.version, done.served_model) == (1, "tiny")
+        assert greedy(client, policy).startswith(TARGET)  # same prompt as before: the stale prefix cache was reset
+        assert admin.policies()["policies"][policy]["version"] == 1
+        assert vllm_server.process.pid == pid
+    finally:  # give the session's other tests their base weights back
+        httpx.post(f"{vllm_server.url}/collective_rpc", timeout=300,
+                   json={"method": "reload_weights", "kwargs": {"weights_path": str(tiny_model_dir)}}).raise_for_status()
+        httpx.post(f"{vllm_server.url}/reset_prefix_cache", timeout=60).raise_for_status()
+    assert greedy(client, "tiny") == before
