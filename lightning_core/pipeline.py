@@ -210,8 +210,8 @@ def materialize_triplets(
             epochs = [epoch]
         for output in store.OUTPUTS:
             for e in epochs:
-                rows = con.sql(f"SELECT * EXCLUDE (run_id, epoch) FROM {output} WHERE epoch IS NOT DISTINCT FROM $e",
-                               params={"e": e}).to_arrow_table()
+                rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
+                               "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
                 store.replace_partition(store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows)
         report.stage_seconds["write_outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
         collected = []
@@ -258,7 +258,8 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
     table = store.conform_triplets(table)
     _count_policy(table, report)
     for e in epochs:
-        part = table.filter(pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
+        part = table if len(epochs) == 1 else table.filter(
+            pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
         folder = store.output_dir(lake_root, "triplets", run_id=run_id, epoch=e, policy=policy.name)
         store.replace_partition(folder, store.drop_partition_columns(part))
         report.path = str(folder)
@@ -323,7 +324,8 @@ def _ensure_schema_outputs(config: ArclightConfig, lake_root: Path) -> None:
         for stage, table in SHARED_STAGES:
             run_stage(con, stage, params=base, table=table)
         for output, folder in zip(store.OUTPUTS, wanted):
-            store.replace_partition(folder, con.sql(f"SELECT * EXCLUDE (run_id, epoch) FROM {output}").to_arrow_table())
+            store.replace_partition(folder, con.sql(
+                f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output}").to_arrow_table())
     finally:
         con.close()
     store.replace_partition(triplets_dir, store.drop_partition_columns(store.TRIPLET_SCHEMA.empty_table()))

@@ -23,6 +23,10 @@ import pyarrow.parquet as pq
 PRODUCTION_RUN = "_production"
 SCHEMA_RUN = "_schema"
 OUTPUTS = ("llm_calls", "rewards", "rollout_summary")
+# Columns of an output that its lake files leave out: the partition values (folder names) and, for
+# llm_calls, the token arrays -- the triplets and the spans' typed columns hold those, so the
+# stored calls keep counts (prompt_tokens, response_tokens) and messages only.
+NOT_STORED = {"llm_calls": "run_id, epoch, prompt_token_ids, response_token_ids, response_logprobs"}
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 
 # The row contract the trainer reads (load_triplets). Extra columns may follow, never fewer.

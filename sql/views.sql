@@ -4,7 +4,8 @@
 -- (run_id NULL); `_schema` holds the empty files that keep the views valid on an empty lake.
 
 -- llm_calls: one row per model call (gateway and instrumentation spans of a call merged), with
--- its owning agent, token ids, logprobs, messages, model, policy version and flags.
+-- its owning agent, token counts, messages, model, policy version and flags. Its token ids and
+-- logprobs are in the triplets, and in the spans view's typed columns (join on span_id).
 CREATE OR REPLACE VIEW llm_calls AS
 SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS run_id,
                   CASE WHEN run_id = '_production' THEN NULL ELSE epoch END AS epoch)
@@ -44,8 +45,8 @@ SELECT run_id, epoch, agent_name,
        count(*) FILTER (WHERE in_reward) AS judge_calls,
        count(DISTINCT grp) AS rollouts,
        count(*) FILTER (WHERE list_contains(flags, 'missing_token_ids')) AS calls_missing_token_ids,
-       sum(len(prompt_token_ids)) AS prompt_tokens,
-       sum(len(response_token_ids)) AS response_tokens,
+       sum(prompt_tokens) AS prompt_tokens,
+       sum(response_tokens) AS response_tokens,
        make_timestamp_ns(min(start_ns)) AS first_call, make_timestamp_ns(max(end_ns)) AS last_call
 FROM llm_calls
 GROUP BY ALL;
