@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 train: setup
-	.venv/bin/arclight demo
+	.venv/bin/arclight train examples/calc/config.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q -ra
