@@ -178,20 +178,22 @@ def merge_adapter(*, base_model_dir: Path, adapter_dir: Path, out_dir: Path, dty
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lightning_core.durable import save_atomically
+
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
         return out_dir
     check_adapter_dir(adapter_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=getattr(torch, dtype))
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(tmp, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (Path(base_model_dir) / name).is_file():
-            shutil.copy2(Path(base_model_dir) / name, tmp / name)
-    tmp.rename(out_dir)
-    return out_dir
+
+    def write(tmp: Path) -> None:
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=getattr(torch, dtype))
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (Path(base_model_dir) / name).is_file():
+                shutil.copy2(Path(base_model_dir) / name, tmp / name)
+
+    return save_atomically(write, root=out_dir.parent, name=out_dir.name)
 
 
 def _served(http: httpx.Client, replica: str) -> set[str]:

@@ -7,30 +7,14 @@ pointing at a complete version (it is replaced with ``os.replace``, never edited
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
-from typing import Callable
+
+from lightning_core.durable import fsync_dir as _fsync_dir
+from lightning_core.durable import save_atomically
+
+__all__ = ["LATEST", "save_atomically", "set_latest", "latest"]
 
 LATEST = "latest"
-
-
-def save_atomically(write: Callable[[Path], None], *, root: Path, name: str) -> Path:
-    """Call ``write(tmp_dir)``, fsync what it wrote, and rename it to ``root/name``; return that path."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / name
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists; versions are immutable")
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
-    return final
 
 
 def set_latest(root: Path, name: str) -> Path:
@@ -50,23 +34,3 @@ def latest(root: Path) -> Path | None:
     """Return the resolved folder 'latest' points at, or None when there is none."""
     link = root / LATEST
     return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for path in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
-        _fsync_dir(path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

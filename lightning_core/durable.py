@@ -1,0 +1,52 @@
+"""Durable writes: fsync files and folders, and publish a folder atomically by rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (new or renamed names) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        fsync_dir(path)
+
+
+def save_atomically(write: Callable[[Path], None], *, root: Path, name: str) -> Path:
+    """Call ``write(tmp_dir)``, fsync what it wrote, and rename it to ``root/name``; return that path.
+
+    A crash at any point leaves either no ``root/name`` or a complete one.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; it is immutable once written")
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(root)
+    return final
