@@ -1,0 +1,125 @@
+"""Measure what training does for an example: evaluate, train N epochs, evaluate again; print a table.
+
+    .venv/bin/python examples/measure.py examples/sql/config.yaml --epochs 2 --eval-tasks 16
+    .venv/bin/python examples/measure.py examples/sql/config.multi.yaml --epochs 2 --set rollouts.tasks_per_epoch=4
+
+Each measurement is a fresh project in ``<example>/.arclight/measure/<stamp>/`` (its own lake,
+catalog, checkpoints and MLflow store), so earlier runs never leak in: the "before" number is
+always the base model. The services (collector, vLLM, gateway) start once and serve all three
+flows. The result is printed as a markdown table and appended to ``<example>/RESULTS.md`` with
+the exact command, so anyone can re-run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_core import stack as services  # noqa: E402
+from lightning_core.config import load_config  # noqa: E402
+
+
+def machine() -> str:
+    """Describe this machine in one line: CPU model, cores, memory, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        mem = f"{mem_kib / 2**20:.0f} GiB"
+    except (OSError, StopIteration):
+        mem = "? GiB"
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem}, {gpu}"
+
+
+def project_overrides(config_path: Path, work: Path, run_name: str, extra: list[str]) -> list[str]:
+    """Overrides that move a config into the fresh project folder ``work``, keeping its data and agent paths."""
+    original = load_config(config_path, overrides=extra)
+    r = original.rollouts
+    pinned = [f"project_dir={work}", f"run_name={run_name}",
+              f"rollouts.agent_path={[str(p) for p in [*r.agent_path, original.project_dir]]}"]
+    for key in ("dataset", "eval_dataset"):
+        if getattr(r, key) is not None:
+            pinned.append(f"rollouts.{key}={getattr(r, key)}")
+    return [*pinned, *extra]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs between the two evaluations")
+    parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks evaluated (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds task sampling and the trainer")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to append to (default <example>/RESULTS.md)")
+    args = parser.parse_args()
+
+    from flows.train import evaluate, train
+
+    config_path = args.config.resolve()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work = config_path.parent / ".arclight" / "measure" / f"{config_path.stem}-{stamp}"
+    work.mkdir(parents=True)
+    # free ports, so a measurement never collides with another project's services on this machine
+    extra = ["collector.port=0", "gateway.port=0", "serving.port=0",
+             f"rollouts.seed={args.seed}", f"trainer.seed={args.seed}", *args.overrides]
+    if args.eval_tasks:
+        extra.append(f"rollouts.eval_tasks={args.eval_tasks}")
+    name = load_config(config_path).name
+    overrides = project_overrides(config_path, work, f"{name}-measure-s{args.seed}", extra)
+    cfg = load_config(config_path, overrides=overrides)
+
+    started = time.perf_counter()
+    services.up(cfg)
+    try:
+        up_s = time.perf_counter() - started
+        before = evaluate(config_path=str(config_path), overrides=overrides, label="before")
+        t0 = time.perf_counter()
+        rows = train(config_path=str(config_path), overrides=overrides, epochs=args.epochs)
+        train_s = time.perf_counter() - t0
+        after = evaluate(config_path=str(config_path), overrides=overrides, label="after")
+    finally:
+        services.down(cfg)
+    total_s = time.perf_counter() - started
+
+    r = cfg.rollouts
+    rewards = ", ".join(f"{row['reward_mean']:.2f}" if row["reward_mean"] is not None else "-" for row in rows)
+    versions = rows[-1]["new_version"] or rows[-1]["policy_version"] if rows else "-"
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "examples/measure.py",
+                                                str(config_path.relative_to(REPO)), *sys.argv[2:]])
+    table = "\n".join([
+        f"### {config_path.relative_to(REPO)}, seed {args.seed} ({stamp})",
+        "",
+        f"`{command}`",
+        "",
+        "| held-out accuracy before | after | eval tasks | epochs | rollouts/epoch | train reward per epoch | last versions | train wall time | total wall time | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {before['success_rate']:.2%} | {after['success_rate']:.2%} | {after['tasks']} | {args.epochs} "
+        f"| {(r.tasks_per_epoch or '-')} x {r.group_size} | {rewards} | {versions} | {train_s / 60:.1f} min "
+        f"| {total_s / 60:.1f} min (services up {up_s:.0f} s) | {machine()} |",
+        "",
+    ])
+    print(table)
+    out = args.out or config_path.parent / "RESULTS.md"
+    if not out.exists():
+        out.write_text(f"# Measured results: {config_path.parent.name}\n\nAppended by `examples/measure.py`; newest last.\n\n")
+    with open(out, "a") as fh:
+        fh.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The examples' configs through the real train-epoch flow: selective and multi-policy sql, LangGraph calc.
+
+Each test runs the example's own config file with overrides that point it at the session's tiny
+model (real vLLM with LoRA), collector and a fresh project folder, on a few tasks of the example's
+own dataset. The tiny model writes no valid SQL, so the sql tests turn on the example's
+``similarity_weight`` reward shaping: groups then have unequal rewards and every epoch trains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lightning_core.catalog import Catalog
+from lightning_core.pipeline import load_triplets
+from lightning_core.services import free_port
+from lightning_core.config import load_config
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+SQL = REPO / "examples" / "sql"
+LANGGRAPH = REPO / "examples" / "langgraph_calc"
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def _tasks(tmp: Path, source: Path, n: int) -> str:
+    """The first ``n`` tasks of an example's dataset, as a JSONL file in ``tmp``."""
+    rows = source.read_text().splitlines()[:n]
+    path = tmp / f"tasks-{source.stem}.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def _overrides(tmp: Path, *, run: str, agent_path: Path, dataset: str, vllm_server, collector, collector_config,
+               tiny_model_dir, **extra: str) -> list[str]:
+    """Point an example config at the session's servers and a fresh project folder (tests/test_flows.py's pattern)."""
+    settings = {
+        "project_dir": str(tmp),
+        "lake.path": str(collector_config.lake.path),
+        "lake.catalog": str(tmp / "catalog.duckdb"),
+        "run_name": run,
+        "epochs": "2",
+        "collector.endpoint": collector.url,
+        "serving.urls": json.dumps([vllm_server.url]),
+        "gateway.port": str(free_port()),
+        "model.path": str(tiny_model_dir),
+        "model.served_name": "tiny",
+        "rollouts.agent_path": json.dumps([str(agent_path)]),
+        "rollouts.dataset": dataset,
+        "rollouts.tasks_per_epoch": "2",
+        "rollouts.group_size": "3",
+        "rollouts.concurrency": "6",
+        "rollouts.timeout_s": "60",
+        "rollouts.resources.max_tokens": "8",
+        "trainer.micro_batch_size": "8",
+        "trainer.lora_r": "4",
+        "trainer.lora_alpha": "8",
+        "trainer.learning_rate": "0.01",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def _sql_overrides(tmp: Path, run: str, **servers) -> list[str]:
+    return _overrides(tmp, run=run, agent_path=SQL, dataset=_tasks(tmp, SQL / "train.jsonl", 2), **servers, **{
+        "rollouts.resources.checker_model": "tiny",  # the base model's served name in the tests
+        "rollouts.resources.checker_max_tokens": "8",
+        "rollouts.resources.rewrite": "always",
+        "rollouts.resources.similarity_weight": "0.5",
+    })
+
+
+def _calls(config, run: str, epoch: int) -> list[tuple[str, str, str]]:
+    """(agent, served model, policy version) of every model call of an epoch (the llm_calls view)."""
+    with Catalog.from_config(config).read() as con:
+        return con.execute("SELECT agent_name, model, policy_version FROM llm_calls WHERE run_id = ? AND epoch = ? "
+                           "ORDER BY start_ns", [run, epoch]).fetchall()
+
+
+def _served_by_vllm(vllm_server) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{vllm_server.url}/v1/models", timeout=10).json()["data"]}
+
+
+def test_sql_selective_run_trains_writer_and_rewriter_while_the_checker_stays_on_the_base_model(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.train import train
+
+    run = "ex-sql-selective"
+    overrides = _sql_overrides(tmp_path, run, vllm_server=vllm_server, collector=collector,
+                               collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    rows = train(config_path=str(SQL / "config.yaml"), overrides=overrides)
+    cfg = load_config(SQL / "config.yaml", overrides=overrides)
+    assert cfg.policies[0].name == "sql" and cfg.policies[0].agent_match == "writer|rewriter"  # the example's own config
+    assert [(r["epoch"], r["status"], r["succeeded"]) for r in rows] == [(0, "completed", 6), (1, "completed", 6)]
+    assert rows[0]["new_version"] == "sql-v1" and rows[1]["policy_version"] == "sql-v1"
+
+    triplets = load_triplets(cfg, run_id=run, epoch=0, policy="sql").to_pylist()
+    calls = _calls(cfg, run, 0)
+    # every rollout made one call per agent; the checker's six are not training data
+    assert sorted(a for a, _, _ in calls) == ["checker"] * 6 + ["rewriter"] * 6 + ["writer"] * 6
+    assert sorted(t["agent_name"] for t in triplets) == ["rewriter"] * 6 + ["writer"] * 6
+    assert all(t["response_token_ids"] and t["prompt_token_ids"] for t in triplets)
+
+    # in epoch 1 the trained adapter served the writer and the rewriter, the base model the checker
+    served = {}
+    for agent, model, version in _calls(cfg, run, 1):
+        served.setdefault(agent, set()).add((model, version))
+    assert served == {"writer": {("sql-v1", "1")}, "rewriter": {("sql-v1", "1")}, "checker": {("tiny", "0")}}
+
+
+def test_sql_two_policies_serve_two_adapters_and_each_agent_calls_its_own(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.train import train
+
+    run = "ex-sql-multi"
+    overrides = _sql_overrides(tmp_path, run, vllm_server=vllm_server, collector=collector,
+                               collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    rows = train(config_path=str(SQL / "config.multi.yaml"), overrides=overrides)
+    cfg = load_config(SQL / "config.multi.yaml", overrides=overrides)
+    assert [(p.name, p.agent_match) for p in cfg.policies] == [("writer", "^writer$"), ("rewriter", "^rewriter$")]
+    assert rows[0]["new_version"] == "writer-v1,rewriter-v1"
+    assert rows[1]["policy_version"] == "writer-v1,rewriter-v1"
+
+    for policy in ("writer", "rewriter"):
+        triplets = load_triplets(cfg, run_id=run, epoch=0, policy=policy).to_pylist()
+        assert [t["agent_name"] for t in triplets] == [policy] * 6
+    assert {"writer-v1", "rewriter-v1"} <= _served_by_vllm(vllm_server)  # both adapters loaded at once
+
+    served = {}
+    for agent, model, version in _calls(cfg, run, 1):
+        served.setdefault(agent, set()).add((model, version))
+    assert served == {"writer": {("writer-v1", "1")}, "rewriter": {("rewriter-v1", "1")}, "checker": {("tiny", "0")}}
+
+
+def test_langgraph_calc_agent_trains_from_openinference_spans_with_node_names_as_agents(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.train import train_epoch
+
+    assert "lightning_core" not in (LANGGRAPH / "calc_graph.py").read_text()  # the graph is plain LangGraph
+    run = "ex-langgraph"
+    overrides = _overrides(tmp_path, run=run, agent_path=LANGGRAPH, vllm_server=vllm_server, collector=collector,
+                           collector_config=collector_config, tiny_model_dir=tiny_model_dir,
+                           dataset=_tasks(tmp_path, REPO / "examples" / "calc" / "train.jsonl", 2),
+                           **{"rollouts.agent_path": json.dumps([str(LANGGRAPH), str(REPO / "examples" / "calc")])})
+    row = train_epoch(config_path=str(LANGGRAPH / "config.yaml"), overrides=overrides)
+    cfg = load_config(LANGGRAPH / "config.yaml", overrides=overrides)
+    assert (row["status"], row["succeeded"]) == ("completed", 6)
+
+    with Catalog.from_config(cfg).read() as con:
+        instrumented = con.execute(
+            "SELECT count(*) FROM spans WHERE run_id = ? AND epoch = 0 "
+            "AND json_extract_string(attributes, '$.\"openinference.span.kind\"') = 'LLM'", [run]).fetchall()[0][0]
+        gateway = dict(con.execute(
+            "SELECT response_id, response_token_ids FROM spans WHERE run_id = ? AND epoch = 0 AND span_kind = 'llm' "
+            "AND response_token_ids IS NOT NULL", [run]).fetchall())
+        calls = con.execute("SELECT agent_name, span_count FROM llm_calls WHERE run_id = ? AND epoch = 0", [run]).fetchall()
+    triplets = load_triplets(cfg, run_id=run, epoch=0, policy="calc-langgraph").to_pylist()
+    assert instrumented == len(gateway) >= 6  # one ChatOpenAI span per gateway call
+    assert calls and all(c == ("solver", 2) for c in calls)  # the instrumentation's and the gateway's span, one call
+    assert len(triplets) == len(gateway)
+    for t in triplets:
+        assert t["agent_name"] == "solver"
+        assert t["response_token_ids"] == gateway[t["response_id"]]
+        assert t["reward"] == 0.0 or t["reward"] == 1.0
