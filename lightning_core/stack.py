@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -135,8 +136,8 @@ def status(config: ArclightConfig) -> dict[str, dict]:
     return {name: {**entry, "healthy": is_healthy(entry["health_url"])} for name, entry in _recorded(config).items()}
 
 
-def down(config: ArclightConfig) -> list[str]:
-    """Stop the services ``up`` recorded (SIGTERM to each process group); return their names."""
+def down(config: ArclightConfig, *, timeout_s: float = 30.0) -> list[str]:
+    """Stop the services ``up`` recorded (SIGTERM to each process group, SIGKILL after ``timeout_s``)."""
     stopped = []
     for name, entry in _recorded(config).items():
         pid = entry.get("pid")
@@ -145,5 +146,27 @@ def down(config: ArclightConfig) -> list[str]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
             stopped.append(name)
+    deadline = time.monotonic() + timeout_s
+    for name, entry in _recorded(config).items():
+        pid = entry.get("pid")
+        while pid and _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid and _running(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
     state_path(config).unlink(missing_ok=True)
     return stopped
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) counts as stopped
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
