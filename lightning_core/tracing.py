@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from lightning_core import semconv
 
@@ -182,12 +182,14 @@ def init_tracing(
     resource_attributes: Mapping[str, Any] | None = None,
     set_global: bool = True,
     exporter: SpanExporter | None = None,
+    batch: bool = True,
 ) -> Tracing:
     """Set up tracing for this process and return it.
 
     Exports over OTLP/HTTP to ``endpoint`` (default ``$ARCLIGHT_COLLECTOR_URL`` or
     http://127.0.0.1:4318), or, with ``lake`` (or ``$ARCLIGHT_LAKE``), straight into that lake.
     ``set_global`` also makes it the global provider, so framework instrumentations use it.
+    ``batch=False`` exports each span in its own request as it ends (for debugging; slow).
     """
     global _current
     context = context or RolloutContext.from_env()
@@ -205,7 +207,10 @@ def init_tracing(
             token = token or os.environ.get(ENV_TOKEN)
             headers = {"Authorization": f"Bearer {token}"} if token else None
             exporter = OTLPSpanExporter(endpoint=f"{url}/v1/traces", headers=headers)
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=200))
+    if batch:
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=200))
+    else:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
     if set_global:
         trace.set_tracer_provider(provider)
     _current = Tracing(provider, context)
