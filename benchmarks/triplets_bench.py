@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -200,6 +201,12 @@ def python_baseline(lake_root: Path, *, rollouts: int, run_id: str = "bench") ->
     return spans, time.perf_counter() - started, len(triplets)
 
 
+def _cpu_seconds() -> float:
+    """Return this process's CPU time (user + system, all threads): steadier than wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     """Generate, materialize, print a results row."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,11 +227,13 @@ def main() -> None:
     cfg = load_config(None, overrides=[f"project_dir={lake.parent}", f"lake.path={lake}",
                                        f"lake.duckdb_memory_limit={args.memory_limit}", f"lake.duckdb_threads={args.threads}"])
     for i in range(args.repeat):
+        cpu = _cpu_seconds()
         report = materialize_triplets(cfg, run_id="bench", epoch=0)
+        cpu = _cpu_seconds() - cpu
         p = report.policies[0]
         print(f"run {i + 1}: {report.spans:,} spans -> {p.triplets:,} triplets ({report.rollouts:,} rollouts, "
-              f"{report.repaired_spans:,} repaired) in {report.seconds:.2f}s = {report.spans / report.seconds:,.0f} spans/s; "
-              f"stages {report.stage_seconds}")
+              f"{report.repaired_spans:,} repaired) in {report.seconds:.2f}s = {report.spans / report.seconds:,.0f} spans/s "
+              f"(CPU {cpu:.1f}s, all threads); stages {report.stage_seconds}")
     if args.baseline_rollouts:
         spans, seconds, triplets = python_baseline(lake, rollouts=args.baseline_rollouts)
         print(f"python baseline: {spans:,} spans -> {triplets:,} triplets in {seconds:.2f}s = {spans / seconds:,.0f} spans/s")

@@ -14,14 +14,12 @@ spans_of_call AS MATERIALIZED (
         s.parent_node, s.start_ns, s.end_ns, s.status_code, s.agent_name, s.agent_span_id, s.in_reward,
         s.llm_root, l.response_id, l.choice_index, l.policy_version, l.model,
         l.usage_input_tokens, l.usage_output_tokens,
-        len(l.prompt_token_ids) AS prompt_len, len(l.response_token_ids) AS response_len,
-        l.prompt_token_ids IS NOT NULL AS has_prompt_ids,
-        l.response_token_ids IS NOT NULL AS has_response_ids,
-        l.response_logprobs IS NOT NULL AS has_logprobs,
-        l.prompt_messages IS NOT NULL AS has_messages,
-        l.response_text IS NOT NULL AS has_text,
+        l.prompt_len, l.response_len,
+        l.prompt_len IS NOT NULL AS has_prompt_ids,
+        l.response_len IS NOT NULL AS has_response_ids,
+        l.has_logprobs, l.has_messages, l.has_text,
         -- which span a field is taken from: the gateway's first, then the outermost
-        (CASE WHEN l.response_token_ids IS NOT NULL THEN 0 ELSE 1 END)::HUGEINT * 10000000000000000000000
+        (CASE WHEN l.response_len IS NOT NULL THEN 0 ELSE 1 END)::HUGEINT * 10000000000000000000000
             + s.depth::HUGEINT * 10000000000000000000 + s.start_ns AS gateway_first,
         s.depth::HUGEINT * 10000000000000000000 + s.start_ns AS outermost_first
     FROM span_agents s JOIN llm_spans l USING (node)

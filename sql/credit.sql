@@ -31,14 +31,18 @@ rollout_rewards AS (
     FROM counted_rewards GROUP BY grp
 ),
 first_occurrence AS (
+    -- (each policy's matching runs only when it is the chosen policy)
     SELECT c.call_key, c.grp, r.value
     FROM selected_calls c
     ASOF JOIN counted_rewards r ON c.grp = r.grp AND c.end_ns <= r.start_ns
+    WHERE $reward_policy = 'first_occurrence'
 ),
 sibling_events AS (
     SELECT grp, parent_node, start_ns, 0 AS ord, call_key, NULL::DOUBLE AS value FROM selected_calls
+    WHERE $reward_policy = 'first_sibling'
     UNION ALL
     SELECT grp, parent_node, start_ns, 1 AS ord, NULL AS call_key, value FROM counted_rewards
+    WHERE $reward_policy = 'first_sibling'
 ),
 preceding_sibling AS (
     SELECT *, last_value(call_key IGNORE NULLS) OVER (

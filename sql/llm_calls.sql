@@ -1,19 +1,37 @@
 -- llm_calls: one row per model call (sql/calls.sql) with its wide fields -- prompt and response
 -- token ids, logprobs, prompt messages, response text -- each from the span chosen for it.
--- Usually one span (the gateway's) gives them all: it is joined once, and another span only
--- for a field that comes from elsewhere. The pipeline keeps this as a view: only the outputs and
--- the triplets read the wide fields.
+-- Usually one span (the gateway's) gives them all: such a call joins that span once; a call
+-- with a field from another span joins the spans it names, only among those calls.
+-- The pipeline keeps this as a view: only the outputs and the triplets read the wide fields.
 -- Reads: calls (sql/calls.sql), llm_spans (sql/llm_spans.sql).
+WITH
+one_source AS (
+    SELECT * FROM calls
+    WHERE coalesce(prompt_ids_node, tokens_node) IS NOT DISTINCT FROM tokens_node
+      AND coalesce(logprobs_node, tokens_node) IS NOT DISTINCT FROM tokens_node
+      AND coalesce(messages_node, tokens_node) IS NOT DISTINCT FROM tokens_node
+      AND coalesce(text_node, tokens_node) IS NOT DISTINCT FROM tokens_node
+),
+mixed_sources AS (
+    SELECT * FROM calls c ANTI JOIN one_source o USING (grp, call_key)
+),
+mixed_nodes AS (
+    SELECT s.* FROM llm_spans s
+    SEMI JOIN (SELECT unnest([tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node]) AS node
+               FROM mixed_sources) m USING (node)
+)
 SELECT c.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, flags),
-    CASE WHEN c.prompt_ids_node IS NOT DISTINCT FROM c.tokens_node THEN g.prompt_token_ids ELSE p.prompt_token_ids END AS prompt_token_ids,
-    g.response_token_ids,
-    CASE WHEN c.logprobs_node IS NOT DISTINCT FROM c.tokens_node THEN g.response_logprobs ELSE l.response_logprobs END AS response_logprobs,
-    CASE WHEN c.messages_node IS NOT DISTINCT FROM c.tokens_node THEN g.prompt_messages ELSE m.prompt_messages END AS prompt_messages,
-    CASE WHEN c.text_node IS NOT DISTINCT FROM c.tokens_node THEN g.response_text ELSE x.response_text END AS response_text,
+    g.prompt_token_ids, g.response_token_ids, g.response_logprobs, g.prompt_messages, g.response_text,
     c.flags
-FROM calls c
+FROM one_source c
 LEFT JOIN llm_spans g ON g.node = c.tokens_node
-LEFT JOIN llm_spans p ON p.node = c.prompt_ids_node AND c.prompt_ids_node IS DISTINCT FROM c.tokens_node
-LEFT JOIN llm_spans l ON l.node = c.logprobs_node AND c.logprobs_node IS DISTINCT FROM c.tokens_node
-LEFT JOIN llm_spans m ON m.node = c.messages_node AND c.messages_node IS DISTINCT FROM c.tokens_node
-LEFT JOIN llm_spans x ON x.node = c.text_node AND c.text_node IS DISTINCT FROM c.tokens_node
+UNION ALL
+SELECT c.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, flags),
+    p.prompt_token_ids, g.response_token_ids, l.response_logprobs, m.prompt_messages, x.response_text,
+    c.flags
+FROM mixed_sources c
+LEFT JOIN mixed_nodes g ON g.node = c.tokens_node
+LEFT JOIN mixed_nodes p ON p.node = c.prompt_ids_node
+LEFT JOIN mixed_nodes l ON l.node = c.logprobs_node
+LEFT JOIN mixed_nodes m ON m.node = c.messages_node
+LEFT JOIN mixed_nodes x ON x.node = c.text_node

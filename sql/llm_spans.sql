@@ -38,7 +38,7 @@ payload AS (
     WHERE r.run_id IS NOT DISTINCT FROM $run_id
       AND ($epoch IS NULL OR r.epoch = $epoch)
 ),
-fields AS MATERIALIZED (
+fields AS (
     SELECT node, prompt_token_ids, response_token_ids, response_logprobs,
         coalesce(f[1], to_json(f[17])::VARCHAR) AS gateway_messages,
         f[5] AS genai_messages,
@@ -53,30 +53,31 @@ fields AS MATERIALIZED (
         coalesce(TRY_CAST(f[16] AS BIGINT), 0) AS choice_index,
         TRY_CAST(f[14] AS BIGINT) AS usage_input_tokens,
         TRY_CAST(f[15] AS BIGINT) AS usage_output_tokens,
-        flat_attributes
+        -- gen_ai.prompt.N.role/content (OpenLLMetry < 0.55), llm.input_messages.N.message.role/content
+        -- (OpenInference): each such attribute as (N, role or content, value)
+        list_transform(
+            list_filter(json_keys(flat_attributes), lambda k: regexp_matches(k, '^(?:gen_ai\.prompt|llm\.input_messages)\.(\d+)\.(?:message\.)?(role|content)$')),
+            lambda k: {'idx': TRY_CAST(regexp_extract(k, '^(?:gen_ai\.prompt|llm\.input_messages)\.(\d+)\.(?:message\.)?(role|content)$', 1) AS INTEGER),
+                  'field': regexp_extract(k, '^(?:gen_ai\.prompt|llm\.input_messages)\.(\d+)\.(?:message\.)?(role|content)$', 2),
+                  'value': json_extract_string(flat_attributes, '$."' || k || '"')}) AS flat_entries
     FROM payload
 ),
-flat_entries AS (
-    -- gen_ai.prompt.N.role/content (OpenLLMetry < 0.55), llm.input_messages.N.message.role/content (OpenInference)
-    SELECT f.node, e.key, e.value ->> '$' AS value,
-        regexp_extract(e.key, '^(?:gen_ai\.prompt|llm\.input_messages)\.(\d+)\.(?:message\.)?(role|content)$', ['idx', 'field']) AS m
-    FROM fields f, json_each(f.flat_attributes) e
-    WHERE f.flat_attributes IS NOT NULL AND (e.key LIKE 'gen_ai.prompt.%' OR e.key LIKE 'llm.input_messages.%')
-),
-flat_messages AS (
-    SELECT node, to_json(list({'role': role, 'content': content} ORDER BY idx))::VARCHAR AS messages
-    FROM (
-        SELECT node, TRY_CAST(m.idx AS INTEGER) AS idx,
-               max(value) FILTER (WHERE m.field = 'role') AS role,
-               max(value) FILTER (WHERE m.field = 'content') AS content
-        FROM flat_entries WHERE m.idx <> '' GROUP BY node, m.idx
-    )
-    GROUP BY node
+messages AS (
+    SELECT *,
+        coalesce(gateway_messages, genai_messages,
+            -- flattened messages: one {role, content} per N, in N order
+            CASE WHEN len(flat_entries) > 0 THEN to_json(list_transform(
+                list_sort(list_distinct(list_transform(flat_entries, lambda e: e.idx))),
+                lambda i: {'role': list_max(list_transform(list_filter(flat_entries, lambda e: e.idx = i AND e.field = 'role'), lambda e: e.value)),
+                      'content': list_max(list_transform(list_filter(flat_entries, lambda e: e.idx = i AND e.field = 'content'), lambda e: e.value))}
+            ))::VARCHAR END,
+            oi_request_messages) AS prompt_messages
+    FROM fields
 )
-SELECT f.node, f.response_id, f.choice_index, f.policy_version, f.model,
-    f.usage_input_tokens, f.usage_output_tokens,
-    f.prompt_token_ids, f.response_token_ids, f.response_logprobs,
-    coalesce(f.gateway_messages, f.genai_messages, fm.messages, f.oi_request_messages) AS prompt_messages,
-    f.response_text
-FROM fields f
-LEFT JOIN flat_messages fm USING (node)
+SELECT node, response_id, choice_index, policy_version, model, usage_input_tokens, usage_output_tokens,
+    -- narrow facts about the wide fields, so sql/calls.sql merges spans without touching them
+    len(prompt_token_ids) AS prompt_len, len(response_token_ids) AS response_len,
+    response_logprobs IS NOT NULL AS has_logprobs,
+    prompt_messages IS NOT NULL AS has_messages, response_text IS NOT NULL AS has_text,
+    prompt_token_ids, response_token_ids, response_logprobs, prompt_messages, response_text
+FROM messages
