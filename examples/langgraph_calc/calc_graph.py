@@ -7,7 +7,7 @@ the worked example and the calculator are the calc example's (``examples/calc/ca
 the solver writes ``CALC: <expression>``, the calculator node answers ``RESULT: <value>``, and the
 solver finishes with ``ANSWER: <number>``.
 
-    python calc_graph.py "Ava has 3 boxes with 4 apples each. How many apples are there?"
+    PYTHONPATH=examples/calc python examples/langgraph_calc/calc_graph.py "Ava has 3 boxes with 4 apples each. How many apples are there?"
 """
 
 from __future__ import annotations
