@@ -106,7 +106,8 @@ class ServingConfig(Section):
         "auto",
         description="lora: hot-load each version as an adapter (keeps rollbacks loaded; several policies at once). "
         "merged: merge the adapter into the base weights and reload them in place (vLLM on CPU serves adapters "
-        "several times slower). auto: merged when vLLM runs on CPU with one policy, else lora.",
+        "several times slower; every caller of the base model gets the merged weights). auto: merged when vLLM runs "
+        "on CPU and one policy trains every agent (agent_match unset), else lora.",
     )
 
 

@@ -81,7 +81,7 @@ def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: 
             "VALUES (?, ?, ?, ?, ?, ?, 0, 'planned', ?, ?) ON CONFLICT DO NOTHING",
             [(s.run_id, s.epoch, s.rollout_id, s.task_id, s.group_id, s.sample_index, json.dumps(s.task), mode) for s in specs],
         )
-    return specs
+    return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
 
 
 def planned_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train", only_pending: bool = False) -> list[RolloutSpec]:

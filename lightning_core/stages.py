@@ -133,8 +133,11 @@ def redeploy_mode(config: ArclightConfig) -> str:
     """Return how new versions reach vLLM: 'lora' (adapters) or 'merged' (weights reloaded in place)."""
     mode = config.serving.redeploy
     if mode == "auto":
+        # merged weights replace the base model for every caller, so auto picks it only when one
+        # policy trains every agent; a frozen agent calling the base model needs lora
         on_gpu = shutil.which("nvidia-smi") is not None
-        mode = "merged" if not on_gpu and len(config.policies) == 1 else "lora"
+        one_policy_for_all = len(config.policies) == 1 and config.policies[0].agent_match is None
+        mode = "merged" if not on_gpu and one_policy_for_all else "lora"
     if mode == "merged" and len(config.policies) > 1:
         raise ValueError(f"serving.redeploy=merged serves one set of weights, but {len(config.policies)} policies are "
                          "configured: use serving.redeploy=lora to serve one adapter per policy")

@@ -1,0 +1,76 @@
+"""Pure stage helpers: how versions reach vLLM, version numbers, planning and resume bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lightning_core import epoch as ep
+from lightning_core.catalog import Catalog
+from lightning_core.config import load_config
+from lightning_core.runner import RolloutOutcome
+from lightning_core.stages import redeploy_mode, version_number
+
+
+def test_auto_redeploy_merges_only_when_one_policy_trains_every_agent(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no GPU on this machine
+    assert redeploy_mode(load_config(None)) == "merged"
+    frozen = load_config(None, overrides=["policies=[{name: p, agent_match: 'writer|rewriter'}]"])
+    assert redeploy_mode(frozen) == "lora"  # a frozen checker calling the base model must keep base weights
+    two = load_config(None, overrides=["policies=[{name: a}, {name: b}]"])
+    assert redeploy_mode(two) == "lora"
+    with pytest.raises(ValueError, match="serve one adapter per policy"):
+        redeploy_mode(load_config(None, overrides=["policies=[{name: a}, {name: b}]", "serving.redeploy=merged"]))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    assert redeploy_mode(load_config(None)) == "lora"
+
+
+def test_version_numbers_come_from_version_ids():
+    assert version_number("calc-v12") == 12
+    with pytest.raises(ValueError, match="<policy>-v<N>"):
+        version_number("calc")
+
+
+def test_planning_is_seeded_idempotent_and_resume_lists_only_unfinished(tmp_path):
+    dataset = tmp_path / "tasks.jsonl"
+    dataset.write_text("".join(json.dumps({"q": i}) + "\n" for i in range(10)))
+    cfg = load_config(None, overrides=[f"project_dir={tmp_path}", f"rollouts.dataset={dataset}",
+                                       "rollouts.tasks_per_epoch=3", "rollouts.group_size=2", "run_name=plan"])
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    first = ep.plan_epoch(cfg, catalog, run_id="plan", epoch=0)
+    assert len(first) == 6 and len({s.task_id for s in first}) == 3
+    assert ep.plan_epoch(cfg, catalog, run_id="plan", epoch=0) == first  # planned once
+    assert {s.task_id for s in ep.plan_epoch(cfg, catalog, run_id="plan", epoch=1)} != {s.task_id for s in first}
+    ep.record_outcome(catalog, RolloutOutcome(first[0].rollout_id, "succeeded", 0, 1.0, None, 1.0, 2.0))
+    pending = ep.pending_rollouts(catalog, run_id="plan", epoch=0)
+    assert [s.rollout_id for s in pending] == [s.rollout_id for s in first[1:]]
+    assert ep.rollout_counts(catalog, run_id="plan", epoch=0) == {"succeeded": 1, "planned": 5}
+
+
+def test_epoch_status_advances_and_next_epoch_resumes_an_unfinished_one(tmp_path):
+    cfg = load_config(None, overrides=[f"project_dir={tmp_path}"])
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    assert ep.next_epoch(catalog, run_id="r") == 0
+    ep.set_epoch_status(catalog, run_id="r", epoch=0, status="completed")
+    ep.set_epoch_status(catalog, run_id="r", epoch=1, status="triplets_done", stats={"spans": 3})
+    assert ep.next_epoch(catalog, run_id="r") == 1  # the interrupted epoch comes first
+    assert ep.reached("triplets_done", "ingested") and not ep.reached("triplets_done", "trained")
+    with pytest.raises(ValueError, match="must be one of"):
+        ep.set_epoch_status(catalog, run_id="r", epoch=1, status="done")
+
+
+def test_bad_datasets_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(ep.DatasetError, match=r"bad.jsonl:2: not valid JSON"):
+        ep.load_tasks(bad)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "a"}\n{"id": "a"}\n')
+    with pytest.raises(ep.DatasetError, match="duplicate task id 'a'"):
+        ep.load_tasks(dup)
+    with pytest.raises(ep.DatasetError, match="not found"):
+        ep.load_tasks(tmp_path / "missing.jsonl")
