@@ -30,6 +30,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan, Status as PbS
 
 from lightning_core import semconv
 from lightning_core.config import RUN_ID_PATTERN
+from lightning_core.durable import fsync_dir as _fsync_dir
 
 SPAN_SCHEMA = pa.schema(
     [
@@ -327,14 +328,6 @@ def _durable_write(folder: Path, name: str, table: pa.Table) -> Path:
     os.replace(tmp, final)
     _fsync_dir(folder)
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 SCHEMA_RUN = "_schema"
