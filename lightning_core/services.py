@@ -142,14 +142,20 @@ def wait_healthy(service: Service, *, timeout_s: float) -> None:
     )
 
 
+def attach(name: str, endpoint: str, *, setting: str, health_path: str = "/healthz") -> Service:
+    """Return a handle on a server someone else runs; ``ServiceError`` names ``setting`` if it is down."""
+    url = endpoint.rstrip("/")
+    service = Service(name=name, url=url, health_url=f"{url}{health_path}")
+    if not service.alive():
+        raise ServiceError(f"{setting} {endpoint} does not answer {health_path}: start it or remove the setting")
+    return service
+
+
 def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, timeout_s: float = 60.0) -> Service:
     """Start ``arclight collector`` for this config's lake, or attach to ``collector.endpoint``."""
     c = config.collector
     if c.endpoint:
-        service = Service(name="collector", url=c.endpoint.rstrip("/"), health_url=f"{c.endpoint.rstrip('/')}/healthz")
-        if not service.alive():
-            raise ServiceError(f"collector.endpoint {c.endpoint} does not answer /healthz: start it or remove the setting")
-        return service
+        return attach("collector", c.endpoint, setting="collector.endpoint")
     log_dir = log_dir or config.project_dir / ".arclight" / "logs"
     if c.port == 0:
         c = c.model_copy(update={"port": free_port(c.host if c.host != "0.0.0.0" else "127.0.0.1")})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lightning_core.config import ArclightConfig
 from lightning_core.model import DEFAULT_MODEL_DIR, REPO_ROOT, is_model_dir
-from lightning_core.services import Service, ServiceError, free_port, start_process
+from lightning_core.services import Service, ServiceError, attach, free_port, start_process
 
 DEFAULT_VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -96,10 +96,7 @@ def attach_vllm(url: str) -> Service:
     url = url.rstrip("/")
     if url.endswith("/v1"):
         url = url[: -len("/v1")]
-    service = Service(name="vllm", url=url, health_url=f"{url}/health")
-    if not service.alive():
-        raise ServiceError(f"vLLM at {url} does not answer /health: start it or fix serving.urls")
-    return service
+    return attach("vllm", url, setting="serving.urls entry", health_path="/health")
 
 
 def start_vllm_replicas(config: ArclightConfig, *, log_dir: Path | None = None) -> list[Service]:
@@ -131,10 +128,7 @@ def start_gateway(
         raise ServiceError("the gateway needs at least one vLLM upstream URL")
     g = config.gateway
     if g.endpoint:
-        service = Service(name="gateway", url=g.endpoint.rstrip("/"), health_url=f"{g.endpoint.rstrip('/')}/healthz")
-        if not service.alive():
-            raise ServiceError(f"gateway.endpoint {g.endpoint} does not answer /healthz: start it or remove the setting")
-        return service
+        return attach("gateway", g.endpoint, setting="gateway.endpoint")
     if g.port == 0:
         g = g.model_copy(update={"port": free_port()})
     log_dir = log_dir or config.project_dir / ".arclight" / "logs"
