@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from lightning_core import stack as services  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
+from lightning_core.services import sigterm_as_interrupt  # noqa: E402
 
 
 def machine() -> str:
@@ -84,16 +85,17 @@ def main() -> None:
     cfg = load_config(config_path, overrides=overrides)
 
     started = time.perf_counter()
-    services.up(cfg)
-    try:
-        up_s = time.perf_counter() - started
-        before = evaluate(config_path=str(config_path), overrides=overrides, label="before")
-        t0 = time.perf_counter()
-        rows = train(config_path=str(config_path), overrides=overrides, epochs=args.epochs)
-        train_s = time.perf_counter() - t0
-        after = evaluate(config_path=str(config_path), overrides=overrides, label="after")
-    finally:
-        services.down(cfg)
+    with sigterm_as_interrupt():  # a killed measurement still stops its vLLM, gateway and collector
+        services.up(cfg)
+        try:
+            up_s = time.perf_counter() - started
+            before = evaluate(config_path=str(config_path), overrides=overrides, label="before")
+            t0 = time.perf_counter()
+            rows = train(config_path=str(config_path), overrides=overrides, epochs=args.epochs)
+            train_s = time.perf_counter() - t0
+            after = evaluate(config_path=str(config_path), overrides=overrides, label="after")
+        finally:
+            services.down(cfg)
     total_s = time.perf_counter() - started
 
     r = cfg.rollouts

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig
+from lightning_core.services import sigterm_as_interrupt
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -58,7 +59,7 @@ def run_with_progress(
     summary: bool = True,
     run_id: str | None = None,
 ) -> Any:
-    """Run ``work()`` while showing epoch and rollout progress; print a summary; Ctrl-C stops cleanly."""
+    """Run ``work()`` while showing epoch and rollout progress; print a summary; Ctrl-C (or SIGTERM) stops cleanly."""
     catalog = Catalog.from_config(config)
     catalog.ensure()
     run_id = run_id or config.run_name
@@ -82,7 +83,8 @@ def run_with_progress(
         poller = threading.Thread(target=poll, name="arclight-progress", daemon=True)
         poller.start()
         try:
-            result = work()
+            with sigterm_as_interrupt():
+                result = work()
         except KeyboardInterrupt:
             stop.set()
             console.print("[yellow]interrupted:[/yellow] services started for this run were stopped; "
