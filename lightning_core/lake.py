@@ -189,6 +189,7 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
                         f"span {span.name!r}: trace_id must be 16 bytes and span_id 8 bytes, "
                         f"found {len(span.trace_id)} and {len(span.span_id)}"
                     )
+                attributes = key_values(span.attributes)
                 grouped[partition_of(span.start_time_unix_nano)].append(
                     {
                         "trace_id": span.trace_id.hex(),
@@ -200,7 +201,7 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
                         "end_ns": span.end_time_unix_nano,
                         "status_code": _STATUS_NAMES.get(span.status.code, str(span.status.code)),
                         "status_message": span.status.message or None,
-                        **promoted_columns(key_values(span.attributes)),
+                        **promoted_columns(attributes),
                         "events": _dumps(
                             [
                                 {"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)}
@@ -217,13 +218,22 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
                         "scope_name": scope_name or None,
                         "scope_version": scope_version or None,
                         "service_name": service_name,
-                        "rollout_id": rollout_id,
-                        "task_id": task_id,
-                        "attempt": attempt,
+                        # a sender that serves many rollouts from one resource (a gateway) puts them on the span
+                        "rollout_id": rollout_id or _as_str(attributes.get(semconv.ROLLOUT_ID)),
+                        "task_id": task_id or _as_str(attributes.get(semconv.TASK_ID)),
+                        "attempt": attempt if attempt is not None else _span_attempt(attributes),
                         "received_ns": received_ns,
                     }
                 )
     return grouped
+
+
+def _span_attempt(attributes: dict[str, Any]) -> int | None:
+    """The span's own ``arclight.attempt`` (NULL, not an error, when it is not an integer)."""
+    try:
+        return _as_int(attributes.get(semconv.ATTEMPT), semconv.ATTEMPT)
+    except SpanDataError:
+        return None
 
 
 def _partitioner(resource: dict[str, Any]):

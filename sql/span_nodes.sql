@@ -9,7 +9,11 @@ selected AS (
            start_ns, end_ns, status_code, span_kind, agent_name, reward_value, received_ns,
            hash(filename) AS file_key, file_row_number,  -- which stored copy (sql/llm_spans.sql reads it back)
            contains(events, '"name":"exception"') AS has_exception,
-           json_extract_string(attributes, [
+           -- the attribute JSON is parsed only for spans whose typed columns leave something open
+           -- (SDK and gateway spans of a rollout carry all of it in typed columns)
+           CASE WHEN span_kind IS NULL OR span_kind = 'rollout' OR rollout_id IS NULL OR task_id IS NULL
+                     OR attempt IS NULL OR (span_kind = 'agent' AND agent_name IS NULL)
+           THEN json_extract_string(attributes, [
                '$."gen_ai.agent.name"',                               -- 1
                '$."recipient_agent_type"',                            -- 2
                '$."langchain.chain.type"',                            -- 3
@@ -27,7 +31,7 @@ selected AS (
                '$."traceloop.span.kind"',                             -- 15
                '$."arclight.rollout.status"',                         -- 16
                '$."agentlightning.reward.0.value"'                    -- 17
-           ]) AS a
+           ]) ELSE [NULL]::VARCHAR[] END AS a
     FROM spans_raw
     WHERE run_id IS NOT DISTINCT FROM $run_id
       AND ($epoch IS NULL OR epoch = $epoch)

@@ -220,3 +220,35 @@ def test_compaction_merges_small_files_and_keeps_every_row(tmp_path):
     catalog.ensure()
     with catalog.read() as con:
         assert con.execute("SELECT count(*), count(DISTINCT span_id) FROM spans WHERE run_id='many'").fetchall() == [(100, 100)]
+
+
+def test_rollout_context_on_spans_fills_the_columns_when_the_resource_has_none():
+    # a process serving many rollouts (a gateway in another language) puts them on each span
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from lightning_core.lake import request_to_rows
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"arclight.run_id": "r1"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("a", attributes={"arclight.rollout_id": "ro-7", "arclight.task_id": "t-3",
+                                                       "arclight.attempt": 2}):
+        pass
+    with tracer.start_as_current_span("b", attributes={"arclight.rollout_id": "ro-8", "arclight.attempt": "x"}):
+        pass
+    [rows] = request_to_rows(encode_spans(memory.get_finished_spans())).values()
+    got = [(r["name"], r["rollout_id"], r["task_id"], r["attempt"]) for r in rows]
+    assert got == [("a", "ro-7", "t-3", 2), ("b", "ro-8", None, None)]
+
+    memory.clear()
+    provider = TracerProvider(resource=Resource.create({"arclight.run_id": "r1", "arclight.rollout_id": "ro-res"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    with provider.get_tracer("t").start_as_current_span("c", attributes={"arclight.rollout_id": "ro-span"}):
+        pass
+    [rows] = request_to_rows(encode_spans(memory.get_finished_spans())).values()
+    assert rows[0]["rollout_id"] == "ro-res"
