@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ SHARED_STAGES = (
 )
 POLICY_STAGES = (("credit", "credit"), ("triplets", "triplet_rows"))
 VIEW_STAGES = {"repaired_spans", "span_agents", "llm_calls"}  # views: they only join columns to narrow tables
+TRIPLETS_PER_FILE = 100_000  # below this a triplet partition is one file
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -208,19 +210,27 @@ def materialize_triplets(
             epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM repaired_spans ORDER BY 1").fetchall()]
         else:
             epochs = [epoch]
-        for output in store.OUTPUTS:
-            for e in epochs:
-                rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
-                               "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
-                store.replace_partition(store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows)
-        report.stage_seconds["write_outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
         collected = []
-        for p in policies:
+        # the outputs are encoded to Parquet in a thread while DuckDB computes the triplets
+        with ThreadPoolExecutor(1, thread_name_prefix="arclight-outputs") as writer:
+            pending = []
+            for output in store.OUTPUTS:
+                for e in epochs:
+                    rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
+                                   "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
+                    pending.append(writer.submit(
+                        store.replace_partition, store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows))
+            report.stage_seconds["outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
+            for p in policies:
+                tick = time.perf_counter()
+                table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
+                report.policies.append(policy_report)
+                report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
+                collected.append(table)
             tick = time.perf_counter()
-            table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
-            report.policies.append(policy_report)
-            report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
-            collected.append(table)
+            for done in pending:
+                done.result()  # a failed write fails the run
+            report.stage_seconds["outputs_wait"] = round(time.perf_counter() - tick, 3)
         if out is not None:
             import pyarrow.parquet as pq
 
@@ -261,7 +271,9 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
         part = table if len(epochs) == 1 else table.filter(
             pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
         folder = store.output_dir(lake_root, "triplets", run_id=run_id, epoch=e, policy=policy.name)
-        store.replace_partition(folder, store.drop_partition_columns(part))
+        # large epochs are written as one file per DuckDB thread, encoded in parallel
+        parts = min(config.lake.duckdb_threads, -(-part.num_rows // TRIPLETS_PER_FILE))
+        store.replace_partition(folder, store.drop_partition_columns(part), parts=parts)
         report.path = str(folder)
     return table, report
 

@@ -5,7 +5,7 @@ Layout under the lake root (``R`` is ``_production`` for production traces, epoc
     triplets/run_id=R/epoch=E/policy=P/part-<ns>-<uuid>.parquet
     llm_calls/run_id=R/epoch=E/part-...      rewards/...      rollout_summary/...
 
-Re-running a (run, epoch[, policy]) replaces only that folder: the new file is renamed into place
+Re-running a (run, epoch[, policy]) replaces only that folder: the new files are renamed into place
 before the old files are removed, so a reader never finds the folder empty (in that instant it
 may see both). Partition values live in the folder names, not in the files.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -73,17 +74,35 @@ def output_dir(lake_root: Path, output: str, *, run_id: str | None, epoch: int |
     return folder / f"policy={policy}" if policy is not None else folder
 
 
-def replace_partition(folder: Path, table: pa.Table) -> Path:
-    """Write ``table`` as the only file of ``folder``: new file durable first, then old files removed."""
+def replace_partition(folder: Path, table: pa.Table, *, parts: int = 1) -> list[Path]:
+    """Write ``table`` as the only files of ``folder``: new files durable first, then old files removed.
+
+    ``parts`` > 1 splits the rows (in order) into that many files, encoded in parallel threads:
+    pyarrow encodes one file on one core, and the triplets of a large epoch take seconds to encode.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     old = sorted(folder.glob("part-*.parquet"))
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / name)
+    parts = max(1, min(parts, table.num_rows))
+    size = -(-table.num_rows // parts) if table.num_rows else 0
+    stamp = time.time_ns()
+    names = [f"part-{stamp}-{i:03d}-{uuid.uuid4().hex[:12]}.parquet" for i in range(parts)]
+
+    def write(i: int) -> None:
+        tmp = folder / f".{names[i]}.tmp"
+        with open(tmp, "wb") as fh:
+            pq.write_table(table.slice(i * size, size) if parts > 1 else table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    if parts == 1:
+        write(0)
+    else:
+        with ThreadPoolExecutor(parts, thread_name_prefix="arclight-write") as pool:
+            list(pool.map(write, range(parts)))  # re-raises the first error
+    written = []
+    for name in names:
+        os.replace(folder / f".{name}.tmp", folder / name)
+        written.append(folder / name)
     for path in old:
         path.unlink(missing_ok=True)
     fd = os.open(folder, os.O_RDONLY)
@@ -91,7 +110,7 @@ def replace_partition(folder: Path, table: pa.Table) -> Path:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return folder / name
+    return written
 
 
 def drop_partition_columns(table: pa.Table) -> pa.Table:

@@ -3,7 +3,10 @@
 -- advantage R - mean, divided by (std + 1e-4) when $normalize_std, goes to all its calls.
 -- Groups whose returns are all equal (or that hold one rollout) get advantage 0 and the flag
 -- 'zero_advantage_group': they train nothing.
--- Reads: triplet_rows (sql/triplets.sql), llm_calls (token ids, messages).
+-- The wide fields (token ids, logprobs, messages, text) are joined last, from the spans that
+-- sql/calls.sql chose for them, with the narrow rows as the hash join's build side: the wide rows
+-- stream through one join and one sort. (sql/llm_calls.sql does the same join for all calls.)
+-- Reads: triplet_rows (sql/triplets.sql), calls (sql/calls.sql), llm_spans (sql/llm_spans.sql).
 WITH
 rollout_returns AS (
     SELECT group_id, grp, any_value(rollout_return) AS R FROM triplet_rows GROUP BY group_id, grp
@@ -19,16 +22,50 @@ rollout_advantages AS (
              WHEN $normalize_std THEN (r.R - g.mean_R) / (g.std_R + 1e-4)
              ELSE r.R - g.mean_R END AS advantage
     FROM rollout_returns r JOIN group_stats g USING (group_id)
+),
+narrow AS MATERIALIZED (
+    SELECT
+        t.run_id, t.epoch, t.policy, t.rollout_id, t.task_id, t.group_id, t.attempt, t.agent_name,
+        t.turn_index, t.trace_id, t.span_id, t.start_ns,
+        t.reward, a.advantage, c.policy_version, c.model,
+        CASE WHEN a.all_equal THEN list_append(t.flags, 'zero_advantage_group') ELSE t.flags END AS flags,
+        t.rollout_return, t.end_ns, t.response_id,
+        c.tokens_node, c.prompt_ids_node, c.logprobs_node, c.messages_node, c.text_node,
+        -- one span gives every wide field (the usual case: the gateway's span)
+        coalesce(c.prompt_ids_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node
+            AND coalesce(c.logprobs_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node
+            AND coalesce(c.messages_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node
+            AND coalesce(c.text_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node AS one_source
+    FROM triplet_rows t
+    JOIN rollout_advantages a USING (grp)
+    JOIN calls c ON c.grp = t.grp AND c.call_key = t.call_key
+),
+mixed_nodes AS (
+    -- the spans that calls with fields from several spans need (few, often none)
+    SELECT s.node, s.prompt_token_ids, s.response_token_ids, s.response_logprobs, s.prompt_messages, s.response_text
+    FROM llm_spans s
+    SEMI JOIN (SELECT unnest([tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node]) AS node
+               FROM narrow WHERE NOT one_source) m USING (node)
+),
+wide AS (
+    SELECT n.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, one_source),
+        g.prompt_token_ids, g.response_token_ids, g.response_logprobs, g.prompt_messages, g.response_text
+    FROM llm_spans g
+    RIGHT JOIN (SELECT * FROM narrow WHERE one_source) n ON g.node = n.tokens_node
+    UNION ALL
+    SELECT n.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, one_source),
+        p.prompt_token_ids, g.response_token_ids, l.response_logprobs, m.prompt_messages, x.response_text
+    FROM (SELECT * FROM narrow WHERE NOT one_source) n
+    LEFT JOIN mixed_nodes g ON g.node = n.tokens_node
+    LEFT JOIN mixed_nodes p ON p.node = n.prompt_ids_node
+    LEFT JOIN mixed_nodes l ON l.node = n.logprobs_node
+    LEFT JOIN mixed_nodes m ON m.node = n.messages_node
+    LEFT JOIN mixed_nodes x ON x.node = n.text_node
 )
 SELECT
-    t.run_id, t.epoch, t.policy, t.rollout_id, t.task_id, t.group_id, t.attempt, t.agent_name,
-    t.turn_index, t.trace_id, t.span_id, t.start_ns,
-    c.prompt_token_ids, c.response_token_ids, c.response_logprobs,
-    c.prompt_messages, c.response_text,
-    t.reward, a.advantage, c.policy_version, c.model,
-    CASE WHEN a.all_equal THEN list_append(t.flags, 'zero_advantage_group') ELSE t.flags END AS flags,
-    t.rollout_return, t.end_ns, t.response_id
-FROM triplet_rows t
-JOIN rollout_advantages a USING (grp)
-JOIN llm_calls c ON c.grp = t.grp AND c.call_key = t.call_key
-ORDER BY t.group_id, t.rollout_id, t.turn_index
+    run_id, epoch, policy, rollout_id, task_id, group_id, attempt, agent_name,
+    turn_index, trace_id, span_id, start_ns,
+    prompt_token_ids, response_token_ids, response_logprobs, prompt_messages, response_text,
+    reward, advantage, policy_version, model, flags, rollout_return, end_ns, response_id
+FROM wide
+ORDER BY group_id, rollout_id, turn_index

@@ -110,3 +110,29 @@ def test_missing_token_ids_can_be_retokenized_and_say_so(tmp_path):
     assert first["response_token_ids"] == tokenizer.encode("hi", add_special_tokens=False)
     assert tokenizer.decode(first["prompt_token_ids"]).count("Say hi.") == 1
     assert first["response_logprobs"] is None
+
+
+def test_triplets_take_each_wide_field_from_the_span_chosen_for_it(tmp_path):
+    # the gateway span has token ids but no messages or text: those come from the client span
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1")
+    agent = r.agent("planner", 0, 100, parent=r.span("rollout", 0, 100))
+    client = r.span("openai.chat", 10, 40, parent=agent, attrs={
+        "gen_ai.operation.name": "chat", "gen_ai.response.id": "chatcmpl-1",
+        "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text", "content": "2+2?"}]}]),
+        "gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "4"}]}])})
+    r.span("chat base", 11, 39, parent=client, attrs={
+        "arclight.span.kind": "llm", "gen_ai.operation.name": "chat", "gen_ai.response.id": "chatcmpl-1",
+        "arclight.llm.prompt_token_ids": [7, 8], "arclight.llm.response_token_ids": [9],
+        "arclight.llm.response_logprobs": [-0.25]})
+    r.call(50, 60, parent=agent, prompt=(1, 2), response=(3,), logprobs=(-0.5,), text="second")
+    r.reward(1.0, 90)
+    write(cfg.lake.path, [r])
+    calls = rows(shared_stages(cfg), "SELECT prompt_token_ids, response_token_ids, response_logprobs, prompt_messages, "
+                                     "response_text FROM llm_calls ORDER BY start_ns")
+    materialize_triplets(cfg, run_id="r1", epoch=0)
+    triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default").select(list(calls[0])).to_pylist()
+    assert triplets == calls
+    assert triplets[0]["prompt_token_ids"] == [7, 8] and triplets[0]["response_text"] == "4"
+    assert json.loads(triplets[0]["prompt_messages"])[0]["parts"][0]["content"] == "2+2?"
+    assert triplets[1]["response_text"] == "second" and triplets[1]["response_logprobs"] == [-0.5]
