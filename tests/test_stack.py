@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,36 @@ def test_a_collector_writing_to_another_lake_is_refused(tmp_path, collector, col
     cfg = make_config(tmp_path, f"collector.endpoint={collector.url}")
     with pytest.raises(ServiceError, match="writes to the lake"):
         start_stack(cfg, with_model=False)
+
+
+def test_sigterm_during_work_stops_the_servers_the_process_started(tmp_path):
+    # the way measure.py and `arclight train` run: start servers, work, stop them in `finally`
+    script = tmp_path / "work.py"
+    script.write_text(
+        "import sys, time\n"
+        "from lightning_core.services import sigterm_as_interrupt, start_collector\n"
+        "from tests.conftest import make_config\n"
+        f"cfg = make_config({str(tmp_path)!r})\n"
+        "with sigterm_as_interrupt():\n"
+        "    collector = start_collector(cfg)\n"
+        "    try:\n"
+        "        print(collector.process.pid, flush=True)\n"
+        "        time.sleep(120)\n"
+        "    finally:\n"
+        "        collector.stop()\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(proc.stdout.readline())
+    assert _alive(child)
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert proc.returncode != 0 and not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
