@@ -90,7 +90,8 @@ def replace_partition(folder: Path, table: pa.Table, *, parts: int = 1) -> list[
     def write(i: int) -> None:
         tmp = folder / f".{names[i]}.tmp"
         with open(tmp, "wb") as fh:
-            pq.write_table(table.slice(i * size, size) if parts > 1 else table, fh, compression="zstd")
+            pq.write_table(table.slice(i * size, size) if parts > 1 else table, fh, compression="zstd",
+                           write_statistics=_statistics_columns(table.schema))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -111,6 +112,12 @@ def replace_partition(folder: Path, table: pa.Table, *, parts: int = 1) -> list[
     finally:
         os.close(fd)
     return written
+
+
+def _statistics_columns(schema: pa.Schema) -> list[str]:
+    """Columns that get min/max statistics: the scalar ones readers filter on, not token lists or long text."""
+    return [f.name for f in schema
+            if not pa.types.is_list(f.type) and f.name not in ("prompt_messages", "response_text", "attributes")]
 
 
 def drop_partition_columns(table: pa.Table) -> pa.Table:
