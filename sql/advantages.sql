@@ -30,12 +30,7 @@ narrow AS MATERIALIZED (
         t.reward, a.advantage, c.policy_version, c.model,
         CASE WHEN a.all_equal THEN list_append(t.flags, 'zero_advantage_group') ELSE t.flags END AS flags,
         t.rollout_return, t.end_ns, t.response_id,
-        c.tokens_node, c.prompt_ids_node, c.logprobs_node, c.messages_node, c.text_node,
-        -- one span gives every wide field (the usual case: the gateway's span)
-        coalesce(c.prompt_ids_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node
-            AND coalesce(c.logprobs_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node
-            AND coalesce(c.messages_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node
-            AND coalesce(c.text_node, c.tokens_node) IS NOT DISTINCT FROM c.tokens_node AS one_source
+        c.tokens_node, c.prompt_ids_node, c.logprobs_node, c.messages_node, c.text_node, c.single_source
     FROM triplet_rows t
     JOIN rollout_advantages a USING (grp)
     JOIN calls c ON c.grp = t.grp AND c.call_key = t.call_key
@@ -45,17 +40,17 @@ mixed_nodes AS (
     SELECT s.node, s.prompt_token_ids, s.response_token_ids, s.response_logprobs, s.prompt_messages, s.response_text
     FROM llm_spans s
     SEMI JOIN (SELECT unnest([tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node]) AS node
-               FROM narrow WHERE NOT one_source) m USING (node)
+               FROM narrow WHERE NOT single_source) m USING (node)
 ),
 wide AS (
-    SELECT n.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, one_source),
+    SELECT n.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, single_source),
         g.prompt_token_ids, g.response_token_ids, g.response_logprobs, g.prompt_messages, g.response_text
     FROM llm_spans g
-    RIGHT JOIN (SELECT * FROM narrow WHERE one_source) n ON g.node = n.tokens_node
+    RIGHT JOIN (SELECT * FROM narrow WHERE single_source) n ON g.node = n.tokens_node
     UNION ALL
-    SELECT n.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, one_source),
+    SELECT n.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, single_source),
         p.prompt_token_ids, g.response_token_ids, l.response_logprobs, m.prompt_messages, x.response_text
-    FROM (SELECT * FROM narrow WHERE NOT one_source) n
+    FROM (SELECT * FROM narrow WHERE NOT single_source) n
     LEFT JOIN mixed_nodes g ON g.node = n.tokens_node
     LEFT JOIN mixed_nodes p ON p.node = n.prompt_ids_node
     LEFT JOIN mixed_nodes l ON l.node = n.logprobs_node

@@ -69,6 +69,12 @@ call_spans AS (
     GROUP BY grp, call_key
 )
 SELECT *,
+    -- one span gives every wide field (the usual case: the gateway's span); readers of the wide
+    -- fields (sql/llm_calls.sql, sql/advantages.sql) join that span once
+    coalesce(prompt_ids_node, tokens_node) IS NOT DISTINCT FROM tokens_node
+        AND coalesce(logprobs_node, tokens_node) IS NOT DISTINCT FROM tokens_node
+        AND coalesce(messages_node, tokens_node) IS NOT DISTINCT FROM tokens_node
+        AND coalesce(text_node, tokens_node) IS NOT DISTINCT FROM tokens_node AS single_source,
     list_filter([
         CASE WHEN prompt_ids_node IS NULL OR tokens_node IS NULL THEN 'missing_token_ids' END,
         CASE WHEN logprobs_node IS NULL THEN 'missing_logprobs' END,

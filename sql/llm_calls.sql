@@ -5,28 +5,22 @@
 -- The pipeline keeps this as a view: only the outputs and the triplets read the wide fields.
 -- Reads: calls (sql/calls.sql), llm_spans (sql/llm_spans.sql).
 WITH
-one_source AS (
-    SELECT * FROM calls
-    WHERE coalesce(prompt_ids_node, tokens_node) IS NOT DISTINCT FROM tokens_node
-      AND coalesce(logprobs_node, tokens_node) IS NOT DISTINCT FROM tokens_node
-      AND coalesce(messages_node, tokens_node) IS NOT DISTINCT FROM tokens_node
-      AND coalesce(text_node, tokens_node) IS NOT DISTINCT FROM tokens_node
-),
 mixed_sources AS (
-    SELECT * FROM calls c ANTI JOIN one_source o USING (grp, call_key)
+    SELECT * FROM calls WHERE NOT single_source
 ),
 mixed_nodes AS (
     SELECT s.* FROM llm_spans s
     SEMI JOIN (SELECT unnest([tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node]) AS node
                FROM mixed_sources) m USING (node)
 )
-SELECT c.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, flags),
+SELECT c.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, single_source, flags),
     g.prompt_token_ids, g.response_token_ids, g.response_logprobs, g.prompt_messages, g.response_text,
     c.flags
-FROM one_source c
+FROM calls c
 LEFT JOIN llm_spans g ON g.node = c.tokens_node
+WHERE c.single_source
 UNION ALL
-SELECT c.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, flags),
+SELECT c.* EXCLUDE (tokens_node, prompt_ids_node, logprobs_node, messages_node, text_node, single_source, flags),
     p.prompt_token_ids, g.response_token_ids, l.response_logprobs, m.prompt_messages, x.response_text,
     c.flags
 FROM mixed_sources c
