@@ -53,6 +53,7 @@ def _overrides(tmp: Path, *, run: str, agent_path: Path, dataset: str, vllm_serv
         "epochs": "2",
         "collector.endpoint": collector.url,
         "serving.urls": json.dumps([vllm_server.url]),
+        "serving.redeploy": "lora",  # the session's vLLM serves other tests: never merge into its weights
         "gateway.port": str(free_port()),
         "model.path": str(tiny_model_dir),
         "model.served_name": "tiny",
