@@ -201,10 +201,15 @@ def python_baseline(lake_root: Path, *, rollouts: int, run_id: str = "bench") ->
     return spans, time.perf_counter() - started, len(triplets)
 
 
-def _cpu_seconds() -> float:
-    """Return this process's CPU time (user + system, all threads): steadier than wall time on a shared machine."""
+def _usage() -> tuple[float, float, int]:
+    """Return this process's user and system CPU seconds (all threads) and its minor page faults so far.
+
+    CPU time is steadier than wall time on a shared machine. System time is mostly page faults:
+    on this VM, memory a process touches for the first time costs far more than memory it reuses
+    (see benchmarks/README.md), which is most of the run-to-run spread.
+    """
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
 
 
 def main() -> None:
@@ -227,13 +232,14 @@ def main() -> None:
     cfg = load_config(None, overrides=[f"project_dir={lake.parent}", f"lake.path={lake}",
                                        f"lake.duckdb_memory_limit={args.memory_limit}", f"lake.duckdb_threads={args.threads}"])
     for i in range(args.repeat):
-        cpu = _cpu_seconds()
+        before = _usage()
         report = materialize_triplets(cfg, run_id="bench", epoch=0)
-        cpu = _cpu_seconds() - cpu
+        user, system, faults = (b - a for a, b in zip(before, _usage()))
         p = report.policies[0]
         print(f"run {i + 1}: {report.spans:,} spans -> {p.triplets:,} triplets ({report.rollouts:,} rollouts, "
               f"{report.repaired_spans:,} repaired) in {report.seconds:.2f}s = {report.spans / report.seconds:,.0f} spans/s "
-              f"(CPU {cpu:.1f}s, all threads); stages {report.stage_seconds}")
+              f"(CPU {user + system:.1f}s, all threads: user {user:.1f}s, system {system:.1f}s, "
+              f"{faults / 1e6:.2f}M page faults); stages {report.stage_seconds}")
     if args.baseline_rollouts:
         spans, seconds, triplets = python_baseline(lake, rollouts=args.baseline_rollouts)
         print(f"python baseline: {spans:,} spans -> {triplets:,} triplets in {seconds:.2f}s = {spans / seconds:,.0f} spans/s")
