@@ -21,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lightning_core.durable import fsync_dir
+
 PRODUCTION_RUN = "_production"
 SCHEMA_RUN = "_schema"
 OUTPUTS = ("llm_calls", "rewards", "rollout_summary")
@@ -106,11 +108,7 @@ def replace_partition(folder: Path, table: pa.Table, *, parts: int = 1) -> list[
         written.append(folder / name)
     for path in old:
         path.unlink(missing_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
     return written
 
 
