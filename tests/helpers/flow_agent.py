@@ -27,5 +27,8 @@ def run(task, ctx):
             max_tokens=6, temperature=ctx.temperature,
         )
         text = reply.choices[0].message.content or ""
-    # partial credit by length so that a random tiny model still gives groups unequal rewards
-    return 1.0 if task["target"] in text else (len(text) % 5) / 10
+    # Partial credit by length, plus a little per sample of the group (rollout ids end in the sample
+    # index): a random tiny model's replies can score alike, and a group with equal rewards trains
+    # nothing, so every group gets unequal rewards and each epoch trains a new version.
+    sample_index = int(ctx.rollout_id.rsplit("-", 1)[1])
+    return (1.0 if task["target"] in text else (len(text) % 5) / 10) + 0.01 * sample_index
