@@ -15,12 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import time
 import uuid
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -307,35 +309,132 @@ class Lake:
         A partition is idle when its newest file is older than ``idle_s`` seconds. The merged
         file is renamed into place before the small files are removed, so rows are never missing;
         a reader that lists the folder in that instant may see a row twice, which the pipeline's
-        de-duplication on (trace_id, span_id) absorbs.
+        de-duplication on (trace_id, span_id) absorbs. A partition under a live ``read_lease`` is
+        left alone: its reader finds rows again by file and row number.
         """
         now = now if now is not None else time.time()
         merged = 0
         for folder in self.partitions():
             files = sorted(folder.glob("part-*.parquet"))
-            if len(files) < min_files:
+            if len(files) < min_files or self._leased(folder):
                 continue
             if now - max(f.stat().st_mtime for f in files) < idle_s:
                 continue
             table = pa.concat_tables([pq.read_table(f, schema=SPAN_SCHEMA) for f in files])
             table = table.sort_by([("start_ns", "ascending")])
             name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}-c.parquet"
-            _durable_write(folder, name, table)
-            for f in files:
-                f.unlink()
-            _fsync_dir(folder)
+            tmp = _write_synced(folder, name, table)
+            # the swap runs under a marker that readers wait out; a reader that took its lease
+            # while the merged file was written wins, and the merge is dropped
+            marker = folder / COMPACTING_MARKER
+            marker.write_text(_owner())
+            try:
+                if self._leased(folder):
+                    tmp.unlink()
+                    continue
+                os.replace(tmp, folder / name)
+                for f in files:
+                    f.unlink()
+                _fsync_dir(folder)
+            finally:
+                marker.unlink(missing_ok=True)
             merged += 1
         return merged
 
+    def _leased(self, folder: Path) -> bool:
+        """Whether a live reader holds a lease on ``folder`` or a folder above it in the lake."""
+        root = self.root.resolve()
+        folder = folder.resolve()
+        for scope in (folder, *folder.parents):
+            if any(_live(lease, READ_LEASE_MAX_AGE_S) for lease in scope.glob(f"{READ_LEASE_PREFIX}*")):
+                return True
+            if scope == root:
+                break
+        return False
 
-def _durable_write(folder: Path, name: str, table: pa.Table) -> Path:
+
+# A reader that lists a partition's files and later re-reads rows by file and row number (the
+# SQL pipeline) holds a lease on it; compaction skips leased partitions. Leases name their host
+# and process: a lease of a process that has ended on this host is stale at once, any lease after
+# READ_LEASE_MAX_AGE_S. The marker of a compaction in progress is stale after COMPACTING_MAX_AGE_S.
+READ_LEASE_PREFIX = ".reading-"
+READ_LEASE_MAX_AGE_S = 6 * 3600.0
+COMPACTING_MARKER = ".compacting"
+COMPACTING_MAX_AGE_S = 120.0
+
+
+def span_scope(root: str | os.PathLike[str], *, run_id: str | None, epoch: int | None) -> Path:
+    """Return the lake folder that holds the spans of (run_id, epoch): a run, an epoch, or production."""
+    spans = Path(root) / "spans"
+    if run_id is None:
+        return spans / "production"
+    return spans / "training" / f"run_id={run_id}" / (f"epoch={epoch}" if epoch is not None else "")
+
+
+@contextmanager
+def read_lease(folder: str | os.PathLike[str], *, wait_s: float = 60.0) -> Iterator[Path | None]:
+    """Keep compaction away from ``folder`` and the partitions below it while the block runs.
+
+    Waits (up to ``wait_s``) for a compaction that is swapping files below ``folder`` to finish,
+    so the reader's file listing is stable from then on. A folder that does not exist holds no
+    files to compact: no lease is taken.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        yield None
+        return
+    lease = folder / f"{READ_LEASE_PREFIX}{_owner()}-{uuid.uuid4().hex[:12]}"
+    lease.write_text(_owner())
+    try:
+        deadline = time.monotonic() + wait_s
+        while any(_live(m, COMPACTING_MAX_AGE_S) for m in [folder / COMPACTING_MARKER, *folder.rglob(COMPACTING_MARKER)]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a compaction below {folder} has been swapping files for over {wait_s:.0f}s; "
+                                   f"if no collector is compacting, remove the stale {COMPACTING_MARKER} file")
+            time.sleep(0.01)
+        yield lease
+    finally:
+        lease.unlink(missing_ok=True)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _live(path: Path, max_age_s: float) -> bool:
+    """Whether a lease or marker file (its text: host-pid) still stands; a stale lease is removed."""
+    try:
+        owner = path.read_text()
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    host, _, pid = owner.rpartition("-")
+    stale = age > max_age_s
+    if not stale and host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale = True
+        except PermissionError:
+            pass  # alive, another user's
+    if stale and path.name.startswith(READ_LEASE_PREFIX):
+        path.unlink(missing_ok=True)
+    return not stale
+
+
+def _write_synced(folder: Path, name: str, table: pa.Table) -> Path:
+    """Write ``table`` to a hidden temporary file next to ``name`` and fsync it; return that file."""
     tmp = folder / f".{name}.tmp"
-    final = folder / name
     with open(tmp, "wb") as fh:
         pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    return tmp
+
+
+def _durable_write(folder: Path, name: str, table: pa.Table) -> Path:
+    final = folder / name
+    os.replace(_write_synced(folder, name, table), final)
     _fsync_dir(folder)
     return final
 

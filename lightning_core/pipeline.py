@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog, view_sql
 from lightning_core.config import ArclightConfig, PolicyConfig
+from lightning_core.lake import read_lease, span_scope
 from lightning_core.triplet_store import TRIPLET_SCHEMA, load_triplets  # noqa: F401 (the trainer's reader)
 
 SHARED_STAGES = (
@@ -198,46 +199,48 @@ def materialize_triplets(
 
     lake_root = Path(config.lake.path).resolve()
     report = TripletReport(run_id=run_id, epoch=epoch)
-    con = connect(config)
-    try:
-        base = {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty}
-        for stage, table in SHARED_STAGES:
-            tick = time.perf_counter()
-            run_stage(con, stage, params=base, table=table)
-            report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
-        _count_shared(con, report)
-        if run_id is not None and epoch is None:
-            epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM repaired_spans ORDER BY 1").fetchall()]
-        else:
-            epochs = [epoch]
-        collected = []
-        # the outputs are encoded to Parquet in a thread while DuckDB computes the triplets
-        with ThreadPoolExecutor(1, thread_name_prefix="arclight-outputs") as writer:
-            pending = []
-            for output in store.OUTPUTS:
-                for e in epochs:
-                    rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
-                                   "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
-                    pending.append(writer.submit(
-                        store.replace_partition, store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows))
-            report.stage_seconds["outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
-            for p in policies:
+    # llm_spans re-reads rows by file and row number: the collector must not compact them meanwhile
+    with read_lease(span_scope(lake_root, run_id=run_id, epoch=epoch)):
+        con = connect(config)
+        try:
+            base = {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty}
+            for stage, table in SHARED_STAGES:
                 tick = time.perf_counter()
-                table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
-                report.policies.append(policy_report)
-                report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
-                collected.append(table)
-            tick = time.perf_counter()
-            for done in pending:
-                done.result()  # a failed write fails the run
-            report.stage_seconds["outputs_wait"] = round(time.perf_counter() - tick, 3)
-        if out is not None:
-            import pyarrow.parquet as pq
+                run_stage(con, stage, params=base, table=table)
+                report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
+            _count_shared(con, report)
+            if run_id is not None and epoch is None:
+                epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM repaired_spans ORDER BY 1").fetchall()]
+            else:
+                epochs = [epoch]
+            collected = []
+            # the outputs are encoded to Parquet in a thread while DuckDB computes the triplets
+            with ThreadPoolExecutor(1, thread_name_prefix="arclight-outputs") as writer:
+                pending = []
+                for output in store.OUTPUTS:
+                    for e in epochs:
+                        rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
+                                       "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
+                        pending.append(writer.submit(
+                            store.replace_partition, store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows))
+                report.stage_seconds["outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
+                for p in policies:
+                    tick = time.perf_counter()
+                    table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
+                    report.policies.append(policy_report)
+                    report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
+                    collected.append(table)
+                tick = time.perf_counter()
+                for done in pending:
+                    done.result()  # a failed write fails the run
+                report.stage_seconds["outputs_wait"] = round(time.perf_counter() - tick, 3)
+            if out is not None:
+                import pyarrow.parquet as pq
 
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.concat_tables(collected) if collected else store.TRIPLET_SCHEMA.empty_table(), str(out))
-    finally:
-        con.close()
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.concat_tables(collected) if collected else store.TRIPLET_SCHEMA.empty_table(), str(out))
+        finally:
+            con.close()
     ensure_views(config)
     report.seconds = round(time.perf_counter() - started, 3)
     return report

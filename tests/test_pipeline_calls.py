@@ -136,3 +136,34 @@ def test_triplets_take_each_wide_field_from_the_span_chosen_for_it(tmp_path):
     assert triplets[0]["prompt_token_ids"] == [7, 8] and triplets[0]["response_text"] == "4"
     assert json.loads(triplets[0]["prompt_messages"])[0]["parts"][0]["content"] == "2+2?"
     assert triplets[1]["response_text"] == "second" and triplets[1]["response_logprobs"] == [-0.5]
+
+
+def test_compaction_waits_for_a_pipeline_run_so_no_call_loses_its_token_ids(tmp_path, monkeypatch):
+    # llm_spans reads the payload back from the files span_nodes listed: a compaction in between
+    # would swap those files and silently strip every call of its token ids and messages
+    from lightning_core import pipeline
+    from lightning_core.lake import Lake
+
+    cfg = make_config(tmp_path)
+    for i in range(4):  # one file per rollout, as the collector's group commits write them
+        r = Rollout(f"ro{i}", task_id="t1")
+        agent = r.agent("planner", 0, 100, parent=r.span("rollout", 0, 100))
+        r.call(10, 20, parent=agent, prompt=(i, i + 1), response=(7,), logprobs=(-0.5,))
+        r.reward(float(i), 90, parent=agent)
+        write(cfg.lake.path, [r])
+    lake = Lake(cfg.lake.path)
+    merges = []
+    run_stage = pipeline.run_stage
+
+    def compact_between_stages(con, stage, **kw):
+        if stage == "llm_spans" and kw["params"]["run_id"] == "r1":
+            merges.append(lake.compact(min_files=2, idle_s=0))
+        return run_stage(con, stage, **kw)
+
+    monkeypatch.setattr(pipeline, "run_stage", compact_between_stages)
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert merges == [0]  # the partition was being read: compaction left it alone
+    triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()
+    assert report.policies[0].missing_token_ids == 0
+    assert sorted(t["prompt_token_ids"] for t in triplets) == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert lake.compact(min_files=2, idle_s=0) == 1  # once the run is over it goes ahead
