@@ -132,12 +132,13 @@ def validate_pattern(pattern: str | None, *, what: str = "agent_match") -> None:
         re.compile(pattern)
     except re.error as exc:
         raise PipelineError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
-    try:
-        duckdb.connect().execute("SELECT regexp_matches('', $p)", {"p": pattern}).fetchall()
-    except duckdb.Error as exc:
-        raise PipelineError(
-            f"{what} {pattern!r} is not valid in DuckDB's RE2 syntax (no look-around or backreferences): {exc}"
-        ) from None
+    with duckdb.connect() as probe:
+        try:
+            probe.execute("SELECT regexp_matches('', $p)", {"p": pattern}).fetchall()
+        except duckdb.Error as exc:
+            raise PipelineError(
+                f"{what} {pattern!r} is not valid in DuckDB's RE2 syntax (no look-around or backreferences): {exc}"
+            ) from None
 
 
 def select_policies(config: ArclightConfig, policy: str | None) -> list[PolicyConfig]:
@@ -269,7 +270,7 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
 
         table, report.retokenized = retokenize_missing(table, tokenizer_path=_tokenizer_path(config))
     table = store.conform_triplets(table)
-    _count_policy(table, report)
+    _count_policy(con, table, report)
     for e in epochs:
         part = table if len(epochs) == 1 else table.filter(
             pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
@@ -305,16 +306,20 @@ def _count_shared(con, report: TripletReport) -> None:
         "SELECT coalesce(agent_name, '<none>'), count(*) FROM calls WHERE NOT in_reward GROUP BY 1 ORDER BY 1").fetchall())
 
 
-def _count_policy(table: pa.Table, report: PolicyReport) -> None:
-    con = duckdb.connect()
-    con.register("t", table)
-    report.triplets, report.rollouts, report.groups, report.missing_token_ids, report.no_reward = con.execute(
-        "SELECT count(*), count(DISTINCT rollout_id), count(DISTINCT group_id), "
-        "count(*) FILTER (WHERE list_contains(flags, 'missing_token_ids')), "
-        "count(*) FILTER (WHERE list_contains(flags, 'no_reward')) FROM t").fetchall()[0]
-    report.zero_advantage_groups = [g for (g,) in con.execute(
-        "SELECT DISTINCT group_id FROM t WHERE list_contains(flags, 'zero_advantage_group') ORDER BY 1").fetchall()]
-    con.close()
+def _count_policy(con, table: pa.Table, report: PolicyReport) -> None:
+    # counted on the pipeline's connection: opening a second DuckDB instance would make DuckDB
+    # purge its allocator's cached memory process-wide, which this VM charges for in page faults
+    con.register("policy_triplets", table.select(["rollout_id", "group_id", "flags"]))
+    try:
+        report.triplets, report.rollouts, report.groups, report.missing_token_ids, report.no_reward = con.execute(
+            "SELECT count(*), count(DISTINCT rollout_id), count(DISTINCT group_id), "
+            "count(*) FILTER (WHERE list_contains(flags, 'missing_token_ids')), "
+            "count(*) FILTER (WHERE list_contains(flags, 'no_reward')) FROM policy_triplets").fetchall()[0]
+        report.zero_advantage_groups = [g for (g,) in con.execute(
+            "SELECT DISTINCT group_id FROM policy_triplets WHERE list_contains(flags, 'zero_advantage_group') "
+            "ORDER BY 1").fetchall()]
+    finally:
+        con.unregister("policy_triplets")
 
 
 def ensure_views(config: ArclightConfig) -> None:
