@@ -368,7 +368,8 @@ def span_scope(root: str | os.PathLike[str], *, run_id: str | None, epoch: int |
     spans = Path(root) / "spans"
     if run_id is None:
         return spans / "production"
-    return spans / "training" / f"run_id={run_id}" / (f"epoch={epoch}" if epoch is not None else "")
+    run = spans / "training" / f"run_id={run_id}"
+    return run if epoch is None else run / f"epoch={epoch}"
 
 
 @contextmanager
@@ -386,8 +387,10 @@ def read_lease(folder: str | os.PathLike[str], *, wait_s: float = 60.0) -> Itera
     lease = folder / f"{READ_LEASE_PREFIX}{_owner()}-{uuid.uuid4().hex[:12]}"
     lease.write_text(_owner())
     try:
+        # listed once: a compaction that puts its marker down after this finds the lease and backs off
+        swapping = list(folder.rglob(COMPACTING_MARKER))  # the folder itself included
         deadline = time.monotonic() + wait_s
-        while any(_live(m, COMPACTING_MAX_AGE_S) for m in [folder / COMPACTING_MARKER, *folder.rglob(COMPACTING_MARKER)]):
+        while any(_live(m, COMPACTING_MAX_AGE_S) for m in swapping):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a compaction below {folder} has been swapping files for over {wait_s:.0f}s; "
                                    f"if no collector is compacting, remove the stale {COMPACTING_MARKER} file")
