@@ -5,7 +5,9 @@
 -- 'zero_advantage_group': they train nothing.
 -- The wide fields (token ids, logprobs, messages, text) are joined last, from the spans that
 -- sql/calls.sql chose for them, with the narrow rows as the hash join's build side: the wide rows
--- stream through one join and one sort. (sql/llm_calls.sql does the same join for all calls.)
+-- stream through one join and one sort, on one integer (the row's place, numbered on the narrow
+-- rows: sorting wide rows on the string keys costs DuckDB about twice the time and memory).
+-- (sql/llm_calls.sql does the same join for all calls.)
 -- Reads: triplet_rows (sql/triplets.sql), calls (sql/calls.sql), llm_spans (sql/llm_spans.sql).
 WITH
 rollout_returns AS (
@@ -25,6 +27,8 @@ rollout_advantages AS (
 ),
 narrow AS MATERIALIZED (
     SELECT
+        -- the output order: by group, rollout, turn (grp tells apart traces with no rollout id)
+        row_number() OVER (ORDER BY t.group_id, t.rollout_id, t.grp, t.turn_index) AS place,
         t.run_id, t.epoch, t.policy, t.rollout_id, t.task_id, t.group_id, t.attempt, t.agent_name,
         t.turn_index, t.trace_id, t.span_id, t.start_ns,
         t.reward, a.advantage, c.policy_version, c.model,
@@ -63,4 +67,4 @@ SELECT
     prompt_token_ids, response_token_ids, response_logprobs, prompt_messages, response_text,
     reward, advantage, policy_version, model, flags, rollout_return, end_ns, response_id
 FROM wide
-ORDER BY group_id, rollout_id, turn_index
+ORDER BY place
