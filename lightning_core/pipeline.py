@@ -39,7 +39,8 @@ SHARED_STAGES = (
     ("repair", "repairs"),
     ("repaired_spans", "repaired_spans"),  # a view: span_nodes + repairs
     ("agents", "agent_owners"),
-    ("span_agents", "span_agents"),  # a view: repaired_spans + agent_owners
+    ("span_agents", "span_agents"),  # a view: repaired_spans + agent_owners (for people)
+    ("span_owners", "span_owners"),  # a view: span_nodes + repairs + agent_owners (for the next stages)
     ("llm_spans", "llm_spans"),
     ("calls", "calls"),
     ("llm_calls", "llm_calls"),  # a view: calls + their wide fields
@@ -47,7 +48,7 @@ SHARED_STAGES = (
     ("rollout_summary", "rollout_summary"),
 )
 POLICY_STAGES = (("credit", "credit"), ("triplets", "triplet_rows"))
-VIEW_STAGES = {"repaired_spans", "span_agents", "llm_calls"}  # views: they only join columns to narrow tables
+VIEW_STAGES = {"repaired_spans", "span_agents", "span_owners", "llm_calls"}  # views: they only join columns to narrow tables
 TRIPLETS_PER_FILE = 100_000  # below this a triplet partition is one file
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -211,7 +212,7 @@ def materialize_triplets(
                 report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
             _count_shared(con, report)
             if run_id is not None and epoch is None:
-                epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM repaired_spans ORDER BY 1").fetchall()]
+                epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM span_nodes ORDER BY 1").fetchall()]
             else:
                 epochs = [epoch]
             collected = []
@@ -293,7 +294,7 @@ def _tokenizer_path(config: ArclightConfig) -> Path:
 
 def _count_shared(con, report: TripletReport) -> None:
     report.spans, report.repaired_spans = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE repair_reason IS NOT NULL AND parent_node IS NOT NULL) FROM repaired_spans"
+        "SELECT count(*), count(*) FILTER (WHERE repair_reason IS NOT NULL AND parent_node IS NOT NULL) FROM repairs"
     ).fetchall()[0]
     report.llm_calls, report.judge_calls = con.execute(
         "SELECT count(*) FILTER (WHERE NOT in_reward), count(*) FILTER (WHERE in_reward) FROM calls").fetchall()[0]

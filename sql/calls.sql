@@ -7,11 +7,11 @@
 -- n > 1 choices of one request are separate calls (arclight.llm.choice_index).
 -- The merge runs on narrow columns: each wide field (token ids, logprobs, messages, text) is
 -- named by the node it comes from, and sql/llm_calls.sql joins them in.
--- Reads: span_agents (sql/agents.sql), llm_spans (sql/llm_spans.sql).
+-- Reads: span_owners (sql/span_owners.sql), llm_spans (sql/llm_spans.sql), span_nodes.
 WITH
 spans_of_call AS MATERIALIZED (
     SELECT s.run_id, s.epoch, s.rollout_id, s.task_id, s.attempt, s.grp, s.node, s.trace_id, s.span_id,
-        s.parent_node, s.start_ns, s.end_ns, s.status_code, s.agent_name, s.agent_span_id, s.in_reward,
+        s.parent_node, s.start_ns, s.end_ns, s.status_code, s.agent_name, s.agent_node, s.in_reward,
         s.llm_root, l.response_id, l.choice_index, l.policy_version, l.model,
         l.usage_input_tokens, l.usage_output_tokens,
         l.prompt_len, l.response_len,
@@ -22,7 +22,7 @@ spans_of_call AS MATERIALIZED (
         (CASE WHEN l.response_len IS NOT NULL THEN 0 ELSE 1 END)::HUGEINT * 10000000000000000000000
             + s.depth::HUGEINT * 10000000000000000000 + s.start_ns AS gateway_first,
         s.depth::HUGEINT * 10000000000000000000 + s.start_ns AS outermost_first
-    FROM span_agents s JOIN llm_spans l USING (node)
+    FROM span_owners s JOIN llm_spans l USING (node)
 ),
 cluster_ids AS (
     -- the response id of each cluster of nested LLM spans
@@ -49,7 +49,7 @@ call_spans AS (
         arg_min(span_id, outermost_first) AS outer_span_id,
         min(start_ns) AS start_ns, max(end_ns) AS end_ns,
         arg_min(agent_name, outermost_first) FILTER (WHERE agent_name IS NOT NULL) AS agent_name,
-        arg_min(agent_span_id, outermost_first) FILTER (WHERE agent_name IS NOT NULL) AS agent_span_id,
+        arg_min(agent_node, outermost_first) FILTER (WHERE agent_name IS NOT NULL) AS agent_node,
         bool_or(in_reward) AS in_reward,
         arg_min(node, gateway_first) FILTER (WHERE has_response_ids) AS tokens_node,
         arg_min(node, gateway_first) FILTER (WHERE has_prompt_ids) AS prompt_ids_node,
@@ -68,7 +68,7 @@ call_spans AS (
     FROM keyed
     GROUP BY grp, call_key
 )
-SELECT *,
+SELECT c.* EXCLUDE (agent_node), a.span_id AS agent_span_id,
     -- one span gives every wide field (the usual case: the gateway's span); readers of the wide
     -- fields (sql/llm_calls.sql, sql/advantages.sql) join that span once
     coalesce(prompt_ids_node, tokens_node) IS NOT DISTINCT FROM tokens_node
@@ -81,4 +81,5 @@ SELECT *,
         CASE WHEN in_reward THEN 'judge' END,
         CASE WHEN failed THEN 'failed_call' END
     ], lambda x: x IS NOT NULL) AS flags
-FROM call_spans
+FROM call_spans c
+LEFT JOIN span_nodes a ON a.node = c.agent_node

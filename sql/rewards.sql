@@ -3,17 +3,23 @@
 -- a number. kind = 'tool_failure': a failed tool call or an exception span, value
 -- -$tool_failure_penalty, charged to the call that caused it (caused_by_call: the latest call of
 -- the same agent -- else of the rollout -- that ended before the failure started).
--- Reads: span_agents (sql/agents.sql), calls (sql/calls.sql).
+-- Reads: span_owners (sql/span_owners.sql), span_nodes, calls (sql/calls.sql).
 WITH
+flagged AS MATERIALIZED (
+    -- the few spans that can be reward signals, picked out before their owners are joined
+    SELECT s.* FROM span_owners s
+    SEMI JOIN (SELECT node FROM span_nodes WHERE is_reward OR (is_tool AND status_code = 'ERROR') OR has_exception) f
+    USING (node)
+),
 reward_spans AS (
     SELECT run_id, epoch, rollout_id, task_id, grp, node, trace_id, span_id, name, start_ns, end_ns,
            parent_node, agent_name, in_reward, 'reward' AS kind, reward_value AS value,
            NULL::VARCHAR AS caused_by_call
-    FROM span_agents
+    FROM flagged
     WHERE is_reward
 ),
 failed_spans AS (
-    SELECT * FROM span_agents
+    SELECT * FROM flagged
     WHERE (is_tool AND status_code = 'ERROR')
        OR (has_exception AND NOT (is_agent OR is_llm OR is_reward OR is_tool OR is_rollout OR in_reward))
 ),

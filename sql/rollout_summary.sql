@@ -1,7 +1,7 @@
 -- rollout_summary: one row per rollout (per trace for production spans): status, final reward,
 -- calls, tokens, duration, agents, span coverage (share of spans owned by an agent), repairs
 -- and flags. Independent of any policy's agent selection.
--- Reads: span_agents, calls, rewards.
+-- Reads: span_owners (sql/span_owners.sql), calls, rewards.
 WITH
 span_stats AS (
     SELECT grp, any_value(run_id) AS run_id, any_value(epoch) AS epoch,
@@ -12,7 +12,7 @@ span_stats AS (
         count(*) FILTER (WHERE agent_name IS NOT NULL) / count(*) AS span_coverage,
         count(*) FILTER (WHERE status_code = 'ERROR') AS error_spans,
         min(start_ns) AS start_ns, max(end_ns) AS end_ns
-    FROM span_agents GROUP BY grp
+    FROM span_owners GROUP BY grp
 ),
 call_stats AS (
     SELECT grp,
