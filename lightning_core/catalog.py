@@ -83,14 +83,15 @@ def view_sql(lake_root: Path) -> str:
     production = _quote(str(lake_root / "spans" / "production" / "*" / "*.parquet"))
     return f"""
 -- One row per span file row, exactly as stored; partition values from the folder names, and the
--- row's place (filename, file_row_number), which identifies one stored copy of a span.
+-- row's place (filename, file_row_number), which identifies one stored copy of a span; file_index
+-- numbers the files one scan of one branch reads (the pipeline's span numbers are built on it).
 CREATE OR REPLACE VIEW spans_raw AS
-SELECT * FROM read_parquet({training}, hive_partitioning = true, union_by_name = true,
+SELECT *, file_index FROM read_parquet({training}, hive_partitioning = true, union_by_name = true,
                            filename = true, file_row_number = true,
                            hive_types = {{'run_id': VARCHAR, 'epoch': BIGINT}})
 WHERE run_id <> '{SCHEMA_RUN}'
 UNION ALL BY NAME
-SELECT *, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
+SELECT *, file_index, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
 FROM read_parquet({production}, hive_partitioning = true, union_by_name = true,
                   filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}})
 WHERE date <> '1970-01-01';

@@ -1,13 +1,16 @@
 -- span_nodes: one narrow row per span of one (run, epoch) -- or of the production traces when
 -- $run_id is NULL -- de-duplicated on (trace_id, span_id), of the rollout's last attempt only,
--- classified (agent, llm, tool, reward, rollout) and numbered (node). No payload: LLM spans'
--- messages and token ids are read back from the lake by sql/llm_spans.sql.
+-- classified (agent, llm, tool, reward, rollout) and numbered (node: the kept copy's file and row,
+-- file_index * 2^32 + file_row_number; one branch of spans_raw is read, so it is unique). No
+-- payload: LLM spans' messages and token ids are read back from the lake by sql/llm_spans.sql.
 -- Parameters: $run_id, $epoch (NULL = every epoch of the run).
 WITH
 selected AS (
     SELECT run_id, epoch, rollout_id, task_id, attempt, trace_id, span_id, parent_id, name,
            start_ns, end_ns, status_code, span_kind, agent_name, reward_value, received_ns,
            hash(filename) AS file_key, file_row_number,  -- which stored copy (sql/llm_spans.sql reads it back)
+           -- numbered where it is read, in parallel (a row_number() over 1M rows runs on one thread)
+           (file_index::BIGINT << 32) | file_row_number AS node,
            contains(events, '"name":"exception"') AS has_exception,
            -- the attribute JSON is parsed only for spans whose typed columns leave something open
            -- (SDK and gateway spans of a rollout carry all of it in typed columns)
@@ -44,7 +47,7 @@ classified AS MATERIALIZED (
         coalesce(attempt, TRY_CAST(a[14] AS BIGINT)) AS attempt,
         coalesce(rollout_id, a[12], trace_id) AS grp,
         trace_id, span_id, parent_id, name, start_ns, end_ns, status_code, received_ns,
-        file_key, file_row_number, hash(trace_id, span_id) AS span_key,
+        file_key, file_row_number, node, hash(trace_id, span_id) AS span_key,
         coalesce(span_kind = 'llm' OR a[10] IN ('chat', 'text_completion') OR a[7] = 'LLM'
                  OR a[11] IN ('chat', 'completion'), false) AS is_llm,
         coalesce(span_kind = 'tool' OR a[10] = 'execute_tool' OR a[7] = 'TOOL' OR a[15] = 'tool'
@@ -79,8 +82,7 @@ latest_attempt AS (
 )
 SELECT d.* EXCLUDE (is_tool),
     d.is_tool AND NOT d.is_llm AS is_tool,
-    d.agent_label IS NOT NULL AND NOT (d.is_llm OR d.is_tool OR d.is_reward) AS is_agent,
-    row_number() OVER () AS node
+    d.agent_label IS NOT NULL AND NOT (d.is_llm OR d.is_tool OR d.is_reward) AS is_agent
 FROM deduped d
 LEFT JOIN latest_attempt l ON l.grp = d.grp
 WHERE l.grp IS NULL OR d.attempt = l.attempt OR (d.attempt IS NULL AND d.start_ns >= l.first_start)
