@@ -68,11 +68,13 @@ SPAN_SCHEMA = pa.schema(
     ]
 )
 
-# attribute key -> (column, element type); these keys leave the attributes JSON at ingest
+# attribute key -> (column, element type, allowed range or None); these keys leave the attributes
+# JSON at ingest. Token ids must fit 32 bits: the triplets store them as INTEGER[] (sql/llm_spans.sql).
+TOKEN_ID_RANGE = (0, 2**31 - 1)
 PROMOTED_ARRAYS = {
-    semconv.PROMPT_TOKEN_IDS: ("prompt_token_ids", int),
-    semconv.RESPONSE_TOKEN_IDS: ("response_token_ids", int),
-    semconv.RESPONSE_LOGPROBS: ("response_logprobs", float),
+    semconv.PROMPT_TOKEN_IDS: ("prompt_token_ids", int, TOKEN_ID_RANGE),
+    semconv.RESPONSE_TOKEN_IDS: ("response_token_ids", int, TOKEN_ID_RANGE),
+    semconv.RESPONSE_LOGPROBS: ("response_logprobs", float, None),
 }
 
 _KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in PbSpan.SpanKind.items()}
@@ -121,8 +123,8 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
 
 
-def _typed_list(value: Any, element: type) -> list | None:
-    """Return ``value`` (a list, or JSON text of one) as a list of ``element``; None if it is not one."""
+def _typed_list(value: Any, element: type, allowed: tuple[int, int] | None = None) -> list | None:
+    """Return ``value`` (a list, or JSON text of one) as a list of ``element`` within ``allowed``; None if it is not one."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -131,9 +133,12 @@ def _typed_list(value: Any, element: type) -> list | None:
     if not isinstance(value, list) or any(isinstance(v, (list, dict, str, bool)) for v in value):
         return None
     try:
-        return [None if v is None else element(v) for v in value]
+        typed = [None if v is None else element(v) for v in value]
     except (TypeError, ValueError, OverflowError):
         return None
+    if allowed is not None and any(v is not None and not allowed[0] <= v <= allowed[1] for v in typed):
+        return None
+    return typed
 
 
 def _number(value: Any) -> float | None:
@@ -149,7 +154,8 @@ def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
     """Return a span's typed columns and its ``attributes`` JSON (without the promoted arrays).
 
     The collector and the embedded exporter both store spans through this, so their rows are
-    identical. An array that is not a list of numbers stays in the JSON and its column is NULL.
+    identical. An array that is not a list of numbers (token ids: integers in ``TOKEN_ID_RANGE``)
+    stays in the JSON and its column is NULL.
     """
     columns: dict[str, Any] = {
         "span_kind": _as_str(attributes.get(semconv.SPAN_KIND)),
@@ -158,10 +164,10 @@ def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
         "reward_value": _number(attributes.get(semconv.REWARD_VALUE, attributes.get(semconv.AGENTLIGHTNING_REWARD_0_VALUE))),
     }
     kept = attributes
-    for key, (column, element) in PROMOTED_ARRAYS.items():
+    for key, (column, element, allowed) in PROMOTED_ARRAYS.items():
         columns[column] = None
         if key in attributes:
-            typed = _typed_list(attributes[key], element)
+            typed = _typed_list(attributes[key], element, allowed)
             if typed is not None:
                 if kept is attributes:
                     kept = dict(attributes)

@@ -47,8 +47,8 @@ TRIPLET_SCHEMA = pa.schema(
         ("trace_id", pa.string()),
         ("span_id", pa.string()),
         ("start_ns", pa.int64()),
-        ("prompt_token_ids", pa.list_(pa.int64())),
-        ("response_token_ids", pa.list_(pa.int64())),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("response_token_ids", pa.list_(pa.int32())),
         ("response_logprobs", pa.list_(pa.float64())),
         ("prompt_messages", pa.string()),
         ("response_text", pa.string()),
@@ -93,7 +93,8 @@ def replace_partition(folder: Path, table: pa.Table, *, parts: int = 1) -> list[
         tmp = folder / f".{names[i]}.tmp"
         with open(tmp, "wb") as fh:
             pq.write_table(table.slice(i * size, size) if parts > 1 else table, fh, compression="zstd",
-                           write_statistics=_statistics_columns(table.schema))
+                           write_statistics=_statistics_columns(table.schema),
+                           use_dictionary=_dictionary_columns(table.schema))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -116,6 +117,13 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
     """Columns that get min/max statistics: the scalar ones readers filter on, not token lists or long text."""
     return [f.name for f in schema
             if not pa.types.is_list(f.type) and f.name not in ("prompt_messages", "response_text", "attributes")]
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns that get dictionary encoding: not numeric lists (token ids, logprobs), which zstd packs
+    about as well at half the encoding time."""
+    return [f.name for f in schema
+            if not (pa.types.is_list(f.type) and (pa.types.is_integer(f.type.value_type) or pa.types.is_floating(f.type.value_type)))]
 
 
 def drop_partition_columns(table: pa.Table) -> pa.Table:

@@ -9,7 +9,10 @@ llm_nodes AS (
     SELECT node, trace_id, span_id, file_key, file_row_number FROM span_nodes WHERE is_llm
 ),
 payload AS (
-    SELECT n.node, r.prompt_token_ids, r.response_token_ids, r.response_logprobs, r.response_id,
+    -- token ids leave the lake as INTEGER[] (the collector stores only ids in [0, 2^31)): half the
+    -- bytes of BIGINT[] through this table, the triplets' sort and their Parquet encoding
+    SELECT n.node, r.prompt_token_ids::INTEGER[] AS prompt_token_ids, r.response_token_ids::INTEGER[] AS response_token_ids,
+        r.response_logprobs, r.response_id,
         json_extract_string(r.attributes, [
             '$."arclight.llm.request_messages"',      -- 1
             '$."arclight.llm.response_text"',         -- 2

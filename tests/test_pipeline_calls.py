@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pytest
+
 from lightning_core.model import tokenizer_cache_dir
-from lightning_core.pipeline import materialize_triplets
+from lightning_core.pipeline import PipelineError, materialize_triplets
 from lightning_core.triplet_store import load_triplets
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, rows, shared_stages, write
@@ -87,6 +90,39 @@ def test_calls_without_token_ids_are_flagged_with_their_flattened_messages(tmp_p
     assert [c["flags"] for c in calls] == [["missing_token_ids", "missing_logprobs"]] * 2 + [[]]
     report = materialize_triplets(cfg, run_id="r1", epoch=0)
     assert report.policies[0].triplets == 3 and report.policies[0].missing_token_ids == 2
+
+
+def test_token_ids_that_do_not_fit_32_bits_stay_in_the_attributes_and_the_call_is_flagged(tmp_path):
+    # triplets store token ids as 32-bit integers: ingest keeps an id list it cannot store as such
+    # in the attribute JSON (nothing lost), and the pipeline flags the call instead of failing the epoch
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
+    r.call(10, 20, parent=agent, prompt=(1, 2**31), response=(3,))
+    r.call(30, 40, parent=agent, prompt=(5, 2**31 - 1), response=(-1,))
+    r.call(50, 60, parent=agent, prompt=(7, 8), response=(9,))
+    write(cfg.lake.path, [r])
+    con = shared_stages(cfg)
+    stored = rows(con, "SELECT prompt_token_ids, response_token_ids, attributes FROM spans_raw WHERE span_kind = 'llm' ORDER BY start_ns")
+    assert [(s["prompt_token_ids"], s["response_token_ids"]) for s in stored] == [(None, [3]), ([5, 2**31 - 1], None), ([7, 8], [9])]
+    assert json.loads(stored[0]["attributes"])["arclight.llm.prompt_token_ids"] == [1, 2**31]
+    assert json.loads(stored[1]["attributes"])["arclight.llm.response_token_ids"] == [-1]
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default")
+    assert triplets.schema.field("prompt_token_ids").type == pa.list_(pa.int32())
+    assert [("missing_token_ids" in f, p) for f, p in zip(triplets["flags"].to_pylist(), triplets["prompt_token_ids"].to_pylist())] == [
+        (True, None), (True, [5, 2**31 - 1]), (False, [7, 8])]
+    assert report.policies[0].missing_token_ids == 2
+
+
+def test_a_lake_file_with_token_ids_past_32_bits_fails_with_the_fix_not_a_bare_cast_error(tmp_path):
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    r.call(10, 20, parent=r.agent("solver", 0, 100), prompt=(1, 2), response=(3,))
+    r.rows[-1]["prompt_token_ids"] = [1, 2**40]  # written around ingest, which would have refused it
+    write(cfg.lake.path, [r])
+    with pytest.raises(PipelineError, match=r"stage 'llm_spans' .*must be integers in \[0, 2\^31\).*re-ingest"):
+        materialize_triplets(cfg, run_id="r1", epoch=0)
 
 
 def test_missing_token_ids_can_be_dropped(tmp_path):

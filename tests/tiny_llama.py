@@ -12,6 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from lightning_core.triplet_store import TRIPLET_SCHEMA
+
 VOCAB = 64
 
 
@@ -79,13 +81,5 @@ def make_triplets(
 
 def triplet_table(rows: list[dict[str, Any]]) -> pa.Table:
     """The rows as a pyarrow Table with the lake's triplet schema."""
-    schema = pa.schema([
-        ("run_id", pa.string()), ("epoch", pa.int64()), ("policy", pa.string()), ("rollout_id", pa.string()),
-        ("task_id", pa.string()), ("group_id", pa.string()), ("attempt", pa.int64()), ("agent_name", pa.string()),
-        ("turn_index", pa.int64()), ("trace_id", pa.string()), ("span_id", pa.string()), ("start_ns", pa.int64()),
-        ("prompt_token_ids", pa.list_(pa.int64())), ("response_token_ids", pa.list_(pa.int64())),
-        ("response_logprobs", pa.list_(pa.float64())), ("prompt_messages", pa.string()), ("response_text", pa.string()),
-        ("reward", pa.float64()), ("advantage", pa.float64()), ("policy_version", pa.string()), ("model", pa.string()),
-        ("flags", pa.list_(pa.string())),
-    ])
+    schema = pa.schema(list(TRIPLET_SCHEMA)[: TRIPLET_SCHEMA.get_field_index("flags") + 1])
     return pa.Table.from_pylist(rows, schema=schema)
