@@ -210,11 +210,13 @@ def materialize_triplets(
                 tick = time.perf_counter()
                 try:
                     run_stage(con, stage, params=base, table=table)
-                except duckdb.ConversionException as exc:  # a lake file written by other means than ingest
+                except duckdb.ConversionException as exc:
+                    if stage != "llm_spans":  # the one stage that casts stored values (token ids to INTEGER[])
+                        raise
                     raise PipelineError(
-                        f"stage {stage!r} found a stored value it cannot convert ({str(exc).splitlines()[0]}). Token ids must be integers "
-                        "in [0, 2^31), as ingest (lake.promoted_columns) stores them: re-ingest those spans "
-                        "through the collector") from None
+                        f"stage 'llm_spans' found a stored value it cannot convert ({str(exc).splitlines()[0]}). "
+                        "Token ids must be integers in [0, 2^31), as ingest (lake.promoted_columns) stores them: "
+                        "re-ingest those spans through the collector") from None
                 report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
             _count_shared(con, report)
             if run_id is not None and epoch is None:
