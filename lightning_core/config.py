@@ -138,7 +138,14 @@ class TrainerConfig(Section):
         "token", description="token: every response token weighs the same; sequence: every triplet; rollout: every rollout."
     )
     use_recorded_logprobs: bool = Field(True, description="Ratio against sampling-time logprobs when present (else on-policy, ratio 1).")
-    micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass.")
+    micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass (plain forward).")
+    shared_prefix: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Shared-prefix forward: the samples of a micro-batch are packed as one prefix tree, so a group's "
+        "prompt and a rollout's earlier turns are encoded once (same logprobs and gradients as the plain forward). "
+        "auto: used for a step when it encodes at most 60% of the plain forward's tokens; off: plain padded batches.",
+    )
+    micro_batch_tokens: int = Field(1024, ge=1, description="Shared-prefix forward: distinct tokens per packed micro-batch.")
     tokens_per_step: int = Field(16384, ge=1, description="Token budget (prompt + response) of one optimizer step; micro-batches accumulate to it.")
     passes: int = Field(1, ge=1, description="Passes over the epoch's triplets (trl's num_iterations).")
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch; None = all the data.")
@@ -156,6 +163,13 @@ class TrainerConfig(Section):
     output_dir: Path = Field(Path(".arclight/checkpoints"), description="Checkpoints: <output_dir>/<policy>/<version>, plus a 'latest' link.")
     registry_alias: str = Field("serving", description="MLflow registry alias set on each new version.")
     log_samples: int = Field(16, ge=0, description="Trajectories logged to MLflow as a table.")
+
+
+    @field_validator("shared_prefix", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML reads a bare on/off as a boolean: take it as meant."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class PolicyConfig(Section):

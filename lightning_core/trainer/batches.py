@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import torch
 from trl.trainer.utils import pad
 
+from lightning_core.trainer.prefix_tree import TreeCounter, plain_size, tree_size
+
 ZERO_ADVANTAGE = 1e-8
 
 
@@ -45,6 +47,7 @@ class Step:
 
     micro_batches: list[list[Sample]]
     weights: dict[int, float] = field(default_factory=dict)  # row -> weight of each of its response tokens
+    shared_prefix: bool = False  # micro-batches are packed for the shared-prefix forward (prefix_tree)
 
     @property
     def samples(self) -> list[Sample]:
@@ -152,8 +155,17 @@ def plan_steps(
     micro_batch_size: int,
     normalization: str,
     seed: int,
+    shared_prefix: str = "off",
+    micro_batch_tokens: int = 1024,
 ) -> list[Step]:
-    """Shuffle rollouts (keeping each rollout's turns together), pack steps to the token budget."""
+    """Shuffle rollouts (keeping each rollout's turns together), pack steps to the token budget.
+
+    ``shared_prefix``: off packs ``micro_batch_size`` samples per micro-batch for the plain forward;
+    on packs samples of a group together while their prefix tree stays within ``micro_batch_tokens``;
+    auto does that for a step whose distinct tokens are at most SHARED_PREFIX_GAIN of the plain cost.
+    """
+    if shared_prefix not in ("off", "on", "auto"):
+        raise ValueError(f"shared_prefix must be 'off', 'on' or 'auto', found {shared_prefix!r}")
     by_rollout: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_rollout[s.rollout_id].append(s)
@@ -168,11 +180,39 @@ def plan_steps(
                 used = 0
             steps[-1].append(s)
             used += s.tokens
-    return [
-        Step(micro_batches=[chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)],
-             weights=loss_weights(chunk, normalization=normalization))
-        for chunk in steps if chunk
-    ]
+    planned = []
+    for chunk in steps:
+        if not chunk:
+            continue
+        plain = [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+        shared = pack_shared_prefix(chunk, micro_batch_tokens=micro_batch_tokens) if shared_prefix != "off" else None
+        use_shared = shared is not None and (
+            shared_prefix == "on"
+            or sum(tree_size(mb) for mb in shared) <= SHARED_PREFIX_GAIN * sum(plain_size(mb) for mb in plain))
+        planned.append(Step(micro_batches=shared if use_shared else plain,
+                            weights=loss_weights(chunk, normalization=normalization), shared_prefix=use_shared))
+    return planned
+
+
+# auto uses the shared-prefix forward when it encodes at most this fraction of the plain forward's tokens:
+# the packed sequence's attention is dense over its nodes, which the saved tokens must pay for.
+SHARED_PREFIX_GAIN = 0.6
+
+
+def pack_shared_prefix(chunk: list[Sample], *, micro_batch_tokens: int) -> list[list[Sample]]:
+    """Micro-batches for the shared-prefix forward: a group's samples together, each batch's trie within budget."""
+    ordered = sorted(chunk, key=lambda s: s.group_id)  # stable: rollouts and their turns keep their order
+    batches: list[list[Sample]] = []
+    counter = TreeCounter()
+    for s in ordered:
+        if batches and batches[-1] and counter.size + counter.added_by(s) > micro_batch_tokens:
+            batches.append([])
+            counter = TreeCounter()
+        if not batches:
+            batches.append([])
+        batches[-1].append(s)
+        counter.add(s)
+    return batches
 
 
 def loss_weights(samples: Iterable[Sample], *, normalization: str) -> dict[int, float]:

@@ -18,6 +18,7 @@ import torch
 from trl.trainer.utils import selective_log_softmax_and_entropy
 
 from lightning_core.trainer.batches import Sample, Step, collate
+from lightning_core.trainer.prefix_tree import PrefixTree, build_tree, tree_response_logps
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, wi
     logits = out.logits[:, :-1, :]  # position t predicts token t+1: the last width+1 positions give the response
     logps, entropy = selective_log_softmax_and_entropy(logits, batch["response_ids"], entropy_requires_grad=False)
     return logps, (entropy if with_entropy else None)
+
+
+def micro_batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tree: PrefixTree | None, *,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Response logprobs of a micro-batch: one packed shared-prefix forward when ``tree`` is given, else padded."""
+    if tree is not None:
+        return tree_response_logps(model, tree, batch["response_ids"], with_entropy=with_entropy)
+    return response_logps(model, batch, with_entropy=with_entropy)
 
 
 def grpo_loss(
@@ -82,7 +91,7 @@ def train_grpo(
     max_grad_norm: float,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
-    reference: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    reference: Callable[[dict[str, torch.Tensor], PrefixTree | None], torch.Tensor] | None = None,
     pad_token_id: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     passes: int = 1,
@@ -98,17 +107,20 @@ def train_grpo(
             break
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "ratio_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0}
+        totals = {"loss": 0.0, "ratio_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
+                  "encoded": 0.0}
         skip_reason = None
         for micro in step.micro_batches:
             samples = _with_first_pass_logps(micro, first_pass_logps)
             batch = collate(samples, weights=step.weights, pad_token_id=pad_token_id, device=device)
+            tree = build_tree(samples) if step.shared_prefix else None
+            totals["encoded"] += tree.size if tree is not None else batch["input_ids"].numel()
             with _autocast(device, autocast_dtype):
                 ref = None
                 if beta != 0.0:
                     with torch.no_grad():
-                        ref = reference(batch).float()
-                logps, entropy = response_logps(model, batch, with_entropy=True)
+                        ref = reference(batch, tree).float()
+                logps, entropy = micro_batch_logps(model, batch, tree, with_entropy=True)
                 logps = logps.float()
                 loss, stats = grpo_loss(
                     logps=logps, old_logps=batch["old_logps"], advantages=batch["advantages"],
@@ -148,6 +160,8 @@ def train_grpo(
             "tokens_per_s": tokens / elapsed,
             "step_time_s": elapsed,
             "step_tokens": float(tokens),
+            "encoded_tokens": totals["encoded"],
+            "shared_prefix": 1.0 if step.shared_prefix else 0.0,
             "step_triplets": float(len(step.samples)),
             "skipped": 0.0 if skip_reason is None else 1.0,
         }

@@ -71,14 +71,14 @@ def load_policy_model(
 
 
 def reference_logps_fn(model: torch.nn.Module, *, base_model_dir: str | Path, finetune: str, device: torch.device):
-    """Return batch -> reference response logprobs: the adapter switched off (LoRA) or a frozen base copy."""
-    from lightning_core.trainer.grpo import response_logps
+    """Return (batch, tree) -> reference response logprobs: the adapter switched off (LoRA) or a frozen base copy."""
+    from lightning_core.trainer.grpo import micro_batch_logps
 
     if finetune == "lora":
-        def reference(batch):
+        def reference(batch, tree):
             with model.disable_adapter():
-                return response_logps(model, batch)[0]
+                return micro_batch_logps(model, batch, tree)[0]
         return reference
     ref = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32).to(device).eval()
     ref.requires_grad_(False)
-    return lambda batch: response_logps(ref, batch)[0]
+    return lambda batch, tree: micro_batch_logps(ref, batch, tree)[0]

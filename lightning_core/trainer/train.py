@@ -23,6 +23,7 @@ from lightning_core.config import ArclightConfig, TrainerConfig
 from lightning_core.trainer import checkpoint, versions
 from lightning_core.trainer.batches import epoch_stats, make_samples, plan_steps, rows_of
 from lightning_core.trainer.grpo import train_grpo
+from lightning_core.trainer.prefix_tree import TREE_ATTENTION, attn_implementation
 from lightning_core.trainer.policy_model import (autocast_dtype, load_policy_model, pick_device,
                                                  reference_logps_fn, seed_everything)
 from lightning_core.trainer.sft import select_sft_rows, train_sft
@@ -175,7 +176,9 @@ def train_policies(
 
 def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step):
     steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
-                       normalization=cfg.loss_normalization, seed=seed)
+                       normalization=cfg.loss_normalization, seed=seed,
+                       shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
+                       micro_batch_tokens=cfg.micro_batch_tokens)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device)
@@ -185,6 +188,18 @@ def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp
                       beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
                       reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
                       max_steps=cfg.max_steps)
+
+
+def shared_prefix_mode(mode: str, model: torch.nn.Module) -> str:
+    """The configured shared-prefix mode, or off when the model's attention kernel cannot take a tree mask."""
+    kernel = attn_implementation(model)
+    if mode == "off" or kernel in TREE_ATTENTION:
+        return mode
+    if mode == "on":
+        raise ValueError(f"trainer.shared_prefix=on needs attn_implementation in {TREE_ATTENTION}, found {kernel!r}; "
+                         "set trainer.shared_prefix=auto or off")
+    log.info("shared-prefix forward off: attention kernel %r takes no tree mask", kernel)
+    return "off"
 
 
 def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed):
