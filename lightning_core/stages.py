@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from lightning_core import epoch as ep
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig
 from lightning_core.runner import FAILED, SUCCEEDED, RolloutOutcome, RolloutSpec, RunnerSettings, run_rollout, settings_from_config
+from lightning_core.serving import redeploy_mode
 from lightning_core.stack import Stack
 
 log = logging.getLogger("arclight.stages")
@@ -129,25 +129,10 @@ class Redeployed:
     first_answer_s: float
 
 
-def redeploy_mode(config: ArclightConfig) -> str:
-    """Return how new versions reach vLLM: 'lora' (adapters) or 'merged' (weights reloaded in place)."""
-    mode = config.serving.redeploy
-    if mode == "auto":
-        # merged weights replace the base model for every caller, so auto picks it only when one
-        # policy trains every agent; a frozen agent calling the base model needs lora
-        on_gpu = shutil.which("nvidia-smi") is not None
-        one_policy_for_all = len(config.policies) == 1 and config.policies[0].agent_match is None
-        mode = "merged" if not on_gpu and one_policy_for_all else "lora"
-    if mode == "merged" and len(config.policies) > 1:
-        raise ValueError(f"serving.redeploy=merged serves one set of weights, but {len(config.policies)} policies are "
-                         "configured: use serving.redeploy=lora to serve one adapter per policy")
-    return mode
-
-
 def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does)."""
     from lightning_core.redeploy import deploy_adapter, deploy_full_weights, merge_adapter
-    from lightning_core.serving import model_dir
+    from lightning_core.serving import model_dir, serving_dtype
     from lightning_core.trainer.versions import latest_version
 
     catalog = Catalog.from_config(config)
@@ -168,7 +153,7 @@ def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
                 weights = Path(latest["path"])
                 if latest.get("kind") != "full":
                     weights = merge_adapter(base_model_dir=model_dir(config), adapter_dir=weights,
-                                            out_dir=weights.with_name(f"{weights.name}.merged"), dtype=config.serving.dtype)
+                                            out_dir=weights.with_name(f"{weights.name}.merged"), dtype=serving_dtype(config))
                 d = deploy_full_weights(gateway=gateway, replicas=replicas, policy=policy.name, model_dir=weights,
                                         version=number, verify_prompt=config.serving.verify_prompt)
             else:

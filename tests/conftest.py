@@ -56,6 +56,7 @@ def serving_config(tmp_path_factory, tiny_model_dir, collector_config) -> Arclig
         tmp_path_factory.mktemp("serving"),
         f"model.path={tiny_model_dir}", "model.served_name=tiny",
         "serving.port=0", "serving.dtype=float32", "serving.max_model_len=1024", "serving.max_lora_rank=16",
+        "serving.redeploy=lora",  # the session server also serves the adapter tests
         f"collector.endpoint={collector_config.collector.url}",
     )
 

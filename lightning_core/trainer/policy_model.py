@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
+
+from lightning_core import hardware
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -27,6 +32,9 @@ def pick_device(name: str) -> torch.device:
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on GPU (``auto``) or when asked; None means plain fp32."""
+    if dtype == "bfloat16" and device.type == "cpu" and not hardware.cpu_has_bf16():
+        log.warning("trainer.dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 is emulated "
+                    "and many times slower than fp32 here; set trainer.dtype=auto")
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
