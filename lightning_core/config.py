@@ -202,6 +202,8 @@ class PipelineConfig(Section):
         "flag", description="Calls without gateway token ids: keep flagged, retokenize (flag retokenized), or drop."
     )
     tokenizer_path: Path | None = Field(None, description="Base model folder whose tokenizer retokenizes calls without token ids.")
+    repair: bool = Field(True, description="Repair the span tree by time (missing parents, extra roots, cycles, lost "
+                         "contexts); false keeps every parent as sent.")
     normalize_advantage_std: bool = Field(True, description="GRPO: divide (R - group mean) by (group std + 1e-4).")
 
 

@@ -142,6 +142,13 @@ def validate_pattern(pattern: str | None, *, what: str = "agent_match") -> None:
             ) from None
 
 
+def shared_parameters(config: ArclightConfig, *, run_id: str | None, epoch: int | None) -> dict[str, Any]:
+    """Return the parameters the shared stages (span_nodes .. rollout_summary) bind."""
+    pipeline = config.pipeline
+    return {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty,
+            "repair": pipeline.repair}
+
+
 def select_policies(config: ArclightConfig, policy: str | None) -> list[PolicyConfig]:
     """Return the configured policies to materialize (one by name, or all)."""
     if policy is None:
@@ -205,7 +212,7 @@ def materialize_triplets(
     with read_lease(span_scope(lake_root, run_id=run_id, epoch=epoch)):
         con = connect(config)
         try:
-            base = {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty}
+            base = shared_parameters(config, run_id=run_id, epoch=epoch)
             for stage, table in SHARED_STAGES:
                 tick = time.perf_counter()
                 try:
@@ -349,7 +356,7 @@ def _ensure_schema_outputs(config: ArclightConfig, lake_root: Path) -> None:
         return
     con = connect(config)
     try:
-        base = {"run_id": store.SCHEMA_RUN, "epoch": -1, "tool_failure_penalty": 0.0}
+        base = shared_parameters(config, run_id=store.SCHEMA_RUN, epoch=-1)
         for stage, table in SHARED_STAGES:
             run_stage(con, stage, params=base, table=table)
         for output, folder in zip(store.OUTPUTS, wanted):
