@@ -204,6 +204,9 @@ class PipelineConfig(Section):
     tokenizer_path: Path | None = Field(None, description="Base model folder whose tokenizer retokenizes calls without token ids.")
     repair: bool = Field(True, description="Repair the span tree by time (missing parents, extra roots, cycles, lost "
                          "contexts); false keeps every parent as sent.")
+    llm_call_match: str | None = Field(
+        None, description="Regex on span names that marks extra spans as LLM calls, on top of the attribute rules "
+        "(Agent Lightning's default is 'openai\\.chat\\.completion'); None = attributes alone.")
     normalize_advantage_std: bool = Field(True, description="GRPO: divide (R - group mean) by (group std + 1e-4).")
 
 

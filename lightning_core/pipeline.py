@@ -146,7 +146,7 @@ def shared_parameters(config: ArclightConfig, *, run_id: str | None, epoch: int 
     """Return the parameters the shared stages (span_nodes .. rollout_summary) bind."""
     pipeline = config.pipeline
     return {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty,
-            "repair": pipeline.repair}
+            "llm_call_match": pipeline.llm_call_match, "repair": pipeline.repair}
 
 
 def select_policies(config: ArclightConfig, policy: str | None) -> list[PolicyConfig]:
@@ -203,6 +203,7 @@ def materialize_triplets(
     for p in policies:
         validate_pattern(p.agent_match, what=f"policy {p.name!r} agent_match")
     validate_pattern(pipeline.reward_agent_match, what="pipeline.reward_agent_match")
+    validate_pattern(pipeline.llm_call_match, what="pipeline.llm_call_match")
     if run_id is None and epoch is not None:
         raise PipelineError(f"production traces have no epoch: pass epoch=None with run_id=None, not {epoch}")
 

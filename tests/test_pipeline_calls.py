@@ -203,3 +203,16 @@ def test_compaction_waits_for_a_pipeline_run_so_no_call_loses_its_token_ids(tmp_
     assert report.policies[0].missing_token_ids == 0
     assert sorted(t["prompt_token_ids"] for t in triplets) == [[0, 1], [1, 2], [2, 3], [3, 4]]
     assert lake.compact(min_files=2, idle_s=0) == 1  # once the run is over it goes ahead
+
+
+def test_llm_call_match_marks_spans_by_name_on_top_of_the_attributes(tmp_path):
+    cfg = make_config(tmp_path, r"pipeline.llm_call_match=^my_llm\.")
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
+    r.span("my_llm.generate", 10, 20, parent=agent, attrs={"gen_ai.response.id": "x1"})
+    r.span("not_my_llm.generate", 30, 40, parent=agent, attrs={"gen_ai.response.id": "x2"})
+    r.call(50, 60, parent=agent)
+    write(cfg.lake.path, [r])
+    assert [c["response_id"] for c in rows(shared_stages(cfg), "SELECT response_id FROM llm_calls ORDER BY start_ns")] == ["x1", None]
+    with pytest.raises(PipelineError, match=r"pipeline.llm_call_match '\(' is not a valid regular expression"):
+        materialize_triplets(make_config(tmp_path, "pipeline.llm_call_match=("), run_id="r1", epoch=0)

@@ -103,3 +103,43 @@ def test_rerun_replaces_only_its_own_partition(tmp_path):
     assert load_triplets(cfg, run_id="r1", epoch=1, policy="default").num_rows == 3
     folder = cfg.lake.path / "triplets" / "run_id=r1" / "epoch=0" / "policy=default"
     assert len(list(folder.glob("part-*.parquet"))) == 1
+
+
+def test_arclight_reward_value_alone_marks_a_reward(tmp_path):
+    # fails before: without arclight.span.kind = reward the span was no reward; the call trained on 0.0
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    a = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.call(1, 5, parent=a)
+    r.span("score", 10, 11, parent=a, attrs={"arclight.reward.value": 0.75})  # any sender, no SDK
+    write(cfg.lake.path, [r])
+    report, rows = _triplets(cfg)
+    assert report.rewards == 1 and report.missing_rewards == 0
+    assert [(t["reward"], t["rollout_return"], t["flags"]) for t in rows] == [(0.75, 0.75, ["zero_advantage_group"])]
+
+
+def test_a_reward_value_set_on_an_agent_span_keeps_the_agent_and_its_calls(tmp_path):
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    a = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100), attrs={"arclight.reward.value": 0.5})
+    r.call(1, 5, parent=a)
+    write(cfg.lake.path, [r])
+    report, rows = _triplets(cfg)
+    assert report.agents == {"solver": 1} and report.judge_calls == 0
+    assert [(t["agent_name"], t["reward"]) for t in rows] == [("solver", 0.5)]
+
+
+def test_a_reward_function_span_makes_judge_calls_but_is_no_missing_reward(tmp_path):
+    from lightning_core import semconv
+
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    a = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.call(1, 5, parent=a)
+    judge = r.span(semconv.SPAN_NAME_REWARD_FUNCTION.format(name="judge"), 60, 90, attrs={"arclight.span.kind": "reward"})
+    r.call(61, 70, parent=judge, prompt=(9,))
+    r.reward(1.0, 80, parent=judge)
+    write(cfg.lake.path, [r])
+    report, rows = _triplets(cfg)
+    assert (report.llm_calls, report.judge_calls, report.rewards, report.missing_rewards) == (1, 1, 1, 0)
+    assert [(t["prompt_token_ids"], t["reward"]) for t in rows] == [([1, 2, 3], 1.0)]
