@@ -272,6 +272,7 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
         "reward_policy": pipeline.reward_policy,
         "gamma": pipeline.gamma,
         "missing_reward": pipeline.missing_reward,
+        "exclude_llm_call_in_reward": pipeline.exclude_llm_call_in_reward,
         "missing_token_ids": pipeline.missing_token_ids,
         "policy": policy.name,
         "normalize_std": pipeline.normalize_advantage_std,

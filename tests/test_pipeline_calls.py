@@ -327,3 +327,20 @@ def test_llm_call_match_marks_spans_by_name_on_top_of_the_attributes(tmp_path):
     assert [c["response_id"] for c in rows(shared_stages(cfg), "SELECT response_id FROM llm_calls ORDER BY start_ns")] == ["x1", None]
     with pytest.raises(PipelineError, match=r"pipeline.llm_call_match '\(' is not a valid regular expression"):
         materialize_triplets(make_config(tmp_path, "pipeline.llm_call_match=("), run_id="r1", epoch=0)
+
+
+def test_judge_calls_train_too_when_exclude_llm_call_in_reward_is_false(tmp_path):
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.call(10, 20, parent=agent, prompt=(1,))
+    judge = r.span("reward function judge", 60, 90, parent=agent, attrs={"arclight.span.kind": "reward"})
+    r.call(61, 80, parent=judge, prompt=(2,))
+    r.reward(1.0, 85, parent=judge)
+    counts = {}
+    for exclude in (True, False):
+        cfg = make_config(tmp_path / str(exclude), f"pipeline.exclude_llm_call_in_reward={str(exclude).lower()}")
+        write(cfg.lake.path, [r])
+        report = materialize_triplets(cfg, run_id="r1", epoch=0)
+        triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()
+        counts[exclude] = (report.judge_calls, [t["prompt_token_ids"][0] for t in triplets])
+    assert counts == {True: (1, [1]), False: (1, [1, 2])}
