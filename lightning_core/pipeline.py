@@ -32,6 +32,7 @@ from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog, view_sql
 from lightning_core.config import ArclightConfig, PolicyConfig
 from lightning_core.lake import read_lease, span_scope
+from lightning_core.silence import Silence, find_silences
 from lightning_core.triplet_store import TRIPLET_SCHEMA, load_triplets  # noqa: F401 (the trainer's reader)
 
 SHARED_STAGES = (
@@ -89,6 +90,7 @@ class TripletReport:
     tool_failures: int = 0
     rollouts: int = 0
     agents: dict[str, int] = field(default_factory=dict)
+    silences: list[Silence] = field(default_factory=list)  # rollouts whose spans gave no call, or no reward
     policies: list[PolicyReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -227,6 +229,7 @@ def materialize_triplets(
                         "re-ingest those spans through the collector") from None
                 report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
             _count_shared(con, report)
+            report.silences = find_silences(con, run_id=run_id, epoch=epoch)
             if run_id is not None and epoch is None:
                 epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM span_nodes ORDER BY 1").fetchall()]
             else:
