@@ -205,7 +205,9 @@ class PipelineConfig(Section):
     missing_token_ids: Literal["flag", "retokenize", "drop"] = Field(
         "flag", description="Calls without gateway token ids: keep flagged, retokenize (flag retokenized), or drop."
     )
-    tokenizer_path: Path | None = Field(None, description="Base model folder whose tokenizer retokenizes calls without token ids.")
+    tokenizer_path: Path | None = Field(
+        None, description="Model folder whose tokenizer retokenizes calls without token ids; default model.path, "
+        "else the prepared base model (models/SmolLM2-135M-Instruct).")
     repair: bool = Field(True, description="Repair the span tree by time (missing parents, extra roots, cycles, lost "
                          "contexts); false keeps every parent as sent.")
     llm_call_match: str | None = Field(

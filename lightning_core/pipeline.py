@@ -286,7 +286,7 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
     report.dropped = con.execute(
         "SELECT count(*) FROM credit WHERE list_contains(flags, 'missing_token_ids')").fetchall()[0][0] if pipeline.missing_token_ids == "drop" else 0
     table = run_stage(con, "advantages", params=params).to_arrow_table()
-    if pipeline.missing_token_ids == "retokenize":
+    if pipeline.missing_token_ids == "retokenize" and "missing_token_ids" in pc.unique(pc.list_flatten(table["flags"])).to_pylist():
         from lightning_core.retokenize import retokenize_missing
 
         table, report.retokenized = retokenize_missing(table, tokenizer_path=_tokenizer_path(config))
@@ -304,12 +304,17 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
 
 
 def _tokenizer_path(config: ArclightConfig) -> Path:
-    path = config.pipeline.tokenizer_path or getattr(getattr(config, "model", None), "path", None)
-    if path is None:
-        raise PipelineError("pipeline.missing_token_ids=retokenize needs pipeline.tokenizer_path (or model.path): "
-                            "a model folder with a tokenizer")
-    path = Path(path)
-    return path if path.is_absolute() else Path(config.project_dir) / path
+    """Return the folder whose tokenizer retokenizes: pipeline.tokenizer_path, else model.path, else the base model."""
+    from lightning_core import model
+
+    path = Path(config.pipeline.tokenizer_path or config.model.path or model.DEFAULT_MODEL_DIR)
+    path = path if path.is_absolute() else Path(config.project_dir) / path
+    if not (path / "tokenizer_config.json").is_file():
+        raise PipelineError(
+            f"pipeline.missing_token_ids=retokenize needs a tokenizer: expected tokenizer_config.json in {path} "
+            "(pipeline.tokenizer_path, else model.path, else the base model); found none. Run `arclight model "
+            "prepare` or set pipeline.tokenizer_path to a model folder")
+    return path
 
 
 def _count_shared(con, report: TripletReport) -> None:

@@ -301,7 +301,7 @@ def test_empty_token_arrays_count_as_missing(tmp_path):
 def test_token_ids_a_sender_writes_as_attributes_are_used_instead_of_retokenizing(tmp_path):
     # fails before: Agent Lightning's / a Node.js exporter's prompt_token_ids were not read; the call
     # was not even recognised without another LLM marker, and with one it was retokenized
-    cfg = make_config(tmp_path)
+    cfg = make_config(tmp_path, "pipeline.missing_token_ids=retokenize", "pipeline.tokenizer_path=/nonexistent")
     r = Rollout("ro1", task_id="t")
     agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
     r.span("openai.chat.completion", 10, 20, parent=agent, attrs={
@@ -314,6 +314,8 @@ def test_token_ids_a_sender_writes_as_attributes_are_used_instead_of_retokenizin
     assert calls[0] == {"prompt_token_ids": [11, 12, 13], "response_token_ids": [14, 15],
                         "response_logprobs": [-0.25, -0.5], "flags": []}
     assert calls[1]["prompt_token_ids"] is None and "missing_token_ids" in calls[1]["flags"]
+    with pytest.raises(PipelineError, match=r"retokenize needs a tokenizer: expected tokenizer_config.json in /nonexistent"):
+        materialize_triplets(cfg, run_id="r1", epoch=0)  # the second call needs one; the first did not
 
 
 def test_llm_call_match_marks_spans_by_name_on_top_of_the_attributes(tmp_path):
@@ -344,3 +346,15 @@ def test_judge_calls_train_too_when_exclude_llm_call_in_reward_is_false(tmp_path
         triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()
         counts[exclude] = (report.judge_calls, [t["prompt_token_ids"][0] for t in triplets])
     assert counts == {True: (1, [1]), False: (1, [1, 2])}
+
+
+def test_retokenize_defaults_to_the_base_model_folder(tmp_path, monkeypatch):
+    # fails before: "needs pipeline.tokenizer_path (or model.path)", though the docs promised this default
+    from lightning_core import model
+
+    monkeypatch.setattr(model, "DEFAULT_MODEL_DIR", tokenizer_cache_dir())
+    model.load_tokenizer()  # the cached SmolLM2 tokenizer stands in for models/SmolLM2-135M-Instruct
+    cfg = make_config(tmp_path, "pipeline.missing_token_ids=retokenize")
+    write(cfg.lake.path, [_uninstrumented_rollout()])
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert report.policies[0].retokenized == 2
