@@ -25,27 +25,22 @@ def _unrecognised(rollout_id: str) -> Rollout:
     return r
 
 
-def _unrewarded(rollout_id: str) -> Rollout:
-    """An agent with a recognised call whose reward uses an unknown key."""
+def _solver(rollout_id: str, *, known_reward: bool = True) -> Rollout:
+    """An agent with a recognised call and a reward, or one whose reward uses an unknown key."""
     r = Rollout(rollout_id, task_id="t")
     agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
     r.call(10, 20, parent=agent)
-    r.span("score", 50, 50, parent=agent, attrs={"my.score": 1.0})
-    return r
-
-
-def _rewarded(rollout_id: str) -> Rollout:
-    r = Rollout(rollout_id, task_id="t")
-    agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
-    r.call(10, 20, parent=agent)
-    r.reward(1.0, 50, parent=agent)
+    if known_reward:
+        r.reward(1.0, 50, parent=agent)
+    else:
+        r.span("score", 50, 50, parent=agent, attrs={"my.score": 1.0})
     return r
 
 
 def test_spans_with_no_recognisable_call_or_no_reward_are_reported_with_the_span_names_and_keys_seen(tmp_path):
     # fails before: the report counted 0 calls / 0 rewards and said nothing else
     cfg = make_config(tmp_path)
-    write(cfg.lake.path, [_unrecognised("ro-a"), _unrewarded("ro-b"), _rewarded("ro-c")])
+    write(cfg.lake.path, [_unrecognised("ro-a"), _solver("ro-b", known_reward=False), _solver("ro-c")])
     report = materialize_triplets(cfg, run_id="r1", epoch=0)
     no_calls, no_reward = report.silences
     assert (no_calls.kind, no_calls.rollouts, no_calls.of_rollouts, no_calls.spans) == ("no_calls", ["ro-a"], 3, 5)
@@ -68,13 +63,13 @@ def test_spans_with_no_recognisable_call_or_no_reward_are_reported_with_the_span
 
 def test_a_run_whose_spans_all_speak_a_known_convention_reports_no_silence(tmp_path):
     cfg = make_config(tmp_path)
-    write(cfg.lake.path, [_rewarded("ro-c")])
+    write(cfg.lake.path, [_solver("ro-c")])
     assert materialize_triplets(cfg, run_id="r1", epoch=0).silences == []
 
 
 def test_arclight_triplets_and_the_train_summary_print_the_warnings(tmp_path):
     cfg = make_config(tmp_path, "run_name=r1")
-    write(cfg.lake.path, [_unrecognised("ro-a"), _rewarded("ro-c")])
+    write(cfg.lake.path, [_unrecognised("ro-a"), _solver("ro-c")])
     result = _arclight("triplets", "--lake", str(cfg.lake.path), "--run", "r1")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""  # the summary and its warnings go to stderr
