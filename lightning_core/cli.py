@@ -309,6 +309,7 @@ def triplets(
 ) -> None:
     """Run the SQL pipeline on spans in the lake and write triplets (visible in the `triplets` view)."""
     from lightning_core.pipeline import PipelineError, materialize_triplets
+    from lightning_core.silence import print_silences
 
     extra = list(overrides or []) + ([f"pipeline.reward_policy={reward_policy}"] if reward_policy else [])
     cfg = load(config, extra, lake=lake)
@@ -325,17 +326,9 @@ def triplets(
         console.print(f"policy {p.policy} (agent_match={p.agent_match!r}): {p.triplets} triplets, {p.rollouts} rollouts, "
                       f"{p.groups} groups, {len(p.zero_advantage_groups)} all-equal groups, "
                       f"{p.missing_token_ids} missing token ids, {p.dropped} dropped, {p.retokenized} retokenized")
-    print_silences(report.silences, missing_reward=cfg.pipeline.missing_reward)
+    print_silences(report.silences, console=console, missing_reward=cfg.pipeline.missing_reward)
     if out is not None:
         console.print(f"wrote {out}")
-
-
-def print_silences(silences, *, missing_reward: float | None = None, out: Optional[Console] = None) -> None:
-    """Print a warning per kind of silence (no LLM call recognised, no reward): span names and keys seen."""
-    from rich.text import Text
-
-    for silence in silences:
-        (out or console).print(Text("warning: ", style="bold yellow") + Text(silence.message(missing_reward=missing_reward)))
 
 
 ConfigArg = typer.Argument(..., help="Project config YAML, e.g. examples/calc/config.yaml.")

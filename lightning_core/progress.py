@@ -127,12 +127,11 @@ def _print_silences(config: ArclightConfig, *, console: Console) -> None:
     """Warn about rollouts of the run whose spans gave no LLM call, or no reward (every epoch)."""
     from rich.text import Text
 
-    from lightning_core.silence import catalog_silences
+    from lightning_core.silence import catalog_silences, print_silences
 
     try:
         silences = catalog_silences(config, run_id=config.run_name)
     except Exception as exc:  # the summary must not fail on a half-written catalog; say why it is silent
         console.print(Text(f"(could not check the run for rollouts without calls or rewards: {exc})"))
         return
-    for silence in silences:
-        console.print(Text("warning: ", style="bold yellow") + Text(silence.message(missing_reward=config.pipeline.missing_reward)))
+    print_silences(silences, console=console, missing_reward=config.pipeline.missing_reward)

@@ -89,6 +89,14 @@ def find_silences(con: Any, *, run_id: str | None, epoch: int | None) -> list[Si
     return silences
 
 
+def print_silences(silences: list[Silence], *, console: Any, missing_reward: float | None = None) -> None:
+    """Print one ``warning:`` per silence on a rich console (span names are printed as text, not markup)."""
+    from rich.text import Text
+
+    for silence in silences:
+        console.print(Text("warning: ", style="bold yellow") + Text(silence.message(missing_reward=missing_reward)))
+
+
 def catalog_silences(config: Any, *, run_id: str | None, epoch: int | None = None) -> list[Silence]:
     """Return the silent rollouts of a run as the catalog's views hold them (what the last pipeline run wrote)."""
     from lightning_core.catalog import Catalog
