@@ -2,9 +2,9 @@
 
 Our own names live under ``arclight.*``. The other groups are the keys that common
 instrumentations write and that the SQL pipeline reads (GenAI semantic conventions,
-OpenLLMetry, OpenInference, AgentOps, AutoGen, LangGraph) plus Agent Lightning's reward keys,
-read for compatibility. ``sql/`` files use the same strings; ``tests/test_semconv.py`` checks
-that every key a SQL file reads is declared here.
+OpenLLMetry, OpenInference, AgentOps, AutoGen, LangGraph) plus what Agent Lightning v0.x writes,
+read for compatibility. ``sql/`` files use the same strings; ``tests/test_span_conventions_doc.py``
+checks that every key a SQL file reads is declared here and named in docs/span-conventions.md.
 """
 
 from __future__ import annotations
