@@ -304,11 +304,12 @@ def triplets(
     epoch: Optional[int] = typer.Option(None, "--epoch", help="Epoch (default: every epoch of the run)."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Only this configured policy (default: all)."),
     agent_match: Optional[str] = typer.Option(None, "--agent-match", help="Regex on agent names (overrides the policy's)."),
-    reward_policy: Optional[str] = typer.Option(None, "--reward-policy", help="final | first_occurrence | first_sibling | discounted"),
+    reward_policy: Optional[str] = typer.Option(None, "--reward-policy", help="final | first_occurrence | latest_unrewarded_call | first_sibling | discounted"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the triplets to this Parquet file."),
 ) -> None:
     """Run the SQL pipeline on spans in the lake and write triplets (visible in the `triplets` view)."""
     from lightning_core.pipeline import PipelineError, materialize_triplets
+    from lightning_core.silence import print_silences
 
     extra = list(overrides or []) + ([f"pipeline.reward_policy={reward_policy}"] if reward_policy else [])
     cfg = load(config, extra, lake=lake)
@@ -325,6 +326,7 @@ def triplets(
         console.print(f"policy {p.policy} (agent_match={p.agent_match!r}): {p.triplets} triplets, {p.rollouts} rollouts, "
                       f"{p.groups} groups, {len(p.zero_advantage_groups)} all-equal groups, "
                       f"{p.missing_token_ids} missing token ids, {p.dropped} dropped, {p.retokenized} retokenized")
+    print_silences(report.silences, console=console, missing_reward=cfg.pipeline.missing_reward)
     if out is not None:
         console.print(f"wrote {out}")
 

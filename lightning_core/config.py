@@ -206,24 +206,37 @@ class PolicyConfig(Section):
 class PipelineConfig(Section):
     """How spans become triplets: repair, reward matching, credit assignment, advantages."""
 
-    reward_policy: Literal["final", "first_occurrence", "first_sibling", "discounted"] = Field(
+    reward_policy: Literal["final", "first_occurrence", "latest_unrewarded_call", "first_sibling", "discounted"] = Field(
         "final",
         description="final: the rollout's last reward to every selected call; first_occurrence: each call gets the "
-        "first reward that starts after it ends; first_sibling: a reward goes to the nearest preceding call under "
-        "the same parent span; discounted: final reward * gamma^(calls after this one).",
+        "first reward that starts after it ends; latest_unrewarded_call: each reward goes to at most one call, the "
+        "latest one that ended before it and has no reward yet (Agent Lightning's first_occurrence); first_sibling: "
+        "a reward goes to the nearest preceding call under the same parent span; discounted: final reward * "
+        "gamma^(calls after this one).",
     )
     gamma: float = Field(0.9, ge=0.0, le=1.0, description="Discount per later call for reward_policy=discounted.")
     tool_failure_penalty: float = Field(
         0.0, ge=0.0, description="Subtracted from a call's reward for each failed tool call or exception span it caused; 0 = off."
     )
-    missing_reward: float = Field(0.0, description="Reward used for calls and rollouts with no matched reward (flagged no_reward).")
+    missing_reward: float = Field(
+        0.0, description="Return R of a rollout with no reward (for its advantage); calls with no matched reward keep "
+        "reward NULL and the flag no_reward.")
     reward_agent_match: str | None = Field(
         None, description="Regex on the agent that emitted a reward; None = rewards from every agent count."
     )
     missing_token_ids: Literal["flag", "retokenize", "drop"] = Field(
         "flag", description="Calls without gateway token ids: keep flagged, retokenize (flag retokenized), or drop."
     )
-    tokenizer_path: Path | None = Field(None, description="Base model folder whose tokenizer retokenizes calls without token ids.")
+    tokenizer_path: Path | None = Field(
+        None, description="Model folder whose tokenizer retokenizes calls without token ids; default model.path, "
+        "else the prepared base model (models/SmolLM2-135M-Instruct).")
+    repair: bool = Field(True, description="Repair the span tree by time (missing parents, extra roots, cycles, lost "
+                         "contexts); false keeps every parent as sent.")
+    llm_call_match: str | None = Field(
+        None, description="Regex on span names that marks extra spans as LLM calls, on top of the attribute rules "
+        "(Agent Lightning's default is 'openai\\.chat\\.completion'); None = attributes alone.")
+    exclude_llm_call_in_reward: bool = Field(
+        True, description="LLM calls inside a reward function (an LLM judge) are not training data; false trains them too.")
     normalize_advantage_std: bool = Field(True, description="GRPO: divide (R - group mean) by (group std + 1e-4).")
 
 

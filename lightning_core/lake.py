@@ -186,7 +186,8 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
         resource_json = _dumps(resource)
         partition_of = _partitioner(resource)
         service_name = _as_str(resource.get(semconv.SERVICE_NAME))
-        rollout_id = _as_str(resource.get(semconv.ROLLOUT_ID))
+        # Agent Lightning's exporter names the rollout in its own resource attribute
+        rollout_id = _as_str(resource.get(semconv.ROLLOUT_ID, resource.get(semconv.AGENTLIGHTNING_ROLLOUT_ID)))
         task_id = _as_str(resource.get(semconv.TASK_ID))
         attempt = _as_int(resource.get(semconv.ATTEMPT), semconv.ATTEMPT)
         for scope_spans in resource_spans.scope_spans:

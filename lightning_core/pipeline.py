@@ -32,6 +32,7 @@ from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog, view_sql
 from lightning_core.config import ArclightConfig, PolicyConfig
 from lightning_core.lake import read_lease, span_scope
+from lightning_core.silence import Silence, find_silences
 from lightning_core.triplet_store import TRIPLET_SCHEMA, load_triplets  # noqa: F401 (the trainer's reader)
 
 SHARED_STAGES = (
@@ -89,6 +90,7 @@ class TripletReport:
     tool_failures: int = 0
     rollouts: int = 0
     agents: dict[str, int] = field(default_factory=dict)
+    silences: list[Silence] = field(default_factory=list)  # rollouts whose spans gave no call, or no reward
     policies: list[PolicyReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -140,6 +142,13 @@ def validate_pattern(pattern: str | None, *, what: str = "agent_match") -> None:
             raise PipelineError(
                 f"{what} {pattern!r} is not valid in DuckDB's RE2 syntax (no look-around or backreferences): {exc}"
             ) from None
+
+
+def shared_parameters(config: ArclightConfig, *, run_id: str | None, epoch: int | None) -> dict[str, Any]:
+    """Return the parameters the shared stages (span_nodes .. rollout_summary) bind."""
+    pipeline = config.pipeline
+    return {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty,
+            "llm_call_match": pipeline.llm_call_match, "repair": pipeline.repair}
 
 
 def select_policies(config: ArclightConfig, policy: str | None) -> list[PolicyConfig]:
@@ -196,6 +205,7 @@ def materialize_triplets(
     for p in policies:
         validate_pattern(p.agent_match, what=f"policy {p.name!r} agent_match")
     validate_pattern(pipeline.reward_agent_match, what="pipeline.reward_agent_match")
+    validate_pattern(pipeline.llm_call_match, what="pipeline.llm_call_match")
     if run_id is None and epoch is not None:
         raise PipelineError(f"production traces have no epoch: pass epoch=None with run_id=None, not {epoch}")
 
@@ -205,7 +215,7 @@ def materialize_triplets(
     with read_lease(span_scope(lake_root, run_id=run_id, epoch=epoch)):
         con = connect(config)
         try:
-            base = {"run_id": run_id, "epoch": epoch, "tool_failure_penalty": pipeline.tool_failure_penalty}
+            base = shared_parameters(config, run_id=run_id, epoch=epoch)
             for stage, table in SHARED_STAGES:
                 tick = time.perf_counter()
                 try:
@@ -219,6 +229,7 @@ def materialize_triplets(
                         "re-ingest those spans through the collector") from None
                 report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
             _count_shared(con, report)
+            report.silences = find_silences(con, run_id=run_id, epoch=epoch)
             if run_id is not None and epoch is None:
                 epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM span_nodes ORDER BY 1").fetchall()]
             else:
@@ -264,6 +275,7 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
         "reward_policy": pipeline.reward_policy,
         "gamma": pipeline.gamma,
         "missing_reward": pipeline.missing_reward,
+        "exclude_llm_call_in_reward": pipeline.exclude_llm_call_in_reward,
         "missing_token_ids": pipeline.missing_token_ids,
         "policy": policy.name,
         "normalize_std": pipeline.normalize_advantage_std,
@@ -274,7 +286,7 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
     report.dropped = con.execute(
         "SELECT count(*) FROM credit WHERE list_contains(flags, 'missing_token_ids')").fetchall()[0][0] if pipeline.missing_token_ids == "drop" else 0
     table = run_stage(con, "advantages", params=params).to_arrow_table()
-    if pipeline.missing_token_ids == "retokenize":
+    if pipeline.missing_token_ids == "retokenize" and "missing_token_ids" in pc.unique(pc.list_flatten(table["flags"])).to_pylist():
         from lightning_core.retokenize import retokenize_missing
 
         table, report.retokenized = retokenize_missing(table, tokenizer_path=_tokenizer_path(config))
@@ -292,12 +304,17 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
 
 
 def _tokenizer_path(config: ArclightConfig) -> Path:
-    path = config.pipeline.tokenizer_path or getattr(getattr(config, "model", None), "path", None)
-    if path is None:
-        raise PipelineError("pipeline.missing_token_ids=retokenize needs pipeline.tokenizer_path (or model.path): "
-                            "a model folder with a tokenizer")
-    path = Path(path)
-    return path if path.is_absolute() else Path(config.project_dir) / path
+    """Return the folder whose tokenizer retokenizes: pipeline.tokenizer_path, else model.path, else the base model."""
+    from lightning_core import model
+
+    path = Path(config.pipeline.tokenizer_path or config.model.path or model.DEFAULT_MODEL_DIR)
+    path = path if path.is_absolute() else Path(config.project_dir) / path
+    if not (path / "tokenizer_config.json").is_file():
+        raise PipelineError(
+            f"pipeline.missing_token_ids=retokenize needs a tokenizer: expected tokenizer_config.json in {path} "
+            "(pipeline.tokenizer_path, else model.path, else the base model); found none. Run `arclight model "
+            "prepare` or set pipeline.tokenizer_path to a model folder")
+    return path
 
 
 def _count_shared(con, report: TripletReport) -> None:
@@ -349,7 +366,7 @@ def _ensure_schema_outputs(config: ArclightConfig, lake_root: Path) -> None:
         return
     con = connect(config)
     try:
-        base = {"run_id": store.SCHEMA_RUN, "epoch": -1, "tool_failure_penalty": 0.0}
+        base = shared_parameters(config, run_id=store.SCHEMA_RUN, epoch=-1)
         for stage, table in SHARED_STAGES:
             run_stage(con, stage, params=base, table=table)
         for output, folder in zip(store.OUTPUTS, wanted):

@@ -116,7 +116,22 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
                       str(r["timed_out"]), r["new_version"] or "-", r["status"])
     console.print(table)
     lake = config.lake.path
+    _print_silences(config, console=console)
     console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
     console.print(f"lake:    {lake}\ncatalog: {config.lake.catalog_path}")
     console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
+
+
+def _print_silences(config: ArclightConfig, *, console: Console) -> None:
+    """Warn about rollouts of the run whose spans gave no LLM call, or no reward (every epoch)."""
+    from rich.text import Text
+
+    from lightning_core.silence import catalog_silences, print_silences
+
+    try:
+        silences = catalog_silences(config, run_id=config.run_name)
+    except Exception as exc:  # the summary must not fail on a half-written catalog; say why it is silent
+        console.print(Text(f"(could not check the run for rollouts without calls or rewards: {exc})"))
+        return
+    print_silences(silences, console=console, missing_reward=config.pipeline.missing_reward)

@@ -2,9 +2,9 @@
 
 Our own names live under ``arclight.*``. The other groups are the keys that common
 instrumentations write and that the SQL pipeline reads (GenAI semantic conventions,
-OpenLLMetry, OpenInference, AgentOps, AutoGen, LangGraph) plus Agent Lightning's reward keys,
-read for compatibility. ``sql/`` files use the same strings; ``tests/test_semconv.py`` checks
-that every key a SQL file reads is declared here.
+OpenLLMetry, OpenInference, AgentOps, AutoGen, LangGraph) plus what Agent Lightning v0.x writes,
+read for compatibility. ``sql/`` files use the same strings; ``tests/test_span_conventions_doc.py``
+checks that every key a SQL file reads is declared here and named in docs/span-conventions.md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ KIND_ROLLOUT_OUTCOME = "rollout_outcome"
 SPAN_NAME_AGENT = "agent {name}"
 SPAN_NAME_TOOL = "tool {name}"
 SPAN_NAME_REWARD = "reward {name}"
+SPAN_NAME_REWARD_FUNCTION = "reward function {name}"
 SPAN_NAME_MESSAGE = "message"
 SPAN_NAME_ROLLOUT = "rollout"
 SPAN_NAME_ROLLOUT_OUTCOME = "rollout outcome"
@@ -85,7 +86,10 @@ GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 # OpenLLMetry before 0.55: flattened prompt/completion attributes, N = 0, 1, ...
 GEN_AI_PROMPT_PREFIX = "gen_ai.prompt."  # gen_ai.prompt.N.role / .content
 GEN_AI_COMPLETION_PREFIX = "gen_ai.completion."  # gen_ai.completion.N.role / .content
-LLM_REQUEST_TYPE = "llm.request.type"  # older OpenLLMetry: "chat"
+LLM_REQUEST_TYPE = "llm.request.type"  # older OpenLLMetry, AgentOps: "chat"
+GEN_AI_REQUEST_TYPE = "gen_ai.request.type"  # newer AgentOps: "chat"
+GEN_AI_USAGE_PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"  # older OpenLLMetry, AgentOps
+GEN_AI_USAGE_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 TRACELOOP_LANGGRAPH_NODE = "traceloop.association.properties.langgraph_node"
 TRACELOOP_SPAN_KIND = "traceloop.span.kind"
 
@@ -97,6 +101,14 @@ OI_INPUT_MESSAGES_PREFIX = "llm.input_messages."  # llm.input_messages.N.message
 OI_OUTPUT_MESSAGES_PREFIX = "llm.output_messages."
 OI_MODEL_NAME = "llm.model_name"
 OI_METADATA = "metadata"  # JSON; LangGraph puts "langgraph_node" in it
+# Where a response id sits inside ``output.value``: the OpenAI response (``$.id``), or LangChain's
+# LLMResult (its llm_output, or the first generation's message metadata, serialised or not).
+OI_OUTPUT_RESPONSE_ID_PATHS = (
+    "$.id",
+    "$.llm_output.id",
+    "$.generations[0][0].message.kwargs.response_metadata.id",
+    "$.generations[0][0].message.response_metadata.id",
+)
 
 # --- Framework agent markers -----------------------------------------------------------------
 AUTOGEN_RECIPIENT_AGENT_TYPE = "recipient_agent_type"
@@ -105,8 +117,28 @@ AGENTOPS_SPAN_KIND = "agentops.span.kind"  # "agent"
 AGENTOPS_OPERATION_NAME = "operation.name"
 EXECUTOR_ID = "executor.id"
 
-# --- Agent Lightning compatibility -----------------------------------------------------------
+# --- Agent Lightning (v0.x) compatibility: what its tracers and emitters write ------------------
 AGENTLIGHTNING_REWARD_PREFIX = "agentlightning.reward."  # agentlightning.reward.N.value / .name
+# Its OpenAI instrumentation (AgentOps, patched) names LLM spans ``openai.chat.completion`` and
+# adds the token ids vLLM returned as int arrays, and the logprobs as JSON.
+AGENTLIGHTNING_LLM_SPAN_NAME = "openai.chat.completion"  # its default llm_call_match
+AGENTLIGHTNING_PROMPT_TOKEN_IDS = "prompt_token_ids"  # int[]
+AGENTLIGHTNING_RESPONSE_TOKEN_IDS = "response_token_ids"  # int[]
+AGENTLIGHTNING_LOGPROBS_CONTENT = "logprobs.content"  # JSON list of {token, logprob, ...}
+# Rewards: AgentOps' operation output ``{"type": "reward", "value": v}`` (JSON text) ...
+AGENTOPS_TASK_OUTPUT = "agentops.task.output"
+AGENTOPS_ENTITY_OUTPUT = "agentops.entity.output"  # older AgentOps
+AGENTOPS_REWARD_TYPE = "reward"  # the payload's "type"
+# ... or, before v0.3, an ``agentlightning.annotation`` span with a ``reward`` attribute.
+AGENTLIGHTNING_ANNOTATION_SPAN_NAME = "agentlightning.annotation"
+AGENTLIGHTNING_LEGACY_REWARD = "reward"
+# A reward function is an ``agentlightning.operation`` span whose operation name is
+# ``agentlightning.reward``: LLM calls inside it (a judge) are not training data.
+AGENTLIGHTNING_OPERATION_SPAN_NAME = "agentlightning.operation"
+AGENTLIGHTNING_OPERATION_NAME = "agentlightning.operation.name"
+AGENTLIGHTNING_REWARD_OPERATION = "agentlightning.reward"
+# Resource attribute its OTLP exporter sets; the collector takes it when arclight.rollout_id is absent.
+AGENTLIGHTNING_ROLLOUT_ID = "agentlightning.rollout_id"
 
 
 def agentlightning_reward_value(index: int) -> str:

@@ -278,6 +278,13 @@ def tool(name: str, **attributes: Any) -> _SpanScope:
     return _SpanScope(semconv.SPAN_NAME_TOOL.format(name=name), attrs)
 
 
+def reward_function(name: str, **attributes: Any) -> _SpanScope:
+    """Mark a reward function: LLM calls inside it (a judge) are not training data (context manager or decorator)."""
+    attrs = sanitize_attributes(attributes)
+    attrs[semconv.SPAN_KIND] = semconv.KIND_REWARD  # no value and no reward name: a scope, not a reward
+    return _SpanScope(semconv.SPAN_NAME_REWARD_FUNCTION.format(name=name), attrs)
+
+
 def emit_reward(value: float | int | bool | None, name: str = "primary", **attributes: Any) -> None:
     """Record a reward as a span; ``None`` or a non-number is recorded as a missing value."""
     attrs = sanitize_attributes(attributes)

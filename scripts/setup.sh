@@ -61,4 +61,9 @@ fi
 if .venv/bin/arclight model --help >/dev/null 2>&1; then
   .venv/bin/arclight model prepare
 fi
+# The Node.js agent of the framework tests exports with the OpenTelemetry JS SDK (pinned in its lock file).
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/node_sender/node_modules ]; then
+  log "installing the Node.js test agent's OpenTelemetry packages"
+  (cd tests/node_sender && npm ci --no-audit --no-fund --silent) || log "npm ci failed: the Node.js sender test will install or skip"
+fi
 log "done"

@@ -1,7 +1,9 @@
 -- calls: one row per model call, narrow. The gateway's span (authoritative token ids and logprobs)
--- and the instrumentation spans of the same call are merged: spans that share a
--- gen_ai.response.id (OpenInference keeps it inside output.value), and LLM spans nested in one
--- another (the Agents SDK's generation spans carry no response id), are one call.
+-- and the instrumentation spans of the same call are merged: spans that share a response id
+-- (gen_ai.response.id, or inside OpenInference's output.value), LLM spans nested in one another
+-- in the tree, and LLM spans that another LLM span encloses in time (two instrumentations whose
+-- spans are not nested, or the Agents SDK's generation spans, which carry no response id) are one
+-- call -- unless both sides carry different response ids: then the ids decide.
 -- Each field comes from the gateway's span when it has it, else from the outermost span.
 -- in_reward marks calls made inside a reward function (LLM judges).
 -- n > 1 choices of one request are separate calls (arclight.llm.choice_index).
@@ -18,23 +20,52 @@ spans_of_call AS MATERIALIZED (
         l.prompt_len IS NOT NULL AS has_prompt_ids,
         l.response_len IS NOT NULL AS has_response_ids,
         l.has_logprobs, l.has_messages, l.has_text,
-        -- which span a field is taken from: the gateway's first, then the outermost
-        (CASE WHEN l.response_len IS NOT NULL THEN 0 ELSE 1 END)::HUGEINT * 10000000000000000000000
+        -- which span a field is taken from: the gateway's first (token ids in its typed columns),
+        -- then one that sent token ids as attributes, then the outermost
+        (CASE WHEN l.typed_ids THEN 0 WHEN l.response_len IS NOT NULL THEN 1 ELSE 2 END)::HUGEINT * 10000000000000000000000
             + s.depth::HUGEINT * 10000000000000000000 + s.start_ns AS gateway_first,
         s.depth::HUGEINT * 10000000000000000000 + s.start_ns AS outermost_first
     FROM span_owners s JOIN llm_spans l USING (node)
 ),
-cluster_ids AS (
-    -- the response id of each cluster of nested LLM spans
-    SELECT grp, llm_root, max(response_id || '#' || choice_index) AS cluster_key
+clusters AS MATERIALIZED (
+    -- LLM spans nested in the tree (under one outermost LLM span, llm_root): their time range and response id
+    SELECT grp, llm_root, min(start_ns) AS start_ns, max(end_ns) AS end_ns,
+           max(response_id || '#' || choice_index) AS cluster_id
     FROM spans_of_call GROUP BY grp, llm_root
+),
+undecided_rollouts AS (
+    -- only where a cluster has no response id can time decide which clusters are one call
+    SELECT DISTINCT grp FROM clusters WHERE cluster_id IS NULL
+),
+enclosed AS (
+    SELECT c.*, coalesce(max(c.end_ns) OVER (PARTITION BY c.grp ORDER BY c.start_ns, c.end_ns DESC, c.llm_root
+                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) >= c.end_ns, false) AS is_enclosed
+    FROM clusters c SEMI JOIN undecided_rollouts u USING (grp)
+),
+outermost AS (
+    -- the outermost cluster that encloses each one in time: the latest earlier cluster that nothing encloses
+    SELECT *, last_value(CASE WHEN NOT is_enclosed THEN {'root': llm_root, 'id': cluster_id} END IGNORE NULLS)
+                  OVER (PARTITION BY grp ORDER BY start_ns, end_ns DESC, llm_root ROWS UNBOUNDED PRECEDING) AS head
+    FROM enclosed
+),
+time_merged AS (
+    SELECT grp, llm_root, cluster_id,
+        CASE WHEN cluster_id IS NULL OR head.id IS NULL THEN head.root ELSE llm_root END AS call_root
+    FROM outermost
+),
+cluster_keys AS (
+    SELECT grp, llm_root, llm_root AS call_root, cluster_id AS call_id
+    FROM clusters ANTI JOIN undecided_rollouts USING (grp)
+    UNION ALL
+    SELECT grp, llm_root, call_root, max(cluster_id) OVER (PARTITION BY grp, call_root) AS call_id
+    FROM time_merged
 ),
 keyed AS (
     SELECT f.*,
         -- n > 1 choices: the gateway writes one span per choice under one response id
-        coalesce(f.response_id || '#' || f.choice_index, k.cluster_key, 'span:' || f.llm_root::VARCHAR) AS call_key
+        coalesce(f.response_id || '#' || f.choice_index, k.call_id, 'span:' || k.call_root::VARCHAR) AS call_key
     FROM spans_of_call f
-    LEFT JOIN cluster_ids k ON k.grp = f.grp AND k.llm_root = f.llm_root
+    JOIN cluster_keys k ON k.grp = f.grp AND k.llm_root = f.llm_root
 ),
 call_spans AS (
     -- per call: which span each field comes from

@@ -10,7 +10,7 @@ SELECT
     np.span_id AS parent_span_id,
     n.parent_id AS original_parent_id,
     r.repair_reason,
-    n.is_llm, n.is_tool, n.is_reward, n.is_agent, n.is_rollout, n.agent_label,
+    n.is_llm, n.is_tool, n.is_reward, n.is_reward_scope, n.is_agent, n.is_rollout, n.agent_label,
     n.reward_value, n.rollout_status, n.has_exception
 FROM span_nodes n
 JOIN repairs r USING (node)

@@ -6,7 +6,7 @@ import re
 import threading
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -64,7 +64,11 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
         for p in report.policies
     ]
     create_table_artifact(rows, key=artifact_key(run_id, "triplets", epoch), description=f"Triplets of epoch {epoch}")
-    return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds}
+    silences = [s.message(missing_reward=config.pipeline.missing_reward) for s in report.silences]
+    for message in silences:  # rollouts whose spans gave no call or no reward: loud, in the flow's log
+        get_run_logger().warning(message)
+    return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds,
+            "silences": silences}
 
 
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)

@@ -51,12 +51,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def serving_config(tmp_path_factory, tiny_model_dir, collector_config) -> ArclightConfig:
-    """Config that serves the tiny model (fp32, small context) and records to the session collector."""
+    """Config that serves the tiny model (fp32, small context) and records to the session collector.
+
+    A tool-call parser lets agents name the tool the model must call (an Agents SDK handoff); the
+    pythonic one needs no special tokens in the tokenizer."""
     return make_config(
         tmp_path_factory.mktemp("serving"),
         f"model.path={tiny_model_dir}", "model.served_name=tiny",
         "serving.port=0", "serving.dtype=float32", "serving.max_model_len=1024", "serving.max_lora_rank=16",
         "serving.redeploy=lora",  # the session server also serves the adapter tests
+        "serving.extra_args=[--enable-auto-tool-choice, --tool-call-parser, pythonic]",
         f"collector.endpoint={collector_config.collector.url}",
     )
 

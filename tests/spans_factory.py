@@ -86,11 +86,11 @@ def write(lake_root: Path, rollouts: list[Rollout], *, run_id: str | None = "r1"
 
 def shared_stages(config, *, run_id: str | None = "r1", epoch: int | None = 0):
     """Run the policy-independent stages; return the DuckDB connection holding their tables."""
-    from lightning_core.pipeline import SHARED_STAGES, connect, run_stage
+    from lightning_core.pipeline import SHARED_STAGES, connect, run_stage, shared_parameters
 
     con = connect(config)
     for stage, table in SHARED_STAGES:
-        run_stage(con, stage, params={"run_id": run_id, "epoch": epoch, "tool_failure_penalty": config.pipeline.tool_failure_penalty}, table=table)
+        run_stage(con, stage, params=shared_parameters(config, run_id=run_id, epoch=epoch), table=table)
     return con
 
 

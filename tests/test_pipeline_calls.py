@@ -203,3 +203,158 @@ def test_compaction_waits_for_a_pipeline_run_so_no_call_loses_its_token_ids(tmp_
     assert report.policies[0].missing_token_ids == 0
     assert sorted(t["prompt_token_ids"] for t in triplets) == [[0, 1], [1, 2], [2, 3], [3, 4]]
     assert lake.compact(min_files=2, idle_s=0) == 1  # once the run is over it goes ahead
+
+
+def _langchain_output(response_id: str, text: str) -> str:
+    """OpenInference's output.value of a LangChain chat model span: an LLMResult, the id deep inside."""
+    message = {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "AIMessage"],
+               "kwargs": {"content": text, "response_metadata": {"model_name": "tiny", "id": response_id}, "type": "ai"}}
+    return json.dumps({"generations": [[{"text": text, "type": "ChatGeneration", "message": message}]],
+                       "llm_output": {"model_name": "tiny", "id": response_id}, "run": None, "type": "LLMResult"})
+
+
+def _langgraph_rollout(*, repair_leaves_the_client_beside: bool = False) -> tuple[Rollout, dict]:
+    """A LangGraph node with a ChatOpenAI span (OpenInference) and the openai client span of the same
+    call hung on the root (the client instrumentation lost LangChain's context), and the gateway span."""
+    r = Rollout("ro1", task_id="t")
+    root = r.span("LangGraph", 0, 100)
+    node = r.span("planner", 10, 90, parent=root, attrs={"metadata": '{"langgraph_node": "planner"}'})
+    chat = r.span("ChatOpenAI", 20, 60, parent=node, attrs={
+        "openinference.span.kind": "LLM", "output.value": _langchain_output("chatcmpl-7", "four")})
+    client = r.span("openai.chat", 22, 58, parent=node if repair_leaves_the_client_beside else root, attrs={
+        "gen_ai.operation.name": "chat", "gen_ai.response.id": "chatcmpl-7"})
+    gateway = r.call(23, 57, response_id="chatcmpl-7", trace_id="c" * 32, prompt=(5, 6), response=(7,), logprobs=(-0.5,))
+    r.span("score", 95, 95, parent=root, attrs={"arclight.reward.value": 1.0})
+    return r, {"chat": chat, "client": client, "gateway": gateway, "node": node}
+
+
+def test_langchain_response_id_inside_output_value_joins_the_framework_span_to_its_call(tmp_path):
+    # fails before: the ChatOpenAI span's id was not read, so it was a second call without token ids
+    cfg = make_config(tmp_path, "pipeline.repair=false")
+    r, ids = _langgraph_rollout()
+    write(cfg.lake.path, [r])
+    calls = rows(shared_stages(cfg), "SELECT response_id, span_count, agent_name, prompt_token_ids, flags FROM llm_calls")
+    assert calls == [{"response_id": "chatcmpl-7", "span_count": 3, "agent_name": "planner",
+                      "prompt_token_ids": [5, 6], "flags": []}]
+
+
+def test_a_client_span_hung_on_the_root_moves_into_the_framework_llm_span_of_its_call(tmp_path):
+    # fails before: repair moved it into the node, beside ChatOpenAI, and the two were two calls
+    cfg = make_config(tmp_path)
+    r, ids = _langgraph_rollout()
+    write(cfg.lake.path, [r])
+    con = shared_stages(cfg)
+    tree = {t["span_id"]: t for t in rows(con, "SELECT span_id, parent_span_id, repair_reason, agent_name FROM span_agents")}
+    assert tree[ids["client"]]["parent_span_id"] == ids["chat"] and tree[ids["client"]]["repair_reason"] == "llm_skipped"
+    assert tree[ids["gateway"]]["parent_span_id"] == ids["client"] and tree[ids["gateway"]]["agent_name"] == "planner"
+    [call] = rows(con, "SELECT span_id, outer_span_id, span_count, agent_name, response_token_ids FROM llm_calls")
+    assert call == {"span_id": ids["gateway"], "outer_span_id": ids["chat"], "span_count": 3, "agent_name": "planner",
+                    "response_token_ids": [7]}
+
+
+@pytest.mark.parametrize("repair", [True, False])
+def test_llm_spans_that_one_encloses_in_time_are_one_call_without_a_response_id(tmp_path, repair):
+    # the Agents SDK's generation span has no response id and is not the gateway span's parent
+    cfg = make_config(tmp_path, f"pipeline.repair={str(repair).lower()}")
+    r = Rollout("ro1", task_id="t")
+    agent = r.span("triage", 0, 100, parent=r.span("Agent workflow", 0, 100), attrs={
+        "openinference.span.kind": "AGENT", "agent.name": "triage"})
+    r.span("generation", 10, 40, parent=agent, attrs={"openinference.span.kind": "LLM"})
+    r.call(11, 39, trace_id="d" * 32, response_id="chatcmpl-a", prompt=(1,), response=(2,))
+    r.span("generation", 50, 80, parent=agent, attrs={"openinference.span.kind": "LLM"})
+    r.call(51, 79, trace_id="e" * 32, response_id="chatcmpl-b", prompt=(3,), response=(4,))
+    write(cfg.lake.path, [r])
+    calls = rows(shared_stages(cfg), "SELECT response_id, span_count, agent_name, prompt_token_ids FROM llm_calls ORDER BY start_ns")
+    assert calls == [{"response_id": "chatcmpl-a", "span_count": 2, "agent_name": "triage", "prompt_token_ids": [1]},
+                     {"response_id": "chatcmpl-b", "span_count": 2, "agent_name": "triage", "prompt_token_ids": [3]}]
+
+
+def test_calls_with_different_response_ids_stay_apart_even_when_one_encloses_the_other(tmp_path):
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
+    r.call(10, 60, parent=agent, response_id="slow", prompt=(1,))  # two calls in flight at once
+    r.call(20, 30, parent=agent, response_id="fast", prompt=(2,))
+    r.span("generation", 70, 90, parent=agent, attrs={"openinference.span.kind": "LLM"})  # no id: its own call
+    write(cfg.lake.path, [r])
+    calls = rows(shared_stages(cfg), "SELECT response_id, span_count FROM llm_calls ORDER BY start_ns")
+    assert calls == [{"response_id": "slow", "span_count": 1}, {"response_id": "fast", "span_count": 1},
+                     {"response_id": None, "span_count": 1}]
+
+
+def test_empty_token_arrays_count_as_missing(tmp_path):
+    # fails before: a call with [] token ids was a triplet with 0 prompt and 0 response tokens, unflagged
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
+    r.call(10, 20, parent=agent, prompt=(), response=(), logprobs=())
+    r.span("openai.chat.completion", 30, 40, parent=agent, attrs={
+        "llm.request.type": "chat", "prompt_token_ids": [], "response_token_ids": []})
+    write(cfg.lake.path, [r])
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()
+    assert [(t["prompt_token_ids"], t["response_token_ids"], "missing_token_ids" in t["flags"]) for t in triplets] == [
+        (None, None, True), (None, None, True)]
+    assert report.policies[0].missing_token_ids == 2
+
+
+def test_token_ids_a_sender_writes_as_attributes_are_used_instead_of_retokenizing(tmp_path):
+    # fails before: Agent Lightning's / a Node.js exporter's prompt_token_ids were not read; the call
+    # was not even recognised without another LLM marker, and with one it was retokenized
+    cfg = make_config(tmp_path, "pipeline.missing_token_ids=retokenize", "pipeline.tokenizer_path=/nonexistent")
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
+    r.span("openai.chat.completion", 10, 20, parent=agent, attrs={
+        "gen_ai.response.id": "chatcmpl-1", "prompt_token_ids": [11, 12, 13], "response_token_ids": [14, 15],
+        "logprobs.content": json.dumps([{"token": "a", "logprob": -0.25}, {"token": "b", "logprob": -0.5}])})
+    r.span("chat tiny", 30, 40, parent=agent, attrs={  # ids out of range or not integers: missing, not cast
+        "gen_ai.operation.name": "chat", "prompt_token_ids": [1, 2**31], "response_token_ids": [1.5]})
+    write(cfg.lake.path, [r])
+    calls = rows(shared_stages(cfg), "SELECT prompt_token_ids, response_token_ids, response_logprobs, flags FROM llm_calls ORDER BY start_ns")
+    assert calls[0] == {"prompt_token_ids": [11, 12, 13], "response_token_ids": [14, 15],
+                        "response_logprobs": [-0.25, -0.5], "flags": []}
+    assert calls[1]["prompt_token_ids"] is None and "missing_token_ids" in calls[1]["flags"]
+    with pytest.raises(PipelineError, match=r"retokenize needs a tokenizer: expected tokenizer_config.json in /nonexistent"):
+        materialize_triplets(cfg, run_id="r1", epoch=0)  # the second call needs one; the first did not
+
+
+def test_llm_call_match_marks_spans_by_name_on_top_of_the_attributes(tmp_path):
+    cfg = make_config(tmp_path, r"pipeline.llm_call_match=^my_llm\.")
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
+    r.span("my_llm.generate", 10, 20, parent=agent, attrs={"gen_ai.response.id": "x1"})
+    r.span("not_my_llm.generate", 30, 40, parent=agent, attrs={"gen_ai.response.id": "x2"})
+    r.call(50, 60, parent=agent)
+    write(cfg.lake.path, [r])
+    assert [c["response_id"] for c in rows(shared_stages(cfg), "SELECT response_id FROM llm_calls ORDER BY start_ns")] == ["x1", None]
+    with pytest.raises(PipelineError, match=r"pipeline.llm_call_match '\(' is not a valid regular expression"):
+        materialize_triplets(make_config(tmp_path, "pipeline.llm_call_match=("), run_id="r1", epoch=0)
+
+
+def test_judge_calls_train_too_when_exclude_llm_call_in_reward_is_false(tmp_path):
+    r = Rollout("ro1", task_id="t")
+    agent = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.call(10, 20, parent=agent, prompt=(1,))
+    judge = r.span("reward function judge", 60, 90, parent=agent, attrs={"arclight.span.kind": "reward"})
+    r.call(61, 80, parent=judge, prompt=(2,))
+    r.reward(1.0, 85, parent=judge)
+    counts = {}
+    for exclude in (True, False):
+        cfg = make_config(tmp_path / str(exclude), f"pipeline.exclude_llm_call_in_reward={str(exclude).lower()}")
+        write(cfg.lake.path, [r])
+        report = materialize_triplets(cfg, run_id="r1", epoch=0)
+        triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()
+        counts[exclude] = (report.judge_calls, [t["prompt_token_ids"][0] for t in triplets])
+    assert counts == {True: (1, [1]), False: (1, [1, 2])}
+
+
+def test_retokenize_defaults_to_the_base_model_folder(tmp_path, monkeypatch):
+    # fails before: "needs pipeline.tokenizer_path (or model.path)", though the docs promised this default
+    from lightning_core import model
+
+    monkeypatch.setattr(model, "DEFAULT_MODEL_DIR", tokenizer_cache_dir())
+    model.load_tokenizer()  # the cached SmolLM2 tokenizer stands in for models/SmolLM2-135M-Instruct
+    cfg = make_config(tmp_path, "pipeline.missing_token_ids=retokenize")
+    write(cfg.lake.path, [_uninstrumented_rollout()])
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert report.policies[0].retokenized == 2

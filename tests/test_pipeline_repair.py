@@ -71,7 +71,9 @@ def test_clock_skew_never_puts_a_span_under_its_own_descendant(tmp_path):
     con = shared_stages(cfg)
     tree = _tree(con)
     assert tree[agent]["parent_span_id"] == root  # not the skewed child that encloses it
-    assert tree[skewed]["parent_span_id"] == root and tree[skewed]["repair_reason"] == "outside_parent"
+    # the skewed span keeps the parent it named, and with it its agent
+    assert tree[skewed]["parent_span_id"] == agent and tree[skewed]["repair_reason"] is None
+    assert tree[skewed]["agent_name"] == "planner"
     assert {tree[a_id]["repair_reason"], tree[b_id]["repair_reason"]} == {"parent_cycle"}
     assert {tree[a_id]["parent_span_id"], tree[b_id]["parent_span_id"]} <= {agent, a_id, b_id}
     # no span is lost: every span is reachable from a root of the repaired tree
@@ -144,3 +146,53 @@ def test_spans_without_an_attempt_number_join_the_last_attempt_they_fall_in(tmp_
     write(cfg.lake.path, [first, second, gateway])
     calls = rows(shared_stages(cfg), "SELECT response_id, prompt_token_ids, agent_name, span_count FROM llm_calls")
     assert calls == [{"response_id": "new", "prompt_token_ids": [7, 8], "agent_name": "solver", "span_count": 2}]
+
+
+def test_an_existing_parent_that_does_not_enclose_its_child_is_kept(tmp_path):
+    # fails before: the gateway's span, a few ms off, moved to the root and lost its agent
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1")
+    root = r.span("rollout", 0, 100)
+    agent = r.agent("solver", 10, 50, parent=root)
+    call = r.call(45, 55, parent=agent)  # another process's clock: ends after its agent
+    write(cfg.lake.path, [r])
+    tree = _tree(shared_stages(cfg))
+    assert (tree[call]["parent_span_id"], tree[call]["repair_reason"], tree[call]["agent_name"]) == (agent, None, "solver")
+
+
+def test_kept_skewed_parents_and_moved_roots_never_form_a_cycle(tmp_path):
+    # two trees whose roots each enclose part of the other, through parents that do not enclose
+    # their children: moving each root to its tightest enclosing span would close a cycle
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1")
+    outer = r.span("rollout", 0, 300)
+    d1 = r.agent("first", 100, 200, parent="0000000000000d01")
+    d2 = r.agent("second", 95, 205, parent="0000000000000d02")
+    c1 = r.span("c1", 90, 210, parent=d2)  # skewed: encloses its own parent
+    c2 = r.span("c2", 94, 206, parent=d1)
+    write(cfg.lake.path, [r])
+    con = shared_stages(cfg)
+    tree = _tree(con)
+    assert len(tree) == 5  # every span reached from a root: no cycle swallowed any
+    assert tree[c1]["parent_span_id"] == d2 and tree[c2]["parent_span_id"] == d1  # kept as sent
+    assert tree[d2]["parent_span_id"] == outer  # not c2, under d1, which would point back through c1
+    assert tree[d1]["parent_span_id"] in (d2, outer) and tree[d1]["repair_reason"] == "missing_parent"
+
+
+def test_repair_off_keeps_every_parent_as_sent(tmp_path):
+    cfg = make_config(tmp_path, "pipeline.repair=false")
+    r = Rollout("ro1")
+    graph = r.span("LangGraph", 0, 100)
+    node = r.span("executor", 10, 60, parent=graph, attrs={"metadata": '{"langgraph_node": "executor"}'})
+    hung = r.span("openai.chat", 20, 30, parent=graph, attrs={"gen_ai.operation.name": "chat"})
+    orphan = r.call(40, 50, parent=MISSING)
+    a_id, b_id = "00000000000c0001", "00000000000c0002"
+    r.span("a", 70, 80, parent=b_id, span_id=a_id)
+    r.span("b", 70, 80, parent=a_id, span_id=b_id)
+    write(cfg.lake.path, [r])
+    tree = _tree(shared_stages(cfg))
+    assert len(tree) == 6
+    assert (tree[hung]["parent_span_id"], tree[hung]["agent_name"], tree[hung]["repair_reason"]) == (graph, None, None)
+    assert (tree[orphan]["parent_span_id"], tree[orphan]["repair_reason"]) == (None, "missing_parent_not_repaired")
+    assert tree[a_id]["parent_span_id"] is None and tree[a_id]["repair_reason"] == "parent_cycle_not_repaired"
+    assert tree[node]["parent_span_id"] == graph

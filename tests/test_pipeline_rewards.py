@@ -31,7 +31,7 @@ def _triplets(cfg, **kw):
 @pytest.mark.parametrize("policy, rewards, rollout_return", [
     ("final", [3.0, 3.0, 3.0], 3.0),
     ("first_occurrence", [1.0, 1.0, 3.0], 4.0),
-    ("first_sibling", [0.0, 1.0, 3.0], 4.0),
+    ("first_sibling", [None, 1.0, 3.0], 4.0),
     ("discounted", [0.75, 1.5, 3.0], 3.0),
 ])
 def test_two_rewards_in_one_rollout_under_each_policy(tmp_path, policy, rewards, rollout_return):
@@ -46,6 +46,7 @@ def test_two_rewards_in_one_rollout_under_each_policy(tmp_path, policy, rewards,
 
 
 def test_none_valued_reward_is_recorded_as_missing_and_the_call_flagged(tmp_path):
+    # fails before: the call's reward was pipeline.missing_reward (-1.0), indistinguishable from a real -1.0
     cfg = make_config(tmp_path, "pipeline.missing_reward=-1.0")
     r = Rollout("ro1", task_id="t")
     a = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
@@ -54,7 +55,8 @@ def test_none_valued_reward_is_recorded_as_missing_and_the_call_flagged(tmp_path
     write(cfg.lake.path, [r])
     report, rows = _triplets(cfg)
     assert report.missing_rewards == 1 and report.rewards == 0
-    assert rows[0]["reward"] == -1.0 and "no_reward" in rows[0]["flags"]
+    assert rows[0]["reward"] is None and "no_reward" in rows[0]["flags"]
+    assert rows[0]["rollout_return"] == -1.0  # the configured return, used for the advantage only
 
 
 def test_failed_tool_call_counts_against_the_call_that_caused_it(tmp_path):
@@ -99,7 +101,96 @@ def test_rerun_replaces_only_its_own_partition(tmp_path):
     materialize_triplets(cfg, run_id="r1", epoch=1)
     cfg2 = make_config(tmp_path, "pipeline.reward_policy=first_sibling")
     materialize_triplets(cfg2, run_id="r1", epoch=0)
-    assert [r["reward"] for r in load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()] == [0.0, 1.0, 3.0]
+    assert [r["reward"] for r in load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()] == [None, 1.0, 3.0]
     assert load_triplets(cfg, run_id="r1", epoch=1, policy="default").num_rows == 3
     folder = cfg.lake.path / "triplets" / "run_id=r1" / "epoch=0" / "policy=default"
     assert len(list(folder.glob("part-*.parquet"))) == 1
+
+
+def test_arclight_reward_value_alone_marks_a_reward(tmp_path):
+    # fails before: without arclight.span.kind = reward the span was no reward; the call trained on 0.0
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    a = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.call(1, 5, parent=a)
+    r.span("score", 10, 11, parent=a, attrs={"arclight.reward.value": 0.75})  # any sender, no SDK
+    write(cfg.lake.path, [r])
+    report, rows = _triplets(cfg)
+    assert report.rewards == 1 and report.missing_rewards == 0
+    assert [(t["reward"], t["rollout_return"], t["flags"]) for t in rows] == [(0.75, 0.75, ["zero_advantage_group"])]
+
+
+def test_a_reward_value_set_on_an_agent_span_keeps_the_agent_and_its_calls(tmp_path):
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    a = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100), attrs={"arclight.reward.value": 0.5})
+    r.call(1, 5, parent=a)
+    write(cfg.lake.path, [r])
+    report, rows = _triplets(cfg)
+    assert report.agents == {"solver": 1} and report.judge_calls == 0
+    assert [(t["agent_name"], t["reward"]) for t in rows] == [("solver", 0.5)]
+
+
+def test_a_reward_function_span_makes_judge_calls_but_is_no_missing_reward(tmp_path):
+    from lightning_core import semconv
+
+    cfg = make_config(tmp_path)
+    r = Rollout("ro1", task_id="t")
+    a = r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100))
+    r.call(1, 5, parent=a)
+    judge = r.span(semconv.SPAN_NAME_REWARD_FUNCTION.format(name="judge"), 60, 90, attrs={"arclight.span.kind": "reward"})
+    r.call(61, 70, parent=judge, prompt=(9,))
+    r.reward(1.0, 80, parent=judge)
+    write(cfg.lake.path, [r])
+    report, rows = _triplets(cfg)
+    assert (report.llm_calls, report.judge_calls, report.rewards, report.missing_rewards) == (1, 1, 1, 0)
+    assert [(t["prompt_token_ids"], t["reward"]) for t in rows] == [([1, 2, 3], 1.0)]
+
+
+def _reward_order_rollout() -> Rollout:
+    r = Rollout("ro1", task_id="t")
+    a = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 100))
+    r.reward(9.0, 0, parent=a)          # before any call: no call can take it
+    r.call(1, 5, parent=a, prompt=(1,))
+    r.call(10, 15, parent=a, prompt=(2,))
+    r.reward(1.0, 20, parent=a)
+    r.call(30, 35, parent=a, prompt=(3,))
+    r.reward(2.0, 40, parent=a)
+    r.reward(3.0, 50, parent=a)
+    r.call(45, 60, parent=a, prompt=(4,))  # still running when the 3.0 arrives
+    return r
+
+
+@pytest.mark.parametrize("policy, rewards, rollout_return", [
+    # each call: the first reward that starts after it ends
+    ("first_occurrence", [1.0, 1.0, 2.0, None], 15.0),
+    # each reward, in time order, to the latest call that ended before it and has none yet
+    ("latest_unrewarded_call", [3.0, 1.0, 2.0, None], 15.0),
+])
+def test_latest_unrewarded_call_gives_each_reward_to_at_most_one_call(tmp_path, policy, rewards, rollout_return):
+    cfg = make_config(tmp_path, f"pipeline.reward_policy={policy}")
+    write(cfg.lake.path, [_reward_order_rollout()])
+    _, rows = _triplets(cfg)
+    assert [t["prompt_token_ids"][0] for t in rows] == [1, 2, 3, 4]
+    assert [t["reward"] for t in rows] == rewards
+    assert {t["rollout_return"] for t in rows} == {rollout_return}
+    assert ["no_reward" in t["flags"] for t in rows] == [r is None for r in rewards]
+
+
+def test_a_missing_reward_never_looks_like_zero_in_the_summary_or_the_epoch_metrics(tmp_path):
+    # fails before: every call of a rollout without a reward carried reward 0.0, so reward/mean said 0.0
+    from lightning_core.catalog import Catalog
+    from lightning_core.trainer.batches import epoch_stats
+
+    cfg = make_config(tmp_path)
+    silent, scored = Rollout("silent", task_id="t"), Rollout("scored", task_id="t")
+    for r in (silent, scored):
+        r.call(1, 5, parent=r.agent("solver", 0, 50, parent=r.span("rollout", 0, 100)))
+    scored.reward(0.5, 60, parent=scored.rows[0]["span_id"])
+    write(cfg.lake.path, [silent, scored])
+    _, rows = _triplets(cfg)
+    assert {t["rollout_id"]: t["reward"] for t in rows} == {"silent": None, "scored": 0.5}
+    with Catalog.from_config(cfg).read() as con:
+        assert con.execute("SELECT rollout_id, reward, flags FROM rollout_summary ORDER BY 1").fetchall() == [
+            ("scored", 0.5, []), ("silent", None, ["no_reward"])]
+    assert epoch_stats(rows, success_reward=1.0)["reward/mean"] == 0.5  # the silent rollout is not a 0.0
