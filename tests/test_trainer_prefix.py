@@ -60,9 +60,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def loss_and_grads(model, samples, *, shared: bool):
+def loss_and_grads(model, samples, *, shared: bool, device: torch.device = CPU):
     weights = loss_weights(samples, normalization="token")
-    batch = collate(samples, weights=weights, pad_token_id=0, device=CPU)
+    batch = collate(samples, weights=weights, pad_token_id=0, device=device)
     model.zero_grad(set_to_none=True)
     if shared:
         logps, _ = tree_response_logps(model, build_tree(samples), batch["response_ids"])
