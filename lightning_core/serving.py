@@ -101,6 +101,7 @@ def vllm_env(config: ArclightConfig) -> dict[str, str]:
         "VLLM_SERVER_DEV_MODE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        **config.serving.env,
     }
 
 
