@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_core import stack as services  # noqa: E402
+from lightning_core import stages  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
 from lightning_core.services import sigterm_as_interrupt  # noqa: E402
 
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds task sampling and the trainer")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to append to (default <example>/RESULTS.md)")
+    parser.add_argument("--extra-eval", type=Path, action="append", default=[],
+                        help="another held-out JSONL set, evaluated before and after too (repeatable)")
     args = parser.parse_args()
 
     from flows.train import evaluate, train
@@ -89,11 +92,22 @@ def main() -> None:
         services.up(cfg)
         try:
             up_s = time.perf_counter() - started
-            before = evaluate(config_path=str(config_path), overrides=overrides, label="before")
+            load_before = os.getloadavg()
+            # labelled by the versions serving, so the train flow's own evaluations (evaluation.every_epochs) of
+            # the same versions are reused rather than run twice
+            before = evaluate(config_path=str(config_path), overrides=overrides)
+            extra = {path: {"before": evaluate(config_path=str(config_path), label=f"{path.stem}:before",
+                                               overrides=[*overrides, f"rollouts.eval_dataset={path.resolve()}"])}
+                     for path in args.extra_eval}
             t0 = time.perf_counter()
             rows = train(config_path=str(config_path), overrides=overrides, epochs=args.epochs)
             train_s = time.perf_counter() - t0
-            after = evaluate(config_path=str(config_path), overrides=overrides, label="after")
+            after = evaluate(config_path=str(config_path), overrides=overrides)
+            for path in args.extra_eval:
+                extra[path]["after"] = evaluate(config_path=str(config_path), label=f"{path.stem}:after",
+                                                overrides=[*overrides, f"rollouts.eval_dataset={path.resolve()}"])
+            curve = stages.eval_curve(cfg)
+            load_after = os.getloadavg()
         finally:
             services.down(cfg)
     total_s = time.perf_counter() - started
@@ -101,19 +115,25 @@ def main() -> None:
     r = cfg.rollouts
     rewards = ", ".join(f"{row['reward_mean']:.2f}" if row["reward_mean"] is not None else "-" for row in rows)
     versions = rows[-1]["new_version"] or rows[-1]["policy_version"] if rows else "-"
+    points = ", ".join(f"{c['after_epochs']}: {c['success_rate']:.0%}" for c in curve if c["tasks"] == after["tasks"])
+    drawn = [row["tasks_sampled"] for row in rows if row.get("tasks_sampled") is not None]
+    informative = f" (dynamic: {min(drawn)}-{max(drawn)} tasks drawn)" if r.informative_groups and drawn else ""
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "examples/measure.py",
                                                 str(config_path.relative_to(REPO)), *sys.argv[2:]])
+    extra_lines = [f"- `{path.name}` ({e['after']['tasks']} tasks): {e['before']['success_rate']:.2%} -> "
+                   f"{e['after']['success_rate']:.2%}" for path, e in extra.items()]
     table = "\n".join([
         f"### {config_path.relative_to(REPO)}, seed {args.seed} ({stamp})",
         "",
         f"`{command}`",
         "",
-        "| held-out accuracy before | after | eval tasks | epochs | rollouts/epoch | train reward per epoch | last versions | train wall time | total wall time | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| held-out accuracy before | after | eval tasks | epochs | rollouts/epoch | train reward per epoch | held-out curve (epochs: accuracy) | last versions | train wall time | total wall time | load (1-min avg, start/end) | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {before['success_rate']:.2%} | {after['success_rate']:.2%} | {after['tasks']} | {args.epochs} "
-        f"| {(r.tasks_per_epoch or '-')} x {r.group_size} | {rewards} | {versions} | {train_s / 60:.1f} min "
-        f"| {total_s / 60:.1f} min (services up {up_s:.0f} s) | {machine()} |",
+        f"| {(r.tasks_per_epoch or '-')} x {r.group_size}{informative} | {rewards} | {points} | {versions} | {train_s / 60:.1f} min "
+        f"| {total_s / 60:.1f} min (services up {up_s:.0f} s) | {load_before[0]:.2f} / {load_after[0]:.2f} | {machine()} |",
         "",
+        *([*extra_lines, ""] if extra_lines else []),
     ])
     print(table)
     out = args.out or config_path.parent / "RESULTS.md"

@@ -18,11 +18,18 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lightning_core import epoch as ep
-from lightning_core import stages
+from lightning_core import sampling, stages
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.stack import Stack, open_stack
 from tasks import epoch as t
+
+
+# Threads of a flow's task runner. Rollouts at once are bounded by rollouts.concurrency (a slot per
+# rollout, tasks/epoch.py), not by this: a cap of 16 here silently held concurrency 64 at 16.
+TASK_THREADS = 512
+# Rollouts per Prefect task: whole groups, packed up to this many (eval groups have one rollout each).
+ROLLOUT_BATCH = 8
 
 
 def load(config_path: str | None, overrides: list[str] | None) -> ArclightConfig:
@@ -46,10 +53,11 @@ def project_lock(config: ArclightConfig) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str) -> dict[str, int]:
+def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str,
+                 eval_tasks: int | None = None) -> dict[str, int]:
     """Fan the epoch's pending rollouts out over the task runner, with a progress artifact."""
     logger = get_run_logger()
-    pending = t.plan(config, run_id=run_id, epoch=epoch, mode=mode)
+    pending = t.plan(config, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
     total = sum(ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode).values())
     done = total - len(pending)
     logger.info("epoch %s: %d rollouts planned, %d to run", epoch, total, len(pending))
@@ -58,17 +66,39 @@ def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: in
         attempts = stages.first_attempts(config, run_id=run_id, epoch=epoch)
         progress = create_progress_artifact(100.0 * done / total, key=t.artifact_key(run_id, mode, epoch, "progress"),
                                             description=f"{mode} rollouts of epoch {epoch}")
-        futures = t.rollout.map(
-            pending, config=unmapped(config), stack=unmapped(stack), settings=unmapped(settings),
-            first_attempt=[attempts.get(s.rollout_id, 0) for s in pending],
-        )
+        batches = stages.rollout_batches(pending, size=max(config.rollouts.group_size, ROLLOUT_BATCH))
+        futures = t.rollouts.map(batches, config=unmapped(config), stack=unmapped(stack), settings=unmapped(settings),
+                                 first_attempts=unmapped(attempts))
         for future in as_completed(futures):
-            outcome = future.result()
-            done += 1
+            outcomes = future.result()
+            done += len(outcomes)
             update_progress_artifact(progress, 100.0 * done / total)
-            if outcome.status != "succeeded":
-                logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
+            for outcome in outcomes:
+                if outcome.status != "succeeded":
+                    logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
     return ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+
+
+def sample_until_informative(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int,
+                             report: dict[str, Any]) -> dict[str, Any]:
+    """Dynamic sampling: draw, run and count further tasks until the epoch has enough informative groups."""
+    target, cap = config.rollouts.informative_groups, sampling.task_cap(config)
+    catalog = Catalog.from_config(config)
+    while True:
+        if not ep.pending_rollouts(catalog, run_id=run_id, epoch=epoch):  # a resumed round runs its rest first
+            drawn = len({s.task_id for s in ep.planned_rollouts(catalog, run_id=run_id, epoch=epoch)})
+            extra = sampling.tasks_to_add(informative=report["informative_groups"], drawn=drawn, target=target, cap=cap)
+            if extra == 0:
+                return report
+            if not t.plan_more(config, run_id=run_id, epoch=epoch, count=extra):
+                get_run_logger().warning("epoch %s: the dataset has no undrawn task left; training on %d informative "
+                                         "groups of the %d wanted", epoch, report["informative_groups"], target)
+                return report
+            get_run_logger().info("epoch %s: %d of %d groups informative, want %d: drawing %d more tasks",
+                                  epoch, report["informative_groups"], drawn, target, extra)
+        run_rollouts(config, stack, run_id=run_id, epoch=epoch, mode="train")
+        t.ingest(config, stack, run_id=run_id, epoch=epoch)
+        report = t.triplets(config, run_id=run_id, epoch=epoch)
 
 
 def run_epoch(config: ArclightConfig, stack: Stack, *, epoch: int | None = None) -> dict[str, Any]:
@@ -95,6 +125,9 @@ def run_epoch(config: ArclightConfig, stack: Stack, *, epoch: int | None = None)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="ingested", stats={"rollouts": counts})
     if not ep.reached(status, "triplets_done"):
         report = t.triplets(config, run_id=run_id, epoch=epoch)
+        report = sample_until_informative(config, stack, run_id=run_id, epoch=epoch, report=report)
+        counts = ep.record_sampling(catalog, run_id=run_id, epoch=epoch, informative_groups=report["informative_groups"])
+        logger.info("epoch %s sampling: %s", epoch, counts)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="triplets_done", stats=report)
     if not ep.reached(status, "trained"):
         results = t.train(config, run_id=run_id, epoch=epoch)
@@ -124,7 +157,7 @@ def _prepare(config: ArclightConfig) -> None:
     tracking.experiment_id(config)  # a crash during MLflow's first schema migration would leave it broken
 
 
-@flow(name="train-epoch", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
+@flow(name="train-epoch", task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS), log_prints=True)
 def train_epoch(config_path: str | None = None, overrides: list[str] | None = None, epoch: int | None = None) -> dict[str, Any]:
     """Run the next epoch of a project (or ``epoch``), resuming it if an earlier run was cut off."""
     config = load(config_path, overrides)
@@ -133,20 +166,46 @@ def train_epoch(config_path: str | None = None, overrides: list[str] | None = No
         return run_epoch(config, stack, epoch=epoch)
 
 
-@flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
+@flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS), log_prints=True)
 def train(config_path: str | None = None, overrides: list[str] | None = None, epochs: int | None = None) -> list[dict[str, Any]]:
-    """Run epochs until the run has ``epochs`` (default ``config.epochs``) completed ones."""
+    """Run epochs until the run has ``epochs`` (default ``config.epochs``) completed ones.
+
+    With ``evaluation.every_epochs`` = K, the serving policy is evaluated on the held-out tasks
+    before the first epoch and after every K-th and the last, for the learning curve.
+    """
     config = load(config_path, overrides)
     _prepare(config)
     target = epochs or config.epochs
-    rows = []
+    every = config.evaluation.every_epochs
     with project_lock(config), open_stack(config) as stack:
+        if every and config.evaluation.at_start and ep.next_epoch(Catalog.from_config(config), run_id=config.run_name) == 0:
+            run_evaluation(config, stack, tasks=config.evaluation.tasks)
         while (next_epoch := ep.next_epoch(Catalog.from_config(config), run_id=config.run_name)) < target:
-            rows.append(run_epoch(config, stack, epoch=next_epoch))
+            run_epoch(config, stack, epoch=next_epoch)
+            if every and ((next_epoch + 1) % every == 0 or next_epoch + 1 == target):
+                run_evaluation(config, stack, tasks=config.evaluation.tasks)
     return stages.summary_rows(config)
 
 
-@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
+def run_evaluation(config: ArclightConfig, stack: Stack, *, label: str | None = None, tasks: int | None = None
+                   ) -> dict[str, Any]:
+    """Evaluate the serving policy greedily on the held-out tasks (an earlier identical one is reused)."""
+    catalog = Catalog.from_config(config)
+    eval_run = stages.eval_run_id(config)
+    t.redeploy(config, stack)
+    label = label or stages.eval_label(config, stages.serving_versions(config, stack), tasks=tasks)
+    eval_epoch = stages.eval_epoch(catalog, run_id=eval_run, label=label)
+    counts = run_rollouts(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks)
+    t.ingest(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval")
+    result = stages.record_eval(config, epoch=eval_epoch, label=label)
+    create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
+                          description=f"Held-out evaluation of {label}")
+    get_run_logger().info("evaluation of %s after %s epochs: %s (rollouts %s)", label, result["after_epochs"], result, counts)
+    t.log_eval_curve(config)
+    return result
+
+
+@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS), log_prints=True)
 def evaluate(config_path: str | None = None, overrides: list[str] | None = None, label: str | None = None) -> dict[str, Any]:
     """Run the held-out tasks greedily against the policy serving now; return reward and success rate.
 
@@ -154,20 +213,8 @@ def evaluate(config_path: str | None = None, overrides: list[str] | None = None,
     """
     config = load(config_path, overrides)
     _prepare(config)
-    catalog = Catalog.from_config(config)
-    eval_run = stages.eval_run_id(config)
     with open_stack(config) as stack:
-        t.redeploy(config, stack)
-        serving = stages.serving_versions(config, stack)
-        label = label or ",".join(serving.values())
-        eval_epoch = stages.eval_epoch(catalog, run_id=eval_run, label=label)
-        counts = run_rollouts(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval")
-        t.ingest(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval")
-        ep.set_epoch_status(catalog, run_id=eval_run, epoch=eval_epoch, status="completed")
-    result = stages.eval_result(config, epoch=eval_epoch, label=label)
-    create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch), description=f"Held-out evaluation of {label}")
-    get_run_logger().info("evaluation of %s: %s (rollouts %s)", label, result, counts)
-    return result
+        return run_evaluation(config, stack, label=label)
 
 
 DEPLOYABLE = {"train-epoch": train_epoch, "train": train, "evaluate": evaluate}

@@ -70,6 +70,12 @@ ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS kind VARCHAR;            --
 ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS base_model VARCHAR;      -- folder of the base weights
 ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS mlflow_run_id VARCHAR;
 ALTER TABLE policy_versions ADD COLUMN IF NOT EXISTS registry_version VARCHAR; -- MLflow model registry version
+-- Dynamic sampling (issue 14): which round drew a rollout's task, and each epoch's sampling counts.
+ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS sampling_round BIGINT DEFAULT 0;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS tasks_sampled BIGINT;       -- tasks (groups) drawn, all rounds
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS informative_groups BIGINT;  -- groups whose rewards differ (they train)
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS skipped_groups BIGINT;      -- groups with all-equal rewards (no gradient)
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS sampling_rounds BIGINT;
 """
 
 

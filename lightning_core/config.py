@@ -109,6 +109,7 @@ class ServingConfig(Section):
         None, description="vLLM --enforce-eager. None = on for the CPU build (torch.compile warm-up adds ~90 s to every "
         "start on 2 cores for ~20% more tokens/s), off on GPU.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments, e.g. ['--enforce-eager'].")
+    env: dict[str, str] = Field(default_factory=dict, description="More environment for vLLM processes, e.g. {OMP_WAIT_POLICY: PASSIVE}.")
     verify_prompt: str = Field("Say hi.", description="Prompt of the real request that verifies a redeployed version.")
     redeploy: Literal["auto", "lora", "merged"] = Field(
         "auto",
@@ -248,6 +249,12 @@ class RolloutsConfig(Section):
     dataset: Path | None = Field(None, description="Training tasks: a JSONL file, one JSON object per line ('id' optional).")
     eval_dataset: Path | None = Field(None, description="Held-out tasks for evaluate (JSONL).")
     tasks_per_epoch: int | None = Field(None, ge=1, description="Tasks drawn per epoch (seeded by epoch); None = every task.")
+    informative_groups: int | None = Field(
+        None, ge=1, description="Dynamic sampling (DAPO): after the epoch's tasks ran, keep drawing further tasks until "
+        "the epoch holds this many informative groups (groups whose samples got different rewards: the only ones that "
+        "train); None = off.")
+    max_tasks_per_epoch: int | None = Field(
+        None, ge=1, description="Dynamic sampling: the most tasks one epoch draws in all; None = 3 x tasks_per_epoch.")
     group_size: int = Field(8, ge=1, description="Rollouts per task (the GRPO group).")
     eval_tasks: int | None = Field(None, ge=1, description="Cap on held-out tasks evaluated; None = all.")
     concurrency: int = Field(4, ge=1, description="Rollouts running at once.")
@@ -256,6 +263,16 @@ class RolloutsConfig(Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature the agent is told to use for training rollouts.")
     resources: dict[str, Any] = Field(default_factory=dict, description="Anything the agent needs (prompt template, tool settings); passed as ctx.resources.")
     seed: int = Field(0, description="Seed of task sampling.")
+
+
+class EvaluationConfig(Section):
+    """Held-out evaluation during training: a learning curve in MLflow and the train summary."""
+
+    every_epochs: int | None = Field(
+        None, ge=1, description="`train` evaluates the serving policy greedily on the held-out tasks after every K "
+        "epochs (and after the last); None = only when asked (`arclight evaluate`).")
+    at_start: bool = Field(True, description="With every_epochs: also evaluate the starting policy before the first epoch.")
+    tasks: int | None = Field(None, ge=1, description="Held-out tasks per evaluation during training; None = rollouts.eval_tasks.")
 
 
 class ArclightConfig(Section):
@@ -274,6 +291,7 @@ class ArclightConfig(Section):
     policies: list[PolicyConfig] = Field(default_factory=lambda: [PolicyConfig()], description="Trainable policies.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     rollouts: RolloutsConfig = Field(default_factory=RolloutsConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     epochs: int = Field(1, ge=1, description="Epochs `arclight train` and the train flow run.")
 
     @field_validator("run_name")

@@ -50,16 +50,18 @@ def load_tasks(path: str | Path) -> list[dict[str, Any]]:
     return tasks
 
 
-def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train") -> list[RolloutSpec]:
-    """Return the epoch's rollouts, planning them (seeded by epoch) on the first call only."""
+def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train",
+               eval_tasks: int | None = None) -> list[RolloutSpec]:
+    """Return the epoch's rollouts, planning them (seeded by epoch) on the first call only.
+
+    ``eval_tasks`` caps the held-out tasks of an eval epoch (default ``rollouts.eval_tasks``).
+    """
     existing = planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
     if existing:
         return existing
     r = config.rollouts
     if mode == "train":
-        if r.dataset is None:
-            raise DatasetError("rollouts.dataset is not set: point it at a JSONL file of training tasks")
-        tasks = load_tasks(r.dataset)
+        tasks = load_tasks(_training_dataset(config))
         rng = random.Random(r.seed * 100_003 + epoch)
         if r.tasks_per_epoch is not None and r.tasks_per_epoch < len(tasks):
             tasks = rng.sample(tasks, r.tasks_per_epoch)
@@ -67,8 +69,44 @@ def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: 
     else:
         if r.eval_dataset is None:
             raise DatasetError("rollouts.eval_dataset is not set: point it at a JSONL file of held-out tasks")
-        tasks = load_tasks(r.eval_dataset)[: r.eval_tasks or None]
+        tasks = load_tasks(r.eval_dataset)[: (eval_tasks or r.eval_tasks) or None]
         group_size = 1
+    _insert_plan(catalog, run_id=run_id, epoch=epoch, mode=mode, tasks=tasks, group_size=group_size, sampling_round=0)
+    return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
+
+
+def plan_more_tasks(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: int, count: int) -> list[RolloutSpec]:
+    """Add ``count`` training tasks not yet drawn in this epoch (a new sampling round); return their rollouts.
+
+    Dynamic sampling calls this when too few of the epoch's groups are informative. The draw is
+    seeded by (seed, epoch, round), so a resumed epoch draws the same tasks. Returns [] once the
+    dataset has no task left that the epoch has not drawn.
+    """
+    r = config.rollouts
+    with catalog.read() as con:
+        drawn, rounds = con.execute(
+            "SELECT list(DISTINCT task_id), coalesce(max(sampling_round), 0) + 1 FROM rollouts "
+            "WHERE run_id = ? AND epoch = ? AND mode = 'train'", [run_id, epoch]).fetchall()[0]
+    drawn = set(drawn or [])
+    remaining = [t for t in load_tasks(_training_dataset(config)) if t["id"] not in drawn]
+    rng = random.Random((r.seed * 100_003 + epoch) * 1_009 + rounds)
+    picked = rng.sample(remaining, min(count, len(remaining)))
+    if not picked:
+        return []
+    _insert_plan(catalog, run_id=run_id, epoch=epoch, mode="train", tasks=picked, group_size=r.group_size,
+                 sampling_round=rounds)
+    ids = {t["id"] for t in picked}
+    return [s for s in pending_rollouts(catalog, run_id=run_id, epoch=epoch) if s.task_id in ids]
+
+
+def _training_dataset(config: ArclightConfig) -> Path:
+    if config.rollouts.dataset is None:
+        raise DatasetError("rollouts.dataset is not set: point it at a JSONL file of training tasks")
+    return config.rollouts.dataset
+
+
+def _insert_plan(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks: list[dict[str, Any]], group_size: int,
+                 sampling_round: int) -> None:
     prefix = f"{run_id}-{'e' if mode == 'train' else 'eval'}{epoch}"
     specs = [
         RolloutSpec(run_id, epoch, f"{prefix}-{task['id']}-{k}", task["id"], task["id"], k, task)
@@ -77,11 +115,36 @@ def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: 
     ]
     with catalog.write() as con:
         con.executemany(
-            "INSERT INTO rollouts (run_id, epoch, rollout_id, task_id, group_id, sample_index, attempt, status, task, mode) "
-            "VALUES (?, ?, ?, ?, ?, ?, 0, 'planned', ?, ?) ON CONFLICT DO NOTHING",
-            [(s.run_id, s.epoch, s.rollout_id, s.task_id, s.group_id, s.sample_index, json.dumps(s.task), mode) for s in specs],
+            "INSERT INTO rollouts (run_id, epoch, rollout_id, task_id, group_id, sample_index, attempt, status, task, "
+            "mode, sampling_round) VALUES (?, ?, ?, ?, ?, ?, 0, 'planned', ?, ?, ?) ON CONFLICT DO NOTHING",
+            [(s.run_id, s.epoch, s.rollout_id, s.task_id, s.group_id, s.sample_index, json.dumps(s.task), mode,
+              sampling_round) for s in specs],
         )
-    return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
+
+
+def record_sampling(catalog: Catalog, *, run_id: str, epoch: int, informative_groups: int) -> dict[str, int]:
+    """Store the epoch's sampling counts (tasks drawn, informative and skipped groups, rounds); return them."""
+    with catalog.write() as con:
+        tasks, rounds = con.execute(
+            "SELECT count(DISTINCT task_id), count(DISTINCT coalesce(sampling_round, 0)) FROM rollouts "
+            "WHERE run_id = ? AND epoch = ? AND mode = 'train'", [run_id, epoch]).fetchall()[0]
+        counts = {"tasks_sampled": tasks, "informative_groups": informative_groups,
+                  "skipped_groups": max(tasks - informative_groups, 0), "sampling_rounds": rounds}
+        con.execute("INSERT INTO epochs (run_id, epoch, status) VALUES (?, ?, 'planned') ON CONFLICT DO NOTHING",
+                    [run_id, epoch])
+        con.execute("UPDATE epochs SET tasks_sampled = ?, informative_groups = ?, skipped_groups = ?, sampling_rounds = ? "
+                    "WHERE run_id = ? AND epoch = ?", [*counts.values(), run_id, epoch])
+    return counts
+
+
+def sampling_counts(catalog: Catalog, *, run_id: str, epoch: int) -> dict[str, int]:
+    """Return the epoch's recorded sampling counts ({} before its triplets were made)."""
+    with catalog.read() as con:
+        rows = con.execute("SELECT tasks_sampled, informative_groups, skipped_groups, sampling_rounds FROM epochs "
+                           "WHERE run_id = ? AND epoch = ? AND tasks_sampled IS NOT NULL", [run_id, epoch]).fetchall()
+    if not rows:
+        return {}
+    return dict(zip(("tasks_sampled", "informative_groups", "skipped_groups", "sampling_rounds"), rows[0]))
 
 
 def planned_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train", only_pending: bool = False) -> list[RolloutSpec]:
@@ -101,14 +164,20 @@ def pending_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "
     return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode, only_pending=True)
 
 
-def record_outcome(catalog: Catalog, outcome: RolloutOutcome) -> None:
-    """Store a rollout's outcome (status, attempt, reward, error, times) in the catalog."""
+def record_outcomes(catalog: Catalog, outcomes: list[RolloutOutcome]) -> None:
+    """Store rollouts' outcomes (status, attempt, reward, error, times) in the catalog, in one write."""
+    if not outcomes:
+        return
     with catalog.write() as con:
-        con.execute(
+        con.executemany(
             "UPDATE rollouts SET status = ?, attempt = ?, reward = ?, error = ?, started_at = ?, finished_at = ? WHERE rollout_id = ?",
-            [outcome.status, outcome.attempt, outcome.reward, outcome.error,
-             _ts(outcome.started_at), _ts(outcome.finished_at), outcome.rollout_id],
+            [[o.status, o.attempt, o.reward, o.error, _ts(o.started_at), _ts(o.finished_at), o.rollout_id] for o in outcomes],
         )
+
+
+def record_outcome(catalog: Catalog, outcome: RolloutOutcome) -> None:
+    """Store one rollout's outcome in the catalog."""
+    record_outcomes(catalog, [outcome])
 
 
 def _ts(seconds: float) -> dt.datetime:

@@ -68,6 +68,7 @@ class PolicyReport:
     rollouts: int = 0
     groups: int = 0
     zero_advantage_groups: list[str] = field(default_factory=list)
+    informative_groups: list[str] = field(default_factory=list)  # groups with a non-zero advantage: they train
     missing_token_ids: int = 0
     retokenized: int = 0
     dropped: int = 0
@@ -94,6 +95,11 @@ class TripletReport:
     policies: list[PolicyReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def informative_groups(self) -> int:
+        """Groups in which some policy has a non-zero advantage (what dynamic sampling counts)."""
+        return len({g for p in self.policies for g in p.informative_groups})
 
 
 def sql_text(stage: str) -> str:
@@ -343,6 +349,9 @@ def _count_policy(con, table: pa.Table, report: PolicyReport) -> None:
             "count(*) FILTER (WHERE list_contains(flags, 'no_reward')) FROM policy_triplets").fetchall()[0]
         report.zero_advantage_groups = [g for (g,) in con.execute(
             "SELECT DISTINCT group_id FROM policy_triplets WHERE list_contains(flags, 'zero_advantage_group') "
+            "ORDER BY 1").fetchall()]
+        report.informative_groups = [g for (g,) in con.execute(
+            "SELECT DISTINCT group_id FROM policy_triplets WHERE NOT list_contains(flags, 'zero_advantage_group') "
             "ORDER BY 1").fetchall()]
     finally:
         con.unregister("policy_triplets")

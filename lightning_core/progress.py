@@ -105,16 +105,25 @@ def run_with_progress(
 
 def print_summary(config: ArclightConfig, *, console: Console) -> None:
     """Print reward per epoch and where the results are."""
-    from lightning_core.stages import summary_rows
+    from lightning_core.stages import eval_curve, summary_rows
 
+    curve = eval_curve(config)
+    held_out = {c["after_epochs"]: c for c in curve}
     table = Table(title=f"run {config.run_name}")
-    for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out", "trained", "status"):
+    for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out", "groups (informative/drawn)",
+                   "trained", "held-out after", "status"):
         table.add_column(column)
     for r in summary_rows(config):
         reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
+        groups = "" if r.get("tasks_sampled") is None else f"{r['informative_groups']}/{r['tasks_sampled']}"
+        after = held_out.get(r["epoch"] + 1)
         table.add_row(str(r["epoch"]), r["policy_version"] or "", reward, str(r["succeeded"]), str(r["failed"]),
-                      str(r["timed_out"]), r["new_version"] or "-", r["status"])
+                      str(r["timed_out"]), groups, r["new_version"] or "-",
+                      "" if after is None else f"{after['success_rate']:.0%}", r["status"])
     console.print(table)
+    if curve:
+        points = " -> ".join(f"{c['success_rate']:.0%} ({c['label']}, {c['after_epochs']} epochs)" for c in curve)
+        console.print(f"held-out success ({curve[-1]['tasks']} tasks, greedy): {points}")
     lake = config.lake.path
     _print_silences(config, console=console)
     console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")

@@ -6,8 +6,10 @@ the catalog and the lake, so any one can be re-run alone for a (run, epoch).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,11 @@ def runner_settings(config: ArclightConfig, stack: Stack, *, mode: str = "train"
 
 
 def run_one_rollout(
-    config: ArclightConfig, stack: Stack, settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0
+    config: ArclightConfig, stack: Stack, settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0,
+    record: bool = True,
 ) -> RolloutOutcome:
-    """Register each attempt with the gateway, run the rollout, record its outcome in the catalog."""
-    gateway = stack.gateway_client(config)
+    """Register each attempt with the gateway, run the rollout, record its outcome in the catalog (unless not ``record``)."""
+    gateway = _shared_gateway_client(stack, config)
 
     def register(attempt: int) -> None:
         gateway.register_rollout(
@@ -48,9 +51,54 @@ def run_one_rollout(
         outcome = run_rollout(settings, spec, first_attempt=first_attempt, before_attempt=register)
     finally:
         gateway.forget_rollout(spec.rollout_id)
-        gateway.close()
-    ep.record_outcome(Catalog.from_config(config), outcome)
+    if record:
+        ep.record_outcomes(Catalog.from_config(config), [outcome])
     return outcome
+
+
+def run_rollout_batch(
+    config: ArclightConfig, stack: Stack, settings: RunnerSettings, specs: list[RolloutSpec], *,
+    first_attempts: dict[str, int], slot: threading.Semaphore,
+) -> list[RolloutOutcome]:
+    """Run a batch of rollouts (a GRPO group) side by side, each holding a ``slot`` while it runs; record them at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(spec: RolloutSpec) -> RolloutOutcome:
+        with slot:
+            return run_one_rollout(config, stack, settings, spec, first_attempt=first_attempts.get(spec.rollout_id, 0),
+                                   record=False)
+
+    with ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix="arclight-rollout") as pool:
+        outcomes = list(pool.map(one, specs))
+    ep.record_outcomes(Catalog.from_config(config), outcomes)
+    return outcomes
+
+
+def rollout_batches(specs: list[RolloutSpec], *, size: int) -> list[list[RolloutSpec]]:
+    """Pack rollouts into batches of whole groups, up to ``size`` rollouts unless one group is larger."""
+    groups: dict[str, list[RolloutSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.group_id, []).append(spec)
+    batches: list[list[RolloutSpec]] = []
+    for group in groups.values():
+        if batches and len(batches[-1]) + len(group) <= size:
+            batches[-1].extend(group)
+        else:
+            batches.append(list(group))
+    return batches
+
+
+_gateway_clients: dict[tuple[str, str | None], Any] = {}
+_gateway_clients_guard = threading.Lock()
+
+
+def _shared_gateway_client(stack: Stack, config: ArclightConfig):
+    """One admin client per gateway for all rollouts of this process (a new one cost ~37 ms CPU each)."""
+    key = (stack.gateway.url if stack.gateway else "", config.gateway.token)
+    with _gateway_clients_guard:
+        if key not in _gateway_clients:
+            _gateway_clients[key] = stack.gateway_client(config)
+        return _gateway_clients[key]
 
 
 def first_attempts(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, int]:
@@ -186,7 +234,7 @@ def summary_rows(config: ArclightConfig) -> list[dict[str, Any]]:
     with catalog.read() as con:
         rows = con.execute(
             """
-            SELECT e.epoch, e.status, e.policy_version, e.new_version,
+            SELECT e.epoch, e.status, e.policy_version, e.new_version, e.tasks_sampled, e.informative_groups,
                    avg(r.reward) FILTER (WHERE r.status = 'succeeded') AS reward_mean,
                    count(*) FILTER (WHERE r.status = 'succeeded') AS succeeded,
                    count(*) FILTER (WHERE r.status = 'failed') AS failed,
@@ -198,7 +246,8 @@ def summary_rows(config: ArclightConfig) -> list[dict[str, Any]]:
             """,
             [config.run_name],
         ).fetchall()
-    keys = ("epoch", "status", "policy_version", "new_version", "reward_mean", "succeeded", "failed", "timed_out", "rollouts")
+    keys = ("epoch", "status", "policy_version", "new_version", "tasks_sampled", "informative_groups", "reward_mean",
+            "succeeded", "failed", "timed_out", "rollouts")
     return [dict(zip(keys, row)) for row in rows]
 
 
@@ -217,6 +266,49 @@ def eval_epoch(catalog: Catalog, *, run_id: str, label: str) -> int:
     number = rows[-1][0] + 1 if rows else 0
     ep.set_epoch_status(catalog, run_id=run_id, epoch=number, status="planned", policy_version=label)
     return number
+
+
+def eval_label(config: ArclightConfig, serving: dict[str, str], *, tasks: int | None = None) -> str:
+    """Name an evaluation by the versions serving (``calc-v5``, ``base``), plus ``@N`` on a task subset."""
+    label = ",".join(serving.values())
+    if tasks is not None and tasks != config.rollouts.eval_tasks:
+        label += f"@{tasks}"
+    return label
+
+
+def record_eval(config: ArclightConfig, *, epoch: int, label: str) -> dict[str, Any]:
+    """Mark an eval epoch complete, noting how many training epochs the evaluated policy had; return its result."""
+    catalog = Catalog.from_config(config)
+    with catalog.read() as con:
+        row = con.execute("SELECT stats FROM epochs WHERE run_id = ? AND epoch = ?", [eval_run_id(config), epoch]).fetchall()
+    stats = json.loads(row[0][0]) if row and row[0][0] else {}
+    if "after_epochs" not in stats:  # an evaluation reused later keeps the epoch count of its first run
+        stats["after_epochs"] = sum(1 for r in summary_rows(config) if r["status"] == "completed")
+        stats["dataset"] = str(config.rollouts.eval_dataset)
+    ep.set_epoch_status(catalog, run_id=eval_run_id(config), epoch=epoch, status="completed", stats=stats)
+    return {**eval_result(config, epoch=epoch, label=label), "after_epochs": stats["after_epochs"]}
+
+
+def eval_curve(config: ArclightConfig) -> list[dict[str, Any]]:
+    """Return the run's completed evaluations on its eval dataset, in training order: epochs trained, label,
+    tasks, success, reward."""
+    success = config.trainer.success_reward
+    with Catalog.from_config(config).read() as con:
+        rows = con.execute(
+            """
+            SELECT CAST(json_extract(e.stats, '$.after_epochs') AS BIGINT) AS after_epochs, e.policy_version AS label,
+                   e.epoch AS eval_epoch, count(r.rollout_id) AS tasks,
+                   avg(coalesce(r.reward, 0)) AS reward_mean,
+                   count(*) FILTER (WHERE r.reward >= $success) / count(r.rollout_id) AS success_rate
+            FROM epochs e JOIN rollouts r ON r.run_id = e.run_id AND r.epoch = e.epoch AND r.mode = 'eval'
+            WHERE e.run_id = $run AND e.status = 'completed' AND json_extract(e.stats, '$.after_epochs') IS NOT NULL
+              AND coalesce(json_extract_string(e.stats, '$.dataset'), $dataset) = $dataset
+            GROUP BY ALL ORDER BY after_epochs, eval_epoch
+            """,
+            {"success": success, "run": eval_run_id(config), "dataset": str(config.rollouts.eval_dataset)},
+        ).fetchall()
+    keys = ("after_epochs", "label", "eval_epoch", "tasks", "reward_mean", "success_rate")
+    return [dict(zip(keys, row)) for row in rows]
 
 
 def eval_result(config: ArclightConfig, *, epoch: int, label: str) -> dict[str, Any]:

@@ -106,6 +106,41 @@ def log_reward_curve(run_id: str, *, epoch: int) -> str:
     return artifact
 
 
+def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> None:
+    """Log the newest held-out evaluation (``eval/success_rate``, ``eval/reward_mean`` at step = epochs trained)
+    and the learning-curve plot to every policy's MLflow run."""
+    if not curve:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest = curve[-1]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["after_epochs"] for c in curve], [c["success_rate"] for c in curve], marker="o",
+            label=f"held-out success ({latest['tasks']} tasks, greedy)")
+    trained = [r for r in train_rows if r.get("reward_mean") is not None]
+    if trained:  # epoch e's rollouts sampled the policy trained for e epochs
+        ax.plot([r["epoch"] for r in trained], [r["reward_mean"] for r in trained], marker=".", alpha=0.6,
+                label="train reward (sampled)")
+    ax.set_xlabel("epochs trained")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    for policy in config.policies:
+        with start_run(config, run_id=config.run_name, policy=policy.name, params={}) as run:
+            step = int(latest["after_epochs"])
+            logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval/success_rate")
+            if all(m.step != step for m in logged):  # an evaluation reused by `arclight evaluate` is logged once
+                log_metrics({"eval/success_rate": latest["success_rate"], "eval/reward_mean": latest["reward_mean"]},
+                            step=step)
+            mlflow.log_figure(fig, "plots/eval_curve.png")
+    plt.close(fig)
+
+
 def log_samples(rows: list[dict[str, Any]], *, epoch: int, limit: int) -> str | None:
     """Log up to ``limit`` trajectories (prompt, response, reward, advantage) as an MLflow table."""
     if limit <= 0 or not rows:

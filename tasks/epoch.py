@@ -32,19 +32,31 @@ def _slot(concurrency: int) -> threading.BoundedSemaphore:
 
 
 @task(name="plan", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def plan(config: ArclightConfig, *, run_id: str, epoch: int, mode: str = "train") -> list[RolloutSpec]:
+def plan(config: ArclightConfig, *, run_id: str, epoch: int, mode: str = "train", eval_tasks: int | None = None
+         ) -> list[RolloutSpec]:
     """Plan the epoch's rollouts (idempotent) and return those still to run."""
-    ep.plan_epoch(config, Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+    ep.plan_epoch(config, Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
     return ep.pending_rollouts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
 
 
-@task(name="rollout", cache_policy=NO_CACHE, task_run_name="rollout-{spec.rollout_id}")
-def rollout(
-    spec: RolloutSpec, *, config: ArclightConfig, stack: Stack, settings: RunnerSettings, first_attempt: int = 0
-) -> RolloutOutcome:
-    """Run one rollout (at most ``rollouts.concurrency`` at once); its own timeout bounds it."""
-    with _slot(config.rollouts.concurrency):
-        return stages.run_one_rollout(config, stack, settings, spec, first_attempt=first_attempt)
+@task(name="plan-more", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def plan_more(config: ArclightConfig, *, run_id: str, epoch: int, count: int) -> list[RolloutSpec]:
+    """Dynamic sampling: add ``count`` tasks the epoch has not drawn; return their rollouts."""
+    return ep.plan_more_tasks(config, Catalog.from_config(config), run_id=run_id, epoch=epoch, count=count)
+
+
+@task(name="rollouts", cache_policy=NO_CACHE, task_run_name="rollouts-{specs[0].group_id}")
+def rollouts(
+    specs: list[RolloutSpec], *, config: ArclightConfig, stack: Stack, settings: RunnerSettings,
+    first_attempts: dict[str, int],
+) -> list[RolloutOutcome]:
+    """Run a batch of rollouts (whole GRPO groups), at most ``rollouts.concurrency`` at once across batches.
+
+    One task per group rather than per rollout: a rollout's own work is a process and a few HTTP
+    calls, and per-rollout task runs plus catalog writes cost the flow about as much CPU again.
+    """
+    return stages.run_rollout_batch(config, stack, settings, specs, first_attempts=first_attempts,
+                                    slot=_slot(config.rollouts.concurrency))
 
 
 @task(name="ingest-barrier", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=300)
@@ -68,7 +80,7 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
     for message in silences:  # rollouts whose spans gave no call or no reward: loud, in the flow's log
         get_run_logger().warning(message)
     return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds,
-            "silences": silences}
+            "silences": silences, "informative_groups": report.informative_groups}
 
 
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)
@@ -86,6 +98,16 @@ def train(config: ArclightConfig, *, run_id: str, epoch: int) -> list[dict[str, 
 def redeploy(config: ArclightConfig, stack: Stack) -> list[dict[str, Any]]:
     """Serve the newest version of every policy; the old one stays loaded for rollback."""
     return [vars(d) for d in stages.deploy_latest(config, stack)]
+
+
+@task(name="log-eval-curve", cache_policy=NO_CACHE, retries=1)
+def log_eval_curve(config: ArclightConfig) -> list[dict[str, Any]]:
+    """Log the held-out learning curve to MLflow (metrics and a plot); return it."""
+    from lightning_core import tracking
+
+    curve = stages.eval_curve(config)
+    tracking.log_eval_curve(config, curve, stages.summary_rows(config))
+    return curve
 
 
 def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> None:

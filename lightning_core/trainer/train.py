@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 import torch
 
+from lightning_core import epoch as ep
 from lightning_core import tracking
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig, TrainerConfig
@@ -83,7 +84,9 @@ def train_policy(
     params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
     with tracking.start_run(config, run_id=run_id, policy=policy, params=params) as run:
         mlflow_run_id = run.info.run_id
-        tracking.log_metrics({k: stats[k] for k in tracking.EPOCH_METRICS}, step=epoch)
+        sampled = {f"sampling/{k}": float(v) for k, v in ep.sampling_counts(catalog, run_id=run_id, epoch=epoch).items()}
+        stats.update(sampled)
+        tracking.log_metrics({**{k: stats[k] for k in tracking.EPOCH_METRICS}, **sampled}, step=epoch)
         tracking.log_reward_curve(mlflow_run_id, epoch=epoch)
         tracking.log_samples(rows, epoch=epoch, limit=cfg.log_samples)
         if not samples:

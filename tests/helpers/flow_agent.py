@@ -1,8 +1,9 @@
 """An agent for flow tests: asks the served model a question through the gateway.
 
 ``task["behavior"]`` picks what it does: ``answer`` (default) calls the model and is rewarded
-when the reply contains the task's target letter, ``raise`` fails, ``hang`` never returns and
-``silent`` returns without a span.
+when the reply contains the task's target letter, ``constant`` calls the model and always gets
+0.5 (a group with no learning signal), ``raise`` fails, ``hang`` never returns and ``silent``
+returns without a span.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def run(task, ctx):
             max_tokens=6, temperature=ctx.temperature,
         )
         text = reply.choices[0].message.content or ""
+    if behavior == "constant":
+        return 0.5
     # Partial credit by length, plus a little per sample of the group (rollout ids end in the sample
     # index): a random tiny model's replies can score alike, and a group with equal rewards trains
     # nothing, so every group gets unequal rewards and each epoch trains a new version.
