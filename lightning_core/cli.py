@@ -308,13 +308,18 @@ def triplets(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the triplets to this Parquet file."),
 ) -> None:
     """Run the SQL pipeline on spans in the lake and write triplets (visible in the `triplets` view)."""
+    from lightning_core.names import InvalidName, check_epoch, check_run_id
     from lightning_core.pipeline import PipelineError, materialize_triplets
 
     extra = list(overrides or []) + ([f"pipeline.reward_policy={reward_policy}"] if reward_policy else [])
     cfg = load(config, extra, lake=lake)
     try:
+        if run is not None:
+            check_run_id(run, what="--run")
+        if epoch is not None:
+            check_epoch(epoch, what="--epoch")
         report = materialize_triplets(cfg, run_id=run, epoch=epoch, policy=policy, agent_match=agent_match, out=out)
-    except PipelineError as exc:
+    except (PipelineError, InvalidName) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     where = f"run {run} epoch {'all' if epoch is None else epoch}" if run else "production spans"

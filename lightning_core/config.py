@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from lightning_core import names
 
 
 class ConfigError(ValueError):
@@ -176,9 +175,7 @@ class PolicyConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_partition_value(cls, value: str) -> str:
-        if not RUN_ID_PATTERN.match(value):
-            raise ValueError(f"policy name {value!r} must use only letters, digits, '.', '_' and '-'")
-        return value
+        return names.check_policy_name(value)
 
 
 class PipelineConfig(Section):
@@ -244,12 +241,7 @@ class ArclightConfig(Section):
     @field_validator("run_name")
     @classmethod
     def _run_name_is_a_partition_value(cls, value: str) -> str:
-        if not RUN_ID_PATTERN.match(value):
-            raise ValueError(
-                f"run_name {value!r} must start with a letter or digit and use only letters, "
-                "digits, '.', '_' and '-' (it names a lake partition)"
-            )
-        return value
+        return names.check_run_id(value, what="run_name")
 
     def resolved(self) -> "ArclightConfig":
         """Return a copy whose relative paths are absolute, based on ``project_dir``."""

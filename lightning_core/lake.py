@@ -30,8 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan, Status as PbStatus
 
-from lightning_core import semconv
-from lightning_core.config import RUN_ID_PATTERN
+from lightning_core import names, semconv
 from lightning_core.durable import fsync_dir as _fsync_dir
 
 SPAN_SCHEMA = pa.schema(
@@ -248,12 +247,12 @@ def _partitioner(resource: dict[str, Any]):
     run_id = resource.get(semconv.RUN_ID)
     if run_id is None or run_id == "":
         return lambda start_ns: Partition(None, None, _utc_date(start_ns))
-    run_id = str(run_id)
-    if not RUN_ID_PATTERN.match(run_id):
-        raise SpanDataError(
-            f"resource attribute {semconv.RUN_ID}={run_id!r} is not a valid run id: "
-            "use letters, digits, '.', '_' and '-' (it names a lake folder)"
-        )
+    if isinstance(run_id, int) and not isinstance(run_id, bool):
+        run_id = str(run_id)
+    try:
+        names.check_run_id(run_id, what=f"resource attribute {semconv.RUN_ID}")
+    except names.InvalidName as exc:
+        raise SpanDataError(str(exc)) from None
     epoch = _as_int(resource.get(semconv.EPOCH), semconv.EPOCH)
     partition = Partition(run_id, epoch if epoch is not None else 0)
     return lambda start_ns: partition
@@ -268,12 +267,13 @@ def _as_str(value: Any) -> str | None:
 
 
 def _as_int(value: Any, key: str) -> int | None:
+    """A resource attribute that must be a whole number 0 <= n < 2^63 (it becomes a folder or a BIGINT)."""
     if value is None or value == "":
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise SpanDataError(f"resource attribute {key}={value!r} must be an integer") from None
+        return names.check_count(value, what=f"resource attribute {key}")
+    except names.InvalidName as exc:
+        raise SpanDataError(str(exc)) from None
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -299,7 +299,7 @@ class Lake:
 
     def write_table(self, partition: Partition, table: pa.Table) -> Path:
         """Write one Arrow table into ``partition`` durably (temp file, fsync, rename, fsync dir)."""
-        folder = self.root / partition.relative_dir()
+        folder = names.inside(self.root / "spans", self.root / partition.relative_dir(), what="partition folder")
         folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
         return _durable_write(folder, name, table)
@@ -374,8 +374,8 @@ def span_scope(root: str | os.PathLike[str], *, run_id: str | None, epoch: int |
     spans = Path(root) / "spans"
     if run_id is None:
         return spans / "production"
-    run = spans / "training" / f"run_id={run_id}"
-    return run if epoch is None else run / f"epoch={epoch}"
+    run = spans / "training" / f"run_id={names.check_run_id(run_id)}"
+    return names.inside(spans, run if epoch is None else run / f"epoch={names.check_epoch(epoch)}", what="span folder")
 
 
 @contextmanager

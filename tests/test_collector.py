@@ -175,7 +175,7 @@ def test_invalid_run_id_is_rejected_with_the_fix(guarded):
     assert r.status_code == 400
     from google.rpc.status_pb2 import Status
 
-    assert "not a valid run id" in Status.FromString(r.content).message
+    assert "arclight.run_id 'bad/run' is not valid" in Status.FromString(r.content).message
 
 
 def test_metrics_count_spans_and_rejections(guarded):
