@@ -134,22 +134,20 @@ class GroupCommitWriter:
             future.set_result(sum(len(rows) for rows in grouped.values()))
 
 
-def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Starlette:
-    """Build the collector's ASGI app writing into the lake at ``lake_root``."""
-    lake = Lake(lake_root)
-    metrics = CollectorMetrics()
-    token = config.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN") or None
-    if config.host not in LOOPBACK_HOSTS and not token:
-        raise ValueError(
-            f"collector bound to {config.host!r} (not loopback) needs a bearer token: "
-            "set collector.token in the config or ARCLIGHT_COLLECTOR_TOKEN"
-        )
-    state: dict[str, Any] = {}
+class TraceReceiver:
+    """The collector's request handlers, sharing one lake, its writer thread and the metrics."""
 
-    async def traces(request: Request) -> Response:
+    def __init__(self, config: CollectorConfig, lake: Lake, token: str | None):
+        self.config, self.lake, self.token = config, lake, token
+        self.metrics = CollectorMetrics()
+        self.writer: GroupCommitWriter | None = None
+
+    async def traces(self, request: Request) -> Response:
+        """``POST /v1/traces``: store an OTLP export; answer once its spans are durable."""
+        config, metrics = self.config, self.metrics
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
-            _check_token(request, token)
+            _check_token(request, self.token)
             body = await _read_body(request, config.max_body_bytes)
             metrics.bytes.inc(len(body))
             body = _decode_body(body, request.headers.get("content-encoding", "").lower(), config.max_body_bytes)
@@ -167,7 +165,7 @@ def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Sta
         n_spans = sum(len(rows) for rows in grouped.values())
         if n_spans:
             try:
-                await asyncio.wrap_future(state["writer"].submit(grouped))
+                await asyncio.wrap_future(self.writer.submit(grouped))
             except Exception as exc:
                 metrics.rejected.labels(reason="lake_write").inc()
                 return _error(503, f"spans could not be written to the lake ({exc}); retry later", content_type)
@@ -177,41 +175,56 @@ def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Sta
             return JSONResponse({})
         return Response(ExportTraceServiceResponse().SerializeToString(), media_type=PROTOBUF)
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "lake": str(lake.root)})
+    async def healthz(self, request: Request) -> Response:
+        """``GET /healthz``."""
+        return JSONResponse({"status": "ok", "lake": str(self.lake.root)})
 
-    async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus text."""
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def compact_loop() -> None:
+    async def compact_loop(self) -> None:
+        """Merge the small files of idle partitions, forever."""
+        config = self.config
         while True:
             await asyncio.sleep(max(1.0, config.compact_idle_s / 2))
             try:
-                merged = await asyncio.to_thread(lake.compact, min_files=config.compact_min_files, idle_s=config.compact_idle_s)
-                metrics.compactions.inc(merged)
+                merged = await asyncio.to_thread(self.lake.compact, min_files=config.compact_min_files, idle_s=config.compact_idle_s)
+                self.metrics.compactions.inc(merged)
             except Exception:
                 log.exception("compaction failed; the small files are kept")
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        state["writer"] = GroupCommitWriter(lake, flush_interval_s=config.flush_interval_ms / 1000, metrics=metrics)
-        compactor = asyncio.create_task(compact_loop())
+    async def lifespan(self, app: Starlette):
+        """Run the writer thread and the compactor while the app serves."""
+        self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, metrics=self.metrics)
+        compactor = asyncio.create_task(self.compact_loop())
         try:
             yield
         finally:
             compactor.cancel()
-            state["writer"].close()
+            self.writer.close()
 
+
+def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Starlette:
+    """Build the collector's ASGI app writing into the lake at ``lake_root``."""
+    token = config.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN") or None
+    if config.host not in LOOPBACK_HOSTS and not token:
+        raise ValueError(
+            f"collector bound to {config.host!r} (not loopback) needs a bearer token: "
+            "set collector.token in the config or ARCLIGHT_COLLECTOR_TOKEN"
+        )
+    receiver = TraceReceiver(config, Lake(lake_root), token)
     app = Starlette(
         routes=[
-            Route("/v1/traces", traces, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/metrics", prometheus, methods=["GET"]),
+            Route("/v1/traces", receiver.traces, methods=["POST"]),
+            Route("/healthz", receiver.healthz, methods=["GET"]),
+            Route("/metrics", receiver.prometheus, methods=["GET"]),
         ],
-        lifespan=lifespan,
+        lifespan=receiver.lifespan,
     )
-    app.state.metrics = metrics
-    app.state.lake = lake
+    app.state.metrics = receiver.metrics
+    app.state.lake = receiver.lake
     return app
 
 
