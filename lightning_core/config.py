@@ -49,6 +49,8 @@ class CollectorConfig(Section):
     port: int = Field(4318, ge=0, le=65535, description="Port of /v1/traces (0 picks a free one).")
     token: str | None = Field(None, description="Bearer token; default $ARCLIGHT_COLLECTOR_TOKEN.")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted body, after gunzip.")
+    max_inflight_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Request bytes held at once (as sent and decoded); beyond it 503 + Retry-After.")
+    max_partitions_per_request: int = Field(64, ge=1, description="Lake partitions (run/epoch or date) one request may write to; more is a 400.")
     flush_interval_ms: int = Field(20, ge=0, description="Group-commit window: requests arriving within it share one file.")
     compact_min_files: int = Field(16, ge=2, description="Compact a partition once it has this many files...")
     compact_idle_s: float = Field(10.0, ge=0, description="...and has received nothing for this long.")

@@ -76,6 +76,11 @@ PROMOTED_ARRAYS = {
     semconv.RESPONSE_LOGPROBS: ("response_logprobs", float, None),
 }
 
+# Times are int64 nanoseconds in the lake, and DuckDB reads 2^63-1 as the infinite timestamp.
+MAX_TIME_NS = 2**63 - 2
+MAX_VALUE_DEPTH = 32
+_ZERO_TRACE_ID, _ZERO_SPAN_ID = bytes(16), bytes(8)
+
 _KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in PbSpan.SpanKind.items()}
 _STATUS_NAMES = {v: k.removeprefix("STATUS_CODE_") for k, v in PbStatus.StatusCode.items()}
 
@@ -99,15 +104,17 @@ class Partition:
         return Path("spans", "training", f"run_id={self.run_id}", f"epoch={self.epoch}")
 
 
-def any_value(value: AnyValue) -> Any:
-    """Convert an OTLP ``AnyValue`` to a JSON-able Python value."""
+def any_value(value: AnyValue, depth: int = 0) -> Any:
+    """Convert an OTLP ``AnyValue`` to a JSON-able Python value (nested at most ``MAX_VALUE_DEPTH`` deep)."""
     which = value.WhichOneof("value")
     if which is None:
         return None
+    if which in ("array_value", "kvlist_value") and depth >= MAX_VALUE_DEPTH:
+        raise SpanDataError(f"an attribute value is nested more than {MAX_VALUE_DEPTH} levels deep: flatten it")
     if which == "array_value":
-        return [any_value(v) for v in value.array_value.values]
+        return [any_value(v, depth + 1) for v in value.array_value.values]
     if which == "kvlist_value":
-        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+        return {kv.key: any_value(kv.value, depth + 1) for kv in value.kvlist_value.values}
     if which == "bytes_value":
         return value.bytes_value.hex()
     return getattr(value, which)
@@ -191,17 +198,13 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
         for scope_spans in resource_spans.scope_spans:
             scope_name, scope_version = scope_spans.scope.name, scope_spans.scope.version
             for span in scope_spans.spans:
-                if len(span.trace_id) != 16 or len(span.span_id) != 8:
-                    raise SpanDataError(
-                        f"span {span.name!r}: trace_id must be 16 bytes and span_id 8 bytes, "
-                        f"found {len(span.trace_id)} and {len(span.span_id)}"
-                    )
+                _check_span(span)
                 attributes = key_values(span.attributes)
                 grouped[partition_of(span.start_time_unix_nano)].append(
                     {
                         "trace_id": span.trace_id.hex(),
                         "span_id": span.span_id.hex(),
-                        "parent_id": span.parent_span_id.hex() if span.parent_span_id else None,
+                        "parent_id": span.parent_span_id.hex() if span.parent_span_id.strip(b"\0") else None,
                         "name": span.name,
                         "kind": _KIND_NAMES.get(span.kind, str(span.kind)),
                         "start_ns": span.start_time_unix_nano,
@@ -233,6 +236,42 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
                     }
                 )
     return grouped
+
+
+def _check_span(span: PbSpan) -> None:
+    """Refuse a span whose ids or times the lake cannot store (OTLP: all-zero ids are invalid)."""
+    if len(span.trace_id) != 16 or len(span.span_id) != 8 or len(span.parent_span_id) not in (0, 8):
+        raise SpanDataError(
+            f"span {span.name!r}: trace_id must be 16 bytes, span_id 8 bytes and parent_span_id 0 or 8 bytes, "
+            f"found {len(span.trace_id)}, {len(span.span_id)} and {len(span.parent_span_id)}"
+        )
+    if span.trace_id == _ZERO_TRACE_ID or span.span_id == _ZERO_SPAN_ID:
+        raise SpanDataError(f"span {span.name!r}: trace_id and span_id must not be all zeros (OTLP marks such ids invalid)")
+    if span.start_time_unix_nano > MAX_TIME_NS or span.end_time_unix_nano > MAX_TIME_NS:
+        raise SpanDataError(
+            f"span {span.name!r}: start and end times must be at most {MAX_TIME_NS} ns (year 2262), "
+            f"found {span.start_time_unix_nano} and {span.end_time_unix_nano}"
+        )
+
+
+def request_to_tables(
+    request: ExportTraceServiceRequest, *, received_ns: int | None = None, max_partitions: int | None = None
+) -> dict[Partition, pa.Table]:
+    """Flatten an export request into one Arrow table per lake partition.
+
+    Every value is converted here, so a span the lake cannot store raises ``SpanDataError`` for
+    its own request and never reaches a write shared with other requests.
+    """
+    grouped = request_to_rows(request, received_ns=received_ns)
+    if max_partitions is not None and len(grouped) > max_partitions:
+        raise SpanDataError(
+            f"the request's spans fall into {len(grouped)} lake partitions (run and epoch, or date), over the limit of "
+            f"{max_partitions}: export each run's spans separately"
+        )
+    try:
+        return {partition: rows_to_table(rows) for partition, rows in grouped.items()}
+    except (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError) as exc:
+        raise SpanDataError(f"a span value cannot be stored: {exc}") from None
 
 
 def _span_attempt(attributes: dict[str, Any]) -> int | None:
@@ -289,20 +328,34 @@ class Lake:
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.root)
 
-    def write(self, grouped: dict[Partition, list[dict[str, Any]]]) -> list[Path]:
-        """Write each partition's rows to a new Parquet file and fsync it; return the files."""
-        written = []
-        for partition, rows in grouped.items():
-            if rows:
-                written.append(self.write_table(partition, rows_to_table(rows)))
-        return written
+    def write(self, tables: dict[Partition, pa.Table]) -> list[Path]:
+        """Write each partition's table to a new fsynced Parquet file; all files become visible, or none."""
+        staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        try:
+            for partition, table in tables.items():
+                if table.num_rows:
+                    folder = self._folder(partition)
+                    name = _part_name()
+                    staged.append((_write_synced(folder, name, table), folder / name))
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            for folder in {final.parent for _, final in staged}:
+                _fsync_dir(folder)
+        except BaseException:
+            for tmp, final in staged:  # nothing was acknowledged: take every file of this write back
+                tmp.unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
+            raise
+        return [final for _, final in staged]
 
     def write_table(self, partition: Partition, table: pa.Table) -> Path:
         """Write one Arrow table into ``partition`` durably (temp file, fsync, rename, fsync dir)."""
+        return _durable_write(self._folder(partition), _part_name(), table)
+
+    def _folder(self, partition: Partition) -> Path:
         folder = names.inside(self.root / "spans", self.root / partition.relative_dir(), what="partition folder")
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
-        return _durable_write(folder, name, table)
+        return folder
 
     def partitions(self) -> list[Path]:
         """Return every partition folder that holds span files."""
@@ -431,13 +484,21 @@ def _live(path: Path, max_age_s: float) -> bool:
     return not stale
 
 
+def _part_name() -> str:
+    return f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
+
+
 def _write_synced(folder: Path, name: str, table: pa.Table) -> Path:
     """Write ``table`` to a hidden temporary file next to ``name`` and fsync it; return that file."""
     tmp = folder / f".{name}.tmp"
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 

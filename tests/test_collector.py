@@ -209,11 +209,11 @@ def test_spans_without_run_id_go_to_the_production_partition_by_date(guarded):
 
 
 def test_compaction_merges_small_files_and_keeps_every_row(tmp_path):
-    from lightning_core.lake import request_to_rows
+    from lightning_core.lake import request_to_tables
 
     lake = Lake(tmp_path / "lake")
     for _ in range(20):
-        lake.write(request_to_rows(_export_request("many", n=5)))
+        lake.write(request_to_tables(_export_request("many", n=5)))
     folder = tmp_path / "lake" / "spans" / "training" / "run_id=many" / "epoch=1"
     assert len(list(folder.glob("part-*.parquet"))) == 20
     assert lake.compact(min_files=16, idle_s=3600) == 0  # not idle yet
@@ -258,11 +258,11 @@ def test_rollout_context_on_spans_fills_the_columns_when_the_resource_has_none()
 
 
 def _many_files(tmp_path, n: int = 20):
-    from lightning_core.lake import request_to_rows
+    from lightning_core.lake import request_to_tables
 
     lake = Lake(tmp_path / "lake")
     for _ in range(n):
-        lake.write(request_to_rows(_export_request("many", n=5)))
+        lake.write(request_to_tables(_export_request("many", n=5)))
     return lake, tmp_path / "lake" / "spans" / "training" / "run_id=many" / "epoch=1"
 
 

@@ -11,7 +11,7 @@ import pytest
 from lightning_core import names
 from lightning_core.catalog import Catalog
 from lightning_core.config import ConfigError, load_config
-from lightning_core.lake import Lake, SpanDataError, request_to_rows, span_scope
+from lightning_core.lake import Lake, SpanDataError, request_to_rows, request_to_tables, span_scope
 from lightning_core.triplet_store import output_dir
 from tests.conftest import REPO
 from tests.otlp_factory import export_request
@@ -73,10 +73,10 @@ def test_ingest_refuses_resources_that_would_poison_the_lake(resource):
 
 def test_a_lake_fed_only_through_ingest_stays_queryable(tmp_path):
     lake = Lake(tmp_path / "lake")
-    lake.write(request_to_rows(export_request({"arclight.run_id": "ok", "arclight.epoch": "7"})))
+    lake.write(request_to_tables(export_request({"arclight.run_id": "ok", "arclight.epoch": "7"})))
     for bad in ({"arclight.run_id": "ok\n"}, {"arclight.run_id": "ok", "arclight.epoch": "9223372036854775808"}):
         with pytest.raises(SpanDataError):
-            lake.write(request_to_rows(export_request(bad)))
+            lake.write(request_to_tables(export_request(bad)))
     catalog = Catalog(tmp_path / "lake")
     catalog.ensure()
     with catalog.read() as con:
@@ -97,7 +97,7 @@ def test_triplets_command_refuses_a_run_id_with_dots_and_leaves_other_runs_alone
     # fails before: --run ../../../spans/training/run_id=other --epoch 0 returned 0, wrote Parquet
     # outside the outputs and replaced (deleted) the raw spans of run 'other'
     lake = Lake(tmp_path / "lake")
-    lake.write(request_to_rows(export_request({"arclight.run_id": "other", "arclight.epoch": 0}, 20)))
+    lake.write(request_to_tables(export_request({"arclight.run_id": "other", "arclight.epoch": 0}, 20)))
     Catalog(tmp_path / "lake").ensure()
     spans = sorted((tmp_path / "lake" / "spans" / "training" / "run_id=other" / "epoch=0").glob("part-*.parquet"))
     for run in ("..", "../../../spans/training/run_id=other"):
