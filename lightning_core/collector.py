@@ -171,6 +171,9 @@ class TraceReceiver:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
         """Run the writer thread and the compactor while the app serves."""
+        removed = await asyncio.to_thread(self.lake.recover)  # what a killed collector or compactor left behind
+        if removed:
+            log.warning("recovered the lake: removed %d files left by processes that died", removed)
         self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, on_commit=self._committed)
         compactor = asyncio.create_task(self.compact_loop())
         try:

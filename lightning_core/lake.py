@@ -365,40 +365,55 @@ class Lake:
     def compact(self, *, min_files: int = 16, idle_s: float = 10.0, now: float | None = None) -> int:
         """Merge the files of each idle partition that has at least ``min_files``; return merges done.
 
-        A partition is idle when its newest file is older than ``idle_s`` seconds. The merged
-        file is renamed into place before the small files are removed, so rows are never missing;
-        a reader that lists the folder in that instant may see a row twice, which the pipeline's
-        de-duplication on (trace_id, span_id) absorbs. A partition under a live ``read_lease`` is
-        left alone: its reader finds rows again by file and row number.
+        A partition is idle when its newest file is older than ``idle_s`` seconds. One compactor
+        at a time works on a partition: it claims the folder's ``.compacting`` marker, writes the
+        merged file, records the swap in the marker (merged file, small files), renames the merged
+        file into place and removes the small ones. A compactor killed at any point is settled by
+        ``recover``: forward when the merged file is in place, back otherwise, so every row ends
+        up in the folder exactly once. A partition under a live ``read_lease`` is left alone: its
+        reader finds rows again by file and row number.
         """
         now = now if now is not None else time.time()
-        merged = 0
-        for folder in self.partitions():
-            files = sorted(folder.glob("part-*.parquet"))
-            if len(files) < min_files or self._leased(folder):
-                continue
-            if now - max(f.stat().st_mtime for f in files) < idle_s:
-                continue
+        self.recover()
+        return sum(self._merge(folder, min_files=min_files, idle_s=idle_s, now=now) for folder in self.partitions())
+
+    def _merge(self, folder: Path, *, min_files: int, idle_s: float, now: float) -> bool:
+        files = sorted(folder.glob("part-*.parquet"))
+        if len(files) < min_files or self._leased(folder) or now - max(f.stat().st_mtime for f in files) < idle_s:
+            return False
+        marker = _claim(folder)
+        if marker is None:  # another compactor works here
+            return False
+        try:
+            files = sorted(folder.glob("part-*.parquet"))  # listed again, under the claim
+            if len(files) < min_files:
+                return False
             table = pa.concat_tables([pq.read_table(f, schema=SPAN_SCHEMA) for f in files])
             table = table.sort_by([("start_ns", "ascending")])
-            name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}-c.parquet"
+            name = _part_name().replace(".parquet", "-c.parquet")
             tmp = _write_synced(folder, name, table)
-            # the swap runs under a marker that readers wait out; a reader that took its lease
-            # while the merged file was written wins, and the merge is dropped
-            marker = folder / COMPACTING_MARKER
-            marker.write_text(_owner())
-            try:
-                if self._leased(folder):
-                    tmp.unlink()
-                    continue
-                os.replace(tmp, folder / name)
-                for f in files:
-                    f.unlink()
-                _fsync_dir(folder)
-            finally:
-                marker.unlink(missing_ok=True)
-            merged += 1
-        return merged
+            # from here readers wait the swap out; a reader that took its lease while the merged
+            # file was written wins, and the merge is dropped
+            _write_marker(marker, {"phase": "swapping", "merged": name, "tmp": tmp.name, "sources": [f.name for f in files]})
+            if self._leased(folder):
+                return False
+            os.replace(tmp, folder / name)
+            return True
+        finally:
+            _settle(marker)
+
+    def recover(self) -> int:
+        """Settle compactions and remove temporary files left by processes that died; return files removed."""
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.root / "spans"):
+            folder = Path(dirpath)
+            if COMPACTING_MARKER in filenames and not _live(folder / COMPACTING_MARKER):
+                removed += _settle(folder / COMPACTING_MARKER)
+            for name in filenames:
+                if name.startswith(".part-") and name.endswith(".tmp") and not _live(folder / name, TEMP_MAX_AGE_S):
+                    (folder / name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def _leased(self, folder: Path) -> bool:
         """Whether a live reader holds a lease on ``folder`` or a folder above it in the lake."""
@@ -413,13 +428,16 @@ class Lake:
 
 
 # A reader that lists a partition's files and later re-reads rows by file and row number (the
-# SQL pipeline) holds a lease on it; compaction skips leased partitions. Leases name their host
-# and process: a lease of a process that has ended on this host is stale at once, any lease after
-# READ_LEASE_MAX_AGE_S. The marker of a compaction in progress is stale after COMPACTING_MAX_AGE_S.
+# SQL pipeline) holds a lease on it; compaction skips leased partitions. Leases, markers and
+# temporary files name their host and process: one of a process that has ended on this host is
+# stale at once, one of another host after its maximum age (a compaction marker: while merging
+# an hour, while swapping COMPACTING_MAX_AGE_S).
 READ_LEASE_PREFIX = ".reading-"
 READ_LEASE_MAX_AGE_S = 6 * 3600.0
 COMPACTING_MARKER = ".compacting"
 COMPACTING_MAX_AGE_S = 120.0
+MERGING_MAX_AGE_S = 3600.0
+TEMP_MAX_AGE_S = 3600.0
 
 
 def span_scope(root: str | os.PathLike[str], *, run_id: str | None, epoch: int | None) -> Path:
@@ -446,10 +464,13 @@ def read_lease(folder: str | os.PathLike[str], *, wait_s: float = 60.0) -> Itera
     lease = folder / f"{READ_LEASE_PREFIX}{_owner()}-{uuid.uuid4().hex[:12]}"
     lease.write_text(_owner())
     try:
-        # listed once: a compaction that puts its marker down after this finds the lease and backs off
+        # listed once: a compaction that starts its swap after this finds the lease and backs off
         swapping = list(folder.rglob(COMPACTING_MARKER))  # the folder itself included
+        for marker in swapping:
+            if not _live(marker):  # a compactor died here: settle its swap before the files are listed
+                _settle(marker)
         deadline = time.monotonic() + wait_s
-        while any(_live(m, COMPACTING_MAX_AGE_S) for m in swapping):
+        while any(_marker_phase(m) == "swapping" and _live(m) for m in swapping):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a compaction below {folder} has been swapping files for over {wait_s:.0f}s; "
                                    f"if no collector is compacting, remove the stale {COMPACTING_MARKER} file")
@@ -463,15 +484,27 @@ def _owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _live(path: Path, max_age_s: float) -> bool:
-    """Whether a lease or marker file (its text: host-pid) still stands; a stale lease is removed."""
+def _live(path: Path, max_age_s: float | None = None) -> bool:
+    """Whether a lease, marker or temporary file still has a live owner; a stale lease is removed.
+
+    The owner (host-pid) is a lease's text, a marker's ``owner`` and a temporary file's name part
+    before ``.tmp``; ``max_age_s`` defaults to the marker's phase limit.
+    """
     try:
-        owner = path.read_text()
+        text = "" if path.name.endswith(".tmp") else path.read_text()
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False
+    if path.name == COMPACTING_MARKER:
+        record = _marker_record(text)
+        owner = record.get("owner", "")
+        max_age_s = max_age_s or (MERGING_MAX_AGE_S if record.get("phase") == "merging" else COMPACTING_MAX_AGE_S)
+    elif path.name.endswith(".tmp"):
+        owner = path.name[:-len(".tmp")].partition(".parquet.")[2]  # .part-<ns>-<id>.parquet.<host>-<pid>.tmp
+    else:
+        owner = text
     host, _, pid = owner.rpartition("-")
-    stale = age > max_age_s
+    stale = age > (max_age_s or COMPACTING_MAX_AGE_S)
     if not stale and host == socket.gethostname() and pid.isdigit():
         try:
             os.kill(int(pid), 0)
@@ -484,13 +517,82 @@ def _live(path: Path, max_age_s: float) -> bool:
     return not stale
 
 
+def _marker_record(text: str) -> dict[str, Any]:
+    """A compaction marker's record; a marker of an older Arclight holds only its owner (and swaps)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    return record if isinstance(record, dict) else {"owner": text.strip(), "phase": "swapping"}
+
+
+def _marker_phase(marker: Path) -> str | None:
+    try:
+        return _marker_record(marker.read_text()).get("phase")
+    except FileNotFoundError:
+        return None
+
+
+def _claim(folder: Path) -> Path | None:
+    """Create the folder's compaction marker for this process; None when a live compactor holds it."""
+    marker = folder / COMPACTING_MARKER
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _live(marker):
+                return None
+            _settle(marker)  # its compactor died
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"owner": _owner(), "phase": "merging"}, fh)
+        return marker
+    return None
+
+
+def _write_marker(marker: Path, fields: dict[str, Any]) -> None:
+    """Record the swap about to happen in the marker, durably, before any file moves."""
+    tmp = marker.with_name(f"{COMPACTING_MARKER}.{_owner()}.new")
+    with open(tmp, "w") as fh:
+        json.dump({"owner": _owner(), **fields}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, marker)
+    _fsync_dir(marker.parent)
+
+
+def _settle(marker: Path) -> int:
+    """Finish or undo the swap recorded in ``marker`` so each row is in the folder once; drop the marker.
+
+    The merged file in place means the swap had begun: the small files it replaces go. Otherwise
+    the merged file is removed and the small files stay. Returns the files removed.
+    """
+    folder = marker.parent
+    try:
+        record = _marker_record(marker.read_text())
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    if record.get("phase") == "swapping" and record.get("merged"):
+        merged_in_place = (folder / record["merged"]).exists()
+        doomed = record.get("sources", []) if merged_in_place else [record.get("tmp", "")]
+        for name in doomed:
+            if name and (folder / name).exists():
+                (folder / name).unlink(missing_ok=True)
+                removed += 1
+    _fsync_dir(folder)
+    marker.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return removed
+
+
 def _part_name() -> str:
     return f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
 
 
 def _write_synced(folder: Path, name: str, table: pa.Table) -> Path:
     """Write ``table`` to a hidden temporary file next to ``name`` and fsync it; return that file."""
-    tmp = folder / f".{name}.tmp"
+    tmp = folder / f".{name}.{_owner()}.tmp"  # its owner: recover() removes it once that process is gone
     try:
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
