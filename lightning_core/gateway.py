@@ -36,19 +36,20 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from lightning_core import semconv
+from lightning_core import names, semconv
+from lightning_core.http_guard import LOOPBACK_HOSTS, foreign_browser, has_token, json_depth_over, trusted
 
 log = logging.getLogger("arclight.gateway")
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SERVICE_NAME = "arclight-gateway"
 SCOPE = InstrumentationScope("arclight.gateway", "0.1.0")
+MAX_JSON_DEPTH = 100
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "n", "seed",
                  "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 
@@ -65,12 +66,19 @@ class RolloutInfo(BaseModel):
     """A registered rollout: where its spans belong and which policy it samples from."""
 
     model_config = ConfigDict(extra="forbid")
-    rollout_id: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._:-]+$")
+    rollout_id: str
     run_id: str | None = None
     epoch: int | None = None
-    task_id: str | None = None
+    task_id: str | None = Field(None, max_length=1024)
     attempt: int | None = None
     policy: str | None = Field(None, description="Policy every call of this rollout uses; default by model name.")
+
+    # these values name lake folders or BIGINT columns: one bad one would make the collector
+    # refuse every export batch that carries it, with other rollouts' spans in it
+    _rollout_id = field_validator("rollout_id", mode="before")(lambda v: names.check_rollout_id(v))
+    _run_id = field_validator("run_id", mode="before")(lambda v: None if v is None else names.check_run_id(v))
+    _epoch = field_validator("epoch", mode="before")(lambda v: None if v is None else names.check_epoch(v))
+    _attempt = field_validator("attempt", mode="before")(lambda v: None if v is None else names.check_count(v, what="attempt"))
 
 
 class PolicySwitch(BaseModel):
@@ -290,26 +298,40 @@ class Gateway:
 
     def authorize(self, request: Request) -> None:
         """Raise a 401 unless the request carries the bearer token (when one is set)."""
-        if self.token is not None and request.headers.get("authorization", "") != f"Bearer {self.token}":
+        if self.token is not None and not has_token(request, self.token):
             raise GatewayError(401, "missing or wrong bearer token: send 'Authorization: Bearer <gateway token>' "
                                     "(the OpenAI client sends its api_key this way)", "authentication_error")
 
     async def read_json(self, request: Request) -> dict[str, Any]:
-        """Return the body as a JSON object, or raise 413/400."""
+        """Return the body as a JSON object, or raise 413 (checked while it streams in) or 400."""
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise GatewayError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise GatewayError(413, f"body of {len(body)} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
         try:
-            data = json.loads(body)
+            data = json.loads(b"".join(chunks))
+        except RecursionError:
+            data = None
         except ValueError as exc:
             raise GatewayError(400, f"body is not valid JSON: {exc}") from None
+        if data is None or json_depth_over(data, MAX_JSON_DEPTH):
+            raise GatewayError(400, f"body is nested more than {MAX_JSON_DEPTH} levels deep")
         if not isinstance(data, dict):
             raise GatewayError(400, f"body must be a JSON object, found {type(data).__name__}")
         return data
+
+    def authorize_admin(self, request: Request) -> None:
+        """The token check, and without a token the browser checks of a loopback server (Origin, Host)."""
+        self.authorize(request)
+        reason = foreign_browser(request) if self.token is None else None
+        if reason is not None:
+            raise GatewayError(403, reason, "permission_error")
 
     async def completions(self, request: Request) -> Response:
         """``POST [/rollout/{id}]/v1/chat/completions`` and ``.../v1/completions``: forward, strip, record."""
@@ -345,9 +367,13 @@ class Gateway:
             if upstream.status_code != 200:
                 raise GatewayError(upstream.status_code, f"vLLM answered {upstream.status_code}: {upstream_message(upstream.content)}",
                                    "upstream_error")
-            data = upstream.json()
-            call.capture_json(data)
-            call.strip_json(data)
+            data = _json_object(upstream.content, target.replica)
+            try:
+                call.capture_json(data)
+                call.strip_json(data)
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:
+                raise GatewayError(502, f"vLLM at {target.replica} answered 200 with a JSON object that is not a "
+                                        f"completion ({exc!r})", "upstream_error") from None
             self.finish(call, endpoint, "200")
             return JSONResponse(data)
         except GatewayError as exc:
@@ -386,14 +412,20 @@ class Gateway:
                         yield b"data: [DONE]\n\n"
                         continue
                     try:
-                        chunk = json.loads(payload)
-                    except ValueError:
-                        yield f"data: {payload}\n\n".encode()
-                        continue
-                    if "error" in chunk and "choices" not in chunk:
-                        error = f"vLLM stream error: {upstream_message(payload.encode())}"
-                    call.capture_chunk(chunk)
-                    if call.strip_chunk(chunk):
+                        chunk = _json_object(payload.encode(), call.target.replica)
+                        if "error" in chunk and "choices" not in chunk:
+                            error = f"vLLM stream error: {upstream_message(payload.encode())}"
+                        call.capture_chunk(chunk)
+                        keep = call.strip_chunk(chunk)
+                    except (GatewayError, AttributeError, TypeError, ValueError, KeyError) as exc:
+                        # never pass a line the client cannot parse: end the stream with an error event
+                        err = exc if isinstance(exc, GatewayError) else GatewayError(
+                            502, f"vLLM at {call.target.replica} sent a stream chunk that is not a completion chunk ({exc!r})",
+                            "upstream_error")
+                        error = err.message
+                        yield f"data: {json.dumps(error_body(err), separators=(',', ':'))}\n\n".encode()
+                        break
+                    if keep:
                         yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
             except httpx.HTTPError as exc:
                 error = f"vLLM stream from {call.target.replica} broke off: {exc!r}"
@@ -433,7 +465,7 @@ class Gateway:
                 upstream = await self.client.get(f"{replica}/v1/models")
             except httpx.HTTPError as exc:
                 raise GatewayError(502, f"vLLM at {replica} could not be reached: {exc!r}", "upstream_unavailable") from None
-            data = upstream.json()
+            data = _json_object(upstream.content, replica)
         except GatewayError as exc:
             return error_response(exc)
         created = int(time.time())
@@ -446,7 +478,7 @@ class Gateway:
     async def register_rollout(self, request: Request) -> Response:
         """``POST /admin/rollouts``: register a rollout; answer with its base URL."""
         try:
-            self.authorize(request)
+            self.authorize_admin(request)
             info = RolloutInfo.model_validate(await self.read_json(request))
             replica = self.router.register(info)
         except ValidationError as exc:
@@ -461,7 +493,7 @@ class Gateway:
     async def forget_rollout(self, request: Request) -> Response:
         """``DELETE /admin/rollouts/{id}``."""
         try:
-            self.authorize(request)
+            self.authorize_admin(request)
         except GatewayError as exc:
             return error_response(exc)
         known = self.router.forget(request.path_params["rollout_id"])
@@ -471,7 +503,7 @@ class Gateway:
     async def list_policies(self, request: Request) -> Response:
         """``GET /admin/policies``."""
         try:
-            self.authorize(request)
+            self.authorize_admin(request)
         except GatewayError as exc:
             return error_response(exc)
         router = self.router
@@ -482,7 +514,7 @@ class Gateway:
         """``PUT /admin/policies/{name}``: switch to an adapter every replica has loaded."""
         name = request.path_params["policy"]
         try:
-            self.authorize(request)
+            self.authorize_admin(request)
             update = PolicySwitch.model_validate(await self.read_json(request))
             await self.check_loaded(update.served_model)
             policy = self.router.switch(name, update, keep=self.keep_versions)
@@ -498,7 +530,7 @@ class Gateway:
         """``POST /admin/policies/{name}/rollback``."""
         name = request.path_params["policy"]
         try:
-            self.authorize(request)
+            self.authorize_admin(request)
             policy = self.router.rollback(name)
         except GatewayError as exc:
             return error_response(exc)
@@ -518,7 +550,9 @@ class Gateway:
                                         "load the adapter on every replica first", "conflict")
 
     async def healthz(self, request: Request) -> Response:
-        """``GET /healthz``."""
+        """``GET /healthz``; the upstream URLs only for a loopback client (no token set) or with the token."""
+        if not trusted(request, self.token):
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "upstreams": self.router.upstreams})
 
     async def prometheus(self, request: Request) -> Response:
@@ -528,16 +562,33 @@ class Gateway:
     async def flush(self, request: Request) -> Response:
         """``POST /admin/flush``: export every recorded span now."""
         try:
-            self.authorize(request)
+            self.authorize_admin(request)
         except GatewayError as exc:
             return error_response(exc)
         ok = await asyncio.to_thread(self.recorder.flush)
         return JSONResponse({"flushed": ok}, status_code=200 if ok else 503)
 
 
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}
+
+
 def error_response(exc: GatewayError) -> JSONResponse:
     """An OpenAI-style error body with the error's status."""
-    return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}, status_code=exc.status)
+    return JSONResponse(error_body(exc), status_code=exc.status)
+
+
+def _json_object(content: bytes, replica: str) -> dict[str, Any]:
+    """An upstream answer (or stream chunk) as a JSON object; anything else is a 502."""
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise GatewayError(502, f"vLLM at {replica} answered 200 with a body that is not a JSON object: "
+                                f"{content[:200].decode(errors='replace')!r}", "upstream_error")
+    return data
 
 
 def build_app(
