@@ -21,13 +21,18 @@ SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set col
 LakeOpt = typer.Option(None, "--lake", help="Lake folder (overrides lake.path).")
 
 
-def load(config: Optional[Path], overrides: Optional[list[str]], *, lake: Optional[Path] = None) -> ArclightConfig:
-    """Load the config or exit with the error message (no traceback)."""
-    extra = list(overrides or [])
+def load(config: Optional[Path], overrides: Optional[list[str]], *, lake: Optional[Path] = None,
+         values: Optional[dict] = None) -> ArclightConfig:
+    """Load the config or exit with the error message (no traceback).
+
+    ``values`` are settings from plain command-line options (``--host``, ``--token``...): taken
+    literally, never parsed as YAML, and only those given (not None).
+    """
+    literal = {key: value for key, value in (values or {}).items() if value is not None}
     if lake is not None:
-        extra.append(f"lake.path={Path(lake).resolve()}")
+        literal["lake.path"] = Path(lake).resolve()
     try:
-        return load_config(config, overrides=extra)
+        return load_config(config, overrides=list(overrides or []), values=literal)
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -47,11 +52,8 @@ def collector(
     from lightning_core.catalog import Catalog
     from lightning_core.collector import serve
 
-    extra = list(overrides or [])
-    extra += [f"collector.host={host}"] if host else []
-    extra += [f"collector.port={port}"] if port is not None else []
-    extra += [f"collector.token={token}"] if token else []
-    cfg = load(config, extra, lake=lake)
+    cfg = load(config, overrides, lake=lake,
+               values={"collector.host": host, "collector.port": port, "collector.token": token or None})
     Catalog.from_config(cfg).ensure()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     console.print(f"collector on http://{cfg.collector.host}:{cfg.collector.port}/v1/traces -> {cfg.lake.path}")
@@ -215,11 +217,7 @@ def gateway(
     """Run the OpenAI-compatible gateway that forwards to vLLM and records every call as a span."""
     from lightning_core.gateway import serve
 
-    extra = list(overrides or [])
-    extra += [f"gateway.host={host}"] if host else []
-    extra += [f"gateway.port={port}"] if port is not None else []
-    extra += [f"gateway.token={token}"] if token else []
-    cfg = load(config, extra)
+    cfg = load(config, overrides, values={"gateway.host": host, "gateway.port": port, "gateway.token": token or None})
     upstreams = list(upstream or cfg.serving.urls)
     if not upstreams:
         console.print("[red]error:[/red] no vLLM to forward to: pass --upstream URL or set serving.urls (or run `arclight serve`)")
@@ -311,8 +309,7 @@ def triplets(
     from lightning_core.names import InvalidName, check_epoch, check_run_id
     from lightning_core.pipeline import PipelineError, materialize_triplets
 
-    extra = list(overrides or []) + ([f"pipeline.reward_policy={reward_policy}"] if reward_policy else [])
-    cfg = load(config, extra, lake=lake)
+    cfg = load(config, overrides, lake=lake, values={"pipeline.reward_policy": reward_policy})
     try:
         if run is not None:
             check_run_id(run, what="--run")

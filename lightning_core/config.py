@@ -278,10 +278,12 @@ class ArclightConfig(Section):
         return self.tracking.mlflow_uri or f"sqlite:///{self.project_dir.resolve() / 'mlflow.db'}"
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[str] | None = None) -> ArclightConfig:
+def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> ArclightConfig:
     """Load a project config from YAML (or defaults when ``path`` is None) and apply overrides.
 
-    Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars.
+    Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars. ``values`` maps
+    dotted keys to values taken literally (command-line options: a token with a ``#`` stays whole).
     """
     source = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
@@ -299,6 +301,8 @@ def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[s
         data.setdefault("project_dir", str(file.resolve().parent))
     for override in overrides or []:
         _apply_override(data, override, source)
+    for key, value in (values or {}).items():
+        _set(data, key, value, source)
     try:
         config = ArclightConfig.model_validate(data)
     except ValidationError as exc:
@@ -312,17 +316,23 @@ def _apply_override(data: dict[str, Any], override: str, source: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. collector.port=4319")
-    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    _set(data, key.strip(), value, source, what=f"override {override!r}")
+
+
+def _set(data: dict[str, Any], key: str, value: Any, source: str, *, what: str | None = None) -> None:
+    """Set the dotted ``key`` in the raw config data."""
+    parts = key.split(".")
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} in {source} is a value, not a section")
+            raise ConfigError(f"{what or key}: {part!r} in {source} is a value, not a section")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = raw
+    node[parts[-1]] = value
 
 
 def _describe(exc: ValidationError, source: str) -> str:

@@ -73,3 +73,27 @@ def test_demo_traces_rollouts_through_a_real_collector(tmp_path):
     with Catalog(tmp_path / ".arclight" / "lake").read() as con:
         counts = con.execute("SELECT count(DISTINCT rollout_id), count(*) FROM spans WHERE run_id='default'").fetchall()
     assert counts == [(4, 4 * 6)]  # planner, user message, executor, tool, answer, reward
+
+
+def test_token_and_host_options_are_taken_literally(tmp_path):
+    # fails before: --token 'Xy9 #long-secret-part' was parsed as YAML and became 'Xy9' (the rest a
+    # comment), and --host :: became the mapping {':': None} (a confusing config error)
+    import httpx
+
+    from lightning_core.services import free_port, wait_healthy, Service
+
+    port, token = free_port(), "Xy9 #long-secret-part"
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_core", "collector", "--lake", str(tmp_path / "lake"),
+                             "--port", str(port), "--token", token, "--log-level", "warning"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = Service("collector", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/healthz", process=proc)
+    try:
+        wait_healthy(service, timeout_s=60)
+        url = f"{service.url}/v1/traces"
+        headers = {"Content-Type": "application/json"}
+        assert httpx.post(url, content=b"{}", headers={**headers, "Authorization": "Bearer Xy9"}).status_code == 401
+        assert httpx.post(url, content=b"{}", headers={**headers, "Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        service.stop()
+    out = _arclight("collector", "--lake", str(tmp_path / "lake"), "--host", "::", "--port", "0")
+    assert out.returncode == 2 and "'::' (not loopback) needs a bearer token" in out.stderr
