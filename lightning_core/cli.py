@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lightning_core.config import ArclightConfig, ConfigError, load_config
 
@@ -34,8 +36,30 @@ def load(config: Optional[Path], overrides: Optional[list[str]], *, lake: Option
     try:
         return load_config(config, overrides=list(overrides or []), values=literal)
     except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        console.print(f"[red]config error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
+
+
+def need_lake(cfg: ArclightConfig) -> None:
+    """Exit 2 unless the lake folder exists: commands that read a lake never create one."""
+    path = Path(cfg.lake.path)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        console.print(f"[red]error:[/red] {escape(f'no lake at {path}: it {what}; check --lake or lake.path (the collector creates a lake)')}")
+        raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def lake_io(cfg: ArclightConfig) -> Iterator[None]:
+    """Turn an OS error on the lake's files (a parent that is a file, no permission, disk full) into one line."""
+    import duckdb
+
+    try:
+        yield
+    except (OSError, duckdb.IOException) as exc:
+        reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        console.print(f"[red]error:[/red] {escape(f'the lake at {cfg.lake.path} cannot be used: {reason}; pass --lake with a folder you can write')}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -54,13 +78,14 @@ def collector(
 
     cfg = load(config, overrides, lake=lake,
                values={"collector.host": host, "collector.port": port, "collector.token": token or None})
-    Catalog.from_config(cfg).ensure()
+    with lake_io(cfg):
+        Catalog.from_config(cfg).ensure()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    console.print(f"collector on http://{cfg.collector.host}:{cfg.collector.port}/v1/traces -> {cfg.lake.path}")
+    console.print(escape(f"collector on http://{cfg.collector.host}:{cfg.collector.port}/v1/traces -> {cfg.lake.path}"))
     try:
         serve(cfg.collector, cfg.lake.path, log_level=log_level)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -80,16 +105,17 @@ def query(
     cfg = load(config, overrides, lake=lake)
     catalog = Catalog.from_config(cfg)
     if fmt not in ("table", "csv", "json"):
-        console.print(f"[red]error:[/red] --format must be table, csv or json, not {fmt!r}")
+        console.print(f"[red]error:[/red] --format must be table, csv or json, not {escape(repr(fmt))}")
         raise typer.Exit(2)
+    need_lake(cfg)
     try:
-        with catalog.read() as con:
+        with lake_io(cfg), catalog.read() as con:
             result = con.sql(sql)
             if result is None:
                 return
             _print_result(result, fmt)
     except duckdb.Error as exc:
-        console.print(f"[red]query failed:[/red] {exc}")
+        console.print(f"[red]query failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 
@@ -98,7 +124,7 @@ def _print_result(result, fmt: str) -> None:
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, sys.stdout.buffer)
+        pacsv.write_csv(_flat(table), sys.stdout.buffer)
     elif fmt == "json":
         for row in table.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
@@ -109,9 +135,20 @@ def _print_result(result, fmt: str) -> None:
         for name in table.column_names:
             out.add_column(name, overflow="fold")
         for row in table.to_pylist():
-            out.add_row(*["NULL" if v is None else str(v) for v in row.values()])
+            out.add_row(*["NULL" if v is None else escape(str(v)) for v in row.values()])
         Console().print(out)
         Console(stderr=True).print(f"{table.num_rows} row(s)")
+
+
+def _flat(table):
+    """The table with its list, struct and map columns as JSON text (CSV has no nested values)."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            text = [None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.name, pa.array(text, pa.string()))
+    return table
 
 
 @app.command()
@@ -126,8 +163,9 @@ def shell(
     from lightning_core.catalog import Catalog
 
     cfg = load(config, overrides, lake=lake)
+    need_lake(cfg)
     catalog = Catalog.from_config(cfg)
-    console.print(f"catalog {catalog.path} (read-only). Views: spans, spans_raw, ... End with ';', quit with .quit or Ctrl-D.")
+    console.print(escape(f"catalog {catalog.path} (read-only). Views: spans, spans_raw, ... End with ';', quit with .quit or Ctrl-D."))
     buffer = ""
     while True:
         try:
@@ -146,7 +184,7 @@ def shell(
                 if result is not None:
                     _print_result(result, "table")
         except duckdb.Error as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
 
 
 @app.command()
@@ -161,8 +199,10 @@ def compact(
     from lightning_core.lake import Lake
 
     cfg = load(config, overrides, lake=lake)
-    merged = Lake(cfg.lake.path).compact(min_files=min_files, idle_s=idle_s)
-    console.print(f"compacted {merged} partition(s) in {cfg.lake.path}")
+    need_lake(cfg)
+    with lake_io(cfg):
+        merged = Lake(cfg.lake.path).compact(min_files=min_files, idle_s=idle_s)
+    console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
 
 
 @app.command()
@@ -197,9 +237,9 @@ def model_prepare(
     try:
         path = prepare_base_model(out_dir=out or cfg.model.path or DEFAULT_MODEL_DIR, source=source or cfg.model.source)
     except ModelError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    console.print(f"model ready: {path}")
+    console.print(escape(f"model ready: {path}"))
 
 
 @app.command()
@@ -224,14 +264,14 @@ def gateway(
         raise typer.Exit(2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     g = cfg.gateway
-    console.print(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}")
+    console.print(escape(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}"))
     try:
         serve(host=g.host, port=g.port, upstreams=upstreams, base_model=cfg.model.served_name,
               policies=list(policy or [p.name for p in cfg.policies]), collector_url=collector_url or cfg.collector.url,
               token=g.token, collector_token=cfg.collector.token, upstream_timeout_s=g.upstream_timeout_s,
               max_body_bytes=g.max_body_bytes, keep_versions=cfg.serving.keep_versions, log_level=log_level)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -250,16 +290,16 @@ def serve(
     try:
         replicas = start_vllm_replicas(cfg)
     except ServiceError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     try:
         gw = start_gateway(cfg, upstreams=[r.url for r in replicas])
-        console.print(f"serving: gateway {gw.url}/v1 -> {', '.join(r.url for r in replicas)} (Ctrl-C stops)")
+        console.print(escape(f"serving: gateway {gw.url}/v1 -> {', '.join(r.url for r in replicas)} (Ctrl-C stops)"))
         while all(s.alive() for s in [gw, *replicas]):
             time.sleep(2)
         console.print("[red]a server stopped[/red]; shutting down")
     except ServiceError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -287,10 +327,10 @@ def redeploy(
         done = deploy_adapter(gateway=client, replicas=replicas, policy=policy, adapter_dir=adapter, version=version,
                               keep_versions=cfg.serving.keep_versions, verify_prompt=cfg.serving.verify_prompt)
     except (RedeployError, GatewayAdminError) as exc:
-        console.print(f"[red]redeploy failed, the previous version keeps serving:[/red] {exc}")
+        console.print(f"[red]redeploy failed, the previous version keeps serving:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    console.print(f"policy {done.policy} now serves {done.served_model} (first answer {done.first_answer_s:.2f} s; "
-                  f"unloaded {', '.join(done.unloaded) or 'nothing'})")
+    console.print(escape(f"policy {done.policy} now serves {done.served_model} (first answer {done.first_answer_s:.2f} s; "
+                  f"unloaded {', '.join(done.unloaded) or 'nothing'})"))
 
 
 @app.command()
@@ -310,25 +350,27 @@ def triplets(
     from lightning_core.pipeline import PipelineError, materialize_triplets
 
     cfg = load(config, overrides, lake=lake, values={"pipeline.reward_policy": reward_policy})
+    need_lake(cfg)
     try:
         if run is not None:
             check_run_id(run, what="--run")
         if epoch is not None:
             check_epoch(epoch, what="--epoch")
-        report = materialize_triplets(cfg, run_id=run, epoch=epoch, policy=policy, agent_match=agent_match, out=out)
+        with lake_io(cfg):
+            report = materialize_triplets(cfg, run_id=run, epoch=epoch, policy=policy, agent_match=agent_match, out=out)
     except (PipelineError, InvalidName) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     where = f"run {run} epoch {'all' if epoch is None else epoch}" if run else "production spans"
-    console.print(f"{where}: {report.spans} spans ({report.repaired_spans} repaired), {report.rollouts} rollouts, "
+    console.print(escape(f"{where}: {report.spans} spans ({report.repaired_spans} repaired), {report.rollouts} rollouts, "
                   f"{report.llm_calls} calls (+{report.judge_calls} judge), {report.rewards} rewards "
-                  f"({report.missing_rewards} missing), agents {report.agents} in {report.seconds:.2f}s")
+                  f"({report.missing_rewards} missing), agents {report.agents} in {report.seconds:.2f}s"))
     for p in report.policies:
-        console.print(f"policy {p.policy} (agent_match={p.agent_match!r}): {p.triplets} triplets, {p.rollouts} rollouts, "
+        console.print(escape(f"policy {p.policy} (agent_match={p.agent_match!r}): {p.triplets} triplets, {p.rollouts} rollouts, "
                       f"{p.groups} groups, {len(p.zero_advantage_groups)} all-equal groups, "
-                      f"{p.missing_token_ids} missing token ids, {p.dropped} dropped, {p.retokenized} retokenized")
+                      f"{p.missing_token_ids} missing token ids, {p.dropped} dropped, {p.retokenized} retokenized"))
     if out is not None:
-        console.print(f"wrote {out}")
+        console.print(escape(f"wrote {out}"))
 
 
 ConfigArg = typer.Argument(..., help="Project config YAML, e.g. examples/calc/config.yaml.")
@@ -387,10 +429,10 @@ def up(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> Non
     try:
         record = stack_up(cfg)
     except ServiceError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     for name, entry in record.items():
-        console.print(f"{name:10} {entry['url']}  pid {entry.get('pid')}  log {entry.get('log')}")
+        console.print(escape(f"{name:10} {entry['url']}  pid {entry.get('pid')}  log {entry.get('log')}"))
 
 
 @app.command()
@@ -405,7 +447,7 @@ def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) ->
         raise typer.Exit(1)
     for name, entry in services.items():
         state = "[green]healthy[/green]" if entry["healthy"] else "[red]not answering[/red]"
-        console.print(f"{name:10} {entry['url']}  {state}  pid {entry.get('pid')}")
+        console.print(escape(f"{name:10} {entry['url']}  ") + state + escape(f"  pid {entry.get('pid')}"))
     if not all(e["healthy"] for e in services.values()):
         raise typer.Exit(1)
 
@@ -417,7 +459,7 @@ def down(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> N
 
     cfg = load(config, overrides)
     stopped = stack_down(cfg)
-    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    console.print(escape(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}"))
 
 
 def main() -> None:

@@ -294,7 +294,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[s
         try:
             loaded = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{source}: not valid YAML{_yaml_where(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping of settings at the top level, found {type(loaded).__name__}")
         data = loaded
@@ -333,6 +333,13 @@ def _set(data: dict[str, Any], key: str, value: Any, source: str, *, what: str |
             raise ConfigError(f"{what or key}: {part!r} in {source} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """' at line L, column C: problem' for a YAML error, on one line."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def _describe(exc: ValidationError, source: str) -> str:
