@@ -10,6 +10,7 @@ can open it too.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -121,6 +122,34 @@ SELECT
     received_ns
 FROM spans_raw;
 """
+
+
+class WriteRefused(ValueError):
+    """A statement given to a read-only command that would write (a file, a table, a setting)."""
+
+
+_ANALYZE = re.compile(r"\bANALY[SZ]E\b", re.IGNORECASE)
+
+
+def refuse_writes(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise ``WriteRefused`` unless every statement in ``sql`` only reads.
+
+    A read-only connection still lets ``COPY ... TO``, ``EXPORT DATABASE``, ``ATTACH`` and
+    ``EXPLAIN ANALYZE COPY`` write files; only queries (SELECT, WITH, FROM, VALUES, DESCRIBE,
+    SHOW, SUMMARIZE) and EXPLAIN of them pass.
+    """
+    for statement in con.extract_statements(sql):
+        kind = statement.type.name
+        if kind == "EXPLAIN" and _ANALYZE.search(statement.query):  # EXPLAIN ANALYZE runs what it explains
+            inner = statement.query[_ANALYZE.search(statement.query).end():]
+            try:
+                kind = "SELECT" if all(s.type.name == "SELECT" for s in con.extract_statements(inner)) else "EXPLAIN ANALYZE"
+            except duckdb.Error:
+                kind = "EXPLAIN ANALYZE"
+        if kind not in ("SELECT", "EXPLAIN"):
+            raise WriteRefused(
+                f"the catalog is opened read-only here: {kind} statements are refused, only queries run "
+                f"(found {statement.query.strip()[:80]!r}); to export, query from DuckDB or Python yourself")
 
 
 class Catalog:

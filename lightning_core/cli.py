@@ -100,7 +100,7 @@ def query(
     """Run one SQL query against the catalog, read-only, and print the result."""
     import duckdb
 
-    from lightning_core.catalog import Catalog
+    from lightning_core.catalog import Catalog, WriteRefused, refuse_writes
 
     cfg = load(config, overrides, lake=lake)
     catalog = Catalog.from_config(cfg)
@@ -110,11 +110,12 @@ def query(
     need_lake(cfg)
     try:
         with lake_io(cfg), catalog.read() as con:
+            refuse_writes(con, sql)
             result = con.sql(sql)
             if result is None:
                 return
             _print_result(result, fmt)
-    except duckdb.Error as exc:
+    except (duckdb.Error, WriteRefused) as exc:
         console.print(f"[red]query failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
@@ -160,7 +161,7 @@ def shell(
     """An interactive SQL prompt on the catalog (read-only). End statements with ';'."""
     import duckdb
 
-    from lightning_core.catalog import Catalog
+    from lightning_core.catalog import Catalog, WriteRefused, refuse_writes
 
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
@@ -180,10 +181,11 @@ def shell(
         statement, buffer = buffer, ""
         try:
             with catalog.read() as con:
+                refuse_writes(con, statement)
                 result = con.sql(statement)
                 if result is not None:
                     _print_result(result, "table")
-        except duckdb.Error as exc:
+        except (duckdb.Error, WriteRefused) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
 
 

@@ -35,13 +35,11 @@ from starlette.routing import Route
 
 from lightning_core.config import CollectorConfig
 from lightning_core.group_commit import GroupCommitWriter
+from lightning_core.http_guard import LOOPBACK_HOSTS, has_token, trusted
 from lightning_core.lake import Lake, Partition, SpanDataError, request_to_tables
 from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, decode_body, parse, read_body
 
 log = logging.getLogger("arclight.collector")
-
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
 
 class CollectorMetrics:
     """Prometheus metrics of one collector, in their own registry."""
@@ -150,7 +148,9 @@ class TraceReceiver:
             self.metrics.flush_latency.observe(seconds)
 
     async def healthz(self, request: Request) -> Response:
-        """``GET /healthz``."""
+        """``GET /healthz``; the lake path only for a loopback client (no token set) or with the token."""
+        if not trusted(request, self.token):
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "lake": str(self.lake.root)})
 
     async def prometheus(self, request: Request) -> Response:
@@ -206,10 +206,7 @@ def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Sta
 
 
 def _check_token(request: Request, token: str | None) -> None:
-    if token is None:
-        return
-    header = request.headers.get("authorization", "")
-    if header != f"Bearer {token}":
+    if token is not None and not has_token(request, token):
         raise RequestRejected(401, "missing or wrong bearer token: send 'Authorization: Bearer <collector token>'", "unauthorized")
 
 

@@ -153,3 +153,19 @@ def test_a_bad_regex_is_shown_with_its_brackets(tmp_path):
     out = _arclight("triplets", "--lake", str(lake), "--agent-match", "[z-a]")
     assert out.returncode == 2
     _one_or_two_lines(out, "agent_match '[z-a]' is not a valid regular expression")
+
+
+def test_query_refuses_statements_that_write_files(tmp_path):
+    # fails before: COPY ... TO wrote the file although `arclight query` is documented read-only
+    lake = _lake_with_spans(tmp_path)
+    for sql in (f"COPY (SELECT * FROM spans) TO '{tmp_path / 'out.csv'}'",
+                f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'",
+                f"EXPORT DATABASE '{tmp_path / 'export'}'",
+                f"ATTACH '{tmp_path / 'other.duckdb'}' AS other",
+                f"SELECT 1; COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'"):
+        out = _arclight("query", "--lake", str(lake), sql)
+        assert out.returncode == 1 and "read-only" in out.stderr, (sql, out.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lake"]
+    for sql in ("EXPLAIN SELECT count(*) FROM spans", "DESCRIBE spans", "SHOW TABLES",
+                "WITH x AS (SELECT 1 AS a) SELECT a FROM x", "FROM spans SELECT count(*)"):
+        assert _arclight("query", "--lake", str(lake), sql).returncode == 0, sql

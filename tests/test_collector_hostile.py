@@ -253,3 +253,21 @@ def test_a_chunked_body_is_stopped_at_the_limit(hostile):
 def test_no_temporary_files_are_left_in_the_lake(hostile):
     cfg, _ = hostile
     assert not [p for p in Path(cfg.lake.path).rglob("*.tmp")]
+
+
+def test_healthz_names_the_lake_only_on_loopback_or_with_the_token(tmp_path):
+    # fails before: the lake path went to anyone who asked
+    from starlette.testclient import TestClient
+
+    from lightning_core.collector import build_app
+    from lightning_core.config import CollectorConfig
+
+    app = build_app(CollectorConfig(), tmp_path / "lake")
+    with TestClient(app, client=("203.0.113.9", 5000)) as stranger:
+        assert stranger.get("/healthz").json() == {"status": "ok"}
+    with TestClient(app, client=("127.0.0.1", 5000)) as local:
+        assert local.get("/healthz").json()["lake"] == str(tmp_path / "lake")
+    tokened = build_app(CollectorConfig(token="t0k"), tmp_path / "lake")
+    with TestClient(tokened, client=("127.0.0.1", 5000)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/healthz", headers={"Authorization": "Bearer t0k"}).json()["lake"] == str(tmp_path / "lake")
