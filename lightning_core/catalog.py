@@ -86,6 +86,8 @@ def view_sql(lake_root: Path) -> str:
 -- One row per span file row, exactly as stored; partition values from the folder names, and the
 -- row's place (filename, file_row_number), which identifies one stored copy of a span; file_index
 -- numbers the files one scan of one branch reads (the pipeline's span numbers are built on it).
+-- The empty schema files (run _schema, date 1970-01-01) hold no rows; spans that really started
+-- on 1970-01-01 (a clock at zero) share that folder and must stay visible.
 CREATE OR REPLACE VIEW spans_raw AS
 SELECT *, file_index FROM read_parquet({training}, hive_partitioning = true, union_by_name = true,
                            filename = true, file_row_number = true,
@@ -94,8 +96,7 @@ WHERE run_id <> '{SCHEMA_RUN}'
 UNION ALL BY NAME
 SELECT *, file_index, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
 FROM read_parquet({production}, hive_partitioning = true, union_by_name = true,
-                  filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}})
-WHERE date <> '1970-01-01';
+                  filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}});
 
 -- One row per span: ids, name, times (ns and timestamps), status, attributes/resource/events as
 -- JSON, the rollout context, the columns promoted at ingest (span_kind, agent_name, response_id,
