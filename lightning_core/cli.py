@@ -349,15 +349,16 @@ def triplets(
 ) -> None:
     """Run the SQL pipeline on spans in the lake and write triplets (visible in the `triplets` view)."""
     from lightning_core.names import InvalidName, check_epoch, check_run_id
-    from lightning_core.pipeline import PipelineError, materialize_triplets
+    from lightning_core.pipeline import PipelineError, materialize_triplets, validate_pattern
 
     cfg = load(config, overrides, lake=lake, values={"pipeline.reward_policy": reward_policy})
-    need_lake(cfg)
     try:
         if run is not None:
             check_run_id(run, what="--run")
         if epoch is not None:
             check_epoch(epoch, what="--epoch")
+        validate_pattern(agent_match, what="--agent-match")
+        need_lake(cfg)
         with lake_io(cfg):
             report = materialize_triplets(cfg, run_id=run, epoch=epoch, policy=policy, agent_match=agent_match, out=out)
     except (PipelineError, InvalidName) as exc:

@@ -152,7 +152,7 @@ def test_a_bad_regex_is_shown_with_its_brackets(tmp_path):
     lake = _lake_with_spans(tmp_path)
     out = _arclight("triplets", "--lake", str(lake), "--agent-match", "[z-a]")
     assert out.returncode == 2
-    _one_or_two_lines(out, "agent_match '[z-a]' is not a valid regular expression")
+    _one_or_two_lines(out, "--agent-match '[z-a]' is not a valid regular expression")
 
 
 def test_query_refuses_statements_that_write_files(tmp_path):
