@@ -19,6 +19,7 @@ gunzip); 415 unsupported content type or encoding; 503 busy or the lake could no
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -89,6 +90,7 @@ class TraceReceiver:
         self.config, self.lake, self.token = config, lake, token
         self.metrics = CollectorMetrics()
         self.budget = ByteBudget(config.max_inflight_bytes)
+        self.converter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arclight-convert")
         self.writer: GroupCommitWriter | None = None
 
     async def traces(self, request: Request) -> Response:
@@ -104,8 +106,10 @@ class TraceReceiver:
             body = await read_body(request, self.config.max_body_bytes, hold=hold)
             self.metrics.bytes.inc(len(body))
             encoding = request.headers.get("content-encoding", "").lower()
-            # decoding and converting hold the GIL either way; off the event loop, other requests keep being read
-            tables = await asyncio.to_thread(self._tables, body, content_type, encoding, hold)
+            # one request converted at a time (they hold the GIL anyway, and two at once in threads were
+            # slower and bigger), off the event loop so that other requests keep being read and answered
+            loop = asyncio.get_running_loop()
+            tables = await loop.run_in_executor(self.converter, self._tables, body, content_type, encoding, hold)
             n_spans = sum(t.num_rows for t in tables.values())
             if n_spans:
                 await self._store(tables)
@@ -180,6 +184,7 @@ class TraceReceiver:
             yield
         finally:
             compactor.cancel()
+            self.converter.shutdown(wait=True)
             self.writer.close()
 
 
