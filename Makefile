@@ -14,8 +14,10 @@ test: setup
 test-fast:
 	.venv/bin/python -m pytest -q -ra -m "not integration"
 
-# Reliability runs, not in CI (minutes): thousands of fuzz examples against a real collector, then
-# 100k spans sent while the collector and a second compactor are SIGKILLed at random (report: JSON).
+# Reliability runs, not in CI (minutes): thousands of fuzz examples against a real collector, good
+# clients next to a hostile one, then 100k spans sent while the collector and a second compactor
+# are SIGKILLed at random (reports: JSON).
 stress: setup
 	ARCLIGHT_FUZZ_EXAMPLES=$${ARCLIGHT_FUZZ_EXAMPLES:-2000} .venv/bin/python -m pytest -q -p no:cacheprovider --hypothesis-show-statistics tests/test_collector_fuzz.py
+	.venv/bin/python -m tests.stress_neighbours --seconds 60
 	.venv/bin/python -m tests.stress_sigkill --spans $${STRESS_SPANS:-100000}
