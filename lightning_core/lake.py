@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -576,8 +577,8 @@ def _settle(marker: Path) -> int:
     if record.get("phase") == "swapping" and record.get("merged"):
         merged_in_place = (folder / record["merged"]).exists()
         doomed = record.get("sources", []) if merged_in_place else [record.get("tmp", "")]
-        for name in doomed:
-            if name and (folder / name).exists():
+        for name in doomed:  # plain span file names only: a marker never deletes outside its folder
+            if isinstance(name, str) and re.fullmatch(r"\.?part-[^/]+", name) and (folder / name).exists():
                 (folder / name).unlink(missing_ok=True)
                 removed += 1
     _fsync_dir(folder)

@@ -3,6 +3,7 @@ exactly once, and no marker or temporary file is left behind."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -135,3 +136,15 @@ def test_temporary_files_of_a_live_writer_are_kept(tmp_path):
     mine = folder / f".part-1-abc.parquet.{socket.gethostname()}-{os.getpid()}.tmp"
     mine.write_bytes(b"being written")
     assert Lake(tmp_path / "lake").recover() == 0 and mine.exists()
+
+
+def test_a_forged_marker_never_deletes_outside_its_folder(tmp_path):
+    folder = _small_files(tmp_path / "lake", n=2)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    merged = sorted(folder.glob("part-*.parquet"))[0].name
+    (folder / COMPACTING_MARKER).write_text(json.dumps(
+        {"owner": "gone-host-1", "phase": "swapping", "merged": merged, "sources": ["../../../../../victim.txt", "/etc/hostname"]}))
+    os.utime(folder / COMPACTING_MARKER, (0, 0))  # stale
+    Lake(tmp_path / "lake").recover()
+    assert victim.read_text() == "keep me" and not (folder / COMPACTING_MARKER).exists()
