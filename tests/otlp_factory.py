@@ -36,7 +36,8 @@ def any_value(value: Any) -> AnyValue:
     return out
 
 
-def _attributes(target, attributes: dict[str, Any]) -> None:
+def fill_attributes(target, attributes: dict[str, Any]) -> None:
+    """Append ``attributes`` to a repeated KeyValue field."""
     for key, value in attributes.items():
         kv = target.add()
         kv.key = key
@@ -53,7 +54,7 @@ def export_request(resource: dict[str, Any], spans: list[dict[str, Any]] | int =
 def add_resource(request: ExportTraceServiceRequest, resource: dict[str, Any], spans: list[dict[str, Any]] | int = 1) -> None:
     """Append one resource with its spans to ``request``."""
     rs = request.resource_spans.add()
-    _attributes(rs.resource.attributes, resource)
+    fill_attributes(rs.resource.attributes, resource)
     scope = rs.scope_spans.add()
     scope.scope.name = "factory"
     for fields in ([{} for _ in range(spans)] if isinstance(spans, int) else spans):
@@ -66,7 +67,7 @@ def add_resource(request: ExportTraceServiceRequest, resource: dict[str, Any], s
         span.end_time_unix_nano = fields.get("end", 1_700_000_000_000_001_000 + n)
         if "parent" in fields:
             span.parent_span_id = fields["parent"]
-        _attributes(span.attributes, fields.get("attributes", {}))
+        fill_attributes(span.attributes, fields.get("attributes", {}))
 
 
 def otlp_json(request: ExportTraceServiceRequest) -> dict[str, Any]:
@@ -75,7 +76,8 @@ def otlp_json(request: ExportTraceServiceRequest) -> dict[str, Any]:
     for rs in data.get("resourceSpans", []):
         for ss in rs.get("scopeSpans", []):
             for span in ss.get("spans", []):
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if key in span:
-                        span[key] = base64.b64decode(span[key]).hex()
+                for item in (span, *span.get("links", [])):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if key in item:
+                            item[key] = base64.b64decode(item[key]).hex()
     return data

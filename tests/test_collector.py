@@ -18,6 +18,7 @@ from lightning_core.catalog import Catalog
 from lightning_core.lake import Lake
 from lightning_core.services import start_collector
 from tests.conftest import REPO, make_config
+from tests.otlp_factory import otlp_json
 
 
 def _stored(cfg, where: str, params: list) -> dict[str, dict]:
@@ -83,21 +84,6 @@ def _count(cfg, run_id: str) -> int:
         return con.execute("SELECT count(*) FROM spans WHERE run_id = ?", [run_id]).fetchall()[0][0]
 
 
-def _otlp_json(request: ExportTraceServiceRequest) -> dict:
-    """Encode as OTLP/JSON: camelCase keys and hex ids, as the OTLP spec (not protobuf) says."""
-    from google.protobuf import json_format
-    import base64
-
-    data = json_format.MessageToDict(request)
-    for rs in data["resourceSpans"]:
-        for ss in rs["scopeSpans"]:
-            for span in ss["spans"]:
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if key in span:
-                        span[key] = base64.b64decode(span[key]).hex()
-    return data
-
-
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """A collector with a bearer token and a small body limit."""
@@ -123,10 +109,10 @@ def test_protobuf_json_and_gzip_are_accepted(guarded):
     assert httpx.post(url, content=body, headers=PB).status_code == 200
     gz = gzip.compress(_export_request("gz").SerializeToString())
     assert httpx.post(url, content=gz, headers={**PB, "Content-Encoding": "gzip"}).status_code == 200
-    js = json.dumps(_otlp_json(_export_request("js"))).encode()
+    js = json.dumps(otlp_json(_export_request("js"))).encode()
     r = httpx.post(url, content=js, headers={"Content-Type": "application/json", **AUTH})
     assert r.status_code == 200 and r.json() == {}
-    gzjs = gzip.compress(json.dumps(_otlp_json(_export_request("gzjs"))).encode())
+    gzjs = gzip.compress(json.dumps(otlp_json(_export_request("gzjs"))).encode())
     r = httpx.post(url, content=gzjs, headers={"Content-Type": "application/json", "Content-Encoding": "gzip", **AUTH})
     assert r.status_code == 200
     assert [_count(cfg, r) for r in ("plain", "gz", "js", "gzjs")] == [3, 3, 3, 3]

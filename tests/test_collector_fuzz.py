@@ -15,7 +15,6 @@ thousands).
 
 from __future__ import annotations
 
-import base64
 import gzip
 import itertools
 import json
@@ -25,16 +24,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from google.protobuf import json_format
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from lightning_core import semconv
 from lightning_core.catalog import Catalog
 from lightning_core.services import start_collector
 from tests.conftest import make_config
+from tests.otlp_factory import fill_attributes, otlp_json
 
 EXAMPLES = int(os.environ.get("ARCLIGHT_FUZZ_EXAMPLES", "30"))
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -101,42 +99,12 @@ requests = st.lists(st.tuples(resource_fields, st.text(max_size=8),
 encodings = st.fixed_dictionaries({"json": st.booleans(), "gzip": st.booleans(), "surrogate": mostly(st.just(False), st.just(True), odds=10)})
 
 
-def _any(value) -> AnyValue:
-    out = AnyValue()
-    if isinstance(value, bool):
-        out.bool_value = value
-    elif isinstance(value, int):
-        out.int_value = value
-    elif isinstance(value, float):
-        out.double_value = value
-    elif isinstance(value, str):
-        out.string_value = value
-    elif isinstance(value, bytes):
-        out.bytes_value = value
-    elif isinstance(value, list):
-        for v in value:
-            out.array_value.values.add().CopyFrom(_any(v))
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            kv = out.kvlist_value.values.add()
-            kv.key = k
-            kv.value.CopyFrom(_any(v))
-    return out
-
-
-def _fill(target, attrs: dict) -> None:
-    for key, value in attrs.items():
-        kv = target.add()
-        kv.key = key
-        kv.value.CopyFrom(_any(value))
-
-
 def build(resources, example: str) -> tuple[ExportTraceServiceRequest, int]:
     """The request, and how many spans it carries."""
     request, n = ExportTraceServiceRequest(), 0
     for resource, scope_name, scopes in resources:
         rs = request.resource_spans.add()
-        _fill(rs.resource.attributes, {**resource, "fuzz.example": example})
+        fill_attributes(rs.resource.attributes, {**resource, "fuzz.example": example})
         for spans in scopes:
             ss = rs.scope_spans.add()
             ss.scope.name = scope_name
@@ -146,15 +114,15 @@ def build(resources, example: str) -> tuple[ExportTraceServiceRequest, int]:
                 s.name, s.kind = f["name"], f["kind"]
                 s.start_time_unix_nano, s.end_time_unix_nano = f["start"], f["end"]
                 s.status.code, s.status.message = f["status"], f["message"]
-                _fill(s.attributes, f["attributes"])
+                fill_attributes(s.attributes, f["attributes"])
                 for name, at, attrs in f["events"]:
                     event = s.events.add()
                     event.name, event.time_unix_nano = name, at
-                    _fill(event.attributes, attrs)
+                    fill_attributes(event.attributes, attrs)
                 for trace_id, span_id, attrs in f["links"]:
                     link = s.links.add()
                     link.trace_id, link.span_id = trace_id, span_id
-                    _fill(link.attributes, attrs)
+                    fill_attributes(link.attributes, attrs)
                 n += 1
     return request, n
 
@@ -162,14 +130,7 @@ def build(resources, example: str) -> tuple[ExportTraceServiceRequest, int]:
 def encode(request: ExportTraceServiceRequest, encoding: dict) -> tuple[bytes, dict]:
     """The body and headers: protobuf or OTLP/JSON (hex ids), maybe with a lone surrogate, maybe gzipped."""
     if encoding["json"]:
-        data = json_format.MessageToDict(request)
-        for rs in data.get("resourceSpans", []):
-            for ss in rs.get("scopeSpans", []):
-                for span in ss.get("spans", []):
-                    for item in (span, *span.get("links", [])):
-                        for key in ("traceId", "spanId", "parentSpanId"):
-                            if key in item:
-                                item[key] = base64.b64decode(item[key]).hex()
+        data = otlp_json(request)
         body = json.dumps(data).encode()
         if encoding["surrogate"]:
             body = body.replace(b'"stringValue": "', b'"stringValue": "\\ud800', 1)
