@@ -16,6 +16,12 @@ _ids = itertools.count(1)
 def any_value(value: Any) -> AnyValue:
     """Encode a Python value as an OTLP ``AnyValue`` (bool, int, float, str, bytes, list, dict)."""
     out = AnyValue()
+    set_value(out, value)
+    return out
+
+
+def set_value(out: AnyValue, value: Any) -> None:
+    """Fill ``out`` in place (no copies, so any nesting depth can be built)."""
     if isinstance(value, bool):
         out.bool_value = value
     elif isinstance(value, int):
@@ -27,13 +33,15 @@ def any_value(value: Any) -> AnyValue:
     elif isinstance(value, bytes):
         out.bytes_value = value
     elif isinstance(value, list):
-        out.array_value.values.extend(any_value(v) for v in value)
+        out.array_value.SetInParent()
+        for v in value:
+            set_value(out.array_value.values.add(), v)
     elif isinstance(value, dict):
+        out.kvlist_value.SetInParent()
         for k, v in value.items():
             kv = out.kvlist_value.values.add()
             kv.key = k
-            kv.value.CopyFrom(any_value(v))
-    return out
+            set_value(kv.value, v)
 
 
 def fill_attributes(target, attributes: dict[str, Any]) -> None:
@@ -41,7 +49,7 @@ def fill_attributes(target, attributes: dict[str, Any]) -> None:
     for key, value in attributes.items():
         kv = target.add()
         kv.key = key
-        kv.value.CopyFrom(any_value(value))
+        set_value(kv.value, value)
 
 
 def export_request(resource: dict[str, Any], spans: list[dict[str, Any]] | int = 1) -> ExportTraceServiceRequest:
