@@ -1,5 +1,5 @@
 # The two commands of the README: `make train` (set up, then run the main job) and `make test`.
-.PHONY: setup train test test-fast
+.PHONY: setup train test test-fast stress
 
 setup:
 	bash scripts/setup.sh
@@ -13,3 +13,11 @@ test: setup
 # Unit tests only (no vLLM, no servers beyond the collector).
 test-fast:
 	.venv/bin/python -m pytest -q -ra -m "not integration"
+
+# Reliability runs, not in CI (minutes): thousands of fuzz examples against a real collector, good
+# clients next to a hostile one, then 100k spans sent while the collector and a second compactor
+# are SIGKILLed at random (reports: JSON).
+stress: setup
+	ARCLIGHT_FUZZ_EXAMPLES=$${ARCLIGHT_FUZZ_EXAMPLES:-2000} .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=0 --hypothesis-show-statistics tests/test_collector_fuzz.py
+	.venv/bin/python -m tests.stress_neighbours --seconds 60
+	.venv/bin/python -m tests.stress_sigkill --spans $${STRESS_SPANS:-100000}

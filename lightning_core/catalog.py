@@ -10,6 +10,7 @@ can open it too.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def view_sql(lake_root: Path) -> str:
 -- One row per span file row, exactly as stored; partition values from the folder names, and the
 -- row's place (filename, file_row_number), which identifies one stored copy of a span; file_index
 -- numbers the files one scan of one branch reads (the pipeline's span numbers are built on it).
+-- The empty schema files (run _schema, date 1970-01-01) hold no rows; spans that really started
+-- on 1970-01-01 (a clock at zero) share that folder and must stay visible.
 CREATE OR REPLACE VIEW spans_raw AS
 SELECT *, file_index FROM read_parquet({training}, hive_partitioning = true, union_by_name = true,
                            filename = true, file_row_number = true,
@@ -99,8 +102,7 @@ WHERE run_id <> '{SCHEMA_RUN}'
 UNION ALL BY NAME
 SELECT *, file_index, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
 FROM read_parquet({production}, hive_partitioning = true, union_by_name = true,
-                  filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}})
-WHERE date <> '1970-01-01';
+                  filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}});
 
 -- One row per span: ids, name, times (ns and timestamps), status, attributes/resource/events as
 -- JSON, the rollout context, the columns promoted at ingest (span_kind, agent_name, response_id,
@@ -127,6 +129,34 @@ SELECT
     received_ns
 FROM spans_raw;
 """
+
+
+class WriteRefused(ValueError):
+    """A statement given to a read-only command that would write (a file, a table, a setting)."""
+
+
+_ANALYZE = re.compile(r"\bANALY[SZ]E\b", re.IGNORECASE)
+
+
+def refuse_writes(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise ``WriteRefused`` unless every statement in ``sql`` only reads.
+
+    A read-only connection still lets ``COPY ... TO``, ``EXPORT DATABASE``, ``ATTACH`` and
+    ``EXPLAIN ANALYZE COPY`` write files; only queries (SELECT, WITH, FROM, VALUES, DESCRIBE,
+    SHOW, SUMMARIZE) and EXPLAIN of them pass.
+    """
+    for statement in con.extract_statements(sql):
+        kind = statement.type.name
+        if kind == "EXPLAIN" and _ANALYZE.search(statement.query):  # EXPLAIN ANALYZE runs what it explains
+            inner = statement.query[_ANALYZE.search(statement.query).end():]
+            try:
+                kind = "SELECT" if all(s.type.name == "SELECT" for s in con.extract_statements(inner)) else "EXPLAIN ANALYZE"
+            except duckdb.Error:
+                kind = "EXPLAIN ANALYZE"
+        if kind not in ("SELECT", "EXPLAIN"):
+            raise WriteRefused(
+                f"the catalog is opened read-only here: {kind} statements are refused, only queries run "
+                f"(found {statement.query.strip()[:80]!r}); to export, query from DuckDB or Python yourself")
 
 
 class Catalog:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lightning_core.config import ArclightConfig, ConfigError, load_config
 
@@ -21,16 +23,43 @@ SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set col
 LakeOpt = typer.Option(None, "--lake", help="Lake folder (overrides lake.path).")
 
 
-def load(config: Optional[Path], overrides: Optional[list[str]], *, lake: Optional[Path] = None) -> ArclightConfig:
-    """Load the config or exit with the error message (no traceback)."""
-    extra = list(overrides or [])
+def load(config: Optional[Path], overrides: Optional[list[str]], *, lake: Optional[Path] = None,
+         values: Optional[dict] = None) -> ArclightConfig:
+    """Load the config or exit with the error message (no traceback).
+
+    ``values`` are settings from plain command-line options (``--host``, ``--token``...): taken
+    literally, never parsed as YAML, and only those given (not None).
+    """
+    literal = {key: value for key, value in (values or {}).items() if value is not None}
     if lake is not None:
-        extra.append(f"lake.path={Path(lake).resolve()}")
+        literal["lake.path"] = Path(lake).resolve()
     try:
-        return load_config(config, overrides=extra)
+        return load_config(config, overrides=list(overrides or []), values=literal)
     except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        console.print(f"[red]config error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
+
+
+def need_lake(cfg: ArclightConfig) -> None:
+    """Exit 2 unless the lake folder exists: commands that read a lake never create one."""
+    path = Path(cfg.lake.path)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        console.print(f"[red]error:[/red] {escape(f'no lake at {path}: it {what}; check --lake or lake.path (the collector creates a lake)')}")
+        raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def lake_io(cfg: ArclightConfig) -> Iterator[None]:
+    """Turn an OS error on the lake's files (a parent that is a file, no permission, disk full) into one line."""
+    import duckdb
+
+    try:
+        yield
+    except (OSError, duckdb.IOException) as exc:
+        reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        console.print(f"[red]error:[/red] {escape(f'the lake at {cfg.lake.path} cannot be used: {reason}; pass --lake with a folder you can write')}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -47,18 +76,16 @@ def collector(
     from lightning_core.catalog import Catalog
     from lightning_core.collector import serve
 
-    extra = list(overrides or [])
-    extra += [f"collector.host={host}"] if host else []
-    extra += [f"collector.port={port}"] if port is not None else []
-    extra += [f"collector.token={token}"] if token else []
-    cfg = load(config, extra, lake=lake)
-    Catalog.from_config(cfg).ensure()
+    cfg = load(config, overrides, lake=lake,
+               values={"collector.host": host, "collector.port": port, "collector.token": token or None})
+    with lake_io(cfg):
+        Catalog.from_config(cfg).ensure()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    console.print(f"collector on http://{cfg.collector.host}:{cfg.collector.port}/v1/traces -> {cfg.lake.path}")
+    console.print(escape(f"collector on http://{cfg.collector.host}:{cfg.collector.port}/v1/traces -> {cfg.lake.path}"))
     try:
         serve(cfg.collector, cfg.lake.path, log_level=log_level)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -73,21 +100,23 @@ def query(
     """Run one SQL query against the catalog, read-only, and print the result."""
     import duckdb
 
-    from lightning_core.catalog import Catalog
+    from lightning_core.catalog import Catalog, WriteRefused, refuse_writes
 
     cfg = load(config, overrides, lake=lake)
     catalog = Catalog.from_config(cfg)
     if fmt not in ("table", "csv", "json"):
-        console.print(f"[red]error:[/red] --format must be table, csv or json, not {fmt!r}")
+        console.print(f"[red]error:[/red] --format must be table, csv or json, not {escape(repr(fmt))}")
         raise typer.Exit(2)
+    need_lake(cfg)
     try:
-        with catalog.read() as con:
+        with lake_io(cfg), catalog.read() as con:
+            refuse_writes(con, sql)
             result = con.sql(sql)
             if result is None:
                 return
             _print_result(result, fmt)
-    except duckdb.Error as exc:
-        console.print(f"[red]query failed:[/red] {exc}")
+    except (duckdb.Error, WriteRefused) as exc:
+        console.print(f"[red]query failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 
@@ -96,7 +125,7 @@ def _print_result(result, fmt: str) -> None:
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, sys.stdout.buffer)
+        pacsv.write_csv(_flat(table), sys.stdout.buffer)
     elif fmt == "json":
         for row in table.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
@@ -107,9 +136,20 @@ def _print_result(result, fmt: str) -> None:
         for name in table.column_names:
             out.add_column(name, overflow="fold")
         for row in table.to_pylist():
-            out.add_row(*["NULL" if v is None else str(v) for v in row.values()])
+            out.add_row(*["NULL" if v is None else escape(str(v)) for v in row.values()])
         Console().print(out)
         Console(stderr=True).print(f"{table.num_rows} row(s)")
+
+
+def _flat(table):
+    """The table with its list, struct and map columns as JSON text (CSV has no nested values)."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            text = [None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.name, pa.array(text, pa.string()))
+    return table
 
 
 @app.command()
@@ -121,11 +161,12 @@ def shell(
     """An interactive SQL prompt on the catalog (read-only). End statements with ';'."""
     import duckdb
 
-    from lightning_core.catalog import Catalog
+    from lightning_core.catalog import Catalog, WriteRefused, refuse_writes
 
     cfg = load(config, overrides, lake=lake)
+    need_lake(cfg)
     catalog = Catalog.from_config(cfg)
-    console.print(f"catalog {catalog.path} (read-only). Views: spans, spans_raw, ... End with ';', quit with .quit or Ctrl-D.")
+    console.print(escape(f"catalog {catalog.path} (read-only). Views: spans, spans_raw, ... End with ';', quit with .quit or Ctrl-D."))
     buffer = ""
     while True:
         try:
@@ -140,11 +181,12 @@ def shell(
         statement, buffer = buffer, ""
         try:
             with catalog.read() as con:
+                refuse_writes(con, statement)
                 result = con.sql(statement)
                 if result is not None:
                     _print_result(result, "table")
-        except duckdb.Error as exc:
-            console.print(f"[red]error:[/red] {exc}")
+        except (duckdb.Error, WriteRefused) as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
 
 
 @app.command()
@@ -159,8 +201,10 @@ def compact(
     from lightning_core.lake import Lake
 
     cfg = load(config, overrides, lake=lake)
-    merged = Lake(cfg.lake.path).compact(min_files=min_files, idle_s=idle_s)
-    console.print(f"compacted {merged} partition(s) in {cfg.lake.path}")
+    need_lake(cfg)
+    with lake_io(cfg):
+        merged = Lake(cfg.lake.path).compact(min_files=min_files, idle_s=idle_s)
+    console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
 
 
 @app.command()
@@ -195,9 +239,9 @@ def model_prepare(
     try:
         path = prepare_base_model(out_dir=out or cfg.model.path or DEFAULT_MODEL_DIR, source=source or cfg.model.source)
     except ModelError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    console.print(f"model ready: {path}")
+    console.print(escape(f"model ready: {path}"))
 
 
 @app.command()
@@ -215,25 +259,21 @@ def gateway(
     """Run the OpenAI-compatible gateway that forwards to vLLM and records every call as a span."""
     from lightning_core.gateway import serve
 
-    extra = list(overrides or [])
-    extra += [f"gateway.host={host}"] if host else []
-    extra += [f"gateway.port={port}"] if port is not None else []
-    extra += [f"gateway.token={token}"] if token else []
-    cfg = load(config, extra)
+    cfg = load(config, overrides, values={"gateway.host": host, "gateway.port": port, "gateway.token": token or None})
     upstreams = list(upstream or cfg.serving.urls)
     if not upstreams:
         console.print("[red]error:[/red] no vLLM to forward to: pass --upstream URL or set serving.urls (or run `arclight serve`)")
         raise typer.Exit(2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     g = cfg.gateway
-    console.print(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}")
+    console.print(escape(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}"))
     try:
         serve(host=g.host, port=g.port, upstreams=upstreams, base_model=cfg.model.served_name,
               policies=list(policy or [p.name for p in cfg.policies]), collector_url=collector_url or cfg.collector.url,
               token=g.token, collector_token=cfg.collector.token, upstream_timeout_s=g.upstream_timeout_s,
               max_body_bytes=g.max_body_bytes, keep_versions=cfg.serving.keep_versions, log_level=log_level)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -252,16 +292,16 @@ def serve(
     try:
         replicas = start_vllm_replicas(cfg)
     except ServiceError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     try:
         gw = start_gateway(cfg, upstreams=[r.url for r in replicas])
-        console.print(f"serving: gateway {gw.url}/v1 -> {', '.join(r.url for r in replicas)} (Ctrl-C stops)")
+        console.print(escape(f"serving: gateway {gw.url}/v1 -> {', '.join(r.url for r in replicas)} (Ctrl-C stops)"))
         while all(s.alive() for s in [gw, *replicas]):
             time.sleep(2)
         console.print("[red]a server stopped[/red]; shutting down")
     except ServiceError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -289,10 +329,10 @@ def redeploy(
         done = deploy_adapter(gateway=client, replicas=replicas, policy=policy, adapter_dir=adapter, version=version,
                               keep_versions=cfg.serving.keep_versions, verify_prompt=cfg.serving.verify_prompt)
     except (RedeployError, GatewayAdminError) as exc:
-        console.print(f"[red]redeploy failed, the previous version keeps serving:[/red] {exc}")
+        console.print(f"[red]redeploy failed, the previous version keeps serving:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    console.print(f"policy {done.policy} now serves {done.served_model} (first answer {done.first_answer_s:.2f} s; "
-                  f"unloaded {', '.join(done.unloaded) or 'nothing'})")
+    console.print(escape(f"policy {done.policy} now serves {done.served_model} (first answer {done.first_answer_s:.2f} s; "
+                  f"unloaded {', '.join(done.unloaded) or 'nothing'})"))
 
 
 @app.command()
@@ -308,27 +348,34 @@ def triplets(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the triplets to this Parquet file."),
 ) -> None:
     """Run the SQL pipeline on spans in the lake and write triplets (visible in the `triplets` view)."""
-    from lightning_core.pipeline import PipelineError, materialize_triplets
+    from lightning_core.names import InvalidName, check_epoch, check_run_id
+    from lightning_core.pipeline import PipelineError, materialize_triplets, validate_pattern
     from lightning_core.silence import print_silences
 
-    extra = list(overrides or []) + ([f"pipeline.reward_policy={reward_policy}"] if reward_policy else [])
-    cfg = load(config, extra, lake=lake)
+    cfg = load(config, overrides, lake=lake, values={"pipeline.reward_policy": reward_policy})
     try:
-        report = materialize_triplets(cfg, run_id=run, epoch=epoch, policy=policy, agent_match=agent_match, out=out)
-    except PipelineError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        if run is not None:
+            check_run_id(run, what="--run")
+        if epoch is not None:
+            check_epoch(epoch, what="--epoch")
+        validate_pattern(agent_match, what="--agent-match")
+        need_lake(cfg)
+        with lake_io(cfg):
+            report = materialize_triplets(cfg, run_id=run, epoch=epoch, policy=policy, agent_match=agent_match, out=out)
+    except (PipelineError, InvalidName) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     where = f"run {run} epoch {'all' if epoch is None else epoch}" if run else "production spans"
-    console.print(f"{where}: {report.spans} spans ({report.repaired_spans} repaired), {report.rollouts} rollouts, "
+    console.print(escape(f"{where}: {report.spans} spans ({report.repaired_spans} repaired), {report.rollouts} rollouts, "
                   f"{report.llm_calls} calls (+{report.judge_calls} judge), {report.rewards} rewards "
-                  f"({report.missing_rewards} missing), agents {report.agents} in {report.seconds:.2f}s")
+                  f"({report.missing_rewards} missing), agents {report.agents} in {report.seconds:.2f}s"))
     for p in report.policies:
-        console.print(f"policy {p.policy} (agent_match={p.agent_match!r}): {p.triplets} triplets, {p.rollouts} rollouts, "
+        console.print(escape(f"policy {p.policy} (agent_match={p.agent_match!r}): {p.triplets} triplets, {p.rollouts} rollouts, "
                       f"{p.groups} groups, {len(p.zero_advantage_groups)} all-equal groups, "
-                      f"{p.missing_token_ids} missing token ids, {p.dropped} dropped, {p.retokenized} retokenized")
+                      f"{p.missing_token_ids} missing token ids, {p.dropped} dropped, {p.retokenized} retokenized"))
     print_silences(report.silences, console=console, missing_reward=cfg.pipeline.missing_reward)
     if out is not None:
-        console.print(f"wrote {out}")
+        console.print(escape(f"wrote {out}"))
 
 
 ConfigArg = typer.Argument(..., help="Project config YAML, e.g. examples/calc/config.yaml.")
@@ -387,10 +434,10 @@ def up(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> Non
     try:
         record = stack_up(cfg)
     except ServiceError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     for name, entry in record.items():
-        console.print(f"{name:10} {entry['url']}  pid {entry.get('pid')}  log {entry.get('log')}")
+        console.print(escape(f"{name:10} {entry['url']}  pid {entry.get('pid')}  log {entry.get('log')}"))
 
 
 @app.command()
@@ -405,7 +452,7 @@ def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) ->
         raise typer.Exit(1)
     for name, entry in services.items():
         state = "[green]healthy[/green]" if entry["healthy"] else "[red]not answering[/red]"
-        console.print(f"{name:10} {entry['url']}  {state}  pid {entry.get('pid')}")
+        console.print(escape(f"{name:10} {entry['url']}  ") + state + escape(f"  pid {entry.get('pid')}"))
     if not all(e["healthy"] for e in services.values()):
         raise typer.Exit(1)
 
@@ -417,7 +464,7 @@ def down(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> N
 
     cfg = load(config, overrides)
     stopped = stack_down(cfg)
-    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    console.print(escape(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}"))
 
 
 def main() -> None:

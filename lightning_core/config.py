@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from lightning_core import names
 
 
 class ConfigError(ValueError):
@@ -50,6 +49,8 @@ class CollectorConfig(Section):
     port: int = Field(4318, ge=0, le=65535, description="Port of /v1/traces (0 picks a free one).")
     token: str | None = Field(None, description="Bearer token; default $ARCLIGHT_COLLECTOR_TOKEN.")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted body, after gunzip.")
+    max_inflight_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Request bytes held at once (as sent and decoded); beyond it 503 + Retry-After.")
+    max_partitions_per_request: int = Field(64, ge=1, description="Lake partitions (run/epoch or date) one request may write to; more is a 400.")
     flush_interval_ms: int = Field(20, ge=0, description="Group-commit window: requests arriving within it share one file.")
     compact_min_files: int = Field(16, ge=2, description="Compact a partition once it has this many files...")
     compact_idle_s: float = Field(10.0, ge=0, description="...and has received nothing for this long.")
@@ -199,9 +200,7 @@ class PolicyConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_partition_value(cls, value: str) -> str:
-        if not RUN_ID_PATTERN.match(value):
-            raise ValueError(f"policy name {value!r} must use only letters, digits, '.', '_' and '-'")
-        return value
+        return names.check_policy_name(value)
 
 
 class PipelineConfig(Section):
@@ -297,12 +296,7 @@ class ArclightConfig(Section):
     @field_validator("run_name")
     @classmethod
     def _run_name_is_a_partition_value(cls, value: str) -> str:
-        if not RUN_ID_PATTERN.match(value):
-            raise ValueError(
-                f"run_name {value!r} must start with a letter or digit and use only letters, "
-                "digits, '.', '_' and '-' (it names a lake partition)"
-            )
-        return value
+        return names.check_run_id(value, what="run_name")
 
     def resolved(self) -> "ArclightConfig":
         """Return a copy whose relative paths are absolute, based on ``project_dir``."""
@@ -337,10 +331,12 @@ class ArclightConfig(Section):
         return self.tracking.mlflow_uri or f"sqlite:///{self.project_dir.resolve() / 'mlflow.db'}"
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[str] | None = None) -> ArclightConfig:
+def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> ArclightConfig:
     """Load a project config from YAML (or defaults when ``path`` is None) and apply overrides.
 
-    Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars.
+    Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars. ``values`` maps
+    dotted keys to values taken literally (command-line options: a token with a ``#`` stays whole).
     """
     source = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
@@ -351,13 +347,15 @@ def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[s
         try:
             loaded = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{source}: not valid YAML{_yaml_where(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping of settings at the top level, found {type(loaded).__name__}")
         data = loaded
         data.setdefault("project_dir", str(file.resolve().parent))
     for override in overrides or []:
         _apply_override(data, override, source)
+    for key, value in (values or {}).items():
+        _set(data, key, value, source)
     try:
         config = ArclightConfig.model_validate(data)
     except ValidationError as exc:
@@ -371,17 +369,30 @@ def _apply_override(data: dict[str, Any], override: str, source: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. collector.port=4319")
-    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    _set(data, key.strip(), value, source, what=f"override {override!r}")
+
+
+def _set(data: dict[str, Any], key: str, value: Any, source: str, *, what: str | None = None) -> None:
+    """Set the dotted ``key`` in the raw config data."""
+    parts = key.split(".")
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} in {source} is a value, not a section")
+            raise ConfigError(f"{what or key}: {part!r} in {source} is a value, not a section")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = raw
+    node[parts[-1]] = value
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """' at line L, column C: problem' for a YAML error, on one line."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def _describe(exc: ValidationError, source: str) -> str:

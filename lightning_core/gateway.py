@@ -36,19 +36,20 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from lightning_core import semconv
+from lightning_core import names, semconv
+from lightning_core.http_guard import LOOPBACK_HOSTS, foreign_browser, has_token, json_depth_over, trusted
 
 log = logging.getLogger("arclight.gateway")
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SERVICE_NAME = "arclight-gateway"
 SCOPE = InstrumentationScope("arclight.gateway", "0.1.0")
+MAX_JSON_DEPTH = 100
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "n", "seed",
                  "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 
@@ -65,12 +66,19 @@ class RolloutInfo(BaseModel):
     """A registered rollout: where its spans belong and which policy it samples from."""
 
     model_config = ConfigDict(extra="forbid")
-    rollout_id: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._:-]+$")
+    rollout_id: str
     run_id: str | None = None
     epoch: int | None = None
-    task_id: str | None = None
+    task_id: str | None = Field(None, max_length=1024)
     attempt: int | None = None
     policy: str | None = Field(None, description="Policy every call of this rollout uses; default by model name.")
+
+    # these values name lake folders or BIGINT columns: one bad one would make the collector
+    # refuse every export batch that carries it, with other rollouts' spans in it
+    _rollout_id = field_validator("rollout_id", mode="before")(lambda v: names.check_rollout_id(v))
+    _run_id = field_validator("run_id", mode="before")(lambda v: None if v is None else names.check_run_id(v))
+    _epoch = field_validator("epoch", mode="before")(lambda v: None if v is None else names.check_epoch(v))
+    _attempt = field_validator("attempt", mode="before")(lambda v: None if v is None else names.check_count(v, what="attempt"))
 
 
 class PolicySwitch(BaseModel):
@@ -268,114 +276,129 @@ def parse_traceparent(header: str | None) -> SpanContext | None:
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
 
 
-def build_app(
-    *,
-    upstreams: list[str],
-    base_model: str,
-    policies: list[str] | None = None,
-    exporter: SpanExporter,
-    token: str | None = None,
-    upstream_timeout_s: float = 600.0,
-    max_body_bytes: int = 8 * 1024 * 1024,
-    keep_versions: int = 2,
-) -> Starlette:
-    """Return the gateway's Starlette app (spans go to ``exporter``)."""
-    router = Router(upstreams=upstreams, base_model=base_model, policies=policies or ["default"])
-    metrics = GatewayMetrics()
-    recorder = SpanRecorder(exporter, metrics)
-    state: dict[str, Any] = {}
+class Gateway:
+    """The gateway's request handlers, sharing the router, the metrics, the span recorder and one HTTP client."""
+
+    def __init__(self, *, router: Router, recorder: SpanRecorder, metrics: GatewayMetrics, token: str | None,
+                 upstream_timeout_s: float, max_body_bytes: int, keep_versions: int):
+        self.router, self.recorder, self.metrics, self.token = router, recorder, metrics, token
+        self.upstream_timeout_s, self.max_body_bytes, self.keep_versions = upstream_timeout_s, max_body_bytes, keep_versions
+        self.client: httpx.AsyncClient | None = None
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Hold one pooled HTTP client to the upstreams while the app serves; flush spans at the end."""
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        state["client"] = httpx.AsyncClient(timeout=httpx.Timeout(upstream_timeout_s, connect=10.0), limits=limits)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.upstream_timeout_s, connect=10.0), limits=limits)
         try:
             yield
         finally:
-            await state["client"].aclose()
-            recorder.shutdown()
+            await self.client.aclose()
+            self.recorder.shutdown()
 
-    def authorize(request: Request) -> None:
-        if token is not None and request.headers.get("authorization", "") != f"Bearer {token}":
+    def authorize(self, request: Request) -> None:
+        """Raise a 401 unless the request carries the bearer token (when one is set)."""
+        if self.token is not None and not has_token(request, self.token):
             raise GatewayError(401, "missing or wrong bearer token: send 'Authorization: Bearer <gateway token>' "
                                     "(the OpenAI client sends its api_key this way)", "authentication_error")
 
-    async def read_json(request: Request) -> dict[str, Any]:
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """Return the body as a JSON object, or raise 413 (checked while it streams in) or 400."""
+        limit = self.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            raise GatewayError(413, f"body of {declared} bytes is over the limit of {max_body_bytes} bytes")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise GatewayError(413, f"body of {len(body)} bytes is over the limit of {max_body_bytes} bytes")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise GatewayError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
         try:
-            data = json.loads(body)
+            data = json.loads(b"".join(chunks))
+        except RecursionError:
+            data = None
         except ValueError as exc:
             raise GatewayError(400, f"body is not valid JSON: {exc}") from None
+        if data is None or json_depth_over(data, MAX_JSON_DEPTH):
+            raise GatewayError(400, f"body is nested more than {MAX_JSON_DEPTH} levels deep")
         if not isinstance(data, dict):
             raise GatewayError(400, f"body must be a JSON object, found {type(data).__name__}")
         return data
 
-    def error_response(exc: GatewayError) -> JSONResponse:
-        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}, status_code=exc.status)
+    def authorize_admin(self, request: Request) -> None:
+        """The token check, and without a token the browser checks of a loopback server (Origin, Host)."""
+        self.authorize(request)
+        reason = foreign_browser(request) if self.token is None else None
+        if reason is not None:
+            raise GatewayError(403, reason, "permission_error")
 
-    async def completions(request: Request) -> Response:
+    async def completions(self, request: Request) -> Response:
+        """``POST [/rollout/{id}]/v1/chat/completions`` and ``.../v1/completions``: forward, strip, record."""
         operation = "chat" if request.url.path.endswith("/chat/completions") else "text_completion"
         endpoint = "chat" if operation == "chat" else "completions"
         start_ns, started = time.time_ns(), time.perf_counter()
+        router = self.router
         try:
-            authorize(request)
+            self.authorize(request)
             rollout_id = request.path_params.get("rollout_id")
             info, replica, resource = router.rollout(rollout_id) if rollout_id is not None else (None, None, router.production_resource)
-            body = await read_json(request)
+            body = await self.read_json(request)
             validate_request(body, operation)
             target = router.resolve(body.get("model"), info, replica)
         except GatewayError as exc:
-            metrics.requests.labels(endpoint, str(exc.status)).inc()
+            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)
         call = Call(operation=operation, body=body, target=target, resource=resource, start_ns=start_ns, started=started,
                     parent=parse_traceparent(request.headers.get("traceparent")))
         upstream_body = call.upstream_body()
         url = f"{target.replica}/v1/{'chat/completions' if operation == 'chat' else 'completions'}"
-        metrics.in_flight.inc()
+        self.metrics.in_flight.inc()
         if body.get("stream"):
-            return await stream(call, url, upstream_body, endpoint)
+            return await self.stream(call, url, upstream_body, endpoint)
         try:
             try:
-                upstream = await state["client"].post(url, json=upstream_body)
+                upstream = await self.client.post(url, json=upstream_body)
             except httpx.TimeoutException:
-                raise GatewayError(504, f"vLLM at {target.replica} did not answer within {upstream_timeout_s:.0f} s", "upstream_timeout") from None
+                raise GatewayError(504, f"vLLM at {target.replica} did not answer within {self.upstream_timeout_s:.0f} s",
+                                   "upstream_timeout") from None
             except httpx.HTTPError as exc:
                 raise GatewayError(502, f"vLLM at {target.replica} could not be reached: {exc!r}", "upstream_unavailable") from None
             if upstream.status_code != 200:
                 raise GatewayError(upstream.status_code, f"vLLM answered {upstream.status_code}: {upstream_message(upstream.content)}",
                                    "upstream_error")
-            data = upstream.json()
-            call.capture_json(data)
-            call.strip_json(data)
-            finish(call, endpoint, "200")
+            data = _json_object(upstream.content, target.replica)
+            try:
+                call.capture_json(data)
+                call.strip_json(data)
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:
+                raise GatewayError(502, f"vLLM at {target.replica} answered 200 with a JSON object that is not a "
+                                        f"completion ({exc!r})", "upstream_error") from None
+            self.finish(call, endpoint, "200")
             return JSONResponse(data)
         except GatewayError as exc:
-            finish(call, endpoint, str(exc.status), error=exc.message)
+            self.finish(call, endpoint, str(exc.status), error=exc.message)
             return error_response(exc)
         finally:
-            metrics.in_flight.dec()
+            self.metrics.in_flight.dec()
 
-    async def stream(call: "Call", url: str, upstream_body: dict[str, Any], endpoint: str) -> Response:
-        client: httpx.AsyncClient = state["client"]
+    async def stream(self, call: "Call", url: str, upstream_body: dict[str, Any], endpoint: str) -> Response:
+        """Forward a streaming call: SSE chunks are captured and stripped on their way to the client."""
+        client, metrics = self.client, self.metrics
         try:
             upstream = await client.send(client.build_request("POST", url, json=upstream_body), stream=True)
         except httpx.HTTPError as exc:
             metrics.in_flight.dec()
             status = 504 if isinstance(exc, httpx.TimeoutException) else 502
             err = GatewayError(status, f"vLLM at {call.target.replica} could not be reached: {exc!r}", "upstream_unavailable")
-            finish(call, endpoint, str(status), error=err.message)
+            self.finish(call, endpoint, str(status), error=err.message)
             return error_response(err)
         if upstream.status_code != 200:
             content = await upstream.aread()
             await upstream.aclose()
             metrics.in_flight.dec()
             err = GatewayError(upstream.status_code, f"vLLM answered {upstream.status_code}: {upstream_message(content)}", "upstream_error")
-            finish(call, endpoint, str(upstream.status_code), error=err.message)
+            self.finish(call, endpoint, str(upstream.status_code), error=err.message)
             return error_response(err)
 
         async def events() -> AsyncIterator[bytes]:
@@ -389,14 +412,20 @@ def build_app(
                         yield b"data: [DONE]\n\n"
                         continue
                     try:
-                        chunk = json.loads(payload)
-                    except ValueError:
-                        yield f"data: {payload}\n\n".encode()
-                        continue
-                    if "error" in chunk and "choices" not in chunk:
-                        error = f"vLLM stream error: {upstream_message(payload.encode())}"
-                    call.capture_chunk(chunk)
-                    if call.strip_chunk(chunk):
+                        chunk = _json_object(payload.encode(), call.target.replica)
+                        if "error" in chunk and "choices" not in chunk:
+                            error = f"vLLM stream error: {upstream_message(payload.encode())}"
+                        call.capture_chunk(chunk)
+                        keep = call.strip_chunk(chunk)
+                    except (GatewayError, AttributeError, TypeError, ValueError, KeyError) as exc:
+                        # never pass a line the client cannot parse: end the stream with an error event
+                        err = exc if isinstance(exc, GatewayError) else GatewayError(
+                            502, f"vLLM at {call.target.replica} sent a stream chunk that is not a completion chunk ({exc!r})",
+                            "upstream_error")
+                        error = err.message
+                        yield f"data: {json.dumps(error_body(err), separators=(',', ':'))}\n\n".encode()
+                        break
+                    if keep:
                         yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
             except httpx.HTTPError as exc:
                 error = f"vLLM stream from {call.target.replica} broke off: {exc!r}"
@@ -407,11 +436,13 @@ def build_app(
             finally:
                 await upstream.aclose()
                 metrics.in_flight.dec()
-                finish(call, endpoint, "200" if error is None else "stream_error", error=error)
+                self.finish(call, endpoint, "200" if error is None else "stream_error", error=error)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
-    def finish(call: "Call", endpoint: str, status: str, *, error: str | None = None) -> None:
+    def finish(self, call: "Call", endpoint: str, status: str, *, error: str | None = None) -> None:
+        """Count the call and record its span(s)."""
+        metrics = self.metrics
         elapsed = time.perf_counter() - call.started
         metrics.requests.labels(endpoint, status).inc()
         metrics.latency.labels(endpoint).observe(elapsed)
@@ -420,19 +451,21 @@ def build_app(
         metrics.tokens.labels("completion").inc(usage.get("completion_tokens") or 0)
         end_ns = call.start_ns + int(elapsed * 1e9)
         for attributes in call.span_attributes(latency_ms=elapsed * 1000, error=error):
-            recorder.record(name=f"{call.operation} {call.target.served_model}", resource=call.resource, parent=call.parent,
-                            start_ns=call.start_ns, end_ns=end_ns, attributes=attributes, error=error)
+            self.recorder.record(name=f"{call.operation} {call.target.served_model}", resource=call.resource, parent=call.parent,
+                                 start_ns=call.start_ns, end_ns=end_ns, attributes=attributes, error=error)
 
-    async def models(request: Request) -> Response:
+    async def models(self, request: Request) -> Response:
+        """``GET [/rollout/{id}]/v1/models``: the replica's models plus one entry per policy."""
+        router = self.router
         try:
-            authorize(request)
+            self.authorize(request)
             rollout_id = request.path_params.get("rollout_id")
             replica = router.rollout(rollout_id)[1] if rollout_id is not None else router.upstreams[0]
             try:
-                upstream = await state["client"].get(f"{replica}/v1/models")
+                upstream = await self.client.get(f"{replica}/v1/models")
             except httpx.HTTPError as exc:
                 raise GatewayError(502, f"vLLM at {replica} could not be reached: {exc!r}", "upstream_unavailable") from None
-            data = upstream.json()
+            data = _json_object(upstream.content, replica)
         except GatewayError as exc:
             return error_response(exc)
         created = int(time.time())
@@ -442,67 +475,73 @@ def build_app(
         )
         return JSONResponse(data)
 
-    async def register_rollout(request: Request) -> Response:
+    async def register_rollout(self, request: Request) -> Response:
+        """``POST /admin/rollouts``: register a rollout; answer with its base URL."""
         try:
-            authorize(request)
-            info = RolloutInfo.model_validate(await read_json(request))
-            replica = router.register(info)
+            self.authorize_admin(request)
+            info = RolloutInfo.model_validate(await self.read_json(request))
+            replica = self.router.register(info)
         except ValidationError as exc:
             return error_response(GatewayError(422, f"rollout registration is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"))
         except GatewayError as exc:
             return error_response(exc)
-        metrics.rollouts.set(len(router.rollouts))
+        self.metrics.rollouts.set(len(self.router.rollouts))
         base = str(request.base_url).rstrip("/")
         return JSONResponse({"rollout_id": info.rollout_id, "base_url": f"{base}/rollout/{info.rollout_id}/v1", "replica": replica},
                             status_code=201)
 
-    async def forget_rollout(request: Request) -> Response:
+    async def forget_rollout(self, request: Request) -> Response:
+        """``DELETE /admin/rollouts/{id}``."""
         try:
-            authorize(request)
+            self.authorize_admin(request)
         except GatewayError as exc:
             return error_response(exc)
-        known = router.forget(request.path_params["rollout_id"])
-        metrics.rollouts.set(len(router.rollouts))
+        known = self.router.forget(request.path_params["rollout_id"])
+        self.metrics.rollouts.set(len(self.router.rollouts))
         return Response(status_code=204 if known else 404)
 
-    async def list_policies(request: Request) -> Response:
+    async def list_policies(self, request: Request) -> Response:
+        """``GET /admin/policies``."""
         try:
-            authorize(request)
+            self.authorize_admin(request)
         except GatewayError as exc:
             return error_response(exc)
+        router = self.router
         return JSONResponse({"base_model": router.base_model, "upstreams": router.upstreams,
                              "policies": {n: s.as_dict() for n, s in router.policies.items()}})
 
-    async def switch_policy(request: Request) -> Response:
+    async def switch_policy(self, request: Request) -> Response:
+        """``PUT /admin/policies/{name}``: switch to an adapter every replica has loaded."""
         name = request.path_params["policy"]
         try:
-            authorize(request)
-            update = PolicySwitch.model_validate(await read_json(request))
-            await check_loaded(update.served_model)
-            policy = router.switch(name, update, keep=keep_versions)
+            self.authorize_admin(request)
+            update = PolicySwitch.model_validate(await self.read_json(request))
+            await self.check_loaded(update.served_model)
+            policy = self.router.switch(name, update, keep=self.keep_versions)
         except ValidationError as exc:
             return error_response(GatewayError(422, f"policy switch is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"))
         except GatewayError as exc:
             return error_response(exc)
-        metrics.policy_version.labels(name).set(policy.version)
+        self.metrics.policy_version.labels(name).set(policy.version)
         log.info("policy %s now serves %s (version %d)", name, policy.served_model, policy.version)
         return JSONResponse(policy.as_dict())
 
-    async def rollback_policy(request: Request) -> Response:
+    async def rollback_policy(self, request: Request) -> Response:
+        """``POST /admin/policies/{name}/rollback``."""
         name = request.path_params["policy"]
         try:
-            authorize(request)
-            policy = router.rollback(name)
+            self.authorize_admin(request)
+            policy = self.router.rollback(name)
         except GatewayError as exc:
             return error_response(exc)
-        metrics.policy_version.labels(name).set(policy.version)
+        self.metrics.policy_version.labels(name).set(policy.version)
         return JSONResponse(policy.as_dict())
 
-    async def check_loaded(served_model: str) -> None:
+    async def check_loaded(self, served_model: str) -> None:
         """Refuse to switch to a model that some replica does not serve."""
-        for replica in router.upstreams:
+        for replica in self.router.upstreams:
             try:
-                listed = (await state["client"].get(f"{replica}/v1/models")).json()
+                listed = (await self.client.get(f"{replica}/v1/models")).json()
             except (httpx.HTTPError, ValueError) as exc:
                 raise GatewayError(502, f"vLLM at {replica} could not be asked for its models: {exc!r}", "upstream_unavailable") from None
             names = {m.get("id") for m in listed.get("data", [])}
@@ -510,38 +549,82 @@ def build_app(
                 raise GatewayError(409, f"{served_model!r} is not loaded on {replica} (it serves {sorted(names)}): "
                                         "load the adapter on every replica first", "conflict")
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "upstreams": router.upstreams})
+    async def healthz(self, request: Request) -> Response:
+        """``GET /healthz``; the upstream URLs only for a loopback client (no token set) or with the token."""
+        if not trusted(request, self.token):
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "upstreams": self.router.upstreams})
 
-    async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus text."""
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def flush(request: Request) -> Response:
+    async def flush(self, request: Request) -> Response:
+        """``POST /admin/flush``: export every recorded span now."""
         try:
-            authorize(request)
+            self.authorize_admin(request)
         except GatewayError as exc:
             return error_response(exc)
-        ok = await asyncio.to_thread(recorder.flush)
+        ok = await asyncio.to_thread(self.recorder.flush)
         return JSONResponse({"flushed": ok}, status_code=200 if ok else 503)
 
+
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}
+
+
+def error_response(exc: GatewayError) -> JSONResponse:
+    """An OpenAI-style error body with the error's status."""
+    return JSONResponse(error_body(exc), status_code=exc.status)
+
+
+def _json_object(content: bytes, replica: str) -> dict[str, Any]:
+    """An upstream answer (or stream chunk) as a JSON object; anything else is a 502."""
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise GatewayError(502, f"vLLM at {replica} answered 200 with a body that is not a JSON object: "
+                                f"{content[:200].decode(errors='replace')!r}", "upstream_error")
+    return data
+
+
+def build_app(
+    *,
+    upstreams: list[str],
+    base_model: str,
+    policies: list[str] | None = None,
+    exporter: SpanExporter,
+    token: str | None = None,
+    upstream_timeout_s: float = 600.0,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    keep_versions: int = 2,
+) -> Starlette:
+    """Return the gateway's Starlette app (spans go to ``exporter``)."""
+    metrics = GatewayMetrics()
+    gw = Gateway(router=Router(upstreams=upstreams, base_model=base_model, policies=policies or ["default"]),
+                 recorder=SpanRecorder(exporter, metrics), metrics=metrics, token=token,
+                 upstream_timeout_s=upstream_timeout_s, max_body_bytes=max_body_bytes, keep_versions=keep_versions)
     routes = [
-        Route("/rollout/{rollout_id}/v1/chat/completions", completions, methods=["POST"]),
-        Route("/rollout/{rollout_id}/v1/completions", completions, methods=["POST"]),
-        Route("/rollout/{rollout_id}/v1/models", models, methods=["GET"]),
-        Route("/v1/chat/completions", completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/admin/rollouts", register_rollout, methods=["POST"]),
-        Route("/admin/rollouts/{rollout_id}", forget_rollout, methods=["DELETE"]),
-        Route("/admin/policies", list_policies, methods=["GET"]),
-        Route("/admin/policies/{policy}", switch_policy, methods=["PUT"]),
-        Route("/admin/policies/{policy}/rollback", rollback_policy, methods=["POST"]),
-        Route("/admin/flush", flush, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/rollout/{rollout_id}/v1/chat/completions", gw.completions, methods=["POST"]),
+        Route("/rollout/{rollout_id}/v1/completions", gw.completions, methods=["POST"]),
+        Route("/rollout/{rollout_id}/v1/models", gw.models, methods=["GET"]),
+        Route("/v1/chat/completions", gw.completions, methods=["POST"]),
+        Route("/v1/completions", gw.completions, methods=["POST"]),
+        Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/admin/rollouts", gw.register_rollout, methods=["POST"]),
+        Route("/admin/rollouts/{rollout_id}", gw.forget_rollout, methods=["DELETE"]),
+        Route("/admin/policies", gw.list_policies, methods=["GET"]),
+        Route("/admin/policies/{policy}", gw.switch_policy, methods=["PUT"]),
+        Route("/admin/policies/{policy}/rollback", gw.rollback_policy, methods=["POST"]),
+        Route("/admin/flush", gw.flush, methods=["POST"]),
+        Route("/healthz", gw.healthz, methods=["GET"]),
+        Route("/metrics", gw.prometheus, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.router, app.state.metrics, app.state.recorder = router, metrics, recorder
+    app = Starlette(routes=routes, lifespan=gw.lifespan)
+    app.state.router, app.state.metrics, app.state.recorder = gw.router, gw.metrics, gw.recorder
     return app
 
 

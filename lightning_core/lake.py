@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -30,8 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan, Status as PbStatus
 
-from lightning_core import semconv
-from lightning_core.config import RUN_ID_PATTERN
+from lightning_core import names, semconv
 from lightning_core.durable import fsync_dir as _fsync_dir
 
 SPAN_SCHEMA = pa.schema(
@@ -77,6 +77,11 @@ PROMOTED_ARRAYS = {
     semconv.RESPONSE_LOGPROBS: ("response_logprobs", float, None),
 }
 
+# Times are int64 nanoseconds in the lake, and DuckDB reads 2^63-1 as the infinite timestamp.
+MAX_TIME_NS = 2**63 - 2
+MAX_VALUE_DEPTH = 32
+_ZERO_TRACE_ID, _ZERO_SPAN_ID = bytes(16), bytes(8)
+
 _KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in PbSpan.SpanKind.items()}
 _STATUS_NAMES = {v: k.removeprefix("STATUS_CODE_") for k, v in PbStatus.StatusCode.items()}
 
@@ -100,15 +105,17 @@ class Partition:
         return Path("spans", "training", f"run_id={self.run_id}", f"epoch={self.epoch}")
 
 
-def any_value(value: AnyValue) -> Any:
-    """Convert an OTLP ``AnyValue`` to a JSON-able Python value."""
+def any_value(value: AnyValue, depth: int = 0) -> Any:
+    """Convert an OTLP ``AnyValue`` to a JSON-able Python value (nested at most ``MAX_VALUE_DEPTH`` deep)."""
     which = value.WhichOneof("value")
     if which is None:
         return None
+    if which in ("array_value", "kvlist_value") and depth >= MAX_VALUE_DEPTH:
+        raise SpanDataError(f"an attribute value is nested more than {MAX_VALUE_DEPTH} levels deep: flatten it")
     if which == "array_value":
-        return [any_value(v) for v in value.array_value.values]
+        return [any_value(v, depth + 1) for v in value.array_value.values]
     if which == "kvlist_value":
-        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+        return {kv.key: any_value(kv.value, depth + 1) for kv in value.kvlist_value.values}
     if which == "bytes_value":
         return value.bytes_value.hex()
     return getattr(value, which)
@@ -193,17 +200,13 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
         for scope_spans in resource_spans.scope_spans:
             scope_name, scope_version = scope_spans.scope.name, scope_spans.scope.version
             for span in scope_spans.spans:
-                if len(span.trace_id) != 16 or len(span.span_id) != 8:
-                    raise SpanDataError(
-                        f"span {span.name!r}: trace_id must be 16 bytes and span_id 8 bytes, "
-                        f"found {len(span.trace_id)} and {len(span.span_id)}"
-                    )
+                _check_span(span)
                 attributes = key_values(span.attributes)
                 grouped[partition_of(span.start_time_unix_nano)].append(
                     {
                         "trace_id": span.trace_id.hex(),
                         "span_id": span.span_id.hex(),
-                        "parent_id": span.parent_span_id.hex() if span.parent_span_id else None,
+                        "parent_id": span.parent_span_id.hex() if span.parent_span_id.strip(b"\0") else None,
                         "name": span.name,
                         "kind": _KIND_NAMES.get(span.kind, str(span.kind)),
                         "start_ns": span.start_time_unix_nano,
@@ -237,6 +240,42 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
     return grouped
 
 
+def _check_span(span: PbSpan) -> None:
+    """Refuse a span whose ids or times the lake cannot store (OTLP: all-zero ids are invalid)."""
+    if len(span.trace_id) != 16 or len(span.span_id) != 8 or len(span.parent_span_id) not in (0, 8):
+        raise SpanDataError(
+            f"span {span.name!r}: trace_id must be 16 bytes, span_id 8 bytes and parent_span_id 0 or 8 bytes, "
+            f"found {len(span.trace_id)}, {len(span.span_id)} and {len(span.parent_span_id)}"
+        )
+    if span.trace_id == _ZERO_TRACE_ID or span.span_id == _ZERO_SPAN_ID:
+        raise SpanDataError(f"span {span.name!r}: trace_id and span_id must not be all zeros (OTLP marks such ids invalid)")
+    if span.start_time_unix_nano > MAX_TIME_NS or span.end_time_unix_nano > MAX_TIME_NS:
+        raise SpanDataError(
+            f"span {span.name!r}: start and end times must be at most {MAX_TIME_NS} ns (year 2262), "
+            f"found {span.start_time_unix_nano} and {span.end_time_unix_nano}"
+        )
+
+
+def request_to_tables(
+    request: ExportTraceServiceRequest, *, received_ns: int | None = None, max_partitions: int | None = None
+) -> dict[Partition, pa.Table]:
+    """Flatten an export request into one Arrow table per lake partition.
+
+    Every value is converted here, so a span the lake cannot store raises ``SpanDataError`` for
+    its own request and never reaches a write shared with other requests.
+    """
+    grouped = request_to_rows(request, received_ns=received_ns)
+    if max_partitions is not None and len(grouped) > max_partitions:
+        raise SpanDataError(
+            f"the request's spans fall into {len(grouped)} lake partitions (run and epoch, or date), over the limit of "
+            f"{max_partitions}: export each run's spans separately"
+        )
+    try:
+        return {partition: rows_to_table(rows) for partition, rows in grouped.items()}
+    except (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError) as exc:
+        raise SpanDataError(f"a span value cannot be stored: {exc}") from None
+
+
 def _span_attempt(attributes: dict[str, Any]) -> int | None:
     """The span's own ``arclight.attempt`` (NULL, not an error, when it is not an integer)."""
     try:
@@ -249,12 +288,12 @@ def _partitioner(resource: dict[str, Any]):
     run_id = resource.get(semconv.RUN_ID)
     if run_id is None or run_id == "":
         return lambda start_ns: Partition(None, None, _utc_date(start_ns))
-    run_id = str(run_id)
-    if not RUN_ID_PATTERN.match(run_id):
-        raise SpanDataError(
-            f"resource attribute {semconv.RUN_ID}={run_id!r} is not a valid run id: "
-            "use letters, digits, '.', '_' and '-' (it names a lake folder)"
-        )
+    if isinstance(run_id, int) and not isinstance(run_id, bool):
+        run_id = str(run_id)
+    try:
+        names.check_run_id(run_id, what=f"resource attribute {semconv.RUN_ID}")
+    except names.InvalidName as exc:
+        raise SpanDataError(str(exc)) from None
     epoch = _as_int(resource.get(semconv.EPOCH), semconv.EPOCH)
     partition = Partition(run_id, epoch if epoch is not None else 0)
     return lambda start_ns: partition
@@ -269,12 +308,13 @@ def _as_str(value: Any) -> str | None:
 
 
 def _as_int(value: Any, key: str) -> int | None:
+    """A resource attribute that must be a whole number 0 <= n < 2^63 (it becomes a folder or a BIGINT)."""
     if value is None or value == "":
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise SpanDataError(f"resource attribute {key}={value!r} must be an integer") from None
+        return names.check_count(value, what=f"resource attribute {key}")
+    except names.InvalidName as exc:
+        raise SpanDataError(str(exc)) from None
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -290,20 +330,34 @@ class Lake:
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.root)
 
-    def write(self, grouped: dict[Partition, list[dict[str, Any]]]) -> list[Path]:
-        """Write each partition's rows to a new Parquet file and fsync it; return the files."""
-        written = []
-        for partition, rows in grouped.items():
-            if rows:
-                written.append(self.write_table(partition, rows_to_table(rows)))
-        return written
+    def write(self, tables: dict[Partition, pa.Table]) -> list[Path]:
+        """Write each partition's table to a new fsynced Parquet file; all files become visible, or none."""
+        staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        try:
+            for partition, table in tables.items():
+                if table.num_rows:
+                    folder = self._folder(partition)
+                    name = _part_name()
+                    staged.append((_write_synced(folder, name, table), folder / name))
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            for folder in {final.parent for _, final in staged}:
+                _fsync_dir(folder)
+        except BaseException:
+            for tmp, final in staged:  # nothing was acknowledged: take every file of this write back
+                tmp.unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
+            raise
+        return [final for _, final in staged]
 
     def write_table(self, partition: Partition, table: pa.Table) -> Path:
         """Write one Arrow table into ``partition`` durably (temp file, fsync, rename, fsync dir)."""
-        folder = self.root / partition.relative_dir()
+        return _durable_write(self._folder(partition), _part_name(), table)
+
+    def _folder(self, partition: Partition) -> Path:
+        folder = names.inside(self.root / "spans", self.root / partition.relative_dir(), what="partition folder")
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
-        return _durable_write(folder, name, table)
+        return folder
 
     def partitions(self) -> list[Path]:
         """Return every partition folder that holds span files."""
@@ -313,40 +367,55 @@ class Lake:
     def compact(self, *, min_files: int = 16, idle_s: float = 10.0, now: float | None = None) -> int:
         """Merge the files of each idle partition that has at least ``min_files``; return merges done.
 
-        A partition is idle when its newest file is older than ``idle_s`` seconds. The merged
-        file is renamed into place before the small files are removed, so rows are never missing;
-        a reader that lists the folder in that instant may see a row twice, which the pipeline's
-        de-duplication on (trace_id, span_id) absorbs. A partition under a live ``read_lease`` is
-        left alone: its reader finds rows again by file and row number.
+        A partition is idle when its newest file is older than ``idle_s`` seconds. One compactor
+        at a time works on a partition: it claims the folder's ``.compacting`` marker, writes the
+        merged file, records the swap in the marker (merged file, small files), renames the merged
+        file into place and removes the small ones. A compactor killed at any point is settled by
+        ``recover``: forward when the merged file is in place, back otherwise, so every row ends
+        up in the folder exactly once. A partition under a live ``read_lease`` is left alone: its
+        reader finds rows again by file and row number.
         """
         now = now if now is not None else time.time()
-        merged = 0
-        for folder in self.partitions():
-            files = sorted(folder.glob("part-*.parquet"))
-            if len(files) < min_files or self._leased(folder):
-                continue
-            if now - max(f.stat().st_mtime for f in files) < idle_s:
-                continue
+        self.recover()
+        return sum(self._merge(folder, min_files=min_files, idle_s=idle_s, now=now) for folder in self.partitions())
+
+    def _merge(self, folder: Path, *, min_files: int, idle_s: float, now: float) -> bool:
+        files = sorted(folder.glob("part-*.parquet"))
+        if len(files) < min_files or self._leased(folder) or now - max(f.stat().st_mtime for f in files) < idle_s:
+            return False
+        marker = _claim(folder)
+        if marker is None:  # another compactor works here
+            return False
+        try:
+            files = sorted(folder.glob("part-*.parquet"))  # listed again, under the claim
+            if len(files) < min_files:
+                return False
             table = pa.concat_tables([pq.read_table(f, schema=SPAN_SCHEMA) for f in files])
             table = table.sort_by([("start_ns", "ascending")])
-            name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}-c.parquet"
+            name = _part_name().replace(".parquet", "-c.parquet")
             tmp = _write_synced(folder, name, table)
-            # the swap runs under a marker that readers wait out; a reader that took its lease
-            # while the merged file was written wins, and the merge is dropped
-            marker = folder / COMPACTING_MARKER
-            marker.write_text(_owner())
-            try:
-                if self._leased(folder):
-                    tmp.unlink()
-                    continue
-                os.replace(tmp, folder / name)
-                for f in files:
-                    f.unlink()
-                _fsync_dir(folder)
-            finally:
-                marker.unlink(missing_ok=True)
-            merged += 1
-        return merged
+            # from here readers wait the swap out; a reader that took its lease while the merged
+            # file was written wins, and the merge is dropped
+            _write_marker(marker, {"phase": "swapping", "merged": name, "tmp": tmp.name, "sources": [f.name for f in files]})
+            if self._leased(folder):
+                return False
+            os.replace(tmp, folder / name)
+            return True
+        finally:
+            _settle(marker)
+
+    def recover(self) -> int:
+        """Settle compactions and remove temporary files left by processes that died; return files removed."""
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.root / "spans"):
+            folder = Path(dirpath)
+            if COMPACTING_MARKER in filenames and not _live(folder / COMPACTING_MARKER):
+                removed += _settle(folder / COMPACTING_MARKER)
+            for name in filenames:
+                if name.startswith(".part-") and name.endswith(".tmp") and not _live(folder / name, TEMP_MAX_AGE_S):
+                    (folder / name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def _leased(self, folder: Path) -> bool:
         """Whether a live reader holds a lease on ``folder`` or a folder above it in the lake."""
@@ -361,13 +430,16 @@ class Lake:
 
 
 # A reader that lists a partition's files and later re-reads rows by file and row number (the
-# SQL pipeline) holds a lease on it; compaction skips leased partitions. Leases name their host
-# and process: a lease of a process that has ended on this host is stale at once, any lease after
-# READ_LEASE_MAX_AGE_S. The marker of a compaction in progress is stale after COMPACTING_MAX_AGE_S.
+# SQL pipeline) holds a lease on it; compaction skips leased partitions. Leases, markers and
+# temporary files name their host and process: one of a process that has ended on this host is
+# stale at once, one of another host after its maximum age (a compaction marker: while merging
+# an hour, while swapping COMPACTING_MAX_AGE_S).
 READ_LEASE_PREFIX = ".reading-"
 READ_LEASE_MAX_AGE_S = 6 * 3600.0
 COMPACTING_MARKER = ".compacting"
 COMPACTING_MAX_AGE_S = 120.0
+MERGING_MAX_AGE_S = 3600.0
+TEMP_MAX_AGE_S = 3600.0
 
 
 def span_scope(root: str | os.PathLike[str], *, run_id: str | None, epoch: int | None) -> Path:
@@ -375,8 +447,8 @@ def span_scope(root: str | os.PathLike[str], *, run_id: str | None, epoch: int |
     spans = Path(root) / "spans"
     if run_id is None:
         return spans / "production"
-    run = spans / "training" / f"run_id={run_id}"
-    return run if epoch is None else run / f"epoch={epoch}"
+    run = spans / "training" / f"run_id={names.check_run_id(run_id)}"
+    return names.inside(spans, run if epoch is None else run / f"epoch={names.check_epoch(epoch)}", what="span folder")
 
 
 @contextmanager
@@ -394,10 +466,13 @@ def read_lease(folder: str | os.PathLike[str], *, wait_s: float = 60.0) -> Itera
     lease = folder / f"{READ_LEASE_PREFIX}{_owner()}-{uuid.uuid4().hex[:12]}"
     lease.write_text(_owner())
     try:
-        # listed once: a compaction that puts its marker down after this finds the lease and backs off
+        # listed once: a compaction that starts its swap after this finds the lease and backs off
         swapping = list(folder.rglob(COMPACTING_MARKER))  # the folder itself included
+        for marker in swapping:
+            if not _live(marker):  # a compactor died here: settle its swap before the files are listed
+                _settle(marker)
         deadline = time.monotonic() + wait_s
-        while any(_live(m, COMPACTING_MAX_AGE_S) for m in swapping):
+        while any(_marker_phase(m) == "swapping" and _live(m) for m in swapping):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a compaction below {folder} has been swapping files for over {wait_s:.0f}s; "
                                    f"if no collector is compacting, remove the stale {COMPACTING_MARKER} file")
@@ -411,15 +486,27 @@ def _owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _live(path: Path, max_age_s: float) -> bool:
-    """Whether a lease or marker file (its text: host-pid) still stands; a stale lease is removed."""
+def _live(path: Path, max_age_s: float | None = None) -> bool:
+    """Whether a lease, marker or temporary file still has a live owner; a stale lease is removed.
+
+    The owner (host-pid) is a lease's text, a marker's ``owner`` and a temporary file's name part
+    before ``.tmp``; ``max_age_s`` defaults to the marker's phase limit.
+    """
     try:
-        owner = path.read_text()
+        text = "" if path.name.endswith(".tmp") else path.read_text()
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False
+    if path.name == COMPACTING_MARKER:
+        record = _marker_record(text)
+        owner = record.get("owner", "")
+        max_age_s = max_age_s or (MERGING_MAX_AGE_S if record.get("phase") == "merging" else COMPACTING_MAX_AGE_S)
+    elif path.name.endswith(".tmp"):
+        owner = path.name[:-len(".tmp")].partition(".parquet.")[2]  # .part-<ns>-<id>.parquet.<host>-<pid>.tmp
+    else:
+        owner = text
     host, _, pid = owner.rpartition("-")
-    stale = age > max_age_s
+    stale = age > (max_age_s or COMPACTING_MAX_AGE_S)
     if not stale and host == socket.gethostname() and pid.isdigit():
         try:
             os.kill(int(pid), 0)
@@ -432,13 +519,90 @@ def _live(path: Path, max_age_s: float) -> bool:
     return not stale
 
 
-def _write_synced(folder: Path, name: str, table: pa.Table) -> Path:
-    """Write ``table`` to a hidden temporary file next to ``name`` and fsync it; return that file."""
-    tmp = folder / f".{name}.tmp"
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
+def _marker_record(text: str) -> dict[str, Any]:
+    """A compaction marker's record; a marker of an older Arclight holds only its owner (and swaps)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    return record if isinstance(record, dict) else {"owner": text.strip(), "phase": "swapping"}
+
+
+def _marker_phase(marker: Path) -> str | None:
+    try:
+        return _marker_record(marker.read_text()).get("phase")
+    except FileNotFoundError:
+        return None
+
+
+def _claim(folder: Path) -> Path | None:
+    """Create the folder's compaction marker for this process; None when a live compactor holds it."""
+    marker = folder / COMPACTING_MARKER
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _live(marker):
+                return None
+            _settle(marker)  # its compactor died
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"owner": _owner(), "phase": "merging"}, fh)
+        return marker
+    return None
+
+
+def _write_marker(marker: Path, fields: dict[str, Any]) -> None:
+    """Record the swap about to happen in the marker, durably, before any file moves."""
+    tmp = marker.with_name(f"{COMPACTING_MARKER}.{_owner()}.new")
+    with open(tmp, "w") as fh:
+        json.dump({"owner": _owner(), **fields}, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(tmp, marker)
+    _fsync_dir(marker.parent)
+
+
+def _settle(marker: Path) -> int:
+    """Finish or undo the swap recorded in ``marker`` so each row is in the folder once; drop the marker.
+
+    The merged file in place means the swap had begun: the small files it replaces go. Otherwise
+    the merged file is removed and the small files stay. Returns the files removed.
+    """
+    folder = marker.parent
+    try:
+        record = _marker_record(marker.read_text())
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    if record.get("phase") == "swapping" and record.get("merged"):
+        merged_in_place = (folder / record["merged"]).exists()
+        doomed = record.get("sources", []) if merged_in_place else [record.get("tmp", "")]
+        for name in doomed:  # plain span file names only: a marker never deletes outside its folder
+            if isinstance(name, str) and re.fullmatch(r"\.?part-[^/]+", name) and (folder / name).exists():
+                (folder / name).unlink(missing_ok=True)
+                removed += 1
+    _fsync_dir(folder)
+    marker.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return removed
+
+
+def _part_name() -> str:
+    return f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def _write_synced(folder: Path, name: str, table: pa.Table) -> Path:
+    """Write ``table`` to a hidden temporary file next to ``name`` and fsync it; return that file."""
+    tmp = folder / f".{name}.{_owner()}.tmp"  # its owner: recover() removes it once that process is gone
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 

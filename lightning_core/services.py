@@ -186,6 +186,8 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         sys.executable, "-m", "lightning_core", "collector",
         "--lake", str(config.lake.path), "--host", c.host, "--port", str(c.port),
         "--set", f"collector.max_body_bytes={c.max_body_bytes}",
+        "--set", f"collector.max_inflight_bytes={c.max_inflight_bytes}",
+        "--set", f"collector.max_partitions_per_request={c.max_partitions_per_request}",
         "--set", f"collector.flush_interval_ms={c.flush_interval_ms}",
         "--set", f"collector.compact_min_files={c.compact_min_files}",
         "--set", f"collector.compact_idle_s={c.compact_idle_s}",

@@ -135,10 +135,10 @@ class LakeSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write one batch of spans to the lake durably."""
-        from lightning_core.lake import request_to_rows
+        from lightning_core.lake import request_to_tables
 
         try:
-            self.lake.write(request_to_rows(encode_spans(spans)))
+            self.lake.write(request_to_tables(encode_spans(spans)))
         except Exception:
             log.exception("embedded exporter could not write %d spans to %s", len(spans), self.lake.root)
             return SpanExportResult.FAILURE

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lightning_core import names
 from lightning_core.durable import fsync_dir
 
 PRODUCTION_RUN = "_production"
@@ -71,9 +72,15 @@ def run_folder(run_id: str | None) -> str:
 
 
 def output_dir(lake_root: Path, output: str, *, run_id: str | None, epoch: int | None, policy: str | None = None) -> Path:
-    """Return the folder of one output partition."""
-    folder = Path(lake_root) / output / f"run_id={run_folder(run_id)}" / f"epoch={0 if epoch is None else epoch}"
-    return folder / f"policy={policy}" if policy is not None else folder
+    """Return the folder of one output partition; names that are not valid folder names raise ``InvalidName``."""
+    epoch = 0 if epoch is None else epoch
+    if (run_id, epoch) != (SCHEMA_RUN, -1):  # the one reserved partition: empty typed files for the views
+        run_id = None if run_id is None else names.check_run_id(run_id)
+        epoch = names.check_epoch(epoch)
+        policy = None if policy is None else names.check_policy_name(policy)
+    folder = Path(lake_root) / output / f"run_id={run_folder(run_id)}" / f"epoch={epoch}"
+    folder = folder / f"policy={policy}" if policy is not None else folder
+    return names.inside(Path(lake_root) / output, folder, what="output folder")
 
 
 def replace_partition(folder: Path, table: pa.Table, *, parts: int = 1) -> list[Path]:

@@ -1,5 +1,5 @@
 """Span trees made with the OpenTelemetry SDK at chosen times, encoded as the OTLP exporter encodes
-them, and stored through the collector's own conversion (``lake.request_to_rows``): what a sender
+them, and stored through the collector's own conversion (``lake.request_to_tables``): what a sender
 in any framework produces, down to how array and JSON attributes arrive in the lake."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from lightning_core.lake import Lake, request_to_rows
+from lightning_core.lake import Lake, request_to_tables
 
 
 class Tree:
@@ -39,7 +39,7 @@ class Tree:
     def write(self, lake_root: Path) -> None:
         """Encode the spans as one OTLP export request and store them as the collector does."""
         request = encode_spans(self.exporter.get_finished_spans())
-        Lake(lake_root).write(request_to_rows(request))
+        Lake(lake_root).write(request_to_tables(request))
 
 
 def span_id(span: trace.Span) -> str:

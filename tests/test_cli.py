@@ -73,3 +73,99 @@ def test_demo_traces_rollouts_through_a_real_collector(tmp_path):
     with Catalog(tmp_path / ".arclight" / "lake").read() as con:
         counts = con.execute("SELECT count(DISTINCT rollout_id), count(*) FROM spans WHERE run_id='default'").fetchall()
     assert counts == [(4, 4 * 6)]  # planner, user message, executor, tool, answer, reward
+
+
+def test_token_and_host_options_are_taken_literally(tmp_path):
+    # fails before: --token 'Xy9 #long-secret-part' was parsed as YAML and became 'Xy9' (the rest a
+    # comment), and --host :: became the mapping {':': None} (a confusing config error)
+    import httpx
+
+    from lightning_core.services import free_port, wait_healthy, Service
+
+    port, token = free_port(), "Xy9 #long-secret-part"
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_core", "collector", "--lake", str(tmp_path / "lake"),
+                             "--port", str(port), "--token", token, "--log-level", "warning"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = Service("collector", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/healthz", process=proc)
+    try:
+        wait_healthy(service, timeout_s=60)
+        url = f"{service.url}/v1/traces"
+        headers = {"Content-Type": "application/json"}
+        assert httpx.post(url, content=b"{}", headers={**headers, "Authorization": "Bearer Xy9"}).status_code == 401
+        assert httpx.post(url, content=b"{}", headers={**headers, "Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        service.stop()
+    out = _arclight("collector", "--lake", str(tmp_path / "lake"), "--host", "::", "--port", "0")
+    assert out.returncode == 2 and "'::' (not loopback) needs a bearer token" in out.stderr
+
+
+def _one_or_two_lines(out: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 2 and "Traceback" not in out.stderr, out.stderr
+    assert all(needle in out.stderr for needle in needles), out.stderr
+
+
+def test_a_lake_that_cannot_be_written_is_one_line_naming_the_path(tmp_path):
+    # fails before: 36-75-line tracebacks (NotADirectoryError) from collector, query, triplets, compact
+    (tmp_path / "afile").write_text("x")
+    out = _arclight("collector", "--lake", str(tmp_path / "afile" / "lake"), "--port", "0")
+    assert out.returncode == 1
+    _one_or_two_lines(out, str(tmp_path / "afile" / "lake"), "Not a directory")
+    broken = tmp_path / "broken"
+    (broken / "spans").mkdir(parents=True)
+    (broken / "spans" / "training").write_text("a file where a folder belongs")
+    (broken / "llm_calls").write_text("a file where a folder belongs")
+    for args in (["query", "SELECT 1"], ["triplets"], ["compact"]):
+        out = _arclight(*args, "--lake", str(broken))
+        assert out.returncode == 1, (args, out.stderr)
+        _one_or_two_lines(out, str(broken), "Not a directory")
+
+
+def test_query_on_a_lake_that_does_not_exist_says_so_and_creates_nothing(tmp_path):
+    # fails before: a typo in --lake silently created a new empty lake and answered from it
+    for args in (["query", "SELECT 1"], ["shell"], ["triplets"], ["compact"]):
+        out = _arclight(*args, "--lake", str(tmp_path / "typo"))
+        assert out.returncode == 2, (args, out.stderr)
+        _one_or_two_lines(out, "no lake at", str(tmp_path / "typo"), "does not exist")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_query_csv_writes_list_columns_as_json(tmp_path):
+    # fails before: ArrowInvalid traceback (CSV has no list type)
+    lake = _lake_with_spans(tmp_path)
+    out = _arclight("query", "--lake", str(lake), "--format", "csv", "SELECT [1, 2] AS ids, {'a': 'x'} AS s, 'n' AS name")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == '"[1, 2]","{""a"": ""x""}","n"'
+
+
+def test_invalid_yaml_is_one_line_with_the_place(tmp_path):
+    # fails before: 8 lines of PyYAML's report
+    bad = tmp_path / "c.yaml"
+    bad.write_text("name: a\nlake: [unclosed\n  path: x\n")
+    out = _arclight("query", "--config", str(bad), "SELECT 1")
+    assert out.returncode == 2
+    _one_or_two_lines(out, f"{bad}: not valid YAML at line 3, column 7")
+
+
+def test_a_bad_regex_is_shown_with_its_brackets(tmp_path):
+    # fails before: "agent_match '' is not a valid regular expression" (Rich took [z-a] as markup)
+    lake = _lake_with_spans(tmp_path)
+    out = _arclight("triplets", "--lake", str(lake), "--agent-match", "[z-a]")
+    assert out.returncode == 2
+    _one_or_two_lines(out, "--agent-match '[z-a]' is not a valid regular expression")
+
+
+def test_query_refuses_statements_that_write_files(tmp_path):
+    # fails before: COPY ... TO wrote the file although `arclight query` is documented read-only
+    lake = _lake_with_spans(tmp_path)
+    for sql in (f"COPY (SELECT * FROM spans) TO '{tmp_path / 'out.csv'}'",
+                f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'",
+                f"EXPORT DATABASE '{tmp_path / 'export'}'",
+                f"ATTACH '{tmp_path / 'other.duckdb'}' AS other",
+                f"SELECT 1; COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'"):
+        out = _arclight("query", "--lake", str(lake), sql)
+        assert out.returncode == 1 and "read-only" in out.stderr, (sql, out.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lake"]
+    for sql in ("EXPLAIN SELECT count(*) FROM spans", "DESCRIBE spans", "SHOW TABLES",
+                "WITH x AS (SELECT 1 AS a) SELECT a FROM x", "FROM spans SELECT count(*)"):
+        assert _arclight("query", "--lake", str(lake), sql).returncode == 0, sql

@@ -18,6 +18,7 @@ from lightning_core.catalog import Catalog
 from lightning_core.lake import Lake
 from lightning_core.services import start_collector
 from tests.conftest import REPO, make_config
+from tests.otlp_factory import otlp_json
 
 
 def _stored(cfg, where: str, params: list) -> dict[str, dict]:
@@ -83,21 +84,6 @@ def _count(cfg, run_id: str) -> int:
         return con.execute("SELECT count(*) FROM spans WHERE run_id = ?", [run_id]).fetchall()[0][0]
 
 
-def _otlp_json(request: ExportTraceServiceRequest) -> dict:
-    """Encode as OTLP/JSON: camelCase keys and hex ids, as the OTLP spec (not protobuf) says."""
-    from google.protobuf import json_format
-    import base64
-
-    data = json_format.MessageToDict(request)
-    for rs in data["resourceSpans"]:
-        for ss in rs["scopeSpans"]:
-            for span in ss["spans"]:
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if key in span:
-                        span[key] = base64.b64decode(span[key]).hex()
-    return data
-
-
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """A collector with a bearer token and a small body limit."""
@@ -123,10 +109,10 @@ def test_protobuf_json_and_gzip_are_accepted(guarded):
     assert httpx.post(url, content=body, headers=PB).status_code == 200
     gz = gzip.compress(_export_request("gz").SerializeToString())
     assert httpx.post(url, content=gz, headers={**PB, "Content-Encoding": "gzip"}).status_code == 200
-    js = json.dumps(_otlp_json(_export_request("js"))).encode()
+    js = json.dumps(otlp_json(_export_request("js"))).encode()
     r = httpx.post(url, content=js, headers={"Content-Type": "application/json", **AUTH})
     assert r.status_code == 200 and r.json() == {}
-    gzjs = gzip.compress(json.dumps(_otlp_json(_export_request("gzjs"))).encode())
+    gzjs = gzip.compress(json.dumps(otlp_json(_export_request("gzjs"))).encode())
     r = httpx.post(url, content=gzjs, headers={"Content-Type": "application/json", "Content-Encoding": "gzip", **AUTH})
     assert r.status_code == 200
     assert [_count(cfg, r) for r in ("plain", "gz", "js", "gzjs")] == [3, 3, 3, 3]
@@ -175,7 +161,7 @@ def test_invalid_run_id_is_rejected_with_the_fix(guarded):
     assert r.status_code == 400
     from google.rpc.status_pb2 import Status
 
-    assert "not a valid run id" in Status.FromString(r.content).message
+    assert "arclight.run_id 'bad/run' is not valid" in Status.FromString(r.content).message
 
 
 def test_metrics_count_spans_and_rejections(guarded):
@@ -209,11 +195,11 @@ def test_spans_without_run_id_go_to_the_production_partition_by_date(guarded):
 
 
 def test_compaction_merges_small_files_and_keeps_every_row(tmp_path):
-    from lightning_core.lake import request_to_rows
+    from lightning_core.lake import request_to_tables
 
     lake = Lake(tmp_path / "lake")
     for _ in range(20):
-        lake.write(request_to_rows(_export_request("many", n=5)))
+        lake.write(request_to_tables(_export_request("many", n=5)))
     folder = tmp_path / "lake" / "spans" / "training" / "run_id=many" / "epoch=1"
     assert len(list(folder.glob("part-*.parquet"))) == 20
     assert lake.compact(min_files=16, idle_s=3600) == 0  # not idle yet
@@ -258,11 +244,11 @@ def test_rollout_context_on_spans_fills_the_columns_when_the_resource_has_none()
 
 
 def _many_files(tmp_path, n: int = 20):
-    from lightning_core.lake import request_to_rows
+    from lightning_core.lake import request_to_tables
 
     lake = Lake(tmp_path / "lake")
     for _ in range(n):
-        lake.write(request_to_rows(_export_request("many", n=5)))
+        lake.write(request_to_tables(_export_request("many", n=5)))
     return lake, tmp_path / "lake" / "spans" / "training" / "run_id=many" / "epoch=1"
 
 

@@ -57,3 +57,10 @@ def test_malformed_override_and_missing_file_are_clear(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping of settings"):
         load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_literal_values_are_not_parsed_as_yaml(tmp_path):
+    cfg = load_config(None, overrides=[f"project_dir={tmp_path}"],
+                      values={"collector.token": "Xy9 #long-secret-part", "gateway.host": "::", "lake.path": tmp_path / "a: b"})
+    assert cfg.collector.token == "Xy9 #long-secret-part" and cfg.gateway.host == "::"
+    assert cfg.lake.path == tmp_path / "a: b"

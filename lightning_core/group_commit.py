@@ -1,0 +1,115 @@
+"""Group commit: one thread writes the span tables of many requests to the lake as shared files.
+
+Requests that arrive within ``flush_interval_s`` of each other share one file per partition, up
+to ``MAX_PARTITIONS_PER_COMMIT`` partitions per commit (each partition costs a file and two
+fsyncs). A commit is all or nothing (``Lake.write``); when one fails, each of its requests is
+written again on its own, so a request that cannot be written never fails the others.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from typing import Callable
+
+import pyarrow as pa
+
+from lightning_core.lake import Lake, Partition
+
+log = logging.getLogger("arclight.collector")
+
+MAX_PARTITIONS_PER_COMMIT = 256
+
+Tables = dict[Partition, pa.Table]
+
+
+class GroupCommitWriter:
+    """One thread that writes queued span tables to the lake, sharing files across requests."""
+
+    def __init__(self, lake: Lake, *, flush_interval_s: float, on_commit: Callable[[int, list[float]], None] | None = None):
+        self.lake, self.flush_interval_s, self.on_commit = lake, flush_interval_s, on_commit
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="arclight-lake-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, tables: Tables) -> concurrent.futures.Future:
+        """Queue one request's tables; the future completes (with its row count) once they are durable."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((tables, future, time.monotonic()))
+        return future
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        carry = None  # a request that did not fit into the previous commit
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first is None:
+                return
+            batch, partitions, stop = [first], set(first[0]), False
+            deadline = time.monotonic() + self.flush_interval_s
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                if len(partitions.union(item[0])) > MAX_PARTITIONS_PER_COMMIT:
+                    carry = item
+                    break
+                batch.append(item)
+                partitions.update(item[0])
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list) -> None:
+        try:
+            files = len(self.lake.write(_merge([tables for tables, _, _ in batch])))
+            outcomes: list[BaseException | None] = [None] * len(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.error("writing a request to the lake failed: %s", exc)
+                files, outcomes = 0, [exc]
+            else:
+                log.warning("a commit of %d requests failed (%s); writing each request on its own", len(batch), exc)
+                files, outcomes = self._one_by_one(batch)
+        now = time.monotonic()
+        if self.on_commit is not None:
+            self.on_commit(files, [now - queued_at for (_, _, queued_at), error in zip(batch, outcomes) if error is None])
+        for (tables, future, _), error in zip(batch, outcomes):
+            if error is None:
+                future.set_result(sum(t.num_rows for t in tables.values()))
+            else:
+                future.set_exception(error)
+
+    def _one_by_one(self, batch: list) -> tuple[int, list[BaseException | None]]:
+        files, outcomes = 0, []
+        for tables, _, _ in batch:
+            try:
+                files += len(self.lake.write(tables))
+                outcomes.append(None)
+            except Exception as exc:
+                log.error("writing a request to the lake failed: %s", exc)
+                outcomes.append(exc)
+        return files, outcomes
+
+
+def _merge(requests: list[Tables]) -> Tables:
+    """One table per partition from the tables of many requests."""
+    parts: dict[Partition, list[pa.Table]] = defaultdict(list)
+    for tables in requests:
+        for partition, table in tables.items():
+            parts[partition].append(table)
+    return {partition: pa.concat_tables(tables) if len(tables) > 1 else tables[0] for partition, tables in parts.items()}

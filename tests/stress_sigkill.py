@@ -1,0 +1,226 @@
+"""Stress (``make stress``, not in CI): send spans to a real collector while SIGKILLing it and a
+second compactor at random, then check that no acknowledged span is missing and no span is
+stored twice.
+
+    .venv/bin/python -m tests.stress_sigkill --spans 100000
+
+Senders post protobuf requests of ``--batch`` spans with unique span ids and never re-send, so
+every duplicate would be the lake's doing (a compaction killed in its swap, a commit half
+written). The collector compacts every second (``compact_min_files=2``, ``compact_idle_s=0``)
+and an ``arclight``-style compactor process loops ``Lake.compact`` beside it; the killer SIGKILLs
+one of them every ``--kill-every`` seconds (random, mean) and restarts it. At the end the collector
+is started once more (its start-up recovery), stopped, and the lake is counted through the
+``spans`` view. Prints one JSON report; exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from lightning_core.catalog import Catalog
+from lightning_core.lake import COMPACTING_MARKER
+from lightning_core.services import free_port, is_healthy
+from tests.otlp_factory import export_request
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = ("stress-a", "stress-b", "stress-c")
+
+
+class Collector:
+    """A collector process on a fixed port that can be killed and started again."""
+
+    def __init__(self, lake: Path, port: int, log: Path):
+        self.lake, self.port, self.log = lake, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "lightning_core", "collector", "--lake", str(self.lake), "--port", str(self.port),
+                "--set", "collector.compact_min_files=2", "--set", "collector.compact_idle_s=0", "--log-level", "warning"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not is_healthy(f"{self.url}/healthz", timeout_s=1):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit(f"collector did not start (log {self.log})")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+
+COMPACTOR = "import sys\nfrom lightning_core.lake import Lake\nlake = Lake(sys.argv[1])\nwhile True:\n    lake.compact(min_files=2, idle_s=0)\n"
+
+
+def start_compactor(lake: Path) -> subprocess.Popen:
+    """A second compactor looping over the lake, as `arclight compact` run beside the collector."""
+    return subprocess.Popen([sys.executable, "-c", COMPACTOR, str(lake)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def leftovers(lake: Path) -> dict[str, int]:
+    """Compaction markers (by phase) and temporary files in the lake right now."""
+    found = {"markers_merging": 0, "markers_swapping": 0, "temp_files": 0}
+    for path in (lake / "spans").rglob("*"):
+        if path.name == COMPACTING_MARKER:
+            try:
+                phase = json.loads(path.read_text()).get("phase", "swapping")
+            except (OSError, ValueError):
+                phase = "merging"  # being created
+            found[f"markers_{phase}"] += 1
+        elif path.name.endswith(".tmp"):
+            found["temp_files"] += 1
+    return found
+
+
+def wait_for_swap(lake: Path, pid: int, timeout_s: float = 3.0) -> None:
+    """Return as soon as process ``pid`` is swapping files in some partition (or after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for marker in (lake / "spans").rglob(COMPACTING_MARKER):
+            try:
+                record = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if record.get("phase") == "swapping" and record.get("owner", "").endswith(f"-{pid}"):
+                return
+        time.sleep(0.001)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spans", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--kill-every", type=float, default=1.5, help="mean seconds between kills")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    root = Path(tempfile.mkdtemp(prefix="arclight-stress-"))
+    lake = root / "lake"
+    Catalog(lake).ensure()
+    collector = Collector(lake, free_port(), root / "collector.log")
+    collector.start()
+    compactor = start_compactor(lake)
+
+    n_requests = args.spans // args.batch
+    next_request = iter(range(n_requests))
+    lock = threading.Lock()
+    acked: list[int] = []  # request numbers acknowledged with 200
+    failed: dict[str, int] = {}
+    done = threading.Event()
+
+    def send() -> None:
+        with httpx.Client(timeout=30) as client:
+            while True:
+                with lock:
+                    k = next(next_request, None)
+                if k is None:
+                    return
+                first = k * args.batch
+                spans = [{"span_id": (first + i + 1).to_bytes(8, "big"), "trace_id": (k + 1).to_bytes(16, "big"),
+                          "start": 1_700_000_000 * 10**9 + first + i} for i in range(args.batch)]
+                body = export_request({"arclight.run_id": RUNS[k % len(RUNS)], "arclight.epoch": k % 2}, spans).SerializeToString()
+                try:
+                    status = client.post(f"{collector.url}/v1/traces", content=body,
+                                         headers={"Content-Type": "application/x-protobuf"}).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                with lock:
+                    if status == 200:
+                        acked.append(k)
+                    else:  # never re-sent: a duplicate could then only be the lake's doing
+                        failed[str(status)] = failed.get(str(status), 0) + 1
+                while status != 200 and not is_healthy(f"{collector.url}/healthz", timeout_s=1):
+                    time.sleep(0.05)  # the collector is being restarted
+
+    kills = {"collector": 0, "compactor": 0}
+    stranded = {"markers_merging": 0, "markers_swapping": 0, "temp_files": 0}  # what kills left, seen before the restart
+
+    def kill_loop() -> None:
+        nonlocal compactor
+        while not done.wait(rng.expovariate(1 / args.kill_every)):
+            if rng.random() < 0.5:
+                collector.kill()
+                kills["collector"] += 1
+                left = leftovers(lake)
+                collector.start()
+            else:
+                if rng.random() < 0.5:
+                    wait_for_swap(lake, compactor.pid)  # aim at the swap window
+                compactor.send_signal(signal.SIGKILL)
+                compactor.wait()
+                kills["compactor"] += 1
+                left = leftovers(lake)
+                compactor = start_compactor(lake)
+            for key, n in left.items():
+                stranded[key] += n
+
+    started = time.monotonic()
+    killer = threading.Thread(target=kill_loop)
+    killer.start()
+    senders = [threading.Thread(target=send) for _ in range(args.senders)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join()
+    done.set()
+    killer.join()
+    elapsed = time.monotonic() - started
+    compactor.send_signal(signal.SIGKILL)
+    compactor.wait()
+    collector.stop()
+    collector.start()  # start-up recovery, as after any crash
+    collector.stop()
+
+    at_end = sum(leftovers(lake).values())
+    acked_ids = {k * args.batch + i + 1 for k in acked for i in range(args.batch)}
+    with Catalog(lake).read() as con:
+        rows = con.execute(
+            "SELECT span_id FROM spans WHERE run_id IN (SELECT unnest($runs))", {"runs": list(RUNS)}).fetchall()
+    stored = [int(span_id, 16) for (span_id,) in rows]
+    stored_set = set(stored)
+    report = {
+        "spans_sent": n_requests * args.batch,
+        "requests_acknowledged": len(acked),
+        "requests_not_acknowledged": failed,
+        "spans_acknowledged": len(acked_ids),
+        "acknowledged_spans_missing": len(acked_ids - stored_set),
+        "rows_in_spans_view": len(stored),
+        "duplicate_rows": len(stored) - len(stored_set),
+        "unacknowledged_spans_stored_anyway": len(stored_set - acked_ids),
+        "kills": kills,
+        "seen_right_after_kills": stranded,
+        "markers_and_temp_files_left_at_end": at_end,
+        "seconds": round(elapsed, 1),
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "lake": str(lake),
+    }
+    print(json.dumps(report, indent=2))
+    ok = report["acknowledged_spans_missing"] == 0 and report["duplicate_rows"] == 0 and at_end == 0
+    if ok and not os.environ.get("ARCLIGHT_STRESS_KEEP"):
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
