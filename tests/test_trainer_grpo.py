@@ -226,3 +226,16 @@ def test_samples_and_epoch_stats_count_what_cannot_train():
     assert counts["logprobs_mismatched"] == 1 and counts["truncated_prompt"] == 3
     assert samples[0].prompt_ids == rows[0]["prompt_token_ids"][-4:]
     assert samples[0].logprobs == rows[0]["response_logprobs"][:3] and samples[2].logprobs is None
+
+
+def test_steps_are_balanced_not_a_full_step_and_a_remainder():
+    samples = samples_of(make_triplets(groups=4, per_group=5, rewarded=0))
+    per = [s.tokens for s in samples]
+    budget = sum(per) * 9 // 10  # two steps; cutting at the budget would give 90% and 10% of the data
+    steps = plan_steps(samples, tokens_per_step=budget, micro_batch_size=4, normalization="token", seed=0)
+    sizes = [sum(s.tokens for mb in st.micro_batches for s in mb) for st in steps]
+    assert len(steps) == 2 and sum(sizes) == sum(per)
+    assert abs(sizes[0] - sizes[1]) <= max(per)
+    few = plan_steps(samples, tokens_per_step=sum(per) // 3 + 1, micro_batch_size=4, normalization="token", seed=0)
+    sizes = [sum(s.tokens for mb in st.micro_batches for s in mb) for st in few]
+    assert len(few) == 3 and max(sizes) - min(sizes) <= max(per)

@@ -171,14 +171,16 @@ def plan_steps(
         by_rollout[s.rollout_id].append(s)
     order = sorted(by_rollout)
     random.Random(seed).shuffle(order)
-    steps: list[list[Sample]] = [[]]
+    # As few steps as the budget allows, of about equal size: 99 triplets in two steps are 50 + 49,
+    # not 96 + 3 (a step of 3 triplets would move the weights as far as one of 96, on far less evidence).
+    total = sum(s.tokens for s in samples)
+    n_steps = max(1, math.ceil(total / tokens_per_step))
+    target = total / n_steps
+    steps: list[list[Sample]] = [[] for _ in range(n_steps)]
     used = 0
     for rollout in order:
         for s in by_rollout[rollout]:
-            if steps[-1] and used + s.tokens > tokens_per_step:
-                steps.append([])
-                used = 0
-            steps[-1].append(s)
+            steps[min(n_steps - 1, int((used + s.tokens / 2) // target))].append(s)
             used += s.tokens
     planned = []
     for chunk in steps:
