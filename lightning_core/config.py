@@ -162,6 +162,9 @@ class TrainerConfig(Section):
     max_prompt_length: int = Field(2048, ge=1, description="Prompts are cut to their last N tokens.")
     max_response_length: int = Field(1024, ge=1, description="Responses are cut to their first N tokens.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    keep_optimizer_state: bool = Field(
+        True, description="Save AdamW's moments with each version and continue from the parent's, so an epoch "
+        "continues the optimiser instead of restarting it (a fresh AdamW takes full-size steps on any gradient).")
     seed: int = Field(0, description="Seed of LoRA init and data order (offset by the epoch).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     device: str = Field("auto", description="auto: cuda when available, else cpu.")

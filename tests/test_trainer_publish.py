@@ -158,3 +158,29 @@ def test_sft_keeps_the_best_triplets_and_raises_their_likelihood(tmp_path, tiny_
     assert len(losses) == 8 and losses[-1] < 0.5 * losses[0], losses  # loss on the kept responses' tokens falls
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(result.path))
     assert versions_rows(cfg)[0][7] == "full"
+
+
+def test_the_next_epoch_continues_adamw_from_the_parent_version(tmp_path, tiny_dir):
+    """A fresh AdamW moves every weight by ~lr on its first step whatever the gradient; the next epoch must
+    continue the parent's moments (and step count) instead, and still take the config's learning rate."""
+    from lightning_core.trainer.train import OPTIMIZER_STATE
+
+    cfg = project(tmp_path)
+    first = train_policy(cfg, triplet_table(make_triplets(groups=3, per_group=4, epoch=0)), policy="default",
+                         base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    saved = torch.load(first.path / OPTIMIZER_STATE, weights_only=True)
+    assert saved["state"] and all(int(s["step"]) == 1 for s in saved["state"].values())
+
+    cfg = project(tmp_path, "trainer.learning_rate=0.005")
+    second = train_policies(cfg, run_id="r1", epoch=1, base_model_dir=tiny_dir,
+                            triplets={"default": triplet_table(make_triplets(groups=3, per_group=4, epoch=1))})[0]
+    assert second.parent_version == "default-v1"
+    resumed = torch.load(second.path / OPTIMIZER_STATE, weights_only=True)
+    assert all(int(s["step"]) == 2 for s in resumed["state"].values())  # continued, not restarted
+    assert resumed["param_groups"][0]["lr"] == 0.005  # the config sets the hyperparameters, not the parent
+
+    # Off: no state saved, and each epoch starts afresh.
+    cfg = project(tmp_path, "trainer.keep_optimizer_state=false")
+    third = train_policies(cfg, run_id="r1", epoch=2, base_model_dir=tiny_dir,
+                           triplets={"default": triplet_table(make_triplets(groups=3, per_group=4, epoch=2))})[0]
+    assert third.parent_version == "default-v2" and not (third.path / OPTIMIZER_STATE).exists()

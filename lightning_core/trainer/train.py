@@ -106,15 +106,17 @@ def train_policy(
         )
         first_step = tracking.next_step(mlflow_run_id)
         t0 = time.perf_counter()
+        optimizer = None
         if cfg.mode == "sft":
             steps = _run_sft(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device, amp=amp,
                              seed=cfg.seed + epoch)
             for i, m in enumerate(steps):
                 tracking.log_metrics(m, step=first_step + i)
         else:
-            steps = _run_grpo(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device, amp=amp,
-                              seed=cfg.seed + epoch,
-                              on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
+            parent_dir = parent_adapter_dir or (base_model_dir if parent_version else None)
+            steps, optimizer = _run_grpo(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device,
+                                         amp=amp, seed=cfg.seed + epoch, parent_dir=parent_dir,
+                                         on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
         stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
         tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps")}, step=epoch)
         if stats["optimizer_steps"] == 0:
@@ -127,7 +129,8 @@ def train_policy(
 
         version = versions.next_version(catalog, policy=policy)
         root = cfg.output_dir / policy
-        path = checkpoint.save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir),
+        path = checkpoint.save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir,
+                                                                  optimizer=optimizer),
                                           root=root, name=version)
         source = tracking.log_checkpoint(path, version=version)
         registry_version = tracking.register_version(config, policy=policy, source=source, mlflow_run_id=mlflow_run_id,
@@ -177,20 +180,49 @@ def train_policies(
     return results
 
 
-def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step):
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step, parent_dir=None):
     steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
                        normalization=cfg.loss_normalization, seed=seed,
                        shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
                        micro_batch_tokens=cfg.micro_batch_tokens)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
+    if cfg.keep_optimizer_state and parent_dir is not None:
+        resume_optimizer(optimizer, Path(parent_dir) / OPTIMIZER_STATE, cfg=cfg)
     reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device)
                  if cfg.beta != 0.0 else None)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    return train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                      beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
-                      reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
-                      max_steps=cfg.max_steps)
+    metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                         beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
+                         reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
+                         max_steps=cfg.max_steps)
+    return metrics, optimizer
+
+
+def resume_optimizer(optimizer: torch.optim.Optimizer, path: Path, *, cfg: TrainerConfig) -> bool:
+    """Load the parent version's AdamW moments into ``optimizer``; False (fresh moments) when absent or mismatched.
+
+    A fresh AdamW's first steps move every parameter by about the full learning rate whatever the
+    gradient's size (its second moment is just that gradient squared), so restarting it each epoch
+    turns the small, noisy gradients of a nearly solved task into full-size random steps.
+    """
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state.get("state", {})
+    shapes_match = len(state.get("param_groups", [{}])[0].get("params", [])) == len(params) and all(
+        saved[i]["exp_avg"].shape == p.shape for i, p in enumerate(params) if i in saved)
+    if not shapes_match:
+        log.warning("optimizer state in %s does not match this model's trainable parameters; starting AdamW afresh", path)
+        return False
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:  # the config, not the parent, sets the hyperparameters
+        group["lr"], group["weight_decay"] = cfg.learning_rate, cfg.weight_decay
+    return True
 
 
 def shared_prefix_mode(mode: str, model: torch.nn.Module) -> str:
@@ -217,8 +249,10 @@ def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp,
              "entropy": float(h.get("entropy", math.nan)), "skipped": 0.0} for h in logs]
 
 
-def _save_model(model, folder: Path, *, cfg: TrainerConfig, base_model_dir) -> None:
+def _save_model(model, folder: Path, *, cfg: TrainerConfig, base_model_dir, optimizer=None) -> None:
     model.save_pretrained(str(folder))
+    if optimizer is not None and cfg.keep_optimizer_state:
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER_STATE)
     if cfg.finetune == "full":  # a full checkpoint must be loadable on its own: carry the tokenizer files
         import shutil
 
