@@ -21,6 +21,7 @@ import duckdb
 from lightning_core.lake import SCHEMA_RUN, ensure_schema_files
 
 STORAGE_VERSION = "v1.5.0"
+VIEW_ATTEMPTS = 6  # tries to (re)create the lake views while compaction swaps files
 
 STATE_TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -179,9 +180,18 @@ class Catalog:
         """Create the lake folders, the catalog file, its views and state tables (idempotent)."""
         self.lake_root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.lake_root)
-        with self.write() as con:
-            con.execute(STATE_TABLES)
-            con.execute(view_sql(self.lake_root))
+        for attempt in range(VIEW_ATTEMPTS):
+            try:
+                with self.write() as con:
+                    con.execute(STATE_TABLES)
+                    con.execute(view_sql(self.lake_root))
+                return
+            except duckdb.IOException as exc:
+                # Binding the views reads every span file's schema; the collector's compaction may
+                # replace a file between the glob and the read. The next glob sees the new files.
+                if "no such file" not in str(exc).lower() or attempt == VIEW_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
 
     @contextlib.contextmanager
     def write(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
