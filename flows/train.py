@@ -21,6 +21,7 @@ from lightning_core import epoch as ep
 from lightning_core import sampling, stages
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig, load_config
+from lightning_core.runner import RunnerSettings
 from lightning_core.stack import Stack, open_stack
 from tasks import epoch as t
 
@@ -54,15 +55,21 @@ def project_lock(config: ArclightConfig) -> Iterator[None]:
 
 
 def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str,
-                 eval_tasks: int | None = None) -> dict[str, int]:
-    """Fan the epoch's pending rollouts out over the task runner, with a progress artifact."""
+                 eval_tasks: int | None = None, settings: RunnerSettings | None = None) -> dict[str, int]:
+    """Fan the epoch's pending rollouts out over the task runner, with a progress artifact.
+
+    ``settings`` (default: the mode's, with the serving prompt versions) say what every rollout
+    runs with; the prompt versions are recorded on the rollouts' rows before they start.
+    """
     logger = get_run_logger()
     pending = t.plan(config, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
     total = sum(ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode).values())
     done = total - len(pending)
     logger.info("epoch %s: %d rollouts planned, %d to run", epoch, total, len(pending))
     if pending:
-        settings = stages.runner_settings(config, stack, mode=mode)
+        settings = settings or stages.runner_settings(config, stack, mode=mode)
+        ep.record_prompt_versions(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode,
+                                  versions=settings.prompt_versions)
         attempts = stages.first_attempts(config, run_id=run_id, epoch=epoch)
         progress = create_progress_artifact(100.0 * done / total, key=t.artifact_key(run_id, mode, epoch, "progress"),
                                             description=f"{mode} rollouts of epoch {epoch}")
@@ -187,15 +194,20 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, ep
     return stages.summary_rows(config)
 
 
-def run_evaluation(config: ArclightConfig, stack: Stack, *, label: str | None = None, tasks: int | None = None
-                   ) -> dict[str, Any]:
-    """Evaluate the serving policy greedily on the held-out tasks (an earlier identical one is reused)."""
+def run_evaluation(config: ArclightConfig, stack: Stack, *, label: str | None = None, tasks: int | None = None,
+                   prompt_versions: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate the serving policy greedily on the held-out tasks (an earlier identical one is reused).
+
+    ``prompt_versions`` (ids such as ``system-v3``) replace the serving versions of those prompts.
+    """
     catalog = Catalog.from_config(config)
     eval_run = stages.eval_run_id(config)
     t.redeploy(config, stack)
-    label = label or stages.eval_label(config, stages.serving_versions(config, stack), tasks=tasks)
+    settings = stages.runner_settings(config, stack, mode="eval", prompt_versions=prompt_versions)
+    label = label or stages.eval_label(config, stages.serving_versions(config, stack), tasks=tasks,
+                                       prompt_versions=settings.prompt_versions)
     eval_epoch = stages.eval_epoch(catalog, run_id=eval_run, label=label)
-    counts = run_rollouts(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks)
+    counts = run_rollouts(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
     t.ingest(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval")
     result = stages.record_eval(config, epoch=eval_epoch, label=label)
     create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
@@ -206,15 +218,17 @@ def run_evaluation(config: ArclightConfig, stack: Stack, *, label: str | None = 
 
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS), log_prints=True)
-def evaluate(config_path: str | None = None, overrides: list[str] | None = None, label: str | None = None) -> dict[str, Any]:
+def evaluate(config_path: str | None = None, overrides: list[str] | None = None, label: str | None = None,
+             prompt_versions: list[str] | None = None) -> dict[str, Any]:
     """Run the held-out tasks greedily against the policy serving now; return reward and success rate.
 
     Evaluation rollouts go to their own run, ``<run>.eval``, one epoch per evaluated version.
+    ``prompt_versions`` (ids such as ``system-v3``) score those prompt versions instead of the serving ones.
     """
     config = load(config_path, overrides)
     _prepare(config)
     with open_stack(config) as stack:
-        return run_evaluation(config, stack, label=label)
+        return run_evaluation(config, stack, label=label, prompt_versions=prompt_versions)
 
 
 DEPLOYABLE = {"train-epoch": train_epoch, "train": train, "evaluate": evaluate}

@@ -78,6 +78,23 @@ ALTER TABLE epochs ADD COLUMN IF NOT EXISTS tasks_sampled BIGINT;       -- tasks
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS informative_groups BIGINT;  -- groups whose rewards differ (they train)
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS skipped_groups BIGINT;      -- groups with all-equal rewards (no gradient)
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS sampling_rounds BIGINT;
+-- Prompts as versioned resources (issue 20): every version of every named prompt, one serving each.
+CREATE TABLE IF NOT EXISTS prompt_versions (
+    version         VARCHAR PRIMARY KEY,  -- <name>-v<number>
+    name            VARCHAR,
+    number          BIGINT,
+    text            VARCHAR,
+    parent_version  VARCHAR,              -- the version it was edited from
+    score           DOUBLE,               -- latest mean reward while prompt optimisation scored it
+    score_tasks     BIGINT,               -- rollouts that score is over
+    made_by         VARCHAR,              -- config | critic | scripted
+    critique        VARCHAR,              -- the textual gradient it applies
+    run_id          VARCHAR,              -- the optimisation run that made it
+    round           BIGINT,
+    serving         BOOLEAN DEFAULT false,
+    created_at      TIMESTAMPTZ DEFAULT current_timestamp
+);
+ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS prompt_versions JSON;   -- name -> version the rollout ran with
 """
 
 
@@ -192,6 +209,14 @@ class Catalog:
                 if "no such file" not in str(exc).lower() or attempt == VIEW_ATTEMPTS - 1:
                     raise
                 time.sleep(0.05 * 2 ** attempt)
+
+    def ensure_state(self) -> None:
+        """Make sure the state tables exist (a catalog made by an older version gets the new ones), cheaply."""
+        if not self.path.exists():
+            self.ensure()
+            return
+        with self.write() as con:
+            con.execute(STATE_TABLES)
 
     @contextlib.contextmanager
     def write(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -263,7 +263,23 @@ class RolloutsConfig(Section):
     timeout_s: float = Field(120.0, gt=0, description="A rollout still running after this is stopped and recorded as timed_out.")
     retries: int = Field(0, ge=0, description="Extra attempts for a rollout that failed or timed out.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature the agent is told to use for training rollouts.")
-    resources: dict[str, Any] = Field(default_factory=dict, description="Anything the agent needs (prompt template, tool settings); passed as ctx.resources.")
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="Anything the agent needs (tool settings...); passed as ctx.resources. "
+        "resources.prompts.<name> are versioned prompt templates: the agent reads the serving version with ctx.prompt(name).")
+
+    @field_validator("resources")
+    @classmethod
+    def _prompts_are_named_texts(cls, value: dict[str, Any]) -> dict[str, Any]:
+        prompts = value.get("prompts")
+        if prompts is None:
+            return value
+        if not isinstance(prompts, dict):
+            raise ValueError(f"resources.prompts must map prompt names to texts, found {type(prompts).__name__}")
+        for name, text in prompts.items():
+            names.check_name(name, what="prompt name")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"resources.prompts.{name} must be a non-empty text, found {text!r}")
+        return value
     seed: int = Field(0, description="Seed of task sampling.")
 
 
@@ -275,6 +291,48 @@ class EvaluationConfig(Section):
         "epochs (and after the last); None = only when asked (`arclight evaluate`).")
     at_start: bool = Field(True, description="With every_epochs: also evaluate the starting policy before the first epoch.")
     tasks: int | None = Field(None, ge=1, description="Held-out tasks per evaluation during training; None = rollouts.eval_tasks.")
+
+
+class CriticConfig(Section):
+    """Who writes the critiques and edits of prompt optimisation."""
+
+    kind: Literal["model", "scripted"] = Field(
+        "model", description="model: an OpenAI-compatible chat model writes a critique of the prompt from the failed "
+        "trajectories (the textual gradient), then the edited prompt; scripted: a Python function does (rule-based edits).")
+    function: str | None = Field(None, description="scripted: the critic as 'module:function' (prompt, failures, n) -> "
+                                 "[(critique, new prompt), ...]; looked up like rollouts.agent.")
+    url: str | None = Field(None, description="model: base URL of an OpenAI-compatible API (e.g. a hosted one); None = the "
+                            "local vLLM through the gateway, whose calls are traced under the optimisation run.")
+    model: str | None = Field(None, description="model: the model name; None = model.served_name (the base model).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="model with url: the environment variable holding the API key.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of critique and edit calls.")
+    max_tokens: int = Field(256, ge=1, description="Longest critique or edited prompt, in tokens.")
+    timeout_s: float = Field(120.0, gt=0, description="Longest wait for one critic answer.")
+
+
+class PromptOptimizationConfig(Section):
+    """Automatic prompt optimisation (APO): beam search over a prompt resource with textual gradients."""
+
+    prompt: str | None = Field(None, description="Which prompt of rollouts.resources.prompts to optimise; None = the only one.")
+    run_name: str | None = Field(None, description="Run id of the search's rollouts and critic calls; default <run_name>.apo.")
+    rounds: int = Field(3, ge=1, description="Beam-search rounds after scoring the starting prompt.")
+    beam_width: int = Field(2, ge=1, description="Candidates kept after each round.")
+    branch_factor: int = Field(2, ge=1, description="Edited prompts the critic writes per kept candidate per round.")
+    tasks_per_eval: int = Field(16, ge=1, description="Training tasks every candidate of a round runs (the same tasks for all).")
+    samples_per_task: int = Field(1, ge=1, description="Rollouts per task and candidate.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the agent while candidates are scored (0: greedy).")
+    failures: int = Field(4, ge=1, description="Lowest-reward trajectories shown to the critic per critique.")
+    max_rollouts: int | None = Field(None, ge=1, description="Rollout budget of the search; a round that would exceed it is not started.")
+    max_prompt_chars: int = Field(2000, ge=16, description="Edited prompts longer than this are cut off there.")
+    held_out: bool = Field(True, description="At the end, evaluate the starting and the best prompt on rollouts.eval_dataset.")
+    promote: bool = Field(True, description="Make the best prompt the serving version (used by later train and evaluate runs).")
+    seed: int = Field(0, description="Seed of the task samples.")
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_partition_value(cls, value: str | None) -> str | None:
+        return None if value is None else names.check_run_id(value, what="prompt_optimization.run_name")
 
 
 class ArclightConfig(Section):
@@ -294,6 +352,7 @@ class ArclightConfig(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     rollouts: RolloutsConfig = Field(default_factory=RolloutsConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    prompt_optimization: PromptOptimizationConfig = Field(default_factory=PromptOptimizationConfig)
     epochs: int = Field(1, ge=1, description="Epochs `arclight train` and the train flow run.")
 
     @field_validator("run_name")

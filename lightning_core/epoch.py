@@ -66,11 +66,13 @@ def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: 
         if r.tasks_per_epoch is not None and r.tasks_per_epoch < len(tasks):
             tasks = rng.sample(tasks, r.tasks_per_epoch)
         group_size = r.group_size
-    else:
+    elif mode == "eval":
         if r.eval_dataset is None:
             raise DatasetError("rollouts.eval_dataset is not set: point it at a JSONL file of held-out tasks")
         tasks = load_tasks(r.eval_dataset)[: (eval_tasks or r.eval_tasks) or None]
         group_size = 1
+    else:
+        raise ValueError(f"epoch {epoch} of run {run_id} has no {mode!r} rollouts planned: plan them with plan_tasks first")
     _insert_plan(catalog, run_id=run_id, epoch=epoch, mode=mode, tasks=tasks, group_size=group_size, sampling_round=0)
     return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
 
@@ -99,6 +101,13 @@ def plan_more_tasks(config: ArclightConfig, catalog: Catalog, *, run_id: str, ep
     return [s for s in pending_rollouts(catalog, run_id=run_id, epoch=epoch) if s.task_id in ids]
 
 
+def plan_tasks(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks: list[dict[str, Any]], group_size: int
+               ) -> list[RolloutSpec]:
+    """Plan ``group_size`` rollouts of each of ``tasks`` for (run, epoch) in ``mode`` (idempotent); return the plan."""
+    _insert_plan(catalog, run_id=run_id, epoch=epoch, mode=mode, tasks=tasks, group_size=group_size, sampling_round=0)
+    return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
+
+
 def _training_dataset(config: ArclightConfig) -> Path:
     if config.rollouts.dataset is None:
         raise DatasetError("rollouts.dataset is not set: point it at a JSONL file of training tasks")
@@ -107,7 +116,7 @@ def _training_dataset(config: ArclightConfig) -> Path:
 
 def _insert_plan(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks: list[dict[str, Any]], group_size: int,
                  sampling_round: int) -> None:
-    prefix = f"{run_id}-{'e' if mode == 'train' else 'eval'}{epoch}"
+    prefix = f"{run_id}-{ {'train': 'e', 'eval': 'eval'}.get(mode, mode)}{epoch}"
     specs = [
         RolloutSpec(run_id, epoch, f"{prefix}-{task['id']}-{k}", task["id"], task["id"], k, task)
         for task in tasks
@@ -120,6 +129,15 @@ def _insert_plan(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks:
             [(s.run_id, s.epoch, s.rollout_id, s.task_id, s.group_id, s.sample_index, json.dumps(s.task), mode,
               sampling_round) for s in specs],
         )
+
+
+def record_prompt_versions(catalog: Catalog, *, run_id: str, epoch: int, mode: str, versions: dict[str, str]) -> None:
+    """Note on the epoch's rollouts that have not run yet which prompt versions they run with."""
+    if not versions:
+        return
+    with catalog.write() as con:
+        con.execute("UPDATE rollouts SET prompt_versions = ? WHERE run_id = ? AND epoch = ? AND mode = ? AND status = 'planned'",
+                    [json.dumps(versions, sort_keys=True), run_id, epoch, mode])
 
 
 def record_sampling(catalog: Catalog, *, run_id: str, epoch: int, informative_groups: int) -> dict[str, int]:

@@ -59,7 +59,19 @@ class AgentContext:
     api_key: str
     temperature: float = 1.0
     resources: dict[str, Any] = field(default_factory=dict)
-    mode: str = "train"  # train | eval
+    mode: str = "train"  # train | eval | apo
+    prompt_versions: dict[str, str] = field(default_factory=dict)  # prompt name -> version this rollout runs with
+
+    def prompt(self, name: str, default: str | None = None, **values: Any) -> str:
+        """Return the serving text of prompt ``name`` (``rollouts.resources.prompts.<name>``), formatted with ``values``.
+
+        ``default`` is used when the project names no such prompt (so the agent also runs outside
+        Arclight); with neither, the error names the config key to set.
+        """
+        text = (self.resources.get("prompts") or {}).get(name, default)
+        if text is None:
+            raise KeyError(f"prompt {name!r} is not configured: set rollouts.resources.prompts.{name} in the project config")
+        return text.format_map(values) if values else text
 
     def openai_client(self, **kwargs: Any):
         """Return an ``openai.OpenAI`` client pointed at this rollout's gateway URL."""
@@ -103,6 +115,7 @@ class RunnerSettings:
     temperature: float = 1.0
     resources: dict[str, Any] = field(default_factory=dict)
     mode: str = "train"
+    prompt_versions: dict[str, str] = field(default_factory=dict)
 
 
 def load_agent(ref: str, *, paths: tuple[str, ...] = ()) -> Callable[..., Any]:
@@ -127,12 +140,14 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
     """Run one attempt inside the worker process and send back (status, reward, error)."""
     context = tracing.RolloutContext(spec.run_id, spec.epoch, spec.rollout_id, spec.task_id, attempt)
     handle = tracing.init_tracing(
-        endpoint=settings.collector_url, token=settings.collector_token, context=context, service_name="arclight-agent"
+        endpoint=settings.collector_url, token=settings.collector_token, context=context, service_name="arclight-agent",
+        resource_attributes={semconv.prompt_version_key(name): v for name, v in settings.prompt_versions.items()},
     )
     ctx = AgentContext(
         run_id=spec.run_id, epoch=spec.epoch, rollout_id=spec.rollout_id, task_id=spec.task_id, attempt=attempt,
         base_url=f"{settings.gateway_url.rstrip('/')}/rollout/{spec.rollout_id}/v1", model=settings.model,
         api_key=settings.api_key, temperature=settings.temperature, resources=dict(settings.resources), mode=settings.mode,
+        prompt_versions=dict(settings.prompt_versions),
     )
     status, reward, error = SUCCEEDED, None, None
     attributes = {semconv.SPAN_KIND: semconv.KIND_ROLLOUT, "arclight.rollout.sample_index": spec.sample_index}
@@ -323,8 +338,14 @@ def outcome_row(spec: RolloutSpec, outcome: RolloutOutcome) -> dict[str, Any]:
     }
 
 
-def settings_from_config(config, *, collector_url: str, gateway_url: str, model: str, mode: str = "train") -> RunnerSettings:
-    """Build runner settings from an ``ArclightConfig`` and the addresses of running services."""
+def settings_from_config(config, *, collector_url: str, gateway_url: str, model: str, mode: str = "train",
+                         resources: dict[str, Any] | None = None, prompt_versions: dict[str, str] | None = None,
+                         temperature: float | None = None) -> RunnerSettings:
+    """Build runner settings from an ``ArclightConfig`` and the addresses of running services.
+
+    ``resources`` replaces ``rollouts.resources`` (with the prompt versions chosen for these
+    rollouts), ``temperature`` the mode's default (training: rollouts.temperature; else greedy).
+    """
     r = config.rollouts
     if not r.agent:
         raise ValueError("rollouts.agent is not set: name the agent as 'module:function' in the config")
@@ -335,5 +356,7 @@ def settings_from_config(config, *, collector_url: str, gateway_url: str, model:
         api_key=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or "arclight",
         collector_token=config.collector.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN"),
         agent_path=paths, timeout_s=r.timeout_s, retries=r.retries,
-        temperature=r.temperature if mode == "train" else 0.0, resources=dict(r.resources), mode=mode,
+        temperature=temperature if temperature is not None else r.temperature if mode == "train" else 0.0,
+        resources=dict(r.resources if resources is None else resources), mode=mode,
+        prompt_versions=dict(prompt_versions or {}),
     )

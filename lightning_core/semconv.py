@@ -66,6 +66,19 @@ LLM_REPLICA = "arclight.llm.replica"  # URL of the vLLM replica that answered
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 ERROR_TYPE = "error.type"  # OpenTelemetry convention: set on failed calls
 
+# Prompt versions (resources.prompts): a resource attribute per prompt the rollout ran with.
+PROMPT_VERSION = "arclight.prompt.{name}.version"
+
+
+def prompt_version_key(name: str) -> str:
+    """Return the resource attribute that carries the version of prompt ``name``."""
+    return PROMPT_VERSION.format(name=name)
+
+
+# Prompt optimisation: spans of the critic's calls carry its role.
+APO_ROLE = "arclight.apo.role"  # critique | edit
+APO_PARENT_VERSION = "arclight.apo.parent_version"
+
 # Rollout outcome spans written by the runner.
 ROLLOUT_STATUS = "arclight.rollout.status"  # succeeded | failed | timed_out
 ROLLOUT_ERROR = "arclight.rollout.error"

@@ -26,12 +26,24 @@ log = logging.getLogger("arclight.stages")
 _VERSION_NUMBER = re.compile(r"-v(\d+)$")
 
 
-def runner_settings(config: ArclightConfig, stack: Stack, *, mode: str = "train") -> RunnerSettings:
-    """Return the settings every rollout of this stack uses (the agent is imported once, to fail early)."""
+def runner_settings(config: ArclightConfig, stack: Stack, *, mode: str = "train", prompt_versions: list[str] | None = None,
+                    prompt_texts: dict[str, Any] | None = None, temperature: float | None = None) -> RunnerSettings:
+    """Return the settings every rollout of this stack uses (the agent is imported once, to fail early).
+
+    The agent gets the serving version of each configured prompt, or the versions named in
+    ``prompt_versions`` (ids such as ``system-v3``); ``prompt_texts`` maps names to versions
+    (``PromptVersion``) chosen by the caller (prompt optimisation's candidates).
+    """
+    from lightning_core import prompts
+
     if stack.gateway is None:
         raise ValueError("rollouts need a gateway: open the stack with its model")
+    chosen = prompts.resolve(Catalog.from_config(config), config, prompt_versions)
+    chosen.update(prompt_texts or {})
     return settings_from_config(
-        config, collector_url=stack.collector.url, gateway_url=stack.gateway.url, model=config.policies[0].name, mode=mode
+        config, collector_url=stack.collector.url, gateway_url=stack.gateway.url, model=config.policies[0].name, mode=mode,
+        resources=prompts.resources_with(config.rollouts.resources, chosen), prompt_versions=prompts.version_ids(chosen),
+        temperature=temperature,
     )
 
 
@@ -268,9 +280,13 @@ def eval_epoch(catalog: Catalog, *, run_id: str, label: str) -> int:
     return number
 
 
-def eval_label(config: ArclightConfig, serving: dict[str, str], *, tasks: int | None = None) -> str:
-    """Name an evaluation by the versions serving (``calc-v5``, ``base``), plus ``@N`` on a task subset."""
+def eval_label(config: ArclightConfig, serving: dict[str, str], *, tasks: int | None = None,
+               prompt_versions: dict[str, str] | None = None) -> str:
+    """Name an evaluation by the versions serving (``calc-v5``, ``base``), then the prompt versions used
+    (``base system-v2``), plus ``@N`` on a task subset."""
     label = ",".join(serving.values())
+    if prompt_versions:
+        label += " " + ",".join(prompt_versions[name] for name in sorted(prompt_versions))
     if tasks is not None and tasks != config.rollouts.eval_tasks:
         label += f"@{tasks}"
     return label

@@ -141,6 +141,48 @@ def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[st
     plt.close(fig)
 
 
+def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str, Any]]) -> None:
+    """Log a prompt search to its own MLflow run (``<run>.apo`` / ``prompt:<name>``): best score per round
+    (metric and plot), every candidate with score, parent and critique (a table), held-out scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    po = config.prompt_optimization
+    params = {"apo.prompt": summary["prompt"], "apo.rounds": po.rounds, "apo.beam_width": po.beam_width,
+              "apo.branch_factor": po.branch_factor, "apo.tasks_per_eval": po.tasks_per_eval,
+              "apo.samples_per_task": po.samples_per_task, "apo.critic": po.critic.kind,
+              "apo.critic_model": po.critic.function or po.critic.model or config.model.served_name}
+    with start_run(config, run_id=summary["run_id"], policy=f"prompt:{summary['prompt']}", params=params):
+        for r in summary["rounds"]:
+            log_metrics({"apo/best_score": r["best_score"], "apo/candidates": r["candidates"], "apo/rollouts": r["rollouts"],
+                         "apo/proposals": r["proposals"], "apo/rejected": len(r["rejected"])}, step=r["round"])
+        for label, version in (("start", summary["start"]), ("best", summary["best"])):
+            result = summary["held_out"].get(version)
+            if result:
+                log_metrics({f"apo/held_out_{label}_reward": result["reward_mean"],
+                             f"apo/held_out_{label}_success": result["success_rate"]}, step=len(summary["rounds"]))
+        log_metrics({"apo/wall_s": summary["wall_s"], "apo/search_s": summary["search_s"]}, step=len(summary["rounds"]))
+        mlflow.set_tags({"apo.best": summary["best"], "apo.start": summary["start"], "apo.promoted": str(summary["promoted"])})
+        columns = ("version", "parent_version", "made_by", "round", "score", "score_tasks", "serving", "critique", "text")
+        mlflow.log_table(data={k: [_cell(c.get(k)) for c in candidates] for k in columns},
+                         artifact_file="apo/candidates.json")
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        rounds = [r["round"] for r in summary["rounds"]]
+        ax.plot(rounds, [r["best_score"] for r in summary["rounds"]], marker="o", label="best in beam")
+        for r in summary["rounds"]:
+            ax.scatter([r["round"]] * len(r["scores"]), [v or 0.0 for v in r["scores"].values()], color="gray", alpha=0.5, s=12)
+        ax.set_xlabel("round (0 = starting prompt)")
+        ax.set_ylabel(f"mean reward ({po.tasks_per_eval} tasks)")
+        ax.set_title(f"Prompt search: {summary['prompt']}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        mlflow.log_figure(fig, "plots/apo_best_score.png")
+        plt.close(fig)
+
+
 def log_samples(rows: list[dict[str, Any]], *, epoch: int, limit: int) -> str | None:
     """Log up to ``limit`` trajectories (prompt, response, reward, advantage) as an MLflow table."""
     if limit <= 0 or not rows:

@@ -7,6 +7,10 @@ prompt carries one. Reward: 1 when the final answer equals the task's answer, el
 calculator call that cannot be parsed is a failed tool span, which the pipeline can charge to
 the model call that wrote it (pipeline.tool_failure_penalty).
 
+The system prompt is a versioned resource (``rollouts.resources.prompts.system``; SYSTEM when
+unset), so prompt optimisation can improve it without touching this code (config.apo.yaml);
+``resources.worked_example: false`` leaves the worked example out.
+
 The agent is plain OpenAI-client code: Arclight only changes its ``base_url``.
 """
 
@@ -60,7 +64,8 @@ def run(task: dict, ctx) -> float:
     """Solve one problem through the gateway; return 1.0 for the right final answer, else 0.0."""
     client = ctx.openai_client()
     max_turns = int(ctx.resources.get("max_turns", 3))
-    messages = [{"role": "system", "content": ctx.resources.get("system", SYSTEM)}, *EXAMPLE,
+    example = EXAMPLE if ctx.resources.get("worked_example", True) else []
+    messages = [{"role": "system", "content": ctx.prompt("system", default=SYSTEM)}, *example,
                 {"role": "user", "content": task["question"]}]
     answer = None
     with tracing.agent("calc"):

@@ -1,0 +1,119 @@
+"""Measure prompt optimisation (APO) on an example: search, then held-out reward of the start and the best prompt.
+
+    .venv/bin/python examples/measure_apo.py examples/calc/config.apo.yaml
+    .venv/bin/python examples/measure_apo.py examples/calc/config.apo.yaml \\
+        --set prompt_optimization.critic.kind=scripted --set prompt_optimization.critic.function=prompt_rules:critic
+    .venv/bin/python examples/measure_apo.py examples/calc/config.apo.yaml --then-train 4   # APO, then GRPO
+
+Like ``measure.py``: a fresh project in ``<example>/.arclight/measure/<stamp>/`` (its own lake,
+catalog and MLflow store), services started once, and a markdown table (with the command, the
+machine and its load) printed and appended to ``<example>/RESULTS.md``. ``--then-train N`` trains
+N GRPO epochs afterwards with the promoted prompt and evaluates again: prompt and weights together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from examples.measure import machine, project_overrides  # noqa: E402
+from lightning_core import prompts  # noqa: E402
+from lightning_core import stack as services  # noqa: E402
+from lightning_core.catalog import Catalog  # noqa: E402
+from lightning_core.config import load_config  # noqa: E402
+from lightning_core.services import sigterm_as_interrupt  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the task samples (and the trainer with --then-train)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    parser.add_argument("--then-train", type=int, default=0, help="GRPO epochs to train afterwards with the promoted prompt")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to append to (default <example>/RESULTS.md)")
+    args = parser.parse_args()
+
+    from flows.optimize_prompt import optimize_prompt
+    from flows.train import evaluate, train
+
+    config_path = args.config.resolve()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work = config_path.parent / ".arclight" / "measure" / f"{config_path.stem}-{stamp}"
+    work.mkdir(parents=True)
+    extra = ["collector.port=0", "gateway.port=0", "serving.port=0", f"prompt_optimization.seed={args.seed}",
+             f"rollouts.seed={args.seed}", f"trainer.seed={args.seed}", *args.overrides]
+    name = load_config(config_path).name
+    overrides = project_overrides(config_path, work, f"{name}-measure-s{args.seed}", extra)
+    cfg = load_config(config_path, overrides=overrides)
+
+    started = time.perf_counter()
+    trained = None
+    with sigterm_as_interrupt():
+        services.up(cfg)
+        try:
+            up_s = time.perf_counter() - started
+            load_before = os.getloadavg()
+            t0 = time.perf_counter()
+            summary = optimize_prompt(config_path=str(config_path), overrides=overrides)
+            apo_s = time.perf_counter() - t0
+            if args.then_train:
+                t1 = time.perf_counter()
+                rows = train(config_path=str(config_path), overrides=overrides, epochs=args.then_train)
+                after = evaluate(config_path=str(config_path), overrides=overrides)
+                trained = {"epochs": args.then_train, "after": after, "seconds": time.perf_counter() - t1,
+                           "version": rows[-1]["new_version"] or rows[-1]["policy_version"] if rows else "-"}
+            load_after = os.getloadavg()
+            versions = prompts.versions(Catalog.from_config(cfg), summary["prompt"])
+        finally:
+            services.down(cfg)
+    total_s = time.perf_counter() - started
+
+    po = cfg.prompt_optimization
+    critic = po.critic.function if po.critic.kind == "scripted" else (po.critic.model or f"{cfg.model.served_name} (local)")
+    start, best = summary["held_out"].get(summary["start"]), summary["held_out"].get(summary["best"])
+    curve = ", ".join(f"{r['round']}: {r['best_score']:.2f}" for r in summary["rounds"])
+    made = sum(1 for v in versions if v.run_id == summary["run_id"])
+    rejected = sum(len(r["rejected"]) for r in summary["rounds"])
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "examples/measure_apo.py",
+                                                str(config_path.relative_to(REPO)), *sys.argv[2:]])
+    best_text = next(v.text for v in versions if v.version == summary["best"])
+    lines = [
+        f"### {config_path.relative_to(REPO)}: prompt optimisation, {po.critic.kind} critic, seed {args.seed} ({stamp})",
+        "",
+        f"`{command}`",
+        "",
+        "| held-out reward, start prompt | best prompt | held-out tasks | best train-sample score per round | candidates made (proposals not usable) | rollouts | critic calls | search wall time | total wall time | load (1-min avg, start/end) | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {_pct(start)} ({summary['start']}) | {_pct(best)} ({summary['best']}) | {(best or start or {}).get('tasks', '-')} "
+        f"| {curve} | {made} ({rejected}) | {summary['rollouts']} | {summary['critic_calls']} | {summary['search_s'] / 60:.1f} min "
+        f"| {total_s / 60:.1f} min (services up {up_s:.0f} s; search and held-out {apo_s / 60:.1f} min) "
+        f"| {load_before[0]:.2f} / {load_after[0]:.2f} | {machine()} |",
+        "",
+        f"Critic: {critic}; beam {po.beam_width}, branch {po.branch_factor}, {po.rounds} rounds, {po.tasks_per_eval} tasks per "
+        f"candidate. Best prompt ({summary['best']}): `{best_text}`",
+        "",
+    ]
+    if trained:
+        lines += [f"Then GRPO with the promoted prompt: {trained['epochs']} epochs ({trained['seconds'] / 60:.1f} min, "
+                  f"{trained['version']}): held-out {_pct(best)} -> {_pct(trained['after'])}.", ""]
+    table = "\n".join(lines)
+    print(table)
+    out = args.out or config_path.parent / "RESULTS.md"
+    with open(out, "a") as fh:
+        fh.write(table + "\n")
+
+
+def _pct(result: dict | None) -> str:
+    return "-" if not result else f"{result['reward_mean']:.2f} reward, {result['success_rate']:.0%} success"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Prompt optimisation (APO) and prompts as versioned resources: unit checks, then the flow end to end
+on the tiny model with the real collector, gateway, vLLM, Prefect and MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from lightning_core import apo, prompts
+from lightning_core.catalog import Catalog
+from lightning_core.config import ConfigError, load_config
+from lightning_core.runner import AgentContext
+from tests.conftest import REPO, make_config
+from tests.test_flows import _dataset, _overrides, prefect_harness  # noqa: F401 (fixture)
+
+NEEDS = ["alpha", "beta", "gamma", "delta"]
+
+
+def test_clean_prompt_strips_what_critics_wrap_around_a_prompt():
+    assert apo.clean_prompt("```\nNew prompt: Be exact.\n```", max_chars=100) == "Be exact."
+    assert apo.clean_prompt('"Use CALC first."', max_chars=100) == "Use CALC first."
+    assert apo.clean_prompt("<<<\nAnswer with a number.\n>>>", max_chars=100) == "Answer with a number."
+    assert apo.clean_prompt("x" * 50, max_chars=10) == "x" * 10
+    assert apo.usable("", "p") == "empty"
+    assert apo.usable("Answer briefly.", "Answer briefly.") == "same as its parent"
+    assert apo.usable("ok", "Answer briefly.").startswith("too short")
+    assert apo.usable("Answer briefly and exactly.", "Answer briefly.") is None
+
+
+def test_prompts_must_be_named_texts_and_the_search_needs_one(tmp_path):
+    with pytest.raises(ConfigError, match="resources.prompts.system must be a non-empty text"):
+        make_config(tmp_path, 'rollouts.resources={"prompts": {"system": ""}}')
+    with pytest.raises(ConfigError, match="prompt name"):
+        make_config(tmp_path, 'rollouts.resources={"prompts": {"../x": "hi"}}')
+    with pytest.raises(apo.ApoError, match="rollouts.resources.prompts.<name>"):
+        apo.target_prompt(make_config(tmp_path))
+    two = make_config(tmp_path, 'rollouts.resources={"prompts": {"a": "one", "b": "two"}}')
+    with pytest.raises(apo.ApoError, match="choose one with prompt_optimization.prompt"):
+        apo.target_prompt(two)
+    assert apo.target_prompt(make_config(tmp_path, 'rollouts.resources={"prompts": {"a": "one"}}')) == "a"
+    assert apo.run_id(two) == "default.apo"
+
+
+def test_ctx_prompt_reads_the_resource_formats_it_and_names_the_key_when_missing():
+    ctx = AgentContext("r", 0, "r-e0-t-0", "t", 0, "http://x", "m", "k", resources={"prompts": {"system": "Solve {topic}."}})
+    assert ctx.prompt("system", topic="sums") == "Solve {topic}.".format(topic="sums")
+    assert ctx.prompt("other", default="fallback") == "fallback"
+    with pytest.raises(KeyError, match="rollouts.resources.prompts.other"):
+        ctx.prompt("other")
+
+
+def test_a_config_edit_becomes_a_new_serving_version_but_an_unchanged_config_keeps_a_promoted_one(tmp_path):
+    cfg = make_config(tmp_path, 'rollouts.resources={"prompts": {"system": "Be brief."}}')
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    first = prompts.register_config_prompts(catalog, cfg)["system"]
+    assert (first.version, first.made_by, first.serving) == ("system-v1", "config", True)
+    better, new = prompts.add_candidate(catalog, name="system", text="Be brief and exact.", parent=first.version,
+                                        made_by="critic", critique="say exact", run_id="default.apo", round=1)
+    assert new and better.version == "system-v2" and not better.serving
+    assert prompts.add_candidate(catalog, name="system", text="Be brief and exact.", parent=first.version, made_by="critic",
+                                 critique=None, run_id="default.apo", round=2) == (better, False)
+    prompts.promote(catalog, better.version)
+    assert prompts.resolve(catalog, cfg)["system"].version == "system-v2"  # same config: the promoted one serves
+    assert prompts.resolve(catalog, cfg, ["system-v1"])["system"].version == "system-v1"  # evaluate --prompt
+    edited = make_config(tmp_path, 'rollouts.resources={"prompts": {"system": "Be very brief."}}')
+    now = prompts.resolve(catalog, edited)["system"]
+    assert (now.version, now.parent_version, now.made_by) == ("system-v3", "system-v2", "config")
+    with pytest.raises(prompts.PromptError, match="not in the catalog"):
+        prompts.resolve(catalog, edited, ["system-v9"])
+
+
+def test_evaluate_refuses_an_unknown_prompt_version_in_one_line(tmp_path):
+    from lightning_core.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("rollouts:\n  resources:\n    prompts:\n      system: Be brief.\n")
+    (tmp_path / ".arclight" / "lake").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["evaluate", str(config), "--prompt", "system-v7"])
+    assert result.exit_code == 2
+    assert "prompt version 'system-v7' is not in the catalog" in result.output and "Traceback" not in result.output
+
+
+def _tasks(prefix: str, n: int) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "question": f"Say {i}.", "needs": [NEEDS[i % 4], NEEDS[(i + 1) % 4]]} for i in range(n)]
+
+
+def _apo_overrides(tmp_path, fixtures, **extra) -> list[str]:
+    return _overrides(
+        tmp_path, **fixtures, dataset=_dataset(tmp_path / "train.jsonl", _tasks("t", 8)),
+        **{"rollouts.agent": "tests.helpers.prompt_agent:run",
+           "rollouts.eval_dataset": _dataset(tmp_path / "test.jsonl", _tasks("h", 4)),
+           "rollouts.resources": json.dumps({"prompts": {"instructions": "Answer briefly."}}),
+           "rollouts.group_size": "2", "rollouts.tasks_per_epoch": "2",
+           "prompt_optimization.rounds": "2", "prompt_optimization.beam_width": "2",
+           "prompt_optimization.branch_factor": "2", "prompt_optimization.tasks_per_eval": "4",
+           "prompt_optimization.critic.kind": "scripted",
+           "prompt_optimization.critic.function": "tests.helpers.prompt_critic:critic", **extra})
+
+
+@pytest.mark.integration
+def test_optimize_prompt_runs_end_to_end_records_candidates_promotes_the_best_and_train_uses_it(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.optimize_prompt import optimize_prompt
+    from flows.train import train_epoch
+    from tests.helpers import prompt_critic
+
+    fixtures = dict(vllm_server=vllm_server, collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    overrides = _apo_overrides(tmp_path, fixtures, **{"run_name": "apo"})
+    prompt_critic.SEEN.clear()
+    summary = optimize_prompt(overrides=overrides)
+    cfg = make_config(tmp_path, *overrides)
+    catalog = Catalog.from_config(cfg)
+
+    # candidates, parents, scores: every candidate descends from the start through critic edits
+    found = {v.version: v for v in prompts.versions(catalog, "instructions")}
+    assert found["instructions-v1"].made_by == "config" and found["instructions-v1"].parent_version is None
+    children = [v for v in found.values() if v.version != "instructions-v1"]
+    assert children and all(v.made_by == "scripted" and v.parent_version in found and v.critique for v in children)
+    assert all(v.score is not None and v.score_tasks == 4 for v in found.values())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    best = found[summary["best"]]
+    last = summary["rounds"][-1]["scores"]
+    assert summary["start_score"] == 0.0 < summary["best_score"] == last[best.version] == max(last.values())
+    assert best.text.count("Mention") == 2  # two rounds, one word each
+    assert summary["promoted"] and best.serving and not found["instructions-v1"].serving
+    assert summary["rollouts"] == 4 * (1 + 3 + 6)  # round 0: start; 1: start + 2 children; 2: beam of 2 + 4 children
+
+    # the critic saw real failures selected by SQL: the task, the rollout's model call, its prompt
+    assert prompt_critic.SEEN and all(f["reward"] < 1 for f in prompt_critic.SEEN)
+    texts = {v.text for v in found.values()}
+    assert all(f["messages"][0]["role"] == "system" and f["messages"][0]["content"] in texts for f in prompt_critic.SEEN)
+    assert all(f["messages"][1] == {"role": "user", "content": f["task"]["question"]} for f in prompt_critic.SEEN)
+
+    # the version is on every rollout's row and spans
+    with catalog.read() as con:
+        rows = con.execute("SELECT DISTINCT prompt_versions FROM rollouts WHERE run_id = 'apo.apo'").fetchall()
+        spans = con.execute(
+            "SELECT DISTINCT json_extract_string(resource, '$.\"arclight.prompt.instructions.version\"') FROM spans "
+            "WHERE run_id = 'apo.apo' AND span_kind = 'agent'").fetchall()
+    assert {json.loads(r[0])["instructions"] for r in rows} == set(found) == {s[0] for s in spans}
+
+    # held-out: start and best scored on the eval tasks, labelled by version
+    held = summary["held_out"]
+    assert set(held) == {"instructions-v1", best.version}
+    assert held["instructions-v1"]["reward_mean"] < held[best.version]["reward_mean"]
+    assert held[best.version]["label"].endswith(best.version)
+
+    # MLflow: best score per round, the candidate table and the plot
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("flowtest").experiment_id],
+                             filter_string="tags.`arclight.policy` = 'prompt:instructions'")[0]
+    assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "apo/best_score"), key=lambda m: m.step)] == \
+        [r["best_score"] for r in summary["rounds"]]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")} | \
+        {a.path for a in client.list_artifacts(run.info.run_id, "apo")}
+    assert {"plots/apo_best_score.png", "apo/candidates.json"} <= artifacts
+
+    # a second run resumes: nothing is evaluated or asked again
+    again = optimize_prompt(overrides=overrides)
+    assert again["rollouts"] == summary["rollouts"] and again["best"] == summary["best"]
+
+    # a later training epoch runs with the promoted prompt
+    train_epoch(overrides=overrides)
+    with catalog.read() as con:
+        used = con.execute("SELECT DISTINCT prompt_versions FROM rollouts WHERE run_id = 'apo' AND epoch = 0").fetchall()
+    assert [json.loads(u[0]) for u in used] == [{"instructions": best.version}]
+
+
+@pytest.mark.integration
+def test_the_model_critic_calls_are_traced_under_the_search_run_and_never_reach_training(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.optimize_prompt import optimize_prompt
+
+    fixtures = dict(vllm_server=vllm_server, collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    overrides = _apo_overrides(tmp_path, fixtures, **{
+        "run_name": "apomodel", "prompt_optimization.critic.kind": "model", "prompt_optimization.rounds": "1",
+        "prompt_optimization.beam_width": "1", "prompt_optimization.branch_factor": "1",
+        "prompt_optimization.tasks_per_eval": "2", "prompt_optimization.critic.max_tokens": "12",
+        "prompt_optimization.held_out": "false"})
+    summary = optimize_prompt(overrides=overrides)
+    assert summary["critic_calls"] == 2  # one critique, one edit
+    proposals = summary["rounds"][1]["proposals"]
+    assert proposals == 1 and summary["rounds"][1]["new"] + len(summary["rounds"][1]["rejected"]) == 1
+    catalog = Catalog.from_config(make_config(tmp_path, *overrides))
+    deadline, calls = time.monotonic() + 20, []
+    while time.monotonic() < deadline and len(calls) < 2:
+        with catalog.read() as con:
+            calls = con.execute(
+                "SELECT rollout_id, span_kind, name FROM spans WHERE run_id = 'apomodel.apo' AND rollout_id LIKE '%-critic-%' "
+                "AND span_kind = 'llm'").fetchall()
+        time.sleep(0.5)
+    assert len(calls) == 2 and {c[0].rsplit("-", 1)[1] for c in calls} == {"critique", "edit"}
+    with catalog.read() as con:
+        roles = con.execute("SELECT DISTINCT json_extract_string(attributes, '$.\"arclight.apo.role\"') FROM spans "
+                            "WHERE run_id = 'apomodel.apo' AND name LIKE 'apo %'").fetchall()
+        planned = con.execute("SELECT count(*) FROM rollouts WHERE rollout_id LIKE '%-critic-%'").fetchall()[0][0]
+    assert sorted(r[0] for r in roles) == ["critique", "edit"]
+    assert planned == 0  # critic calls are not rollouts of any run, and the .apo run is never trained
+
+
+def test_calc_rule_critic_reads_trajectories_and_adds_the_missing_instruction():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prompt_rules", REPO / "examples/calc/prompt_rules.py")
+    rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rules)
+    question = "Ann has 3 boxes of 5 pens. How many pens?"
+    base = [{"role": "system", "content": "Answer."}, {"role": "user", "content": question}]
+    prose = {"task": {"question": question, "answer": 15}, "reward": 0.0, "messages": base, "response": "There are many pens."}
+    no_answer = {"task": {"question": question, "answer": 15}, "reward": 0.0,
+                 "messages": base + [{"role": "assistant", "content": "CALC: 3 * 5"}, {"role": "user", "content": "RESULT: 15"}],
+                 "response": "The pens are 15 in total"}
+    out = rules.critic("Answer.", [prose, prose, no_answer], 2)
+    assert [critique.split(":")[0] for critique, _ in out] == ["2 of 3 failures", "1 of 3 failures"]
+    assert out[0][1] == "Answer. Your first reply must be exactly one line: 'CALC: <expression>'."
+    assert "ANSWER: <value>" in out[1][1]
+    assert rules.critic(out[0][1], [prose], 2) == []  # an instruction already in the prompt is not proposed again
