@@ -98,7 +98,11 @@ def main() -> None:
         f"| {load_before[0]:.2f} / {load_after[0]:.2f} | {machine()} |",
         "",
         f"Critic: {critic}; beam {po.beam_width}, branch {po.branch_factor}, {po.rounds} rounds, {po.tasks_per_eval} tasks per "
-        f"candidate. Best prompt ({summary['best']}): `{best_text}`",
+        f"candidate. Best prompt ({summary['best']}):",
+        "",
+        "```text",
+        best_text,
+        "```",
         "",
     ]
     if trained:
