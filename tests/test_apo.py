@@ -222,3 +222,41 @@ def test_calc_rule_critic_reads_trajectories_and_adds_the_missing_instruction():
     assert out[0][1] == "Answer. Your first reply must be exactly one line: 'CALC: <expression>'."
     assert "ANSWER: <value>" in out[1][1]
     assert rules.critic(out[0][1], [prose], 2) == []  # an instruction already in the prompt is not proposed again
+
+
+@pytest.mark.integration
+def test_a_hosted_critic_by_url_and_key_is_traced_from_the_flow(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir, monkeypatch
+):
+    """critic.url: any OpenAI-compatible API (here the vLLM server itself, not through the gateway), key from the environment."""
+    from flows.optimize_prompt import optimize_prompt
+
+    monkeypatch.setenv("ARCLIGHT_TEST_CRITIC_KEY", "sk-test")
+    fixtures = dict(vllm_server=vllm_server, collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    overrides = _apo_overrides(tmp_path, fixtures, **{
+        "run_name": "apohosted", "prompt_optimization.critic.kind": "model", "prompt_optimization.rounds": "1",
+        "prompt_optimization.beam_width": "1", "prompt_optimization.branch_factor": "1",
+        "prompt_optimization.tasks_per_eval": "2", "prompt_optimization.critic.max_tokens": "12",
+        "prompt_optimization.critic.url": f"{vllm_server.url}/v1", "prompt_optimization.critic.model": "tiny",
+        "prompt_optimization.critic.api_key_env": "ARCLIGHT_TEST_CRITIC_KEY", "prompt_optimization.held_out": "false"})
+    summary = optimize_prompt(overrides=overrides)
+    assert summary["critic_calls"] == 2
+    catalog = Catalog.from_config(make_config(tmp_path, *overrides))
+    deadline, spans = time.monotonic() + 20, []
+    while time.monotonic() < deadline and len(spans) < 2:
+        with catalog.read() as con:
+            spans = con.execute(
+                "SELECT json_extract_string(attributes, '$.\"arclight.apo.role\"'), gen_ai_operation, "
+                "json_extract_string(attributes, '$.\"arclight.llm.request_messages\"') IS NOT NULL, "
+                "json_extract_string(attributes, '$.\"arclight.llm.response_text\"') IS NOT NULL "
+                "FROM spans WHERE run_id = 'apohosted.apo' AND name LIKE 'apo %'").fetchall()
+        time.sleep(0.5)
+    assert sorted(spans) == [("critique", "chat", True, True), ("edit", "chat", True, True)]
+
+
+def test_a_hosted_critic_without_its_key_says_which_variable_to_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_FOR_ARCLIGHT", raising=False)
+    cfg = make_config(tmp_path, 'rollouts.resources={"prompts": {"a": "one"}}', "prompt_optimization.critic.url=http://127.0.0.1:9/v1",
+                      "prompt_optimization.critic.model=m", "prompt_optimization.critic.api_key_env=NO_SUCH_KEY_FOR_ARCLIGHT")
+    with pytest.raises(apo.ApoError, match=r"\$NO_SUCH_KEY_FOR_ARCLIGHT is empty"):
+        apo.make_critic(cfg, gateway_client=None, collector_url="http://127.0.0.1:9", collector_token=None)
