@@ -169,6 +169,10 @@ class TrainerConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     device: str = Field("auto", description="auto: cuda when available, else cpu.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    processes: int = Field(
+        1, ge=1, description="Data-parallel GRPO ranks on this machine (torch.distributed: gloo on CPU, nccl with one "
+        "GPU per rank): each step's micro-batches are shared out and gradients summed, the same step as one process. "
+        "GRPO only; SFT runs in one process.")
     success_reward: float = Field(1.0, description="A rollout whose reward is >= this counts as a success (success_rate).")
     sft_min_reward: float | None = Field(1.0, description="SFT keeps triplets whose reward is >= this; None = no threshold.")
     sft_top_fraction: float | None = Field(None, gt=0, le=1, description="SFT keeps the top fraction of each group by reward.")
