@@ -2,8 +2,8 @@
 
 ``task["behavior"]`` picks what it does: ``answer`` (default) calls the model and is rewarded
 when the reply contains the task's target letter, ``constant`` calls the model and always gets
-0.5 (a group with no learning signal), ``raise`` fails, ``hang`` never returns and ``silent``
-returns without a span.
+0.5 (a group with no learning signal), ``raise`` fails, ``hang`` never returns, ``silent``
+returns without a span and ``flaky`` fails its first attempt and answers on the next.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def run(task, ctx):
     if behavior == "silent":
         return None
     with tracing.agent("responder"):
-        if behavior == "raise":
-            raise ValueError(f"task {ctx.task_id} asked this agent to fail")
+        if behavior == "raise" or (behavior == "flaky" and ctx.attempt == 0):
+            raise ValueError(f"task {ctx.task_id} asked this agent to fail (attempt {ctx.attempt})")
         if behavior == "hang":
             time.sleep(3600)
         client = ctx.openai_client()
