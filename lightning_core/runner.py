@@ -212,6 +212,10 @@ def _skip_main_reimport() -> None:
 
 def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> RolloutOutcome:
     """Run one attempt in a worker process; kill it if it outlives ``settings.timeout_s``."""
+    if multiprocessing.current_process().daemon:
+        raise RuntimeError(
+            "rollouts run in child processes (so a hung agent can be killed), but this process is daemonic and may not "
+            "start any: on Dask start workers with distributed.worker.daemon: False (DASK_DISTRIBUTED__WORKER__DAEMON=False)")
     ctx = _mp_context(preload=(settings.agent.partition(":")[0],))
     parent, child = ctx.Pipe(duplex=False)
     started = time.time()
