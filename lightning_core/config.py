@@ -268,7 +268,7 @@ class RolloutsConfig(Section):
         "local", description="Where rollout tasks run: local (the flow's thread pool), dask (prefect-dask DaskTaskRunner) "
         "or ray (prefect-ray RayTaskRunner) on the cluster at `address`. Workers need only the gateway and collector URLs.")
     address: str | None = Field(
-        None, description="The cluster for executor dask (scheduler, e.g. tcp://host:8786) or ray (e.g. ray://host:10001, auto).")
+        None, description="The cluster for executor dask (scheduler, e.g. tcp://host:8786) or ray (the head node, e.g. host:6379, or auto).")
     timeout_s: float = Field(120.0, gt=0, description="A rollout still running after this is stopped and recorded as timed_out.")
     retries: int = Field(0, ge=0, description="Extra attempts for a rollout that failed or timed out.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature the agent is told to use for training rollouts.")
