@@ -17,6 +17,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import rollout_task_runner
 from lightning_core import epoch as ep
 from lightning_core import sampling, stages
 from lightning_core.catalog import Catalog
@@ -74,15 +75,18 @@ def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: in
         progress = create_progress_artifact(100.0 * done / total, key=t.artifact_key(run_id, mode, epoch, "progress"),
                                             description=f"{mode} rollouts of epoch {epoch}")
         batches = stages.rollout_batches(pending, size=max(config.rollouts.group_size, ROLLOUT_BATCH))
-        futures = t.rollouts.map(batches, config=unmapped(config), stack=unmapped(stack), settings=unmapped(settings),
-                                 first_attempts=unmapped(attempts))
-        for future in as_completed(futures):
-            outcomes = future.result()
-            done += len(outcomes)
-            update_progress_artifact(progress, 100.0 * done / total)
-            for outcome in outcomes:
-                if outcome.status != "succeeded":
-                    logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
+        parameters = {"specs": batches, "settings": unmapped(settings), "first_attempts": unmapped(attempts),
+                      "concurrency": unmapped(config.rollouts.concurrency)}
+        with rollout_task_runner(config) as cluster:  # None: the flow's own threads
+            futures = cluster.map(t.rollouts, parameters) if cluster else t.rollouts.map(**parameters)
+            for future in as_completed(futures):
+                outcomes = future.result()
+                stages.record_rollouts(config, outcomes)
+                done += len(outcomes)
+                update_progress_artifact(progress, 100.0 * done / total)
+                for outcome in outcomes:
+                    if outcome.status != "succeeded":
+                        logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
     return ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
 
 

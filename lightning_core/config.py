@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lightning_core import names
 
@@ -169,6 +169,10 @@ class TrainerConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     device: str = Field("auto", description="auto: cuda when available, else cpu.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    processes: int = Field(
+        1, ge=1, description="Data-parallel GRPO ranks on this machine (torch.distributed: gloo on CPU, nccl with one "
+        "GPU per rank): each step's micro-batches are shared out and gradients summed, the same step as one process. "
+        "GRPO only; SFT runs in one process.")
     success_reward: float = Field(1.0, description="A rollout whose reward is >= this counts as a success (success_rate).")
     sft_min_reward: float | None = Field(1.0, description="SFT keeps triplets whose reward is >= this; None = no threshold.")
     sft_top_fraction: float | None = Field(None, gt=0, le=1, description="SFT keeps the top fraction of each group by reward.")
@@ -259,7 +263,12 @@ class RolloutsConfig(Section):
         None, ge=1, description="Dynamic sampling: the most tasks one epoch draws in all; None = 3 x tasks_per_epoch.")
     group_size: int = Field(8, ge=1, description="Rollouts per task (the GRPO group).")
     eval_tasks: int | None = Field(None, ge=1, description="Cap on held-out tasks evaluated; None = all.")
-    concurrency: int = Field(4, ge=1, description="Rollouts running at once.")
+    concurrency: int = Field(4, ge=1, description="Rollouts running at once (per process that runs them: the flow's, or each Dask/Ray worker).")
+    executor: Literal["local", "dask", "ray"] = Field(
+        "local", description="Where rollout tasks run: local (the flow's thread pool), dask (prefect-dask DaskTaskRunner) "
+        "or ray (prefect-ray RayTaskRunner) on the cluster at `address`. Workers need only the gateway and collector URLs.")
+    address: str | None = Field(
+        None, description="The cluster for executor dask (scheduler, e.g. tcp://host:8786) or ray (the head node, e.g. host:6379, or auto).")
     timeout_s: float = Field(120.0, gt=0, description="A rollout still running after this is stopped and recorded as timed_out.")
     retries: int = Field(0, ge=0, description="Extra attempts for a rollout that failed or timed out.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature the agent is told to use for training rollouts.")
@@ -281,6 +290,12 @@ class RolloutsConfig(Section):
                 raise ValueError(f"resources.prompts.{name} must be a non-empty text, found {text!r}")
         return value
     seed: int = Field(0, description="Seed of task sampling.")
+
+    @model_validator(mode="after")
+    def _cluster_has_an_address(self) -> "RolloutsConfig":
+        if self.executor != "local" and not self.address:
+            raise ValueError(f"rollouts.executor={self.executor} needs rollouts.address (the cluster to send rollouts to)")
+        return self
 
 
 class EvaluationConfig(Section):

@@ -10,7 +10,9 @@ is really stopped at the timeout: the process is killed, the epoch goes on. The 
 tracing with the rollout context, wraps the agent in a ``rollout`` span, and flushes every span
 to the collector before it reports back. The parent records every outcome (succeeded, failed
 with the exception, timed out) as a ``rollout outcome`` span and returns it to the caller, which
-stores it in the catalog.
+stores it in the catalog. A runner needs only ``RunnerSettings`` (service URLs and tokens), so it
+runs as well on a Dask or Ray worker as in the flow's process; such a worker must not be daemonic,
+since a daemonic process may not start the fork server or rollout processes.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class RolloutOutcome:
 
 @dataclass(frozen=True)
 class RunnerSettings:
-    """Everything a worker needs to run agents, independent of any one rollout."""
+    """Everything a worker needs to run agents, independent of any one rollout (picklable: it travels to
+    Dask/Ray workers, which reach the services by these URLs and tokens and nothing else)."""
 
     agent: str
     collector_url: str
@@ -109,6 +112,7 @@ class RunnerSettings:
     model: str
     api_key: str = "arclight"
     collector_token: str | None = None
+    gateway_token: str | None = None  # admin calls (register each attempt); None on a loopback gateway without one
     agent_path: tuple[str, ...] = ()
     timeout_s: float = 120.0
     retries: int = 0
@@ -223,6 +227,10 @@ def _skip_main_reimport() -> None:
 
 def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> RolloutOutcome:
     """Run one attempt in a worker process; kill it if it outlives ``settings.timeout_s``."""
+    if multiprocessing.current_process().daemon:
+        raise RuntimeError(
+            "rollouts run in child processes (so a hung agent can be killed), but this process is daemonic and may not "
+            "start any: on Dask start workers with distributed.worker.daemon: False (DASK_DISTRIBUTED__WORKER__DAEMON=False)")
     ctx = _mp_context(preload=(settings.agent.partition(":")[0],))
     parent, child = ctx.Pipe(duplex=False)
     started = time.time()
@@ -355,6 +363,7 @@ def settings_from_config(config, *, collector_url: str, gateway_url: str, model:
         agent=r.agent, collector_url=collector_url, gateway_url=gateway_url, model=model,
         api_key=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or "arclight",
         collector_token=config.collector.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN"),
+        gateway_token=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN"),
         agent_path=paths, timeout_s=r.timeout_s, retries=r.retries,
         temperature=temperature if temperature is not None else r.temperature if mode == "train" else 0.0,
         resources=dict(r.resources if resources is None else resources), mode=mode,

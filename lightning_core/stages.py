@@ -47,12 +47,9 @@ def runner_settings(config: ArclightConfig, stack: Stack, *, mode: str = "train"
     )
 
 
-def run_one_rollout(
-    config: ArclightConfig, stack: Stack, settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0,
-    record: bool = True,
-) -> RolloutOutcome:
-    """Register each attempt with the gateway, run the rollout, record its outcome in the catalog (unless not ``record``)."""
-    gateway = _shared_gateway_client(stack, config)
+def run_one_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0) -> RolloutOutcome:
+    """Register each attempt with the gateway and run the rollout; return its outcome (the caller records it)."""
+    gateway = _shared_gateway_client(settings)
 
     def register(attempt: int) -> None:
         gateway.register_rollout(
@@ -60,30 +57,32 @@ def run_one_rollout(
         )
 
     try:
-        outcome = run_rollout(settings, spec, first_attempt=first_attempt, before_attempt=register)
+        return run_rollout(settings, spec, first_attempt=first_attempt, before_attempt=register)
     finally:
         gateway.forget_rollout(spec.rollout_id)
-    if record:
-        ep.record_outcomes(Catalog.from_config(config), [outcome])
-    return outcome
 
 
 def run_rollout_batch(
-    config: ArclightConfig, stack: Stack, settings: RunnerSettings, specs: list[RolloutSpec], *,
-    first_attempts: dict[str, int], slot: threading.Semaphore,
+    settings: RunnerSettings, specs: list[RolloutSpec], *, first_attempts: dict[str, int], slot: threading.Semaphore,
 ) -> list[RolloutOutcome]:
-    """Run a batch of rollouts (a GRPO group) side by side, each holding a ``slot`` while it runs; record them at once."""
+    """Run a batch of rollouts (a GRPO group) side by side, each holding a ``slot`` while it runs; return their outcomes.
+
+    Needs only the settings (service URLs and tokens), so it runs on a remote worker as well as in
+    the flow; the flow stores the outcomes in the catalog (``record_rollouts``).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     def one(spec: RolloutSpec) -> RolloutOutcome:
         with slot:
-            return run_one_rollout(config, stack, settings, spec, first_attempt=first_attempts.get(spec.rollout_id, 0),
-                                   record=False)
+            return run_one_rollout(settings, spec, first_attempt=first_attempts.get(spec.rollout_id, 0))
 
     with ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix="arclight-rollout") as pool:
-        outcomes = list(pool.map(one, specs))
+        return list(pool.map(one, specs))
+
+
+def record_rollouts(config: ArclightConfig, outcomes: list[RolloutOutcome]) -> None:
+    """Store a batch's outcomes in the catalog, in one write (the flow's process owns the catalog)."""
     ep.record_outcomes(Catalog.from_config(config), outcomes)
-    return outcomes
 
 
 def rollout_batches(specs: list[RolloutSpec], *, size: int) -> list[list[RolloutSpec]]:
@@ -104,12 +103,14 @@ _gateway_clients: dict[tuple[str, str | None], Any] = {}
 _gateway_clients_guard = threading.Lock()
 
 
-def _shared_gateway_client(stack: Stack, config: ArclightConfig):
+def _shared_gateway_client(settings: RunnerSettings):
     """One admin client per gateway for all rollouts of this process (a new one cost ~37 ms CPU each)."""
-    key = (stack.gateway.url if stack.gateway else "", config.gateway.token)
+    from lightning_core.gateway_client import GatewayClient
+
+    key = (settings.gateway_url, settings.gateway_token)
     with _gateway_clients_guard:
         if key not in _gateway_clients:
-            _gateway_clients[key] = stack.gateway_client(config)
+            _gateway_clients[key] = GatewayClient(settings.gateway_url, token=settings.gateway_token)
         return _gateway_clients[key]
 
 
@@ -341,6 +342,6 @@ def eval_result(config: ArclightConfig, *, epoch: int, label: str) -> dict[str, 
 
 
 __all__ = [
-    "FAILED", "SUCCEEDED", "runner_settings", "run_one_rollout", "ingest_barrier", "materialize", "train",
+    "FAILED", "SUCCEEDED", "runner_settings", "run_one_rollout", "run_rollout_batch", "record_rollouts", "ingest_barrier", "materialize", "train",
     "deploy_latest", "serving_versions", "summary_rows", "version_number",
 ]

@@ -47,16 +47,16 @@ def plan_more(config: ArclightConfig, *, run_id: str, epoch: int, count: int) ->
 
 @task(name="rollouts", cache_policy=NO_CACHE, task_run_name="rollouts-{specs[0].group_id}")
 def rollouts(
-    specs: list[RolloutSpec], *, config: ArclightConfig, stack: Stack, settings: RunnerSettings,
-    first_attempts: dict[str, int],
+    specs: list[RolloutSpec], *, settings: RunnerSettings, first_attempts: dict[str, int], concurrency: int,
 ) -> list[RolloutOutcome]:
-    """Run a batch of rollouts (whole GRPO groups), at most ``rollouts.concurrency`` at once across batches.
+    """Run a batch of rollouts (whole GRPO groups), at most ``concurrency`` at once in this process; return outcomes.
 
     One task per group rather than per rollout: a rollout's own work is a process and a few HTTP
     calls, and per-rollout task runs plus catalog writes cost the flow about as much CPU again.
+    It needs only ``settings`` (the gateway's and collector's URLs and tokens), so it runs on a Dask
+    or Ray worker as well; the flow records the outcomes in the catalog.
     """
-    return stages.run_rollout_batch(config, stack, settings, specs, first_attempts=first_attempts,
-                                    slot=_slot(config.rollouts.concurrency))
+    return stages.run_rollout_batch(settings, specs, first_attempts=first_attempts, slot=_slot(concurrency))
 
 
 @task(name="ingest-barrier", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=300)

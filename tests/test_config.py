@@ -64,3 +64,13 @@ def test_literal_values_are_not_parsed_as_yaml(tmp_path):
                       values={"collector.token": "Xy9 #long-secret-part", "gateway.host": "::", "lake.path": tmp_path / "a: b"})
     assert cfg.collector.token == "Xy9 #long-secret-part" and cfg.gateway.host == "::"
     assert cfg.lake.path == tmp_path / "a: b"
+
+
+def test_a_cluster_executor_needs_its_address(tmp_path):
+    with pytest.raises(ConfigError, match="rollouts.executor=dask needs rollouts.address"):
+        load_config(None, overrides=[f"project_dir={tmp_path}", "rollouts.executor=dask"])
+    with pytest.raises(ConfigError, match="rollouts.executor"):
+        load_config(None, overrides=[f"project_dir={tmp_path}", "rollouts.executor=spark", "rollouts.address=x"])
+    cfg = load_config(None, overrides=[f"project_dir={tmp_path}", "rollouts.executor=ray", "rollouts.address=auto"])
+    assert (cfg.rollouts.executor, cfg.rollouts.address) == ("ray", "auto")
+    assert load_config(None, overrides=[f"project_dir={tmp_path}"]).rollouts.executor == "local"

@@ -114,9 +114,11 @@ def train_policy(
                 tracking.log_metrics(m, step=first_step + i)
         else:
             parent_dir = parent_adapter_dir or (base_model_dir if parent_version else None)
-            steps, optimizer = _run_grpo(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device,
-                                         amp=amp, seed=cfg.seed + epoch, parent_dir=parent_dir,
-                                         on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
+            run = _run_grpo if cfg.processes == 1 else _run_grpo_distributed
+            steps, optimizer = run(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device,
+                                   amp=amp, seed=cfg.seed + epoch, parent_dir=parent_dir,
+                                   parent_adapter_dir=parent_adapter_dir,
+                                   on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
         stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
         tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps")}, step=epoch)
         if stats["optimizer_steps"] == 0:
@@ -183,7 +185,8 @@ def train_policies(
 OPTIMIZER_STATE = "optimizer.pt"
 
 
-def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step, parent_dir=None):
+def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step, parent_dir=None,
+              parent_adapter_dir=None):
     steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
                        normalization=cfg.loss_normalization, seed=seed,
                        shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
@@ -200,6 +203,32 @@ def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp
                          reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
                          max_steps=cfg.max_steps)
     return metrics, optimizer
+
+
+def _run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step,
+                          parent_dir=None, parent_adapter_dir=None):
+    """The GRPO steps on ``cfg.processes`` ranks (``trainer.distributed``); rank 0's weights and AdamW land in ``model``."""
+    from lightning_core.trainer.distributed import backend_for, spawn_grpo
+
+    optimizer_state = Path(parent_dir) / OPTIMIZER_STATE if (cfg.keep_optimizer_state and parent_dir) else None
+    result = spawn_grpo(dict(
+        base_model_dir=str(base_model_dir), parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
+        optimizer_state=str(optimizer_state) if optimizer_state and optimizer_state.is_file() else None,
+        cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),
+    ), processes=cfg.processes)
+    named = dict(model.named_parameters())
+    missing = sorted(set(result["trainable"]) - set(named))
+    if missing:
+        raise RuntimeError(f"rank 0 trained parameters this process's model does not have: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in result["trainable"].items():
+            named[name].copy_(value.to(named[name].device))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    optimizer.load_state_dict(result["optimizer"])
+    for i, metrics in enumerate(result["history"]):
+        on_step(i, metrics)
+    return result["history"], optimizer
 
 
 def resume_optimizer(optimizer: torch.optim.Optimizer, path: Path, *, cfg: TrainerConfig) -> bool:

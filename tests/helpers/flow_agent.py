@@ -2,13 +2,18 @@
 
 ``task["behavior"]`` picks what it does: ``answer`` (default) calls the model and is rewarded
 when the reply contains the task's target letter, ``constant`` calls the model and always gets
-0.5 (a group with no learning signal), ``raise`` fails, ``hang`` never returns and ``silent``
-returns without a span.
+0.5 (a group with no learning signal), ``raise`` fails, ``hang`` never returns, ``silent``
+returns without a span and ``flaky`` fails its first attempt and answers on the next. The agent
+span's ``test.runner_pid`` is the process that ran the rollout (the parent of its fork server).
 """
 
 from __future__ import annotations
 
+import os
 import time
+
+import psutil
+from opentelemetry import trace
 
 from lightning_core import tracing
 
@@ -18,8 +23,9 @@ def run(task, ctx):
     if behavior == "silent":
         return None
     with tracing.agent("responder"):
-        if behavior == "raise":
-            raise ValueError(f"task {ctx.task_id} asked this agent to fail")
+        trace.get_current_span().set_attribute("test.runner_pid", psutil.Process(os.getppid()).ppid())
+        if behavior == "raise" or (behavior == "flaky" and ctx.attempt == 0):
+            raise ValueError(f"task {ctx.task_id} asked this agent to fail (attempt {ctx.attempt})")
         if behavior == "hang":
             time.sleep(3600)
         client = ctx.openai_client()

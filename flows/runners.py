@@ -1,0 +1,41 @@
+"""Which Prefect task runner runs the rollout tasks: the flow's own threads, a Dask cluster or a Ray cluster.
+
+Only rollouts leave the flow's process; planning, ingest, triplets, training and redeploy stay
+with the catalog. A Dask worker must run with ``distributed.worker.daemon: False``
+(``DASK_DISTRIBUTED__WORKER__DAEMON=False``): rollouts run in child processes so that a hung agent
+can be killed at its timeout, and a daemonic process may not start children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from prefect.task_runners import TaskRunner
+
+from lightning_core.config import ArclightConfig
+
+
+@contextlib.contextmanager
+def rollout_task_runner(config: ArclightConfig) -> Iterator[TaskRunner | None]:
+    """Yield a started runner for ``rollouts.executor`` (dask, ray), or None for local (the flow's runner)."""
+    executor, address = config.rollouts.executor, config.rollouts.address
+    if executor == "local":
+        yield None
+        return
+    if executor == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise RuntimeError(f"rollouts.executor=dask needs prefect-dask ({exc}); pip install -e . installs it") from exc
+        runner: TaskRunner = DaskTaskRunner(address=address)
+    elif executor == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise RuntimeError(f"rollouts.executor=ray needs prefect-ray ({exc}): pip install -e '.[ray]'") from exc
+        runner = RayTaskRunner(address=address)
+    else:
+        raise ValueError(f"rollouts.executor must be 'local', 'dask' or 'ray', found {executor!r}")
+    with runner:
+        yield runner

@@ -1,0 +1,203 @@
+"""Rollouts of a real training epoch on a real local Dask cluster (a scheduler and 2 worker processes)
+and on a real Ray head node started by the test.
+
+The flow's process keeps the catalog; the workers get only the gateway's and collector's URLs and
+tokens. A hung agent on a worker is killed at its timeout, and retries get a new attempt number.
+"""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from lightning_core.catalog import Catalog
+from tests.conftest import make_config
+from tests.test_flows import POLICY, _dataset, _overrides
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 20  # 10 s was too short for a first request to a freshly started CPU vLLM on a loaded machine
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def where_tasks_ran():
+    """A scheduler plugin that records the worker each finished task ran on."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class WhereTasksRan(SchedulerPlugin):
+        name = "arclight-where-tasks-ran"
+
+        def __init__(self):
+            self.workers: dict[str, str] = {}
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "memory" and kwargs.get("worker"):
+                self.workers[str(key)] = kwargs["worker"]
+
+    return WhereTasksRan()
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    import dask
+    from distributed import LocalCluster
+
+    # Rollouts run in child processes (so a hung agent can be killed); daemonic workers may not have children.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
+                               memory_limit="2GiB")
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+
+
+def rollout_children(dask_worker=None) -> dict[str, list[int]]:
+    """Run on a worker: its fork server(s) and the rollout processes still alive under them."""
+    me = psutil.Process()
+    servers = [c for c in me.children() if "forkserver" in " ".join(c.cmdline())]
+    return {"servers": [s.pid for s in servers], "alive": [g.pid for s in servers for g in s.children(recursive=True)]}
+
+
+QUESTIONS = [{"id": f"d{i}", "question": f"Say the word {w}.", "target": w}
+             for i, w in enumerate(["xyzzy", "plugh", "qwfp", "zork"])]
+ODD = [{"id": "stuck", "behavior": "hang", "question": "", "target": ""},
+       {"id": "flaky", "behavior": "flaky", "question": "Say the word frob.", "target": "frob"}]
+
+
+def run_epoch_on(executor: str, address: str, *, run_name: str, tmp_path, vllm_server, collector, collector_config,
+                 tiny_model_dir) -> dict[str, list[int]]:
+    """Run one training epoch with rollouts on the cluster, check what every executor must do; return the
+    processes that ran rollouts (from the agents' spans), by task."""
+    from flows.train import train_epoch
+
+    dataset = _dataset(tmp_path / "tasks.jsonl", QUESTIONS + ODD)
+    overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                           tiny_model_dir=tiny_model_dir, dataset=dataset,
+                           **{"run_name": run_name, "rollouts.group_size": "2", "rollouts.timeout_s": str(TIMEOUT_S),
+                              "rollouts.retries": "1", "rollouts.executor": executor, "rollouts.address": address})
+    result = train_epoch(overrides=overrides)
+
+    cfg = make_config(tmp_path, *overrides)
+    with Catalog.from_config(cfg).read() as con:
+        rows = con.execute("SELECT task_id, status, attempt, error, epoch(finished_at) - epoch(started_at) FROM rollouts "
+                           "WHERE run_id = ? AND epoch = 0 ORDER BY rollout_id", [run_name]).fetchall()
+        flaky_llm_attempts = con.execute(
+            "SELECT DISTINCT attempt FROM spans WHERE run_id = ? AND epoch = 0 AND span_kind = 'llm' "
+            "AND task_id = 'flaky'", [run_name]).fetchall()
+        versions = con.execute("SELECT version FROM policy_versions WHERE run_id = ?", [run_name]).fetchall()
+        runners = con.execute(
+            "SELECT task_id, list(DISTINCT CAST(json_extract(attributes, '$.\"test.runner_pid\"') AS BIGINT)) FROM spans "
+            "WHERE run_id = ? AND epoch = 0 AND name = 'agent responder' GROUP BY task_id", [run_name]).fetchall()
+    by_task: dict[str, list[tuple]] = {}
+    for task_id, *rest in rows:
+        by_task.setdefault(task_id, []).append(tuple(rest))
+
+    assert result["status"] == "completed" and versions == [(f"{POLICY}-v1",)]
+    assert all(status == "succeeded" and attempt == 0 for q in QUESTIONS for status, attempt, _, _ in by_task[q["id"]])
+    # The hung agent was killed at the timeout on each of its two attempts (retries=1), the second numbered 1.
+    for status, attempt, error, seconds in by_task["stuck"]:
+        assert status == "timed_out" and attempt == 1 and f"within {TIMEOUT_S} s" in error
+        assert TIMEOUT_S <= seconds < TIMEOUT_S + 5
+    # The flaky agent failed attempt 0 and succeeded on attempt 1, which the worker registered with the gateway.
+    assert [(s, a) for s, a, _, _ in by_task["flaky"]] == [("succeeded", 1), ("succeeded", 1)]
+    assert flaky_llm_attempts == [(1,)]
+    pids = dict(runners)
+    assert set(pids) == {*(q["id"] for q in QUESTIONS), "flaky"}  # a killed agent exports no span
+    assert all(psutil.Process().pid not in p for p in pids.values())  # no rollout ran in the flow's process
+    return pids
+
+
+def test_epoch_rollouts_run_on_two_dask_workers_and_a_hung_one_is_killed_at_its_timeout(
+    prefect_harness, dask_cluster, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from distributed import Client
+
+    plugin = where_tasks_ran()
+    dask_cluster.scheduler.add_plugin(plugin)
+    pids = run_epoch_on("dask", dask_cluster.scheduler_address, run_name="daskrun", tmp_path=tmp_path,
+                        vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                        tiny_model_dir=tiny_model_dir)
+
+    # Every rollout task ran on a Dask worker, both workers took some, and nothing of a rollout outlived it.
+    rollout_keys = [k for k in plugin.workers if k.startswith("rollouts")]
+    assert len(rollout_keys) == 2, plugin.workers  # 12 rollouts in batches of whole groups up to 8: d0-d3, stuck + flaky
+    assert set(plugin.workers[k] for k in rollout_keys) == set(dask_cluster.scheduler.workers)
+    with Client(dask_cluster) as client:
+        children = client.run(rollout_children)
+        worker_pids = client.run(lambda: psutil.Process().pid)
+    assert set(children) == set(dask_cluster.scheduler.workers)
+    for worker, procs in children.items():
+        assert procs["servers"], f"worker {worker} started no rollout process"
+        assert procs["alive"] == [], f"rollout processes still alive on {worker}: {procs['alive']}"
+    assert {pid for p in pids.values() for pid in p} == set(worker_pids.values())
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A Ray head node (``ray start --head``) in its own process group, stopped by killing that group."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from lightning_core.services import free_port
+
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    temp = tmp_path_factory.mktemp("ray")
+    # The raylet waits 30 s by default for its dashboard agent, which took over a minute to start on this
+    # 2-core machine under load (the raylet then aborts: "Timed out waiting for file .../metrics_agent_port").
+    env = {**os.environ, "RAY_agent_register_timeout_ms": "300000"}
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--object-store-memory=200000000",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Ray 2.60's `ray start` turns on token authentication (~/.ray/auth_token); clients must opt in to send it.
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        deadline = time.monotonic() + 240
+        address = None
+        while True:
+            if (temp / "ray_current_cluster").is_file():
+                address = (temp / "ray_current_cluster").read_text().strip()
+                if subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "ray start --head did not come up in 240 s"
+            time.sleep(3)
+        yield address
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # SIGTERM first; Ray's processes outlive it, so then SIGKILL
+            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+
+
+def test_epoch_rollouts_run_on_a_ray_cluster_and_a_hung_one_is_killed_at_its_timeout(
+    prefect_harness, ray_cluster, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    pids = run_epoch_on("ray", ray_cluster, run_name="rayrun", tmp_path=tmp_path, vllm_server=vllm_server,
+                        collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    # Both batches ran in Ray worker processes: the children of the head node's raylet, not of this process.
+    runner_pids = {pid for p in pids.values() for pid in p}
+    assert runner_pids
+    for pid in runner_pids:
+        if psutil.pid_exists(pid):
+            assert "ray::" in " ".join(psutil.Process(pid).cmdline()) or "default_worker" in " ".join(psutil.Process(pid).cmdline())
