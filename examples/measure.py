@@ -60,6 +60,19 @@ def project_overrides(config_path: Path, work: Path, run_name: str, extra: list[
     return [*pinned, *extra]
 
 
+def fresh_project(config_path: Path, *, seed: int, overrides: list[str]) -> tuple[str, list[str]]:
+    """A new project folder ``<example>/.arclight/measure/<config>-<stamp>`` on free ports, seeded; return (stamp,
+    the overrides that move the config there)."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work = config_path.parent / ".arclight" / "measure" / f"{config_path.stem}-{stamp}"
+    work.mkdir(parents=True)
+    # free ports, so a measurement never collides with another project's services on this machine
+    extra = ["collector.port=0", "gateway.port=0", "serving.port=0", f"rollouts.seed={seed}", f"trainer.seed={seed}",
+             *overrides]
+    name = load_config(config_path).name
+    return stamp, project_overrides(config_path, work, f"{name}-measure-s{seed}", extra)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path)
@@ -75,16 +88,8 @@ def main() -> None:
     from flows.train import evaluate, train
 
     config_path = args.config.resolve()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    work = config_path.parent / ".arclight" / "measure" / f"{config_path.stem}-{stamp}"
-    work.mkdir(parents=True)
-    # free ports, so a measurement never collides with another project's services on this machine
-    extra = ["collector.port=0", "gateway.port=0", "serving.port=0",
-             f"rollouts.seed={args.seed}", f"trainer.seed={args.seed}", *args.overrides]
-    if args.eval_tasks:
-        extra.append(f"rollouts.eval_tasks={args.eval_tasks}")
-    name = load_config(config_path).name
-    overrides = project_overrides(config_path, work, f"{name}-measure-s{args.seed}", extra)
+    extra = [*args.overrides, *([f"rollouts.eval_tasks={args.eval_tasks}"] if args.eval_tasks else [])]
+    stamp, overrides = fresh_project(config_path, seed=args.seed, overrides=extra)
     cfg = load_config(config_path, overrides=overrides)
 
     started = time.perf_counter()

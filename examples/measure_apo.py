@@ -14,7 +14,6 @@ N GRPO epochs afterwards with the promoted prompt and evaluates again: prompt an
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import shlex
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.measure import machine, project_overrides  # noqa: E402
+from examples.measure import fresh_project, machine  # noqa: E402
 from lightning_core import prompts  # noqa: E402
 from lightning_core import stack as services  # noqa: E402
 from lightning_core.catalog import Catalog  # noqa: E402
@@ -45,13 +44,8 @@ def main() -> None:
     from flows.train import evaluate, train
 
     config_path = args.config.resolve()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    work = config_path.parent / ".arclight" / "measure" / f"{config_path.stem}-{stamp}"
-    work.mkdir(parents=True)
-    extra = ["collector.port=0", "gateway.port=0", "serving.port=0", f"prompt_optimization.seed={args.seed}",
-             f"rollouts.seed={args.seed}", f"trainer.seed={args.seed}", *args.overrides]
-    name = load_config(config_path).name
-    overrides = project_overrides(config_path, work, f"{name}-measure-s{args.seed}", extra)
+    stamp, overrides = fresh_project(config_path, seed=args.seed,
+                                     overrides=[f"prompt_optimization.seed={args.seed}", *args.overrides])
     cfg = load_config(config_path, overrides=overrides)
 
     started = time.perf_counter()

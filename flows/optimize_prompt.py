@@ -36,15 +36,16 @@ def evaluate_candidate(config: ArclightConfig, stack: Stack, *, name: str, versi
     catalog = Catalog.from_config(config)
     po, run_id = config.prompt_optimization, apo.run_id(config)
     epoch = stages.eval_epoch(catalog, run_id=run_id, label=f"{version.version} r{round}")
-    if ep.epoch_status(catalog, run_id=run_id, epoch=epoch) != "completed":
+    done = ep.epoch_status(catalog, run_id=run_id, epoch=epoch) == "completed"
+    if not done:
         ep.plan_tasks(catalog, run_id=run_id, epoch=epoch, mode="apo", tasks=tasks, group_size=po.samples_per_task)
         settings = stages.runner_settings(config, stack, mode="apo", prompt_texts={name: version}, temperature=po.temperature)
         run_rollouts(config, stack, run_id=run_id, epoch=epoch, mode="apo", settings=settings)
         t.ingest(config, stack, run_id=run_id, epoch=epoch, mode="apo")
-        mean, n = apo.score(catalog, run_id=run_id, epoch=epoch)
+    mean, n = apo.score(catalog, run_id=run_id, epoch=epoch)
+    if not done:
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="completed",
                             stats={"prompt_version": version.version, "round": round, "score": mean, "rollouts": n})
-    mean, n = apo.score(catalog, run_id=run_id, epoch=epoch)
     prompts.set_score(catalog, version.version, score=mean, tasks=n)
     return mean, n, epoch
 

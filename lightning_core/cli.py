@@ -435,8 +435,10 @@ def _check_prompt_versions(cfg: ArclightConfig, versions: Optional[list[str]]) -
     from lightning_core.catalog import Catalog
 
     need_lake(cfg)
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure_state()  # a catalog made before prompt versions existed gets the table
     try:
-        prompts.resolve(Catalog.from_config(cfg), cfg, list(versions))
+        prompts.resolve(catalog, cfg, list(versions))
     except prompts.PromptError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
@@ -453,7 +455,7 @@ def optimize_prompt(
 
     cfg = load(config, overrides)
     try:
-        apo.target_prompt(cfg)
+        target = apo.target_prompt(cfg)
     except apo.ApoError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
@@ -465,7 +467,7 @@ def optimize_prompt(
         return search_flow(config_path=str(config), overrides=extra)
 
     result = run_with_progress(cfg, work, console=console, epochs=None, summary=False, run_id=apo.run_id(cfg),
-                               title=f"optimising prompt {apo.target_prompt(cfg)!r} of {cfg.name}")
+                               title=f"optimising prompt {target!r} of {cfg.name}")
     if result is not None:
         _print_search(result)
 
@@ -504,6 +506,7 @@ def prompts(
     cfg = load(config, overrides)
     need_lake(cfg)
     catalog = Catalog.from_config(cfg)
+    catalog.ensure_state()  # a catalog made before prompt versions existed gets the table
     try:
         prompt_store.register_config_prompts(catalog, cfg)
         if show:

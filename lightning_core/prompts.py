@@ -60,8 +60,6 @@ def register_config_prompts(catalog: Catalog, config: ArclightConfig) -> dict[st
     edited the config); a known text changes nothing, so a promoted version keeps serving.
     """
     serving = {}
-    if configured(config):
-        catalog.ensure_state()
     for name, text in configured(config).items():
         with catalog.write() as con:
             known = con.execute("SELECT version FROM prompt_versions WHERE name = ? AND text = ?", [name, text]).fetchall()

@@ -102,6 +102,25 @@ def _apo_overrides(tmp_path, fixtures, **extra) -> list[str]:
            "prompt_optimization.critic.function": "tests.helpers.prompt_critic:critic", **extra})
 
 
+def _one_model_critic_call(tmp_path, fixtures, run_name: str, **extra) -> list[str]:
+    """A one-round search whose model critic is asked once (a critique and an edit), no held-out evaluation."""
+    return _apo_overrides(tmp_path, fixtures, **{
+        "run_name": run_name, "prompt_optimization.critic.kind": "model", "prompt_optimization.rounds": "1",
+        "prompt_optimization.beam_width": "1", "prompt_optimization.branch_factor": "1",
+        "prompt_optimization.tasks_per_eval": "2", "prompt_optimization.critic.max_tokens": "12",
+        "prompt_optimization.held_out": "false", **extra})
+
+
+def _poll(catalog, sql: str, *, rows: int, timeout_s: float = 20.0) -> list[tuple]:
+    """Query until ``rows`` rows are there (spans reach the lake shortly after the flow returns) or time runs out."""
+    deadline, found = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline and len(found) < rows:
+        with catalog.read() as con:
+            found = con.execute(sql).fetchall()
+        time.sleep(0.5)
+    return found
+
+
 @pytest.mark.integration
 def test_optimize_prompt_runs_end_to_end_records_candidates_promotes_the_best_and_train_uses_it(
     prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
@@ -179,23 +198,14 @@ def test_the_model_critic_calls_are_traced_under_the_search_run_and_never_reach_
     from flows.optimize_prompt import optimize_prompt
 
     fixtures = dict(vllm_server=vllm_server, collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
-    overrides = _apo_overrides(tmp_path, fixtures, **{
-        "run_name": "apomodel", "prompt_optimization.critic.kind": "model", "prompt_optimization.rounds": "1",
-        "prompt_optimization.beam_width": "1", "prompt_optimization.branch_factor": "1",
-        "prompt_optimization.tasks_per_eval": "2", "prompt_optimization.critic.max_tokens": "12",
-        "prompt_optimization.held_out": "false"})
+    overrides = _one_model_critic_call(tmp_path, fixtures, "apomodel")
     summary = optimize_prompt(overrides=overrides)
     assert summary["critic_calls"] == 2  # one critique, one edit
     proposals = summary["rounds"][1]["proposals"]
     assert proposals == 1 and summary["rounds"][1]["new"] + len(summary["rounds"][1]["rejected"]) == 1
     catalog = Catalog.from_config(make_config(tmp_path, *overrides))
-    deadline, calls = time.monotonic() + 20, []
-    while time.monotonic() < deadline and len(calls) < 2:
-        with catalog.read() as con:
-            calls = con.execute(
-                "SELECT rollout_id, span_kind, name FROM spans WHERE run_id = 'apomodel.apo' AND rollout_id LIKE '%-critic-%' "
-                "AND span_kind = 'llm'").fetchall()
-        time.sleep(0.5)
+    calls = _poll(catalog, "SELECT rollout_id, span_kind, name FROM spans WHERE run_id = 'apomodel.apo' "
+                           "AND rollout_id LIKE '%-critic-%' AND span_kind = 'llm'", rows=2)
     assert len(calls) == 2 and {c[0].rsplit("-", 1)[1] for c in calls} == {"critique", "edit"}
     with catalog.read() as con:
         roles = con.execute("SELECT DISTINCT json_extract_string(attributes, '$.\"arclight.apo.role\"') FROM spans "
@@ -233,24 +243,16 @@ def test_a_hosted_critic_by_url_and_key_is_traced_from_the_flow(
 
     monkeypatch.setenv("ARCLIGHT_TEST_CRITIC_KEY", "sk-test")
     fixtures = dict(vllm_server=vllm_server, collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
-    overrides = _apo_overrides(tmp_path, fixtures, **{
-        "run_name": "apohosted", "prompt_optimization.critic.kind": "model", "prompt_optimization.rounds": "1",
-        "prompt_optimization.beam_width": "1", "prompt_optimization.branch_factor": "1",
-        "prompt_optimization.tasks_per_eval": "2", "prompt_optimization.critic.max_tokens": "12",
+    overrides = _one_model_critic_call(tmp_path, fixtures, "apohosted", **{
         "prompt_optimization.critic.url": f"{vllm_server.url}/v1", "prompt_optimization.critic.model": "tiny",
-        "prompt_optimization.critic.api_key_env": "ARCLIGHT_TEST_CRITIC_KEY", "prompt_optimization.held_out": "false"})
+        "prompt_optimization.critic.api_key_env": "ARCLIGHT_TEST_CRITIC_KEY"})
     summary = optimize_prompt(overrides=overrides)
     assert summary["critic_calls"] == 2
     catalog = Catalog.from_config(make_config(tmp_path, *overrides))
-    deadline, spans = time.monotonic() + 20, []
-    while time.monotonic() < deadline and len(spans) < 2:
-        with catalog.read() as con:
-            spans = con.execute(
-                "SELECT json_extract_string(attributes, '$.\"arclight.apo.role\"'), gen_ai_operation, "
-                "json_extract_string(attributes, '$.\"arclight.llm.request_messages\"') IS NOT NULL, "
-                "json_extract_string(attributes, '$.\"arclight.llm.response_text\"') IS NOT NULL "
-                "FROM spans WHERE run_id = 'apohosted.apo' AND name LIKE 'apo %'").fetchall()
-        time.sleep(0.5)
+    spans = _poll(catalog, "SELECT json_extract_string(attributes, '$.\"arclight.apo.role\"'), gen_ai_operation, "
+                           "json_extract_string(attributes, '$.\"arclight.llm.request_messages\"') IS NOT NULL, "
+                           "json_extract_string(attributes, '$.\"arclight.llm.response_text\"') IS NOT NULL "
+                           "FROM spans WHERE run_id = 'apohosted.apo' AND name LIKE 'apo %'", rows=2)
     assert sorted(spans) == [("critique", "chat", True, True), ("edit", "chat", True, True)]
 
 

@@ -110,7 +110,7 @@ class GrpoJob:
 
     base_model_dir: str
     parent_adapter_dir: str | None
-    optimizer_state: str | None  # the parent version's AdamW moments, when continued
+    parent_dir: str | None       # the parent version's folder (its AdamW moments are continued from there)
     cfg: Any                     # TrainerConfig
     samples: list[Any]           # batches.Sample
     seed: int
@@ -142,11 +142,9 @@ def spawn_grpo(job_fields: dict[str, Any], *, processes: int) -> dict[str, Any]:
 
 
 def _rank_main(rank: int, world_size: int, job: GrpoJob) -> None:
-    """One rank: join the group, load the model, run the steps; rank 0 saves the result."""
-    from lightning_core.trainer.batches import plan_steps
-    from lightning_core.trainer.grpo import train_grpo
-    from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, reference_logps_fn, seed_everything
-    from lightning_core.trainer.train import resume_optimizer, shared_prefix_mode
+    """One rank: join the group, load the model, run the steps as one process would; rank 0 saves the result."""
+    from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, seed_everything
+    from lightning_core.trainer.train import _run_grpo
 
     cfg = job.cfg
     if job.device == "cpu":  # ranks share the cores instead of each taking all of them
@@ -166,20 +164,8 @@ def _rank_main(rank: int, world_size: int, job: GrpoJob) -> None:
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         broadcast_parameters(trainable)
-        steps = plan_steps(job.samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
-                           normalization=cfg.loss_normalization, seed=job.seed,
-                           shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
-                           micro_batch_tokens=cfg.micro_batch_tokens)
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        if job.optimizer_state is not None:
-            resume_optimizer(optimizer, Path(job.optimizer_state), cfg=cfg)
-        reference = (reference_logps_fn(model, base_model_dir=job.base_model_dir, finetune=cfg.finetune, device=device)
-                     if cfg.beta != 0.0 else None)
-        pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-        history = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low,
-                             epsilon_high=cfg.epsilon_high, beta=cfg.beta, max_grad_norm=cfg.max_grad_norm,
-                             device=device, autocast_dtype=amp, reference=reference, pad_token_id=pad_id,
-                             passes=cfg.passes, max_steps=cfg.max_steps)
+        history, optimizer = _run_grpo(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device,
+                                       amp=amp, seed=job.seed, on_step=None, parent_dir=job.parent_dir)
         if rank == 0:
             names = [n for n, p in model.named_parameters() if p.requires_grad]
             torch.save({"history": history,

@@ -210,11 +210,9 @@ def _run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir,
     """The GRPO steps on ``cfg.processes`` ranks (``trainer.distributed``); rank 0's weights and AdamW land in ``model``."""
     from lightning_core.trainer.distributed import backend_for, spawn_grpo
 
-    optimizer_state = Path(parent_dir) / OPTIMIZER_STATE if (cfg.keep_optimizer_state and parent_dir) else None
     result = spawn_grpo(dict(
         base_model_dir=str(base_model_dir), parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
-        optimizer_state=str(optimizer_state) if optimizer_state and optimizer_state.is_file() else None,
-        cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),
+        parent_dir=str(parent_dir) if parent_dir else None, cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),
     ), processes=cfg.processes)
     named = dict(model.named_parameters())
     missing = sorted(set(result["trainable"]) - set(named))
