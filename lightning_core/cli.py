@@ -255,23 +255,29 @@ def gateway(
     port: Optional[int] = typer.Option(None, help="Port (default 8400)."),
     token: Optional[str] = typer.Option(None, help="Bearer token required from clients (needed off loopback)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    workers: Optional[int] = typer.Option(None, help="Gateway processes on the one port (default gateway.workers, 1)."),
+    state: Optional[Path] = typer.Option(None, help="SQLite file the processes share registrations and policies in "
+                                                    "(default: in memory for one process, a temporary file for several)."),
 ) -> None:
     """Run the OpenAI-compatible gateway that forwards to vLLM and records every call as a span."""
     from lightning_core.gateway import serve
 
-    cfg = load(config, overrides, values={"gateway.host": host, "gateway.port": port, "gateway.token": token or None})
+    cfg = load(config, overrides, values={"gateway.host": host, "gateway.port": port, "gateway.token": token or None,
+                                          "gateway.workers": workers})
     upstreams = list(upstream or cfg.serving.urls)
     if not upstreams:
         console.print("[red]error:[/red] no vLLM to forward to: pass --upstream URL or set serving.urls (or run `arclight serve`)")
         raise typer.Exit(2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     g = cfg.gateway
-    console.print(escape(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}"))
+    console.print(escape(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}"
+                         + (f" ({g.workers} processes)" if g.workers > 1 else "")))
     try:
         serve(host=g.host, port=g.port, upstreams=upstreams, base_model=cfg.model.served_name,
               policies=list(policy or [p.name for p in cfg.policies]), collector_url=collector_url or cfg.collector.url,
               token=g.token, collector_token=cfg.collector.token, upstream_timeout_s=g.upstream_timeout_s,
-              max_body_bytes=g.max_body_bytes, keep_versions=cfg.serving.keep_versions, log_level=log_level)
+              max_body_bytes=g.max_body_bytes, keep_versions=cfg.serving.keep_versions, log_level=log_level,
+              workers=g.workers, state_path=state, export_delay_ms=g.export_delay_ms)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -71,6 +71,10 @@ class GatewayConfig(Section):
     endpoint: str | None = Field(None, description="URL of a running gateway to attach to.")
     upstream_timeout_s: float = Field(600.0, gt=0, description="Longest wait for one vLLM answer.")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted request body.")
+    export_delay_ms: int = Field(200, ge=1, le=60_000, description="Longest wait before recorded spans are sent to the "
+                                                                   "collector (bigger batches under load; /admin/flush sends at once).")
+    workers: int = Field(1, ge=1, le=256, description="Gateway processes on the one port; they share registrations "
+                                                      "and policies through a SQLite file and route rollouts alike.")
 
     @property
     def url(self) -> str:

@@ -16,6 +16,7 @@ ROLLOUT_ID = "arclight.rollout_id"
 TASK_ID = "arclight.task_id"
 ATTEMPT = "arclight.attempt"
 SERVICE_NAME = "service.name"  # OpenTelemetry resource convention
+SERVICE_INSTANCE_ID = "service.instance.id"  # which gateway process (host:pid) recorded a span
 
 ROLLOUT_CONTEXT_KEYS = (RUN_ID, EPOCH, ROLLOUT_ID, TASK_ID, ATTEMPT)
 

@@ -173,9 +173,16 @@ def start_gateway(
         "--set", f"model.served_name={config.model.served_name}",
         "--set", f"gateway.upstream_timeout_s={g.upstream_timeout_s}",
         "--set", f"gateway.max_body_bytes={g.max_body_bytes}",
+        "--set", f"gateway.export_delay_ms={g.export_delay_ms}",
         "--set", f"serving.keep_versions={config.serving.keep_versions}",
         "--log-level", "warning",
     ]
+    if g.workers > 1:  # the processes share one state file; a fresh one per start (policies name adapters of this vLLM)
+        state = config.project_dir / ".arclight" / "gateway" / f"state-{g.port}.sqlite"
+        state.parent.mkdir(parents=True, exist_ok=True)
+        for stale in state.parent.glob(f"{state.name}*"):
+            stale.unlink()
+        argv += ["--workers", str(g.workers), "--state", str(state)]
     for url in upstreams:
         argv += ["--upstream", url]
     for policy in config.policies:

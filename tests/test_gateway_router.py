@@ -6,23 +6,51 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
-from lightning_core.gateway import GatewayError, PolicySwitch, Router, RolloutInfo, build_app, parse_traceparent, serve
+from lightning_core.gateway import GatewayError, GatewayState, PolicySwitch, Router, RolloutInfo, build_app, parse_traceparent, serve
 
 
 def make_router() -> Router:
     return Router(upstreams=["http://a:1/v1", "http://b:2"], base_model="base", policies=["default", "coder"])
 
 
-def test_rollouts_stick_to_the_least_loaded_replica():
-    router = make_router()
-    replicas = [router.register(RolloutInfo(rollout_id=f"r{i}")) for i in range(4)]
-    assert replicas == ["http://a:1", "http://b:2", "http://a:1", "http://b:2"]
-    info, replica, _ = router.rollout("r1")
-    assert all(router.resolve("x", info, replica).replica == "http://b:2" for _ in range(5))
-    assert router.forget("r1") and not router.forget("r1")
+def test_rollouts_stick_to_a_replica_every_gateway_process_agrees_on():
+    # two routers = two gateway processes (or hosts) that never talk to each other
+    one, other = make_router(), make_router()
+    ids = [f"r{i}" for i in range(200)]
+    replicas = [one.register(RolloutInfo(rollout_id=i)) for i in ids]
+    assert replicas == [other.register(RolloutInfo(rollout_id=i)) for i in ids]
+    assert 70 < replicas.count("http://a:1") < 130  # spread over both replicas
+    info, order, _ = one.rollout("r1")
+    assert order[0] == replicas[1] and sorted(order) == ["http://a:1", "http://b:2"]
+    assert all(one.resolve("x", info, order).replica == replicas[1] for _ in range(5))
+    # a third replica takes over only the rollouts it wins; no other rollout moves between the first two
+    three = Router(upstreams=["http://a:1", "http://b:2", "http://c:3"], base_model="base", policies=["default"])
+    moved = [(old, three.replicas_for(i)[0]) for i, old in zip(ids, replicas) if three.replicas_for(i)[0] != old]
+    assert moved and all(new == "http://c:3" for _, new in moved)
+    # a replica that refused a connection goes last for this process; its rollouts use their second choice
+    one.mark_down(replicas[1])
+    assert one.rollout("r1")[1] == [order[1], order[0]]
+    assert one.forget("r1") and not one.forget("r1")
     with pytest.raises(GatewayError) as err:
-        router.rollout("r1")
+        one.rollout("r1")
     assert err.value.status == 404
+
+
+def test_processes_sharing_a_state_file_see_each_others_registrations_and_switches(tmp_path):
+    path = tmp_path / "state.sqlite"
+    one, other = (Router(upstreams=["http://a:1"], base_model="base", policies=["default"], state=GatewayState(path))
+                  for _ in range(2))
+    one.register(RolloutInfo(rollout_id="r", run_id="run", epoch=3))
+    info, _, resource = other.rollout("r")
+    assert (info.run_id, info.epoch, resource.attributes["arclight.epoch"]) == ("run", 3, 3)
+    one.switch("default", PolicySwitch(served_model="default-v1", version=1), keep=2)
+    assert other.resolve("gpt", None, None).served_model == "default-v1"  # the very next call, no wait
+    other.switch("default", PolicySwitch(served_model="default-v2", version=2), keep=2)
+    assert (one.resolve("gpt", None, None).version, one.rollback("default").version) == (2, 1)
+    assert other.resolve("gpt", None, None).served_model == "default-v1"
+    assert other.forget("r")
+    with pytest.raises(GatewayError):
+        one.rollout("r")
 
 
 def test_model_names_resolve_to_versions_policies_or_the_default():

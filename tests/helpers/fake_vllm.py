@@ -55,7 +55,8 @@ async def chat(request: Request) -> Response:
         return Response(b'{"id": "x", "choices": [', media_type="application/json")
     if behaviour == "json list":
         return Response(b"[1, 2, 3]", media_type="application/json")
-    return JSONResponse(_answer(body))
+    # which replica answered (the gateway passes system_fingerprint through): tests of replica stickiness read it
+    return JSONResponse({**_answer(body), "system_fingerprint": f"port-{request.url.port}"})
 
 
 async def models(request: Request) -> Response:

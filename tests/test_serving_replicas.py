@@ -1,0 +1,102 @@
+"""Two real vLLM (CPU) replicas behind one gateway of two processes: sticky rollouts, a redeploy that reaches
+both, and a replica that dies while rollouts are running."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from lightning_core import semconv
+from lightning_core.catalog import Catalog
+from lightning_core.gateway_client import GatewayClient
+from lightning_core.redeploy import deploy_adapter
+from lightning_core.serving import start_gateway, start_vllm
+from lightning_core.services import free_port
+from tests.conftest import make_config
+from tests.test_redeploy import PROMPT, TARGET, greedy, served_models, train_overfit_adapter
+
+pytestmark = pytest.mark.integration
+
+POLICY = "two-replicas"
+RUN = "two-replicas"
+
+
+@pytest.fixture(scope="module")
+def second_replica(serving_config):
+    """A second vLLM of the same tiny model, on its own port; the test kills it."""
+    service = start_vllm(serving_config, port=free_port(), name="vllm-b")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def two_replica_gateway(tmp_path_factory, serving_config, vllm_server, second_replica, collector):
+    cfg = make_config(tmp_path_factory.mktemp("two-replicas"), "gateway.workers=2", "model.served_name=tiny",
+                      f"collector.endpoint={collector.url}")
+    service = start_gateway(cfg, upstreams=[vllm_server.url, second_replica.url], collector_url=collector.url)
+    yield service
+    service.stop()
+
+
+def _spans(collector_config, epoch: int) -> list[tuple[str, str, str]]:
+    with Catalog.from_config(collector_config).read() as con:
+        return con.execute(f"""SELECT rollout_id, json_extract_string(attributes, '$."{semconv.LLM_REPLICA}"'),
+                                      json_extract_string(attributes, '$."{semconv.SERVED_MODEL}"')
+                               FROM spans WHERE run_id = ? AND epoch = ?""", [RUN, epoch]).fetchall()
+
+
+def _rollouts(admin: GatewayClient, epoch: int, n: int) -> dict[str, OpenAI]:
+    return {f"{RUN}-{epoch}-{i}": OpenAI(base_url=admin.register_rollout(rollout_id=f"{RUN}-{epoch}-{i}", run_id=RUN, epoch=epoch),
+                                         api_key="x", max_retries=0) for i in range(n)}
+
+
+def test_two_replicas_stickiness_redeploy_to_both_and_one_dying(
+    two_replica_gateway, vllm_server, second_replica, collector_config, tiny_model_dir, tmp_path
+):
+    a, b = vllm_server.url, second_replica.url
+    admin = GatewayClient(two_replica_gateway.url)
+
+    # stickiness: every call of a rollout goes to one replica, and the rollouts use both
+    clients = _rollouts(admin, 0, 8)
+    for _ in range(3):
+        for client in clients.values():
+            client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=4, temperature=1.0)
+    assert admin.flush()
+    by_rollout = collections.defaultdict(set)
+    for rollout, replica, _ in _spans(collector_config, 0):
+        by_rollout[rollout].add(replica)
+    assert set(by_rollout) == set(clients) and all(len(r) == 1 for r in by_rollout.values())
+    assert {next(iter(r)) for r in by_rollout.values()} == {a, b}
+
+    # a redeploy reaches both replicas, and rollouts on either are answered by the new version
+    adapter = train_overfit_adapter(tiny_model_dir, tmp_path / "adapter")
+    done = deploy_adapter(gateway=admin, replicas=[a, b], policy=POLICY, adapter_dir=adapter, keep_versions=2)
+    try:
+        assert all(done.served_model in served_models(url) for url in (a, b))
+        clients = _rollouts(admin, 1, 8)
+        assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
+        assert admin.flush()
+        spans = _spans(collector_config, 1)
+        assert {model for *_, model in spans} == {done.served_model} and {replica for _, replica, _ in spans} == {a, b}
+
+        # replica b dies mid-epoch: the rollouts that stuck to it go on on a, with no failed call
+        assert any(replica == b for _, replica, _ in spans)  # some of these rollouts are on b
+        second_replica.process.kill()
+        second_replica.process.wait(30)
+        for client in clients.values():
+            for _ in range(2):
+                assert greedy(client, POLICY).startswith(TARGET)
+        assert admin.flush()
+        added = collections.Counter(replica for _, replica, _ in _spans(collector_config, 1))
+        added.subtract(collections.Counter(replica for _, replica, _ in spans))
+        assert +added == {a: 2 * len(clients)}
+        r = httpx.get(f"{two_replica_gateway.url}/metrics")
+        assert r.status_code == 200
+    finally:
+        for version in (done.served_model,):
+            httpx.post(f"{a}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
+    assert json.loads(httpx.get(f"{two_replica_gateway.url}/admin/policies").text)["policies"][POLICY]["version"] == 1
