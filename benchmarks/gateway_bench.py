@@ -4,10 +4,11 @@
     .venv/bin/python benchmarks/gateway_bench.py --clients 64 --workers 1 2 4 --seconds 8 --rounds 3
 
 Three kinds of process, all real:
-- the mock upstream: a raw asyncio HTTP/1.1 server that answers every chat call at once with the same
+- the mock upstream (``--mock raw``, the default): a raw asyncio HTTP/1.1 server that answers every chat call at once with the same
   vLLM-shaped body (prompt token ids, 30 sampled token ids with logprobs, usage), and accepts the
   gateway's OTLP exports at ``/v1/traces`` with an empty 200 (so neither vLLM nor the collector costs
-  anything and only the gateway's own work shows);
+  anything and only the gateway's own work shows); ``--mock asgi`` answers the same from a Starlette app
+  under uvicorn, an upstream with a typical Python server's per-request cost;
 - the gateway: ``python -m lightning_core gateway --workers N`` in front of it, exactly as ``arclight
   serve`` starts it (span per call, exported over OTLP/HTTP);
 - the load: ``--load-procs`` processes of aiohttp clients, each client one connection that sends a
@@ -115,6 +116,32 @@ def run_mock(port: int) -> None:
             await server.serve_forever()
 
     asyncio.run(main())
+
+
+def run_mock_asgi(port: int) -> None:
+    """The same answers from a Starlette app under uvicorn: an upstream with a typical Python server's cost."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    body = json.dumps(ANSWER, separators=(",", ":")).encode()
+    models = json.dumps({"object": "list", "data": [{"id": "base", "object": "model"}]}).encode()
+
+    async def chat(request):
+        await request.body()
+        return Response(body, media_type="application/json")
+
+    async def traces(request):
+        await request.body()
+        return Response(b"", media_type="application/x-protobuf")
+
+    async def listing(request):
+        return Response(models, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/traces", traces, methods=["POST"]),
+                            Route("/v1/models", listing)])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 # ---------------------------------------------------------------- load generator
@@ -228,14 +255,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="length of one round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per path")
     parser.add_argument("--load-procs", type=int, default=2, help="load-generator processes (at most one per client)")
+    parser.add_argument("--mock", choices=["raw", "asgi"], default="raw",
+                        help="raw: a bare asyncio server (direct is as fast as the load can go); asgi: Starlette under uvicorn")
     parser.add_argument("--out", type=Path, default=Path("/tmp/gateway_bench"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     port = free_port()
-    mock = mp.get_context("spawn").Process(target=run_mock, args=(port,), daemon=True)
+    mock = mp.get_context("spawn").Process(target=run_mock if args.mock == "raw" else run_mock_asgi, args=(port,), daemon=True)
     mock.start()
     upstream = f"http://127.0.0.1:{port}"
+    import httpx
+    deadline = time.time() + 30
+    while True:
+        try:
+            httpx.get(f"{upstream}/v1/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            if time.time() > deadline:
+                raise SystemExit("the mock upstream did not start")
+            time.sleep(0.1)
     gateways = {}
     try:
         for w in args.workers:
@@ -278,8 +317,8 @@ def main() -> None:
     print("| clients | path | req/s (median of rounds) | vs direct | p50 ms | p99 ms | p99 vs direct | p50 added ms | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nload (1-min avg) at start and after each client count: {', '.join(f'{x:.2f}' for x in load)}; "
-          f"{os.cpu_count()} cores")
+    print(f"\nmock upstream: {args.mock}; load (1-min avg) at start and after each client count: "
+          f"{', '.join(f'{x:.2f}' for x in load)}; {os.cpu_count()} cores")
     print(json.dumps({"results": summary, "load": load}))
 
 
