@@ -28,7 +28,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_core.services import free_port  # noqa: E402
 
 PROMPT_IDS = list(range(1000, 1190))          # the calc prompt is ~190 tokens
 ANSWER_IDS = list(range(2000, 2030))          # and an answer ~10-40
@@ -59,12 +61,6 @@ MESSAGES = [
     {"role": "assistant", "content": "ANSWER: 234"},
     {"role": "user", "content": "Nine boxes hold 23 pens each and 7 pens are lost. How many pens are left?"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

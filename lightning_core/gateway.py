@@ -227,7 +227,7 @@ class Router:
         with self.state.policy_update() as table:
             for name in policies or ["default"]:
                 table.setdefault(name, PolicyState(name))
-        self.policies = self.state.load_policies()
+        self.policies = table
         self.default_policy = (policies or ["default"])[0]
         self._resources: dict[str, tuple[str, RolloutInfo, Resource]] = {}
         self._down: dict[str, float] = {}
@@ -680,7 +680,6 @@ class Gateway:
             return error_response(GatewayError(422, f"rollout registration is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"))
         except GatewayError as exc:
             return error_response(exc)
-        self.metrics.rollouts.set(self.router.state.count_rollouts())
         base = str(request.base_url).rstrip("/")
         return JSONResponse({"rollout_id": info.rollout_id, "base_url": f"{base}/rollout/{info.rollout_id}/v1", "replica": replica},
                             status_code=201)
@@ -692,7 +691,6 @@ class Gateway:
         except GatewayError as exc:
             return error_response(exc)
         known = self.router.forget(request.path_params["rollout_id"])
-        self.metrics.rollouts.set(self.router.state.count_rollouts())
         return Response(status_code=204 if known else 404)
 
     async def list_policies(self, request: Request) -> Response:
@@ -753,7 +751,8 @@ class Gateway:
         return JSONResponse({"status": "ok", "upstreams": self.router.upstreams})
 
     async def prometheus(self, request: Request) -> Response:
-        """``GET /metrics``: Prometheus text."""
+        """``GET /metrics``: Prometheus text (the registered-rollout count is taken now, not on every registration)."""
+        self.metrics.rollouts.set(self.router.state.count_rollouts())
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def flush(self, request: Request) -> Response:
