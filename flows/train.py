@@ -187,6 +187,7 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, ep
     config = load(config_path, overrides)
     _prepare(config)
     target = epochs or config.epochs
+    config = config.model_copy(update={"epochs": target})  # the run's length: learning-rate schedules span it
     every = config.evaluation.every_epochs
     with project_lock(config), open_stack(config) as stack:
         if every and config.evaluation.at_start and ep.next_epoch(Catalog.from_config(config), run_id=config.run_name) == 0:

@@ -139,6 +139,13 @@ class TrainerConfig(Section):
     finetune: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter (default) or all weights.")
     learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate (5e-4 suits LoRA; use ~1e-6..1e-5 for full).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="The learning rate over the run's epochs: constant, or decayed (linearly or along a "
+        "cosine) to min_lr_ratio x learning_rate over the last lr_decay_epochs epochs; the last epoch trains at the "
+        "minimum. Each epoch trains at one rate (logged to MLflow as learning_rate).")
+    lr_decay_epochs: int | None = Field(None, ge=1, description="Epochs at the end of the run over which the rate "
+                                        "decays (the run's length is `epochs`); None = all of them.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The decayed rate of the last epoch, as a fraction of learning_rate.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")

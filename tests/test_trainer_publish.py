@@ -184,3 +184,32 @@ def test_the_next_epoch_continues_adamw_from_the_parent_version(tmp_path, tiny_d
     third = train_policies(cfg, run_id="r1", epoch=2, base_model_dir=tiny_dir,
                            triplets={"default": triplet_table(make_triplets(groups=3, per_group=4, epoch=2))})[0]
     assert third.parent_version == "default-v2" and not (third.path / OPTIMIZER_STATE).exists()
+
+
+def test_a_learning_rate_schedule_decays_over_the_runs_last_epochs(tmp_path, tiny_dir):
+    """trainer.lr_schedule: each epoch trains at its scheduled rate, which AdamW uses and MLflow records;
+    the run's parameters keep the configured peak."""
+    from lightning_core.trainer.train import OPTIMIZER_STATE, scheduled_learning_rate
+
+    cfg = project(tmp_path, "epochs=6", "trainer.lr_schedule=linear", "trainer.lr_decay_epochs=4",
+                  "trainer.min_lr_ratio=0.25", "trainer.learning_rate=0.01")
+    rates = [scheduled_learning_rate(cfg.trainer, epoch=e, epochs=cfg.epochs) for e in range(8)]
+    assert rates == pytest.approx([0.01, 0.01, 0.008125, 0.00625, 0.004375, 0.0025, 0.0025, 0.0025])
+    cosine = cfg.trainer.model_copy(update={"lr_schedule": "cosine", "lr_decay_epochs": None, "min_lr_ratio": 0.0})
+    assert [scheduled_learning_rate(cosine, epoch=e, epochs=4) for e in range(4)] == pytest.approx(
+        [0.01 * (1 + 0.5 ** 0.5) / 2, 0.005, 0.01 * (1 - 0.5 ** 0.5) / 2, 0.0])
+    constant = cfg.trainer.model_copy(update={"lr_schedule": "constant"})
+    assert scheduled_learning_rate(constant, epoch=5, epochs=6) == 0.01
+
+    for epoch in (1, 4):  # epoch 1 at the peak, epoch 4 (the second of the last four) at 0.004375
+        result = train_policies(cfg, run_id="r1", epoch=epoch, base_model_dir=tiny_dir, triplets={
+            "default": triplet_table(make_triplets(groups=3, per_group=4, epoch=epoch))})[0]
+        saved = torch.load(result.path / OPTIMIZER_STATE, weights_only=True)
+        assert saved["param_groups"][0]["lr"] == pytest.approx(rates[epoch])
+        assert result.metrics["learning_rate"] == pytest.approx(rates[epoch])
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    client = MlflowClient()
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["learning_rate"] == "0.01" and run.data.params["lr_schedule"] == "linear"
+    history = client.get_metric_history(result.mlflow_run_id, "learning_rate")
+    assert {m.step: m.value for m in history} == pytest.approx({1: rates[1], 4: rates[4]})

@@ -62,6 +62,9 @@ def train_policy(
 ) -> TrainResult:
     """Train ``policy`` on its triplets of one epoch; save, record and register the new version."""
     cfg = config.trainer_for(policy)
+    params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
+    learning_rate = scheduled_learning_rate(cfg, epoch=epoch, epochs=config.epochs)
+    cfg = cfg.model_copy(update={"learning_rate": learning_rate})
     rows = [r for r in rows_of(triplets) if r.get("policy") in (None, policy)]
     stats = epoch_stats(rows, success_reward=cfg.success_reward)
     catalog = Catalog.from_config(config)
@@ -81,12 +84,13 @@ def train_policy(
     stats.update({k: float(v) for k, v in counts.items()})
     stats["trainable_triplets"] = float(len(samples))
 
-    params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
+    stats["learning_rate"] = learning_rate
     with tracking.start_run(config, run_id=run_id, policy=policy, params=params) as run:
         mlflow_run_id = run.info.run_id
         sampled = {f"sampling/{k}": float(v) for k, v in ep.sampling_counts(catalog, run_id=run_id, epoch=epoch).items()}
         stats.update(sampled)
-        tracking.log_metrics({**{k: stats[k] for k in tracking.EPOCH_METRICS}, **sampled}, step=epoch)
+        tracking.log_metrics({**{k: stats[k] for k in tracking.EPOCH_METRICS}, **sampled,
+                              "learning_rate": learning_rate}, step=epoch)
         tracking.log_reward_curve(mlflow_run_id, epoch=epoch)
         tracking.log_samples(rows, epoch=epoch, limit=cfg.log_samples)
         if not samples:
@@ -150,6 +154,23 @@ def train_policy(
         return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=version, parent_version=parent_version,
                            path=path, metrics=stats, steps=steps, mlflow_run_id=mlflow_run_id,
                            registry_version=registry_version, message=message)
+
+
+def scheduled_learning_rate(cfg: TrainerConfig, *, epoch: int, epochs: int) -> float:
+    """The rate epoch ``epoch`` (0-based) of a run of ``epochs`` trains at, after ``cfg.lr_schedule``.
+
+    The decay spans the run's last ``lr_decay_epochs`` epochs and reaches ``min_lr_ratio`` at the
+    last one; epochs past the run's length (a run extended later) stay at the minimum.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    span = min(cfg.lr_decay_epochs or epochs, epochs)
+    progress = min(max((epoch - (epochs - span) + 1) / span, 0.0), 1.0)
+    if cfg.lr_schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
 
 
 def train_policies(
