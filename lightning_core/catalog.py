@@ -1,10 +1,12 @@
-"""The DuckDB catalog: views over the Parquet lake plus the pipeline's small state tables.
+"""The DuckDB catalog: the pipeline's small state tables, and the span views over lake snapshots.
 
-The lake is the source of truth; the catalog file holds only view definitions and state
-(runs, epochs, rollouts, policy_versions). Writers open it briefly (``Catalog.write()``), so
-analysts can open it read-only between writes (``Catalog.read()`` retries while a writer holds
-the lock). The file is created with DuckDB's v1.5.0 storage format, so the PyPI ``duckdb`` CLI
-can open it too.
+The spans live in the lake's Delta tables (``lightning_core.lake``); ``view_sql`` makes views
+over one snapshot of them. The catalog file holds the state (runs, epochs, rollouts,
+policy_versions, prompt_versions) and the views of the pipeline's outputs. Writers open it
+briefly (``Catalog.write()``); ``Catalog.read()`` opens it read-only between writes (retrying
+while a writer holds the lock) with the span views added as TEMP views. Analysts never hold the
+file: ``lightning_core.analyst.connect`` copies the state into memory. The file is created with
+DuckDB's v1.5.0 storage format, so the PyPI ``duckdb`` CLI can open it too.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Iterator
 
 import duckdb
 
-from lightning_core.lake import SCHEMA_RUN, ensure_schema_files
+from lightning_core.lake import SCHEMA_RUN, Snapshot, ensure_schema_files, schema_file
+from lightning_core.lake import snapshot as lake_snapshot
 
 STORAGE_VERSION = "v1.5.0"
-VIEW_ATTEMPTS = 6  # tries to (re)create the lake views while compaction swaps files
 
+STATE_TABLE_NAMES = ("runs", "epochs", "rollouts", "policy_versions", "prompt_versions")
 STATE_TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      VARCHAR PRIMARY KEY,
@@ -102,17 +105,29 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def view_sql(lake_root: Path) -> str:
-    """Return the DDL of the lake views for a lake at ``lake_root`` (an absolute path)."""
-    training = _quote(str(lake_root / "spans" / "training" / "*" / "*" / "*.parquet"))
-    production = _quote(str(lake_root / "spans" / "production" / "*" / "*.parquet"))
+def _file_list(paths) -> str:
+    return "[" + ", ".join(_quote(str(p)) for p in paths) + "]"
+
+
+def view_sql(lake_root: Path, snapshot: Snapshot | None = None, *, temporary: bool = False) -> str:
+    """Return the DDL of the span views over one snapshot of the lake at ``lake_root`` (an absolute path).
+
+    The views list the data files of one version of each span table (``lake.snapshot``; the
+    current one by default), so every query on them sees that version, however the collector
+    writes and compacts meanwhile. ``temporary`` makes them connection-local (TEMP views), which
+    a read-only catalog connection can create too.
+    """
+    snapshot = snapshot or lake_snapshot(lake_root)
+    training = _file_list([schema_file(lake_root, "training"), *snapshot.files["training"]])
+    production = _file_list([schema_file(lake_root, "production"), *snapshot.files["production"]])
+    view = "TEMP VIEW" if temporary else "VIEW"
     return f"""
 -- One row per span file row, exactly as stored; partition values from the folder names, and the
 -- row's place (filename, file_row_number), which identifies one stored copy of a span; file_index
 -- numbers the files one scan of one branch reads (the pipeline's span numbers are built on it).
 -- The empty schema files (run _schema, date 1970-01-01) hold no rows; spans that really started
 -- on 1970-01-01 (a clock at zero) share that folder and must stay visible.
-CREATE OR REPLACE VIEW spans_raw AS
+CREATE OR REPLACE {view} spans_raw AS
 SELECT *, file_index FROM read_parquet({training}, hive_partitioning = true, union_by_name = true,
                            filename = true, file_row_number = true,
                            hive_types = {{'run_id': VARCHAR, 'epoch': BIGINT}})
@@ -122,10 +137,12 @@ SELECT *, file_index, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
 FROM read_parquet({production}, hive_partitioning = true, union_by_name = true,
                   filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}});
 
--- One row per span: ids, name, times (ns and timestamps), status, attributes/resource/events as
--- JSON, the rollout context, the columns promoted at ingest (span_kind, agent_name, response_id,
--- reward_value) and the gateway's token ids and logprobs (stored typed, not in attributes).
-CREATE OR REPLACE VIEW spans AS
+-- One row per span, each (trace_id, span_id) once (a sender's retry or a collector's restart can
+-- store a span twice; the first copy received is kept): ids, name, times (ns and timestamps),
+-- status, attributes/resource/events as JSON, the rollout context, the columns promoted at ingest
+-- (span_kind, agent_name, response_id, reward_value) and the gateway's token ids and logprobs
+-- (stored typed, not in attributes).
+CREATE OR REPLACE {view} spans AS
 SELECT
     run_id, epoch, rollout_id, task_id, attempt,
     trace_id, span_id, parent_id, name, kind,
@@ -145,8 +162,20 @@ SELECT
     prompt_token_ids, response_token_ids, response_logprobs,
     date AS production_date,
     received_ns
-FROM spans_raw;
+FROM spans_raw
+QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY received_ns, filename, file_row_number) = 1;
 """
+
+
+# What a connection to the catalog file itself finds under the span views' names: the spans live
+# in the Delta tables, whose current files a view stored in the file could not follow.
+STORED_VIEW_NOTICE = """
+CREATE OR REPLACE VIEW spans_raw AS SELECT error({msg}) AS spans_raw;
+CREATE OR REPLACE VIEW spans AS SELECT error({msg}) AS spans;
+"""
+NOTICE_TEXT = ("the spans live in the lake's Delta tables, not in this file: query them with `arclight query`, "
+               "lightning_core.analyst.connect(<lake>) in Python, or the duckdb CLI started as "
+               "`duckdb -init <(arclight views --lake <lake>)`")
 
 
 class WriteRefused(ValueError):
@@ -197,18 +226,9 @@ class Catalog:
         """Create the lake folders, the catalog file, its views and state tables (idempotent)."""
         self.lake_root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.lake_root)
-        for attempt in range(VIEW_ATTEMPTS):
-            try:
-                with self.write() as con:
-                    con.execute(STATE_TABLES)
-                    con.execute(view_sql(self.lake_root))
-                return
-            except duckdb.IOException as exc:
-                # Binding the views reads every span file's schema; the collector's compaction may
-                # replace a file between the glob and the read. The next glob sees the new files.
-                if "no such file" not in str(exc).lower() or attempt == VIEW_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.05 * 2 ** attempt)
+        with self.write() as con:
+            con.execute(STATE_TABLES)
+            con.execute(STORED_VIEW_NOTICE.format(msg=_quote(NOTICE_TEXT)))
 
     def ensure_state(self) -> None:
         """Make sure the state tables exist (a catalog made by an older version gets the new ones), cheaply."""
@@ -230,13 +250,20 @@ class Catalog:
                 con.close()
 
     @contextlib.contextmanager
-    def read(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the catalog read-only (waiting while a writer holds it), then close it."""
+    def read(self, *, timeout_s: float = 60.0, spans: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the catalog read-only (waiting while a writer holds it), then close it.
+
+        With ``spans``, the connection also has the span views (``spans``, ``spans_raw``) over the
+        lake's current snapshot, as TEMP views. Hold it briefly: a writer waits while it is open
+        (analysts use ``lightning_core.analyst.connect``, which holds nothing).
+        """
         if not self.path.exists():
             self.ensure()
         with _process_lock(self.path):
             con = _connect_retrying(self.path, read_only=True, timeout_s=timeout_s, config=self._config(create=False))
             try:
+                if spans:
+                    con.execute(view_sql(self.lake_root, temporary=True))
                 yield con
             finally:
                 con.close()

@@ -54,8 +54,13 @@ def lake_io(cfg: ArclightConfig) -> Iterator[None]:
     """Turn an OS error on the lake's files (a parent that is a file, no permission, disk full) into one line."""
     import duckdb
 
+    from lightning_core.lake import LakeFormatError
+
     try:
         yield
+    except LakeFormatError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
     except (OSError, duckdb.IOException) as exc:
         reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
         console.print(f"[red]error:[/red] {escape(f'the lake at {cfg.lake.path} cannot be used: {reason}; pass --lake with a folder you can write')}")
@@ -100,16 +105,16 @@ def query(
     """Run one SQL query against the catalog, read-only, and print the result."""
     import duckdb
 
-    from lightning_core.catalog import Catalog, WriteRefused, refuse_writes
+    from lightning_core.analyst import connect
+    from lightning_core.catalog import WriteRefused, refuse_writes
 
     cfg = load(config, overrides, lake=lake)
-    catalog = Catalog.from_config(cfg)
     if fmt not in ("table", "csv", "json"):
         console.print(f"[red]error:[/red] --format must be table, csv or json, not {escape(repr(fmt))}")
         raise typer.Exit(2)
     need_lake(cfg)
     try:
-        with lake_io(cfg), catalog.read() as con:
+        with lake_io(cfg), contextlib.closing(connect(cfg)) as con:  # holds no lock: training never waits on it
             refuse_writes(con, sql)
             result = con.sql(sql)
             if result is None:
@@ -161,12 +166,15 @@ def shell(
     """An interactive SQL prompt on the catalog (read-only). End statements with ';'."""
     import duckdb
 
-    from lightning_core.catalog import Catalog, WriteRefused, refuse_writes
+    from lightning_core.analyst import connect, refresh
+    from lightning_core.catalog import WriteRefused, refuse_writes
 
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
-    catalog = Catalog.from_config(cfg)
-    console.print(escape(f"catalog {catalog.path} (read-only). Views: spans, spans_raw, ... End with ';', quit with .quit or Ctrl-D."))
+    with lake_io(cfg):
+        con = connect(cfg)  # in memory, over the lake's snapshot: holds no lock the pipeline needs
+    console.print(escape(f"lake {cfg.lake.path} (read-only; each statement sees the newest snapshot). Views: spans, "
+                         "spans_raw, triplets, ...; tables: runs, epochs, rollouts, ... End with ';', quit with .quit or Ctrl-D."))
     buffer = ""
     while True:
         try:
@@ -180,11 +188,11 @@ def shell(
             continue
         statement, buffer = buffer, ""
         try:
-            with catalog.read() as con:
-                refuse_writes(con, statement)
-                result = con.sql(statement)
-                if result is not None:
-                    _print_result(result, "table")
+            refuse_writes(con, statement)
+            refresh(con)
+            result = con.sql(statement)
+            if result is not None:
+                _print_result(result, "table")
         except (duckdb.Error, WriteRefused) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
 
@@ -203,8 +211,43 @@ def compact(
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
     with lake_io(cfg):
-        merged = Lake(cfg.lake.path).compact(min_files=min_files, idle_s=idle_s)
+        merged = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours).compact(min_files=min_files, idle_s=idle_s)
     console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
+
+
+@app.command()
+def views(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    lake: Optional[Path] = LakeOpt,
+) -> None:
+    """Print SQL that gives a duckdb CLI session the lake's views: duckdb -init <(arclight views)."""
+    from lightning_core.analyst import cli_script
+
+    cfg = load(config, overrides, lake=lake)
+    need_lake(cfg)
+    with lake_io(cfg):
+        sys.stdout.write(cli_script(cfg))
+
+
+@app.command("migrate-lake")
+def migrate_lake(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    lake: Optional[Path] = LakeOpt,
+) -> None:
+    """Convert a Parquet lake of an older Arclight into the Delta tables (the old files move aside)."""
+    from lightning_core.lake import migrate
+
+    cfg = load(config, overrides, lake=lake)
+    need_lake(cfg)
+    with lake_io(cfg):
+        moved = migrate(cfg.lake.path)
+    if not moved:
+        console.print(escape(f"{cfg.lake.path}: nothing to convert (the span tables are Delta tables already)"))
+    for lane, count in moved.items():
+        console.print(escape(f"spans/{lane}: {count} spans now in a Delta table; the old files are in "
+                             f"spans/{lane}.parquet-<time> (delete them once you have checked)"))
 
 
 @app.command()

@@ -37,7 +37,7 @@ from starlette.routing import Route
 from lightning_core.config import CollectorConfig
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.http_guard import LOOPBACK_HOSTS, has_token, trusted
-from lightning_core.lake import Lake, Partition, SpanDataError, request_to_tables
+from lightning_core.lake import LANES, Lake, Partition, SpanDataError, request_to_tables
 from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, decode_body, parse, read_body
 
 log = logging.getLogger("arclight.collector")
@@ -175,9 +175,8 @@ class TraceReceiver:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
         """Run the writer thread and the compactor while the app serves."""
-        removed = await asyncio.to_thread(self.lake.recover)  # what a killed collector or compactor left behind
-        if removed:
-            log.warning("recovered the lake: removed %d files left by processes that died", removed)
+        for lane in LANES:  # created (or opened) before the first request, which would otherwise wait for it
+            await asyncio.to_thread(self.lake.table, lane)
         self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, on_commit=self._committed)
         compactor = asyncio.create_task(self.compact_loop())
         try:
@@ -196,7 +195,7 @@ def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Sta
             f"collector bound to {config.host!r} (not loopback) needs a bearer token: "
             "set collector.token in the config or ARCLIGHT_COLLECTOR_TOKEN"
         )
-    receiver = TraceReceiver(config, Lake(lake_root), token)
+    receiver = TraceReceiver(config, Lake(lake_root, retention_hours=config.retention_hours), token)
     app = Starlette(
         routes=[
             Route("/v1/traces", receiver.traces, methods=["POST"]),

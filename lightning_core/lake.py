@@ -1,38 +1,48 @@
-"""The Parquet lake: one row per span, hive-partitioned by run and epoch (or date in production).
+"""The span store: one row per span in two Delta Lake tables, partitioned by run and epoch (or date).
 
 Layout under the lake root::
 
-    spans/training/run_id=<run>/epoch=<n>/part-<ns>-<uuid>.parquet
-    spans/production/date=<YYYY-MM-DD>/part-<ns>-<uuid>.parquet
+    spans/training/_delta_log/...                                  (the table's commits)
+    spans/training/run_id=<run>/epoch=<n>/part-...zstd.parquet
+    spans/production/date=<YYYY-MM-DD>/part-...zstd.parquet
+    _schema/<lane>/...                                             (empty files: views bind on an empty lake)
 
-Files are written to a temporary name, fsynced and renamed into place, so a reader never sees
-a half-written file and a writer that returns has made its rows durable. The partition values
-come from the folder names; every other column is inside the file (``SPAN_SCHEMA``).
+A write is one Delta commit per table (``Lake.write``), made durable before the collector
+answers. Readers take a snapshot (``Lake.snapshot``: one table version and its files) and never
+see a half-written commit; compaction and cleanup are Delta's ``optimize`` and ``vacuum`` with a
+retention window. The partition values live in the folder names; every other column is inside
+the file (``SPAN_SCHEMA``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
-import re
 import socket
+import threading
 import time
-import uuid
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
+
+import logging
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import DeltaError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan, Status as PbStatus
 
 from lightning_core import names, semconv
 from lightning_core.durable import fsync_dir as _fsync_dir
+
+log = logging.getLogger("arclight.lake")
 
 SPAN_SCHEMA = pa.schema(
     [
@@ -322,305 +332,311 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
 
 
-class Lake:
-    """Writes span rows into the lake folder atomically, and compacts small files."""
+LANES = {"training": ("run_id", "epoch"), "production": ("date",)}  # lane -> Delta partition columns
+_PARTITION_TYPES = {"run_id": pa.string(), "epoch": pa.int64(), "date": pa.string()}
+DEFAULT_RETENTION_HOURS = 24
 
-    def __init__(self, root: str | os.PathLike[str]):
+
+class LakeFormatError(RuntimeError):
+    """A lake folder that is not (yet) in the table format this Arclight writes."""
+
+
+def lane_of(partition: Partition) -> str:
+    return "production" if partition.run_id is None else "training"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent state of the span tables: each lane's Delta version and its data files."""
+
+    versions: dict[str, int]
+    files: dict[str, list[str]]
+
+
+class Lake:
+    """The span store: two Delta Lake tables (delta-rs) under ``<root>/spans``.
+
+    ``spans/training`` is partitioned by (run_id, epoch) and ``spans/production`` by date, so
+    their files sit where the Parquet lake had them (``run_id=<run>/epoch=<n>/...``). Every
+    write is one Delta commit per lane; readers list the files of one table version (a
+    snapshot), so they never see a half-written commit, and compaction (``optimize``) and
+    cleanup (``vacuum``, after a retention window) are the format's own operations.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, retention_hours: int = DEFAULT_RETENTION_HOURS):
         self.root = Path(root)
+        self.retention_hours = retention_hours
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.root)
+        self._tables: dict[str, DeltaTable] = {}
 
-    def write(self, tables: dict[Partition, pa.Table]) -> list[Path]:
-        """Write each partition's table to a new fsynced Parquet file; all files become visible, or none."""
-        staged: list[tuple[Path, Path]] = []  # (temporary, final)
-        try:
-            for partition, table in tables.items():
-                if table.num_rows:
-                    folder = self._folder(partition)
-                    name = _part_name()
-                    staged.append((_write_synced(folder, name, table), folder / name))
-            for tmp, final in staged:
-                os.replace(tmp, final)
-            for folder in {final.parent for _, final in staged}:
-                _fsync_dir(folder)
-        except BaseException:
-            for tmp, final in staged:  # nothing was acknowledged: take every file of this write back
-                tmp.unlink(missing_ok=True)
-                final.unlink(missing_ok=True)
-            raise
-        return [final for _, final in staged]
+    def table_path(self, lane: str) -> Path:
+        return self.root / "spans" / lane
 
-    def write_table(self, partition: Partition, table: pa.Table) -> Path:
-        """Write one Arrow table into ``partition`` durably (temp file, fsync, rename, fsync dir)."""
-        return _durable_write(self._folder(partition), _part_name(), table)
+    def table(self, lane: str) -> DeltaTable:
+        """The lane's Delta table, created on first use (two processes creating it at once agree on one)."""
+        if lane not in self._tables:
+            self._tables[lane] = open_table(self.root, lane, create=True)
+        return self._tables[lane]
 
-    def _folder(self, partition: Partition) -> Path:
-        folder = names.inside(self.root / "spans", self.root / partition.relative_dir(), what="partition folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    def write(self, tables: dict[Partition, pa.Table]) -> list[str]:
+        """Append the span tables: one durable Delta commit per lane; return the data files written.
 
-    def partitions(self) -> list[Path]:
-        """Return every partition folder that holds span files."""
-        spans = self.root / "spans"
-        return sorted({p.parent for p in spans.rglob("part-*.parquet")})
+        A lane's commit is all or nothing. A request that spans both lanes and fails after the
+        first commit is retried by its sender; readers see each (trace_id, span_id) once anyway
+        (the ``spans`` view and the pipeline de-duplicate).
+        """
+        by_lane: dict[str, list[pa.Table]] = defaultdict(list)
+        for partition, table in tables.items():
+            if table.num_rows:
+                by_lane[lane_of(partition)].append(_with_partition_columns(table, partition))
+        written: list[str] = []
+        for lane, parts in by_lane.items():
+            table = self.table(lane)
+            write_deltalake(table, pa.concat_tables(parts), mode="append", partition_by=list(LANES[lane]),
+                            writer_properties=_WRITER, commit_properties=CommitProperties(
+                                custom_metadata={"arclight.writer": _owner()}))
+            written += _sync_commit(self.table_path(lane), table.version())
+        return written
+
+    def write_table(self, partition: Partition, table: pa.Table) -> list[str]:
+        """Append one partition's table (one commit)."""
+        return self.write({partition: table})
+
+    def snapshot(self) -> Snapshot:
+        """The current version and data files of both lanes (a stable view for a whole query)."""
+        return snapshot(self.root)
 
     def compact(self, *, min_files: int = 16, idle_s: float = 10.0, now: float | None = None) -> int:
-        """Merge the files of each idle partition that has at least ``min_files``; return merges done.
+        """Compact (Delta ``optimize``) each idle partition with at least ``min_files`` files; return partitions done.
 
-        A partition is idle when its newest file is older than ``idle_s`` seconds. One compactor
-        at a time works on a partition: it claims the folder's ``.compacting`` marker, writes the
-        merged file, records the swap in the marker (merged file, small files), renames the merged
-        file into place and removes the small ones. A compactor killed at any point is settled by
-        ``recover``: forward when the merged file is in place, back otherwise, so every row ends
-        up in the folder exactly once. A partition under a live ``read_lease`` is left alone: its
-        reader finds rows again by file and row number.
+        A partition is idle when its newest file is older than ``idle_s`` seconds. The files it
+        replaces stay on disk for ``retention_hours`` (a query that listed them still reads
+        them), then ``vacuum`` removes them. Appends that land meanwhile do not conflict.
         """
         now = now if now is not None else time.time()
-        self.recover()
-        return sum(self._merge(folder, min_files=min_files, idle_s=idle_s, now=now) for folder in self.partitions())
+        done = 0
+        for lane, columns in LANES.items():
+            table = open_table(self.root, lane, create=False)
+            if table is None:
+                continue
+            actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for i in range(len(actions.get("path", []))):
+                key = tuple(actions[f"partition.{c}"][i] for c in columns)
+                groups[key].append(actions["modification_time"][i])
+            for key, times in groups.items():
+                if len(times) < min_files or now - max(times) / 1000 < idle_s:
+                    continue
+                filters = [(c, "=", str(v)) for c, v in zip(columns, key)]
+                try:
+                    table.optimize.compact(partition_filters=filters, writer_properties=_WRITER)
+                    done += 1
+                except DeltaError as exc:  # a concurrent compaction of the same files: theirs stands
+                    log.info("compaction of %s %s skipped: %s", lane, key, exc)
+                    table.update_incremental()
+            self.vacuum(table)
+        return done
 
-    def _merge(self, folder: Path, *, min_files: int, idle_s: float, now: float) -> bool:
-        files = sorted(folder.glob("part-*.parquet"))
-        if len(files) < min_files or self._leased(folder) or now - max(f.stat().st_mtime for f in files) < idle_s:
-            return False
-        marker = _claim(folder)
-        if marker is None:  # another compactor works here
-            return False
-        try:
-            files = sorted(folder.glob("part-*.parquet"))  # listed again, under the claim
-            if len(files) < min_files:
-                return False
-            table = pa.concat_tables([pq.read_table(f, schema=SPAN_SCHEMA) for f in files])
-            table = table.sort_by([("start_ns", "ascending")])
-            name = _part_name().replace(".parquet", "-c.parquet")
-            tmp = _write_synced(folder, name, table)
-            # from here readers wait the swap out; a reader that took its lease while the merged
-            # file was written wins, and the merge is dropped
-            _write_marker(marker, {"phase": "swapping", "merged": name, "tmp": tmp.name, "sources": [f.name for f in files]})
-            if self._leased(folder):
-                return False
-            os.replace(tmp, folder / name)
-            return True
-        finally:
-            _settle(marker)
-
-    def recover(self) -> int:
-        """Settle compactions and remove temporary files left by processes that died; return files removed."""
-        removed = 0
-        for dirpath, _, filenames in os.walk(self.root / "spans"):
-            folder = Path(dirpath)
-            if COMPACTING_MARKER in filenames and not _live(folder / COMPACTING_MARKER):
-                removed += _settle(folder / COMPACTING_MARKER)
-            for name in filenames:
-                if name.startswith(".part-") and name.endswith(".tmp") and not _live(folder / name, TEMP_MAX_AGE_S):
-                    (folder / name).unlink(missing_ok=True)
-                    removed += 1
-        return removed
-
-    def _leased(self, folder: Path) -> bool:
-        """Whether a live reader holds a lease on ``folder`` or a folder above it in the lake."""
-        root = self.root.resolve()
-        folder = folder.resolve()
-        for scope in (folder, *folder.parents):
-            if any(_live(lease, READ_LEASE_MAX_AGE_S) for lease in scope.glob(f"{READ_LEASE_PREFIX}*")):
-                return True
-            if scope == root:
-                break
-        return False
+    def vacuum(self, table: DeltaTable) -> list[str]:
+        """Delete files that left the table more than ``retention_hours`` ago (Delta ``vacuum``)."""
+        return table.vacuum(retention_hours=self.retention_hours, dry_run=False, enforce_retention_duration=False)
 
 
-# A reader that lists a partition's files and later re-reads rows by file and row number (the
-# SQL pipeline) holds a lease on it; compaction skips leased partitions. Leases, markers and
-# temporary files name their host and process: one of a process that has ended on this host is
-# stale at once, one of another host after its maximum age (a compaction marker: while merging
-# an hour, while swapping COMPACTING_MAX_AGE_S).
-READ_LEASE_PREFIX = ".reading-"
-READ_LEASE_MAX_AGE_S = 6 * 3600.0
-COMPACTING_MARKER = ".compacting"
-COMPACTING_MAX_AGE_S = 120.0
-MERGING_MAX_AGE_S = 3600.0
-TEMP_MAX_AGE_S = 3600.0
+_WRITER = WriterProperties(compression="ZSTD")
 
 
-def span_scope(root: str | os.PathLike[str], *, run_id: str | None, epoch: int | None) -> Path:
-    """Return the lake folder that holds the spans of (run_id, epoch): a run, an epoch, or production."""
-    spans = Path(root) / "spans"
-    if run_id is None:
-        return spans / "production"
-    run = spans / "training" / f"run_id={names.check_run_id(run_id)}"
-    return names.inside(spans, run if epoch is None else run / f"epoch={names.check_epoch(epoch)}", what="span folder")
+def _with_partition_columns(table: pa.Table, partition: Partition) -> pa.Table:
+    values = {"run_id": partition.run_id, "epoch": partition.epoch, "date": partition.date}
+    for column in LANES[lane_of(partition)]:
+        table = table.append_column(pa.field(column, _PARTITION_TYPES[column]),
+                                    pa.array([values[column]] * table.num_rows, _PARTITION_TYPES[column]))
+    return table
 
 
-@contextmanager
-def read_lease(folder: str | os.PathLike[str], *, wait_s: float = 60.0) -> Iterator[Path | None]:
-    """Keep compaction away from ``folder`` and the partitions below it while the block runs.
+def table_schema(lane: str) -> pa.Schema:
+    """The Delta table's schema: the span columns plus the lane's partition columns."""
+    schema = SPAN_SCHEMA
+    for column in LANES[lane]:
+        schema = schema.append(pa.field(column, _PARTITION_TYPES[column]))
+    return schema
 
-    Waits (up to ``wait_s``) for a compaction that is swapping files below ``folder`` to finish,
-    so the reader's file listing is stable from then on. A folder that does not exist holds no
-    files to compact: no lease is taken.
+
+def migrate(root: str | os.PathLike[str]) -> dict[str, int]:
+    """Convert the Parquet lake of an older Arclight at ``root`` into the Delta tables; return spans per lane.
+
+    Each partition folder's files are read with today's ``SPAN_SCHEMA`` (columns an older lake
+    lacks become NULL) and appended to a new table next to the old folder; then the old folder
+    moves aside to ``spans/<lane>.parquet-<timestamp>`` (delete it once you have checked the
+    new one) and the table takes its place. A lane that is already a Delta table is left alone.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        yield None
-        return
-    lease = folder / f"{READ_LEASE_PREFIX}{_owner()}-{uuid.uuid4().hex[:12]}"
-    lease.write_text(_owner())
+    import pyarrow.dataset as pads
+
+    root = Path(root)
+    moved: dict[str, int] = {}
+    for lane, columns in LANES.items():
+        path = root / "spans" / lane
+        if DeltaTable.is_deltatable(str(path)) or not path.is_dir():
+            continue
+        folders: dict[Path, list[Path]] = defaultdict(list)
+        for file in path.rglob("part-*.parquet"):
+            relative = file.relative_to(path).parts
+            if file.name == "part-0-schema.parquet" or any(p.startswith(".") for p in relative):
+                continue  # the old empty schema files, temporary files
+            folders[file.parent].append(file)
+        staging = path.with_name(f"{lane}.delta-new")
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+        count = 0
+        DeltaTable.create(str(staging), table_schema(lane), partition_by=list(columns))
+        for folder, files in sorted(folders.items()):
+            values = dict(part.split("=", 1) for part in folder.relative_to(path).parts)
+            partition = (Partition(None, None, values["date"]) if lane == "production"
+                         else Partition(values["run_id"], int(values["epoch"])))
+            table = pads.dataset([str(f) for f in sorted(files)], schema=SPAN_SCHEMA, format="parquet").to_table()
+            if table.num_rows:
+                write_deltalake(str(staging), _with_partition_columns(table, partition), mode="append",
+                                partition_by=list(columns), writer_properties=_WRITER)
+                count += table.num_rows
+        os.replace(path, path.with_name(f"{lane}.parquet-{time.strftime('%Y%m%d-%H%M%S')}"))
+        os.replace(staging, path)
+        moved[lane] = count
+    return moved
+
+
+_cache: dict[str, DeltaTable] = {}
+_cache_lock = threading.Lock()
+
+
+def snapshot(root: str | os.PathLike[str]) -> Snapshot:
+    """The current version and data files of both span tables of the lake at ``root``.
+
+    The tables are kept open per process and brought up to date incrementally (reading only the
+    commits since the last call), so a snapshot costs about a millisecond.
+    """
+    versions, files = {}, {}
+    for lane in LANES:
+        path = str(Path(root).resolve() / "spans" / lane)
+        with _cache_lock:
+            table = _cache.get(path)
+            if table is None:
+                table = open_table(root, lane, create=False)
+                if table is not None:
+                    _cache[path] = table
+            else:
+                try:
+                    table.update_incremental()
+                except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
+                    table = _cache.pop(path) and open_table(root, lane, create=False)
+                    if table is not None:
+                        _cache[path] = table
+            versions[lane] = table.version() if table is not None else -1
+            files[lane] = table.file_uris() if table is not None else []
+    return Snapshot(versions, files)
+
+
+def snapshot_at(root: str | os.PathLike[str], versions: dict[str, int] | None) -> Snapshot:
+    """The snapshot of the given table versions (time travel; a lane left out is at its newest)."""
+    current = snapshot(root)
+    if not versions:
+        return current
+    unknown = set(versions) - set(LANES)
+    if unknown:
+        raise ValueError(f"unknown span tables {sorted(unknown)}: the lake has {list(LANES)}")
+    out_versions, files = dict(current.versions), dict(current.files)
+    for lane, version in versions.items():
+        if version == -1:  # before the table existed: no spans
+            out_versions[lane], files[lane] = -1, []
+            continue
+        if not 0 <= version <= current.versions[lane]:
+            raise ValueError(f"spans/{lane} has versions 0..{current.versions[lane]}, not {version}")
+        table = DeltaTable(str(Path(root) / "spans" / lane), version=version)
+        out_versions[lane], files[lane] = version, table.file_uris()
+    return Snapshot(out_versions, files)
+
+
+def open_table(root: str | os.PathLike[str], lane: str, *, create: bool) -> DeltaTable | None:
+    """The lane's Delta table; None when it does not exist and ``create`` is false."""
+    path = Path(root) / "spans" / lane
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    if DeltaTable.is_deltatable(str(path)):
+        return DeltaTable(str(path))
+    if path.is_dir() and any(path.rglob("*.parquet")):
+        raise LakeFormatError(
+            f"{path} holds span files of the Parquet lake of Arclight before the Delta store: "
+            f"convert it once with `arclight migrate-lake --lake {root}`")
+    if not create:
+        return None
     try:
-        # listed once: a compaction that starts its swap after this finds the lease and backs off
-        swapping = list(folder.rglob(COMPACTING_MARKER))  # the folder itself included
-        for marker in swapping:
-            if not _live(marker):  # a compactor died here: settle its swap before the files are listed
-                _settle(marker)
-        deadline = time.monotonic() + wait_s
-        while any(_marker_phase(m) == "swapping" and _live(m) for m in swapping):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"a compaction below {folder} has been swapping files for over {wait_s:.0f}s; "
-                                   f"if no collector is compacting, remove the stale {COMPACTING_MARKER} file")
-            time.sleep(0.01)
-        yield lease
+        return DeltaTable.create(str(path), table_schema(lane), mode="ignore", partition_by=list(LANES[lane]))
+    except DeltaError:  # another process created it first
+        if DeltaTable.is_deltatable(str(path)):
+            return DeltaTable(str(path))
+        raise
+
+
+def _sync_commit(table_path: Path, version: int) -> list[str]:
+    """fsync the data files one commit added and its log entry (delta-rs's local store does not); return the files."""
+    log_file = table_path / "_delta_log" / f"{version:020d}.json"
+    added = []
+    with open(log_file) as fh:
+        for line in fh:
+            action = json.loads(line)
+            if "add" in action:
+                added.append(table_path / unquote(action["add"]["path"]))
+    for path in added:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in {p.parent for p in added}:
+        _fsync_dir(folder)
+    fd = os.open(log_file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        lease.unlink(missing_ok=True)
+        os.close(fd)
+    _fsync_dir(log_file.parent)
+    return [str(p) for p in added]
+
+
+def span_scope_filter(run_id: str | None, epoch: int | None) -> tuple[str, list]:
+    """The lane and Delta partition filters that hold the spans of (run_id, epoch), or production."""
+    if run_id is None:
+        return "production", []
+    filters = [("run_id", "=", names.check_run_id(run_id))]
+    if epoch is not None:
+        filters.append(("epoch", "=", str(names.check_epoch(epoch))))
+    return "training", filters
 
 
 def _owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _live(path: Path, max_age_s: float | None = None) -> bool:
-    """Whether a lease, marker or temporary file still has a live owner; a stale lease is removed.
-
-    The owner (host-pid) is a lease's text, a marker's ``owner`` and a temporary file's name part
-    before ``.tmp``; ``max_age_s`` defaults to the marker's phase limit.
-    """
-    try:
-        text = "" if path.name.endswith(".tmp") else path.read_text()
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if path.name == COMPACTING_MARKER:
-        record = _marker_record(text)
-        owner = record.get("owner", "")
-        max_age_s = max_age_s or (MERGING_MAX_AGE_S if record.get("phase") == "merging" else COMPACTING_MAX_AGE_S)
-    elif path.name.endswith(".tmp"):
-        owner = path.name[:-len(".tmp")].partition(".parquet.")[2]  # .part-<ns>-<id>.parquet.<host>-<pid>.tmp
-    else:
-        owner = text
-    host, _, pid = owner.rpartition("-")
-    stale = age > (max_age_s or COMPACTING_MAX_AGE_S)
-    if not stale and host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            stale = True
-        except PermissionError:
-            pass  # alive, another user's
-    if stale and path.name.startswith(READ_LEASE_PREFIX):
-        path.unlink(missing_ok=True)
-    return not stale
-
-
-def _marker_record(text: str) -> dict[str, Any]:
-    """A compaction marker's record; a marker of an older Arclight holds only its owner (and swaps)."""
-    try:
-        record = json.loads(text)
-    except ValueError:
-        record = None
-    return record if isinstance(record, dict) else {"owner": text.strip(), "phase": "swapping"}
-
-
-def _marker_phase(marker: Path) -> str | None:
-    try:
-        return _marker_record(marker.read_text()).get("phase")
-    except FileNotFoundError:
-        return None
-
-
-def _claim(folder: Path) -> Path | None:
-    """Create the folder's compaction marker for this process; None when a live compactor holds it."""
-    marker = folder / COMPACTING_MARKER
-    for _ in range(2):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if _live(marker):
-                return None
-            _settle(marker)  # its compactor died
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"owner": _owner(), "phase": "merging"}, fh)
-        return marker
-    return None
-
-
-def _write_marker(marker: Path, fields: dict[str, Any]) -> None:
-    """Record the swap about to happen in the marker, durably, before any file moves."""
-    tmp = marker.with_name(f"{COMPACTING_MARKER}.{_owner()}.new")
-    with open(tmp, "w") as fh:
-        json.dump({"owner": _owner(), **fields}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, marker)
-    _fsync_dir(marker.parent)
-
-
-def _settle(marker: Path) -> int:
-    """Finish or undo the swap recorded in ``marker`` so each row is in the folder once; drop the marker.
-
-    The merged file in place means the swap had begun: the small files it replaces go. Otherwise
-    the merged file is removed and the small files stay. Returns the files removed.
-    """
-    folder = marker.parent
-    try:
-        record = _marker_record(marker.read_text())
-    except FileNotFoundError:
-        return 0
-    removed = 0
-    if record.get("phase") == "swapping" and record.get("merged"):
-        merged_in_place = (folder / record["merged"]).exists()
-        doomed = record.get("sources", []) if merged_in_place else [record.get("tmp", "")]
-        for name in doomed:  # plain span file names only: a marker never deletes outside its folder
-            if isinstance(name, str) and re.fullmatch(r"\.?part-[^/]+", name) and (folder / name).exists():
-                (folder / name).unlink(missing_ok=True)
-                removed += 1
-    _fsync_dir(folder)
-    marker.unlink(missing_ok=True)
-    _fsync_dir(folder)
-    return removed
-
-
-def _part_name() -> str:
-    return f"part-{time.time_ns()}-{uuid.uuid4().hex[:12]}.parquet"
-
-
-def _write_synced(folder: Path, name: str, table: pa.Table) -> Path:
-    """Write ``table`` to a hidden temporary file next to ``name`` and fsync it; return that file."""
-    tmp = folder / f".{name}.{_owner()}.tmp"  # its owner: recover() removes it once that process is gone
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd", row_group_size=128 * 1024)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _durable_write(folder: Path, name: str, table: pa.Table) -> Path:
-    final = folder / name
-    os.replace(_write_synced(folder, name, table), final)
-    _fsync_dir(folder)
-    return final
-
-
 SCHEMA_RUN = "_schema"
 
 
+def schema_file(root: str | os.PathLike[str], lane: str) -> Path:
+    """An empty file of the lane's columns, outside its table, so a view over no spans still binds."""
+    folder = Path(root) / "_schema" / lane / ("run_id=_schema/epoch=-1" if lane == "training" else "date=1970-01-01")
+    return folder / "part-0-schema.parquet"
+
+
 def ensure_schema_files(root: Path) -> None:
-    """Place an empty file of the current ``SPAN_SCHEMA`` in each glob so views work on an empty lake."""
-    for partition in (Partition(SCHEMA_RUN, -1), Partition(None, None, "1970-01-01")):
-        folder = root / partition.relative_dir()
-        target = folder / "part-0-schema.parquet"
+    """Place an empty file of the current ``SPAN_SCHEMA`` per lane so views work on an empty lake."""
+    for lane in LANES:
+        target = schema_file(root, lane)
         if not target.exists() or not pq.read_schema(target).equals(SPAN_SCHEMA, check_metadata=False):
-            folder.mkdir(parents=True, exist_ok=True)
-            _durable_write(folder, target.name, SPAN_SCHEMA.empty_table())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_empty(target)
+
+
+def _write_empty(target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{_owner()}.tmp")
+    pq.write_table(SPAN_SCHEMA.empty_table(), tmp)
+    os.replace(tmp, target)

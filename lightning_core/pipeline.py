@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 
 from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog, view_sql
+from lightning_core.lake import Snapshot
+from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.config import ArclightConfig, PolicyConfig
-from lightning_core.lake import read_lease, span_scope
 from lightning_core.silence import Silence, find_silences
 from lightning_core.triplet_store import TRIPLET_SCHEMA, load_triplets  # noqa: F401 (the trainer's reader)
 
@@ -95,6 +96,7 @@ class TripletReport:
     policies: list[PolicyReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    span_versions: dict[str, int] = field(default_factory=dict)  # the span tables' versions it read (analyst.connect(at_version=...))
 
     @property
     def informative_groups(self) -> int:
@@ -167,8 +169,8 @@ def select_policies(config: ArclightConfig, policy: str | None) -> list[PolicyCo
     return chosen
 
 
-def connect(config: ArclightConfig) -> duckdb.DuckDBPyConnection:
-    """Open the pipeline's in-memory DuckDB with the lake's span views and the configured limits."""
+def connect(config: ArclightConfig, snapshot: Snapshot | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the pipeline's in-memory DuckDB with span views over ``snapshot`` (default: the current one)."""
     lake_root = Path(config.lake.path).resolve()
     Catalog(lake_root).lake_root.mkdir(parents=True, exist_ok=True)
     from lightning_core.lake import ensure_schema_files
@@ -182,7 +184,7 @@ def connect(config: ArclightConfig) -> duckdb.DuckDBPyConnection:
         "temp_directory": str(tmp),
         "preserve_insertion_order": "false",
     })
-    con.execute(view_sql(lake_root))
+    con.execute(view_sql(lake_root, snapshot))
     return con
 
 
@@ -217,57 +219,59 @@ def materialize_triplets(
 
     lake_root = Path(config.lake.path).resolve()
     report = TripletReport(run_id=run_id, epoch=epoch)
-    # llm_spans re-reads rows by file and row number: the collector must not compact them meanwhile
-    with read_lease(span_scope(lake_root, run_id=run_id, epoch=epoch)):
-        con = connect(config)
-        try:
-            base = shared_parameters(config, run_id=run_id, epoch=epoch)
-            for stage, table in SHARED_STAGES:
+    # one snapshot of the span tables for every stage: llm_spans re-reads rows by file and row
+    # number, and compaction keeps a snapshot's files for the lake's retention window
+    snapshot = lake_snapshot(lake_root)
+    report.span_versions = dict(snapshot.versions)
+    con = connect(config, snapshot)
+    try:
+        base = shared_parameters(config, run_id=run_id, epoch=epoch)
+        for stage, table in SHARED_STAGES:
+            tick = time.perf_counter()
+            try:
+                run_stage(con, stage, params=base, table=table)
+            except duckdb.ConversionException as exc:
+                if stage != "llm_spans":  # the one stage that casts stored values (token ids to INTEGER[])
+                    raise
+                raise PipelineError(
+                    f"stage 'llm_spans' found a stored value it cannot convert ({str(exc).splitlines()[0]}). "
+                    "Token ids must be integers in [0, 2^31), as ingest (lake.promoted_columns) stores them: "
+                    "re-ingest those spans through the collector") from None
+            report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
+        _count_shared(con, report)
+        report.silences = find_silences(con, run_id=run_id, epoch=epoch)
+        if run_id is not None and epoch is None:
+            epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM span_nodes ORDER BY 1").fetchall()]
+        else:
+            epochs = [epoch]
+        collected = []
+        # the outputs are encoded to Parquet in a thread while DuckDB computes the triplets
+        with ThreadPoolExecutor(1, thread_name_prefix="arclight-outputs") as writer:
+            pending = []
+            for output in store.OUTPUTS:
+                for e in epochs:
+                    rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
+                                   "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
+                    pending.append(writer.submit(
+                        store.replace_partition, store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows))
+            report.stage_seconds["outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
+            for p in policies:
                 tick = time.perf_counter()
-                try:
-                    run_stage(con, stage, params=base, table=table)
-                except duckdb.ConversionException as exc:
-                    if stage != "llm_spans":  # the one stage that casts stored values (token ids to INTEGER[])
-                        raise
-                    raise PipelineError(
-                        f"stage 'llm_spans' found a stored value it cannot convert ({str(exc).splitlines()[0]}). "
-                        "Token ids must be integers in [0, 2^31), as ingest (lake.promoted_columns) stores them: "
-                        "re-ingest those spans through the collector") from None
-                report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
-            _count_shared(con, report)
-            report.silences = find_silences(con, run_id=run_id, epoch=epoch)
-            if run_id is not None and epoch is None:
-                epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM span_nodes ORDER BY 1").fetchall()]
-            else:
-                epochs = [epoch]
-            collected = []
-            # the outputs are encoded to Parquet in a thread while DuckDB computes the triplets
-            with ThreadPoolExecutor(1, thread_name_prefix="arclight-outputs") as writer:
-                pending = []
-                for output in store.OUTPUTS:
-                    for e in epochs:
-                        rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
-                                       "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
-                        pending.append(writer.submit(
-                            store.replace_partition, store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows))
-                report.stage_seconds["outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
-                for p in policies:
-                    tick = time.perf_counter()
-                    table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
-                    report.policies.append(policy_report)
-                    report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
-                    collected.append(table)
-                tick = time.perf_counter()
-                for done in pending:
-                    done.result()  # a failed write fails the run
-                report.stage_seconds["outputs_wait"] = round(time.perf_counter() - tick, 3)
-            if out is not None:
-                import pyarrow.parquet as pq
+                table, policy_report = _policy_triplets(con, config, p, run_id=run_id, epochs=epochs, lake_root=lake_root)
+                report.policies.append(policy_report)
+                report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
+                collected.append(table)
+            tick = time.perf_counter()
+            for done in pending:
+                done.result()  # a failed write fails the run
+            report.stage_seconds["outputs_wait"] = round(time.perf_counter() - tick, 3)
+        if out is not None:
+            import pyarrow.parquet as pq
 
-                Path(out).parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(pa.concat_tables(collected) if collected else store.TRIPLET_SCHEMA.empty_table(), str(out))
-        finally:
-            con.close()
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(collected) if collected else store.TRIPLET_SCHEMA.empty_table(), str(out))
+    finally:
+        con.close()
     ensure_views(config)
     report.seconds = round(time.perf_counter() - started, 3)
     return report

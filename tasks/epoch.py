@@ -80,7 +80,7 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
     for message in silences:  # rollouts whose spans gave no call or no reward: loud, in the flow's log
         get_run_logger().warning(message)
     return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds,
-            "silences": silences, "informative_groups": report.informative_groups}
+            "silences": silences, "informative_groups": report.informative_groups, "span_versions": report.span_versions}
 
 
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)

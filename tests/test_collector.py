@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import socket
 import subprocess
 import sys
-import threading
 
+import duckdb
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lightning_core.catalog import Catalog
+from lightning_core.catalog import Catalog, view_sql
 from lightning_core.lake import Lake
 from lightning_core.services import start_collector
 from tests.conftest import REPO, make_config
@@ -194,19 +192,29 @@ def test_spans_without_run_id_go_to_the_production_partition_by_date(guarded):
     assert list((cfg.lake.path / "spans" / "production").glob("date=*/part-*.parquet"))
 
 
-def test_compaction_merges_small_files_and_keeps_every_row(tmp_path):
-    from lightning_core.lake import request_to_tables
+def test_compaction_merges_small_files_keeps_every_row_and_vacuums_after_the_retention(tmp_path):
+    from lightning_core.lake import request_to_tables, snapshot
 
     lake = Lake(tmp_path / "lake")
     for _ in range(20):
         lake.write(request_to_tables(_export_request("many", n=5)))
     folder = tmp_path / "lake" / "spans" / "training" / "run_id=many" / "epoch=1"
     assert len(list(folder.glob("part-*.parquet"))) == 20
+    before = snapshot(tmp_path / "lake")
     assert lake.compact(min_files=16, idle_s=3600) == 0  # not idle yet
     assert lake.compact(min_files=16, idle_s=0) == 1
-    assert len(list(folder.glob("part-*.parquet"))) == 1
+    after = snapshot(tmp_path / "lake")
+    assert len(after.files["training"]) == 1 and after.versions["training"] == before.versions["training"] + 1
+    # the replaced files stay for the retention window: a query that listed them still reads them
+    assert len(list(folder.glob("part-*.parquet"))) == 21
     catalog = Catalog(tmp_path / "lake")
     catalog.ensure()
+    for snap in (before, after):
+        con = duckdb.connect()
+        con.execute(view_sql(tmp_path / "lake", snap))
+        assert con.execute("SELECT count(*), count(DISTINCT span_id) FROM spans_raw WHERE run_id='many'").fetchall() == [(100, 100)]
+    Lake(tmp_path / "lake", retention_hours=0).compact(min_files=16, idle_s=0)  # nothing to merge; vacuum runs
+    assert len(list(folder.glob("part-*.parquet"))) == 1
     with catalog.read() as con:
         assert con.execute("SELECT count(*), count(DISTINCT span_id) FROM spans WHERE run_id='many'").fetchall() == [(100, 100)]
 
@@ -241,71 +249,3 @@ def test_rollout_context_on_spans_fills_the_columns_when_the_resource_has_none()
         pass
     [rows] = request_to_rows(encode_spans(memory.get_finished_spans())).values()
     assert rows[0]["rollout_id"] == "ro-res"
-
-
-def _many_files(tmp_path, n: int = 20):
-    from lightning_core.lake import request_to_tables
-
-    lake = Lake(tmp_path / "lake")
-    for _ in range(n):
-        lake.write(request_to_tables(_export_request("many", n=5)))
-    return lake, tmp_path / "lake" / "spans" / "training" / "run_id=many" / "epoch=1"
-
-
-def _ended_process_owner() -> str:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return f"{socket.gethostname()}-{proc.pid}"
-
-
-def test_compaction_skips_a_partition_under_a_read_lease_and_ignores_stale_leases(tmp_path):
-    from lightning_core.lake import read_lease, span_scope
-
-    lake, folder = _many_files(tmp_path)
-    with read_lease(span_scope(tmp_path / "lake", run_id="many", epoch=None)) as lease:  # the run's folder
-        assert lease is not None and lease.parent == folder.parent
-        assert lake.compact(min_files=16, idle_s=0) == 0
-    assert not list(folder.parent.glob(".reading-*"))  # released
-    stale = folder / f".reading-{_ended_process_owner()}-abc"  # its process ended without releasing it
-    stale.write_text(_ended_process_owner())
-    assert lake.compact(min_files=16, idle_s=0) == 1
-    assert not stale.exists()
-    assert len(list(folder.glob("part-*.parquet"))) == 1
-
-
-def test_a_reader_arriving_while_a_merge_is_written_wins_and_no_file_changes(tmp_path, monkeypatch):
-    from lightning_core import lake as lake_module
-
-    lake, folder = _many_files(tmp_path)
-    before = sorted(folder.glob("part-*.parquet"))
-    write_synced, leases = lake_module._write_synced, []
-
-    def merge_then_a_reader_arrives(*args):
-        tmp = write_synced(*args)
-        leases.append(lake_module.read_lease(folder))
-        leases[-1].__enter__()
-        return tmp
-
-    monkeypatch.setattr(lake_module, "_write_synced", merge_then_a_reader_arrives)
-    assert lake.compact(min_files=16, idle_s=0) == 0
-    assert sorted(folder.glob("part-*.parquet")) == before
-    assert not list(folder.glob(".*.tmp")) and not (folder / lake_module.COMPACTING_MARKER).exists()
-    leases[0].__exit__(None, None, None)
-
-
-def test_a_reader_waits_out_a_compaction_swapping_files_and_says_when_a_marker_is_stuck(tmp_path):
-    from lightning_core.lake import COMPACTING_MARKER, read_lease
-
-    _, folder = _many_files(tmp_path, n=1)
-    marker = folder / COMPACTING_MARKER
-    marker.write_text(f"{socket.gethostname()}-{os.getpid()}")  # a live compactor
-    threading.Timer(0.3, marker.unlink).start()
-    with read_lease(folder.parent):
-        assert not marker.exists()  # the listing starts only after the swap
-    marker.write_text(f"{socket.gethostname()}-{os.getpid()}")
-    with pytest.raises(TimeoutError, match="remove the stale .compacting"):
-        with read_lease(folder, wait_s=0.1):
-            pass
-    marker.write_text(_ended_process_owner())  # left by a compactor that died: not waited for
-    with read_lease(folder, wait_s=0.1) as lease:
-        assert lease is not None

@@ -93,25 +93,30 @@ def test_a_failed_commit_is_written_again_request_by_request(tmp_path):
     assert counts == {"a": 3, "b": 3, "c": 3}  # exactly once: the failed merged commit left nothing behind
 
 
-def test_a_lake_write_is_all_or_nothing(tmp_path, monkeypatch):
+def test_a_lake_write_is_one_commit_per_table_and_a_failed_one_leaves_nothing_visible(tmp_path, monkeypatch):
     from lightning_core import lake as lake_module
+    from lightning_core.lake import snapshot
 
     lake = Lake(tmp_path / "lake")
     tables = request_to_tables(export_request({"arclight.run_id": "one"}, 2))
     tables.update(request_to_tables(export_request({"arclight.run_id": "two"}, 2)))
-    real, calls = lake_module._write_synced, []
+    lake.write(tables)  # two partitions of the training table: one commit
+    assert snapshot(tmp_path / "lake").versions["training"] == 1  # version 0 is the table's creation
+    real, calls = lake_module.write_deltalake, []
 
-    def fail_second(folder, name, table):
-        calls.append(folder)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        return real(folder, name, table)
+    def write_then_fail(table, data, **kwargs):  # the data files are written, the commit is not
+        calls.append(data.num_rows)
+        real(str(tmp_path / "elsewhere"), data, **{k: v for k, v in kwargs.items() if k != "commit_properties"})
+        raise OSError("disk full")
 
-    monkeypatch.setattr(lake_module, "_write_synced", fail_second)
+    monkeypatch.setattr(lake_module, "write_deltalake", write_then_fail)
+    more = request_to_tables(export_request({"arclight.run_id": "three"}, 2))
+    more.update(request_to_tables(export_request({"arclight.run_id": "four"}, 2)))
     with pytest.raises(OSError):
-        lake.write(tables)
-    assert not list((tmp_path / "lake" / "spans" / "training").glob("run_id=[ot]*/**/part-*"))
-    assert not list((tmp_path / "lake").rglob("*.tmp"))
+        lake.write(more)
+    assert calls == [4]
+    snap = snapshot(tmp_path / "lake")
+    assert snap.versions["training"] == 1 and len(snap.files["training"]) == 2
 
 
 def test_commits_are_bounded_in_partitions(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from lightning_core import names
 from lightning_core.catalog import Catalog
 from lightning_core.config import ConfigError, load_config
-from lightning_core.lake import Lake, SpanDataError, request_to_rows, request_to_tables, span_scope
+from lightning_core.lake import Lake, SpanDataError, request_to_rows, request_to_tables, span_scope_filter
 from lightning_core.triplet_store import output_dir
 from tests.conftest import REPO
 from tests.otlp_factory import export_request
@@ -88,7 +88,7 @@ def test_output_and_span_folders_refuse_names_that_leave_their_folder(tmp_path, 
     with pytest.raises(names.InvalidName):
         output_dir(tmp_path, "llm_calls", run_id=run_id, epoch=0)
     with pytest.raises(names.InvalidName):
-        span_scope(tmp_path, run_id=run_id, epoch=None)
+        span_scope_filter(run_id, None)
     with pytest.raises(names.InvalidName):
         output_dir(tmp_path, "triplets", run_id="ok", epoch=0, policy="../p")
 

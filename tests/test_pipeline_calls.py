@@ -174,9 +174,10 @@ def test_triplets_take_each_wide_field_from_the_span_chosen_for_it(tmp_path):
     assert triplets[1]["response_text"] == "second" and triplets[1]["response_logprobs"] == [-0.5]
 
 
-def test_compaction_waits_for_a_pipeline_run_so_no_call_loses_its_token_ids(tmp_path, monkeypatch):
+def test_a_compaction_during_a_pipeline_run_costs_no_call_its_token_ids(tmp_path, monkeypatch):
     # llm_spans reads the payload back from the files span_nodes listed: a compaction in between
-    # would swap those files and silently strip every call of its token ids and messages
+    # replaces those files in the table, but the run reads its snapshot, whose files stay for the
+    # retention window (before the Delta store, this silently stripped every call of its token ids)
     from lightning_core import pipeline
     from lightning_core.lake import Lake
 
@@ -198,11 +199,13 @@ def test_compaction_waits_for_a_pipeline_run_so_no_call_loses_its_token_ids(tmp_
 
     monkeypatch.setattr(pipeline, "run_stage", compact_between_stages)
     report = materialize_triplets(cfg, run_id="r1", epoch=0)
-    assert merges == [0]  # the partition was being read: compaction left it alone
+    assert merges == [1]  # compaction went ahead while the run read
     triplets = load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()
     assert report.policies[0].missing_token_ids == 0
     assert sorted(t["prompt_token_ids"] for t in triplets) == [[0, 1], [1, 2], [2, 3], [3, 4]]
-    assert lake.compact(min_files=2, idle_s=0) == 1  # once the run is over it goes ahead
+    assert lake.compact(min_files=2, idle_s=0) == 0  # nothing left to merge
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)  # a run after it reads the merged file
+    assert report.policies[0].missing_token_ids == 0 and report.span_versions["training"] == 5  # create, 4 writes, optimize
 
 
 def _langchain_output(response_id: str, text: str) -> str:

@@ -1,0 +1,105 @@
+"""Analysts' access to a lake: a DuckDB connection that never holds a lock the pipeline needs.
+
+    import lightning_core.analyst as arclight
+    con = arclight.connect(".arclight/lake")        # or a config file, or an ArclightConfig
+    con.sql("SELECT name, count(*) FROM spans GROUP BY name").show()
+    arclight.refresh(con)                            # move to the lake's newest snapshot
+
+The connection is in memory. Its span views list the files of one snapshot of the lake's Delta
+tables, and the state tables (runs, epochs, rollouts, policy_versions, prompt_versions) are
+copied in from the catalog file, which is opened read-only for the copy only (milliseconds). So
+it can stay open for days while the collector writes and compacts and the pipeline trains; it
+sees the lake as of its last ``connect``/``refresh``. ``at_version`` pins a snapshot (time
+travel, for example the one an epoch trained on). Polars reads the tables natively:
+``pl.scan_delta("<lake>/spans/training")``. The duckdb CLI: ``duckdb -init <(arclight views)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from lightning_core.catalog import STATE_TABLE_NAMES, Catalog, view_sql
+from lightning_core.lake import LANES, Snapshot, snapshot_at
+from lightning_core.triplet_store import views_sql as output_views_sql
+
+
+def _catalog(lake: Any) -> Catalog:
+    if isinstance(lake, Catalog):
+        return lake
+    if hasattr(lake, "lake"):  # an ArclightConfig
+        return Catalog.from_config(lake)
+    path = Path(lake)
+    if path.suffix in (".yaml", ".yml"):
+        from lightning_core.config import load_config
+
+        return Catalog.from_config(load_config(path))
+    return Catalog(path)
+
+
+def connect(lake: str | os.PathLike[str] | Any = ".arclight/lake", *, at_version: dict[str, int] | None = None,
+            threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection over the lake's current snapshot (or ``at_version``, per table).
+
+    ``lake`` is a lake folder, a config file or an ``ArclightConfig``. Nothing on disk stays
+    open: hold the connection as long as you like.
+    """
+    catalog = _catalog(lake)
+    con = duckdb.connect(config={"threads": str(threads)} if threads else {})
+    con.execute(f"SET VARIABLE arclight_lake = '{catalog.lake_root}'")
+    _load(con, catalog, at_version=at_version)
+    return con
+
+
+def refresh(con: duckdb.DuckDBPyConnection, *, at_version: dict[str, int] | None = None) -> Snapshot:
+    """Point ``con`` (made by ``connect``) at the lake's newest snapshot (or ``at_version``); return it."""
+    root = con.execute("SELECT getvariable('arclight_lake')").fetchall()[0][0]
+    return _load(con, Catalog(root), at_version=at_version)
+
+
+def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[str, int] | None) -> Snapshot:
+    snap = snapshot_at(catalog.lake_root, at_version)
+    if catalog.path.exists():
+        with catalog.read(spans=False) as source:  # held for the copy only
+            for name in STATE_TABLE_NAMES:
+                con.register("_state", source.sql(f"SELECT * FROM {name}").to_arrow_table())
+                con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _state")
+                con.unregister("_state")
+    con.execute(view_sql(catalog.lake_root, snap))
+    _output_views(con, catalog.lake_root)
+    con.execute("CREATE OR REPLACE TABLE lake_snapshot AS SELECT * FROM (VALUES "
+                + ", ".join(f"('{lane}', {snap.versions[lane]})" for lane in LANES) + ") t(span_table, version)")
+    return snap
+
+
+def _output_views(con: duckdb.DuckDBPyConnection, lake_root: Path) -> list[str]:
+    """Create the views of the pipeline's outputs (triplets, llm_calls, ...) and return their DDL; those with no
+    files yet are left out."""
+    made = []
+    for statement in con.extract_statements(output_views_sql(lake_root)):
+        try:
+            con.execute(statement.query)
+            made.append(statement.query.strip() + ";")
+        except duckdb.Error as exc:  # an output the pipeline has not written yet (or a view over it)
+            if "No files found" not in str(exc) and "does not exist" not in str(exc):
+                raise
+    return made
+
+
+def cli_script(lake: str | os.PathLike[str] | Any) -> str:
+    """SQL that gives a duckdb CLI session the same views and a copy of the state tables."""
+    catalog = _catalog(lake)
+    spans = view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None))
+    scratch = duckdb.connect()
+    scratch.execute(spans)
+    parts = [spans, *_output_views(scratch, catalog.lake_root)]
+    scratch.close()
+    if catalog.path.exists():
+        path = str(catalog.path.resolve()).replace("'", "''")
+        parts.append(f"ATTACH '{path}' AS arclight_catalog (READ_ONLY);")
+        parts += [f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM arclight_catalog.{name};" for name in STATE_TABLE_NAMES]
+        parts.append("DETACH arclight_catalog;")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,266 @@
+"""The span store on Delta Lake (issue 17): concurrent collectors, a SIGKILL mid-stream or mid-compaction,
+compaction while queries loop, analysts who hold a connection, and the migration of an old Parquet lake."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import duckdb
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lightning_core import analyst
+from lightning_core.catalog import view_sql
+from lightning_core.lake import SPAN_SCHEMA, Lake, LakeFormatError, open_table, request_to_tables, snapshot
+from lightning_core.services import start_collector
+from tests.conftest import REPO, make_config
+from tests.otlp_factory import export_request
+
+PB = {"Content-Type": "application/x-protobuf"}
+
+
+def _request(run_id: str, n: int, epoch: int = 0):
+    """An export of ``n`` spans with ids unique across processes."""
+    spans = [{"trace_id": uuid.uuid4().bytes, "span_id": uuid.uuid4().bytes[:8]} for _ in range(n)]
+    return export_request({"arclight.run_id": run_id, "arclight.epoch": epoch}, spans)
+
+
+def _raw_counts(lake_root: Path, run_id: str) -> tuple[int, int]:
+    """(rows, distinct (trace_id, span_id)) of the run in the current snapshot, without de-duplication."""
+    con = duckdb.connect()
+    con.execute(view_sql(lake_root.resolve(), snapshot(lake_root)))
+    return con.execute("SELECT count(*), count(DISTINCT (trace_id, span_id)) FROM spans_raw WHERE run_id = ?",
+                       [run_id]).fetchall()[0]
+
+
+def _send(url: str, run_id: str, *, requests: int, spans: int, acked: list[int], stop: threading.Event | None = None):
+    with httpx.Client(timeout=30) as client:
+        for _ in range(requests):
+            if stop is not None and stop.is_set():
+                return
+            try:
+                status = client.post(f"{url}/v1/traces", content=_request(run_id, spans).SerializeToString(),
+                                     headers=PB).status_code
+            except httpx.HTTPError:
+                return  # the collector died: what it did not acknowledge is the sender's to resend
+            if status == 200:
+                acked.append(spans)
+
+
+def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once_even_after_a_sigkill(tmp_path):
+    lake_root = tmp_path / "lake"
+    services = [start_collector(make_config(tmp_path / f"c{i}", f"lake.path={lake_root}"), timeout_s=60) for i in range(2)]
+    try:
+        acked: list[int] = []
+        senders = [threading.Thread(target=_send, args=(s.url, "two"), kwargs=dict(requests=15, spans=40, acked=acked))
+                   for s in services for _ in range(2)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        assert sum(acked) == 4 * 15 * 40
+        assert _raw_counts(lake_root, "two") == (2400, 2400)
+
+        # one collector SIGKILLed while two senders stream to each: every acknowledged span is readable, once
+        acked_live: list[int] = []
+        acked_killed: list[int] = []
+        stop = threading.Event()
+        senders = [threading.Thread(target=_send, args=(services[0].url, "kill"),
+                                    kwargs=dict(requests=10_000, spans=40, acked=acked_killed, stop=stop)) for _ in range(2)]
+        senders += [threading.Thread(target=_send, args=(services[1].url, "kill"),
+                                     kwargs=dict(requests=10_000, spans=40, acked=acked_live, stop=stop)) for _ in range(2)]
+        for t in senders:
+            t.start()
+        deadline = time.monotonic() + 60
+        while sum(acked_killed) < 400 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(services[0].process.pid, signal.SIGKILL)
+        services[0].process.wait(timeout=10)
+        time.sleep(1.0)  # the other collector keeps taking spans
+        stop.set()
+        for t in senders:
+            t.join()
+        rows, distinct = _raw_counts(lake_root, "kill")
+        assert rows == distinct  # no span twice
+        # the killed collector may have committed a batch it could not acknowledge: at least every acknowledged one
+        assert sum(acked_killed) + sum(acked_live) <= rows <= sum(acked_killed) + sum(acked_live) + 40 * 2
+        assert sum(acked_live) > 0 and sum(acked_killed) >= 400
+
+        # a collector started again on the lake goes on where it was
+        services[0] = start_collector(make_config(tmp_path / "c0", f"lake.path={lake_root}"), timeout_s=60)
+        again: list[int] = []
+        _send(services[0].url, "kill", requests=2, spans=40, acked=again)
+        assert _raw_counts(lake_root, "kill")[0] == rows + 80
+    finally:
+        for s in services:
+            s.stop()
+
+
+def _compact_forever(root: str) -> None:
+    lake = Lake(root)
+    while True:
+        lake.compact(min_files=2, idle_s=0)
+
+
+@pytest.mark.parametrize("after_s", [0.05, 0.3, 1.0])
+def test_a_compactor_killed_at_any_moment_leaves_every_span_once(tmp_path, after_s):
+    lake = Lake(tmp_path / "lake")
+    for epoch in range(12):
+        for _ in range(4):
+            lake.write(request_to_tables(_request("ck", 25, epoch=epoch)))
+    child = multiprocessing.get_context("spawn").Process(target=_compact_forever, args=(str(tmp_path / "lake"),))
+    child.start()
+    time.sleep(after_s + 2.0)  # the spawned interpreter takes ~2 s to import
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert _raw_counts(tmp_path / "lake", "ck") == (1200, 1200)
+    assert Lake(tmp_path / "lake").compact(min_files=2, idle_s=0) >= 0  # what it left does not stop the next one
+    snap = snapshot(tmp_path / "lake")
+    assert len(snap.files["training"]) == 12 and _raw_counts(tmp_path / "lake", "ck") == (1200, 1200)
+
+
+def test_queries_loop_while_spans_arrive_and_compaction_runs_with_no_failure_and_no_duplicate(tmp_path):
+    root = tmp_path / "lake"
+    lake = Lake(root)
+    lake.write(request_to_tables(_request("loop", 10)))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written = [10]
+
+    def writer():
+        mine = Lake(root)
+        while not stop.is_set():
+            mine.write(request_to_tables(_request("loop", 10)))
+            written.append(10)
+
+    def compactor():
+        mine = Lake(root)
+        while not stop.is_set():
+            try:
+                mine.compact(min_files=2, idle_s=0)
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=compactor)]
+    for t in threads:
+        t.start()
+    con = analyst.connect(root)
+    polls, last = [], 0
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            analyst.refresh(con)
+            rows, distinct, deduplicated = con.execute(
+                "SELECT count(*), count(DISTINCT (trace_id, span_id)), (SELECT count(*) FROM spans WHERE run_id = 'loop') "
+                "FROM spans_raw WHERE run_id = 'loop'").fetchall()[0]
+            polls.append((rows, distinct, deduplicated))
+            assert rows == distinct == deduplicated and rows % 10 == 0 and rows >= last
+            last = rows
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert len(polls) >= 20 and polls[-1][0] > polls[0][0]
+    versions = [h["operation"] for h in open_table(root, "training", create=False).history()]
+    assert "OPTIMIZE" in versions  # compaction did run meanwhile
+    assert _raw_counts(root, "loop") == (sum(written), sum(written))
+
+
+def test_an_analyst_connection_holds_nothing_and_can_pin_a_snapshot(tmp_path):
+    from lightning_core.catalog import Catalog
+
+    root = tmp_path / "lake"
+    lake = Lake(root)
+    Catalog(root).ensure()
+    lake.write(request_to_tables(_request("pin", 5)))
+    con = analyst.connect(root)
+    pinned = dict(con.execute("SELECT * FROM lake_snapshot").fetchall())
+    lake.write(request_to_tables(_request("pin", 5)))
+    # the catalog file can be written while the analyst holds the connection
+    with Catalog(root).write(timeout_s=1) as writer:
+        writer.execute("INSERT INTO runs (run_id, project) VALUES ('pin', 'p')")
+    assert con.execute("SELECT count(*) FROM spans").fetchall() == [(5,)]  # its snapshot until refreshed
+    analyst.refresh(con)
+    assert con.execute("SELECT count(*) FROM spans").fetchall() == [(10,)]
+    assert con.execute("SELECT run_id FROM runs").fetchall() == [("pin",)]
+    old = analyst.connect(root, at_version=pinned)  # time travel: what a pipeline run with those versions read
+    assert old.execute("SELECT count(*) FROM spans").fetchall() == [(5,)]
+    with pytest.raises(ValueError, match="versions 0..2, not 9"):
+        analyst.connect(root, at_version={"training": 9})
+    # a direct connection to the catalog file finds no stale span view, but the way to the spans
+    direct = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
+    with pytest.raises(duckdb.Error, match="arclight query"):
+        direct.execute("SELECT * FROM spans").fetchall()
+    direct.close()
+    # the duckdb CLI's way in: the script sets up the same views and a copy of the state
+    script = subprocess.run([sys.executable, "-m", "lightning_core", "views", "--lake", str(root)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0, script.stderr
+    cli = duckdb.connect()
+    cli.execute(script.stdout)
+    assert cli.execute("SELECT count(*) FROM spans").fetchall() == [(10,)]
+    assert cli.execute("SELECT run_id FROM runs").fetchall() == [("pin",)]
+    with Catalog(root).write(timeout_s=1):  # the script let go of the catalog file
+        pass
+
+
+def _old_parquet_lake(root: Path) -> int:
+    """A lake as Arclight wrote it before the Delta store: plain files, a schema file, a stale marker."""
+    rows = 0
+    for epoch in range(3):
+        folder = root / "spans" / "training" / "run_id=old" / f"epoch={epoch}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            table = next(iter(request_to_tables(_request("old", 7, epoch=epoch)).values()))
+            if i == 0:  # a file from before the promoted columns existed
+                table = table.drop_columns(["prompt_token_ids", "response_token_ids", "response_logprobs"])
+            pq.write_table(table, folder / f"part-{epoch}{i}-x.parquet")
+            rows += table.num_rows
+    (root / "spans" / "training" / "run_id=old" / "epoch=0" / ".compacting").write_text("host-1")
+    schema = root / "spans" / "training" / "run_id=_schema" / "epoch=-1"
+    schema.mkdir(parents=True)
+    pq.write_table(SPAN_SCHEMA.empty_table(), schema / "part-0-schema.parquet")
+    production = root / "spans" / "production" / "date=2026-01-02"
+    production.mkdir(parents=True)
+    table = next(iter(request_to_tables(export_request({}, 4)).values()))
+    pq.write_table(table, production / "part-1-y.parquet")
+    return rows
+
+
+def test_an_old_parquet_lake_is_refused_with_the_fix_and_migrated_by_one_command(tmp_path):
+    root = tmp_path / "lake"
+    rows = _old_parquet_lake(root)
+    with pytest.raises(LakeFormatError, match="arclight migrate-lake"):
+        Lake(root).write(request_to_tables(_request("new", 1)))
+    out = subprocess.run([sys.executable, "-m", "lightning_core", "query", "--lake", str(root), "SELECT 1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "arclight migrate-lake" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "lightning_core", "migrate-lake", "--lake", str(root)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    said = out.stdout + out.stderr
+    assert "spans/training: 42 spans" in said and "spans/production: 4 spans" in said
+    assert rows == 42
+    con = analyst.connect(root)
+    assert con.execute("SELECT epoch, count(*) FROM spans WHERE run_id = 'old' GROUP BY 1 ORDER BY 1").fetchall() == [
+        (0, 14), (1, 14), (2, 14)]
+    assert con.execute("SELECT count(*) FROM spans WHERE production_date = '2026-01-02'").fetchall() == [(4,)]
+    assert con.execute("SELECT count(*) FROM spans WHERE run_id = '_schema'").fetchall() == [(0,)]
+    Lake(root).write(request_to_tables(_request("new", 3)))  # and it takes new spans
+    assert analyst.connect(root).execute("SELECT count(*) FROM spans").fetchall() == [(49,)]
+    assert [p.name for p in (root / "spans").iterdir() if p.name.startswith("training.parquet-")]  # kept aside
+    out = subprocess.run([sys.executable, "-m", "lightning_core", "migrate-lake", "--lake", str(root)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "nothing to convert" in out.stdout + out.stderr
