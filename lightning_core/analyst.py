@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-from lightning_core.catalog import STATE_TABLE_NAMES, Catalog, view_sql
+from lightning_core.catalog import STATE_TABLE_NAMES, STATE_TABLES, Catalog, view_sql
 from lightning_core.lake import LANES, Snapshot, snapshot_at
 from lightning_core.triplet_store import views_sql as output_views_sql
 
@@ -44,20 +44,21 @@ def connect(lake: str | os.PathLike[str] | Any = ".arclight/lake", *, at_version
             threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection over the lake's current snapshot (or ``at_version``, per table).
 
-    ``lake`` is a lake folder, a config file or an ``ArclightConfig``. Nothing on disk stays
-    open: hold the connection as long as you like.
+    ``lake`` is a lake folder, a config file, an ``ArclightConfig`` or a ``Catalog``. Nothing on
+    disk stays open: hold the connection as long as you like.
     """
     catalog = _catalog(lake)
     con = duckdb.connect(config={"threads": str(threads)} if threads else {})
-    con.execute(f"SET VARIABLE arclight_lake = '{catalog.lake_root}'")
+    con.execute("SET VARIABLE arclight_lake = $lake", {"lake": str(catalog.lake_root)})
+    con.execute("SET VARIABLE arclight_catalog = $catalog", {"catalog": str(catalog.path)})
     _load(con, catalog, at_version=at_version)
     return con
 
 
 def refresh(con: duckdb.DuckDBPyConnection, *, at_version: dict[str, int] | None = None) -> Snapshot:
     """Point ``con`` (made by ``connect``) at the lake's newest snapshot (or ``at_version``); return it."""
-    root = con.execute("SELECT getvariable('arclight_lake')").fetchall()[0][0]
-    return _load(con, Catalog(root), at_version=at_version)
+    root, path = con.execute("SELECT getvariable('arclight_lake'), getvariable('arclight_catalog')").fetchall()[0]
+    return _load(con, Catalog(root, path), at_version=at_version)
 
 
 def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[str, int] | None) -> Snapshot:
@@ -68,6 +69,8 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
                 con.register("_state", source.sql(f"SELECT * FROM {name}").to_arrow_table())
                 con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _state")
                 con.unregister("_state")
+    else:  # no pipeline has run here yet: the same tables, empty
+        con.execute(STATE_TABLES)
     con.execute(view_sql(catalog.lake_root, snap))
     _output_views(con, catalog.lake_root)
     con.execute("CREATE OR REPLACE TABLE lake_snapshot AS SELECT * FROM (VALUES "

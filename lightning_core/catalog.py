@@ -20,7 +20,7 @@ from typing import Iterator
 
 import duckdb
 
-from lightning_core.lake import SCHEMA_RUN, Snapshot, ensure_schema_files, schema_file
+from lightning_core.lake import SCHEMA_RUN, Snapshot, ensure_schema_files, schema_file, set_location
 from lightning_core.lake import snapshot as lake_snapshot
 
 STORAGE_VERSION = "v1.5.0"
@@ -118,6 +118,7 @@ def view_sql(lake_root: Path, snapshot: Snapshot | None = None, *, temporary: bo
     a read-only catalog connection can create too.
     """
     snapshot = snapshot or lake_snapshot(lake_root)
+    ensure_schema_files(Path(lake_root))
     training = _file_list([schema_file(lake_root, "training"), *snapshot.files["training"]])
     production = _file_list([schema_file(lake_root, "production"), *snapshot.files["production"]])
     view = "TEMP VIEW" if temporary else "VIEW"
@@ -220,6 +221,7 @@ class Catalog:
     def from_config(cls, config) -> "Catalog":
         """Build the catalog named by an ``ArclightConfig``."""
         lake = config.lake
+        set_location(lake.path, lake.spans_uri, lake.storage_options)  # so every reader of the folder finds the spans
         return cls(lake.path, lake.catalog_path, memory_limit=lake.duckdb_memory_limit, threads=lake.duckdb_threads)
 
     def ensure(self) -> None:

@@ -31,8 +31,15 @@ class Section(BaseModel):
 class LakeConfig(Section):
     """Where spans, triplets and the DuckDB catalog live."""
 
-    path: Path = Field(Path(".arclight/lake"), description="Root folder of the Parquet lake.")
+    path: Path = Field(Path(".arclight/lake"), description="Root folder of the lake: the span tables (Delta), the pipeline outputs, the catalog.")
     catalog: Path | None = Field(None, description="DuckDB catalog file; default <path>/catalog.duckdb.")
+    spans_uri: str | None = Field(
+        None, description="Where the span tables live when several machines write them: an object-store URI "
+        "(s3://bucket/prefix) shared by every collector; default <path>/spans. Recorded in the lake folder "
+        "(spans.location.json), so readers of the folder find it. Credentials come from the AWS_* environment.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="delta-rs storage options for spans_uri, e.g. {AWS_ENDPOINT_URL: ..., "
+        "AWS_REGION: ..., conditional_put: etag} (S3 multi-writer commits need conditional puts or a lock).")
     duckdb_memory_limit: str = Field("4GB", description="DuckDB memory_limit for pipeline queries.")
     duckdb_threads: int = Field(2, ge=1, description="DuckDB worker threads.")
 

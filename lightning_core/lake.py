@@ -369,6 +369,7 @@ class Lake:
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.root)
         self._tables: dict[str, DeltaTable] = {}
+        self.location = location(self.root)
 
     def table_path(self, lane: str) -> Path:
         return self.root / "spans" / lane
@@ -396,7 +397,10 @@ class Lake:
             write_deltalake(table, pa.concat_tables(parts), mode="append", partition_by=list(LANES[lane]),
                             writer_properties=_WRITER, commit_properties=CommitProperties(
                                 custom_metadata={"arclight.writer": _owner()}))
-            written += _sync_commit(self.table_path(lane), table.version())
+            if self.location.uri:  # object storage: the PUT that returned is durable
+                written.append(f"{lane}@{table.version()}")
+            else:
+                written += _sync_commit(self.table_path(lane), table.version())
         return written
 
     def write_table(self, partition: Partition, table: pa.Table) -> list[str]:
@@ -443,7 +447,7 @@ class Lake:
         return table.vacuum(retention_hours=self.retention_hours, dry_run=False, enforce_retention_duration=False)
 
 
-_WRITER = WriterProperties(compression="ZSTD")
+_WRITER = WriterProperties(compression="ZSTD", max_row_group_size=128 * 1024)  # as the Parquet lake wrote them
 
 
 def _with_partition_columns(table: pa.Table, partition: Partition) -> pa.Table:
@@ -506,6 +510,47 @@ def migrate(root: str | os.PathLike[str]) -> dict[str, int]:
     return moved
 
 
+LOCATION_FILE = "spans.location.json"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a lake's span tables live: its own folder (``uri`` None) or object storage."""
+
+    uri: str | None = None
+    options: dict[str, str] | None = None  # delta-rs storage options (no secrets: credentials come from the environment)
+
+    def table_uri(self, root: str | os.PathLike[str], lane: str) -> str:
+        return f"{self.uri.rstrip('/')}/{lane}" if self.uri else str(Path(root).resolve() / "spans" / lane)
+
+
+def location(root: str | os.PathLike[str]) -> Location:
+    """The span tables' location recorded in the lake folder (``set_location``), else the folder itself."""
+    path = Path(root) / LOCATION_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return Location()
+    return Location(record["uri"], record.get("storage_options") or {})
+
+
+def set_location(root: str | os.PathLike[str], uri: str | None, options: dict[str, str] | None = None) -> None:
+    """Record that this lake's span tables live at ``uri`` (``lake.spans_uri``), so that every reader of the
+    folder finds them; refuse to move a lake whose tables already live elsewhere."""
+    if uri is None:  # the folder's own record (if any) stands: readers given only the folder find the spans
+        return
+    current = location(root)
+    if current.uri and current.uri.rstrip("/") != uri.rstrip("/"):
+        raise LakeFormatError(f"the lake at {root} keeps its spans at {current.uri}, not {uri}: set lake.spans_uri "
+                              "to the first, or use another lake folder")
+    if current.uri == uri and (current.options or {}) == (options or {}):
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(root) / f".{LOCATION_FILE}.{_owner()}.tmp"
+    tmp.write_text(json.dumps({"uri": uri, "storage_options": options or {}}, indent=1))
+    os.replace(tmp, Path(root) / LOCATION_FILE)
+
+
 _cache: dict[str, DeltaTable] = {}
 _cache_lock = threading.Lock()
 
@@ -514,26 +559,28 @@ def snapshot(root: str | os.PathLike[str]) -> Snapshot:
     """The current version and data files of both span tables of the lake at ``root``.
 
     The tables are kept open per process and brought up to date incrementally (reading only the
-    commits since the last call), so a snapshot costs about a millisecond.
+    commits since the last call), so a snapshot costs about a millisecond. Files on object
+    storage are listed as local copies (``_mirror``: DuckDB 2.0.0 reads no S3 itself).
     """
     versions, files = {}, {}
+    where = location(root)
     for lane in LANES:
-        path = str(Path(root).resolve() / "spans" / lane)
+        uri = where.table_uri(root, lane)
         with _cache_lock:
-            table = _cache.get(path)
+            table = _cache.get(uri)
             if table is None:
                 table = open_table(root, lane, create=False)
                 if table is not None:
-                    _cache[path] = table
+                    _cache[uri] = table
             else:
                 try:
                     table.update_incremental()
                 except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
-                    table = _cache.pop(path) and open_table(root, lane, create=False)
+                    table = _cache.pop(uri) and open_table(root, lane, create=False)
                     if table is not None:
-                        _cache[path] = table
+                        _cache[uri] = table
             versions[lane] = table.version() if table is not None else -1
-            files[lane] = table.file_uris() if table is not None else []
+            files[lane] = _readable_files(root, lane, table, where) if table is not None else []
     return Snapshot(versions, files)
 
 
@@ -545,6 +592,7 @@ def snapshot_at(root: str | os.PathLike[str], versions: dict[str, int] | None) -
     unknown = set(versions) - set(LANES)
     if unknown:
         raise ValueError(f"unknown span tables {sorted(unknown)}: the lake has {list(LANES)}")
+    where = location(root)
     out_versions, files = dict(current.versions), dict(current.files)
     for lane, version in versions.items():
         if version == -1:  # before the table existed: no spans
@@ -552,29 +600,73 @@ def snapshot_at(root: str | os.PathLike[str], versions: dict[str, int] | None) -
             continue
         if not 0 <= version <= current.versions[lane]:
             raise ValueError(f"spans/{lane} has versions 0..{current.versions[lane]}, not {version}")
-        table = DeltaTable(str(Path(root) / "spans" / lane), version=version)
-        out_versions[lane], files[lane] = version, table.file_uris()
+        table = DeltaTable(where.table_uri(root, lane), version=version, storage_options=where.options or None)
+        out_versions[lane], files[lane] = version, _readable_files(root, lane, table, where)
     return Snapshot(out_versions, files)
+
+
+def _readable_files(root, lane: str, table: DeltaTable, where: Location) -> list[str]:
+    """The table version's data files as paths DuckDB can read: local files, or local copies of remote ones.
+
+    Delta data files never change once written, so a copy made once serves every later snapshot.
+    """
+    uris = table.file_uris()
+    if not where.uri:
+        return uris
+    prefix = where.table_uri(root, lane).rstrip("/") + "/"
+    mirror = Path(root).resolve() / "_mirror" / lane
+    missing = [(u, mirror / unquote(u[len(prefix):])) for u in uris if not (mirror / unquote(u[len(prefix):])).exists()]
+    if missing:
+        fs, _ = _arrow_filesystem(where)
+        for uri, local in missing:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.{_owner()}.tmp")
+            with fs.open_input_stream(uri.split("://", 1)[1]) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+            os.replace(tmp, local)
+    return [str(mirror / unquote(u[len(prefix):])) for u in uris]
+
+
+def _arrow_filesystem(where: Location):
+    """A pyarrow S3 filesystem for the location, from its storage options and the AWS_* environment."""
+    import pyarrow.fs as pafs
+
+    options = {k.lower(): v for k, v in os.environ.items() if k.startswith("AWS_")}
+    options.update({k.lower(): v for k, v in (where.options or {}).items()})
+    endpoint = options.get("aws_endpoint_url") or options.get("endpoint_url") or options.get("aws_endpoint")
+    kwargs = {"region": options.get("aws_region") or options.get("region") or "us-east-1"}
+    if options.get("aws_access_key_id"):
+        kwargs.update(access_key=options["aws_access_key_id"], secret_key=options.get("aws_secret_access_key"),
+                      session_token=options.get("aws_session_token"))
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kwargs), endpoint
 
 
 def open_table(root: str | os.PathLike[str], lane: str, *, create: bool) -> DeltaTable | None:
     """The lane's Delta table; None when it does not exist and ``create`` is false."""
-    path = Path(root) / "spans" / lane
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
-    if DeltaTable.is_deltatable(str(path)):
-        return DeltaTable(str(path))
-    if path.is_dir() and any(path.rglob("*.parquet")):
-        raise LakeFormatError(
-            f"{path} holds span files of the Parquet lake of Arclight before the Delta store: "
-            f"convert it once with `arclight migrate-lake --lake {root}`")
+    where = location(root)
+    uri, options = where.table_uri(root, lane), where.options or None
+    if not where.uri:
+        path = Path(uri)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+        if not DeltaTable.is_deltatable(uri) and path.is_dir() and any(path.rglob("*.parquet")):
+            raise LakeFormatError(
+                f"{path} holds span files of the Parquet lake of Arclight before the Delta store: "
+                f"convert it once with `arclight migrate-lake --lake {root}`")
+    if DeltaTable.is_deltatable(uri, storage_options=options):
+        return DeltaTable(uri, storage_options=options)
     if not create:
         return None
     try:
-        return DeltaTable.create(str(path), table_schema(lane), mode="ignore", partition_by=list(LANES[lane]))
+        return DeltaTable.create(uri, table_schema(lane), mode="ignore", partition_by=list(LANES[lane]),
+                                 storage_options=options)
     except DeltaError:  # another process created it first
-        if DeltaTable.is_deltatable(str(path)):
-            return DeltaTable(str(path))
+        if DeltaTable.is_deltatable(uri, storage_options=options):
+            return DeltaTable(uri, storage_options=options)
         raise
 
 

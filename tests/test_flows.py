@@ -76,9 +76,26 @@ def test_two_epochs_chain_policy_versions_and_record_failures(
     overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
                            tiny_model_dir=tiny_model_dir,
                            dataset=dataset, **{"rollouts.timeout_s": "15", "rollouts.group_size": "2"})
-    first = train_epoch(overrides=overrides)
-    second = train_epoch(overrides=overrides)
     cfg = make_config(tmp_path, *overrides)
+    # an analyst in another process holds one connection for the whole two-epoch run, polling
+    polls_path = tmp_path / "analyst.jsonl"
+    poller = subprocess.Popen([sys.executable, "-m", "tests.helpers.analyst_poller", str(cfg.lake.path),
+                               str(cfg.lake.catalog_path), "flowrun", str(polls_path)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (polls_path.exists() and polls_path.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # connected before the flow starts
+        first = train_epoch(overrides=overrides)
+        second = train_epoch(overrides=overrides)
+    finally:
+        (tmp_path / "analyst.jsonl.stop").touch()
+        poller.wait(timeout=60)
+    polls = [json.loads(line) for line in polls_path.read_text().splitlines()]
+    assert [p for p in polls if "error" in p] == []
+    assert len(polls) >= 20
+    assert all(p["raw"] == p["distinct"] == p["spans"] for p in polls)  # no span twice, no half-written commit
+    assert all(a["spans"] <= b["spans"] and a["version"] <= b["version"] for a, b in zip(polls, polls[1:]))
+    assert polls[0]["completed_epochs"] == 0 and polls[-1]["completed_epochs"] == 2 and polls[-1]["spans"] > 0
     catalog = Catalog.from_config(cfg)
     with catalog.read() as con:
         epochs = con.execute("SELECT epoch, status, policy_version, new_version FROM epochs WHERE run_id='flowrun' ORDER BY epoch").fetchall()

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst
-from lightning_core.catalog import view_sql
 from lightning_core.lake import SPAN_SCHEMA, Lake, LakeFormatError, open_table, request_to_tables, snapshot
-from lightning_core.services import start_collector
+from lightning_core.catalog import Catalog, view_sql
+from lightning_core.services import free_port, start_collector
 from tests.conftest import REPO, make_config
 from tests.otlp_factory import export_request
 
@@ -58,9 +58,58 @@ def _send(url: str, run_id: str, *, requests: int, spans: int, acked: list[int],
                 acked.append(spans)
 
 
-def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once_even_after_a_sigkill(tmp_path):
-    lake_root = tmp_path / "lake"
-    services = [start_collector(make_config(tmp_path / f"c{i}", f"lake.path={lake_root}"), timeout_s=60) for i in range(2)]
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto's) with a bucket; credentials in the environment, as on a real host."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="arclight")
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=10)
+
+
+def _s3_settings(url: str) -> list[str]:
+    options = {"AWS_ENDPOINT_URL": url, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}
+    return ["lake.spans_uri=s3://arclight/lake/spans", f"lake.storage_options={json.dumps(options)}"]
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once_even_after_a_sigkill(
+        tmp_path, store, request):
+    # two hosts' worth of collectors: on S3 each has its own lake folder, and the span tables are shared
+    extra = _s3_settings(request.getfixturevalue("s3")) if store == "s3" else []
+    folders = [tmp_path / "lake"] * 2 if store == "local" else [tmp_path / "host-a", tmp_path / "host-b"]
+    configs = [make_config(tmp_path / f"c{i}", f"lake.path={folders[i]}", *extra) for i in range(2)]
+    for cfg in configs:
+        Catalog.from_config(cfg).ensure()  # what `arclight collector` does first: records where the spans live
+    reader = make_config(tmp_path / "r", f"lake.path={tmp_path / 'reader'}", *extra) if store == "s3" else configs[0]
+    Catalog.from_config(reader)
+    lake_root = reader.lake.path
+    services = [start_collector(cfg, timeout_s=60) for cfg in configs]
     try:
         acked: list[int] = []
         senders = [threading.Thread(target=_send, args=(s.url, "two"), kwargs=dict(requests=15, spans=40, acked=acked))
@@ -98,7 +147,7 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
         assert sum(acked_live) > 0 and sum(acked_killed) >= 400
 
         # a collector started again on the lake goes on where it was
-        services[0] = start_collector(make_config(tmp_path / "c0", f"lake.path={lake_root}"), timeout_s=60)
+        services[0] = start_collector(configs[0], timeout_s=60)
         again: list[int] = []
         _send(services[0].url, "kill", requests=2, spans=40, acked=again)
         assert _raw_counts(lake_root, "kill")[0] == rows + 80

@@ -1,0 +1,42 @@
+"""An analyst in another process (tests/test_flows.py): one ``analyst.connect`` held for the whole
+flow run, refreshed and queried in a loop until ``<out>.stop`` appears; one JSON line per poll.
+
+    python -m tests.helpers.analyst_poller <lake> <catalog file> <run_id> <out.jsonl>
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from lightning_core import analyst
+from lightning_core.catalog import Catalog
+
+
+def main(lake: str, catalog: str, run_id: str, out: str) -> None:
+    con = analyst.connect(Catalog(lake, catalog))
+    stop = Path(out + ".stop")
+    with open(out, "w") as fh:
+        while not stop.exists():
+            started = time.monotonic()
+            try:
+                snap = analyst.refresh(con)
+                raw, distinct, spans = con.execute(
+                    "SELECT count(*), count(DISTINCT (trace_id, span_id)), "
+                    "(SELECT count(*) FROM spans WHERE run_id = $run) FROM spans_raw WHERE run_id = $run",
+                    {"run": run_id}).fetchall()[0]
+                epochs = con.execute("SELECT count(*) FROM epochs WHERE run_id = $run AND status = 'completed'",
+                                     {"run": run_id}).fetchall()[0][0]
+                record = {"raw": raw, "distinct": distinct, "spans": spans, "completed_epochs": epochs,
+                          "version": snap.versions["training"], "seconds": round(time.monotonic() - started, 3)}
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                record = {"error": f"{type(exc).__name__}: {exc}"}
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
