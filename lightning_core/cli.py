@@ -75,14 +75,16 @@ def collector(
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (default 4318)."),
     token: Optional[str] = typer.Option(None, help="Bearer token required from clients."),
+    workers: Optional[int] = typer.Option(None, help="Collector processes on the one port (default collector.workers, 1)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
-    """Run the OTLP/HTTP collector that writes spans into the Parquet lake."""
+    """Run the OTLP/HTTP collector that writes spans into the lake's Delta tables."""
     from lightning_core.catalog import Catalog
     from lightning_core.collector import serve
 
     cfg = load(config, overrides, lake=lake,
-               values={"collector.host": host, "collector.port": port, "collector.token": token or None})
+               values={"collector.host": host, "collector.port": port, "collector.token": token or None,
+                       "collector.workers": workers})
     with lake_io(cfg):
         Catalog.from_config(cfg).ensure()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

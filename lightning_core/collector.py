@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -225,7 +226,26 @@ def _error(status: int, reason: str, content_type: str, *, retry_after: int | No
     return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
 
+SETTINGS_ENV = "ARCLIGHT_COLLECTOR_SETTINGS"
+
+
+def app_from_environment() -> Starlette:
+    """The app of one collector worker process (uvicorn's factory; ``serve`` puts the settings in the environment)."""
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    return build_app(CollectorConfig.model_validate(settings["config"]), settings["lake_root"])
+
+
 def serve(config: CollectorConfig, lake_root: str | os.PathLike[str], *, log_level: str = "info") -> None:
-    """Run the collector in the foreground until interrupted."""
-    app = build_app(config, lake_root)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
+    """Run the collector in the foreground until interrupted.
+
+    ``config.workers`` > 1 runs that many processes on one socket (uvicorn's worker processes); each
+    decodes its own requests and commits to the same Delta tables (appends do not conflict).
+    """
+    options = {"host": config.host, "port": config.port, "log_level": log_level, "access_log": False,
+               "timeout_graceful_shutdown": 10}
+    if config.workers == 1:
+        uvicorn.run(build_app(config, lake_root), **options)
+        return
+    build_app(config, lake_root)  # refuse a bad setting (an open host without a token) before any worker starts
+    os.environ[SETTINGS_ENV] = json.dumps({"config": config.model_dump(mode="json"), "lake_root": str(lake_root)})
+    uvicorn.run("lightning_core.collector:app_from_environment", factory=True, workers=config.workers, **options)

@@ -192,6 +192,7 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         "--set", f"collector.compact_min_files={c.compact_min_files}",
         "--set", f"collector.compact_idle_s={c.compact_idle_s}",
         "--set", f"collector.retention_hours={c.retention_hours}",
+        "--set", f"collector.workers={c.workers}",
         "--log-level", "warning",
     ]
     env = {"ARCLIGHT_COLLECTOR_TOKEN": c.token} if c.token else {}

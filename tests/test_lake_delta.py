@@ -103,7 +103,10 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
     # two hosts' worth of collectors: on S3 each has its own lake folder, and the span tables are shared
     extra = _s3_settings(request.getfixturevalue("s3")) if store == "s3" else []
     folders = [tmp_path / "lake"] * 2 if store == "local" else [tmp_path / "host-a", tmp_path / "host-b"]
-    configs = [make_config(tmp_path / f"c{i}", f"lake.path={folders[i]}", *extra) for i in range(2)]
+    # locally, the first collector is itself two processes on one port (collector.workers)
+    workers = ["collector.workers=2"] if store == "local" else []
+    configs = [make_config(tmp_path / f"c{i}", f"lake.path={folders[i]}", *extra, *(workers if i == 0 else []))
+               for i in range(2)]
     for cfg in configs:
         Catalog.from_config(cfg).ensure()  # what `arclight collector` does first: records where the spans live
     reader = make_config(tmp_path / "r", f"lake.path={tmp_path / 'reader'}", *extra) if store == "s3" else configs[0]
