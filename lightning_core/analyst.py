@@ -63,14 +63,15 @@ def refresh(con: duckdb.DuckDBPyConnection, *, at_version: dict[str, int] | None
 
 def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[str, int] | None) -> Snapshot:
     snap = snapshot_at(catalog.lake_root, at_version)
+    con.execute(STATE_TABLES)  # the tables, empty: what a lake where no pipeline has run (yet) holds
     if catalog.path.exists():
         with catalog.read(spans=False) as source:  # held for the copy only
+            have = {name for (name,) in source.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
             for name in STATE_TABLE_NAMES:
-                con.register("_state", source.sql(f"SELECT * FROM {name}").to_arrow_table())
-                con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _state")
-                con.unregister("_state")
-    else:  # no pipeline has run here yet: the same tables, empty
-        con.execute(STATE_TABLES)
+                if name in have:  # a catalog of an older Arclight may lack the newer ones
+                    con.register("_state", source.sql(f"SELECT * FROM {name}").to_arrow_table())
+                    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _state")
+                    con.unregister("_state")
     con.execute(view_sql(catalog.lake_root, snap))
     _output_views(con, catalog.lake_root)
     con.execute("CREATE OR REPLACE TABLE lake_snapshot AS SELECT * FROM (VALUES "

@@ -123,23 +123,26 @@ def view_sql(lake_root: Path, snapshot: Snapshot | None = None, *, temporary: bo
     production = _file_list([schema_file(lake_root, "production"), *snapshot.files["production"]])
     view = "TEMP VIEW" if temporary else "VIEW"
     return f"""
--- One row per span file row, exactly as stored; partition values from the folder names, and the
+-- One row per span file row, exactly as stored (every file of a Delta table has the table's
+-- columns, so no union_by_name: binding reads one footer, and a filter on the partition
+-- columns skips the other files unopened); partition values from the folder names, and the
 -- row's place (filename, file_row_number), which identifies one stored copy of a span; file_index
 -- numbers the files one scan of one branch reads (the pipeline's span numbers are built on it).
 -- The empty schema files (run _schema, date 1970-01-01) hold no rows; spans that really started
 -- on 1970-01-01 (a clock at zero) share that folder and must stay visible.
 CREATE OR REPLACE {view} spans_raw AS
-SELECT *, file_index FROM read_parquet({training}, hive_partitioning = true, union_by_name = true,
+SELECT *, file_index FROM read_parquet({training}, hive_partitioning = true,
                            filename = true, file_row_number = true,
                            hive_types = {{'run_id': VARCHAR, 'epoch': BIGINT}})
 WHERE run_id <> '{SCHEMA_RUN}'
 UNION ALL BY NAME
 SELECT *, file_index, NULL::VARCHAR AS run_id, NULL::BIGINT AS epoch
-FROM read_parquet({production}, hive_partitioning = true, union_by_name = true,
+FROM read_parquet({production}, hive_partitioning = true,
                   filename = true, file_row_number = true, hive_types = {{'date': VARCHAR}});
 
--- One row per span, each (trace_id, span_id) once (a sender's retry or a collector's restart can
--- store a span twice; the first copy received is kept): ids, name, times (ns and timestamps),
+-- One row per span, each (trace_id, span_id) once per partition (a sender's retry or a collector's
+-- restart stores a span twice in its partition; the first copy received is kept; the partition
+-- columns lead the window, so a filter on run_id/epoch still prunes files): ids, name, times (ns and timestamps),
 -- status, attributes/resource/events as JSON, the rollout context, the columns promoted at ingest
 -- (span_kind, agent_name, response_id, reward_value) and the gateway's token ids and logprobs
 -- (stored typed, not in attributes).
@@ -164,7 +167,8 @@ SELECT
     date AS production_date,
     received_ns
 FROM spans_raw
-QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY received_ns, filename, file_row_number) = 1;
+QUALIFY row_number() OVER (PARTITION BY run_id, epoch, date, trace_id, span_id
+                          ORDER BY received_ns, filename, file_row_number) = 1;
 """
 
 

@@ -1,9 +1,10 @@
-"""OTLP/HTTP collector: receives trace exports and appends their spans to the Parquet lake.
+"""OTLP/HTTP collector: receives trace exports and appends their spans to the lake's Delta tables.
 
 ``POST /v1/traces`` takes protobuf (``application/x-protobuf``) or JSON (``application/json``),
-optionally gzip-encoded. A request is acknowledged only after its spans are in a fsynced
-Parquet file. Requests that arrive within ``flush_interval_ms`` of each other share one file
-(group commit), and idle partitions with many small files are compacted in the background.
+optionally gzip-encoded. A request is acknowledged only after the Delta commit that holds its
+spans is durable. Requests that arrive within ``flush_interval_ms`` of each other share one
+commit (group commit), and idle partitions with many small files are compacted in the background
+(Delta ``optimize``; ``vacuum`` after the retention window).
 
 Each request is decoded and converted to Arrow tables on its own, before it joins a commit, so
 a span the lake cannot store gets its own 400 and never touches another client's request. The

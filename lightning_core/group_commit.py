@@ -1,9 +1,9 @@
-"""Group commit: one thread writes the span tables of many requests to the lake as shared files.
+"""Group commit: one thread writes the span tables of many requests to the lake in shared commits.
 
-Requests that arrive within ``flush_interval_s`` of each other share one file per partition, up
-to ``MAX_PARTITIONS_PER_COMMIT`` partitions per commit (each partition costs a file and two
-fsyncs). A commit is all or nothing (``Lake.write``); when one fails, each of its requests is
-written again on its own, so a request that cannot be written never fails the others.
+Requests that arrive within ``flush_interval_s`` of each other share one Delta commit per table
+(a file per partition), up to ``MAX_PARTITIONS_PER_COMMIT`` partitions per commit (each partition
+costs a file and its fsync). A commit is all or nothing (``Lake.write``); when one fails, each of
+its requests is written again on its own, so a request that cannot be written never fails the others.
 """
 
 from __future__ import annotations

@@ -335,6 +335,7 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 LANES = {"training": ("run_id", "epoch"), "production": ("date",)}  # lane -> Delta partition columns
 _PARTITION_TYPES = {"run_id": pa.string(), "epoch": pa.int64(), "date": pa.string()}
 DEFAULT_RETENTION_HOURS = 24
+VACUUM_EVERY_S = 600.0
 
 
 class LakeFormatError(RuntimeError):
@@ -369,6 +370,8 @@ class Lake:
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.root)
         self._tables: dict[str, DeltaTable] = {}
+        self._lock = threading.Lock()  # one commit at a time through this object's tables
+        self._vacuumed_at: float | None = None
         self.location = location(self.root)
 
     def table_path(self, lane: str) -> Path:
@@ -392,16 +395,18 @@ class Lake:
             if table.num_rows:
                 by_lane[lane_of(partition)].append(_with_partition_columns(table, partition))
         written: list[str] = []
-        for lane, parts in by_lane.items():
-            table = self.table(lane)
-            write_deltalake(table, pa.concat_tables(parts), mode="append", partition_by=list(LANES[lane]),
-                            writer_properties=_WRITER, commit_properties=CommitProperties(
-                                custom_metadata={"arclight.writer": _owner()}))
-            if self.location.uri:  # object storage: the PUT that returned is durable
-                written.append(f"{lane}@{table.version()}")
-            else:
-                written += _sync_commit(self.table_path(lane), table.version())
+        with self._lock:
+            for lane, parts in by_lane.items():
+                written += self._commit(lane, pa.concat_tables(parts))
         return written
+
+    def _commit(self, lane: str, data: pa.Table) -> list[str]:
+        table = self.table(lane)
+        write_deltalake(table, data, mode="append", partition_by=list(LANES[lane]), writer_properties=_WRITER,
+                        commit_properties=CommitProperties(custom_metadata={"arclight.writer": _owner()}))
+        if self.location.uri:  # object storage: the PUT that returned is durable
+            return [f"{lane}@{table.version()}"]
+        return _sync_commit(self.table_path(lane), table.version())
 
     def write_table(self, partition: Partition, table: pa.Table) -> list[str]:
         """Append one partition's table (one commit)."""
@@ -420,6 +425,7 @@ class Lake:
         """
         now = now if now is not None else time.time()
         done = 0
+        due = self._vacuumed_at is None or time.monotonic() - self._vacuumed_at > VACUUM_EVERY_S
         for lane, columns in LANES.items():
             table = open_table(self.root, lane, create=False)
             if table is None:
@@ -439,11 +445,15 @@ class Lake:
                 except DeltaError as exc:  # a concurrent compaction of the same files: theirs stands
                     log.info("compaction of %s %s skipped: %s", lane, key, exc)
                     table.update_incremental()
-            self.vacuum(table)
+            if due:
+                self.vacuum(table)
+        if due:
+            self._vacuumed_at = time.monotonic()
         return done
 
     def vacuum(self, table: DeltaTable) -> list[str]:
-        """Delete files that left the table more than ``retention_hours`` ago (Delta ``vacuum``)."""
+        """Delete files that left the table more than ``retention_hours`` ago (Delta ``vacuum``; it lists the
+        whole table's folder, so ``compact`` runs it at most every ``VACUUM_EVERY_S``)."""
         return table.vacuum(retention_hours=self.retention_hours, dry_run=False, enforce_retention_duration=False)
 
 

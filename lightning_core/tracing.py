@@ -122,7 +122,7 @@ def _to_json(value: Any) -> str:
 
 
 class LakeSpanExporter(SpanExporter):
-    """Embedded mode: writes finished spans straight into a Parquet lake, no collector needed.
+    """Embedded mode: writes finished spans straight into the lake's span tables, no collector needed.
 
     Spans are encoded exactly as the OTLP exporter encodes them and stored by the same code the
     collector uses, so both paths produce the same rows.
