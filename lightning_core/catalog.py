@@ -245,12 +245,18 @@ class Catalog:
             con.execute(STATE_TABLES)
 
     @contextlib.contextmanager
-    def write(self, *, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the catalog for writing (waiting while another process holds it), then close it."""
+    def write(self, *, timeout_s: float = 60.0, spans: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the catalog for writing (waiting while another process holds it), then close it.
+
+        With ``spans``, the connection also has the span views over the lake's current snapshot
+        (TEMP views), for a statement that updates state from the spans.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _process_lock(self.path):
             con = _connect_retrying(self.path, read_only=False, timeout_s=timeout_s, config=self._config(create=True))
             try:
+                if spans:
+                    con.execute(view_sql(self.lake_root, temporary=True))
                 yield con
             finally:
                 con.close()

@@ -142,7 +142,7 @@ def ingest_barrier(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: 
         finally:
             gateway.close()
     catalog = Catalog.from_config(config)
-    with catalog.write() as con:
+    with catalog.write(spans=True) as con:
         con.execute(
             """
             UPDATE rollouts SET status = 'failed',
