@@ -1,6 +1,6 @@
 """Durable ingest: pre-encoded OTLP requests into a real collector, against protobuf decode alone.
 
-    .venv/bin/python benchmarks/ingest_bench.py --requests 40 --senders 4
+    .venv/bin/python benchmarks/ingest_bench.py --requests 40 --senders 4 [--workers 2]
 
 Each request holds ~1,050 spans and ~1 MB (a third of them LLM spans with 240 prompt/response token
 ids, as the gateway sends them; the rest carry a few string attributes). The requests are encoded
@@ -99,13 +99,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="requests in all (shared by the senders)")
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--spans", type=int, default=1050, help="spans per request")
+    parser.add_argument("--workers", type=int, default=1, help="collector processes on the one port (collector.workers)")
     args = parser.parse_args()
     bodies = [build_request(i, spans=args.spans) for i in range(args.requests)]
     print(f"{args.requests} requests of {args.spans} spans, {sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB each")
     decode = decode_rate(bodies[: min(8, len(bodies))])
     root = Path(tempfile.mkdtemp(prefix="arclight-ingest-"))
     cfg = load_config(None, overrides=[f"project_dir={root}", f"collector.port={free_port()}",
-                                       "collector.compact_idle_s=3600"])
+                                       "collector.compact_idle_s=3600", f"collector.workers={args.workers}"])
     service = start_collector(cfg, timeout_s=60)
     try:
         ctx = mp.get_context("spawn")
@@ -130,7 +131,7 @@ def main() -> None:
         raise SystemExit(f"{spans} spans acknowledged, {stored} stored")
     rate = spans / elapsed
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"acknowledged {spans:,} spans in {elapsed:.2f}s = {rate:,.0f} spans/s with {args.senders} senders; "
+    print(f"acknowledged {spans:,} spans in {elapsed:.2f}s = {rate:,.0f} spans/s with {args.senders} senders, {args.workers} collector process(es); "
           f"ack latency p50 {latencies[len(latencies) // 2]:.3f}s p99 {latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]:.3f}s; "
           f"protobuf decode alone {decode:,.0f} spans/s (ratio {rate / decode:.3f}); {uptime}")
 
