@@ -212,8 +212,14 @@ def compact(
 
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
+    from lightning_core.lake import ConcurrentCompaction
+
     with lake_io(cfg):
-        merged = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours).compact(min_files=min_files, idle_s=idle_s)
+        try:
+            merged = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours).compact(min_files=min_files, idle_s=idle_s)
+        except ConcurrentCompaction as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
     console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
 
 

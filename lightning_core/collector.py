@@ -39,7 +39,7 @@ from starlette.routing import Route
 from lightning_core.config import CollectorConfig
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.http_guard import LOOPBACK_HOSTS, has_token, trusted
-from lightning_core.lake import LANES, Lake, Partition, SpanDataError, request_to_tables
+from lightning_core.lake import LANES, ConcurrentCompaction, Lake, Partition, SpanDataError, request_to_tables
 from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, decode_body, parse, read_body
 
 log = logging.getLogger("arclight.collector")
@@ -171,6 +171,8 @@ class TraceReceiver:
             try:
                 merged = await asyncio.to_thread(self.lake.compact, min_files=config.compact_min_files, idle_s=config.compact_idle_s)
                 self.metrics.compactions.inc(merged)
+            except ConcurrentCompaction as exc:
+                log.error("%s", exc)
             except Exception:
                 log.exception("compaction failed; the small files are kept")
 
@@ -180,11 +182,18 @@ class TraceReceiver:
         for lane in LANES:  # created (or opened) before the first request, which would otherwise wait for it
             await asyncio.to_thread(self.lake.table, lane)
         self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, on_commit=self._committed)
-        compactor = asyncio.create_task(self.compact_loop())
+        # one compactor per table: delta-rs lets two concurrent compactions both commit (rows stored twice), so
+        # several collector processes (or hosts) leave compaction to one `arclight compact`
+        compacts = self.config.workers == 1 and not self.lake.location.uri
+        if not compacts:
+            log.warning("this collector does not compact (collector.workers > 1 or span tables on object storage): "
+                        "run `arclight compact` from one place, for example every few minutes")
+        compactor = asyncio.create_task(self.compact_loop()) if compacts else None
         try:
             yield
         finally:
-            compactor.cancel()
+            if compactor is not None:
+                compactor.cancel()
             self.converter.shutdown(wait=True)
             self.writer.close()
 

@@ -439,12 +439,16 @@ class Lake:
                 if len(times) < min_files or now - max(times) / 1000 < idle_s:
                     continue
                 filters = [(c, "=", str(v)) for c, v in zip(columns, key)]
+                read_version = table.version()
                 try:
                     table.optimize.compact(partition_filters=filters, writer_properties=_WRITER)
                     done += 1
-                except DeltaError as exc:  # a concurrent compaction of the same files: theirs stands
+                except DeltaError as exc:
                     log.info("compaction of %s %s skipped: %s", lane, key, exc)
                     table.update_incremental()
+                    continue
+                if not self.location.uri:
+                    _check_no_concurrent_compaction(self.table_path(lane), read_version, table.version(), key)
             if due:
                 self.vacuum(table)
         if due:
@@ -678,6 +682,35 @@ def open_table(root: str | os.PathLike[str], lane: str, *, create: bool) -> Delt
         if DeltaTable.is_deltatable(uri, storage_options=options):
             return DeltaTable(uri, storage_options=options)
         raise
+
+
+class ConcurrentCompaction(RuntimeError):
+    """Two compactions of one partition committed at once: its rows are now stored twice."""
+
+
+def _log_actions(table_path: Path, version: int) -> list[dict]:
+    with open(table_path / "_delta_log" / f"{version:020d}.json") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _check_no_concurrent_compaction(table_path: Path, read: int, committed: int, key: tuple) -> None:
+    """Raise when another OPTIMIZE that removed the same files committed between ``read`` and ``committed``.
+
+    delta-rs (1.6.6) lets two compactions of the same files both commit (a remove with
+    ``dataChange=false`` does not conflict), which leaves every row of the partition in two files.
+    Readers still see each span once (the ``spans`` view and the pipeline de-duplicate), but the
+    rows are stored twice: run one compactor per table (``docs/collector.md``).
+    """
+    ours = {a["remove"]["path"] for a in _log_actions(table_path, committed) if "remove" in a}
+    for version in range(read + 1, committed):
+        actions = _log_actions(table_path, version)
+        theirs = {a["remove"]["path"] for a in actions if "remove" in a}
+        if ours & theirs:
+            raise ConcurrentCompaction(
+                f"another compaction of partition {key} in {table_path} committed at version {version} while this "
+                f"one ran (version {committed}): {len(ours & theirs)} files were compacted twice, so their rows are "
+                "stored twice (the spans view and the pipeline still read each span once). Run one compactor per "
+                "table: collector.workers > 1 and collectors on several hosts leave compaction to `arclight compact`")
 
 
 def _sync_commit(table_path: Path, version: int) -> list[str]:

@@ -316,3 +316,27 @@ def test_an_old_parquet_lake_is_refused_with_the_fix_and_migrated_by_one_command
     out = subprocess.run([sys.executable, "-m", "lightning_core", "migrate-lake", "--lake", str(root)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "nothing to convert" in out.stdout + out.stderr
+
+
+def test_two_compactions_of_one_partition_at_once_are_reported_loudly(tmp_path):
+    """delta-rs 1.6.6 lets two compactions of the same files both commit (rows then stored twice); the
+    second compactor must say so instead of going on silently. Two table objects at one version stand in
+    for two processes that listed the table at the same moment."""
+    from deltalake import DeltaTable
+
+    from lightning_core.lake import ConcurrentCompaction, _check_no_concurrent_compaction
+
+    lake = Lake(tmp_path / "lake")
+    for _ in range(3):
+        lake.write(request_to_tables(_request("twice", 5)))
+    path = tmp_path / "lake" / "spans" / "training"
+    first, second = DeltaTable(str(path)), DeltaTable(str(path))
+    read = second.version()
+    first.optimize.compact()
+    second.optimize.compact()  # not refused by delta-rs
+    assert _raw_counts(tmp_path / "lake", "twice") == (30, 15)  # what it did: every row twice
+    with pytest.raises(ConcurrentCompaction, match="stored twice"):
+        _check_no_concurrent_compaction(path, read, second.version(), ("twice", 0))
+    _check_no_concurrent_compaction(path, read, read + 1, ("twice", 0))  # the first one alone is fine
+    con = analyst.connect(tmp_path / "lake")
+    assert con.execute("SELECT count(*) FROM spans WHERE run_id = 'twice'").fetchall() == [(15,)]  # readers: once
