@@ -184,8 +184,8 @@ class TraceReceiver:
         self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, on_commit=self._committed)
         # one compactor per table: delta-rs lets two concurrent compactions both commit (rows stored twice), so
         # several collector processes (or hosts) leave compaction to one `arclight compact`
-        compacts = self.config.workers == 1 and not self.lake.location.uri
-        if not compacts:
+        compacts = self.config.compact and self.config.workers == 1 and not self.lake.location.uri
+        if self.config.compact and not compacts:
             log.warning("this collector does not compact (collector.workers > 1 or span tables on object storage): "
                         "run `arclight compact` from one place, for example every few minutes")
         compactor = asyncio.create_task(self.compact_loop()) if compacts else None

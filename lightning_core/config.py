@@ -59,6 +59,9 @@ class CollectorConfig(Section):
     max_inflight_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Request bytes held at once (as sent and decoded); beyond it 503 + Retry-After.")
     max_partitions_per_request: int = Field(64, ge=1, description="Lake partitions (run/epoch or date) one request may write to; more is a 400.")
     flush_interval_ms: int = Field(20, ge=0, description="Group-commit window: requests arriving within it share one file.")
+    compact: bool = Field(True, description="Compact the span tables in the background. Run one compactor per "
+                          "table: with several collectors on one lake, leave it on in one of them (collectors with "
+                          "workers > 1 or span tables on object storage never compact; use `arclight compact`).")
     compact_min_files: int = Field(16, ge=2, description="Compact a partition once it has this many files...")
     compact_idle_s: float = Field(10.0, ge=0, description="...and has received nothing for this long.")
     workers: int = Field(1, ge=1, description="Collector processes on the one port (uvicorn workers), each "

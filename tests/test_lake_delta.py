@@ -105,6 +105,7 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
     folders = [tmp_path / "lake"] * 2 if store == "local" else [tmp_path / "host-a", tmp_path / "host-b"]
     # locally, the first collector is itself two processes on one port (collector.workers)
     workers = ["collector.workers=2"] if store == "local" else []
+    # (the two-worker collector does not compact: the other one is the table's one compactor)
     configs = [make_config(tmp_path / f"c{i}", f"lake.path={folders[i]}", *extra, *(workers if i == 0 else []))
                for i in range(2)]
     for cfg in configs:
