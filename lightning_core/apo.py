@@ -96,7 +96,7 @@ def draw_tasks(config: ArclightConfig, round: int) -> list[dict[str, Any]]:
 
 def score(catalog: Catalog, *, run_id: str, epoch: int) -> tuple[float | None, int]:
     """Return the mean reward of one evaluation (failed rollouts count 0) and its rollouts."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         mean, n = con.execute(
             "SELECT avg(coalesce(reward, 0)), count(*) FROM rollouts WHERE run_id = ? AND epoch = ? AND status <> 'planned'",
             [run_id, epoch]).fetchall()[0]
@@ -105,14 +105,14 @@ def score(catalog: Catalog, *, run_id: str, epoch: int) -> tuple[float | None, i
 
 def evaluated(catalog: Catalog, *, run_id: str, label: str) -> bool:
     """True when the evaluation ``label`` (``<version> r<round>``) of the search has completed."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         return bool(con.execute("SELECT count(*) FROM epochs WHERE run_id = ? AND policy_version = ? AND status = 'completed'",
                                 [run_id, label]).fetchall()[0][0])
 
 
 def started_from(catalog: Catalog, *, run_id: str) -> str | None:
     """Return the version a search began with (its round-0 evaluation), so a resumed search keeps its start."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute("SELECT policy_version FROM epochs WHERE run_id = ? AND policy_version LIKE '% r0' ORDER BY epoch",
                            [run_id]).fetchall()
     return rows[0][0].rsplit(" ", 1)[0] if rows else None
@@ -120,13 +120,13 @@ def started_from(catalog: Catalog, *, run_id: str) -> str | None:
 
 def rollouts_used(catalog: Catalog, *, run_id: str) -> int:
     """Return the rollouts the search has planned so far (its budget counter)."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         return con.execute("SELECT count(*) FROM rollouts WHERE run_id = ?", [run_id]).fetchall()[0][0]
 
 
 def failures(catalog: Catalog, *, run_id: str, epoch: int, success: float, limit: int) -> list[dict[str, Any]]:
     """Return the lowest-reward rollouts of an evaluation (one per task) with their last model call."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute(sql_text("prompt_failures"),
                            {"run_id": run_id, "epoch": epoch, "success": success, "limit": limit}).fetchall()
     out = []

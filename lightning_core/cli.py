@@ -54,11 +54,11 @@ def lake_io(cfg: ArclightConfig) -> Iterator[None]:
     """Turn an OS error on the lake's files (a parent that is a file, no permission, disk full) into one line."""
     import duckdb
 
-    from lightning_core.lake import LakeFormatError
+    from lightning_core.lake import ConcurrentCompaction, LakeFormatError
 
     try:
         yield
-    except LakeFormatError as exc:
+    except (LakeFormatError, ConcurrentCompaction) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     except (OSError, duckdb.IOException) as exc:
@@ -212,14 +212,8 @@ def compact(
 
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
-    from lightning_core.lake import ConcurrentCompaction
-
     with lake_io(cfg):
-        try:
-            merged = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours).compact(min_files=min_files, idle_s=idle_s)
-        except ConcurrentCompaction as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(1) from None
+        merged = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours).compact(min_files=min_files, idle_s=idle_s)
     console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
 
 

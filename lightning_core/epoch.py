@@ -85,7 +85,7 @@ def plan_more_tasks(config: ArclightConfig, catalog: Catalog, *, run_id: str, ep
     dataset has no task left that the epoch has not drawn.
     """
     r = config.rollouts
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         drawn, rounds = con.execute(
             "SELECT list(DISTINCT task_id), coalesce(max(sampling_round), 0) + 1 FROM rollouts "
             "WHERE run_id = ? AND epoch = ? AND mode = 'train'", [run_id, epoch]).fetchall()[0]
@@ -157,7 +157,7 @@ def record_sampling(catalog: Catalog, *, run_id: str, epoch: int, informative_gr
 
 def sampling_counts(catalog: Catalog, *, run_id: str, epoch: int) -> dict[str, int]:
     """Return the epoch's recorded sampling counts ({} before its triplets were made)."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute("SELECT tasks_sampled, informative_groups, skipped_groups, sampling_rounds FROM epochs "
                            "WHERE run_id = ? AND epoch = ? AND tasks_sampled IS NOT NULL", [run_id, epoch]).fetchall()
     if not rows:
@@ -168,7 +168,7 @@ def sampling_counts(catalog: Catalog, *, run_id: str, epoch: int) -> dict[str, i
 def planned_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train", only_pending: bool = False) -> list[RolloutSpec]:
     """Return the rollouts planned for (run, epoch), optionally only those not finished yet."""
     condition = "AND status = 'planned'" if only_pending else ""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute(
             f"SELECT run_id, epoch, rollout_id, task_id, group_id, sample_index, task FROM rollouts "
             f"WHERE run_id = ? AND epoch = ? AND mode = ? {condition} ORDER BY task_id, sample_index",
@@ -204,7 +204,7 @@ def _ts(seconds: float) -> dt.datetime:
 
 def rollout_counts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "train") -> dict[str, int]:
     """Return how many rollouts of (run, epoch) are in each status."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute(
             "SELECT status, count(*) FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = ? GROUP BY status",
             [run_id, epoch, mode],
@@ -223,7 +223,7 @@ def ensure_run(catalog: Catalog, config: ArclightConfig) -> None:
 
 def epoch_status(catalog: Catalog, *, run_id: str, epoch: int) -> str | None:
     """Return the last completed stage of an epoch, or None when it has not started."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         row = con.execute("SELECT status FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch]).fetchall()
     return row[0][0] if row else None
 
@@ -248,7 +248,7 @@ def set_epoch_status(catalog: Catalog, *, run_id: str, epoch: int, status: str, 
 
 def next_epoch(catalog: Catalog, *, run_id: str) -> int:
     """Return the epoch to run next: an unfinished one if there is one, else the last completed + 1."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute("SELECT epoch, status FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
     for epoch, status in rows:
         if status != "completed":
@@ -258,7 +258,7 @@ def next_epoch(catalog: Catalog, *, run_id: str) -> int:
 
 def epoch_rewards(catalog: Catalog, *, run_id: str, mode: str = "train") -> list[tuple[int, float | None, int, int]]:
     """Return (epoch, mean reward, succeeded rollouts, all rollouts) per epoch of a run."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         return con.execute(
             "SELECT epoch, avg(reward) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'succeeded'), count(*) "
             "FROM rollouts WHERE run_id = ? AND mode = ? GROUP BY epoch ORDER BY epoch",

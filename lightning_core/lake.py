@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import json
+import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -27,8 +29,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
-
-import logging
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -40,7 +40,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan, Status as PbStatus
 
 from lightning_core import names, semconv
-from lightning_core.durable import fsync_dir as _fsync_dir
+from lightning_core.durable import fsync_dir, fsync_file
 
 log = logging.getLogger("arclight.lake")
 
@@ -372,6 +372,7 @@ class Lake:
         self._tables: dict[str, DeltaTable] = {}
         self._lock = threading.Lock()  # one commit at a time through this object's tables
         self._vacuumed_at: float | None = None
+        self._compacting: dict[str, DeltaTable] = {}  # the compactor's own table objects (not the writer's)
         self.location = location(self.root)
 
     def table_path(self, lane: str) -> Path:
@@ -427,7 +428,7 @@ class Lake:
         done = 0
         due = self._vacuumed_at is None or time.monotonic() - self._vacuumed_at > VACUUM_EVERY_S
         for lane, columns in LANES.items():
-            table = open_table(self.root, lane, create=False)
+            table = _current(self._compacting, lane, self.root, lane)  # kept open: a loop reads only new commits
             if table is None:
                 continue
             actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
@@ -504,8 +505,6 @@ def migrate(root: str | os.PathLike[str]) -> dict[str, int]:
             folders[file.parent].append(file)
         staging = path.with_name(f"{lane}.delta-new")
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging)
         count = 0
         DeltaTable.create(str(staging), table_schema(lane), partition_by=list(columns))
@@ -581,21 +580,25 @@ def snapshot(root: str | os.PathLike[str]) -> Snapshot:
     for lane in LANES:
         uri = where.table_uri(root, lane)
         with _cache_lock:
-            table = _cache.get(uri)
-            if table is None:
-                table = open_table(root, lane, create=False)
-                if table is not None:
-                    _cache[uri] = table
-            else:
-                try:
-                    table.update_incremental()
-                except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
-                    table = _cache.pop(uri) and open_table(root, lane, create=False)
-                    if table is not None:
-                        _cache[uri] = table
+            table = _current(_cache, uri, root, lane)
             versions[lane] = table.version() if table is not None else -1
             files[lane] = _readable_files(root, lane, table, where) if table is not None else []
     return Snapshot(versions, files)
+
+
+def _current(cache: dict[str, DeltaTable], key: str, root, lane: str) -> DeltaTable | None:
+    """The lane's table from ``cache`` brought up to date (reading only the new commits), or opened afresh."""
+    table = cache.get(key)
+    if table is not None:
+        try:
+            table.update_incremental()
+            return table
+        except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
+            del cache[key]
+    table = open_table(root, lane, create=False)
+    if table is not None:
+        cache[key] = table
+    return table
 
 
 def snapshot_at(root: str | os.PathLike[str], versions: dict[str, int] | None) -> Snapshot:
@@ -715,27 +718,13 @@ def _check_no_concurrent_compaction(table_path: Path, read: int, committed: int,
 
 def _sync_commit(table_path: Path, version: int) -> list[str]:
     """fsync the data files one commit added and its log entry (delta-rs's local store does not); return the files."""
-    log_file = table_path / "_delta_log" / f"{version:020d}.json"
-    added = []
-    with open(log_file) as fh:
-        for line in fh:
-            action = json.loads(line)
-            if "add" in action:
-                added.append(table_path / unquote(action["add"]["path"]))
+    added = [table_path / unquote(a["add"]["path"]) for a in _log_actions(table_path, version) if "add" in a]
     for path in added:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
     for folder in {p.parent for p in added}:
-        _fsync_dir(folder)
-    fd = os.open(log_file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(log_file.parent)
+        fsync_dir(folder)
+    fsync_file(table_path / "_delta_log" / f"{version:020d}.json")
+    fsync_dir(table_path / "_delta_log")
     return [str(p) for p in added]
 
 

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog, view_sql
-from lightning_core.lake import Snapshot
+from lightning_core.lake import Snapshot, span_scope_filter
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.config import ArclightConfig, PolicyConfig
 from lightning_core.silence import Silence, find_silences
@@ -216,6 +216,7 @@ def materialize_triplets(
     validate_pattern(pipeline.llm_call_match, what="pipeline.llm_call_match")
     if run_id is None and epoch is not None:
         raise PipelineError(f"production traces have no epoch: pass epoch=None with run_id=None, not {epoch}")
+    span_scope_filter(run_id, epoch)  # a run id or epoch that names no partition is refused (names.InvalidName)
 
     lake_root = Path(config.lake.path).resolve()
     report = TripletReport(run_id=run_id, epoch=epoch)

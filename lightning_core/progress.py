@@ -33,7 +33,7 @@ EXPECTED_ERRORS = _expected_errors()
 
 
 def _snapshot(catalog: Catalog, run_id: str) -> dict[str, Any]:
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         epochs = con.execute("SELECT epoch, status FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
         current = epochs[-1][0] if epochs else None
         counts = dict(con.execute(

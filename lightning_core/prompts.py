@@ -172,7 +172,7 @@ def _insert(con, *, name: str, text: str, parent: str | None, made_by: str, crit
 
 
 def _select(catalog: Catalog, where: str, params: list[Any]) -> list[PromptVersion]:
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM prompt_versions {where} ORDER BY name, number", params).fetchall()
     return [PromptVersion(*row[:-1], bool(row[-1])) for row in rows]
 

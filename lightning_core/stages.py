@@ -244,7 +244,7 @@ def serving_versions(config: ArclightConfig, stack: Stack) -> dict[str, str]:
 def summary_rows(config: ArclightConfig) -> list[dict[str, Any]]:
     """Return one row per epoch of the run: rewards, rollout outcomes, versions."""
     catalog = Catalog.from_config(config)
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute(
             """
             SELECT e.epoch, e.status, e.policy_version, e.new_version, e.tasks_sampled, e.informative_groups,
@@ -271,7 +271,7 @@ def eval_run_id(config: ArclightConfig) -> str:
 
 def eval_epoch(catalog: Catalog, *, run_id: str, label: str) -> int:
     """Return the eval epoch of ``label`` (the versions evaluated): its earlier one, or a new one."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute("SELECT epoch, policy_version FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
     for number, evaluated in rows:
         if evaluated == label:
@@ -296,7 +296,7 @@ def eval_label(config: ArclightConfig, serving: dict[str, str], *, tasks: int | 
 def record_eval(config: ArclightConfig, *, epoch: int, label: str) -> dict[str, Any]:
     """Mark an eval epoch complete, noting how many training epochs the evaluated policy had; return its result."""
     catalog = Catalog.from_config(config)
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         row = con.execute("SELECT stats FROM epochs WHERE run_id = ? AND epoch = ?", [eval_run_id(config), epoch]).fetchall()
     stats = json.loads(row[0][0]) if row and row[0][0] else {}
     if "after_epochs" not in stats:  # an evaluation reused later keeps the epoch count of its first run
@@ -310,7 +310,7 @@ def eval_curve(config: ArclightConfig) -> list[dict[str, Any]]:
     """Return the run's completed evaluations on its eval dataset, in training order: epochs trained, label,
     tasks, success, reward."""
     success = config.trainer.success_reward
-    with Catalog.from_config(config).read() as con:
+    with Catalog.from_config(config).read(spans=False) as con:
         rows = con.execute(
             """
             SELECT CAST(json_extract(e.stats, '$.after_epochs') AS BIGINT) AS after_epochs, e.policy_version AS label,
@@ -331,7 +331,7 @@ def eval_curve(config: ArclightConfig) -> list[dict[str, Any]]:
 def eval_result(config: ArclightConfig, *, epoch: int, label: str) -> dict[str, Any]:
     """Return reward and success rate of one evaluation (failed rollouts count as 0)."""
     success = config.trainer.success_reward
-    with Catalog.from_config(config).read() as con:
+    with Catalog.from_config(config).read(spans=False) as con:
         n, reward, successes, failed = con.execute(
             "SELECT count(*), avg(coalesce(reward, 0)), count(*) FILTER (WHERE reward >= ?), count(*) FILTER (WHERE status <> 'succeeded') "
             "FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = 'eval'",

@@ -19,7 +19,7 @@ def version_name(policy: str, number: int) -> str:
 
 def next_version(catalog: Catalog, *, policy: str) -> str:
     """Return the id the next version of ``policy`` gets."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         names = [r[0] for r in con.execute("SELECT version FROM policy_versions WHERE policy = ?", [policy]).fetchall()]
     numbers = [int(m.group(1)) for m in (_NUMBER.search(n) for n in names) if m]
     return version_name(policy, max(numbers, default=0) + 1)
@@ -27,7 +27,7 @@ def next_version(catalog: Catalog, *, policy: str) -> str:
 
 def latest_version(catalog: Catalog, *, policy: str) -> dict[str, Any] | None:
     """Return the newest recorded version of ``policy`` as a dict, or None."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         rows = con.execute("SELECT * FROM policy_versions WHERE policy = ?", [policy]).fetchdf().to_dict("records")
     rows = [r for r in rows if _NUMBER.search(r["version"])]
     if not rows:
@@ -39,7 +39,7 @@ def latest_version(catalog: Catalog, *, policy: str) -> dict[str, Any] | None:
 
 def version_at_path(catalog: Catalog, path: str) -> str | None:
     """Return the version whose checkpoint lives at ``path``, or None."""
-    with catalog.read() as con:
+    with catalog.read(spans=False) as con:
         row = con.execute("SELECT version FROM policy_versions WHERE path = ?", [str(path)]).fetchone()
     return row[0] if row else None
 
