@@ -126,7 +126,7 @@ def rollouts_used(catalog: Catalog, *, run_id: str) -> int:
 
 def failures(catalog: Catalog, *, run_id: str, epoch: int, success: float, limit: int) -> list[dict[str, Any]]:
     """Return the lowest-reward rollouts of an evaluation (one per task) with their last model call."""
-    with catalog.read(spans=False) as con:
+    with catalog.read() as con:  # sql/prompt_failures.sql reads the spans view
         rows = con.execute(sql_text("prompt_failures"),
                            {"run_id": run_id, "epoch": epoch, "success": success, "limit": limit}).fetchall()
     out = []
