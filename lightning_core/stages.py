@@ -192,7 +192,7 @@ class Redeployed:
 
 def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does)."""
-    from lightning_core.redeploy import deploy_adapter, deploy_full_weights, merge_adapter
+    from lightning_core.redeploy import deploy_adapter, deploy_full_weights, merge_adapter, prune_merged
     from lightning_core.serving import model_dir, serving_dtype
     from lightning_core.trainer.versions import latest_version
 
@@ -217,6 +217,8 @@ def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
                                             out_dir=weights.with_name(f"{weights.name}.merged"), dtype=serving_dtype(config))
                 d = deploy_full_weights(gateway=gateway, replicas=replicas, policy=policy.name, model_dir=weights,
                                         version=number, verify_prompt=config.serving.verify_prompt)
+                if latest.get("kind") != "full":
+                    prune_merged(weights, keep=config.serving.keep_versions)
             else:
                 d = deploy_adapter(gateway=gateway, replicas=replicas, policy=policy.name, adapter_dir=latest["path"],
                                    version=number, keep_versions=config.serving.keep_versions,

@@ -27,6 +27,26 @@ def test_auto_redeploy_merges_only_when_one_policy_trains_every_agent(monkeypatc
     assert redeploy_mode(load_config(None)) == "lora"
 
 
+def test_merged_weight_folders_beyond_keep_versions_are_deleted(tmp_path):
+    import os
+
+    from lightning_core.redeploy import prune_merged
+
+    policy = tmp_path / "checkpoints" / "calc"
+    for n in range(1, 6):
+        (policy / f"calc-v{n}").mkdir(parents=True)  # the adapters: never touched
+        merged = policy / f"calc-v{n}.merged"
+        merged.mkdir()
+        (merged / "model.safetensors").write_bytes(b"w")
+        os.utime(merged, (1_000_000 + n, 1_000_000 + n))
+    removed = prune_merged(policy / "calc-v5.merged", keep=2)
+    assert sorted(p.name for p in removed) == ["calc-v1.merged", "calc-v2.merged", "calc-v3.merged"]
+    assert sorted(p.name for p in policy.iterdir()) == [
+        "calc-v1", "calc-v2", "calc-v3", "calc-v4", "calc-v4.merged", "calc-v5", "calc-v5.merged"]
+    assert prune_merged(policy / "calc-v5.merged", keep=1) == [policy / "calc-v4.merged"]
+    assert (policy / "calc-v5.merged" / "model.safetensors").is_file()
+
+
 def test_version_numbers_come_from_version_ids():
     assert version_number("calc-v12") == 12
     with pytest.raises(ValueError, match="<policy>-v<N>"):
