@@ -2,13 +2,17 @@
 
     python examples/sql/make_dataset.py        # writes company.sqlite, train.jsonl, test.jsonl here
 
-The database (``company.sqlite``) has three small tables: ``departments`` (6 rows),
-``employees`` (40) and ``orders`` (120), filled from seed 7. Questions come from templates, from
-single-table counts to two-table joins; each row has the question, its gold SQL and the template
-index. Every template's questions are enumerated and a seeded quarter of them goes to the test
-split, so both splits cover every template and share no question. The agent rebuilds
-the database from the same seed when the file is missing (``ensure_database``), so only the JSONL
-files are kept in git.
+The database (``company.sqlite``) has one table, ``employees`` (48 rows: name, department, city,
+salary, age), filled from seed 7. Questions come from templates whose gold SQL is one short
+SELECT (a count, an aggregate or a lookup with one WHERE condition); each row has the question,
+its gold SQL and the template index. Every template's questions are enumerated and a seeded
+share of them goes to the test split, so both splits cover every template and share no
+question. The agent rebuilds the database from the same seed when the file is missing
+(``ensure_database``), so only the JSONL files are kept in git.
+
+One table and short queries are what a 135M model can learn here (the first version, three tables
+with joins, stayed at 6% for a base model and after training): the prompt names every column and
+its values (``SCHEMA_HINT``) and the agent shows worked examples as chat turns.
 """
 
 from __future__ import annotations
@@ -22,17 +26,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DB_SEED = 7
-SCHEMA = """\
-CREATE TABLE departments (id INTEGER PRIMARY KEY, name TEXT, city TEXT);
-CREATE TABLE employees (id INTEGER PRIMARY KEY, name TEXT, department_id INTEGER, salary INTEGER, hire_year INTEGER);
-CREATE TABLE orders (id INTEGER PRIMARY KEY, employee_id INTEGER, customer TEXT, amount INTEGER, year INTEGER);"""
-DEPARTMENTS = [("Sales", "Boston"), ("Engineering", "Austin"), ("Marketing", "Denver"),
-               ("Finance", "Chicago"), ("Support", "Austin"), ("Research", "Seattle")]
+SCHEMA = "CREATE TABLE employees (name TEXT, department TEXT, city TEXT, salary INTEGER, age INTEGER);"
+DEPARTMENTS = ["Sales", "Engineering", "Marketing", "Finance", "Support"]
+CITIES = ["Boston", "Austin", "Denver", "Chicago", "Seattle"]
 FIRST = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jon", "Kira", "Liam",
          "Maya", "Nico", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara"]
 LAST = ["Adams", "Brown", "Chen", "Diaz", "Evans", "Fischer", "Garcia", "Hall"]
-CUSTOMERS = ["Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Hooli", "Vandelay"]
-YEARS = list(range(2018, 2025))
+EMPLOYEES = 48
+SCHEMA_HINT = (
+    f"Table employees(name, department, city, salary, age).\n"
+    f"department is one of: {', '.join(DEPARTMENTS)}.\n"
+    f"city is one of: {', '.join(CITIES)}.\n"
+    "salary is yearly in dollars; age in years."
+)
 
 
 def build_database(path: Path) -> None:
@@ -42,14 +48,10 @@ def build_database(path: Path) -> None:
     tmp.unlink(missing_ok=True)
     con = sqlite3.connect(tmp)
     con.executescript(SCHEMA)
-    con.executemany("INSERT INTO departments VALUES (?, ?, ?)", [(i + 1, n, c) for i, (n, c) in enumerate(DEPARTMENTS)])
-    names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], 40)
-    employees = [(i + 1, name, rng.randint(1, len(DEPARTMENTS)), rng.randrange(40_000, 150_001, 1000), rng.choice(YEARS))
-                 for i, name in enumerate(names)]
-    con.executemany("INSERT INTO employees VALUES (?, ?, ?, ?, ?)", employees)
-    orders = [(i + 1, rng.randint(1, len(employees)), rng.choice(CUSTOMERS), rng.randrange(100, 5001, 50), rng.choice(YEARS))
-              for i in range(120)]
-    con.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?)", orders)
+    names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], EMPLOYEES)
+    rows = [(name, rng.choice(DEPARTMENTS), rng.choice(CITIES), rng.randrange(40_000, 150_001, 1000), rng.randint(22, 64))
+            for name in names]
+    con.executemany("INSERT INTO employees VALUES (?, ?, ?, ?, ?)", rows)
     con.commit()
     con.close()
     os.replace(tmp, path)
@@ -64,55 +66,54 @@ def ensure_database(path: Path = HERE / "company.sqlite") -> Path:
 
 def _employee_names(path: Path) -> list[str]:
     with sqlite3.connect(path) as con:
-        return [r[0] for r in con.execute("SELECT name FROM employees ORDER BY id")]
+        return [r[0] for r in con.execute("SELECT name FROM employees ORDER BY rowid")]
 
 
 def templates(employee_names: list[str]) -> list[tuple[str, str, list[dict]]]:
-    """The question templates, (question, gold SQL, every slot filling), from one-table counts to joins."""
-    depts = [{"d": name} for name, _ in DEPARTMENTS]
-    years = [{"y": y} for y in YEARS]
-    customers = [{"c": c} for c in CUSTOMERS]
-    join = "FROM employees JOIN departments ON employees.department_id = departments.id"
+    """The question templates: (question, gold SQL, every slot filling)."""
+    depts = [{"d": d} for d in DEPARTMENTS]
+    cities = [{"c": c} for c in CITIES]
+    people = [{"n": n} for n in employee_names[:24]]
+    aggregates = [("highest", "MAX"), ("lowest", "MIN"), ("average", "AVG"), ("total", "SUM")]
     return [
-        ("How many rows are in the {t} table?", "SELECT COUNT(*) FROM {t}",
-         [{"t": t} for t in ("employees", "departments", "orders")]),
-        ("How many employees earn {word} {s}?", "SELECT COUNT(*) FROM employees WHERE salary {op} {s}",
-         [{"word": w, "op": op, "s": s} for w, op in (("more than", ">"), ("less than", "<"))
-          for s in range(45_000, 145_001, 10_000)]),
-        ("List the names of employees hired {word} {y}.", "SELECT name FROM employees WHERE hire_year {op} {y}",
-         [{"word": w, "op": op, "y": y} for w, op in (("in", "="), ("after", ">"), ("before", "<")) for y in YEARS]),
-        ("What is the {word} salary of all employees?", "SELECT {f}(salary) FROM employees",
-         [{"word": "highest", "f": "MAX"}, {"word": "lowest", "f": "MIN"}, {"word": "average", "f": "AVG"}]),
-        ("What is the total amount of orders placed in {y}?", "SELECT SUM(amount) FROM orders WHERE year = {y}", years),
-        ("What is the total amount of orders from {c}?", "SELECT SUM(amount) FROM orders WHERE customer = '{c}'", customers),
-        ("How many orders did the customer {c} place?", "SELECT COUNT(*) FROM orders WHERE customer = '{c}'", customers),
-        ("Which customers placed an order larger than {a}?", "SELECT DISTINCT customer FROM orders WHERE amount > {a}",
-         [{"a": a} for a in range(1000, 4501, 500)]),
-        ("Which city is the {d} department in?", "SELECT city FROM departments WHERE name = '{d}'", depts),
-        ("How many employees work in the {d} department?", "SELECT COUNT(*) " + join + " WHERE departments.name = '{d}'", depts),
-        ("List the names of employees in the {d} department.",
-         "SELECT employees.name " + join + " WHERE departments.name = '{d}'", depts),
-        ("What is the total salary of the {d} department?",
-         "SELECT SUM(employees.salary) " + join + " WHERE departments.name = '{d}'", depts),
-        ("How many orders did {n} handle?",
-         "SELECT COUNT(*) FROM orders JOIN employees ON orders.employee_id = employees.id WHERE employees.name = '{n}'",
-         [{"n": n} for n in employee_names[:12]]),
+        ("How many employees work in {d}?", "SELECT COUNT(*) FROM employees WHERE department = '{d}'", depts),
+        ("How many employees live in {c}?", "SELECT COUNT(*) FROM employees WHERE city = '{c}'", cities),
+        ("What is the {word} salary in {d}?", "SELECT {f}(salary) FROM employees WHERE department = '{d}'",
+         [{"word": w, "f": f, **d} for w, f in aggregates for d in depts]),
+        ("What is the {word} age of employees in {c}?", "SELECT {f}(age) FROM employees WHERE city = '{c}'",
+         [{"word": w, "f": f, **c} for w, f in aggregates[:3] for c in cities]),
+        ("How many employees earn more than {s}?", "SELECT COUNT(*) FROM employees WHERE salary > {s}",
+         [{"s": s} for s in range(50_000, 140_001, 5_000)]),
+        ("How many employees are older than {a}?", "SELECT COUNT(*) FROM employees WHERE age > {a}",
+         [{"a": a} for a in range(25, 61, 2)]),
+        ("How many employees earn less than {s}?", "SELECT COUNT(*) FROM employees WHERE salary < {s}",
+         [{"s": s} for s in range(52_500, 142_501, 5_000)]),
+        ("How many employees are younger than {a}?", "SELECT COUNT(*) FROM employees WHERE age < {a}",
+         [{"a": a} for a in range(26, 62, 2)]),
+        ("What is the salary of {n}?", "SELECT salary FROM employees WHERE name = '{n}'", people),
+        ("How old is {n}?", "SELECT age FROM employees WHERE name = '{n}'", people),
+        ("Which department does {n} work in?", "SELECT department FROM employees WHERE name = '{n}'", people),
+        ("Which city does {n} live in?", "SELECT city FROM employees WHERE name = '{n}'", people),
+        ("List the names of employees in {c}.", "SELECT name FROM employees WHERE city = '{c}'", cities),
+        ("List the names of employees in {d}.", "SELECT name FROM employees WHERE department = '{d}'", depts),
     ]
 
 
-def splits(db: Path, *, seed: int, test_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Split every template's questions (seeded shuffle): ``test_fraction`` of each to test, the rest to train.
+def splits(db: Path, *, seed: int, test_fraction: float, test_per_template: int) -> tuple[list[dict], list[dict]]:
+    """Split every template's questions (seeded shuffle): ``test_fraction`` of each, at most
+    ``test_per_template``, to test, the rest to train, so no template dominates the held-out score.
 
-    Questions whose gold query returns no rows are left out: any empty answer would match them.
+    Questions whose gold query returns no rows (or a zero count) are left out: any empty answer
+    would match them.
     """
     rng = random.Random(seed)
     train, test = [], []
     con = sqlite3.connect(db)
     for index, (text, sql, fillings) in enumerate(templates(_employee_names(db))):
         rows = [{"question": text.format(**f), "gold_sql": sql.format(**f), "template": index} for f in fillings]
-        rows = [r for r in rows if con.execute(r["gold_sql"]).fetchall() not in ([], [(None,)])]
+        rows = [r for r in rows if con.execute(r["gold_sql"]).fetchall() not in ([], [(None,)], [(0,)])]
         rng.shuffle(rows)
-        cut = round(len(rows) * test_fraction)
+        cut = min(round(len(rows) * test_fraction), test_per_template)
         test += rows[:cut]
         train += rows[cut:]
     rng.shuffle(train)
@@ -123,13 +124,14 @@ def splits(db: Path, *, seed: int, test_fraction: float) -> tuple[list[dict], li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test-fraction", type=float, default=0.25)
+    parser.add_argument("--test-fraction", type=float, default=0.4)
+    parser.add_argument("--test-per-template", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     db = args.out / "company.sqlite"
     build_database(db)
-    train, test = splits(db, seed=args.seed, test_fraction=args.test_fraction)
+    train, test = splits(db, seed=args.seed, test_fraction=args.test_fraction, test_per_template=args.test_per_template)
     for name, rows, prefix in (("train.jsonl", train, "train"), ("test.jsonl", test, "test")):
         with open(args.out / name, "w") as fh:
             for i, row in enumerate(rows):

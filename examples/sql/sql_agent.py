@@ -27,24 +27,32 @@ import sqlite3
 import time
 from pathlib import Path
 
-from make_dataset import SCHEMA, ensure_database
+from make_dataset import SCHEMA_HINT, ensure_database
 
 from lightning_core import tracing
 
-WRITER_SYSTEM = f"You write SQLite queries for this database:\n{SCHEMA}\nAnswer with one SQL query only."
+WRITER_SYSTEM = f"You write SQLite queries.\n{SCHEMA_HINT}\nAnswer with one SQL query only."
 WRITER_EXAMPLE = [
-    {"role": "user", "content": "What is the lowest order amount?"},
-    {"role": "assistant", "content": "SELECT MIN(amount) FROM orders;"},
+    {"role": "user", "content": "How many employees work in Finance?"},
+    {"role": "assistant", "content": "SELECT COUNT(*) FROM employees WHERE department = 'Finance';"},
+    {"role": "user", "content": "What is the salary of Omar Hall?"},
+    {"role": "assistant", "content": "SELECT salary FROM employees WHERE name = 'Omar Hall';"},
 ]
 CHECKER_SYSTEM = (
-    f"You check SQLite queries for this database:\n{SCHEMA}\n"
+    f"You check SQLite queries.\n{SCHEMA_HINT}\n"
     "Given a question, a query and its result, answer OK if the query answers the question. "
     "Otherwise say in one sentence what is wrong."
 )
 REWRITER_SYSTEM = (
-    f"You fix SQLite queries for this database:\n{SCHEMA}\n"
+    f"You fix SQLite queries.\n{SCHEMA_HINT}\n"
     "Given a question, a query, its result and a critique, answer with the corrected SQL query only."
 )
+REWRITER_EXAMPLE = [
+    {"role": "user", "content": "Question: What is the average age of employees in Austin?\n"
+                                "Query: SELECT AVG(age) FROM employees WHERE department = 'Austin';\n"
+                                "Result: 1 rows: None\nCritique: Austin is a city, not a department."},
+    {"role": "assistant", "content": "SELECT AVG(age) FROM employees WHERE city = 'Austin';"},
+]
 SELECT = re.compile(r"(?is)\b(select\b.*?)(;|```|\n\n|$)")
 MAX_ROWS = 200
 
@@ -111,7 +119,7 @@ def run(task: dict, ctx) -> float:
         except sqlite3.Error as exc:
             error = str(exc)
         result = _show(rows, error)
-        critique = _ask(client, model=r["checker_model"], max_tokens=int(r.get("checker_max_tokens", 40)),
+        critique = _ask(client, model=r.get("checker_model", ctx.model), max_tokens=int(r.get("checker_max_tokens", 40)),
                         temperature=float(r.get("checker_temperature", 0.0)),
                         messages=[{"role": "system", "content": CHECKER_SYSTEM},
                                   {"role": "user", "content": f"Question: {question}\nQuery: {draft}\nResult: {result}"}])
