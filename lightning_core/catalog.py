@@ -25,7 +25,7 @@ from lightning_core.lake import snapshot as lake_snapshot
 
 STORAGE_VERSION = "v1.5.0"
 
-STATE_TABLE_NAMES = ("runs", "epochs", "rollouts", "policy_versions", "prompt_versions")
+STATE_TABLE_NAMES = ("runs", "epochs", "rollouts", "policy_versions", "prompt_versions", "agent_epochs")
 STATE_TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      VARCHAR PRIMARY KEY,
@@ -98,6 +98,19 @@ CREATE TABLE IF NOT EXISTS prompt_versions (
     created_at      TIMESTAMPTZ DEFAULT current_timestamp
 );
 ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS prompt_versions JSON;   -- name -> version the rollout ran with
+-- Per-agent reporting (issue 18): one row per (run, epoch, agent) of the training rollouts, replaced
+-- whenever the epoch's triplets are made (sql/agent_epochs.sql plus the config's agent selection).
+CREATE TABLE IF NOT EXISTS agent_epochs (
+    run_id        VARCHAR,
+    epoch         BIGINT,
+    agent_name    VARCHAR,              -- NULL: calls owned by no agent span
+    policy        VARCHAR,              -- the policies that train it (comma-separated); NULL = frozen
+    calls         BIGINT,               -- model calls outside reward functions
+    rollouts      BIGINT,               -- rollouts it took part in
+    triplets      BIGINT,               -- of its calls, those that became training samples
+    reward_mean   DOUBLE,               -- mean final reward of those rollouts
+    success_rate  DOUBLE                -- share of those rollouts with reward >= trainer.success_reward
+);
 """
 
 

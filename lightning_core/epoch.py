@@ -155,6 +155,27 @@ def record_sampling(catalog: Catalog, *, run_id: str, epoch: int, informative_gr
     return counts
 
 
+AGENT_EPOCH_COLUMNS = ("epoch", "agent_name", "policy", "calls", "rollouts", "triplets", "reward_mean", "success_rate")
+
+
+def record_agent_epochs(catalog: Catalog, *, run_id: str, epoch: int, rows: list[Any]) -> None:
+    """Replace the epoch's per-agent rows (``pipeline.AgentEpoch``s) in ``agent_epochs``."""
+    with catalog.write() as con:
+        con.execute("DELETE FROM agent_epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch])
+        if rows:
+            con.executemany(
+                f"INSERT INTO agent_epochs (run_id, {', '.join(AGENT_EPOCH_COLUMNS)}) VALUES (?, {', '.join('?' * len(AGENT_EPOCH_COLUMNS))})",
+                [(run_id, *(getattr(r, c) for c in AGENT_EPOCH_COLUMNS)) for r in rows if r.epoch == epoch])
+
+
+def agent_epochs(catalog: Catalog, *, run_id: str) -> list[dict[str, Any]]:
+    """Return the run's per-agent rows, by epoch then agent (agentless calls last)."""
+    with catalog.read(spans=False) as con:
+        cursor = con.execute(f"SELECT {', '.join(AGENT_EPOCH_COLUMNS)} FROM agent_epochs WHERE run_id = ? "
+                             "ORDER BY epoch, agent_name NULLS LAST", [run_id])
+        return [dict(zip(AGENT_EPOCH_COLUMNS, row)) for row in cursor.fetchall()]
+
+
 def sampling_counts(catalog: Catalog, *, run_id: str, epoch: int) -> dict[str, int]:
     """Return the epoch's recorded sampling counts ({} before its triplets were made)."""
     with catalog.read(spans=False) as con:

@@ -78,6 +78,20 @@ class PolicyReport:
 
 
 @dataclass
+class AgentEpoch:
+    """One agent in one epoch: its calls, the rollouts it took part in and how they ended, who trains it."""
+
+    epoch: int | None
+    agent_name: str | None
+    policy: str | None  # the policies whose agent_match selects it (comma-separated); None = frozen: its calls train nothing
+    calls: int
+    rollouts: int
+    triplets: int
+    reward_mean: float | None
+    success_rate: float | None
+
+
+@dataclass
 class TripletReport:
     """Counts of one pipeline run over a (run, epoch) or the production traces."""
 
@@ -94,6 +108,7 @@ class TripletReport:
     agents: dict[str, int] = field(default_factory=dict)
     silences: list[Silence] = field(default_factory=list)  # rollouts whose spans gave no call, or no reward
     policies: list[PolicyReport] = field(default_factory=list)
+    agent_epochs: list[AgentEpoch] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     span_versions: dict[str, int] = field(default_factory=dict)  # the span tables' versions it read (analyst.connect(at_version=...))
@@ -262,6 +277,7 @@ def materialize_triplets(
                 report.policies.append(policy_report)
                 report.stage_seconds[f"policy:{p.name}"] = round(time.perf_counter() - tick, 3)
                 collected.append(table)
+            report.agent_epochs = _agent_epochs(con, config, policies, collected)
             tick = time.perf_counter()
             for done in pending:
                 done.result()  # a failed write fails the run
@@ -341,6 +357,26 @@ def _count_shared(con, report: TripletReport) -> None:
     report.rollouts = con.execute("SELECT count(*) FROM rollout_summary").fetchall()[0][0]
     report.agents = dict(con.execute(
         "SELECT coalesce(agent_name, '<none>'), count(*) FROM calls WHERE NOT in_reward GROUP BY 1 ORDER BY 1").fetchall())
+
+
+def _agent_epochs(con, config: ArclightConfig, policies: list[PolicyConfig], triplet_tables: list[pa.Table]) -> list[AgentEpoch]:
+    """Per (epoch, agent): calls, rollouts, their reward and success, and which policy trains it (sql/agent_epochs.sql)."""
+    triplets: dict[tuple, int] = {}
+    for table in triplet_tables:
+        for row in table.group_by(["epoch", "agent_name"]).aggregate([([], "count_all")]).to_pylist():
+            key = (row["epoch"], row["agent_name"])
+            triplets[key] = triplets.get(key, 0) + row["count_all"]
+    rows = run_stage(con, "agent_epochs", params={"success_reward": config.trainer.success_reward}).fetchall()
+    result = []
+    for epoch, agent, calls, rollouts, reward_mean, success_rate in rows:
+        # as sql/credit.sql selects calls: no agent_match takes every call, an agentless one included
+        trained_by = [p.name for p in policies
+                      if p.agent_match is None or (agent is not None and re.search(p.agent_match, agent))]
+        result.append(AgentEpoch(epoch=epoch, agent_name=agent, policy=",".join(trained_by) or None, calls=calls,
+                                 rollouts=rollouts,
+                                 triplets=triplets.get((epoch, agent), 0), reward_mean=reward_mean,
+                                 success_rate=success_rate))
+    return result
 
 
 def _count_policy(con, table: pa.Table, report: PolicyReport) -> None:

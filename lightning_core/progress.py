@@ -124,12 +124,42 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
     if curve:
         points = " -> ".join(f"{c['success_rate']:.0%} ({c['label']}, {c['after_epochs']} epochs)" for c in curve)
         console.print(f"held-out success ({curve[-1]['tasks']} tasks, greedy): {points}")
+    _print_agents(config, console=console)
     lake = config.lake.path
     _print_silences(config, console=console)
     console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
     console.print(f"lake:    {lake}\ncatalog: {config.lake.catalog_path}")
     console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
+
+
+def _print_agents(config: ArclightConfig, *, console: Console) -> None:
+    """Print which agents were trained (by which policy) and which stayed frozen, with their first/last epoch."""
+    from lightning_core.catalog import Catalog
+    from lightning_core.epoch import agent_epochs
+
+    rows = agent_epochs(Catalog.from_config(config), run_id=config.run_name)
+    if not rows:
+        return
+    table = Table(title="agents (training rollouts; reward and success of the rollouts each took part in)")
+    for column in ("agent", "trained by", "epochs", "calls", "triplets", "reward first -> last", "success first -> last"):
+        table.add_column(column)
+
+    def span(first: float | None, last: float | None, fmt: str) -> str:
+        return "" if first is None or last is None else f"{format(first, fmt)} -> {format(last, fmt)}"
+
+    for agent in dict.fromkeys(r["agent_name"] for r in rows):
+        mine = [r for r in rows if r["agent_name"] == agent]
+        first, last = mine[0], mine[-1]
+        policy = last["policy"]
+        table.add_row(agent or "(no agent)", policy or "frozen (its calls train nothing)", str(len(mine)),
+                      str(sum(r["calls"] for r in mine)), str(sum(r["triplets"] for r in mine)),
+                      span(first["reward_mean"], last["reward_mean"], ".3f"),
+                      span(first["success_rate"], last["success_rate"], ".0%"))
+    console.print(table)
+    trained = sorted({r["agent_name"] or "(no agent)" for r in rows if r["policy"]})
+    frozen = sorted({r["agent_name"] or "(no agent)" for r in rows if not r["policy"]})
+    console.print(f"trained: {', '.join(trained) or '-'}   frozen: {', '.join(frozen) or '-'}")
 
 
 def _print_silences(config: ArclightConfig, *, console: Console) -> None:

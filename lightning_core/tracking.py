@@ -3,8 +3,10 @@
 Per-step metrics (``loss``, ``kl``, ``clip_ratio``, ``entropy``, ``grad_norm``, ``tokens_per_s``)
 use the global optimizer step; per-epoch metrics (``reward/mean``, ``reward/std``,
 ``success_rate``, ``triplets``, ``zero_adv_groups``) use the epoch as step, so the MLflow UI draws
-the reward curve. Each epoch adds a reward-curve plot, a table of sample trajectories and the
-checkpoint; each new version is registered as ``<project>-<policy>`` with an alias.
+the reward curve; so do the per-agent metrics ``agent/<name>/{calls,triplets,reward_mean,success_rate}``
+(every agent, frozen ones too, logged to every policy's run). Each epoch adds a reward-curve plot, a
+per-agent plot (``plots/agents.png``), a table of sample trajectories and the checkpoint; each new
+version is registered as ``<project>-<policy>`` with an alias.
 """
 
 from __future__ import annotations
@@ -138,6 +140,55 @@ def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[st
                 log_metrics({"eval/success_rate": latest["success_rate"], "eval/reward_mean": latest["reward_mean"]},
                             step=step)
             mlflow.log_figure(fig, "plots/eval_curve.png")
+    plt.close(fig)
+
+
+def agent_metric_name(agent: str | None, metric: str) -> str:
+    """``agent/<name>/<metric>``, the name cut to the characters MLflow accepts in a metric key."""
+    import re
+
+    name = re.sub(r"[^\w\-. ]", "_", agent) if agent is not None else "(no agent)"
+    return f"agent/{name}/{metric}"
+
+
+def log_agent_epochs(config, rows: list[dict[str, Any]], *, epoch: int) -> None:
+    """Log the per-agent metrics of ``epoch`` (``agent/<name>/{calls,triplets,reward_mean,success_rate}``,
+    step = epoch) and a plot of every agent across the run's epochs, frozen agents dashed, to every
+    policy's MLflow run. ``rows`` are the run's ``agent_epochs`` rows (``epoch.agent_epochs``)."""
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = list(dict.fromkeys(r["agent_name"] for r in rows))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True)
+    for agent in agents:
+        mine = [r for r in rows if r["agent_name"] == agent]
+        policy = mine[-1]["policy"]
+        label = f"{agent or '(no agent)'} ({'trained: ' + policy if policy else 'frozen'})"
+        style = "-" if policy else "--"
+        epochs = [r["epoch"] for r in mine]
+        top.plot(epochs, [r["success_rate"] for r in mine], style, marker="o", label=label)
+        bottom.plot(epochs, [r["triplets"] for r in mine], style, marker=".", label=label)
+    top.set_ylabel("success of its rollouts")
+    top.set_ylim(-0.02, 1.02)
+    top.set_title("Per agent: success and training samples per epoch")
+    top.grid(alpha=0.3)
+    top.legend(fontsize="small", loc="best")
+    bottom.set_ylabel("triplets")
+    bottom.set_xlabel("epoch")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    current = [r for r in rows if r["epoch"] == epoch]
+    for policy in config.policies:
+        with start_run(config, run_id=config.run_name, policy=policy.name, params={}) as run:
+            logged = MlflowClient().get_metric_history(run.info.run_id, agent_metric_name(current[0]["agent_name"], "calls")) if current else []
+            if all(m.step != epoch for m in logged):  # a resumed epoch publishes its report again
+                log_metrics({agent_metric_name(r["agent_name"], k): r[k] for r in current
+                             for k in ("calls", "triplets", "reward_mean", "success_rate") if r[k] is not None}, step=epoch)
+            mlflow.log_figure(fig, "plots/agents.png")
     plt.close(fig)
 
 

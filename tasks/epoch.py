@@ -76,11 +76,16 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
         for p in report.policies
     ]
     create_table_artifact(rows, key=artifact_key(run_id, "triplets", epoch), description=f"Triplets of epoch {epoch}")
+    agents = [{**vars(a), "policy": a.policy or "frozen"} for a in report.agent_epochs]
+    ep.record_agent_epochs(Catalog.from_config(config), run_id=run_id, epoch=epoch, rows=report.agent_epochs)
+    create_table_artifact(agents, key=artifact_key(run_id, "agents", epoch),
+                          description=f"Agents of epoch {epoch}: calls, triplets, reward and success of their rollouts")
     silences = [s.message(missing_reward=config.pipeline.missing_reward) for s in report.silences]
     for message in silences:  # rollouts whose spans gave no call or no reward: loud, in the flow's log
         get_run_logger().warning(message)
     return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds,
-            "silences": silences, "informative_groups": report.informative_groups, "span_versions": report.span_versions}
+            "silences": silences, "informative_groups": report.informative_groups, "span_versions": report.span_versions,
+            "agents": agents}
 
 
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)
@@ -120,6 +125,19 @@ def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> 
         reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
         lines.append(f"| {r['epoch']} | {reward} {_bar(r['reward_mean'])} | {r['succeeded']} | {r['failed']} | "
                      f"{r['timed_out']} | {r['policy_version'] or ''} | {r['new_version'] or ''} |")
+    agents = ep.agent_epochs(Catalog.from_config(config), run_id=run_id)
+    current = [a for a in agents if a["epoch"] == epoch]
+    if current:
+        lines += ["", f"Agents in epoch {epoch}:", "", "| agent | trained by | calls | triplets | reward of its rollouts | success |",
+                  "|---|---|---|---|---|---|"]
+        for a in current:
+            reward = "" if a["reward_mean"] is None else f"{a['reward_mean']:.3f}"
+            success = "" if a["success_rate"] is None else f"{a['success_rate']:.0%}"
+            lines.append(f"| {a['agent_name'] or '(no agent)'} | {a['policy'] or 'frozen'} | {a['calls']} | {a['triplets']} "
+                         f"| {reward} | {success} |")
+    from lightning_core import tracking
+
+    tracking.log_agent_epochs(config, agents, epoch=epoch)
     lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · catalog: `{config.lake.catalog_path}`"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(run_id, "report"), description="Reward per epoch")
 

@@ -12,9 +12,13 @@ import json
 from pathlib import Path
 
 import httpx
+import mlflow
 import pytest
+from rich.console import Console
 
+from lightning_core import epoch as ep
 from lightning_core.catalog import Catalog
+from lightning_core.progress import print_summary
 from lightning_core.pipeline import load_triplets
 from lightning_core.services import free_port
 from lightning_core.config import load_config
@@ -121,6 +125,35 @@ def test_sql_selective_run_trains_writer_and_rewriter_while_the_checker_stays_on
     for agent, model, version in _calls(cfg, run, 1):
         served.setdefault(agent, set()).add((model, version))
     assert served == {"writer": {("sql-v1", "1")}, "rewriter": {("sql-v1", "1")}, "checker": {("tiny", "0")}}
+
+    # per-agent reporting: the catalog, the MLflow run (metrics and plot) and the train summary
+    agents = {(a["epoch"], a["agent_name"]): a for a in ep.agent_epochs(Catalog.from_config(cfg), run_id=run)}
+    assert sorted(agents) == [(e, a) for e in (0, 1) for a in ("checker", "rewriter", "writer")]
+    for e in (0, 1):
+        assert (agents[e, "checker"]["policy"], agents[e, "checker"]["calls"], agents[e, "checker"]["triplets"]) == (None, 6, 0)
+        for trained in ("writer", "rewriter"):
+            assert (agents[e, trained]["policy"], agents[e, trained]["triplets"], agents[e, trained]["rollouts"]) == ("sql", 6, 6)
+        rewards = [r for (r,) in _rollout_rewards(cfg, run, e)]
+        assert agents[e, "writer"]["reward_mean"] == pytest.approx(sum(rewards) / len(rewards))
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
+    mlflow_run = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                    filter_string=f"tags.`arclight.run_id` = '{run}'")[0]
+    for agent in ("checker", "writer", "rewriter"):
+        history = client.get_metric_history(mlflow_run.info.run_id, f"agent/{agent}/triplets")
+        assert [(m.step, m.value) for m in history] == [(e, agents[e, agent]["triplets"]) for e in (0, 1)]
+    assert "plots/agents.png" in {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "plots")}
+    console = Console(record=True, width=220)
+    print_summary(cfg, console=console)
+    text = console.export_text()
+    assert "trained: rewriter, writer   frozen: checker" in text
+    assert any([c.strip() for c in line.split("│")[1:3]] == ["checker", "frozen (its calls train nothing)"]
+               for line in text.splitlines()), text
+
+
+def _rollout_rewards(cfg, run: str, epoch: int) -> list[tuple[float]]:
+    with Catalog.from_config(cfg).read(spans=False) as con:
+        return con.execute("SELECT reward FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = 'train' "
+                           "AND status = 'succeeded'", [run, epoch]).fetchall()
 
 
 def test_sql_two_policies_serve_two_adapters_and_each_agent_calls_its_own(

@@ -68,6 +68,40 @@ def test_rewards_of_an_unselected_critic_still_count(tmp_path):
     assert actor[0]["agent_name"] == "planner" and actor[0]["reward"] == 0.5 and actor[0]["policy"] == "actor"
 
 
+def test_per_agent_report_counts_each_rollout_once_per_agent_and_names_frozen_agents(tmp_path):
+    from lightning_core import epoch as ep
+
+    cfg = make_config(tmp_path, "policies=[{name: sql, agent_match: 'writer|rewriter'}]", "trainer.success_reward=1.0")
+    rollouts = []
+    for i, reward in enumerate((1.0, 0.0, 0.25)):
+        r = Rollout(f"ro{i}", task_id="t")
+        root = r.span("rollout", 0, 1000)
+        writer = r.agent("writer", 0, 100, parent=root)
+        r.call(1, 10, parent=writer)
+        r.call(11, 20, parent=writer)  # two calls: the rollout still counts once for the writer
+        r.call(31, 40, parent=r.agent("checker", 30, 50, parent=root))
+        if i != 0:  # the rewriter runs only when the checker objected
+            r.call(61, 70, parent=r.agent("rewriter", 60, 80, parent=root))
+        r.reward(reward, 995, parent=root)
+        rollouts.append(r)
+    write(cfg.lake.path, rollouts)
+    report = materialize_triplets(cfg, run_id="r1", epoch=0)
+    got = {a.agent_name: (a.policy, a.calls, a.rollouts, a.triplets, round(a.reward_mean, 4), round(a.success_rate, 4))
+           for a in report.agent_epochs}
+    assert got == {
+        "writer": ("sql", 6, 3, 6, round(1.25 / 3, 4), round(1 / 3, 4)),
+        "checker": (None, 3, 3, 0, round(1.25 / 3, 4), round(1 / 3, 4)),  # frozen: its calls are no triplets
+        "rewriter": ("sql", 2, 2, 2, 0.125, 0.0),
+    }
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    ep.record_agent_epochs(catalog, run_id="r1", epoch=0, rows=report.agent_epochs)
+    ep.record_agent_epochs(catalog, run_id="r1", epoch=0, rows=report.agent_epochs)  # a re-run replaces, never adds
+    stored = ep.agent_epochs(catalog, run_id="r1")
+    assert [(r["agent_name"], r["policy"], r["triplets"]) for r in stored] == [
+        ("checker", None, 0), ("rewriter", "sql", 2), ("writer", "sql", 6)]
+
+
 def test_cli_triplets_on_production_spans_fills_the_views(tmp_path):
     cfg = make_config(tmp_path)
     prod = Rollout(None)  # production: no run, no rollout id; grouped by trace
