@@ -336,7 +336,7 @@ def serve(
     """Start the vLLM replicas (or attach to serving.urls) and the gateway; stop both on Ctrl-C."""
     import time
 
-    from lightning_core.serving import start_gateway, start_vllm_replicas
+    from lightning_core.serving import start_gateway, start_vllm_replicas, upstream_specs
     from lightning_core.services import ServiceError
 
     cfg = load(config, overrides)
@@ -346,7 +346,7 @@ def serve(
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     try:
-        gw = start_gateway(cfg, upstreams=[r.url for r in replicas])
+        gw = start_gateway(cfg, upstreams=upstream_specs(replicas))
         console.print(escape(f"serving: gateway {gw.url}/v1 -> {', '.join(r.url for r in replicas)} (Ctrl-C stops)"))
         while all(s.alive() for s in [gw, *replicas]):
             time.sleep(2)

@@ -221,7 +221,14 @@ class Router:
     def __init__(self, *, upstreams: list[str], base_model: str, policies: list[str], state: GatewayState | None = None):
         if not upstreams:
             raise ValueError("the gateway needs at least one vLLM upstream URL")
-        self.upstreams = [u.rstrip("/").removesuffix("/v1") for u in upstreams]
+        # "NAME=URL" puts a replica in the group of the policy (or the base model) NAME: that target's calls go
+        # only to its group (merged weights per policy, base weights for frozen agents); plain URLs serve the rest
+        self.groups: dict[str | None, list[str]] = {}
+        for spec in upstreams:
+            group, url = spec.split("=", 1) if "=" in spec.split("://", 1)[0] else (None, spec)
+            self.groups.setdefault(group, []).append(url.rstrip("/").removesuffix("/v1"))
+        self.upstreams = [u for urls in self.groups.values() for u in urls]
+        self.default_upstreams = self.groups.get(None) or self.upstreams
         self.base_model = base_model
         self.state = state or GatewayState()
         with self.state.policy_update() as table:
@@ -231,7 +238,8 @@ class Router:
         self.default_policy = (policies or ["default"])[0]
         self._resources: dict[str, tuple[str, RolloutInfo, Resource]] = {}
         self._down: dict[str, float] = {}
-        self._round_robin = itertools.cycle(self.upstreams)
+        self._round_robin = itertools.cycle(self.default_upstreams)
+        self._calls = itertools.count()
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.production_resource = Resource.create({semconv.SERVICE_NAME: SERVICE_NAME, semconv.SERVICE_INSTANCE_ID: self.instance})
 
@@ -240,10 +248,28 @@ class Router:
         if self.state.changed():
             self.policies = self.state.load_policies()
 
-    def replicas_for(self, rollout_id: str) -> list[str]:
-        """The rollout's replicas in preference order: highest ``blake2b(replica, rollout id)`` first."""
-        return sorted(self.upstreams, reverse=True,
+    def replicas_for(self, rollout_id: str, upstreams: list[str] | None = None) -> list[str]:
+        """The rollout's replicas (of ``upstreams``, default the ungrouped ones) in preference order: highest
+        ``blake2b(replica, rollout id)`` first."""
+        return sorted(upstreams or self.default_upstreams, reverse=True,
                       key=lambda u: hashlib.blake2b(f"{u}\0{rollout_id}".encode(), digest_size=8).digest())
+
+    def group_upstreams(self, name: str | None) -> list[str]:
+        """The replicas that serve policy (or base model) ``name``: its group, else the ungrouped ones."""
+        return self.groups.get(name) or self.default_upstreams if name is not None else self.default_upstreams
+
+    def _in_group(self, target: "Target", rollout: RolloutInfo | None) -> "Target":
+        """``target`` sent to the replicas of its policy's group (the base model's for a call of the base model)."""
+        group = target.policy if target.policy is not None else self.base_model
+        if group not in self.groups:
+            return target
+        urls = self.groups[group]
+        if rollout is not None:
+            replicas = self.live(self.replicas_for(rollout.rollout_id, urls))
+        else:  # production traffic: round robin over the group
+            first = next(self._calls) % len(urls)
+            replicas = self.live(urls[first:] + urls[:first])
+        return Target(target.served_model, target.policy, target.version, replicas[0], replicas)
 
     def live(self, candidates: list[str]) -> list[str]:
         """``candidates`` with the replicas marked down moved to the end (they are still tried last)."""
@@ -300,17 +326,17 @@ class Router:
             replicas = self.live([first, *(u for u in self.upstreams if u != first)])
         if isinstance(requested, str):
             if requested == self.base_model:
-                return Target(self.base_model, None, 0, replicas[0], replicas)
+                return self._in_group(Target(self.base_model, None, 0, replicas[0], replicas), rollout)
             for state in self.policies.values():
                 if requested == state.served_model:
-                    return Target(requested, state.name, state.version, replicas[0], replicas)
+                    return self._in_group(Target(requested, state.name, state.version, replicas[0], replicas), rollout)
                 for model, version in state.history:
                     if requested == model:
-                        return Target(requested, state.name, version, replicas[0], replicas)
+                        return self._in_group(Target(requested, state.name, version, replicas[0], replicas), rollout)
         name = (rollout.policy if rollout is not None and rollout.policy else None) \
             or (requested if requested in self.policies else self.default_policy)
         state = self.policies[name]
-        return Target(state.served_model or self.base_model, name, state.version, replicas[0], replicas)
+        return self._in_group(Target(state.served_model or self.base_model, name, state.version, replicas[0], replicas), rollout)
 
     def switch(self, policy: str, update: PolicySwitch, *, keep: int) -> PolicyState:
         """Make ``update`` the policy's current version; the old one becomes the first rollback."""
@@ -701,6 +727,7 @@ class Gateway:
             return error_response(exc)
         router = self.router
         return JSONResponse({"base_model": router.base_model, "upstreams": router.upstreams,
+                             "groups": {name: urls for name, urls in router.groups.items() if name is not None},
                              "policies": {n: s.as_dict() for n, s in router.policies.items()}})
 
     async def switch_policy(self, request: Request) -> Response:
@@ -709,7 +736,7 @@ class Gateway:
         try:
             self.authorize_admin(request)
             update = PolicySwitch.model_validate(await self.read_json(request))
-            await self.check_loaded(update.served_model)
+            await self.check_loaded(update.served_model, replicas=self.router.group_upstreams(name))
             policy = self.router.switch(name, update, keep=self.keep_versions)
         except ValidationError as exc:
             return error_response(GatewayError(422, f"policy switch is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"))
@@ -730,9 +757,9 @@ class Gateway:
         self.metrics.policy_version.labels(name).set(policy.version)
         return JSONResponse(policy.as_dict())
 
-    async def check_loaded(self, served_model: str) -> None:
-        """Refuse to switch to a model that some replica does not serve."""
-        for replica in self.router.upstreams:
+    async def check_loaded(self, served_model: str, *, replicas: list[str]) -> None:
+        """Refuse to switch to a model that some of the policy's replicas does not serve."""
+        for replica in replicas:
             status, content = await self.get_upstream(replica, "/v1/models")
             try:
                 listed = orjson.loads(content) if status == 200 else None

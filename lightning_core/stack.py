@@ -75,16 +75,17 @@ def _attach_recorded(config: ArclightConfig, name: str) -> Service | None:
 
 def start_stack(config: ArclightConfig, *, with_model: bool = True, log_dir: Path | None = None) -> Stack:
     """Attach to running services or start them; on failure stop whatever this call started."""
-    from lightning_core.serving import start_gateway, start_vllm_replicas
+    from lightning_core.serving import start_gateway, start_vllm_replicas, upstream_specs
 
     stack = Stack(collector=_attach_recorded(config, "collector") or start_collector(config, log_dir=log_dir))
     try:
         check_collector_lake(config, stack.collector)
         if with_model:
-            recorded = [s for s in (_attach_recorded(config, f"vllm{i}") for i in range(16)) if s is not None]
+            names = [name for name in _recorded(config) if name.startswith("vllm")]  # vllm0, vllm0@<group>, ...
+            recorded = [s for s in (_attach_recorded(config, name) for name in names) if s is not None]
             stack.replicas = recorded or start_vllm_replicas(config, log_dir=log_dir)
             stack.gateway = _attach_recorded(config, "gateway") or start_gateway(
-                config, upstreams=[r.url for r in stack.replicas], collector_url=stack.collector.url, log_dir=log_dir
+                config, upstreams=upstream_specs(stack.replicas), collector_url=stack.collector.url, log_dir=log_dir
             )
     except BaseException:
         stack.stop()

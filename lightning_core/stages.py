@@ -193,7 +193,7 @@ class Redeployed:
 def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does)."""
     from lightning_core.redeploy import deploy_adapter, deploy_full_weights, merge_adapter, prune_merged
-    from lightning_core.serving import model_dir, serving_dtype
+    from lightning_core.serving import model_dir, replica_group, serving_dtype
     from lightning_core.trainer.versions import latest_version
 
     catalog = Catalog.from_config(config)
@@ -215,7 +215,9 @@ def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
                 if latest.get("kind") != "full":
                     weights = merge_adapter(base_model_dir=model_dir(config), adapter_dir=weights,
                                             out_dir=weights.with_name(f"{weights.name}.merged"), dtype=serving_dtype(config))
-                d = deploy_full_weights(gateway=gateway, replicas=replicas, policy=policy.name, model_dir=weights,
+                # grouped replicas (a frozen agent, several policies): only the policy's own get its weights
+                own = [r.url for r in stack.replicas if replica_group(r) == policy.name] or replicas
+                d = deploy_full_weights(gateway=gateway, replicas=own, policy=policy.name, model_dir=weights,
                                         version=number, verify_prompt=config.serving.verify_prompt)
                 if latest.get("kind") != "full":
                     prune_merged(weights, keep=config.serving.keep_versions)

@@ -56,8 +56,9 @@ def _overrides(tmp: Path, *, run: str, agent_path: Path, dataset: str, vllm_serv
         "run_name": run,
         "epochs": "2",
         "collector.endpoint": collector.url,
-        "serving.urls": json.dumps([vllm_server.url]),
-        "serving.redeploy": "lora",  # the session's vLLM serves other tests: never merge into its weights
+        **({"serving.urls": json.dumps([vllm_server.url]),
+            "serving.redeploy": "lora"}  # the session's vLLM serves other tests: never merge into its weights
+           if vllm_server is not None else {"serving.redeploy": "merged", "serving.port": "0"}),
         "gateway.port": str(free_port()),
         "model.path": str(tiny_model_dir),
         "model.served_name": "tiny",
@@ -154,6 +155,44 @@ def _rollout_rewards(cfg, run: str, epoch: int) -> list[tuple[float]]:
     with Catalog.from_config(cfg).read(spans=False) as con:
         return con.execute("SELECT reward FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = 'train' "
                            "AND status = 'succeeded'", [run, epoch]).fetchall()
+
+
+def test_sql_selective_run_with_merged_weights_serves_the_frozen_checker_from_its_own_base_model_vllm(
+    prefect_harness, tmp_path, collector, collector_config, tiny_model_dir
+):
+    """The CPU default: the policy's merged weights in one vLLM, the base model in another for the frozen checker."""
+    from flows.train import train
+    from lightning_core import stack
+
+    run = "ex-sql-merged"
+    overrides = _sql_overrides(tmp_path, run, vllm_server=None, collector=collector,
+                               collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    cfg = load_config(SQL / "config.yaml", overrides=overrides)
+    probe = {"model": "tiny", "prompt": "SELECT name FROM", "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    record = stack.up(cfg)  # as `arclight up`: the train flow attaches to these
+    try:
+        groups = {name: entry["url"] for name, entry in record.items() if name.startswith("vllm")}
+        assert sorted(groups) == ["vllm0@sql", "vllm0@tiny"]  # two vLLMs, grouped
+
+        def logprobs() -> dict[str, dict]:
+            return {name: httpx.post(f"{url}/v1/completions", json=probe, timeout=60).json()["choices"][0]["logprobs"]
+                    for name, url in groups.items()}
+
+        before = logprobs()
+        rows = train(config_path=str(SQL / "config.yaml"), overrides=overrides)
+        after = logprobs()
+    finally:
+        stack.down(cfg)
+    assert [r["status"] for r in rows] == ["completed", "completed"] and rows[1]["policy_version"] == "sql-v1"
+    assert before["vllm0@sql"] == before["vllm0@tiny"]  # both started as the base model
+    assert after["vllm0@tiny"] == before["vllm0@tiny"]  # the frozen checker's vLLM never got trained weights
+    assert after["vllm0@sql"] != before["vllm0@sql"]  # the policy's did (sql-v2 merged and reloaded in place)
+    served = {}
+    for agent, model, version in _calls(cfg, run, 1):
+        served.setdefault(agent, set()).add((model, version))
+    assert served == {"writer": {("tiny", "1")}, "rewriter": {("tiny", "1")}, "checker": {("tiny", "0")}}
+    triplets = load_triplets(cfg, run_id=run, epoch=1, policy="sql").to_pylist()
+    assert sorted({t["agent_name"] for t in triplets}) == ["rewriter", "writer"]
 
 
 def test_sql_two_policies_serve_two_adapters_and_each_agent_calls_its_own(

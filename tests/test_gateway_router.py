@@ -109,3 +109,26 @@ def test_traceparent_parent_is_parsed_and_junk_ignored():
     ctx = parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     assert ctx is not None and ctx.trace_id == 0x0AF7651916CD43DD8448EB211C80319C and ctx.span_id == 0xB7AD6B7169203331
     assert parse_traceparent("garbage") is None and parse_traceparent(None) is None
+
+
+def test_replica_groups_send_each_policy_to_its_own_replicas_and_the_base_model_to_its_group():
+    """Merged serving with a frozen agent: each policy's merged weights and the base weights run in separate vLLMs."""
+    router = Router(upstreams=["writer=http://w1:1", "writer=http://w2:2/v1", "rewriter=http://r:3", "base=http://b:4"],
+                    base_model="base", policies=["writer", "rewriter"])
+    assert router.groups == {"writer": ["http://w1:1", "http://w2:2"], "rewriter": ["http://r:3"], "base": ["http://b:4"]}
+    # every version of every policy is served as "base" in its own vLLM (weights reloaded in place)
+    router.switch("writer", PolicySwitch(served_model="base", version=3), keep=2)
+    router.register(RolloutInfo(rollout_id="ro1"))
+    info, replicas, _ = router.rollout("ro1")
+    writer = router.resolve("writer", info, replicas)
+    assert (writer.served_model, writer.policy, writer.version) == ("base", "writer", 3)
+    assert writer.replica in ("http://w1:1", "http://w2:2") and sorted(writer.replicas) == ["http://w1:1", "http://w2:2"]
+    assert all(router.resolve("writer", info, replicas).replica == writer.replica for _ in range(5))  # sticky
+    assert router.resolve("rewriter", info, replicas).replicas == ["http://r:3"]
+    frozen = router.resolve("base", info, replicas)  # the frozen checker asks for the base model by name
+    assert (frozen.served_model, frozen.policy, frozen.version, frozen.replicas) == ("base", None, 0, ["http://b:4"])
+    production = {router.resolve("writer", None, None).replica for _ in range(4)}
+    assert production == {"http://w1:1", "http://w2:2"}  # outside rollouts: round robin within the group
+    assert router.group_upstreams("writer") == ["http://w1:1", "http://w2:2"]
+    plain = make_router()
+    assert plain.groups == {None: ["http://a:1", "http://b:2"]} and plain.group_upstreams("coder") == plain.upstreams

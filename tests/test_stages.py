@@ -14,17 +14,27 @@ from lightning_core.runner import RolloutOutcome
 from lightning_core.stages import redeploy_mode, version_number
 
 
-def test_auto_redeploy_merges_only_when_one_policy_trains_every_agent(monkeypatch):
+def test_auto_redeploy_merges_on_cpu_and_groups_replicas_when_an_agent_stays_frozen(monkeypatch):
+    from lightning_core.serving import replica_groups, start_vllm_replicas
+    from lightning_core.services import ServiceError
+
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no GPU on this machine
-    assert redeploy_mode(load_config(None)) == "merged"
-    frozen = load_config(None, overrides=["policies=[{name: p, agent_match: 'writer|rewriter'}]"])
-    assert redeploy_mode(frozen) == "lora"  # a frozen checker calling the base model must keep base weights
-    two = load_config(None, overrides=["policies=[{name: a}, {name: b}]"])
-    assert redeploy_mode(two) == "lora"
-    with pytest.raises(ValueError, match="serve one adapter per policy"):
-        redeploy_mode(load_config(None, overrides=["policies=[{name: a}, {name: b}]", "serving.redeploy=merged"]))
+    one = load_config(None)
+    assert redeploy_mode(one) == "merged" and replica_groups(one) == [None]  # one policy, every agent: weights replaced
+    frozen = load_config(None, overrides=["policies=[{name: p, agent_match: 'writer|rewriter'}]", "model.served_name=base"])
+    # a frozen checker calling the base model keeps base weights: its own vLLM; the policy's merged weights in another
+    assert redeploy_mode(frozen) == "merged" and replica_groups(frozen) == ["p", "base"]
+    two = load_config(None, overrides=["policies=[{name: a}, {name: b}]", "model.served_name=base"])
+    assert redeploy_mode(two) == "merged" and replica_groups(two) == ["a", "b", "base"]
+    three = load_config(None, overrides=["policies=[{name: a}, {name: b}, {name: c}]"])
+    assert redeploy_mode(three) == "lora" and replica_groups(three) == [None]  # a vLLM per policy is too much memory
+    with pytest.raises(ValueError, match="rename the policy"):
+        replica_groups(load_config(None, overrides=["policies=[{name: base, agent_match: w}]", "model.served_name=base"]))
+    attached = load_config(None, overrides=["policies=[{name: p, agent_match: w}]", "serving.urls=['http://127.0.0.1:9']"])
+    with pytest.raises(ServiceError, match="serving.redeploy: lora"):
+        start_vllm_replicas(attached)  # attached servers cannot be grouped: refused, not silently mis-served
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    assert redeploy_mode(load_config(None)) == "lora"
+    assert redeploy_mode(load_config(None)) == "lora" and replica_groups(frozen) == [None]
 
 
 def test_merged_weight_folders_beyond_keep_versions_are_deleted(tmp_path):
