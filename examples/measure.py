@@ -17,6 +17,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,6 @@ sys.path.insert(0, str(REPO))
 from lightning_core import stack as services  # noqa: E402
 from lightning_core import stages  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.services import sigterm_as_interrupt  # noqa: E402
 
 
 def machine() -> str:
@@ -93,7 +93,16 @@ def main() -> None:
     cfg = load_config(config_path, overrides=overrides)
 
     started = time.perf_counter()
-    with sigterm_as_interrupt():  # a killed measurement still stops its vLLM, gateway and collector
+
+    def stop(signum, frame):
+        # the flows attach to the services started here, so an interrupt alone would wait for every rollout in
+        # flight to finish: stop the services first, the rollouts then fail at once and the flow ends
+        services.down(cfg)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
         services.up(cfg)
         try:
             up_s = time.perf_counter() - started
@@ -119,6 +128,9 @@ def main() -> None:
             load_after = os.getloadavg()
         finally:
             services.down(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: the services this measurement started were stopped; nothing was appended", file=sys.stderr)
+        raise SystemExit(130) from None
     total_s = time.perf_counter() - started
 
     r = cfg.rollouts

@@ -293,7 +293,7 @@ def model_prepare(
 def gateway(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
-    upstream: Optional[list[str]] = typer.Option(None, help="vLLM URL to forward to (repeatable; default serving.urls)."),
+    upstream: Optional[list[str]] = typer.Option(None, help="vLLM URL to forward to (repeatable; default serving.urls); NAME=URL serves only policy (or base model) NAME."),
     collector_url: Optional[str] = typer.Option(None, "--collector", help="Collector URL for spans (default collector.url)."),
     policy: Optional[list[str]] = typer.Option(None, help="Policy name served (repeatable; default the config's policies)."),
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),

