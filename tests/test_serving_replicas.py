@@ -61,7 +61,7 @@ def test_two_replicas_stickiness_redeploy_to_both_and_one_dying(
     admin = GatewayClient(two_replica_gateway.url)
 
     # stickiness: every call of a rollout goes to one replica, and the rollouts use both
-    clients = _rollouts(admin, 0, 8)
+    clients = _rollouts(admin, 0, 16)  # 16: all on one replica has odds 2^-15 (8 failed once, random ports)
     for _ in range(3):
         for client in clients.values():
             client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=4, temperature=1.0)
@@ -77,7 +77,7 @@ def test_two_replicas_stickiness_redeploy_to_both_and_one_dying(
     done = deploy_adapter(gateway=admin, replicas=[a, b], policy=POLICY, adapter_dir=adapter, keep_versions=2)
     try:
         assert all(done.served_model in served_models(url) for url in (a, b))
-        clients = _rollouts(admin, 1, 8)
+        clients = _rollouts(admin, 1, 16)
         assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
         assert admin.flush()
         spans = _spans(collector_config, 1)
