@@ -73,7 +73,12 @@ class Service:
 
     def stop(self, *, timeout_s: float = 15.0) -> None:
         """Stop the process: SIGTERM to its process group, SIGKILL after ``timeout_s``."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
+            return
+        if self.process.poll() is not None:
+            # the leader is gone but what it started may not be: a killed vLLM API server leaves its engine
+            # core (~3 GB) running in the same process group
+            _signal_group(self.process, signal.SIGKILL)
             return
         _signal_group(self.process, signal.SIGTERM)
         try:
