@@ -8,22 +8,22 @@ from pathlib import Path
 from typing import Callable
 
 
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (new or renamed names) to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's contents to disk."""
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (new or renamed names) to disk."""
+    _fsync(folder)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's contents to disk."""
+    _fsync(path)
 
 
 def fsync_tree(folder: Path) -> None:
