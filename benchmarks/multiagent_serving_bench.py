@@ -111,13 +111,17 @@ def run(setup: str, work: Path, tasks: list[dict]) -> dict:
                            timeout=120)
             r.raise_for_status()
             policy_model = "policy"
-        policy = AsyncOpenAI(base_url=f"{servers[0].url}/v1", api_key="x")
-        frozen = AsyncOpenAI(base_url=f"{servers[-1].url}/v1", api_key="x")
-        asyncio.run(rollouts(tasks[:4], policy=policy, frozen=frozen, policy_model=policy_model))  # warm-up
-        load_before = os.getloadavg()[0]
-        started = time.perf_counter()
-        tokens = asyncio.run(rollouts(tasks, policy=policy, frozen=frozen, policy_model=policy_model))
-        wall = time.perf_counter() - started
+        async def measure() -> tuple[int, float, float]:
+            # the clients belong to this event loop: warm-up and measured pass run in it
+            policy = AsyncOpenAI(base_url=f"{servers[0].url}/v1", api_key="x")
+            frozen = AsyncOpenAI(base_url=f"{servers[-1].url}/v1", api_key="x")
+            await rollouts(tasks[:4], policy=policy, frozen=frozen, policy_model=policy_model)  # warm-up
+            load = os.getloadavg()[0]
+            started = time.perf_counter()
+            tokens = await rollouts(tasks, policy=policy, frozen=frozen, policy_model=policy_model)
+            return tokens, time.perf_counter() - started, load
+
+        tokens, wall, load_before = asyncio.run(measure())
         return {"setup": setup, "rollouts": len(tasks), "wall_s": round(wall, 1), "gen_tokens_per_s": round(tokens / wall, 1),
                 "prefix_cache_hit_rate": [hit_rate(s.url) for s in servers],
                 "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
