@@ -583,7 +583,54 @@ def snapshot(root: str | os.PathLike[str]) -> Snapshot:
             table = _current(_cache, uri, root, lane)
             versions[lane] = table.version() if table is not None else -1
             files[lane] = _readable_files(root, lane, table, where) if table is not None else []
+    if where.uri and time.monotonic() - _mirror_pruned.get(str(root), -VACUUM_EVERY_S) > VACUUM_EVERY_S:
+        _mirror_pruned[str(root)] = time.monotonic()
+        try:
+            prune_mirror(root)
+        except OSError as exc:  # a listing of the object store that failed: the next pass tries again
+            log.warning("could not prune the local copies of %s: %r", where.uri, exc)
     return Snapshot(versions, files)
+
+
+_mirror_pruned: dict[str, float] = {}  # lake folder -> when this process last pruned its mirror
+
+
+def prune_mirror(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete the local copies (``_mirror``) of object-storage files that are gone from the store; return them.
+
+    Delta's ``vacuum`` deletes a data file only ``retention_hours`` after it left the table, so a
+    copy is kept exactly as long as its original: a query that listed an older snapshot still
+    reads it. ``snapshot`` runs this at most every ``VACUUM_EVERY_S`` per process (one listing of
+    the store per lane). Copies half-written by a process that died (``.*.tmp``) go after an hour.
+    """
+    where = location(root)
+    if not where.uri:
+        return []
+    fs, _ = _arrow_filesystem(where)
+    import pyarrow.fs as pafs
+
+    removed = []
+    for lane in LANES:
+        mirror = Path(root).resolve() / "_mirror" / lane
+        if not mirror.is_dir():
+            continue
+        prefix = where.table_uri(root, lane).split("://", 1)[1].rstrip("/") + "/"
+        stored = {unquote(info.path[len(prefix):]) for info in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+                  if info.type == pafs.FileType.File}  # as the copies are named (``_readable_files``)
+        for folder, _, names_ in os.walk(mirror):
+            for name in names_:
+                local = Path(folder) / name
+                relative = local.relative_to(mirror).as_posix()
+                if name.startswith(".") and name.endswith(".tmp"):
+                    stale = time.time() - local.stat().st_mtime > 3600
+                else:
+                    stale = relative not in stored
+                if stale:
+                    local.unlink(missing_ok=True)
+                    removed.append(local)
+    if removed:
+        log.info("removed %d local copies of files vacuumed from %s", len(removed), where.uri)
+    return removed
 
 
 def _current(cache: dict[str, DeltaTable], key: str, root, lane: str) -> DeltaTable | None:

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst
-from lightning_core.lake import SPAN_SCHEMA, Lake, LakeFormatError, open_table, request_to_tables, snapshot
+from lightning_core.lake import (SPAN_SCHEMA, Lake, LakeFormatError, open_table, prune_mirror, request_to_tables, set_location,
+                                 snapshot)
 from lightning_core.catalog import Catalog, view_sql
 from lightning_core.services import free_port, start_collector
 from tests.conftest import REPO, make_config
@@ -158,6 +159,25 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
     finally:
         for s in services:
             s.stop()
+
+
+def test_local_copies_of_s3_files_are_removed_once_vacuum_removed_them_from_the_store(tmp_path, s3):
+    root = tmp_path / "lake"
+    set_location(root, "s3://arclight/mirror-test/spans",
+                 {"AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"})
+    lake = Lake(root, retention_hours=0)
+    for _ in range(4):
+        lake.write(request_to_tables(_request("mirror", 10)))
+    assert _raw_counts(root, "mirror") == (40, 40)  # DuckDB reads local copies of the four files
+    copies = sorted((root / "_mirror").rglob("*.parquet"))
+    assert len(copies) == 4
+    assert prune_mirror(root) == []  # every original is still on the store
+
+    assert lake.compact(min_files=2, idle_s=0) == 1  # one file replaces four, and vacuum (retention 0) deletes them
+    assert _raw_counts(root, "mirror") == (40, 40)  # copies the compacted file
+    assert sorted(prune_mirror(root)) == copies
+    assert len(list((root / "_mirror").rglob("*.parquet"))) == 1
+    assert _raw_counts(root, "mirror") == (40, 40)
 
 
 def _compact_forever(root: str) -> None:
