@@ -536,7 +536,14 @@ class Gateway:
         for i, replica in enumerate(replicas):
             call.target.replica = replica
             try:
-                return await self.client.post(f"{replica}/v1/{path}", data=body, headers=JSON_HEADERS)
+                response = await self.client.post(f"{replica}/v1/{path}", data=body, headers=JSON_HEADERS)
+                if response.status == 404 and i + 1 < len(replicas) and b"does not exist" in await response.read():
+                    # a replica restarted after the redeploy has no adapter of this version yet: the next one has
+                    response.release()
+                    log.warning("vLLM replica %s does not serve %s (restarted since the redeploy?): the call goes to %s",
+                                replica, call.target.served_model, replicas[i + 1])
+                    continue
+                return response
             except aiohttp.ClientConnectorError as exc:
                 self.router.mark_down(replica)
                 if i + 1 == len(replicas):
@@ -758,9 +765,19 @@ class Gateway:
         return JSONResponse(policy.as_dict())
 
     async def check_loaded(self, served_model: str, *, replicas: list[str]) -> None:
-        """Refuse to switch to a model that some of the policy's replicas does not serve."""
+        """Refuse to switch to a model that some of the policy's reachable replicas does not serve.
+
+        A replica that refuses the connection (down, restarting) is skipped when another one serves the model: a
+        redeploy must not wait for a dead replica, and calls fall over from a replica without the model.
+        """
+        serving = 0
         for replica in replicas:
-            status, content = await self.get_upstream(replica, "/v1/models")
+            try:
+                status, content = await self.get_upstream(replica, "/v1/models")
+            except GatewayError as exc:
+                log.warning("switching to %s without vLLM replica %s: %s", served_model, replica, exc)
+                self.router.mark_down(replica)
+                continue
             try:
                 listed = orjson.loads(content) if status == 200 else None
                 names = {m.get("id") for m in listed.get("data", [])}
@@ -770,6 +787,10 @@ class Gateway:
             if served_model not in names:
                 raise GatewayError(409, f"{served_model!r} is not loaded on {replica} (it serves {sorted(names)}): "
                                         "load the adapter on every replica first", "conflict")
+            serving += 1
+        if not serving:
+            raise GatewayError(502, f"none of the replicas {replicas} could be reached to check that they serve {served_model!r}",
+                               "upstream_unavailable")
 
     async def healthz(self, request: Request) -> Response:
         """``GET /healthz``; the upstream URLs only for a loopback client (no token set) or with the token."""

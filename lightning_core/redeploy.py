@@ -45,6 +45,7 @@ class Deployment:
     switch_s: float
     verify_text: str
     unloaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # replicas that could not be reached (down): not loaded
 
 
 def served_name(policy: str, version: int) -> str:
@@ -85,9 +86,9 @@ def deploy_adapter(
     name = served_name(policy, version)
     if name == current["served_model"]:
         raise RedeployError(f"{name} is already the current version of policy {policy!r}: deploy it as a new version")
-    replicas = [r.rstrip("/") for r in replicas]
     loaded: list[str] = []
     with httpx.Client(timeout=timeout_s) as http:
+        replicas, skipped = _reachable(http, [r.rstrip("/") for r in replicas], policy)
         try:
             for replica in replicas:
                 if name in _served(http, replica):
@@ -117,7 +118,28 @@ def deploy_adapter(
                 _unload(http, replica, model)
     log.info("policy %s now serves %s (verified in %.2f s, unloaded %s)", policy, name, first_answer_s, stale)
     return Deployment(policy=policy, version=version, served_model=name, load_s=load_s, first_answer_s=first_answer_s,
-                      switch_s=switch_s, verify_text=texts[0], unloaded=stale)
+                      switch_s=switch_s, verify_text=texts[0], unloaded=stale, skipped=skipped)
+
+
+def _reachable(http: httpx.Client, replicas: list[str], policy: str) -> tuple[list[str], list[str]]:
+    """Split ``replicas`` into those that answer and those that refuse the connection (down or restarting).
+
+    An adapter redeploy goes on without a replica that is down: the gateway sends its rollouts to
+    their next replica, and a replica that comes back without the adapter answers "does not
+    exist", which the gateway also falls over from; the next redeploy loads it there too.
+    """
+    up, down = [], []
+    for replica in replicas:
+        try:
+            http.get(f"{replica}/v1/models", timeout=10)
+            up.append(replica)
+        except httpx.TransportError as exc:
+            log.warning("vLLM replica %s cannot be reached (%r): policy %s is redeployed without it", replica, exc, policy)
+            down.append(replica)
+    if not up:
+        raise RedeployError(f"none of the vLLM replicas {replicas} can be reached: start them (arclight up, or serving.urls) "
+                            f"before redeploying policy {policy!r}")
+    return up, down
 
 
 def deploy_full_weights(
@@ -141,8 +163,14 @@ def deploy_full_weights(
     base = gateway.policies()["base_model"]
     with httpx.Client(timeout=timeout_s) as http:
         for replica in replicas:
-            response = http.post(f"{replica}/collective_rpc", json={
-                "method": "reload_weights", "kwargs": {"weights_path": str(Path(model_dir).resolve())}})
+            try:
+                response = http.post(f"{replica}/collective_rpc", json={
+                    "method": "reload_weights", "kwargs": {"weights_path": str(Path(model_dir).resolve())}})
+            except httpx.TransportError as exc:
+                raise RedeployError(
+                    f"vLLM at {replica} cannot be reached ({exc!r}): a full-weight redeploy needs every replica of policy "
+                    f"{policy!r}, since one left on the old weights would answer under the same name. Restart it (replicas "
+                    "Arclight started are restarted by the next redeploy), or remove it from serving.urls") from None
             if response.status_code == 404:
                 raise RedeployError(f"vLLM at {replica} has no /collective_rpc (start it with VLLM_SERVER_DEV_MODE=1, "
                                     "as start_vllm does) or restart it with model.path set to the new checkpoint")
@@ -160,6 +188,23 @@ def deploy_full_weights(
     gateway.switch_policy(policy, served_model=base, version=version)
     return Deployment(policy=policy, version=version, served_model=base, load_s=load_s, first_answer_s=first_answer_s,
                       switch_s=time.perf_counter() - started, verify_text=texts[0])
+
+
+def restore_adapter(*, replicas: list[str], policy: str, adapter_dir: Path, version: int, verify_prompt: str = "Say hi.",
+                    timeout_s: float = 120.0) -> list[str]:
+    """Load the serving version of ``policy`` onto ``replicas`` that lack it (restarted ones); return those loaded.
+
+    The gateway already serves that version, so nothing is switched: the replicas only catch up.
+    """
+    check_adapter_dir(adapter_dir)
+    name, loaded = served_name(policy, version), []
+    with httpx.Client(timeout=timeout_s) as http:
+        for replica in (r.rstrip("/") for r in replicas):
+            if name not in _served(http, replica):
+                _load(http, replica, name, Path(adapter_dir).resolve())
+                _verify(http, replica, name, verify_prompt)
+                loaded.append(replica)
+    return loaded
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

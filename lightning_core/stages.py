@@ -192,11 +192,12 @@ class Redeployed:
 
 def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does)."""
-    from lightning_core.redeploy import deploy_adapter, deploy_full_weights, merge_adapter, prune_merged
+    from lightning_core.redeploy import deploy_adapter, deploy_full_weights, merge_adapter, prune_merged, restore_adapter
     from lightning_core.serving import model_dir, replica_group, serving_dtype
     from lightning_core.trainer.versions import latest_version
 
     catalog = Catalog.from_config(config)
+    revived = revive_replicas(config, stack)
     gateway = stack.gateway_client(config)
     mode = redeploy_mode(config)
     replicas = [r.url for r in stack.replicas]
@@ -208,15 +209,21 @@ def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
             if latest is None:
                 continue
             number = version_number(latest["version"])
+            full = latest.get("kind") == "full" or mode == "merged"
+            # grouped replicas (a frozen agent, several policies): only the policy's own get its weights
+            own = [r.url for r in stack.replicas if replica_group(r) == policy.name] or replicas
             if (serving.get(policy.name) or {}).get("version") == number:
-                continue
-            if latest.get("kind") == "full" or mode == "merged":
+                if not full and revived:  # restarted replicas catch up with the adapter the gateway serves
+                    restore_adapter(replicas=revived, policy=policy.name, adapter_dir=latest["path"], version=number,
+                                    verify_prompt=config.serving.verify_prompt)
+                if not (full and set(revived) & set(own)):
+                    continue
+                own = [url for url in own if url in revived]  # a restarted replica of the policy serves base weights
+            if full:
                 weights = Path(latest["path"])
                 if latest.get("kind") != "full":
                     weights = merge_adapter(base_model_dir=model_dir(config), adapter_dir=weights,
                                             out_dir=weights.with_name(f"{weights.name}.merged"), dtype=serving_dtype(config))
-                # grouped replicas (a frozen agent, several policies): only the policy's own get its weights
-                own = [r.url for r in stack.replicas if replica_group(r) == policy.name] or replicas
                 d = deploy_full_weights(gateway=gateway, replicas=own, policy=policy.name, model_dir=weights,
                                         version=number, verify_prompt=config.serving.verify_prompt)
                 if latest.get("kind") != "full":
@@ -229,6 +236,28 @@ def deploy_latest(config: ArclightConfig, stack: Stack) -> list[Redeployed]:
     finally:
         gateway.close()
     return deployed
+
+
+def revive_replicas(config: ArclightConfig, stack: Stack) -> list[str]:
+    """Restart the vLLM replicas this process started that have exited (an OOM kill, a crash); return their URLs.
+
+    A restarted replica serves the base model and no adapter; ``deploy_latest`` brings it up to the
+    serving versions before the next rollouts. Replicas someone else runs are left to them.
+    """
+    from urllib.parse import urlparse
+
+    from lightning_core.serving import start_vllm
+
+    revived = []
+    for i, replica in enumerate(stack.replicas):
+        if replica.owned and not replica.alive():
+            log.warning("vLLM replica %s at %s exited with status %s: restarting it on the same port (log: %s)",
+                        replica.name, replica.url, replica.process.returncode, replica.log_path)
+            replica.stop()  # what it left running in its process group (the engine core)
+            stack.replicas[i] = start_vllm(config, port=urlparse(replica.url).port, name=replica.name,
+                                           log_dir=replica.log_path.parent if replica.log_path else None)
+            revived.append(replica.url)
+    return revived
 
 
 def serving_versions(config: ArclightConfig, stack: Stack) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Two real vLLM (CPU) replicas behind one gateway of two processes: sticky rollouts, a redeploy that reaches
-both, and a replica that dies while rollouts are running."""
+both, a replica that dies while rollouts are running, a redeploy while it is down, and its restart."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from openai import OpenAI
 from lightning_core import semconv
 from lightning_core.catalog import Catalog
 from lightning_core.gateway_client import GatewayClient
-from lightning_core.redeploy import deploy_adapter
+from lightning_core.redeploy import deploy_adapter, restore_adapter
 from lightning_core.serving import start_gateway, start_vllm
 from lightning_core.services import free_port
+from lightning_core.stack import Stack
+from lightning_core.stages import revive_replicas
 from tests.conftest import make_config
 from tests.test_redeploy import PROMPT, TARGET, greedy, served_models, train_overfit_adapter
 
@@ -54,8 +56,8 @@ def _rollouts(admin: GatewayClient, epoch: int, n: int) -> dict[str, OpenAI]:
                                          api_key="x", max_retries=0) for i in range(n)}
 
 
-def test_two_replicas_stickiness_redeploy_to_both_and_one_dying(
-    two_replica_gateway, vllm_server, second_replica, collector_config, tiny_model_dir, tmp_path
+def test_two_replicas_stickiness_redeploy_to_both_one_dying_redeploy_without_it_and_its_restart(
+    two_replica_gateway, vllm_server, second_replica, collector, collector_config, serving_config, tiny_model_dir, tmp_path
 ):
     a, b = vllm_server.url, second_replica.url
     admin = GatewayClient(two_replica_gateway.url)
@@ -75,6 +77,7 @@ def test_two_replicas_stickiness_redeploy_to_both_and_one_dying(
     # a redeploy reaches both replicas, and rollouts on either are answered by the new version
     adapter = train_overfit_adapter(tiny_model_dir, tmp_path / "adapter")
     done = deploy_adapter(gateway=admin, replicas=[a, b], policy=POLICY, adapter_dir=adapter, keep_versions=2)
+    deployed, revived = [done.served_model], None
     try:
         assert all(done.served_model in served_models(url) for url in (a, b))
         clients = _rollouts(admin, 1, 16)
@@ -96,7 +99,42 @@ def test_two_replicas_stickiness_redeploy_to_both_and_one_dying(
         assert +added == {a: 2 * len(clients)}
         r = httpx.get(f"{two_replica_gateway.url}/metrics")
         assert r.status_code == 200
+
+        # a redeploy while b is down goes on without it: loaded and verified on a, switched, b reported skipped
+        again = deploy_adapter(gateway=admin, replicas=[a, b], policy=POLICY, adapter_dir=adapter, keep_versions=2)
+        deployed.append(again.served_model)
+        assert (again.version, again.skipped) == (2, [b])
+        assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
+
+        # the redeploy stage restarts a replica it started that died; back up, b has no adapter yet, and the
+        # calls of its rollouts fall over to a ("does not exist" from b) instead of failing
+        stack = Stack(collector=collector, replicas=[vllm_server, second_replica])
+        assert revive_replicas(serving_config, stack) == [b]
+        revived = stack.replicas[1]
+        assert revived.alive() and again.served_model not in served_models(b)
+        assert admin.flush()
+        seen = _spans(collector_config, 1)
+        assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
+        assert admin.flush()
+        assert +_added(_spans(collector_config, 1), seen) == {a: len(clients)}
+
+        # loading the serving version onto it (what the stage does next) brings b's rollouts back to b
+        assert restore_adapter(replicas=[a, b], policy=POLICY, adapter_dir=adapter, version=2) == [b]
+        seen = _spans(collector_config, 1)
+        assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
+        assert admin.flush()
+        back = +_added(_spans(collector_config, 1), seen)
+        assert set(back) == {a, b} and sum(back.values()) == len(clients)
     finally:
-        for version in (done.served_model,):
+        for version in deployed:
             httpx.post(f"{a}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
-    assert json.loads(httpx.get(f"{two_replica_gateway.url}/admin/policies").text)["policies"][POLICY]["version"] == 1
+        if revived is not None:
+            revived.stop()
+    assert json.loads(httpx.get(f"{two_replica_gateway.url}/admin/policies").text)["policies"][POLICY]["version"] == 2
+
+
+def _added(spans: list[tuple[str, str, str]], before: list[tuple[str, str, str]]) -> collections.Counter:
+    """Spans per replica recorded since ``before`` was read."""
+    added = collections.Counter(replica for _, replica, _ in spans)
+    added.subtract(collections.Counter(replica for _, replica, _ in before))
+    return added
