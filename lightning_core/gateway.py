@@ -70,6 +70,10 @@ class GatewayError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
+class ReplicaRefused(GatewayError):
+    """A vLLM replica that refused the connection (down or restarting), as opposed to one that is slow or failing."""
+
+
 class RolloutInfo(BaseModel):
     """A registered rollout: where its spans belong and which policy it samples from."""
 
@@ -682,6 +686,8 @@ class Gateway:
         try:
             async with self.client.get(f"{replica}{path}", timeout=aiohttp.ClientTimeout(total=30)) as r:
                 return r.status, await r.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise ReplicaRefused(502, f"vLLM at {replica} could not be reached: {exc!r}", "upstream_unavailable") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise GatewayError(502, f"vLLM at {replica} could not be reached: {exc!r}", "upstream_unavailable") from None
 
@@ -768,13 +774,14 @@ class Gateway:
         """Refuse to switch to a model that some of the policy's reachable replicas does not serve.
 
         A replica that refuses the connection (down, restarting) is skipped when another one serves the model: a
-        redeploy must not wait for a dead replica, and calls fall over from a replica without the model.
+        redeploy must not wait for a dead replica, and calls fall over from a replica without the model. One that
+        answers too slowly or with an error still refuses the switch.
         """
         serving = 0
         for replica in replicas:
             try:
                 status, content = await self.get_upstream(replica, "/v1/models")
-            except GatewayError as exc:
+            except ReplicaRefused as exc:  # a slow or failing replica is not skipped: it may lack the model
                 log.warning("switching to %s without vLLM replica %s: %s", served_model, replica, exc)
                 self.router.mark_down(replica)
                 continue

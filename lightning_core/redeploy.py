@@ -131,9 +131,9 @@ def _reachable(http: httpx.Client, replicas: list[str], policy: str) -> tuple[li
     up, down = [], []
     for replica in replicas:
         try:
-            http.get(f"{replica}/v1/models", timeout=10)
+            http.get(f"{replica}/v1/models")
             up.append(replica)
-        except httpx.TransportError as exc:
+        except httpx.ConnectError as exc:  # refused: down or restarting (a slow replica is waited for, not skipped)
             log.warning("vLLM replica %s cannot be reached (%r): policy %s is redeployed without it", replica, exc, policy)
             down.append(replica)
     if not up:
