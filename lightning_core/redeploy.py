@@ -33,6 +33,10 @@ class RedeployError(RuntimeError):
     """A redeploy that did not happen; the previous version still serves. The message says why."""
 
 
+class ReplicaRefused(RedeployError):
+    """A replica that refused the connection: down or restarting."""
+
+
 @dataclass
 class Deployment:
     """A policy version now serving: its served name, timings and the versions unloaded."""
@@ -88,10 +92,11 @@ def deploy_adapter(
         raise RedeployError(f"{name} is already the current version of policy {policy!r}: deploy it as a new version")
     loaded: list[str] = []
     with httpx.Client(timeout=timeout_s) as http:
-        replicas, skipped = _reachable(http, [r.rstrip("/") for r in replicas], policy)
+        served, skipped = _reachable(http, [r.rstrip("/") for r in replicas], policy)
+        replicas = list(served)
         try:
             for replica in replicas:
-                if name in _served(http, replica):
+                if name in served[replica]:
                     # a versioned name never changes its weights: a replica that kept it loaded
                     # (a gateway restart, an attached vLLM) serves the right adapter already
                     continue
@@ -121,20 +126,19 @@ def deploy_adapter(
                       switch_s=switch_s, verify_text=texts[0], unloaded=stale, skipped=skipped)
 
 
-def _reachable(http: httpx.Client, replicas: list[str], policy: str) -> tuple[list[str], list[str]]:
-    """Split ``replicas`` into those that answer and those that refuse the connection (down or restarting).
+def _reachable(http: httpx.Client, replicas: list[str], policy: str) -> tuple[dict[str, set[str]], list[str]]:
+    """The models each replica that answers serves, and the replicas that refuse the connection (down or restarting).
 
     An adapter redeploy goes on without a replica that is down: the gateway sends its rollouts to
     their next replica, and a replica that comes back without the adapter answers "does not
     exist", which the gateway also falls over from; the next redeploy loads it there too.
     """
-    up, down = [], []
+    up, down = {}, []
     for replica in replicas:
         try:
-            http.get(f"{replica}/v1/models")
-            up.append(replica)
-        except httpx.ConnectError as exc:  # refused: down or restarting (a slow replica is waited for, not skipped)
-            log.warning("vLLM replica %s cannot be reached (%r): policy %s is redeployed without it", replica, exc, policy)
+            up[replica] = _served(http, replica)
+        except ReplicaRefused as exc:  # a slow or failing replica is not skipped: it stops the redeploy
+            log.warning("%s: policy %s is redeployed without it", exc, policy)
             down.append(replica)
     if not up:
         raise RedeployError(f"none of the vLLM replicas {replicas} can be reached: start them (arclight up, or serving.urls) "
@@ -264,6 +268,8 @@ def _served(http: httpx.Client, replica: str) -> set[str]:
     try:
         response = http.get(f"{replica}/v1/models")
         response.raise_for_status()
+    except httpx.ConnectError as exc:
+        raise ReplicaRefused(f"vLLM at {replica} refused the connection: {exc!r}") from None
     except httpx.HTTPError as exc:
         raise RedeployError(f"vLLM at {replica} could not be asked for its models: {exc!r}") from None
     return {m.get("id") for m in response.json().get("data", [])}
