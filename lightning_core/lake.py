@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import unquote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
@@ -136,8 +137,7 @@ def key_values(items: Iterable[KeyValue]) -> dict[str, Any]:
     return {kv.key: any_value(kv.value) for kv in items}
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode  # one encoder, not one per call
 
 
 def _typed_list(value: Any, element: type, allowed: tuple[int, int] | None = None) -> list | None:
@@ -167,12 +167,13 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
+def promoted_columns(attributes: dict[str, Any], decoded: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Return a span's typed columns and its ``attributes`` JSON (without the promoted arrays).
 
     The collector and the embedded exporter both store spans through this, so their rows are
     identical. An array that is not a list of numbers (token ids: integers in ``TOKEN_ID_RANGE``)
-    stays in the JSON and its column is NULL.
+    stays in the JSON and its column is NULL. ``decoded`` holds the arrays already decoded from
+    their wire bytes (``_WireArrays``), keyed like ``attributes`` and no longer in it.
     """
     columns: dict[str, Any] = {
         "span_kind": _as_str(attributes.get(semconv.SPAN_KIND)),
@@ -182,7 +183,7 @@ def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
     }
     kept = attributes
     for key, (column, element, allowed) in PROMOTED_ARRAYS.items():
-        columns[column] = None
+        columns[column] = decoded.get(key) if decoded else None
         if key in attributes:
             typed = _typed_list(attributes[key], element, allowed)
             if typed is not None:
@@ -194,10 +195,116 @@ def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
     return columns
 
 
+class _WireArrays:
+    """The promoted arrays of one request, decoded together from their protobuf wire bytes.
+
+    Converting a gateway span's ~300 token ids and logprobs one ``AnyValue`` at a time in Python was
+    most of the collector's CPU (``lightning_core.lake.any_value``). Here every promoted
+    ``ArrayValue`` of a request is serialised once (upb, in C) and all of them are decoded in a few
+    numpy operations. Only the shapes the Python path would type without change are taken (every
+    element an in-range ``int_value`` for token ids, every element a ``double_value`` for logprobs);
+    an array of any other shape, or one that fails a check, is converted by the Python path
+    (``any_value`` and ``promoted_columns``), so the stored rows are the same either way.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[type, list[tuple[bytes, int]]] = {int: [], float: []}
+        self._decoded: dict[type, list[np.ndarray | None]] = {}
+
+    def add(self, element: type, value: AnyValue) -> tuple[type, int]:
+        """Queue ``value.array_value`` for decoding; return its handle."""
+        array = value.array_value
+        queue = self._arrays[element]
+        queue.append((array.SerializeToString(), len(array.values)))
+        return element, len(queue) - 1
+
+    def decode(self) -> None:
+        for element, queue in self._arrays.items():
+            self._decoded[element] = _decode_arrays(_wire_ints if element is int else _wire_doubles, queue)
+
+    def get(self, handle: tuple[type, int]) -> np.ndarray | None:
+        """The decoded array of a handle, or None when the Python path must convert it."""
+        element, index = handle
+        return self._decoded[element][index]
+
+
+def _decode_arrays(decode, queue: list[tuple[bytes, int]]) -> list[np.ndarray | None]:
+    """Decode every queued array at once; when that fails, each alone (so one odd array costs only itself)."""
+    if not queue:
+        return []
+    blobs = [blob for blob, _ in queue]
+    counts = np.fromiter((count for _, count in queue), np.int64, len(queue))
+    values = decode(blobs, counts)
+    if values is not None:
+        return np.split(values, np.cumsum(counts)[:-1])
+    if len(queue) == 1:
+        return [None]
+    return [decode([blob], counts[i : i + 1]) for i, blob in enumerate(blobs)]
+
+
+def _wire_ints(blobs: list[bytes], counts: np.ndarray) -> np.ndarray | None:
+    """The elements of ``ArrayValue`` wire bytes whose every element is ``AnyValue{int_value}`` in
+    ``TOKEN_ID_RANGE``, as int64; None for any other shape.
+
+    Each element is tag 0x0A (``values``, length-delimited), a one-byte length L, tag 0x18
+    (``int_value``) and the value as a varint of L - 1 bytes. Every byte below 0x80 ends a varint, so
+    the four varint ends of every element of every array are found at once, checked, and the
+    values summed from their 1-5 bytes.
+    """
+    data = np.frombuffer(b"".join(blobs), np.uint8)
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, np.int64) if data.size == 0 else None
+    ends = np.flatnonzero(data < 0x80)
+    if ends.size != 4 * total or ends[-1] != data.size - 1:
+        return None
+    ends = ends.reshape(-1, 4)
+    first = np.empty(total, np.int64)  # where each element starts: right after the one before
+    first[0], first[1:] = 0, ends[:-1, 3] + 1
+    widths = ends[:, 3] - first - 2  # the value's bytes
+    if not (
+        np.array_equal(ends[:, 0], first)
+        and np.array_equal(ends[:, 1], first + 1)
+        and np.array_equal(ends[:, 2], first + 2)
+        and (data[first] == 0x0A).all()
+        and (data[first + 2] == 0x18).all()
+        and np.array_equal(data[first + 1], widths + 1)  # the element holds int_value and nothing else
+        and widths.max() <= 5  # 2^35 or more (negatives take 10 bytes) is outside the token id range anyway
+    ):
+        return None
+    values = np.zeros(total, np.int64)
+    for k in range(int(widths.max())):
+        has = widths > k
+        values[has] |= (data[first[has] + 3 + k].astype(np.int64) & 0x7F) << (7 * k)
+    if values.max() > TOKEN_ID_RANGE[1]:
+        return None
+    # every array's bytes hold exactly its own elements
+    lengths = np.fromiter((len(blob) for blob in blobs), np.int64, len(blobs))
+    nonempty = counts > 0
+    element_end = ends[:, 3] + 1
+    if not (np.array_equal(element_end[np.cumsum(counts)[nonempty] - 1], np.cumsum(lengths)[nonempty]) and not lengths[~nonempty].any()):
+        return None
+    return values
+
+
+def _wire_doubles(blobs: list[bytes], counts: np.ndarray) -> np.ndarray | None:
+    """The elements of ``ArrayValue`` wire bytes whose every element is ``AnyValue{double_value}``,
+    as float64; None for any other shape. Each element is 11 bytes: 0x0A, 9, 0x21, 8 little-endian bytes."""
+    lengths = np.fromiter((len(blob) for blob in blobs), np.int64, len(blobs))
+    if not np.array_equal(lengths, 11 * counts):
+        return None
+    elements = np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, 11)
+    if not ((elements[:, 0] == 0x0A).all() and (elements[:, 1] == 9).all() and (elements[:, 2] == 0x21).all()):
+        return None
+    return elements[:, 3:].copy().view("<f8").ravel()
+
+
 def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | None = None) -> dict[Partition, list[dict[str, Any]]]:
     """Flatten an OTLP trace export request into span rows grouped by lake partition."""
     received_ns = received_ns if received_ns is not None else time.time_ns()
     grouped: dict[Partition, list[dict[str, Any]]] = defaultdict(list)
+    wire = _WireArrays()
+    unfinished: list[tuple[dict[str, Any], dict[str, Any], dict]] = []  # rows still without their promoted columns
     for resource_spans in request.resource_spans:
         resource = key_values(resource_spans.resource.attributes)
         resource_json = _dumps(resource)
@@ -211,43 +318,71 @@ def request_to_rows(request: ExportTraceServiceRequest, *, received_ns: int | No
             scope_name, scope_version = scope_spans.scope.name, scope_spans.scope.version
             for span in scope_spans.spans:
                 _check_span(span)
-                attributes = key_values(span.attributes)
-                grouped[partition_of(span.start_time_unix_nano)].append(
-                    {
-                        "trace_id": span.trace_id.hex(),
-                        "span_id": span.span_id.hex(),
-                        "parent_id": span.parent_span_id.hex() if span.parent_span_id.strip(b"\0") else None,
-                        "name": span.name,
-                        "kind": _KIND_NAMES.get(span.kind, str(span.kind)),
-                        "start_ns": span.start_time_unix_nano,
-                        "end_ns": span.end_time_unix_nano,
-                        "status_code": _STATUS_NAMES.get(span.status.code, str(span.status.code)),
-                        "status_message": span.status.message or None,
-                        **promoted_columns(attributes),
-                        "events": _dumps(
-                            [
-                                {"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)}
-                                for e in span.events
-                            ]
-                        ),
-                        "links": _dumps(
-                            [
-                                {"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "attributes": key_values(l.attributes)}
-                                for l in span.links
-                            ]
-                        ),
-                        "resource": resource_json,
-                        "scope_name": scope_name or None,
-                        "scope_version": scope_version or None,
-                        "service_name": service_name,
-                        # a sender that serves many rollouts from one resource (a gateway) puts them on the span
-                        "rollout_id": rollout_id or _as_str(attributes.get(semconv.ROLLOUT_ID)),
-                        "task_id": task_id or _as_str(attributes.get(semconv.TASK_ID)),
-                        "attempt": attempt if attempt is not None else _span_attempt(attributes),
-                        "received_ns": received_ns,
-                    }
-                )
+                attributes, queued = _span_attributes(span, wire)
+                row = {
+                    "trace_id": span.trace_id.hex(),
+                    "span_id": span.span_id.hex(),
+                    "parent_id": span.parent_span_id.hex() if span.parent_span_id.strip(b"\0") else None,
+                    "name": span.name,
+                    "kind": _KIND_NAMES.get(span.kind, str(span.kind)),
+                    "start_ns": span.start_time_unix_nano,
+                    "end_ns": span.end_time_unix_nano,
+                    "status_code": _STATUS_NAMES.get(span.status.code, str(span.status.code)),
+                    "status_message": span.status.message or None,
+                    "events": _dumps(
+                        [{"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)} for e in span.events]
+                    )
+                    if span.events
+                    else "[]",
+                    "links": _dumps(
+                        [
+                            {"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "attributes": key_values(l.attributes)}
+                            for l in span.links
+                        ]
+                    )
+                    if span.links
+                    else "[]",
+                    "resource": resource_json,
+                    "scope_name": scope_name or None,
+                    "scope_version": scope_version or None,
+                    "service_name": service_name,
+                    # a sender that serves many rollouts from one resource (a gateway) puts them on the span
+                    "rollout_id": rollout_id or _as_str(attributes.get(semconv.ROLLOUT_ID)),
+                    "task_id": task_id or _as_str(attributes.get(semconv.TASK_ID)),
+                    "attempt": attempt if attempt is not None else _span_attempt(attributes),
+                    "received_ns": received_ns,
+                }
+                grouped[partition_of(span.start_time_unix_nano)].append(row)
+                unfinished.append((row, attributes, queued))
+    wire.decode()
+    for row, attributes, queued in unfinished:
+        decoded = {}
+        for key, (handle, value) in queued.items():
+            array = wire.get(handle)
+            if array is None:
+                attributes[key] = any_value(value)  # keeps the key's place in the attributes JSON
+            else:
+                del attributes[key]
+                decoded[key] = array
+        row.update(promoted_columns(attributes, decoded))
     return grouped
+
+
+def _span_attributes(span: PbSpan, wire: _WireArrays) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """A span's attributes as ``key_values`` gives them, except that each promoted array is queued
+    on ``wire`` and holds its place as ``None`` until decoded; returns the queued ones by key."""
+    attributes: dict[str, Any] = {}
+    queued: dict[str, tuple] = {}
+    for kv in span.attributes:
+        key, value = kv.key, kv.value
+        promoted = PROMOTED_ARRAYS.get(key)
+        if promoted is not None and value.WhichOneof("value") == "array_value":
+            attributes[key] = None  # a repeated key keeps its first place and its last value, as in a dict
+            queued[key] = (wire.add(promoted[1], value), value)
+        else:
+            attributes[key] = any_value(value)
+            queued.pop(key, None)
+    return attributes, queued
 
 
 def _check_span(span: PbSpan) -> None:
@@ -327,9 +462,31 @@ def _as_int(value: Any, key: str) -> int | None:
         raise SpanDataError(str(exc)) from None
 
 
+_ARRAY_COLUMNS = [field for field in SPAN_SCHEMA if pa.types.is_list(field.type)]
+_SCALAR_SCHEMA = pa.schema([field for field in SPAN_SCHEMA if not pa.types.is_list(field.type)])
+
+
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Build an Arrow table with ``SPAN_SCHEMA`` from span rows."""
-    return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
+    """Build an Arrow table with ``SPAN_SCHEMA`` from span rows (array columns as lists or numpy arrays)."""
+    columns = dict(zip(_SCALAR_SCHEMA.names, pa.Table.from_pylist(rows, schema=_SCALAR_SCHEMA).columns))
+    for field in _ARRAY_COLUMNS:
+        columns[field.name] = _list_column([row.get(field.name) for row in rows], field.type)
+    return pa.Table.from_arrays([columns[name] for name in SPAN_SCHEMA.names], schema=SPAN_SCHEMA)
+
+
+def _list_column(entries: list, list_type: pa.ListType) -> pa.Array:
+    """One list column: numpy arrays are joined in one copy; Python lists go through ``pa.array``."""
+    if not all(entry is None or isinstance(entry, np.ndarray) for entry in entries):
+        return pa.array([entry.tolist() if isinstance(entry, np.ndarray) else entry for entry in entries], type=list_type)
+    lengths = np.fromiter((0 if entry is None else entry.size for entry in entries), np.int64, len(entries))
+    offsets = np.zeros(len(entries) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise SpanDataError(f"the request's spans hold {offsets[-1]} array values, over the 2^31 one table can hold: send fewer spans per request")
+    present = [entry for entry in entries if entry is not None]
+    values = np.concatenate(present) if present else np.empty(0, list_type.value_type.to_pandas_dtype())
+    mask = pa.array([entry is None for entry in entries]) if len(present) < len(entries) else None
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=list_type.value_type), type=list_type, mask=mask)
 
 
 LANES = {"training": ("run_id", "epoch"), "production": ("date",)}  # lane -> Delta partition columns
