@@ -232,18 +232,21 @@ def _decode_arrays(decode, queue: list[tuple[bytes, int]]) -> list[np.ndarray | 
     """Decode every queued array at once; when that fails, each alone (so one odd array costs only itself)."""
     if not queue:
         return []
-    blobs = [blob for blob, _ in queue]
+    data = np.frombuffer(b"".join(blob for blob, _ in queue), np.uint8)
+    lengths = np.fromiter((len(blob) for blob, _ in queue), np.int64, len(queue))
     counts = np.fromiter((count for _, count in queue), np.int64, len(queue))
-    values = decode(blobs, counts)
+    values = decode(data, lengths, counts)
     if values is not None:
         return np.split(values, np.cumsum(counts)[:-1])
     if len(queue) == 1:
         return [None]
-    return [decode([blob], counts[i : i + 1]) for i, blob in enumerate(blobs)]
+    ends = np.cumsum(lengths)
+    return [decode(data[end - lengths[i] : end], lengths[i : i + 1], counts[i : i + 1]) for i, end in enumerate(ends)]
 
 
-def _wire_ints(blobs: list[bytes], counts: np.ndarray) -> np.ndarray | None:
-    """The elements of ``ArrayValue`` wire bytes whose every element is ``AnyValue{int_value}`` in
+def _wire_ints(data: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """The elements of ``ArrayValue`` wire bytes (``data``: arrays of ``lengths`` bytes and ``counts``
+    elements, one after the other) whose every element is ``AnyValue{int_value}`` in
     ``TOKEN_ID_RANGE``, as int64; None for any other shape.
 
     Each element is tag 0x0A (``values``, length-delimited), a one-byte length L, tag 0x18
@@ -251,7 +254,6 @@ def _wire_ints(blobs: list[bytes], counts: np.ndarray) -> np.ndarray | None:
     the four varint ends of every element of every array are found at once, checked, and the
     values summed from their 1-5 bytes.
     """
-    data = np.frombuffer(b"".join(blobs), np.uint8)
     total = int(counts.sum())
     if total == 0:
         return np.empty(0, np.int64) if data.size == 0 else None
@@ -279,7 +281,6 @@ def _wire_ints(blobs: list[bytes], counts: np.ndarray) -> np.ndarray | None:
     if values.max() > TOKEN_ID_RANGE[1]:
         return None
     # every array's bytes hold exactly its own elements
-    lengths = np.fromiter((len(blob) for blob in blobs), np.int64, len(blobs))
     nonempty = counts > 0
     element_end = ends[:, 3] + 1
     if not (np.array_equal(element_end[np.cumsum(counts)[nonempty] - 1], np.cumsum(lengths)[nonempty]) and not lengths[~nonempty].any()):
@@ -287,13 +288,13 @@ def _wire_ints(blobs: list[bytes], counts: np.ndarray) -> np.ndarray | None:
     return values
 
 
-def _wire_doubles(blobs: list[bytes], counts: np.ndarray) -> np.ndarray | None:
-    """The elements of ``ArrayValue`` wire bytes whose every element is ``AnyValue{double_value}``,
-    as float64; None for any other shape. Each element is 11 bytes: 0x0A, 9, 0x21, 8 little-endian bytes."""
-    lengths = np.fromiter((len(blob) for blob in blobs), np.int64, len(blobs))
+def _wire_doubles(data: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """The elements of ``ArrayValue`` wire bytes (as for ``_wire_ints``) whose every element is
+    ``AnyValue{double_value}``, as float64; None for any other shape. Each element is 11 bytes: 0x0A,
+    9, 0x21, 8 little-endian bytes."""
     if not np.array_equal(lengths, 11 * counts):
         return None
-    elements = np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, 11)
+    elements = data.reshape(-1, 11)
     if not ((elements[:, 0] == 0x0A).all() and (elements[:, 1] == 9).all() and (elements[:, 2] == 0x21).all()):
         return None
     return elements[:, 3:].copy().view("<f8").ravel()
@@ -379,8 +380,9 @@ def _span_attributes(span: PbSpan, wire: _WireArrays) -> tuple[dict[str, Any], d
         if promoted is not None and value.WhichOneof("value") == "array_value":
             attributes[key] = None  # a repeated key keeps its first place and its last value, as in a dict
             queued[key] = (wire.add(promoted[1], value), value)
-        else:
-            attributes[key] = any_value(value)
+            continue
+        attributes[key] = any_value(value)
+        if promoted is not None:  # a later non-array value replaces a queued array
             queued.pop(key, None)
     return attributes, queued
 
