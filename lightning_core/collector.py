@@ -2,8 +2,8 @@
 
 ``POST /v1/traces`` takes protobuf (``application/x-protobuf``) or JSON (``application/json``),
 optionally gzip-encoded. A request is acknowledged only after the Delta commit that holds its
-spans is durable. Requests that arrive within ``flush_interval_ms`` of each other share one
-commit (group commit), and idle partitions with many small files are compacted in the background
+spans is durable. Requests that arrive while a commit runs share the next commit (group commit;
+``flush_interval_ms`` makes a commit wait for more), and idle partitions with many small files are compacted in the background
 (Delta ``optimize``; ``vacuum`` after the retention window).
 
 Each request is decoded and converted to Arrow tables on its own, before it joins a commit, so
@@ -137,7 +137,8 @@ class TraceReceiver:
         if decoded is not body:
             hold(len(body) + len(decoded))
         try:
-            return request_to_tables(parse(decoded, content_type), max_partitions=self.config.max_partitions_per_request)
+            return request_to_tables(parse(decoded, content_type), body=decoded if content_type == PROTOBUF else None,
+                                     max_partitions=self.config.max_partitions_per_request)
         except RecursionError:
             raise SpanDataError("an attribute value is nested too deeply: flatten it") from None
 

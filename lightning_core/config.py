@@ -58,7 +58,8 @@ class CollectorConfig(Section):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest accepted body, after gunzip.")
     max_inflight_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Request bytes held at once (as sent and decoded); beyond it 503 + Retry-After.")
     max_partitions_per_request: int = Field(64, ge=1, description="Lake partitions (run/epoch or date) one request may write to; more is a 400.")
-    flush_interval_ms: int = Field(20, ge=0, description="Group-commit window: requests arriving within it share one file.")
+    flush_interval_ms: int = Field(0, ge=0, description="Group-commit window: how long a commit waits for more requests "
+                                   "(those that arrive while a commit runs share the next one anyway).")
     compact: bool = Field(True, description="Compact the span tables in the background. Run one compactor per "
                           "table: with several collectors on one lake, leave it on in one of them (collectors with "
                           "workers > 1 or span tables on object storage never compact; use `arclight compact`).")

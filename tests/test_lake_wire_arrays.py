@@ -1,4 +1,4 @@
-"""The promoted token arrays decoded from wire bytes (``lake._WireArrays``) give the rows the Python path gives.
+"""The promoted token arrays decoded from their elements' wire bytes (``otlp_columns``) give the rows the Python path gives.
 
 The oracle is the per-span Python conversion the lake keeps for every other value:
 ``promoted_columns(key_values(span.attributes))``. Random spans carry the three promoted keys with
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from lightning_core import lake, semconv
 from lightning_core.lake import SpanDataError, key_values, promoted_columns, request_to_tables
@@ -98,31 +97,39 @@ def test_decoded_arrays_store_what_the_python_path_stores(spans):
             assert _same(row[column], want[column]), (column, row[column], want[column])
 
 
-def test_a_gateway_request_takes_the_wire_path_and_keeps_every_value():
+def _python_spans(monkeypatch) -> list[int]:
+    """Count the spans ``otlp_columns`` leaves to the Python path."""
+    counted, python = [], lake.request_to_rows
+
+    def counting(*args, only=None, **kwargs):
+        counted.extend(only or [-1])
+        return python(*args, only=only, **kwargs)
+
+    monkeypatch.setattr(lake, "request_to_rows", counting)
+    return counted
+
+
+def test_a_gateway_request_takes_the_wire_path_and_keeps_every_value(monkeypatch):
     ids = [0, 1, 127, 128, 16383, 16384, 2**21, 2**28, 2**31 - 1]
     spans = [[(semconv.PROMPT_TOKEN_IDS, ids, False), (semconv.RESPONSE_TOKEN_IDS, ids[::-1], False),
               (semconv.RESPONSE_LOGPROBS, [-0.0, -1.5, float("-inf")], False), ("agent.name", "writer", False)]] * 3
-    request = _request(spans)
-    wire = lake._WireArrays()
-    handles = [wire.add(int, kv.value) for span in request.resource_spans[0].scope_spans[0].spans
-               for kv in span.attributes if kv.key != semconv.RESPONSE_LOGPROBS and kv.key != "agent.name"]
-    wire.decode()
-    assert [wire.get(h).tolist() for h in handles] == [ids, ids[::-1]] * 3  # decoded in one batch, none left to Python
-    [table] = request_to_tables(request).values()
+    python = _python_spans(monkeypatch)
+    [table] = request_to_tables(_request(spans)).values()
+    assert python == []  # every array decoded from its wire bytes, none left to Python
     assert table["prompt_token_ids"].to_pylist() == [ids] * 3
+    assert table["response_token_ids"].to_pylist() == [ids[::-1]] * 3
     assert table["response_logprobs"].to_pylist() == [[-0.0, -1.5, float("-inf")]] * 3
     assert table["attributes"].to_pylist() == ['{"agent.name":"writer"}'] * 3
 
 
-def test_one_odd_array_goes_to_the_python_path_alone():
-    """A bad array among good ones: the good ones stay on the wire path, the bad one stays in the JSON."""
-    values = [AnyValue() for _ in range(3)]
-    for value, ids in zip(values, ([1, 2, 3], [4, -5, 6], [7])):
-        set_value(value, ids)
-    wire = lake._WireArrays()
-    handles = [wire.add(int, value) for value in values]
-    wire.decode()
-    assert [None if wire.get(h) is None else wire.get(h).tolist() for h in handles] == [[1, 2, 3], None, [7]]
+def test_one_odd_array_goes_to_the_python_path_alone(monkeypatch):
+    """A bad array among good ones: only its span goes to Python, where the array stays in the JSON."""
+    python = _python_spans(monkeypatch)
+    spans = [[(semconv.PROMPT_TOKEN_IDS, ids, False)] for ids in ([1, 2, 3], [4, -5, 6], [7])]
+    [table] = request_to_tables(_request(spans)).values()
+    assert python == [1]
+    assert table["prompt_token_ids"].to_pylist() == [[1, 2, 3], None, [7]]
+    assert table["attributes"].to_pylist() == ["{}", '{"arclight.llm.prompt_token_ids":[4,-5,6]}', "{}"]
 
 
 def test_rows_with_python_lists_and_nulls_build_the_same_columns():

@@ -1,0 +1,489 @@
+"""Columnar conversion of an OTLP export request into span tables, with no Python loop per span.
+
+``lake.request_to_rows`` converts span by span and attribute by attribute in Python, which cost the
+collector ~25 ms per request of 1,050 spans (a dict per row, an ``AnyValue`` per attribute, one
+JSON text per span). Here the request's protobuf bytes are decoded into nested Arrow columns by
+ptars (Rust), and every column of ``lake.SPAN_SCHEMA`` is computed for all spans at once with
+Arrow compute and numpy: hex ids from a lookup table, the attributes JSON joined from per-attribute
+fragments, token ids and logprobs decoded from their elements' wire bytes.
+
+The rows are the Python path's, byte for byte (``tests/test_otlp_columns.py`` checks random
+requests against it). A span this path does not convert the same way -- repeated keys, a value
+nested in an array or a map, a promoted key of another type, events, links, an out-of-range enum --
+is converted by the Python path (``lake.request_to_rows(..., only=...)``) and put back in its place,
+so an odd span costs only itself. Ids, times and resource attributes are checked as before; a
+request that fails a check is converted by the Python path, which raises the same error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ptars
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from lightning_core import lake, semconv
+
+_HANDLER = None
+_HEX = np.array([[ord(c) for c in f"{i:02x}"] for i in range(256)], np.uint8)
+_DAY_NS = 86_400 * 10**9
+_MAX_TIME_NS = lake.MAX_TIME_NS
+_KIND_NAMES = pa.array([lake._KIND_NAMES[i] for i in range(len(lake._KIND_NAMES))])
+_STATUS_NAMES = pa.array([lake._STATUS_NAMES[i] for i in range(len(lake._STATUS_NAMES))])
+_STRING_KEYS = {  # span attribute -> row column, when a string value is copied as is
+    semconv.SPAN_KIND: "span_kind",
+    semconv.AGENT_NAME: "agent_name",
+    semconv.GEN_AI_RESPONSE_ID: "response_id",
+}
+_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'  # what json.dumps(ensure_ascii=False) escapes in a string
+
+
+def _handler():
+    global _HANDLER
+    if _HANDLER is None:
+        pool = ptars.HandlerPool([ExportTraceServiceRequest.DESCRIPTOR.file])
+        _HANDLER = pool.get_for_message(ExportTraceServiceRequest.DESCRIPTOR)
+    return _HANDLER
+
+
+def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_ns: int) -> dict[lake.Partition, pa.Table]:
+    """The span tables of ``request`` (parsed from ``body``) by partition, as ``lake.request_to_rows`` gives them."""
+    try:
+        batch = _handler().list_to_record_batch([body])
+    except Exception:  # upb parsed and checked the body already; whatever ptars cannot take, Python converts
+        return _python(request, received_ns)
+    resource_spans = pc.list_flatten(batch.column(0))
+    scope_spans = pc.list_flatten(pc.struct_field(resource_spans, "scope_spans"))
+    spans = pc.list_flatten(pc.struct_field(scope_spans, "spans"))
+    n = len(spans)
+    if n == 0:
+        return {}
+    # which resource and scope each span belongs to
+    scope_of_span = np.repeat(np.arange(len(scope_spans)), _lengths(pc.struct_field(scope_spans, "spans")))
+    resource_of_scope = np.repeat(np.arange(len(resource_spans)), _lengths(pc.struct_field(resource_spans, "scope_spans")))
+    resource_of_span = resource_of_scope[scope_of_span]
+
+    trace_id, span_id, parent_id = (pc.struct_field(spans, f) for f in ("trace_id", "span_id", "parent_span_id"))
+    start = _numpy(pc.struct_field(spans, "start_time_unix_nano"))
+    end = _numpy(pc.struct_field(spans, "end_time_unix_nano"))
+    if not (
+        (_widths(trace_id) == 16).all() and (_widths(span_id) == 8).all() and np.isin(_widths(parent_id), (0, 8)).all()
+        and (start <= _MAX_TIME_NS).all() and (end <= _MAX_TIME_NS).all()
+    ):
+        return _python(request, received_ns)  # raises the Python path's error for the first bad span
+    trace_bytes, span_bytes = _fixed(trace_id, 16), _fixed(span_id, 8)
+    if not (trace_bytes.any(axis=1).all() and span_bytes.any(axis=1).all()):
+        return _python(request, received_ns)
+
+    # the rollout context of every resource, as the Python path reads it (a bad value raises there)
+    contexts = [_resource_context(rs) for rs in request.resource_spans]
+    slow = np.zeros(n, bool)  # spans the Python path converts
+    kind, status_code, status_message = _enums(spans, slow)
+    slow |= (_lengths(pc.struct_field(spans, "events")) > 0) | (_lengths(pc.struct_field(spans, "links")) > 0)
+    attributes = _Attributes(pc.struct_field(spans, "attributes"), n, slow)
+    columns: dict[str, pa.Array] = {
+        "trace_id": _hex(trace_bytes),
+        "span_id": _hex(span_bytes),
+        "parent_id": _parent_hex(parent_id, n),
+        "name": pc.struct_field(spans, "name"),
+        "kind": kind,
+        "start_ns": pa.array(start.astype(np.int64)),
+        "end_ns": pa.array(end.astype(np.int64)),
+        "status_code": status_code,
+        "status_message": status_message,
+        "events": pa.array(np.full(n, "[]", object), pa.string()),
+        "links": pa.array(np.full(n, "[]", object), pa.string()),
+    }
+    scope_names = pc.struct_field(pc.struct_field(scope_spans, "scope"), "name")
+    scope_versions = pc.struct_field(pc.struct_field(scope_spans, "scope"), "version")
+    columns["resource"] = _per_span([c["resource_json"] for c in contexts], resource_of_span)
+    columns["scope_name"] = pc.take(_empty_to_null(scope_names), pa.array(scope_of_span))
+    columns["scope_version"] = pc.take(_empty_to_null(scope_versions), pa.array(scope_of_span))
+    columns["service_name"] = _per_span([c["service_name"] for c in contexts], resource_of_span)
+    for column, key in (("rollout_id", semconv.ROLLOUT_ID), ("task_id", semconv.TASK_ID)):
+        from_resource = _per_span([c[column] or None for c in contexts], resource_of_span)
+        columns[column] = pc.coalesce(from_resource, attributes.string(key))
+    resource_attempt = [c["attempt"] for c in contexts]
+    # a span's own arclight.attempt counts only where the resource has none: the Python path reads it
+    slow |= attributes.present(semconv.ATTEMPT) & np.array([resource_attempt[r] is None for r in resource_of_span], bool)
+    columns["attempt"] = _per_span(resource_attempt, resource_of_span, pa.int64())
+    columns["received_ns"] = pa.array(np.full(n, received_ns, np.int64))
+    for key, column in _STRING_KEYS.items():
+        columns[column] = attributes.string(key)
+    columns["reward_value"] = attributes.reward()
+    for key, (column, element, _) in lake.PROMOTED_ARRAYS.items():
+        columns[column] = attributes.array(key, element)
+    columns["attributes"] = attributes.json()  # after the arrays: the ones stored in columns leave the JSON
+    slow |= attributes.slow
+
+    table = pa.Table.from_arrays([columns[f.name] for f in lake.SPAN_SCHEMA], schema=lake.SPAN_SCHEMA)
+    partitions = _partitions(contexts, resource_of_span, start)
+    if slow.any():
+        table, partitions = _merge_python(request, received_ns, table, partitions, slow)
+    return _split(table, partitions)
+
+
+class _Attributes:
+    """The spans' attributes as columns: one row per key-value pair, with the span it belongs to."""
+
+    def __init__(self, lists: pa.ListArray, n_spans: int, slow: np.ndarray):
+        self.n = n_spans
+        self.counts = _lengths(lists)
+        pairs = pc.list_flatten(lists)
+        self.span = np.repeat(np.arange(n_spans), self.counts)
+        self.keys = pc.struct_field(pairs, "key")
+        value = pc.struct_field(pairs, "value")
+        self.value = {f: pc.struct_field(value, f) for f in
+                      ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")}
+        self.slow = np.zeros(n_spans, bool)
+        self._null = None
+        self.removed = np.zeros(len(pairs), bool)  # promoted arrays, stored in their own columns
+        encoded = pc.dictionary_encode(self.keys)
+        self.key_codes = _numpy(encoded.indices).astype(np.int64)
+        self.key_names = encoded.dictionary.to_pylist()
+        self._index = {key: i for i, key in enumerate(self.key_names)}
+        # a repeated key keeps its first place and its last value (as in a dict): the Python path does that
+        self.repeated = np.zeros(n_spans, bool)
+        combined = self.span * max(1, len(self.key_names)) + self.key_codes
+        if len(np.unique(combined)) != len(combined):
+            order = np.sort(combined)
+            self.repeated[order[1:][order[1:] == order[:-1]] // max(1, len(self.key_names))] = True
+            self.slow |= self.repeated
+        # nested values (lists and maps) other than the promoted arrays: the Python path
+        nested = ~_numpy(self.value["array_value"].is_null()) | ~_numpy(self.value["kvlist_value"].is_null())
+        promoted_codes = [self._index[k] for k in lake.PROMOTED_ARRAYS if k in self._index]
+        nested &= ~np.isin(self.key_codes, promoted_codes)
+        self.slow[self.span[nested]] = True
+        slow |= self.slow
+
+    def _pairs_of(self, key: str) -> np.ndarray:
+        """The pairs holding ``key``, at most one per span (a span with a repeated key is converted in Python)."""
+        code = self._index.get(key)
+        if code is None:
+            return np.empty(0, np.int64)
+        pairs = np.flatnonzero(self.key_codes == code)
+        return pairs[~self.repeated[self.span[pairs]]]
+
+    def present(self, key: str) -> np.ndarray:
+        """Spans that carry ``key``."""
+        out = np.zeros(self.n, bool)
+        out[self.span[self._pairs_of(key)]] = True
+        return out
+
+    def string(self, key: str) -> pa.Array:
+        """``key``'s string value per span (NULL where absent or null); spans with another type go to Python."""
+        out = np.full(self.n, None, object)
+        pairs = self._pairs_of(key)
+        if len(pairs):
+            strings = pc.take(self.value["string_value"], pa.array(pairs))
+            valued = ~_numpy(pc.take(self._value_null(), pa.array(pairs)))
+            other = _numpy(strings.is_null()) & valued
+            self.slow[self.span[pairs[other]]] = True
+            out[self.span[pairs]] = strings.to_numpy(zero_copy_only=False)
+        return pa.array(out, pa.string())
+
+    def reward(self) -> pa.Array:
+        """``arclight.reward.value`` (else Agent Lightning's) as a float; a string or a bool value goes to Python."""
+        out = np.full(self.n, np.nan)
+        valid = np.zeros(self.n, bool)
+        done = np.zeros(self.n, bool)
+        for key in (semconv.REWARD_VALUE, semconv.AGENTLIGHTNING_REWARD_0_VALUE):
+            pairs = self._pairs_of(key)
+            pairs = pairs[~done[self.span[pairs]]]
+            if not len(pairs):
+                continue
+            take = pa.array(pairs)
+            doubles, ints = pc.take(self.value["double_value"], take), pc.take(self.value["int_value"], take)
+            is_double, is_int = ~_numpy(doubles.is_null()), ~_numpy(ints.is_null())
+            other = ~is_double & ~is_int & ~_numpy(pc.take(self._value_null(), take))
+            self.slow[self.span[pairs[other]]] = True
+            spans = self.span[pairs]
+            out[spans[is_double]] = _numpy(doubles.filter(pa.array(is_double)))
+            out[spans[is_int]] = _numpy(ints.filter(pa.array(is_int))).astype(np.float64)
+            valid[spans[is_double | is_int]] = True
+            done[spans] = True
+        return pa.array(out, pa.float64(), mask=~valid)
+
+    def array(self, key: str, element: type) -> pa.Array:
+        """The promoted array ``key`` per span, decoded from its elements' wire bytes; other shapes go to Python."""
+        pairs = self._pairs_of(key)
+        empty = pa.nulls(self.n, pa.list_(pa.int64() if element is int else pa.float64()))
+        if not len(pairs):
+            return empty
+        lists = pc.struct_field(pc.take(self.value["array_value"], pa.array(pairs)), "values")
+        is_array = ~_numpy(lists.is_null())
+        self.slow[self.span[pairs[~is_array]]] = True
+        pairs, lists = pairs[is_array], lists.filter(pa.array(is_array))
+        counts = _lengths(lists)
+        elements = pc.list_flatten(lists)
+        data = _bytes(elements)
+        offsets = _offsets(elements)
+        decode = _element_ints if element is int else _element_doubles
+        values, ok = _decode_each(decode, data, offsets, counts)
+        self.slow[self.span[pairs[~ok]]] = True
+        self.removed[pairs[ok]] = True
+        pairs, counts = pairs[ok], counts[ok]
+        lengths = np.zeros(self.n, np.int64)
+        lengths[self.span[pairs]] = counts
+        # the pairs are in span order, one per span
+        list_offsets = np.zeros(self.n + 1, np.int64)
+        np.cumsum(lengths, out=list_offsets[1:])
+        if list_offsets[-1] >= 2**31:
+            raise lake.SpanDataError(f"the request's spans hold {list_offsets[-1]} array values, over the 2^31 one table "
+                                     "can hold: send fewer spans per request")
+        mask = np.ones(self.n, bool)
+        mask[self.span[pairs]] = False
+        value_type = pa.int64() if element is int else pa.float64()
+        return pa.ListArray.from_arrays(pa.array(list_offsets.astype(np.int32)), pa.array(values, value_type),
+                                        type=pa.list_(value_type), mask=pa.array(mask))
+
+    def _value_null(self) -> pa.Array:
+        """Pairs whose value holds nothing (JSON null)."""
+        if self._null is None:
+            present = None
+            for array in self.value.values():
+                valid = array.is_valid()
+                present = valid if present is None else pc.or_(present, valid)
+            self._null = pc.invert(present)
+        return self._null
+
+    def json(self) -> pa.Array:
+        """The attributes JSON per span (without the promoted arrays), as ``json.dumps`` writes the dict."""
+        n_pairs = len(self.keys)
+        if n_pairs == 0:
+            return pa.array(np.full(self.n, "{}", object), pa.string())
+        keys = pa.array([lake._dumps(k) + ":" for k in self.key_names], pa.string())
+        fragments_key = pc.take(keys, pa.array(self.key_codes))
+        strings = self.value["string_value"]
+        plain = pc.invert(pc.match_substring_regex(strings, _NEEDS_ESCAPE))
+        plain_strings = pc.binary_join_element_wise('"', pc.if_else(plain, strings, None), '"', "")
+        ints = pc.cast(self.value["int_value"], pa.string())
+        bools = pc.if_else(self.value["bool_value"], "true", "false")
+        # the rest, rare in one request, through json.dumps: strings with characters to escape, doubles
+        # (Python writes 1.0, 1e-05, NaN), bytes (as hex text)
+        others = np.full(n_pairs, None, object)
+        escape = np.flatnonzero(_numpy(pc.fill_null(pc.invert(plain), False)))
+        for i, value in zip(escape, pc.take(strings, pa.array(escape)).to_pylist()):
+            others[i] = lake._dumps(value)
+        doubles = self.value["double_value"]
+        where = np.flatnonzero(~_numpy(doubles.is_null()))
+        for i, value in zip(where, pc.take(doubles, pa.array(where)).to_pylist()):
+            others[i] = lake._dumps(value)
+        byte_values = self.value["bytes_value"]
+        where = np.flatnonzero(~_numpy(byte_values.is_null()))
+        for i, value in zip(where, pc.take(byte_values, pa.array(where)).to_pylist()):
+            others[i] = lake._dumps(value.hex())
+        values = pc.coalesce(plain_strings, ints, bools, pa.array(others, pa.string()), pa.scalar("null"))
+        fragments = pc.binary_join_element_wise(fragments_key, values, "")
+        kept = ~self.removed
+        counts = np.bincount(self.span[kept], minlength=self.n)
+        offsets = np.zeros(self.n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        per_span = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), fragments.filter(pa.array(kept)))
+        return pc.binary_join_element_wise("{", pc.binary_join(per_span, ","), "}", "")
+
+
+def _decode_each(decode, data: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every array's elements at once; when that fails, array by array. Returns the values of the
+    arrays that decoded (in order) and which did."""
+    values = decode(data, offsets)
+    if values is not None:
+        return values, np.ones(len(counts), bool)
+    ends = np.cumsum(counts)
+    parts, ok = [], np.zeros(len(counts), bool)
+    for i, (stop, count) in enumerate(zip(ends, counts)):
+        first = stop - count
+        part = decode(data, offsets[first : stop + 1])
+        if part is not None:
+            parts.append(part)
+            ok[i] = True
+    return (np.concatenate(parts) if parts else np.empty(0)), ok
+
+
+def _element_ints(data: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
+    """Token ids from ``AnyValue`` element bytes (``data[offsets[i]:offsets[i+1]]``): each must be
+    exactly tag 0x18 (``int_value``) and a varint of 1-5 bytes in ``lake.TOKEN_ID_RANGE``; None otherwise.
+
+    Every byte below 0x80 ends a varint or is the tag, so each element holds exactly two: its first
+    byte and its last."""
+    starts, stops = offsets[:-1], offsets[1:]
+    total = len(starts)
+    if total == 0:
+        return np.empty(0, np.int64)
+    region = data[starts[0] : stops[-1]]
+    starts, stops = starts - starts[0], stops - offsets[0]
+    widths = stops - starts - 1
+    if widths.min() < 1 or widths.max() > 5:
+        return None
+    small = np.flatnonzero(region < 0x80)
+    if small.size != 2 * total:
+        return None
+    small = small.reshape(-1, 2)
+    if not (np.array_equal(small[:, 0], starts) and np.array_equal(small[:, 1], stops - 1) and (region[starts] == 0x18).all()):
+        return None
+    values = np.zeros(total, np.int64)
+    for k in range(int(widths.max())):
+        has = widths > k
+        values[has] |= (region[starts[has] + 1 + k].astype(np.int64) & 0x7F) << (7 * k)
+    if values.max() > lake.TOKEN_ID_RANGE[1]:
+        return None
+    return values
+
+
+def _element_doubles(data: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
+    """Logprobs from ``AnyValue`` element bytes: each exactly tag 0x21 (``double_value``) and 8 bytes."""
+    total = len(offsets) - 1
+    if total == 0:
+        return np.empty(0, np.float64)
+    if not (np.diff(offsets) == 9).all():
+        return None
+    elements = data[offsets[0] : offsets[-1]].reshape(-1, 9)
+    if not (elements[:, 0] == 0x21).all():
+        return None
+    return elements[:, 1:].copy().view("<f8").ravel()
+
+
+def _resource_context(resource_spans) -> dict[str, Any]:
+    resource = lake.key_values(resource_spans.resource.attributes)
+    partition_of = lake._partitioner(resource)  # checks run_id and epoch
+    training = partition_of(0) if resource.get(semconv.RUN_ID) not in (None, "") else None
+    return {
+        "resource_json": lake._dumps(resource),
+        "training": training,
+        "service_name": lake._as_str(resource.get(semconv.SERVICE_NAME)),
+        "rollout_id": lake._as_str(resource.get(semconv.ROLLOUT_ID, resource.get(semconv.AGENTLIGHTNING_ROLLOUT_ID))),
+        "task_id": lake._as_str(resource.get(semconv.TASK_ID)),
+        "attempt": lake._as_int(resource.get(semconv.ATTEMPT), semconv.ATTEMPT),
+    }
+
+
+def _enums(spans: pa.StructArray, slow: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
+    kinds = _numpy(pc.struct_field(spans, "kind")).astype(np.int64)
+    status = pc.struct_field(spans, "status")
+    codes = _numpy(pc.fill_null(pc.struct_field(status, "code"), 0)).astype(np.int64)
+    odd = (kinds < 0) | (kinds >= len(_KIND_NAMES)) | (codes < 0) | (codes >= len(_STATUS_NAMES))
+    slow |= odd
+    kinds[odd], codes[odd] = 0, 0
+    message = pc.struct_field(status, "message")
+    return pc.take(_KIND_NAMES, pa.array(kinds)), pc.take(_STATUS_NAMES, pa.array(codes)), _empty_to_null(message)
+
+
+def _partitions(contexts: list[dict], resource_of_span: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Each span's partition (as an index into the returned list's owner: a numpy object array)."""
+    out = np.empty(len(start), object)
+    training = np.array([c["training"] is not None for c in contexts], bool)[resource_of_span]
+    for r, context in enumerate(contexts):
+        if context["training"] is not None:
+            out[(resource_of_span == r)] = context["training"]
+    production = np.flatnonzero(~training)
+    if len(production):
+        ns = start[production].astype(np.int64)
+        dates = {}
+        for i, value in zip(production, ns):  # a few distinct days per request: one conversion each
+            day = int(value) // _DAY_NS
+            edge = value == 0 or value % _DAY_NS < 1000 or _DAY_NS - value % _DAY_NS < 1000
+            if edge:
+                out[i] = lake.Partition(None, None, lake._utc_date(int(value)))
+            else:
+                if day not in dates:
+                    dates[day] = lake.Partition(None, None, lake._utc_date(int(value)))
+                out[i] = dates[day]
+    return out
+
+
+def _merge_python(request, received_ns: int, table: pa.Table, partitions: np.ndarray, slow: np.ndarray):
+    """Replace the rows of the ``slow`` spans by the Python path's rows, keeping span order."""
+    indices = np.flatnonzero(slow)
+    grouped = lake.request_to_rows(request, received_ns=received_ns, only=set(indices.tolist()))
+    rows, row_partitions = [], []
+    for partition, partition_rows in grouped.items():
+        rows += partition_rows
+        row_partitions += [partition] * len(partition_rows)
+    order = np.argsort([row.pop("_index") for row in rows], kind="stable")
+    python = lake.rows_to_table([rows[i] for i in order])
+    fast = np.flatnonzero(~slow)
+    combined = pa.concat_tables([table.take(pa.array(fast)), python])
+    position = np.empty(len(slow), np.int64)
+    position[fast] = np.arange(len(fast))
+    position[indices] = len(fast) + np.arange(len(indices))
+    merged_partitions = np.empty(len(slow), object)
+    merged_partitions[fast] = partitions[fast]
+    for target, i in zip(indices, order):
+        merged_partitions[target] = row_partitions[i]
+    return combined.take(pa.array(position)), merged_partitions
+
+
+def _split(table: pa.Table, partitions: np.ndarray) -> dict[lake.Partition, pa.Table]:
+    distinct = list(dict.fromkeys(partitions.tolist()))
+    if len(distinct) == 1:
+        return {distinct[0]: table}
+    codes = {p: i for i, p in enumerate(distinct)}
+    index = np.fromiter((codes[p] for p in partitions), np.int64, len(partitions))
+    return {p: table.take(pa.array(np.flatnonzero(index == i))) for i, p in enumerate(distinct)}
+
+
+def _python(request, received_ns: int) -> dict[lake.Partition, pa.Table]:
+    grouped = lake.request_to_rows(request, received_ns=received_ns)
+    return {partition: lake.rows_to_table(rows) for partition, rows in grouped.items()}
+
+
+# --- Arrow helpers
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    return array.to_numpy(zero_copy_only=False)
+
+
+def _lengths(lists: pa.Array) -> np.ndarray:
+    return _numpy(pc.fill_null(pc.list_value_length(lists), 0)).astype(np.int64)
+
+
+def _offsets(binary: pa.Array) -> np.ndarray:
+    offsets = np.frombuffer(binary.buffers()[1], np.int32 if binary.type == pa.binary() else np.int64)
+    return offsets[binary.offset : binary.offset + len(binary) + 1].astype(np.int64)
+
+
+def _widths(binary: pa.Array) -> np.ndarray:
+    return np.diff(_offsets(binary))
+
+
+def _fixed(binary: pa.Array, width: int) -> np.ndarray:
+    """A binary array whose values are all ``width`` bytes, as an (n, width) uint8 array."""
+    offsets = _offsets(binary)
+    return _bytes(binary)[offsets[0] : offsets[-1]].reshape(-1, width)
+
+
+def _bytes(binary: pa.Array) -> np.ndarray:
+    """The data buffer of a binary array (indexed by ``_offsets``)."""
+    buffer = binary.buffers()[2]
+    return np.frombuffer(buffer, np.uint8) if buffer is not None else np.empty(0, np.uint8)
+
+
+def _hex(ids: np.ndarray) -> pa.Array:
+    n, width = ids.shape
+    data = _HEX[ids].reshape(-1)
+    offsets = np.arange(0, n * 2 * width + 1, 2 * width, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _parent_hex(parents: pa.Array, n: int) -> pa.Array:
+    has = _widths(parents) == 8
+    out = np.zeros((n, 8), np.uint8)
+    data, offsets = _bytes(parents), _offsets(parents)
+    if has.any():
+        starts = offsets[:-1][has]
+        out[has] = data[starts[:, None] + np.arange(8)]
+    valid = has & out.any(axis=1)  # an all-zero parent id means no parent
+    hexed = _hex(out)
+    return pc.if_else(pa.array(valid), hexed, pa.scalar(None, pa.string()))
+
+
+def _per_span(values: list, index: np.ndarray, type_: pa.DataType = pa.string()) -> pa.Array:
+    return pc.take(pa.array(values, type_), pa.array(index))
+
+
+def _empty_to_null(strings: pa.Array) -> pa.Array:
+    return pc.if_else(pc.equal(strings, ""), pa.scalar(None, pa.string()), strings)

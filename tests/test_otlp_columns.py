@@ -1,0 +1,217 @@
+"""The columnar conversion (``otlp_columns``) gives the rows the per-span Python path gives, byte for byte.
+
+The oracle is ``lake.request_to_rows`` + ``rows_to_table``, the conversion the lake had before
+(and keeps for the spans the columnar path hands it). Random requests mix several resources
+(training runs, production spans on different days), scopes with and without names, every
+attribute type (strings that need JSON escapes, unicode, ints, doubles with NaN and infinities,
+bools, bytes, nulls, lists, maps), repeated keys, the promoted keys with clean and odd values,
+reward values of every type, rollout context on the resource or the span, events, links, status
+codes and kinds out of range, parents that are empty, zero or set. The tables must be equal.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from lightning_core import lake, otlp_columns, semconv
+from lightning_core.lake import SpanDataError
+from tests.otlp_factory import fill_attributes, set_value
+
+PROMOTED = list(lake.PROMOTED_ARRAYS)
+KEYS = PROMOTED + [
+    semconv.SPAN_KIND, semconv.AGENT_NAME, semconv.GEN_AI_RESPONSE_ID, semconv.REWARD_VALUE,
+    semconv.AGENTLIGHTNING_REWARD_0_VALUE, semconv.ROLLOUT_ID, semconv.TASK_ID, semconv.ATTEMPT,
+    "tool.output", "gen_ai.prompt", "k\"ey\n", "ключ",
+]
+text = st.text(alphabet=st.sampled_from(list('ab "\\\n\t\x00\x1fé€😀/')), max_size=8)
+scalars = st.one_of(text, st.integers(-(2**63), 2**63 - 1), st.integers(-3, 3), st.booleans(), st.binary(max_size=4),
+                    st.floats(allow_nan=True, allow_infinity=True), st.none())
+values = st.one_of(
+    scalars, scalars, scalars,
+    st.lists(st.integers(0, 2**31 - 1), max_size=30),  # token ids
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=20),  # logprobs
+    st.lists(st.integers(0, 2**31 - 1), max_size=5).map(lambda xs: xs + [2**31]),  # out of the id range
+    st.lists(st.one_of(st.integers(0, 9), st.floats(0, 1)), max_size=4),
+    st.lists(scalars, max_size=3), st.dictionaries(text, scalars, max_size=3), st.just([]), st.just("[1, 2]"),
+)
+
+
+clean = {  # what the columnar path takes, per key
+    **{key: st.lists(st.integers(0, 2**31 - 1), max_size=30) for key in PROMOTED[:2]},
+    PROMOTED[2]: st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=20),
+    semconv.REWARD_VALUE: st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.none()),
+    semconv.AGENTLIGHTNING_REWARD_0_VALUE: st.one_of(st.floats(allow_nan=True), st.integers(-5, 5)),
+    semconv.ATTEMPT: st.integers(0, 3),
+    **{key: st.one_of(text, st.none()) for key in (semconv.SPAN_KIND, semconv.AGENT_NAME, semconv.GEN_AI_RESPONSE_ID,
+                                                   semconv.ROLLOUT_ID, semconv.TASK_ID)},
+}
+
+
+def odd(draw, odds: int) -> bool:
+    """True one time in ``odds``."""
+    return draw(st.integers(0, odds - 1)) == 0
+
+
+@st.composite
+def spans(draw):
+    if odd(draw, 8):  # anything, repeated keys included
+        keys = draw(st.lists(st.sampled_from(KEYS), max_size=8))
+        attributes = [(key, draw(values)) for key in keys]
+    else:
+        keys = draw(st.lists(st.sampled_from(KEYS), max_size=8, unique=True))
+        attributes = [(key, draw(clean.get(key, scalars) if not odd(draw, 25) else values)) for key in keys]
+    return {
+        "attributes": attributes,
+        "kind": draw(st.sampled_from([0, 1, 2, 3, 4, 5])) if not odd(draw, 25) else 9,
+        "status": draw(st.sampled_from([None, (0, ""), (1, "ok"), (2, "boom \"x\"")])) if not odd(draw, 25) else (7, ""),
+        "parent": draw(st.sampled_from([None, b"", bytes(8), b"\x00" * 7 + b"\x05"])),
+        "events": odd(draw, 25),
+        "links": odd(draw, 25),
+        "day": draw(st.sampled_from([0, 0, 1, 2])),
+        "name": draw(text),
+    }
+
+
+resources = st.lists(
+    st.tuples(
+        st.sampled_from([
+            {"service.name": "svc", semconv.RUN_ID: "run-a", semconv.EPOCH: 2},
+            {"service.name": "svc", semconv.RUN_ID: "run-b", semconv.ROLLOUT_ID: "ro-1", semconv.TASK_ID: "t", semconv.ATTEMPT: 2},
+            {"service.name": "prod"},
+            {semconv.AGENTLIGHTNING_ROLLOUT_ID: "al-7", semconv.RUN_ID: "", semconv.EPOCH: ""},
+            {},
+        ]),
+        st.lists(st.lists(spans(), max_size=6), min_size=1, max_size=2),  # scopes of spans
+    ),
+    min_size=1, max_size=3,
+)
+
+
+def _build(drawn) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    n = 0
+    for resource, scopes in drawn:
+        rs = request.resource_spans.add()
+        fill_attributes(rs.resource.attributes, resource)
+        for s, scope_spans in enumerate(scopes):
+            scope = rs.scope_spans.add()
+            if s == 0:
+                scope.scope.name, scope.scope.version = "scope", "1.0"
+            for fields in scope_spans:
+                n += 1
+                span = scope.spans.add()
+                span.trace_id = (n % 3 + 1).to_bytes(16, "big")
+                span.span_id = n.to_bytes(8, "big")
+                span.name = fields["name"]
+                span.kind = fields["kind"]
+                span.start_time_unix_nano = 1_700_000_000_000_000_000 + fields["day"] * 86_400 * 10**9 + n
+                span.end_time_unix_nano = span.start_time_unix_nano + 1000
+                if fields["parent"] is not None:
+                    span.parent_span_id = fields["parent"]
+                if fields["status"] is not None:
+                    span.status.code, span.status.message = fields["status"]
+                for key, value in fields["attributes"]:
+                    kv = span.attributes.add()
+                    kv.key = key
+                    if value is not None:
+                        set_value(kv.value, value)
+                if fields["events"]:
+                    event = span.events.add(name="exception", time_unix_nano=5)
+                    fill_attributes(event.attributes, {"exception.message": "x"})
+                if fields["links"]:
+                    span.links.add(trace_id=bytes(15) + b"\x01", span_id=bytes(7) + b"\x02")
+    return request
+
+
+def _python(request: ExportTraceServiceRequest) -> dict:
+    grouped = lake.request_to_rows(request, received_ns=123)
+    return {partition: lake.rows_to_table(rows) for partition, rows in grouped.items()}
+
+
+COUNTS = {"spans": 0, "python": 0}
+
+
+def _assert_same(request: ExportTraceServiceRequest) -> None:
+    expected = _python(request)
+    python = lake.request_to_rows
+
+    def counting(*args, only=None, **kwargs):
+        COUNTS["python"] += len(only) if only is not None else sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        return python(*args, only=only, **kwargs)
+
+    lake.request_to_rows = counting
+    try:
+        got = otlp_columns.request_to_tables(request, request.SerializeToString(), 123)
+    finally:
+        lake.request_to_rows = python
+    COUNTS["spans"] += sum(t.num_rows for t in expected.values())
+    assert list(got) == list(expected)
+    for partition, table in expected.items():
+        other = got[partition]
+        assert other.schema.equals(table.schema)
+        for name in table.column_names:
+            mine, theirs = other.column(name).to_pylist(), table.column(name).to_pylist()
+            assert mine == theirs or repr(mine) == repr(theirs), (partition, name)  # repr: NaN equals NaN
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(drawn=resources)
+def test_random_requests_give_the_python_paths_rows(drawn):
+    _assert_same(_build(drawn))
+
+
+def test_the_random_requests_were_mostly_columnar():
+    """The test above is worth something only if most of its spans took the columnar path."""
+    assert COUNTS["spans"] > 1000
+    assert COUNTS["python"] < 0.6 * COUNTS["spans"], COUNTS
+
+
+def test_a_clean_gateway_request_is_converted_as_columns_only(monkeypatch):
+    """The request shape of the ingest benchmark leaves nothing to the Python path."""
+    from benchmarks.ingest_bench import build_request
+
+    body = build_request(3, spans=60)
+    request = ExportTraceServiceRequest.FromString(body)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python path was used")
+
+    _assert_same(request)
+    monkeypatch.setattr(lake, "request_to_rows", refuse)
+    tables = otlp_columns.request_to_tables(request, body, 123)
+    table = tables[lake.Partition("ingest", 0)]
+    assert table.num_rows == 60
+    assert table.column("prompt_token_ids")[0].as_py() == [(3 * 60 + 1 + j) % 49152 for j in range(200)]
+    assert table.column("attributes")[1].as_py().startswith('{"arclight.rollout_id":"ro-3-0"')
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"trace_id": b"\x01" * 15}, "trace_id must be 16 bytes"),
+    ({"trace_id": bytes(16)}, "must not be all zeros"),
+    ({"start": 2**63}, "start and end times"),
+])
+def test_a_bad_span_raises_the_python_paths_error(fields, message):
+    from tests.otlp_factory import export_request
+
+    request = export_request({semconv.RUN_ID: "r"}, [{}, fields])
+    with pytest.raises(SpanDataError, match=message):
+        lake.request_to_tables(request)
+
+
+def test_one_odd_span_costs_only_itself():
+    """A span with a map value goes through Python; its neighbours stay columnar and in order."""
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    fill_attributes(rs.resource.attributes, {semconv.RUN_ID: "r"})
+    scope = rs.scope_spans.add()
+    for n in range(1, 6):
+        span = scope.spans.add(trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"), name=f"s{n}")
+        fill_attributes(span.attributes, {"x": {"nested": [1, 2]}} if n == 3 else {"x": n})
+    table = lake.request_to_tables(request)[lake.Partition("r", 0)]
+    assert table.column("name").to_pylist() == ["s1", "s2", "s3", "s4", "s5"]
+    assert table.column("attributes").to_pylist()[1:4] == ['{"x":2}', '{"x":{"nested":[1,2]}}', '{"x":4}']
+    assert pa.types.is_string(table.schema.field("attributes").type)
