@@ -25,11 +25,11 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
-import uuid
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -466,7 +466,7 @@ class Lake:
                 if not (root / folder).is_dir():
                     (root / folder).mkdir(exist_ok=True)
                     new_folders.add(root / folder)
-            pq.write_table(data, path, compression="zstd", row_group_size=_ROW_GROUP, use_dictionary=_DICTIONARY_COLUMNS)
+            pq.write_table(data, path, compression="zstd", row_group_size=_ROW_GROUP)
             fsync_file(path)
             stat = path.stat()
             actions.append(AddAction(quote(relative, safe="/="), stat.st_size, values, int(stat.st_mtime * 1000), True,
@@ -539,8 +539,6 @@ class Lake:
 
 _ROW_GROUP = 128 * 1024
 _WRITER = WriterProperties(compression="ZSTD", max_row_group_size=_ROW_GROUP)  # as the Parquet lake wrote them
-# dictionaries for the string columns, none for the token and logprob lists (they cost most of a write and gain nothing)
-_DICTIONARY_COLUMNS = [f.name for f in SPAN_SCHEMA if not pa.types.is_list(f.type)]
 
 
 def _partition_values(partition: Partition) -> dict[str, str]:

@@ -83,7 +83,7 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
     slow = np.zeros(n, bool)  # spans the Python path converts
     kind, status_code, status_message = _enums(spans, slow)
     slow |= (_lengths(pc.struct_field(spans, "events")) > 0) | (_lengths(pc.struct_field(spans, "links")) > 0)
-    attributes = _Attributes(pc.struct_field(spans, "attributes"), n, slow)
+    attributes = _Attributes(pc.struct_field(spans, "attributes"), n)
     columns: dict[str, pa.Array] = {
         "trace_id": _hex(trace_bytes),
         "span_id": _hex(span_bytes),
@@ -94,8 +94,8 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
         "end_ns": pa.array(end.astype(np.int64)),
         "status_code": status_code,
         "status_message": status_message,
-        "events": pa.array(np.full(n, "[]", object), pa.string()),
-        "links": pa.array(np.full(n, "[]", object), pa.string()),
+        "events": pa.repeat(pa.scalar("[]"), n),
+        "links": pa.repeat(pa.scalar("[]"), n),
     }
     scope_names = pc.struct_field(pc.struct_field(scope_spans, "scope"), "name")
     scope_versions = pc.struct_field(pc.struct_field(scope_spans, "scope"), "version")
@@ -108,9 +108,9 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
         columns[column] = pc.coalesce(from_resource, attributes.string(key))
     resource_attempt = [c["attempt"] for c in contexts]
     # a span's own arclight.attempt counts only where the resource has none: the Python path reads it
-    slow |= attributes.present(semconv.ATTEMPT) & np.array([resource_attempt[r] is None for r in resource_of_span], bool)
+    slow |= attributes.present(semconv.ATTEMPT) & np.array([a is None for a in resource_attempt], bool)[resource_of_span]
     columns["attempt"] = _per_span(resource_attempt, resource_of_span, pa.int64())
-    columns["received_ns"] = pa.array(np.full(n, received_ns, np.int64))
+    columns["received_ns"] = pa.repeat(pa.scalar(received_ns, pa.int64()), n)
     for key, column in _STRING_KEYS.items():
         columns[column] = attributes.string(key)
     columns["reward_value"] = attributes.reward()
@@ -129,7 +129,7 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
 class _Attributes:
     """The spans' attributes as columns: one row per key-value pair, with the span it belongs to."""
 
-    def __init__(self, lists: pa.ListArray, n_spans: int, slow: np.ndarray):
+    def __init__(self, lists: pa.ListArray, n_spans: int):
         self.n = n_spans
         self.counts = _lengths(lists)
         pairs = pc.list_flatten(lists)
@@ -157,7 +157,6 @@ class _Attributes:
         promoted_codes = [self._index[k] for k in lake.PROMOTED_ARRAYS if k in self._index]
         nested &= ~np.isin(self.key_codes, promoted_codes)
         self.slow[self.span[nested]] = True
-        slow |= self.slow
 
     def _pairs_of(self, key: str) -> np.ndarray:
         """The pairs holding ``key``, at most one per span (a span with a repeated key is converted in Python)."""
@@ -175,15 +174,21 @@ class _Attributes:
 
     def string(self, key: str) -> pa.Array:
         """``key``'s string value per span (NULL where absent or null); spans with another type go to Python."""
-        out = np.full(self.n, None, object)
         pairs = self._pairs_of(key)
-        if len(pairs):
-            strings = pc.take(self.value["string_value"], pa.array(pairs))
-            valued = ~_numpy(pc.take(self._value_null(), pa.array(pairs)))
-            other = _numpy(strings.is_null()) & valued
-            self.slow[self.span[pairs[other]]] = True
-            out[self.span[pairs]] = strings.to_numpy(zero_copy_only=False)
-        return pa.array(out, pa.string())
+        if not len(pairs):
+            return pa.nulls(self.n, pa.string())
+        strings = self.value["string_value"]
+        other = _numpy(pc.take(strings, pa.array(pairs)).is_null()) & ~_numpy(pc.take(self._value_null(), pa.array(pairs)))
+        self.slow[self.span[pairs[other]]] = True
+        return pc.take(strings, self._per_span_index(pairs))
+
+    def _per_span_index(self, pairs: np.ndarray) -> pa.Array:
+        """An index into the pairs per span: the span's pair among ``pairs``, NULL for a span without one."""
+        index = np.zeros(self.n, np.int64)
+        index[self.span[pairs]] = pairs
+        missing = np.ones(self.n, bool)
+        missing[self.span[pairs]] = False
+        return pa.array(index, mask=missing)
 
     def reward(self) -> pa.Array:
         """``arclight.reward.value`` (else Agent Lightning's) as a float; a string or a bool value goes to Python."""
@@ -372,25 +377,20 @@ def _enums(spans: pa.StructArray, slow: np.ndarray) -> tuple[pa.Array, pa.Array,
 
 
 def _partitions(contexts: list[dict], resource_of_span: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Each span's partition (as an index into the returned list's owner: a numpy object array)."""
-    out = np.empty(len(start), object)
-    training = np.array([c["training"] is not None for c in contexts], bool)[resource_of_span]
-    for r, context in enumerate(contexts):
-        if context["training"] is not None:
-            out[(resource_of_span == r)] = context["training"]
-    production = np.flatnonzero(~training)
+    """Each span's partition, as a numpy object array: its resource's run and epoch, or its day (UTC)."""
+    out = _objects([c["training"] for c in contexts])[resource_of_span]
+    production = np.flatnonzero(np.array([c["training"] is None for c in contexts], bool)[resource_of_span])
     if len(production):
         ns = start[production].astype(np.int64)
-        dates = {}
-        for i, value in zip(production, ns):  # a few distinct days per request: one conversion each
-            day = int(value) // _DAY_NS
-            edge = value == 0 or value % _DAY_NS < 1000 or _DAY_NS - value % _DAY_NS < 1000
-            if edge:
-                out[i] = lake.Partition(None, None, lake._utc_date(int(value)))
-            else:
-                if day not in dates:
-                    dates[day] = lake.Partition(None, None, lake._utc_date(int(value)))
-                out[i] = dates[day]
+        days, into_day = np.unique(ns // _DAY_NS, return_inverse=True)
+        # one date per distinct day, from a span of that day away from midnight (the float seconds
+        # ``_utc_date`` computes round the same way there); spans within a microsecond of midnight, or
+        # at time 0 (dated now), each through ``_utc_date``
+        edge = (ns == 0) | (ns % _DAY_NS < 1000) | (_DAY_NS - ns % _DAY_NS < 1000)
+        per_day = _objects([lake.Partition(None, None, lake._utc_date(int(day * _DAY_NS + _DAY_NS // 2))) for day in days])
+        out[production] = per_day[into_day]
+        for i in np.flatnonzero(edge):
+            out[production[i]] = lake.Partition(None, None, lake._utc_date(int(ns[i])))
     return out
 
 
@@ -417,12 +417,17 @@ def _merge_python(request, received_ns: int, table: pa.Table, partitions: np.nda
 
 
 def _split(table: pa.Table, partitions: np.ndarray) -> dict[lake.Partition, pa.Table]:
-    distinct = list(dict.fromkeys(partitions.tolist()))
-    if len(distinct) == 1:
-        return {distinct[0]: table}
-    codes = {p: i for i, p in enumerate(distinct)}
-    index = np.fromiter((codes[p] for p in partitions), np.int64, len(partitions))
-    return {p: table.take(pa.array(np.flatnonzero(index == i))) for i, p in enumerate(distinct)}
+    """One table per partition, partitions in the order their first span comes (as the Python path groups them)."""
+    # most spans share a few Partition objects: group by object first, then merge equal objects
+    _, first, inverse = np.unique(np.fromiter(map(id, partitions), np.int64, len(partitions)), return_index=True, return_inverse=True)
+    codes: dict[lake.Partition, int] = {}
+    for i in np.argsort(first):
+        codes.setdefault(partitions[first[i]], len(codes))
+    if len(codes) == 1:
+        return {next(iter(codes)): table}
+    code_of_object = np.array([codes[partitions[f]] for f in first], np.int64)
+    index = code_of_object[inverse.reshape(-1)]
+    return {p: table.take(pa.array(np.flatnonzero(index == code))) for p, code in codes.items()}
 
 
 def _python(request, received_ns: int) -> dict[lake.Partition, pa.Table]:
@@ -479,6 +484,12 @@ def _parent_hex(parents: pa.Array, n: int) -> pa.Array:
     valid = has & out.any(axis=1)  # an all-zero parent id means no parent
     hexed = _hex(out)
     return pc.if_else(pa.array(valid), hexed, pa.scalar(None, pa.string()))
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), object)
+    out[:] = values
+    return out
 
 
 def _per_span(values: list, index: np.ndarray, type_: pa.DataType = pa.string()) -> pa.Array:
