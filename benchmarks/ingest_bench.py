@@ -9,7 +9,12 @@ lake) as fast as it answers; a 200 means the spans are durable in the lake. Prin
 spans/s, the acknowledgement latency (p50, p99), and -- in the same run, same process type --
 how fast protobuf alone decodes the same requests (``ExportTraceServiceRequest.FromString``), as
 the ratio the issue asks for. The lake is counted at the
-end (a lost span fails the run).
+end (a lost span fails the run). The clock starts once every sender process is up and connected.
+
+    .venv/bin/python benchmarks/ingest_bench.py --requests 10 --convert-only
+
+times only the conversion of a request into span tables in this process: the upb parse and check,
+the per-span Python path (``lake.request_to_rows``) and the columnar path (``otlp_columns``).
 """
 
 from __future__ import annotations
@@ -80,6 +85,29 @@ def decode_rate(bodies: list[bytes], repeat: int = 3) -> float:
     return best
 
 
+def convert_times(bodies: list[bytes], repeat: int = 3) -> dict[str, float]:
+    """Milliseconds per request to turn the requests into span tables, in this process (best of ``repeat``):
+    upb parse and wire-type check, then the per-span Python path or the columnar path."""
+    from lightning_core import lake, otlp_columns
+    from lightning_core.otlp_decode import PROTOBUF, parse
+
+    requests = [parse(body, PROTOBUF) for body in bodies]
+    paths = {
+        "parse": lambda request, body: parse(body, PROTOBUF),
+        "python": lambda request, body: [lake.rows_to_table(rows) for rows in lake.request_to_rows(request).values()],
+        "columnar": lambda request, body: otlp_columns.request_to_tables(request, body, 0),
+    }
+    best = {}
+    for name, convert in paths.items():
+        for _ in range(repeat):
+            started = time.perf_counter()
+            for request, body in zip(requests, bodies):
+                convert(request, body)
+            took = (time.perf_counter() - started) / len(bodies) * 1000
+            best[name] = min(best.get(name, took), took)
+    return best
+
+
 def send(url: str, bodies: list[bytes], queue, ready, go) -> None:
     import httpx
 
@@ -103,10 +131,16 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--spans", type=int, default=1050, help="spans per request")
     parser.add_argument("--workers", type=int, default=1, help="collector processes on the one port (collector.workers)")
+    parser.add_argument("--convert-only", action="store_true", help="only time the conversion of the requests, in this process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (collector.flush_interval_ms=5)")
     args = parser.parse_args()
     bodies = [build_request(i, spans=args.spans) for i in range(args.requests)]
     print(f"{args.requests} requests of {args.spans} spans, {sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB each")
+    if args.convert_only:
+        times = convert_times(bodies[: min(10, len(bodies))])
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        print("ms per request: " + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()) + f"; {uptime}")
+        return
     decode = decode_rate(bodies[: min(8, len(bodies))])
     root = Path(tempfile.mkdtemp(prefix="arclight-ingest-"))
     cfg = load_config(None, overrides=[f"project_dir={root}", f"collector.port={free_port()}",

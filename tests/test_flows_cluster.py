@@ -145,6 +145,7 @@ def ray_cluster(tmp_path_factory):
     """A Ray head node (``ray start --head``) in its own process group, stopped by killing that group."""
     import contextlib
     import os
+    import secrets
     import signal
     import subprocess
     import sys
@@ -158,14 +159,17 @@ def ray_cluster(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray")
     # The raylet waits 30 s by default for its dashboard agent, which took over a minute to start on this
     # 2-core machine under load (the raylet then aborts: "Timed out waiting for file .../metrics_agent_port").
-    env = {**os.environ, "RAY_agent_register_timeout_ms": "300000"}
+    # Ray 2.60 clients expect token authentication (RAY_AUTH_MODE=token) and look for the token in
+    # ~/.ray/auth_token, which `ray start` writes only on some machines (not on a fresh one): the head
+    # and every client get one token of this session through the environment instead.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, **auth, "RAY_agent_register_timeout_ms": "300000"}
     proc = subprocess.Popen(
         [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--object-store-memory=200000000",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Ray 2.60's `ray start` turns on token authentication (~/.ray/auth_token); clients must opt in to send it.
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    previous = {key: os.environ.get(key) for key in auth}
+    os.environ.update(auth)
     try:
         deadline = time.monotonic() + 240
         address = None
@@ -184,10 +188,11 @@ def ray_cluster(tmp_path_factory):
                 proc.wait(timeout=20)
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=20)
-        if previous is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def test_epoch_rollouts_run_on_a_ray_cluster_and_a_hung_one_is_killed_at_its_timeout(
