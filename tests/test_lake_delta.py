@@ -361,3 +361,34 @@ def test_two_compactions_of_one_partition_at_once_are_reported_loudly(tmp_path):
     _check_no_concurrent_compaction(path, read, read + 1, ("twice", 0))  # the first one alone is fine
     con = analyst.connect(tmp_path / "lake")
     assert con.execute("SELECT count(*) FROM spans WHERE run_id = 'twice'").fetchall() == [(15,)]  # readers: once
+
+
+def test_files_of_a_commit_that_never_happened_are_vacuumed_and_an_old_table_gets_the_checkpoint_interval(tmp_path, monkeypatch):
+    """A writer that dies between its data files and its commit leaves files no version lists: ``vacuum`` (full
+    mode) removes them once they are older than the retention window, and keeps every committed file. A table
+    created before the checkpoint setting gets it when a writer opens it."""
+    from deltalake import DeltaTable
+
+    from lightning_core import lake as lake_module
+
+    root = tmp_path / "lake"
+    table_uri = str(root / "spans" / "training")
+    DeltaTable.create(table_uri, lake_module.table_schema("training"), partition_by=["run_id", "epoch"])  # as an older Arclight did
+    assert lake_module.CHECKPOINT_INTERVAL not in DeltaTable(table_uri).metadata().configuration
+    lake = Lake(root, retention_hours=0)
+    lake.write(request_to_tables(_request("kept", 3)))
+    assert DeltaTable(table_uri).metadata().configuration[lake_module.CHECKPOINT_INTERVAL] == str(lake_module.CHECKPOINT_EVERY)
+
+    def commit_fails(*args, **kwargs):
+        raise OSError("killed before the commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DeltaTable, "create_write_transaction", commit_fails)
+        with pytest.raises(OSError):
+            lake.write(request_to_tables(_request("orphan", 3)))
+    [orphan] = (root / "spans" / "training").glob("run_id=orphan/epoch=0/*.parquet")
+    committed = set((root / "spans" / "training").glob("run_id=kept/epoch=0/*.parquet"))
+    time.sleep(0.01)
+    removed = lake.vacuum(lake.table("training"))
+    assert not orphan.exists() and any(path.endswith(orphan.name) for path in removed)
+    assert all(path.exists() for path in committed) and _raw_counts(root, "kept") == (3, 3)
