@@ -455,7 +455,7 @@ class Lake:
             return [f"{lane}@{table.version()}"]
         # A local table: each partition's file written by pyarrow and fsynced, then one commit of their add
         # actions. (delta-rs's own writer took 17 ms a commit at version 50 of a table and 37-73 ms at 300,
-        # growing with the table; this stays at 13-15 ms: benchmarks/README.md.)
+        # growing with the table; this took 13-20 ms up to version 300: benchmarks/README.md.)
         root = self.table_path(lane)
         actions, paths, new_folders = [], [], set()
         for partition, data in parts.items():
@@ -478,7 +478,7 @@ class Lake:
         table.create_write_transaction(actions, mode="append", schema=table_schema(lane), partition_by=list(LANES[lane]),
                                        commit_properties=commit)
         table.update_incremental()
-        for version in range(before + 1, table.version() + 1):  # ours, and any another process made meanwhile
+        for version in range(before + 1, table.version() + 1):  # ours, and any other process's made meanwhile
             fsync_file(root / "_delta_log" / f"{version:020d}.json")
         fsync_dir(root / "_delta_log")
         return [str(p) for p in paths]

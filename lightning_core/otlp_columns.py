@@ -39,6 +39,7 @@ _STRING_KEYS = {  # span attribute -> row column, when a string value is copied 
     semconv.GEN_AI_RESPONSE_ID: "response_id",
 }
 _NEEDS_ESCAPE = r'[\x00-\x1f"\\]'  # what json.dumps(ensure_ascii=False) escapes in a string
+_VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
 
 
 def _handler():
@@ -136,9 +137,11 @@ class _Attributes:
         self.span = np.repeat(np.arange(n_spans), self.counts)
         self.keys = pc.struct_field(pairs, "key")
         value = pc.struct_field(pairs, "value")
-        self.value = {f: pc.struct_field(value, f) for f in
-                      ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")}
+        self.value = {f: pc.struct_field(value, f) for f in _VALUE_FIELDS}
         self.slow = np.zeros(n_spans, bool)
+        for field in value.type:  # a value this path does not know (string_value_strindex, a newer OTLP's): Python
+            if field.name not in _VALUE_FIELDS:
+                self.slow[self.span[_numpy(pc.struct_field(value, field.name).is_valid())]] = True
         self._null = None
         self.removed = np.zeros(len(pairs), bool)  # promoted arrays, stored in their own columns
         encoded = pc.dictionary_encode(self.keys)
