@@ -234,19 +234,8 @@ def request_to_rows(
                     "end_ns": span.end_time_unix_nano,
                     "status_code": _STATUS_NAMES.get(span.status.code, str(span.status.code)),
                     "status_message": span.status.message or None,
-                    "events": _dumps(
-                        [{"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)} for e in span.events]
-                    )
-                    if span.events
-                    else "[]",
-                    "links": _dumps(
-                        [
-                            {"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "attributes": key_values(l.attributes)}
-                            for l in span.links
-                        ]
-                    )
-                    if span.links
-                    else "[]",
+                    "events": events_json(span),
+                    "links": links_json(span),
                     "resource": resource_json,
                     "scope_name": scope_name or None,
                     "scope_version": scope_version or None,
@@ -262,6 +251,21 @@ def request_to_rows(
                 row.update(promoted_columns(attributes))
                 grouped[partition_of(span.start_time_unix_nano)].append(row)
     return grouped
+
+
+def events_json(span: PbSpan) -> str:
+    """The span's events as the ``events`` column stores them."""
+    if not span.events:
+        return "[]"
+    return _dumps([{"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)} for e in span.events])
+
+
+def links_json(span: PbSpan) -> str:
+    """The span's links as the ``links`` column stores them."""
+    if not span.links:
+        return "[]"
+    return _dumps([{"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "attributes": key_values(l.attributes)}
+                   for l in span.links])
 
 
 def _check_span(span: PbSpan) -> None:

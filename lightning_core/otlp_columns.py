@@ -9,9 +9,9 @@ fragments, token ids and logprobs decoded from their elements' wire bytes.
 
 The rows are the Python path's, byte for byte (``tests/test_otlp_columns.py`` checks random
 requests against it). A span this path does not convert the same way -- repeated keys, a value
-nested in an array or a map, a promoted key of another type, events, links, an out-of-range enum --
-is converted by the Python path (``lake.request_to_rows(..., only=...)``) and put back in its place,
-so an odd span costs only itself. Ids, times and resource attributes are checked as before; a
+nested in an array or a map, a promoted key of another type, an out-of-range enum -- is converted
+by the Python path (``lake.request_to_rows(..., only=...)``) and put back in its place, so an odd
+span costs only itself; so are the events and links of the few spans that have them. Ids, times and resource attributes are checked as before; a
 request that fails a check is converted by the Python path, which raises the same error.
 """
 
@@ -83,7 +83,6 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
     contexts = [_resource_context(rs) for rs in request.resource_spans]
     slow = np.zeros(n, bool)  # spans the Python path converts
     kind, status_code, status_message = _enums(spans, slow)
-    slow |= (_lengths(pc.struct_field(spans, "events")) > 0) | (_lengths(pc.struct_field(spans, "links")) > 0)
     attributes = _Attributes(pc.struct_field(spans, "attributes"), n)
     columns: dict[str, pa.Array] = {
         "trace_id": _hex(trace_bytes),
@@ -95,8 +94,7 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
         "end_ns": pa.array(end.astype(np.int64)),
         "status_code": status_code,
         "status_message": status_message,
-        "events": pa.repeat(pa.scalar("[]"), n),
-        "links": pa.repeat(pa.scalar("[]"), n),
+        **_events_and_links(request, spans, n),
     }
     scope_names = pc.struct_field(pc.struct_field(scope_spans, "scope"), "name")
     scope_versions = pc.struct_field(pc.struct_field(scope_spans, "scope"), "version")
@@ -292,6 +290,23 @@ class _Attributes:
         np.cumsum(counts, out=offsets[1:])
         per_span = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), fragments.filter(pa.array(kept)))
         return pc.binary_join_element_wise("{", pc.binary_join(per_span, ","), "}", "")
+
+
+def _events_and_links(request: ExportTraceServiceRequest, spans: pa.StructArray, n: int) -> dict[str, pa.Array]:
+    """The ``events`` and ``links`` JSON columns: "[]" for most spans, the few with some written by the Python path."""
+    columns, span_objects = {}, None
+    for column, write in (("events", lake.events_json), ("links", lake.links_json)):
+        having = np.flatnonzero(_lengths(pc.struct_field(spans, column)) > 0)
+        if not len(having):
+            columns[column] = pa.repeat(pa.scalar("[]"), n)
+            continue
+        if span_objects is None:
+            span_objects = [span for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+        texts = np.full(n, "[]", object)
+        for i in having:
+            texts[i] = write(span_objects[i])
+        columns[column] = pa.array(texts, pa.string())
+    return columns
 
 
 def _decode_each(decode, data: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -70,8 +70,8 @@ def spans(draw):
         "kind": draw(st.sampled_from([0, 1, 2, 3, 4, 5])) if not odd(draw, 25) else 9,
         "status": draw(st.sampled_from([None, (0, ""), (1, "ok"), (2, "boom \"x\"")])) if not odd(draw, 25) else (7, ""),
         "parent": draw(st.sampled_from([None, b"", bytes(8), b"\x00" * 7 + b"\x05"])),
-        "events": odd(draw, 25),
-        "links": odd(draw, 25),
+        "events": odd(draw, 5),
+        "links": odd(draw, 8),
         "day": draw(st.sampled_from([0, 0, 1, 2])),
         "name": draw(text),
     }
