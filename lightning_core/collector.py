@@ -3,8 +3,8 @@
 ``POST /v1/traces`` takes protobuf (``application/x-protobuf``) or JSON (``application/json``),
 optionally gzip-encoded. A request is acknowledged only after the Delta commit that holds its
 spans is durable. Requests that arrive while a commit runs share the next commit (group commit;
-``flush_interval_ms`` makes a commit wait for more), and idle partitions with many small files are compacted in the background
-(Delta ``optimize``; ``vacuum`` after the retention window).
+``flush_interval_ms`` makes a commit wait for more), and idle partitions with many small files
+are compacted in the background (Delta ``optimize``; ``vacuum`` after the retention window).
 
 Each request is decoded and converted to Arrow tables on its own, before it joins a commit, so
 a span the lake cannot store gets its own 400 and never touches another client's request. The

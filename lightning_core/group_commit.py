@@ -1,8 +1,8 @@
 """Group commit: one thread writes the span tables of many requests to the lake in shared commits.
 
 Requests queued while a commit runs share the next Delta commit per table (a file per partition;
-``flush_interval_s`` > 0 makes each commit also wait that long for more), up to ``MAX_PARTITIONS_PER_COMMIT`` partitions per commit (each partition
-costs a file and its fsync). A commit is all or nothing (``Lake.write``); when one fails, each of
+``flush_interval_s`` > 0 makes each commit also wait that long for more), up to
+``MAX_PARTITIONS_PER_COMMIT`` partitions per commit (each partition costs a file and its fsync). A commit is all or nothing (``Lake.write``); when one fails, each of
 its requests is written again on its own, so a request that cannot be written never fails the others.
 """
 

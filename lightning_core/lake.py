@@ -81,6 +81,9 @@ SPAN_SCHEMA = pa.schema(
     ]
 )
 
+# attribute key -> column, for the keys copied to a text column (and kept in the attributes JSON)
+PROMOTED_STRINGS = {semconv.SPAN_KIND: "span_kind", semconv.AGENT_NAME: "agent_name", semconv.GEN_AI_RESPONSE_ID: "response_id"}
+
 # attribute key -> (column, element type, allowed range or None); these keys leave the attributes
 # JSON at ingest. Token ids must fit 32 bits: the triplets store them as INTEGER[] (sql/llm_spans.sql).
 TOKEN_ID_RANGE = (0, 2**31 - 1)
@@ -176,12 +179,8 @@ def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
     collector's columnar path (``otlp_columns``) gives the same rows. An array that is not a list of
     numbers (token ids: integers in ``TOKEN_ID_RANGE``) stays in the JSON and its column is NULL.
     """
-    columns: dict[str, Any] = {
-        "span_kind": _as_str(attributes.get(semconv.SPAN_KIND)),
-        "agent_name": _as_str(attributes.get(semconv.AGENT_NAME)),
-        "response_id": _as_str(attributes.get(semconv.GEN_AI_RESPONSE_ID)),
-        "reward_value": _number(attributes.get(semconv.REWARD_VALUE, attributes.get(semconv.AGENTLIGHTNING_REWARD_0_VALUE))),
-    }
+    columns: dict[str, Any] = {column: _as_str(attributes.get(key)) for key, column in PROMOTED_STRINGS.items()}
+    columns["reward_value"] = _number(attributes.get(semconv.REWARD_VALUE, attributes.get(semconv.AGENTLIGHTNING_REWARD_0_VALUE)))
     kept = attributes
     for key, (column, element, allowed) in PROMOTED_ARRAYS.items():
         columns[column] = None
@@ -208,14 +207,8 @@ def request_to_rows(
     grouped: dict[Partition, list[dict[str, Any]]] = defaultdict(list)
     position = -1
     for resource_spans in request.resource_spans:
-        resource = key_values(resource_spans.resource.attributes)
-        resource_json = _dumps(resource)
-        partition_of = _partitioner(resource)
-        service_name = _as_str(resource.get(semconv.SERVICE_NAME))
-        # Agent Lightning's exporter names the rollout in its own resource attribute
-        rollout_id = _as_str(resource.get(semconv.ROLLOUT_ID, resource.get(semconv.AGENTLIGHTNING_ROLLOUT_ID)))
-        task_id = _as_str(resource.get(semconv.TASK_ID))
-        attempt = _as_int(resource.get(semconv.ATTEMPT), semconv.ATTEMPT)
+        context = resource_context(resource_spans)
+        partition_of, attempt = context["partition_of"], context["attempt"]
         for scope_spans in resource_spans.scope_spans:
             scope_name, scope_version = scope_spans.scope.name, scope_spans.scope.version
             for span in scope_spans.spans:
@@ -236,13 +229,13 @@ def request_to_rows(
                     "status_message": span.status.message or None,
                     "events": events_json(span),
                     "links": links_json(span),
-                    "resource": resource_json,
+                    "resource": context["resource_json"],
                     "scope_name": scope_name or None,
                     "scope_version": scope_version or None,
-                    "service_name": service_name,
+                    "service_name": context["service_name"],
                     # a sender that serves many rollouts from one resource (a gateway) puts them on the span
-                    "rollout_id": rollout_id or _as_str(attributes.get(semconv.ROLLOUT_ID)),
-                    "task_id": task_id or _as_str(attributes.get(semconv.TASK_ID)),
+                    "rollout_id": context["rollout_id"] or _as_str(attributes.get(semconv.ROLLOUT_ID)),
+                    "task_id": context["task_id"] or _as_str(attributes.get(semconv.TASK_ID)),
                     "attempt": attempt if attempt is not None else _span_attempt(attributes),
                     "received_ns": received_ns,
                 }
@@ -251,6 +244,25 @@ def request_to_rows(
                 row.update(promoted_columns(attributes))
                 grouped[partition_of(span.start_time_unix_nano)].append(row)
     return grouped
+
+
+def resource_context(resource_spans) -> dict[str, Any]:
+    """What a resource gives each of its spans' rows (a bad run id, epoch or attempt raises ``SpanDataError``):
+    its attributes as JSON, ``partition_of(start_ns)``, the training partition (None for production
+    spans), the service name and the rollout context."""
+    resource = key_values(resource_spans.resource.attributes)
+    partition_of = _partitioner(resource)
+    fixed = partition_of(0)  # a training resource's one partition (a production span's depends on its day)
+    return {
+        "resource_json": _dumps(resource),
+        "partition_of": partition_of,
+        "training": fixed if fixed.run_id is not None else None,
+        "service_name": _as_str(resource.get(semconv.SERVICE_NAME)),
+        # Agent Lightning's exporter names the rollout in its own resource attribute
+        "rollout_id": _as_str(resource.get(semconv.ROLLOUT_ID, resource.get(semconv.AGENTLIGHTNING_ROLLOUT_ID))),
+        "task_id": _as_str(resource.get(semconv.TASK_ID)),
+        "attempt": _as_int(resource.get(semconv.ATTEMPT), semconv.ATTEMPT),
+    }
 
 
 def events_json(span: PbSpan) -> str:
@@ -300,9 +312,9 @@ def request_to_tables(
     received_ns = received_ns if received_ns is not None else time.time_ns()
     try:
         tables = otlp_columns.request_to_tables(request, request.SerializeToString() if body is None else body, received_ns)
+    except SpanDataError:
+        raise
     except (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError) as exc:
-        if isinstance(exc, SpanDataError):
-            raise
         raise SpanDataError(f"a span value cannot be stored: {exc}") from None
     if max_partitions is not None and len(tables) > max_partitions:
         raise SpanDataError(
@@ -461,22 +473,22 @@ class Lake:
         # actions. (delta-rs's own writer took 17 ms a commit at version 50 of a table and 37-73 ms at 300,
         # growing with the table; this took 13-20 ms up to version 300: benchmarks/README.md.)
         root = self.table_path(lane)
-        actions, paths, new_folders = [], [], set()
+        actions, paths, folders = [], [], set()
         for partition, data in parts.items():
-            values = _partition_values(partition)
-            relative = "/".join(f"{k}={v}" for k, v in values.items()) + f"/part-00000-{uuid.uuid4()}-c000.zstd.parquet"
-            path = root / relative
-            for folder in reversed(path.relative_to(root).parents[:-1]):  # run_id=..., then run_id=.../epoch=...
-                if not (root / folder).is_dir():
-                    (root / folder).mkdir(exist_ok=True)
-                    new_folders.add(root / folder)
+            folder = self.root / partition.relative_dir()
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                folders.update(folder.parents[: len(folder.relative_to(root).parts)])  # their entries of the new folders
+            path = folder / f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"
             pq.write_table(data, path, compression="zstd", row_group_size=_ROW_GROUP)
             fsync_file(path)
+            folders.add(folder)
             stat = path.stat()
-            actions.append(AddAction(quote(relative, safe="/="), stat.st_size, values, int(stat.st_mtime * 1000), True,
-                                     json.dumps({"numRecords": data.num_rows})))
+            values = {column: str(value) for column, value in _partition_fields(partition).items()}
+            actions.append(AddAction(quote(path.relative_to(root).as_posix(), safe="/="), stat.st_size, values,
+                                     int(stat.st_mtime * 1000), True, json.dumps({"numRecords": data.num_rows})))
             paths.append(path)
-        for folder in {p.parent for p in paths} | {f.parent for f in new_folders}:  # the files' entries, new folders' entries
+        for folder in folders:
             fsync_dir(folder)
         before = table.version()
         table.create_write_transaction(actions, mode="append", schema=table_schema(lane), partition_by=list(LANES[lane]),
@@ -545,17 +557,15 @@ _ROW_GROUP = 128 * 1024
 _WRITER = WriterProperties(compression="ZSTD", max_row_group_size=_ROW_GROUP)  # as the Parquet lake wrote them
 
 
-def _partition_values(partition: Partition) -> dict[str, str]:
-    if partition.run_id is None:
-        return {"date": partition.date}
-    return {"run_id": partition.run_id, "epoch": str(partition.epoch)}
+def _partition_fields(partition: Partition) -> dict[str, Any]:
+    """The lane's partition columns and their values (the Partition's fields of the same names)."""
+    return {column: getattr(partition, column) for column in LANES[lane_of(partition)]}
 
 
 def _with_partition_columns(table: pa.Table, partition: Partition) -> pa.Table:
-    values = {"run_id": partition.run_id, "epoch": partition.epoch, "date": partition.date}
-    for column in LANES[lane_of(partition)]:
+    for column, value in _partition_fields(partition).items():
         table = table.append_column(pa.field(column, _PARTITION_TYPES[column]),
-                                    pa.array([values[column]] * table.num_rows, _PARTITION_TYPES[column]))
+                                    pa.array([value] * table.num_rows, _PARTITION_TYPES[column]))
     return table
 
 

@@ -17,8 +17,6 @@ request that fails a check is converted by the Python path, which raises the sam
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,11 +31,6 @@ _DAY_NS = 86_400 * 10**9
 _MAX_TIME_NS = lake.MAX_TIME_NS
 _KIND_NAMES = pa.array([lake._KIND_NAMES[i] for i in range(len(lake._KIND_NAMES))])
 _STATUS_NAMES = pa.array([lake._STATUS_NAMES[i] for i in range(len(lake._STATUS_NAMES))])
-_STRING_KEYS = {  # span attribute -> row column, when a string value is copied as is
-    semconv.SPAN_KIND: "span_kind",
-    semconv.AGENT_NAME: "agent_name",
-    semconv.GEN_AI_RESPONSE_ID: "response_id",
-}
 _NEEDS_ESCAPE = r'[\x00-\x1f"\\]'  # what json.dumps(ensure_ascii=False) escapes in a string
 _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
 
@@ -80,7 +73,7 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
         return _python(request, received_ns)
 
     # the rollout context of every resource, as the Python path reads it (a bad value raises there)
-    contexts = [_resource_context(rs) for rs in request.resource_spans]
+    contexts = [lake.resource_context(rs) for rs in request.resource_spans]
     slow = np.zeros(n, bool)  # spans the Python path converts
     kind, status_code, status_message = _enums(spans, slow)
     attributes = _Attributes(pc.struct_field(spans, "attributes"), n)
@@ -110,7 +103,7 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
     slow |= attributes.present(semconv.ATTEMPT) & np.array([a is None for a in resource_attempt], bool)[resource_of_span]
     columns["attempt"] = _per_span(resource_attempt, resource_of_span, pa.int64())
     columns["received_ns"] = pa.repeat(pa.scalar(received_ns, pa.int64()), n)
-    for key, column in _STRING_KEYS.items():
+    for key, column in lake.PROMOTED_STRINGS.items():
         columns[column] = attributes.string(key)
     columns["reward_value"] = attributes.reward()
     for key, (column, element, _) in lake.PROMOTED_ARRAYS.items():
@@ -130,9 +123,8 @@ class _Attributes:
 
     def __init__(self, lists: pa.ListArray, n_spans: int):
         self.n = n_spans
-        self.counts = _lengths(lists)
         pairs = pc.list_flatten(lists)
-        self.span = np.repeat(np.arange(n_spans), self.counts)
+        self.span = np.repeat(np.arange(n_spans), _lengths(lists))
         self.keys = pc.struct_field(pairs, "key")
         value = pc.struct_field(pairs, "value")
         self.value = {f: pc.struct_field(value, f) for f in _VALUE_FIELDS}
@@ -216,9 +208,9 @@ class _Attributes:
     def array(self, key: str, element: type) -> pa.Array:
         """The promoted array ``key`` per span, decoded from its elements' wire bytes; other shapes go to Python."""
         pairs = self._pairs_of(key)
-        empty = pa.nulls(self.n, pa.list_(pa.int64() if element is int else pa.float64()))
+        value_type = pa.int64() if element is int else pa.float64()
         if not len(pairs):
-            return empty
+            return pa.nulls(self.n, pa.list_(value_type))
         lists = pc.struct_field(pc.take(self.value["array_value"], pa.array(pairs)), "values")
         is_array = ~_numpy(lists.is_null())
         self.slow[self.span[pairs[~is_array]]] = True
@@ -242,7 +234,6 @@ class _Attributes:
                                      "can hold: send fewer spans per request")
         mask = np.ones(self.n, bool)
         mask[self.span[pairs]] = False
-        value_type = pa.int64() if element is int else pa.float64()
         return pa.ListArray.from_arrays(pa.array(list_offsets.astype(np.int32)), pa.array(values, value_type),
                                         type=pa.list_(value_type), mask=pa.array(mask))
 
@@ -367,20 +358,6 @@ def _element_doubles(data: np.ndarray, offsets: np.ndarray) -> np.ndarray | None
     if not (elements[:, 0] == 0x21).all():
         return None
     return elements[:, 1:].copy().view("<f8").ravel()
-
-
-def _resource_context(resource_spans) -> dict[str, Any]:
-    resource = lake.key_values(resource_spans.resource.attributes)
-    partition_of = lake._partitioner(resource)  # checks run_id and epoch
-    training = partition_of(0) if resource.get(semconv.RUN_ID) not in (None, "") else None
-    return {
-        "resource_json": lake._dumps(resource),
-        "training": training,
-        "service_name": lake._as_str(resource.get(semconv.SERVICE_NAME)),
-        "rollout_id": lake._as_str(resource.get(semconv.ROLLOUT_ID, resource.get(semconv.AGENTLIGHTNING_ROLLOUT_ID))),
-        "task_id": lake._as_str(resource.get(semconv.TASK_ID)),
-        "attempt": lake._as_int(resource.get(semconv.ATTEMPT), semconv.ATTEMPT),
-    }
 
 
 def _enums(spans: pa.StructArray, slow: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
