@@ -32,6 +32,13 @@ def load_rows(path: Path) -> list[dict]:
     """Triplet rows from a Parquet file or a folder of them (a lake partition)."""
     columns = ["rollout_id", "group_id", "turn_index", "prompt_token_ids", "response_token_ids", "response_logprobs",
                "reward", "advantage"]
+    table_root = next((p for p in [path, *path.parents] if (p / "_delta_log").is_dir()), None)
+    if table_root is not None:  # a partition of the lake's triplets table: the files of its current version
+        from deltalake import DeltaTable
+
+        prefix = str(path.resolve()).rstrip("/") + "/"
+        files = [f for f in DeltaTable(str(table_root)).file_uris() if f.startswith(prefix)]
+        return ds.dataset(files, format="parquet").to_table(columns=columns).to_pylist()
     return ds.dataset(str(path), format="parquet").to_table(columns=columns).to_pylist()
 
 

@@ -10,7 +10,9 @@ tables, and the state tables (runs, epochs, rollouts, policy_versions, prompt_ve
 copied in from the catalog file, which is opened read-only for the copy only (milliseconds). So
 it can stay open for days while the collector writes and compacts and the pipeline trains; it
 sees the lake as of its last ``connect``/``refresh``. ``at_version`` pins a snapshot (time
-travel, for example the one an epoch trained on). Polars reads the tables natively:
+travel: per table, span tables and output tables; for example ``dict(con.sql("FROM
+lake_snapshot").fetchall())`` of another connection, or the versions an epoch read and wrote,
+``epochs.stats.span_versions`` and ``output_versions``). Polars reads the tables natively:
 ``pl.scan_delta("<lake>/spans/training")``. The duckdb CLI: ``duckdb -init <(arclight views)``.
 """
 
@@ -24,6 +26,8 @@ import duckdb
 
 from lightning_core.catalog import STATE_TABLE_NAMES, STATE_TABLES, Catalog, view_sql
 from lightning_core.lake import LANES, Snapshot, snapshot_at
+from lightning_core.triplet_store import TABLES
+from lightning_core.triplet_store import snapshot as output_snapshot
 from lightning_core.triplet_store import views_sql as output_views_sql
 
 
@@ -62,7 +66,14 @@ def refresh(con: duckdb.DuckDBPyConnection, *, at_version: dict[str, int] | None
 
 
 def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[str, int] | None) -> Snapshot:
-    snap = snapshot_at(catalog.lake_root, at_version)
+    at_version = at_version or {}
+    unknown = set(at_version) - set(LANES) - set(TABLES)
+    if unknown:
+        raise ValueError(f"unknown tables {sorted(unknown)} in at_version: the lake has the span tables {list(LANES)} "
+                         f"and the output tables {list(TABLES)}")
+    snap = snapshot_at(catalog.lake_root, {k: v for k, v in at_version.items() if k in LANES})
+    outputs = {k: v for k, v in at_version.items() if k in TABLES}
+    output_versions = {output: version for output, (version, _) in output_snapshot(catalog.lake_root, outputs).items()}
     con.execute(STATE_TABLES)  # the tables, empty: what a lake where no pipeline has run (yet) holds
     if catalog.path.exists():
         with catalog.read(spans=False) as source:  # held for the copy only
@@ -73,34 +84,17 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
                     con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _state")
                     con.unregister("_state")
     con.execute(view_sql(catalog.lake_root, snap))
-    _output_views(con, catalog.lake_root)
+    con.execute(output_views_sql(catalog.lake_root, output_versions) or "SELECT 1")  # none before the first pipeline run
+    versions = {**snap.versions, **output_versions}
     con.execute("CREATE OR REPLACE TABLE lake_snapshot AS SELECT * FROM (VALUES "
-                + ", ".join(f"('{lane}', {snap.versions[lane]})" for lane in LANES) + ") t(span_table, version)")
+                + ", ".join(f"('{name}', {version})" for name, version in versions.items()) + ") t(table_name, version)")
     return snap
-
-
-def _output_views(con: duckdb.DuckDBPyConnection, lake_root: Path) -> list[str]:
-    """Create the views of the pipeline's outputs (triplets, llm_calls, ...) and return their DDL; those with no
-    files yet are left out."""
-    made = []
-    for statement in con.extract_statements(output_views_sql(lake_root)):
-        try:
-            con.execute(statement.query)
-            made.append(statement.query.strip() + ";")
-        except duckdb.Error as exc:  # an output the pipeline has not written yet (or a view over it)
-            if "No files found" not in str(exc) and "does not exist" not in str(exc):
-                raise
-    return made
 
 
 def cli_script(lake: str | os.PathLike[str] | Any) -> str:
     """SQL that gives a duckdb CLI session the same views and a copy of the state tables."""
     catalog = _catalog(lake)
-    spans = view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None))
-    scratch = duckdb.connect()
-    scratch.execute(spans)
-    parts = [spans, *_output_views(scratch, catalog.lake_root)]
-    scratch.close()
+    parts = [view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None)), output_views_sql(catalog.lake_root)]
     if catalog.path.exists():
         path = str(catalog.path.resolve()).replace("'", "''")
         parts.append(f"ATTACH '{path}' AS arclight_catalog (READ_ONLY);")

@@ -2,7 +2,8 @@
 
 The spans live in the lake's Delta tables (``lightning_core.lake``); ``view_sql`` makes views
 over one snapshot of them. The catalog file holds the state (runs, epochs, rollouts,
-policy_versions, prompt_versions) and the views of the pipeline's outputs. Writers open it
+policy_versions, prompt_versions); ``triplet_store.views_sql`` makes the views of the pipeline's
+outputs (also Delta tables) over one snapshot of them. Writers open it
 briefly (``Catalog.write()``); ``Catalog.read()`` opens it read-only between writes (retrying
 while a writer holds the lock) with the span views added as TEMP views. Analysts never hold the
 file: ``lightning_core.analyst.connect`` copies the state into memory. The file is created with
@@ -22,6 +23,7 @@ import duckdb
 
 from lightning_core.lake import SCHEMA_RUN, Snapshot, ensure_schema_files, schema_file, set_location
 from lightning_core.lake import snapshot as lake_snapshot
+from lightning_core.triplet_store import views_sql as output_views_sql
 
 STORAGE_VERSION = "v1.5.0"
 
@@ -187,11 +189,11 @@ QUALIFY row_number() OVER (PARTITION BY run_id, epoch, date, trace_id, span_id
 
 # What a connection to the catalog file itself finds under the span views' names: the spans live
 # in the Delta tables, whose current files a view stored in the file could not follow.
-STORED_VIEW_NOTICE = """
-CREATE OR REPLACE VIEW spans_raw AS SELECT error({msg}) AS spans_raw;
-CREATE OR REPLACE VIEW spans AS SELECT error({msg}) AS spans;
-"""
-NOTICE_TEXT = ("the spans live in the lake's Delta tables, not in this file: query them with `arclight query`, "
+STORED_VIEW_NOTICE = "\n".join(f"CREATE OR REPLACE VIEW {name} AS SELECT error({{msg}}) AS {name};"
+                               for name in ("spans_raw", "spans", "triplets", "llm_calls", "rewards", "rollout_summary",
+                                            "agents"))
+NOTICE_TEXT = ("the spans and the pipeline's outputs live in the lake's Delta tables, not in this file: query them "
+               "with `arclight query`, "
                "lightning_core.analyst.connect(<lake>) in Python, or the duckdb CLI started as "
                "`duckdb -init <(arclight views --lake <lake>)`")
 
@@ -261,15 +263,15 @@ class Catalog:
     def write(self, *, timeout_s: float = 60.0, spans: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open the catalog for writing (waiting while another process holds it), then close it.
 
-        With ``spans``, the connection also has the span views over the lake's current snapshot
-        (TEMP views), for a statement that updates state from the spans.
+        With ``spans``, the connection also has the span and output views over the lake's current
+        snapshot (TEMP views), for a statement that updates state from the spans.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _process_lock(self.path):
             con = _connect_retrying(self.path, read_only=False, timeout_s=timeout_s, config=self._config(create=True))
             try:
                 if spans:
-                    con.execute(view_sql(self.lake_root, temporary=True))
+                    _temporary_views(con, self.lake_root)
                 yield con
             finally:
                 con.close()
@@ -278,8 +280,8 @@ class Catalog:
     def read(self, *, timeout_s: float = 60.0, spans: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open the catalog read-only (waiting while a writer holds it), then close it.
 
-        With ``spans``, the connection also has the span views (``spans``, ``spans_raw``) over the
-        lake's current snapshot, as TEMP views. Hold it briefly: a writer waits while it is open
+        With ``spans``, the connection also has the span views (``spans``, ``spans_raw``) and the
+        output views (``triplets``, ``llm_calls``, ...) over the lake's current snapshot, as TEMP views. Hold it briefly: a writer waits while it is open
         (analysts use ``lightning_core.analyst.connect``, which holds nothing).
         """
         if not self.path.exists():
@@ -288,7 +290,7 @@ class Catalog:
             con = _connect_retrying(self.path, read_only=True, timeout_s=timeout_s, config=self._config(create=False))
             try:
                 if spans:
-                    con.execute(view_sql(self.lake_root, temporary=True))
+                    _temporary_views(con, self.lake_root)
                 yield con
             finally:
                 con.close()
@@ -302,6 +304,14 @@ class Catalog:
         if self.threads:
             config["threads"] = str(self.threads)
         return config
+
+
+def _temporary_views(con: duckdb.DuckDBPyConnection, lake_root: Path) -> None:
+    """The span and output views over the lake's current snapshot, as TEMP views of ``con``."""
+    con.execute(view_sql(lake_root, temporary=True))
+    outputs = output_views_sql(lake_root)
+    if outputs:
+        con.execute(outputs.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))
 
 
 _locks: dict[str, threading.RLock] = {}

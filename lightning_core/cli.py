@@ -239,17 +239,22 @@ def migrate_lake(
     lake: Optional[Path] = LakeOpt,
 ) -> None:
     """Convert a Parquet lake of an older Arclight into the Delta tables (the old files move aside)."""
+    from lightning_core import triplet_store
     from lightning_core.lake import migrate
 
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
     with lake_io(cfg):
         moved = migrate(cfg.lake.path)
-    if not moved:
-        console.print(escape(f"{cfg.lake.path}: nothing to convert (the span tables are Delta tables already)"))
+        outputs = triplet_store.migrate(cfg.lake.path)
+    if not moved and not outputs:
+        console.print(escape(f"{cfg.lake.path}: nothing to convert (the span and output tables are Delta tables already)"))
     for lane, count in moved.items():
         console.print(escape(f"spans/{lane}: {count} spans now in a Delta table; the old files are in "
                              f"spans/{lane}.parquet-<time> (delete them once you have checked)"))
+    for output, count in outputs.items():
+        console.print(escape(f"{output}: {count} rows now in a Delta table; the old files are in "
+                             f"{output}.parquet-<time> (delete them once you have checked)"))
 
 
 @app.command()

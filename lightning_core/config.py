@@ -67,8 +67,9 @@ class CollectorConfig(Section):
     compact_idle_s: float = Field(10.0, ge=0, description="...and has received nothing for this long.")
     workers: int = Field(1, ge=1, description="Collector processes on the one port (uvicorn workers), each "
                          "committing to the same span tables: ingest beyond one core.")
-    retention_hours: int = Field(24, ge=0, description="Files that compaction replaced stay this long (a query "
-                                 "that listed them still reads them), then vacuum deletes them.")
+    retention_hours: int = Field(24, ge=0, description="Files that compaction replaced (and output files that a "
+                                 "pipeline re-run replaced) stay this long (a query that listed them still reads "
+                                 "them), then vacuum deletes them.")
     endpoint: str | None = Field(None, description="URL of a running collector to attach to instead of starting one.")
 
     @property

@@ -112,6 +112,7 @@ class TripletReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     span_versions: dict[str, int] = field(default_factory=dict)  # the span tables' versions it read (analyst.connect(at_version=...))
+    output_versions: dict[str, int] = field(default_factory=dict)  # the output tables' versions once it wrote (the same)
 
     @property
     def informative_groups(self) -> int:
@@ -268,8 +269,7 @@ def materialize_triplets(
                 for e in epochs:
                     rows = con.sql(f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output} "
                                    "WHERE epoch IS NOT DISTINCT FROM $e", params={"e": e}).to_arrow_table()
-                    pending.append(writer.submit(
-                        store.replace_partition, store.output_dir(lake_root, output, run_id=run_id, epoch=e), rows))
+                    pending.append(writer.submit(store.replace_partition, lake_root, output, rows, run_id=run_id, epoch=e))
             report.stage_seconds["outputs"] = round(time.perf_counter() - started - sum(report.stage_seconds.values()), 3)
             for p in policies:
                 tick = time.perf_counter()
@@ -282,6 +282,7 @@ def materialize_triplets(
             for done in pending:
                 done.result()  # a failed write fails the run
             report.stage_seconds["outputs_wait"] = round(time.perf_counter() - tick, 3)
+        report.output_versions = {output: version for output, (version, _) in store.snapshot(lake_root).items()}
         if out is not None:
             import pyarrow.parquet as pq
 
@@ -322,11 +323,10 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
     for e in epochs:
         part = table if len(epochs) == 1 else table.filter(
             pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
-        folder = store.output_dir(lake_root, "triplets", run_id=run_id, epoch=e, policy=policy.name)
         # large epochs are written as one file per DuckDB thread, encoded in parallel
         parts = min(config.lake.duckdb_threads, -(-part.num_rows // TRIPLETS_PER_FILE))
-        store.replace_partition(folder, store.drop_partition_columns(part), parts=parts)
-        report.path = str(folder)
+        store.replace_partition(lake_root, "triplets", part, run_id=run_id, epoch=e, policy=policy.name, parts=parts)
+        report.path = str(store.output_dir(lake_root, "triplets", run_id=run_id, epoch=e, policy=policy.name))
     return table, report
 
 
@@ -399,29 +399,26 @@ def _count_policy(con, table: pa.Table, report: PolicyReport) -> None:
 
 
 def ensure_views(config: ArclightConfig) -> None:
-    """Create the analyst views (triplets, llm_calls, rewards, agents, rollout_summary) in the catalog."""
+    """Make the lake's catalog and the outputs' empty typed files, so the analyst views (triplets, llm_calls,
+    rewards, agents, rollout_summary) bind before any pipeline run, and vacuum the output tables."""
     lake_root = Path(config.lake.path).resolve()
     _ensure_schema_outputs(config, lake_root)
-    catalog = Catalog.from_config(config)
-    catalog.ensure()
-    with catalog.write() as con:
-        con.execute(store.views_sql(lake_root))
+    Catalog.from_config(config).ensure()
+    store.vacuum(lake_root, retention_hours=config.collector.retention_hours)
 
 
 def _ensure_schema_outputs(config: ArclightConfig, lake_root: Path) -> None:
-    """Place empty, typed output files so the views work before any pipeline run."""
-    triplets_dir = store.output_dir(lake_root, "triplets", run_id=store.SCHEMA_RUN, epoch=-1, policy=store.SCHEMA_RUN)
-    wanted = [store.output_dir(lake_root, o, run_id=store.SCHEMA_RUN, epoch=-1) for o in store.OUTPUTS]
-    if triplets_dir.is_dir() and all(d.is_dir() for d in wanted):
+    """Place the empty, typed file of each output (its columns as this version's SQL makes them)."""
+    if all(store.schema_file(lake_root, output).exists() for output in store.TABLES):
         return
     con = connect(config)
     try:
         base = shared_parameters(config, run_id=store.SCHEMA_RUN, epoch=-1)
         for stage, table in SHARED_STAGES:
             run_stage(con, stage, params=base, table=table)
-        for output, folder in zip(store.OUTPUTS, wanted):
-            store.replace_partition(folder, con.sql(
+        for output in store.OUTPUTS:
+            store.write_schema_file(lake_root, output, con.sql(
                 f"SELECT * EXCLUDE ({store.NOT_STORED.get(output, 'run_id, epoch')}) FROM {output}").to_arrow_table())
     finally:
         con.close()
-    store.replace_partition(triplets_dir, store.drop_partition_columns(store.TRIPLET_SCHEMA.empty_table()))
+    store.write_schema_file(lake_root, "triplets", store.TRIPLET_SCHEMA.empty_table())

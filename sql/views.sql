@@ -1,7 +1,8 @@
 -- Analyst views over the pipeline's outputs in the lake (written by `arclight triplets` and the
--- epoch flow). {…} placeholders are lake file globs that the caller pastes as quoted literals:
--- view DDL cannot take bound parameters. Runs from `_production` are production traces
--- (run_id NULL); `_schema` holds the empty files that keep the views valid on an empty lake.
+-- epoch flow). {…} placeholders are the file lists of one version of each output's Delta table,
+-- which the caller pastes as quoted literals (triplet_store.views_sql): view DDL cannot take bound
+-- parameters. Runs from `_production` are production traces (run_id NULL); the first file of each
+-- list is an empty typed file (run `_schema`) that keeps the views valid on an empty lake.
 
 -- llm_calls: one row per model call (gateway and instrumentation spans of a call merged), with
 -- its owning agent, token counts, messages, model, policy version and flags. Its token ids and

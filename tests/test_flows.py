@@ -95,6 +95,10 @@ def test_two_epochs_chain_policy_versions_and_record_failures(
     assert len(polls) >= 20
     assert all(p["raw"] == p["distinct"] == p["spans"] for p in polls)  # no span twice, no half-written commit
     assert all(a["spans"] <= b["spans"] and a["version"] <= b["version"] for a, b in zip(polls, polls[1:]))
+    # the output tables too: each epoch's triplets appear in one commit and stay
+    assert all(a["triplets"] <= b["triplets"] and a["triplets_version"] <= b["triplets_version"]
+               for a, b in zip(polls, polls[1:]))
+    assert polls[-1]["triplets"] > 0
     assert polls[0]["completed_epochs"] == 0 and polls[-1]["completed_epochs"] == 2 and polls[-1]["spans"] > 0
     catalog = Catalog.from_config(cfg)
     with catalog.read() as con:

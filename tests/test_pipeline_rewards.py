@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_core.pipeline import materialize_triplets
+from lightning_core import triplet_store as store
 from lightning_core.triplet_store import load_triplets
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, write
@@ -104,7 +105,12 @@ def test_rerun_replaces_only_its_own_partition(tmp_path):
     assert [r["reward"] for r in load_triplets(cfg, run_id="r1", epoch=0, policy="default").to_pylist()] == [None, 1.0, 3.0]
     assert load_triplets(cfg, run_id="r1", epoch=1, policy="default").num_rows == 3
     folder = cfg.lake.path / "triplets" / "run_id=r1" / "epoch=0" / "policy=default"
-    assert len(list(folder.glob("part-*.parquet"))) == 1
+    current = [f for f in store.open_output(cfg.lake.path, "triplets").file_uris() if f.startswith(f"{folder}/")]
+    assert len(current) == 1  # the re-run's file; the first run's stays on disk for the retention window
+    on_disk = sorted(str(p) for p in folder.glob("part-*.parquet"))
+    assert len(on_disk) == 2 and current[0] in on_disk
+    removed = store.vacuum(cfg.lake.path, retention_hours=0)["triplets"]
+    assert [str(p) for p in folder.glob("part-*.parquet")] == current and len(removed) == 1
 
 
 def test_arclight_reward_value_alone_marks_a_reward(tmp_path):

@@ -29,8 +29,13 @@ def main(lake: str, catalog: str, run_id: str, out: str) -> None:
                     {"run": run_id}).fetchall()[0]
                 epochs = con.execute("SELECT count(*) FROM epochs WHERE run_id = $run AND status = 'completed'",
                                      {"run": run_id}).fetchall()[0][0]
+                triplets = 0  # the output views exist once the lake's first pipeline run placed their schema files
+                if con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'triplets'").fetchall()[0][0]:
+                    triplets = con.execute("SELECT count(*) FROM triplets WHERE run_id = $run", {"run": run_id}).fetchall()[0][0]
+                outputs = dict(con.execute("SELECT * FROM lake_snapshot").fetchall())
                 record = {"raw": raw, "distinct": distinct, "spans": spans, "completed_epochs": epochs,
-                          "version": snap.versions["training"], "seconds": round(time.monotonic() - started, 3)}
+                          "version": snap.versions["training"], "triplets": triplets,
+                          "triplets_version": outputs["triplets"], "seconds": round(time.monotonic() - started, 3)}
             except Exception as exc:  # noqa: BLE001 - reported to the test
                 record = {"error": f"{type(exc).__name__}: {exc}"}
             fh.write(json.dumps(record) + "\n")

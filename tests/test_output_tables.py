@@ -1,0 +1,142 @@
+"""The pipeline's outputs (triplets, llm_calls, rewards, rollout_summary) as Delta tables: one commit per
+partition replace, readers on one version, time travel to what an epoch trained on, migration."""
+
+from __future__ import annotations
+
+import threading
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lightning_core import analyst
+from lightning_core import triplet_store as store
+from lightning_core.catalog import Catalog
+from lightning_core.lake import LakeFormatError
+from lightning_core.pipeline import materialize_triplets
+from lightning_core.triplet_store import load_triplets
+from tests.conftest import make_config
+from tests.spans_factory import Rollout, write
+
+
+def _rollout(rollout_id: str, task_id: str, reward: float, calls: int = 2) -> Rollout:
+    r = Rollout(rollout_id, task_id=task_id)
+    a = r.agent("solver", 0, 100, parent=r.span("rollout", 0, 200))
+    for i in range(calls):
+        r.call(1 + 10 * i, 5 + 10 * i, parent=a, prompt=(i + 1,))
+    r.reward(reward, 90, parent=a)
+    return r
+
+
+def test_readers_see_one_generation_of_a_partition_while_the_pipeline_rewrites_it(tmp_path):
+    # Before the Delta outputs, a re-run renamed its new files in and then unlinked the old ones: a
+    # reader listing the folder in between counted both generations.
+    cfg = make_config(tmp_path)
+    write(cfg.lake.path, [_rollout(f"ro{i}", f"t{i % 3}", float(i % 2), calls=3) for i in range(12)])
+    materialize_triplets(cfg, run_id="r1", epoch=0)
+    con = analyst.connect(cfg)
+    expected = con.execute("SELECT count(*), count(DISTINCT span_id) FROM triplets").fetchall()[0]
+    assert expected == (36, 36)
+    stop, seen, errors = threading.Event(), [], []
+
+    def poll() -> None:
+        reader = analyst.connect(cfg)
+        while not stop.is_set():
+            try:
+                analyst.refresh(reader)
+                seen.append(reader.execute("SELECT count(*), count(DISTINCT span_id) FROM triplets").fetchall()[0])
+                seen.append(reader.execute("SELECT count(*) FROM llm_calls").fetchall()[0] + (36,))
+            except duckdb.Error as exc:  # pragma: no cover - what the test is for
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        for _ in range(8):
+            materialize_triplets(cfg, run_id="r1", epoch=0)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert len(seen) > 8 and set(seen) == {(36, 36)}
+    with Catalog.from_config(cfg).read() as cat:  # the pipeline's own read connection has the same views
+        assert cat.execute("SELECT count(*) FROM triplets").fetchall() == [(36,)]
+
+
+def test_an_epoch_s_output_versions_give_back_the_triplets_it_trained_on(tmp_path):
+    cfg = make_config(tmp_path)
+    write(cfg.lake.path, [_rollout("ro1", "t1", 1.0), _rollout("ro2", "t1", 0.0)])
+    first = materialize_triplets(cfg, run_id="r1", epoch=0)
+    write(cfg.lake.path, [_rollout("ro3", "t2", 1.0), _rollout("ro4", "t2", 0.0)])
+    second = materialize_triplets(cfg, run_id="r1", epoch=0)  # a re-run over more spans replaces the partition
+    assert second.output_versions["triplets"] > first.output_versions["triplets"]
+    now = analyst.connect(cfg)
+    assert now.execute("SELECT count(*) FROM triplets").fetchall() == [(8,)]
+    then = analyst.connect(cfg, at_version={**first.span_versions, **first.output_versions})
+    assert then.execute("SELECT count(*), count(DISTINCT rollout_id) FROM triplets").fetchall() == [(4, 2)]
+    assert then.execute("SELECT count(*) FROM spans WHERE rollout_id IN ('ro3', 'ro4')").fetchall() == [(0,)]
+    pinned = dict(then.execute("SELECT * FROM lake_snapshot").fetchall())
+    assert pinned["triplets"] == first.output_versions["triplets"] and pinned["training"] == first.span_versions["training"]
+    with pytest.raises(ValueError, match="unknown tables.*triplet"):
+        analyst.connect(cfg, at_version={"triplet": 1})
+
+
+def test_the_catalog_file_points_at_the_output_tables(tmp_path):
+    cfg = make_config(tmp_path)
+    write(cfg.lake.path, [_rollout("ro1", "t1", 1.0)])
+    materialize_triplets(cfg, run_id="r1", epoch=0)
+    con = duckdb.connect(str(Catalog.from_config(cfg).path), read_only=True)  # what a duckdb CLI user opens
+    try:
+        with pytest.raises(duckdb.Error, match="Delta tables.*arclight query"):
+            con.execute("SELECT * FROM triplets").fetchall()
+    finally:
+        con.close()
+    script = analyst.cli_script(cfg)  # `arclight views`: the CLI's way in
+    cli = duckdb.connect()
+    cli.execute(script)
+    assert cli.execute("SELECT count(*), min(reward) FROM triplets").fetchall() == [(2, 1.0)]
+    assert cli.execute("SELECT agent_name, calls FROM agents").fetchall() == [("solver", 2)]
+
+
+def test_a_new_output_column_is_added_to_the_table(tmp_path):
+    lake = tmp_path / "lake"
+    store.replace_partition(lake, "rewards", pa.table({"kind": ["reward"], "value": [1.0]}), run_id="r1", epoch=0)
+    store.replace_partition(lake, "rewards", pa.table({"kind": ["reward"], "value": [2.0], "note": ["new"]}),
+                            run_id="r1", epoch=1)
+    table = store.open_output(lake, "rewards")
+    assert table.schema().to_arrow().names == ["kind", "value", "run_id", "epoch", "note"]
+    rows = sorted(table.to_pyarrow_table().to_pylist(), key=lambda r: r["epoch"])
+    assert rows == [{"kind": "reward", "value": 1.0, "run_id": "r1", "epoch": 0, "note": None},
+                    {"kind": "reward", "value": 2.0, "run_id": "r1", "epoch": 1, "note": "new"}]
+    with pytest.raises(LakeFormatError, match="do not fit"):
+        store.replace_partition(lake, "rewards", pa.table({"kind": ["reward"], "value": ["high"], "other": [1]}),
+                                run_id="r1", epoch=2)
+
+
+def test_parquet_outputs_of_an_older_arclight_are_refused_then_migrated(tmp_path):
+    cfg = make_config(tmp_path)
+    write(cfg.lake.path, [_rollout("ro1", "t1", 1.0), _rollout("ro2", "t1", 0.0)])
+    materialize_triplets(cfg, run_id="r1", epoch=0)
+    made = load_triplets(cfg, run_id="r1", epoch=0, policy="default")
+    calls = store.open_output(cfg.lake.path, "llm_calls").to_pyarrow_table()
+    # the layout Arclight wrote before the Delta outputs: the same folders, files only, a _schema partition
+    old = make_config(tmp_path / "old")
+    lake = old.lake.path
+    for output, table, partition in (
+            ("triplets", made, "run_id=r1/epoch=0/policy=default"),
+            ("llm_calls", calls, "run_id=r1/epoch=0"),
+            ("llm_calls", calls.slice(0, 1), "run_id=_production/epoch=0")):
+        folder = lake / output / partition
+        folder.mkdir(parents=True)
+        pq.write_table(store.drop_partition_columns(table), folder / "part-1-a.parquet")
+    (lake / "llm_calls" / "run_id=_schema" / "epoch=-1").mkdir(parents=True)
+    pq.write_table(store.drop_partition_columns(calls.slice(0, 0)), lake / "llm_calls" / "run_id=_schema" / "epoch=-1" / "part-0.parquet")
+    with pytest.raises(LakeFormatError, match="arclight migrate-lake"):
+        load_triplets(old, run_id="r1", epoch=0, policy="default")
+    assert store.migrate(old.lake.path) == {"triplets": 4, "llm_calls": 5}
+    assert load_triplets(old, run_id="r1", epoch=0, policy="default").equals(made)
+    migrated = store.open_output(old.lake.path, "llm_calls").to_pyarrow_table().to_pylist()
+    assert sorted(r["run_id"] for r in migrated) == ["_production"] + ["r1"] * 4
+    assert len(list((old.lake.path).glob("llm_calls.parquet-*/run_id=r1/epoch=0/part-1-a.parquet"))) == 1
+    assert store.migrate(old.lake.path) == {}  # nothing left to convert
