@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import threading
 import time
@@ -30,7 +31,7 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
-from deltalake.exceptions import DeltaError
+from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction
 
 from lightning_core import names
@@ -214,15 +215,7 @@ def replace_partition(lake_root: Path, output: str, table: pa.Table, *, run_id: 
 
 def _replace(lake_root: Path, output: str, table: pa.Table, values: dict[str, str], folder: Path, parts: int) -> list[Path]:
     delta = _current(_writers, lake_root, output) or _create(lake_root, output, _table_schema(output, table.schema))
-    schema = delta.schema().to_arrow()
-    wanted = _table_schema(output, table.schema)
-    if not set(wanted.names) <= set(schema.names):
-        try:
-            schema = pa.unify_schemas([pa.schema(schema), wanted])
-        except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
-            raise LakeFormatError(
-                f"{output}: the new rows' columns do not fit the table's ({exc}); convert or delete "
-                f"{table_path(lake_root, output)} (`arclight triplets` makes it again from the spans)") from None
+    _merged_schema(delta, output, table.schema)  # columns that cannot fit fail before any file is written
     folder.mkdir(parents=True, exist_ok=True)
     parts = max(1, min(parts, table.num_rows))
     size = -(-table.num_rows // parts) if table.num_rows else 0
@@ -248,14 +241,43 @@ def _replace(lake_root: Path, output: str, table: pa.Table, values: dict[str, st
         actions.append(AddAction(quote(path.relative_to(root).as_posix(), safe="/="), stat.st_size, values,
                                  int(stat.st_mtime * 1000), True, json.dumps({"numRecords": rows})))
     before = delta.version()
-    delta.create_write_transaction(actions, mode="overwrite", schema=schema, partition_by=list(partition_columns(output)),
-                                   partition_filters=[(c, "=", v) for c, v in values.items()],
-                                   commit_properties=CommitProperties(custom_metadata={"arclight.output": output}))
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            delta.create_write_transaction(
+                actions, mode="overwrite", schema=_merged_schema(delta, output, table.schema),
+                partition_by=list(partition_columns(output)), partition_filters=[(c, "=", v) for c, v in values.items()],
+                commit_properties=CommitProperties(custom_metadata={"arclight.output": output}))
+            break
+        except CommitFailedError:
+            # Another process committed to the table meanwhile (delta-rs 1.6 refuses an overwrite after any
+            # concurrent removal, even of another partition). The files are written: commit them again on
+            # the new version; of two replaces of one partition, the later commit wins.
+            if attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))
+            delta.update_incremental()
     delta.update_incremental()
     for version in range(before + 1, delta.version() + 1):
         fsync_file(root / "_delta_log" / f"{version:020d}.json")
     fsync_dir(root / "_delta_log")
     return files
+
+
+COMMIT_ATTEMPTS = 20
+
+
+def _merged_schema(delta: DeltaTable, output: str, data: pa.Schema):
+    """The table's schema, with the columns of ``data`` it lacks added; ``LakeFormatError`` if they cannot fit."""
+    schema = delta.schema().to_arrow()
+    wanted = _table_schema(output, data)
+    if set(wanted.names) <= set(schema.names):
+        return schema
+    try:
+        return pa.unify_schemas([pa.schema(schema), wanted])
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        raise LakeFormatError(
+            f"{output}: the new rows' columns do not fit the table's ({exc}); convert or delete "
+            f"{delta.table_uri} (`arclight triplets` makes it again from the spans)") from None
 
 
 def vacuum(lake_root: Path, *, retention_hours: int) -> dict[str, list[str]]:
