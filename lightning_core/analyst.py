@@ -18,6 +18,7 @@ lake_snapshot").fetchall())`` of another connection, or the versions an epoch re
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,41 @@ def _catalog(lake: Any) -> Catalog:
 
 
 def connect(lake: str | os.PathLike[str] | Any = ".arclight/lake", *, at_version: dict[str, int] | None = None,
-            threads: int | None = None) -> duckdb.DuckDBPyConnection:
+            at_epoch: tuple[str, int] | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection over the lake's current snapshot (or ``at_version``, per table).
 
     ``lake`` is a lake folder, a config file, an ``ArclightConfig`` or a ``Catalog``. Nothing on
-    disk stays open: hold the connection as long as you like.
+    disk stays open: hold the connection as long as you like. ``at_epoch=(run_id, epoch)`` pins
+    the snapshot that epoch's pipeline run read and wrote (``epoch_versions``): the spans it saw and
+    the triplets it trained on.
     """
     catalog = _catalog(lake)
+    if at_epoch is not None:
+        at_version = {**epoch_versions(catalog, *at_epoch), **(at_version or {})}
     con = duckdb.connect(config={"threads": str(threads)} if threads else {})
     con.execute("SET VARIABLE arclight_lake = $lake", {"lake": str(catalog.lake_root)})
     con.execute("SET VARIABLE arclight_catalog = $catalog", {"catalog": str(catalog.path)})
     _load(con, catalog, at_version=at_version)
     return con
+
+
+def epoch_versions(lake: str | os.PathLike[str] | Any, run_id: str, epoch: int) -> dict[str, int]:
+    """The table versions an epoch's pipeline run read (span tables) and wrote (output tables), from its stats."""
+    catalog = _catalog(lake)
+    rows = []
+    if catalog.path.exists():
+        with catalog.read(spans=False) as con:
+            rows = con.execute("SELECT status, stats FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch]).fetchall()
+    if not rows:
+        raise ValueError(f"no epoch {epoch} of run {run_id!r} in {catalog.path}: see `SELECT run_id, epoch, status "
+                         "FROM epochs` for the epochs there are")
+    status, stats = rows[0]
+    stats = json.loads(stats) if stats else {}
+    versions = {**stats.get("span_versions", {}), **stats.get("output_versions", {})}
+    if not versions:
+        raise ValueError(f"epoch {epoch} of run {run_id!r} has not made its triplets (status {status!r}): the "
+                         "versions it read and wrote are recorded when it does")
+    return versions
 
 
 def refresh(con: duckdb.DuckDBPyConnection, *, at_version: dict[str, int] | None = None) -> Snapshot:

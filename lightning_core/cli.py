@@ -21,6 +21,19 @@ console = Console(stderr=True, soft_wrap=True)
 ConfigOpt = typer.Option(None, "--config", "-c", help="Project config YAML (default: built-in defaults).")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set collector.port=4319 (repeatable).")
 LakeOpt = typer.Option(None, "--lake", help="Lake folder (overrides lake.path).")
+AtEpochOpt = typer.Option(None, "--at-epoch", metavar="RUN:EPOCH",
+                          help="Query the snapshot that epoch's pipeline read and wrote (its spans and triplets).")
+
+
+def _epoch_arg(text: str | None) -> tuple[str, int] | None:
+    """``RUN:EPOCH`` -> (run, epoch); a malformed value exits with status 2."""
+    if text is None:
+        return None
+    run_id, _, epoch = text.rpartition(":")
+    if not run_id or not epoch.isdigit():
+        console.print(f"[red]error:[/red] --at-epoch takes RUN:EPOCH (for example calc:3), not {escape(repr(text))}")
+        raise typer.Exit(2)
+    return run_id, int(epoch)
 
 
 def load(config: Optional[Path], overrides: Optional[list[str]], *, lake: Optional[Path] = None,
@@ -103,6 +116,7 @@ def query(
     overrides: Optional[list[str]] = SetOpt,
     lake: Optional[Path] = LakeOpt,
     fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    at_epoch: Optional[str] = AtEpochOpt,
 ) -> None:
     """Run one SQL query against the catalog, read-only, and print the result."""
     import duckdb
@@ -115,14 +129,15 @@ def query(
         console.print(f"[red]error:[/red] --format must be table, csv or json, not {escape(repr(fmt))}")
         raise typer.Exit(2)
     need_lake(cfg)
+    pinned = _epoch_arg(at_epoch)
     try:
-        with lake_io(cfg), contextlib.closing(connect(cfg)) as con:  # holds no lock: training never waits on it
+        with lake_io(cfg), contextlib.closing(connect(cfg, at_epoch=pinned)) as con:  # holds no lock: training never waits
             refuse_writes(con, sql)
             result = con.sql(sql)
             if result is None:
                 return
             _print_result(result, fmt)
-    except (duckdb.Error, WriteRefused) as exc:
+    except (duckdb.Error, WriteRefused, ValueError) as exc:
         console.print(f"[red]query failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
@@ -164,6 +179,7 @@ def shell(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
     lake: Optional[Path] = LakeOpt,
+    at_epoch: Optional[str] = AtEpochOpt,
 ) -> None:
     """An interactive SQL prompt on the catalog (read-only). End statements with ';'."""
     import duckdb
@@ -173,9 +189,16 @@ def shell(
 
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
-    with lake_io(cfg):
-        con = connect(cfg)  # in memory, over the lake's snapshot: holds no lock the pipeline needs
-    console.print(escape(f"lake {cfg.lake.path} (read-only; each statement sees the newest snapshot). Views: spans, "
+    pinned = _epoch_arg(at_epoch)
+    try:
+        with lake_io(cfg):
+            con = connect(cfg, at_epoch=pinned)  # in memory, over the lake's snapshot: holds no lock the pipeline needs
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    seen = (f"the snapshot epoch {pinned[1]} of run {pinned[0]} read and wrote" if pinned
+            else "each statement sees the newest snapshot")
+    console.print(escape(f"lake {cfg.lake.path} (read-only; {seen}). Views: spans, "
                          "spans_raw, triplets, ...; tables: runs, epochs, rollouts, ... End with ';', quit with .quit or Ctrl-D."))
     buffer = ""
     while True:
@@ -191,7 +214,8 @@ def shell(
         statement, buffer = buffer, ""
         try:
             refuse_writes(con, statement)
-            refresh(con)
+            if pinned is None:
+                refresh(con)
             result = con.sql(statement)
             if result is not None:
                 _print_result(result, "table")

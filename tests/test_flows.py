@@ -12,6 +12,7 @@ import time
 import mlflow
 import pytest
 
+from lightning_core import analyst
 from lightning_core.catalog import Catalog
 from lightning_core.services import free_port
 from tests.conftest import REPO, make_config
@@ -120,6 +121,12 @@ def test_two_epochs_chain_policy_versions_and_record_failures(
     assert outcomes["quiet"] == "failed" and "produced no spans" in errors["quiet"]
     assert all(outcomes[q["id"]] == "succeeded" for q in questions)
     assert first["epoch"] == 0 and second["epoch"] == 1
+    # the snapshot epoch 0 trained on: the spans of epoch 0 only, and its triplets
+    then = analyst.connect(cfg, at_epoch=("flowrun", 0))
+    assert then.execute("SELECT count(*) FROM spans WHERE run_id = 'flowrun' AND epoch = 1").fetchall() == [(0,)]
+    trained_on = then.execute("SELECT count(*) FROM triplets WHERE run_id = 'flowrun' AND epoch = 0").fetchall()[0][0]
+    now = analyst.connect(cfg).execute("SELECT count(*) FROM triplets WHERE run_id = 'flowrun' AND epoch = 0").fetchall()
+    assert trained_on > 0 and now == [(trained_on,)]
     client = mlflow.MlflowClient(cfg.mlflow_uri)
     experiment = client.get_experiment_by_name("flowtest")
     runs = client.search_runs([experiment.experiment_id])

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst
+from lightning_core import epoch as ep
 from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog
 from lightning_core.lake import LakeFormatError
@@ -176,3 +177,27 @@ def test_processes_replacing_partitions_of_one_table_at_once_all_commit(tmp_path
     assert by_epoch[1] == [("b", 14.0)] * 3 and by_epoch[9] == [("seed", 0.0)]
     assert by_epoch[0] in ([("a", 14.0)] * 3, [("c", 14.0)] * 3)  # the later of the two last replaces wins
     assert store.open_output(lake, "rewards").version() == 1 + 45  # 0 the create, 1 the seed, then each replace once
+
+
+def test_query_at_an_epoch_sees_the_spans_and_triplets_it_trained_on(tmp_path):
+    cfg = make_config(tmp_path)
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    write(cfg.lake.path, [_rollout("ro1", "t1", 1.0), _rollout("ro2", "t1", 0.0)])
+    first = materialize_triplets(cfg, run_id="r1", epoch=0)
+    ep.set_epoch_status(catalog, run_id="r1", epoch=0, status="triplets_done",  # as the epoch flow records it
+                        stats={"span_versions": first.span_versions, "output_versions": first.output_versions})
+    ep.set_epoch_status(catalog, run_id="r1", epoch=1, status="planned")
+    write(cfg.lake.path, [_rollout("ro3", "t2", 1.0)])
+    materialize_triplets(cfg, run_id="r1", epoch=0)  # someone re-runs the pipeline on more spans afterwards
+    sql = "SELECT (SELECT count(*) FROM triplets), (SELECT count(DISTINCT rollout_id) FROM spans)"
+    assert analyst.connect(cfg).execute(sql).fetchall() == [(6, 3)]
+    assert analyst.connect(cfg, at_epoch=("r1", 0)).execute(sql).fetchall() == [(4, 2)]
+    out = subprocess.run([sys.executable, "-m", "lightning_core", "query", "--lake", str(cfg.lake.path),
+                          "--at-epoch", "r1:0", "--format", "csv", sql], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[1] == "4,2", out.stderr
+    for bad, code, message in (("r1:1", 1, "has not made its triplets"), ("r9:0", 1, "no epoch 0 of run 'r9'"),
+                               ("r1", 2, "RUN:EPOCH")):
+        out = subprocess.run([sys.executable, "-m", "lightning_core", "query", "--lake", str(cfg.lake.path),
+                              "--at-epoch", bad, sql], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == code and message in " ".join(out.stderr.split()), out.stderr
