@@ -6,8 +6,8 @@
     arclight.refresh(con)                            # move to the lake's newest snapshot
 
 The connection is in memory. Its span views list the files of one snapshot of the lake's Delta
-tables, and the state tables (runs, epochs, rollouts, policy_versions, prompt_versions) are
-copied in from the catalog file, which is opened read-only for the copy only (milliseconds). So
+tables, and the state tables (runs, epochs, rollouts, policy_versions, prompt_versions,
+agent_epochs) are copied in from the newest version of their Delta tables (milliseconds). So
 it can stay open for days while the collector writes and compacts and the pipeline trains; it
 sees the lake as of its last ``connect``/``refresh``. ``at_version`` pins a snapshot (time
 travel: per table, span tables and output tables; for example ``dict(con.sql("FROM
@@ -25,7 +25,7 @@ from typing import Any
 
 import duckdb
 
-from lightning_core.catalog import STATE_TABLE_NAMES, STATE_TABLES, Catalog, view_sql
+from lightning_core.catalog import STATE_TABLE_NAMES, Catalog, load_state, state_sql, view_sql
 from lightning_core.lake import LANES, Snapshot, snapshot_at
 from lightning_core.triplet_store import TABLES
 from lightning_core.triplet_store import snapshot as output_snapshot
@@ -67,12 +67,10 @@ def connect(lake: str | os.PathLike[str] | Any = ".arclight/lake", *, at_version
 def epoch_versions(lake: str | os.PathLike[str] | Any, run_id: str, epoch: int) -> dict[str, int]:
     """The table versions an epoch's pipeline run read (span tables) and wrote (output tables), from its stats."""
     catalog = _catalog(lake)
-    rows = []
-    if catalog.path.exists():
-        with catalog.read(spans=False) as con:
-            rows = con.execute("SELECT status, stats FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch]).fetchall()
+    with catalog.read(spans=False) as con:
+        rows = con.execute("SELECT status, stats FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch]).fetchall()
     if not rows:
-        raise ValueError(f"no epoch {epoch} of run {run_id!r} in {catalog.path}: see `SELECT run_id, epoch, status "
+        raise ValueError(f"no epoch {epoch} of run {run_id!r} in {catalog.state_root}: see `SELECT run_id, epoch, status "
                          "FROM epochs` for the epochs there are")
     status, stats = rows[0]
     stats = json.loads(stats) if stats else {}
@@ -98,15 +96,11 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
     snap = snapshot_at(catalog.lake_root, {k: v for k, v in at_version.items() if k in LANES})
     outputs = {k: v for k, v in at_version.items() if k in TABLES}
     output_versions = {output: version for output, (version, _) in output_snapshot(catalog.lake_root, outputs).items()}
-    con.execute(STATE_TABLES)  # the tables, empty: what a lake where no pipeline has run (yet) holds
-    if catalog.path.exists():
-        with catalog.read(spans=False) as source:  # held for the copy only
-            have = {name for (name,) in source.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-            for name in STATE_TABLE_NAMES:
-                if name in have:  # a catalog of an older Arclight may lack the newer ones
-                    con.register("_state", source.sql(f"SELECT * FROM {name}").to_arrow_table())
-                    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _state")
-                    con.unregister("_state")
+    if catalog.path.is_file():
+        catalog.ensure()  # the state of an older catalog file moves into the state tables first
+    for name in STATE_TABLE_NAMES:
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    load_state(con, catalog.state_root)  # the newest committed state, in memory
     con.execute(view_sql(catalog.lake_root, snap))
     con.execute(output_views_sql(catalog.lake_root, output_versions) or "SELECT 1")  # none before the first pipeline run
     versions = {**snap.versions, **output_versions}
@@ -118,10 +112,8 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
 def cli_script(lake: str | os.PathLike[str] | Any) -> str:
     """SQL that gives a duckdb CLI session the same views and a copy of the state tables."""
     catalog = _catalog(lake)
-    parts = [view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None)), output_views_sql(catalog.lake_root)]
-    if catalog.path.exists():
-        path = str(catalog.path.resolve()).replace("'", "''")
-        parts.append(f"ATTACH '{path}' AS arclight_catalog (READ_ONLY);")
-        parts += [f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM arclight_catalog.{name};" for name in STATE_TABLE_NAMES]
-        parts.append("DETACH arclight_catalog;")
+    if catalog.path.is_file():
+        catalog.ensure()  # the state of an older catalog file moves into the state tables first
+    parts = [view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None)), output_views_sql(catalog.lake_root),
+             state_sql(catalog.state_root)]
     return "\n".join(parts) + "\n"

@@ -1,31 +1,40 @@
-"""The DuckDB catalog: the pipeline's small state tables, and the span views over lake snapshots.
+"""The catalog: the pipeline's state tables as Delta tables, and the span views over lake snapshots.
 
 The spans live in the lake's Delta tables (``lightning_core.lake``); ``view_sql`` makes views
-over one snapshot of them. The catalog file holds the state (runs, epochs, rollouts,
-policy_versions, prompt_versions); ``triplet_store.views_sql`` makes the views of the pipeline's
-outputs (also Delta tables) over one snapshot of them. Writers open it
-briefly (``Catalog.write()``); ``Catalog.read()`` opens it read-only between writes (retrying
-while a writer holds the lock) with the span views added as TEMP views. Analysts never hold the
-file: ``lightning_core.analyst.connect`` copies the state into memory. The file is created with
-DuckDB's v1.5.0 storage format, so the PyPI ``duckdb`` CLI can open it too.
+over one snapshot of them, and ``triplet_store.views_sql`` the views of the pipeline's outputs
+(also Delta tables). The state (runs, epochs, rollouts, policy_versions, prompt_versions,
+agent_epochs) is one Delta table per name under ``<catalog>.state/`` (by default
+``<lake>/catalog.state/``): ``Catalog.write()`` hands out an in-memory DuckDB connection over the
+current state and commits the tables the block changed; ``Catalog.read()`` and analysts
+(``lightning_core.analyst.connect``) load the newest committed state and hold nothing on disk,
+so no reader can hold up a writer. Polars reads the tables natively
+(``pl.scan_delta("<lake>/catalog.state/epochs")``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
+from deltalake.transaction import AddAction
 
-from lightning_core.lake import SCHEMA_RUN, Snapshot, ensure_schema_files, schema_file, set_location
+from lightning_core.durable import fsync_dir, fsync_file
+from lightning_core.lake import CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, SCHEMA_RUN, Snapshot, ensure_schema_files, schema_file, set_location
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.triplet_store import views_sql as output_views_sql
 
-STORAGE_VERSION = "v1.5.0"
 
 STATE_TABLE_NAMES = ("runs", "epochs", "rollouts", "policy_versions", "prompt_versions", "agent_epochs")
 STATE_TABLES = """
@@ -187,17 +196,6 @@ QUALIFY row_number() OVER (PARTITION BY run_id, epoch, date, trace_id, span_id
 """
 
 
-# What a connection to the catalog file itself finds under the span views' names: the spans live
-# in the Delta tables, whose current files a view stored in the file could not follow.
-STORED_VIEW_NOTICE = "\n".join(f"CREATE OR REPLACE VIEW {name} AS SELECT error({{msg}}) AS {name};"
-                               for name in ("spans_raw", "spans", "triplets", "llm_calls", "rewards", "rollout_summary",
-                                            "agents"))
-NOTICE_TEXT = ("the spans and the pipeline's outputs live in the lake's Delta tables, not in this file: query them "
-               "with `arclight query`, "
-               "lightning_core.analyst.connect(<lake>) in Python, or the duckdb CLI started as "
-               "`duckdb -init <(arclight views --lake <lake>)`")
-
-
 class WriteRefused(ValueError):
     """A statement given to a read-only command that would write (a file, a table, a setting)."""
 
@@ -227,12 +225,21 @@ def refuse_writes(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 class Catalog:
-    """The DuckDB catalog of one lake."""
+    """The lake's state tables (Delta tables under ``state_root``) and the connections that read and change them.
+
+    ``write()`` yields an in-memory DuckDB connection holding the current state (with its keys and
+    defaults, ``STATE_TABLES``); when the block ends without an error, each table whose rows
+    changed is replaced in one Delta commit (made durable before ``write`` returns). Writers take
+    turns (a lock per process and a lock file across processes); readers never wait: ``read()``
+    loads the newest committed state. ``path`` is the DuckDB catalog file of Arclight before the
+    Delta state: the first use of the lake moves its rows into the tables.
+    """
 
     def __init__(self, lake_root: str | Path, catalog_path: str | Path | None = None, *,
                  memory_limit: str | None = None, threads: int | None = None):
         self.lake_root = Path(lake_root).resolve()
         self.path = Path(catalog_path) if catalog_path else self.lake_root / "catalog.duckdb"
+        self.state_root = self.path.with_suffix(".state").resolve()
         self.memory_limit = memory_limit
         self.threads = threads
 
@@ -244,66 +251,219 @@ class Catalog:
         return cls(lake.path, lake.catalog_path, memory_limit=lake.duckdb_memory_limit, threads=lake.duckdb_threads)
 
     def ensure(self) -> None:
-        """Create the lake folders, the catalog file, its views and state tables (idempotent)."""
+        """Create the lake folder and the state folder, moving the state of an older catalog file in (idempotent)."""
         self.lake_root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.lake_root)
-        with self.write() as con:
-            con.execute(STATE_TABLES)
-            con.execute(STORED_VIEW_NOTICE.format(msg=_quote(NOTICE_TEXT)))
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file() and not (self.state_root / MIGRATED_MARK).exists():
+            with self.write():
+                pass  # write() moves the file's rows in
 
     def ensure_state(self) -> None:
-        """Make sure the state tables exist (a catalog made by an older version gets the new ones), cheaply."""
-        if not self.path.exists():
-            self.ensure()
-            return
-        with self.write() as con:
-            con.execute(STATE_TABLES)
+        """Make sure the state can be written (kept for callers of the catalog-file era)."""
+        self.ensure()
 
     @contextlib.contextmanager
     def write(self, *, timeout_s: float = 60.0, spans: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the catalog for writing (waiting while another process holds it), then close it.
+        """A connection over the current state; the tables it changed are committed when the block ends.
 
-        With ``spans``, the connection also has the span and output views over the lake's current
-        snapshot (TEMP views), for a statement that updates state from the spans.
+        An error in the block commits nothing. Another writer of the same state waits (up to
+        ``timeout_s``); a write inside a write of the same thread shares its connection. With
+        ``spans``, the connection also has the span and output views over the lake's current
+        snapshot, for a statement that updates state from the spans.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _process_lock(self.path):
-            con = _connect_retrying(self.path, read_only=False, timeout_s=timeout_s, config=self._config(create=True))
+        key = str(self.state_root)
+        local = _writing.__dict__.setdefault("open", {})
+        if key in local:  # nested: the outer block commits
+            con = local[key]
+            if spans:
+                _temporary_views(con, self.lake_root)
+            yield con
+            return
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        with _process_lock(self.state_root), _file_lock(self.state_root / LOCK_FILE, timeout_s=timeout_s):
+            con = self._connect()
             try:
+                self._migrate(con)
+                before = _fingerprints(con)
                 if spans:
                     _temporary_views(con, self.lake_root)
-                yield con
+                local[key] = con
+                try:
+                    yield con
+                finally:
+                    del local[key]
+                changed = [name for name, mark in _fingerprints(con).items() if mark != before[name]]
+                for name in changed:
+                    _commit_state(self.state_root / name, con.sql(f"SELECT * FROM {name}").to_arrow_table())
             finally:
                 con.close()
 
     @contextlib.contextmanager
     def read(self, *, timeout_s: float = 60.0, spans: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the catalog read-only (waiting while a writer holds it), then close it.
+        """A connection over the newest committed state (an in-memory copy: nothing waits on it), then closed.
 
         With ``spans``, the connection also has the span views (``spans``, ``spans_raw``) and the
-        output views (``triplets``, ``llm_calls``, ...) over the lake's current snapshot, as TEMP views. Hold it briefly: a writer waits while it is open
-        (analysts use ``lightning_core.analyst.connect``, which holds nothing).
+        output views (``triplets``, ``llm_calls``, ...) over the lake's current snapshot.
         """
-        if not self.path.exists():
+        if self.path.is_file() and not (self.state_root / MIGRATED_MARK).exists():
             self.ensure()
-        with _process_lock(self.path):
-            con = _connect_retrying(self.path, read_only=True, timeout_s=timeout_s, config=self._config(create=False))
-            try:
-                if spans:
-                    _temporary_views(con, self.lake_root)
-                yield con
-            finally:
-                con.close()
+        con = self._connect()
+        try:
+            if spans:
+                _temporary_views(con, self.lake_root)
+            yield con
+        finally:
+            con.close()
 
-    def _config(self, *, create: bool) -> dict[str, str]:
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(config=self._config())
+        load_state(con, self.state_root)
+        return con
+
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Copy the rows of the catalog file of an older Arclight into ``con`` once (they commit with the block)."""
+        mark = self.state_root / MIGRATED_MARK
+        if not self.path.is_file() or mark.exists():
+            return
+        source = duckdb.connect(str(self.path), read_only=True)
+        try:
+            have = {name for (name,) in source.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+            for name in STATE_TABLE_NAMES:
+                if name in have and not con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]:
+                    con.register("_old", source.sql(f"SELECT * FROM {name}").to_arrow_table())
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _old")
+                    con.unregister("_old")
+        finally:
+            source.close()
+        for name in STATE_TABLE_NAMES:  # committed now, so the mark never stands without the rows
+            _commit_state(self.state_root / name, con.sql(f"SELECT * FROM {name}").to_arrow_table())
+        mark.write_text(f"the state tables were copied from {self.path} on {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+    def _config(self) -> dict[str, str]:
         config: dict[str, str] = {}
-        if create and not self.path.exists():
-            config["storage_compatibility_version"] = STORAGE_VERSION
         if self.memory_limit:
             config["memory_limit"] = self.memory_limit
         if self.threads:
             config["threads"] = str(self.threads)
         return config
+
+
+LOCK_FILE = ".write.lock"
+MIGRATED_MARK = "MIGRATED_FROM_CATALOG_FILE"
+_writing = threading.local()  # per thread: the state folders it is writing, and their connections
+
+
+def load_state(con: duckdb.DuckDBPyConnection, state_root: Path) -> dict[str, int]:
+    """Create the state tables in ``con`` and fill them from the newest version of their Delta tables; return
+    each table's version (-1: never written)."""
+    con.execute(STATE_TABLES)
+    versions = {}
+    for name in STATE_TABLE_NAMES:
+        table = _state_table(state_root / name)
+        versions[name] = table.version() if table is not None else -1
+        files = table.file_uris() if table is not None else []
+        if files:
+            con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet({_file_list(files)}, union_by_name = true)")
+    return versions
+
+
+def state_sql(state_root: Path) -> str:
+    """SQL that makes the state tables with their newest rows (for a duckdb CLI session)."""
+    parts = [STATE_TABLES]
+    for name in STATE_TABLE_NAMES:
+        table = _state_table(state_root / name)
+        files = table.file_uris() if table is not None else []
+        if files:
+            parts.append(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet({_file_list(files)}, union_by_name = true);")
+    return "\n".join(parts)
+
+
+_state_tables: dict[str, DeltaTable] = {}
+_state_lock = threading.Lock()
+
+
+def _state_table(path: Path) -> DeltaTable | None:
+    """The state table at ``path``, brought up to date (kept open per process); None before its first commit."""
+    with _state_lock:
+        table = _state_tables.get(str(path))
+        if table is not None:
+            try:
+                table.update_incremental()
+                return table
+            except DeltaError:  # the folder was replaced (a test's fresh lake)
+                del _state_tables[str(path)]
+        if not DeltaTable.is_deltatable(str(path)):
+            return None
+        table = _state_tables[str(path)] = DeltaTable(str(path))
+        return table
+
+
+def _fingerprints(con: duckdb.DuckDBPyConnection) -> dict[str, tuple]:
+    """Per state table, its row count and the sum of its rows' hashes (of each row's text: DuckDB's hash of a
+    row combines its fields' hashes linearly, so one change made to two rows cancelled out in an XOR of them)."""
+    return {name: tuple(con.execute(f"SELECT count(*), sum(hash(t::VARCHAR)::HUGEINT) FROM {name} AS t").fetchall()[0])
+            for name in STATE_TABLE_NAMES}
+
+
+def _commit_state(path: Path, rows: pa.Table) -> None:
+    """Make ``rows`` the whole content of the state table at ``path``: one Parquet file, fsynced, then one
+    overwrite commit (the table is created on its first), fsynced. The writer holds the state's write lock."""
+    rows = rows.cast(pa.schema([pa.field(f.name, pa.timestamp(f.type.unit, "UTC")) if pa.types.is_timestamp(f.type)
+                                and f.type.tz else f for f in rows.schema]))  # Delta has one zone: UTC
+    table = _state_table(path)
+    if table is None:
+        DeltaTable.create(str(path), rows.schema, mode="ignore", configuration={CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})
+        table = _state_table(path)
+    name = f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"
+    pq.write_table(rows, path / name, compression="zstd")
+    fsync_file(path / name)
+    fsync_dir(path)
+    before = table.version()
+    schema = table.schema().to_arrow()
+    if set(rows.schema.names) - set(pa.schema(schema).names):  # a column this version of Arclight added
+        schema = pa.unify_schemas([pa.schema(schema), rows.schema])
+    stat = (path / name).stat()
+    table.create_write_transaction([AddAction(name, stat.st_size, {}, int(stat.st_mtime * 1000), True,
+                                              json.dumps({"numRecords": rows.num_rows}))],
+                                   mode="overwrite", schema=schema)
+    table.update_incremental()
+    for version in range(before + 1, table.version() + 1):
+        fsync_file(path / "_delta_log" / f"{version:020d}.json")
+    fsync_dir(path / "_delta_log")
+
+
+def vacuum_state(state_root: Path, *, retention_hours: int) -> None:
+    """Delete state files replaced more than ``retention_hours`` ago."""
+    for name in STATE_TABLE_NAMES:
+        table = _state_table(state_root / name)
+        if table is not None:
+            table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, *, timeout_s: float) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes (flock), waiting up to ``timeout_s``."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been writing the state tables in {path.parent} for over "
+                                       f"{timeout_s:.0f} s; if none runs, remove nothing and retry: the lock dies with "
+                                       "its process") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _temporary_views(con: duckdb.DuckDBPyConnection, lake_root: Path) -> None:
@@ -319,21 +479,7 @@ _locks_guard = threading.Lock()
 
 
 def _process_lock(path: Path) -> threading.RLock:
-    """One lock per catalog file in this process: DuckDB refuses two differently configured
-    connections to one file in one process, so threads take turns (processes wait on the file lock)."""
+    """One lock per state folder in this process: threads take turns writing it (processes take the lock file)."""
     key = str(path.resolve())
     with _locks_guard:
         return _locks.setdefault(key, threading.RLock())
-
-
-def _connect_retrying(path: Path, *, read_only: bool, timeout_s: float, config: dict[str, str]) -> duckdb.DuckDBPyConnection:
-    deadline = time.monotonic() + timeout_s
-    delay = 0.02
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=read_only, config=config)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)

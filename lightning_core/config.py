@@ -32,7 +32,10 @@ class LakeConfig(Section):
     """Where spans, triplets and the DuckDB catalog live."""
 
     path: Path = Field(Path(".arclight/lake"), description="Root folder of the lake: the span tables (Delta), the pipeline outputs, the catalog.")
-    catalog: Path | None = Field(None, description="DuckDB catalog file; default <path>/catalog.duckdb.")
+    catalog: Path | None = Field(None, description="Names the state tables' folder: <catalog without its suffix>.state "
+                                 "(Delta tables: runs, epochs, rollouts, ...); default <path>/catalog.duckdb, so "
+                                 "<path>/catalog.state. A DuckDB catalog file of an older Arclight found there is "
+                                 "copied into the tables on first use.")
     spans_uri: str | None = Field(
         None, description="Where the span tables live when several machines write them: an object-store URI "
         "(s3://bucket/prefix) shared by every collector; default <path>/spans. Recorded in the lake folder "

@@ -64,5 +64,5 @@ def run_demo(config: ArclightConfig, *, rollouts: int, console: Console) -> None
     for rollout_id, spans, reward, agents in rows:
         table.add_row(rollout_id, str(spans), f"{reward}", agents or "")
     console.print(table)
-    console.print(f"lake: {config.lake.path}\ncatalog: {catalog.path}")
+    console.print(f"lake: {config.lake.path}\nstate tables: {catalog.state_root}")
     console.print(f'query it: arclight query --lake {config.lake.path} "SELECT name, count(*) FROM spans GROUP BY name"')

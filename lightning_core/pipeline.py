@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lightning_core import triplet_store as store
-from lightning_core.catalog import Catalog, view_sql
+from lightning_core.catalog import Catalog, vacuum_state, view_sql
 from lightning_core.lake import Snapshot, span_scope_filter
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.config import ArclightConfig, PolicyConfig
@@ -403,8 +403,10 @@ def ensure_views(config: ArclightConfig) -> None:
     rewards, agents, rollout_summary) bind before any pipeline run, and vacuum the output tables."""
     lake_root = Path(config.lake.path).resolve()
     _ensure_schema_outputs(config, lake_root)
-    Catalog.from_config(config).ensure()
+    catalog = Catalog.from_config(config)
+    catalog.ensure()
     store.vacuum(lake_root, retention_hours=config.collector.retention_hours)
+    vacuum_state(catalog.state_root, retention_hours=config.collector.retention_hours)
 
 
 def _ensure_schema_outputs(config: ArclightConfig, lake_root: Path) -> None:

@@ -165,10 +165,9 @@ def test_killed_during_training_resumes_without_rerunning_rollouts(
         deadline = time.monotonic() + 400
         status = None
         while time.monotonic() < deadline and proc.poll() is None:
-            if catalog.path.exists():
-                with catalog.read() as con:
-                    rows = con.execute("SELECT status FROM epochs WHERE run_id = 'killrun'").fetchall()
-                status = rows[0][0] if rows else None
+            with catalog.read(spans=False) as con:
+                rows = con.execute("SELECT status FROM epochs WHERE run_id = 'killrun'").fetchall()
+            status = rows[0][0] if rows else None
             if status == "triplets_done":  # the train task has started
                 time.sleep(4)
                 break
