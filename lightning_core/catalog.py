@@ -14,7 +14,6 @@ so no reader can hold up a writer. Polars reads the tables natively
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import threading
@@ -27,11 +26,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError
-from deltalake.transaction import AddAction
 
 from lightning_core.durable import fsync_dir, fsync_file
-from lightning_core.lake import CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, SCHEMA_RUN, Snapshot, ensure_schema_files, schema_file, set_location
+from lightning_core.lake import (CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, SCHEMA_RUN, Snapshot, add_action, commit_durably,
+                                 ensure_schema_files, refreshed, schema_file, set_location)
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.triplet_store import views_sql as output_views_sql
 
@@ -259,10 +257,6 @@ class Catalog:
             with self.write():
                 pass  # write() moves the file's rows in
 
-    def ensure_state(self) -> None:
-        """Make sure the state can be written (kept for callers of the catalog-file era)."""
-        self.ensure()
-
     @contextlib.contextmanager
     def write(self, *, timeout_s: float = 60.0, spans: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection over the current state; the tables it changed are committed when the block ends.
@@ -300,7 +294,7 @@ class Catalog:
                 con.close()
 
     @contextlib.contextmanager
-    def read(self, *, timeout_s: float = 60.0, spans: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    def read(self, *, spans: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection over the newest committed state (an in-memory copy: nothing waits on it), then closed.
 
         With ``spans``, the connection also has the span views (``spans``, ``spans_raw``) and the
@@ -386,17 +380,7 @@ _state_lock = threading.Lock()
 def _state_table(path: Path) -> DeltaTable | None:
     """The state table at ``path``, brought up to date (kept open per process); None before its first commit."""
     with _state_lock:
-        table = _state_tables.get(str(path))
-        if table is not None:
-            try:
-                table.update_incremental()
-                return table
-            except DeltaError:  # the folder was replaced (a test's fresh lake)
-                del _state_tables[str(path)]
-        if not DeltaTable.is_deltatable(str(path)):
-            return None
-        table = _state_tables[str(path)] = DeltaTable(str(path))
-        return table
+        return refreshed(_state_tables, path)
 
 
 def _fingerprints(con: duckdb.DuckDBPyConnection) -> dict[str, tuple]:
@@ -419,18 +403,10 @@ def _commit_state(path: Path, rows: pa.Table) -> None:
     pq.write_table(rows, path / name, compression="zstd")
     fsync_file(path / name)
     fsync_dir(path)
-    before = table.version()
     schema = table.schema().to_arrow()
     if set(rows.schema.names) - set(pa.schema(schema).names):  # a column this version of Arclight added
         schema = pa.unify_schemas([pa.schema(schema), rows.schema])
-    stat = (path / name).stat()
-    table.create_write_transaction([AddAction(name, stat.st_size, {}, int(stat.st_mtime * 1000), True,
-                                              json.dumps({"numRecords": rows.num_rows}))],
-                                   mode="overwrite", schema=schema)
-    table.update_incremental()
-    for version in range(before + 1, table.version() + 1):
-        fsync_file(path / "_delta_log" / f"{version:020d}.json")
-    fsync_dir(path / "_delta_log")
+    commit_durably(table, path, [add_action(path, path / name, {}, rows.num_rows)], mode="overwrite", schema=schema)
 
 
 def vacuum_state(state_root: Path, *, retention_hours: int) -> None:

@@ -516,7 +516,7 @@ def _check_prompt_versions(cfg: ArclightConfig, versions: Optional[list[str]]) -
 
     need_lake(cfg)
     catalog = Catalog.from_config(cfg)
-    catalog.ensure_state()  # a catalog made before prompt versions existed gets the table
+    catalog.ensure()
     try:
         prompts.resolve(catalog, cfg, list(versions))
     except prompts.PromptError as exc:
@@ -586,7 +586,7 @@ def prompts(
     cfg = load(config, overrides)
     need_lake(cfg)
     catalog = Catalog.from_config(cfg)
-    catalog.ensure_state()  # a catalog made before prompt versions existed gets the table
+    catalog.ensure()
     try:
         prompt_store.register_config_prompts(catalog, cfg)
         if show:

@@ -483,20 +483,13 @@ class Lake:
             pq.write_table(data, path, compression="zstd", row_group_size=_ROW_GROUP)
             fsync_file(path)
             folders.add(folder)
-            stat = path.stat()
             values = {column: str(value) for column, value in _partition_fields(partition).items()}
-            actions.append(AddAction(quote(path.relative_to(root).as_posix(), safe="/="), stat.st_size, values,
-                                     int(stat.st_mtime * 1000), True, json.dumps({"numRecords": data.num_rows})))
+            actions.append(add_action(root, path, values, data.num_rows))
             paths.append(path)
         for folder in folders:
             fsync_dir(folder)
-        before = table.version()
-        table.create_write_transaction(actions, mode="append", schema=table_schema(lane), partition_by=list(LANES[lane]),
-                                       commit_properties=commit)
-        table.update_incremental()
-        for version in range(before + 1, table.version() + 1):  # ours, and any other process's made meanwhile
-            fsync_file(root / "_delta_log" / f"{version:020d}.json")
-        fsync_dir(root / "_delta_log")
+        commit_durably(table, root, actions, mode="append", schema=table_schema(lane), partition_by=list(LANES[lane]),
+                       commit_properties=commit)
         return [str(p) for p in paths]
 
     def write_table(self, partition: Partition, table: pa.Table) -> list[str]:
@@ -727,6 +720,41 @@ def prune_mirror(root: str | os.PathLike[str]) -> list[Path]:
     if removed:
         log.info("removed %d local copies of files vacuumed from %s", len(removed), where.uri)
     return removed
+
+
+def add_action(root: Path, path: Path, values: dict[str, str], rows: int) -> AddAction:
+    """The Delta add action of a data file written (and fsynced) under the table folder ``root``."""
+    stat = path.stat()
+    return AddAction(quote(path.relative_to(root).as_posix(), safe="/="), stat.st_size, values,
+                     int(stat.st_mtime * 1000), True, json.dumps({"numRecords": rows}))
+
+
+def commit_durably(table: DeltaTable, root: Path, actions: list[AddAction], **transaction: Any) -> None:
+    """Commit ``actions`` to the local table at ``root`` (``create_write_transaction``'s arguments), bring the table
+    up to date and fsync the log entries since its version before: ours, and any other process's made meanwhile
+    (delta-rs does not fsync local files)."""
+    before = table.version()
+    table.create_write_transaction(actions, **transaction)
+    table.update_incremental()
+    for version in range(before + 1, table.version() + 1):
+        fsync_file(root / "_delta_log" / f"{version:020d}.json")
+    fsync_dir(root / "_delta_log")
+
+
+def refreshed(cache: dict[str, DeltaTable], path: Path) -> DeltaTable | None:
+    """The local Delta table at ``path`` from ``cache`` brought up to date (reading only the new commits), or
+    opened afresh; None when there is none. The caller holds the cache's lock."""
+    table = cache.get(str(path))
+    if table is not None:
+        try:
+            table.update_incremental()
+            return table
+        except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
+            del cache[str(path)]
+    if not DeltaTable.is_deltatable(str(path)):
+        return None
+    table = cache[str(path)] = DeltaTable(str(path))
+    return table
 
 
 def _current(cache: dict[str, DeltaTable], key: str, root, lane: str) -> DeltaTable | None:

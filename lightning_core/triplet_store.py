@@ -17,7 +17,6 @@ the lake folder, also when the spans are on object storage: one pipeline process
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -26,17 +25,16 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError
-from deltalake.transaction import AddAction
 
 from lightning_core import names
 from lightning_core.durable import fsync_dir, fsync_file
-from lightning_core.lake import CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, LakeFormatError
+from lightning_core.lake import (CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, LakeFormatError, add_action, commit_durably,
+                                refreshed)
 
 PRODUCTION_RUN = "_production"
 SCHEMA_RUN = "_schema"
@@ -157,23 +155,14 @@ def open_output(lake_root: Path, output: str, *, version: int | None = None) -> 
 
 
 def _current(cache: dict[str, DeltaTable], lake_root: Path, output: str) -> DeltaTable | None:
-    """The table from ``cache`` brought up to date, or opened afresh (the caller holds the cache's lock)."""
+    """The output's table from ``cache`` brought up to date (the caller holds the cache's lock)."""
     path = table_path(lake_root, output)
-    table = cache.get(str(path))
-    if table is not None:
-        try:
-            table.update_incremental()
-            return table
-        except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
-            del cache[str(path)]
-    if not DeltaTable.is_deltatable(str(path)):
-        if path.is_dir() and any(path.rglob("part-*.parquet")):
-            raise LakeFormatError(
-                f"{path} holds the Parquet outputs of Arclight before the Delta store: convert them once with "
-                f"`arclight migrate-lake --lake {Path(lake_root)}` (or delete the folder: "
-                "`arclight triplets` makes them again from the spans)")
-        return None
-    table = cache[str(path)] = DeltaTable(str(path))
+    table = refreshed(cache, path)
+    if table is None and path.is_dir() and any(path.rglob("part-*.parquet")):
+        raise LakeFormatError(
+            f"{path} holds the Parquet outputs of Arclight before the Delta store: convert them once with "
+            f"`arclight migrate-lake --lake {Path(lake_root)}` (or delete the folder: "
+            "`arclight triplets` makes them again from the spans)")
     return table
 
 
@@ -234,19 +223,13 @@ def _replace(lake_root: Path, output: str, table: pa.Table, values: dict[str, st
             list(pool.map(write, range(parts)))  # re-raises the first error
     fsync_dir(folder)
     root = table_path(lake_root, output)
-    actions = []
-    for i, path in enumerate(files):
-        stat = path.stat()
-        rows = min(size, table.num_rows - i * size)
-        actions.append(AddAction(quote(path.relative_to(root).as_posix(), safe="/="), stat.st_size, values,
-                                 int(stat.st_mtime * 1000), True, json.dumps({"numRecords": rows})))
-    before = delta.version()
+    actions = [add_action(root, path, values, min(size, table.num_rows - i * size)) for i, path in enumerate(files)]
     for attempt in range(COMMIT_ATTEMPTS):
         try:
-            delta.create_write_transaction(
-                actions, mode="overwrite", schema=_merged_schema(delta, output, table.schema),
-                partition_by=list(partition_columns(output)), partition_filters=[(c, "=", v) for c, v in values.items()],
-                commit_properties=CommitProperties(custom_metadata={"arclight.output": output}))
+            commit_durably(delta, root, actions, mode="overwrite", schema=_merged_schema(delta, output, table.schema),
+                           partition_by=list(partition_columns(output)),
+                           partition_filters=[(c, "=", v) for c, v in values.items()],
+                           commit_properties=CommitProperties(custom_metadata={"arclight.output": output}))
             break
         except CommitFailedError:
             # Another process committed to the table meanwhile (delta-rs 1.6 refuses an overwrite after any
@@ -256,10 +239,6 @@ def _replace(lake_root: Path, output: str, table: pa.Table, values: dict[str, st
                 raise
             time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))
             delta.update_incremental()
-    delta.update_incremental()
-    for version in range(before + 1, delta.version() + 1):
-        fsync_file(root / "_delta_log" / f"{version:020d}.json")
-    fsync_dir(root / "_delta_log")
     return files
 
 
