@@ -25,7 +25,7 @@ from typing import Any
 
 import duckdb
 
-from lightning_core.catalog import STATE_TABLE_NAMES, Catalog, load_state, state_sql, view_sql
+from lightning_core.catalog import STATE_TABLE_NAMES, Catalog, view_sql
 from lightning_core.lake import LANES, Snapshot, snapshot_at
 from lightning_core.triplet_store import TABLES
 from lightning_core.triplet_store import snapshot as output_snapshot
@@ -96,11 +96,9 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
     snap = snapshot_at(catalog.lake_root, {k: v for k, v in at_version.items() if k in LANES})
     outputs = {k: v for k, v in at_version.items() if k in TABLES}
     output_versions = {output: version for output, (version, _) in output_snapshot(catalog.lake_root, outputs).items()}
-    if catalog.path.is_file():
-        catalog.ensure()  # the state of an older catalog file moves into the state tables first
     for name in STATE_TABLE_NAMES:
         con.execute(f"DROP TABLE IF EXISTS {name}")
-    load_state(con, catalog.state_root)  # the newest committed state, in memory
+    con.execute(catalog.load_sql())  # the newest committed state, in memory
     con.execute(view_sql(catalog.lake_root, snap))
     con.execute(output_views_sql(catalog.lake_root, output_versions) or "SELECT 1")  # none before the first pipeline run
     versions = {**snap.versions, **output_versions}
@@ -112,8 +110,6 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
 def cli_script(lake: str | os.PathLike[str] | Any) -> str:
     """SQL that gives a duckdb CLI session the same views and a copy of the state tables."""
     catalog = _catalog(lake)
-    if catalog.path.is_file():
-        catalog.ensure()  # the state of an older catalog file moves into the state tables first
     parts = [view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None)), output_views_sql(catalog.lake_root),
-             state_sql(catalog.state_root)]
+             catalog.load_sql()]
     return "\n".join(parts) + "\n"

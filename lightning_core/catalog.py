@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from lightning_core.durable import fsync_dir, fsync_file
-from lightning_core.lake import (CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, SCHEMA_RUN, Snapshot, add_action, commit_durably,
+from lightning_core.lake import (SCHEMA_RUN, Snapshot, add_action, commit_durably, create_table,
                                  ensure_schema_files, refreshed, schema_file, set_location)
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.triplet_store import views_sql as output_views_sql
@@ -253,9 +253,15 @@ class Catalog:
         self.lake_root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.lake_root)
         self.state_root.mkdir(parents=True, exist_ok=True)
+        self.load_sql()
+
+    def load_sql(self) -> str:
+        """SQL that makes the state tables with their newest committed rows (``state_sql``); the state of an
+        older catalog file is moved in first."""
         if self.path.is_file() and not (self.state_root / MIGRATED_MARK).exists():
             with self.write():
                 pass  # write() moves the file's rows in
+        return state_sql(self.state_root)
 
     @contextlib.contextmanager
     def write(self, *, timeout_s: float = 60.0, spans: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -276,8 +282,9 @@ class Catalog:
             return
         self.state_root.mkdir(parents=True, exist_ok=True)
         with _process_lock(self.state_root), _file_lock(self.state_root / LOCK_FILE, timeout_s=timeout_s):
-            con = self._connect()
+            con = duckdb.connect(config=self._config())
             try:
+                con.execute(state_sql(self.state_root))
                 self._migrate(con)
                 before = _fingerprints(con)
                 if spans:
@@ -300,20 +307,14 @@ class Catalog:
         With ``spans``, the connection also has the span views (``spans``, ``spans_raw``) and the
         output views (``triplets``, ``llm_calls``, ...) over the lake's current snapshot.
         """
-        if self.path.is_file() and not (self.state_root / MIGRATED_MARK).exists():
-            self.ensure()
-        con = self._connect()
+        con = duckdb.connect(config=self._config())
         try:
+            con.execute(self.load_sql())
             if spans:
                 _temporary_views(con, self.lake_root)
             yield con
         finally:
             con.close()
-
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(config=self._config())
-        load_state(con, self.state_root)
-        return con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         """Copy the rows of the catalog file of an older Arclight into ``con`` once (they commit with the block)."""
@@ -348,22 +349,8 @@ MIGRATED_MARK = "MIGRATED_FROM_CATALOG_FILE"
 _writing = threading.local()  # per thread: the state folders it is writing, and their connections
 
 
-def load_state(con: duckdb.DuckDBPyConnection, state_root: Path) -> dict[str, int]:
-    """Create the state tables in ``con`` and fill them from the newest version of their Delta tables; return
-    each table's version (-1: never written)."""
-    con.execute(STATE_TABLES)
-    versions = {}
-    for name in STATE_TABLE_NAMES:
-        table = _state_table(state_root / name)
-        versions[name] = table.version() if table is not None else -1
-        files = table.file_uris() if table is not None else []
-        if files:
-            con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet({_file_list(files)}, union_by_name = true)")
-    return versions
-
-
 def state_sql(state_root: Path) -> str:
-    """SQL that makes the state tables with their newest rows (for a duckdb CLI session)."""
+    """SQL that makes the state tables (``STATE_TABLES``: keys, defaults) holding the newest version of their rows."""
     parts = [STATE_TABLES]
     for name in STATE_TABLE_NAMES:
         table = _state_table(state_root / name)
@@ -380,7 +367,7 @@ _state_lock = threading.Lock()
 def _state_table(path: Path) -> DeltaTable | None:
     """The state table at ``path``, brought up to date (kept open per process); None before its first commit."""
     with _state_lock:
-        return refreshed(_state_tables, path)
+        return refreshed(_state_tables, str(path))
 
 
 def _fingerprints(con: duckdb.DuckDBPyConnection) -> dict[str, tuple]:
@@ -397,7 +384,7 @@ def _commit_state(path: Path, rows: pa.Table) -> None:
                                 and f.type.tz else f for f in rows.schema]))  # Delta has one zone: UTC
     table = _state_table(path)
     if table is None:
-        DeltaTable.create(str(path), rows.schema, mode="ignore", configuration={CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})
+        create_table(str(path), rows.schema)
         table = _state_table(path)
     name = f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"
     pq.write_table(rows, path / name, compression="zstd")

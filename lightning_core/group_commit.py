@@ -2,8 +2,9 @@
 
 Requests queued while a commit runs share the next Delta commit per table (a file per partition;
 ``flush_interval_s`` > 0 makes each commit also wait that long for more), up to
-``MAX_PARTITIONS_PER_COMMIT`` partitions per commit (each partition costs a file and its fsync). A commit is all or nothing (``Lake.write``); when one fails, each of
-its requests is written again on its own, so a request that cannot be written never fails the others.
+``MAX_PARTITIONS_PER_COMMIT`` partitions per commit (each partition costs a file and its fsync).
+A commit is all or nothing (``Lake.write``); when one fails, each of its requests is written again
+on its own, so a request that cannot be written never fails the others.
 """
 
 from __future__ import annotations

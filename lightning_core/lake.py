@@ -511,7 +511,7 @@ class Lake:
         done = 0
         due = self._vacuumed_at is None or time.monotonic() - self._vacuumed_at > VACUUM_EVERY_S
         for lane, columns in LANES.items():
-            table = _current(self._compacting, lane, self.root, lane)  # kept open: a loop reads only new commits
+            table = refreshed(self._compacting, lane, lambda: open_table(self.root, lane, create=False))  # kept open: a loop reads only new commits
             if table is None:
                 continue
             actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
@@ -669,7 +669,7 @@ def snapshot(root: str | os.PathLike[str]) -> Snapshot:
     for lane in LANES:
         uri = where.table_uri(root, lane)
         with _cache_lock:
-            table = _current(_cache, uri, root, lane)
+            table = refreshed(_cache, uri, lambda: open_table(root, lane, create=False))
             versions[lane] = table.version() if table is not None else -1
             files[lane] = _readable_files(root, lane, table, where) if table is not None else []
     if where.uri and time.monotonic() - _mirror_pruned.get(str(root), -VACUUM_EVERY_S) > VACUUM_EVERY_S:
@@ -741,24 +741,10 @@ def commit_durably(table: DeltaTable, root: Path, actions: list[AddAction], **tr
     fsync_dir(root / "_delta_log")
 
 
-def refreshed(cache: dict[str, DeltaTable], path: Path) -> DeltaTable | None:
-    """The local Delta table at ``path`` from ``cache`` brought up to date (reading only the new commits), or
-    opened afresh; None when there is none. The caller holds the cache's lock."""
-    table = cache.get(str(path))
-    if table is not None:
-        try:
-            table.update_incremental()
-            return table
-        except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
-            del cache[str(path)]
-    if not DeltaTable.is_deltatable(str(path)):
-        return None
-    table = cache[str(path)] = DeltaTable(str(path))
-    return table
-
-
-def _current(cache: dict[str, DeltaTable], key: str, root, lane: str) -> DeltaTable | None:
-    """The lane's table from ``cache`` brought up to date (reading only the new commits), or opened afresh."""
+def refreshed(cache: dict[str, DeltaTable], key: str, open_=None) -> DeltaTable | None:
+    """The table ``cache`` holds under ``key`` brought up to date (reading only the new commits), or opened afresh
+    by ``open_()`` (default: the local table at the path ``key``); None when there is none. The caller holds the
+    cache's lock."""
     table = cache.get(key)
     if table is not None:
         try:
@@ -766,7 +752,7 @@ def _current(cache: dict[str, DeltaTable], key: str, root, lane: str) -> DeltaTa
             return table
         except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
             del cache[key]
-    table = open_table(root, lane, create=False)
+    table = open_() if open_ is not None else (DeltaTable(key) if DeltaTable.is_deltatable(key) else None)
     if table is not None:
         cache[key] = table
     return table
@@ -852,12 +838,19 @@ def open_table(root: str | os.PathLike[str], lane: str, *, create: bool) -> Delt
         return table
     if not create:
         return None
+    return create_table(uri, table_schema(lane), partition_by=list(LANES[lane]), storage_options=options)
+
+
+def create_table(uri: str, schema: pa.Schema, *, partition_by: list[str] | None = None,
+                 storage_options: dict[str, str] | None = None) -> DeltaTable:
+    """Create the Delta table at ``uri`` (a checkpoint every ``CHECKPOINT_EVERY`` commits) and return it; when
+    another process creates it at the same time, return theirs."""
     try:
-        return DeltaTable.create(uri, table_schema(lane), mode="ignore", partition_by=list(LANES[lane]),
-                                 storage_options=options, configuration={CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})
+        return DeltaTable.create(uri, schema, mode="ignore", partition_by=partition_by, storage_options=storage_options,
+                                 configuration={CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})
     except DeltaError:  # another process created it first
-        if DeltaTable.is_deltatable(uri, storage_options=options):
-            return DeltaTable(uri, storage_options=options)
+        if DeltaTable.is_deltatable(uri, storage_options=storage_options):
+            return DeltaTable(uri, storage_options=storage_options)
         raise
 
 

@@ -11,8 +11,9 @@ The rows are the Python path's, byte for byte (``tests/test_otlp_columns.py`` ch
 requests against it). A span this path does not convert the same way -- repeated keys, a value
 nested in an array or a map, a promoted key of another type, an out-of-range enum -- is converted
 by the Python path (``lake.request_to_rows(..., only=...)``) and put back in its place, so an odd
-span costs only itself; so are the events and links of the few spans that have them. Ids, times and resource attributes are checked as before; a
-request that fails a check is converted by the Python path, which raises the same error.
+span costs only itself; so are the events and links of the few spans that have them. Ids, times and
+resource attributes are checked as before; a request that fails a check is converted by the Python
+path, which raises the same error.
 """
 
 from __future__ import annotations

@@ -29,12 +29,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
-from deltalake.exceptions import CommitFailedError, DeltaError
+from deltalake.exceptions import CommitFailedError
 
 from lightning_core import names
 from lightning_core.durable import fsync_dir, fsync_file
-from lightning_core.lake import (CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, LakeFormatError, add_action, commit_durably,
-                                refreshed)
+from lightning_core.lake import LakeFormatError, add_action, commit_durably, create_table, refreshed
 
 PRODUCTION_RUN = "_production"
 SCHEMA_RUN = "_schema"
@@ -157,13 +156,18 @@ def open_output(lake_root: Path, output: str, *, version: int | None = None) -> 
 def _current(cache: dict[str, DeltaTable], lake_root: Path, output: str) -> DeltaTable | None:
     """The output's table from ``cache`` brought up to date (the caller holds the cache's lock)."""
     path = table_path(lake_root, output)
-    table = refreshed(cache, path)
-    if table is None and path.is_dir() and any(path.rglob("part-*.parquet")):
+    return refreshed(cache, str(path), lambda: _open_new(lake_root, path))
+
+
+def _open_new(lake_root: Path, path: Path) -> DeltaTable | None:
+    if DeltaTable.is_deltatable(str(path)):
+        return DeltaTable(str(path))
+    if path.is_dir() and any(path.rglob("part-*.parquet")):
         raise LakeFormatError(
             f"{path} holds the Parquet outputs of Arclight before the Delta store: convert them once with "
             f"`arclight migrate-lake --lake {Path(lake_root)}` (or delete the folder: "
             "`arclight triplets` makes them again from the spans)")
-    return table
+    return None
 
 
 def _table_schema(output: str, data: pa.Schema) -> pa.Schema:
@@ -172,17 +176,6 @@ def _table_schema(output: str, data: pa.Schema) -> pa.Schema:
     for column in partition_columns(output):
         schema = schema.append(pa.field(column, _PARTITION_TYPES[column]))
     return schema
-
-
-def _create(lake_root: Path, output: str, schema: pa.Schema) -> DeltaTable:
-    path = table_path(lake_root, output)
-    try:
-        DeltaTable.create(str(path), schema, mode="ignore", partition_by=list(partition_columns(output)),
-                          configuration={CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})
-    except DeltaError:  # another process created it first
-        if not DeltaTable.is_deltatable(str(path)):
-            raise
-    return _current(_writers, lake_root, output)
 
 
 def replace_partition(lake_root: Path, output: str, table: pa.Table, *, run_id: str | None, epoch: int | None,
@@ -203,7 +196,11 @@ def replace_partition(lake_root: Path, output: str, table: pa.Table, *, run_id: 
 
 
 def _replace(lake_root: Path, output: str, table: pa.Table, values: dict[str, str], folder: Path, parts: int) -> list[Path]:
-    delta = _current(_writers, lake_root, output) or _create(lake_root, output, _table_schema(output, table.schema))
+    delta = _current(_writers, lake_root, output)
+    if delta is None:
+        create_table(str(table_path(lake_root, output)), _table_schema(output, table.schema),
+                     partition_by=list(partition_columns(output)))
+        delta = _current(_writers, lake_root, output)
     _merged_schema(delta, output, table.schema)  # columns that cannot fit fail before any file is written
     folder.mkdir(parents=True, exist_ok=True)
     parts = max(1, min(parts, table.num_rows))
