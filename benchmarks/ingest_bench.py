@@ -1,6 +1,6 @@
 """Durable ingest: pre-encoded OTLP requests into a real collector, against protobuf decode alone.
 
-    .venv/bin/python benchmarks/ingest_bench.py --requests 40 --senders 4 [--workers 2]
+    .venv/bin/python benchmarks/ingest_bench.py --requests 40 --senders 4 [--workers 2] [--cache /tmp/ingest-requests]
 
 Each request holds ~1,050 spans and ~1 MB (a third of them LLM spans with 240 prompt/response token
 ids, as the gateway sends them; the rest carry a few string attributes). The requests are encoded
@@ -73,6 +73,23 @@ def build_request(index: int, *, spans: int = 1050, run_id: str = "ingest") -> b
     return request.SerializeToString()
 
 
+def requests(count: int, spans: int, cache: Path | None) -> list[bytes]:
+    """``count`` encoded requests, from ``cache`` when it holds them (a length-prefixed file per shape)."""
+    path = cache / f"ingest-{count}x{spans}.bin" if cache is not None else None
+    if path is not None and path.exists():
+        data, bodies, at = path.read_bytes(), [], 0
+        while at < len(data):
+            size = int.from_bytes(data[at : at + 8], "little")
+            bodies.append(data[at + 8 : at + 8 + size])
+            at += 8 + size
+        return bodies
+    bodies = [build_request(i, spans=spans) for i in range(count)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(len(b).to_bytes(8, "little") + b for b in bodies))
+    return bodies
+
+
 def decode_rate(bodies: list[bytes], repeat: int = 3) -> float:
     """Spans/s of protobuf decode alone (``FromString``, upb in C), in this process; best of ``repeat``."""
     best = 0.0
@@ -133,8 +150,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="collector processes on the one port (collector.workers)")
     parser.add_argument("--convert-only", action="store_true", help="only time the conversion of the requests, in this process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (collector.flush_interval_ms=5)")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="keep the encoded requests in DIR and reuse them (encoding 3,000 takes minutes)")
     args = parser.parse_args()
-    bodies = [build_request(i, spans=args.spans) for i in range(args.requests)]
+    bodies = requests(args.requests, args.spans, args.cache)
     print(f"{args.requests} requests of {args.spans} spans, {sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB each")
     if args.convert_only:
         times = convert_times(bodies[: min(10, len(bodies))])

@@ -11,8 +11,10 @@ agent_epochs) are copied in from the newest version of their Delta tables (milli
 it can stay open for days while the collector writes and compacts and the pipeline trains; it
 sees the lake as of its last ``connect``/``refresh``. ``at_version`` pins a snapshot (time
 travel: per table, span tables and output tables; for example ``dict(con.sql("FROM
-lake_snapshot").fetchall())`` of another connection, or the versions an epoch read and wrote,
-``epochs.stats.span_versions`` and ``output_versions``). Polars reads the tables natively:
+lake_snapshot").fetchall())`` of another connection; a span table keeps the log of older versions
+``collector.log_retention_s`` seconds). ``at_epoch`` pins what an epoch's pipeline run read and
+wrote: its run and epoch's span files (``epochs.stats.span_files``, kept until vacuumed) and the
+output tables' versions (``output_versions``). Polars reads the tables natively:
 ``pl.scan_delta("<lake>/spans/training")``. The duckdb CLI: ``duckdb -init <(arclight views)``.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 import duckdb
 
 from lightning_core.catalog import STATE_TABLE_NAMES, Catalog, view_sql
-from lightning_core.lake import LANES, Snapshot, snapshot_at
+from lightning_core.lake import LANES, Snapshot, files_snapshot, snapshot_at
 from lightning_core.triplet_store import TABLES
 from lightning_core.triplet_store import snapshot as output_snapshot
 from lightning_core.triplet_store import views_sql as output_views_sql
@@ -51,32 +53,42 @@ def connect(lake: str | os.PathLike[str] | Any = ".arclight/lake", *, at_version
 
     ``lake`` is a lake folder, a config file, an ``ArclightConfig`` or a ``Catalog``. Nothing on
     disk stays open: hold the connection as long as you like. ``at_epoch=(run_id, epoch)`` pins
-    the snapshot that epoch's pipeline run read and wrote (``epoch_versions``): the spans it saw and
-    the triplets it trained on.
+    what that epoch's pipeline run read and wrote: the spans it saw (the span files of its run and
+    epoch, as it recorded them; the span views hold nothing else) and the triplets it trained on.
     """
     catalog = _catalog(lake)
+    span_files = None
     if at_epoch is not None:
-        at_version = {**epoch_versions(catalog, *at_epoch), **(at_version or {})}
+        stats = _epoch_stats(catalog, *at_epoch)
+        at_version = {**_versions(stats, *at_epoch), **(at_version or {})}
+        span_files = stats.get("span_files")
     con = duckdb.connect(config={"threads": str(threads)} if threads else {})
     con.execute("SET VARIABLE arclight_lake = $lake", {"lake": str(catalog.lake_root)})
     con.execute("SET VARIABLE arclight_catalog = $catalog", {"catalog": str(catalog.path)})
-    _load(con, catalog, at_version=at_version)
+    _load(con, catalog, at_version=at_version, span_files=span_files)
     return con
 
 
 def epoch_versions(lake: str | os.PathLike[str] | Any, run_id: str, epoch: int) -> dict[str, int]:
     """The table versions an epoch's pipeline run read (span tables) and wrote (output tables), from its stats."""
     catalog = _catalog(lake)
+    return _versions(_epoch_stats(catalog, run_id, epoch), run_id, epoch)
+
+
+def _epoch_stats(catalog: Catalog, run_id: str, epoch: int) -> dict:
     with catalog.read(spans=False) as con:
         rows = con.execute("SELECT status, stats FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch]).fetchall()
     if not rows:
         raise ValueError(f"no epoch {epoch} of run {run_id!r} in {catalog.state_root}: see `SELECT run_id, epoch, status "
                          "FROM epochs` for the epochs there are")
     status, stats = rows[0]
-    stats = json.loads(stats) if stats else {}
+    return {"status": status, **(json.loads(stats) if stats else {})}
+
+
+def _versions(stats: dict, run_id: str, epoch: int) -> dict[str, int]:
     versions = {**stats.get("span_versions", {}), **stats.get("output_versions", {})}
     if not versions:
-        raise ValueError(f"epoch {epoch} of run {run_id!r} has not made its triplets (status {status!r}): the "
+        raise ValueError(f"epoch {epoch} of run {run_id!r} has not made its triplets (status {stats['status']!r}): the "
                          "versions it read and wrote are recorded when it does")
     return versions
 
@@ -87,13 +99,18 @@ def refresh(con: duckdb.DuckDBPyConnection, *, at_version: dict[str, int] | None
     return _load(con, Catalog(root, path), at_version=at_version)
 
 
-def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[str, int] | None) -> Snapshot:
+def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[str, int] | None,
+          span_files: dict[str, list[str]] | None = None) -> Snapshot:
     at_version = at_version or {}
     unknown = set(at_version) - set(LANES) - set(TABLES)
     if unknown:
         raise ValueError(f"unknown tables {sorted(unknown)} in at_version: the lake has the span tables {list(LANES)} "
                          f"and the output tables {list(TABLES)}")
-    snap = snapshot_at(catalog.lake_root, {k: v for k, v in at_version.items() if k in LANES})
+    span_versions = {k: v for k, v in at_version.items() if k in LANES}
+    if span_files is not None:  # an epoch's own span files: no need of the log of the versions it read
+        snap = files_snapshot(catalog.lake_root, span_versions, span_files)
+    else:
+        snap = snapshot_at(catalog.lake_root, span_versions)
     outputs = {k: v for k, v in at_version.items() if k in TABLES}
     output_versions = {output: version for output, (version, _) in output_snapshot(catalog.lake_root, outputs).items()}
     for name in STATE_TABLE_NAMES:

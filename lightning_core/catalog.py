@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from lightning_core.durable import fsync_dir, fsync_file
-from lightning_core.lake import (SCHEMA_RUN, Snapshot, add_action, commit_durably, create_table,
-                                 ensure_schema_files, refreshed, schema_file, set_location)
+from lightning_core.lake import (CHECKPOINT_EVERY, LOG_RETENTION, SCHEMA_RUN, Snapshot, add_action, clean_log,
+                                 commit_durably, create_table, ensure_schema_files, refreshed, schema_file, set_location,
+                                 table_properties)
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.triplet_store import views_sql as output_views_sql
 
@@ -361,6 +362,9 @@ def state_sql(state_root: Path) -> str:
 
 
 _state_tables: dict[str, DeltaTable] = {}
+# A state table takes 10-30 commits an epoch and nobody reads its history: its log keeps a minute (the
+# span tables' reason, lake.LOG_RETENTION), so a write does not slow down as the run goes on.
+STATE_PROPERTIES = table_properties(60)
 _state_lock = threading.Lock()
 
 
@@ -384,8 +388,10 @@ def _commit_state(path: Path, rows: pa.Table) -> None:
                                 and f.type.tz else f for f in rows.schema]))  # Delta has one zone: UTC
     table = _state_table(path)
     if table is None:
-        create_table(str(path), rows.schema)
+        create_table(str(path), rows.schema, properties=STATE_PROPERTIES)
         table = _state_table(path)
+    elif table.metadata().configuration.get(LOG_RETENTION) != STATE_PROPERTIES[LOG_RETENTION]:
+        table.alter.set_table_properties(STATE_PROPERTIES)  # a state table of an older Arclight
     name = f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"
     pq.write_table(rows, path / name, compression="zstd")
     fsync_file(path / name)
@@ -394,6 +400,8 @@ def _commit_state(path: Path, rows: pa.Table) -> None:
     if set(rows.schema.names) - set(pa.schema(schema).names):  # a column this version of Arclight added
         schema = pa.unify_schemas([pa.schema(schema), rows.schema])
     commit_durably(table, path, [add_action(path, path / name, {}, rows.num_rows)], mode="overwrite", schema=schema)
+    if table.version() % CHECKPOINT_EVERY == 0:  # a checkpoint was just made: the entries before it may go
+        clean_log(table)
 
 
 def vacuum_state(state_root: Path, *, retention_hours: int) -> None:

@@ -237,7 +237,9 @@ def compact(
     cfg = load(config, overrides, lake=lake)
     need_lake(cfg)
     with lake_io(cfg):
-        merged = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours).compact(min_files=min_files, idle_s=idle_s)
+        lake = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours,
+                    log_retention_s=cfg.collector.log_retention_s)
+        merged = lake.compact(min_files=min_files, idle_s=idle_s)
     console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
 
 

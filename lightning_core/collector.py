@@ -207,7 +207,7 @@ def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Sta
             f"collector bound to {config.host!r} (not loopback) needs a bearer token: "
             "set collector.token in the config or ARCLIGHT_COLLECTOR_TOKEN"
         )
-    receiver = TraceReceiver(config, Lake(lake_root, retention_hours=config.retention_hours), token)
+    receiver = TraceReceiver(config, Lake(lake_root, retention_hours=config.retention_hours, log_retention_s=config.log_retention_s), token)
     app = Starlette(
         routes=[
             Route("/v1/traces", receiver.traces, methods=["POST"]),

@@ -35,7 +35,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties, WriterProperties, write_deltalake
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -395,6 +395,18 @@ def _list_column(entries: list, list_type: pa.ListType) -> pa.Array:
 LANES = {"training": ("run_id", "epoch"), "production": ("date",)}  # lane -> Delta partition columns
 _PARTITION_TYPES = {"run_id": pa.string(), "epoch": pa.int64(), "date": pa.string()}
 DEFAULT_RETENTION_HOURS = 24
+# How long a table that takes many commits (the span tables, the state tables) keeps the log entries of
+# versions before its last checkpoint. delta-rs 1.6.6 lists the whole _delta_log folder about 15 times
+# per commit (12 in create_write_transaction, 3 in update_incremental): with Delta's default of 30 days
+# the folder only grows, and one request's commit took 18 ms at first, 42 ms after 2,000 commits and
+# 89 ms after 4,000, against 21 and 30 ms with the log kept to 10 s (benchmarks/README.md). Time travel
+# by version reaches back this far; an epoch's spans stay reachable through the files its pipeline run
+# recorded (``analyst.connect(at_epoch=...)``).
+LOG_RETENTION, DEFAULT_LOG_RETENTION_S = "delta.logRetentionDuration", 10
+# Commits checkpoint but never clean the log up themselves: a cleanup in one writer's commit deleted log
+# entries another writer's commit was reading in the same moment (FileNotFoundError, tests/test_lake_delta.py).
+# The one compactor per table cleans it (``clean_log``); readers that lose the race read again (``update``).
+COMMIT_HOOKS = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
 VACUUM_EVERY_S = 600.0
 
 
@@ -424,9 +436,10 @@ class Lake:
     cleanup (``vacuum``, after a retention window) are the format's own operations.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, retention_hours: int = DEFAULT_RETENTION_HOURS):
+    def __init__(self, root: str | os.PathLike[str], *, retention_hours: int = DEFAULT_RETENTION_HOURS,
+                 log_retention_s: int = DEFAULT_LOG_RETENTION_S):
         self.root = Path(root)
-        self.retention_hours = retention_hours
+        self.retention_hours, self.log_retention_s = retention_hours, log_retention_s
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.root)
         self._tables: dict[str, DeltaTable] = {}
@@ -441,7 +454,7 @@ class Lake:
     def table(self, lane: str) -> DeltaTable:
         """The lane's Delta table, created on first use (two processes creating it at once agree on one)."""
         if lane not in self._tables:
-            self._tables[lane] = open_table(self.root, lane, create=True)
+            self._tables[lane] = _opened(lambda: open_table(self.root, lane, create=True, log_retention_s=self.log_retention_s))
         return self._tables[lane]
 
     def write(self, tables: dict[Partition, pa.Table]) -> list[str]:
@@ -467,6 +480,7 @@ class Lake:
         if self.location.uri:  # object storage: delta-rs uploads the files; the PUTs that returned are durable
             data = pa.concat_tables([_with_partition_columns(t, p) for p, t in parts.items()])
             write_deltalake(table, data, mode="append", partition_by=list(LANES[lane]), writer_properties=_WRITER,
+                            post_commithook_properties=COMMIT_HOOKS,
                             commit_properties=commit)
             return [f"{lane}@{table.version()}"]
         # A local table: each partition's file written by pyarrow and fsynced, then one commit of their add
@@ -525,14 +539,16 @@ class Lake:
                 filters = [(c, "=", str(v)) for c, v in zip(columns, key)]
                 read_version = table.version()
                 try:
-                    table.optimize.compact(partition_filters=filters, writer_properties=_WRITER)
+                    table.optimize.compact(partition_filters=filters, writer_properties=_WRITER,
+                                           post_commithook_properties=COMMIT_HOOKS)
                     done += 1
                 except DeltaError as exc:
                     log.info("compaction of %s %s skipped: %s", lane, key, exc)
-                    table.update_incremental()
+                    update(table)
                     continue
                 if not self.location.uri:
                     _check_no_concurrent_compaction(self.table_path(lane), read_version, table.version(), key)
+            clean_log(table)
             if due:
                 self.vacuum(table)
         if due:
@@ -734,11 +750,48 @@ def commit_durably(table: DeltaTable, root: Path, actions: list[AddAction], **tr
     up to date and fsync the log entries since its version before: ours, and any other process's made meanwhile
     (delta-rs does not fsync local files)."""
     before = table.version()
-    table.create_write_transaction(actions, **transaction)
-    table.update_incremental()
+    table.create_write_transaction(actions, post_commithook_properties=COMMIT_HOOKS, **transaction)
+    update(table)
     for version in range(before + 1, table.version() + 1):
-        fsync_file(root / "_delta_log" / f"{version:020d}.json")
+        try:
+            fsync_file(root / "_delta_log" / f"{version:020d}.json")
+        except FileNotFoundError:  # another writer's, already cleaned up: a later checkpoint holds it
+            pass
     fsync_dir(root / "_delta_log")
+
+
+def clean_log(table: DeltaTable) -> None:
+    """Delete the table's log entries before its last checkpoint that are older than its log retention
+    (``delta.logRetentionDuration``); a failure is logged, and the next pass tries again."""
+    try:
+        table.cleanup_metadata()
+    except (DeltaError, OSError) as exc:
+        log.warning("could not clean up the log of %s: %s", table.table_uri, exc)
+
+
+def update(table: DeltaTable) -> None:
+    """``table.update_incremental()``, again when a log entry it listed was cleaned up before it read it (a
+    checkpoint made meanwhile deleted the entries past ``LOG_RETENTION``; the next listing finds that checkpoint)."""
+    for attempt in range(LOG_READ_ATTEMPTS):
+        try:
+            table.update_incremental()
+            return
+        except FileNotFoundError:
+            if attempt == LOG_READ_ATTEMPTS - 1:
+                raise
+
+
+def _opened(open_):
+    """``open_()``, again when a log entry it listed was cleaned up before it read it (as in ``update``)."""
+    for attempt in range(LOG_READ_ATTEMPTS):
+        try:
+            return open_()
+        except FileNotFoundError:
+            if attempt == LOG_READ_ATTEMPTS - 1:
+                raise
+
+
+LOG_READ_ATTEMPTS = 5
 
 
 def refreshed(cache: dict[str, DeltaTable], key: str, open_=None) -> DeltaTable | None:
@@ -748,11 +801,11 @@ def refreshed(cache: dict[str, DeltaTable], key: str, open_=None) -> DeltaTable 
     table = cache.get(key)
     if table is not None:
         try:
-            table.update_incremental()
+            update(table)
             return table
         except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
             del cache[key]
-    table = open_() if open_ is not None else (DeltaTable(key) if DeltaTable.is_deltatable(key) else None)
+    table = _opened(open_ if open_ is not None else lambda: DeltaTable(key) if DeltaTable.is_deltatable(key) else None)
     if table is not None:
         cache[key] = table
     return table
@@ -774,7 +827,14 @@ def snapshot_at(root: str | os.PathLike[str], versions: dict[str, int] | None) -
             continue
         if not 0 <= version <= current.versions[lane]:
             raise ValueError(f"spans/{lane} has versions 0..{current.versions[lane]}, not {version}")
-        table = DeltaTable(where.table_uri(root, lane), version=version, storage_options=where.options or None)
+        try:
+            table = _opened(lambda: DeltaTable(where.table_uri(root, lane), version=version,
+                                               storage_options=where.options or None))
+        except (DeltaError, FileNotFoundError) as exc:
+            raise ValueError(
+                f"spans/{lane} version {version} is no longer in the table's log ({exc}): the span tables keep "
+                "the log of older versions for collector.log_retention_s seconds. An epoch's spans stay reachable "
+                "with at_epoch (the files its pipeline run recorded)") from None
         out_versions[lane], files[lane] = version, _readable_files(root, lane, table, where)
     return Snapshot(out_versions, files)
 
@@ -819,8 +879,11 @@ def _arrow_filesystem(where: Location):
     return pafs.S3FileSystem(**kwargs), endpoint
 
 
-def open_table(root: str | os.PathLike[str], lane: str, *, create: bool) -> DeltaTable | None:
-    """The lane's Delta table; None when it does not exist and ``create`` is false."""
+def open_table(root: str | os.PathLike[str], lane: str, *, create: bool,
+               log_retention_s: int | None = None) -> DeltaTable | None:
+    """The lane's Delta table; None when it does not exist and ``create`` is false. A writer (``create``) sets the
+    table's checkpoint interval and log retention (``log_retention_s``, default ``DEFAULT_LOG_RETENTION_S``) where
+    they differ, as on a table of an older Arclight."""
     where = location(root)
     uri, options = where.table_uri(root, lane), where.options or None
     if not where.uri:
@@ -831,27 +894,40 @@ def open_table(root: str | os.PathLike[str], lane: str, *, create: bool) -> Delt
             raise LakeFormatError(
                 f"{path} holds span files of the Parquet lake of Arclight before the Delta store: "
                 f"convert it once with `arclight migrate-lake --lake {root}`")
+    properties = table_properties(DEFAULT_LOG_RETENTION_S if log_retention_s is None else log_retention_s)
     if DeltaTable.is_deltatable(uri, storage_options=options):
         table = DeltaTable(uri, storage_options=options)
-        if create and table.metadata().configuration.get(CHECKPOINT_INTERVAL) != str(CHECKPOINT_EVERY):
-            table.alter.set_table_properties({CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})  # a table of an older Arclight
+        if create:
+            configuration = table.metadata().configuration
+            if any(configuration.get(key) != value for key, value in properties.items()):
+                try:
+                    table.alter.set_table_properties(properties)
+                except DeltaError:  # another writer opening the table set them at the same moment
+                    update(table)
         return table
     if not create:
         return None
-    return create_table(uri, table_schema(lane), partition_by=list(LANES[lane]), storage_options=options)
+    return create_table(uri, table_schema(lane), partition_by=list(LANES[lane]), storage_options=options,
+                        properties=properties)
 
 
 def create_table(uri: str, schema: pa.Schema, *, partition_by: list[str] | None = None,
-                 storage_options: dict[str, str] | None = None) -> DeltaTable:
-    """Create the Delta table at ``uri`` (a checkpoint every ``CHECKPOINT_EVERY`` commits) and return it; when
-    another process creates it at the same time, return theirs."""
+                 storage_options: dict[str, str] | None = None, properties: dict[str, str] | None = None) -> DeltaTable:
+    """Create the Delta table at ``uri`` with ``properties`` (default: a checkpoint every ``CHECKPOINT_EVERY``
+    commits) and return it; when another process creates it at the same time, return theirs."""
     try:
         return DeltaTable.create(uri, schema, mode="ignore", partition_by=partition_by, storage_options=storage_options,
-                                 configuration={CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})
+                                 configuration=properties or {CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY)})
     except DeltaError:  # another process created it first
         if DeltaTable.is_deltatable(uri, storage_options=storage_options):
             return DeltaTable(uri, storage_options=storage_options)
         raise
+
+
+def table_properties(log_retention_s: int) -> dict[str, str]:
+    """The properties of a table that takes many commits: a checkpoint every ``CHECKPOINT_EVERY`` commits, and log
+    entries older than ``log_retention_s`` seconds deleted at the next checkpoint."""
+    return {CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY), LOG_RETENTION: f"interval {int(log_retention_s)} seconds"}
 
 
 # A checkpoint every CHECKPOINT_EVERY commits. Without one, every commit of delta-rs 1.6.6 reads the log
@@ -879,7 +955,12 @@ def _check_no_concurrent_compaction(table_path: Path, read: int, committed: int,
     """
     ours = {a["remove"]["path"] for a in _log_actions(table_path, committed) if "remove" in a}
     for version in range(read + 1, committed):
-        actions = _log_actions(table_path, version)
+        try:
+            actions = _log_actions(table_path, version)
+        except FileNotFoundError:  # past the log retention already (a compaction that ran that long)
+            log.warning("could not check version %d of %s for a concurrent compaction: its log entry was cleaned up "
+                        "(delta.logRetentionDuration)", version, table_path)
+            continue
         theirs = {a["remove"]["path"] for a in actions if "remove" in a}
         if ours & theirs:
             raise ConcurrentCompaction(
@@ -887,6 +968,29 @@ def _check_no_concurrent_compaction(table_path: Path, read: int, committed: int,
                 f"one ran (version {committed}): {len(ours & theirs)} files were compacted twice, so their rows are "
                 "stored twice (the spans view and the pipeline still read each span once). Run one compactor per "
                 "table: collector.workers > 1 and collectors on several hosts leave compaction to `arclight compact`")
+
+
+def scope_files(root: str | os.PathLike[str], snap: Snapshot, run_id: str | None, epoch: int | None) -> dict[str, list[str]]:
+    """The snapshot's data files that hold the spans of (run_id, epoch) -- the whole run when epoch is None --, as
+    paths relative to the lake root; {} for production traces. Recorded with an epoch, they reach its spans when
+    the log of the version it read is gone (``LOG_RETENTION``); the files stay until vacuumed."""
+    if run_id is None:
+        return {}
+    lane, _ = span_scope_filter(run_id, epoch)
+    marker = f"/run_id={run_id}/" + ("" if epoch is None else f"epoch={epoch}/")
+    base = Path(root).resolve()
+    return {lane: [os.path.relpath(f, base) for f in snap.files[lane] if marker in f]}
+
+
+def files_snapshot(root: str | os.PathLike[str], versions: dict[str, int], files: dict[str, list[str]]) -> Snapshot:
+    """The snapshot of recorded files (``scope_files``): those lanes hold only these files, the others none."""
+    base = Path(root).resolve()
+    out = {lane: [str(base / f) for f in files.get(lane, [])] for lane in LANES}
+    gone = [f for lane_files in out.values() for f in lane_files if not os.path.exists(f)]
+    if gone:
+        raise ValueError(f"{len(gone)} of the recorded span files are gone (first: {gone[0]}): files that compaction "
+                         "replaced stay collector.retention_hours hours, then vacuum deletes them")
+    return Snapshot({lane: versions.get(lane, -1) if lane in files else -1 for lane in LANES}, out)
 
 
 def span_scope_filter(run_id: str | None, epoch: int | None) -> tuple[str, list]:

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog, vacuum_state, view_sql
-from lightning_core.lake import Snapshot, span_scope_filter
+from lightning_core.lake import Snapshot, scope_files, span_scope_filter
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.config import ArclightConfig, PolicyConfig
 from lightning_core.silence import Silence, find_silences
@@ -113,6 +113,7 @@ class TripletReport:
     seconds: float = 0.0
     span_versions: dict[str, int] = field(default_factory=dict)  # the span tables' versions it read (analyst.connect(at_version=...))
     output_versions: dict[str, int] = field(default_factory=dict)  # the output tables' versions once it wrote (the same)
+    span_files: dict[str, list[str]] = field(default_factory=dict)  # the scope's span files it read (analyst at_epoch)
 
     @property
     def informative_groups(self) -> int:
@@ -240,6 +241,7 @@ def materialize_triplets(
     # number, and compaction keeps a snapshot's files for the lake's retention window
     snapshot = lake_snapshot(lake_root)
     report.span_versions = dict(snapshot.versions)
+    report.span_files = scope_files(lake_root, snapshot, run_id, epoch)
     con = connect(config, snapshot)
     try:
         base = shared_parameters(config, run_id=run_id, epoch=epoch)

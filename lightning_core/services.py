@@ -197,6 +197,7 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         "--set", f"collector.compact_min_files={c.compact_min_files}",
         "--set", f"collector.compact_idle_s={c.compact_idle_s}",
         "--set", f"collector.retention_hours={c.retention_hours}",
+        "--set", f"collector.log_retention_s={c.log_retention_s}",
         "--set", f"collector.workers={c.workers}",
         "--set", f"collector.compact={str(c.compact).lower()}",
         "--log-level", "warning",

@@ -85,7 +85,7 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
         get_run_logger().warning(message)
     return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds,
             "silences": silences, "informative_groups": report.informative_groups, "span_versions": report.span_versions,
-            "output_versions": report.output_versions,
+            "output_versions": report.output_versions, "span_files": report.span_files,
             "agents": agents}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -17,7 +18,7 @@ from lightning_core import analyst
 from lightning_core import epoch as ep
 from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog
-from lightning_core.lake import LakeFormatError
+from lightning_core.lake import Lake, LakeFormatError, Partition, rows_to_table
 from lightning_core.pipeline import materialize_triplets
 from lightning_core.triplet_store import load_triplets
 from tests.conftest import make_config
@@ -184,7 +185,8 @@ def test_query_at_an_epoch_sees_the_spans_and_triplets_it_trained_on(tmp_path):
     write(cfg.lake.path, [_rollout("ro1", "t1", 1.0), _rollout("ro2", "t1", 0.0)])
     first = materialize_triplets(cfg, run_id="r1", epoch=0)
     ep.set_epoch_status(catalog, run_id="r1", epoch=0, status="triplets_done",  # as the epoch flow records it
-                        stats={"span_versions": first.span_versions, "output_versions": first.output_versions})
+                        stats={"span_versions": first.span_versions, "output_versions": first.output_versions,
+                               "span_files": first.span_files})
     ep.set_epoch_status(catalog, run_id="r1", epoch=1, status="planned")
     write(cfg.lake.path, [_rollout("ro3", "t2", 1.0)])
     materialize_triplets(cfg, run_id="r1", epoch=0)  # someone re-runs the pipeline on more spans afterwards
@@ -199,3 +201,30 @@ def test_query_at_an_epoch_sees_the_spans_and_triplets_it_trained_on(tmp_path):
         out = subprocess.run([sys.executable, "-m", "lightning_core", "query", "--lake", str(cfg.lake.path),
                               "--at-epoch", bad, sql], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == code and message in " ".join(out.stderr.split()), out.stderr
+
+
+def test_an_epochs_spans_stay_reachable_after_the_log_of_the_version_it_read_is_cleaned_up(tmp_path):
+    cfg = make_config(tmp_path)
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    write(cfg.lake.path, [_rollout("ro1", "t1", 1.0), _rollout("ro2", "t1", 0.0)])
+    write(cfg.lake.path, [_rollout("other", "t1", 1.0)], epoch=1)  # another epoch's spans: not what epoch 0 read
+    first = materialize_triplets(cfg, run_id="r1", epoch=0)
+    assert list(first.span_files) == ["training"] and len(first.span_files["training"]) == 1
+    ep.set_epoch_status(catalog, run_id="r1", epoch=0, status="triplets_done",
+                        stats={"span_versions": first.span_versions, "output_versions": first.output_versions,
+                               "span_files": first.span_files})
+    lake = Lake(cfg.lake.path, log_retention_s=1)  # a collector with a one-second log window
+    late = [_rollout("late", "t2", 1.0)]
+    for round_ in range(2):  # a checkpoint every 10 commits; entries before it older than the window may go
+        for _ in range(12):
+            lake.write_table(Partition("r1", 0), rows_to_table([row for r in late for row in r.rows]))
+        time.sleep(1.2)
+    lake.compact(min_files=10_000)  # the collector's compactor pass: it also cleans the log up
+    log_files = list((cfg.lake.path / "spans" / "training" / "_delta_log").glob("*.json"))
+    assert len(log_files) < 20 and not (cfg.lake.path / "spans/training/_delta_log/00000000000000000001.json").exists()
+    with pytest.raises(ValueError, match="no longer in the table's log"):
+        analyst.connect(cfg, at_version={"training": first.span_versions["training"]})
+    sql = "SELECT count(DISTINCT rollout_id), count(*) FILTER (WHERE rollout_id = 'late') FROM spans"
+    assert analyst.connect(cfg, at_epoch=("r1", 0)).execute(sql).fetchall() == [(2, 0)]
+    assert analyst.connect(cfg).execute(sql).fetchall()[0][0] == 4

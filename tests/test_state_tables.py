@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
 from deltalake import DeltaTable
 
+from lightning_core import catalog as catalog_module
 from lightning_core.catalog import STATE_TABLE_NAMES, STATE_TABLES, Catalog
+from lightning_core.lake import table_properties
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,3 +117,18 @@ def test_the_state_of_an_older_catalog_file_moves_into_the_tables_once(tmp_path)
     catalog.ensure()  # the file is not read again
     with catalog.read(spans=False) as con:
         assert con.execute("SELECT count(*) FROM runs").fetchall() == [(0,)]
+
+
+def test_a_state_tables_log_keeps_only_its_window_and_the_state_is_whole(tmp_path, monkeypatch):
+    # delta-rs lists the whole log folder on every commit: a log that only grew made every write slower
+    monkeypatch.setattr(catalog_module, "STATE_PROPERTIES", table_properties(1))  # a one-second window, not a minute
+    catalog = Catalog(tmp_path / "lake")
+    catalog.ensure()
+    for round_ in range(2):
+        for i in range(12):
+            with catalog.write() as con:
+                con.execute("INSERT INTO runs (run_id, project) VALUES (?, 'p')", [f"r{round_}-{i}"])
+        time.sleep(1.2)
+    assert len(list((catalog.state_root / "runs" / "_delta_log").glob("*.json"))) < 20
+    with catalog.read(spans=False) as con:
+        assert con.execute("SELECT count(*) FROM runs").fetchall() == [(24,)]
