@@ -398,8 +398,8 @@ DEFAULT_RETENTION_HOURS = 24
 # How long a table that takes many commits (the span tables, the state tables) keeps the log entries of
 # versions before its last checkpoint. delta-rs 1.6.6 lists the whole _delta_log folder about 15 times
 # per commit (12 in create_write_transaction, 3 in update_incremental): with Delta's default of 30 days
-# the folder only grows, and one request's commit took 18 ms at first, 42 ms after 2,000 commits and
-# 89 ms after 4,000, against 21 and 30 ms with the log kept to 10 s (benchmarks/README.md). Time travel
+# the folder only grows, and one request's commit took 17 ms at first, 39 ms after 1,500 commits and
+# 52 ms after 2,500, against 28 and 31 ms with the log kept to 10 s (benchmarks/README.md). Time travel
 # by version reaches back this far; an epoch's spans stay reachable through the files its pipeline run
 # recorded (``analyst.connect(at_epoch=...)``).
 LOG_RETENTION, DEFAULT_LOG_RETENTION_S = "delta.logRetentionDuration", 10
