@@ -407,6 +407,7 @@ LOG_RETENTION, DEFAULT_LOG_RETENTION_S = "delta.logRetentionDuration", 10
 # entries another writer's commit was reading in the same moment (FileNotFoundError, tests/test_lake_delta.py).
 # The one compactor per table cleans it (``clean_log``); readers that lose the race read again (``update``).
 COMMIT_HOOKS = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
+LOG_READ_ATTEMPTS = 5
 VACUUM_EVERY_S = 600.0
 
 
@@ -454,7 +455,8 @@ class Lake:
     def table(self, lane: str) -> DeltaTable:
         """The lane's Delta table, created on first use (two processes creating it at once agree on one)."""
         if lane not in self._tables:
-            self._tables[lane] = _opened(lambda: open_table(self.root, lane, create=True, log_retention_s=self.log_retention_s))
+            self._tables[lane] = reread(lambda: open_table(self.root, lane, create=True,
+                                                           log_retention_s=self.log_retention_s))
         return self._tables[lane]
 
     def write(self, tables: dict[Partition, pa.Table]) -> list[str]:
@@ -770,28 +772,19 @@ def clean_log(table: DeltaTable) -> None:
 
 
 def update(table: DeltaTable) -> None:
-    """``table.update_incremental()``, again when a log entry it listed was cleaned up before it read it (a
-    checkpoint made meanwhile deleted the entries past ``LOG_RETENTION``; the next listing finds that checkpoint)."""
+    """Bring ``table`` up to date (``update_incremental``, read again when its log was cleaned meanwhile)."""
+    reread(table.update_incremental)
+
+
+def reread(read):
+    """``read()`` (a table open or update), again when a log entry it listed was cleaned up before it read it: the
+    cleanup follows a newer checkpoint, which the next listing finds."""
     for attempt in range(LOG_READ_ATTEMPTS):
         try:
-            table.update_incremental()
-            return
+            return read()
         except FileNotFoundError:
             if attempt == LOG_READ_ATTEMPTS - 1:
                 raise
-
-
-def _opened(open_):
-    """``open_()``, again when a log entry it listed was cleaned up before it read it (as in ``update``)."""
-    for attempt in range(LOG_READ_ATTEMPTS):
-        try:
-            return open_()
-        except FileNotFoundError:
-            if attempt == LOG_READ_ATTEMPTS - 1:
-                raise
-
-
-LOG_READ_ATTEMPTS = 5
 
 
 def refreshed(cache: dict[str, DeltaTable], key: str, open_=None) -> DeltaTable | None:
@@ -805,7 +798,7 @@ def refreshed(cache: dict[str, DeltaTable], key: str, open_=None) -> DeltaTable 
             return table
         except DeltaError:  # the folder was replaced (a migration, a test's fresh lake)
             del cache[key]
-    table = _opened(open_ if open_ is not None else lambda: DeltaTable(key) if DeltaTable.is_deltatable(key) else None)
+    table = reread(open_ if open_ is not None else lambda: DeltaTable(key) if DeltaTable.is_deltatable(key) else None)
     if table is not None:
         cache[key] = table
     return table
@@ -828,7 +821,7 @@ def snapshot_at(root: str | os.PathLike[str], versions: dict[str, int] | None) -
         if not 0 <= version <= current.versions[lane]:
             raise ValueError(f"spans/{lane} has versions 0..{current.versions[lane]}, not {version}")
         try:
-            table = _opened(lambda: DeltaTable(where.table_uri(root, lane), version=version,
+            table = reread(lambda: DeltaTable(where.table_uri(root, lane), version=version,
                                                storage_options=where.options or None))
         except (DeltaError, FileNotFoundError) as exc:
             raise ValueError(
@@ -925,8 +918,8 @@ def create_table(uri: str, schema: pa.Schema, *, partition_by: list[str] | None 
 
 
 def table_properties(log_retention_s: int) -> dict[str, str]:
-    """The properties of a table that takes many commits: a checkpoint every ``CHECKPOINT_EVERY`` commits, and log
-    entries older than ``log_retention_s`` seconds deleted at the next checkpoint."""
+    """The properties of a table that takes many commits: a checkpoint every ``CHECKPOINT_EVERY`` commits, and a
+    log retention of ``log_retention_s`` seconds (what ``clean_log`` keeps before the last checkpoint)."""
     return {CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY), LOG_RETENTION: f"interval {int(log_retention_s)} seconds"}
 
 
