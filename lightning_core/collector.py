@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 import pyarrow as pa
 import uvicorn
@@ -43,6 +44,7 @@ from lightning_core.lake import LANES, ConcurrentCompaction, Lake, Partition, Sp
 from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, decode_body, parse, read_body
 
 log = logging.getLogger("arclight.collector")
+LOG_CLEAN_EVERY_S = 5.0
 
 class CollectorMetrics:
     """Prometheus metrics of one collector, in their own registry."""
@@ -165,17 +167,23 @@ class TraceReceiver:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def compact_loop(self) -> None:
-        """Merge the small files of idle partitions, forever."""
+        """Merge the small files of idle partitions and keep the span tables' log short, forever."""
         config = self.config
-        while True:
-            await asyncio.sleep(max(1.0, config.compact_idle_s / 2))
+        compact_every = max(1.0, config.compact_idle_s / 2)
+        due = time.monotonic() + compact_every
+        while True:  # the log is cleaned every few seconds, whatever compact_idle_s says: every commit lists it
+            await asyncio.sleep(min(compact_every, LOG_CLEAN_EVERY_S))
             try:
+                if time.monotonic() < due:
+                    await asyncio.to_thread(self.lake.clean_logs)
+                    continue
+                due = time.monotonic() + compact_every
                 merged = await asyncio.to_thread(self.lake.compact, min_files=config.compact_min_files, idle_s=config.compact_idle_s)
                 self.metrics.compactions.inc(merged)
             except ConcurrentCompaction as exc:
                 log.error("%s", exc)
             except Exception:
-                log.exception("compaction failed; the small files are kept")
+                log.exception("compaction or log cleanup failed; the small files and the log entries are kept")
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
@@ -188,7 +196,8 @@ class TraceReceiver:
         compacts = self.config.compact and self.config.workers == 1 and not self.lake.location.uri
         if self.config.compact and not compacts:
             log.warning("this collector does not compact (collector.workers > 1 or span tables on object storage): "
-                        "run `arclight compact` from one place, for example every few minutes")
+                        "run `arclight compact` from one place, for example every few minutes (it also keeps the "
+                        "span tables' log short, which every commit lists)")
         compactor = asyncio.create_task(self.compact_loop()) if compacts else None
         try:
             yield

@@ -557,6 +557,13 @@ class Lake:
             self._vacuumed_at = time.monotonic()
         return done
 
+    def clean_logs(self) -> None:
+        """Delete the span tables' log entries past their log retention (``clean_log``); ``compact`` does it too."""
+        for lane in LANES:
+            table = refreshed(self._compacting, lane, lambda: open_table(self.root, lane, create=False))
+            if table is not None:
+                clean_log(table)
+
     def vacuum(self, table: DeltaTable) -> list[str]:
         """Delete files that left the table more than ``retention_hours`` ago, and files older than that which
         no commit holds (a writer that died between its files and its commit). Delta ``vacuum`` in full mode

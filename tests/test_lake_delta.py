@@ -388,3 +388,21 @@ def test_files_of_a_commit_that_never_happened_are_vacuumed_and_an_old_table_get
     removed = lake.vacuum(lake.table("training"))
     assert not orphan.exists() and any(path.endswith(orphan.name) for path in removed)
     assert all(path.exists() for path in committed) and _raw_counts(root, "kept") == (3, 3)
+
+
+def test_a_collector_keeps_the_span_tables_log_short_whatever_its_compaction_settings(tmp_path):
+    # every commit lists the whole _delta_log folder: a log that only grew made every commit slower
+    cfg = make_config(tmp_path, "collector.log_retention_s=1", "collector.compact_idle_s=3600")
+    Catalog.from_config(cfg).ensure()
+    service = start_collector(cfg, timeout_s=60)
+    try:
+        acked: list[int] = []
+        _send(service.url, "short", requests=25, spans=5, acked=acked)
+        time.sleep(7)  # the compactor's log cleanup runs every 5 s, whatever compact_idle_s says
+        _send(service.url, "short", requests=1, spans=5, acked=acked)
+        time.sleep(6)
+        log = cfg.lake.path / "spans" / "training" / "_delta_log"
+        assert sum(acked) == 130 and len(list(log.glob("*.json"))) < 15, sorted(p.name for p in log.iterdir())
+        assert _raw_counts(cfg.lake.path, "short") == (130, 130)
+    finally:
+        service.stop()
