@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from lightning_core.durable import fsync_dir, fsync_file
-from lightning_core.lake import (CHECKPOINT_EVERY, LOG_RETENTION, SCHEMA_RUN, Snapshot, add_action, clean_log,
-                                 commit_durably, create_table, ensure_schema_files, refreshed, schema_file, set_location,
-                                 table_properties)
+from lightning_core.lake import (CHECKPOINT_EVERY, SCHEMA_RUN, Snapshot, add_action, clean_log, commit_durably,
+                                 create_table, ensure_properties, ensure_schema_files, refreshed, schema_file,
+                                 set_location, table_properties)
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.triplet_store import views_sql as output_views_sql
 
@@ -390,8 +390,8 @@ def _commit_state(path: Path, rows: pa.Table) -> None:
     if table is None:
         create_table(str(path), rows.schema, properties=STATE_PROPERTIES)
         table = _state_table(path)
-    elif table.metadata().configuration.get(LOG_RETENTION) != STATE_PROPERTIES[LOG_RETENTION]:
-        table.alter.set_table_properties(STATE_PROPERTIES)  # a state table of an older Arclight
+    else:
+        ensure_properties(table, STATE_PROPERTIES)
     name = f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"
     pq.write_table(rows, path / name, compression="zstd")
     fsync_file(path / name)

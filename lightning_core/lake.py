@@ -527,7 +527,7 @@ class Lake:
         done = 0
         due = self._vacuumed_at is None or time.monotonic() - self._vacuumed_at > VACUUM_EVERY_S
         for lane, columns in LANES.items():
-            table = refreshed(self._compacting, lane, lambda: open_table(self.root, lane, create=False))  # kept open: a loop reads only new commits
+            table = self._compactor_table(lane)
             if table is None:
                 continue
             actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
@@ -560,9 +560,13 @@ class Lake:
     def clean_logs(self) -> None:
         """Delete the span tables' log entries past their log retention (``clean_log``); ``compact`` does it too."""
         for lane in LANES:
-            table = refreshed(self._compacting, lane, lambda: open_table(self.root, lane, create=False))
+            table = self._compactor_table(lane)
             if table is not None:
                 clean_log(table)
+
+    def _compactor_table(self, lane: str) -> DeltaTable | None:
+        """The compactor's own object of the lane's table, kept open (a loop reads only new commits)."""
+        return refreshed(self._compacting, lane, lambda: open_table(self.root, lane, create=False))
 
     def vacuum(self, table: DeltaTable) -> list[str]:
         """Delete files that left the table more than ``retention_hours`` ago, and files older than that which
@@ -898,12 +902,7 @@ def open_table(root: str | os.PathLike[str], lane: str, *, create: bool,
     if DeltaTable.is_deltatable(uri, storage_options=options):
         table = DeltaTable(uri, storage_options=options)
         if create:
-            configuration = table.metadata().configuration
-            if any(configuration.get(key) != value for key, value in properties.items()):
-                try:
-                    table.alter.set_table_properties(properties)
-                except DeltaError:  # another writer opening the table set them at the same moment
-                    update(table)
+            ensure_properties(table, properties)
         return table
     if not create:
         return None
@@ -922,6 +921,16 @@ def create_table(uri: str, schema: pa.Schema, *, partition_by: list[str] | None 
         if DeltaTable.is_deltatable(uri, storage_options=storage_options):
             return DeltaTable(uri, storage_options=storage_options)
         raise
+
+
+def ensure_properties(table: DeltaTable, properties: dict[str, str]) -> None:
+    """Set ``properties`` on ``table`` where they differ (a table of an older Arclight)."""
+    configuration = table.metadata().configuration
+    if any(configuration.get(key) != value for key, value in properties.items()):
+        try:
+            table.alter.set_table_properties(properties)
+        except DeltaError:  # another writer opening the table set them at the same moment
+            update(table)
 
 
 def table_properties(log_retention_s: int) -> dict[str, str]:

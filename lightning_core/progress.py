@@ -128,7 +128,7 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
     lake = config.lake.path
     _print_silences(config, console=console)
     console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
-    console.print(f"lake:    {lake}\nstate:   {config.lake.catalog_path.with_suffix('.state')} (Delta tables)")
+    console.print(f"lake:    {lake}\nstate:   {Catalog.from_config(config).state_root} (Delta tables)")
     console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
 

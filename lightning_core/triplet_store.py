@@ -33,7 +33,7 @@ from deltalake.exceptions import CommitFailedError
 
 from lightning_core import names
 from lightning_core.durable import fsync_dir, fsync_file
-from lightning_core.lake import LakeFormatError, add_action, commit_durably, create_table, refreshed
+from lightning_core.lake import LakeFormatError, add_action, commit_durably, create_table, refreshed, update
 
 PRODUCTION_RUN = "_production"
 SCHEMA_RUN = "_schema"
@@ -235,7 +235,7 @@ def _replace(lake_root: Path, output: str, table: pa.Table, values: dict[str, st
             if attempt == COMMIT_ATTEMPTS - 1:
                 raise
             time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))
-            delta.update_incremental()
+            update(delta)
     return files
 
 

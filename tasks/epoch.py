@@ -139,7 +139,7 @@ def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> 
     from lightning_core import tracking
 
     tracking.log_agent_epochs(config, agents, epoch=epoch)
-    lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · state tables: `{config.lake.catalog_path.with_suffix('.state')}`"]
+    lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · state tables: `{Catalog.from_config(config).state_root}`"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(run_id, "report"), description="Reward per epoch")
 
 
