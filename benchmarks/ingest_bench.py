@@ -13,8 +13,9 @@ end (a lost span fails the run). The clock starts once every sender process is u
 
     .venv/bin/python benchmarks/ingest_bench.py --requests 10 --convert-only
 
-times only the conversion of a request into span tables in this process: the upb parse and check,
-the per-span Python path (``lake.request_to_rows``) and the columnar path (``otlp_columns``).
+times only the conversion of a request into span tables in this process: the upb parse and check of
+the whole request, the per-span Python path (``lake.request_to_rows``), and what the collector does:
+the outline parse (``otlp_decode.parse_outline``) and the columnar path (``otlp_columns``).
 """
 
 from __future__ import annotations
@@ -104,15 +105,18 @@ def decode_rate(bodies: list[bytes], repeat: int = 3) -> float:
 
 def convert_times(bodies: list[bytes], repeat: int = 3) -> dict[str, float]:
     """Milliseconds per request to turn the requests into span tables, in this process (best of ``repeat``):
-    upb parse and wire-type check, then the per-span Python path or the columnar path."""
+    upb parse of the whole request and wire-type check, the per-span Python path (from that parse), the
+    outline parse the collector does (``parse_outline``) and the columnar path from the outline."""
     from lightning_core import lake, otlp_columns
-    from lightning_core.otlp_decode import PROTOBUF, parse
+    from lightning_core.otlp_decode import PROTOBUF, parse, parse_outline
 
     requests = [parse(body, PROTOBUF) for body in bodies]
+    outlines = {id(request): parse_outline(body) for request, body in zip(requests, bodies)}
     paths = {
         "parse": lambda request, body: parse(body, PROTOBUF),
         "python": lambda request, body: [lake.rows_to_table(rows) for rows in lake.request_to_rows(request).values()],
-        "columnar": lambda request, body: otlp_columns.request_to_tables(request, body, 0),
+        "outline": lambda request, body: parse_outline(body),
+        "columnar": lambda request, body: otlp_columns.request_to_tables(outlines[id(request)], body, 0),
     }
     best = {}
     for name, convert in paths.items():

@@ -6,7 +6,9 @@ spans is durable. Requests that arrive while a commit runs share the next commit
 ``flush_interval_ms`` makes a commit wait for more), and idle partitions with many small files
 are compacted in the background (Delta ``optimize``; ``vacuum`` after the retention window).
 
-Each request is decoded and converted to Arrow tables on its own, before it joins a commit, so
+Each request is decoded and converted to Arrow tables on its own, before it joins a commit (protobuf
+parses a protobuf body's outline down to the spans and checks its wire types; ptars decodes the spans'
+attributes into Arrow from the same bytes, and a body ptars refuses is parsed whole), so
 a span the lake cannot store gets its own 400 and never touches another client's request. The
 bodies held at once are bounded (``max_inflight_bytes``): beyond it requests get 503 with
 Retry-After.
@@ -41,7 +43,7 @@ from lightning_core.config import CollectorConfig
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.http_guard import LOOPBACK_HOSTS, has_token, trusted
 from lightning_core.lake import LANES, ConcurrentCompaction, Lake, Partition, SpanDataError, request_to_tables
-from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, decode_body, parse, read_body
+from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, decode_body, parse, parse_outline, read_body
 
 log = logging.getLogger("arclight.collector")
 LOG_CLEAN_EVERY_S = 5.0
@@ -139,8 +141,9 @@ class TraceReceiver:
         if decoded is not body:
             hold(len(body) + len(decoded))
         try:
-            return request_to_tables(parse(decoded, content_type), body=decoded if content_type == PROTOBUF else None,
-                                     max_partitions=self.config.max_partitions_per_request)
+            if content_type == PROTOBUF:  # the spans' attributes are decoded from the body by ptars, not by protobuf
+                return request_to_tables(parse_outline(decoded), body=decoded, max_partitions=self.config.max_partitions_per_request)
+            return request_to_tables(parse(decoded, content_type), max_partitions=self.config.max_partitions_per_request)
         except RecursionError:
             raise SpanDataError("an attribute value is nested too deeply: flatten it") from None
 

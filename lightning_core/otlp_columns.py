@@ -5,7 +5,10 @@ collector ~25 ms per request of 1,050 spans (a dict per row, an ``AnyValue`` per
 JSON text per span). Here the request's protobuf bytes are decoded into nested Arrow columns by
 ptars (Rust), and every column of ``lake.SPAN_SCHEMA`` is computed for all spans at once with
 Arrow compute and numpy: hex ids from a lookup table, the attributes JSON joined from per-attribute
-fragments, token ids and logprobs decoded from their elements' wire bytes.
+fragments, token ids and logprobs decoded from their arrays' encoded bytes (ptars keeps array and
+map values as bytes). The collector hands in only the request's outline (``otlp_decode.parse_outline``:
+the spans' attributes, events and links left as bytes); the Python path, and the events and links
+it writes, parse the whole request on first use.
 
 The rows are the Python path's, byte for byte (``tests/test_otlp_columns.py`` checks random
 requests against it). A span this path does not convert the same way -- repeated keys, a value
@@ -18,13 +21,15 @@ path, which raises the same error.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ptars
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from google.protobuf.message import Message
 
-from lightning_core import lake, semconv
+from lightning_core import lake, otlp_decode, semconv
 
 _HANDLER = None
 _HEX = np.array([[ord(c) for c in f"{i:02x}"] for i in range(256)], np.uint8)
@@ -37,19 +42,24 @@ _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "byt
 
 
 def _handler():
+    """ptars's decoder of the request, with array and map values kept as their encoded bytes: a token id is a
+    message of its own, and 84,000 of them cost ptars ~1.5 ms a request as Arrow elements; their bytes
+    decode here as numpy arrays (``_blob_ints``)."""
     global _HANDLER
     if _HANDLER is None:
-        pool = ptars.HandlerPool([ExportTraceServiceRequest.DESCRIPTOR.file])
-        _HANDLER = pool.get_for_message(ExportTraceServiceRequest.DESCRIPTOR)
+        file = otlp_decode.bytes_variant({"opentelemetry.proto.common.v1.AnyValue": {"array_value", "kvlist_value"}})
+        _HANDLER = ptars.HandlerPool([file]).get_for_message(file.message_types_by_name["ExportTraceServiceRequest"])
     return _HANDLER
 
 
-def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_ns: int) -> dict[lake.Partition, pa.Table]:
-    """The span tables of ``request`` (parsed from ``body``) by partition, as ``lake.request_to_rows`` gives them."""
+def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[lake.Partition, pa.Table]:
+    """The span tables of ``request`` (parsed from ``body``, whole or as ``otlp_decode.parse_outline``'s outline)
+    by partition, as ``lake.request_to_rows`` gives them."""
+    whole = functools.cache(lambda: otlp_decode.whole_request(request, body))  # for the Python path, parsed once
     try:
         batch = _handler().list_to_record_batch([body])
-    except Exception:  # upb parsed and checked the body already; whatever ptars cannot take, Python converts
-        return _python(request, received_ns)
+    except Exception:  # what ptars cannot take, protobuf parses whole: it refuses the request or Python converts it
+        return _python(whole(), received_ns)
     resource_spans = pc.list_flatten(batch.column(0))
     scope_spans = pc.list_flatten(pc.struct_field(resource_spans, "scope_spans"))
     spans = pc.list_flatten(pc.struct_field(scope_spans, "spans"))
@@ -68,10 +78,10 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
         (_widths(trace_id) == 16).all() and (_widths(span_id) == 8).all() and np.isin(_widths(parent_id), (0, 8)).all()
         and (start <= _MAX_TIME_NS).all() and (end <= _MAX_TIME_NS).all()
     ):
-        return _python(request, received_ns)  # raises the Python path's error for the first bad span
+        return _python(whole(), received_ns)  # raises the Python path's error for the first bad span
     trace_bytes, span_bytes = _fixed(trace_id, 16), _fixed(span_id, 8)
     if not (trace_bytes.any(axis=1).all() and span_bytes.any(axis=1).all()):
-        return _python(request, received_ns)
+        return _python(whole(), received_ns)
 
     # the rollout context of every resource, as the Python path reads it (a bad value raises there)
     contexts = [lake.resource_context(rs) for rs in request.resource_spans]
@@ -88,7 +98,7 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
         "end_ns": pa.array(end.astype(np.int64)),
         "status_code": status_code,
         "status_message": status_message,
-        **_events_and_links(request, spans, n),
+        **_events_and_links(whole, spans, n),
     }
     scope_names = pc.struct_field(pc.struct_field(scope_spans, "scope"), "name")
     scope_versions = pc.struct_field(pc.struct_field(scope_spans, "scope"), "version")
@@ -115,7 +125,7 @@ def request_to_tables(request: ExportTraceServiceRequest, body: bytes, received_
     table = pa.Table.from_arrays([columns[f.name] for f in lake.SPAN_SCHEMA], schema=lake.SPAN_SCHEMA)
     partitions = _partitions(contexts, resource_of_span, start)
     if slow.any():
-        table, partitions = _merge_python(request, received_ns, table, partitions, slow)
+        table, partitions = _merge_python(whole(), received_ns, table, partitions, slow)
     return _split(table, partitions)
 
 
@@ -207,21 +217,17 @@ class _Attributes:
         return pa.array(out, pa.float64(), mask=~valid)
 
     def array(self, key: str, element: type) -> pa.Array:
-        """The promoted array ``key`` per span, decoded from its elements' wire bytes; other shapes go to Python."""
+        """The promoted array ``key`` per span, decoded from its ``ArrayValue`` bytes; other shapes go to Python."""
         pairs = self._pairs_of(key)
         value_type = pa.int64() if element is int else pa.float64()
         if not len(pairs):
             return pa.nulls(self.n, pa.list_(value_type))
-        lists = pc.struct_field(pc.take(self.value["array_value"], pa.array(pairs)), "values")
-        is_array = ~_numpy(lists.is_null())
+        payloads = pc.take(self.value["array_value"], pa.array(pairs))
+        is_array = ~_numpy(payloads.is_null())
         self.slow[self.span[pairs[~is_array]]] = True
-        pairs, lists = pairs[is_array], lists.filter(pa.array(is_array))
-        counts = _lengths(lists)
-        elements = pc.list_flatten(lists)
-        data = _bytes(elements)
-        offsets = _offsets(elements)
-        decode = _element_ints if element is int else _element_doubles
-        values, ok = _decode_each(decode, data, offsets, counts)
+        pairs, payloads = pairs[is_array], payloads.filter(pa.array(is_array))
+        decode = _blob_ints if element is int else _blob_doubles
+        values, counts, ok = _decode_each(decode, _bytes(payloads), _offsets(payloads))
         self.slow[self.span[pairs[~ok]]] = True
         self.removed[pairs[ok]] = True
         pairs, counts = pairs[ok], counts[ok]
@@ -284,7 +290,7 @@ class _Attributes:
         return pc.binary_join_element_wise("{", pc.binary_join(per_span, ","), "}", "")
 
 
-def _events_and_links(request: ExportTraceServiceRequest, spans: pa.StructArray, n: int) -> dict[str, pa.Array]:
+def _events_and_links(whole, spans: pa.StructArray, n: int) -> dict[str, pa.Array]:
     """The ``events`` and ``links`` JSON columns: "[]" for most spans, the few with some written by the Python path."""
     columns, span_objects = {}, None
     for column, write in (("events", lake.events_json), ("links", lake.links_json)):
@@ -293,7 +299,7 @@ def _events_and_links(request: ExportTraceServiceRequest, spans: pa.StructArray,
             columns[column] = pa.repeat(pa.scalar("[]"), n)
             continue
         if span_objects is None:
-            span_objects = [span for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+            span_objects = [span for rs in whole().resource_spans for ss in rs.scope_spans for span in ss.spans]
         texts = np.full(n, "[]", object)
         for i in having:
             texts[i] = write(span_objects[i])
@@ -301,64 +307,66 @@ def _events_and_links(request: ExportTraceServiceRequest, spans: pa.StructArray,
     return columns
 
 
-def _decode_each(decode, data: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every array's elements at once; when that fails, array by array. Returns the values of the
-    arrays that decoded (in order) and which did."""
-    values = decode(data, offsets)
-    if values is not None:
-        return values, np.ones(len(counts), bool)
-    ends = np.cumsum(counts)
-    parts, ok = [], np.zeros(len(counts), bool)
-    for i, (stop, count) in enumerate(zip(ends, counts)):
-        first = stop - count
-        part = decode(data, offsets[first : stop + 1])
-        if part is not None:
-            parts.append(part)
-            ok[i] = True
-    return (np.concatenate(parts) if parts else np.empty(0)), ok
+def _decode_each(decode, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode every ``ArrayValue`` payload (``data[offsets[i]:offsets[i+1]]``) at once; when that fails, payload
+    by payload. Returns the values of the arrays that decoded (in order), each array's length, and which did."""
+    region, bounds = data[offsets[0] : offsets[-1]], offsets - offsets[0]
+    decoded = decode(region, bounds)
+    if decoded is not None:
+        return decoded[0], decoded[1], np.ones(len(bounds) - 1, bool)
+    parts, counts, ok = [], np.zeros(len(bounds) - 1, np.int64), np.zeros(len(bounds) - 1, bool)
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        decoded = decode(region[start:stop], np.array([0, stop - start]))
+        if decoded is not None:
+            parts.append(decoded[0])
+            counts[i], ok[i] = len(decoded[0]), True
+    return (np.concatenate(parts) if parts else np.empty(0)), counts, ok
 
 
-def _element_ints(data: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
-    """Token ids from ``AnyValue`` element bytes (``data[offsets[i]:offsets[i+1]]``): each must be
-    exactly tag 0x18 (``int_value``) and a varint of 1-5 bytes in ``lake.TOKEN_ID_RANGE``; None otherwise.
+def _blob_ints(region: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Token ids and array lengths from ``ArrayValue`` payloads (array i is ``region[bounds[i]:bounds[i+1]]``);
+    None unless every element is exactly ``0x0a L 0x18 <varint>``: a one-byte length, then an ``AnyValue``
+    holding only ``int_value``, a varint of 1-5 bytes in ``lake.TOKEN_ID_RANGE``.
 
-    Every byte below 0x80 ends a varint or is the tag, so each element holds exactly two: its first
-    byte and its last."""
-    starts, stops = offsets[:-1], offsets[1:]
-    total = len(starts)
-    if total == 0:
-        return np.empty(0, np.int64)
-    region = data[starts[0] : stops[-1]]
-    starts, stops = starts - starts[0], stops - offsets[0]
-    widths = stops - starts - 1
-    if widths.min() < 1 or widths.max() > 5:
-        return None
+    Every byte below 0x80 there is a tag, a length or a varint's last byte: each element holds exactly four."""
+    n_arrays = len(bounds) - 1
+    if len(region) == 0:
+        return np.empty(0, np.int64), np.zeros(n_arrays, np.int64)
     small = np.flatnonzero(region < 0x80)
-    if small.size != 2 * total:
+    if small.size % 4:
         return None
-    small = small.reshape(-1, 2)
-    if not (np.array_equal(small[:, 0], starts) and np.array_equal(small[:, 1], stops - 1) and (region[starts] == 0x18).all()):
+    first, length, tag, last = small.reshape(-1, 4).T
+    if not (
+        first[0] == 0 and last[-1] == len(region) - 1 and np.array_equal(first[1:], last[:-1] + 1)
+        and np.array_equal(length, first + 1) and np.array_equal(tag, first + 2)
+        and (region[first] == 0x0A).all() and (region[tag] == 0x18).all() and np.array_equal(region[length], last - length)
+    ):
         return None
-    values = np.zeros(total, np.int64)
+    widths = last - tag
+    if widths.max() > 5:
+        return None
+    starts = np.append(first, len(region))  # every array must begin at an element (or end the region)
+    at = np.searchsorted(starts, bounds)
+    if not np.array_equal(starts[np.minimum(at, len(starts) - 1)], bounds):
+        return None
+    values = np.zeros(len(first), np.int64)
     for k in range(int(widths.max())):
-        has = widths > k
-        values[has] |= (region[starts[has] + 1 + k].astype(np.int64) & 0x7F) << (7 * k)
+        byte = region[np.minimum(tag + 1 + k, len(region) - 1)].astype(np.int64) & 0x7F
+        values |= np.where(widths > k, byte << (7 * k), 0)
     if values.max() > lake.TOKEN_ID_RANGE[1]:
         return None
-    return values
+    return values, np.diff(at)
 
 
-def _element_doubles(data: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
-    """Logprobs from ``AnyValue`` element bytes: each exactly tag 0x21 (``double_value``) and 8 bytes."""
-    total = len(offsets) - 1
-    if total == 0:
-        return np.empty(0, np.float64)
-    if not (np.diff(offsets) == 9).all():
+def _blob_doubles(region: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Logprobs and array lengths from ``ArrayValue`` payloads: every element exactly ``0x0a 0x09 0x21`` and 8 bytes."""
+    lengths = np.diff(bounds)
+    if (lengths % 11).any():
         return None
-    elements = data[offsets[0] : offsets[-1]].reshape(-1, 9)
-    if not (elements[:, 0] == 0x21).all():
+    elements = region.reshape(-1, 11)
+    if not ((elements[:, 0] == 0x0A).all() and (elements[:, 1] == 0x09).all() and (elements[:, 2] == 0x21).all()):
         return None
-    return elements[:, 1:].copy().view("<f8").ravel()
+    return elements[:, 3:].copy().view("<f8").ravel(), lengths // 11
 
 
 def _enums(spans: pa.StructArray, slow: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:

@@ -182,6 +182,21 @@ def _deep_attribute_json(depth: int) -> bytes:
     return json.dumps(data).replace('"DEEP"', value).encode()
 
 
+def _inside_an_attribute(case: str) -> bytes:
+    """A request whose only fault lies inside a span's attribute, which the collector's outline parse keeps
+    as bytes: ptars refuses it, and protobuf's whole parse names the fault."""
+    request = export_request({"arclight.run_id": "z"}, 1)
+    attribute = request.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="note")
+    if case == "utf8":
+        attribute.value.string_value = "BAD-TEXT"
+        return request.SerializeToString().replace(b"BAD-TEXT", b"BAD\xff\xfeEXT")
+    value = attribute.value
+    for _ in range(200):
+        value = value.array_value.values.add()
+    value.int_value = 1
+    return request.SerializeToString()
+
+
 # field 1 (resource_spans, a message) sent as a varint; and inside it, field 2 (scope_spans) as a varint
 WRONG_WIRE_TYPE_TOP = bytes([0x08, 0x05])
 WRONG_WIRE_TYPE_INNER = bytes([0x0A, 0x02, 0x10, 0x01])
@@ -197,6 +212,8 @@ WRONG_WIRE_TYPE_INNER = bytes([0x0A, 0x02, 0x10, 0x01])
     ("epoch ' 7 '", _json_with_epoch({"stringValue": " 7 "}), JS),
     ("wrong wire type", WRONG_WIRE_TYPE_TOP, PB),
     ("wrong wire type inside", WRONG_WIRE_TYPE_INNER, PB),
+    ("invalid UTF-8 in an attribute value", _inside_an_attribute("utf8"), PB),
+    ("protobuf attribute nested 200 deep", _inside_an_attribute("deep"), PB),
     ("all-zero trace id", export_request({"arclight.run_id": "z"}, [{"trace_id": bytes(16)}]).SerializeToString(), PB),
     ("all-zero span id", export_request({"arclight.run_id": "z"}, [{"span_id": bytes(8)}]).SerializeToString(), PB),
     ("parent id of 3 bytes", export_request({"arclight.run_id": "z"}, [{"parent": b"abc"}]).SerializeToString(), PB),
@@ -209,6 +226,8 @@ def test_edge_cases_get_400_and_the_collector_keeps_serving(hostile, case, body,
     r = _post(service, body, headers)
     assert r.status_code == 400, (case, r.status_code, r.text[:200])
     assert _reason(r)
+    if "attribute" in case and headers is PB:
+        assert "not a valid OTLP protobuf ExportTraceServiceRequest" in _reason(r), _reason(r)
     assert _post(service, export_request({"arclight.run_id": "still"}, 1).SerializeToString()).status_code == 200
     assert _count(cfg, "z") == 0
     _spans_still_query(cfg)

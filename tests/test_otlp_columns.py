@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lightning_core import lake, otlp_columns, semconv
+from lightning_core import lake, otlp_columns, otlp_decode, semconv
 from lightning_core.lake import SpanDataError
 from tests.otlp_factory import fill_attributes, set_value
 
@@ -146,12 +146,19 @@ def _assert_same(request: ExportTraceServiceRequest) -> None:
         COUNTS["python"] += len(only) if only is not None else sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
         return python(*args, only=only, **kwargs)
 
+    body = request.SerializeToString()
     lake.request_to_rows = counting
     try:
-        got = otlp_columns.request_to_tables(request, request.SerializeToString(), 123)
+        got = otlp_columns.request_to_tables(request, body, 123)
     finally:
         lake.request_to_rows = python
     COUNTS["spans"] += sum(t.num_rows for t in expected.values())
+    _assert_tables_equal(got, expected)
+    # the collector's way: the request's outline (attributes, events and links left as bytes) and its body
+    _assert_tables_equal(otlp_columns.request_to_tables(otlp_decode.parse_outline(body), body, 123), expected)
+
+
+def _assert_tables_equal(got: dict, expected: dict) -> None:
     assert list(got) == list(expected)
     for partition, table in expected.items():
         other = got[partition]
