@@ -496,7 +496,8 @@ class Lake:
                 folder.mkdir(parents=True, exist_ok=True)
                 folders.update(folder.parents[: len(folder.relative_to(root).parts)])  # their entries of the new folders
             path = folder / f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"
-            pq.write_table(data, path, compression="zstd", row_group_size=_ROW_GROUP)
+            with pa.OSFile(str(path), "wb") as sink:  # a native file: no filesystem lookup per write
+                pq.write_table(data, sink, compression="zstd", row_group_size=_ROW_GROUP)
             fsync_file(path)
             folders.add(folder)
             values = {column: str(value) for column, value in _partition_fields(partition).items()}

@@ -38,6 +38,7 @@ _MAX_TIME_NS = lake.MAX_TIME_NS
 _KIND_NAMES = pa.array([lake._KIND_NAMES[i] for i in range(len(lake._KIND_NAMES))])
 _STATUS_NAMES = pa.array([lake._STATUS_NAMES[i] for i in range(len(lake._STATUS_NAMES))])
 _NEEDS_ESCAPE = r'[\x00-\x1f"\\]'  # what json.dumps(ensure_ascii=False) escapes in a string
+_COUNT_CELLS = 4_000_000  # spans x distinct keys up to which repeated keys are found by counting
 _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
 
 
@@ -151,11 +152,15 @@ class _Attributes:
         self._index = {key: i for i, key in enumerate(self.key_names)}
         # a repeated key keeps its first place and its last value (as in a dict): the Python path does that
         self.repeated = np.zeros(n_spans, bool)
-        combined = self.span * max(1, len(self.key_names)) + self.key_codes
-        if len(np.unique(combined)) != len(combined):
+        width = max(1, len(self.key_names))
+        combined = self.span * width + self.key_codes
+        if n_spans * width <= _COUNT_CELLS:  # a count per (span, key): one pass
+            cells = np.flatnonzero(np.bincount(combined, minlength=n_spans * width) > 1)
+            self.repeated[cells // width] = True
+        elif len(np.unique(combined)) != len(combined):  # too many distinct keys for that: sort
             order = np.sort(combined)
-            self.repeated[order[1:][order[1:] == order[:-1]] // max(1, len(self.key_names))] = True
-            self.slow |= self.repeated
+            self.repeated[order[1:][order[1:] == order[:-1]] // width] = True
+        self.slow |= self.repeated
         # nested values (lists and maps) other than the promoted arrays: the Python path
         nested = ~_numpy(self.value["array_value"].is_null()) | ~_numpy(self.value["kvlist_value"].is_null())
         promoted_codes = [self._index[k] for k in lake.PROMOTED_ARRAYS if k in self._index]
