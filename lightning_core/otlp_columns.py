@@ -22,6 +22,7 @@ path, which raises the same error.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -295,7 +296,7 @@ class _Attributes:
         return pc.binary_join_element_wise("{", pc.binary_join(per_span, ","), "}", "")
 
 
-def _events_and_links(whole, spans: pa.StructArray, n: int) -> dict[str, pa.Array]:
+def _events_and_links(whole: Callable[[], Message], spans: pa.StructArray, n: int) -> dict[str, pa.Array]:
     """The ``events`` and ``links`` JSON columns: "[]" for most spans, the few with some written by the Python path."""
     columns, span_objects = {}, None
     for column, write in (("events", lake.events_json), ("links", lake.links_json)):

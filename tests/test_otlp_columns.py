@@ -240,3 +240,24 @@ def test_a_value_of_a_newer_oneof_member_goes_to_python():
     _assert_same(request)
     [table] = lake.request_to_tables(request).values()
     assert table.column("attributes").to_pylist() == ['{"k":7}']
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    return bytes([tag]) + _VarintBytes(len(payload)) + payload
+
+
+def test_the_outline_refuses_a_span_field_of_the_wrong_wire_type_as_the_whole_parse_does():
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    span = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8).SerializeToString() + bytes([0x28, 0x05])  # name as a varint
+    body = _field(0x0A, _field(0x12, _field(0x12, span)))
+    for parse in (lambda b: otlp_decode.parse(b, otlp_decode.PROTOBUF), otlp_decode.parse_outline):
+        with pytest.raises(otlp_decode.RequestRejected, match="opentelemetry.proto.trace.v1.Span.name .* wire type 0"):
+            parse(body)
+
+
+def test_a_bytes_variant_of_a_field_otlp_does_not_have_fails_loudly():
+    with pytest.raises(RuntimeError, match="no_such_field"):
+        otlp_decode.bytes_variant({"opentelemetry.proto.common.v1.AnyValue": {"no_such_field"}})
