@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import threading
@@ -52,15 +53,19 @@ def main() -> None:
     thread = threading.Thread(target=compactor, daemon=True)
     thread.start()
     times: list[float] = []
-    for i in range(args.commits):
-        started = time.perf_counter()
-        lake.write(tables)
-        times.append(time.perf_counter() - started)
-        if (i + 1) % 500 == 0:
-            last = sorted(times[-500:])
-            print(f"{code}: commits {i + 1 - 500}-{i + 1}: median {last[250] * 1e3:.1f} ms, p90 {last[450] * 1e3:.1f} ms; "
-                  f"log entries {len(os.listdir(log))}", flush=True)
-    stop.set()
+    try:
+        for i in range(args.commits):
+            started = time.perf_counter()
+            lake.write(tables)
+            times.append(time.perf_counter() - started)
+            if (i + 1) % 500 == 0:
+                last = sorted(times[-500:])
+                print(f"{code}: commits {i + 1 - 500}-{i + 1}: median {last[250] * 1e3:.1f} ms, p90 {last[450] * 1e3:.1f} ms; "
+                      f"log entries {len(os.listdir(log))}", flush=True)
+    finally:
+        stop.set()
+        thread.join()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="collector processes on the one port (collector.workers)")
     parser.add_argument("--convert-only", action="store_true", help="only time the conversion of the requests, in this process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (collector.flush_interval_ms=5)")
+    parser.add_argument("--keep-lake", action="store_true", help="keep the lake the collector wrote (default: deleted at the end)")
     parser.add_argument("--cache", type=Path, metavar="DIR",
                         help="keep the encoded requests in DIR and reuse them (encoding 3,000 takes minutes)")
     args = parser.parse_args()
@@ -166,6 +168,17 @@ def main() -> None:
         return
     decode = decode_rate(bodies[: min(8, len(bodies))])
     root = Path(tempfile.mkdtemp(prefix="arclight-ingest-"))
+    try:
+        run(args, bodies, decode, root)
+    finally:
+        if args.keep_lake:
+            print(f"the lake is kept at {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
+    """Post the requests to a collector on a new lake under ``root``, count the lake, print the result."""
     cfg = load_config(None, overrides=[f"project_dir={root}", f"collector.port={free_port()}",
                                        "collector.compact_idle_s=3600", f"collector.workers={args.workers}", *args.set])
     service = start_collector(cfg, timeout_s=60)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -157,6 +158,7 @@ def main() -> None:
     finally:
         for service in reversed(services):
             service.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the lake, the catalog and the tiny model built here
 
 
 if __name__ == "__main__":
