@@ -32,7 +32,6 @@ from google.protobuf.message import Message
 
 from lightning_core import lake, otlp_decode, semconv
 
-_HANDLER = None
 _HEX = np.array([[ord(c) for c in f"{i:02x}"] for i in range(256)], np.uint8)
 _DAY_NS = 86_400 * 10**9
 _MAX_TIME_NS = lake.MAX_TIME_NS
@@ -43,15 +42,13 @@ _COUNT_CELLS = 4_000_000  # spans x distinct keys up to which repeated keys are 
 _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
 
 
+@functools.cache
 def _handler():
     """ptars's decoder of the request, with array and map values kept as their encoded bytes: a token id is a
     message of its own, and 84,000 of them cost ptars ~1.5 ms a request as Arrow elements; their bytes
     decode here as numpy arrays (``_blob_ints``)."""
-    global _HANDLER
-    if _HANDLER is None:
-        file = otlp_decode.bytes_variant({"opentelemetry.proto.common.v1.AnyValue": {"array_value", "kvlist_value"}})
-        _HANDLER = ptars.HandlerPool([file]).get_for_message(file.message_types_by_name["ExportTraceServiceRequest"])
-    return _HANDLER
+    file = otlp_decode.bytes_variant({"opentelemetry.proto.common.v1.AnyValue": {"array_value", "kvlist_value"}})
+    return ptars.HandlerPool([file]).get_for_message(file.message_types_by_name["ExportTraceServiceRequest"])
 
 
 def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[lake.Partition, pa.Table]:

@@ -10,6 +10,7 @@ spans' attributes from the same bytes (``otlp_columns``).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import zlib
 from typing import Any, Callable
@@ -70,8 +71,7 @@ def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
 
 def parse(body: bytes, content_type: str) -> ExportTraceServiceRequest:
     """Parse a protobuf or OTLP/JSON export request; 400 for anything that is not one, 415 for other types."""
-    if not body:
-        raise RequestRejected(400, "empty body: expected an OTLP ExportTraceServiceRequest", "empty")
+    _refuse_empty(body)
     export = ExportTraceServiceRequest()
     if content_type == PROTOBUF:
         return _parse_protobuf(export, body)
@@ -99,16 +99,20 @@ def parse_outline(body: bytes) -> Message:
     decodes the attributes from the same bytes with ptars, which refuses what protobuf would refuse
     in them; a request it cannot take is parsed whole (``whole_request``), with ``parse``'s errors.
     """
-    if not body:
-        raise RequestRejected(400, "empty body: expected an OTLP ExportTraceServiceRequest", "empty")
+    _refuse_empty(body)
     return _parse_protobuf(_outline_class()(), body)
 
 
-def whole_request(request: Message, body: bytes | None) -> ExportTraceServiceRequest:
+def whole_request(request: Message, body: bytes) -> ExportTraceServiceRequest:
     """``request`` itself, or for an outline the whole request parsed from ``body``."""
     if isinstance(request, ExportTraceServiceRequest):
         return request
-    return parse(body if body is not None else request.SerializeToString(), PROTOBUF)
+    return parse(body, PROTOBUF)
+
+
+def _refuse_empty(body: bytes) -> None:
+    if not body:
+        raise RequestRejected(400, "empty body: expected an OTLP ExportTraceServiceRequest", "empty")
 
 
 def _parse_protobuf(export: Message, body: bytes) -> Message:
@@ -149,15 +153,10 @@ def bytes_variant(as_bytes: dict[str, set[str]]) -> FileDescriptor:
     return pool.FindFileByName(ExportTraceServiceRequest.DESCRIPTOR.file.name)
 
 
-_OUTLINE: type[Message] | None = None
-
-
+@functools.cache
 def _outline_class() -> type[Message]:
-    global _OUTLINE
-    if _OUTLINE is None:
-        file = bytes_variant({"opentelemetry.proto.trace.v1.Span": {"attributes", "events", "links"}})
-        _OUTLINE = message_factory.GetMessageClass(file.message_types_by_name["ExportTraceServiceRequest"])
-    return _OUTLINE
+    file = bytes_variant({"opentelemetry.proto.trace.v1.Span": {"attributes", "events", "links"}})
+    return message_factory.GetMessageClass(file.message_types_by_name["ExportTraceServiceRequest"])
 
 
 def check_wire_types(export: ExportTraceServiceRequest) -> None:
