@@ -331,31 +331,37 @@ def _blob_ints(region: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.n
     None unless every element is exactly ``0x0a L 0x18 <varint>``: a one-byte length, then an ``AnyValue``
     holding only ``int_value``, a varint of 1-5 bytes in ``lake.TOKEN_ID_RANGE``.
 
-    Every byte below 0x80 there is a tag, a length or a varint's last byte: each element holds exactly four."""
+    Every byte below 0x80 there is a tag, a length or a varint's last byte: each element holds exactly four,
+    at F, F+1, F+2 and E, and only the varint's first bytes (F+3 to E-1) are 0x80 or above."""
     n_arrays = len(bounds) - 1
-    if len(region) == 0:
+    size = len(region)
+    if size == 0:
         return np.empty(0, np.int64), np.zeros(n_arrays, np.int64)
     small = np.flatnonzero(region < 0x80)
-    if small.size % 4:
+    if small.size == 0 or small.size % 4 or small[0] != 0 or small[-1] != size - 1:
         return None
-    first, length, tag, last = small.reshape(-1, 4).T
-    if not (
-        first[0] == 0 and last[-1] == len(region) - 1 and np.array_equal(first[1:], last[:-1] + 1)
-        and np.array_equal(length, first + 1) and np.array_equal(tag, first + 2)
-        and (region[first] == 0x0A).all() and (region[tag] == 0x18).all() and np.array_equal(region[length], last - length)
-    ):
+    n = small.size // 4
+    gaps = np.empty(small.size, np.int64)  # per element: F to F+1, F+1 to F+2, F+2 to E (the varint's width), E to the next F
+    np.subtract(small[1:], small[:-1], out=gaps[:-1])
+    gaps[-1] = 1
+    gaps = gaps.reshape(n, 4)
+    widths = gaps[:, 2].copy()
+    gaps[:, 2] = 1
+    if gaps.max() != 1 or widths.max() > 5:
         return None
-    widths = last - tag
-    if widths.max() > 5:
+    tags = region[small].view("<u4")  # per element its bytes at F, F+1, F+2 and E, little-endian
+    if not (np.array_equal(tags & 0x00FF00FF, np.full(n, 0x0018000A, np.uint32))
+            and np.array_equal((tags >> 8) & 0xFF, widths + 1)):
         return None
-    starts = np.append(first, len(region))  # every array must begin at an element (or end the region)
+    starts = np.append(small[::4], size)  # every array must begin at an element (or end the region)
     at = np.searchsorted(starts, bounds)
     if not np.array_equal(starts[np.minimum(at, len(starts) - 1)], bounds):
         return None
-    values = np.zeros(len(first), np.int64)
-    for k in range(int(widths.max())):
-        byte = region[np.minimum(tag + 1 + k, len(region) - 1)].astype(np.int64) & 0x7F
-        values |= np.where(widths > k, byte << (7 * k), 0)
+    # the varint's last byte holds its highest 7 bits; each byte before it, 7 lower ones
+    last = small[3::4]
+    values = (tags >> 24).astype(np.int64)
+    for k in range(1, int(widths.max())):
+        values = np.where(widths > k, (values << 7) | (region[np.maximum(last - k, 0)] & 0x7F), values)
     if values.max() > lake.TOKEN_ID_RANGE[1]:
         return None
     return values, np.diff(at)

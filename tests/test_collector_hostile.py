@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lightning_core import group_commit
+from lightning_core import group_commit, semconv
 from lightning_core.catalog import Catalog
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.lake import Lake, Partition, request_to_tables
@@ -190,6 +190,10 @@ def _inside_an_attribute(case: str) -> bytes:
     if case == "utf8":
         attribute.value.string_value = "BAD-TEXT"
         return request.SerializeToString().replace(b"BAD-TEXT", b"BAD\xff\xfeEXT")
+    if case == "continuation":  # token ids whose ArrayValue is 4 bytes that each continue a varint
+        attribute.key = semconv.PROMPT_TOKEN_IDS
+        attribute.value.string_value = "TOKS"
+        return request.SerializeToString().replace(b"\x0a\x04TOKS", b"\x2a\x04\x80\x80\x80\x80")
     value = attribute.value
     for _ in range(200):
         value = value.array_value.values.add()
@@ -214,6 +218,7 @@ WRONG_WIRE_TYPE_INNER = bytes([0x0A, 0x02, 0x10, 0x01])
     ("wrong wire type inside", WRONG_WIRE_TYPE_INNER, PB),
     ("invalid UTF-8 in an attribute value", _inside_an_attribute("utf8"), PB),
     ("protobuf attribute nested 200 deep", _inside_an_attribute("deep"), PB),
+    ("token id attribute of varint continuation bytes only", _inside_an_attribute("continuation"), PB),
     ("all-zero trace id", export_request({"arclight.run_id": "z"}, [{"trace_id": bytes(16)}]).SerializeToString(), PB),
     ("all-zero span id", export_request({"arclight.run_id": "z"}, [{"span_id": bytes(8)}]).SerializeToString(), PB),
     ("parent id of 3 bytes", export_request({"arclight.run_id": "z"}, [{"parent": b"abc"}]).SerializeToString(), PB),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -279,3 +279,82 @@ def test_the_collectors_path_never_parses_a_clean_gateway_request_whole(monkeypa
     tables = lake.request_to_tables(outline, body=body)
     assert sum(t.num_rows for t in tables.values()) == 60
     assert tables[lake.Partition("ingest", 0)].column("response_token_ids")[0].as_py() == [(5 * 60 + 1 + j) % 49152 for j in range(40)]
+
+
+def _element(kind: str, value: int) -> bytes:
+    """One encoded ``ArrayValue.values`` element: a clean token id, or a shape the decoder must refuse."""
+    from google.protobuf.internal.encoder import _VarintBytes
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    if kind == "id":
+        return _field(0x0A, AnyValue(int_value=value).SerializeToString())
+    if kind == "negative":  # a 10-byte varint
+        return _field(0x0A, AnyValue(int_value=-value - 1).SerializeToString())
+    if kind == "double":
+        return _field(0x0A, AnyValue(double_value=value / 7).SerializeToString())
+    if kind == "string":
+        return _field(0x0A, AnyValue(string_value=str(value)).SerializeToString())
+    if kind == "padded":  # the id's varint with a redundant continuation byte: protobuf reads the same id
+        varint = bytearray(_VarintBytes(value))
+        varint[-1] |= 0x80
+        return _field(0x0A, bytes([0x18]) + bytes(varint) + b"\x00")
+    if kind in ("long", "short"):  # an id whose element length byte is one off
+        clean = AnyValue(int_value=value).SerializeToString()
+        return bytes([0x0A, len(clean) + (1 if kind == "long" else -1)]) + clean
+    if kind == "bool":  # the same shape, another varint field of AnyValue
+        return _field(0x0A, AnyValue(bool_value=bool(value % 2)).SerializeToString())
+    if kind == "unknown":  # the same shape in a field ArrayValue does not have (protobuf skips it)
+        return bytes([0x12]) + _element("id", value)[1:]
+    if kind == "extra":  # an id and another field in the same value
+        return _field(0x0A, AnyValue(int_value=value).SerializeToString() + bytes([0x08, 0x01]))
+    if kind == "high":  # a stray byte that continues a varint
+        return bytes([0x80 | value % 128])
+    return bytes([value % 128])  # "noise": a stray byte that ends one
+
+
+elements = st.tuples(st.sampled_from(["id"] * 12 + ["negative", "double", "string", "padded", "long", "short", "bool", "unknown", "extra", "noise", "high"]),
+                     st.one_of(st.integers(0, 300), st.integers(0, 2**31 - 1), st.integers(2**31, 2**35)))
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(arrays=st.lists(st.lists(elements, max_size=12), min_size=1, max_size=6), shift=st.integers(0, 3))
+@example(arrays=[[("id", 5), ("high", 5), ("id", 70000)]], shift=0)  # a stray byte between elements
+@example(arrays=[[("id", 5), ("bool", 1)]], shift=0)
+@example(arrays=[[("unknown", 5), ("id", 6)]], shift=0)
+@example(arrays=[[("id", 5), ("long", 300)], [("id", 1)]], shift=0)
+@example(arrays=[[("short", 300), ("id", 5)]], shift=0)
+@example(arrays=[[("id", 5), ("id", 2**31 - 1)], [("id", 1)]], shift=2)  # arrays that split an element
+@example(arrays=[[("id", 2**31), ("id", 1)]], shift=0)
+@example(arrays=[[("id", 2**35 - 1)]], shift=0)  # a 6-byte varint
+def test_the_token_id_decoder_accepts_only_arrays_protobuf_reads_as_those_ids(arrays, shift):
+    """``_blob_ints`` (numpy over the encoded ``ArrayValue`` payloads) either refuses, or gives exactly the
+    int values protobuf parses from every array, each element an ``AnyValue`` of only ``int_value``
+    within the token id range. Clean ids in range are never refused. (``shift`` moves the last bytes of
+    the first array to the start of the second: arrays that split an element.)"""
+    import numpy as np
+    from google.protobuf.message import DecodeError
+    from opentelemetry.proto.common.v1.common_pb2 import ArrayValue
+
+    payloads = [b"".join(_element(kind, value) for kind, value in array) for array in arrays]
+    if len(payloads) > 1 and 0 < shift <= len(payloads[0]):
+        payloads[:2] = [payloads[0][:-shift], payloads[0][-shift:] + payloads[1]]
+        arrays = [[("split", 0)]] + arrays[1:]  # not clean any more
+    bounds = np.cumsum([0] + [len(p) for p in payloads])
+    decoded = otlp_columns._blob_ints(np.frombuffer(b"".join(payloads), np.uint8), bounds)
+    clean = all(kind == "id" and value < 2**31 for array in arrays for kind, value in array)
+    if decoded is None:
+        assert not clean, arrays
+        return
+    values, counts = decoded
+    expected = []
+    for payload in payloads:
+        try:
+            parsed = ArrayValue.FromString(payload)
+        except DecodeError:
+            raise AssertionError(f"decoded what protobuf refuses: {payload.hex()}") from None
+        assert all(v.ListFields() and [f.name for f, _ in v.ListFields()] == ["int_value"] for v in parsed.values)
+        expected.append([v.int_value for v in parsed.values])
+    assert counts.tolist() == [len(e) for e in expected]
+    assert values.tolist() == [x for e in expected for x in e]
+    assert all(0 <= x < 2**31 for x in values.tolist())
+
