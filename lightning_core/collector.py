@@ -6,10 +6,11 @@ spans is durable. Requests that arrive while a commit runs share the next commit
 ``flush_interval_ms`` makes a commit wait for more), and idle partitions with many small files
 are compacted in the background (Delta ``optimize``; ``vacuum`` after the retention window).
 
-Each request is decoded and converted to Arrow tables on its own, before it joins a commit (protobuf
-parses a protobuf body's outline down to the spans and checks its wire types; ptars decodes the spans'
-attributes into Arrow from the same bytes, and a body ptars refuses is parsed whole), so
-a span the lake cannot store gets its own 400 and never touches another client's request. The
+Each request is decoded and checked before it joins a commit (protobuf parses a protobuf body's outline
+down to the spans and checks its wire types; ptars decodes the spans' attributes into Arrow from the same
+bytes, and a body ptars refuses is parsed whole), so a span the lake cannot store gets its own 400 and
+never touches another client's request. Requests that queue for the converter thread are converted
+together (``converter.Converter``), and one by one again when that fails. The
 bodies held at once are bounded (``max_inflight_bytes``): beyond it requests get 503 with
 Retry-After.
 
@@ -30,7 +31,6 @@ import os
 import threading
 import time
 
-import pyarrow as pa
 import uvicorn
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -40,10 +40,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lightning_core.config import CollectorConfig
+from lightning_core.converter import Converter
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.http_guard import LOOPBACK_HOSTS, has_token, trusted
-from lightning_core.lake import LANES, ConcurrentCompaction, Lake, Partition, SpanDataError, request_to_tables
-from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, decode_body, parse, parse_outline, read_body
+from lightning_core.lake import LANES, ConcurrentCompaction, Lake, SpanDataError
+from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, read_body
 
 log = logging.getLogger("arclight.collector")
 LOG_CLEAN_EVERY_S = 5.0
@@ -96,8 +97,8 @@ class TraceReceiver:
         self.config, self.lake, self.token = config, lake, token
         self.metrics = CollectorMetrics()
         self.budget = ByteBudget(config.max_inflight_bytes)
-        self.converter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arclight-convert")
         self.writer: GroupCommitWriter | None = None
+        self.converter: Converter | None = None
 
     async def traces(self, request: Request) -> Response:
         """``POST /v1/traces``: store an OTLP export; answer once its spans are durable."""
@@ -112,13 +113,11 @@ class TraceReceiver:
             body = await read_body(request, self.config.max_body_bytes, hold=hold)
             self.metrics.bytes.inc(len(body))
             encoding = request.headers.get("content-encoding", "").lower()
-            # one request converted at a time (they hold the GIL anyway, and two at once in threads were
-            # slower and bigger), off the event loop so that other requests keep being read and answered
-            loop = asyncio.get_running_loop()
-            tables = await loop.run_in_executor(self.converter, self._tables, body, content_type, encoding, hold)
-            n_spans = sum(t.num_rows for t in tables.values())
-            if n_spans:
-                await self._store(tables)
+            # converted off the event loop by one thread (conversions hold the GIL anyway), several queued
+            # requests at once; answered once the commit holding the spans is durable
+            n_spans, durable = await asyncio.wrap_future(self.converter.submit(body, content_type, encoding, hold))
+            if durable is not None:
+                await self._store(durable)
         except RequestRejected as exc:
             self.metrics.rejected.labels(reason=exc.label).inc()
             return _error(exc.status, exc.reason, content_type, retry_after=exc.retry_after)
@@ -136,20 +135,9 @@ class TraceReceiver:
             return JSONResponse({})
         return Response(ExportTraceServiceResponse().SerializeToString(), media_type=PROTOBUF)
 
-    def _tables(self, body: bytes, content_type: str, encoding: str, hold) -> dict[Partition, pa.Table]:
-        decoded = decode_body(body, encoding, self.config.max_body_bytes)
-        if decoded is not body:
-            hold(len(body) + len(decoded))
+    async def _store(self, durable: concurrent.futures.Future) -> None:
         try:
-            if content_type == PROTOBUF:  # the spans' attributes are decoded from the body by ptars, not by protobuf
-                return request_to_tables(parse_outline(decoded), body=decoded, max_partitions=self.config.max_partitions_per_request)
-            return request_to_tables(parse(decoded, content_type), max_partitions=self.config.max_partitions_per_request)
-        except RecursionError:
-            raise SpanDataError("an attribute value is nested too deeply: flatten it") from None
-
-    async def _store(self, tables: dict[Partition, pa.Table]) -> None:
-        try:
-            await asyncio.wrap_future(self.writer.submit(tables))
+            await asyncio.wrap_future(durable)
         except Exception as exc:
             raise RequestRejected(503, f"spans could not be written to the lake ({exc}); retry later", "lake_write",
                                   retry_after=5) from None
@@ -194,6 +182,8 @@ class TraceReceiver:
         for lane in LANES:  # created (or opened) before the first request, which would otherwise wait for it
             await asyncio.to_thread(self.lake.table, lane)
         self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, on_commit=self._committed)
+        self.converter = Converter(self.writer.submit, max_body_bytes=self.config.max_body_bytes,
+                                   max_partitions=self.config.max_partitions_per_request)
         # one compactor per table: delta-rs lets two concurrent compactions both commit (rows stored twice), so
         # several collector processes (or hosts) leave compaction to one `arclight compact`
         compacts = self.config.compact and self.config.workers == 1 and not self.lake.location.uri
@@ -207,7 +197,7 @@ class TraceReceiver:
         finally:
             if compactor is not None:
                 compactor.cancel()
-            self.converter.shutdown(wait=True)
+            self.converter.close()
             self.writer.close()
 
 

@@ -358,3 +358,18 @@ def test_the_token_id_decoder_accepts_only_arrays_protobuf_reads_as_those_ids(ar
     assert values.tolist() == [x for e in expected for x in e]
     assert all(0 <= x < 2**31 for x in values.tolist())
 
+
+def test_joined_requests_convert_to_the_rows_of_each_alone():
+    """The collector converts requests that queue together as one body (two serialised requests one after
+    the other are one request): the same rows, per partition in the order of the requests."""
+    from benchmarks.ingest_bench import build_request
+
+    first, second = build_request(1, spans=40), build_request(2, spans=40, run_id="other")
+    third = build_request(3, spans=40)
+    joined = first + second + third
+    got = otlp_columns.request_to_tables(otlp_decode.outline_unchecked(joined), joined, 123)
+    alone = [otlp_columns.request_to_tables(otlp_decode.parse_outline(b), b, 123) for b in (first, second, third)]
+    assert list(got) == [lake.Partition("ingest", 0), lake.Partition("other", 0)]
+    assert got[lake.Partition("ingest", 0)].equals(pa.concat_tables([alone[0][lake.Partition("ingest", 0)],
+                                                                      alone[2][lake.Partition("ingest", 0)]]))
+    assert got[lake.Partition("other", 0)].equals(alone[1][lake.Partition("other", 0)])

@@ -1,0 +1,138 @@
+"""The collector's converter thread: request bodies into span tables, several protobuf requests at a time.
+
+A conversion has a fixed cost whatever its size (~45 Arrow and numpy calls, ~3 ms of the ~10 ms a
+request of 1,050 spans takes). Requests that queue while the thread converts the ones before them are
+converted together: each body's outline is parsed and checked on its own (``parse_outline``, so a
+malformed body never merges into another), then the bodies, concatenated, are converted once (two
+serialised requests one after the other are one valid request: their ``resource_spans`` in order). The
+batch's tables go to the lake writer as one unit, and every request of it is acknowledged when that
+commit is durable.
+
+A batch whose conversion fails in any way (a bad span, too many partitions, a body ptars refuses) is
+converted again request by request, so a bad request gets its own error and never fails the others.
+JSON and gzip-encoded requests are decoded first; JSON requests are converted alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+
+from lightning_core.lake import Partition, SpanDataError, request_to_tables
+from lightning_core.otlp_decode import PROTOBUF, decode_body, outline_unchecked, parse, parse_outline
+
+log = logging.getLogger("arclight.collector")
+
+Tables = dict[Partition, pa.Table]
+MAX_BATCH_BYTES = 16 << 20  # decoded bodies converted at once
+MAX_BATCH_REQUESTS = 32
+
+
+@dataclass
+class _Request:
+    body: bytes
+    content_type: str
+    encoding: str
+    hold: Callable[[int], None]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    outline: object = None  # the parsed (and checked) outline of a protobuf body
+
+
+class Converter:
+    """One thread that converts queued requests and submits their tables to ``store`` (the lake writer's
+    ``submit``). A request's future gives ``(spans, durable)``: its span count and the writer's future of the
+    commit that holds them (None when it has no spans), or the error the request is answered with."""
+
+    def __init__(self, store: Callable[[Tables], concurrent.futures.Future], *, max_body_bytes: int,
+                 max_partitions: int, max_batch_bytes: int = MAX_BATCH_BYTES):
+        self.store, self.max_body_bytes, self.max_partitions = store, max_body_bytes, max_partitions
+        self.max_batch_bytes = max_batch_bytes
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="arclight-convert", daemon=True)
+        self._thread.start()
+
+    def submit(self, body: bytes, content_type: str, encoding: str, hold: Callable[[int], None]) -> concurrent.futures.Future:
+        request = _Request(body, content_type, encoding, hold)
+        self._queue.put(request)
+        return request.future
+
+    def close(self) -> None:
+        """Convert what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, size, stop = [first], len(first.body), False
+            while len(batch) < MAX_BATCH_REQUESTS and size < self.max_batch_bytes:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+                size += len(item.body)
+            try:
+                self._convert(batch)
+            except BaseException as exc:  # never leave a request waiting
+                log.exception("the converter failed")
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+            if stop:
+                return
+
+    def _convert(self, batch: list[_Request]) -> None:
+        together: list[_Request] = []
+        for request in batch:
+            try:
+                body = decode_body(request.body, request.encoding, self.max_body_bytes)
+                if body is not request.body:
+                    request.hold(len(request.body) + len(body))
+                    request.body = body
+                if request.content_type == PROTOBUF:
+                    request.outline = parse_outline(body)
+                    together.append(request)
+                else:
+                    self._finish([request], self._tables(parse(body, request.content_type)))
+            except Exception as exc:
+                request.future.set_exception(exc)
+        if len(together) > 1:
+            try:
+                body = b"".join(r.body for r in together)
+                self._finish(together, self._tables(outline_unchecked(body), body))
+                return
+            except Exception as exc:  # someone's request cannot be stored as it is: find whose, one by one
+                log.debug("a batch of %d requests was converted one by one: %s", len(together), exc)
+        for request in together:
+            try:
+                self._finish([request], self._tables(request.outline, request.body))
+            except Exception as exc:
+                request.future.set_exception(exc)
+
+    def _tables(self, request, body: bytes | None = None) -> Tables:
+        try:
+            return request_to_tables(request, body=body, max_partitions=self.max_partitions)
+        except RecursionError:
+            raise SpanDataError("an attribute value is nested too deeply: flatten it") from None
+
+    def _finish(self, requests: list[_Request], tables: Tables) -> None:
+        rows = sum(t.num_rows for t in tables.values())
+        durable = self.store(tables) if rows else None
+        for request in requests:
+            request.future.set_result((rows if len(requests) == 1 else _span_count(request.outline), durable))
+
+
+def _span_count(outline) -> int:
+    return sum(len(scope.spans) for resource in outline.resource_spans for scope in resource.scope_spans)

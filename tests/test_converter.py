@@ -1,0 +1,150 @@
+"""The collector's converter thread converts queued requests together, and a bad one never fails the others.
+
+The converter writes through a real ``GroupCommitWriter`` into a real lake. To make requests queue
+deterministically, the first request's hand-off to the writer waits until the test has queued the
+rest: they are then converted as one batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+
+import pytest
+
+from lightning_core.catalog import Catalog
+from lightning_core.converter import Converter
+from lightning_core.group_commit import GroupCommitWriter
+from lightning_core.lake import Lake, SpanDataError
+from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected
+from tests.conftest import make_config
+from tests.otlp_factory import export_request, otlp_json
+
+
+class Held:
+    """A converter whose first hand-off to the writer waits for ``release()``; records every hand-off."""
+
+    def __init__(self, cfg, *, max_partitions: int = 64):
+        self.writer = GroupCommitWriter(Lake(cfg.lake.path), flush_interval_s=0)
+        self.handed: list[int] = []  # rows per hand-off
+        self._go, self._waiting = threading.Event(), threading.Event()
+        self.converter = Converter(self._store, max_body_bytes=1 << 24, max_partitions=max_partitions)
+
+    def _store(self, tables):
+        if not self.handed:
+            self._waiting.set()
+            self._go.wait(30)
+        self.handed.append(sum(t.num_rows for t in tables.values()))
+        return self.writer.submit(tables)
+
+    def submit(self, body: bytes, content_type: str = PROTOBUF, encoding: str = ""):
+        return self.converter.submit(body, content_type, encoding, hold=lambda n: None)
+
+    def hold_first(self, body: bytes):
+        """Submit ``body`` and return once the converter waits to hand it to the writer."""
+        future = self.submit(body)
+        assert self._waiting.wait(30)
+        return future
+
+    def release(self):
+        self._go.set()
+
+    def close(self):
+        self.converter.close()
+        self.writer.close()
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    cfg = make_config(tmp_path)
+    Catalog.from_config(cfg).ensure()
+    return cfg
+
+
+def _rows(cfg, run_id: str) -> list[tuple]:
+    with Catalog.from_config(cfg).read() as con:
+        return con.execute("SELECT span_id, name, attributes FROM spans_raw WHERE run_id = ? ORDER BY span_id",
+                           [run_id]).fetchall()
+
+
+def _body(run: str, spans: int | list = 3) -> bytes:
+    return export_request({"arclight.run_id": run}, spans).SerializeToString()
+
+
+def test_queued_requests_are_converted_together_and_stored_as_each_alone(cfg, tmp_path):
+    held = Held(cfg)
+    first = held.hold_first(_body("first"))
+    bodies = {run: _body(run, n) for run, n in (("a", 2), ("b", 5), ("a2", 1))}
+    gzipped = gzip.compress(_body("gz", 4))
+    as_json = json.dumps(otlp_json(export_request({"arclight.run_id": "js"}, 2))).encode()
+    futures = {run: held.submit(body) for run, body in bodies.items()}
+    futures["gz"] = held.submit(gzipped, encoding="gzip")
+    futures["js"] = held.submit(as_json, JSON)
+    held.release()
+    counts = {run: future.result(30)[0] for run, future in futures.items()}
+    durable = {run: future.result(30)[1] for run, future in futures.items()}
+    first.result(30)[1].result(30)
+    for future in durable.values():
+        future.result(30)
+    held.close()
+    assert counts == {"a": 2, "b": 5, "a2": 1, "gz": 4, "js": 2}
+    # the four protobuf requests (the gzipped one too) went to the writer as one unit; JSON alone, first
+    assert durable["a"] is durable["b"] is durable["a2"] is durable["gz"]
+    assert durable["js"] is not durable["a"]
+    assert held.handed == [3, 2, 12]
+    # stored as a converter that takes one request at a time stores them
+    alone_cfg = make_config(tmp_path / "alone")
+    Catalog.from_config(alone_cfg).ensure()
+    alone = Held(alone_cfg)
+    alone.release()  # and each request waits for its commit before the next is sent
+    for body in bodies.values():
+        alone.submit(body).result(30)[1].result(30)
+    alone.close()
+    for run in ("a", "b", "a2"):
+        assert _rows(cfg, run) == _rows(alone_cfg, run) and len(_rows(cfg, run)) == counts[run]
+    assert len(_rows(cfg, "gz")) == 4 and len(_rows(cfg, "js")) == 2
+
+
+def test_a_bad_request_in_a_batch_gets_its_own_error_and_the_others_are_stored(cfg):
+    held = Held(cfg)
+    held.hold_first(_body("first"))
+    good = {run: held.submit(_body(run)) for run in ("g1", "g2")}
+    bad_span = held.submit(_body("bad", [{}, {"trace_id": b"\x01" * 15}]))
+    truncated = _body("cut", 4)[:-7]  # alone it is malformed; joined to the next body it could parse as something else
+    cut = held.submit(truncated)
+    good["g3"] = held.submit(_body("g3"))
+    held.release()
+    for future in good.values():
+        future.result(30)[1].result(30)
+    with pytest.raises(SpanDataError, match="trace_id must be 16 bytes"):
+        bad_span.result(30)
+    with pytest.raises(RequestRejected, match="not a valid OTLP protobuf") as refused:
+        cut.result(30)
+    assert refused.value.status == 400
+    held.close()
+    assert [len(_rows(cfg, run)) for run in ("g1", "g2", "g3", "bad", "cut")] == [3, 3, 3, 0, 0]
+
+
+def test_a_batch_over_the_partition_limit_is_stored_request_by_request(cfg):
+    """The limit is per request: three requests of 2 partitions each share no commit limit of 2."""
+    held = Held(cfg, max_partitions=2)
+    held.hold_first(_body("first"))
+    requests = []
+    for i in range(3):
+        request = export_request({"arclight.run_id": f"p{i}", "arclight.epoch": 0}, 2)
+        more = export_request({"arclight.run_id": f"p{i}", "arclight.epoch": 1}, 1)
+        request.resource_spans.extend(more.resource_spans)
+        requests.append(held.submit(request.SerializeToString()))
+    over = export_request({"arclight.run_id": "over", "arclight.epoch": 0}, 1)
+    for epoch in (1, 2):
+        over.resource_spans.extend(export_request({"arclight.run_id": "over", "arclight.epoch": epoch}, 1).resource_spans)
+    too_many = held.submit(over.SerializeToString())
+    held.release()
+    assert [future.result(30)[0] for future in requests] == [3, 3, 3]
+    for future in requests:
+        future.result(30)[1].result(30)
+    with pytest.raises(SpanDataError, match="3 lake partitions"):
+        too_many.result(30)
+    held.close()
+    assert [len(_rows(cfg, f"p{i}")) for i in range(3)] == [3, 3, 3]
