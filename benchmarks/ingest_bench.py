@@ -15,7 +15,8 @@ the end (a lost span fails the run). The clock starts once every sender process 
 
 times only the conversion of a request into span tables in this process: the upb parse and check of
 the whole request, the per-span Python path (``lake.request_to_rows``), and what the collector does:
-the outline parse (``otlp_decode.parse_outline``) and the columnar path (``otlp_columns``).
+the outline parse (``otlp_decode.parse_outline``) and the columnar path (``otlp_columns``), also for
+2 and 4 requests joined (``columnar x2``, ``columnar x4``, per request).
 """
 
 from __future__ import annotations
@@ -115,9 +116,10 @@ def _decode_rate(bodies: list[bytes], repeat: int) -> float:
 def convert_times(bodies: list[bytes], repeat: int = 3) -> dict[str, float]:
     """Milliseconds per request to turn the requests into span tables, in this process (best of ``repeat``):
     upb parse of the whole request and wire-type check, the per-span Python path (from that parse), the
-    outline parse the collector does (``parse_outline``) and the columnar path from the outline."""
+    outline parse the collector does (``parse_outline``), the columnar path from the outline, and the
+    columnar path of 2 and 4 requests joined into one body (as the converter thread joins queued ones)."""
     from lightning_core import lake, otlp_columns
-    from lightning_core.otlp_decode import PROTOBUF, parse, parse_outline
+    from lightning_core.otlp_decode import PROTOBUF, outline_unchecked, parse, parse_outline
 
     requests = [parse(body, PROTOBUF) for body in bodies]
     outlines = {id(request): parse_outline(body) for request, body in zip(requests, bodies)}
@@ -135,6 +137,14 @@ def convert_times(bodies: list[bytes], repeat: int = 3) -> dict[str, float]:
                 convert(request, body)
             took = (time.perf_counter() - started) / len(bodies) * 1000
             best[name] = min(best.get(name, took), took)
+    for k in (2, 4):  # the collector's converter joins the requests that queue together (per request)
+        joined = [b"".join(bodies[i : i + k]) for i in range(0, len(bodies) - k + 1, k)]
+        for _ in range(repeat):
+            started = time.perf_counter()
+            for body in joined:
+                otlp_columns.request_to_tables(outline_unchecked(body), body, 0)
+            took = (time.perf_counter() - started) / (len(joined) * k) * 1000
+            best[f"columnar x{k}"] = min(best.get(f"columnar x{k}", took), took)
     return best
 
 
