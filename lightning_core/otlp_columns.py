@@ -37,7 +37,6 @@ _DAY_NS = 86_400 * 10**9
 _MAX_TIME_NS = lake.MAX_TIME_NS
 _KIND_NAMES = pa.array([lake._KIND_NAMES[i] for i in range(len(lake._KIND_NAMES))])
 _STATUS_NAMES = pa.array([lake._STATUS_NAMES[i] for i in range(len(lake._STATUS_NAMES))])
-_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'  # what json.dumps(ensure_ascii=False) escapes in a string
 _COUNT_CELLS = 4_000_000  # spans x distinct keys up to which repeated keys are found by counting
 _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
 
@@ -265,14 +264,14 @@ class _Attributes:
         keys = pa.array([lake._dumps(k) + ":" for k in self.key_names], pa.string())
         fragments_key = pc.take(keys, pa.array(self.key_codes))
         strings = self.value["string_value"]
-        plain = pc.invert(pc.match_substring_regex(strings, _NEEDS_ESCAPE))
-        plain_strings = pc.binary_join_element_wise('"', pc.if_else(plain, strings, None), '"', "")
+        escape = _needs_escape(strings)
+        plain_strings = pc.binary_join_element_wise('"', pc.if_else(pa.array(~escape), strings, None), '"', "")
         ints = pc.cast(self.value["int_value"], pa.string())
         bools = pc.if_else(self.value["bool_value"], "true", "false")
         # the rest, rare in one request, through json.dumps: strings with characters to escape, doubles
         # (Python writes 1.0, 1e-05, NaN), bytes (as hex text)
         others = np.full(n_pairs, None, object)
-        escape = np.flatnonzero(_numpy(pc.fill_null(pc.invert(plain), False)))
+        escape = np.flatnonzero(escape)
         for i, value in zip(escape, pc.take(strings, pa.array(escape)).to_pylist()):
             others[i] = lake._dumps(value)
         doubles = self.value["double_value"]
@@ -460,7 +459,8 @@ def _lengths(lists: pa.Array) -> np.ndarray:
 
 
 def _offsets(binary: pa.Array) -> np.ndarray:
-    offsets = np.frombuffer(binary.buffers()[1], np.int32 if binary.type == pa.binary() else np.int64)
+    large = pa.types.is_large_binary(binary.type) or pa.types.is_large_string(binary.type)
+    offsets = np.frombuffer(binary.buffers()[1], np.int64 if large else np.int32)
     return offsets[binary.offset : binary.offset + len(binary) + 1].astype(np.int64)
 
 
@@ -478,6 +478,17 @@ def _bytes(binary: pa.Array) -> np.ndarray:
     """The data buffer of a binary array (indexed by ``_offsets``)."""
     buffer = binary.buffers()[2]
     return np.frombuffer(buffer, np.uint8) if buffer is not None else np.empty(0, np.uint8)
+
+
+def _needs_escape(strings: pa.Array) -> np.ndarray:
+    """Per string, whether it holds a character ``json.dumps(ensure_ascii=False)`` escapes: a control character,
+    ``"`` or a backslash (never a byte of a multi-byte UTF-8 character). False for a null."""
+    offsets = _offsets(strings)
+    region = _bytes(strings)[offsets[0] : offsets[-1]]
+    hits = np.flatnonzero((region < 0x20) | (region == 0x22) | (region == 0x5C)) + offsets[0]
+    out = np.zeros(len(strings), bool)
+    out[np.searchsorted(offsets, hits, side="right") - 1] = True
+    return out
 
 
 def _hex(ids: np.ndarray) -> pa.Array:
