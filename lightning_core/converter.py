@@ -16,6 +16,7 @@ JSON and gzip-encoded requests are decoded first; JSON requests are converted al
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -83,6 +84,8 @@ class Converter:
                     break
                 batch.append(item)
                 size += len(item.body)
+            # a request whose handler went away (cancelled) is dropped; the others can no longer be cancelled
+            batch = [request for request in batch if request.future.set_running_or_notify_cancel()]
             try:
                 self._convert(batch)
             except BaseException as exc:  # never leave a request waiting
@@ -104,22 +107,28 @@ class Converter:
                 if request.content_type == PROTOBUF:
                     request.outline = parse_outline(body)
                     together.append(request)
-                else:
-                    self._finish([request], self._tables(parse(body, request.content_type)))
+                    continue
+                tables = self._tables(parse(body, request.content_type))
             except Exception as exc:
                 request.future.set_exception(exc)
+            else:
+                self._finish([request], tables)
         if len(together) > 1:
+            body = b"".join(r.body for r in together)
             try:
-                body = b"".join(r.body for r in together)
-                self._finish(together, self._tables(outline_unchecked(body), body))
-                return
+                tables = self._tables(outline_unchecked(body), body)
             except Exception as exc:  # someone's request cannot be stored as it is: find whose, one by one
-                log.debug("a batch of %d requests was converted one by one: %s", len(together), exc)
+                log.debug("a batch of %d requests is converted one by one: %s", len(together), exc)
+            else:
+                self._finish(together, tables)
+                return
         for request in together:
             try:
-                self._finish([request], self._tables(request.outline, request.body))
+                tables = self._tables(request.outline, request.body)
             except Exception as exc:
                 request.future.set_exception(exc)
+            else:
+                self._finish([request], tables)
 
     def _tables(self, request, body: bytes | None = None) -> Tables:
         try:
@@ -128,10 +137,27 @@ class Converter:
             raise SpanDataError("an attribute value is nested too deeply: flatten it") from None
 
     def _finish(self, requests: list[_Request], tables: Tables) -> None:
+        """Hand the tables to the writer once, and give each request its own future of that commit (a handler
+        that is cancelled cancels only its own)."""
         rows = sum(t.num_rows for t in tables.values())
-        durable = self.store(tables) if rows else None
+        commit = self.store(tables) if rows else None
         for request in requests:
+            durable = None
+            if commit is not None:
+                durable = concurrent.futures.Future()
+                commit.add_done_callback(functools.partial(_pass_on, durable))
             request.future.set_result((rows if len(requests) == 1 else _span_count(request.outline), durable))
+
+
+def _pass_on(durable: concurrent.futures.Future, commit: concurrent.futures.Future) -> None:
+    """Complete one request's ``durable`` future as the shared ``commit`` completed (unless it was cancelled)."""
+    if not durable.set_running_or_notify_cancel():
+        return
+    error = commit.exception()
+    if error is None:
+        durable.set_result(commit.result())
+    else:
+        durable.set_exception(error)
 
 
 def _span_count(outline) -> int:

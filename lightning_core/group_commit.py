@@ -76,6 +76,9 @@ class GroupCommitWriter:
                 return
 
     def _commit(self, batch: list) -> None:
+        # a request whose waiter was cancelled is written all the same (its spans were received), but its
+        # future takes no result; the others can no longer be cancelled
+        waiting = [future.set_running_or_notify_cancel() for _, future, _ in batch]
         try:
             files = len(self.lake.write(_merge([tables for tables, _, _ in batch])))
             outcomes: list[BaseException | None] = [None] * len(batch)
@@ -89,7 +92,9 @@ class GroupCommitWriter:
         now = time.monotonic()
         if self.on_commit is not None:
             self.on_commit(files, [now - queued_at for (_, _, queued_at), error in zip(batch, outcomes) if error is None])
-        for (tables, future, _), error in zip(batch, outcomes):
+        for (tables, future, _), error, wanted in zip(batch, outcomes, waiting):
+            if not wanted:
+                continue
             if error is None:
                 future.set_result(sum(t.num_rows for t in tables.values()))
             else:

@@ -93,6 +93,24 @@ def test_a_failed_commit_is_written_again_request_by_request(tmp_path):
     assert counts == {"a": 3, "b": 3, "c": 3}  # exactly once: the failed merged commit left nothing behind
 
 
+def test_a_cancelled_wait_does_not_stop_the_writer(tmp_path):
+    # fails before: setting the result of a cancelled future raised in the writer thread, which died, and
+    # every later request waited for ever
+    lake = Lake(tmp_path / "lake")
+    writer = GroupCommitWriter(lake, flush_interval_s=0.3)
+    try:
+        gone = writer.submit(request_to_tables(export_request({"arclight.run_id": "gone"}, 3)))
+        assert gone.cancel()
+        kept = writer.submit(request_to_tables(export_request({"arclight.run_id": "kept"}, 2)))
+        assert kept.result(30) == 2
+        later = writer.submit(request_to_tables(export_request({"arclight.run_id": "later"}, 1)))
+        assert later.result(30) == 1
+    finally:
+        writer.close()
+    assert {run: len(list((tmp_path / "lake" / "spans" / "training" / f"run_id={run}").rglob("part-*.parquet")))
+            for run in ("gone", "kept", "later")} == {"gone": 1, "kept": 1, "later": 1}  # nothing received is dropped
+
+
 def test_a_lake_write_is_one_commit_per_table_and_a_failed_one_leaves_nothing_visible(tmp_path, monkeypatch):
     from deltalake import DeltaTable
 
