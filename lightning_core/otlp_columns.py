@@ -37,6 +37,7 @@ _DAY_NS = 86_400 * 10**9
 _MAX_TIME_NS = lake.MAX_TIME_NS
 _KIND_NAMES = pa.array([lake._KIND_NAMES[i] for i in range(len(lake._KIND_NAMES))])
 _STATUS_NAMES = pa.array([lake._STATUS_NAMES[i] for i in range(len(lake._STATUS_NAMES))])
+_DECODE_CHUNK = 512 * 1024  # bytes of array payloads decoded at once
 _COUNT_CELLS = 4_000_000  # spans x distinct keys up to which repeated keys are found by counting
 _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
 
@@ -311,8 +312,19 @@ def _events_and_links(whole: Callable[[], Message], spans: pa.StructArray, n: in
 
 
 def _decode_each(decode, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode every ``ArrayValue`` payload (``data[offsets[i]:offsets[i+1]]``) at once; when that fails, payload
-    by payload. Returns the values of the arrays that decoded (in order), each array's length, and which did."""
+    """Decode every ``ArrayValue`` payload (``data[offsets[i]:offsets[i+1]]``), in pieces of whole payloads of
+    about ``_DECODE_CHUNK`` bytes (numpy makes several passes over a piece: it should stay in the CPU cache).
+    Returns the values of the arrays that decoded (in order), each array's length, and which did."""
+    if offsets[-1] - offsets[0] <= _DECODE_CHUNK:
+        return _decode_piece(decode, data, offsets)
+    cuts = np.unique(np.searchsorted(offsets, np.arange(offsets[0], offsets[-1], _DECODE_CHUNK)[1:]))
+    edges = [0, *cuts[(cuts > 0) & (cuts < len(offsets) - 1)].tolist(), len(offsets) - 1]
+    parts = [_decode_piece(decode, data, offsets[a : b + 1]) for a, b in zip(edges[:-1], edges[1:])]
+    return tuple(np.concatenate(part) for part in zip(*parts))
+
+
+def _decode_piece(decode, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_decode_each`` of one piece: all its payloads at once, else payload by payload."""
     region, bounds = data[offsets[0] : offsets[-1]], offsets - offsets[0]
     decoded = decode(region, bounds)
     if decoded is not None:

@@ -373,3 +373,23 @@ def test_joined_requests_convert_to_the_rows_of_each_alone():
     assert got[lake.Partition("ingest", 0)].equals(pa.concat_tables([alone[0][lake.Partition("ingest", 0)],
                                                                       alone[2][lake.Partition("ingest", 0)]]))
     assert got[lake.Partition("other", 0)].equals(alone[1][lake.Partition("other", 0)])
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(arrays=st.lists(st.lists(elements, max_size=12), min_size=1, max_size=40), chunk=st.integers(1, 200))
+def test_token_arrays_decoded_in_pieces_give_what_one_pass_gives(arrays, chunk):
+    """Big requests decode their arrays in pieces of ``_DECODE_CHUNK`` bytes: an odd array in one piece sends
+    only that piece payload by payload, and the pieces join into what one pass over everything gives."""
+    import numpy as np
+
+    payloads = [b"".join(_element(kind, value) for kind, value in array) for array in arrays]
+    data = np.frombuffer(b"".join(payloads), np.uint8)
+    offsets = np.cumsum([0] + [len(p) for p in payloads])
+    whole = otlp_columns._decode_piece(otlp_columns._blob_ints, data, offsets)
+    saved = otlp_columns._DECODE_CHUNK
+    otlp_columns._DECODE_CHUNK = chunk
+    try:
+        pieces = otlp_columns._decode_each(otlp_columns._blob_ints, data, offsets)
+    finally:
+        otlp_columns._DECODE_CHUNK = saved
+    assert [part.tolist() for part in pieces] == [part.tolist() for part in whole]
