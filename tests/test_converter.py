@@ -168,7 +168,7 @@ def test_a_request_cancelled_while_queued_is_dropped_and_the_converter_goes_on(c
 def test_a_cancelled_wait_for_a_commit_does_not_cancel_the_other_requests_of_its_batch(cfg):
     """Requests converted together share a commit; each waits on a future of its own, so a client that goes
     away (its handler's await cancelled) takes no other request's answer with it."""
-    held = Held(cfg, flush_interval_s=0.5)  # the commit waits: the cancel below comes before it
+    held = Held(cfg, flush_interval_s=2)  # the commit waits: the cancel below comes well before it
     held.hold_first(_body("first"))
     a, b = held.submit(_body("a")), held.submit(_body("b"))
     held.release()
