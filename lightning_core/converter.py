@@ -43,7 +43,7 @@ class _Request:
     encoding: str
     hold: Callable[[int], None]
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    outline: object = None  # the parsed (and checked) outline of a protobuf body
+    parsed: object = None  # the request parsed (and checked): a protobuf body's outline, or the JSON request
 
 
 class Converter:
@@ -52,10 +52,8 @@ class Converter:
     completes when the commit holding its spans is durable (None when it has no spans), or the error the
     request is answered with."""
 
-    def __init__(self, store: Callable[[Tables], concurrent.futures.Future], *, max_body_bytes: int,
-                 max_partitions: int, max_batch_bytes: int = MAX_BATCH_BYTES):
+    def __init__(self, store: Callable[[Tables], concurrent.futures.Future], *, max_body_bytes: int, max_partitions: int):
         self.store, self.max_body_bytes, self.max_partitions = store, max_body_bytes, max_partitions
-        self.max_batch_bytes = max_batch_bytes
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="arclight-convert", daemon=True)
         self._thread.start()
@@ -76,7 +74,7 @@ class Converter:
             if first is None:
                 return
             batch, size, stop = [first], len(first.body), False
-            while len(batch) < MAX_BATCH_REQUESTS and size < self.max_batch_bytes:
+            while len(batch) < MAX_BATCH_REQUESTS and size < MAX_BATCH_BYTES:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -107,14 +105,14 @@ class Converter:
                     request.hold(len(request.body) + len(body))
                     request.body = body
                 if request.content_type == PROTOBUF:
-                    request.outline = parse_outline(body)
+                    request.parsed = parse_outline(body)
                     together.append(request)
                     continue
-                tables = self._tables(parse(body, request.content_type))
+                request.parsed = parse(body, request.content_type)
             except Exception as exc:
                 request.future.set_exception(exc)
-            else:
-                self._finish([request], tables)
+                continue
+            self._convert_alone(request)
         if len(together) > 1:
             body = b"".join(r.body for r in together)
             try:
@@ -125,14 +123,17 @@ class Converter:
                 self._finish(together, tables)
                 return
         for request in together:
-            try:
-                tables = self._tables(request.outline, request.body)
-            except Exception as exc:
-                request.future.set_exception(exc)
-            else:
-                self._finish([request], tables)
+            self._convert_alone(request)
 
-    def _tables(self, request, body: bytes | None = None) -> Tables:
+    def _convert_alone(self, request: _Request) -> None:
+        try:
+            tables = self._tables(request.parsed, request.body if request.content_type == PROTOBUF else None)
+        except Exception as exc:
+            request.future.set_exception(exc)
+        else:
+            self._finish([request], tables)
+
+    def _tables(self, request, body: bytes | None) -> Tables:
         try:
             return request_to_tables(request, body=body, max_partitions=self.max_partitions)
         except RecursionError:
@@ -148,7 +149,7 @@ class Converter:
             if commit is not None:
                 durable = concurrent.futures.Future()
                 commit.add_done_callback(functools.partial(_pass_on, durable))
-            request.future.set_result((rows if len(requests) == 1 else _span_count(request.outline), durable))
+            request.future.set_result((rows if len(requests) == 1 else _span_count(request.parsed), durable))
 
 
 def _pass_on(durable: concurrent.futures.Future, commit: concurrent.futures.Future) -> None:
