@@ -14,7 +14,7 @@ the end (a lost span fails the run). The clock starts once every sender process 
     .venv/bin/python benchmarks/ingest_bench.py --requests 10 --convert-only
 
 times only the conversion of a request into span tables in this process: the upb parse and check of
-the whole request, the per-span Python path (``lake.request_to_rows``), and what the collector does:
+the whole request, the per-span Python path (``span_rows.request_to_rows``), and what the collector does:
 the outline parse (``otlp_decode.parse_outline``) and the columnar path (``otlp_columns``), also for
 2 and 4 requests joined (``columnar x2``, ``columnar x4``, per request).
 """
@@ -118,14 +118,14 @@ def convert_times(bodies: list[bytes], repeat: int = 3) -> dict[str, float]:
     upb parse of the whole request and wire-type check, the per-span Python path (from that parse), the
     outline parse the collector does (``parse_outline``), the columnar path from the outline, and the
     columnar path of 2 and 4 requests joined into one body (as the converter thread joins queued ones)."""
-    from lightning_core import lake, otlp_columns
+    from lightning_core import otlp_columns, span_rows
     from lightning_core.otlp_decode import PROTOBUF, outline_unchecked, parse, parse_outline
 
     requests = [parse(body, PROTOBUF) for body in bodies]
     outlines = {id(request): parse_outline(body) for request, body in zip(requests, bodies)}
     paths = {
         "parse": lambda request, body: parse(body, PROTOBUF),
-        "python": lambda request, body: [lake.rows_to_table(rows) for rows in lake.request_to_rows(request).values()],
+        "python": lambda request, body: [span_rows.rows_to_table(rows) for rows in span_rows.request_to_rows(request).values()],
         "outline": lambda request, body: parse_outline(body),
         "columnar": lambda request, body: otlp_columns.request_to_tables(outlines[id(request)], body, 0),
     }

@@ -7,7 +7,7 @@ The same workload on each format, in this order, one format at a time:
 
 1. ``--writers`` processes append ``--commits`` commits each, at the same time, to one table
    partitioned by (run_id, epoch); every commit is one real collector request's spans
-   (``lake.request_to_tables`` of ``ingest_bench.build_request``: ~1,050 spans, a third with 240
+   (``span_rows.request_to_tables`` of ``ingest_bench.build_request``: ~1,050 spans, a third with 240
    token ids). Printed: commit latency p50/p99 and commits/s over all writers, how many commits
    failed after the format's own retries, and (Iceberg) how many retries there were.
 2. DuckDB 2.0 counts the rows and the distinct (trace_id, span_id) of the current snapshot's files
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import duckdb  # noqa: E402
 
 from ingest_bench import build_request  # noqa: E402
-from lightning_core import lake  # noqa: E402
+from lightning_core import lake, span_rows  # noqa: E402
 
 RUN = "formats"
 
@@ -50,7 +50,7 @@ def span_tables(writer: int, commits: int, spans: int):
     tables = []
     for i in range(commits):
         body = build_request(writer * commits + i, spans=spans, run_id=RUN)
-        [(partition, table)] = lake.request_to_tables(ExportTraceServiceRequest.FromString(body)).items()
+        [(partition, table)] = span_rows.request_to_tables(ExportTraceServiceRequest.FromString(body)).items()
         tables.append((partition, table))
     return tables
 

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.lake import SPAN_SCHEMA, Lake, Partition  # noqa: E402
+from lightning_core.lake import Lake  # noqa: E402
+from lightning_core.span_rows import SPAN_SCHEMA, Partition  # noqa: E402
 from lightning_core.pipeline import materialize_triplets  # noqa: E402
 
 # slot, name, parent slot, start us, end us, kind
@@ -95,7 +96,7 @@ def _attributes_sql(slot: dict) -> str:
 
 
 def _typed_sql(slot: dict) -> dict[str, str]:
-    """The columns promoted at ingest (lake.promoted_columns), as SQL over the rollout number r."""
+    """The columns promoted at ingest (span_rows.promoted_columns), as SQL over the rollout number r."""
     kind = slot["kind"]
     h = f"(hash(r, {slot['slot']}) % 1000000)::BIGINT"
     hp = f"(hash(r, {slot['slot'] - 1}) % 1000000)::BIGINT"

@@ -19,7 +19,8 @@ from typing import Callable
 
 import pyarrow as pa
 
-from lightning_core.lake import Lake, Partition
+from lightning_core.lake import Lake
+from lightning_core.span_rows import Partition
 
 log = logging.getLogger("arclight.collector")
 

@@ -1,9 +1,9 @@
 """Columnar conversion of an OTLP export request into span tables, with no Python loop per span.
 
-``lake.request_to_rows`` converts span by span and attribute by attribute in Python, which cost the
+``span_rows.request_to_rows`` converts span by span and attribute by attribute in Python, which cost the
 collector ~25 ms per request of 1,050 spans (a dict per row, an ``AnyValue`` per attribute, one
 JSON text per span). Here the request's protobuf bytes are decoded into nested Arrow columns by
-ptars (Rust), and every column of ``lake.SPAN_SCHEMA`` is computed for all spans at once with
+ptars (Rust), and every column of ``span_rows.SPAN_SCHEMA`` is computed for all spans at once with
 Arrow compute and numpy: hex ids from a lookup table, the attributes JSON joined from per-attribute
 fragments, token ids and logprobs decoded from their arrays' encoded bytes (ptars keeps array and
 map values as bytes). The collector hands in only the request's outline (``otlp_decode.parse_outline``:
@@ -13,7 +13,7 @@ it writes, parse the whole request on first use.
 The rows are the Python path's, byte for byte (``tests/test_otlp_columns.py`` checks random
 requests against it). A span this path does not convert the same way -- repeated keys, a value
 nested in an array or a map, a promoted key of another type, an out-of-range enum -- is converted
-by the Python path (``lake.request_to_rows(..., only=...)``) and put back in its place, so an odd
+by the Python path (``span_rows.request_to_rows(..., only=...)``) and put back in its place, so an odd
 span costs only itself; so are the events and links of the few spans that have them. Ids, times and
 resource attributes are checked as before; a request that fails a check is converted by the Python
 path, which raises the same error.
@@ -30,13 +30,13 @@ import pyarrow.compute as pc
 import ptars
 from google.protobuf.message import Message
 
-from lightning_core import lake, otlp_decode, semconv
+from lightning_core import otlp_decode, semconv, span_rows
 
 _HEX = np.array([[ord(c) for c in f"{i:02x}"] for i in range(256)], np.uint8).view("<u2").ravel()  # byte -> its two hex digits
 _DAY_NS = 86_400 * 10**9
-_MAX_TIME_NS = lake.MAX_TIME_NS
-_KIND_NAMES = pa.array([lake._KIND_NAMES[i] for i in range(len(lake._KIND_NAMES))])
-_STATUS_NAMES = pa.array([lake._STATUS_NAMES[i] for i in range(len(lake._STATUS_NAMES))])
+_MAX_TIME_NS = span_rows.MAX_TIME_NS
+_KIND_NAMES = pa.array([span_rows._KIND_NAMES[i] for i in range(len(span_rows._KIND_NAMES))])
+_STATUS_NAMES = pa.array([span_rows._STATUS_NAMES[i] for i in range(len(span_rows._STATUS_NAMES))])
 _DECODE_CHUNK = 512 * 1024  # bytes of array payloads decoded at once
 _COUNT_CELLS = 4_000_000  # spans x distinct keys up to which repeated keys are found by counting
 _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
@@ -51,9 +51,9 @@ def _handler():
     return ptars.HandlerPool([file]).get_for_message(file.message_types_by_name["ExportTraceServiceRequest"])
 
 
-def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[lake.Partition, pa.Table]:
+def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[span_rows.Partition, pa.Table]:
     """The span tables of ``request`` (parsed from ``body``, whole or as ``otlp_decode.parse_outline``'s outline)
-    by partition, as ``lake.request_to_rows`` gives them."""
+    by partition, as ``span_rows.request_to_rows`` gives them."""
     whole = functools.cache(lambda: otlp_decode.whole_request(request, body))  # for the Python path, parsed once
     try:
         batch = _handler().list_to_record_batch([body])
@@ -83,7 +83,7 @@ def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[l
         return _python(whole(), received_ns)
 
     # the rollout context of every resource, as the Python path reads it (a bad value raises there)
-    contexts = [lake.resource_context(rs) for rs in request.resource_spans]
+    contexts = [span_rows.resource_context(rs) for rs in request.resource_spans]
     slow = np.zeros(n, bool)  # spans the Python path converts
     kind, status_code, status_message = _enums(spans, slow)
     attributes = _Attributes(pc.struct_field(spans, "attributes"), n)
@@ -113,15 +113,15 @@ def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[l
     slow |= attributes.present(semconv.ATTEMPT) & np.array([a is None for a in resource_attempt], bool)[resource_of_span]
     columns["attempt"] = _per_span(resource_attempt, resource_of_span, pa.int64())
     columns["received_ns"] = pa.repeat(pa.scalar(received_ns, pa.int64()), n)
-    for key, column in lake.PROMOTED_STRINGS.items():
+    for key, column in span_rows.PROMOTED_STRINGS.items():
         columns[column] = attributes.string(key)
     columns["reward_value"] = attributes.reward()
-    for key, (column, element, _) in lake.PROMOTED_ARRAYS.items():
+    for key, (column, element, _) in span_rows.PROMOTED_ARRAYS.items():
         columns[column] = attributes.array(key, element)
     columns["attributes"] = attributes.json()  # after the arrays: the ones stored in columns leave the JSON
     slow |= attributes.slow
 
-    table = pa.Table.from_arrays([columns[f.name] for f in lake.SPAN_SCHEMA], schema=lake.SPAN_SCHEMA)
+    table = pa.Table.from_arrays([columns[f.name] for f in span_rows.SPAN_SCHEMA], schema=span_rows.SPAN_SCHEMA)
     partitions = _partitions(contexts, resource_of_span, start)
     if slow.any():
         table, partitions = _merge_python(whole(), received_ns, table, partitions, slow)
@@ -161,7 +161,7 @@ class _Attributes:
         self.slow |= self.repeated
         # nested values (lists and maps) other than the promoted arrays: the Python path
         nested = ~_numpy(self.value["array_value"].is_null()) | ~_numpy(self.value["kvlist_value"].is_null())
-        promoted_codes = [self._index[k] for k in lake.PROMOTED_ARRAYS if k in self._index]
+        promoted_codes = [self._index[k] for k in span_rows.PROMOTED_ARRAYS if k in self._index]
         nested &= ~np.isin(self.key_codes, promoted_codes)
         self.slow[self.span[nested]] = True
 
@@ -241,7 +241,7 @@ class _Attributes:
         list_offsets = np.zeros(self.n + 1, np.int64)
         np.cumsum(lengths, out=list_offsets[1:])
         if list_offsets[-1] >= 2**31:
-            raise lake.SpanDataError(f"the request's spans hold {list_offsets[-1]} array values, over the 2^31 one table "
+            raise span_rows.SpanDataError(f"the request's spans hold {list_offsets[-1]} array values, over the 2^31 one table "
                                      "can hold: send fewer spans per request")
         mask = np.ones(self.n, bool)
         mask[self.span[pairs]] = False
@@ -263,7 +263,7 @@ class _Attributes:
         n_pairs = len(self.keys)
         if n_pairs == 0:
             return pa.array(np.full(self.n, "{}", object), pa.string())
-        keys = pa.array([lake._dumps(k) + ":" for k in self.key_names], pa.string())
+        keys = pa.array([span_rows._dumps(k) + ":" for k in self.key_names], pa.string())
         fragments_key = pc.take(keys, pa.array(self.key_codes))
         strings = self.value["string_value"]
         escape = _needs_escape(strings)
@@ -275,15 +275,15 @@ class _Attributes:
         others = np.full(n_pairs, None, object)
         escape = np.flatnonzero(escape)
         for i, value in zip(escape, pc.take(strings, pa.array(escape)).to_pylist()):
-            others[i] = lake._dumps(value)
+            others[i] = span_rows._dumps(value)
         doubles = self.value["double_value"]
         where = np.flatnonzero(~_numpy(doubles.is_null()))
         for i, value in zip(where, pc.take(doubles, pa.array(where)).to_pylist()):
-            others[i] = lake._dumps(value)
+            others[i] = span_rows._dumps(value)
         byte_values = self.value["bytes_value"]
         where = np.flatnonzero(~_numpy(byte_values.is_null()))
         for i, value in zip(where, pc.take(byte_values, pa.array(where)).to_pylist()):
-            others[i] = lake._dumps(value.hex())
+            others[i] = span_rows._dumps(value.hex())
         values = pc.coalesce(plain_strings, ints, bools, pa.array(others, pa.string()), pa.scalar("null"))
         fragments = pc.binary_join_element_wise(fragments_key, values, "")
         kept = ~self.removed
@@ -297,7 +297,7 @@ class _Attributes:
 def _events_and_links(whole: Callable[[], Message], spans: pa.StructArray, n: int) -> dict[str, pa.Array]:
     """The ``events`` and ``links`` JSON columns: "[]" for most spans, the few with some written by the Python path."""
     columns, span_objects = {}, None
-    for column, write in (("events", lake.events_json), ("links", lake.links_json)):
+    for column, write in (("events", span_rows.events_json), ("links", span_rows.links_json)):
         having = np.flatnonzero(_lengths(pc.struct_field(spans, column)) > 0)
         if not len(having):
             columns[column] = pa.repeat(pa.scalar("[]"), n)
@@ -341,7 +341,7 @@ def _decode_piece(decode, data: np.ndarray, offsets: np.ndarray) -> tuple[np.nda
 def _blob_ints(region: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Token ids and array lengths from ``ArrayValue`` payloads (array i is ``region[bounds[i]:bounds[i+1]]``);
     None unless every element is exactly ``0x0a L 0x18 <varint>``: a one-byte length, then an ``AnyValue``
-    holding only ``int_value``, a varint of 1-5 bytes in ``lake.TOKEN_ID_RANGE``.
+    holding only ``int_value``, a varint of 1-5 bytes in ``span_rows.TOKEN_ID_RANGE``.
 
     Every byte below 0x80 there is a tag, a length or a varint's last byte: each element holds exactly four,
     at F, F+1, F+2 and E, and only the varint's first bytes (F+3 to E-1) are 0x80 or above."""
@@ -374,7 +374,7 @@ def _blob_ints(region: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.n
     values = (tags >> 24).astype(np.int64)
     for k in range(1, int(widths.max())):
         values = np.where(widths > k, (values << 7) | (region[np.maximum(last - k, 0)] & 0x7F), values)
-    if values.max() > lake.TOKEN_ID_RANGE[1]:
+    if values.max() > span_rows.TOKEN_ID_RANGE[1]:
         return None
     return values, np.diff(at)
 
@@ -412,23 +412,23 @@ def _partitions(contexts: list[dict], resource_of_span: np.ndarray, start: np.nd
         # ``_utc_date`` computes round the same way there); spans within a microsecond of midnight, or
         # at time 0 (dated now), each through ``_utc_date``
         edge = (ns == 0) | (ns % _DAY_NS < 1000) | (_DAY_NS - ns % _DAY_NS < 1000)
-        per_day = _objects([lake.Partition(None, None, lake._utc_date(int(day * _DAY_NS + _DAY_NS // 2))) for day in days])
+        per_day = _objects([span_rows.Partition(None, None, span_rows._utc_date(int(day * _DAY_NS + _DAY_NS // 2))) for day in days])
         out[production] = per_day[into_day]
         for i in np.flatnonzero(edge):
-            out[production[i]] = lake.Partition(None, None, lake._utc_date(int(ns[i])))
+            out[production[i]] = span_rows.Partition(None, None, span_rows._utc_date(int(ns[i])))
     return out
 
 
 def _merge_python(request, received_ns: int, table: pa.Table, partitions: np.ndarray, slow: np.ndarray):
     """Replace the rows of the ``slow`` spans by the Python path's rows, keeping span order."""
     indices = np.flatnonzero(slow)
-    grouped = lake.request_to_rows(request, received_ns=received_ns, only=set(indices.tolist()))
+    grouped = span_rows.request_to_rows(request, received_ns=received_ns, only=set(indices.tolist()))
     rows, row_partitions = [], []
     for partition, partition_rows in grouped.items():
         rows += partition_rows
         row_partitions += [partition] * len(partition_rows)
     order = np.argsort([row.pop("_index") for row in rows], kind="stable")
-    python = lake.rows_to_table([rows[i] for i in order])
+    python = span_rows.rows_to_table([rows[i] for i in order])
     fast = np.flatnonzero(~slow)
     combined = pa.concat_tables([table.take(pa.array(fast)), python])
     position = np.empty(len(slow), np.int64)
@@ -441,11 +441,11 @@ def _merge_python(request, received_ns: int, table: pa.Table, partitions: np.nda
     return combined.take(pa.array(position)), merged_partitions
 
 
-def _split(table: pa.Table, partitions: np.ndarray) -> dict[lake.Partition, pa.Table]:
+def _split(table: pa.Table, partitions: np.ndarray) -> dict[span_rows.Partition, pa.Table]:
     """One table per partition, partitions in the order their first span comes (as the Python path groups them)."""
     # most spans share a few Partition objects: group by object first, then merge equal objects
     _, first, inverse = np.unique(np.fromiter(map(id, partitions), np.int64, len(partitions)), return_index=True, return_inverse=True)
-    codes: dict[lake.Partition, int] = {}
+    codes: dict[span_rows.Partition, int] = {}
     for i in np.argsort(first):
         codes.setdefault(partitions[first[i]], len(codes))
     if len(codes) == 1:
@@ -455,9 +455,9 @@ def _split(table: pa.Table, partitions: np.ndarray) -> dict[lake.Partition, pa.T
     return {p: table.take(pa.array(np.flatnonzero(index == code))) for p, code in codes.items()}
 
 
-def _python(request, received_ns: int) -> dict[lake.Partition, pa.Table]:
-    grouped = lake.request_to_rows(request, received_ns=received_ns)
-    return {partition: lake.rows_to_table(rows) for partition, rows in grouped.items()}
+def _python(request, received_ns: int) -> dict[span_rows.Partition, pa.Table]:
+    grouped = span_rows.request_to_rows(request, received_ns=received_ns)
+    return {partition: span_rows.rows_to_table(rows) for partition, rows in grouped.items()}
 
 
 # --- Arrow helpers

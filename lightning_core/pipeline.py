@@ -254,7 +254,7 @@ def materialize_triplets(
                     raise
                 raise PipelineError(
                     f"stage 'llm_spans' found a stored value it cannot convert ({str(exc).splitlines()[0]}). "
-                    "Token ids must be integers in [0, 2^31), as ingest (lake.promoted_columns) stores them: "
+                    "Token ids must be integers in [0, 2^31), as ingest (span_rows.promoted_columns) stores them: "
                     "re-ingest those spans through the collector") from None
             report.stage_seconds[stage] = round(time.perf_counter() - tick, 3)
         _count_shared(con, report)

@@ -135,7 +135,7 @@ class LakeSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write one batch of spans to the lake durably."""
-        from lightning_core.lake import request_to_tables
+        from lightning_core.span_rows import request_to_tables
 
         try:
             self.lake.write(request_to_tables(encode_spans(spans)))

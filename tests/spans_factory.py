@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_core.lake import Lake, Partition, promoted_columns, rows_to_table
+from lightning_core.lake import Lake
+from lightning_core.span_rows import Partition, promoted_columns, rows_to_table
 
 _ids = itertools.count(1)
 

@@ -193,7 +193,8 @@ def test_spans_without_run_id_go_to_the_production_partition_by_date(guarded):
 
 
 def test_compaction_merges_small_files_keeps_every_row_and_vacuums_after_the_retention(tmp_path):
-    from lightning_core.lake import request_to_tables, snapshot
+    from lightning_core.lake import snapshot
+    from lightning_core.span_rows import request_to_tables
 
     lake = Lake(tmp_path / "lake")
     for _ in range(20):
@@ -227,7 +228,7 @@ def test_rollout_context_on_spans_fills_the_columns_when_the_resource_has_none()
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from lightning_core.lake import request_to_rows
+    from lightning_core.span_rows import request_to_rows
 
     memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"arclight.run_id": "r1"}))

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import duckdb
 import httpx
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst
-from lightning_core.lake import (SPAN_SCHEMA, Lake, LakeFormatError, open_table, prune_mirror, request_to_tables, set_location,
-                                 snapshot)
+from lightning_core.lake import Lake, LakeFormatError, open_table, prune_mirror, set_location, snapshot
+from lightning_core.span_rows import SPAN_SCHEMA, request_to_tables
 from lightning_core.catalog import Catalog, view_sql
 from lightning_core.services import free_port, start_collector
 from tests.conftest import REPO, make_config

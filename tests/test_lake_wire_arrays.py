@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_core import lake, semconv
-from lightning_core.lake import SpanDataError, key_values, promoted_columns, request_to_tables
+from lightning_core import semconv, span_rows
+from lightning_core.span_rows import SpanDataError, key_values, promoted_columns, request_to_tables
 from tests.otlp_factory import export_request, set_value
 
 ARRAY_KEYS = [semconv.PROMPT_TOKEN_IDS, semconv.RESPONSE_TOKEN_IDS, semconv.RESPONSE_LOGPROBS]
@@ -99,13 +99,13 @@ def test_decoded_arrays_store_what_the_python_path_stores(spans):
 
 def _python_spans(monkeypatch) -> list[int]:
     """Count the spans ``otlp_columns`` leaves to the Python path."""
-    counted, python = [], lake.request_to_rows
+    counted, python = [], span_rows.request_to_rows
 
     def counting(*args, only=None, **kwargs):
         counted.extend(only or [-1])
         return python(*args, only=only, **kwargs)
 
-    monkeypatch.setattr(lake, "request_to_rows", counting)
+    monkeypatch.setattr(span_rows, "request_to_rows", counting)
     return counted
 
 
@@ -136,8 +136,8 @@ def test_rows_with_python_lists_and_nulls_build_the_same_columns():
     """``rows_to_table`` takes list columns as numpy arrays, Python lists (null elements too) or None."""
     rows = [{"trace_id": "t", "prompt_token_ids": np.array([1, 2]), "response_logprobs": None},
             {"trace_id": "u", "prompt_token_ids": [3, None], "response_logprobs": np.array([0.5])}]
-    table = lake.rows_to_table(rows)
-    assert table.schema == lake.SPAN_SCHEMA
+    table = span_rows.rows_to_table(rows)
+    assert table.schema == span_rows.SPAN_SCHEMA
     assert table["prompt_token_ids"].to_pylist() == [[1, 2], [3, None]]
     assert table["response_logprobs"].to_pylist() == [None, [0.5]]
     assert table["response_token_ids"].to_pylist() == [None, None]

@@ -1,6 +1,6 @@
 """The columnar conversion (``otlp_columns``) gives the rows the per-span Python path gives, byte for byte.
 
-The oracle is ``lake.request_to_rows`` + ``rows_to_table``, the conversion the lake had before
+The oracle is ``span_rows.request_to_rows`` + ``rows_to_table``, the conversion the lake had before
 (and keeps for the spans the columnar path hands it). Random requests mix several resources
 (training runs, production spans on different days), scopes with and without names, every
 attribute type (strings that need JSON escapes, unicode, ints, doubles with NaN and infinities,
@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lightning_core import lake, otlp_columns, otlp_decode, semconv
-from lightning_core.lake import SpanDataError
+from lightning_core import otlp_columns, otlp_decode, semconv, span_rows
+from lightning_core.span_rows import SpanDataError
 from tests.otlp_factory import fill_attributes, set_value
 
-PROMOTED = list(lake.PROMOTED_ARRAYS)
+PROMOTED = list(span_rows.PROMOTED_ARRAYS)
 KEYS = PROMOTED + [
     semconv.SPAN_KIND, semconv.AGENT_NAME, semconv.GEN_AI_RESPONSE_ID, semconv.REWARD_VALUE,
     semconv.AGENTLIGHTNING_REWARD_0_VALUE, semconv.ROLLOUT_ID, semconv.TASK_ID, semconv.ATTEMPT,
@@ -131,8 +131,8 @@ def _build(drawn) -> ExportTraceServiceRequest:
 
 
 def _python(request: ExportTraceServiceRequest) -> dict:
-    grouped = lake.request_to_rows(request, received_ns=123)
-    return {partition: lake.rows_to_table(rows) for partition, rows in grouped.items()}
+    grouped = span_rows.request_to_rows(request, received_ns=123)
+    return {partition: span_rows.rows_to_table(rows) for partition, rows in grouped.items()}
 
 
 COUNTS = {"spans": 0, "python": 0}
@@ -140,18 +140,18 @@ COUNTS = {"spans": 0, "python": 0}
 
 def _assert_same(request: ExportTraceServiceRequest) -> None:
     expected = _python(request)
-    python = lake.request_to_rows
+    python = span_rows.request_to_rows
 
     def counting(*args, only=None, **kwargs):
         COUNTS["python"] += len(only) if only is not None else sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
         return python(*args, only=only, **kwargs)
 
     body = request.SerializeToString()
-    lake.request_to_rows = counting
+    span_rows.request_to_rows = counting
     try:
         got = otlp_columns.request_to_tables(request, body, 123)
     finally:
-        lake.request_to_rows = python
+        span_rows.request_to_rows = python
     COUNTS["spans"] += sum(t.num_rows for t in expected.values())
     _assert_tables_equal(got, expected)
     # the collector's way: the request's outline (attributes, events and links left as bytes) and its body
@@ -193,9 +193,9 @@ def test_a_clean_gateway_request_is_converted_as_columns_only(monkeypatch):
         raise AssertionError("the Python path was used")
 
     _assert_same(request)
-    monkeypatch.setattr(lake, "request_to_rows", refuse)
+    monkeypatch.setattr(span_rows, "request_to_rows", refuse)
     tables = otlp_columns.request_to_tables(request, body, 123)
-    table = tables[lake.Partition("ingest", 0)]
+    table = tables[span_rows.Partition("ingest", 0)]
     assert table.num_rows == 60
     assert table.column("prompt_token_ids")[0].as_py() == [(3 * 60 + 1 + j) % 49152 for j in range(200)]
     assert table.column("attributes")[1].as_py().startswith('{"arclight.rollout_id":"ro-3-0"')
@@ -211,7 +211,7 @@ def test_a_bad_span_raises_the_python_paths_error(fields, message):
 
     request = export_request({semconv.RUN_ID: "r"}, [{}, fields])
     with pytest.raises(SpanDataError, match=message):
-        lake.request_to_tables(request)
+        span_rows.request_to_tables(request)
 
 
 def test_one_odd_span_costs_only_itself():
@@ -223,7 +223,7 @@ def test_one_odd_span_costs_only_itself():
     for n in range(1, 6):
         span = scope.spans.add(trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"), name=f"s{n}")
         fill_attributes(span.attributes, {"x": {"nested": [1, 2]}} if n == 3 else {"x": n})
-    table = lake.request_to_tables(request)[lake.Partition("r", 0)]
+    table = span_rows.request_to_tables(request)[span_rows.Partition("r", 0)]
     assert table.column("name").to_pylist() == ["s1", "s2", "s3", "s4", "s5"]
     assert table.column("attributes").to_pylist()[1:4] == ['{"x":2}', '{"x":{"nested":[1,2]}}', '{"x":4}']
     assert pa.types.is_string(table.schema.field("attributes").type)
@@ -238,7 +238,7 @@ def test_a_value_of_a_newer_oneof_member_goes_to_python():
     kv = span.attributes.add(key="k")
     kv.value.string_value_strindex = 7
     _assert_same(request)
-    [table] = lake.request_to_tables(request).values()
+    [table] = span_rows.request_to_tables(request).values()
     assert table.column("attributes").to_pylist() == ['{"k":7}']
 
 
@@ -275,10 +275,10 @@ def test_the_collectors_path_never_parses_a_clean_gateway_request_whole(monkeypa
 
     outline = otlp_decode.parse_outline(body)
     monkeypatch.setattr(otlp_decode, "parse", refuse)
-    monkeypatch.setattr(lake, "request_to_rows", refuse)
-    tables = lake.request_to_tables(outline, body=body)
+    monkeypatch.setattr(span_rows, "request_to_rows", refuse)
+    tables = span_rows.request_to_tables(outline, body=body)
     assert sum(t.num_rows for t in tables.values()) == 60
-    assert tables[lake.Partition("ingest", 0)].column("response_token_ids")[0].as_py() == [(5 * 60 + 1 + j) % 49152 for j in range(40)]
+    assert tables[span_rows.Partition("ingest", 0)].column("response_token_ids")[0].as_py() == [(5 * 60 + 1 + j) % 49152 for j in range(40)]
 
 
 def _element(kind: str, value: int) -> bytes:
@@ -369,10 +369,10 @@ def test_joined_requests_convert_to_the_rows_of_each_alone():
     joined = first + second + third
     got = otlp_columns.request_to_tables(otlp_decode.outline_unchecked(joined), joined, 123)
     alone = [otlp_columns.request_to_tables(otlp_decode.parse_outline(b), b, 123) for b in (first, second, third)]
-    assert list(got) == [lake.Partition("ingest", 0), lake.Partition("other", 0)]
-    assert got[lake.Partition("ingest", 0)].equals(pa.concat_tables([alone[0][lake.Partition("ingest", 0)],
-                                                                      alone[2][lake.Partition("ingest", 0)]]))
-    assert got[lake.Partition("other", 0)].equals(alone[1][lake.Partition("other", 0)])
+    assert list(got) == [span_rows.Partition("ingest", 0), span_rows.Partition("other", 0)]
+    assert got[span_rows.Partition("ingest", 0)].equals(pa.concat_tables([alone[0][span_rows.Partition("ingest", 0)],
+                                                                      alone[2][span_rows.Partition("ingest", 0)]]))
+    assert got[span_rows.Partition("other", 0)].equals(alone[1][span_rows.Partition("other", 0)])
 
 
 @settings(max_examples=60, deadline=None, database=None)
