@@ -8,6 +8,7 @@ when its health URL answers 200; a server that dies or stays unhealthy past its 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +60,7 @@ class Service:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    scratch: Path | None = None  # the process's own temporary folder, removed when it is stopped
 
     @property
     def owned(self) -> bool:
@@ -72,9 +74,16 @@ class Service:
         return is_healthy(self.health_url)
 
     def stop(self, *, timeout_s: float = 15.0) -> None:
-        """Stop the process: SIGTERM to its process group, SIGKILL after ``timeout_s``."""
+        """Stop the process: SIGTERM to its process group, SIGKILL after ``timeout_s``; then remove its scratch folder."""
         if self.process is None:
             return
+        try:
+            self._end_group(timeout_s)
+        finally:
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _end_group(self, timeout_s: float) -> None:
         if self.process.poll() is not None:
             # the leader is gone but what it started may not be: a killed vLLM API server leaves its engine
             # core (~3 GB) running in the same process group
@@ -137,17 +146,31 @@ def start_process(
     env: Mapping[str, str] | None = None,
     timeout_s: float = 60.0,
     cwd: Path | None = None,
+    scratch: Path | None = None,
 ) -> Service:
-    """Start ``argv`` in its own process group, logging to ``log_path``, and wait until healthy."""
+    """Start ``argv`` in its own process group, logging to ``log_path``, and wait until healthy.
+
+    ``scratch``: a folder the process keeps its temporary files in, removed when it stops (or fails to start).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=full_env, cwd=cwd, start_new_session=True,
-        )
-    service = Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path, env=dict(env or {}))
-    wait_healthy(service, timeout_s=timeout_s)
+    try:
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=full_env, cwd=cwd, start_new_session=True,
+            )
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    service = Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path,
+                      env=dict(env or {}), scratch=scratch)
+    try:
+        wait_healthy(service, timeout_s=timeout_s)
+    except BaseException:  # it died, stayed unhealthy, or we were interrupted: leave nothing of it behind
+        service.stop()
+        raise
     return service
 
 

@@ -1,13 +1,16 @@
-"""Stopping a service stops its whole process group, even after the group's leader died."""
+"""Stopping a service stops its whole process group, even after the group's leader died, and removes its scratch folder."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 
-from lightning_core.services import Service
+import pytest
+
+from lightning_core.services import Service, ServiceError, free_port, start_process
 
 
 def test_stop_kills_what_a_dead_leader_left_in_its_process_group(tmp_path):
@@ -36,3 +39,33 @@ def _running(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_stop_removes_the_scratch_folder_of_the_process(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "engine.sock").write_text("left by the server")
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    Service(name="vllm0", url="http://127.0.0.1:9", health_url="http://127.0.0.1:9/health", process=process,
+            scratch=scratch).stop()
+    assert process.poll() is not None
+    assert not scratch.exists()
+
+
+def test_a_server_that_dies_during_start_up_leaves_no_scratch_folder(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServiceError, match="exited with code 3 during start-up"):
+        start_process("doomed", [sys.executable, "-c", "import sys; sys.exit(3)"], url=url, health_url=f"{url}/health",
+                      log_path=tmp_path / "doomed.log", timeout_s=30, scratch=scratch)
+    assert not scratch.exists()
+
+
+def test_vllm_keeps_its_temporary_files_in_a_folder_of_its_own(vllm_server):
+    """Each vLLM start used to leave ZeroMQ sockets and a ``vllm_dist_*`` file in /tmp for good."""
+    scratch = vllm_server.scratch
+    assert scratch is not None and scratch.is_dir()
+    entries = list(scratch.iterdir())
+    assert any(entry.is_socket() for entry in entries), entries
+    assert any(entry.name.startswith("vllm_dist_") for entry in entries), entries
