@@ -229,7 +229,9 @@ def compact(
     overrides: Optional[list[str]] = SetOpt,
     lake: Optional[Path] = LakeOpt,
     min_files: int = typer.Option(2, help="Compact partitions with at least this many files."),
-    idle_s: float = typer.Option(0.0, help="...that have received nothing for this many seconds."),
+    idle_s: float = typer.Option(0.0, help="...that have received nothing for this many seconds..."),
+    max_files: Optional[int] = typer.Option(None, help="...or that have this many small files, however busy "
+                                            "(default: collector.compact_max_files)."),
 ) -> None:
     """Merge small span files in the lake's partitions."""
     from lightning_core.lake import Lake
@@ -239,7 +241,8 @@ def compact(
     with lake_io(cfg):
         lake = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours,
                     log_retention_s=cfg.collector.log_retention_s)
-        merged = lake.compact(min_files=min_files, idle_s=idle_s)
+        merged = lake.compact(min_files=min_files, idle_s=idle_s,
+                              max_files=max_files if max_files is not None else cfg.collector.compact_max_files)
     console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
 
 

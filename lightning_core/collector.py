@@ -49,6 +49,7 @@ from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, read_bod
 
 log = logging.getLogger("arclight.collector")
 LOG_CLEAN_EVERY_S = 5.0
+COMPACT_CHECK_EVERY_S = 10.0
 
 class CollectorMetrics:
     """Prometheus metrics of one collector, in their own registry."""
@@ -159,9 +160,9 @@ class TraceReceiver:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def compact_loop(self) -> None:
-        """Merge the small files of idle partitions and keep the span tables' log short, forever."""
+        """Merge the small files of idle (or crowded) partitions and keep the span tables' log short, forever."""
         config = self.config
-        compact_every = max(1.0, config.compact_idle_s / 2)
+        compact_every = max(1.0, min(config.compact_idle_s / 2, COMPACT_CHECK_EVERY_S))  # a crowded partition needs no idle time
         due = time.monotonic() + compact_every
         while True:  # the log is cleaned every few seconds, whatever compact_idle_s says: every commit lists it
             await asyncio.sleep(min(compact_every, LOG_CLEAN_EVERY_S))
@@ -170,7 +171,8 @@ class TraceReceiver:
                     await asyncio.to_thread(self.lake.clean_logs)
                     continue
                 due = time.monotonic() + compact_every
-                merged = await asyncio.to_thread(self.lake.compact, min_files=config.compact_min_files, idle_s=config.compact_idle_s)
+                merged = await asyncio.to_thread(self.lake.compact, min_files=config.compact_min_files,
+                                                 idle_s=config.compact_idle_s, max_files=config.compact_max_files)
                 self.metrics.compactions.inc(merged)
             except ConcurrentCompaction as exc:
                 log.error("%s", exc)

@@ -66,8 +66,11 @@ class CollectorConfig(Section):
     compact: bool = Field(True, description="Compact the span tables in the background. Run one compactor per "
                           "table: with several collectors on one lake, leave it on in one of them (collectors with "
                           "workers > 1 or span tables on object storage never compact; use `arclight compact`).")
-    compact_min_files: int = Field(16, ge=2, description="Compact a partition once it has this many files...")
-    compact_idle_s: float = Field(10.0, ge=0, description="...and has received nothing for this long.")
+    compact_min_files: int = Field(16, ge=2, description="Compact a partition once it has this many small files...")
+    compact_idle_s: float = Field(10.0, ge=0, description="...and has received nothing for this long...")
+    compact_max_files: int = Field(1000, ge=2, description="...or once it has this many small files, even while spans "
+                                   "keep arriving (a production day is never idle): each commit costs 2-3 ms "
+                                   "more per 1,000 files in its table.")
     workers: int = Field(1, ge=1, description="Collector processes on the one port (uvicorn workers), each "
                          "committing to the same span tables: ingest beyond one core.")
     retention_hours: int = Field(24, ge=0, description="Files that compaction replaced (and output files that a "

@@ -168,12 +168,16 @@ class Lake:
         """The current version and data files of both lanes (a stable view for a whole query)."""
         return snapshot(self.root)
 
-    def compact(self, *, min_files: int = 16, idle_s: float = 10.0, now: float | None = None) -> int:
-        """Compact (Delta ``optimize``) each idle partition with at least ``min_files`` files; return partitions done.
+    def compact(self, *, min_files: int = 16, idle_s: float = 10.0, max_files: int | None = None,
+                now: float | None = None) -> int:
+        """Compact (Delta ``optimize``) the partitions that are due; return how many were compacted.
 
-        A partition is idle when its newest file is older than ``idle_s`` seconds. The files it
-        replaces stay on disk for ``retention_hours`` (a query that listed them still reads
-        them), then ``vacuum`` removes them. Appends that land meanwhile do not conflict.
+        A partition is due when it has at least ``min_files`` small files (under ``TARGET_FILE_BYTES``)
+        and is idle (its newest file is older than ``idle_s`` seconds), or when it has ``max_files``
+        small files even while spans keep arriving: every commit costs more with every file in the
+        table, and a production day, or a long epoch, is never idle. The files it replaces stay on
+        disk for ``retention_hours`` (a query that listed them still reads them), then ``vacuum``
+        removes them. Appends that land meanwhile do not conflict.
         """
         now = now if now is not None else time.time()
         done = 0
@@ -183,17 +187,19 @@ class Lake:
             if table is None:
                 continue
             actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
-            groups: dict[tuple, list[int]] = defaultdict(list)
+            groups: dict[tuple, list[int]] = defaultdict(list)  # partition -> its small files' times
             for i in range(len(actions.get("path", []))):
-                key = tuple(actions[f"partition.{c}"][i] for c in columns)
-                groups[key].append(actions["modification_time"][i])
+                if actions["size_bytes"][i] < TARGET_FILE_BYTES:
+                    key = tuple(actions[f"partition.{c}"][i] for c in columns)
+                    groups[key].append(actions["modification_time"][i])
             for key, times in groups.items():
-                if len(times) < min_files or now - max(times) / 1000 < idle_s:
+                idle = now - max(times) / 1000 >= idle_s
+                if len(times) < min_files or not (idle or (max_files is not None and len(times) >= max_files)):
                     continue
                 filters = [(c, "=", str(v)) for c, v in zip(columns, key)]
                 read_version = table.version()
                 try:
-                    table.optimize.compact(partition_filters=filters, writer_properties=_WRITER,
+                    table.optimize.compact(partition_filters=filters, target_size=TARGET_FILE_BYTES, writer_properties=_WRITER,
                                            post_commithook_properties=COMMIT_HOOKS)
                     done += 1
                 except DeltaError as exc:
@@ -228,6 +234,8 @@ class Lake:
 
 
 _ROW_GROUP = 128 * 1024
+# Compaction merges files below this size into files of about this size (delta-rs's default target).
+TARGET_FILE_BYTES = 100 * 2**20
 _WRITER = WriterProperties(compression="ZSTD", max_row_group_size=_ROW_GROUP)  # as the Parquet lake wrote them
 
 

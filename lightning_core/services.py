@@ -219,6 +219,7 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         "--set", f"collector.flush_interval_ms={c.flush_interval_ms}",
         "--set", f"collector.compact_min_files={c.compact_min_files}",
         "--set", f"collector.compact_idle_s={c.compact_idle_s}",
+        "--set", f"collector.compact_max_files={c.compact_max_files}",
         "--set", f"collector.retention_hours={c.retention_hours}",
         "--set", f"collector.log_retention_s={c.log_retention_s}",
         "--set", f"collector.workers={c.workers}",

@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 
 import duckdb
 import httpx
@@ -218,6 +219,48 @@ def test_compaction_merges_small_files_keeps_every_row_and_vacuums_after_the_ret
     assert len(list(folder.glob("part-*.parquet"))) == 1
     with catalog.read() as con:
         assert con.execute("SELECT count(*), count(DISTINCT span_id) FROM spans WHERE run_id='many'").fetchall() == [(100, 100)]
+
+
+def test_a_partition_still_receiving_spans_is_compacted_once_it_has_max_files(tmp_path):
+    # a production day, or a long epoch, is never idle; every commit costs more with every file in the table
+    from lightning_core.lake import snapshot
+    from lightning_core.span_rows import request_to_tables
+
+    lake = Lake(tmp_path / "lake")
+    for _ in range(12):
+        lake.write(request_to_tables(_export_request("busy", n=5)))
+    assert lake.compact(min_files=4, idle_s=3600, max_files=13) == 0  # receiving, under the limit
+    assert lake.compact(min_files=4, idle_s=3600) == 0  # no limit: only an idle partition is compacted
+    assert lake.compact(min_files=4, idle_s=3600, max_files=12) == 1
+    assert len(snapshot(tmp_path / "lake").files["training"]) == 1
+    for _ in range(11):  # the merged file is small too: it counts with the new ones
+        lake.write(request_to_tables(_export_request("busy", n=5)))
+    assert lake.compact(min_files=4, idle_s=3600, max_files=12) == 1
+    assert len(snapshot(tmp_path / "lake").files["training"]) == 1
+    catalog = Catalog(tmp_path / "lake")
+    catalog.ensure()
+    with catalog.read() as con:
+        assert con.execute("SELECT count(*), count(DISTINCT span_id) FROM spans_raw WHERE run_id='busy'").fetchall() == [(115, 115)]
+
+
+def test_the_collector_compacts_a_partition_that_never_goes_idle(tmp_path):
+    from lightning_core.lake import snapshot
+
+    cfg = make_config(tmp_path, "collector.compact_min_files=2", "collector.compact_idle_s=3600",
+                      "collector.compact_max_files=6")
+    service = start_collector(cfg)
+    try:
+        for _ in range(6):
+            body = _export_request("crowded", n=4).SerializeToString()
+            response = httpx.post(f"{service.url}/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"})
+            assert response.status_code == 200
+        deadline = time.monotonic() + 60  # the compactor looks every 10 s
+        while len(snapshot(cfg.lake.path).files["training"]) > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(snapshot(cfg.lake.path).files["training"]) == 1
+        assert _count(cfg, "crowded") == 24
+    finally:
+        service.stop()
 
 
 def test_rollout_context_on_spans_fills_the_columns_when_the_resource_has_none():
