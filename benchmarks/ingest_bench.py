@@ -10,6 +10,8 @@ spans/s, the acknowledgement latency (p50, p99), and -- in the same run, in a fr
 holds only the requests it decodes -- how fast protobuf alone decodes the same requests
 (``ExportTraceServiceRequest.FromString``), as the ratio the issue asks for. The lake is counted at
 the end (a lost span fails the run). The clock starts once every sender process is up and connected.
+``--rounds K`` sends the requests K times (a sustained run: the same spans are stored again) and
+also prints the latency of the first and the last fifth, the compactions and the files left.
 
     .venv/bin/python benchmarks/ingest_bench.py --requests 10 --convert-only
 
@@ -36,6 +38,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from lightning_core.config import load_config  # noqa: E402
 from lightning_core.services import free_port, start_collector  # noqa: E402
+from lightning_core.lake import snapshot  # noqa: E402
 
 
 def build_request(index: int, *, spans: int = 1050, run_id: str = "ingest") -> bytes:
@@ -148,7 +151,8 @@ def convert_times(bodies: list[bytes], repeat: int = 3) -> dict[str, float]:
     return best
 
 
-def send(url: str, bodies: list[bytes], queue, ready, go) -> None:
+def send(url: str, bodies: list[bytes], rounds: int, queue, ready, go) -> None:
+    """Post ``bodies`` ``rounds`` times, one at a time; put (finished at, latency) per request on ``queue``."""
     import httpx
 
     latencies = []
@@ -156,12 +160,12 @@ def send(url: str, bodies: list[bytes], queue, ready, go) -> None:
         client.get(f"{url}/healthz")  # connected before the clock starts
         ready.put(True)
         go.wait()
-        for body in bodies:
+        for body in bodies * rounds:
             t = time.perf_counter()
             status = client.post(f"{url}/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"}).status_code
             if status != 200:
                 raise SystemExit(f"collector answered {status}")
-            latencies.append(time.perf_counter() - t)
+            latencies.append((time.perf_counter(), time.perf_counter() - t))
     queue.put(latencies)
 
 
@@ -169,6 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40, help="requests in all (shared by the senders)")
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="send the requests this many times (a sustained run: the same spans are stored again)")
     parser.add_argument("--spans", type=int, default=1050, help="spans per request")
     parser.add_argument("--workers", type=int, default=1, help="collector processes on the one port (collector.workers)")
     parser.add_argument("--convert-only", action="store_true", help="only time the conversion of the requests, in this process")
@@ -204,20 +210,22 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
         ctx = mp.get_context("spawn")
         queue, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         shares = [bodies[i:: args.senders] for i in range(args.senders)]
-        procs = [ctx.Process(target=send, args=(service.url, share, queue, ready, go)) for share in shares]
+        procs = [ctx.Process(target=send, args=(service.url, share, args.rounds, queue, ready, go)) for share in shares]
         for p in procs:
             p.start()
         for _ in procs:  # the senders' start-up (a new interpreter each) is not the collector's time
             ready.get()
         started = time.perf_counter()
         go.set()
-        latencies = sorted(x for _ in procs for x in queue.get())
+        finished = sorted(x for _ in procs for x in queue.get())
         elapsed = time.perf_counter() - started
         for p in procs:
             p.join()
+        compactions = _metric(service.url, "arclight_collector_compactions_total")
     finally:
         service.stop()
-    spans = args.requests * args.spans
+    latencies = sorted(latency for _, latency in finished)
+    spans = args.requests * args.spans * args.rounds
     from lightning_core.catalog import Catalog
 
     with Catalog.from_config(cfg).read() as con:  # spans_raw: every stored row
@@ -229,6 +237,22 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
     print(f"acknowledged {spans:,} spans in {elapsed:.2f}s = {rate:,.0f} spans/s with {args.senders} senders, {args.workers} collector process(es); "
           f"ack latency p50 {latencies[len(latencies) // 2]:.3f}s p99 {latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]:.3f}s; "
           f"protobuf decode alone {decode:,.0f} spans/s (ratio {rate / decode:.3f}); {uptime}")
+    if args.rounds > 1:  # does a sustained run slow down as the table grows?
+        fifth = max(1, len(finished) // 5)
+        first, last = (sorted(latency for _, latency in part) for part in (finished[:fifth], finished[-fifth:]))
+        files = len(snapshot(cfg.lake.path).files["training"])
+        print(f"{args.rounds} rounds: ack p50 of the first fifth {first[len(first) // 2]:.3f}s, of the last fifth "
+              f"{last[len(last) // 2]:.3f}s; {compactions:.0f} compaction(s); {files} file(s) in the table at the end")
+
+
+def _metric(url: str, name: str) -> float:
+    """A counter from the collector's ``/metrics``."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 if __name__ == "__main__":
