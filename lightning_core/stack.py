@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -123,7 +124,8 @@ def up(config: ArclightConfig) -> dict[str, dict]:
     record = {
         service.name: {"url": service.url, "health_url": service.health_url,
                        "pid": service.process.pid if service.process else None,
-                       "log": str(service.log_path) if service.log_path else None}
+                       "log": str(service.log_path) if service.log_path else None,
+                       "scratch": str(service.scratch) if service.scratch else None}
         for service in stack.services()
     }
     path = state_path(config)
@@ -138,7 +140,8 @@ def status(config: ArclightConfig) -> dict[str, dict]:
 
 
 def down(config: ArclightConfig, *, timeout_s: float = 30.0) -> list[str]:
-    """Stop the services ``up`` recorded (SIGTERM to each process group, SIGKILL after ``timeout_s``)."""
+    """Stop the services ``up`` recorded (SIGTERM to each process group, SIGKILL after ``timeout_s``) and remove
+    their scratch folders."""
     stopped = []
     for name, entry in _recorded(config).items():
         pid = entry.get("pid")
@@ -155,6 +158,8 @@ def down(config: ArclightConfig, *, timeout_s: float = 30.0) -> list[str]:
         if pid and _running(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+        if entry.get("scratch"):
+            shutil.rmtree(entry["scratch"], ignore_errors=True)
     state_path(config).unlink(missing_ok=True)
     return stopped
 

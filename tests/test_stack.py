@@ -95,3 +95,21 @@ def _alive(pid: int) -> bool:
             return fh.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_down_removes_the_scratch_folders_of_what_up_started(tmp_path):
+    """A vLLM that ``up`` started keeps its temporary files in a folder of its own; ``down`` removes it."""
+    from lightning_core.stack import down
+
+    cfg = make_config(tmp_path)
+    scratch = tmp_path / "arclight-vllm0-scratch"
+    scratch.mkdir()
+    (scratch / "engine.sock").write_text("")
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    path = state_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"vllm0": {"url": "http://127.0.0.1:9", "health_url": "http://127.0.0.1:9/health",
+                                          "pid": process.pid, "log": None, "scratch": str(scratch)}}))
+    assert down(cfg) == ["vllm0"]
+    assert process.wait(10) is not None
+    assert not scratch.exists() and not path.exists()
