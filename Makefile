@@ -18,6 +18,6 @@ test-fast:
 # clients next to a hostile one, then 100k spans sent while the collector and a second compactor
 # are SIGKILLed at random (reports: JSON).
 stress: setup
-	ARCLIGHT_FUZZ_EXAMPLES=$${ARCLIGHT_FUZZ_EXAMPLES:-2000} .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=0 --hypothesis-show-statistics tests/test_collector_fuzz.py
+	ARCLIGHT_FUZZ_EXAMPLES=$${ARCLIGHT_FUZZ_EXAMPLES:-2000} .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=0 --hypothesis-show-statistics tests/test_collector_fuzz.py tests/test_converter_fuzz.py
 	.venv/bin/python -m tests.stress_neighbours --seconds 60
 	.venv/bin/python -m tests.stress_sigkill --spans $${STRESS_SPANS:-100000}
