@@ -8,7 +8,7 @@ a training run and epoch, or a production day (``lake`` stores each in its folde
 
 The collector converts requests as columns (``otlp_columns``, which gives these same rows) and
 leaves to ``request_to_rows`` the spans that path does not take; ``request_to_tables`` is the entry
-point for both. The embedded exporter stores spans through ``promoted_columns`` and ``rows_to_table``.
+point for both, for the collector and for the embedded exporter (``tracing``) alike.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ def _number(value: Any) -> float | None:
 def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
     """Return a span's typed columns and its ``attributes`` JSON (without the promoted arrays).
 
-    The embedded exporter and the collector's Python path store spans through this, and the
-    collector's columnar path (``otlp_columns``) gives the same rows. An array that is not a list of
+    The Python path (``request_to_rows``) stores spans through this, and the columnar path
+    (``otlp_columns``) gives the same rows. An array that is not a list of
     numbers (token ids: integers in ``TOKEN_ID_RANGE``) stays in the JSON and its column is NULL.
     """
     columns: dict[str, Any] = {column: _as_str(attributes.get(key)) for key, column in PROMOTED_STRINGS.items()}
