@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_core.config import load_config  # noqa: E402
 from lightning_core.lake import Lake  # noqa: E402
-from lightning_core.span_rows import SPAN_SCHEMA, Partition  # noqa: E402
 from lightning_core.pipeline import materialize_triplets  # noqa: E402
+from lightning_core.span_rows import SPAN_SCHEMA, Partition  # noqa: E402
 
 # slot, name, parent slot, start us, end us, kind
 CALLS = [  # (agent slot, start, end)

@@ -44,8 +44,8 @@ from lightning_core.converter import Converter
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.http_guard import LOOPBACK_HOSTS, has_token, trusted
 from lightning_core.lake import LANES, ConcurrentCompaction, Lake
-from lightning_core.span_rows import SpanDataError
 from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected, read_body
+from lightning_core.span_rows import SpanDataError
 
 log = logging.getLogger("arclight.collector")
 LOG_CLEAN_EVERY_S = 5.0

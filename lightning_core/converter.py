@@ -26,8 +26,8 @@ from typing import Callable
 
 import pyarrow as pa
 
-from lightning_core.span_rows import Partition, SpanDataError, request_to_tables
 from lightning_core.otlp_decode import PROTOBUF, decode_body, outline_unchecked, parse, parse_outline
+from lightning_core.span_rows import Partition, SpanDataError, request_to_tables
 
 log = logging.getLogger("arclight.collector")
 

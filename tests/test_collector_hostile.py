@@ -19,8 +19,8 @@ from lightning_core import group_commit, semconv
 from lightning_core.catalog import Catalog
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.lake import Lake
-from lightning_core.span_rows import request_to_tables
 from lightning_core.services import start_collector
+from lightning_core.span_rows import request_to_tables
 from tests.conftest import make_config
 from tests.otlp_factory import add_resource, export_request, otlp_json
 

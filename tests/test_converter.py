@@ -17,8 +17,8 @@ from lightning_core.catalog import Catalog
 from lightning_core.converter import Converter
 from lightning_core.group_commit import GroupCommitWriter
 from lightning_core.lake import Lake
-from lightning_core.span_rows import SpanDataError
 from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected
+from lightning_core.span_rows import SpanDataError
 from tests.conftest import make_config
 from tests.otlp_factory import export_request, otlp_json
 

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst
-from lightning_core.lake import Lake, LakeFormatError, open_table, prune_mirror, set_location, snapshot
-from lightning_core.span_rows import SPAN_SCHEMA, request_to_tables
 from lightning_core.catalog import Catalog, view_sql
+from lightning_core.lake import Lake, LakeFormatError, open_table, prune_mirror, set_location, snapshot
 from lightning_core.services import free_port, start_collector
+from lightning_core.span_rows import SPAN_SCHEMA, request_to_tables
 from tests.conftest import REPO, make_config
 from tests.otlp_factory import export_request
 

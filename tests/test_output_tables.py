@@ -19,8 +19,8 @@ from lightning_core import epoch as ep
 from lightning_core import triplet_store as store
 from lightning_core.catalog import Catalog
 from lightning_core.lake import Lake, LakeFormatError
-from lightning_core.span_rows import Partition, rows_to_table
 from lightning_core.pipeline import materialize_triplets
+from lightning_core.span_rows import Partition, rows_to_table
 from lightning_core.triplet_store import load_triplets
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, write
