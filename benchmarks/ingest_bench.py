@@ -246,13 +246,13 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
 
 
 def _metric(url: str, name: str) -> float:
-    """A counter from the collector's ``/metrics``."""
+    """A sample of the collector's ``/metrics`` (Prometheus text, read by prometheus_client's parser)."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    samples = (sample for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for sample in family.samples if sample.name == name)
+    return next(samples).value
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class TraceReceiver:
             # requests at once; answered once the commit holding the spans is durable
             n_spans, durable = await asyncio.wrap_future(self.converter.submit(body, content_type, encoding, hold))
             if durable is not None:
-                await self._store(durable)
+                await self._wait_durable(durable)
         except RequestRejected as exc:
             self.metrics.rejected.labels(reason=exc.label).inc()
             return _error(exc.status, exc.reason, content_type, retry_after=exc.retry_after)
@@ -137,7 +137,7 @@ class TraceReceiver:
             return JSONResponse({})
         return Response(ExportTraceServiceResponse().SerializeToString(), media_type=PROTOBUF)
 
-    async def _store(self, durable: concurrent.futures.Future) -> None:
+    async def _wait_durable(self, durable: concurrent.futures.Future) -> None:
         try:
             await asyncio.wrap_future(durable)
         except Exception as exc:

@@ -175,7 +175,8 @@ def start_process(
 
 
 def wait_healthy(service: Service, *, timeout_s: float) -> None:
-    """Block until the service answers its health URL; raise ``ServiceError`` on death or timeout."""
+    """Block until the service answers its health URL; raise ``ServiceError`` on death or timeout (the caller
+    stops it: ``start_process`` does)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.process is not None and service.process.poll() is not None:
@@ -186,7 +187,6 @@ def wait_healthy(service: Service, *, timeout_s: float) -> None:
         if is_healthy(service.health_url, timeout_s=1.0):
             return
         time.sleep(0.2)
-    service.stop()
     raise ServiceError(
         f"{service.name} did not answer {service.health_url} within {timeout_s:.0f} s "
         f"(log {service.log_path}):\n{service.log_tail()}"
