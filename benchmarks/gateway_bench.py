@@ -16,8 +16,9 @@ Three kinds of process, all real:
   as the previous answer is in.
 
 For each number of clients, rounds alternate direct and every gateway variant (``--rounds`` times,
-``--seconds`` each) and the table reports throughput (requests/s, median over rounds) and p50/p99
-latency over all rounds' requests. Results come as a markdown table and one JSON line.
+``--seconds`` each) and the table reports throughput (requests/s, median over rounds), p50/p99
+latency over all rounds' requests, and the CPU time the gateway's processes spent per answered call
+(median over rounds; from ``/proc``, so Linux only). Results come as a markdown table and one JSON line.
 """
 
 from __future__ import annotations
@@ -234,6 +235,22 @@ def start_gateway(upstream: str, workers: int, rollouts: int, log_dir: Path) -> 
     return proc, url, bases
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by the live processes of process group ``pgid``."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pgid:  # pgrp, the 5th field of stat(5)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen) -> None:
     with_group = os.getpgid(proc.pid)
     os.killpg(with_group, signal.SIGTERM)
@@ -276,6 +293,7 @@ def main() -> None:
         for w in args.workers:
             gateways[w] = start_gateway(upstream, w, 64, args.out)
         paths = {"direct": [f"{upstream}/v1/chat/completions"]} | {f"gateway x{w}": bases for w, (_, _, bases) in gateways.items()}
+        groups = {f"gateway x{w}": os.getpgid(proc.pid) for w, (proc, _, _) in gateways.items()}
         measure(paths["direct"], 4, 1.0, 1)  # warm every path up (connections, imports)
         for name in paths:
             measure(paths[name], 8, 1.0, 1)
@@ -285,11 +303,16 @@ def main() -> None:
             results[clients] = {name: [] for name in paths}
             for r in range(args.rounds):
                 for name, urls in paths.items():
+                    cpu_before = group_cpu_s(groups[name]) if name in groups else 0.0
                     res = measure(urls, clients, args.seconds, args.load_procs)
+                    # the gateway's processes' CPU per answered call (its exporter thread included): steadier than
+                    # throughput on a shared machine, and what sets how many calls a core can forward
+                    res["cpu_ms"] = ((group_cpu_s(groups[name]) - cpu_before) * 1e3 / max(res["requests"], 1)
+                                     if name in groups else float("nan"))
                     results[clients][name].append(res)
                     print(f"clients {clients:3d} round {r} {name:12s} {res['rps']:8.1f} req/s  "
                           f"p50 {percentile(res['latencies'], .5) * 1e3:7.2f} ms  p99 {percentile(res['latencies'], .99) * 1e3:7.2f} ms"
-                          f"  errors {res['errors']}", file=sys.stderr, flush=True)
+                          f"  gateway CPU {res['cpu_ms']:.3f} ms/call  errors {res['errors']}", file=sys.stderr, flush=True)
             load.append(os.getloadavg()[0])
     finally:
         for proc, _, _ in gateways.values():
@@ -305,13 +328,15 @@ def main() -> None:
             rps = statistics.median(r["rps"] for r in rounds)
             p50, p99 = percentile(lat, .5) * 1e3, percentile(lat, .99) * 1e3
             ratio = rps / direct_rps
+            cpu = statistics.median(r["cpu_ms"] for r in rounds)
             rows.append(f"| {clients} | {name} | {rps:.0f} | {ratio:.2f} | {p50:.2f} | {p99:.2f} | "
                         f"{p99 / (percentile(direct_lat, .99) * 1e3):.2f} | {p50 - percentile(direct_lat, .5) * 1e3:+.2f} | "
-                        f"{sum(r['errors'] for r in rounds)} |")
+                        f"{'' if cpu != cpu else f'{cpu:.3f}'} | {sum(r['errors'] for r in rounds)} |")
             summary.append({"clients": clients, "path": name, "rps": round(rps, 1), "vs_direct": round(ratio, 3),
-                            "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)})
-    print("| clients | path | req/s (median of rounds) | vs direct | p50 ms | p99 ms | p99 vs direct | p50 added ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                            "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "gateway_cpu_ms_per_call": None if cpu != cpu else round(cpu, 4)})
+    print("| clients | path | req/s (median of rounds) | vs direct | p50 ms | p99 ms | p99 vs direct | p50 added ms | "
+          "gateway CPU ms/call | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\nmock upstream: {args.mock}; load (1-min avg) at start and after each client count: "
           f"{', '.join(f'{x:.2f}' for x in load)}; {os.cpu_count()} cores")

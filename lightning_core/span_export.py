@@ -4,9 +4,11 @@ Every gateway span carries the prompt's and the answer's token ids and the answe
 hundred numbers. The OpenTelemetry SDK's encoder builds one protobuf ``AnyValue`` object per number in
 Python: 0.8-1.1 ms of CPU per calc-sized span here, most of the gateway's CPU per call. This encoder
 lets the SDK's public ``encode_spans`` encode each span without its attributes and merges the
-attributes in as wire bytes (``MergeFromString``, parsed in C), the numbers from a per-value cache.
-Measured on 2,000 calc-sized spans: 0.35 ms per span against 1.02 ms, same machine and load. The result
-decodes to exactly the spans the SDK's encoder gives (a test compares the two)."""
+attributes in as wire bytes (``MergeFromString``, parsed in C), the numbers from a per-value cache and
+the keys from a per-name cache. Measured on 2,000 calc-sized spans: 0.35 ms per span against 1.02 ms,
+same machine and load; with the key cache and one-byte varints from a table, 512 spans: 80-85 µs per
+span against 187 µs (the SDK's encoder 328-336 µs). The result decodes to exactly the spans the SDK's
+encoder gives (a test compares the two)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,12 @@ log = logging.getLogger("arclight.gateway.export")
 RETRY_STATUS = {429, 502, 503, 504}
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(128)]
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _ONE_BYTE[value]
     value &= 0xFFFFFFFFFFFFFFFF  # negative int64 as protobuf writes it: ten bytes of two's complement
     out = bytearray()
     while value > 0x7F:
@@ -51,18 +58,28 @@ class _IntValues(dict):
         return encoded
 
 
+class _Keys(dict):
+    """``KeyValue.key`` (= 1) field bytes per attribute name, built once per name."""
+
+    def __missing__(self, key: str) -> bytes:
+        encoded = self[key] = _field(1, key.encode("utf-8", "surrogatepass"))
+        return encoded
+
+
 _INTS = _IntValues()
+_KEYS = _Keys()
 _DOUBLE = struct.Struct("<d")
+_ONLY_INTS, _ONLY_FLOATS = {int}, {float}
 
 
 def _array(values: list | tuple) -> bytes:
     """``ArrayValue`` bytes; long lists of ints or floats through the per-value caches."""
-    kind = type(values[0]) if values else None
-    if kind is int and all(type(v) is int for v in values):
+    kinds = set(map(type, values))
+    if kinds == _ONLY_INTS:
         if len(_INTS) > 1_000_000:
             _INTS.clear()
-        return b"".join([_INTS[v] for v in values])
-    if kind is float and all(type(v) is float for v in values):
+        return b"".join(map(_INTS.__getitem__, values))
+    if kinds == _ONLY_FLOATS:
         pack = _DOUBLE.pack
         return b"".join([b"\x0a\x09\x21" + pack(v) for v in values])  # values = 1 { double_value = 4, fixed64 }
     return b"".join([_field(1, _any(v)) for v in values])
@@ -85,6 +102,12 @@ def _any(value: Any) -> bytes:
     raise TypeError(f"attribute value of type {type(value).__name__} cannot be exported")
 
 
+def _attribute(key: str, value: Any) -> bytes:
+    """One ``Span.attributes`` (= 9) entry: ``KeyValue{key = 1, value = 2}``."""
+    key_value = _KEYS[key] + _field(2, _any(value))
+    return _field(9, key_value)
+
+
 class _Lean:
     """A span seen without its long numeric lists (what the SDK encodes); everything else is the span's."""
 
@@ -103,8 +126,7 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     for span in spans:
         attrs = span.attributes or {}
         lean.append(_Lean(span, {}))
-        attributes[span.context.span_id] = b"".join(
-            [_field(9, _field(1, key.encode()) + _field(2, _any(value))) for key, value in attrs.items()])
+        attributes[span.context.span_id] = b"".join([_attribute(key, value) for key, value in attrs.items()])
     request = encode_spans(lean)
     for resource_spans in request.resource_spans:
         for scope_spans in resource_spans.scope_spans:
