@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_core.services import free_port  # noqa: E402
+from proc_cpu import group_cpu_s  # noqa: E402  (benchmarks/ is on the path as the script's folder)
 
 PROMPT_IDS = list(range(1000, 1190))          # the calc prompt is ~190 tokens
 ANSWER_IDS = list(range(2000, 2030))          # and an answer ~10-40
@@ -233,22 +234,6 @@ def start_gateway(upstream: str, workers: int, rollouts: int, log_dir: Path) -> 
         r.raise_for_status()
         bases.append(r.json()["base_url"] + "/chat/completions")
     return proc, url, bases
-
-
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by the live processes of process group ``pgid``."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        if int(fields[2]) == pgid:  # pgrp, the 5th field of stat(5)
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def stop(proc: subprocess.Popen) -> None:

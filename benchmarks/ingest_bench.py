@@ -8,7 +8,9 @@ before the clock starts. ``--senders`` processes post them to one collector (its
 lake) as fast as it answers; a 200 means the spans are durable in the lake. Printed: acknowledged
 spans/s, the acknowledgement latency (p50, p99), and -- in the same run, in a fresh process that
 holds only the requests it decodes -- how fast protobuf alone decodes the same requests
-(``ExportTraceServiceRequest.FromString``), as the ratio the issue asks for. The lake is counted at
+(``ExportTraceServiceRequest.FromString``), as the ratio the issue asks for; and the CPU time the
+collector's processes spent per request (from ``/proc``: steadier than spans/s on a shared machine,
+and what sets the rate once the cores are busy). The lake is counted at
 the end (a lost span fails the run). The clock starts once every sender process is up and connected.
 ``--rounds K`` sends the requests K times (a sustained run: the same spans are stored again) and
 also prints the latency of the first and the last fifth, the compactions and the files left.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +42,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from lightning_core.config import load_config  # noqa: E402
 from lightning_core.lake import snapshot  # noqa: E402
 from lightning_core.services import free_port, start_collector  # noqa: E402
+from proc_cpu import group_cpu_s  # noqa: E402  (benchmarks/ is on the path as the script's folder)
 
 
 def build_request(index: int, *, spans: int = 1050, run_id: str = "ingest") -> bytes:
@@ -215,10 +219,13 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
             p.start()
         for _ in procs:  # the senders' start-up (a new interpreter each) is not the collector's time
             ready.get()
+        pgid = os.getpgid(service.process.pid)
+        cpu_before = group_cpu_s(pgid)
         started = time.perf_counter()
         go.set()
         finished = sorted(x for _ in procs for x in queue.get())
         elapsed = time.perf_counter() - started
+        cpu = group_cpu_s(pgid) - cpu_before
         for p in procs:
             p.join()
         compactions = _metric(service.url, "arclight_collector_compactions_total")
@@ -236,7 +243,8 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"acknowledged {spans:,} spans in {elapsed:.2f}s = {rate:,.0f} spans/s with {args.senders} senders, {args.workers} collector process(es); "
           f"ack latency p50 {latencies[len(latencies) // 2]:.3f}s p99 {latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]:.3f}s; "
-          f"protobuf decode alone {decode:,.0f} spans/s (ratio {rate / decode:.3f}); {uptime}")
+          f"protobuf decode alone {decode:,.0f} spans/s (ratio {rate / decode:.3f}); "
+          f"collector CPU {cpu * 1e3 / (args.requests * args.rounds):.1f} ms a request ({cpu / elapsed:.2f} cores); {uptime}")
     if args.rounds > 1:  # does a sustained run slow down as the table grows?
         fifth = max(1, len(finished) // 5)
         first, last = (sorted(latency for _, latency in part) for part in (finished[:fifth], finished[-fifth:]))
