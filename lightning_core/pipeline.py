@@ -34,7 +34,6 @@ from lightning_core.lake import Snapshot, scope_files, span_scope_filter
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.config import ArclightConfig, PolicyConfig
 from lightning_core.silence import Silence, find_silences
-from lightning_core.triplet_store import TRIPLET_SCHEMA, load_triplets  # noqa: F401 (the trainer's reader)
 
 SHARED_STAGES = (
     ("span_nodes", "span_nodes"),

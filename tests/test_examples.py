@@ -19,8 +19,8 @@ from rich.console import Console
 from lightning_core import epoch as ep
 from lightning_core.catalog import Catalog
 from lightning_core.progress import print_summary
-from lightning_core.pipeline import load_triplets
 from lightning_core.services import free_port
+from lightning_core.triplet_store import load_triplets
 from lightning_core.config import load_config
 from tests.conftest import REPO
 

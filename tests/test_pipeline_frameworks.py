@@ -22,8 +22,9 @@ from lightning_core import tracing
 from lightning_core.catalog import Catalog
 from lightning_core.gateway_client import GatewayClient
 from lightning_core.model import load_tokenizer
-from lightning_core.pipeline import load_triplets, materialize_triplets
+from lightning_core.pipeline import materialize_triplets
 from lightning_core.tracing import RolloutContext, init_tracing
+from lightning_core.triplet_store import load_triplets
 
 pytestmark = pytest.mark.integration
 

@@ -189,7 +189,7 @@ def train_policies(
         if triplets is not None:
             table = triplets.get(policy.name, [])
         else:
-            from lightning_core.pipeline import load_triplets  # the SQL pipeline's reader (issue 3)
+            from lightning_core.triplet_store import load_triplets  # the SQL pipeline's output, read back
 
             table = load_triplets(config, run_id=run_id, epoch=epoch, policy=policy.name)
         parent = versions.latest_version(catalog, policy=policy.name)
