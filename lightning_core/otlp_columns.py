@@ -35,8 +35,8 @@ from lightning_core import otlp_decode, semconv, span_rows
 _HEX = np.array([[ord(c) for c in f"{i:02x}"] for i in range(256)], np.uint8).view("<u2").ravel()  # byte -> its two hex digits
 _DAY_NS = 86_400 * 10**9
 _MAX_TIME_NS = span_rows.MAX_TIME_NS
-_KIND_NAMES = pa.array([span_rows._KIND_NAMES[i] for i in range(len(span_rows._KIND_NAMES))])
-_STATUS_NAMES = pa.array([span_rows._STATUS_NAMES[i] for i in range(len(span_rows._STATUS_NAMES))])
+_KIND_NAMES = pa.array([span_rows.KIND_NAMES[i] for i in range(len(span_rows.KIND_NAMES))])
+_STATUS_NAMES = pa.array([span_rows.STATUS_NAMES[i] for i in range(len(span_rows.STATUS_NAMES))])
 _DECODE_CHUNK = 512 * 1024  # bytes of array payloads decoded at once
 _COUNT_CELLS = 4_000_000  # spans x distinct keys up to which repeated keys are found by counting
 _VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
@@ -263,7 +263,7 @@ class _Attributes:
         n_pairs = len(self.keys)
         if n_pairs == 0:
             return pa.array(np.full(self.n, "{}", object), pa.string())
-        keys = pa.array([span_rows._dumps(k) + ":" for k in self.key_names], pa.string())
+        keys = pa.array([span_rows.dumps_json(k) + ":" for k in self.key_names], pa.string())
         fragments_key = pc.take(keys, pa.array(self.key_codes))
         strings = self.value["string_value"]
         escape = _needs_escape(strings)
@@ -275,15 +275,15 @@ class _Attributes:
         others = np.full(n_pairs, None, object)
         escape = np.flatnonzero(escape)
         for i, value in zip(escape, pc.take(strings, pa.array(escape)).to_pylist()):
-            others[i] = span_rows._dumps(value)
+            others[i] = span_rows.dumps_json(value)
         doubles = self.value["double_value"]
         where = np.flatnonzero(~_numpy(doubles.is_null()))
         for i, value in zip(where, pc.take(doubles, pa.array(where)).to_pylist()):
-            others[i] = span_rows._dumps(value)
+            others[i] = span_rows.dumps_json(value)
         byte_values = self.value["bytes_value"]
         where = np.flatnonzero(~_numpy(byte_values.is_null()))
         for i, value in zip(where, pc.take(byte_values, pa.array(where)).to_pylist()):
-            others[i] = span_rows._dumps(value.hex())
+            others[i] = span_rows.dumps_json(value.hex())
         values = pc.coalesce(plain_strings, ints, bools, pa.array(others, pa.string()), pa.scalar("null"))
         fragments = pc.binary_join_element_wise(fragments_key, values, "")
         kept = ~self.removed
@@ -409,13 +409,13 @@ def _partitions(contexts: list[dict], resource_of_span: np.ndarray, start: np.nd
         ns = start[production].astype(np.int64)
         days, into_day = np.unique(ns // _DAY_NS, return_inverse=True)
         # one date per distinct day, from a span of that day away from midnight (the float seconds
-        # ``_utc_date`` computes round the same way there); spans within a microsecond of midnight, or
-        # at time 0 (dated now), each through ``_utc_date``
+        # ``span_rows.utc_date`` computes round the same way there); spans within a microsecond of midnight, or
+        # at time 0 (dated now), each through ``span_rows.utc_date``
         edge = (ns == 0) | (ns % _DAY_NS < 1000) | (_DAY_NS - ns % _DAY_NS < 1000)
-        per_day = _objects([span_rows.Partition(None, None, span_rows._utc_date(int(day * _DAY_NS + _DAY_NS // 2))) for day in days])
+        per_day = _objects([span_rows.Partition(None, None, span_rows.utc_date(int(day * _DAY_NS + _DAY_NS // 2))) for day in days])
         out[production] = per_day[into_day]
         for i in np.flatnonzero(edge):
-            out[production[i]] = span_rows.Partition(None, None, span_rows._utc_date(int(ns[i])))
+            out[production[i]] = span_rows.Partition(None, None, span_rows.utc_date(int(ns[i])))
     return out
 
 

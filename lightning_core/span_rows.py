@@ -80,8 +80,8 @@ MAX_TIME_NS = 2**63 - 2
 MAX_VALUE_DEPTH = 32
 _ZERO_TRACE_ID, _ZERO_SPAN_ID = bytes(16), bytes(8)
 
-_KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in PbSpan.SpanKind.items()}
-_STATUS_NAMES = {v: k.removeprefix("STATUS_CODE_") for k, v in PbStatus.StatusCode.items()}
+KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in PbSpan.SpanKind.items()}
+STATUS_NAMES = {v: k.removeprefix("STATUS_CODE_") for k, v in PbStatus.StatusCode.items()}
 
 
 class SpanDataError(ValueError):
@@ -124,7 +124,7 @@ def key_values(items: Iterable[KeyValue]) -> dict[str, Any]:
     return {kv.key: any_value(kv.value) for kv in items}
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode  # one encoder, not one per call
+dumps_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode  # one encoder, not one per call
 
 
 def _typed_list(value: Any, element: type, allowed: tuple[int, int] | None = None) -> list | None:
@@ -173,7 +173,7 @@ def promoted_columns(attributes: dict[str, Any]) -> dict[str, Any]:
                     kept = dict(attributes)
                 del kept[key]
                 columns[column] = typed
-    columns["attributes"] = _dumps(kept)
+    columns["attributes"] = dumps_json(kept)
     return columns
 
 
@@ -204,10 +204,10 @@ def request_to_rows(
                     "span_id": span.span_id.hex(),
                     "parent_id": span.parent_span_id.hex() if span.parent_span_id.strip(b"\0") else None,
                     "name": span.name,
-                    "kind": _KIND_NAMES.get(span.kind, str(span.kind)),
+                    "kind": KIND_NAMES.get(span.kind, str(span.kind)),
                     "start_ns": span.start_time_unix_nano,
                     "end_ns": span.end_time_unix_nano,
-                    "status_code": _STATUS_NAMES.get(span.status.code, str(span.status.code)),
+                    "status_code": STATUS_NAMES.get(span.status.code, str(span.status.code)),
                     "status_message": span.status.message or None,
                     "events": events_json(span),
                     "links": links_json(span),
@@ -236,7 +236,7 @@ def resource_context(resource_spans) -> dict[str, Any]:
     partition_of = _partitioner(resource)
     fixed = partition_of(0)  # a training resource's one partition (a production span's depends on its day)
     return {
-        "resource_json": _dumps(resource),
+        "resource_json": dumps_json(resource),
         "partition_of": partition_of,
         "training": fixed if fixed.run_id is not None else None,
         "service_name": _as_str(resource.get(semconv.SERVICE_NAME)),
@@ -251,14 +251,14 @@ def events_json(span: PbSpan) -> str:
     """The span's events as the ``events`` column stores them."""
     if not span.events:
         return "[]"
-    return _dumps([{"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)} for e in span.events])
+    return dumps_json([{"name": e.name, "time_ns": e.time_unix_nano, "attributes": key_values(e.attributes)} for e in span.events])
 
 
 def links_json(span: PbSpan) -> str:
     """The span's links as the ``links`` column stores them."""
     if not span.links:
         return "[]"
-    return _dumps([{"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "attributes": key_values(l.attributes)}
+    return dumps_json([{"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "attributes": key_values(l.attributes)}
                    for l in span.links])
 
 
@@ -317,7 +317,7 @@ def _span_attempt(attributes: dict[str, Any]) -> int | None:
 def _partitioner(resource: dict[str, Any]):
     run_id = resource.get(semconv.RUN_ID)
     if run_id is None or run_id == "":
-        return lambda start_ns: Partition(None, None, _utc_date(start_ns))
+        return lambda start_ns: Partition(None, None, utc_date(start_ns))
     if isinstance(run_id, int) and not isinstance(run_id, bool):
         run_id = str(run_id)
     try:
@@ -329,7 +329,8 @@ def _partitioner(resource: dict[str, Any]):
     return lambda start_ns: partition
 
 
-def _utc_date(ns: int) -> str:
+def utc_date(ns: int) -> str:
+    """The UTC day (``YYYY-MM-DD``) of a time in ns since the epoch (today for 0): a production span's partition."""
     return dt.datetime.fromtimestamp((ns or time.time_ns()) / 1e9, tz=dt.timezone.utc).strftime("%Y-%m-%d")
 
 
