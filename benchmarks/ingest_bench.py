@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 
+from benchmarks.proc_cpu import group_cpu_s  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
 from lightning_core.lake import snapshot  # noqa: E402
 from lightning_core.services import free_port, start_collector  # noqa: E402
-from benchmarks.proc_cpu import group_cpu_s  # noqa: E402
 
 
 def build_request(index: int, *, spans: int = 1050, run_id: str = "ingest") -> bytes:

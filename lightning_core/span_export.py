@@ -59,10 +59,13 @@ class _IntValues(dict):
 
 
 class _Keys(dict):
-    """``KeyValue.key`` (= 1) field bytes per attribute name, built once per name."""
+    """``KeyValue.key`` (= 1) field bytes per attribute name, built once per name (strict UTF-8: the names are
+    the gateway's own constants)."""
 
     def __missing__(self, key: str) -> bytes:
-        encoded = self[key] = _field(1, key.encode("utf-8", "surrogatepass"))
+        if len(self) > 10_000:  # the gateway's names are a fixed few; never grow without bound
+            self.clear()
+        encoded = self[key] = _field(1, key.encode())
         return encoded
 
 
