@@ -293,11 +293,12 @@ def main() -> None:
                     # the gateway's processes' CPU per answered call (its exporter thread included): steadier than
                     # throughput on a shared machine, and what sets how many calls a core can forward
                     res["cpu_ms"] = ((group_cpu_s(groups[name]) - cpu_before) * 1e3 / max(res["requests"], 1)
-                                     if name in groups else float("nan"))
+                                     if name in groups else None)
                     results[clients][name].append(res)
+                    cpu_text = "" if res["cpu_ms"] is None else f"  gateway CPU {res['cpu_ms']:.3f} ms/call"
                     print(f"clients {clients:3d} round {r} {name:12s} {res['rps']:8.1f} req/s  "
                           f"p50 {percentile(res['latencies'], .5) * 1e3:7.2f} ms  p99 {percentile(res['latencies'], .99) * 1e3:7.2f} ms"
-                          f"  gateway CPU {res['cpu_ms']:.3f} ms/call  errors {res['errors']}", file=sys.stderr, flush=True)
+                          f"{cpu_text}  errors {res['errors']}", file=sys.stderr, flush=True)
             load.append(os.getloadavg()[0])
     finally:
         for proc, _, _ in gateways.values():
@@ -313,12 +314,12 @@ def main() -> None:
             rps = statistics.median(r["rps"] for r in rounds)
             p50, p99 = percentile(lat, .5) * 1e3, percentile(lat, .99) * 1e3
             ratio = rps / direct_rps
-            cpu = statistics.median(r["cpu_ms"] for r in rounds)
+            cpu = None if rounds[0]["cpu_ms"] is None else statistics.median(r["cpu_ms"] for r in rounds)
             rows.append(f"| {clients} | {name} | {rps:.0f} | {ratio:.2f} | {p50:.2f} | {p99:.2f} | "
                         f"{p99 / (percentile(direct_lat, .99) * 1e3):.2f} | {p50 - percentile(direct_lat, .5) * 1e3:+.2f} | "
-                        f"{'' if cpu != cpu else f'{cpu:.3f}'} | {sum(r['errors'] for r in rounds)} |")
+                        f"{'' if cpu is None else f'{cpu:.3f}'} | {sum(r['errors'] for r in rounds)} |")
             summary.append({"clients": clients, "path": name, "rps": round(rps, 1), "vs_direct": round(ratio, 3),
-                            "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "gateway_cpu_ms_per_call": None if cpu != cpu else round(cpu, 4)})
+                            "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "gateway_cpu_ms_per_call": None if cpu is None else round(cpu, 4)})
     print("| clients | path | req/s (median of rounds) | vs direct | p50 ms | p99 ms | p99 vs direct | p50 added ms | "
           "gateway CPU ms/call | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -169,7 +169,8 @@ def send(url: str, bodies: list[bytes], rounds: int, queue, ready, go) -> None:
             status = client.post(f"{url}/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"}).status_code
             if status != 200:
                 raise SystemExit(f"collector answered {status}")
-            latencies.append((time.perf_counter(), time.perf_counter() - t))
+            now = time.perf_counter()
+            latencies.append((now, now - t))
     queue.put(latencies)
 
 
