@@ -372,7 +372,9 @@ def test_files_of_a_commit_that_never_happened_are_vacuumed_and_an_old_table_get
     assert lake_module.CHECKPOINT_INTERVAL not in DeltaTable(table_uri).metadata().configuration
     lake = Lake(root, retention_hours=0)
     lake.write(request_to_tables(_request("kept", 3)))
-    assert DeltaTable(table_uri).metadata().configuration[lake_module.CHECKPOINT_INTERVAL] == str(lake_module.CHECKPOINT_EVERY)
+    configuration = DeltaTable(table_uri).metadata().configuration
+    assert configuration[lake_module.CHECKPOINT_INTERVAL] == str(lake_module.CHECKPOINT_EVERY)
+    assert configuration[lake_module.STATS_COLUMNS] == "0"  # no column statistics for delta-rs to parse at each commit
 
     def commit_fails(*args, **kwargs):
         raise OSError("killed before the commit")
@@ -405,3 +407,20 @@ def test_a_collector_keeps_the_span_tables_log_short_whatever_its_compaction_set
         assert _raw_counts(cfg.lake.path, "short") == (130, 130)
     finally:
         service.stop()
+
+
+def test_a_span_file_is_written_with_the_encodings_chosen_for_ingest_and_reads_back_equal(tmp_path):
+    """Ids, times and token lists are nearly all distinct: no dictionary for them, times delta-encoded, and no
+    min/max statistics for JSON texts and lists; the columns queries filter on keep theirs."""
+    lake = Lake(tmp_path / "lake")
+    tables = request_to_tables(_request("encoded", 40))
+    (path,) = lake.write(tables)
+    meta = pq.ParquetFile(path).metadata
+    columns = {meta.row_group(0).column(i).path_in_schema.split(".")[0]: meta.row_group(0).column(i)
+               for i in range(meta.num_columns)}
+    assert not any("DICTIONARY" in e for e in columns["span_id"].encodings)
+    assert "DELTA_BINARY_PACKED" in columns["start_ns"].encodings
+    assert any("DICTIONARY" in e for e in columns["name"].encodings)
+    assert not columns["attributes"].is_stats_set and not columns["prompt_token_ids"].is_stats_set
+    assert columns["start_ns"].is_stats_set and columns["trace_id"].is_stats_set
+    assert pq.read_table(path).equals(next(iter(tables.values())))
