@@ -34,6 +34,12 @@ log = logging.getLogger("arclight.collector")
 Tables = dict[Partition, pa.Table]
 MAX_BATCH_BYTES = 16 << 20  # bodies converted at once (a batch takes requests until it passes this)
 MAX_BATCH_REQUESTS = 32
+# How long a lone protobuf request waits for a second one to be converted with, while the writer commits others.
+# With four senders the requests then travel in pairs, one pair converting while the other commits: each
+# conversion and each commit is shared by two requests, and the two stages overlap (benchmarks/README.md:
+# +5-10% acknowledged spans/s, 1.5 ms less CPU a request). A request that arrives while nothing is being
+# committed (a single sender, a quiet moment) never waits.
+JOIN_WAIT_S = 0.003
 
 
 @dataclass
@@ -55,6 +61,8 @@ class Converter:
     def __init__(self, store: Callable[[Tables], concurrent.futures.Future], *, max_body_bytes: int, max_partitions: int):
         self.store, self.max_body_bytes, self.max_partitions = store, max_body_bytes, max_partitions
         self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._committing = 0  # commits handed to the writer and not yet done
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="arclight-convert", daemon=True)
         self._thread.start()
 
@@ -74,9 +82,10 @@ class Converter:
             if first is None:
                 return
             batch, size, stop = [first], len(first.body), False
+            wait = first.content_type == PROTOBUF and self._committing > 0
             while len(batch) < MAX_BATCH_REQUESTS and size < MAX_BATCH_BYTES:
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=JOIN_WAIT_S) if wait and len(batch) == 1 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
@@ -144,12 +153,20 @@ class Converter:
         that is cancelled cancels only its own)."""
         rows = sum(t.num_rows for t in tables.values())
         commit = self.store(tables) if rows else None
+        if commit is not None:
+            with self._lock:
+                self._committing += 1
+            commit.add_done_callback(self._committed)
         for request in requests:
             durable = None
             if commit is not None:
                 durable = concurrent.futures.Future()
                 commit.add_done_callback(functools.partial(_pass_on, durable))
             request.future.set_result((rows if len(requests) == 1 else _span_count(request.parsed), durable))
+
+    def _committed(self, commit: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._committing -= 1
 
 
 def _pass_on(durable: concurrent.futures.Future, commit: concurrent.futures.Future) -> None:

@@ -7,12 +7,15 @@ rest: they are then converted as one batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import json
 import threading
+import time
 
 import pytest
 
+from lightning_core import converter as converter_module
 from lightning_core.catalog import Catalog
 from lightning_core.converter import Converter
 from lightning_core.group_commit import GroupCommitWriter
@@ -178,3 +181,52 @@ def test_a_cancelled_wait_for_a_commit_does_not_cancel_the_other_requests_of_its
     assert durable_b.result(30) == 6
     held.close()
     assert [len(_rows(cfg, run)) for run in ("a", "b")] == [3, 3]  # a's spans were converted: they are stored
+
+
+class Handoffs:
+    """A converter whose hand-offs to the writer are recorded and answered by futures the test completes."""
+
+    def __init__(self):
+        self.commits: list[tuple[int, concurrent.futures.Future]] = []  # (rows, commit) per hand-off
+        self.handed = threading.Event()
+        self.converter = Converter(self._store, max_body_bytes=1 << 24, max_partitions=64)
+
+    def _store(self, tables):
+        commit = concurrent.futures.Future()
+        self.commits.append((sum(t.num_rows for t in tables.values()), commit))
+        self.handed.set()
+        return commit
+
+    def submit(self, body: bytes):
+        self.handed.clear()
+        return self.converter.submit(body, PROTOBUF, "", hold=lambda n: None)
+
+
+def test_a_lone_request_waits_for_a_partner_only_while_a_commit_is_under_way(monkeypatch):
+    """With several senders the requests travel in pairs (one pair converting while the other commits): a request
+    that finds the queue empty while a commit is under way waits up to ``JOIN_WAIT_S`` for a second one. One that
+    arrives while nothing is being committed is converted at once."""
+    monkeypatch.setattr(converter_module, "JOIN_WAIT_S", 5.0)  # long enough that a missing wait shows
+    handoffs = Handoffs()
+    try:
+        started = time.monotonic()
+        alone = handoffs.submit(_body("alone", 2))  # nothing committing: converted at once
+        assert handoffs.handed.wait(4)
+        assert alone.result(4)[0] == 2
+        first = handoffs.submit(_body("first", 3))  # a commit is under way: waits for a partner ...
+        time.sleep(0.3)
+        assert len(handoffs.commits) == 1 and not first.done()
+        second = handoffs.submit(_body("second", 4))  # ... and they are converted together
+        assert first.result(4)[0] == 3 and second.result(4)[0] == 4
+        assert [rows for rows, _ in handoffs.commits] == [2, 7]
+        for _, commit in handoffs.commits:
+            commit.set_result(0)
+        again = handoffs.submit(_body("again", 1))  # every commit done: no wait again
+        assert again.result(4)[0] == 1
+        assert [rows for rows, _ in handoffs.commits] == [2, 7, 1]
+        assert time.monotonic() - started < 4  # no 5 s wait was served in full
+    finally:
+        for _, commit in handoffs.commits:
+            if not commit.done():
+                commit.set_result(0)
+        handoffs.converter.close()
