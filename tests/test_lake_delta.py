@@ -19,7 +19,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from lightning_core import analyst
+from lightning_core import analyst, semconv
 from lightning_core.catalog import Catalog, view_sql
 from lightning_core.lake import Lake, LakeFormatError, open_table, prune_mirror, set_location, snapshot
 from lightning_core.services import free_port, start_collector
@@ -410,10 +410,15 @@ def test_a_collector_keeps_the_span_tables_log_short_whatever_its_compaction_set
 
 
 def test_a_span_file_is_written_with_the_encodings_chosen_for_ingest_and_reads_back_equal(tmp_path):
-    """Ids, times and token lists are nearly all distinct: no dictionary for them, times delta-encoded, and no
-    min/max statistics for JSON texts and lists; the columns queries filter on keep theirs."""
+    """Ids, times and logprobs are nearly all distinct: no dictionary for them, times delta-encoded, and no
+    min/max statistics for JSON texts and lists; token ids keep a dictionary (a vocabulary's ids pack into a few
+    bits), and the columns queries filter on keep their statistics."""
     lake = Lake(tmp_path / "lake")
-    tables = request_to_tables(_request("encoded", 40))
+    spans = [{"trace_id": uuid.uuid4().bytes, "span_id": uuid.uuid4().bytes[:8],
+              "attributes": {semconv.PROMPT_TOKEN_IDS: [i % 7, 3, 5], semconv.RESPONSE_TOKEN_IDS: [2, 4],
+                             semconv.RESPONSE_LOGPROBS: [-0.5, -1.25]}}
+             for i in range(40)]
+    tables = request_to_tables(export_request({"arclight.run_id": "encoded"}, spans))
     (path,) = lake.write(tables)
     meta = pq.ParquetFile(path).metadata
     columns = {meta.row_group(0).column(i).path_in_schema.split(".")[0]: meta.row_group(0).column(i)
@@ -421,6 +426,10 @@ def test_a_span_file_is_written_with_the_encodings_chosen_for_ingest_and_reads_b
     assert not any("DICTIONARY" in e for e in columns["span_id"].encodings)
     assert "DELTA_BINARY_PACKED" in columns["start_ns"].encodings
     assert any("DICTIONARY" in e for e in columns["name"].encodings)
+    assert any("DICTIONARY" in e for e in columns["prompt_token_ids"].encodings)
+    assert not any("DICTIONARY" in e for e in columns["response_logprobs"].encodings)
     assert not columns["attributes"].is_stats_set and not columns["prompt_token_ids"].is_stats_set
     assert columns["start_ns"].is_stats_set and columns["trace_id"].is_stats_set
-    assert pq.read_table(path).equals(next(iter(tables.values())))
+    (table,) = tables.values()
+    assert table.column("prompt_token_ids").to_pylist()[:2] == [[0, 3, 5], [1, 3, 5]]
+    assert pq.read_table(path).equals(table)
