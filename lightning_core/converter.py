@@ -34,11 +34,12 @@ log = logging.getLogger("arclight.collector")
 Tables = dict[Partition, pa.Table]
 MAX_BATCH_BYTES = 16 << 20  # bodies converted at once (a batch takes requests until it passes this)
 MAX_BATCH_REQUESTS = 32
-# How long a lone protobuf request waits for a second one to be converted with, while the writer commits others.
-# With four senders the requests then travel in pairs, one pair converting while the other commits: each
-# conversion and each commit is shared by two requests, and the two stages overlap (benchmarks/README.md:
-# +5-10% acknowledged spans/s, 1.5 ms less CPU a request). A request that arrives while nothing is being
-# committed (a single sender, a quiet moment) never waits.
+# How long a lone protobuf request waits for a second one to be converted with, when the converter's last batch
+# held several requests and the writer is committing others. With four senders the requests then travel in
+# pairs, one pair converting while the other commits: each conversion and each commit is shared by two requests,
+# and the two stages overlap (benchmarks/README.md: +11% acknowledged spans/s, 3 ms less CPU a request). With
+# one or two senders the batches hold one request (one converts while the other commits), and no request waits:
+# a wait would only put both in the same stage. Nor does one that arrives while nothing is being committed.
 JOIN_WAIT_S = 0.003
 
 
@@ -63,6 +64,7 @@ class Converter:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._committing = 0  # commits handed to the writer and not yet done
         self._lock = threading.Lock()
+        self._last_batch = 0  # requests in the batch converted last
         self._thread = threading.Thread(target=self._run, name="arclight-convert", daemon=True)
         self._thread.start()
 
@@ -82,7 +84,7 @@ class Converter:
             if first is None:
                 return
             batch, size, stop = [first], len(first.body), False
-            wait = first.content_type == PROTOBUF and self._committing > 0
+            wait = first.content_type == PROTOBUF and self._last_batch > 1 and self._committing > 0
             while len(batch) < MAX_BATCH_REQUESTS and size < MAX_BATCH_BYTES:
                 try:
                     item = self._queue.get(timeout=JOIN_WAIT_S) if wait and len(batch) == 1 else self._queue.get_nowait()
@@ -93,6 +95,7 @@ class Converter:
                     break
                 batch.append(item)
                 size += len(item.body)
+            self._last_batch = len(batch)
             # a request whose handler went away (cancelled) is dropped; the others can no longer be cancelled
             batch = [request for request in batch if request.future.set_running_or_notify_cancel()]
             try:

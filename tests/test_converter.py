@@ -184,46 +184,63 @@ def test_a_cancelled_wait_for_a_commit_does_not_cancel_the_other_requests_of_its
 
 
 class Handoffs:
-    """A converter whose hand-offs to the writer are recorded and answered by futures the test completes."""
+    """A converter whose hand-offs to the writer are recorded and answered by futures the test completes; the
+    hand-off after ``gate()`` waits until ``open_gate()``, so that requests queue behind it."""
 
     def __init__(self):
         self.commits: list[tuple[int, concurrent.futures.Future]] = []  # (rows, commit) per hand-off
-        self.handed = threading.Event()
+        self._gate: threading.Event | None = None
+        self._waiting = threading.Event()
         self.converter = Converter(self._store, max_body_bytes=1 << 24, max_partitions=64)
 
     def _store(self, tables):
+        if self._gate is not None:
+            gate, self._gate = self._gate, None
+            self._waiting.set()
+            gate.wait(30)
         commit = concurrent.futures.Future()
         self.commits.append((sum(t.num_rows for t in tables.values()), commit))
-        self.handed.set()
         return commit
 
     def submit(self, body: bytes):
-        self.handed.clear()
         return self.converter.submit(body, PROTOBUF, "", hold=lambda n: None)
 
+    def gate(self) -> threading.Event:
+        self._gate, self._waiting = threading.Event(), threading.Event()
+        return self._gate
 
-def test_a_lone_request_waits_for_a_partner_only_while_a_commit_is_under_way(monkeypatch):
-    """With several senders the requests travel in pairs (one pair converting while the other commits): a request
-    that finds the queue empty while a commit is under way waits up to ``JOIN_WAIT_S`` for a second one. One that
-    arrives while nothing is being committed is converted at once."""
-    monkeypatch.setattr(converter_module, "JOIN_WAIT_S", 5.0)  # long enough that a missing wait shows
+    def rows(self) -> list[int]:
+        return [rows for rows, _ in self.commits]
+
+
+def test_a_lone_request_waits_for_a_partner_only_after_a_joined_batch_and_while_a_commit_is_under_way(monkeypatch):
+    """With four senders the requests travel in pairs (one pair converting while the other commits): after a batch
+    of several requests, a request that finds the queue empty while a commit is under way waits up to
+    ``JOIN_WAIT_S`` for a second one. After a batch of one (one or two senders: one request converts while the
+    other commits), or while nothing is being committed, a request is converted at once."""
+    monkeypatch.setattr(converter_module, "JOIN_WAIT_S", 5.0)  # long enough that a wrong wait shows
     handoffs = Handoffs()
+    started = time.monotonic()
     try:
-        started = time.monotonic()
-        alone = handoffs.submit(_body("alone", 2))  # nothing committing: converted at once
-        assert handoffs.handed.wait(4)
-        assert alone.result(4)[0] == 2
-        first = handoffs.submit(_body("first", 3))  # a commit is under way: waits for a partner ...
+        assert handoffs.submit(_body("alone", 2)).result(4)[0] == 2  # nothing committing: at once
+        assert handoffs.submit(_body("single", 3)).result(4)[0] == 3  # the last batch held one: at once
+        gate = handoffs.gate()
+        gated = handoffs.submit(_body("gated", 1))
+        assert handoffs._waiting.wait(4)
+        pair = [handoffs.submit(_body(run, 2)) for run in ("p1", "p2")]  # queue behind the gated hand-off ...
+        gate.set()
+        assert gated.result(4)[0] == 1 and [f.result(4)[0] for f in pair] == [2, 2]
+        assert handoffs.rows() == [2, 3, 1, 4]  # ... and are converted as one batch
+        first = handoffs.submit(_body("first", 3))  # after a batch of two, with commits under way: waits ...
         time.sleep(0.3)
-        assert len(handoffs.commits) == 1 and not first.done()
-        second = handoffs.submit(_body("second", 4))  # ... and they are converted together
+        assert len(handoffs.commits) == 4 and not first.done()
+        second = handoffs.submit(_body("second", 4))  # ... for a partner
         assert first.result(4)[0] == 3 and second.result(4)[0] == 4
-        assert [rows for rows, _ in handoffs.commits] == [2, 7]
+        assert handoffs.rows() == [2, 3, 1, 4, 7]
         for _, commit in handoffs.commits:
             commit.set_result(0)
-        again = handoffs.submit(_body("again", 1))  # every commit done: no wait again
-        assert again.result(4)[0] == 1
-        assert [rows for rows, _ in handoffs.commits] == [2, 7, 1]
+        assert handoffs.submit(_body("again", 1)).result(4)[0] == 1  # every commit done: at once
+        assert handoffs.rows() == [2, 3, 1, 4, 7, 1]
         assert time.monotonic() - started < 4  # no 5 s wait was served in full
     finally:
         for _, commit in handoffs.commits:
