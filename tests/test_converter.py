@@ -185,7 +185,7 @@ def test_a_cancelled_wait_for_a_commit_does_not_cancel_the_other_requests_of_its
 
 class Handoffs:
     """A converter whose hand-offs to the writer are recorded and answered by futures the test completes; the
-    hand-off after ``gate()`` waits until ``open_gate()``, so that requests queue behind it."""
+    next hand-off after ``gate()`` waits until the event it returns is set, so that requests queue behind it."""
 
     def __init__(self):
         self.commits: list[tuple[int, concurrent.futures.Future]] = []  # (rows, commit) per hand-off
@@ -209,6 +209,10 @@ class Handoffs:
         self._gate, self._waiting = threading.Event(), threading.Event()
         return self._gate
 
+    def wait_gated(self) -> bool:
+        """Whether the gated hand-off was reached (within 4 s)."""
+        return self._waiting.wait(4)
+
     def rows(self) -> list[int]:
         return [rows for rows, _ in self.commits]
 
@@ -226,7 +230,7 @@ def test_a_lone_request_waits_for_a_partner_only_after_a_joined_batch_and_while_
         assert handoffs.submit(_body("single", 3)).result(4)[0] == 3  # the last batch held one: at once
         gate = handoffs.gate()
         gated = handoffs.submit(_body("gated", 1))
-        assert handoffs._waiting.wait(4)
+        assert handoffs.wait_gated()
         pair = [handoffs.submit(_body(run, 2)) for run in ("p1", "p2")]  # queue behind the gated hand-off ...
         gate.set()
         assert gated.result(4)[0] == 1 and [f.result(4)[0] for f in pair] == [2, 2]
