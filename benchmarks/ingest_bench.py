@@ -10,7 +10,8 @@ spans/s, the acknowledgement latency (p50, p99), and -- in the same run, in a fr
 holds only the requests it decodes -- how fast protobuf alone decodes the same requests
 (``ExportTraceServiceRequest.FromString``), as the ratio the issue asks for; and the CPU time the
 collector's processes spent per request (from ``/proc``: steadier than spans/s on a shared machine,
-and what sets the rate once the cores are busy). The lake is counted at
+and what sets the rate once the cores are busy), and how many conversions there were and how many
+took a request alone (the collector's ``arclight_collector_requests_per_conversion``). The lake is counted at
 the end (a lost span fails the run). The clock starts once every sender process is up and connected.
 ``--rounds K`` sends the requests K times (a sustained run: the same spans are stored again) and
 also prints the latency of the first and the last fifth, the compactions and the files left.
@@ -230,6 +231,8 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
         for p in procs:
             p.join()
         compactions = _metric(service.url, "arclight_collector_compactions_total")
+        conversions = _metric(service.url, "arclight_collector_requests_per_conversion_count")
+        alone = _metric(service.url, "arclight_collector_requests_per_conversion_bucket", le="1.0")
     finally:
         service.stop()
     latencies = sorted(latency for _, latency in finished)
@@ -245,7 +248,9 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
     print(f"acknowledged {spans:,} spans in {elapsed:.2f}s = {rate:,.0f} spans/s with {args.senders} senders, {args.workers} collector process(es); "
           f"ack latency p50 {latencies[len(latencies) // 2]:.3f}s p99 {latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]:.3f}s; "
           f"protobuf decode alone {decode:,.0f} spans/s (ratio {rate / decode:.3f}); "
-          f"collector CPU {cpu * 1e3 / (args.requests * args.rounds):.1f} ms a request ({cpu / elapsed:.2f} cores); {uptime}")
+          f"collector CPU {cpu * 1e3 / (args.requests * args.rounds):.1f} ms a request ({cpu / elapsed:.2f} cores); "
+          f"{conversions:.0f} conversions, {alone:.0f} of one request{' (the process that answered /metrics)' if args.workers > 1 else ''}; "
+          f"{uptime}")
     if args.rounds > 1:  # does a sustained run slow down as the table grows?
         fifth = max(1, len(finished) // 5)
         first, last = (sorted(latency for _, latency in part) for part in (finished[:fifth], finished[-fifth:]))
@@ -254,13 +259,14 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
               f"{last[len(last) // 2]:.3f}s; {compactions:.0f} compaction(s); {files} file(s) in the table at the end")
 
 
-def _metric(url: str, name: str) -> float:
-    """A sample of the collector's ``/metrics`` (Prometheus text, read by prometheus_client's parser)."""
+def _metric(url: str, name: str, **labels: str) -> float:
+    """A sample of the collector's ``/metrics`` (Prometheus text, read by prometheus_client's parser), the one with
+    ``labels`` where several share the name (a histogram's buckets)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     samples = (sample for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-               for sample in family.samples if sample.name == name)
+               for sample in family.samples if sample.name == name and labels.items() <= sample.labels.items())
     return next(samples).value
 
 

@@ -62,6 +62,10 @@ class CollectorMetrics:
         self.bytes = Counter("arclight_collector_bytes_received", "Request body bytes received (as sent).", registry=self.registry)
         self.files = Counter("arclight_collector_files_written", "Parquet files written.", registry=self.registry)
         self.compactions = Counter("arclight_collector_compactions", "Partitions compacted.", registry=self.registry)
+        self.conversion_requests = Histogram(
+            "arclight_collector_requests_per_conversion", "Requests converted together (one conversion, then one commit).",
+            buckets=(1, 2, 3, 4, 8, 16, 32), registry=self.registry,
+        )
         self.flush_latency = Histogram(
             "arclight_collector_flush_latency_seconds", "Time from a request being parsed to its spans being durable.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry,
@@ -186,7 +190,8 @@ class TraceReceiver:
             await asyncio.to_thread(self.lake.table, lane)
         self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, on_commit=self._committed)
         self.converter = Converter(self.writer.submit, max_body_bytes=self.config.max_body_bytes,
-                                   max_partitions=self.config.max_partitions_per_request)
+                                   max_partitions=self.config.max_partitions_per_request,
+                                   on_batch=self.metrics.conversion_requests.observe)
         # one compactor per table: delta-rs lets two concurrent compactions both commit (rows stored twice), so
         # several collector processes (or hosts) leave compaction to one `arclight compact`
         compacts = self.config.compact and self.config.workers == 1 and not self.lake.location.uri

@@ -59,8 +59,10 @@ class Converter:
     completes when the commit holding its spans is durable (None when it has no spans), or the error the
     request is answered with."""
 
-    def __init__(self, store: Callable[[Tables], concurrent.futures.Future], *, max_body_bytes: int, max_partitions: int):
+    def __init__(self, store: Callable[[Tables], concurrent.futures.Future], *, max_body_bytes: int, max_partitions: int,
+                 on_batch: Callable[[int], None] | None = None):
         self.store, self.max_body_bytes, self.max_partitions = store, max_body_bytes, max_partitions
+        self.on_batch = on_batch  # told the number of requests of each batch converted together
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._committing = 0  # commits handed to the writer and not yet done
         self._lock = threading.Lock()
@@ -98,6 +100,8 @@ class Converter:
             self._last_batch = len(batch)
             # a request whose handler went away (cancelled) is dropped; the others can no longer be cancelled
             batch = [request for request in batch if request.future.set_running_or_notify_cancel()]
+            if self.on_batch is not None and batch:
+                self.on_batch(len(batch))
             try:
                 self._convert(batch)
             except BaseException as exc:  # never leave a request waiting

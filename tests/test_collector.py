@@ -169,6 +169,7 @@ def test_metrics_count_spans_and_rejections(guarded):
     assert "arclight_collector_spans_received_total" in text
     assert 'arclight_collector_requests_rejected_total{reason="unauthorized"}' in text
     assert "arclight_collector_flush_latency_seconds_bucket" in text
+    assert "arclight_collector_requests_per_conversion_bucket" in text
 
 
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path):

@@ -191,7 +191,8 @@ class Handoffs:
         self.commits: list[tuple[int, concurrent.futures.Future]] = []  # (rows, commit) per hand-off
         self._gate: threading.Event | None = None
         self._waiting = threading.Event()
-        self.converter = Converter(self._store, max_body_bytes=1 << 24, max_partitions=64)
+        self.batches: list[int] = []  # requests per conversion, as the collector's metric is told
+        self.converter = Converter(self._store, max_body_bytes=1 << 24, max_partitions=64, on_batch=self.batches.append)
 
     def _store(self, tables):
         if self._gate is not None:
@@ -245,6 +246,7 @@ def test_a_lone_request_waits_for_a_partner_only_after_a_joined_batch_and_while_
             commit.set_result(0)
         assert handoffs.submit(_body("again", 1)).result(4)[0] == 1  # every commit done: at once
         assert handoffs.rows() == [2, 3, 1, 4, 7, 1]
+        assert handoffs.batches == [1, 1, 1, 2, 2, 1]
         assert time.monotonic() - started < 4  # no 5 s wait was served in full
     finally:
         for _, commit in handoffs.commits:
