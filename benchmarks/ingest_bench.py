@@ -230,9 +230,10 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
         cpu = group_cpu_s(pgid) - cpu_before
         for p in procs:
             p.join()
-        compactions = _metric(service.url, "arclight_collector_compactions_total")
-        conversions = _metric(service.url, "arclight_collector_requests_per_conversion_count")
-        alone = _metric(service.url, "arclight_collector_requests_per_conversion_bucket", le="1.0")
+        metrics = _metrics(service.url)
+        compactions = _sample(metrics, "arclight_collector_compactions_total")
+        conversions = _sample(metrics, "arclight_collector_requests_per_conversion_count")
+        alone = _sample(metrics, "arclight_collector_requests_per_conversion_bucket", le="1.0")
     finally:
         service.stop()
     latencies = sorted(latency for _, latency in finished)
@@ -259,16 +260,17 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
               f"{last[len(last) // 2]:.3f}s; {compactions:.0f} compaction(s); {files} file(s) in the table at the end")
 
 
-def _metric(url: str, name: str, **labels: str) -> float:
-    """A sample of the collector's ``/metrics`` (Prometheus text, read by prometheus_client's parser), the one with
-    ``labels`` where several share the name (a histogram's buckets)."""
+def _metrics(url: str) -> list:
+    """The samples of the collector's ``/metrics`` (Prometheus text, read by prometheus_client's parser)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = (sample for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-               for sample in family.samples if sample.name == name and labels.items() <= sample.labels.items())
-    return next(samples).value
+    return [sample for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for sample in family.samples]
 
+
+def _sample(samples: list, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with ``labels`` (where several share the name: a histogram's buckets)."""
+    return next(sample.value for sample in samples if sample.name == name and labels.items() <= sample.labels.items())
 
 if __name__ == "__main__":
     main()
