@@ -410,9 +410,9 @@ def test_a_collector_keeps_the_span_tables_log_short_whatever_its_compaction_set
 
 
 def test_a_span_file_is_written_with_the_encodings_chosen_for_ingest_and_reads_back_equal(tmp_path):
-    """Ids, times and logprobs are nearly all distinct: no dictionary for them, times delta-encoded, and no
-    min/max statistics for JSON texts and lists; token ids keep a dictionary (a vocabulary's ids pack into a few
-    bits), and the columns queries filter on keep their statistics."""
+    """Ids and times are nearly all distinct: no dictionary for them, times delta-encoded; token ids and logprobs
+    split into byte streams, with no dictionary; no min/max statistics for JSON texts and lists, while the columns
+    queries filter on keep theirs. DuckDB reads the file back as written."""
     lake = Lake(tmp_path / "lake")
     spans = [{"trace_id": uuid.uuid4().bytes, "span_id": uuid.uuid4().bytes[:8],
               "attributes": {semconv.PROMPT_TOKEN_IDS: [i % 7, 3, 5], semconv.RESPONSE_TOKEN_IDS: [2, 4],
@@ -426,10 +426,13 @@ def test_a_span_file_is_written_with_the_encodings_chosen_for_ingest_and_reads_b
     assert not any("DICTIONARY" in e for e in columns["span_id"].encodings)
     assert "DELTA_BINARY_PACKED" in columns["start_ns"].encodings
     assert any("DICTIONARY" in e for e in columns["name"].encodings)
-    assert any("DICTIONARY" in e for e in columns["prompt_token_ids"].encodings)
-    assert not any("DICTIONARY" in e for e in columns["response_logprobs"].encodings)
+    for column in ("prompt_token_ids", "response_token_ids", "response_logprobs"):
+        assert "BYTE_STREAM_SPLIT" in columns[column].encodings, (column, columns[column].encodings)
+        assert not any("DICTIONARY" in e for e in columns[column].encodings), column
     assert not columns["attributes"].is_stats_set and not columns["prompt_token_ids"].is_stats_set
     assert columns["start_ns"].is_stats_set and columns["trace_id"].is_stats_set
     (table,) = tables.values()
     assert table.column("prompt_token_ids").to_pylist()[:2] == [[0, 3, 5], [1, 3, 5]]
     assert pq.read_table(path).equals(table)
+    read = duckdb.sql(f"SELECT prompt_token_ids, response_token_ids, response_logprobs FROM read_parquet('{path}')").fetchall()
+    assert read == list(zip(*(table.column(c).to_pylist() for c in ("prompt_token_ids", "response_token_ids", "response_logprobs"))))
