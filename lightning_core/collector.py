@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lightning_core.allocator import keep_freed_memory
 from lightning_core.config import CollectorConfig
 from lightning_core.converter import Converter
 from lightning_core.group_commit import GroupCommitWriter
@@ -253,6 +254,7 @@ SETTINGS_ENV = "ARCLIGHT_COLLECTOR_SETTINGS"
 def app_from_environment() -> Starlette:
     """The app of one collector worker process (uvicorn's factory; ``serve`` puts the settings in the environment)."""
     settings = json.loads(os.environ[SETTINGS_ENV])
+    keep_freed_memory()
     return build_app(CollectorConfig.model_validate(settings["config"]), settings["lake_root"])
 
 
@@ -265,6 +267,7 @@ def serve(config: CollectorConfig, lake_root: str | os.PathLike[str], *, log_lev
     options = {"host": config.host, "port": config.port, "log_level": log_level, "access_log": False,
                "timeout_graceful_shutdown": 10}
     if config.workers == 1:
+        keep_freed_memory()  # a request's conversion buffers reuse the last one's pages
         uvicorn.run(build_app(config, lake_root), **options)
         return
     build_app(config, lake_root)  # refuse a bad setting (an open host without a token) before any worker starts
