@@ -9,8 +9,8 @@ thresholds below; in the collector the converter thread's page faults fell from 
 (benchmarks/README.md). Arrow's buffers come from its own allocator (mimalloc) and are not affected.
 
 A process that calls ``keep_freed_memory`` holds on to up to ``TRIM_THRESHOLD`` of free heap per malloc arena.
-Where ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (or their ``GLIBC_TUNABLES``) is set, they win, and nothing is
-changed; on a C library other than glibc (macOS, musl) neither.
+Where ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (or their ``GLIBC_TUNABLES``) is set, they win and
+nothing is changed; on a C library other than glibc (macOS, musl) nothing is changed either.
 """
 
 from __future__ import annotations

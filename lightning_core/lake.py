@@ -237,13 +237,13 @@ _ROW_GROUP = 128 * 1024
 # Compaction merges files below this size into files of about this size (delta-rs's default target).
 TARGET_FILE_BYTES = 100 * 2**20
 _WRITER = WriterProperties(compression="ZSTD", max_row_group_size=_ROW_GROUP)  # as the Parquet lake wrote them
-# How the collector writes a span file (pyarrow). Span ids, times and logprobs are nearly all distinct, so a
-# dictionary for them costs time and saves nothing; start and end times are delta-encoded; and no query filters
-# on the JSON texts or the lists, so they get no min/max statistics. A file of 2,100 spans of
-# benchmarks/triplets_bench.py: 6.6 -> 5.9 ms of CPU, 379 -> 342 kB (benchmarks/README.md).
-# Token ids and logprobs are split into byte streams (BYTE_STREAM_SPLIT): the high bytes of a token id are zero
-# and a logprob's sign and exponent repeat, so zstd packs each stream tightly, with none of a dictionary's
-# hashing. The token ids had a dictionary before: a request pair's file took 5.3 ms to write, now 4.1 ms.
+# How the collector writes a span file (pyarrow). Span ids and times are nearly all distinct, so a dictionary for
+# them costs time and saves nothing; start and end times are delta-encoded; and no query filters on the JSON texts
+# or the lists, so they get no min/max statistics (a file of 2,100 spans of benchmarks/triplets_bench.py: 6.6 ->
+# 5.9 ms of CPU, 379 -> 342 kB). Token ids and logprobs are split into byte streams (BYTE_STREAM_SPLIT): the high
+# bytes of a token id are zero and a logprob's sign and exponent repeat, so zstd packs each stream as tightly as a
+# dictionary would in a file this small, without its hashing (a pair of benchmark requests' file: 5.3 -> 4.1 ms,
+# 35 -> 15 kB). Compaction's large files keep delta-rs's dictionaries. Numbers: benchmarks/README.md.
 _NO_DICTIONARY = {"span_id", "parent_id", "start_ns", "end_ns", "received_ns"}
 _NO_STATISTICS = {"attributes", "events", "links", "resource", "status_message", "prompt_token_ids", "response_token_ids",
                   "response_logprobs"}
