@@ -4,7 +4,7 @@ By default glibc serves a large allocation (from 128 kB, a threshold that adapts
 ``mmap`` and unmaps it on ``free``, and gives the top of its heap back to the system once more than twice that
 is free there. The collector's conversion allocates and frees numpy and protobuf buffers of a few MB for every
 request, so each request's buffers were fresh pages that the kernel zeroed and faulted in, one page at a time.
-Converting pairs of benchmark requests in a loop took 18-19 ms of CPU a pair, and 13.6-13.9 ms with the
+Converting pairs of benchmark requests in a loop took 18-19 ms of CPU a pair, and 13.8-13.9 ms with the
 thresholds below; in the collector the converter thread's page faults fell from 26k to 4k a second
 (benchmarks/README.md). Arrow's buffers come from its own allocator (mimalloc) and are not affected.
 

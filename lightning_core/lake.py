@@ -244,10 +244,9 @@ _WRITER = WriterProperties(compression="ZSTD", max_row_group_size=_ROW_GROUP)  #
 # bytes of a token id are zero and a logprob's sign and exponent repeat, so zstd packs each stream as tightly as a
 # dictionary would in a file this small, without its hashing (a pair of benchmark requests' file: 5.3 -> 4.1 ms,
 # 35 -> 15 kB). Compaction's large files keep delta-rs's dictionaries. Numbers: benchmarks/README.md.
-_NO_DICTIONARY = {"span_id", "parent_id", "start_ns", "end_ns", "received_ns"}
-_NO_STATISTICS = {"attributes", "events", "links", "resource", "status_message", "prompt_token_ids", "response_token_ids",
-                  "response_logprobs"}
-_BYTE_STREAMS = {"prompt_token_ids", "response_token_ids", "response_logprobs"}
+_BYTE_STREAMS = {"prompt_token_ids", "response_token_ids", "response_logprobs"}  # the lists
+_NO_DICTIONARY = {"span_id", "parent_id", "start_ns", "end_ns", "received_ns"} | _BYTE_STREAMS
+_NO_STATISTICS = {"attributes", "events", "links", "resource", "status_message"} | _BYTE_STREAMS
 
 
 def _leaf(field: pa.Field) -> str:
@@ -256,7 +255,7 @@ def _leaf(field: pa.Field) -> str:
 
 
 _SPAN_FILE = dict(compression="zstd", row_group_size=_ROW_GROUP,
-                  use_dictionary=[_leaf(f) for f in SPAN_SCHEMA if f.name not in _NO_DICTIONARY | _BYTE_STREAMS],
+                  use_dictionary=[_leaf(f) for f in SPAN_SCHEMA if f.name not in _NO_DICTIONARY],
                   write_statistics=[_leaf(f) for f in SPAN_SCHEMA if f.name not in _NO_STATISTICS],
                   column_encoding={"start_ns": "DELTA_BINARY_PACKED", "end_ns": "DELTA_BINARY_PACKED",
                                    **{_leaf(f): "BYTE_STREAM_SPLIT" for f in SPAN_SCHEMA if f.name in _BYTE_STREAMS}})
