@@ -7,8 +7,8 @@ spans is durable. Requests that arrive while a commit runs share the next commit
 are compacted in the background (Delta ``optimize``; ``vacuum`` after the retention window).
 
 Each request is decoded and checked before it joins a commit (protobuf parses a protobuf body's outline
-down to the spans and checks its wire types; ptars decodes the spans' attributes into Arrow from the same
-bytes, and a body ptars refuses is parsed whole), so a span the lake cannot store gets its own 400 and
+down to the spans and checks its wire types; compiled code reads the spans' attributes from the same
+bytes, and what it cannot take is parsed whole), so a span the lake cannot store gets its own 400 and
 never touches another client's request. Requests that queue for the converter thread are converted
 together (``converter.Converter``), and one by one again when that fails. The
 bodies held at once are bounded (``max_inflight_bytes``): beyond it requests get 503 with
@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lightning_core import otlp_wire
 from lightning_core.allocator import keep_freed_memory
 from lightning_core.config import CollectorConfig
 from lightning_core.converter import Converter
@@ -189,6 +190,7 @@ class TraceReceiver:
         """Run the writer thread and the compactor while the app serves."""
         for lane in LANES:  # created (or opened) before the first request, which would otherwise wait for it
             await asyncio.to_thread(self.lake.table, lane)
+        await asyncio.to_thread(otlp_wire.warm_up)  # the request reader compiled, or loaded from numba's cache
         self.writer = GroupCommitWriter(self.lake, flush_interval_s=self.config.flush_interval_ms / 1000, on_commit=self._committed)
         self.converter = Converter(self.writer.submit, max_body_bytes=self.config.max_body_bytes,
                                    max_partitions=self.config.max_partitions_per_request,

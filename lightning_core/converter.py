@@ -9,7 +9,7 @@ converted once (two serialised requests one after the other are one valid reques
 it is acknowledged when that commit is durable. The joined copy of the bodies (at most
 ``MAX_BATCH_BYTES``) lives only while the batch converts; ``max_inflight_bytes`` counts the bodies.
 
-A batch whose conversion fails in any way (a bad span, too many partitions, a body ptars refuses) is
+A batch whose conversion fails in any way (a bad span, too many partitions, an attribute protobuf refuses) is
 converted again request by request, so a bad request gets its own error and never fails the others.
 JSON and gzip-encoded requests are decoded first; JSON requests are converted alone.
 """

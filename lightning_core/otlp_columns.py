@@ -2,13 +2,13 @@
 
 ``span_rows.request_to_rows`` converts span by span and attribute by attribute in Python, which cost the
 collector ~25 ms per request of 1,050 spans (a dict per row, an ``AnyValue`` per attribute, one
-JSON text per span). Here the request's protobuf bytes are decoded into nested Arrow columns by
-ptars (Rust), and every column of ``span_rows.SPAN_SCHEMA`` is computed for all spans at once with
-Arrow compute and numpy: hex ids from a lookup table, the attributes JSON joined from per-attribute
-fragments, token ids and logprobs decoded from their arrays' encoded bytes (ptars keeps array and
-map values as bytes). The collector hands in only the request's outline (``otlp_decode.parse_outline``:
-the spans' attributes, events and links left as bytes); the Python path, and the events and links
-it writes, parse the whole request on first use.
+JSON text per span). Here the spans and their attributes are read from the request's protobuf bytes as
+flat columns by compiled code (``otlp_wire``, numba), and every column of ``span_rows.SPAN_SCHEMA`` is
+computed for all spans at once with Arrow compute and numpy: hex ids from a lookup table, the attributes
+JSON joined from per-attribute fragments, token ids and logprobs decoded from their arrays' encoded bytes
+(compiled too). The collector hands in only the request's outline (``otlp_decode.parse_outline``: the
+spans' attributes, events and links left as bytes); the Python path, and the events and links it writes,
+parse the whole request on first use.
 
 The rows are the Python path's, byte for byte (``tests/test_otlp_columns.py`` checks random
 requests against it). A span this path does not convert the same way -- repeated keys, a value
@@ -27,52 +27,35 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ptars
 from google.protobuf.message import Message
 
-from lightning_core import otlp_decode, semconv, span_rows
+from lightning_core import otlp_decode, otlp_wire, semconv, span_rows
 
 _HEX = np.array([[ord(c) for c in f"{i:02x}"] for i in range(256)], np.uint8).view("<u2").ravel()  # byte -> its two hex digits
 _DAY_NS = 86_400 * 10**9
 _MAX_TIME_NS = span_rows.MAX_TIME_NS
 _KIND_NAMES = pa.array([span_rows.KIND_NAMES[i] for i in range(len(span_rows.KIND_NAMES))])
 _STATUS_NAMES = pa.array([span_rows.STATUS_NAMES[i] for i in range(len(span_rows.STATUS_NAMES))])
-_DECODE_CHUNK = 512 * 1024  # bytes of array payloads decoded at once
 _COUNT_CELLS = 4_000_000  # spans x distinct keys up to which repeated keys are found by counting
-_VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "bytes_value", "array_value", "kvlist_value")
-
-
-@functools.cache
-def _handler():
-    """ptars's decoder of the request, with array and map values kept as their encoded bytes: a token id is a
-    message of its own, and 84,000 of them cost ptars ~1.5 ms a request as Arrow elements; their bytes
-    decode here as numpy arrays (``_blob_ints``)."""
-    file = otlp_decode.bytes_variant({"opentelemetry.proto.common.v1.AnyValue": {"array_value", "kvlist_value"}})
-    return ptars.HandlerPool([file]).get_for_message(file.message_types_by_name["ExportTraceServiceRequest"])
 
 
 def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[span_rows.Partition, pa.Table]:
     """The span tables of ``request`` (parsed from ``body``, whole or as ``otlp_decode.parse_outline``'s outline)
     by partition, as ``span_rows.request_to_rows`` gives them."""
     whole = functools.cache(lambda: otlp_decode.whole_request(request, body))  # for the Python path, parsed once
-    try:
-        batch = _handler().list_to_record_batch([body])
-    except Exception:  # what ptars cannot take, protobuf parses whole: it refuses the request or Python converts it
-        return _python(whole(), received_ns)
-    resource_spans = pc.list_flatten(batch.column(0))
-    scope_spans = pc.list_flatten(pc.struct_field(resource_spans, "scope_spans"))
-    spans = pc.list_flatten(pc.struct_field(scope_spans, "spans"))
-    n = len(spans)
+    wire = otlp_wire.decode(body)
+    if wire is None or len(wire.scopes_per_resource) != len(request.resource_spans):
+        return _python(whole(), received_ns)  # protobuf parses it whole: it refuses the request or Python converts it
+    n = len(wire.kind)
     if n == 0:
         return {}
     # which resource and scope each span belongs to
-    scope_of_span = np.repeat(np.arange(len(scope_spans)), _lengths(pc.struct_field(scope_spans, "spans")))
-    resource_of_scope = np.repeat(np.arange(len(resource_spans)), _lengths(pc.struct_field(resource_spans, "scope_spans")))
+    scope_of_span = np.repeat(np.arange(len(wire.spans_per_scope)), wire.spans_per_scope)
+    resource_of_scope = np.repeat(np.arange(len(wire.scopes_per_resource)), wire.scopes_per_resource)
     resource_of_span = resource_of_scope[scope_of_span]
 
-    trace_id, span_id, parent_id = (pc.struct_field(spans, f) for f in ("trace_id", "span_id", "parent_span_id"))
-    start = _numpy(pc.struct_field(spans, "start_time_unix_nano"))
-    end = _numpy(pc.struct_field(spans, "end_time_unix_nano"))
+    trace_id, span_id, parent_id = wire.trace_id, wire.span_id, wire.parent_span_id
+    start, end = wire.start, wire.end
     if not (
         (_widths(trace_id) == 16).all() and (_widths(span_id) == 8).all() and np.isin(_widths(parent_id), (0, 8)).all()
         and (start <= _MAX_TIME_NS).all() and (end <= _MAX_TIME_NS).all()
@@ -84,23 +67,22 @@ def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[s
 
     # the rollout context of every resource, as the Python path reads it (a bad value raises there)
     contexts = [span_rows.resource_context(rs) for rs in request.resource_spans]
-    slow = np.zeros(n, bool)  # spans the Python path converts
-    kind, status_code, status_message = _enums(spans, slow)
-    attributes = _Attributes(pc.struct_field(spans, "attributes"), n)
+    slow = wire.odd.copy()  # spans the Python path converts
+    kind, status_code, status_message = _enums(wire, slow)
+    attributes = _Attributes(wire, n)
     columns: dict[str, pa.Array] = {
         "trace_id": _hex(trace_bytes),
         "span_id": _hex(span_bytes),
         "parent_id": _parent_hex(parent_id, n),
-        "name": pc.struct_field(spans, "name"),
+        "name": wire.name,
         "kind": kind,
         "start_ns": pa.array(start.astype(np.int64)),
         "end_ns": pa.array(end.astype(np.int64)),
         "status_code": status_code,
         "status_message": status_message,
-        **_events_and_links(whole, spans, n),
+        **_events_and_links(whole, wire, n),
     }
-    scope_names = pc.struct_field(pc.struct_field(scope_spans, "scope"), "name")
-    scope_versions = pc.struct_field(pc.struct_field(scope_spans, "scope"), "version")
+    scope_names, scope_versions = wire.scope_name, wire.scope_version
     columns["resource"] = _per_span([c["resource_json"] for c in contexts], resource_of_span)
     columns["scope_name"] = pc.take(_empty_to_null(scope_names), pa.array(scope_of_span))
     columns["scope_version"] = pc.take(_empty_to_null(scope_versions), pa.array(scope_of_span))
@@ -131,19 +113,14 @@ def request_to_tables(request: Message, body: bytes, received_ns: int) -> dict[s
 class _Attributes:
     """The spans' attributes as columns: one row per key-value pair, with the span it belongs to."""
 
-    def __init__(self, lists: pa.ListArray, n_spans: int):
-        self.n = n_spans
-        pairs = pc.list_flatten(lists)
-        self.span = np.repeat(np.arange(n_spans), _lengths(lists))
-        self.keys = pc.struct_field(pairs, "key")
-        value = pc.struct_field(pairs, "value")
-        self.value = {f: pc.struct_field(value, f) for f in _VALUE_FIELDS}
-        self.slow = np.zeros(n_spans, bool)
-        for field in value.type:  # a value this path does not know (string_value_strindex, a newer OTLP's): Python
-            if field.name not in _VALUE_FIELDS:
-                self.slow[self.span[_numpy(pc.struct_field(value, field.name).is_valid())]] = True
+    def __init__(self, wire: otlp_wire.Wire, n_spans: int):
+        self.n, self.wire = n_spans, wire
+        self.span = np.repeat(np.arange(n_spans), wire.pairs_per_span)
+        self.keys = wire.key
+        self.value = _Values(wire)
+        self.slow = np.zeros(n_spans, bool)  # (a value of a member the reader does not know made its span odd)
         self._null = None
-        self.removed = np.zeros(len(pairs), bool)  # promoted arrays, stored in their own columns
+        self.removed = np.zeros(len(self.keys), bool)  # promoted arrays, stored in their own columns
         encoded = pc.dictionary_encode(self.keys)
         self.key_codes = _numpy(encoded.indices).astype(np.int64)
         self.key_names = encoded.dictionary.to_pylist()
@@ -160,7 +137,7 @@ class _Attributes:
             self.repeated[order[1:][order[1:] == order[:-1]] // width] = True
         self.slow |= self.repeated
         # nested values (lists and maps) other than the promoted arrays: the Python path
-        nested = ~_numpy(self.value["array_value"].is_null()) | ~_numpy(self.value["kvlist_value"].is_null())
+        nested = (wire.value_type == otlp_wire.ARRAY) | (wire.value_type == otlp_wire.KVLIST)
         promoted_codes = [self._index[k] for k in span_rows.PROMOTED_ARRAYS if k in self._index]
         nested &= ~np.isin(self.key_codes, promoted_codes)
         self.slow[self.span[nested]] = True
@@ -225,13 +202,12 @@ class _Attributes:
         value_type = pa.int64() if element is int else pa.float64()
         if not len(pairs):
             return pa.nulls(self.n, pa.list_(value_type))
-        payloads = pc.take(self.value["array_value"], pa.array(pairs))
-        is_array = ~_numpy(payloads.is_null())
+        is_array = self.wire.value_type[pairs] == otlp_wire.ARRAY
         if not is_array.all():
             self.slow[self.span[pairs[~is_array]]] = True
-            pairs, payloads = pairs[is_array], payloads.filter(pa.array(is_array))
-        decode = _blob_ints if element is int else _blob_doubles
-        values, counts, ok = _decode_each(decode, _bytes(payloads), _offsets(payloads))
+            pairs = pairs[is_array]
+        decode = otlp_wire.token_ids if element is int else otlp_wire.logprobs
+        values, counts, ok = decode(self.wire, pairs)
         self.slow[self.span[pairs[~ok]]] = True
         self.removed[pairs[ok]] = True
         pairs, counts = pairs[ok], counts[ok]
@@ -251,11 +227,7 @@ class _Attributes:
     def _value_null(self) -> pa.Array:
         """Pairs whose value holds nothing (JSON null)."""
         if self._null is None:
-            present = None
-            for array in self.value.values():
-                valid = array.is_valid()
-                present = valid if present is None else pc.or_(present, valid)
-            self._null = pc.invert(present)
+            self._null = pa.array(self.wire.value_type == 0)
         return self._null
 
     def json(self) -> pa.Array:
@@ -294,11 +266,26 @@ class _Attributes:
         return pc.binary_join_element_wise("{", pc.binary_join(per_span, ","), "}", "")
 
 
-def _events_and_links(whole: Callable[[], Message], spans: pa.StructArray, n: int) -> dict[str, pa.Array]:
+class _Values(dict):
+    """The pairs' values per ``AnyValue`` member (``otlp_wire.Wire.values``), each built on first use."""
+
+    _MEMBERS = {"string_value": otlp_wire.STRING, "bool_value": otlp_wire.BOOL, "int_value": otlp_wire.INT,
+                "double_value": otlp_wire.DOUBLE, "bytes_value": otlp_wire.BYTES}
+
+    def __init__(self, wire: otlp_wire.Wire):
+        super().__init__()
+        self.wire = wire
+
+    def __missing__(self, field: str) -> pa.Array:
+        self[field] = array = self.wire.values(self._MEMBERS[field])
+        return array
+
+
+def _events_and_links(whole: Callable[[], Message], wire: otlp_wire.Wire, n: int) -> dict[str, pa.Array]:
     """The ``events`` and ``links`` JSON columns: "[]" for most spans, the few with some written by the Python path."""
     columns, span_objects = {}, None
-    for column, write in (("events", span_rows.events_json), ("links", span_rows.links_json)):
-        having = np.flatnonzero(_lengths(pc.struct_field(spans, column)) > 0)
+    for column, write, counts in (("events", span_rows.events_json, wire.events), ("links", span_rows.links_json, wire.links)):
+        having = np.flatnonzero(counts > 0)
         if not len(having):
             columns[column] = pa.repeat(pa.scalar("[]"), n)
             continue
@@ -311,94 +298,12 @@ def _events_and_links(whole: Callable[[], Message], spans: pa.StructArray, n: in
     return columns
 
 
-def _decode_each(decode, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode every ``ArrayValue`` payload (``data[offsets[i]:offsets[i+1]]``), in pieces of whole payloads of
-    about ``_DECODE_CHUNK`` bytes (numpy makes several passes over a piece: it should stay in the CPU cache).
-    Returns the values of the arrays that decoded (in order), each array's length, and which did."""
-    if offsets[-1] - offsets[0] <= _DECODE_CHUNK:
-        return _decode_piece(decode, data, offsets)
-    cuts = np.unique(np.searchsorted(offsets, np.arange(offsets[0], offsets[-1], _DECODE_CHUNK)[1:]))
-    edges = [0, *cuts[(cuts > 0) & (cuts < len(offsets) - 1)].tolist(), len(offsets) - 1]
-    parts = [_decode_piece(decode, data, offsets[a : b + 1]) for a, b in zip(edges[:-1], edges[1:])]
-    return tuple(np.concatenate(part) for part in zip(*parts))
-
-
-def _decode_piece(decode, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``_decode_each`` of one piece: all its payloads at once, else payload by payload."""
-    region, bounds = data[offsets[0] : offsets[-1]], offsets - offsets[0]
-    decoded = decode(region, bounds)
-    if decoded is not None:
-        return decoded[0], decoded[1], np.ones(len(bounds) - 1, bool)
-    parts, counts, ok = [], np.zeros(len(bounds) - 1, np.int64), np.zeros(len(bounds) - 1, bool)
-    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-        decoded = decode(region[start:stop], np.array([0, stop - start]))
-        if decoded is not None:
-            parts.append(decoded[0])
-            counts[i], ok[i] = len(decoded[0]), True
-    return (np.concatenate(parts) if parts else np.empty(0)), counts, ok
-
-
-def _blob_ints(region: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Token ids and array lengths from ``ArrayValue`` payloads (array i is ``region[bounds[i]:bounds[i+1]]``);
-    None unless every element is exactly ``0x0a L 0x18 <varint>``: a one-byte length, then an ``AnyValue``
-    holding only ``int_value``, a varint of 1-5 bytes in ``span_rows.TOKEN_ID_RANGE``.
-
-    Every byte below 0x80 there is a tag, a length or a varint's last byte: each element holds exactly four,
-    at F, F+1, F+2 and E, and only the varint's first bytes (F+3 to E-1) are 0x80 or above."""
-    n_arrays = len(bounds) - 1
-    size = len(region)
-    if size == 0:
-        return np.empty(0, np.int64), np.zeros(n_arrays, np.int64)
-    small = np.flatnonzero(region < 0x80)
-    if small.size == 0 or small.size % 4 or small[0] != 0 or small[-1] != size - 1:
-        return None
-    n = small.size // 4
-    gaps = np.empty(small.size, np.int64)  # per element: F to F+1, F+1 to F+2, F+2 to E (the varint's width), E to the next F
-    np.subtract(small[1:], small[:-1], out=gaps[:-1])
-    gaps[-1] = 1
-    gaps = gaps.reshape(n, 4)
-    widths = gaps[:, 2].copy()
-    gaps[:, 2] = 1
-    if gaps.max() != 1 or widths.max() > 5:
-        return None
-    tags = region[small].view("<u4")  # per element its bytes at F, F+1, F+2 and E, little-endian
-    if not (np.array_equal(tags & 0x00FF00FF, np.full(n, 0x0018000A, np.uint32))
-            and np.array_equal((tags >> 8) & 0xFF, widths + 1)):
-        return None
-    starts = np.append(small[::4], size)  # every array must begin at an element (or end the region)
-    at = np.searchsorted(starts, bounds)
-    if not np.array_equal(starts[np.minimum(at, len(starts) - 1)], bounds):
-        return None
-    # the varint's last byte holds its highest 7 bits; each byte before it, 7 lower ones
-    last = small[3::4]
-    values = (tags >> 24).astype(np.int64)
-    for k in range(1, int(widths.max())):
-        values = np.where(widths > k, (values << 7) | (region[np.maximum(last - k, 0)] & 0x7F), values)
-    if values.max() > span_rows.TOKEN_ID_RANGE[1]:
-        return None
-    return values, np.diff(at)
-
-
-def _blob_doubles(region: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Logprobs and array lengths from ``ArrayValue`` payloads: every element exactly ``0x0a 0x09 0x21`` and 8 bytes."""
-    lengths = np.diff(bounds)
-    if (lengths % 11).any():
-        return None
-    elements = region.reshape(-1, 11)
-    if not ((elements[:, 0] == 0x0A).all() and (elements[:, 1] == 0x09).all() and (elements[:, 2] == 0x21).all()):
-        return None
-    return elements[:, 3:].copy().view("<f8").ravel(), lengths // 11
-
-
-def _enums(spans: pa.StructArray, slow: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
-    kinds = _numpy(pc.struct_field(spans, "kind")).astype(np.int64)
-    status = pc.struct_field(spans, "status")
-    codes = _numpy(pc.fill_null(pc.struct_field(status, "code"), 0)).astype(np.int64)
+def _enums(wire: otlp_wire.Wire, slow: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
+    kinds, codes = wire.kind.copy(), wire.status_code.copy()
     odd = (kinds < 0) | (kinds >= len(_KIND_NAMES)) | (codes < 0) | (codes >= len(_STATUS_NAMES))
     slow |= odd
     kinds[odd], codes[odd] = 0, 0
-    message = pc.struct_field(status, "message")
-    return pc.take(_KIND_NAMES, pa.array(kinds)), pc.take(_STATUS_NAMES, pa.array(codes)), _empty_to_null(message)
+    return pc.take(_KIND_NAMES, pa.array(kinds)), pc.take(_STATUS_NAMES, pa.array(codes)), _empty_to_null(wire.status_message)
 
 
 def _partitions(contexts: list[dict], resource_of_span: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -465,10 +370,6 @@ def _python(request, received_ns: int) -> dict[span_rows.Partition, pa.Table]:
 
 def _numpy(array: pa.Array) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False)
-
-
-def _lengths(lists: pa.Array) -> np.ndarray:
-    return _numpy(pc.fill_null(pc.list_value_length(lists), 0)).astype(np.int64)
 
 
 def _offsets(binary: pa.Array) -> np.ndarray:

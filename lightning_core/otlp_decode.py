@@ -3,8 +3,8 @@
 Bodies are read with a size limit as they stream in, gunzipped with the same limit, and parsed
 as protobuf or OTLP/JSON (hex ids). A protobuf body whose known fields arrive with the wrong wire
 type is refused: protobuf would keep them as unknown fields and the spans would silently vanish.
-The collector parses only a protobuf body's outline (``parse_outline``) and lets ptars decode the
-spans' attributes from the same bytes (``otlp_columns``).
+The collector parses only a protobuf body's outline (``parse_outline``) and reads the spans' attributes
+from the same bytes with compiled code (``otlp_wire``, for ``otlp_columns``).
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def parse_outline(body: bytes) -> Message:
     as their encoded bytes; refused for the same reasons as ``parse`` down to that level.
 
     The whole ~1 MB request of the ingest benchmark takes 2.4-4 ms to parse, its outline 0.4-0.6 ms: the
-    attribute values (a token id is a message of its own) are most of a request. ``otlp_columns``
-    decodes the attributes from the same bytes with ptars, which refuses what protobuf would refuse
-    in them; a request it cannot take is parsed whole (``whole_request``), with ``parse``'s errors.
+    attribute values (a token id is a message of its own) are most of a request. ``otlp_wire`` reads
+    the attributes from the same bytes and leaves what protobuf might refuse in them to the Python path,
+    which parses the request whole (``whole_request``), with ``parse``'s errors.
     """
     _refuse_empty(body)
     return _parse_protobuf(_outline_class()(), body)

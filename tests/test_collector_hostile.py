@@ -203,7 +203,7 @@ def _deep_attribute_json(depth: int) -> bytes:
 
 def _inside_an_attribute(case: str) -> bytes:
     """A request whose only fault lies inside a span's attribute, which the collector's outline parse keeps
-    as bytes: ptars refuses it, and protobuf's whole parse names the fault."""
+    as bytes: the compiled reader leaves it to the Python path, and protobuf's whole parse names the fault."""
     request = export_request({"arclight.run_id": "z"}, 1)
     attribute = request.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="note")
     if case == "utf8":

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lightning_core import otlp_columns, otlp_decode, semconv, span_rows
+from lightning_core import otlp_columns, otlp_decode, otlp_wire, semconv, span_rows
 from lightning_core.span_rows import SpanDataError
 from tests.otlp_factory import fill_attributes, set_value
 
@@ -264,8 +264,8 @@ def test_a_bytes_variant_of_a_field_otlp_does_not_have_fails_loudly():
 
 
 def test_the_collectors_path_never_parses_a_clean_gateway_request_whole(monkeypatch):
-    """The outline and ptars's decode are all a clean request costs: protobuf's whole parse (~4 ms of a
-    ~12 ms conversion for the benchmark's 1 MB request) and the Python path stay for odd requests."""
+    """The outline and the compiled reader (``otlp_wire``) are all a clean request costs: protobuf's whole parse
+    (~4 ms of a ~10 ms conversion for the benchmark's 1 MB request) and the Python path stay for odd requests."""
     from benchmarks.ingest_bench import build_request
 
     body = build_request(5, spans=60)
@@ -327,8 +327,8 @@ elements = st.tuples(st.sampled_from(["id"] * 12 + ["negative", "double", "strin
 @example(arrays=[[("id", 2**31), ("id", 1)]], shift=0)
 @example(arrays=[[("id", 2**35 - 1)]], shift=0)  # a 6-byte varint
 def test_the_token_id_decoder_accepts_only_arrays_protobuf_reads_as_those_ids(arrays, shift):
-    """``_blob_ints`` (numpy over the encoded ``ArrayValue`` payloads) either refuses, or gives exactly the
-    int values protobuf parses from every array, each element an ``AnyValue`` of only ``int_value``
+    """``otlp_wire.token_ids_at`` (compiled, over the encoded ``ArrayValue`` payloads) either refuses an array, or
+    gives exactly the int values protobuf parses from it, each element an ``AnyValue`` of only ``int_value``
     within the token id range. Clean ids in range are never refused. (``shift`` moves the last bytes of
     the first array to the start of the second: arrays that split an element.)"""
     import numpy as np
@@ -338,25 +338,24 @@ def test_the_token_id_decoder_accepts_only_arrays_protobuf_reads_as_those_ids(ar
     payloads = [b"".join(_element(kind, value) for kind, value in array) for array in arrays]
     if len(payloads) > 1 and 0 < shift <= len(payloads[0]):
         payloads[:2] = [payloads[0][:-shift], payloads[0][-shift:] + payloads[1]]
-        arrays = [[("split", 0)]] + arrays[1:]  # not clean any more
+        arrays = [[("split", 0)], [("split", 0)]] + arrays[2:]  # not clean any more
     bounds = np.cumsum([0] + [len(p) for p in payloads])
-    decoded = otlp_columns._blob_ints(np.frombuffer(b"".join(payloads), np.uint8), bounds)
-    clean = all(kind == "id" and value < 2**31 for array in arrays for kind, value in array)
-    if decoded is None:
-        assert not clean, arrays
-        return
-    values, counts = decoded
-    expected = []
-    for payload in payloads:
+    values, counts, ok = otlp_wire.token_ids_at(np.frombuffer(b"".join(payloads), np.uint8), bounds[:-1], bounds[1:])
+    at = 0
+    for array, payload, count, decoded in zip(arrays, payloads, counts.tolist(), ok.tolist()):
+        clean = all(kind == "id" and value < 2**31 for kind, value in array)
+        if not decoded:
+            assert not clean and count == 0, array
+            continue
         try:
             parsed = ArrayValue.FromString(payload)
         except DecodeError:
             raise AssertionError(f"decoded what protobuf refuses: {payload.hex()}") from None
         assert all(v.ListFields() and [f.name for f, _ in v.ListFields()] == ["int_value"] for v in parsed.values)
-        expected.append([v.int_value for v in parsed.values])
-    assert counts.tolist() == [len(e) for e in expected]
-    assert values.tolist() == [x for e in expected for x in e]
-    assert all(0 <= x < 2**31 for x in values.tolist())
+        assert values[at : at + count].tolist() == [v.int_value for v in parsed.values]
+        assert all(0 <= v.int_value < 2**31 for v in parsed.values)
+        at += count
+    assert at == len(values)
 
 
 def test_joined_requests_convert_to_the_rows_of_each_alone():
@@ -375,21 +374,65 @@ def test_joined_requests_convert_to_the_rows_of_each_alone():
     assert got[span_rows.Partition("other", 0)].equals(alone[1][span_rows.Partition("other", 0)])
 
 
-@settings(max_examples=60, deadline=None, database=None)
-@given(arrays=st.lists(st.lists(elements, max_size=12), min_size=1, max_size=40), chunk=st.integers(1, 200))
-def test_token_arrays_decoded_in_pieces_give_what_one_pass_gives(arrays, chunk):
-    """Big requests decode their arrays in pieces of ``_DECODE_CHUNK`` bytes: an odd array in one piece sends
-    only that piece payload by payload, and the pieces join into what one pass over everything gives."""
-    import numpy as np
+def _span_bytes(*fields: bytes) -> bytes:
+    return b"".join(fields)
 
-    payloads = [b"".join(_element(kind, value) for kind, value in array) for array in arrays]
-    data = np.frombuffer(b"".join(payloads), np.uint8)
-    offsets = np.cumsum([0] + [len(p) for p in payloads])
-    whole = otlp_columns._decode_piece(otlp_columns._blob_ints, data, offsets)
-    saved = otlp_columns._DECODE_CHUNK
-    otlp_columns._DECODE_CHUNK = chunk
-    try:
-        pieces = otlp_columns._decode_each(otlp_columns._blob_ints, data, offsets)
-    finally:
-        otlp_columns._DECODE_CHUNK = saved
-    assert [part.tolist() for part in pieces] == [part.tolist() for part in whole]
+
+def _kv(key: bytes, *values: bytes) -> bytes:
+    """A ``KeyValue`` with ``values`` as its ``value`` field, each an encoded ``AnyValue`` (several: protobuf merges)."""
+    return _field(0x0A, key) + b"".join(_field(0x12, value) for value in values)
+
+
+def _body(*spans: bytes, scope: bytes = b"") -> bytes:
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+    resource = Resource()
+    fill_attributes(resource.attributes, {semconv.RUN_ID: "r"})
+    scope_spans = scope + b"".join(_field(0x12, span) for span in spans)
+    return _field(0x0A, _field(0x0A, resource.SerializeToString()) + _field(0x12, scope_spans))
+
+
+IDS = _field(0x0A, b"\x01" * 16) + _field(0x12, b"\x02" * 8)
+ARRAY = _field(0x2A, _field(0x0A, bytes([0x18, 5])) + _field(0x0A, bytes([0x18, 7])))  # AnyValue{array_value: [5, 7]}
+
+
+@pytest.mark.parametrize("body", [
+    # fields in another order, attributes between the others, a time before the ids
+    _body(bytes([0x39]) + (5).to_bytes(8, "little") + _field(0x4A, _kv(b"a", _field(0x0A, b"x"))) + _field(0x2A, b"late")
+          + IDS + _field(0x4A, _kv(b"b", bytes([0x18, 3]))) + bytes([0x30, 2])),
+    # a status in two parts (protobuf merges them: the code of one, the message of the other)
+    _body(IDS + _field(0x7A, bytes([0x18, 2])) + _field(0x7A, _field(0x12, b"why"))),
+    # unknown span fields: a varint, a fixed32, a group with a field inside, a length-delimited one
+    _body(IDS + bytes([0xF8, 0x07, 1]) + bytes([0xFD, 0x07]) + b"\x00" * 4 + bytes([0xFB, 0x07, 0x08, 1, 0xFC, 0x07])
+          + bytes([0xFA, 0x07, 2]) + b"zz" + _field(0x4A, _kv(b"k", _field(0x0A, b"v")))),
+    # a value in two parts: the later member wins; an array in two parts is merged (the Python path's)
+    _body(IDS + _field(0x4A, _kv(b"k", _field(0x0A, b"s"), bytes([0x18, 9])))),
+    _body(IDS + _field(0x4A, _kv(b"arclight.llm.prompt_token_ids", ARRAY, ARRAY))),
+    _body(IDS + _field(0x4A, _kv(b"arclight.llm.prompt_token_ids", ARRAY, _field(0x0A, b"s"), ARRAY))),
+    # a KeyValue with an unknown field, a value with no member, a key given twice in one KeyValue
+    _body(IDS + _field(0x4A, _kv(b"k", b"") + bytes([0x18, 1])) + _field(0x4A, _field(0x0A, b"x") + _field(0x0A, b"y"))),
+    # a negative kind (a 10-byte varint), a scope in two parts, a span with no attributes after one with many
+    _body(IDS + bytes([0x30]) + b"\xff" * 9 + b"\x01", IDS + _field(0x4A, _kv(b"d", bytes([0x21]) + b"\x00" * 8)),
+          scope=_field(0x0A, _field(0x0A, b"name")) + _field(0x0A, _field(0x12, b"1.0"))),
+    # int_value with a double's wire type: protobuf keeps it as an unknown field (a value with no member)
+    _body(IDS + _field(0x4A, _kv(b"k", bytes([0x19]) + b"\x00" * 8))),
+])
+def test_protobuf_the_reader_takes_in_any_valid_form_gives_the_python_paths_rows(body):
+    """``otlp_wire`` reads the wire format as protobuf does: any field order, unknown fields (groups too) skipped,
+    a message that comes twice merged, the last member of a oneof kept; what it does not take as protobuf would
+    (an array that comes twice) goes to the Python path."""
+    expected = _python(ExportTraceServiceRequest.FromString(body))
+    _assert_tables_equal(otlp_columns.request_to_tables(otlp_decode.parse_outline(body), body, 123), expected)
+
+
+@pytest.mark.parametrize("attribute", [
+    _kv(b"k", _field(0x0A, b"x"))[:-1],  # cut short inside the value
+    _field(0x0A, b"\xff\xfe") + _field(0x12, _field(0x0A, b"x")),  # a key that is not UTF-8
+    _kv(b"k", _field(0x0A, b"\xc3")),  # a string value that is not UTF-8
+])
+def test_an_attribute_protobuf_refuses_refuses_the_request(attribute):
+    body = _body(IDS + _field(0x4A, attribute))
+    with pytest.raises(Exception):
+        ExportTraceServiceRequest.FromString(body)
+    with pytest.raises(otlp_decode.RequestRejected):
+        otlp_columns.request_to_tables(otlp_decode.parse_outline(body), body, 123)
