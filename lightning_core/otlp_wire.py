@@ -2,18 +2,20 @@
 
 The collector parses a request's outline with protobuf (upb) first (``otlp_decode.parse_outline``: every
 field down to the spans is checked, their attributes, events and links are left as bytes). What the
-columnar conversion (``otlp_columns``) needs of the spans is then read from the same bytes by one pass
-of compiled code (numba): per span its ids, name, kind, times, status and how many events and links it
-has; per attribute its key and its value (the ``AnyValue`` member set, with arrays and maps kept as their
-encoded payload). Nothing is built per span or per attribute in Python. Two passes: the first counts,
-the second fills arrays of exactly that size.
+columnar conversion (``otlp_columns``) needs of the spans is then read from the same bytes by compiled
+code (numba): per span its ids, name, kind, times, status and how many events and links it has; per
+attribute its key and its value (the ``AnyValue`` member set, with arrays and maps kept as their encoded
+payload). Nothing is built per span or per attribute in Python. The bytes are walked twice: the first
+walk counts, the second fills arrays of exactly that size. Token ids and logprobs are decoded from their
+arrays' payloads by compiled loops too (``token_ids``, ``logprobs``).
 
 Protobuf's rules are kept: fields in any order, unknown fields skipped, the last value of a scalar field
 wins, and a message field that comes twice is merged (field by field, which is what the walk does). What
 this reader does not take as protobuf would -- an attribute that is not a well-formed ``KeyValue``, a value
 of an ``AnyValue`` member it does not know (``string_value_strindex``), an array or map value that comes
 twice (protobuf concatenates them) -- marks the span ``odd``: the Python path converts it (and refuses the
-request when protobuf does). Invalid UTF-8 in a key or a string value makes ``decode`` return None.
+request when protobuf does). ``decode`` returns None for invalid UTF-8 in a key or a string value, and for
+bytes that are not the protobuf the outline parse took; the Python path then parses the request whole.
 """
 
 from __future__ import annotations
@@ -201,8 +203,7 @@ _SCOPE_STRINGS = np.array([1, 2], np.uint64)  # name, version
 @numba.njit(cache=True, nogil=True)
 def _span(buf, pos, end, fill, s, pair, sp_bytes, sp_num, sp_odd, k_start, k_end, v_type, v_start, v_end, v_bits):
     """Read one span (``buf[pos:end]``); return the next pair's index, -1 when the span does not fit."""
-    head = pos
-    if fill and not _strings(buf, head, end, sp_bytes, s, _SPAN_STRINGS):
+    if fill and not _strings(buf, pos, end, sp_bytes, s, _SPAN_STRINGS):
         return -1
     while pos < end:
         tag, pos = _varint(buf, pos, end)
