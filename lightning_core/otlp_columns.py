@@ -118,7 +118,7 @@ class _Attributes:
         self.span = np.repeat(np.arange(n_spans), wire.pairs_per_span)
         self.keys = wire.key
         self.value = _Values(wire)
-        self.slow = np.zeros(n_spans, bool)  # (a value of a member the reader does not know made its span odd)
+        self.slow = np.zeros(n_spans, bool)  # spans these attributes send to the Python path (and ``wire.odd``)
         self._null = None
         self.removed = np.zeros(len(self.keys), bool)  # promoted arrays, stored in their own columns
         encoded = pc.dictionary_encode(self.keys)

@@ -20,11 +20,13 @@ bytes that are not the protobuf the outline parse took; the Python path then par
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 import pyarrow as pa
+
+from lightning_core.span_rows import TOKEN_ID_RANGE
 
 # the AnyValue member a pair holds (the columns of ``values``): its field number in AnyValue
 STRING, BOOL, INT, DOUBLE, ARRAY, KVLIST, BYTES = 1, 2, 3, 4, 5, 6, 7
@@ -408,8 +410,6 @@ def token_ids(wire: "Wire", pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 def token_ids_at(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``token_ids`` of the ``ArrayValue`` payloads ``buf[starts[i]:ends[i]]`` (``_token_ids``)."""
-    from lightning_core.span_rows import TOKEN_ID_RANGE
-
     out = np.empty(int((ends - starts).sum()) // 4, np.int64)
     counts, ok = np.zeros(len(starts), np.int64), np.zeros(len(starts), np.bool_)
     n = _token_ids(buf, starts, ends, np.uint64(TOKEN_ID_RANGE[1]), out, counts, ok)
@@ -452,10 +452,16 @@ class Wire:
     value_start: np.ndarray  # a string's, a bytes value's, or an array's or map's encoded payload: buf[start:end]
     value_end: np.ndarray
     value_bits: np.ndarray  # uint64: an int, a bool (0/1) or a double's bits
+    _built: dict = field(default_factory=dict, repr=False)
 
     def values(self, member: int) -> pa.Array:
         """The pairs' values of one ``AnyValue`` member, NULL for the pairs that hold another (a string or bytes
-        member as a string or binary array; array and map members as their payload's bytes)."""
+        member as a string or binary array; array and map members as their payload's bytes); built once."""
+        if member not in self._built:
+            self._built[member] = self._values(member)
+        return self._built[member]
+
+    def _values(self, member: int) -> pa.Array:
         absent = self.value_type != member
         if member == INT:
             return pa.array(self.value_bits.view(np.int64), mask=absent)
@@ -495,17 +501,16 @@ def decode(body: bytes) -> Wire | None:
                    binary.strings(k_start, k_end)]
     except pa.ArrowInvalid:
         return None
-    is_text = v_type == STRING
-    if is_text.any():
-        try:
-            binary.strings(v_start[is_text], v_end[is_text])
-        except pa.ArrowInvalid:
-            return None
-    return Wire(buf, rs_scopes, sc_spans, strings[0], strings[1],
+    wire = Wire(buf, rs_scopes, sc_spans, strings[0], strings[1],
                 binary.binary(sp_bytes[:, 0], sp_bytes[:, 1]), binary.binary(sp_bytes[:, 2], sp_bytes[:, 3]),
                 binary.binary(sp_bytes[:, 4], sp_bytes[:, 5]), strings[2],
                 sp_num[:, 0], sp_num[:, 1].view(np.uint64), sp_num[:, 2].view(np.uint64), sp_num[:, 3], strings[3],
                 sp_num[:, 4], sp_num[:, 5], sp_odd, np.diff(sp_pairs), strings[4], v_type, v_start, v_end, v_bits)
+    try:
+        wire.values(STRING).validate(full=True)  # the string values are UTF-8
+    except pa.ArrowInvalid:
+        return None
+    return wire
 
 
 class _Binary:
