@@ -537,7 +537,7 @@ class _Binary:
 
 
 def warm_up() -> None:
-    """Compile the loops (numba; seconds the first time, ~0.3 s from numba's cache after that) by reading a
+    """Compile the loops (numba; seconds the first time, ~0.4 s from numba's cache after that) by reading a
     small request, so that no client's request waits for the compiler."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
