@@ -117,7 +117,6 @@ class _Attributes:
         self.n, self.wire = n_spans, wire
         self.span = np.repeat(np.arange(n_spans), wire.pairs_per_span)
         self.keys = wire.key
-        self.value = _Values(wire)
         self.slow = np.zeros(n_spans, bool)  # spans these attributes send to the Python path (and ``wire.odd``)
         self._null = None
         self.removed = np.zeros(len(self.keys), bool)  # promoted arrays, stored in their own columns
@@ -161,7 +160,7 @@ class _Attributes:
         pairs = self._pairs_of(key)
         if not len(pairs):
             return pa.nulls(self.n, pa.string())
-        strings = self.value["string_value"]
+        strings = self.wire.values(otlp_wire.STRING)
         other = _numpy(pc.take(strings, pa.array(pairs)).is_null()) & ~_numpy(pc.take(self._value_null(), pa.array(pairs)))
         self.slow[self.span[pairs[other]]] = True
         return pc.take(strings, self._per_span_index(pairs))
@@ -185,7 +184,8 @@ class _Attributes:
             if not len(pairs):
                 continue
             take = pa.array(pairs)
-            doubles, ints = pc.take(self.value["double_value"], take), pc.take(self.value["int_value"], take)
+            doubles = pc.take(self.wire.values(otlp_wire.DOUBLE), take)
+            ints = pc.take(self.wire.values(otlp_wire.INT), take)
             is_double, is_int = ~_numpy(doubles.is_null()), ~_numpy(ints.is_null())
             other = ~is_double & ~is_int & ~_numpy(pc.take(self._value_null(), take))
             self.slow[self.span[pairs[other]]] = True
@@ -237,22 +237,22 @@ class _Attributes:
             return pa.array(np.full(self.n, "{}", object), pa.string())
         keys = pa.array([span_rows.dumps_json(k) + ":" for k in self.key_names], pa.string())
         fragments_key = pc.take(keys, pa.array(self.key_codes))
-        strings = self.value["string_value"]
+        strings = self.wire.values(otlp_wire.STRING)
         escape = _needs_escape(strings)
         plain_strings = pc.binary_join_element_wise('"', pc.if_else(pa.array(~escape), strings, None), '"', "")
-        ints = pc.cast(self.value["int_value"], pa.string())
-        bools = pc.if_else(self.value["bool_value"], "true", "false")
+        ints = pc.cast(self.wire.values(otlp_wire.INT), pa.string())
+        bools = pc.if_else(self.wire.values(otlp_wire.BOOL), "true", "false")
         # the rest, rare in one request, through json.dumps: strings with characters to escape, doubles
         # (Python writes 1.0, 1e-05, NaN), bytes (as hex text)
         others = np.full(n_pairs, None, object)
         escape = np.flatnonzero(escape)
         for i, value in zip(escape, pc.take(strings, pa.array(escape)).to_pylist()):
             others[i] = span_rows.dumps_json(value)
-        doubles = self.value["double_value"]
+        doubles = self.wire.values(otlp_wire.DOUBLE)
         where = np.flatnonzero(~_numpy(doubles.is_null()))
         for i, value in zip(where, pc.take(doubles, pa.array(where)).to_pylist()):
             others[i] = span_rows.dumps_json(value)
-        byte_values = self.value["bytes_value"]
+        byte_values = self.wire.values(otlp_wire.BYTES)
         where = np.flatnonzero(~_numpy(byte_values.is_null()))
         for i, value in zip(where, pc.take(byte_values, pa.array(where)).to_pylist()):
             others[i] = span_rows.dumps_json(value.hex())
@@ -264,21 +264,6 @@ class _Attributes:
         np.cumsum(counts, out=offsets[1:])
         per_span = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), fragments.filter(pa.array(kept)))
         return pc.binary_join_element_wise("{", pc.binary_join(per_span, ","), "}", "")
-
-
-class _Values(dict):
-    """The pairs' values per ``AnyValue`` member (``otlp_wire.Wire.values``), each built on first use."""
-
-    _MEMBERS = {"string_value": otlp_wire.STRING, "bool_value": otlp_wire.BOOL, "int_value": otlp_wire.INT,
-                "double_value": otlp_wire.DOUBLE, "bytes_value": otlp_wire.BYTES}
-
-    def __init__(self, wire: otlp_wire.Wire):
-        super().__init__()
-        self.wire = wire
-
-    def __missing__(self, field: str) -> pa.Array:
-        self[field] = array = self.wire.values(self._MEMBERS[field])
-        return array
 
 
 def _events_and_links(whole: Callable[[], Message], wire: otlp_wire.Wire, n: int) -> dict[str, pa.Array]:

@@ -374,10 +374,6 @@ def test_joined_requests_convert_to_the_rows_of_each_alone():
     assert got[span_rows.Partition("other", 0)].equals(alone[1][span_rows.Partition("other", 0)])
 
 
-def _span_bytes(*fields: bytes) -> bytes:
-    return b"".join(fields)
-
-
 def _kv(key: bytes, *values: bytes) -> bytes:
     """A ``KeyValue`` with ``values`` as its ``value`` field, each an encoded ``AnyValue`` (several: protobuf merges)."""
     return _field(0x0A, key) + b"".join(_field(0x12, value) for value in values)
