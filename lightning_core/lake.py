@@ -28,7 +28,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
@@ -42,6 +42,7 @@ from lightning_core.durable import fsync_dir, fsync_file
 from lightning_core.span_rows import SPAN_SCHEMA, Partition
 
 log = logging.getLogger("arclight.lake")
+T = TypeVar("T")
 
 LANES = {"training": ("run_id", "epoch"), "production": ("date",)}  # lane -> Delta partition columns
 _PARTITION_TYPES = {"run_id": pa.string(), "epoch": pa.int64(), "date": pa.string()}
@@ -132,9 +133,9 @@ class Lake:
         commit = CommitProperties(custom_metadata={"arclight.writer": _owner()})
         if self.location.uri:  # object storage: delta-rs uploads the files; the PUTs that returned are durable
             data = pa.concat_tables([_with_partition_columns(t, p) for p, t in parts.items()])
-            write_deltalake(table, data, mode="append", partition_by=list(LANES[lane]), writer_properties=_WRITER,
-                            post_commithook_properties=COMMIT_HOOKS,
-                            commit_properties=commit)
+            recovering(table, lambda: write_deltalake(
+                table, data, mode="append", partition_by=list(LANES[lane]), writer_properties=_WRITER,
+                post_commithook_properties=COMMIT_HOOKS, commit_properties=commit))
             return [f"{lane}@{table.version()}"]
         # A local table: each partition's file written by pyarrow and fsynced, then one commit of their add
         # actions. (delta-rs's own writer took 17 ms a commit at version 50 of a table and 37-73 ms at 300,
@@ -199,8 +200,9 @@ class Lake:
                 filters = [(c, "=", str(v)) for c, v in zip(columns, key)]
                 read_version = table.version()
                 try:
-                    table.optimize.compact(partition_filters=filters, target_size=TARGET_FILE_BYTES, writer_properties=_WRITER,
-                                           post_commithook_properties=COMMIT_HOOKS)
+                    recovering(table, lambda: table.optimize.compact(
+                        partition_filters=filters, target_size=TARGET_FILE_BYTES, writer_properties=_WRITER,
+                        post_commithook_properties=COMMIT_HOOKS))
                     done += 1
                 except DeltaError as exc:
                     log.info("compaction of %s %s skipped: %s", lane, key, exc)
@@ -443,9 +445,11 @@ def add_action(root: Path, path: Path, values: dict[str, str], rows: int) -> Add
 def commit_durably(table: DeltaTable, root: Path, actions: list[AddAction], **transaction: Any) -> None:
     """Commit ``actions`` to the local table at ``root`` (``create_write_transaction``'s arguments), bring the table
     up to date and fsync the log entries since its version before: ours, and any other process's made meanwhile
-    (delta-rs does not fsync local files)."""
+    (delta-rs does not fsync local files). A table object left behind by other writers is read again and the commit
+    made once more (``recovering``)."""
     before = table.version()
-    table.create_write_transaction(actions, post_commithook_properties=COMMIT_HOOKS, **transaction)
+    recovering(table, lambda: table.create_write_transaction(actions, post_commithook_properties=COMMIT_HOOKS,
+                                                             **transaction))
     update(table)
     for version in range(before + 1, table.version() + 1):
         try:
@@ -453,6 +457,42 @@ def commit_durably(table: DeltaTable, root: Path, actions: list[AddAction], **tr
         except FileNotFoundError:  # another writer's, already cleaned up: a later checkpoint holds it
             pass
     fsync_dir(root / "_delta_log")
+
+
+# How delta-rs 1.6.6 refuses a commit made from a table object that other writers left behind:
+# - "Invalid table version: N": the log entries up to N (the object's version) were cleaned up behind a newer
+#   checkpoint (``clean_log`` after another writer's commit -- a compaction -- landed on a checkpoint version);
+# - "Metadata changed since last commit": another writer changed the table's metadata (its properties: a
+#   collector of another version or with another log retention opening the table, ``ensure_properties``).
+# The object never moves by itself, so every later commit through it fails the same way, forever.
+_LEFT_BEHIND = ("Invalid table version", "Metadata changed since last commit")
+
+
+def left_behind(exc: BaseException) -> bool:
+    """True when ``exc`` is delta-rs refusing a commit because the table object is behind the log (``_LEFT_BEHIND``)."""
+    return isinstance(exc, DeltaError) and any(reason in str(exc) for reason in _LEFT_BEHIND)
+
+
+def recovering(table: DeltaTable, commit: Callable[[], T]) -> T:
+    """``commit()`` -- a commit through ``table`` --, made once more after reading the table again when delta-rs refused
+    it because ``table`` was left behind by other writers (``left_behind``).
+
+    Every writer that keeps a ``DeltaTable`` across commits goes through here: the collector's span writer (which,
+    for speed, reads the log only after its own commits), the state tables, the pipeline's outputs and the
+    compactor. The retry happens once per commit: a second refusal is a real error and is raised. A refused commit
+    committed nothing, so the retry neither loses nor repeats rows.
+    """
+    try:
+        return commit()
+    except DeltaError as exc:
+        if not left_behind(exc):
+            raise
+        behind = table.version()
+        update(table)
+        log.warning("a commit to %s was refused because this writer's view of the table (version %d) was behind its "
+                    "log (%s); read the table again at version %d and committed once more",
+                    table.table_uri, behind, str(exc).splitlines()[0], table.version())
+        return commit()
 
 
 def clean_log(table: DeltaTable) -> None:
@@ -610,7 +650,7 @@ def ensure_properties(table: DeltaTable, properties: dict[str, str]) -> None:
     configuration = table.metadata().configuration
     if any(configuration.get(key) != value for key, value in properties.items()):
         try:
-            table.alter.set_table_properties(properties)
+            recovering(table, lambda: table.alter.set_table_properties(properties))
         except DeltaError:  # another writer opening the table set them at the same moment
             update(table)
 

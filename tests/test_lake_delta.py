@@ -22,7 +22,7 @@ import pytest
 from lightning_core import analyst, semconv
 from lightning_core.catalog import Catalog, view_sql
 from lightning_core.lake import Lake, LakeFormatError, open_table, prune_mirror, set_location, snapshot
-from lightning_core.services import free_port, start_collector
+from lightning_core.services import start_collector
 from lightning_core.span_rows import SPAN_SCHEMA, request_to_tables
 from tests.conftest import REPO, make_config
 from tests.otlp_factory import export_request
@@ -56,40 +56,6 @@ def _send(url: str, run_id: str, *, requests: int, spans: int, acked: list[int],
                 return  # the collector died: what it did not acknowledge is the sender's to resend
             if status == 200:
                 acked.append(spans)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3-compatible server (moto's) with a bucket; credentials in the environment, as on a real host."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="arclight")
-    yield url
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=10)
 
 
 def _s3_settings(url: str) -> list[str]:
