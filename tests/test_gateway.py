@@ -13,6 +13,7 @@ from lightning_core import semconv
 from lightning_core.catalog import Catalog
 from lightning_core.gateway_client import GatewayClient
 from lightning_core.model import load_tokenizer
+from tests.helpers.tokens import shown_text
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def test_chat_answer_is_plain_and_span_holds_the_sampled_tokens(admin, collector
     attrs = span["attributes"]
     ids = attrs[semconv.RESPONSE_TOKEN_IDS]
     assert len(ids) == 12 and len(attrs[semconv.RESPONSE_LOGPROBS]) == 12
-    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert shown_text(tokenizer, ids) == text
     assert all(lp <= 0.0 for lp in attrs[semconv.RESPONSE_LOGPROBS])
     assert attrs[semconv.PROMPT_TOKEN_IDS] == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert attrs[semconv.RESPONSE_TEXT] == text
@@ -88,7 +89,8 @@ def test_chat_answer_is_plain_and_span_holds_the_sampled_tokens(admin, collector
 
 def test_streamed_chat_is_captured_with_token_ids_and_logprobs(admin, collector_config, tokenizer):
     client = rollout_client(admin, "stream-1")
-    chunks = list(client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=10, stream=True))
+    chunks = list(client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=10, stream=True,
+                                                 temperature=0.0))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert all(c.usage is None for c in chunks)  # the usage chunk was not asked for
     assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
@@ -96,7 +98,7 @@ def test_streamed_chat_is_captured_with_token_ids_and_logprobs(admin, collector_
     attrs = span["attributes"]
     assert attrs[semconv.LLM_STREAMED] is True
     assert len(attrs[semconv.RESPONSE_TOKEN_IDS]) == 10 == len(attrs[semconv.RESPONSE_LOGPROBS])
-    assert tokenizer.decode(attrs[semconv.RESPONSE_TOKEN_IDS], skip_special_tokens=True) == text == attrs[semconv.RESPONSE_TEXT]
+    assert shown_text(tokenizer, attrs[semconv.RESPONSE_TOKEN_IDS]) == text == attrs[semconv.RESPONSE_TEXT]
     assert attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
     assert attrs[semconv.PROMPT_TOKEN_IDS][-4:] == tokenizer.encode("<|im_start|>assistant\n")
 
@@ -114,12 +116,13 @@ def test_client_that_asks_for_logprobs_and_token_ids_gets_them(admin, collector_
 
 def test_text_completion_records_prompt_ids_and_usage_chunk_on_request(admin, collector_config, tokenizer):
     client = rollout_client(admin, "completion-1")
-    response = client.completions.create(model="anything", prompt="The capital of France is", max_tokens=6)
+    response = client.completions.create(model="anything", prompt="The capital of France is", max_tokens=6,
+                                         temperature=0.0)
     [span] = gateway_spans(collector_config, admin, response.id)
     attrs = span["attributes"]
     assert attrs[semconv.GEN_AI_OPERATION_NAME] == "text_completion"
     assert attrs[semconv.PROMPT_TOKEN_IDS] == tokenizer.encode("The capital of France is")
-    assert tokenizer.decode(attrs[semconv.RESPONSE_TOKEN_IDS], skip_special_tokens=True) == response.choices[0].text
+    assert shown_text(tokenizer, attrs[semconv.RESPONSE_TOKEN_IDS]) == response.choices[0].text
     chunks = list(client.completions.create(model="anything", prompt="Hello", max_tokens=4, stream=True,
                                             stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 4
@@ -127,11 +130,11 @@ def test_text_completion_records_prompt_ids_and_usage_chunk_on_request(admin, co
 
 def test_n_choices_give_one_span_each(admin, collector_config, tokenizer):
     client = rollout_client(admin, "n-1")
-    response = client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=4, n=2)
+    response = client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=4, n=2, seed=11)
     spans = gateway_spans(collector_config, admin, response.id, expect=2)
     by_index = {s["attributes"][semconv.CHOICE_INDEX]: s["attributes"] for s in spans}
     for choice in response.choices:
-        assert tokenizer.decode(by_index[choice.index][semconv.RESPONSE_TOKEN_IDS], skip_special_tokens=True) == choice.message.content
+        assert shown_text(tokenizer, by_index[choice.index][semconv.RESPONSE_TOKEN_IDS]) == choice.message.content
 
 
 def test_unknown_rollout_is_404_and_malformed_request_is_400(admin, gateway):

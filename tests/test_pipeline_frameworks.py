@@ -25,6 +25,7 @@ from lightning_core.model import load_tokenizer
 from lightning_core.pipeline import materialize_triplets
 from lightning_core.tracing import RolloutContext, init_tracing
 from lightning_core.triplet_store import load_triplets
+from tests.helpers.tokens import shown_text
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +139,7 @@ def test_instrumented_openai_client_gives_one_triplet_per_call_with_the_gateway_
         assert (t["prompt_token_ids"], t["response_token_ids"]) == recorded[response.id]
         assert t["prompt_token_ids"] == tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        assert tokenizer.decode(t["response_token_ids"], skip_special_tokens=True) == response.choices[0].message.content
+        assert shown_text(tokenizer, t["response_token_ids"]) == response.choices[0].message.content
         assert len(t["response_logprobs"]) == len(t["response_token_ids"]) == response.usage.completion_tokens
         assert [{"role": m["role"], "content": m["content"]} for m in json.loads(t["prompt_messages"])] == messages
         assert t["reward"] == 0.75 and t["rollout_return"] == 0.75
