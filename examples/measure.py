@@ -17,7 +17,6 @@ import datetime as dt
 import os
 import platform
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from lightning_core import stack as services  # noqa: E402
 from lightning_core import stages  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
+from lightning_core.stopping import on_signals  # noqa: E402
 
 
 def machine() -> str:
@@ -94,40 +94,33 @@ def main() -> None:
 
     started = time.perf_counter()
 
-    def stop(signum, frame):
-        # the flows attach to the services started here, so an interrupt alone would wait for every rollout in
-        # flight to finish: stop the services first, the rollouts then fail at once and the flow ends
-        services.down(cfg)
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     try:
-        services.up(cfg)
-        try:
-            up_s = time.perf_counter() - started
-            load_before = os.getloadavg()
-            # labelled by the versions serving, so the train flow's own evaluations (evaluation.every_epochs) of
-            # the same versions are reused rather than run twice
-            before = evaluate(config_path=str(config_path), overrides=overrides)
-            t_extra = time.perf_counter()
-            extra = {path: {"before": evaluate(config_path=str(config_path), label=f"{path.stem}:before",
-                                               overrides=[*overrides, f"rollouts.eval_dataset={path.resolve()}"])}
-                     for path in args.extra_eval}
-            extra_s = time.perf_counter() - t_extra
-            t0 = time.perf_counter()
-            rows = train(config_path=str(config_path), overrides=overrides, epochs=args.epochs)
-            train_s = time.perf_counter() - t0
-            after = evaluate(config_path=str(config_path), overrides=overrides)
-            t_extra = time.perf_counter()
-            for path in args.extra_eval:
-                extra[path]["after"] = evaluate(config_path=str(config_path), label=f"{path.stem}:after",
-                                                overrides=[*overrides, f"rollouts.eval_dataset={path.resolve()}"])
-            extra_s += time.perf_counter() - t_extra
-            curve = stages.eval_curve(cfg)
-            load_after = os.getloadavg()
-        finally:
-            services.down(cfg)
+        with on_signals():  # the first Ctrl-C stops the rollouts in flight; `finally` then stops the services
+            services.up(cfg)
+            try:
+                up_s = time.perf_counter() - started
+                load_before = os.getloadavg()
+                # labelled by the versions serving, so the train flow's own evaluations (evaluation.every_epochs) of
+                # the same versions are reused rather than run twice
+                before = evaluate(config_path=str(config_path), overrides=overrides)
+                t_extra = time.perf_counter()
+                extra = {path: {"before": evaluate(config_path=str(config_path), label=f"{path.stem}:before",
+                                                   overrides=[*overrides, f"rollouts.eval_dataset={path.resolve()}"])}
+                         for path in args.extra_eval}
+                extra_s = time.perf_counter() - t_extra
+                t0 = time.perf_counter()
+                rows = train(config_path=str(config_path), overrides=overrides, epochs=args.epochs)
+                train_s = time.perf_counter() - t0
+                after = evaluate(config_path=str(config_path), overrides=overrides)
+                t_extra = time.perf_counter()
+                for path in args.extra_eval:
+                    extra[path]["after"] = evaluate(config_path=str(config_path), label=f"{path.stem}:after",
+                                                    overrides=[*overrides, f"rollouts.eval_dataset={path.resolve()}"])
+                extra_s += time.perf_counter() - t_extra
+                curve = stages.eval_curve(cfg)
+                load_after = os.getloadavg()
+            finally:
+                services.down(cfg)
     except KeyboardInterrupt:
         print("interrupted: the services this measurement started were stopped; nothing was appended", file=sys.stderr)
         raise SystemExit(130) from None

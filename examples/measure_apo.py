@@ -28,7 +28,7 @@ from lightning_core import prompts  # noqa: E402
 from lightning_core import stack as services  # noqa: E402
 from lightning_core.catalog import Catalog  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.services import sigterm_as_interrupt  # noqa: E402
+from lightning_core.stopping import on_signals  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
 
     started = time.perf_counter()
     trained = None
-    with sigterm_as_interrupt():
+    with on_signals():
         services.up(cfg)
         try:
             up_s = time.perf_counter() - started

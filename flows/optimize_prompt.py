@@ -20,13 +20,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.train import TASK_THREADS, _prepare, load, project_lock, run_evaluation, run_rollouts
+from flows.train import TASK_THREADS, _prepare, load, project_lock, run_evaluation, run_round
 from lightning_core import apo, prompts, stages
 from lightning_core import epoch as ep
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig
 from lightning_core.prompts import PromptVersion
 from lightning_core.stack import Stack, open_stack
+from lightning_core.supervise import Supervisor
 from tasks import epoch as t
 
 
@@ -40,8 +41,7 @@ def evaluate_candidate(config: ArclightConfig, stack: Stack, *, name: str, versi
     if not done:
         ep.plan_tasks(catalog, run_id=run_id, epoch=epoch, mode="apo", tasks=tasks, group_size=po.samples_per_task)
         settings = stages.runner_settings(config, stack, mode="apo", prompt_texts={name: version}, temperature=po.temperature)
-        run_rollouts(config, stack, run_id=run_id, epoch=epoch, mode="apo", settings=settings)
-        t.ingest(config, stack, run_id=run_id, epoch=epoch, mode="apo")
+        run_round(config, stack, run_id=run_id, epoch=epoch, mode="apo", settings=settings)
     mean, n = apo.score(catalog, run_id=run_id, epoch=epoch)
     if not done:
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="completed",
@@ -163,5 +163,5 @@ def optimize_prompt(config_path: str | None = None, overrides: list[str] | None 
     """Optimise the project's prompt by beam search with a critic; promote the best version (resumable)."""
     config = load(config_path, overrides)
     _prepare(config)
-    with project_lock(config), open_stack(config) as stack:
+    with project_lock(config), open_stack(config) as stack, Supervisor(config, stack):
         return run_search(config, stack)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, unmapped
@@ -24,6 +23,7 @@ from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.runner import RunnerSettings
 from lightning_core.stack import Stack, open_stack
+from lightning_core.supervise import Supervisor
 from tasks import epoch as t
 
 
@@ -55,12 +55,43 @@ def project_lock(config: ArclightConfig) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def run_round(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str, eval_tasks: int | None = None,
+              settings: RunnerSettings | None = None, sampling_round: int | None = None) -> dict[str, int]:
+    """One sampling round: run the planned rollouts, wait for their spans (the ingest barrier), run again the ones
+    our services failed once they are back (``rollouts.infra_retries`` times), then stop the run if too many failed.
+
+    A rollout our services failed and that failed again every time is left out, and its group does not train
+    (``sql/triplets.sql``): a group scored on the members the infrastructure happened to leave is biased.
+    """
+    logger = get_run_logger()
+    retries = config.rollouts.infra_retries
+    for attempt in range(retries + 1):
+        run_rollouts(config, stack, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks, settings=settings)
+        t.ingest(config, stack, run_id=run_id, epoch=epoch, mode=mode)
+        if attempt == retries:
+            break
+        failed = stages.retry_infrastructure_failures(config, run_id=run_id, epoch=epoch, mode=mode)
+        if not failed:
+            break
+        outages = "; ".join(o.describe() for o in stack.outages[-3:]) or "no outage was seen: their calls failed upstream"
+        logger.warning("epoch %s: %d rollouts failed because of our services (%s), not the agent: running them again "
+                       "(retry %d of %d)", epoch, len(failed), outages, attempt + 1, retries)
+        stages.wait_for_services(stack, timeout_s=config.serving.startup_timeout_s)
+    logs = [str(s.log_path) for s in stack.services() if s.log_path]
+    result = stages.check_round(config, run_id=run_id, epoch=epoch, mode=mode, sampling_round=sampling_round, logs=logs)
+    if result["by_kind"].get("infrastructure"):
+        logger.warning("epoch %s: %d rollouts left out after %d retries: our services failed them every time; their "
+                       "groups do not train", epoch, result["by_kind"]["infrastructure"], retries)
+    return ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+
+
 def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str,
                  eval_tasks: int | None = None, settings: RunnerSettings | None = None) -> dict[str, int]:
     """Fan the epoch's pending rollouts out over the task runner, with a progress artifact.
 
     ``settings`` (default: the mode's, with the serving prompt versions) say what every rollout
-    runs with; the prompt versions are recorded on the rollouts' rows before they start.
+    runs with; the prompt versions are recorded on the rollouts' rows before they start. An attempt
+    that ran while a service was down is recorded as an infrastructure failure (``blame_outages``).
     """
     logger = get_run_logger()
     pending = t.plan(config, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
@@ -80,7 +111,7 @@ def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: in
         with rollout_task_runner(config) as cluster:  # None: the flow's own threads
             futures = cluster.map(t.rollouts, parameters) if cluster else t.rollouts.map(**parameters)
             for future in as_completed(futures):
-                outcomes = future.result()
+                outcomes = stages.blame_outages(future.result(), stack)
                 stages.record_rollouts(config, outcomes)
                 done += len(outcomes)
                 update_progress_artifact(progress, 100.0 * done / total)
@@ -107,8 +138,8 @@ def sample_until_informative(config: ArclightConfig, stack: Stack, *, run_id: st
                 return report
             get_run_logger().info("epoch %s: %d of %d groups informative, want %d: drawing %d more tasks",
                                   epoch, report["informative_groups"], drawn, target, extra)
-        run_rollouts(config, stack, run_id=run_id, epoch=epoch, mode="train")
-        t.ingest(config, stack, run_id=run_id, epoch=epoch)
+        run_round(config, stack, run_id=run_id, epoch=epoch, mode="train",
+                  sampling_round=ep.sampling_round(catalog, run_id=run_id, epoch=epoch))
         report = t.triplets(config, run_id=run_id, epoch=epoch)
 
 
@@ -128,7 +159,7 @@ def run_epoch(config: ArclightConfig, stack: Stack, *, epoch: int | None = None)
     if not ep.reached(status, "rollouts_done"):
         serving = stages.serving_versions(config, stack)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="planned", policy_version=",".join(serving.values()))
-        counts = run_rollouts(config, stack, run_id=run_id, epoch=epoch, mode="train")
+        counts = run_round(config, stack, run_id=run_id, epoch=epoch, mode="train", sampling_round=0)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="rollouts_done", stats={"rollouts": counts})
     if not ep.reached(status, "ingested"):
         counts = t.ingest(config, stack, run_id=run_id, epoch=epoch)
@@ -149,6 +180,9 @@ def run_epoch(config: ArclightConfig, stack: Stack, *, epoch: int | None = None)
     deployed = t.redeploy(config, stack)
     for d in deployed:
         logger.info("policy %s now serves %s (first answer after %.2f s)", d["policy"], d["version"], d["first_answer_s"])
+    incidents = stages.record_incidents(config, stack, run_id=run_id, epoch=epoch)
+    if incidents:
+        logger.warning("epoch %s: %s", epoch, stages.describe_incidents(incidents))
     ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="completed")
     t.publish_epoch_report(config, run_id=run_id, epoch=epoch)
     return _row(config, epoch)
@@ -173,7 +207,7 @@ def train_epoch(config_path: str | None = None, overrides: list[str] | None = No
     """Run the next epoch of a project (or ``epoch``), resuming it if an earlier run was cut off."""
     config = load(config_path, overrides)
     _prepare(config)
-    with project_lock(config), open_stack(config) as stack:
+    with project_lock(config), open_stack(config) as stack, Supervisor(config, stack):
         return run_epoch(config, stack, epoch=epoch)
 
 
@@ -189,7 +223,7 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, ep
     target = epochs or config.epochs
     config = config.model_copy(update={"epochs": target})  # the run's length: learning-rate schedules span it
     every = config.evaluation.every_epochs
-    with project_lock(config), open_stack(config) as stack:
+    with project_lock(config), open_stack(config) as stack, Supervisor(config, stack):
         if every and config.evaluation.at_start and ep.next_epoch(Catalog.from_config(config), run_id=config.run_name) == 0:
             run_evaluation(config, stack, tasks=config.evaluation.tasks)
         while (next_epoch := ep.next_epoch(Catalog.from_config(config), run_id=config.run_name)) < target:
@@ -212,8 +246,7 @@ def run_evaluation(config: ArclightConfig, stack: Stack, *, label: str | None = 
     label = label or stages.eval_label(config, stages.serving_versions(config, stack), tasks=tasks,
                                        prompt_versions=settings.prompt_versions)
     eval_epoch = stages.eval_epoch(catalog, run_id=eval_run, label=label)
-    counts = run_rollouts(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
-    t.ingest(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval")
+    counts = run_round(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
     result = stages.record_eval(config, epoch=eval_epoch, label=label)
     create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
                           description=f"Held-out evaluation of {label}")
@@ -232,7 +265,7 @@ def evaluate(config_path: str | None = None, overrides: list[str] | None = None,
     """
     config = load(config_path, overrides)
     _prepare(config)
-    with open_stack(config) as stack:
+    with open_stack(config) as stack, Supervisor(config, stack):
         return run_evaluation(config, stack, label=label, prompt_versions=prompt_versions)
 
 

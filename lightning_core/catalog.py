@@ -108,6 +108,11 @@ CREATE TABLE IF NOT EXISTS prompt_versions (
     created_at      TIMESTAMPTZ DEFAULT current_timestamp
 );
 ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS prompt_versions JSON;   -- name -> version the rollout ran with
+-- Whose failure it was (issue 40): agent | timeout | infrastructure. Infrastructure failures (our gateway, vLLM
+-- or collector down or failing) run again once the service is back; their groups never train (sql/triplets.sql).
+ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS error_kind VARCHAR;
+ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS infra_failures BIGINT DEFAULT 0;  -- attempts our services failed
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS incidents JSON;  -- outages and restarts of our services during the epoch
 -- Per-agent reporting (issue 18): one row per (run, epoch, agent) of the training rollouts, replaced
 -- whenever the epoch's triplets are made (sql/agent_epochs.sql plus the config's agent selection).
 CREATE TABLE IF NOT EXISTS agent_epochs (
@@ -350,10 +355,11 @@ MIGRATED_MARK = "MIGRATED_FROM_CATALOG_FILE"
 _writing = threading.local()  # per thread: the state folders it is writing, and their connections
 
 
-def state_sql(state_root: Path) -> str:
-    """SQL that makes the state tables (``STATE_TABLES``: keys, defaults) holding the newest version of their rows."""
+def state_sql(state_root: Path, names: tuple[str, ...] = STATE_TABLE_NAMES) -> str:
+    """SQL that makes the state tables (``STATE_TABLES``: keys, defaults) holding the newest version of their rows
+    (of the tables in ``names``; the others are made empty)."""
     parts = [STATE_TABLES]
-    for name in STATE_TABLE_NAMES:
+    for name in names:
         table = _state_table(state_root / name)
         files = table.file_uris() if table is not None else []
         if files:

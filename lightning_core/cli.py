@@ -240,7 +240,7 @@ def compact(
     need_lake(cfg)
     with lake_io(cfg):
         lake = Lake(cfg.lake.path, retention_hours=cfg.collector.retention_hours,
-                    log_retention_s=cfg.collector.log_retention_s)
+                    log_retention_s=cfg.collector.log_retention_s, checkpoint_interval=cfg.collector.checkpoint_interval)
         merged = lake.compact(min_files=min_files, idle_s=idle_s,
                               max_files=max_files if max_files is not None else cfg.collector.compact_max_files)
     console.print(escape(f"compacted {merged} partition(s) in {cfg.lake.path}"))
@@ -480,9 +480,10 @@ def train(
     extra = list(overrides or [])
 
     def work():
-        from flows.train import train as train_flow
+        with _prefect_api(cfg):
+            from flows.train import train as train_flow
 
-        return train_flow(config_path=str(config), overrides=extra, epochs=target)
+            return train_flow(config_path=str(config), overrides=extra, epochs=target)
 
     run_with_progress(cfg, work, console=console, epochs=target, title=f"training {cfg.name} / run {cfg.run_name}")
 
@@ -503,13 +504,22 @@ def evaluate(
     _check_prompt_versions(cfg, prompt)
 
     def work():
-        from flows.train import evaluate as evaluate_flow
+        with _prefect_api(cfg):
+            from flows.train import evaluate as evaluate_flow
 
-        return evaluate_flow(config_path=str(config), overrides=extra, label=label, prompt_versions=list(prompt or []) or None)
+            return evaluate_flow(config_path=str(config), overrides=extra, label=label,
+                                 prompt_versions=list(prompt or []) or None)
 
     result = run_with_progress(cfg, work, console=console, epochs=None, title=f"evaluating {cfg.name}", summary=False)
     if result is not None:
         console.print_json(data=result)
+
+
+def _prefect_api(cfg: ArclightConfig):
+    """The Prefect API the command's flows report to: the user's, or one started (and stopped) for the command."""
+    from flows.api import prefect_api
+
+    return prefect_api(Path(cfg.project_dir) / ".arclight" / "logs")
 
 
 def _check_prompt_versions(cfg: ArclightConfig, versions: Optional[list[str]]) -> None:
@@ -547,9 +557,10 @@ def optimize_prompt(
     extra = list(overrides or [])
 
     def work():
-        from flows.optimize_prompt import optimize_prompt as search_flow
+        with _prefect_api(cfg):
+            from flows.optimize_prompt import optimize_prompt as search_flow
 
-        return search_flow(config_path=str(config), overrides=extra)
+            return search_flow(config_path=str(config), overrides=extra)
 
     result = run_with_progress(cfg, work, console=console, epochs=None, summary=False, run_id=apo.run_id(cfg),
                                title=f"optimising prompt {target!r} of {cfg.name}")
@@ -619,13 +630,18 @@ def up(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> Non
     """Start the collector, vLLM and the gateway in the background for later runs of this project."""
     from lightning_core.services import ServiceError
     from lightning_core.stack import up as stack_up
+    from lightning_core.stopping import on_signals
 
     cfg = load(config, overrides)
     try:
-        record = stack_up(cfg)
+        with on_signals():  # Ctrl-C while vLLM starts: what was started is stopped
+            record = stack_up(cfg)
     except ServiceError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/yellow] the services started so far were stopped")
+        raise typer.Exit(130) from None
     for name, entry in record.items():
         console.print(escape(f"{name:10} {entry['url']}  pid {entry.get('pid')}  log {entry.get('log')}"))
 
@@ -641,8 +657,11 @@ def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) ->
         console.print("no services recorded: `arclight up CONFIG` starts them (flows start their own otherwise)")
         raise typer.Exit(1)
     for name, entry in services.items():
-        state = "[green]healthy[/green]" if entry["healthy"] else "[red]not answering[/red]"
+        state = ("[green]healthy[/green]" if entry["healthy"] else
+                 "[red]unhealthy[/red]" if entry.get("reason") else "[red]not answering[/red]")
         console.print(escape(f"{name:10} {entry['url']}  ") + state + escape(f"  pid {entry.get('pid')}"))
+        if entry.get("reason"):
+            console.print(escape(f"{'':10} {entry['reason']}" + (f" (log {entry['log']})" if entry.get("log") else "")))
     if not all(e["healthy"] for e in services.values()):
         raise typer.Exit(1)
 

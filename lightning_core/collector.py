@@ -156,10 +156,15 @@ class TraceReceiver:
             self.metrics.flush_latency.observe(seconds)
 
     async def healthz(self, request: Request) -> Response:
-        """``GET /healthz``; the lake path only for a loopback client (no token set) or with the token."""
-        if not trusted(request, self.token):
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "ok", "lake": str(self.lake.root)})
+        """``GET /healthz``: 200 ``ok``, or 503 ``unhealthy`` with the reason while the lake refuses commits (the
+        reason and the lake path only for a loopback client with no token set, or with the token)."""
+        failing = self.writer.failing if self.writer is not None else None
+        body = {"status": "ok" if failing is None else "unhealthy"}
+        if trusted(request, self.token):
+            body["lake"] = str(self.lake.root)
+            if failing is not None:
+                body["reason"] = failing.reason()
+        return JSONResponse(body, status_code=200 if failing is None else 503)
 
     async def prometheus(self, request: Request) -> Response:
         """``GET /metrics``: Prometheus text."""
@@ -220,7 +225,9 @@ def build_app(config: CollectorConfig, lake_root: str | os.PathLike[str]) -> Sta
             f"collector bound to {config.host!r} (not loopback) needs a bearer token: "
             "set collector.token in the config or ARCLIGHT_COLLECTOR_TOKEN"
         )
-    receiver = TraceReceiver(config, Lake(lake_root, retention_hours=config.retention_hours, log_retention_s=config.log_retention_s), token)
+    lake = Lake(lake_root, retention_hours=config.retention_hours, log_retention_s=config.log_retention_s,
+                checkpoint_interval=config.checkpoint_interval)
+    receiver = TraceReceiver(config, lake, token)
     app = Starlette(
         routes=[
             Route("/v1/traces", receiver.traces, methods=["POST"]),

@@ -80,6 +80,10 @@ class CollectorConfig(Section):
                                  "long (time travel by version; an epoch's spans stay reachable through the files "
                                  "its pipeline run recorded). Every commit lists the log folder, so a longer window "
                                  "costs ingest: about 35 µs per log file per commit.")
+    checkpoint_interval: int = Field(10, ge=1, description="The span tables checkpoint every this many commits (Delta's "
+                                     "delta.checkpointInterval): each commit reads the log since the last checkpoint, and "
+                                     "each checkpoint rewrites the table's file list. 1 makes every commit a checkpoint "
+                                     "(the main-job test, so that each compaction lands on one).")
     endpoint: str | None = Field(None, description="URL of a running collector to attach to instead of starting one.")
 
     @property
@@ -312,7 +316,17 @@ class RolloutsConfig(Section):
     address: str | None = Field(
         None, description="The cluster for executor dask (scheduler, e.g. tcp://host:8786) or ray (the head node, e.g. host:6379, or auto).")
     timeout_s: float = Field(120.0, gt=0, description="A rollout still running after this is stopped and recorded as timed_out.")
-    retries: int = Field(0, ge=0, description="Extra attempts for a rollout that failed or timed out.")
+    retries: int = Field(0, ge=0, description="Extra attempts for a rollout that failed or timed out (the agent's own "
+                         "failures; see infra_retries for ours).")
+    infra_retries: int = Field(
+        2, ge=0, description="Times a rollout that our services failed (the gateway or vLLM down or answering 5xx, spans "
+        "the collector never stored, a run while a server was down) runs again, once the servers are back (a dead one "
+        "is restarted at once). Still failed after that, it is left out and its group does not train: such rollouts are "
+        "never training data (docs/failures.md).")
+    stop_at_failed_share: float = Field(
+        0.8, gt=0, le=1, description="A sampling round in which at least this share of the rollouts failed or timed out "
+        "(after retries, of any cause) stops the run with the round's most common errors, instead of training on the "
+        "rest or drawing more tasks; 1 = only when every rollout failed.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature the agent is told to use for training rollouts.")
     resources: dict[str, Any] = Field(
         default_factory=dict, description="Anything the agent needs (tool settings...); passed as ctx.resources. "

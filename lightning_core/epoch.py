@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig
-from lightning_core.runner import RolloutOutcome, RolloutSpec
+from lightning_core.runner import INTERRUPTED, RolloutOutcome, RolloutSpec
 
 # Stage order of an epoch; an epoch's status is the last stage it completed.
 STAGES = ("planned", "rollouts_done", "ingested", "triplets_done", "trained", "completed")
@@ -176,6 +176,13 @@ def agent_epochs(catalog: Catalog, *, run_id: str) -> list[dict[str, Any]]:
         return [dict(zip(AGENT_EPOCH_COLUMNS, row)) for row in cursor.fetchall()]
 
 
+def sampling_round(catalog: Catalog, *, run_id: str, epoch: int) -> int:
+    """Return the newest sampling round of a training epoch (0 before dynamic sampling drew more tasks)."""
+    with catalog.read(spans=False) as con:
+        return con.execute("SELECT coalesce(max(sampling_round), 0) FROM rollouts WHERE run_id = ? AND epoch = ? "
+                           "AND mode = 'train'", [run_id, epoch]).fetchall()[0][0]
+
+
 def sampling_counts(catalog: Catalog, *, run_id: str, epoch: int) -> dict[str, int]:
     """Return the epoch's recorded sampling counts ({} before its triplets were made)."""
     with catalog.read(spans=False) as con:
@@ -204,13 +211,17 @@ def pending_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "
 
 
 def record_outcomes(catalog: Catalog, outcomes: list[RolloutOutcome]) -> None:
-    """Store rollouts' outcomes (status, attempt, reward, error, times) in the catalog, in one write."""
+    """Store rollouts' outcomes (status, whose failure, attempt, reward, error, times) in the catalog, in one write.
+    Interrupted ones are not stored: they stay planned and run again."""
+    outcomes = [o for o in outcomes if o.status != INTERRUPTED]
     if not outcomes:
         return
     with catalog.write() as con:
         con.executemany(
-            "UPDATE rollouts SET status = ?, attempt = ?, reward = ?, error = ?, started_at = ?, finished_at = ? WHERE rollout_id = ?",
-            [[o.status, o.attempt, o.reward, o.error, _ts(o.started_at), _ts(o.finished_at), o.rollout_id] for o in outcomes],
+            "UPDATE rollouts SET status = ?, error_kind = ?, attempt = ?, reward = ?, error = ?, started_at = ?, "
+            "finished_at = ? WHERE rollout_id = ?",
+            [[o.status, o.error_kind, o.attempt, o.reward, o.error, _ts(o.started_at), _ts(o.finished_at), o.rollout_id]
+             for o in outcomes],
         )
 
 

@@ -605,7 +605,7 @@ class Gateway:
             self.finish(call, endpoint, "200")
             return Response(orjson.dumps(data), media_type="application/json")
         except GatewayError as exc:
-            self.finish(call, endpoint, str(exc.status), error=exc.message)
+            self.finish(call, endpoint, str(exc.status), error=exc.message, upstream_failed=exc.status >= 500)
             return error_response(exc)
         finally:
             self.metrics.in_flight.dec()
@@ -617,18 +617,19 @@ class Gateway:
             upstream = await self.post_upstream(call, path, upstream_body)
         except GatewayError as err:
             metrics.in_flight.dec()
-            self.finish(call, endpoint, str(err.status), error=err.message)
+            self.finish(call, endpoint, str(err.status), error=err.message, upstream_failed=err.status >= 500)
             return error_response(err)
         if upstream.status != 200:
             content = await upstream.read()
             upstream.release()
             metrics.in_flight.dec()
             err = GatewayError(upstream.status, f"vLLM answered {upstream.status}: {upstream_message(content)}", "upstream_error")
-            self.finish(call, endpoint, str(upstream.status), error=err.message)
+            self.finish(call, endpoint, str(upstream.status), error=err.message, upstream_failed=upstream.status >= 500)
             return error_response(err)
 
         async def events() -> AsyncIterator[bytes]:
             error: str | None = None
+            upstream_failed = True  # an error below is vLLM's (a broken or malformed stream) unless the client left
             try:
                 async for raw in upstream.content:
                     line = raw.strip()
@@ -658,17 +659,20 @@ class Gateway:
                 error = f"vLLM stream from {call.target.replica} broke off: {exc!r}"
                 raise
             except asyncio.CancelledError:
-                error = "client disconnected before the stream ended"
+                error, upstream_failed = "client disconnected before the stream ended", False
                 raise
             finally:
                 upstream.release()
                 metrics.in_flight.dec()
-                self.finish(call, endpoint, "200" if error is None else "stream_error", error=error)
+                self.finish(call, endpoint, "200" if error is None else "stream_error", error=error,
+                            upstream_failed=error is not None and upstream_failed)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
-    def finish(self, call: "Call", endpoint: str, status: str, *, error: str | None = None) -> None:
-        """Count the call and record its span(s)."""
+    def finish(self, call: "Call", endpoint: str, status: str, *, error: str | None = None,
+               upstream_failed: bool = False) -> None:
+        """Count the call and record its span(s); ``upstream_failed``: our side failed it (vLLM unreachable, too slow,
+        a 5xx or a broken stream), not the client's request -- the rollout's data is then not the agent's."""
         metrics = self.metrics
         elapsed = time.perf_counter() - call.started
         metrics.requests.labels(endpoint, status).inc()
@@ -677,7 +681,7 @@ class Gateway:
         metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens") or 0)
         metrics.tokens.labels("completion").inc(usage.get("completion_tokens") or 0)
         end_ns = call.start_ns + int(elapsed * 1e9)
-        for attributes in call.span_attributes(latency_ms=elapsed * 1000, error=error):
+        for attributes in call.span_attributes(latency_ms=elapsed * 1000, error=error, upstream_failed=upstream_failed):
             self.recorder.record(name=f"{call.operation} {call.target.served_model}", resource=call.resource, parent=call.parent,
                                  start_ns=call.start_ns, end_ns=end_ns, attributes=attributes, error=error)
 
@@ -1014,7 +1018,7 @@ class Call:
             data.pop("usage", None)
         return True
 
-    def span_attributes(self, *, latency_ms: float, error: str | None) -> list[dict[str, Any]]:
+    def span_attributes(self, *, latency_ms: float, error: str | None, upstream_failed: bool = False) -> list[dict[str, Any]]:
         """Return the attributes of this call's span(s): one per choice (one when there is none)."""
         cap, body, target = self.capture, self.body, self.target
         base: dict[str, Any] = {
@@ -1048,6 +1052,8 @@ class Call:
             base[semconv.PROMPT_TOKEN_IDS] = [int(t) for t in cap.prompt_token_ids]
         if error:
             base[semconv.ERROR_TYPE] = error[:2000]
+        if upstream_failed:
+            base[semconv.LLM_UPSTREAM_FAILED] = True
         if not cap.choices:
             return [base]
         spans = []

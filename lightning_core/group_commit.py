@@ -12,9 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import queue
+import re
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
@@ -29,11 +31,26 @@ MAX_PARTITIONS_PER_COMMIT = 256
 Tables = dict[Partition, pa.Table]
 
 
+@dataclass(frozen=True)
+class Failing:
+    """The lake refuses commits: since when (wall clock), how many commits failed since, and the last error."""
+
+    since: float
+    commits: int
+    error: str
+
+    def reason(self) -> str:
+        """One line for ``/healthz`` and ``arclight status``."""
+        return (f"the lake refused every commit since {time.strftime('%H:%M:%S', time.localtime(self.since))} "
+                f"({self.commits} failed, spans answered 503): {self.error}")
+
+
 class GroupCommitWriter:
     """One thread that writes queued span tables to the lake, sharing files across requests."""
 
     def __init__(self, lake: Lake, *, flush_interval_s: float, on_commit: Callable[[int, list[float]], None] | None = None):
         self.lake, self.flush_interval_s, self.on_commit = lake, flush_interval_s, on_commit
+        self.failing: Failing | None = None  # set while the lake refuses commits (reset by the next one that works)
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="arclight-lake-writer", daemon=True)
         self._thread.start()
@@ -90,6 +107,7 @@ class GroupCommitWriter:
             else:
                 log.warning("a commit of %d requests failed (%s); writing each request on its own", len(batch), exc)
                 files, outcomes = self._one_by_one(batch)
+        self._note(outcomes)
         now = time.monotonic()
         if self.on_commit is not None:
             self.on_commit(files, [now - queued_at for (_, _, queued_at), error in zip(batch, outcomes) if error is None])
@@ -101,6 +119,19 @@ class GroupCommitWriter:
             else:
                 future.set_exception(error)
 
+    def _note(self, outcomes: list[BaseException | None]) -> None:
+        """Keep ``failing`` up to date: cleared by a commit that worked, counted up by one that did not."""
+        errors = [e for e in outcomes if e is not None]
+        if len(errors) < len(outcomes):
+            if self.failing is not None:
+                log.warning("the lake takes commits again after %d failed since %s", self.failing.commits,
+                            time.strftime("%H:%M:%S", time.localtime(self.failing.since)))
+            self.failing = None
+        elif self.failing is None:
+            self.failing = Failing(since=time.time(), commits=1, error=one_line(errors[-1]))
+        else:
+            self.failing = Failing(self.failing.since, self.failing.commits + 1, one_line(errors[-1]))
+
     def _one_by_one(self, batch: list) -> tuple[int, list[BaseException | None]]:
         files, outcomes = 0, []
         for tables, _, _ in batch:
@@ -111,6 +142,15 @@ class GroupCommitWriter:
                 log.error("writing a request to the lake failed: %s", exc)
                 outcomes.append(exc)
         return files, outcomes
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An error as one line: delta-rs writes its causes on separate lines, coloured, behind arrows."""
+    text = _ANSI.sub("", str(exc)).replace("↳", " ")
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())[:limit] or type(exc).__name__
 
 
 def _merge(requests: list[Tables]) -> Tables:

@@ -90,9 +90,10 @@ class Lake:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, retention_hours: int = DEFAULT_RETENTION_HOURS,
-                 log_retention_s: int = DEFAULT_LOG_RETENTION_S):
+                 log_retention_s: int = DEFAULT_LOG_RETENTION_S, checkpoint_interval: int | None = None):
         self.root = Path(root)
         self.retention_hours, self.log_retention_s = retention_hours, log_retention_s
+        self.checkpoint_interval = checkpoint_interval or CHECKPOINT_EVERY
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.root)
         self._tables: dict[str, DeltaTable] = {}
@@ -108,7 +109,8 @@ class Lake:
         """The lane's Delta table, created on first use (two processes creating it at once agree on one)."""
         if lane not in self._tables:
             self._tables[lane] = reread(lambda: open_table(self.root, lane, create=True,
-                                                           log_retention_s=self.log_retention_s))
+                                                           log_retention_s=self.log_retention_s,
+                                                           checkpoint_interval=self.checkpoint_interval))
         return self._tables[lane]
 
     def write(self, tables: dict[Partition, pa.Table]) -> list[str]:
@@ -606,7 +608,7 @@ def _arrow_filesystem(where: Location):
 
 
 def open_table(root: str | os.PathLike[str], lane: str, *, create: bool,
-               log_retention_s: int | None = None) -> DeltaTable | None:
+               log_retention_s: int | None = None, checkpoint_interval: int | None = None) -> DeltaTable | None:
     """The lane's Delta table; None when it does not exist and ``create`` is false. A writer (``create``) sets the
     table's checkpoint interval and log retention (``log_retention_s``, default ``DEFAULT_LOG_RETENTION_S``) where
     they differ, as on a table of an older Arclight."""
@@ -620,7 +622,8 @@ def open_table(root: str | os.PathLike[str], lane: str, *, create: bool,
             raise LakeFormatError(
                 f"{path} holds span files of the Parquet lake of Arclight before the Delta store: "
                 f"convert it once with `arclight migrate-lake --lake {root}`")
-    properties = table_properties(DEFAULT_LOG_RETENTION_S if log_retention_s is None else log_retention_s)
+    properties = table_properties(DEFAULT_LOG_RETENTION_S if log_retention_s is None else log_retention_s,
+                                  checkpoint_interval=checkpoint_interval)
     if DeltaTable.is_deltatable(uri, storage_options=options):
         table = DeltaTable(uri, storage_options=options)
         if create:
@@ -655,11 +658,12 @@ def ensure_properties(table: DeltaTable, properties: dict[str, str]) -> None:
             update(table)
 
 
-def table_properties(log_retention_s: int) -> dict[str, str]:
-    """The properties of a table that takes many commits: a checkpoint every ``CHECKPOINT_EVERY`` commits, a log
-    retention of ``log_retention_s`` seconds (what ``clean_log`` keeps before the last checkpoint), and no column
-    statistics in the log (``STATS_COLUMNS``)."""
-    return {CHECKPOINT_INTERVAL: str(CHECKPOINT_EVERY), LOG_RETENTION: f"interval {int(log_retention_s)} seconds",
+def table_properties(log_retention_s: int, *, checkpoint_interval: int | None = None) -> dict[str, str]:
+    """The properties of a table that takes many commits: a checkpoint every ``checkpoint_interval`` commits
+    (default ``CHECKPOINT_EVERY``), a log retention of ``log_retention_s`` seconds (what ``clean_log`` keeps before the
+    last checkpoint), and no column statistics in the log (``STATS_COLUMNS``)."""
+    return {CHECKPOINT_INTERVAL: str(checkpoint_interval or CHECKPOINT_EVERY),
+            LOG_RETENTION: f"interval {int(log_retention_s)} seconds",
             STATS_COLUMNS: "0"}
 
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lightning_core import triplet_store as store
-from lightning_core.catalog import Catalog, vacuum_state, view_sql
+from lightning_core.catalog import Catalog, state_sql, vacuum_state, view_sql
 from lightning_core.lake import Snapshot, scope_files, span_scope_filter
 from lightning_core.lake import snapshot as lake_snapshot
 from lightning_core.config import ArclightConfig, PolicyConfig
@@ -73,6 +73,7 @@ class PolicyReport:
     retokenized: int = 0
     dropped: int = 0
     no_reward: int = 0
+    infra_dropped_groups: int = 0  # groups left out: our services failed one of their rollouts every time it ran
     path: str | None = None
 
 
@@ -201,6 +202,8 @@ def connect(config: ArclightConfig, snapshot: Snapshot | None = None) -> duckdb.
         "preserve_insertion_order": "false",
     })
     con.execute(view_sql(lake_root, snapshot))
+    # the rollouts as the flow recorded them (sql/triplets.sql leaves out the groups our services failed)
+    con.execute(state_sql(Catalog.from_config(config).state_root, names=("rollouts",)))
     return con
 
 
@@ -314,6 +317,10 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
     report = PolicyReport(policy=policy.name, agent_match=policy.agent_match)
     report.dropped = con.execute(
         "SELECT count(*) FROM credit WHERE list_contains(flags, 'missing_token_ids')").fetchall()[0][0] if pipeline.missing_token_ids == "drop" else 0
+    report.infra_dropped_groups = con.execute(  # the groups sql/triplets.sql leaves out (infrastructure_failed)
+        "SELECT count(DISTINCT (r.run_id, r.epoch, r.group_id)) FROM credit c JOIN rollouts r ON r.rollout_id = c.rollout_id "
+        "SEMI JOIN rollouts f ON f.run_id = r.run_id AND f.epoch = r.epoch AND f.group_id = r.group_id "
+        "AND f.error_kind = 'infrastructure' AND f.status IN ('failed', 'timed_out')").fetchall()[0][0]
     table = run_stage(con, "advantages", params=params).to_arrow_table()
     if pipeline.missing_token_ids == "retokenize" and "missing_token_ids" in pc.unique(pc.list_flatten(table["flags"])).to_pylist():
         from lightning_core.retokenize import retokenize_missing

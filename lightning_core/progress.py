@@ -10,12 +10,13 @@ import threading
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lightning_core.catalog import Catalog
 from lightning_core.config import ArclightConfig
-from lightning_core.services import sigterm_as_interrupt
+from lightning_core.stopping import on_signals
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -25,8 +26,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lightning_core.pipeline import PipelineError
     from lightning_core.redeploy import RedeployError
     from lightning_core.services import ServiceError
+    from lightning_core.stages import RunStopped
 
-    return (ConfigError, DatasetError, PipelineError, RedeployError, ServiceError)
+    return (ConfigError, DatasetError, PipelineError, RedeployError, ServiceError, RunStopped)
 
 
 EXPECTED_ERRORS = _expected_errors()
@@ -83,12 +85,12 @@ def run_with_progress(
         poller = threading.Thread(target=poll, name="arclight-progress", daemon=True)
         poller.start()
         try:
-            with sigterm_as_interrupt():
+            with on_signals():
                 result = work()
         except KeyboardInterrupt:
             stop.set()
-            console.print("[yellow]interrupted:[/yellow] services started for this run were stopped; "
-                          "run the same command again to resume where it stopped")
+            console.print("[yellow]interrupted:[/yellow] the rollouts in flight and the services started for this run "
+                          "were stopped; run the same command again to resume where it stopped")
             raise SystemExit(130) from None
         except EXPECTED_ERRORS as exc:
             stop.set()
@@ -110,17 +112,24 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
     curve = eval_curve(config)
     held_out = {c["after_epochs"]: c for c in curve}
     table = Table(title=f"run {config.run_name}")
-    for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out", "groups (informative/drawn)",
-                   "trained", "held-out after", "status"):
+    for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out",
+                   "ours: retried/left out", "groups (informative/drawn)", "trained", "held-out after", "status"):
         table.add_column(column)
-    for r in summary_rows(config):
+    rows = summary_rows(config)
+    for r in rows:
         reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
         groups = "" if r.get("tasks_sampled") is None else f"{r['informative_groups']}/{r['tasks_sampled']}"
         after = held_out.get(r["epoch"] + 1)
+        ours = f"{r['infra_retried']}/{r['infra_left_out']}" if r["infra_retried"] or r["infra_left_out"] else ""
         table.add_row(str(r["epoch"]), r["policy_version"] or "", reward, str(r["succeeded"]), str(r["failed"]),
-                      str(r["timed_out"]), groups, r["new_version"] or "-",
+                      str(r["timed_out"]), ours, groups, r["new_version"] or "-",
                       "" if after is None else f"{after['success_rate']:.0%}", r["status"])
     console.print(table)
+    from lightning_core.stages import describe_incidents
+
+    for r in rows:
+        if r["incidents"]:
+            console.print(f"[yellow]epoch {r['epoch']}, our services:[/yellow] {escape(describe_incidents(r['incidents']))}")
     if curve:
         points = " -> ".join(f"{c['success_rate']:.0%} ({c['label']}, {c['after_epochs']} epochs)" for c in curve)
         console.print(f"held-out success ({curve[-1]['tasks']} tasks, greedy): {points}")

@@ -5,12 +5,16 @@ async), named as ``"module:function"``. It talks to the model through ``ctx.base
 gateway's per-rollout OpenAI-compatible URL) and returns its final reward, or emits rewards
 itself with ``lightning_core.tracing.emit_reward``.
 
-Each attempt runs in its own process (forked from a clean fork server), so an agent that hangs
-is really stopped at the timeout: the process is killed, the epoch goes on. The worker sets up
+Each attempt runs in its own process (forked from a clean fork server) and process group, so an
+agent that hangs is really stopped at the timeout: the group is killed, the epoch goes on; a
+terminal's Ctrl-C reaches only the command, which stops the rollouts (``stopping``). The worker sets up
 tracing with the rollout context, wraps the agent in a ``rollout`` span, and flushes every span
 to the collector before it reports back. The parent records every outcome (succeeded, failed
 with the exception, timed out) as a ``rollout outcome`` span and returns it to the caller, which
-stores it in the catalog. A runner needs only ``RunnerSettings`` (service URLs and tokens), so it
+stores it in the catalog. A failure says whose it was (``error_kind``): the agent's own (an
+exception in its code), a timeout, or the infrastructure's (the gateway or the model server
+unreachable or answering 5xx, spans the collector never got): those are never training data.
+A runner needs only ``RunnerSettings`` (service URLs and tokens), so it
 runs as well on a Dask or Ray worker as in the flow's process; such a worker must not be daemonic,
 since a daemonic process may not start the fork server or rollout processes.
 """
@@ -29,9 +33,13 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from lightning_core import semconv, tracing
+from lightning_core import semconv, stopping, tracing
 
 SUCCEEDED, FAILED, TIMED_OUT = "succeeded", "failed", "timed_out"
+INTERRUPTED = "interrupted"  # stopped by Ctrl-C: not recorded, so the rollout stays planned and runs again
+# whose failure it was (RolloutOutcome.error_kind, the rollouts table's error_kind)
+AGENT, INFRASTRUCTURE, TIMEOUT = "agent", "infrastructure", "timeout"
+POLL_S = 0.25  # how often a waiting rollout looks at the stop event
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class RolloutOutcome:
     error: str | None
     started_at: float
     finished_at: float
+    error_kind: str | None = None  # agent | timeout | infrastructure (None when it succeeded)
 
 
 @dataclass(frozen=True)
@@ -140,8 +149,33 @@ def load_agent(ref: str, *, paths: tuple[str, ...] = ()) -> Callable[..., Any]:
     return fn
 
 
+def failure_kind(exc: BaseException, gateway_url: str) -> str:
+    """INFRASTRUCTURE when ``exc``, or an exception it came from, is a model call through the gateway at
+    ``gateway_url`` that our side failed (no connection, a timeout, a 5xx, or a rollout the gateway no longer
+    knows after a restart); AGENT otherwise (the agent's code, its tools, a 4xx it caused)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__module__.split(".")[0] == "openai" and _through(exc, gateway_url):
+            status = getattr(exc, "status_code", None)
+            if type(exc).__name__ in ("APIConnectionError", "APITimeoutError"):
+                return INFRASTRUCTURE
+            if status is not None and (status >= 500 or (status == 404 and "is not registered" in str(exc))):
+                return INFRASTRUCTURE
+        exc = exc.__cause__ or exc.__context__
+    return AGENT
+
+
+def _through(exc: BaseException, gateway_url: str) -> bool:
+    """True when the OpenAI error's request went to the gateway (an agent may call other OpenAI-compatible APIs)."""
+    request = getattr(exc, "request", None)
+    url = str(getattr(request, "url", "") or "")
+    return not url or url.startswith(gateway_url.rstrip("/"))
+
+
 def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> None:
-    """Run one attempt inside the worker process and send back (status, reward, error)."""
+    """Run one attempt inside the worker process and send back (status, reward, error, error kind)."""
+    os.setpgrp()  # its own process group: the parent stops it (and what the agent started) as one
     context = tracing.RolloutContext(spec.run_id, spec.epoch, spec.rollout_id, spec.task_id, attempt)
     handle = tracing.init_tracing(
         endpoint=settings.collector_url, token=settings.collector_token, context=context, service_name="arclight-agent",
@@ -153,7 +187,7 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
         api_key=settings.api_key, temperature=settings.temperature, resources=dict(settings.resources), mode=settings.mode,
         prompt_versions=dict(settings.prompt_versions),
     )
-    status, reward, error = SUCCEEDED, None, None
+    status, reward, error, kind = SUCCEEDED, None, None, None
     attributes = {semconv.SPAN_KIND: semconv.KIND_ROLLOUT, "arclight.rollout.sample_index": spec.sample_index}
     with handle.tracer.start_as_current_span(semconv.SPAN_NAME_ROLLOUT, attributes=attributes, record_exception=True, set_status_on_exception=True):
         try:
@@ -164,14 +198,15 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
             if result is not None:
                 tracing.emit_reward(result)
                 reward = tracing._as_reward(result)
-        except BaseException as exc:  # the agent's failure is data, not the runner's
-            status = FAILED
+        except BaseException as exc:  # the agent's failure is data, not the runner's -- unless our services caused it
+            status, kind = FAILED, failure_kind(exc, settings.gateway_url)
             error = f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exc(limit=8))[-2000:]}"
     flushed = handle.flush(30)
     handle.shutdown()
-    if not flushed and status == SUCCEEDED:
-        status, error = FAILED, f"spans could not be delivered to the collector at {settings.collector_url}"
-    conn.send((status, reward, error))
+    if not flushed:
+        status, kind = FAILED, INFRASTRUCTURE
+        error = f"spans could not be delivered to the collector at {settings.collector_url}" + (f"; {error}" if error else "")
+    conn.send((status, reward, error, kind))
     conn.close()
 
 
@@ -226,7 +261,8 @@ def _skip_main_reimport() -> None:
 
 
 def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> RolloutOutcome:
-    """Run one attempt in a worker process; kill it if it outlives ``settings.timeout_s``."""
+    """Run one attempt in a worker process; kill its process group when it outlives ``settings.timeout_s`` or a stop
+    is asked for (``stopping.STOP``: the attempt is then ``INTERRUPTED``)."""
     if multiprocessing.current_process().daemon:
         raise RuntimeError(
             "rollouts run in child processes (so a hung agent can be killed), but this process is daemonic and may not "
@@ -234,25 +270,40 @@ def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> Ro
     ctx = _mp_context(preload=(settings.agent.partition(":")[0],))
     parent, child = ctx.Pipe(duplex=False)
     started = time.time()
+    if stopping.stopping():
+        return RolloutOutcome(spec.rollout_id, INTERRUPTED, attempt, None, "stopped before it started", started, started)
     process = ctx.Process(target=_worker, args=(child, settings, spec, attempt), daemon=True,
                           name=f"{WORKER_NAME_PREFIX}{spec.rollout_id}")
     process.start()
+    stopping.add_group(process.pid, f"rollout {spec.rollout_id}", rollout=True)  # the worker's group (os.setpgrp)
     child.close()
-    status, reward, error = TIMED_OUT, None, f"rollout did not finish within {settings.timeout_s:g} s and was stopped"
+    status, reward, error, kind = TIMED_OUT, None, f"rollout did not finish within {settings.timeout_s:g} s and was stopped", TIMEOUT
+    deadline = time.monotonic() + settings.timeout_s
     try:
-        if parent.poll(settings.timeout_s):
-            status, reward, error = parent.recv()
+        while True:
+            if parent.poll(max(0.0, min(POLL_S, deadline - time.monotonic()))):
+                status, reward, error, kind = parent.recv()
+                break
+            if stopping.stopping():
+                status, error, kind = INTERRUPTED, "stopped by Ctrl-C or SIGTERM", None
+                break
+            if time.monotonic() >= deadline:
+                break
     except EOFError:
-        status, error = FAILED, None
+        status, error, kind = FAILED, None, AGENT
     finally:
-        process.join(timeout=0 if status == TIMED_OUT else 10)
+        if status in (TIMED_OUT, INTERRUPTED):
+            stopping.kill_group(process.pid)  # the agent and anything it started
+        process.join(timeout=10)
         if process.is_alive():
             process.kill()
             process.join(timeout=10)
+        stopping.kill_group(process.pid)  # what the agent left running after it returned
+        stopping.drop_group(process.pid)
         parent.close()
     if status == FAILED and error is None:
         error = f"the worker process died with exit code {process.exitcode} before reporting"
-    return RolloutOutcome(spec.rollout_id, status, attempt, reward, error, started, time.time())
+    return RolloutOutcome(spec.rollout_id, status, attempt, reward, error, started, time.time(), kind)
 
 
 def run_rollout(
@@ -268,6 +319,8 @@ def run_rollout(
         if before_attempt is not None:
             before_attempt(attempt)
         outcome = run_attempt(settings, spec, attempt)
+        if outcome.status == INTERRUPTED:
+            return outcome  # nothing to record: the rollout runs again next time
         record_outcome_span(settings, spec, outcome)
         if outcome.status == SUCCEEDED:
             break
@@ -276,7 +329,8 @@ def run_rollout(
 
 
 def record_outcome_span(settings: RunnerSettings, spec: RolloutSpec, outcome: RolloutOutcome) -> None:
-    """Export one ``rollout outcome`` span with the attempt's status, reward and error (synchronously)."""
+    """Hand one ``rollout outcome`` span with the attempt's status, reward and error to the epoch's exporter (sent in
+    the background; ``flush_outcome_spans`` sends what is left)."""
     from opentelemetry.trace import Status, StatusCode
 
     attributes = tracing.sanitize_attributes(
@@ -284,6 +338,7 @@ def record_outcome_span(settings: RunnerSettings, spec: RolloutSpec, outcome: Ro
             semconv.SPAN_KIND: semconv.KIND_ROLLOUT_OUTCOME,
             semconv.ROLLOUT_STATUS: outcome.status,
             semconv.ROLLOUT_ERROR: outcome.error,
+            semconv.ROLLOUT_ERROR_KIND: outcome.error_kind,
             semconv.ROLLOUT_ID: spec.rollout_id,
             semconv.TASK_ID: spec.task_id,
             semconv.ATTEMPT: outcome.attempt,
@@ -292,18 +347,18 @@ def record_outcome_span(settings: RunnerSettings, spec: RolloutSpec, outcome: Ro
             "arclight.rollout.sample_index": spec.sample_index,
         }
     )
-    provider, lock = _outcome_provider(settings.collector_url, settings.collector_token, spec.run_id, spec.epoch)
-    with lock:  # one export at a time per exporter (its HTTP session is not shared across threads)
-        span = provider.get_tracer("arclight.runner").start_span(
-            semconv.SPAN_NAME_ROLLOUT_OUTCOME, attributes=attributes, start_time=int(outcome.started_at * 1e9)
-        )
-        if outcome.status != SUCCEEDED:
-            span.set_status(Status(StatusCode.ERROR, (outcome.error or outcome.status)[:500]))
-        span.end(end_time=int(outcome.finished_at * 1e9))
+    provider = _outcome_provider(settings.collector_url, settings.collector_token, spec.run_id, spec.epoch)
+    span = provider.get_tracer("arclight.runner").start_span(
+        semconv.SPAN_NAME_ROLLOUT_OUTCOME, attributes=attributes, start_time=int(outcome.started_at * 1e9)
+    )
+    if outcome.status != SUCCEEDED:
+        span.set_status(Status(StatusCode.ERROR, (outcome.error or outcome.status)[:500]))
+    span.end(end_time=int(outcome.finished_at * 1e9))
 
 
-_outcome_providers: dict[tuple, tuple[Any, threading.Lock]] = {}
+_outcome_providers: dict[tuple, Any] = {}
 _outcome_guard = threading.Lock()
+OUTCOME_EXPORT_TIMEOUT_S = 5.0
 
 
 def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch: int):
@@ -311,26 +366,36 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
 
     Building a provider and an OTLP exporter per rollout cost ~14 ms CPU in the flow process. The
     resource names the lake partition (run, epoch); the rollout, task and attempt are span attributes.
+    Spans are exported in the background: with the collector down, an export retried for its whole
+    timeout, and one at a time they held every rollout thread of the round for minutes.
     """
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     key = (collector_url, token, run_id, epoch)
     with _outcome_guard:
         if key not in _outcome_providers:
             if len(_outcome_providers) >= 8:  # earlier epochs' providers: shut them down
-                for provider, _ in _outcome_providers.values():
+                for provider in _outcome_providers.values():
                     provider.shutdown()
                 _outcome_providers.clear()
             resource = Resource.create({semconv.SERVICE_NAME: "arclight-runner", semconv.RUN_ID: run_id, semconv.EPOCH: epoch})
             provider = TracerProvider(resource=resource)
             headers = {"Authorization": f"Bearer {token}"} if token else None
-            provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(
-                endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers)))
-            _outcome_providers[key] = (provider, threading.Lock())
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
+                endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers, timeout=OUTCOME_EXPORT_TIMEOUT_S),
+                schedule_delay_millis=200))
+            _outcome_providers[key] = provider
         return _outcome_providers[key]
+
+
+def flush_outcome_spans(*, run_id: str, epoch: int, timeout_s: float = 30.0) -> bool:
+    """Export the outcome spans of (run, epoch) recorded in this process so far; False when some could not be sent."""
+    with _outcome_guard:
+        providers = [p for (_, _, r, e), p in _outcome_providers.items() if (r, e) == (run_id, epoch)]
+    return all(p.force_flush(int(timeout_s * 1000)) for p in providers)
 
 
 def outcome_row(spec: RolloutSpec, outcome: RolloutOutcome) -> dict[str, Any]:
@@ -340,6 +405,7 @@ def outcome_row(spec: RolloutSpec, outcome: RolloutOutcome) -> dict[str, Any]:
         "attempt": outcome.attempt,
         "status": outcome.status,
         "error": outcome.error,
+        "error_kind": outcome.error_kind,
         "reward": outcome.reward,
         "started_at": outcome.started_at,
         "finished_at": outcome.finished_at,

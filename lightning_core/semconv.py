@@ -66,6 +66,7 @@ POLICY_NAME = "arclight.policy.name"
 LLM_REPLICA = "arclight.llm.replica"  # URL of the vLLM replica that answered
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 ERROR_TYPE = "error.type"  # OpenTelemetry convention: set on failed calls
+LLM_UPSTREAM_FAILED = "arclight.llm.upstream_failed"  # true on a gateway call our side failed (vLLM down, 5xx, timeout)
 
 # Prompt versions (resources.prompts): a resource attribute per prompt the rollout ran with.
 PROMPT_VERSION = "arclight.prompt.{name}.version"
@@ -83,6 +84,7 @@ APO_PARENT_VERSION = "arclight.apo.parent_version"
 # Rollout outcome spans written by the runner.
 ROLLOUT_STATUS = "arclight.rollout.status"  # succeeded | failed | timed_out
 ROLLOUT_ERROR = "arclight.rollout.error"
+ROLLOUT_ERROR_KIND = "arclight.rollout.error_kind"  # agent | timeout | infrastructure: whose failure it was
 
 # --- OpenTelemetry GenAI semantic conventions -----------------------------------------------
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"  # "chat", "text_completion", ...

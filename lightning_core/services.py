@@ -13,41 +13,19 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import httpx
 
+from lightning_core import stopping
 from lightning_core.config import ArclightConfig
 
 
 class ServiceError(RuntimeError):
     """A server that failed to start or stopped answering; the message holds its log tail."""
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C inside the block, so ``finally`` stops the servers this process started.
-
-    Python's default SIGTERM ends the process at once and leaves its vLLM, gateway and collector
-    running. Only the main thread can set handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -61,6 +39,7 @@ class Service:
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     scratch: Path | None = None  # the process's own temporary folder, removed when it is stopped
+    last_seen: float | None = None  # when it was last seen up (wall clock; the flow's supervisor looks every second)
 
     @property
     def owned(self) -> bool:
@@ -80,6 +59,7 @@ class Service:
         try:
             self._end_group(timeout_s)
         finally:
+            stopping.drop_group(self.process.pid)
             if self.scratch is not None:
                 shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -123,10 +103,31 @@ def log_tail(path: Path | None, lines: int = 40) -> str:
 
 def is_healthy(url: str, *, timeout_s: float = 2.0) -> bool:
     """True when ``url`` answers 200."""
+    return health(url, timeout_s=timeout_s).ok
+
+
+class Health(NamedTuple):
+    """What a health URL said: ``ok``; else why not, and whether the server itself said so (``answered``: it runs,
+    and knows what is wrong -- the collector says what keeps it from storing spans)."""
+
+    ok: bool
+    reason: str | None = None
+    answered: bool = False
+
+
+def health(url: str, *, timeout_s: float = 2.0) -> Health:
+    """Ask ``url``: 200 is ok; any other answer is not, with the server's own ``reason`` when it gives one."""
     try:
-        return httpx.get(url, timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
+        response = httpx.get(url, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        return Health(False, f"{url} could not be reached ({type(exc).__name__})")
+    if response.status_code == 200:
+        return Health(True)
+    try:
+        reason = response.json().get("reason")
+    except (ValueError, AttributeError):
+        reason = None
+    return Health(False, reason or f"{url} answered {response.status_code}", answered=reason is not None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -164,6 +165,7 @@ def start_process(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
+    stopping.add_group(process.pid, name)  # its own session: a second Ctrl-C kills it with the rest
     service = Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path,
                       env=dict(env or {}), scratch=scratch)
     try:
@@ -222,6 +224,7 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         "--set", f"collector.compact_max_files={c.compact_max_files}",
         "--set", f"collector.retention_hours={c.retention_hours}",
         "--set", f"collector.log_retention_s={c.log_retention_s}",
+        "--set", f"collector.checkpoint_interval={c.checkpoint_interval}",
         "--set", f"collector.workers={c.workers}",
         "--set", f"collector.compact={str(c.compact).lower()}",
         "--log-level", "warning",
@@ -231,3 +234,21 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         "collector", argv, url=c.url, health_url=f"{c.url}/healthz",
         log_path=log_dir / "collector.log", env=env, timeout_s=timeout_s,
     )
+
+
+def start_prefect_api(*, log_dir: Path, timeout_s: float = 90.0) -> Service:
+    """Start a Prefect API server (Prefect's own app, without its UI) for one command's flows, in its own session.
+
+    Prefect would otherwise start a temporary server of its own in this process's group, where a terminal's
+    Ctrl-C killed it before the interrupted flow could record its state, and the command then hung on
+    Prefect's retries. Its database is Prefect's default (``$PREFECT_HOME``), so runs stay listed between
+    commands. Starting it took 6-15 s on the 2-core machine (``../shared/FACTS.md``).
+    """
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    env = {"PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    url = f"http://127.0.0.1:{port}"
+    return start_process("prefect", argv, url=url, health_url=f"{url}/api/health", log_path=log_dir / "prefect.log",
+                         env=env, timeout_s=timeout_s)

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +23,50 @@ import httpx
 
 from lightning_core.config import ArclightConfig
 from lightning_core.gateway_client import GatewayClient
-from lightning_core.services import Service, ServiceError, is_healthy, start_collector
+from lightning_core.services import Service, ServiceError, health, is_healthy, start_collector
 
 log = logging.getLogger("arclight.stack")
 
 
 @dataclass
+class Outage:
+    """A time a service of the stack was down or failing (wall clock, comparable with rollout outcome times)."""
+
+    service: str  # collector | gateway | vllm0 | vllm0@<group> ...
+    started: float
+    reason: str
+    ended: float | None = None  # None while it lasts
+    restarted: bool = False
+
+    def overlaps(self, start: float, end: float) -> bool:
+        """True when the outage and the time from ``start`` to ``end`` share a moment."""
+        return self.started <= end and (self.ended is None or self.ended >= start)
+
+    def describe(self) -> str:
+        """One line: what, when, for how long, and whether it was restarted."""
+        when = time.strftime("%H:%M:%S", time.localtime(self.started))
+        lasted = "still down" if self.ended is None else f"for {self.ended - self.started:.0f} s"
+        return f"{self.service} {self.reason} at {when}, {lasted}" + ("; restarted" if self.restarted else "")
+
+
+@dataclass
 class Stack:
-    """Running collector, vLLM replicas and gateway, and which of them this process owns."""
+    """Running collector, vLLM replicas and gateway, which of them this process owns, and when they were down.
+
+    ``lock`` is held by whoever restarts a service (the flow's supervisor, a redeploy reviving replicas), so two never
+    restart the same one; ``outages`` lists every time a service was seen down or failing, so that rollouts it failed
+    are told from the agent's own failures.
+    """
 
     collector: Service
     replicas: list[Service] = field(default_factory=list)
     gateway: Service | None = None
+    outages: list[Outage] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def outages_during(self, start: float, end: float) -> list[Outage]:
+        """The outages that overlap the time from ``start`` to ``end``."""
+        return [o for o in list(self.outages) if o.overlaps(start, end)]
 
     def services(self) -> list[Service]:
         """Return every service, in start order."""
@@ -135,8 +168,13 @@ def up(config: ArclightConfig) -> dict[str, dict]:
 
 
 def status(config: ArclightConfig) -> dict[str, dict]:
-    """Return the recorded services with a ``healthy`` flag each."""
-    return {name: {**entry, "healthy": is_healthy(entry["health_url"])} for name, entry in _recorded(config).items()}
+    """Return the recorded services, each with a ``healthy`` flag and, from a server that says what is wrong (a
+    collector whose lake refuses commits), its ``reason``."""
+    result = {}
+    for name, entry in _recorded(config).items():
+        seen = health(entry["health_url"])
+        result[name] = {**entry, "healthy": seen.ok, **({"reason": seen.reason} if seen.answered else {})}
+    return result
 
 
 def down(config: ArclightConfig, *, timeout_s: float = 30.0) -> list[str]:

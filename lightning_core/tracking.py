@@ -143,11 +143,15 @@ def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[st
     plt.close(fig)
 
 
+NO_AGENT = "no_agent"  # the metrics of calls that no agent span owns (plain client code, agents in other languages)
+
+
 def agent_metric_name(agent: str | None, metric: str) -> str:
-    """``agent/<name>/<metric>``, the name cut to the characters MLflow accepts in a metric key."""
+    """``agent/<name>/<metric>`` (``agent/no_agent/<metric>`` for calls owned by no agent), the name cut to the
+    characters MLflow accepts in a metric key (letters, digits, ``_-. /``; a slash inside a name becomes ``_``)."""
     import re
 
-    name = re.sub(r"[^\w\-. ]", "_", agent) if agent is not None else "(no agent)"
+    name = re.sub(r"[^\w\-. ]", "_", agent) if agent is not None else NO_AGENT
     return f"agent/{name}/{metric}"
 
 

@@ -72,9 +72,13 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
     rows = [
         {"policy": p.policy, "agent_match": p.agent_match or "(all)", "triplets": p.triplets, "rollouts": p.rollouts,
          "groups": p.groups, "zero_adv_groups": len(p.zero_advantage_groups), "missing_token_ids": p.missing_token_ids,
-         "no_reward": p.no_reward}
+         "no_reward": p.no_reward, "groups_left_out_infra": p.infra_dropped_groups}
         for p in report.policies
     ]
+    for p in report.policies:
+        if p.infra_dropped_groups:
+            get_run_logger().warning("policy %s, epoch %s: %d groups left out: our services failed one of their rollouts "
+                                     "every time it ran", p.policy, epoch, p.infra_dropped_groups)
     create_table_artifact(rows, key=artifact_key(run_id, "triplets", epoch), description=f"Triplets of epoch {epoch}")
     agents = [{**vars(a), "policy": a.policy or "frozen"} for a in report.agent_epochs]
     ep.record_agent_epochs(Catalog.from_config(config), run_id=run_id, epoch=epoch, rows=report.agent_epochs)
@@ -120,12 +124,18 @@ def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> 
     """Publish the run's per-epoch summary table and a markdown report with the reward curve."""
     rows = stages.summary_rows(config)
     create_table_artifact(rows, key=artifact_key(run_id, "epochs"), description=f"Run {run_id}: one row per epoch")
-    lines = [f"# Run `{run_id}` after epoch {epoch}", "", "| epoch | reward | succeeded | failed | timed out | served | trained |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# Run `{run_id}` after epoch {epoch}", "",
+             "| epoch | reward | succeeded | failed | timed out | ours: retried/left out | served | trained |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
         lines.append(f"| {r['epoch']} | {reward} {_bar(r['reward_mean'])} | {r['succeeded']} | {r['failed']} | "
-                     f"{r['timed_out']} | {r['policy_version'] or ''} | {r['new_version'] or ''} |")
+                     f"{r['timed_out']} | {r['infra_retried']}/{r['infra_left_out']} | {r['policy_version'] or ''} | "
+                     f"{r['new_version'] or ''} |")
+    incidents = [(r["epoch"], stages.describe_incidents(r["incidents"])) for r in rows if r["incidents"]]
+    if incidents:
+        lines += ["", "Our services (rollouts they failed never train):", ""]
+        lines += [f"- epoch {e}: {text}" for e, text in incidents]
     agents = ep.agent_epochs(Catalog.from_config(config), run_id=run_id)
     current = [a for a in agents if a["epoch"] == epoch]
     if current:

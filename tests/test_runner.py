@@ -7,7 +7,8 @@ import time
 import pytest
 
 from lightning_core.catalog import Catalog
-from lightning_core.runner import FAILED, SUCCEEDED, TIMED_OUT, RolloutSpec, RunnerSettings, load_agent, run_rollout
+from lightning_core.runner import (FAILED, SUCCEEDED, TIMED_OUT, RolloutSpec, RunnerSettings, flush_outcome_spans, load_agent,
+                                   run_rollout)
 from tests.conftest import REPO
 
 
@@ -23,6 +24,7 @@ def _spec(rollout_id: str, task=None) -> RolloutSpec:
 
 
 def _spans(cfg, rollout_id: str) -> list[tuple]:
+    assert flush_outcome_spans(run_id="runner", epoch=0)  # outcome spans go out in the background (the barrier flushes)
     with Catalog.from_config(cfg).read() as con:
         return con.execute(
             "SELECT name, span_kind, attempt, json_extract_string(attributes, '$.\"arclight.rollout.status\"'), reward_value "

@@ -69,10 +69,11 @@ def test_sigterm_during_work_stops_the_servers_the_process_started(tmp_path):
     script = tmp_path / "work.py"
     script.write_text(
         "import sys, time\n"
-        "from lightning_core.services import sigterm_as_interrupt, start_collector\n"
+        "from lightning_core.services import start_collector\n"
+        "from lightning_core.stopping import on_signals\n"
         "from tests.conftest import make_config\n"
         f"cfg = make_config({str(tmp_path)!r})\n"
-        "with sigterm_as_interrupt():\n"
+        "with on_signals():\n"
         "    collector = start_collector(cfg)\n"
         "    try:\n"
         "        print(collector.process.pid, flush=True)\n"

@@ -1,0 +1,94 @@
+"""Stopping: the first Ctrl-C (or SIGTERM) stops everything this process started, within seconds.
+
+``on_signals()`` wraps a command's work. The first SIGINT or SIGTERM sets ``STOP`` (rollouts in
+flight see it within a quarter second, kill their agent's process group and report
+``interrupted``: they stay planned, and the next run does them again), kills the agent
+processes at once, and raises ``KeyboardInterrupt`` in the main thread, so that every ``finally``
+stops the servers its block started. A second signal while that cleanup runs kills what is left
+(every server and agent process group this process started) and exits at once with 130.
+
+Servers register here when they start (``services.start_process``) and leave when they stop;
+rollout processes register for as long as they run (``runner.run_attempt``). Each runs in its
+own process group, so a terminal's Ctrl-C reaches only this process, which stops them in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Iterator
+
+log = logging.getLogger("arclight.stopping")
+
+STOP = threading.Event()  # set by the first signal: rollouts end, stages return, the command unwinds
+_groups: dict[int, str] = {}  # process group -> what it is ("rollout", "vllm0", ...)
+_rollouts: set[int] = set()
+_lock = threading.Lock()
+
+
+def stopping() -> bool:
+    """True once a stop was asked for (the first Ctrl-C or SIGTERM inside ``on_signals``)."""
+    return STOP.is_set()
+
+
+def add_group(pgid: int, what: str, *, rollout: bool = False) -> None:
+    """Remember a process group this process started (killed by a second signal; a rollout's also by the first)."""
+    with _lock:
+        _groups[pgid] = what
+        if rollout:
+            _rollouts.add(pgid)
+
+
+def drop_group(pgid: int) -> None:
+    """Forget a process group that was stopped."""
+    with _lock:
+        _groups.pop(pgid, None)
+        _rollouts.discard(pgid)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of the group (gone already: nothing to do)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _kill(groups: list[int]) -> None:
+    for pgid in groups:
+        kill_group(pgid)
+
+
+@contextlib.contextmanager
+def on_signals() -> Iterator[None]:
+    """Run the block with Ctrl-C and SIGTERM stopping everything (see the module's docstring); restore after.
+
+    Only the main thread can set handlers: elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if STOP.is_set():  # the second: whatever is still running goes now
+            with _lock:
+                groups = list(_groups)
+            _kill(groups)
+            os.write(2, f"\n{name} again: killed {len(groups)} process group(s) this run started; exiting\n".encode())
+            os._exit(130)
+        STOP.set()
+        with _lock:
+            rollouts = list(_rollouts)
+        _kill(rollouts)  # agents hold nothing that must be saved: their rollouts stay planned and run again
+        raise KeyboardInterrupt(name)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    STOP.clear()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        STOP.clear()

@@ -1,0 +1,40 @@
+-- arrivals: one row per rollout of ($run_id, $epoch) in $mode that the runner recorded as succeeded, with what
+-- of its recorded attempt reached the lake. The ingest barrier (stages.ingest_barrier) runs it once every span
+-- is durable (the agents flushed before reporting, the gateway just flushed) and fails the rollouts it names:
+--   verdict 'spans_lost'      no span at all, not even the runner's rollout span: the collector never stored them
+--                             (infrastructure: the rollout runs again)
+--   verdict 'upstream_failed' a model call of the attempt that our side failed: the gateway could not reach vLLM,
+--                             vLLM answered 5xx or broke off (arclight.llm.upstream_failed; infrastructure: the
+--                             agent may have carried on with an error it caught, so its reward says nothing)
+--   verdict 'no_spans'        only the runner's own spans: the agent recorded nothing (the agent's failure)
+--   verdict NULL              what a rollout should leave: it stays succeeded
+-- Reads: rollouts (the state table), spans.
+WITH
+ran AS (
+    SELECT rollout_id, attempt FROM rollouts
+    WHERE run_id = $run_id AND epoch = $epoch AND mode = $mode AND status = 'succeeded'
+),
+arrived AS (
+    SELECT rollout_id, attempt,
+        count(*) AS spans,
+        count(*) FILTER (WHERE coalesce(span_kind, '') NOT IN ('rollout', 'rollout_outcome')) AS agent_spans,
+        count(*) FILTER (WHERE span_kind = 'llm'
+                         AND json_extract(attributes, '$."arclight.llm.upstream_failed"')::BOOLEAN) AS failed_calls,
+        min(json_extract_string(attributes, '$."error.type"'))
+            FILTER (WHERE json_extract(attributes, '$."arclight.llm.upstream_failed"')::BOOLEAN) AS failed_call_error
+    FROM spans
+    WHERE run_id = $run_id AND epoch = $epoch AND rollout_id IS NOT NULL
+    GROUP BY rollout_id, attempt
+)
+SELECT r.rollout_id, r.attempt,
+    coalesce(a.spans, 0) AS spans,
+    coalesce(a.agent_spans, 0) AS agent_spans,
+    coalesce(a.failed_calls, 0) AS failed_calls,
+    a.failed_call_error,
+    CASE WHEN a.spans IS NULL THEN 'spans_lost'
+         WHEN a.failed_calls > 0 THEN 'upstream_failed'
+         WHEN a.agent_spans = 0 THEN 'no_spans'
+    END AS verdict
+FROM ran r
+LEFT JOIN arrived a ON a.rollout_id = r.rollout_id AND a.attempt IS NOT DISTINCT FROM r.attempt
+ORDER BY r.rollout_id
