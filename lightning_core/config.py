@@ -239,7 +239,9 @@ class PolicyConfig(Section):
     """One trainable policy: the agents whose calls train it, and its adapter."""
 
     name: str = Field("default", description="Policy name; adapters are served as <name>-v<version>.")
-    agent_match: str | None = Field(None, description="Regex (search semantics) on the owning agent's name; None = all agents.")
+    agent_match: str | None = Field(None, description="Regex (search semantics) on the owning agent's name; None = all "
+                                    "agents. A call no agent span owns (plain client code) matches as the empty name: "
+                                    "'.*' and '^$' select it, '^calc$' does not.")
     trainer: dict[str, Any] = Field(default_factory=dict, description="Per-policy overrides of the trainer section, e.g. {learning_rate: 1e-4}.")
 
     @field_validator("trainer")

@@ -377,9 +377,8 @@ def _agent_epochs(con, config: ArclightConfig, policies: list[PolicyConfig], tri
     rows = run_stage(con, "agent_epochs", params={"success_reward": config.trainer.success_reward}).fetchall()
     result = []
     for epoch, agent, calls, rollouts, reward_mean, success_rate in rows:
-        # as sql/credit.sql selects calls: no agent_match takes every call, an agentless one included
-        trained_by = [p.name for p in policies
-                      if p.agent_match is None or (agent is not None and re.search(p.agent_match, agent))]
+        # as sql/credit.sql selects calls: no agent_match takes every call; an agentless one matches as ''
+        trained_by = [p.name for p in policies if p.agent_match is None or re.search(p.agent_match, agent or "")]
         result.append(AgentEpoch(epoch=epoch, agent_name=agent, policy=",".join(trained_by) or None, calls=calls,
                                  rollouts=rollouts,
                                  triplets=triplets.get((epoch, agent), 0), reward_mean=reward_mean,

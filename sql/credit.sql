@@ -1,5 +1,6 @@
 -- credit: one row per selected call -- its owning agent matches $agent_match (search
--- semantics; NULL = every agent) and it is not inside a reward function unless
+-- semantics; NULL = every agent; a call no agent span owns matches as the empty name, so '.*'
+-- and '^$' select it and '^calc$' does not) and it is not inside a reward function unless
 -- $exclude_llm_call_in_reward is false -- with the reward that $reward_policy assigns it and the
 -- return R of its rollout:
 --   final                   every call gets the rollout's last reward (R = that reward)
@@ -26,12 +27,12 @@ selected_calls AS (
         count(*) OVER (PARTITION BY grp) AS turns
     FROM calls
     WHERE NOT (in_reward AND $exclude_llm_call_in_reward)
-      AND ($agent_match IS NULL OR coalesce(regexp_matches(agent_name, $agent_match), false))
+      AND ($agent_match IS NULL OR regexp_matches(coalesce(agent_name, ''), $agent_match))
 ),
 counted_rewards AS (
     SELECT * FROM rewards
     WHERE kind = 'reward' AND value IS NOT NULL
-      AND ($reward_agent_match IS NULL OR coalesce(regexp_matches(agent_name, $reward_agent_match), false))
+      AND ($reward_agent_match IS NULL OR regexp_matches(coalesce(agent_name, ''), $reward_agent_match))
 ),
 rollout_rewards AS (
     SELECT grp, arg_max(value, start_ns) AS final_value, sum(value) AS total_value, count(*) AS reward_count

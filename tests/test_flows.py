@@ -190,3 +190,33 @@ def test_killed_during_training_resumes_without_rerunning_rollouts(
         assert con.execute("SELECT count(*) FROM spans WHERE run_id='killrun' AND span_kind='rollout_outcome'").fetchall() == outcome_spans
         assert con.execute("SELECT version, epoch FROM policy_versions WHERE run_id='killrun'").fetchall() == [(f"{POLICY}-v1", 0)]
     assert after == before  # no rollout ran again
+
+
+def test_an_agent_without_an_agent_span_trains_and_its_calls_are_reported_as_no_agent(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    # plain client code and agents in other languages often open no agent span: the MLflow metric name of such
+    # calls crashed `arclight train` after the epoch had trained ('agent/(no agent)/calls')
+    from rich.console import Console
+
+    from flows.train import train_epoch
+    from lightning_core.progress import print_summary
+
+    questions = [{"id": f"n{i}", "question": f"Say the word {w}.", "target": w} for i, w in enumerate(["xyzzy", "plugh"])]
+    overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                           tiny_model_dir=tiny_model_dir, dataset=_dataset(tmp_path / "tasks.jsonl", questions),
+                           **{"run_name": "agentless", "rollouts.agent": "tests.helpers.flow_agent:run_without_agent_span",
+                              "policies": json.dumps([{"name": POLICY, "agent_match": ".*"}])})
+    cfg = make_config(tmp_path, *overrides)
+    result = train_epoch(overrides=overrides)
+    assert result["status"] == "completed" and result["new_version"] == f"{POLICY}-v1"
+    with Catalog.from_config(cfg).read() as con:
+        assert con.execute("SELECT agent_name, policy, calls > 0, triplets > 0 FROM agent_epochs "
+                           "WHERE run_id = 'agentless'").fetchall() == [(None, POLICY, True, True)]
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("flowtest").experiment_id],
+                               filter_string="tags.`arclight.run_id` = 'agentless'")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "agent/no_agent/calls")] == [8.0]
+    console = Console(record=True, width=200)
+    print_summary(cfg, console=console)
+    assert "(no agent)" in console.export_text()

@@ -41,3 +41,31 @@ def run(task, ctx):
     # nothing, so every group gets unequal rewards and each epoch trains a new version.
     sample_index = int(ctx.rollout_id.rsplit("-", 1)[1])
     return (1.0 if task["target"] in text else (len(text) % 5) / 10) + 0.01 * sample_index
+
+
+def run_without_agent_span(task, ctx):
+    """Plain client code, as an agent in another language or a script: model calls and a reward, no agent span."""
+    reply = ctx.openai_client().chat.completions.create(
+        model=ctx.model, messages=[{"role": "user", "content": task["question"]}], max_tokens=6, temperature=ctx.temperature)
+    sample_index = int(ctx.rollout_id.rsplit("-", 1)[1])
+    return (len(reply.choices[0].message.content or "") % 5) / 10 + 0.01 * sample_index
+
+
+def run_steady(task, ctx):
+    """Several model calls half a second apart (rollouts in flight long enough to lose a server under them). An agent
+    that carries on: a call that fails is caught and the rollout scored 0, as if the answer were wrong."""
+    import openai
+
+    client = ctx.openai_client(max_retries=0)
+    turns, score = int(task.get("turns", 4)), 0.0
+    with tracing.agent("responder"):
+        for _ in range(turns):
+            try:
+                reply = client.chat.completions.create(
+                    model=ctx.model, messages=[{"role": "user", "content": task["question"]}], max_tokens=4,
+                    temperature=ctx.temperature)
+            except openai.APIError:
+                return 0.0
+            score += (len(reply.choices[0].message.content or "") % 5) / 10
+            time.sleep(float(task.get("pause_s", 0.5)))
+    return score / turns + 0.01 * int(ctx.rollout_id.rsplit("-", 1)[1])
