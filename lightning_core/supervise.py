@@ -93,7 +93,8 @@ class Supervisor:
             return
         self._misses[name] = self._misses.get(name, 0) + 1
         if name not in self._open and (seen.answered or self._misses[name] >= MISSES_FOR_OUTAGE):
-            outage = Outage(name, service.last_seen or time.time(), seen.reason or "did not answer")
+            what = "failing" if seen.answered else "not answering"
+            outage = Outage(name, service.last_seen or time.time(), f"{what} ({seen.reason or 'no reason given'})")
             self._open[name] = outage
             self.stack.outages.append(outage)
             log.warning("%s is down or failing: %s", name, seen.reason)

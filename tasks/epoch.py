@@ -59,7 +59,21 @@ def rollouts(
     return stages.run_rollout_batch(settings, specs, first_attempts=first_attempts, slot=_slot(concurrency))
 
 
-@task(name="ingest-barrier", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=300)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a stage that failed by chance, not one that said what is wrong (a collector that cannot store spans)."""
+    from lightning_core.services import ServiceError
+
+    try:
+        state.result()
+    except (ServiceError, stages.RunStopped):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="ingest-barrier", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=300,
+      retry_condition_fn=_worth_retrying)
 def ingest(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str = "train") -> dict[str, int]:
     """Wait until every span of the epoch is in the lake; fail rollouts that left no spans."""
     return stages.ingest_barrier(config, stack, run_id=run_id, epoch=epoch, mode=mode)
