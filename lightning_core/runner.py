@@ -358,7 +358,6 @@ def record_outcome_span(settings: RunnerSettings, spec: RolloutSpec, outcome: Ro
 
 _outcome_providers: dict[tuple, Any] = {}
 _outcome_guard = threading.Lock()
-OUTCOME_EXPORT_TIMEOUT_S = 5.0
 
 
 def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch: int):
@@ -367,7 +366,9 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
     Building a provider and an OTLP exporter per rollout cost ~14 ms CPU in the flow process. The
     resource names the lake partition (run, epoch); the rollout, task and attempt are span attributes.
     Spans are exported in the background: with the collector down, an export retried for its whole
-    timeout, and one at a time they held every rollout thread of the round for minutes.
+    timeout, and one at a time they held every rollout thread of the round for minutes. The exporter's
+    own timeout (10 s) stays: it resends a request that timed out, which the collector may have stored
+    (a 5 s timeout stored outcome spans twice on a loaded machine).
     """
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -385,7 +386,7 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
             provider = TracerProvider(resource=resource)
             headers = {"Authorization": f"Bearer {token}"} if token else None
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
-                endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers, timeout=OUTCOME_EXPORT_TIMEOUT_S),
+                endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers),
                 schedule_delay_millis=200))
             _outcome_providers[key] = provider
         return _outcome_providers[key]
