@@ -22,9 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_core import tracing  # noqa: E402
-from lightning_core.catalog import Catalog  # noqa: E402
+from lightning_core.store.catalog import Catalog  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.services import free_port, start_collector  # noqa: E402
+from lightning_core.common.services import free_port
+from lightning_core.ingest.service import start_collector  # noqa: E402
 
 
 def sender(url: str, run_id: str, first: int, count: int, spans_per_rollout: int, per_span: bool) -> None:

@@ -31,8 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     code = str(args.code.resolve())
     sys.path.insert(0, code)
-    from lightning_core import lake as L  # noqa: E402 - before ingest_bench, which puts this checkout first
-    from lightning_core.otlp_decode import PROTOBUF, parse  # noqa: E402
+    from lightning_core.store import spans as L  # noqa: E402 - before ingest_bench, which puts this checkout first
+    from lightning_core.ingest.otlp_decode import PROTOBUF, parse  # noqa: E402
 
     sys.path.insert(0, str(HERE))
     import ingest_bench  # noqa: E402

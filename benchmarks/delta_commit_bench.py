@@ -1,7 +1,7 @@
 """What one commit to a span table costs as the table holds more files (why a busy partition is compacted).
 
 The collector commits each group of requests with delta-rs's ``create_write_transaction`` and then brings
-its table object up to date (``lake.commit_durably``); both read the state of every file in the table.
+its table object up to date (``delta.commit_durably``); both read the state of every file in the table.
 This grows a table (with the span tables' properties: a checkpoint every 10 commits) by commits of
 2,000 add actions, and at each size times 40 commits of one file as the collector makes them (the
 log cleaned as the collector cleans it). The files are never read, so they need not exist.
@@ -27,7 +27,7 @@ from deltalake.transaction import AddAction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_core.lake import COMMIT_HOOKS, table_properties  # noqa: E402
+from lightning_core.store.delta import COMMIT_HOOKS, table_properties  # noqa: E402
 
 SCHEMA = pa.schema([("a", pa.int64()), ("date", pa.string())])
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_core import pipeline  # noqa: E402
+from lightning_core.pipeline import triplets as pipeline  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
 
 

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.proc_cpu import group_cpu_s  # noqa: E402
-from lightning_core.services import free_port  # noqa: E402
+from lightning_core.common.services import free_port  # noqa: E402
 
 PROMPT_IDS = list(range(1000, 1190))          # the calc prompt is ~190 tokens
 ANSWER_IDS = list(range(2000, 2030))          # and an answer ~10-40

@@ -42,8 +42,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from benchmarks.proc_cpu import group_cpu_s  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.lake import snapshot  # noqa: E402
-from lightning_core.services import free_port, start_collector  # noqa: E402
+from lightning_core.store.spans import snapshot  # noqa: E402
+from lightning_core.common.services import free_port
+from lightning_core.ingest.service import start_collector  # noqa: E402
 
 
 def build_request(index: int, *, spans: int = 1050, run_id: str = "ingest") -> bytes:
@@ -126,8 +127,8 @@ def convert_times(bodies: list[bytes], repeat: int = 3) -> dict[str, float]:
     upb parse of the whole request and wire-type check, the per-span Python path (from that parse), the
     outline parse the collector does (``parse_outline``), the columnar path from the outline, and the
     columnar path of 2 and 4 requests joined into one body (as the converter thread joins queued ones)."""
-    from lightning_core import otlp_columns, span_rows
-    from lightning_core.otlp_decode import PROTOBUF, outline_unchecked, parse, parse_outline
+    from lightning_core.ingest import otlp_columns, span_rows
+    from lightning_core.ingest.otlp_decode import PROTOBUF, outline_unchecked, parse, parse_outline
 
     requests = [parse(body, PROTOBUF) for body in bodies]
     outlines = {id(request): parse_outline(body) for request, body in zip(requests, bodies)}
@@ -238,7 +239,7 @@ def run(args, bodies: list[bytes], decode: float, root: Path) -> None:
         service.stop()
     latencies = sorted(latency for _, latency in finished)
     spans = args.requests * args.spans * args.rounds
-    from lightning_core.catalog import Catalog
+    from lightning_core.store.catalog import Catalog
 
     with Catalog.from_config(cfg).read() as con:  # spans_raw: every stored row
         stored = con.execute("SELECT count(*) FROM spans_raw WHERE run_id = 'ingest'").fetchall()[0][0]

@@ -39,8 +39,8 @@ from openai import AsyncOpenAI  # noqa: E402
 
 import sql_agent  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.serving import model_dir, start_vllm  # noqa: E402
-from lightning_core.services import free_port  # noqa: E402
+from lightning_core.serving.vllm import model_dir, start_vllm  # noqa: E402
+from lightning_core.common.services import free_port  # noqa: E402
 
 SETUPS = ("lora", "lora-base", "plain", "groups", "plain-block128")
 

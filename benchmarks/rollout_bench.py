@@ -30,27 +30,26 @@ import httpx  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from lightning_core import stack as services  # noqa: E402
-from lightning_core.catalog import Catalog  # noqa: E402
+from lightning_core.epoch import stack as services  # noqa: E402
+from lightning_core.store.catalog import Catalog  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.services import sigterm_as_interrupt  # noqa: E402
+from lightning_core.common.stopping import on_signals  # noqa: E402
 
 
 @flow(name="rollout-bench", task_runner=ThreadPoolTaskRunner(max_workers=512))
 def rollout_stage(config_path: str, overrides: list[str], run_id: str) -> float:
     """Run epoch 0 of ``run_id``'s rollouts through the flow's rollout stage; return its wall time."""
-    from flows.train import load, run_rollouts
-    from lightning_core.stack import open_stack
+    from flows.train import load, run_rollouts, running
     from tasks import epoch as t
 
     config = load(config_path, [*overrides, f"run_name={run_id}"])
-    with open_stack(config) as stack:
+    with running(config, lock=False) as ctx:
         before = cpu_seconds()
         started = time.perf_counter()
-        run_rollouts(config, stack, run_id=run_id, epoch=0, mode="train")
+        run_rollouts(ctx, run_id=run_id, epoch=0, mode="train")
         elapsed = time.perf_counter() - started
         CPU[run_id] = {k: round(v - before.get(k, 0.0), 1) for k, v in cpu_seconds().items()}
-        t.ingest(config, stack, run_id=run_id, epoch=0)
+        t.ingest(ctx, run_id=run_id, epoch=0)
     return elapsed
 
 
@@ -140,7 +139,7 @@ def main() -> None:
     overrides = project_overrides(a.config, work, "bench", base)
     cfg = load_config(a.config, overrides=overrides)
     results = []
-    with sigterm_as_interrupt():
+    with on_signals():
         record = services.up(cfg)
         try:
             vllm_url = next(e["url"] for name, e in record.items() if name.startswith("vllm"))

@@ -26,13 +26,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_core.catalog import Catalog  # noqa: E402
+from lightning_core.store.catalog import Catalog  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.gateway_client import GatewayClient  # noqa: E402
-from lightning_core.model import build_tiny_model  # noqa: E402
-from lightning_core.redeploy import deploy_adapter  # noqa: E402
-from lightning_core.serving import start_gateway, start_vllm  # noqa: E402
-from lightning_core.services import free_port, start_collector  # noqa: E402
+from lightning_core.serving.client import GatewayClient  # noqa: E402
+from lightning_core.common.model import build_tiny_model  # noqa: E402
+from lightning_core.serving.redeploy import deploy_adapter  # noqa: E402
+from lightning_core.serving.vllm import start_gateway, start_vllm  # noqa: E402
+from lightning_core.common.services import free_port
+from lightning_core.ingest.service import start_collector  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

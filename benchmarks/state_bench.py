@@ -22,7 +22,7 @@ from pathlib import Path
 if not os.environ.get("PYTHONPATH"):  # this checkout's code, unless PYTHONPATH names another
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_core.catalog import Catalog  # noqa: E402
+from lightning_core.store.catalog import Catalog  # noqa: E402
 
 
 def measure(n: int, repeat: int) -> tuple[list[float], list[float]]:

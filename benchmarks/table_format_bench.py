@@ -7,7 +7,7 @@ The same workload on each format, in this order, one format at a time:
 
 1. ``--writers`` processes append ``--commits`` commits each, at the same time, to one table
    partitioned by (run_id, epoch); every commit is one real collector request's spans
-   (``span_rows.request_to_tables`` of ``ingest_bench.build_request``: ~1,050 spans, a third with 240
+   (``ingest.tables.request_to_tables`` of ``ingest_bench.build_request``: ~1,050 spans, a third with 240
    token ids). Printed: commit latency p50/p99 and commits/s over all writers, how many commits
    failed after the format's own retries, and (Iceberg) how many retries there were.
 2. DuckDB 2.0 counts the rows and the distinct (trace_id, span_id) of the current snapshot's files
@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import duckdb  # noqa: E402
 
 from ingest_bench import build_request  # noqa: E402
-from lightning_core import lake, span_rows  # noqa: E402
+from lightning_core.store import span_schema  # noqa: E402
+from lightning_core.store import spans as lake  # noqa: E402
+from lightning_core.ingest.tables import request_to_tables  # noqa: E402
 
 RUN = "formats"
 
@@ -50,7 +52,7 @@ def span_tables(writer: int, commits: int, spans: int):
     tables = []
     for i in range(commits):
         body = build_request(writer * commits + i, spans=spans, run_id=RUN)
-        [(partition, table)] = span_rows.request_to_tables(ExportTraceServiceRequest.FromString(body)).items()
+        [(partition, table)] = request_to_tables(ExportTraceServiceRequest.FromString(body)).items()
         tables.append((partition, table))
     return tables
 
@@ -82,7 +84,7 @@ def iceberg_catalog(root: str):
 def iceberg_create(root: str) -> None:
     catalog = iceberg_catalog(root)
     catalog.create_namespace("arclight")
-    table = catalog.create_table("arclight.spans", schema=lake.table_schema("training"))
+    table = catalog.create_table("arclight.spans", schema=span_schema.table_schema("training"))
     with table.update_spec() as update:  # partitioned as the Delta table: by run and epoch
         update.add_identity("run_id")
         update.add_identity("epoch")
@@ -105,12 +107,12 @@ def iceberg_writer(root: str, writer: int, commits: int, spans: int, start, queu
     logging.getLogger("pyiceberg").propagate = False
     tables = span_tables(writer, commits, spans)
     table = iceberg_catalog(root).load_table("arclight.spans")
-    schema = lake.table_schema("training")
+    schema = span_schema.table_schema("training")
     latencies, failed = [], 0
     queue.put("ready")
     start.wait()
     for partition, data in tables:
-        data = lake._with_partition_columns(data, partition).cast(schema)
+        data = span_schema.with_partition_columns(data, partition).cast(schema)
         t = time.perf_counter()
         try:
             table.append(data)

@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.lake import Lake  # noqa: E402
-from lightning_core.pipeline import materialize_triplets  # noqa: E402
-from lightning_core.span_rows import SPAN_SCHEMA, Partition  # noqa: E402
+from lightning_core.store.spans import Lake  # noqa: E402
+from lightning_core.pipeline.triplets import materialize_triplets  # noqa: E402
+from lightning_core.store.span_schema import SPAN_SCHEMA, Partition  # noqa: E402
 
 # slot, name, parent slot, start us, end us, kind
 CALLS = [  # (agent slot, start, end)
@@ -208,7 +208,7 @@ def _usage() -> tuple[float, float, int]:
 
     CPU time is steadier than wall time on a shared machine. System time is mostly page faults:
     on this VM, memory a process touches for the first time costs far more than memory it reuses
-    (see benchmarks/README.md), which is most of the run-to-run spread.
+    (see docs/measurement-log.md), which is most of the run-to-run spread.
     """
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime, usage.ru_stime, usage.ru_minflt

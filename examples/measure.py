@@ -6,8 +6,9 @@
 Each measurement is a fresh project in ``<example>/.arclight/measure/<stamp>/`` (its own lake,
 catalog, checkpoints and MLflow store), so earlier runs never leak in: the "before" number is
 always the base model. The services (collector, vLLM, gateway) start once and serve all three
-flows. The result is printed as a markdown table and appended to ``<example>/RESULTS.md`` with
-the exact command, so anyone can re-run it.
+flows. The result is printed as a markdown table and recorded, with the exact command so anyone
+can re-run it, at the end of the example's part of ``docs/measurement-log.md`` (the append-only
+history; ``<example>/RESULTS.md`` shows only the latest figures and is edited by hand).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_core import stack as services  # noqa: E402
-from lightning_core import stages  # noqa: E402
+from lightning_core.epoch.context import RunContext  # noqa: E402
+from lightning_core.epoch import reports  # noqa: E402
+from lightning_core.epoch import stack as services  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.stopping import on_signals  # noqa: E402
+from lightning_core.common.stopping import on_signals  # noqa: E402
 
 
 def machine() -> str:
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks evaluated (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seeds task sampling and the trainer")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE (repeatable)")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file to append to (default <example>/RESULTS.md)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to append to (default: the example's part of docs/measurement-log.md)")
     parser.add_argument("--extra-eval", type=Path, action="append", default=[],
                         help="another held-out JSONL set, evaluated before and after too (repeatable)")
     args = parser.parse_args()
@@ -117,7 +119,7 @@ def main() -> None:
                     extra[path]["after"] = evaluate(config_path=str(config_path), label=f"{path.stem}:after",
                                                     overrides=[*overrides, f"rollouts.eval_dataset={path.resolve()}"])
                 extra_s += time.perf_counter() - t_extra
-                curve = stages.eval_curve(cfg)
+                curve = reports.eval_curve(RunContext.of(cfg))
                 load_after = os.getloadavg()
             finally:
                 services.down(cfg)
@@ -152,11 +154,36 @@ def main() -> None:
         *([*extra_lines, ""] if extra_lines else []),
     ])
     print(table)
-    out = args.out or config_path.parent / "RESULTS.md"
-    if not out.exists():
-        out.write_text(f"# Measured results: {config_path.parent.name}\n\nAppended by `examples/measure.py`; newest last.\n\n")
-    with open(out, "a") as fh:
-        fh.write(table + "\n")
+    record(table, example=config_path.parent.name, out=args.out)
+
+
+MEASUREMENT_LOG = REPO / "docs" / "measurement-log.md"
+
+
+def record(table: str, *, example: str, out: Path | None = None) -> Path:
+    """Append ``table`` to ``out``, or to the end of ``example``'s part of the measurement log.
+
+    The log's parts are its ``## Part N: ...`` sections; the example's part is the one that names
+    ``examples/<example>/``. An example without one gets a new part at the end of the log.
+    """
+    if out is not None:
+        with open(out, "a") as fh:
+            fh.write(table + "\n")
+        return out
+    text = MEASUREMENT_LOG.read_text() if MEASUREMENT_LOG.exists() else "# Measurement log\n"
+    lines = text.splitlines(keepends=True)
+    parts = [i for i, line in enumerate(lines) if line.startswith("## Part ")]
+    mine = [i for i in parts if f"examples/{example}/" in lines[i]]
+    if mine:
+        later = [i for i in parts if i > mine[0]]
+        at = later[0] if later else len(lines)
+        lines[at:at] = [table.rstrip("\n") + "\n", "\n"]
+    else:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines += ["\n", f"## Part {len(parts) + 1}: the {example} example (`examples/{example}/`)\n", "\n", table.rstrip("\n") + "\n"]
+    MEASUREMENT_LOG.write_text("".join(lines))
+    return MEASUREMENT_LOG
 
 
 if __name__ == "__main__":

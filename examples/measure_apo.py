@@ -7,7 +7,7 @@
 
 Like ``measure.py``: a fresh project in ``<example>/.arclight/measure/<stamp>/`` (its own lake,
 catalog and MLflow store), services started once, and a markdown table (with the command, the
-machine and its load) printed and appended to ``<example>/RESULTS.md``. ``--then-train N`` trains
+machine and its load) printed and appended to the example's part of ``docs/measurement-log.md``. ``--then-train N`` trains
 N GRPO epochs afterwards with the promoted prompt and evaluates again: prompt and weights together.
 """
 
@@ -23,12 +23,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.measure import fresh_project, machine  # noqa: E402
-from lightning_core import prompts  # noqa: E402
-from lightning_core import stack as services  # noqa: E402
-from lightning_core.catalog import Catalog  # noqa: E402
+from examples.measure import fresh_project, machine, record  # noqa: E402
+from lightning_core.apo import prompts  # noqa: E402
+from lightning_core.epoch import stack as services  # noqa: E402
+from lightning_core.store.catalog import Catalog  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.stopping import on_signals  # noqa: E402
+from lightning_core.common.stopping import on_signals  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the task samples (and the trainer with --then-train)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE (repeatable)")
     parser.add_argument("--then-train", type=int, default=0, help="GRPO epochs to train afterwards with the promoted prompt")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file to append to (default <example>/RESULTS.md)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to append to (default: the example's part of docs/measurement-log.md)")
     args = parser.parse_args()
 
     from flows.optimize_prompt import optimize_prompt
@@ -104,9 +104,7 @@ def main() -> None:
                   f"{trained['version']}): held-out {_pct(best)} -> {_pct(trained['after'])}.", ""]
     table = "\n".join(lines)
     print(table)
-    out = args.out or config_path.parent / "RESULTS.md"
-    with open(out, "a") as fh:
-        fh.write(table + "\n")
+    record(table, example=config_path.parent.name, out=args.out)
 
 
 def _pct(result: dict | None) -> str:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from lightning_core.services import start_prefect_api
+from lightning_core.common.services import start_prefect_api
 
 DRAIN_S = 5.0
 

@@ -20,28 +20,29 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.train import TASK_THREADS, _prepare, load, project_lock, run_evaluation, run_round
-from lightning_core import apo, prompts, stages
-from lightning_core import epoch as ep
-from lightning_core.catalog import Catalog
-from lightning_core.config import ArclightConfig
-from lightning_core.prompts import PromptVersion
-from lightning_core.stack import Stack, open_stack
-from lightning_core.supervise import Supervisor
+from flows.train import TASK_THREADS, _prepare, load, run_evaluation, run_round, running
+from lightning_core import tracking
+from lightning_core.apo import prompts
+from lightning_core.apo import search as apo
+from lightning_core.apo.critic import CallSite, Critic, make_critic
+from lightning_core.apo.prompts import PromptVersion
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.epoch import reports, stages
+from lightning_core.epoch.context import RunContext
 from tasks import epoch as t
 
 
-def evaluate_candidate(config: ArclightConfig, stack: Stack, *, name: str, version: PromptVersion, round: int,
+def evaluate_candidate(ctx: RunContext, *, name: str, version: PromptVersion, round: int,
                        tasks: list[dict[str, Any]]) -> tuple[float | None, int, int]:
     """Run ``version`` of prompt ``name`` on the round's tasks (or reuse that evaluation); return (score, rollouts, epoch)."""
-    catalog = Catalog.from_config(config)
+    config, catalog = ctx.config, ctx.catalog
     po, run_id = config.prompt_optimization, apo.run_id(config)
-    epoch = stages.eval_epoch(catalog, run_id=run_id, label=f"{version.version} r{round}")
+    epoch = reports.eval_epoch(catalog, run_id=run_id, label=f"{version.version} r{round}")
     done = ep.epoch_status(catalog, run_id=run_id, epoch=epoch) == "completed"
     if not done:
         ep.plan_tasks(catalog, run_id=run_id, epoch=epoch, mode="apo", tasks=tasks, group_size=po.samples_per_task)
-        settings = stages.runner_settings(config, stack, mode="apo", prompt_texts={name: version}, temperature=po.temperature)
-        run_round(config, stack, run_id=run_id, epoch=epoch, mode="apo", settings=settings)
+        settings = stages.runner_settings(ctx, mode="apo", prompt_texts={name: version}, temperature=po.temperature)
+        run_round(ctx, run_id=run_id, epoch=epoch, mode="apo", settings=settings)
     mean, n = apo.score(catalog, run_id=run_id, epoch=epoch)
     if not done:
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="completed",
@@ -50,10 +51,10 @@ def evaluate_candidate(config: ArclightConfig, stack: Stack, *, name: str, versi
     return mean, n, epoch
 
 
-def expand(config: ArclightConfig, stack: Stack, critic: apo.Critic, *, name: str, parent: PromptVersion, round: int,
+def expand(ctx: RunContext, critic: Critic, *, name: str, parent: PromptVersion, round: int,
            parent_epoch: int, report: dict[str, Any]) -> list[PromptVersion]:
     """The children of ``parent`` in ``round``: those written before (a resumed search), else the critic's new ones."""
-    catalog = Catalog.from_config(config)
+    config, catalog = ctx.config, ctx.catalog
     po, run_id = config.prompt_optimization, apo.run_id(config)
     logger = get_run_logger()
     children = [v for v in prompts.versions(catalog, name, run_id=run_id)
@@ -65,7 +66,7 @@ def expand(config: ArclightConfig, stack: Stack, critic: apo.Critic, *, name: st
     if not shown:
         logger.info("round %d: %s failed no task of its evaluation; nothing for the critic to fix", round, parent.version)
         return children
-    where = apo.CallSite(run_id=run_id, epoch=parent_epoch, parent_version=parent.version, round=round)
+    where = CallSite(run_id=run_id, epoch=parent_epoch, parent_version=parent.version, round=round)
     for proposal in critic.propose(parent.text, shown, missing, where=where):
         report["proposals"] += 1
         text = apo.clean_prompt(proposal.text, max_chars=po.max_prompt_chars)
@@ -84,20 +85,20 @@ def expand(config: ArclightConfig, stack: Stack, critic: apo.Critic, *, name: st
     return children
 
 
-def run_search(config: ArclightConfig, stack: Stack) -> dict[str, Any]:
+def run_search(ctx: RunContext) -> dict[str, Any]:
     """Run (or resume) the beam search; promote and evaluate the best prompt; return the summary."""
     logger = get_run_logger()
     started = time.monotonic()
+    config, catalog, stack = ctx.config, ctx.catalog, ctx.services
     po, run_id = config.prompt_optimization, apo.run_id(config)
-    catalog = Catalog.from_config(config)
     name = apo.target_prompt(config)
-    t.redeploy(config, stack)  # prompts are scored against the policy that serves now
+    t.redeploy(ctx)  # prompts are scored against the policy that serves now
     serving = prompts.resolve(catalog, config)[name]
     begun = apo.started_from(catalog, run_id=run_id)  # a resumed search keeps its start, even after promoting
     start = prompts.get(catalog, begun) if begun else serving
     gateway = stack.gateway_client(config)
     try:
-        critic = apo.make_critic(config, gateway_client=gateway, collector_url=stack.collector.url,
+        critic = make_critic(config, gateway_client=gateway, collector_url=stack.collector.url,
                                  collector_token=config.collector.token)
         beam, epochs, rounds = [start], {}, []
         for rnd in range(po.rounds + 1):
@@ -106,7 +107,7 @@ def run_search(config: ArclightConfig, stack: Stack) -> dict[str, Any]:
             pool = list(beam)
             if rnd > 0:
                 for parent in beam:
-                    for child in expand(config, stack, critic, name=name, parent=parent, round=rnd,
+                    for child in expand(ctx, critic, name=name, parent=parent, round=rnd,
                                         parent_epoch=epochs[parent.version], report=report):
                         if child.version not in {v.version for v in pool}:
                             pool.append(child)
@@ -119,7 +120,7 @@ def run_search(config: ArclightConfig, stack: Stack) -> dict[str, Any]:
                 break
             scores = {}
             for version in pool:
-                mean, n, epoch = evaluate_candidate(config, stack, name=name, version=version, round=rnd, tasks=tasks)
+                mean, n, epoch = evaluate_candidate(ctx, name=name, version=version, round=rnd, tasks=tasks)
                 scores[version.version], epochs[version.version] = mean, epoch
                 logger.info("round %d: %s scored %.3f on %d rollouts", rnd, version.version, mean or 0.0, n)
             beam = sorted(pool, key=lambda v: (-(scores[v.version] or 0.0), v.number))[: po.beam_width]
@@ -140,7 +141,7 @@ def run_search(config: ArclightConfig, stack: Stack) -> dict[str, Any]:
     held_out = {}
     if po.held_out and config.rollouts.eval_dataset is not None:
         for version in dict.fromkeys([start.version, best.version]):
-            held_out[version] = run_evaluation(config, stack, prompt_versions=[version])
+            held_out[version] = run_evaluation(ctx, prompt_versions=[version])
     summary = {
         "prompt": name, "run_id": run_id, "start": start.version, "best": best.version, "promoted": promoted,
         "start_score": rounds[0]["best_score"] if rounds else None, "best_score": rounds[-1]["best_score"] if rounds else None,
@@ -152,8 +153,6 @@ def run_search(config: ArclightConfig, stack: Stack) -> dict[str, Any]:
     create_table_artifact(
         [{k: c[k] for k in ("version", "parent_version", "made_by", "round", "score", "score_tasks", "serving")} for c in candidates],
         key=t.artifact_key(run_id, "prompt-candidates"), description=f"Prompt versions of {name!r} after the search")
-    from lightning_core import tracking
-
     tracking.log_prompt_search(config, summary, candidates)
     return summary
 
@@ -163,5 +162,5 @@ def optimize_prompt(config_path: str | None = None, overrides: list[str] | None 
     """Optimise the project's prompt by beam search with a critic; promote the best version (resumable)."""
     config = load(config_path, overrides)
     _prepare(config)
-    with project_lock(config), open_stack(config) as stack, Supervisor(config, stack):
-        return run_search(config, stack)
+    with running(config) as ctx:
+        return run_search(ctx)

@@ -3,6 +3,8 @@
 Each reads like the stage table of ARCHITECTURE.md: plan -> rollouts (fan-out) -> ingest ->
 triplets -> train -> redeploy. An epoch's status in the catalog records the last stage it
 finished, so re-running a flow after a crash resumes the epoch at the stage that was cut off.
+A flow builds the run's context once (config, catalog, running services: ``RunContext``) and
+hands it to every stage and task.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import rollout_task_runner
-from lightning_core import epoch as ep
-from lightning_core import sampling, stages
-from lightning_core.catalog import Catalog
+from lightning_core import tracking
 from lightning_core.config import ArclightConfig, load_config
-from lightning_core.runner import RunnerSettings
-from lightning_core.stack import Stack, open_stack
-from lightning_core.supervise import Supervisor
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.epoch import deploy, failures, reports, sampling, stages
+from lightning_core.epoch.context import RunContext
+from lightning_core.epoch.stack import open_stack
+from lightning_core.epoch.supervise import Supervisor
+from lightning_core.rollouts.runner import RunnerSettings
 from tasks import epoch as t
 
 
@@ -55,38 +58,49 @@ def project_lock(config: ArclightConfig) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def run_round(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str, eval_tasks: int | None = None,
+@contextlib.contextmanager
+def running(config: ArclightConfig, *, lock: bool = True) -> Iterator[RunContext]:
+    """The run's context over its services, started (or attached) for the block and watched by a supervisor that
+    restarts the ones that die; with ``lock``, the project's training lock held too."""
+    with (project_lock(config) if lock else contextlib.nullcontext()), open_stack(config) as stack:
+        ctx = RunContext.of(config, stack)
+        with Supervisor(ctx):
+            yield ctx
+
+
+def run_round(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_tasks: int | None = None,
               settings: RunnerSettings | None = None, sampling_round: int | None = None) -> dict[str, int]:
     """One sampling round: run the planned rollouts, wait for their spans (the ingest barrier), run again the ones
     our services failed once they are back (``rollouts.infra_retries`` times), then stop the run if too many failed.
 
     A rollout our services failed and that failed again every time is left out, and its group does not train
-    (``sql/triplets.sql``): a group scored on the members the infrastructure happened to leave is biased.
+    (``pipeline/sql/triplets.sql``): a group scored on the members the infrastructure happened to leave is biased.
     """
     logger = get_run_logger()
+    config, stack = ctx.config, ctx.services
     retries = config.rollouts.infra_retries
     for attempt in range(retries + 1):
-        run_rollouts(config, stack, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks, settings=settings)
-        t.ingest(config, stack, run_id=run_id, epoch=epoch, mode=mode)
+        run_rollouts(ctx, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks, settings=settings)
+        t.ingest(ctx, run_id=run_id, epoch=epoch, mode=mode)
         if attempt == retries:
             break
-        failed = stages.retry_infrastructure_failures(config, run_id=run_id, epoch=epoch, mode=mode)
+        failed = failures.retry_infrastructure_failures(ctx, run_id=run_id, epoch=epoch, mode=mode)
         if not failed:
             break
         outages = "; ".join(o.describe() for o in stack.outages[-3:]) or "no outage was seen: their calls failed upstream"
         logger.warning("epoch %s: %d rollouts failed because of our services (%s), not the agent: running them again "
                        "(retry %d of %d)", epoch, len(failed), outages, attempt + 1, retries)
-        stages.wait_for_services(stack, timeout_s=config.serving.startup_timeout_s)
+        failures.wait_for_services(stack, timeout_s=config.serving.startup_timeout_s)
     logs = [str(s.log_path) for s in stack.services() if s.log_path]
-    result = stages.check_round(config, run_id=run_id, epoch=epoch, mode=mode, sampling_round=sampling_round, logs=logs)
+    result = failures.check_round(ctx, run_id=run_id, epoch=epoch, mode=mode, sampling_round=sampling_round, logs=logs)
     if result["by_kind"].get("infrastructure"):
         logger.warning("epoch %s: %d rollouts left out after %d retries: our services failed them every time; their "
                        "groups do not train", epoch, result["by_kind"]["infrastructure"], retries)
-    return ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+    return ep.rollout_counts(ctx.catalog, run_id=run_id, epoch=epoch, mode=mode)
 
 
-def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str,
-                 eval_tasks: int | None = None, settings: RunnerSettings | None = None) -> dict[str, int]:
+def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_tasks: int | None = None,
+                 settings: RunnerSettings | None = None) -> dict[str, int]:
     """Fan the epoch's pending rollouts out over the task runner, with a progress artifact.
 
     ``settings`` (default: the mode's, with the serving prompt versions) say what every rollout
@@ -94,15 +108,15 @@ def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: in
     that ran while a service was down is recorded as an infrastructure failure (``blame_outages``).
     """
     logger = get_run_logger()
-    pending = t.plan(config, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
-    total = sum(ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode).values())
+    config, catalog = ctx.config, ctx.catalog
+    pending = t.plan(ctx, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
+    total = sum(ep.rollout_counts(catalog, run_id=run_id, epoch=epoch, mode=mode).values())
     done = total - len(pending)
     logger.info("epoch %s: %d rollouts planned, %d to run", epoch, total, len(pending))
     if pending:
-        settings = settings or stages.runner_settings(config, stack, mode=mode)
-        ep.record_prompt_versions(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode,
-                                  versions=settings.prompt_versions)
-        attempts = stages.first_attempts(config, run_id=run_id, epoch=epoch)
+        settings = settings or stages.runner_settings(ctx, mode=mode)
+        ep.record_prompt_versions(catalog, run_id=run_id, epoch=epoch, mode=mode, versions=settings.prompt_versions)
+        attempts = stages.first_attempts(ctx, run_id=run_id, epoch=epoch)
         progress = create_progress_artifact(100.0 * done / total, key=t.artifact_key(run_id, mode, epoch, "progress"),
                                             description=f"{mode} rollouts of epoch {epoch}")
         batches = stages.rollout_batches(pending, size=max(config.rollouts.group_size, ROLLOUT_BATCH))
@@ -111,94 +125,90 @@ def run_rollouts(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: in
         with rollout_task_runner(config) as cluster:  # None: the flow's own threads
             futures = cluster.map(t.rollouts, parameters) if cluster else t.rollouts.map(**parameters)
             for future in as_completed(futures):
-                outcomes = stages.blame_outages(future.result(), stack)
-                stages.record_rollouts(config, outcomes)
+                outcomes = failures.blame_outages(future.result(), ctx.services)
+                stages.record_rollouts(ctx, outcomes)
                 done += len(outcomes)
                 update_progress_artifact(progress, 100.0 * done / total)
                 for outcome in outcomes:
                     if outcome.status != "succeeded":
                         logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
-    return ep.rollout_counts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+    return ep.rollout_counts(catalog, run_id=run_id, epoch=epoch, mode=mode)
 
 
-def sample_until_informative(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int,
-                             report: dict[str, Any]) -> dict[str, Any]:
+def sample_until_informative(ctx: RunContext, *, epoch: int, report: dict[str, Any]) -> dict[str, Any]:
     """Dynamic sampling: draw, run and count further tasks until the epoch has enough informative groups."""
+    config, catalog, run_id = ctx.config, ctx.catalog, ctx.run_id
     target, cap = config.rollouts.informative_groups, sampling.task_cap(config)
-    catalog = Catalog.from_config(config)
     while True:
         if not ep.pending_rollouts(catalog, run_id=run_id, epoch=epoch):  # a resumed round runs its rest first
             drawn = len({s.task_id for s in ep.planned_rollouts(catalog, run_id=run_id, epoch=epoch)})
             extra = sampling.tasks_to_add(informative=report["informative_groups"], drawn=drawn, target=target, cap=cap)
             if extra == 0:
                 return report
-            if not t.plan_more(config, run_id=run_id, epoch=epoch, count=extra):
+            if not t.plan_more(ctx, run_id=run_id, epoch=epoch, count=extra):
                 get_run_logger().warning("epoch %s: the dataset has no undrawn task left; training on %d informative "
                                          "groups of the %d wanted", epoch, report["informative_groups"], target)
                 return report
             get_run_logger().info("epoch %s: %d of %d groups informative, want %d: drawing %d more tasks",
                                   epoch, report["informative_groups"], drawn, target, extra)
-        run_round(config, stack, run_id=run_id, epoch=epoch, mode="train",
+        run_round(ctx, run_id=run_id, epoch=epoch, mode="train",
                   sampling_round=ep.sampling_round(catalog, run_id=run_id, epoch=epoch))
-        report = t.triplets(config, run_id=run_id, epoch=epoch)
+        report = t.triplets(ctx, run_id=run_id, epoch=epoch)
 
 
-def run_epoch(config: ArclightConfig, stack: Stack, *, epoch: int | None = None) -> dict[str, Any]:
-    """Run (or resume) one epoch on a running stack and return its summary row."""
+def run_epoch(ctx: RunContext, *, epoch: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one epoch on the run's services and return its summary row."""
     logger = get_run_logger()
-    catalog = Catalog.from_config(config)
-    run_id = config.run_name
+    catalog, run_id = ctx.catalog, ctx.run_id
     epoch = ep.next_epoch(catalog, run_id=run_id) if epoch is None else epoch
     status = ep.epoch_status(catalog, run_id=run_id, epoch=epoch)
     if ep.reached(status, "completed"):
         logger.info("epoch %s of run %s is already complete", epoch, run_id)
-        return _row(config, epoch)
+        return _row(ctx, epoch)
     if status is not None:
         logger.info("resuming epoch %s of run %s after stage %r", epoch, run_id, status)
-    t.redeploy(config, stack)  # serve the newest version before sampling from it
+    t.redeploy(ctx)  # serve the newest version before sampling from it
     if not ep.reached(status, "rollouts_done"):
-        serving = stages.serving_versions(config, stack)
+        serving = deploy.serving_versions(ctx)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="planned", policy_version=",".join(serving.values()))
-        counts = run_round(config, stack, run_id=run_id, epoch=epoch, mode="train", sampling_round=0)
+        counts = run_round(ctx, run_id=run_id, epoch=epoch, mode="train", sampling_round=0)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="rollouts_done", stats={"rollouts": counts})
     if not ep.reached(status, "ingested"):
-        counts = t.ingest(config, stack, run_id=run_id, epoch=epoch)
+        counts = t.ingest(ctx, run_id=run_id, epoch=epoch)
         logger.info("epoch %s rollouts: %s", epoch, counts)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="ingested", stats={"rollouts": counts})
     if not ep.reached(status, "triplets_done"):
-        report = t.triplets(config, run_id=run_id, epoch=epoch)
-        report = sample_until_informative(config, stack, run_id=run_id, epoch=epoch, report=report)
+        report = t.triplets(ctx, run_id=run_id, epoch=epoch)
+        report = sample_until_informative(ctx, epoch=epoch, report=report)
         counts = ep.record_sampling(catalog, run_id=run_id, epoch=epoch, informative_groups=report["informative_groups"])
         logger.info("epoch %s sampling: %s", epoch, counts)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="triplets_done", stats=report)
     if not ep.reached(status, "trained"):
-        results = t.train(config, run_id=run_id, epoch=epoch)
+        results = t.train(ctx, run_id=run_id, epoch=epoch)
         for r in results:
             logger.info(r["message"])
         new = ",".join(r["version"] for r in results if r["version"]) or None
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="trained", new_version=new)
-    deployed = t.redeploy(config, stack)
+    deployed = t.redeploy(ctx)
     for d in deployed:
         logger.info("policy %s now serves %s (first answer after %.2f s)", d["policy"], d["version"], d["first_answer_s"])
-    incidents = stages.record_incidents(config, stack, run_id=run_id, epoch=epoch)
+    incidents = failures.record_incidents(ctx, run_id=run_id, epoch=epoch)
     if incidents:
-        logger.warning("epoch %s: %s", epoch, stages.describe_incidents(incidents))
+        logger.warning("epoch %s: %s", epoch, failures.describe_incidents(incidents))
     ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="completed")
-    t.publish_epoch_report(config, run_id=run_id, epoch=epoch)
-    return _row(config, epoch)
+    t.publish_epoch_report(ctx, run_id=run_id, epoch=epoch)
+    return _row(ctx, epoch)
 
 
-def _row(config: ArclightConfig, epoch: int) -> dict[str, Any]:
-    return next((r for r in stages.summary_rows(config) if r["epoch"] == epoch), {"epoch": epoch})
+def _row(ctx: RunContext, epoch: int) -> dict[str, Any]:
+    return next((r for r in reports.summary_rows(ctx) if r["epoch"] == epoch), {"epoch": epoch})
 
 
 def _prepare(config: ArclightConfig) -> None:
     """Create the catalog, the run row and the MLflow store before any stage can be interrupted."""
-    from lightning_core import tracking
-
-    catalog = Catalog.from_config(config)
-    catalog.ensure()
-    ep.ensure_run(catalog, config)
+    ctx = RunContext.of(config)
+    ctx.catalog.ensure()
+    ep.ensure_run(ctx.catalog, config)
     tracking.experiment_id(config)  # a crash during MLflow's first schema migration would leave it broken
 
 
@@ -207,8 +217,8 @@ def train_epoch(config_path: str | None = None, overrides: list[str] | None = No
     """Run the next epoch of a project (or ``epoch``), resuming it if an earlier run was cut off."""
     config = load(config_path, overrides)
     _prepare(config)
-    with project_lock(config), open_stack(config) as stack, Supervisor(config, stack):
-        return run_epoch(config, stack, epoch=epoch)
+    with running(config) as ctx:
+        return run_epoch(ctx, epoch=epoch)
 
 
 @flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS), log_prints=True)
@@ -223,35 +233,35 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, ep
     target = epochs or config.epochs
     config = config.model_copy(update={"epochs": target})  # the run's length: learning-rate schedules span it
     every = config.evaluation.every_epochs
-    with project_lock(config), open_stack(config) as stack, Supervisor(config, stack):
-        if every and config.evaluation.at_start and ep.next_epoch(Catalog.from_config(config), run_id=config.run_name) == 0:
-            run_evaluation(config, stack, tasks=config.evaluation.tasks)
-        while (next_epoch := ep.next_epoch(Catalog.from_config(config), run_id=config.run_name)) < target:
-            run_epoch(config, stack, epoch=next_epoch)
+    with running(config) as ctx:
+        if every and config.evaluation.at_start and ep.next_epoch(ctx.catalog, run_id=ctx.run_id) == 0:
+            run_evaluation(ctx, tasks=config.evaluation.tasks)
+        while (next_epoch := ep.next_epoch(ctx.catalog, run_id=ctx.run_id)) < target:
+            run_epoch(ctx, epoch=next_epoch)
             if every and ((next_epoch + 1) % every == 0 or next_epoch + 1 == target):
-                run_evaluation(config, stack, tasks=config.evaluation.tasks)
-    return stages.summary_rows(config)
+                run_evaluation(ctx, tasks=config.evaluation.tasks)
+        return reports.summary_rows(ctx)
 
 
-def run_evaluation(config: ArclightConfig, stack: Stack, *, label: str | None = None, tasks: int | None = None,
+def run_evaluation(ctx: RunContext, *, label: str | None = None, tasks: int | None = None,
                    prompt_versions: list[str] | None = None) -> dict[str, Any]:
     """Evaluate the serving policy greedily on the held-out tasks (an earlier identical one is reused).
 
     ``prompt_versions`` (ids such as ``system-v3``) replace the serving versions of those prompts.
     """
-    catalog = Catalog.from_config(config)
-    eval_run = stages.eval_run_id(config)
-    t.redeploy(config, stack)
-    settings = stages.runner_settings(config, stack, mode="eval", prompt_versions=prompt_versions)
-    label = label or stages.eval_label(config, stages.serving_versions(config, stack), tasks=tasks,
-                                       prompt_versions=settings.prompt_versions)
-    eval_epoch = stages.eval_epoch(catalog, run_id=eval_run, label=label)
-    counts = run_round(config, stack, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
-    result = stages.record_eval(config, epoch=eval_epoch, label=label)
+    config = ctx.config
+    eval_run = reports.eval_run_id(config)
+    t.redeploy(ctx)
+    settings = stages.runner_settings(ctx, mode="eval", prompt_versions=prompt_versions)
+    label = label or reports.eval_label(config, deploy.serving_versions(ctx), tasks=tasks,
+                                        prompt_versions=settings.prompt_versions)
+    eval_epoch = reports.eval_epoch(ctx.catalog, run_id=eval_run, label=label)
+    counts = run_round(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
+    result = reports.record_eval(ctx, epoch=eval_epoch, label=label)
     create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
                           description=f"Held-out evaluation of {label}")
     get_run_logger().info("evaluation of %s after %s epochs: %s (rollouts %s)", label, result["after_epochs"], result, counts)
-    t.log_eval_curve(config)
+    t.log_eval_curve(ctx)
     return result
 
 
@@ -265,8 +275,8 @@ def evaluate(config_path: str | None = None, overrides: list[str] | None = None,
     """
     config = load(config_path, overrides)
     _prepare(config)
-    with open_stack(config) as stack, Supervisor(config, stack):
-        return run_evaluation(config, stack, label=label, prompt_versions=prompt_versions)
+    with running(config, lock=False) as ctx:
+        return run_evaluation(ctx, label=label, prompt_versions=prompt_versions)
 
 
 DEPLOYABLE = {"train-epoch": train_epoch, "train": train, "evaluate": evaluate}

@@ -1,5 +1,5 @@
 """``python -m lightning_core`` runs the ``arclight`` command line."""
 
-from lightning_core.cli import main
+from lightning_core.cli.main import main
 
 main()

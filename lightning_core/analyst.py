@@ -27,11 +27,12 @@ from typing import Any
 
 import duckdb
 
-from lightning_core.catalog import STATE_TABLE_NAMES, Catalog, view_sql
-from lightning_core.lake import LANES, Snapshot, files_snapshot, snapshot_at
-from lightning_core.triplet_store import TABLES
-from lightning_core.triplet_store import snapshot as output_snapshot
-from lightning_core.triplet_store import views_sql as output_views_sql
+from lightning_core.store.catalog import STATE_TABLE_NAMES, Catalog, view_sql
+from lightning_core.store.span_schema import LANES
+from lightning_core.store.spans import Snapshot, files_snapshot, snapshot_at
+from lightning_core.store.outputs import TABLES
+from lightning_core.store.outputs import snapshot as output_snapshot
+from lightning_core.store.outputs import views_sql as output_views_sql
 
 
 def _catalog(lake: Any) -> Catalog:

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 from lightning_core import semconv
 
@@ -121,37 +120,6 @@ def _to_json(value: Any) -> str:
         return str(value)
 
 
-class LakeSpanExporter(SpanExporter):
-    """Embedded mode: writes finished spans straight into the lake's span tables, no collector needed.
-
-    Spans are encoded exactly as the OTLP exporter encodes them and stored by the same code the
-    collector uses, so both paths produce the same rows.
-    """
-
-    def __init__(self, lake_root: str | os.PathLike[str]):
-        from lightning_core.lake import Lake
-
-        self.lake = Lake(lake_root)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Write one batch of spans to the lake durably."""
-        from lightning_core.span_rows import request_to_tables
-
-        try:
-            self.lake.write(request_to_tables(encode_spans(spans)))
-        except Exception:
-            log.exception("embedded exporter could not write %d spans to %s", len(spans), self.lake.root)
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        """Nothing to release: every export is already durable."""
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Nothing is buffered here; the batch processor flushes into ``export``."""
-        return True
-
-
 class Tracing:
     """A configured tracer provider for one agent process."""
 
@@ -199,6 +167,8 @@ def init_tracing(
     lake = lake if lake is not None else os.environ.get(ENV_LAKE) if endpoint is None else None
     if exporter is None:
         if lake is not None:
+            from lightning_core.ingest.embedded import LakeSpanExporter  # embedded mode: the collector's code, in process
+
             exporter = LakeSpanExporter(lake)
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -26,26 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_core.catalog import Catalog  # noqa: E402
+from lightning_core.store.catalog import Catalog  # noqa: E402
 from lightning_core.config import load_config  # noqa: E402
-from lightning_core.services import free_port  # noqa: E402
+from lightning_core.common.services import free_port  # noqa: E402
+from tests.helpers.processes import pids_matching  # noqa: E402
 
 PATTERNS = {"vllm": r"vllm\.entrypoints\.openai\.api_server .*--port {serving} ",
             "collector": r"lightning_core collector .*--port {collector} ",
             "gateway": r"lightning_core gateway .*--port {gateway} "}
-
-
-def pids(pattern: str) -> list[int]:
-    """Processes whose command line matches ``pattern``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if re.search(pattern, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def rollouts_started(cfg, epoch: int) -> bool:
@@ -90,7 +78,7 @@ def main() -> None:
             while proc.poll() is None and not rollouts_started(cfg, args.at_epoch):
                 time.sleep(0.5)
             time.sleep(args.after_s)
-            found = pids(PATTERNS[args.kill].format(**ports))
+            found = pids_matching(PATTERNS[args.kill].format(**ports))
             if proc.poll() is None and found:
                 os.killpg(found[0], signal.SIGKILL)
                 killed_at = time.strftime("%H:%M:%S")

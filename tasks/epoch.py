@@ -1,4 +1,7 @@
-"""Prefect tasks: a few lines around each ``lightning_core`` stage (retries, timeouts, artifacts)."""
+"""Prefect tasks: a few lines around each ``lightning_core`` stage (retries, timeouts, artifacts).
+
+Each takes the run's context (``RunContext``: config, catalog, services), built once by the flow.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lightning_core import epoch as ep
-from lightning_core import stages
-from lightning_core.catalog import Catalog
-from lightning_core.config import ArclightConfig
-from lightning_core.runner import RolloutOutcome, RolloutSpec, RunnerSettings
-from lightning_core.stack import Stack
+from lightning_core import tracking
+from lightning_core.common.services import ServiceError
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.epoch import deploy, failures, reports, stages
+from lightning_core.epoch.context import RunContext
+from lightning_core.rollouts.runner import RolloutOutcome, RolloutSpec, RunnerSettings
 
 _slots: dict[int, threading.BoundedSemaphore] = {}
 _slots_guard = threading.Lock()
@@ -32,17 +35,17 @@ def _slot(concurrency: int) -> threading.BoundedSemaphore:
 
 
 @task(name="plan", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def plan(config: ArclightConfig, *, run_id: str, epoch: int, mode: str = "train", eval_tasks: int | None = None
+def plan(ctx: RunContext, *, run_id: str, epoch: int, mode: str = "train", eval_tasks: int | None = None
          ) -> list[RolloutSpec]:
     """Plan the epoch's rollouts (idempotent) and return those still to run."""
-    ep.plan_epoch(config, Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
-    return ep.pending_rollouts(Catalog.from_config(config), run_id=run_id, epoch=epoch, mode=mode)
+    ep.plan_epoch(ctx.config, ctx.catalog, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks)
+    return ep.pending_rollouts(ctx.catalog, run_id=run_id, epoch=epoch, mode=mode)
 
 
 @task(name="plan-more", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def plan_more(config: ArclightConfig, *, run_id: str, epoch: int, count: int) -> list[RolloutSpec]:
+def plan_more(ctx: RunContext, *, run_id: str, epoch: int, count: int) -> list[RolloutSpec]:
     """Dynamic sampling: add ``count`` tasks the epoch has not drawn; return their rollouts."""
-    return ep.plan_more_tasks(config, Catalog.from_config(config), run_id=run_id, epoch=epoch, count=count)
+    return ep.plan_more_tasks(ctx.config, ctx.catalog, run_id=run_id, epoch=epoch, count=count)
 
 
 @task(name="rollouts", cache_policy=NO_CACHE, task_run_name="rollouts-{specs[0].group_id}")
@@ -61,11 +64,9 @@ def rollouts(
 
 def _worth_retrying(task, task_run, state) -> bool:
     """Retry a stage that failed by chance, not one that said what is wrong (a collector that cannot store spans)."""
-    from lightning_core.services import ServiceError
-
     try:
         state.result()
-    except (ServiceError, stages.RunStopped):
+    except (ServiceError, failures.RunStopped):
         return False
     except Exception:
         return True
@@ -74,15 +75,15 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 @task(name="ingest-barrier", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=300,
       retry_condition_fn=_worth_retrying)
-def ingest(config: ArclightConfig, stack: Stack, *, run_id: str, epoch: int, mode: str = "train") -> dict[str, int]:
-    """Wait until every span of the epoch is in the lake; fail rollouts that left no spans."""
-    return stages.ingest_barrier(config, stack, run_id=run_id, epoch=epoch, mode=mode)
+def ingest(ctx: RunContext, *, run_id: str, epoch: int, mode: str = "train") -> dict[str, int]:
+    """Wait until every span of the epoch is in the lake; fail the rollouts whose spans say they failed."""
+    return stages.ingest_barrier(ctx, run_id=run_id, epoch=epoch, mode=mode)
 
 
 @task(name="triplets", cache_policy=NO_CACHE, retries=1, timeout_seconds=1800)
-def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, Any]:
+def triplets(ctx: RunContext, *, run_id: str, epoch: int) -> dict[str, Any]:
     """Repair spans and materialize triplets with advantages; publish counts as an artifact."""
-    report = stages.materialize(config, run_id=run_id, epoch=epoch)
+    report = stages.materialize(ctx, run_id=run_id, epoch=epoch)
     rows = [
         {"policy": p.policy, "agent_match": p.agent_match or "(all)", "triplets": p.triplets, "rollouts": p.rollouts,
          "groups": p.groups, "zero_adv_groups": len(p.zero_advantage_groups), "missing_token_ids": p.missing_token_ids,
@@ -95,10 +96,10 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
                                      "every time it ran", p.policy, epoch, p.infra_dropped_groups)
     create_table_artifact(rows, key=artifact_key(run_id, "triplets", epoch), description=f"Triplets of epoch {epoch}")
     agents = [{**vars(a), "policy": a.policy or "frozen"} for a in report.agent_epochs]
-    ep.record_agent_epochs(Catalog.from_config(config), run_id=run_id, epoch=epoch, rows=report.agent_epochs)
+    ep.record_agent_epochs(ctx.catalog, run_id=run_id, epoch=epoch, rows=report.agent_epochs)
     create_table_artifact(agents, key=artifact_key(run_id, "agents", epoch),
                           description=f"Agents of epoch {epoch}: calls, triplets, reward and success of their rollouts")
-    silences = [s.message(missing_reward=config.pipeline.missing_reward) for s in report.silences]
+    silences = [s.message(missing_reward=ctx.config.pipeline.missing_reward) for s in report.silences]
     for message in silences:  # rollouts whose spans gave no call or no reward: loud, in the flow's log
         get_run_logger().warning(message)
     return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds,
@@ -108,9 +109,9 @@ def triplets(config: ArclightConfig, *, run_id: str, epoch: int) -> dict[str, An
 
 
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)
-def train(config: ArclightConfig, *, run_id: str, epoch: int) -> list[dict[str, Any]]:
+def train(ctx: RunContext, *, run_id: str, epoch: int) -> list[dict[str, Any]]:
     """Train each policy on its triplets; return one summary per policy."""
-    results = stages.train(config, run_id=run_id, epoch=epoch)
+    results = stages.train(ctx, run_id=run_id, epoch=epoch)
     return [
         {"policy": r.policy, "version": r.version, "parent_version": r.parent_version, "message": r.message,
          **{k: r.metrics.get(k) for k in ("reward/mean", "loss", "kl", "clip_ratio", "grad_norm", "tokens_per_s")}}
@@ -119,24 +120,23 @@ def train(config: ArclightConfig, *, run_id: str, epoch: int) -> list[dict[str, 
 
 
 @task(name="redeploy", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=600)
-def redeploy(config: ArclightConfig, stack: Stack) -> list[dict[str, Any]]:
+def redeploy(ctx: RunContext) -> list[dict[str, Any]]:
     """Serve the newest version of every policy; the old one stays loaded for rollback."""
-    return [vars(d) for d in stages.deploy_latest(config, stack)]
+    return [vars(d) for d in deploy.deploy_latest(ctx)]
 
 
 @task(name="log-eval-curve", cache_policy=NO_CACHE, retries=1)
-def log_eval_curve(config: ArclightConfig) -> list[dict[str, Any]]:
+def log_eval_curve(ctx: RunContext) -> list[dict[str, Any]]:
     """Log the held-out learning curve to MLflow (metrics and a plot); return it."""
-    from lightning_core import tracking
-
-    curve = stages.eval_curve(config)
-    tracking.log_eval_curve(config, curve, stages.summary_rows(config))
+    curve = reports.eval_curve(ctx)
+    tracking.log_eval_curve(ctx.config, curve, reports.summary_rows(ctx))
     return curve
 
 
-def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> None:
+def publish_epoch_report(ctx: RunContext, *, run_id: str, epoch: int) -> None:
     """Publish the run's per-epoch summary table and a markdown report with the reward curve."""
-    rows = stages.summary_rows(config)
+    config = ctx.config
+    rows = reports.summary_rows(ctx)
     create_table_artifact(rows, key=artifact_key(run_id, "epochs"), description=f"Run {run_id}: one row per epoch")
     lines = [f"# Run `{run_id}` after epoch {epoch}", "",
              "| epoch | reward | succeeded | failed | timed out | ours: retried/left out | served | trained |",
@@ -146,11 +146,11 @@ def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> 
         lines.append(f"| {r['epoch']} | {reward} {_bar(r['reward_mean'])} | {r['succeeded']} | {r['failed']} | "
                      f"{r['timed_out']} | {r['infra_retried']}/{r['infra_left_out']} | {r['policy_version'] or ''} | "
                      f"{r['new_version'] or ''} |")
-    incidents = [(r["epoch"], stages.describe_incidents(r["incidents"])) for r in rows if r["incidents"]]
+    incidents = [(r["epoch"], failures.describe_incidents(r["incidents"])) for r in rows if r["incidents"]]
     if incidents:
         lines += ["", "Our services (rollouts they failed never train):", ""]
         lines += [f"- epoch {e}: {text}" for e, text in incidents]
-    agents = ep.agent_epochs(Catalog.from_config(config), run_id=run_id)
+    agents = ep.agent_epochs(ctx.catalog, run_id=run_id)
     current = [a for a in agents if a["epoch"] == epoch]
     if current:
         lines += ["", f"Agents in epoch {epoch}:", "", "| agent | trained by | calls | triplets | reward of its rollouts | success |",
@@ -160,10 +160,8 @@ def publish_epoch_report(config: ArclightConfig, *, run_id: str, epoch: int) -> 
             success = "" if a["success_rate"] is None else f"{a['success_rate']:.0%}"
             lines.append(f"| {a['agent_name'] or '(no agent)'} | {a['policy'] or 'frozen'} | {a['calls']} | {a['triplets']} "
                          f"| {reward} | {success} |")
-    from lightning_core import tracking
-
     tracking.log_agent_epochs(config, agents, epoch=epoch)
-    lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · state tables: `{Catalog.from_config(config).state_root}`"]
+    lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · state tables: `{ctx.catalog.state_root}`"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(run_id, "report"), description="Reward per epoch")
 
 

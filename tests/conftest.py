@@ -13,9 +13,10 @@ import httpx
 
 import pytest
 
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig, load_config
-from lightning_core.services import Service, free_port, start_collector
+from lightning_core.common.services import Service, free_port
+from lightning_core.ingest.service import start_collector
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,15 @@ def make_config(tmp: Path, *overrides: str) -> ArclightConfig:
         None,
         overrides=[f"project_dir={tmp}", f"collector.port={free_port()}", f"gateway.port={free_port()}", *overrides],
     )
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """A Prefect API server (Prefect's own test harness) for one module's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +60,7 @@ def collector(collector_config) -> Service:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (6.6M parameters) with SmolLM2's tokenizer, saved as safetensors."""
-    from lightning_core.model import build_tiny_model
+    from lightning_core.common.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
@@ -74,7 +84,7 @@ def serving_config(tmp_path_factory, tiny_model_dir, collector_config) -> Arclig
 @pytest.fixture(scope="session")
 def vllm_server(serving_config) -> Service:
     """A real vLLM (CPU build) serving the tiny model with runtime LoRA loading enabled."""
-    from lightning_core.serving import start_vllm
+    from lightning_core.serving.vllm import start_vllm
 
     service = start_vllm(serving_config)
     yield service
@@ -84,7 +94,7 @@ def vllm_server(serving_config) -> Service:
 @pytest.fixture(scope="session")
 def gateway(serving_config, vllm_server, collector) -> Service:
     """A real ``arclight gateway`` process in front of ``vllm_server``, recording spans to ``collector``."""
-    from lightning_core.serving import start_gateway
+    from lightning_core.serving.vllm import start_gateway
 
     service = start_gateway(serving_config, upstreams=[vllm_server.url], collector_url=collector.url)
     yield service

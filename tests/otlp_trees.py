@@ -1,5 +1,5 @@
 """Span trees made with the OpenTelemetry SDK at chosen times, encoded as the OTLP exporter encodes
-them, and stored through the collector's own conversion (``span_rows.request_to_tables``): what a sender
+them, and stored through the collector's own conversion (``tables.request_to_tables``): what a sender
 in any framework produces, down to how array and JSON attributes arrive in the lake."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from lightning_core.lake import Lake
-from lightning_core.span_rows import request_to_tables
+from lightning_core.store.spans import Lake
+from lightning_core.ingest.tables import request_to_tables
 
 
 class Tree:

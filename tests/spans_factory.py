@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_core.lake import Lake
-from lightning_core.span_rows import Partition, promoted_columns, rows_to_table
+from lightning_core.store.spans import Lake
+from lightning_core.store.span_schema import Partition
+from lightning_core.ingest.span_rows import promoted_columns, rows_to_table
 
 _ids = itertools.count(1)
 
@@ -87,7 +88,8 @@ def write(lake_root: Path, rollouts: list[Rollout], *, run_id: str | None = "r1"
 
 def shared_stages(config, *, run_id: str | None = "r1", epoch: int | None = 0):
     """Run the policy-independent stages; return the DuckDB connection holding their tables."""
-    from lightning_core.pipeline import SHARED_STAGES, connect, run_stage, shared_parameters
+    from lightning_core.pipeline.triplets import SHARED_STAGES, connect, shared_parameters
+    from lightning_core.pipeline.steps import run_stage
 
     con = connect(config)
     for stage, table in SHARED_STAGES:

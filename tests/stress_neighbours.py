@@ -27,8 +27,8 @@ from pathlib import Path
 import duckdb
 import httpx
 
-from lightning_core.catalog import Catalog
-from lightning_core.services import free_port, is_healthy
+from lightning_core.store.catalog import Catalog
+from lightning_core.common.services import free_port, is_healthy
 from tests.otlp_factory import export_request, otlp_json
 
 REPO = Path(__file__).resolve().parents[1]

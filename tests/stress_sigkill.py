@@ -29,9 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from lightning_core.catalog import Catalog
-from lightning_core.lake import snapshot
-from lightning_core.services import free_port, is_healthy
+from lightning_core.store.catalog import Catalog
+from lightning_core.store.spans import snapshot
+from lightning_core.common.services import free_port, is_healthy
 from tests.otlp_factory import export_request
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ class Collector:
         self.process.wait(30)
 
 
-COMPACTOR = "import sys\nfrom lightning_core.lake import Lake\nlake = Lake(sys.argv[1])\nwhile True:\n    lake.compact(min_files=2, idle_s=0)\n"
+COMPACTOR = "import sys\nfrom lightning_core.store.spans import Lake\nlake = Lake(sys.argv[1])\nwhile True:\n    lake.compact(min_files=2, idle_s=0)\n"
 
 
 def start_compactor(lake: Path) -> subprocess.Popen:

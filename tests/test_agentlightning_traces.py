@@ -19,8 +19,8 @@ import json
 
 import pytest
 
-from lightning_core.pipeline import materialize_triplets
-from lightning_core.triplet_store import load_triplets
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.store.outputs import load_triplets
 from tests.conftest import make_config
 from tests.otlp_trees import Tree
 from tests.spans_factory import rows, shared_stages

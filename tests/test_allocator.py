@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 CHURN = """
 import json, resource, sys, threading
 import numpy as np
-from lightning_core.allocator import keep_freed_memory
+from lightning_core.ingest.allocator import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 out = {"kept": kept}
 def churn():

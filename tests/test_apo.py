@@ -10,12 +10,13 @@ import mlflow
 import pytest
 from typer.testing import CliRunner
 
-from lightning_core import apo, prompts
-from lightning_core.catalog import Catalog
-from lightning_core.config import ConfigError, load_config
-from lightning_core.runner import AgentContext
+from lightning_core.apo import critic, prompts
+from lightning_core.apo import search as apo
+from lightning_core.store.catalog import Catalog
+from lightning_core.config import ConfigError
+from lightning_core.rollouts.runner import AgentContext
 from tests.conftest import REPO, make_config
-from tests.test_flows import _dataset, _overrides, prefect_harness  # noqa: F401 (fixture)
+from tests.test_flows import _dataset, _overrides
 
 NEEDS = ["alpha", "beta", "gamma", "delta"]
 
@@ -75,7 +76,7 @@ def test_a_config_edit_becomes_a_new_serving_version_but_an_unchanged_config_kee
 
 
 def test_evaluate_refuses_an_unknown_prompt_version_in_one_line(tmp_path):
-    from lightning_core.cli import app
+    from lightning_core.cli.main import app
 
     config = tmp_path / "c.yaml"
     config.write_text("rollouts:\n  resources:\n    prompts:\n      system: Be brief.\n")
@@ -261,4 +262,4 @@ def test_a_hosted_critic_without_its_key_says_which_variable_to_set(tmp_path, mo
     cfg = make_config(tmp_path, 'rollouts.resources={"prompts": {"a": "one"}}', "prompt_optimization.critic.url=http://127.0.0.1:9/v1",
                       "prompt_optimization.critic.model=m", "prompt_optimization.critic.api_key_env=NO_SUCH_KEY_FOR_ARCLIGHT")
     with pytest.raises(apo.ApoError, match=r"\$NO_SUCH_KEY_FOR_ARCLIGHT is empty"):
-        apo.make_critic(cfg, gateway_client=None, collector_url="http://127.0.0.1:9", collector_token=None)
+        critic.make_critic(cfg, gateway_client=None, collector_url="http://127.0.0.1:9", collector_token=None)

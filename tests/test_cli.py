@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from lightning_core import tracing
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 from tests.conftest import REPO
 
 
@@ -80,7 +80,7 @@ def test_token_and_host_options_are_taken_literally(tmp_path):
     # comment), and --host :: became the mapping {':': None} (a confusing config error)
     import httpx
 
-    from lightning_core.services import free_port, wait_healthy, Service
+    from lightning_core.common.services import free_port, wait_healthy, Service
 
     port, token = free_port(), "Xy9 #long-secret-part"
     proc = subprocess.Popen([sys.executable, "-m", "lightning_core", "collector", "--lake", str(tmp_path / "lake"),

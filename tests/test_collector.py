@@ -13,9 +13,9 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lightning_core.catalog import Catalog, view_sql
-from lightning_core.lake import Lake
-from lightning_core.services import start_collector
+from lightning_core.store.catalog import Catalog, view_sql
+from lightning_core.store.spans import Lake
+from lightning_core.ingest.service import start_collector
 from tests.conftest import REPO, make_config
 from tests.otlp_factory import otlp_json
 
@@ -195,8 +195,8 @@ def test_spans_without_run_id_go_to_the_production_partition_by_date(guarded):
 
 
 def test_compaction_merges_small_files_keeps_every_row_and_vacuums_after_the_retention(tmp_path):
-    from lightning_core.lake import snapshot
-    from lightning_core.span_rows import request_to_tables
+    from lightning_core.store.spans import snapshot
+    from lightning_core.ingest.tables import request_to_tables
 
     lake = Lake(tmp_path / "lake")
     for _ in range(20):
@@ -224,8 +224,8 @@ def test_compaction_merges_small_files_keeps_every_row_and_vacuums_after_the_ret
 
 def test_a_partition_still_receiving_spans_is_compacted_once_it_has_max_files(tmp_path):
     # a production day, or a long epoch, is never idle; every commit costs more with every file in the table
-    from lightning_core.lake import snapshot
-    from lightning_core.span_rows import request_to_tables
+    from lightning_core.store.spans import snapshot
+    from lightning_core.ingest.tables import request_to_tables
 
     lake = Lake(tmp_path / "lake")
     for _ in range(12):
@@ -245,7 +245,7 @@ def test_a_partition_still_receiving_spans_is_compacted_once_it_has_max_files(tm
 
 
 def test_the_collector_compacts_a_partition_that_never_goes_idle(tmp_path):
-    from lightning_core.lake import snapshot
+    from lightning_core.store.spans import snapshot
 
     cfg = make_config(tmp_path, "collector.compact_min_files=2", "collector.compact_idle_s=3600",
                       "collector.compact_max_files=6")
@@ -272,7 +272,7 @@ def test_rollout_context_on_spans_fills_the_columns_when_the_resource_has_none()
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from lightning_core.span_rows import request_to_rows
+    from lightning_core.ingest.span_rows import request_to_rows
 
     memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"arclight.run_id": "r1"}))

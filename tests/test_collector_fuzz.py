@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from lightning_core import semconv
-from lightning_core.catalog import Catalog
-from lightning_core.services import start_collector
+from lightning_core.store.catalog import Catalog
+from lightning_core.ingest.service import start_collector
 from tests.conftest import make_config
 from tests.otlp_factory import fill_attributes, otlp_json
 

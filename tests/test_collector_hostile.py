@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lightning_core import group_commit, semconv
-from lightning_core.catalog import Catalog
-from lightning_core.group_commit import GroupCommitWriter
-from lightning_core.lake import Lake
-from lightning_core.services import start_collector
-from lightning_core.span_rows import request_to_tables
+from lightning_core.ingest import group_commit
+from lightning_core import semconv
+from lightning_core.store.catalog import Catalog
+from lightning_core.ingest.group_commit import GroupCommitWriter
+from lightning_core.store.spans import Lake
+from lightning_core.ingest.service import start_collector
+from lightning_core.ingest.tables import request_to_tables
 from tests.conftest import make_config
 from tests.otlp_factory import add_resource, export_request, otlp_json
 
@@ -115,7 +116,7 @@ def test_a_cancelled_wait_does_not_stop_the_writer(tmp_path):
 def test_a_lake_write_is_one_commit_per_table_and_a_failed_one_leaves_nothing_visible(tmp_path, monkeypatch):
     from deltalake import DeltaTable
 
-    from lightning_core.lake import snapshot
+    from lightning_core.store.spans import snapshot
 
     lake = Lake(tmp_path / "lake")
     tables = request_to_tables(export_request({"arclight.run_id": "one"}, 2))
@@ -308,7 +309,7 @@ def test_healthz_names_the_lake_only_on_loopback_or_with_the_token(tmp_path):
     # fails before: the lake path went to anyone who asked
     from starlette.testclient import TestClient
 
-    from lightning_core.collector import build_app
+    from lightning_core.ingest.collector import build_app
     from lightning_core.config import CollectorConfig
 
     app = build_app(CollectorConfig(), tmp_path / "lake")

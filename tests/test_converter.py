@@ -15,13 +15,13 @@ import time
 
 import pytest
 
-from lightning_core import converter as converter_module
-from lightning_core.catalog import Catalog
-from lightning_core.converter import Converter
-from lightning_core.group_commit import GroupCommitWriter
-from lightning_core.lake import Lake
-from lightning_core.otlp_decode import JSON, PROTOBUF, RequestRejected
-from lightning_core.span_rows import SpanDataError
+from lightning_core.ingest import converter as converter_module
+from lightning_core.store.catalog import Catalog
+from lightning_core.ingest.converter import Converter
+from lightning_core.ingest.group_commit import GroupCommitWriter
+from lightning_core.store.spans import Lake
+from lightning_core.ingest.otlp_decode import JSON, PROTOBUF, RequestRejected
+from lightning_core.ingest.span_rows import SpanDataError
 from tests.conftest import make_config
 from tests.otlp_factory import export_request, otlp_json
 

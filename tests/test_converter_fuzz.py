@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 from tests.conftest import make_config
 from tests.otlp_factory import export_request
 from tests.test_collector_fuzz import build, keys, mostly, requests, values

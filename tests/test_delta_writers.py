@@ -19,12 +19,15 @@ import httpx
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from lightning_core import catalog as catalog_module
-from lightning_core import triplet_store as store
-from lightning_core.catalog import Catalog
-from lightning_core.lake import CHECKPOINT_EVERY, LOG_RETENTION, Lake, location
-from lightning_core.services import start_collector
-from lightning_core.span_rows import Partition, request_to_tables
+from lightning_core.store import catalog as catalog_module
+from lightning_core.store import outputs as store
+from lightning_core.store.catalog import Catalog
+from lightning_core.store.delta import CHECKPOINT_EVERY, LOG_RETENTION
+from lightning_core.store.spans import Lake
+from lightning_core.store.location import location
+from lightning_core.ingest.service import start_collector
+from lightning_core.store.span_schema import Partition
+from lightning_core.ingest.tables import request_to_tables
 from tests.conftest import make_config
 from tests.otlp_factory import export_request
 
@@ -68,8 +71,8 @@ def _checkpointed(table: DeltaTable) -> bool:
 
 
 def _span_rows(lake_root: Path, run_id: str) -> tuple[int, int]:
-    from lightning_core.catalog import view_sql
-    from lightning_core.lake import snapshot
+    from lightning_core.store.catalog import view_sql
+    from lightning_core.store.spans import snapshot
 
     con = duckdb.connect()
     con.execute(view_sql(Path(lake_root).resolve(), snapshot(lake_root)))
@@ -108,7 +111,7 @@ def test_the_span_writer_commits_after_another_writer_changed_the_table_properti
 
 
 def test_the_span_writer_on_object_storage_commits_after_its_read_version_was_cleaned_away(tmp_path, s3):
-    from lightning_core.lake import set_location
+    from lightning_core.store.location import set_location
 
     options = {"AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}
     set_location(tmp_path / "lake", f"s3://arclight/{uuid.uuid4().hex}/spans", options)

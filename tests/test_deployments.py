@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from lightning_core.catalog import Catalog
-from lightning_core.services import free_port, start_process
+from lightning_core.store.catalog import Catalog
+from lightning_core.common.services import free_port, start_process
 from tests.conftest import REPO, make_config
 
 pytestmark = pytest.mark.integration

@@ -16,11 +16,11 @@ import mlflow
 import pytest
 from rich.console import Console
 
-from lightning_core import epoch as ep
-from lightning_core.catalog import Catalog
-from lightning_core.progress import print_summary
-from lightning_core.services import free_port
-from lightning_core.triplet_store import load_triplets
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.store.catalog import Catalog
+from lightning_core.cli.progress import print_summary
+from lightning_core.common.services import free_port
+from lightning_core.store.outputs import load_triplets
 from lightning_core.config import load_config
 from tests.conftest import REPO
 
@@ -28,14 +28,6 @@ pytestmark = pytest.mark.integration
 
 SQL = REPO / "examples" / "sql"
 LANGGRAPH = REPO / "examples" / "langgraph_calc"
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def _tasks(tmp: Path, source: Path, n: int) -> str:
@@ -162,7 +154,7 @@ def test_sql_selective_run_with_merged_weights_serves_the_frozen_checker_from_it
 ):
     """The CPU default: the policy's merged weights in one vLLM, the base model in another for the frozen checker."""
     from flows.train import train
-    from lightning_core import stack
+    from lightning_core.epoch import stack
 
     run = "ex-sql-merged"
     overrides = _sql_overrides(tmp_path, run, vllm_server=None, collector=collector,

@@ -5,30 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from lightning_core.catalog import Catalog
-from lightning_core.services import free_port
+from lightning_core.store.catalog import Catalog
+from lightning_core.common.services import free_port
 from tests.conftest import REPO, make_config
+from tests.helpers.processes import gateway_calls, pids_matching
 
 pytestmark = pytest.mark.integration
 
 POLICY = "faults"
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def _config(tmp_path: Path, tiny_model_dir: Path, *, tasks: int, run_name: str):
@@ -52,36 +43,14 @@ def _config(tmp_path: Path, tiny_model_dir: Path, *, tasks: int, run_name: str):
     return make_config(tmp_path, *overrides), overrides
 
 
-def _pids(pattern: str) -> list[int]:
-    """Processes whose command line matches ``pattern``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if re.search(pattern, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
-def _calls(gateway_url: str) -> float:
-    """Model calls the gateway has answered (its Prometheus counter), 0 while it does not answer."""
-    try:
-        text = httpx.get(f"{gateway_url}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return 0.0
-    return sum(float(m) for m in re.findall(r'^arclight_gateway_requests_total\{[^}]*\} (\S+)$', text, re.M))
-
-
 def _kill_when(cfg, *, calls: float, pattern: str, timeout_s: float = 300) -> threading.Thread:
     """In the background: once the gateway has answered ``calls`` calls, SIGKILL the process group of the server whose
     command line matches ``pattern``. The thread's ``killed`` attribute holds its pid."""
     def kill() -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if _calls(cfg.gateway.url) >= calls:
-                [pid] = _pids(pattern)
+            if gateway_calls(cfg.gateway.url) >= calls:
+                [pid] = pids_matching(pattern)
                 os.killpg(pid, signal.SIGKILL)
                 thread.killed = pid
                 return
@@ -126,7 +95,7 @@ def test_a_killed_vllm_is_restarted_during_the_rollouts_and_the_rollouts_it_fail
         incidents = json.loads(con.execute("SELECT incidents FROM epochs WHERE run_id = 'vllm-killed'").fetchall()[0][0])
     assert any(o.startswith("vllm0 exited with status -9") and o.endswith("restarted") for o in incidents["outages"])
     assert incidents["retried"] == sum(r[3] > 0 for r in rows) and incidents["left_out"] == 0
-    assert killer.killed not in _pids(rf"--port {cfg.serving.port} ")  # stopped with the stack: nothing left either
+    assert killer.killed not in pids_matching(rf"--port {cfg.serving.port} ")  # stopped with the stack: nothing left either
 
 
 def test_a_killed_collector_and_a_killed_gateway_are_restarted_and_every_rollouts_spans_arrive(
@@ -139,9 +108,9 @@ def test_a_killed_collector_and_a_killed_gateway_are_restarted_and_every_rollout
     def then_the_gateway() -> None:
         collector.join(timeout=300)
         deadline = time.monotonic() + 60
-        while not _pids(rf"lightning_core collector .*--port {cfg.collector.port} ") and time.monotonic() < deadline:
+        while not pids_matching(rf"lightning_core collector .*--port {cfg.collector.port} ") and time.monotonic() < deadline:
             time.sleep(0.2)  # back
-        [pid] = _pids(rf"lightning_core gateway .*--port {cfg.gateway.port} ")
+        [pid] = pids_matching(rf"lightning_core gateway .*--port {cfg.gateway.port} ")
         time.sleep(1.0)
         os.killpg(pid, signal.SIGKILL)
         gateway.killed = pid

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,8 +12,8 @@ import mlflow
 import pytest
 
 from lightning_core import analyst
-from lightning_core.catalog import Catalog
-from lightning_core.services import free_port
+from lightning_core.store.catalog import Catalog
+from lightning_core.common.services import free_port
 from tests.conftest import REPO, make_config
 
 pytestmark = pytest.mark.integration
@@ -56,14 +55,6 @@ def _overrides(tmp, *, vllm_server, collector, collector_config, tiny_model_dir,
     return [f"{k}={v}" for k, v in settings.items()]
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
 def test_two_epochs_chain_policy_versions_and_record_failures(
     prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
 ):
@@ -94,7 +85,8 @@ def test_two_epochs_chain_policy_versions_and_record_failures(
     polls = [json.loads(line) for line in polls_path.read_text().splitlines()]
     assert [p for p in polls if "error" in p] == []
     assert len(polls) >= 20
-    assert all(p["raw"] == p["distinct"] == p["spans"] for p in polls)  # no span twice, no half-written commit
+    twice = [p for p in polls if not p["raw"] == p["distinct"] == p["spans"]]
+    assert twice == [], twice[:3]  # no span twice, no half-written commit
     assert all(a["spans"] <= b["spans"] and a["version"] <= b["version"] for a, b in zip(polls, polls[1:]))
     # the output tables too: each epoch's triplets appear in one commit and stay
     assert all(a["triplets"] <= b["triplets"] and a["triplets_version"] <= b["triplets_version"]
@@ -200,7 +192,7 @@ def test_an_agent_without_an_agent_span_trains_and_its_calls_are_reported_as_no_
     from rich.console import Console
 
     from flows.train import train_epoch
-    from lightning_core.progress import print_summary
+    from lightning_core.cli.progress import print_summary
 
     questions = [{"id": f"n{i}", "question": f"Say the word {w}.", "target": w} for i, w in enumerate(["xyzzy", "plugh"])]
     overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,

@@ -10,21 +10,13 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 from tests.conftest import make_config
 from tests.test_flows import POLICY, _dataset, _overrides
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 20  # 10 s was too short for a first request to a freshly started CPU vLLM on a loaded machine
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def where_tasks_ran():
@@ -152,7 +144,7 @@ def ray_cluster(tmp_path_factory):
     import time
     from pathlib import Path
 
-    from lightning_core.services import free_port
+    from lightning_core.common.services import free_port
 
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))

@@ -6,11 +6,12 @@ import mlflow
 import pytest
 from rich.console import Console
 
-from lightning_core import stages
-from lightning_core.catalog import Catalog
-from lightning_core.sampling import tasks_to_add
+from lightning_core.epoch.context import RunContext
+from lightning_core.epoch import reports
+from lightning_core.store.catalog import Catalog
+from lightning_core.epoch.sampling import tasks_to_add
 from tests.conftest import make_config
-from tests.test_flows import POLICY, _dataset, _overrides, prefect_harness  # noqa: F401 (fixture)
+from tests.test_flows import POLICY, _dataset, _overrides
 
 
 def test_tasks_to_add_stops_at_the_target_or_the_cap_and_sizes_a_round_by_the_informative_rate():
@@ -85,7 +86,7 @@ def test_train_evaluates_every_k_epochs_and_shows_the_learning_curve(
     prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
 ):
     from flows.train import evaluate, train
-    from lightning_core.progress import print_summary
+    from lightning_core.cli.progress import print_summary
 
     tasks = [{"id": f"q{i}", "question": f"Say the word w{i}.", "target": "w"} for i in range(3)]
     overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
@@ -95,7 +96,7 @@ def test_train_evaluates_every_k_epochs_and_shows_the_learning_curve(
                               "evaluation.every_epochs": "2"})
     train(overrides=overrides, epochs=3)
     cfg = make_config(tmp_path, *overrides)
-    curve = stages.eval_curve(cfg)
+    curve = reports.eval_curve(RunContext.of(cfg))
     assert [c["after_epochs"] for c in curve] == [0, 2, 3]  # before the first, every 2nd and after the last
     assert [c["label"] for c in curve] == ["base", f"{POLICY}-v2", f"{POLICY}-v3"] and all(c["tasks"] == 3 for c in curve)
     with Catalog.from_config(cfg).read() as con:

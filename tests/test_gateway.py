@@ -10,9 +10,9 @@ import pytest
 from openai import APIStatusError, OpenAI
 
 from lightning_core import semconv
-from lightning_core.catalog import Catalog
-from lightning_core.gateway_client import GatewayClient
-from lightning_core.model import load_tokenizer
+from lightning_core.store.catalog import Catalog
+from lightning_core.serving.client import GatewayClient
+from lightning_core.common.model import load_tokenizer
 from tests.helpers.tokens import shown_text
 
 pytestmark = pytest.mark.integration

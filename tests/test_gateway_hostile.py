@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import httpx
 import pytest
@@ -13,8 +12,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.testclient import TestClient
 
 from lightning_core import semconv
-from lightning_core.catalog import Catalog
-from lightning_core.gateway import build_app
+from lightning_core.store.catalog import Catalog
+from lightning_core.serving.app import build_app
 from tests.helpers.fake_vllm import ThreadServer, fake_vllm
 
 MAX_BODY = 1024 * 1024

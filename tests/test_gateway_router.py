@@ -6,7 +6,9 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
-from lightning_core.gateway import GatewayError, GatewayState, PolicySwitch, Router, RolloutInfo, build_app, parse_traceparent, serve
+from lightning_core.serving.router import GatewayError, GatewayState, PolicySwitch, Router, RolloutInfo
+from lightning_core.serving.app import build_app, serve
+from lightning_core.serving.recording import parse_traceparent
 
 
 def make_router() -> Router:

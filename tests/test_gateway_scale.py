@@ -17,10 +17,11 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 from lightning_core import semconv
-from lightning_core.catalog import Catalog
-from lightning_core.gateway import SCOPE, Router
-from lightning_core.serving import start_gateway
-from lightning_core.span_export import encode_request
+from lightning_core.store.catalog import Catalog
+from lightning_core.serving.recording import SCOPE
+from lightning_core.serving.router import Router
+from lightning_core.serving.vllm import start_gateway
+from lightning_core.serving.span_export import encode_request
 from tests.conftest import make_config
 from tests.helpers.fake_vllm import ThreadServer, fake_vllm
 

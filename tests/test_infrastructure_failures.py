@@ -15,16 +15,18 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
-from lightning_core import epoch as ep
-from lightning_core.catalog import Catalog
-from lightning_core.pipeline import materialize_triplets
-from lightning_core.runner import (AGENT, FAILED, INFRASTRUCTURE, INTERRUPTED, SUCCEEDED, TIMED_OUT, RolloutOutcome,
-                                   failure_kind)
-from lightning_core.services import start_collector
-from lightning_core.stack import Outage, Stack, state_path
-from lightning_core.stages import RunStopped, blame_outages, check_round, ingest_barrier
+from lightning_core.epoch.context import RunContext
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.store.catalog import Catalog
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.rollouts.runner import (AGENT, FAILED, INFRASTRUCTURE, INTERRUPTED, SUCCEEDED, TIMED_OUT,
+                                            RolloutOutcome, failure_kind)
+from lightning_core.ingest.service import start_collector
+from lightning_core.epoch.stack import Outage, Stack, state_path
+from lightning_core.epoch.failures import RunStopped, blame_outages, check_round
+from lightning_core.epoch.stages import ingest_barrier
 from lightning_core.tracking import agent_metric_name
-from lightning_core.triplet_store import load_triplets
+from lightning_core.store.outputs import load_triplets
 from tests.conftest import make_config
 from tests.otlp_factory import export_request
 from tests.spans_factory import Rollout, write
@@ -87,7 +89,7 @@ def test_the_ingest_barrier_fails_lost_spans_and_calls_our_side_failed_as_ours_a
           run_id=run_id)
     _plan(cfg, run_id, [("ok0", "t1", SUCCEEDED, None), ("up0", "t1", SUCCEEDED, None), ("q0", "tq", SUCCEEDED, None),
                         ("lost0", "t2", SUCCEEDED, None), ("boom0", "t2", FAILED, AGENT)])
-    counts = ingest_barrier(cfg, Stack(collector=collector), run_id=run_id, epoch=0)
+    counts = ingest_barrier(RunContext.of(cfg, Stack(collector=collector)), run_id=run_id, epoch=0)
     with Catalog.from_config(cfg).read(spans=False) as con:
         got = {r[0]: r[1:] for r in con.execute(
             "SELECT rollout_id, status, error_kind, error FROM rollouts WHERE run_id = ?", [run_id]).fetchall()}
@@ -168,17 +170,17 @@ def test_a_round_that_mostly_failed_stops_the_run_with_its_most_common_errors(tm
         con.execute("UPDATE rollouts SET error = 'the gateway at http://127.0.0.1:8400 could not register the rollout' "
                     "WHERE rollout_id IN ('f0', 'f1')")
     with pytest.raises(RunStopped) as err:
-        check_round(cfg, run_id="r1", epoch=0, mode="train", sampling_round=0, logs=["/x/collector.log"])
+        check_round(RunContext.of(cfg), run_id="r1", epoch=0, mode="train", sampling_round=0, logs=["/x/collector.log"])
     message = str(err.value)
     assert "3 of 4 rollouts" in message and "2 infrastructure, 1 timeout" in message
     assert "could not register the rollout (x2)" in message and "/x/collector.log" in message
     assert "rollouts.stop_at_failed_share = 0.75" in message and "run the same command again" in message
     cfg = make_config(tmp_path, "rollouts.stop_at_failed_share=0.8")
-    assert check_round(cfg, run_id="r1", epoch=0, mode="train", sampling_round=0, logs=[])["failed"] == 3
+    assert check_round(RunContext.of(cfg), run_id="r1", epoch=0, mode="train", sampling_round=0, logs=[])["failed"] == 3
 
 
 def test_a_collector_whose_lake_refuses_commits_says_why_on_healthz_and_in_arclight_status(tmp_path):
-    from lightning_core.cli import app
+    from lightning_core.cli.main import app
 
     cfg = make_config(tmp_path)
     Catalog.from_config(cfg).ensure()

@@ -20,10 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst, semconv
-from lightning_core.catalog import Catalog, view_sql
-from lightning_core.lake import Lake, LakeFormatError, open_table, prune_mirror, set_location, snapshot
-from lightning_core.services import start_collector
-from lightning_core.span_rows import SPAN_SCHEMA, request_to_tables
+from lightning_core.store.catalog import Catalog, view_sql
+from lightning_core.store.spans import Lake, open_table, snapshot
+from lightning_core.store.delta import LakeFormatError
+from lightning_core.store.location import prune_mirror, set_location
+from lightning_core.ingest.service import start_collector
+from lightning_core.store.span_schema import SPAN_SCHEMA
+from lightning_core.ingest.tables import request_to_tables
 from tests.conftest import REPO, make_config
 from tests.otlp_factory import export_request
 
@@ -217,7 +220,7 @@ def test_queries_loop_while_spans_arrive_and_compaction_runs_with_no_failure_and
 
 
 def test_an_analyst_connection_holds_nothing_and_can_pin_a_snapshot(tmp_path):
-    from lightning_core.catalog import Catalog
+    from lightning_core.store.catalog import Catalog
 
     root = tmp_path / "lake"
     lake = Lake(root)
@@ -306,7 +309,7 @@ def test_two_compactions_of_one_partition_at_once_are_reported_loudly(tmp_path):
     for two processes that listed the table at the same moment."""
     from deltalake import DeltaTable
 
-    from lightning_core.lake import ConcurrentCompaction, _check_no_concurrent_compaction
+    from lightning_core.store.spans import ConcurrentCompaction, _check_no_concurrent_compaction
 
     lake = Lake(tmp_path / "lake")
     for _ in range(3):
@@ -330,17 +333,17 @@ def test_files_of_a_commit_that_never_happened_are_vacuumed_and_an_old_table_get
     created before the checkpoint setting gets it when a writer opens it."""
     from deltalake import DeltaTable
 
-    from lightning_core import lake as lake_module
+    from lightning_core.store import delta, span_schema
 
     root = tmp_path / "lake"
     table_uri = str(root / "spans" / "training")
-    DeltaTable.create(table_uri, lake_module.table_schema("training"), partition_by=["run_id", "epoch"])  # as an older Arclight did
-    assert lake_module.CHECKPOINT_INTERVAL not in DeltaTable(table_uri).metadata().configuration
+    DeltaTable.create(table_uri, span_schema.table_schema("training"), partition_by=["run_id", "epoch"])  # as an older Arclight did
+    assert delta.CHECKPOINT_INTERVAL not in DeltaTable(table_uri).metadata().configuration
     lake = Lake(root, retention_hours=0)
     lake.write(request_to_tables(_request("kept", 3)))
     configuration = DeltaTable(table_uri).metadata().configuration
-    assert configuration[lake_module.CHECKPOINT_INTERVAL] == str(lake_module.CHECKPOINT_EVERY)
-    assert configuration[lake_module.STATS_COLUMNS] == "0"  # no column statistics for delta-rs to parse at each commit
+    assert configuration[delta.CHECKPOINT_INTERVAL] == str(delta.CHECKPOINT_EVERY)
+    assert configuration[delta.STATS_COLUMNS] == "0"  # no column statistics for delta-rs to parse at each commit
 
     def commit_fails(*args, **kwargs):
         raise OSError("killed before the commit")

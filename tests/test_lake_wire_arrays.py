@@ -17,8 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_core import semconv, span_rows
-from lightning_core.span_rows import SpanDataError, key_values, promoted_columns, request_to_tables
+from lightning_core import semconv
+from lightning_core.ingest import span_rows
+from lightning_core.store import span_schema
+from lightning_core.ingest.span_rows import SpanDataError, key_values, promoted_columns
+from lightning_core.ingest.tables import request_to_tables
 from tests.otlp_factory import export_request, set_value
 
 ARRAY_KEYS = [semconv.PROMPT_TOKEN_IDS, semconv.RESPONSE_TOKEN_IDS, semconv.RESPONSE_LOGPROBS]
@@ -137,7 +140,7 @@ def test_rows_with_python_lists_and_nulls_build_the_same_columns():
     rows = [{"trace_id": "t", "prompt_token_ids": np.array([1, 2]), "response_logprobs": None},
             {"trace_id": "u", "prompt_token_ids": [3, None], "response_logprobs": np.array([0.5])}]
     table = span_rows.rows_to_table(rows)
-    assert table.schema == span_rows.SPAN_SCHEMA
+    assert table.schema == span_schema.SPAN_SCHEMA
     assert table["prompt_token_ids"].to_pylist() == [[1, 2], [3, None]]
     assert table["response_logprobs"].to_pylist() == [None, [0.5]]
     assert table["response_token_ids"].to_pylist() == [None, None]

@@ -11,7 +11,6 @@ trap, and the run must go through it with every span stored and no error anywher
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,14 +19,14 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 from lightning_core.config import load_config
-from lightning_core.model import DEFAULT_MODEL_DIR, is_model_dir
-from lightning_core.services import free_port
+from lightning_core.common.model import DEFAULT_MODEL_DIR, is_model_dir
+from lightning_core.common.services import free_port
 from tests.conftest import REPO
+from tests.helpers.processes import gateway_calls
 
 pytestmark = pytest.mark.integration
 
@@ -128,14 +127,6 @@ def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_sp
     print(f"main job: 3 epochs in {time.monotonic() - started:.0f} s; rollouts {statuses}")
 
 
-def _gateway_calls(port: int) -> float:
-    try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return 0.0
-    return sum(float(v) for v in re.findall(r'^arclight_gateway_requests_total\{[^}]*\} (\S+)$', text, re.M))
-
-
 def test_ctrl_c_in_the_middle_of_the_rollouts_stops_everything_and_the_next_run_resumes(tmp_path, base_model):
     config, ports = _project(tmp_path)
     gateway_port = int(ports[1].split("=")[1])
@@ -145,7 +136,7 @@ def test_ctrl_c_in_the_middle_of_the_rollouts_stops_everything_and_the_next_run_
     proc = _arclight(*args, log=log, mark=mark)
     try:
         deadline = time.monotonic() + 600
-        while _gateway_calls(gateway_port) < 8:  # rollouts in flight: agents calling the model through the gateway
+        while gateway_calls(f"http://127.0.0.1:{gateway_port}") < 8:  # rollouts in flight: agents calling the model through the gateway
             assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
             assert time.monotonic() < deadline, "the rollouts never started"
             time.sleep(0.2)

@@ -9,11 +9,12 @@ import sys
 import pytest
 
 from lightning_core import names
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 from lightning_core.config import ConfigError, load_config
-from lightning_core.lake import Lake, span_scope_filter
-from lightning_core.span_rows import SpanDataError, request_to_rows, request_to_tables
-from lightning_core.triplet_store import output_dir
+from lightning_core.store.spans import Lake, span_scope_filter
+from lightning_core.ingest.span_rows import SpanDataError, request_to_rows
+from lightning_core.ingest.tables import request_to_tables
+from lightning_core.store.outputs import output_dir
 from tests.conftest import REPO
 from tests.otlp_factory import export_request
 

@@ -17,11 +17,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lightning_core import otlp_columns, otlp_decode, otlp_wire, semconv, span_rows
-from lightning_core.span_rows import SpanDataError
+from lightning_core.ingest import otlp_columns, otlp_decode, otlp_wire, span_rows
+from lightning_core.ingest.tables import request_to_tables
+from lightning_core.store import span_schema
+from lightning_core import semconv
+from lightning_core.ingest.span_rows import SpanDataError
 from tests.otlp_factory import fill_attributes, set_value
 
-PROMOTED = list(span_rows.PROMOTED_ARRAYS)
+PROMOTED = list(span_schema.PROMOTED_ARRAYS)
 KEYS = PROMOTED + [
     semconv.SPAN_KIND, semconv.AGENT_NAME, semconv.GEN_AI_RESPONSE_ID, semconv.REWARD_VALUE,
     semconv.AGENTLIGHTNING_REWARD_0_VALUE, semconv.ROLLOUT_ID, semconv.TASK_ID, semconv.ATTEMPT,
@@ -195,7 +198,7 @@ def test_a_clean_gateway_request_is_converted_as_columns_only(monkeypatch):
     _assert_same(request)
     monkeypatch.setattr(span_rows, "request_to_rows", refuse)
     tables = otlp_columns.request_to_tables(request, body, 123)
-    table = tables[span_rows.Partition("ingest", 0)]
+    table = tables[span_schema.Partition("ingest", 0)]
     assert table.num_rows == 60
     assert table.column("prompt_token_ids")[0].as_py() == [(3 * 60 + 1 + j) % 49152 for j in range(200)]
     assert table.column("attributes")[1].as_py().startswith('{"arclight.rollout_id":"ro-3-0"')
@@ -211,7 +214,7 @@ def test_a_bad_span_raises_the_python_paths_error(fields, message):
 
     request = export_request({semconv.RUN_ID: "r"}, [{}, fields])
     with pytest.raises(SpanDataError, match=message):
-        span_rows.request_to_tables(request)
+        request_to_tables(request)
 
 
 def test_one_odd_span_costs_only_itself():
@@ -223,7 +226,7 @@ def test_one_odd_span_costs_only_itself():
     for n in range(1, 6):
         span = scope.spans.add(trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"), name=f"s{n}")
         fill_attributes(span.attributes, {"x": {"nested": [1, 2]}} if n == 3 else {"x": n})
-    table = span_rows.request_to_tables(request)[span_rows.Partition("r", 0)]
+    table = request_to_tables(request)[span_schema.Partition("r", 0)]
     assert table.column("name").to_pylist() == ["s1", "s2", "s3", "s4", "s5"]
     assert table.column("attributes").to_pylist()[1:4] == ['{"x":2}', '{"x":{"nested":[1,2]}}', '{"x":4}']
     assert pa.types.is_string(table.schema.field("attributes").type)
@@ -238,7 +241,7 @@ def test_a_value_of_a_newer_oneof_member_goes_to_python():
     kv = span.attributes.add(key="k")
     kv.value.string_value_strindex = 7
     _assert_same(request)
-    [table] = span_rows.request_to_tables(request).values()
+    [table] = request_to_tables(request).values()
     assert table.column("attributes").to_pylist() == ['{"k":7}']
 
 
@@ -276,9 +279,9 @@ def test_the_collectors_path_never_parses_a_clean_gateway_request_whole(monkeypa
     outline = otlp_decode.parse_outline(body)
     monkeypatch.setattr(otlp_decode, "parse", refuse)
     monkeypatch.setattr(span_rows, "request_to_rows", refuse)
-    tables = span_rows.request_to_tables(outline, body=body)
+    tables = request_to_tables(outline, body=body)
     assert sum(t.num_rows for t in tables.values()) == 60
-    assert tables[span_rows.Partition("ingest", 0)].column("response_token_ids")[0].as_py() == [(5 * 60 + 1 + j) % 49152 for j in range(40)]
+    assert tables[span_schema.Partition("ingest", 0)].column("response_token_ids")[0].as_py() == [(5 * 60 + 1 + j) % 49152 for j in range(40)]
 
 
 def _element(kind: str, value: int) -> bytes:
@@ -368,10 +371,10 @@ def test_joined_requests_convert_to_the_rows_of_each_alone():
     joined = first + second + third
     got = otlp_columns.request_to_tables(otlp_decode.outline_unchecked(joined), joined, 123)
     alone = [otlp_columns.request_to_tables(otlp_decode.parse_outline(b), b, 123) for b in (first, second, third)]
-    assert list(got) == [span_rows.Partition("ingest", 0), span_rows.Partition("other", 0)]
-    assert got[span_rows.Partition("ingest", 0)].equals(pa.concat_tables([alone[0][span_rows.Partition("ingest", 0)],
-                                                                      alone[2][span_rows.Partition("ingest", 0)]]))
-    assert got[span_rows.Partition("other", 0)].equals(alone[1][span_rows.Partition("other", 0)])
+    assert list(got) == [span_schema.Partition("ingest", 0), span_schema.Partition("other", 0)]
+    assert got[span_schema.Partition("ingest", 0)].equals(pa.concat_tables([alone[0][span_schema.Partition("ingest", 0)],
+                                                                      alone[2][span_schema.Partition("ingest", 0)]]))
+    assert got[span_schema.Partition("other", 0)].equals(alone[1][span_schema.Partition("other", 0)])
 
 
 def _kv(key: bytes, *values: bytes) -> bytes:

@@ -15,13 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst
-from lightning_core import epoch as ep
-from lightning_core import triplet_store as store
-from lightning_core.catalog import Catalog
-from lightning_core.lake import Lake, LakeFormatError
-from lightning_core.pipeline import materialize_triplets
-from lightning_core.span_rows import Partition, rows_to_table
-from lightning_core.triplet_store import load_triplets
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.store import outputs as store
+from lightning_core.store.catalog import Catalog
+from lightning_core.store.spans import Lake
+from lightning_core.store.delta import LakeFormatError
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.store.span_schema import Partition
+from lightning_core.ingest.span_rows import rows_to_table
+from lightning_core.store.outputs import load_triplets
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, write
 
@@ -157,7 +159,7 @@ def test_parquet_outputs_of_an_older_arclight_are_refused_then_migrated(tmp_path
 
 _REPLACER = """
 import sys, pyarrow as pa
-from lightning_core import triplet_store as store
+from lightning_core.store import outputs as store
 lake, epoch, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 for i in range(15):
     store.replace_partition(lake, "rewards", pa.table({"kind": [tag] * 3, "value": [float(i)] * 3}), run_id="r", epoch=epoch)

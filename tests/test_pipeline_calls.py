@@ -7,9 +7,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from lightning_core.model import tokenizer_cache_dir
-from lightning_core.pipeline import PipelineError, materialize_triplets
-from lightning_core.triplet_store import load_triplets
+from lightning_core.common.model import tokenizer_cache_dir
+from lightning_core.pipeline.steps import PipelineError
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.store.outputs import load_triplets
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, rows, shared_stages, write
 
@@ -134,7 +135,7 @@ def test_missing_token_ids_can_be_dropped(tmp_path):
 
 
 def test_missing_token_ids_can_be_retokenized_and_say_so(tmp_path):
-    from lightning_core.model import load_tokenizer
+    from lightning_core.common.model import load_tokenizer
 
     tokenizer = load_tokenizer()
     cfg = make_config(tmp_path, "pipeline.missing_token_ids=retokenize", f"pipeline.tokenizer_path={tokenizer_cache_dir()}")
@@ -178,8 +179,8 @@ def test_a_compaction_during_a_pipeline_run_costs_no_call_its_token_ids(tmp_path
     # llm_spans reads the payload back from the files span_nodes listed: a compaction in between
     # replaces those files in the table, but the run reads its snapshot, whose files stay for the
     # retention window (before the Delta store, this silently stripped every call of its token ids)
-    from lightning_core import pipeline
-    from lightning_core.lake import Lake
+    from lightning_core.pipeline import triplets as pipeline
+    from lightning_core.store.spans import Lake
 
     cfg = make_config(tmp_path)
     for i in range(4):  # one file per rollout, as the collector's group commits write them
@@ -353,7 +354,7 @@ def test_judge_calls_train_too_when_exclude_llm_call_in_reward_is_false(tmp_path
 
 def test_retokenize_defaults_to_the_base_model_folder(tmp_path, monkeypatch):
     # fails before: "needs pipeline.tokenizer_path (or model.path)", though the docs promised this default
-    from lightning_core import model
+    from lightning_core.common import model
 
     monkeypatch.setattr(model, "DEFAULT_MODEL_DIR", tokenizer_cache_dir())
     model.load_tokenizer()  # the cached SmolLM2 tokenizer stands in for models/SmolLM2-135M-Instruct

@@ -19,12 +19,12 @@ import pytest
 from openai import OpenAI
 
 from lightning_core import tracing
-from lightning_core.catalog import Catalog
-from lightning_core.gateway_client import GatewayClient
-from lightning_core.model import load_tokenizer
-from lightning_core.pipeline import materialize_triplets
+from lightning_core.store.catalog import Catalog
+from lightning_core.serving.client import GatewayClient
+from lightning_core.common.model import load_tokenizer
+from lightning_core.pipeline.triplets import materialize_triplets
 from lightning_core.tracing import RolloutContext, init_tracing
-from lightning_core.triplet_store import load_triplets
+from lightning_core.store.outputs import load_triplets
 from tests.helpers.tokens import shown_text
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_core.pipeline import materialize_triplets
-from lightning_core import triplet_store as store
-from lightning_core.triplet_store import load_triplets
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.store import outputs as store
+from lightning_core.store.outputs import load_triplets
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, write
 
@@ -185,7 +185,7 @@ def test_latest_unrewarded_call_gives_each_reward_to_at_most_one_call(tmp_path, 
 
 def test_a_missing_reward_never_looks_like_zero_in_the_summary_or_the_epoch_metrics(tmp_path):
     # fails before: every call of a rollout without a reward carried reward 0.0, so reward/mean said 0.0
-    from lightning_core.catalog import Catalog
+    from lightning_core.store.catalog import Catalog
     from lightning_core.trainer.batches import epoch_stats
 
     cfg = make_config(tmp_path)

@@ -6,10 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from lightning_core.catalog import Catalog
-from lightning_core.cli import app
-from lightning_core.pipeline import PipelineError, materialize_triplets
-from lightning_core.triplet_store import load_triplets
+from lightning_core.store.catalog import Catalog
+from lightning_core.cli.main import app
+from lightning_core.pipeline.steps import PipelineError
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.store.outputs import load_triplets
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, write
 
@@ -69,7 +70,7 @@ def test_rewards_of_an_unselected_critic_still_count(tmp_path):
 
 
 def test_per_agent_report_counts_each_rollout_once_per_agent_and_names_frozen_agents(tmp_path):
-    from lightning_core import epoch as ep
+    from lightning_core.epoch import bookkeeping as ep
 
     cfg = make_config(tmp_path, "policies=[{name: sql, agent_match: 'writer|rewriter'}]", "trainer.success_reward=1.0")
     rollouts = []

@@ -10,9 +10,9 @@ import pytest
 from openai import OpenAI
 
 from lightning_core import semconv
-from lightning_core.gateway_client import GatewayClient
-from lightning_core.model import load_tokenizer
-from lightning_core.redeploy import RedeployError, deploy_adapter
+from lightning_core.serving.client import GatewayClient
+from lightning_core.common.model import load_tokenizer
+from lightning_core.serving.redeploy import RedeployError, deploy_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +122,7 @@ def test_switch_to_an_adapter_that_is_not_loaded_is_refused(gateway):
 
 
 def test_merged_redeploy_reloads_weights_in_place_and_resets_the_prefix_cache(gateway, vllm_server, adapter_dir, tiny_model_dir, tmp_path):
-    from lightning_core.redeploy import deploy_full_weights, merge_adapter
+    from lightning_core.serving.redeploy import deploy_full_weights, merge_adapter
 
     policy = "merged-test"
     admin = GatewayClient(gateway.url)

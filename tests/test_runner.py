@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from lightning_core.catalog import Catalog
-from lightning_core.runner import (FAILED, SUCCEEDED, TIMED_OUT, RolloutSpec, RunnerSettings, flush_outcome_spans, load_agent,
-                                   run_rollout)
+from lightning_core.store.catalog import Catalog
+from lightning_core.rollouts.runner import (FAILED, SUCCEEDED, TIMED_OUT, RolloutSpec, RunnerSettings,
+                                            flush_outcome_spans, load_agent, run_rollout)
 from tests.conftest import REPO
 
 

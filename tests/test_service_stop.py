@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lightning_core.services import Service, ServiceError, free_port, start_process
+from lightning_core.common.services import Service, ServiceError, free_port, start_process
 
 
 def test_stop_kills_what_a_dead_leader_left_in_its_process_group(tmp_path):

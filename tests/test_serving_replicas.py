@@ -10,14 +10,15 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from lightning_core.epoch.context import RunContext
 from lightning_core import semconv
-from lightning_core.catalog import Catalog
-from lightning_core.gateway_client import GatewayClient
-from lightning_core.redeploy import deploy_adapter, restore_adapter
-from lightning_core.serving import start_gateway, start_vllm
-from lightning_core.services import free_port
-from lightning_core.stack import Stack
-from lightning_core.stages import revive_replicas
+from lightning_core.store.catalog import Catalog
+from lightning_core.serving.client import GatewayClient
+from lightning_core.serving.redeploy import deploy_adapter, restore_adapter
+from lightning_core.serving.vllm import start_gateway, start_vllm
+from lightning_core.common.services import free_port
+from lightning_core.epoch.stack import Stack
+from lightning_core.epoch.deploy import revive_replicas
 from tests.conftest import make_config
 from tests.test_redeploy import PROMPT, TARGET, greedy, served_models, train_overfit_adapter
 
@@ -109,7 +110,7 @@ def test_two_replicas_stickiness_redeploy_to_both_one_dying_redeploy_without_it_
         # the redeploy stage restarts a replica it started that died; back up, b has no adapter yet, and the
         # calls of its rollouts fall over to a ("does not exist" from b) instead of failing
         stack = Stack(collector=collector, replicas=[vllm_server, second_replica])
-        assert revive_replicas(serving_config, stack) == [b]
+        assert revive_replicas(RunContext.of(serving_config, stack)) == [b]
         revived = stack.replicas[1]
         assert revived.alive() and again.served_model not in served_models(b)
         assert admin.flush()

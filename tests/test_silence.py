@@ -7,9 +7,9 @@ from __future__ import annotations
 import io
 
 from rich.console import Console
-from lightning_core.catalog import Catalog
-from lightning_core.pipeline import materialize_triplets
-from lightning_core.progress import print_summary
+from lightning_core.store.catalog import Catalog
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.cli.progress import print_summary
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, write
 from tests.test_cli import _arclight

@@ -11,8 +11,9 @@ import pytest
 
 from lightning_core import semconv
 from lightning_core.config import load_config
-from lightning_core.pipeline import materialize_triplets
-from lightning_core.triplet_store import SQL_DIR, load_triplets
+from lightning_core.pipeline.triplets import materialize_triplets
+from lightning_core.pipeline.steps import sql_files
+from lightning_core.store.outputs import VIEWS_SQL, load_triplets
 from tests.conftest import make_config
 from tests.otlp_trees import Tree
 from tests.spans_factory import rows, shared_stages
@@ -30,7 +31,7 @@ def examples(language: str) -> list[str]:
 
 
 def test_every_attribute_key_the_sql_reads_is_declared_once_and_documented():
-    read = {key for path in SQL_DIR.glob("*.sql") for key in SQL_KEY.findall(path.read_text())}
+    read = {key for path in [*sql_files(), VIEWS_SQL] for key in SQL_KEY.findall(path.read_text())}
     values = {v for k, v in vars(semconv).items() if isinstance(v, str) and k.isupper()}
     prefixes = {v for k, v in vars(semconv).items() if isinstance(v, str) and k.endswith("_PREFIX")}
     assert len(read) > 40

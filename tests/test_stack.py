@@ -10,8 +10,8 @@ import sys
 import httpx
 import pytest
 
-from lightning_core.stack import start_stack, state_path
-from lightning_core.services import ServiceError, free_port
+from lightning_core.epoch.stack import start_stack, state_path
+from lightning_core.common.services import ServiceError, free_port
 from tests.conftest import REPO, make_config
 
 pytestmark = pytest.mark.integration
@@ -69,8 +69,8 @@ def test_sigterm_during_work_stops_the_servers_the_process_started(tmp_path):
     script = tmp_path / "work.py"
     script.write_text(
         "import sys, time\n"
-        "from lightning_core.services import start_collector\n"
-        "from lightning_core.stopping import on_signals\n"
+        "from lightning_core.ingest.service import start_collector\n"
+        "from lightning_core.common.stopping import on_signals\n"
         "from tests.conftest import make_config\n"
         f"cfg = make_config({str(tmp_path)!r})\n"
         "with on_signals():\n"
@@ -100,7 +100,7 @@ def _alive(pid: int) -> bool:
 
 def test_down_removes_the_scratch_folders_of_what_up_started(tmp_path):
     """A vLLM that ``up`` started keeps its temporary files in a folder of its own; ``down`` removes it."""
-    from lightning_core.stack import down
+    from lightning_core.epoch.stack import down
 
     cfg = make_config(tmp_path)
     scratch = tmp_path / "arclight-vllm0-scratch"

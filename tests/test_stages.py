@@ -7,16 +7,18 @@ import shutil
 
 import pytest
 
-from lightning_core import epoch as ep
-from lightning_core.catalog import Catalog
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.rollouts import dataset
+from lightning_core.store.catalog import Catalog
 from lightning_core.config import load_config
-from lightning_core.runner import RolloutOutcome
-from lightning_core.stages import redeploy_mode, version_number
+from lightning_core.rollouts.runner import RolloutOutcome
+from lightning_core.serving.vllm import redeploy_mode
+from lightning_core.epoch.deploy import version_number
 
 
 def test_auto_redeploy_merges_on_cpu_and_groups_replicas_when_an_agent_stays_frozen(monkeypatch):
-    from lightning_core.serving import replica_groups, start_vllm_replicas
-    from lightning_core.services import ServiceError
+    from lightning_core.serving.vllm import replica_groups, start_vllm_replicas
+    from lightning_core.common.services import ServiceError
 
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no GPU on this machine
     one = load_config(None)
@@ -40,7 +42,7 @@ def test_auto_redeploy_merges_on_cpu_and_groups_replicas_when_an_agent_stays_fro
 def test_merged_weight_folders_beyond_keep_versions_are_deleted(tmp_path):
     import os
 
-    from lightning_core.redeploy import prune_merged
+    from lightning_core.serving.redeploy import prune_merged
 
     policy = tmp_path / "checkpoints" / "calc"
     for n in range(1, 6):
@@ -96,11 +98,11 @@ def test_epoch_status_advances_and_next_epoch_resumes_an_unfinished_one(tmp_path
 def test_bad_datasets_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\nnot json\n')
-    with pytest.raises(ep.DatasetError, match=r"bad.jsonl:2: not valid JSON"):
-        ep.load_tasks(bad)
+    with pytest.raises(dataset.DatasetError, match=r"bad.jsonl:2: not valid JSON"):
+        dataset.load_tasks(bad)
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"id": "a"}\n{"id": "a"}\n')
-    with pytest.raises(ep.DatasetError, match="duplicate task id 'a'"):
-        ep.load_tasks(dup)
-    with pytest.raises(ep.DatasetError, match="not found"):
-        ep.load_tasks(tmp_path / "missing.jsonl")
+    with pytest.raises(dataset.DatasetError, match="duplicate task id 'a'"):
+        dataset.load_tasks(dup)
+    with pytest.raises(dataset.DatasetError, match="not found"):
+        dataset.load_tasks(tmp_path / "missing.jsonl")

@@ -12,9 +12,9 @@ import duckdb
 import pytest
 from deltalake import DeltaTable
 
-from lightning_core import catalog as catalog_module
-from lightning_core.catalog import STATE_TABLE_NAMES, STATE_TABLES, Catalog
-from lightning_core.lake import table_properties
+from lightning_core.store import catalog as catalog_module
+from lightning_core.store.catalog import STATE_TABLE_NAMES, STATE_TABLES, Catalog
+from lightning_core.store.delta import table_properties
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_a_write_commits_the_tables_it_changed_and_nothing_when_it_fails(tmp_pat
 
 _INCREMENT = """
 import sys
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 catalog = Catalog(sys.argv[1])
 for _ in range(25):
     with catalog.write() as con:

@@ -11,7 +11,8 @@ import pytest
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from lightning_core import semconv, tracing
-from lightning_core.catalog import Catalog
+from lightning_core.ingest.embedded import LakeSpanExporter
+from lightning_core.store.catalog import Catalog
 
 
 def _agent_code() -> None:
@@ -37,7 +38,7 @@ def test_embedded_exporter_stores_the_same_rows_as_the_otlp_path(collector, coll
     context = tracing.RolloutContext(run_id="same-rows", epoch=2, rollout_id="r-7", task_id="t-7", attempt=1)
     handle = tracing.init_tracing(endpoint=collector.url, context=context, set_global=False, service_name="agent-x")
     embedded_lake = tmp_path / "embedded"
-    handle.provider.add_span_processor(BatchSpanProcessor(tracing.LakeSpanExporter(embedded_lake)))
+    handle.provider.add_span_processor(BatchSpanProcessor(LakeSpanExporter(embedded_lake)))
     _agent_code()
     assert handle.flush()
     handle.shutdown()

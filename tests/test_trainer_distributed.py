@@ -10,13 +10,13 @@ import torch
 import torch.distributed as dist
 
 from lightning_core.config import load_config
-from lightning_core.trainer import train_policy
+from lightning_core.trainer.train import train_policy
 from lightning_core.trainer.batches import make_samples, plan_steps
-from lightning_core.trainer.distributed import shard
+from lightning_core.trainer.collectives import shard
 from lightning_core.trainer.grpo import train_grpo
 from lightning_core.trainer.policy_model import load_policy_model, reference_logps_fn, seed_everything
 from lightning_core.trainer.prefix_tree import plain_size
-from lightning_core.services import free_port
+from lightning_core.common.services import free_port
 from tests.tiny_llama import build_tiny_llama, make_triplets, triplet_table
 
 CPU = torch.device("cpu")

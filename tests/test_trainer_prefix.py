@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_core.trainer.batches import Sample, collate, loss_weights, plan_steps
+from lightning_core.trainer.samples import Sample
+from lightning_core.trainer.batches import collate, loss_weights, plan_steps
 from lightning_core.trainer.grpo import grpo_loss, response_logps, train_grpo
 from lightning_core.trainer.policy_model import load_policy_model, seed_everything
 from lightning_core.trainer.prefix_tree import ancestor_mask, build_tree, plain_size, tree_response_logps, tree_size

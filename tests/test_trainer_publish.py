@@ -11,9 +11,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lightning_core.catalog import Catalog
+from lightning_core.common.durable import save_atomically
+from lightning_core.store.catalog import Catalog
 from lightning_core.config import load_config
-from lightning_core.trainer import checkpoint, train_policies, train_policy
+from lightning_core.trainer import checkpoint
+from lightning_core.trainer.train import train_policies, train_policy
 from lightning_core.trainer.sft import select_sft_rows
 from tests.tiny_llama import build_tiny_llama, make_triplets, triplet_table
 
@@ -125,7 +127,7 @@ def test_a_crash_while_saving_leaves_latest_on_the_previous_complete_version(tmp
         folder.mkdir()
         (folder / "weights").write_text("v1")
 
-    checkpoint.save_atomically(write_ok, root=root, name="p-v1")
+    save_atomically(write_ok, root=root, name="p-v1")
     checkpoint.set_latest(root, "p-v1")
 
     def write_and_crash(folder):
@@ -134,11 +136,11 @@ def test_a_crash_while_saving_leaves_latest_on_the_previous_complete_version(tmp
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_atomically(write_and_crash, root=root, name="p-v2")
+        save_atomically(write_and_crash, root=root, name="p-v2")
     assert sorted(os.listdir(root)) == ["latest", "p-v1"]
     assert checkpoint.latest(root) == root / "p-v1" and (root / "latest" / "weights").read_text() == "v1"
     with pytest.raises(FileExistsError):
-        checkpoint.save_atomically(write_ok, root=root, name="p-v1")
+        save_atomically(write_ok, root=root, name="p-v1")
 
 
 def test_sft_keeps_the_best_triplets_and_raises_their_likelihood(tmp_path, tiny_dir):
@@ -163,7 +165,7 @@ def test_sft_keeps_the_best_triplets_and_raises_their_likelihood(tmp_path, tiny_
 def test_the_next_epoch_continues_adamw_from_the_parent_version(tmp_path, tiny_dir):
     """A fresh AdamW moves every weight by ~lr on its first step whatever the gradient; the next epoch must
     continue the parent's moments (and step count) instead, and still take the config's learning rate."""
-    from lightning_core.trainer.train import OPTIMIZER_STATE
+    from lightning_core.trainer.grpo_run import OPTIMIZER_STATE
 
     cfg = project(tmp_path)
     first = train_policy(cfg, triplet_table(make_triplets(groups=3, per_group=4, epoch=0)), policy="default",
@@ -189,7 +191,8 @@ def test_the_next_epoch_continues_adamw_from_the_parent_version(tmp_path, tiny_d
 def test_a_learning_rate_schedule_decays_over_the_runs_last_epochs(tmp_path, tiny_dir):
     """trainer.lr_schedule: each epoch trains at its scheduled rate, which AdamW uses and MLflow records;
     the run's parameters keep the configured peak."""
-    from lightning_core.trainer.train import OPTIMIZER_STATE, scheduled_learning_rate
+    from lightning_core.trainer.grpo_run import OPTIMIZER_STATE
+    from lightning_core.trainer.train import scheduled_learning_rate
 
     cfg = project(tmp_path, "epochs=6", "trainer.lr_schedule=linear", "trainer.lr_decay_epochs=4",
                   "trainer.min_lr_ratio=0.25", "trainer.learning_rate=0.01")

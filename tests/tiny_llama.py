@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lightning_core.triplet_store import TRIPLET_SCHEMA
+from lightning_core.store.outputs import TRIPLET_SCHEMA
 
 VOCAB = 64
 

@@ -11,48 +11,14 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 from trl.trainer.utils import pad
 
+from lightning_core.trainer.samples import ZERO_ADVANTAGE, Sample, Step, group_key, rollout_key
 from lightning_core.trainer.prefix_tree import TreeCounter, plain_size, tree_size
 
-ZERO_ADVANTAGE = 1e-8
-
-
-@dataclass
-class Sample:
-    """One trainable triplet."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float] | None
-    advantage: float
-    reward: float
-    rollout_id: str
-    group_id: str
-    row: int
-
-    @property
-    def tokens(self) -> int:
-        """Prompt plus response tokens (what a forward pass costs)."""
-        return len(self.prompt_ids) + len(self.response_ids)
-
-
-@dataclass
-class Step:
-    """The micro-batches of one optimizer step and each sample's loss weight."""
-
-    micro_batches: list[list[Sample]]
-    weights: dict[int, float] = field(default_factory=dict)  # row -> weight of each of its response tokens
-    shared_prefix: bool = False  # micro-batches are packed for the shared-prefix forward (prefix_tree)
-
-    @property
-    def samples(self) -> list[Sample]:
-        """All samples of the step, in order."""
-        return [s for mb in self.micro_batches for s in mb]
 
 
 def rows_of(triplets: Any) -> list[dict[str, Any]]:
@@ -64,16 +30,6 @@ def rows_of(triplets: Any) -> list[dict[str, Any]]:
     if hasattr(triplets, "to_dicts"):
         return triplets.to_dicts()
     raise TypeError(f"triplets must be a pyarrow Table, a polars DataFrame or a list of dicts, found {type(triplets).__name__}")
-
-
-def group_key(row: dict[str, Any]) -> str:
-    """Return the group a triplet's advantage is relative to (group_id, else task_id)."""
-    return str(row.get("group_id") or row.get("task_id") or "")
-
-
-def rollout_key(row: dict[str, Any], index: int) -> str:
-    """Return the rollout a triplet belongs to (its own row when the rollout id is missing)."""
-    return str(row.get("rollout_id") or f"row-{index}")
 
 
 def epoch_stats(rows: list[dict[str, Any]], *, success_reward: float) -> dict[str, float]:

@@ -1,7 +1,8 @@
-"""Atomic checkpoints: write to a hidden temp folder, fsync, rename; 'latest' is a swapped symlink.
+"""The ``latest`` link of a policy's checkpoints: a symlink swapped atomically, always at a complete version.
 
-A crash at any point leaves either no new version folder or a complete one, and ``latest``
-pointing at a complete version (it is replaced with ``os.replace``, never edited in place).
+Each version folder is written with ``common.durable.save_atomically`` (a hidden temp folder, fsync,
+rename), so a crash at any point leaves either no new version folder or a complete one, and
+``latest`` pointing at a complete version (it is replaced with ``os.replace``, never edited in place).
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lightning_core.durable import fsync_dir as _fsync_dir
-from lightning_core.durable import save_atomically
-
-__all__ = ["LATEST", "save_atomically", "set_latest", "latest"]
+from lightning_core.common.durable import fsync_dir as _fsync_dir
 
 LATEST = "latest"
 

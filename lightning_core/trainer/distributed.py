@@ -1,18 +1,7 @@
-"""Data-parallel GRPO: the micro-batches of each optimizer step are shared out over torch.distributed ranks.
-
-Every rank plans the same steps from the same samples (same seed), takes its share of each step's
-micro-batches, accumulates their gradients, and the gradients are summed over ranks once per
-step. The loss weights of a step are already normalised by the whole step's token, sequence or
-rollout count (``batches.loss_weights``), so the sum over ranks is exactly the single-process
-gradient, however unevenly the micro-batches fall (a rank may get none).
-
-The sum is one bucketed ``all_reduce`` per step rather than a ``DistributedDataParallel`` wrapper:
-DDP synchronises inside the backward of each forward it wraps, so uneven micro-batch counts and
-ranks with nothing to do would need dummy forwards, and its wrapper hides the PEFT model's
-``config`` and ``disable_adapter`` that the step and the KL reference use. Communication is the
-same: one reduce of the gradients per optimizer step.
-
-``spawn_grpo`` launches the ranks on one machine (``trainer.processes``), gloo on CPU and nccl on GPU.
+"""Data-parallel GRPO on one machine: ``spawn_grpo`` launches ``trainer.processes`` ranks (gloo on CPU, nccl with one
+GPU per rank); each loads the model and runs the epoch's steps as one process would (``grpo_run.run_grpo``), taking
+its share of each step's micro-batches (``collectives``); rank 0's weights and AdamW state come back to the caller
+(``run_grpo_distributed``).
 """
 
 from __future__ import annotations
@@ -22,86 +11,20 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from lightning_core.trainer.prefix_tree import plain_size, tree_size
+from lightning_core.common.services import free_port
+from lightning_core.trainer.collectives import broadcast_parameters
+from lightning_core.trainer.grpo_run import run_grpo
+from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, seed_everything
+
+if TYPE_CHECKING:
+    from lightning_core.config import TrainerConfig
 
 log = logging.getLogger(__name__)
-
-# Elements per all-reduce bucket (fp32: 100 MB): few calls for an adapter, bounded memory for full weights.
-BUCKET_ELEMENTS = 25_000_000
-
-
-def world() -> tuple[int, int]:
-    """This process's (rank, world size); (0, 1) when no process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard(micro_batches: Sequence[list[Any]], *, rank: int, world_size: int, shared_prefix: bool = False) -> list[list[Any]]:
-    """This rank's micro-batches of a step: largest first to the least-loaded rank, then in step order.
-
-    A pure function of the step, so every rank computes the same assignment without talking. The
-    load of a micro-batch is the tokens its forward encodes (its prefix tree, or its padded batch).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank ({rank}) must be in [0, world_size={world_size})")
-    cost = [tree_size(mb) if shared_prefix else plain_size(mb) for mb in micro_batches]
-    load = [0] * world_size
-    owner = [0] * len(micro_batches)
-    for i in sorted(range(len(micro_batches)), key=lambda i: (-cost[i], i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += cost[i]
-    return [mb for i, mb in enumerate(micro_batches) if owner[i] == rank]
-
-
-def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` over all ranks, in place (a missing gradient counts as zero)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    bucket: list[torch.nn.Parameter] = []
-    size = 0
-    for p in params:
-        bucket.append(p)
-        size += p.numel()
-        if size >= BUCKET_ELEMENTS:
-            _reduce_bucket(bucket)
-            bucket, size = [], 0
-    if bucket:
-        _reduce_bucket(bucket)
-
-
-def _reduce_bucket(bucket: list[torch.nn.Parameter]) -> None:
-    flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in bucket:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
-
-
-def all_reduce_sums(values: dict[str, float], *, device: torch.device) -> dict[str, float]:
-    """Sum per-rank scalars (loss, token counts, skip flags) over all ranks."""
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.tolist()))
-
-
-def broadcast_parameters(params: Sequence[torch.nn.Parameter], *, src: int = 0) -> None:
-    """Give every rank rank ``src``'s values of ``params`` (as DDP does when it wraps a model)."""
-    for p in params:
-        dist.broadcast(p.data, src=src)
-
-
-# --- launching the ranks on one machine -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -112,7 +35,7 @@ class GrpoJob:
     parent_adapter_dir: str | None
     parent_dir: str | None       # the parent version's folder (its AdamW moments are continued from there)
     cfg: Any                     # TrainerConfig
-    samples: list[Any]           # batches.Sample
+    samples: list[Any]           # samples.Sample
     seed: int
     device: str                  # cpu, or cuda (rank r uses cuda:r)
     backend: str                 # gloo | nccl
@@ -127,8 +50,6 @@ def backend_for(device: torch.device) -> str:
 
 def spawn_grpo(job_fields: dict[str, Any], *, processes: int) -> dict[str, Any]:
     """Run the GRPO steps on ``processes`` ranks of this machine; return rank 0's history, weights and optimizer state."""
-    from lightning_core.services import free_port
-
     if processes < 2:
         raise ValueError(f"spawn_grpo needs at least 2 processes, found {processes}")
     if job_fields["device"].startswith("cuda") and torch.cuda.device_count() < processes:
@@ -143,9 +64,6 @@ def spawn_grpo(job_fields: dict[str, Any], *, processes: int) -> dict[str, Any]:
 
 def _rank_main(rank: int, world_size: int, job: GrpoJob) -> None:
     """One rank: join the group, load the model, run the steps as one process would; rank 0 saves the result."""
-    from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, seed_everything
-    from lightning_core.trainer.train import _run_grpo
-
     cfg = job.cfg
     if job.device == "cpu":  # ranks share the cores instead of each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -164,7 +82,7 @@ def _rank_main(rank: int, world_size: int, job: GrpoJob) -> None:
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         broadcast_parameters(trainable)
-        history, optimizer = _run_grpo(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device,
+        history, optimizer = run_grpo(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device,
                                        amp=amp, seed=job.seed, on_step=None, parent_dir=job.parent_dir)
         if rank == 0:
             names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -184,3 +102,25 @@ def _cpu(value: Any) -> Any:
     if isinstance(value, list):
         return [_cpu(v) for v in value]
     return value
+
+
+def run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step,
+                          parent_dir=None, parent_adapter_dir=None):
+    """The GRPO steps on ``cfg.processes`` ranks (``trainer.distributed``); rank 0's weights and AdamW land in ``model``."""
+    result = spawn_grpo(dict(
+        base_model_dir=str(base_model_dir), parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
+        parent_dir=str(parent_dir) if parent_dir else None, cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),
+    ), processes=cfg.processes)
+    named = dict(model.named_parameters())
+    missing = sorted(set(result["trainable"]) - set(named))
+    if missing:
+        raise RuntimeError(f"rank 0 trained parameters this process's model does not have: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in result["trainable"].items():
+            named[name].copy_(value.to(named[name].device))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    optimizer.load_state_dict(result["optimizer"])
+    for i, metrics in enumerate(result["history"]):
+        on_step(i, metrics)
+    return result["history"], optimizer

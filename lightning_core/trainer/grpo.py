@@ -5,7 +5,7 @@ reference) with the normalisation folded into per-sample weights (see ``batches.
 ``train_grpo`` runs the optimizer steps: micro-batches accumulate gradients to a token budget,
 gradients are clipped, and a step whose loss or gradients are not finite is skipped and reported.
 Under torch.distributed each rank runs its share of a step's micro-batches and the gradients are
-summed over ranks before clipping (``distributed``), so every rank takes the single-process step.
+summed over ranks before clipping (``collectives``), so every rank takes the single-process step.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 from trl.trainer.utils import selective_log_softmax_and_entropy
 
-from lightning_core.trainer import distributed
-from lightning_core.trainer.batches import Sample, Step, collate
+from lightning_core.trainer import collectives
+from lightning_core.trainer.samples import Sample, Step
+from lightning_core.trainer.batches import collate
 from lightning_core.trainer.prefix_tree import PrefixTree, build_tree, tree_response_logps
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def train_grpo(
 ) -> list[dict[str, float]]:
     """Run the optimizer steps; return one metrics dict per step (skipped steps included)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    rank, world_size = distributed.world()
+    rank, world_size = collectives.world()
     first_pass_logps: dict[int, list[float]] = {}  # on-policy "old" logprobs, reused by later passes
     history: list[dict[str, float]] = []
     model.train()
@@ -115,7 +116,7 @@ def train_grpo(
                   "encoded": 0.0}
         skip_reason = None
         mine = (step.micro_batches if world_size == 1 else
-                distributed.shard(step.micro_batches, rank=rank, world_size=world_size, shared_prefix=step.shared_prefix))
+                collectives.shard(step.micro_batches, rank=rank, world_size=world_size, shared_prefix=step.shared_prefix))
         for micro in mine:
             samples = _with_first_pass_logps(micro, first_pass_logps)
             batch = collate(samples, weights=step.weights, pad_token_id=pad_token_id, device=device)
@@ -144,11 +145,11 @@ def train_grpo(
                 totals[key] += stats[key].item()
             totals["entropy_sum"] += (entropy.float() * batch["response_mask"]).sum().item()
         if world_size > 1:  # every rank reaches here, whatever its share, so the collectives always pair up
-            totals = distributed.all_reduce_sums({**totals, "skip": float(skip_reason is not None)}, device=device)
+            totals = collectives.all_reduce_sums({**totals, "skip": float(skip_reason is not None)}, device=device)
             if totals.pop("skip") > 0 and skip_reason is None:  # a non-finite loss on any rank skips the step everywhere
                 skip_reason = "loss"
             if skip_reason is None:
-                distributed.all_reduce_gradients(params)
+                collectives.all_reduce_gradients(params)
         grad_norm = math.nan
         if skip_reason is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()

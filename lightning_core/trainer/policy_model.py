@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lightning_core import hardware
+from lightning_core.common import hardware
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from lightning_core.trainer.batches import Sample
+    from lightning_core.trainer.samples import Sample
 
 # Attention kernels that take an arbitrary (tree) mask; flash-attention-2 only does causal/varlen.
 TREE_ATTENTION = ("sdpa", "eager")

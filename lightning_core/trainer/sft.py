@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_core.trainer.batches import Sample, group_key
+from lightning_core.trainer.samples import Sample, group_key
 
 
 def select_sft_rows(rows: list[dict[str, Any]], *, min_reward: float | None, top_fraction: float | None) -> list[dict[str, Any]]:

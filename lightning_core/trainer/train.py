@@ -17,16 +17,15 @@ from typing import Any
 import mlflow
 import torch
 
-from lightning_core import epoch as ep
 from lightning_core import tracking
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig, TrainerConfig
+from lightning_core.common.durable import save_atomically
 from lightning_core.trainer import checkpoint, versions
-from lightning_core.trainer.batches import epoch_stats, make_samples, plan_steps, rows_of
-from lightning_core.trainer.grpo import train_grpo
-from lightning_core.trainer.prefix_tree import TREE_ATTENTION, attn_implementation
-from lightning_core.trainer.policy_model import (autocast_dtype, load_policy_model, pick_device,
-                                                 reference_logps_fn, seed_everything)
+from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of
+from lightning_core.trainer.distributed import run_grpo_distributed
+from lightning_core.trainer.grpo_run import OPTIMIZER_STATE, run_grpo
+from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, pick_device, seed_everything
 from lightning_core.trainer.sft import select_sft_rows, train_sft
 
 log = logging.getLogger(__name__)
@@ -59,15 +58,18 @@ def train_policy(
     parent_version: str | None = None,
     run_id: str,
     epoch: int,
+    epoch_metrics: dict[str, float] | None = None,
+    catalog: Catalog | None = None,
 ) -> TrainResult:
-    """Train ``policy`` on its triplets of one epoch; save, record and register the new version."""
+    """Train ``policy`` on its triplets of one epoch; save, record and register the new version. ``epoch_metrics``
+    (the epoch stage's sampling counts, ``sampling/...``) are logged beside the training's own."""
     cfg = config.trainer_for(policy)
     params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
     learning_rate = scheduled_learning_rate(cfg, epoch=epoch, epochs=config.epochs)
     cfg = cfg.model_copy(update={"learning_rate": learning_rate})
     rows = [r for r in rows_of(triplets) if r.get("policy") in (None, policy)]
     stats = epoch_stats(rows, success_reward=cfg.success_reward)
-    catalog = Catalog.from_config(config)
+    catalog = catalog or Catalog.from_config(config)
     catalog.ensure()
     if parent_adapter_dir is not None and parent_version is None:
         parent_version = versions.version_at_path(catalog, str(Path(parent_adapter_dir).resolve()))
@@ -87,7 +89,7 @@ def train_policy(
     stats["learning_rate"] = learning_rate
     with tracking.start_run(config, run_id=run_id, policy=policy, params=params) as run:
         mlflow_run_id = run.info.run_id
-        sampled = {f"sampling/{k}": float(v) for k, v in ep.sampling_counts(catalog, run_id=run_id, epoch=epoch).items()}
+        sampled = {k: float(v) for k, v in (epoch_metrics or {}).items()}
         stats.update(sampled)
         tracking.log_metrics({**{k: stats[k] for k in tracking.EPOCH_METRICS}, **sampled,
                               "learning_rate": learning_rate}, step=epoch)
@@ -118,7 +120,7 @@ def train_policy(
                 tracking.log_metrics(m, step=first_step + i)
         else:
             parent_dir = parent_adapter_dir or (base_model_dir if parent_version else None)
-            run = _run_grpo if cfg.processes == 1 else _run_grpo_distributed
+            run = run_grpo if cfg.processes == 1 else run_grpo_distributed
             steps, optimizer = run(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device,
                                    amp=amp, seed=cfg.seed + epoch, parent_dir=parent_dir,
                                    parent_adapter_dir=parent_adapter_dir,
@@ -135,7 +137,7 @@ def train_policy(
 
         version = versions.next_version(catalog, policy=policy)
         root = cfg.output_dir / policy
-        path = checkpoint.save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir,
+        path = save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir,
                                                                   optimizer=optimizer),
                                           root=root, name=version)
         source = tracking.log_checkpoint(path, version=version)
@@ -180,16 +182,18 @@ def train_policies(
     epoch: int,
     base_model_dir: str | Path,
     triplets: dict[str, Any] | None = None,
+    epoch_metrics: dict[str, float] | None = None,
+    catalog: Catalog | None = None,
 ) -> list[TrainResult]:
     """Train every policy of the config on its own triplets, one after another, each from its latest version."""
-    catalog = Catalog.from_config(config)
+    catalog = catalog or Catalog.from_config(config)
     catalog.ensure()
     results = []
     for policy in config.policies:
         if triplets is not None:
             table = triplets.get(policy.name, [])
         else:
-            from lightning_core.triplet_store import load_triplets  # the SQL pipeline's output, read back
+            from lightning_core.store.outputs import load_triplets  # the SQL pipeline's output, read back
 
             table = load_triplets(config, run_id=run_id, epoch=epoch, policy=policy.name)
         parent = versions.latest_version(catalog, policy=policy.name)
@@ -199,90 +203,9 @@ def train_policies(
             base_model_dir=parent["path"] if (parent and full) else base_model_dir,
             parent_adapter_dir=parent["path"] if (parent and not full) else None,
             parent_version=parent["version"] if parent else None, run_id=run_id, epoch=epoch,
+            epoch_metrics=epoch_metrics, catalog=catalog,
         ))
     return results
-
-
-OPTIMIZER_STATE = "optimizer.pt"
-
-
-def _run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step, parent_dir=None,
-              parent_adapter_dir=None):
-    steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
-                       normalization=cfg.loss_normalization, seed=seed,
-                       shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
-                       micro_batch_tokens=cfg.micro_batch_tokens)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    if cfg.keep_optimizer_state and parent_dir is not None:
-        resume_optimizer(optimizer, Path(parent_dir) / OPTIMIZER_STATE, cfg=cfg)
-    reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device)
-                 if cfg.beta != 0.0 else None)
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                         beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
-                         reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
-                         max_steps=cfg.max_steps)
-    return metrics, optimizer
-
-
-def _run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step,
-                          parent_dir=None, parent_adapter_dir=None):
-    """The GRPO steps on ``cfg.processes`` ranks (``trainer.distributed``); rank 0's weights and AdamW land in ``model``."""
-    from lightning_core.trainer.distributed import backend_for, spawn_grpo
-
-    result = spawn_grpo(dict(
-        base_model_dir=str(base_model_dir), parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
-        parent_dir=str(parent_dir) if parent_dir else None, cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),
-    ), processes=cfg.processes)
-    named = dict(model.named_parameters())
-    missing = sorted(set(result["trainable"]) - set(named))
-    if missing:
-        raise RuntimeError(f"rank 0 trained parameters this process's model does not have: {missing[:5]}")
-    with torch.no_grad():
-        for name, value in result["trainable"].items():
-            named[name].copy_(value.to(named[name].device))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    optimizer.load_state_dict(result["optimizer"])
-    for i, metrics in enumerate(result["history"]):
-        on_step(i, metrics)
-    return result["history"], optimizer
-
-
-def resume_optimizer(optimizer: torch.optim.Optimizer, path: Path, *, cfg: TrainerConfig) -> bool:
-    """Load the parent version's AdamW moments into ``optimizer``; False (fresh moments) when absent or mismatched.
-
-    A fresh AdamW's first steps move every parameter by about the full learning rate whatever the
-    gradient's size (its second moment is just that gradient squared), so restarting it each epoch
-    turns the small, noisy gradients of a nearly solved task into full-size random steps.
-    """
-    if not path.is_file():
-        return False
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved = state.get("state", {})
-    shapes_match = len(state.get("param_groups", [{}])[0].get("params", [])) == len(params) and all(
-        saved[i]["exp_avg"].shape == p.shape for i, p in enumerate(params) if i in saved)
-    if not shapes_match:
-        log.warning("optimizer state in %s does not match this model's trainable parameters; starting AdamW afresh", path)
-        return False
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:  # the config, not the parent, sets the hyperparameters
-        group["lr"], group["weight_decay"] = cfg.learning_rate, cfg.weight_decay
-    return True
-
-
-def shared_prefix_mode(mode: str, model: torch.nn.Module) -> str:
-    """The configured shared-prefix mode, or off when the model's attention kernel cannot take a tree mask."""
-    kernel = attn_implementation(model)
-    if mode == "off" or kernel in TREE_ATTENTION:
-        return mode
-    if mode == "on":
-        raise ValueError(f"trainer.shared_prefix=on needs attn_implementation in {TREE_ATTENTION}, found {kernel!r}; "
-                         "set trainer.shared_prefix=auto or off")
-    log.info("shared-prefix forward off: attention kernel %r takes no tree mask", kernel)
-    return "off"
 
 
 def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed):

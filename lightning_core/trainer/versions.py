@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any
 
-from lightning_core.catalog import Catalog
+from lightning_core.store.catalog import Catalog
 
 _NUMBER = re.compile(r"-v(\d+)$")
 

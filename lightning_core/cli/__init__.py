@@ -1,0 +1,1 @@
+"""The arclight command line: one module per command group."""

@@ -1,0 +1,188 @@
+"""Terminal progress for long runs: a rich display fed by the catalog, then a summary.
+
+The display polls the catalog (epochs and rollouts tables) once a second, so it shows the same
+truth a re-run would resume from, whatever runs the work (an in-process flow, a worker).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lightning_core.epoch.context import RunContext
+from lightning_core.store.catalog import Catalog
+from lightning_core.config import ArclightConfig
+from lightning_core.common.stopping import on_signals
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what is wrong and how to fix it (no traceback needed)."""
+    from lightning_core.config import ConfigError
+    from lightning_core.rollouts.dataset import DatasetError
+    from lightning_core.pipeline.steps import PipelineError
+    from lightning_core.serving.redeploy import RedeployError
+    from lightning_core.common.services import ServiceError
+    from lightning_core.epoch.failures import RunStopped
+
+    return (ConfigError, DatasetError, PipelineError, RedeployError, ServiceError, RunStopped)
+
+
+EXPECTED_ERRORS = _expected_errors()
+
+
+def _snapshot(catalog: Catalog, run_id: str) -> dict[str, Any]:
+    with catalog.read(spans=False) as con:
+        epochs = con.execute("SELECT epoch, status FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
+        current = epochs[-1][0] if epochs else None
+        counts = dict(con.execute(
+            "SELECT status, count(*) FROM rollouts WHERE run_id = ? AND epoch = ? GROUP BY status", [run_id, current]
+        ).fetchall()) if current is not None else {}
+    return {
+        "completed": sum(1 for _, s in epochs if s == "completed"),
+        "epoch": current,
+        "stage": epochs[-1][1] if epochs else "starting services",
+        "planned": sum(counts.values()),
+        "done": sum(n for s, n in counts.items() if s != "planned"),
+        "failed": counts.get("failed", 0) + counts.get("timed_out", 0),
+    }
+
+
+def run_with_progress(
+    config: ArclightConfig,
+    work: Callable[[], Any],
+    *,
+    console: Console,
+    epochs: int | None,
+    title: str,
+    summary: bool = True,
+    run_id: str | None = None,
+) -> Any:
+    """Run ``work()`` while showing epoch and rollout progress; print a summary; Ctrl-C (or SIGTERM) stops cleanly."""
+    catalog = Catalog.from_config(config)
+    catalog.ensure()
+    run_id = run_id or config.run_name
+    stop = threading.Event()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        epoch_bar = progress.add_task("epochs", total=epochs, note="") if epochs else None
+        rollout_bar = progress.add_task("rollouts", total=None, note="starting services")
+
+        def poll() -> None:
+            while not stop.wait(1.0):
+                try:
+                    snap = _snapshot(catalog, run_id)
+                except Exception:  # a locked or half-created catalog: try again next second
+                    continue
+                if epoch_bar is not None:
+                    progress.update(epoch_bar, completed=snap["completed"], note=f"epoch {snap['epoch']}: {snap['stage']}")
+                note = f"{snap['failed']} failed/timed out" if snap["failed"] else ""
+                progress.update(rollout_bar, total=snap["planned"] or None, completed=snap["done"], note=note)
+
+        poller = threading.Thread(target=poll, name="arclight-progress", daemon=True)
+        poller.start()
+        try:
+            with on_signals():
+                result = work()
+        except KeyboardInterrupt:
+            stop.set()
+            console.print("[yellow]interrupted:[/yellow] the rollouts in flight and the services started for this run "
+                          "were stopped; run the same command again to resume where it stopped")
+            raise SystemExit(130) from None
+        except EXPECTED_ERRORS as exc:
+            stop.set()
+            console.print(f"[red]error:[/red] {exc}")
+            console.print("completed stages are kept; fix the problem and run the same command again to resume")
+            raise SystemExit(1) from None
+        finally:
+            stop.set()
+            poller.join(timeout=5)
+    if summary:
+        print_summary(config, console=console)
+    return result
+
+
+def print_summary(config: ArclightConfig, *, console: Console) -> None:
+    """Print reward per epoch and where the results are."""
+    from lightning_core.epoch.reports import eval_curve, summary_rows
+
+    ctx = RunContext.of(config)
+    curve = eval_curve(ctx)
+    held_out = {c["after_epochs"]: c for c in curve}
+    table = Table(title=f"run {config.run_name}")
+    rows = summary_rows(ctx)
+    ours = any(r["infra_retried"] or r["infra_left_out"] for r in rows)  # the column only when our services failed
+    for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out",
+                   *(["ours: retried/left out"] if ours else []), "groups (informative/drawn)", "trained",
+                   "held-out after", "status"):
+        table.add_column(column)
+    for r in rows:
+        reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
+        groups = "" if r.get("tasks_sampled") is None else f"{r['informative_groups']}/{r['tasks_sampled']}"
+        after = held_out.get(r["epoch"] + 1)
+        retried = [f"{r['infra_retried']}/{r['infra_left_out']}" if r["infra_retried"] or r["infra_left_out"] else ""]
+        table.add_row(str(r["epoch"]), r["policy_version"] or "", reward, str(r["succeeded"]), str(r["failed"]),
+                      str(r["timed_out"]), *(retried if ours else []), groups, r["new_version"] or "-",
+                      "" if after is None else f"{after['success_rate']:.0%}", r["status"])
+    console.print(table)
+    from lightning_core.epoch.failures import describe_incidents
+
+    for r in rows:
+        if r["incidents"]:
+            console.print(f"[yellow]epoch {r['epoch']}, our services:[/yellow] {escape(describe_incidents(r['incidents']))}")
+    if curve:
+        points = " -> ".join(f"{c['success_rate']:.0%} ({c['label']}, {c['after_epochs']} epochs)" for c in curve)
+        console.print(f"held-out success ({curve[-1]['tasks']} tasks, greedy): {points}")
+    _print_agents(ctx, console=console)
+    lake = config.lake.path
+    _print_silences(ctx, console=console)
+    console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
+    console.print(f"lake:    {lake}\nstate:   {ctx.catalog.state_root} (Delta tables)")
+    console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
+    console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
+
+
+def _print_agents(ctx: RunContext, *, console: Console) -> None:
+    """Print which agents were trained (by which policy) and which stayed frozen, with their first/last epoch."""
+    from lightning_core.epoch.bookkeeping import agent_epochs
+
+    rows = agent_epochs(ctx.catalog, run_id=ctx.run_id)
+    if not rows:
+        return
+    table = Table(title="agents (training rollouts; reward and success of the rollouts each took part in)")
+    for column in ("agent", "trained by", "epochs", "calls", "triplets", "reward first -> last", "success first -> last"):
+        table.add_column(column)
+
+    def span(first: float | None, last: float | None, fmt: str) -> str:
+        return "" if first is None or last is None else f"{format(first, fmt)} -> {format(last, fmt)}"
+
+    for agent in dict.fromkeys(r["agent_name"] for r in rows):
+        mine = [r for r in rows if r["agent_name"] == agent]
+        first, last = mine[0], mine[-1]
+        policy = last["policy"]
+        table.add_row(agent or "(no agent)", policy or "frozen (its calls train nothing)", str(len(mine)),
+                      str(sum(r["calls"] for r in mine)), str(sum(r["triplets"] for r in mine)),
+                      span(first["reward_mean"], last["reward_mean"], ".3f"),
+                      span(first["success_rate"], last["success_rate"], ".0%"))
+    console.print(table)
+    trained = sorted({r["agent_name"] or "(no agent)" for r in rows if r["policy"]})
+    frozen = sorted({r["agent_name"] or "(no agent)" for r in rows if not r["policy"]})
+    console.print(f"trained: {', '.join(trained) or '-'}   frozen: {', '.join(frozen) or '-'}")
+
+
+def _print_silences(ctx: RunContext, *, console: Console) -> None:
+    """Warn about rollouts of the run whose spans gave no LLM call, or no reward (every epoch)."""
+    from rich.text import Text
+
+    from lightning_core.pipeline.silence import catalog_silences, print_silences
+
+    try:
+        silences = catalog_silences(ctx.catalog, run_id=ctx.run_id)
+    except Exception as exc:  # the summary must not fail on a half-written catalog; say why it is silent
+        console.print(Text(f"(could not check the run for rollouts without calls or rewards: {exc})"))
+        return
+    print_silences(silences, console=console, missing_reward=ctx.config.pipeline.missing_reward)

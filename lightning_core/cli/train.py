@@ -1,0 +1,61 @@
+"""Training commands: the main job (`arclight train`) and a held-out evaluation, each a Prefect flow run with progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lightning_core.cli.common import console, prefect_api, project
+from lightning_core.cli.prompts import check_prompt_versions
+from lightning_core.config import ArclightConfig
+
+
+@project(positional=True)
+def train(
+    cfg: ArclightConfig,
+    config: Path,
+    overrides: list[str],
+    epochs: Optional[int] = typer.Option(None, help="Total epochs the run should have (default: the config's epochs)."),
+) -> None:
+    """Train: start what is needed, run epochs through Prefect with progress, then summarise."""
+    from lightning_core.cli.progress import run_with_progress
+
+    target = epochs or cfg.epochs
+    extra = list(overrides or [])
+
+    def work():
+        with prefect_api(cfg):
+            from flows.train import train as train_flow
+
+            return train_flow(config_path=str(config), overrides=extra, epochs=target)
+
+    run_with_progress(cfg, work, console=console, epochs=target, title=f"training {cfg.name} / run {cfg.run_name}")
+
+
+@project(positional=True)
+def evaluate(
+    cfg: ArclightConfig,
+    config: Path,
+    overrides: list[str],
+    label: Optional[str] = typer.Option(None, help="Name of this evaluation (default: the versions serving)."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Score this prompt version (e.g. system-v3) "
+                                               "instead of the serving one (repeatable; `arclight prompts` lists them)."),
+) -> None:
+    """Evaluate the serving policy on the held-out tasks and print reward and success rate."""
+    from lightning_core.cli.progress import run_with_progress
+
+    extra = list(overrides or [])
+    check_prompt_versions(cfg, prompt)
+
+    def work():
+        with prefect_api(cfg):
+            from flows.train import evaluate as evaluate_flow
+
+            return evaluate_flow(config_path=str(config), overrides=extra, label=label,
+                                 prompt_versions=list(prompt or []) or None)
+
+    result = run_with_progress(cfg, work, console=console, epochs=None, title=f"evaluating {cfg.name}", summary=False)
+    if result is not None:
+        console.print_json(data=result)

@@ -1,0 +1,45 @@
+"""What this machine can compute fast: a GPU, and whether its CPU has native bf16.
+
+On a CPU without bf16 instructions (AVX2 only, no AVX512-BF16 or AMX), bf16 is emulated: measured
+here, vLLM generated 3x fewer tokens/s in bf16 than in fp32 and a bf16-autocast GRPO step did not
+finish in 10 minutes where fp32 took 44 s (docs/measurement-log.md, issue 14). Defaults use fp32 there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def has_gpu() -> bool:
+    """True when an NVIDIA GPU is visible (nvidia-smi on PATH)."""
+    return shutil.which("nvidia-smi") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -1,0 +1,151 @@
+"""Our own failures are never training data: the rollouts a service outage failed, the ingest barrier's verdicts on
+them, running them again once the services are back, and stopping a run that cannot go on (a collector that
+cannot store spans, a round in which most rollouts failed). See docs/failures.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+from lightning_core.epoch.context import RunContext
+from lightning_core.rollouts.runner import FAILED, INFRASTRUCTURE, INTERRUPTED, TIMED_OUT, RolloutOutcome
+from lightning_core.epoch.stack import Stack
+
+
+log = logging.getLogger("arclight.failures")
+
+
+def blame_outages(outcomes: list[RolloutOutcome], stack: Stack) -> list[RolloutOutcome]:
+    """The outcomes, with every attempt that ran while a service of the stack was down or failing made an
+    infrastructure failure: the agent may have caught the error and carried on (its reward then says nothing about
+    the policy), and the gateway's spans of its calls may never have reached the lake."""
+    blamed = []
+    for o in outcomes:
+        hit = stack.outages_during(o.started_at, o.finished_at) if o.status != INTERRUPTED else []
+        if hit and o.error_kind != INFRASTRUCTURE:
+            agent_said = f" (the agent reported: {o.error.splitlines()[0][:300]})" if o.error else ""
+            o = dataclasses.replace(o, status=FAILED, error_kind=INFRASTRUCTURE,
+                                    error=f"it ran while {hit[0].describe()}{agent_said}")
+        blamed.append(o)
+    return blamed
+
+
+def check_collector(stack: Stack) -> None:
+    """Raise ``ServiceError`` with the collector's own reason and its log when it says it cannot store spans."""
+    from lightning_core.common.services import ServiceError, health
+
+    ok, reason, _ = health(stack.collector.health_url)
+    if not ok:
+        where = f"; its log is {stack.collector.log_path}" if stack.collector.log_path else ""
+        raise ServiceError(
+            f"the collector at {stack.collector.url} cannot store spans: {reason or 'it does not answer'}{where}. Spans "
+            "it refuses are lost to training, so the run stopped instead of training on what is left: fix the lake "
+            "(disk space, permissions, a folder that was removed) and run the same command again to resume")
+
+
+class RunStopped(RuntimeError):
+    """A sampling round that failed too much to train on; the message says what failed and what to do."""
+
+
+def retry_infrastructure_failures(ctx: RunContext, *, run_id: str, epoch: int, mode: str) -> list[str]:
+    """Plan the rollouts of (run, epoch, mode) that our services failed to run again (status back to planned);
+    return their ids. Their next attempt gets a new attempt number, so their earlier spans never mix in."""
+    with ctx.catalog.write() as con:
+        ids = [r for (r,) in con.execute(
+            "SELECT rollout_id FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = ? AND status <> 'planned' "
+            "AND error_kind = 'infrastructure' ORDER BY rollout_id", [run_id, epoch, mode]).fetchall()]
+        if ids:
+            con.execute("UPDATE rollouts SET status = 'planned', infra_failures = coalesce(infra_failures, 0) + 1 "
+                        "WHERE run_id = ? AND epoch = ? AND mode = ? AND status <> 'planned' "
+                        "AND error_kind = 'infrastructure'", [run_id, epoch, mode])
+    return ids
+
+
+def wait_for_services(stack: Stack, *, timeout_s: float) -> None:
+    """Wait until every server of the stack answers (the supervisor restarts the dead ones); raise ``ServiceError``
+    with the last reason after ``timeout_s``."""
+    from lightning_core.common.services import ServiceError, health
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with stack.lock:  # not while the supervisor restarts one
+            down = [(s, h) for s in stack.services() if not (h := health(s.health_url, timeout_s=5.0)).ok]
+        if not down:
+            return
+        if time.monotonic() > deadline:
+            service, seen = down[0]
+            raise ServiceError(f"{service.name} at {service.url} is still down after {timeout_s:.0f} s: {seen.reason} "
+                               f"(log {service.log_path or 'its own'})")
+        time.sleep(1.0)
+
+
+def record_incidents(ctx: RunContext, *, run_id: str, epoch: int) -> dict[str, Any]:
+    """Store what our services did to the epoch (outages and restarts while it ran, rollouts run again, rollouts left
+    out) in its ``incidents``; return it ({} when nothing happened)."""
+    stack = ctx.services
+    catalog = ctx.catalog
+    with catalog.read(spans=False) as con:
+        started = con.execute("SELECT epoch(started_at) FROM epochs WHERE run_id = ? AND epoch = ?",
+                              [run_id, epoch]).fetchall()
+        retried, recovered, left_out = con.execute(
+            "SELECT count(*) FILTER (WHERE infra_failures > 0), "
+            "count(*) FILTER (WHERE infra_failures > 0 AND coalesce(error_kind, '') <> 'infrastructure'), "
+            "count(*) FILTER (WHERE status <> 'planned' AND error_kind = 'infrastructure') "
+            "FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = 'train'", [run_id, epoch]).fetchall()[0]
+    since = started[0][0] if started and started[0][0] is not None else 0.0
+    outages = [o for o in stack.outages if o.ended is None or o.ended >= since]
+    if not (outages or retried or left_out):
+        return {}
+    incidents = {"outages": [o.describe() for o in outages], "retried": retried, "recovered": recovered,
+                 "left_out": left_out}
+    with catalog.write() as con:
+        con.execute("UPDATE epochs SET incidents = ? WHERE run_id = ? AND epoch = ?",
+                    [json.dumps(incidents), run_id, epoch])
+    return incidents
+
+
+def describe_incidents(incidents: dict[str, Any]) -> str:
+    """One paragraph of what our services did to an epoch (``record_incidents``)."""
+    parts = list(incidents.get("outages") or [])
+    if incidents.get("retried"):
+        parts.append(f"{incidents['retried']} rollouts our services failed ran again "
+                     f"({incidents['recovered']} then finished)")
+    if incidents.get("left_out"):
+        parts.append(f"{incidents['left_out']} rollouts were left out (failed by our services every time): their "
+                     "groups did not train")
+    return "; ".join(parts)
+
+
+def check_round(ctx: RunContext, *, run_id: str, epoch: int, mode: str, sampling_round: int | None,
+                logs: list[str]) -> dict[str, Any]:
+    """Count the round's failures; raise ``RunStopped`` when at least ``rollouts.stop_at_failed_share`` of its
+    rollouts failed or timed out (after retries): training on what is left, or drawing more tasks, would hide it."""
+    config = ctx.config
+    round_filter = "" if sampling_round is None else "AND coalesce(sampling_round, 0) = ?"
+    args = [run_id, epoch, mode] + ([] if sampling_round is None else [sampling_round])
+    with ctx.catalog.read(spans=False) as con:
+        rows = con.execute(
+            f"SELECT status, coalesce(error_kind, ''), split_part(coalesce(error, ''), chr(10), 1) AS first_line, count(*) "
+            f"FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = ? {round_filter} GROUP BY ALL ORDER BY 4 DESC",
+            args).fetchall()
+    total = sum(n for *_, n in rows)
+    failed = [(kind, line, n) for status, kind, line, n in rows if status in (FAILED, TIMED_OUT)]
+    n_failed = sum(n for *_, n in failed)
+    by_kind: dict[str, int] = {}
+    for kind, _, n in failed:
+        by_kind[kind or "agent"] = by_kind.get(kind or "agent", 0) + n
+    result = {"rollouts": total, "failed": n_failed, "by_kind": by_kind}
+    share = config.rollouts.stop_at_failed_share
+    if total and n_failed / total >= share:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+        common = "; ".join(f"{line[:200] or '(no message)'} (x{n})" for _, line, n in failed[:3])
+        where = f"sampling round {sampling_round} of epoch {epoch}" if sampling_round is not None else f"{mode} epoch {epoch}"
+        raise RunStopped(
+            f"{n_failed} of {total} rollouts of {where} (run {run_id}) failed or timed out ({kinds}), at least "
+            f"rollouts.stop_at_failed_share = {share:g} of them, so the run stopped instead of training on the rest or "
+            f"drawing more tasks. Most common: {common}. Logs: {', '.join(logs) or 'none'}. Fix the cause and run the "
+            "same command again: completed stages are kept and this epoch resumes")
+    return result

@@ -1,0 +1,217 @@
+"""The services an epoch needs (collector, vLLM replicas, gateway), started or attached as one.
+
+``open_stack(config)`` attaches to the services ``arclight up`` left running for this project
+(recorded in ``<project>/.arclight/services.json``) or named in the config, and starts the rest
+for the duration of the ``with`` block. ``up``/``down``/``status`` manage long-lived ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from lightning_core.config import ArclightConfig
+from lightning_core.serving.client import GatewayClient
+from lightning_core.common.services import Service, ServiceError, health, is_healthy
+from lightning_core.ingest.service import start_collector
+
+log = logging.getLogger("arclight.stack")
+
+
+@dataclass
+class Outage:
+    """A time a service of the stack was down or failing (wall clock, comparable with rollout outcome times)."""
+
+    service: str  # collector | gateway | vllm0 | vllm0@<group> ...
+    started: float
+    reason: str
+    ended: float | None = None  # None while it lasts
+    restarted: bool = False
+
+    def overlaps(self, start: float, end: float) -> bool:
+        """True when the outage and the time from ``start`` to ``end`` share a moment."""
+        return self.started <= end and (self.ended is None or self.ended >= start)
+
+    def describe(self) -> str:
+        """One line: what, when, for how long, and whether it was restarted."""
+        when = time.strftime("%H:%M:%S", time.localtime(self.started))
+        lasted = "still down" if self.ended is None else f"for {self.ended - self.started:.0f} s"
+        return f"{self.service} {self.reason} at {when}, {lasted}" + ("; restarted" if self.restarted else "")
+
+
+@dataclass
+class Stack:
+    """Running collector, vLLM replicas and gateway, which of them this process owns, and when they were down.
+
+    ``lock`` is held by whoever restarts a service (the flow's supervisor, a redeploy reviving replicas), so two never
+    restart the same one; ``outages`` lists every time a service was seen down or failing, so that rollouts it failed
+    are told from the agent's own failures.
+    """
+
+    collector: Service
+    replicas: list[Service] = field(default_factory=list)
+    gateway: Service | None = None
+    outages: list[Outage] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def outages_during(self, start: float, end: float) -> list[Outage]:
+        """The outages that overlap the time from ``start`` to ``end``."""
+        return [o for o in list(self.outages) if o.overlaps(start, end)]
+
+    def services(self) -> list[Service]:
+        """Return every service, in start order."""
+        return [self.collector, *self.replicas, *([self.gateway] if self.gateway else [])]
+
+    def gateway_client(self, config: ArclightConfig) -> GatewayClient:
+        """Return an admin client for the gateway."""
+        if self.gateway is None:
+            raise ServiceError("this stack has no gateway")
+        return GatewayClient(self.gateway.url, token=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN"))
+
+    def stop(self) -> None:
+        """Stop the services this process started, in reverse order."""
+        for service in reversed(self.services()):
+            if service.owned:
+                service.stop()
+
+
+def state_path(config: ArclightConfig) -> Path:
+    """Return the file where ``arclight up`` records the services it started."""
+    return config.project_dir / ".arclight" / "services.json"
+
+
+def _recorded(config: ArclightConfig) -> dict[str, dict]:
+    path = state_path(config)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {}
+
+
+def _attach_recorded(config: ArclightConfig, name: str) -> Service | None:
+    entry = _recorded(config).get(name)
+    if entry and is_healthy(entry["health_url"]):
+        return Service(name=name, url=entry["url"], health_url=entry["health_url"])
+    return None
+
+
+def start_stack(config: ArclightConfig, *, with_model: bool = True, log_dir: Path | None = None) -> Stack:
+    """Attach to running services or start them; on failure stop whatever this call started."""
+    from lightning_core.serving.vllm import start_gateway, start_vllm_replicas, upstream_specs
+
+    stack = Stack(collector=_attach_recorded(config, "collector") or start_collector(config, log_dir=log_dir))
+    try:
+        check_collector_lake(config, stack.collector)
+        if with_model:
+            names = [name for name in _recorded(config) if name.startswith("vllm")]  # vllm0, vllm0@<group>, ...
+            recorded = [s for s in (_attach_recorded(config, name) for name in names) if s is not None]
+            stack.replicas = recorded or start_vllm_replicas(config, log_dir=log_dir)
+            stack.gateway = _attach_recorded(config, "gateway") or start_gateway(
+                config, upstreams=upstream_specs(stack.replicas), collector_url=stack.collector.url, log_dir=log_dir
+            )
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@contextlib.contextmanager
+def open_stack(config: ArclightConfig, *, with_model: bool = True) -> Iterator[Stack]:
+    """Run the ``with`` block with a collector (and vLLM + gateway), stopping what was started here."""
+    stack = start_stack(config, with_model=with_model)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def check_collector_lake(config: ArclightConfig, collector: Service) -> None:
+    """Refuse a collector that writes to another lake than the project reads (spans would vanish)."""
+    lake = httpx.get(collector.health_url, timeout=10).json().get("lake")
+    if lake is not None and Path(lake).resolve() != Path(config.lake.path).resolve():
+        raise ServiceError(
+            f"the collector at {collector.url} writes to the lake {lake}, but this project reads {config.lake.path}: "
+            f"set lake.path to {lake}, or let Arclight start a collector for this project (remove collector.endpoint)"
+        )
+
+
+def up(config: ArclightConfig) -> dict[str, dict]:
+    """Start the services in the background for later runs and record them; return the record."""
+    running = status(config)
+    if running and all(entry["healthy"] for entry in running.values()):
+        return running
+    down(config)
+    stack = start_stack(config)
+    record = {
+        service.name: {"url": service.url, "health_url": service.health_url,
+                       "pid": service.process.pid if service.process else None,
+                       "log": str(service.log_path) if service.log_path else None,
+                       "scratch": str(service.scratch) if service.scratch else None}
+        for service in stack.services()
+    }
+    path = state_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def status(config: ArclightConfig) -> dict[str, dict]:
+    """Return the recorded services, each with a ``healthy`` flag and, from a server that says what is wrong (a
+    collector whose lake refuses commits), its ``reason``."""
+    result = {}
+    for name, entry in _recorded(config).items():
+        seen = health(entry["health_url"])
+        result[name] = {**entry, "healthy": seen.ok, **({"reason": seen.reason} if seen.answered else {})}
+    return result
+
+
+def down(config: ArclightConfig, *, timeout_s: float = 30.0) -> list[str]:
+    """Stop the services ``up`` recorded (SIGTERM to each process group, SIGKILL after ``timeout_s``) and remove
+    their scratch folders."""
+    stopped = []
+    for name, entry in _recorded(config).items():
+        pid = entry.get("pid")
+        if not pid:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+            stopped.append(name)
+    deadline = time.monotonic() + timeout_s
+    for name, entry in _recorded(config).items():
+        pid = entry.get("pid")
+        while pid and _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid and _running(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        if entry.get("scratch"):
+            shutil.rmtree(entry["scratch"], ignore_errors=True)
+    state_path(config).unlink(missing_ok=True)
+    return stopped
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) counts as stopped
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,317 @@
+"""Redeploy a new policy version to every vLLM replica, verify it, and switch the gateway to it.
+
+    deployment = deploy_adapter(gateway=GatewayClient(url), replicas=[...], policy="default",
+                                adapter_dir=Path("checkpoints/v3"), version=3)
+
+A LoRA adapter is hot-loaded (``/v1/load_lora_adapter``) under ``<policy>-v<version>`` on every
+replica, answered a real request on each, and only then made current in the gateway (one atomic
+switch). The previous version stays loaded for rollback; versions older than ``keep_versions``
+are unloaded. Any failure before the switch unloads what was loaded and raises
+``RedeployError`` with the reason, so the previous version keeps serving.
+
+Full checkpoints are reloaded in place (``reload_weights`` through vLLM's ``/collective_rpc``,
+available when vLLM runs with ``VLLM_SERVER_DEV_MODE=1``, as ``start_vllm`` does); restarting
+vLLM with the new ``model.path`` is the last resort and is left to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from lightning_core.serving.client import GatewayClient
+
+log = logging.getLogger("arclight.redeploy")
+
+
+class RedeployError(RuntimeError):
+    """A redeploy that did not happen; the previous version still serves. The message says why."""
+
+
+class ReplicaRefused(RedeployError):
+    """A replica that refused the connection: down or restarting."""
+
+
+@dataclass
+class Deployment:
+    """A policy version now serving: its served name, timings and the versions unloaded."""
+
+    policy: str
+    version: int
+    served_model: str
+    load_s: float
+    first_answer_s: float
+    switch_s: float
+    verify_text: str
+    unloaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # replicas that could not be reached (down): not loaded
+
+
+def served_name(policy: str, version: int) -> str:
+    """Return the name vLLM serves a policy version under."""
+    return f"{policy}-v{version}"
+
+
+def check_adapter_dir(adapter_dir: Path) -> None:
+    """Raise ``RedeployError`` unless ``adapter_dir`` looks like a peft LoRA adapter folder."""
+    adapter_dir = Path(adapter_dir)
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise RedeployError(f"{adapter_dir} is not a LoRA adapter folder: adapter_config.json is missing")
+    try:
+        json.loads(config.read_text())
+    except ValueError as exc:
+        raise RedeployError(f"{config} is not valid JSON: {exc}") from None
+    if not any((adapter_dir / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise RedeployError(f"{adapter_dir} has no adapter_model.safetensors (or .bin)")
+
+
+def deploy_adapter(
+    *,
+    gateway: GatewayClient,
+    replicas: list[str],
+    policy: str,
+    adapter_dir: Path,
+    version: int | None = None,
+    keep_versions: int = 2,
+    verify_prompt: str = "Say hi.",
+    timeout_s: float = 120.0,
+) -> Deployment:
+    """Load ``adapter_dir`` as a new version of ``policy`` on every replica, verify, switch, prune."""
+    started = time.perf_counter()
+    check_adapter_dir(adapter_dir)
+    current = gateway.policies()["policies"].get(policy) or {"served_model": None, "version": 0, "history": []}
+    version = version if version is not None else int(current["version"]) + 1
+    name = served_name(policy, version)
+    if name == current["served_model"]:
+        raise RedeployError(f"{name} is already the current version of policy {policy!r}: deploy it as a new version")
+    loaded: list[str] = []
+    with httpx.Client(timeout=timeout_s) as http:
+        served, skipped = _reachable(http, [r.rstrip("/") for r in replicas], policy)
+        replicas = list(served)
+        try:
+            for replica in replicas:
+                if name in served[replica]:
+                    # a versioned name never changes its weights: a replica that kept it loaded
+                    # (a gateway restart, an attached vLLM) serves the right adapter already
+                    continue
+                _load(http, replica, name, Path(adapter_dir).resolve())
+                loaded.append(replica)
+            load_s = time.perf_counter() - started
+            texts = [_verify(http, replica, name, verify_prompt) for replica in replicas]
+            first_answer_s = time.perf_counter() - started
+        except BaseException:
+            for replica in loaded:
+                _unload(http, replica, name)
+            raise
+        try:
+            gateway.switch_policy(policy, served_model=name, version=version)
+        except Exception as exc:
+            for replica in loaded:
+                _unload(http, replica, name)
+            raise RedeployError(f"the gateway refused to switch policy {policy!r} to {name}: {exc}") from exc
+        switch_s = time.perf_counter() - started
+        older = [m for m in [current["served_model"], *(h["served_model"] for h in current["history"])] if m and m != name]
+        stale = older[max(keep_versions - 1, 0):]
+        for model in stale:
+            for replica in replicas:
+                _unload(http, replica, model)
+    log.info("policy %s now serves %s (verified in %.2f s, unloaded %s)", policy, name, first_answer_s, stale)
+    return Deployment(policy=policy, version=version, served_model=name, load_s=load_s, first_answer_s=first_answer_s,
+                      switch_s=switch_s, verify_text=texts[0], unloaded=stale, skipped=skipped)
+
+
+def _reachable(http: httpx.Client, replicas: list[str], policy: str) -> tuple[dict[str, set[str]], list[str]]:
+    """The models each replica that answers serves, and the replicas that refuse the connection (down or restarting).
+
+    An adapter redeploy goes on without a replica that is down: the gateway sends its rollouts to
+    their next replica, and a replica that comes back without the adapter answers "does not
+    exist", which the gateway also falls over from; the next redeploy loads it there too.
+    """
+    up, down = {}, []
+    for replica in replicas:
+        try:
+            up[replica] = _served(http, replica)
+        except ReplicaRefused as exc:  # a slow or failing replica is not skipped: it stops the redeploy
+            log.warning("%s: policy %s is redeployed without it", exc, policy)
+            down.append(replica)
+    if not up:
+        raise RedeployError(f"none of the vLLM replicas {replicas} can be reached: start them (arclight up, or serving.urls) "
+                            f"before redeploying policy {policy!r}")
+    return up, down
+
+
+def deploy_full_weights(
+    *,
+    gateway: GatewayClient,
+    replicas: list[str],
+    policy: str,
+    model_dir: Path,
+    version: int,
+    verify_prompt: str = "Say hi.",
+    timeout_s: float = 600.0,
+) -> Deployment:
+    """Reload full weights in place on every replica (``reload_weights``), verify, and switch the gateway.
+
+    The base model's served name stays the same, so there is no rollback to the old weights
+    without another reload; adapters trained on the old weights should be redeployed.
+    """
+    started = time.perf_counter()
+    if not (Path(model_dir) / "config.json").is_file():
+        raise RedeployError(f"{model_dir} is not a model folder: config.json is missing")
+    base = gateway.policies()["base_model"]
+    with httpx.Client(timeout=timeout_s) as http:
+        for replica in replicas:
+            try:
+                response = http.post(f"{replica}/collective_rpc", json={
+                    "method": "reload_weights", "kwargs": {"weights_path": str(Path(model_dir).resolve())}})
+            except httpx.TransportError as exc:
+                raise RedeployError(
+                    f"vLLM at {replica} cannot be reached ({exc!r}): a full-weight redeploy needs every replica of policy "
+                    f"{policy!r}, since one left on the old weights would answer under the same name. Restart it (replicas "
+                    "Arclight started are restarted by the next redeploy), or remove it from serving.urls") from None
+            if response.status_code == 404:
+                raise RedeployError(f"vLLM at {replica} has no /collective_rpc (start it with VLLM_SERVER_DEV_MODE=1, "
+                                    "as start_vllm does) or restart it with model.path set to the new checkpoint")
+            if response.status_code != 200:
+                raise RedeployError(f"vLLM at {replica} could not reload weights from {model_dir}: "
+                                    f"{response.status_code} {response.text[:2000]}")
+            # cached prefixes were computed with the old weights (every rollout shares its system prompt)
+            reset = http.post(f"{replica}/reset_prefix_cache")
+            if reset.status_code != 200:
+                raise RedeployError(f"vLLM at {replica} reloaded weights but could not reset its prefix cache: "
+                                    f"{reset.status_code} {reset.text[:500]}")
+        load_s = time.perf_counter() - started
+        texts = [_verify(http, replica, base, verify_prompt) for replica in replicas]
+        first_answer_s = time.perf_counter() - started
+    gateway.switch_policy(policy, served_model=base, version=version)
+    return Deployment(policy=policy, version=version, served_model=base, load_s=load_s, first_answer_s=first_answer_s,
+                      switch_s=time.perf_counter() - started, verify_text=texts[0])
+
+
+def restore_adapter(*, replicas: list[str], policy: str, adapter_dir: Path, version: int, verify_prompt: str = "Say hi.",
+                    timeout_s: float = 120.0) -> list[str]:
+    """Load the serving version of ``policy`` onto ``replicas`` that lack it (restarted ones); return those loaded.
+
+    The gateway already serves that version, so nothing is switched: the replicas only catch up.
+    """
+    check_adapter_dir(adapter_dir)
+    name, loaded = served_name(policy, version), []
+    with httpx.Client(timeout=timeout_s) as http:
+        for replica in (r.rstrip("/") for r in replicas):
+            if name not in _served(http, replica):
+                _load(http, replica, name, Path(adapter_dir).resolve())
+                _verify(http, replica, name, verify_prompt)
+                loaded.append(replica)
+    return loaded
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def merge_adapter(*, base_model_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Write base weights with the LoRA adapter merged in to ``out_dir`` (atomically); reuse it if present.
+
+    On CPU, vLLM serves a LoRA adapter several times slower than plain weights, so there the
+    redeploy path merges and reloads weights in place instead of loading the adapter.
+    """
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lightning_core.common.durable import save_atomically
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    check_adapter_dir(adapter_dir)
+
+    def write(tmp: Path) -> None:
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=getattr(torch, dtype))
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (Path(base_model_dir) / name).is_file():
+                shutil.copy2(Path(base_model_dir) / name, tmp / name)
+
+    return save_atomically(write, root=out_dir.parent, name=out_dir.name)
+
+
+def prune_merged(serving_dir: Path, *, keep: int) -> list[Path]:
+    """Delete the merged-weight folders next to ``serving_dir`` except the ``keep`` newest (it included).
+
+    A merged folder is a full copy of the base weights (270 MB for a 135M model in bf16) made only
+    to be reloaded into vLLM; the adapter it came from stays, so a pruned one is remade on demand.
+    Without this, every epoch of every run left one behind (67 GB over a week of calc runs here).
+    """
+    import shutil
+
+    serving_dir = Path(serving_dir)
+    siblings = [p for p in serving_dir.parent.glob("*.merged") if p.is_dir() and p != serving_dir]
+    siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = siblings[max(keep - 1, 0):]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _served(http: httpx.Client, replica: str) -> set[str]:
+    """Return the model names (base and adapters) ``replica`` serves now."""
+    try:
+        response = http.get(f"{replica}/v1/models")
+        response.raise_for_status()
+    except httpx.ConnectError as exc:
+        raise ReplicaRefused(f"vLLM at {replica} refused the connection: {exc!r}") from None
+    except httpx.HTTPError as exc:
+        raise RedeployError(f"vLLM at {replica} could not be asked for its models: {exc!r}") from None
+    return {m.get("id") for m in response.json().get("data", [])}
+
+
+def _load(http: httpx.Client, replica: str, name: str, path: Path) -> None:
+    try:
+        response = http.post(f"{replica}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+    except httpx.HTTPError as exc:
+        raise RedeployError(f"vLLM at {replica} could not be reached to load {name}: {exc!r}") from None
+    if response.status_code != 200:
+        raise RedeployError(f"vLLM at {replica} refused adapter {path} as {name}: {response.status_code} {_message(response)}")
+
+
+def _unload(http: httpx.Client, replica: str, name: str) -> None:
+    try:
+        response = http.post(f"{replica}/v1/unload_lora_adapter", json={"lora_name": name})
+        if response.status_code != 200:
+            log.warning("vLLM at %s could not unload %s: %s", replica, name, _message(response))
+    except httpx.HTTPError as exc:
+        log.warning("vLLM at %s could not be reached to unload %s: %r", replica, name, exc)
+
+
+def _verify(http: httpx.Client, replica: str, name: str, prompt: str) -> str:
+    """Send one real request for ``name`` to ``replica``; return the answer's text."""
+    try:
+        response = http.post(f"{replica}/v1/chat/completions", json={
+            "model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0})
+    except httpx.HTTPError as exc:
+        raise RedeployError(f"vLLM at {replica} could not be reached to verify {name}: {exc!r}") from None
+    if response.status_code != 200:
+        raise RedeployError(f"vLLM at {replica} loaded {name} but a request to it failed: {response.status_code} {_message(response)}")
+    data = response.json()
+    if not data.get("choices") or not (data.get("usage") or {}).get("completion_tokens"):
+        raise RedeployError(f"vLLM at {replica} answered a request to {name} with no tokens: {json.dumps(data)[:500]}")
+    return data["choices"][0]["message"].get("content") or ""
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        err = data.get("error", data) if isinstance(data, dict) else data
+        return str(err.get("message") if isinstance(err, dict) else err)[:2000]
+    except ValueError:
+        return response.text[:2000]

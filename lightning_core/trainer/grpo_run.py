@@ -1,0 +1,79 @@
+"""One process's GRPO run of an epoch: the steps planned from the samples, AdamW continued from the parent version,
+the reference model when a KL term is on, then ``grpo.train_grpo``. Takes the trainer settings as an object (a
+``config.TrainerConfig``) and imports neither the catalog, MLflow nor the config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lightning_core.trainer.batches import plan_steps
+from lightning_core.trainer.grpo import train_grpo
+from lightning_core.trainer.policy_model import reference_logps_fn
+from lightning_core.trainer.prefix_tree import TREE_ATTENTION, attn_implementation
+
+if TYPE_CHECKING:
+    from lightning_core.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step, parent_dir=None,
+              parent_adapter_dir=None):
+    steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
+                       normalization=cfg.loss_normalization, seed=seed,
+                       shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
+                       micro_batch_tokens=cfg.micro_batch_tokens)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    if cfg.keep_optimizer_state and parent_dir is not None:
+        resume_optimizer(optimizer, Path(parent_dir) / OPTIMIZER_STATE, cfg=cfg)
+    reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device)
+                 if cfg.beta != 0.0 else None)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                         beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
+                         reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
+                         max_steps=cfg.max_steps)
+    return metrics, optimizer
+
+
+def resume_optimizer(optimizer: torch.optim.Optimizer, path: Path, *, cfg: TrainerConfig) -> bool:
+    """Load the parent version's AdamW moments into ``optimizer``; False (fresh moments) when absent or mismatched.
+
+    A fresh AdamW's first steps move every parameter by about the full learning rate whatever the
+    gradient's size (its second moment is just that gradient squared), so restarting it each epoch
+    turns the small, noisy gradients of a nearly solved task into full-size random steps.
+    """
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state.get("state", {})
+    shapes_match = len(state.get("param_groups", [{}])[0].get("params", [])) == len(params) and all(
+        saved[i]["exp_avg"].shape == p.shape for i, p in enumerate(params) if i in saved)
+    if not shapes_match:
+        log.warning("optimizer state in %s does not match this model's trainable parameters; starting AdamW afresh", path)
+        return False
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:  # the config, not the parent, sets the hyperparameters
+        group["lr"], group["weight_decay"] = cfg.learning_rate, cfg.weight_decay
+    return True
+
+
+def shared_prefix_mode(mode: str, model: torch.nn.Module) -> str:
+    """The configured shared-prefix mode, or off when the model's attention kernel cannot take a tree mask."""
+    kernel = attn_implementation(model)
+    if mode == "off" or kernel in TREE_ATTENTION:
+        return mode
+    if mode == "on":
+        raise ValueError(f"trainer.shared_prefix=on needs attn_implementation in {TREE_ATTENTION}, found {kernel!r}; "
+                         "set trainer.shared_prefix=auto or off")
+    log.info("shared-prefix forward off: attention kernel %r takes no tree mask", kernel)
+    return "off"
