@@ -17,16 +17,19 @@ from pathlib import Path
 import duckdb
 import httpx
 import pyarrow as pa
-from deltalake import DeltaTable
+import pytest
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import DeltaError
 
 from lightning_core.store import catalog as catalog_module
 from lightning_core.store import outputs as store
 from lightning_core.store.catalog import Catalog
-from lightning_core.store.delta import CHECKPOINT_EVERY, LOG_RETENTION
+from lightning_core.store.delta import CHECKPOINT_EVERY, LOG_RETENTION, committed_with
 from lightning_core.store.spans import Lake
 from lightning_core.store.location import location
 from lightning_core.ingest.service import start_collector
 from lightning_core.store.span_schema import Partition
+from lightning_core.ingest.group_commit import GroupCommitWriter
 from lightning_core.ingest.tables import request_to_tables
 from tests.conftest import make_config
 from tests.otlp_factory import export_request
@@ -264,3 +267,41 @@ def test_the_output_tables_commit_after_another_writer_s_checkpoint_cleaned_thei
     current = DeltaTable(str(path))
     got = duckdb.sql(f"SELECT rollout_id FROM read_parquet({current.file_uris()!r}) ORDER BY 1").fetchall()
     assert got == [("x",), ("y",), ("z",)]
+
+
+def test_a_commit_that_landed_before_delta_rs_raised_counts_as_made_and_stores_its_rows_once(tmp_path, caplog):
+    """delta-rs 1.6.6 writes the commit's log entry, then makes the checkpoint; when that fails it raises, though the
+    commit is made. The collector used to count such a commit as failed and write the requests again (each on its
+    own, after a group commit; and the sender resends what got 503): every span of the commit stored twice."""
+    lake = Lake(tmp_path / "lake")
+    lake.write(_tables("warm"))
+    table_path = lake.table_path("training")
+    start = lake.table("training").version()
+    for version in range(start + 1, start + CHECKPOINT_EVERY + 2):  # a folder in the way of every checkpoint file
+        (table_path / "_delta_log" / f"{version:020d}.checkpoint.parquet").mkdir()
+    writer = GroupCommitWriter(lake, flush_interval_s=0.01)
+    try:
+        with caplog.at_level("WARNING", logger="arclight.lake"):
+            for _ in range(CHECKPOINT_EVERY):  # one commit to each version: one lands on a checkpoint version
+                batch = [writer.submit(_tables("once", 4)) for _ in range(3)]  # queued together: one group commit
+                assert [f.result(timeout=60) for f in batch] == [4, 4, 4]
+    finally:
+        writer.close()
+    assert writer.failing is None
+    assert _span_rows(tmp_path / "lake", "once") == (4 * 3 * CHECKPOINT_EVERY,) * 2
+    assert any("counts as made" in r.getMessage() for r in caplog.records), "no commit failed after it landed"
+
+
+def test_a_commit_on_object_storage_that_landed_before_delta_rs_raised_is_found_by_its_token(tmp_path):
+    """The object-storage writer names no files itself (delta-rs does): it finds its commit by the token in the commit's
+    metadata (``committed_with``). A local table through the same delta-rs writer shows it."""
+    path = tmp_path / "t"
+    write_deltalake(str(path), pa.table({"x": [0]}), configuration={"delta.checkpointInterval": "2"})
+    table = DeltaTable(str(path))
+    (path / "_delta_log" / f"{1:020d}.checkpoint.parquet").mkdir()  # version 1's checkpoint cannot be written
+    with pytest.raises(DeltaError):
+        write_deltalake(table, pa.table({"x": [1]}), mode="append",
+                        commit_properties=CommitProperties(custom_metadata={"arclight.commit": "ours"}))
+    assert committed_with(table, "ours") == 1
+    assert committed_with(table, "theirs") is None
+    assert DeltaTable(str(path)).to_pyarrow_table().num_rows == 2

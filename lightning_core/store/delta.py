@@ -62,17 +62,67 @@ def commit_durably(table: DeltaTable, root: Path, actions: list[AddAction], **tr
     """Commit ``actions`` to the local table at ``root`` (``create_write_transaction``'s arguments), bring the table
     up to date and fsync the log entries since its version before: ours, and any other process's made meanwhile
     (delta-rs does not fsync local files). A table object left behind by other writers is read again and the commit
-    made once more (``recovering``)."""
+    made once more (``recovering``).
+
+    An error raised after our log entry landed (delta-rs reads the log again after it commits, and an entry it
+    lists may be cleaned up meanwhile) is no failed commit: the entry is found in the log, a warning logged, and
+    the commit counts as made. Raising would make the caller write the same rows again (the collector writes a
+    failed group commit's requests one by one, and a sender resends a request that failed): stored twice.
+    """
     before = table.version()
-    recovering(table, lambda: table.create_write_transaction(actions, post_commithook_properties=COMMIT_HOOKS,
-                                                             **transaction))
-    update(table)
+    try:
+        recovering(table, lambda: table.create_write_transaction(actions, post_commithook_properties=COMMIT_HOOKS,
+                                                                 **transaction))
+    except Exception as exc:
+        version = _landed_at(root, before, actions)
+        if version is None:
+            raise
+        log.warning("a commit to %s reported an error (%s), but its log entry is there (version %d): it counts as made",
+                    root, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, version)
+    try:
+        update(table)
+    except (DeltaError, FileNotFoundError) as exc:  # the commit landed; the next commit reads the table again
+        log.warning("could not read %s again after a commit (%s); the next commit will", root, exc)
+        return
     for version in range(before + 1, table.version() + 1):
         try:
             fsync_file(root / "_delta_log" / f"{version:020d}.json")
         except FileNotFoundError:  # another writer's, already cleaned up: a later checkpoint holds it
             pass
     fsync_dir(root / "_delta_log")
+
+
+def committed_with(table: DeltaTable, token: str, *, recent: int = 50) -> int | None:
+    """The version of the commit among the table's ``recent`` newest whose ``arclight.commit`` metadata is ``token``
+    (None when none is): how a writer on object storage, whose files' names delta-rs chooses, finds a commit that
+    landed before an error."""
+    try:
+        update(table)
+        history = table.history(recent)
+    except (DeltaError, FileNotFoundError):
+        return None
+    return next((entry["version"] for entry in history if entry.get("arclight.commit") == token), None)
+
+
+def _landed_at(root: Path, after: int, actions: list[AddAction]) -> int | None:
+    """The version after ``after`` whose log entry adds the first of ``actions``' files (each file is added once, by
+    the commit that wrote it), or None when no entry does."""
+    if not actions:
+        return None
+    path = actions[0].path
+    log_dir = root / "_delta_log"
+    try:
+        versions = sorted(int(name[:20]) for name in os.listdir(log_dir) if name.endswith(".json") and name[:20].isdigit())
+    except FileNotFoundError:
+        return None
+    for version in (v for v in versions if v > after):
+        try:
+            with open(log_dir / f"{version:020d}.json") as fh:
+                if any(json.loads(line).get("add", {}).get("path") == path for line in fh if line.strip()):
+                    return version
+        except FileNotFoundError:  # cleaned up: older than the log retention, so not a commit made just now
+            continue
+    return None
 
 
 # How delta-rs 1.6.6 refuses a commit made from a table object that other writers left behind:

@@ -36,7 +36,7 @@ from deltalake.exceptions import DeltaError
 from lightning_core import names
 from lightning_core.common.durable import fsync_dir, fsync_file
 from lightning_core.store.delta import (CHECKPOINT_EVERY, COMMIT_HOOKS, DEFAULT_LOG_RETENTION_S, LakeFormatError,
-                                        add_action, clean_log, commit_durably, create_table, ensure_properties, owner,
+                                        add_action, clean_log, commit_durably, committed_with, create_table, ensure_properties, owner,
                                         recovering, reread, refreshed, table_properties, update)
 from lightning_core.store.location import location, readable_files, prune_mirror_when_due
 from lightning_core.store.span_schema import (LANES, SPAN_SCHEMA, Partition, ensure_schema_files, lane_of,
@@ -109,12 +109,20 @@ class Lake:
 
     def _commit(self, lane: str, parts: dict[Partition, pa.Table]) -> list[str]:
         table = self.table(lane)
-        commit = CommitProperties(custom_metadata={"arclight.writer": owner()})
+        token = uuid.uuid4().hex
+        commit = CommitProperties(custom_metadata={"arclight.writer": owner(), "arclight.commit": token})
         if self.location.uri:  # object storage: delta-rs uploads the files; the PUTs that returned are durable
             data = pa.concat_tables([with_partition_columns(t, p) for p, t in parts.items()])
-            recovering(table, lambda: write_deltalake(
-                table, data, mode="append", partition_by=list(LANES[lane]), writer_properties=_WRITER,
-                post_commithook_properties=COMMIT_HOOKS, commit_properties=commit))
+            try:
+                recovering(table, lambda: write_deltalake(
+                    table, data, mode="append", partition_by=list(LANES[lane]), writer_properties=_WRITER,
+                    post_commithook_properties=COMMIT_HOOKS, commit_properties=commit))
+            except DeltaError as exc:  # raised after the commit landed (its checkpoint failed): made, not to be made again
+                version = committed_with(table, token)
+                if version is None:
+                    raise
+                log.warning("a commit to %s reported an error (%s), but it is in the table's history (version %d): it "
+                            "counts as made", self.table_path(lane), str(exc).splitlines()[0], version)
             return [f"{lane}@{table.version()}"]
         # A local table: each partition's file written by pyarrow and fsynced, then one commit of their add
         # actions. (delta-rs's own writer took 17 ms a commit at version 50 of a table and 37-73 ms at 300,
