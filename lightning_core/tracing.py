@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 from lightning_core import semconv
+from lightning_core.common.ids import SystemRandomIds
 
 log = logging.getLogger("arclight.tracing")
 
@@ -163,7 +164,7 @@ def init_tracing(
     context = context or RolloutContext.from_env()
     attributes = {semconv.SERVICE_NAME: service_name, **sanitize_attributes(resource_attributes)}
     attributes.update(context.resource_attributes())
-    provider = TracerProvider(resource=Resource.create(attributes))
+    provider = TracerProvider(resource=Resource.create(attributes), id_generator=SystemRandomIds())
     lake = lake if lake is not None else os.environ.get(ENV_LAKE) if endpoint is None else None
     if exporter is None:
         if lake is not None:

@@ -135,3 +135,36 @@ def test_flush_before_init_says_what_to_do(monkeypatch):
     monkeypatch.setattr(tracing, "_current", None)
     with pytest.raises(RuntimeError, match="init_tracing"):
         tracing.flush()
+
+
+def test_span_ids_do_not_repeat_when_the_process_seeds_python_s_random_generator():
+    """The trainer seeds ``random`` before every training stage, and agents seed it per task: every tracer Arclight
+    builds (an agent's, the runner's outcome spans, the gateway's recorder) draws its ids from the OS instead.
+    With OpenTelemetry's default generator, every epoch of one ``arclight train`` gave its ``rollout outcome`` spans
+    the ids of the epoch before (tests/test_flows.py saw them in two partitions)."""
+    import random
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from lightning_core.rollouts.runner import _outcome_provider
+    from lightning_core.serving.metrics import GatewayMetrics
+    from lightning_core.serving.recording import SpanRecorder
+    from lightning_core.trainer.policy_model import seed_everything
+
+    agent = tracing.init_tracing(service_name="seeded-agent", set_global=False, exporter=InMemorySpanExporter(), batch=False)
+    outcome = _outcome_provider("http://127.0.0.1:9", None, "seeded-run", 0)  # never flushed: nothing is sent
+    memory = InMemorySpanExporter()
+    recorder = SpanRecorder(memory, GatewayMetrics(), delay_ms=10)
+    seen = []
+    for _ in range(2):
+        seed_everything(0)  # what the training stage does between two epochs
+        for tracer in (agent.provider.get_tracer("t"), outcome.get_tracer("t")):
+            span = tracer.start_span("s")
+            seen.append((span.get_span_context().trace_id, span.get_span_context().span_id))
+        random.seed(0)
+        recorder.record(name="chat", resource=Resource.create({}), parent=None, start_ns=1, end_ns=2, attributes={})
+    recorder.processor.force_flush()
+    seen += [(s.context.trace_id, s.context.span_id) for s in memory.get_finished_spans()]
+    assert len(seen) == 6 and len(set(seen)) == 6 and len({t for t, _ in seen}) == 6

@@ -376,6 +376,8 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from lightning_core.common.ids import SystemRandomIds
+
     key = (collector_url, token, run_id, epoch)
     with _outcome_guard:
         if key not in _outcome_providers:
@@ -384,7 +386,7 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
                     provider.shutdown()
                 _outcome_providers.clear()
             resource = Resource.create({semconv.SERVICE_NAME: "arclight-runner", semconv.RUN_ID: run_id, semconv.EPOCH: epoch})
-            provider = TracerProvider(resource=resource)
+            provider = TracerProvider(resource=resource, id_generator=SystemRandomIds())
             headers = {"Authorization": f"Bearer {token}"} if token else None
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
                 endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers),

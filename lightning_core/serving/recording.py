@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 from lightning_core import semconv
+from lightning_core.common import ids
 
 from lightning_core.serving.router import Target
 from lightning_core.serving.metrics import GatewayMetrics
@@ -59,8 +59,8 @@ class SpanRecorder:
     def record(self, *, name: str, resource: Resource, parent: SpanContext | None, start_ns: int, end_ns: int,
                attributes: dict[str, Any], error: str | None = None) -> None:
         """Hand one finished span to the batch exporter."""
-        trace_id = parent.trace_id if parent is not None else random.getrandbits(128)
-        context = SpanContext(trace_id, random.getrandbits(64), is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        trace = parent.trace_id if parent is not None else ids.trace_id()
+        context = SpanContext(trace, ids.span_id(), is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
         status = Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET)
         span = ReadableSpan(
             name=name, context=context, parent=parent, resource=resource, attributes=attributes,
