@@ -368,8 +368,8 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
     resource names the lake partition (run, epoch); the rollout, task and attempt are span attributes.
     Spans are exported in the background: with the collector down, an export retried for its whole
     timeout, and one at a time they held every rollout thread of the round for minutes. The exporter's
-    own timeout (10 s) stays: it resends a request that timed out, which the collector may have stored
-    (a 5 s timeout stored outcome spans twice on a loaded machine).
+    own timeout (10 s) stays. (Outcome spans seen twice in the lake, once blamed on a 5 s timeout, were
+    ids repeated after the trainer seeded ``random``: ``common/ids.py``.)
     """
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
