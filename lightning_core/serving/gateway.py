@@ -33,6 +33,9 @@ MAX_JSON_DEPTH = 100
 JSON_HEADERS = {"content-type": "application/json"}
 
 
+UPSTREAM_KEEPALIVE_S = 4.0  # under vLLM's own keep-alive (5 s)
+
+
 class Gateway:
     """The gateway's request handlers, sharing the router, the metrics, the span recorder and one HTTP client."""
 
@@ -48,7 +51,10 @@ class Gateway:
         """Hold one pooled HTTP client to the upstreams while the app serves; flush spans at the end."""
         # aiohttp rather than httpx: httpx's pool scans every connection per request (profiled: 1.4M is_idle
         # calls for 1,400 requests at 16 clients), which capped the gateway at a few hundred calls/s
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        # an idle pooled connection is dropped before vLLM's server closes it (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): with
+        # 60 s, a call that reused a connection as vLLM closed it failed ("Can not write request body"; twice in a
+        # 16-epoch make train, rollouts run again as our failures)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, enable_cleanup_closed=True)
         self.client = aiohttp.ClientSession(
             connector=connector, json_serialize=lambda v: orjson.dumps(v).decode(), read_bufsize=1 << 20,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self.upstream_timeout_s))
