@@ -84,6 +84,7 @@ def build_app(
 
 
 SETTINGS_ENV = "ARCLIGHT_GATEWAY_SETTINGS"
+CLIENT_KEEPALIVE_S = 65  # seconds an idle client connection stays open (above every common client's own expiry)
 
 
 def _app(settings: dict[str, Any]) -> Starlette:
@@ -142,7 +143,11 @@ def serve(
                 "token": token, "collector_token": collector_token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN") or None,
                 "upstream_timeout_s": upstream_timeout_s, "max_body_bytes": max_body_bytes, "keep_versions": keep_versions,
                 "state_path": str(state_path) if state_path else None, "export_delay_ms": export_delay_ms}
-    options = {"host": host, "port": port, "log_level": log_level, "access_log": False, "timeout_graceful_shutdown": 10}
+    # idle client connections are kept longer than clients keep them (httpx, so the OpenAI SDK: 5 s; aiohttp: 15 s),
+    # so a client never sends on a connection the gateway is closing: at uvicorn's 5 s, a rollout client idle for
+    # about 5 s got "Server disconnected without sending a response" (an OpenAI client with max_retries=0 failed)
+    options = {"host": host, "port": port, "log_level": log_level, "access_log": False, "timeout_graceful_shutdown": 10,
+               "timeout_keep_alive": CLIENT_KEEPALIVE_S}
     if workers == 1:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         uvicorn.run(_app(settings), **options)
