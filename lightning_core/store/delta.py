@@ -81,15 +81,24 @@ def commit_durably(table: DeltaTable, root: Path, actions: list[AddAction], **tr
                     root, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, version)
     try:
         update(table)
+        newest = table.version()
     except (DeltaError, FileNotFoundError) as exc:  # the commit landed; the next commit reads the table again
         log.warning("could not read %s again after a commit (%s); the next commit will", root, exc)
-        return
-    for version in range(before + 1, table.version() + 1):
+        newest = max(_log_versions(root / "_delta_log"), default=before)  # still fsync what landed, ours included
+    for version in range(before + 1, newest + 1):
         try:
             fsync_file(root / "_delta_log" / f"{version:020d}.json")
         except FileNotFoundError:  # another writer's, already cleaned up: a later checkpoint holds it
             pass
     fsync_dir(root / "_delta_log")
+
+
+def _log_versions(log_dir: Path) -> list[int]:
+    """The versions whose commit entries (``<version>.json``) are in ``log_dir``, in order."""
+    try:
+        return sorted(int(name[:20]) for name in os.listdir(log_dir) if name.endswith(".json") and name[:20].isdigit())
+    except FileNotFoundError:
+        return []
 
 
 def committed_with(table: DeltaTable, token: str, *, recent: int = 50) -> int | None:
@@ -111,11 +120,7 @@ def _landed_at(root: Path, after: int, actions: list[AddAction]) -> int | None:
         return None
     path = actions[0].path
     log_dir = root / "_delta_log"
-    try:
-        versions = sorted(int(name[:20]) for name in os.listdir(log_dir) if name.endswith(".json") and name[:20].isdigit())
-    except FileNotFoundError:
-        return None
-    for version in (v for v in versions if v > after):
+    for version in (v for v in _log_versions(log_dir) if v > after):
         try:
             with open(log_dir / f"{version:020d}.json") as fh:
                 if any(json.loads(line).get("add", {}).get("path") == path for line in fh if line.strip()):
