@@ -117,6 +117,7 @@ OI_INPUT_MESSAGES_PREFIX = "llm.input_messages."  # llm.input_messages.N.message
 OI_OUTPUT_MESSAGES_PREFIX = "llm.output_messages."
 OI_MODEL_NAME = "llm.model_name"
 OI_METADATA = "metadata"  # JSON; LangGraph puts "langgraph_node" in it
+OI_GRAPH_NODE_ID = "graph.node.id"  # the agent's name on an AGENT span (AutoGen AgentChat, CrewAI instrumentations)
 # Where a response id sits inside ``output.value``: the OpenAI response (``$.id``), or LangChain's
 # LLMResult (its llm_output, or the first generation's message metadata, serialised or not).
 OI_OUTPUT_RESPONSE_ID_PATHS = (
@@ -127,7 +128,7 @@ OI_OUTPUT_RESPONSE_ID_PATHS = (
 )
 
 # --- Framework agent markers -----------------------------------------------------------------
-AUTOGEN_RECIPIENT_AGENT_TYPE = "recipient_agent_type"
+AUTOGEN_RECIPIENT_AGENT_TYPE = "recipient_agent_type"  # "<agent>_<team uuid>": the uuid is dropped
 LANGCHAIN_CHAIN_TYPE = "langchain.chain.type"
 AGENTOPS_SPAN_KIND = "agentops.span.kind"  # "agent"
 AGENTOPS_OPERATION_NAME = "operation.name"

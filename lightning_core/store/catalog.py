@@ -174,7 +174,8 @@ FROM read_parquet({production}, hive_partitioning = true,
 -- restart stores a span twice in its partition; the first copy received is kept; the partition
 -- columns lead the window, so a filter on run_id/epoch still prunes files): ids, name, times (ns and timestamps),
 -- status, attributes/resource/events as JSON, the rollout context, the columns promoted at ingest
--- (span_kind, agent_name, response_id, reward_value) and the gateway's token ids and logprobs
+-- (span_kind, agent_name, response_id, reward_value; agent_name also from gen_ai.agent.name and from
+-- OpenInference's graph.node.id on AGENT spans) and the gateway's token ids and logprobs
 -- (stored typed, not in attributes).
 CREATE OR REPLACE {view} spans AS
 SELECT
@@ -190,7 +191,12 @@ SELECT
     links::JSON AS links,
     resource::JSON AS resource,
     service_name, scope_name, scope_version,
-    span_kind, agent_name,
+    span_kind,
+    -- agent.name (promoted at ingest), else OpenTelemetry GenAI's gen_ai.agent.name, else the name OpenInference
+    -- puts on its AGENT spans (graph.node.id)
+    coalesce(agent_name, json_extract_string(attributes, '$."gen_ai.agent.name"'),
+             CASE WHEN json_extract_string(attributes, '$."openinference.span.kind"') = 'AGENT'
+                  THEN json_extract_string(attributes, '$."graph.node.id"') END) AS agent_name,
     json_extract_string(attributes, '$."gen_ai.operation.name"') AS gen_ai_operation,
     response_id, reward_value,
     prompt_token_ids, response_token_ids, response_logprobs,

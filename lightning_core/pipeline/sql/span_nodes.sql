@@ -52,7 +52,8 @@ selected AS (
                '$."agentlightning.operation.name"',                   -- 23 Agent Lightning reward operation
                '$."reward"',                                          -- 24 Agent Lightning < 0.3 annotation
                '$."arclight.reward.name"',                            -- 25
-               '$."arclight.reward.invalid"'                          -- 26
+               '$."arclight.reward.invalid"',                         -- 26
+               '$."graph.node.id"'                                    -- 27 OpenInference's agent name (AutoGen, CrewAI)
            ]) ELSE [NULL]::VARCHAR[] END AS a
     FROM spans_raw
     WHERE run_id IS NOT DISTINCT FROM $run_id
@@ -88,9 +89,16 @@ classified AS MATERIALIZED (
                  OR (name = 'agentlightning.operation' AND a[23] = 'agentlightning.reward'), false) AS is_reward_scope,
         coalesce(reward_value, CASE WHEN agentops_output[1] = 'reward' THEN TRY_CAST(agentops_output[2] AS DOUBLE) END,
                  CASE WHEN name = 'agentlightning.annotation' THEN TRY_CAST(a[24] AS DOUBLE) END) AS reward_value,
-        coalesce(agent_name, a[1], CASE WHEN a[4] = 'agent' THEN a[5] END, a[2], a[6],
+        -- the agent's name, by convention (docs/span-conventions.md, "Agent names"); AutoGen's agent types carry the
+        -- team's id (<agent>_<uuid>, new every run): dropped, so a name is the same in every rollout
+        coalesce(agent_name, a[1], CASE WHEN a[4] = 'agent' THEN a[5] END,
+                 regexp_replace(a[2], '_[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$', ''), a[6],
                  CASE WHEN json_valid(a[8]) THEN json_extract_string(a[8], '$.langgraph_node') END,
-                 a[9], a[3], CASE WHEN a[7] = 'AGENT' THEN name END) AS agent_label,
+                 a[9], a[3], CASE WHEN a[7] = 'AGENT' THEN coalesce(a[27], name) END) AS agent_label,
+        -- named by its span name alone (an OpenInference AGENT span without graph.node.id, e.g. 'solver.run'): an
+        -- enclosing agent whose name it starts with is the same agent, and its name wins (sql/agents.sql)
+        coalesce(agent_name, a[1], a[2], a[6], a[8], a[9], a[3], a[27]) IS NULL AND a[4] IS DISTINCT FROM 'agent'
+            AND a[7] = 'AGENT' AS agent_label_from_name,
         coalesce(span_kind = 'rollout', false) AS is_rollout,
         a[16] AS rollout_status,
         has_exception
