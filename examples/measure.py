@@ -59,6 +59,8 @@ def project_overrides(config_path: Path, work: Path, run_name: str, extra: list[
     for key in ("dataset", "eval_dataset"):
         if getattr(r, key) is not None:
             pinned.append(f"rollouts.{key}={getattr(r, key)}")
+    if r.command:  # a program agent keeps running where its config says, with the paths it names from there
+        pinned.append(f"rollouts.command_cwd={(original.project_dir / (r.command_cwd or '.')).resolve()}")
     return [*pinned, *extra]
 
 

@@ -299,6 +299,17 @@ class RolloutsConfig(Section):
     """Which agent runs, on which tasks, how many samples per task, and how rollouts are bounded."""
 
     agent: str | None = Field(None, description="The agent as 'module:function' (sync or async); it gets (task, ctx).")
+    command: list[str] | None = Field(
+        None, description="Or the agent as a program, one process per rollout: the program and its arguments (a string "
+        "is split like a shell line). It may live in any environment: its own virtualenv's Python, node, a binary; "
+        "a relative program path is taken from the folder it runs in (command_cwd). It gets the task on standard "
+        "input and the gateway URL, OTLP endpoint and rollout context as environment variables (docs/agents.md), and "
+        "gives its reward as a span or as its last line of output.")
+    command_env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for rollouts.command (they override the rollout's).")
+    command_cwd: Path | None = Field(
+        None, description="Where rollouts.command runs, and what its relative program path is taken from; None = the "
+        "project folder.")
     agent_path: list[Path] = Field(default_factory=list, description="Folders added to sys.path to import the agent; the project folder always is.")
     dataset: Path | None = Field(None, description="Training tasks: a JSONL file, one JSON object per line ('id' optional).")
     eval_dataset: Path | None = Field(None, description="Held-out tasks for evaluate (JSONL).")
@@ -348,6 +359,25 @@ class RolloutsConfig(Section):
                 raise ValueError(f"resources.prompts.{name} must be a non-empty text, found {text!r}")
         return value
     seed: int = Field(0, description="Seed of task sampling.")
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _command_as_arguments(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import shlex
+
+            value = shlex.split(value)
+        if value is not None and (not value or not str(value[0]).strip()):
+            raise ValueError("rollouts.command is empty: give the program and its arguments, "
+                             "e.g. ['.venv-agents/bin/python', 'agent.py']")
+        return value
+
+    @model_validator(mode="after")
+    def _one_agent(self) -> "RolloutsConfig":
+        if self.agent and self.command:
+            raise ValueError(f"rollouts.agent ({self.agent!r}) and rollouts.command ({' '.join(self.command)!r}) are both "
+                             "set: an agent is either a 'module:function' or a program; remove one")
+        return self
 
     @model_validator(mode="after")
     def _cluster_has_an_address(self) -> "RolloutsConfig":
@@ -447,7 +477,7 @@ class ArclightConfig(Section):
         data.trainer.output_dir = _absolute(base, data.trainer.output_dir)
         r = data.rollouts
         r.agent_path = [_absolute(base, p) for p in r.agent_path]
-        for key in ("dataset", "eval_dataset"):
+        for key in ("dataset", "eval_dataset", "command_cwd"):
             if getattr(r, key) is not None:
                 setattr(r, key, _absolute(base, getattr(r, key)))
         return data

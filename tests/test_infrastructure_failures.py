@@ -85,10 +85,12 @@ def test_the_ingest_barrier_fails_lost_spans_and_calls_our_side_failed_as_ours_a
     cfg = collector_config
     quiet = Rollout("q0", task_id="tq")
     quiet.span("rollout", 0, 10, attrs={"arclight.span.kind": "rollout"})
-    write(cfg.lake.path, [_rollout("ok0", "t1", 1.0), _rollout("up0", "t1", 0.0, failed_call=True), quiet],
-          run_id=run_id)
+    # exit0: a program agent (rollouts.command) that exited non-zero after a call our side failed: its status
+    # cannot say whose failure it was, the gateway's span can
+    write(cfg.lake.path, [_rollout("ok0", "t1", 1.0), _rollout("up0", "t1", 0.0, failed_call=True), quiet,
+                          _rollout("exit0", "t3", 0.0, failed_call=True)], run_id=run_id)
     _plan(cfg, run_id, [("ok0", "t1", SUCCEEDED, None), ("up0", "t1", SUCCEEDED, None), ("q0", "tq", SUCCEEDED, None),
-                        ("lost0", "t2", SUCCEEDED, None), ("boom0", "t2", FAILED, AGENT)])
+                        ("lost0", "t2", SUCCEEDED, None), ("boom0", "t2", FAILED, AGENT), ("exit0", "t3", FAILED, AGENT)])
     counts = ingest_barrier(RunContext.of(cfg, Stack(collector=collector)), run_id=run_id, epoch=0)
     with Catalog.from_config(cfg).read(spans=False) as con:
         got = {r[0]: r[1:] for r in con.execute(
@@ -97,8 +99,9 @@ def test_the_ingest_barrier_fails_lost_spans_and_calls_our_side_failed_as_ours_a
     assert got["up0"][:2] == (FAILED, INFRASTRUCTURE) and "could not be reached" in got["up0"][2]
     assert got["lost0"][:2] == (FAILED, INFRASTRUCTURE) and "never reached the lake" in got["lost0"][2]
     assert got["q0"][:2] == (FAILED, AGENT) and "produced no spans" in got["q0"][2]
-    assert got["boom0"][:2] == (FAILED, AGENT)
-    assert counts == {SUCCEEDED: 1, FAILED: 4}
+    assert got["boom0"][:2] == (FAILED, AGENT)  # no spans at all, but it failed by itself: still the agent's
+    assert got["exit0"][:2] == (FAILED, INFRASTRUCTURE) and "could not be reached" in got["exit0"][2]
+    assert counts == {SUCCEEDED: 1, FAILED: 5}
 
 
 def _request(url: str) -> httpx.Request:

@@ -145,7 +145,6 @@ def test_span_ids_do_not_repeat_when_the_process_seeds_python_s_random_generator
     import random
 
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from lightning_core.rollouts.runner import _outcome_provider

@@ -3,7 +3,9 @@
 The agent is any function ``agent(task: dict, ctx: AgentContext) -> float | None`` (sync or
 async), named as ``"module:function"``. It talks to the model through ``ctx.base_url`` (the
 gateway's per-rollout OpenAI-compatible URL) and returns its final reward, or emits rewards
-itself with ``lightning_core.tracing.emit_reward``.
+itself with ``lightning_core.tracing.emit_reward``. Or the agent is any program
+(``rollouts.command``: another virtualenv's Python, Node, a binary), started once per attempt in
+the same worker and told the same through its environment (``command.py``).
 
 Each attempt runs in its own process (forked from a clean fork server) and process group, so an
 agent that hangs is really stopped at the timeout: the group is killed, the epoch goes on; a
@@ -31,10 +33,12 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from lightning_core import semconv, tracing
 from lightning_core.common import stopping
+from lightning_core.rollouts.command import CommandFailed, command_environment, resolve_command, run_command
 
 SUCCEEDED, FAILED, TIMED_OUT = "succeeded", "failed", "timed_out"
 INTERRUPTED = "interrupted"  # stopped by Ctrl-C: not recorded, so the rollout stays planned and runs again
@@ -116,7 +120,7 @@ class RunnerSettings:
     """Everything a worker needs to run agents, independent of any one rollout (picklable: it travels to
     Dask/Ray workers, which reach the services by these URLs and tokens and nothing else)."""
 
-    agent: str
+    agent: str | None  # "module:function"; None when ``command`` runs the agent
     collector_url: str
     gateway_url: str
     model: str
@@ -130,6 +134,9 @@ class RunnerSettings:
     resources: dict[str, Any] = field(default_factory=dict)
     mode: str = "train"
     prompt_versions: dict[str, str] = field(default_factory=dict)
+    command: tuple[str, ...] = ()  # the agent as a program (rollouts.command), its program path resolved
+    command_env: dict[str, str] = field(default_factory=dict)
+    command_cwd: str | None = None  # where the program runs (the project folder)
 
 
 def load_agent(ref: str, *, paths: tuple[str, ...] = ()) -> Callable[..., Any]:
@@ -192,13 +199,12 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
     attributes = {semconv.SPAN_KIND: semconv.KIND_ROLLOUT, "arclight.rollout.sample_index": spec.sample_index}
     with handle.tracer.start_as_current_span(semconv.SPAN_NAME_ROLLOUT, attributes=attributes, record_exception=True, set_status_on_exception=True):
         try:
-            fn = load_agent(settings.agent, paths=settings.agent_path)
-            result = fn(dict(spec.task), ctx)
-            if inspect.isawaitable(result):
-                result = asyncio.run(_awaited(result))
+            result = _run_program(settings, spec, ctx) if settings.command else _run_function(settings, spec, ctx)
             if result is not None:
                 tracing.emit_reward(result)
                 reward = tracing._as_reward(result)
+        except CommandFailed as exc:  # the program's own failure; ours show in the lake (arrivals) and the supervisor
+            status, kind, error = FAILED, AGENT, str(exc)
         except BaseException as exc:  # the agent's failure is data, not the runner's -- unless our services caused it
             status, kind = FAILED, failure_kind(exc, settings.gateway_url)
             error = f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exc(limit=8))[-2000:]}"
@@ -209,6 +215,32 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
         error = f"spans could not be delivered to the collector at {settings.collector_url}" + (f"; {error}" if error else "")
     conn.send((status, reward, error, kind))
     conn.close()
+
+
+def _run_function(settings: RunnerSettings, spec: RolloutSpec, ctx: AgentContext) -> Any:
+    """Call the ``module:function`` agent in this process; return what it returned."""
+    fn = load_agent(settings.agent or "", paths=settings.agent_path)
+    result = fn(dict(spec.task), ctx)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_awaited(result))
+    return result
+
+
+def _run_program(settings: RunnerSettings, spec: RolloutSpec, ctx: AgentContext) -> float | None:
+    """Run the agent's program (``rollouts.command``) to its end inside the rollout span; return the reward it printed."""
+    from opentelemetry import trace
+
+    span = trace.get_current_span().get_span_context()
+    traceparent = f"00-{span.trace_id:032x}-{span.span_id:016x}-{int(span.trace_flags):02x}" if span.is_valid else None
+    context = tracing.RolloutContext(spec.run_id, spec.epoch, spec.rollout_id, spec.task_id, ctx.attempt)
+    env = command_environment(
+        base_url=ctx.base_url, api_key=ctx.api_key, model=ctx.model, temperature=ctx.temperature, mode=ctx.mode,
+        task=spec.task, resources=ctx.resources, context=context.to_env(), collector_url=settings.collector_url,
+        collector_token=settings.collector_token, traceparent=traceparent, extra=settings.command_env,
+        resource={**context.resource_attributes(),
+                  **{semconv.prompt_version_key(name): v for name, v in settings.prompt_versions.items()}},
+    )
+    return run_command(settings.command, task=spec.task, env=env, cwd=Path(settings.command_cwd or os.getcwd())).reward
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -268,7 +300,7 @@ def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> Ro
         raise RuntimeError(
             "rollouts run in child processes (so a hung agent can be killed), but this process is daemonic and may not "
             "start any: on Dask start workers with distributed.worker.daemon: False (DASK_DISTRIBUTED__WORKER__DAEMON=False)")
-    ctx = _mp_context(preload=(settings.agent.partition(":")[0],))
+    ctx = _mp_context(preload=(settings.agent.partition(":")[0],) if settings.agent else ())
     parent, child = ctx.Pipe(duplex=False)
     started = time.time()
     if stopping.stopping():
@@ -425,10 +457,16 @@ def settings_from_config(config, *, collector_url: str, gateway_url: str, model:
     rollouts), ``temperature`` the mode's default (training: rollouts.temperature; else greedy).
     """
     r = config.rollouts
-    if not r.agent:
-        raise ValueError("rollouts.agent is not set: name the agent as 'module:function' in the config")
+    if not r.agent and not r.command:
+        raise ValueError("the config names no agent: set rollouts.agent ('module:function') or rollouts.command "
+                         "(a program and its arguments)")
     paths = tuple(str(p) for p in [*r.agent_path, config.project_dir])
-    load_agent(r.agent, paths=paths)  # fail before any rollout starts
+    command: tuple[str, ...] = ()
+    cwd = Path(config.project_dir) / (r.command_cwd or ".")
+    if r.command:  # fail before any rollout starts
+        command = resolve_command(r.command, base=cwd)
+    else:
+        load_agent(r.agent, paths=paths)
     return RunnerSettings(
         agent=r.agent, collector_url=collector_url, gateway_url=gateway_url, model=model,
         api_key=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or "arclight",
@@ -438,4 +476,5 @@ def settings_from_config(config, *, collector_url: str, gateway_url: str, model:
         temperature=temperature if temperature is not None else r.temperature if mode == "train" else 0.0,
         resources=dict(r.resources if resources is None else resources), mode=mode,
         prompt_versions=dict(prompt_versions or {}),
+        command=command, command_env=dict(r.command_env), command_cwd=str(cwd.resolve()),
     )

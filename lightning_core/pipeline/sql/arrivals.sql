@@ -1,5 +1,6 @@
--- arrivals: one row per rollout of ($run_id, $epoch) in $mode that the runner recorded as succeeded, with what
--- of its recorded attempt reached the lake. The ingest barrier (stages.ingest_barrier) runs it once every span
+-- arrivals: one row per rollout of ($run_id, $epoch) in $mode that the runner recorded as succeeded -- or as
+-- failed by the agent, which a call our side failed may have caused (a program agent's exit status cannot say
+-- whose failure it was) --, with what of its recorded attempt reached the lake. The ingest barrier (stages.ingest_barrier) runs it once every span
 -- is durable (the agents flushed before reporting, the gateway just flushed) and fails the rollouts it names:
 --   verdict 'spans_lost'      no span at all, not even the runner's rollout span: the collector never stored them
 --                             (infrastructure: the rollout runs again)
@@ -7,12 +8,14 @@
 --                             vLLM answered 5xx or broke off (arclight.llm.upstream_failed; infrastructure: the
 --                             agent may have carried on with an error it caught, so its reward says nothing)
 --   verdict 'no_spans'        only the runner's own spans: the agent recorded nothing (the agent's failure)
---   verdict NULL              what a rollout should leave: it stays succeeded
+--   verdict NULL              what a rollout should leave: it stays as the runner recorded it
+-- A rollout the agent failed gets only the 'upstream_failed' verdict: that it left few spans is its own doing.
 -- Reads: rollouts (the state table), spans.
 WITH
 ran AS (
-    SELECT rollout_id, attempt FROM rollouts
-    WHERE run_id = $run_id AND epoch = $epoch AND mode = $mode AND status = 'succeeded'
+    SELECT rollout_id, attempt, status FROM rollouts
+    WHERE run_id = $run_id AND epoch = $epoch AND mode = $mode
+      AND (status = 'succeeded' OR (status = 'failed' AND error_kind = 'agent'))
 ),
 arrived AS (
     SELECT rollout_id, attempt,
@@ -31,8 +34,9 @@ SELECT r.rollout_id, r.attempt,
     coalesce(a.agent_spans, 0) AS agent_spans,
     coalesce(a.failed_calls, 0) AS failed_calls,
     a.failed_call_error,
-    CASE WHEN a.spans IS NULL THEN 'spans_lost'
-         WHEN a.failed_calls > 0 THEN 'upstream_failed'
+    CASE WHEN a.failed_calls > 0 THEN 'upstream_failed'
+         WHEN r.status = 'failed' THEN NULL
+         WHEN a.spans IS NULL THEN 'spans_lost'
          WHEN a.agent_spans = 0 THEN 'no_spans'
     END AS verdict
 FROM ran r
