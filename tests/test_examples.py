@@ -243,3 +243,40 @@ def test_langgraph_calc_agent_trains_from_openinference_spans_with_node_names_as
         assert t["agent_name"] == "solver"
         assert t["response_token_ids"] == gateway[t["response_id"]]
         assert t["reward"] == 0.0 or t["reward"] == 1.0
+
+
+AUTOGEN = REPO / "examples" / "autogen_calc"
+
+
+def test_autogen_calc_team_runs_as_a_program_and_trains_only_the_solver(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.train import train_epoch
+
+    assert "lightning_core" not in (AUTOGEN / "calc_team.py").read_text()  # the team is plain AutoGen
+    run = "ex-autogen"
+    overrides = _overrides(tmp_path, run=run, agent_path=AUTOGEN, vllm_server=vllm_server, collector=collector,
+                           collector_config=collector_config, tiny_model_dir=tiny_model_dir,
+                           dataset=_tasks(tmp_path, REPO / "examples" / "calc" / "train.jsonl", 2),
+                           **{"rollouts.command_cwd": str(AUTOGEN), "rollouts.informative_groups": "null",
+                              "evaluation.every_epochs": "null", "epochs": "1"})
+    row = train_epoch(config_path=str(AUTOGEN / "config.yaml"), overrides=overrides)
+    cfg = load_config(AUTOGEN / "config.yaml", overrides=overrides)
+    assert (row["status"], row["succeeded"]) == ("completed", 6)
+
+    with Catalog.from_config(cfg).read() as con:
+        gateway = dict(con.execute(
+            "SELECT response_id, response_token_ids FROM spans WHERE run_id = ? AND epoch = 0 AND span_kind = 'llm' "
+            "AND response_token_ids IS NOT NULL", [run]).fetchall())
+        calls = con.execute("SELECT agent_name, count(*) FROM llm_calls WHERE run_id = ? AND epoch = 0 GROUP BY 1 "
+                            "ORDER BY 1", [run]).fetchall()
+        runtime = con.execute("SELECT count(*) FROM spans WHERE run_id = ? AND epoch = 0 AND name LIKE 'autogen %'",
+                              [run]).fetchall()[0][0]
+    triplets = load_triplets(cfg, run_id=run, epoch=0, policy="calc-autogen").to_pylist()
+    # every rollout: the solver at least once, the reviewer exactly once (the speaker order is a function, not a model)
+    assert dict(calls)["reviewer"] == 6 and dict(calls)["solver"] >= 6 and set(dict(calls)) == {"solver", "reviewer"}
+    assert runtime > 0  # AutoGen's own spans, exported from the program's environment
+    assert len(triplets) == dict(calls)["solver"] and sum(n for _, n in calls) == len(gateway)
+    for t in triplets:
+        assert t["agent_name"] == "solver" and t["response_token_ids"] == gateway[t["response_id"]]
+        assert t["reward"] in (0.0, 1.0)
