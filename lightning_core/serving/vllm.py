@@ -23,21 +23,19 @@ from pathlib import Path
 
 from lightning_core.common import hardware
 from lightning_core.config import ArclightConfig
-from lightning_core.common.model import DEFAULT_MODEL_DIR, REPO_ROOT, is_model_dir
+from lightning_core.common.model import REPO_ROOT, ModelError, resolve_model
 from lightning_core.common.services import Service, ServiceError, attach, free_port, start_process
 
 DEFAULT_VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def model_dir(config: ArclightConfig) -> Path:
-    """Return the base model folder of this config (``model.path`` or the prepared SmolLM2)."""
-    path = config.model.path or DEFAULT_MODEL_DIR
-    if not is_model_dir(path):
-        raise ServiceError(
-            f"model.path {path} is not a prepared model folder (config.json, safetensors, tokenizer): "
-            "run `arclight model prepare` or point model.path at a Hugging Face model folder"
-        )
-    return Path(path)
+    """Return the base model folder of this config (``model.path``, a Hugging Face id's cached snapshot, or the
+    prepared SmolLM2): the folder vLLM serves and the trainer loads (``common.model.resolve_model``)."""
+    try:
+        return resolve_model(config)
+    except ModelError as exc:
+        raise ServiceError(str(exc)) from None
 
 
 def vllm_python(config: ArclightConfig) -> Path:
@@ -126,7 +124,11 @@ def vllm_argv(config: ArclightConfig, *, port: int, model: Path | None = None) -
 
 
 def vllm_env(config: ArclightConfig) -> dict[str, str]:
-    """Return the environment vLLM needs: offline, runtime LoRA updates, CPU KV-cache size and cores."""
+    """Return the environment vLLM needs: offline, runtime LoRA updates, CPU KV-cache size and cores.
+
+    vLLM is always given a local folder (``model_dir``: a Hugging Face id is resolved before it starts), so it
+    runs offline and loads exactly the snapshot the trainer loads.
+    """
     reserved = config.serving.cpu_reserved_cores or 0
     return {
         "HF_HUB_OFFLINE": "1",
