@@ -91,9 +91,9 @@ def test_vllm_the_trainer_and_retokenizing_get_the_same_snapshot_folder(hub_cach
 
     _, snapshot = hub_cache
     cfg = config_for(tmp_path, f"model.path={HUB_ID}")
-    argv = vllm.vllm_argv(cfg, port=8000)
+    argv = vllm.vllm_argv(cfg, port=8000, machine=vllm.Machine(cpu_count=2))
     assert argv[argv.index("--model") + 1] == str(snapshot)
-    assert vllm.vllm_env(cfg)["HF_HUB_OFFLINE"] == "1"  # it reads a local folder
+    assert vllm.vllm_env(cfg, machine=vllm.Machine(cpu_count=2))["HF_HUB_OFFLINE"] == "1"  # it reads a local folder
 
     seen = {}
     monkeypatch.setattr(stages.ep, "sampling_counts", lambda catalog, run_id, epoch: {})
