@@ -152,6 +152,9 @@ def test_two_gpus_give_vllm_the_first_and_the_trainer_the_second(tmp_path, model
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert trainer_device(cfg, cfg.trainer)[1].devices == [0, 1]
     assert vllm.server_index(cfg, "vllm1") == 1
+    # vLLM attached elsewhere (serving.urls): every GPU here is the trainer's
+    attached = config_for(tmp_path, model_dir, "trainer.device=cuda", "serving.urls=[http://elsewhere:8000]")
+    assert trainer_device(attached, attached.trainer) == (torch.device("cuda", 0), attached.trainer.model_copy(update={"devices": [0, 1, 2, 3]}))
 
 
 def test_replicas_sharing_a_gpu_split_vllms_share(tmp_path, model_dir):

@@ -147,7 +147,7 @@ def missing_model_message(repo_id: str, *, revision: str | None, cache: Path, of
             f"Hugging Face cache {cache} ({why}; {reason.splitlines()[0] if reason else 'not found'}). Download it on a "
             f"machine with access to the hub with `{get}` (older clients: `huggingface-cli download {repo_id}`), "
             f"into the same cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), or point "
-            "model.path at a local model folder.")
+            f"model.path at a local model folder (one that does not exist yet is written ./{repo_id}).")
 
 
 def tokenizer_cache_dir() -> Path:

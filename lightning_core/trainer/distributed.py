@@ -55,7 +55,8 @@ def spawn_grpo(job_fields: dict[str, Any], *, processes: int) -> dict[str, Any]:
         raise ValueError(f"spawn_grpo needs at least 2 processes, found {processes}")
     ids = job_fields.get("device_ids")
     if job_fields["device"].startswith("cuda") and ids is not None and len(ids) < processes:
-        raise ValueError(f"trainer.processes={processes} needs {processes} GPUs, trainer.devices gives {len(ids)}: {ids}")
+        raise ValueError(f"trainer.processes={processes} needs {processes} GPUs, but the trainer has {len(ids)}: {ids} "
+                         "(vLLM takes the first GPU unless serving.devices or trainer.devices say otherwise)")
     if job_fields["device"].startswith("cuda") and torch.cuda.device_count() < processes:
         raise ValueError(f"trainer.processes={processes} needs {processes} GPUs, found {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory(prefix="arclight-ddp-") as tmp:

@@ -215,8 +215,12 @@ def trainer_device(config: ArclightConfig, cfg: TrainerConfig) -> tuple[torch.de
     device = pick_device(cfg.device)
     if device.type != "cuda" or device.index is not None:
         return device, cfg
-    plan = gpu.device_plan(gpus=torch.cuda.device_count(), serving=config.serving.devices, trainer=cfg.devices)
-    return torch.device("cuda", plan.trainer[0]), cfg.model_copy(update={"devices": plan.trainer})
+    count = torch.cuda.device_count()
+    if config.serving.urls and cfg.devices is None:  # vLLM runs elsewhere: every GPU here is the trainer's
+        devices = list(range(count))
+    else:
+        devices = gpu.device_plan(gpus=count, serving=config.serving.devices, trainer=cfg.devices).trainer
+    return torch.device("cuda", devices[0]), cfg.model_copy(update={"devices": devices})
 
 
 def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed):
