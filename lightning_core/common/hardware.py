@@ -43,3 +43,21 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def gpu_count() -> int:
+    """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies); 0 without a GPU, without importing torch."""
+    if not has_gpu():
+        return 0
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def gpu_total_bytes(index: int) -> int:
+    """Total memory of CUDA device ``index`` (``torch.cuda.mem_get_info``; creates this process's context there)."""
+    import torch
+
+    return int(torch.cuda.mem_get_info(index)[1])

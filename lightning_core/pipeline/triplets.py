@@ -289,7 +289,13 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
 def _tokenizer_path(config: ArclightConfig) -> Path:
     """Return the folder whose tokenizer retokenizes: pipeline.tokenizer_path, else model.path, else the base model."""
     from lightning_core.common import model
+    from lightning_core.config import is_hub_id
 
+    if config.pipeline.tokenizer_path is None and config.model.path and is_hub_id(config.model.path):
+        try:  # the same snapshot vLLM serves and the trainer loads
+            return model.resolve_model(config)
+        except model.ModelError as exc:
+            raise PipelineError(f"pipeline.missing_token_ids=retokenize needs the model's tokenizer: {exc}") from None
     path = Path(config.pipeline.tokenizer_path or config.model.path or model.DEFAULT_MODEL_DIR)
     path = path if path.is_absolute() else Path(config.project_dir) / path
     if not (path / "tokenizer_config.json").is_file():

@@ -14,30 +14,34 @@ second policy gets vLLM servers of its own (``replica_groups``).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import logging
 import os
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from lightning_core.common import hardware
+from lightning_core.common import gpu, hardware
 from lightning_core.config import ArclightConfig
-from lightning_core.common.model import DEFAULT_MODEL_DIR, REPO_ROOT, is_model_dir
+from lightning_core.common.model import REPO_ROOT, ModelError, resolve_model
 from lightning_core.common.services import Service, ServiceError, attach, free_port, start_process
+
+log = logging.getLogger("arclight.vllm")
 
 DEFAULT_VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def model_dir(config: ArclightConfig) -> Path:
-    """Return the base model folder of this config (``model.path`` or the prepared SmolLM2)."""
-    path = config.model.path or DEFAULT_MODEL_DIR
-    if not is_model_dir(path):
-        raise ServiceError(
-            f"model.path {path} is not a prepared model folder (config.json, safetensors, tokenizer): "
-            "run `arclight model prepare` or point model.path at a Hugging Face model folder"
-        )
-    return Path(path)
+    """Return the base model folder of this config (``model.path``, a Hugging Face id's cached snapshot, or the
+    prepared SmolLM2): the folder vLLM serves and the trainer loads (``common.model.resolve_model``)."""
+    try:
+        return resolve_model(config)
+    except ModelError as exc:
+        raise ServiceError(str(exc)) from None
 
 
 def vllm_python(config: ArclightConfig) -> Path:
@@ -48,17 +52,52 @@ def vllm_python(config: ArclightConfig) -> Path:
     return Path(python)
 
 
+@dataclass(frozen=True)
+class Machine:
+    """What vLLM's command line depends on, so that it can be built for any machine (tests build GPU ones)."""
+
+    gpus: int = 0                          # CUDA devices this process sees
+    cpu_count: int = 1
+    cpu_bf16: bool = False
+    gpu_total_bytes: int | None = None     # memory of vLLM's first device, when its share must be computed
+    visible: tuple[str, ...] | None = None  # this process's CUDA_VISIBLE_DEVICES: index i is device visible[i]
+
+    @classmethod
+    def here(cls, config: ArclightConfig) -> "Machine":
+        """This machine (a GPU's memory is read only when vLLM shares it with the trainer and its share is not set)."""
+        count = hardware.gpu_count()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        total = None
+        if count and config.serving.gpu_memory_utilization is None:
+            plan = device_plan(config, gpus=count)
+            if plan.shared:
+                total = hardware.gpu_total_bytes(sorted(set(plan.serving) & set(plan.trainer))[0])
+        return cls(gpus=count, cpu_count=hardware.cpu_count(), cpu_bf16=hardware.cpu_has_bf16(), gpu_total_bytes=total,
+                   visible=tuple(v.strip() for v in visible.split(",")) if visible else None)
+
+
+def device_plan(config: ArclightConfig, *, gpus: int) -> gpu.DevicePlan:
+    """The CUDA devices of vLLM and of the trainer on a machine with ``gpus`` GPUs (``serving.devices``,
+    ``trainer.devices``, else one GPU shared, or vLLM on the first and the trainer on the rest)."""
+    try:
+        return gpu.device_plan(gpus=gpus, serving=config.serving.devices, trainer=config.trainer.devices)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+
+
 # auto serves merged weights on CPU for at most this many policies: each policy (and the base model,
 # for frozen agents) then runs in its own vLLM, ~3 GB of memory each
 MERGED_AUTO_MAX_POLICIES = 2
 
 
-def redeploy_mode(config: ArclightConfig) -> str:
-    """Return how new versions reach vLLM: 'lora' (adapters) or 'merged' (weights reloaded in place)."""
+def redeploy_mode(config: ArclightConfig, *, gpu: bool | None = None) -> str:
+    """Return how new versions reach vLLM: 'lora' (adapters) or 'merged' (weights reloaded in place). ``gpu``:
+    whether vLLM runs on a GPU (default: whether this machine has one)."""
     mode = config.serving.redeploy
     if mode == "auto":
+        gpu = hardware.has_gpu() if gpu is None else gpu
         # vLLM on CPU serves an active adapter ~4x slower than plain weights (263 vs 59 s for 64 sql rollouts)
-        mode = "merged" if not hardware.has_gpu() and len(config.policies) <= MERGED_AUTO_MAX_POLICIES else "lora"
+        mode = "merged" if not gpu and len(config.policies) <= MERGED_AUTO_MAX_POLICIES else "lora"
     return mode
 
 
@@ -91,43 +130,120 @@ def upstream_specs(replicas: list[Service]) -> list[str]:
     return [f"{replica_group(r)}={r.url}" if replica_group(r) else r.url for r in replicas]
 
 
-def serving_dtype(config: ArclightConfig) -> str:
+def serving_dtype(config: ArclightConfig, *, machine: Machine | None = None) -> str:
     """Return vLLM's dtype: the configured one, or for auto bf16 where the hardware computes it natively."""
     if config.serving.dtype != "auto":
         return config.serving.dtype
+    if machine is not None:
+        return "bfloat16" if machine.gpus or machine.cpu_bf16 else "float32"
     return "bfloat16" if hardware.has_gpu() or hardware.cpu_has_bf16() else "float32"
 
 
-def vllm_argv(config: ArclightConfig, *, port: int, model: Path | None = None) -> list[str]:
-    """Return the command line of one vLLM OpenAI server for this config.
+def servers(config: ArclightConfig) -> int:
+    """How many vLLM servers ``start_vllm_replicas`` starts: ``serving.replicas`` per replica group."""
+    return len(replica_groups(config)) * config.serving.replicas
+
+
+def server_index(config: ArclightConfig, name: str) -> int:
+    """The position of server ``name`` (``vllm1``, ``vllm0@writer``) among all started ones (picks its GPUs)."""
+    match = re.fullmatch(r"vllm(\d+)(?:@(.+))?", name)
+    if not match:
+        return 0
+    groups = replica_groups(config)
+    group = groups.index(match.group(2)) if match.group(2) in groups else 0
+    return group * config.serving.replicas + int(match.group(1))
+
+
+def server_devices(config: ArclightConfig, *, machine: Machine, server: int = 0) -> list[int]:
+    """The CUDA devices (this process's indices) of vLLM server number ``server``; empty without a GPU."""
+    if not machine.gpus:
+        return []
+    plan = device_plan(config, gpus=machine.gpus)
+    return gpu.replica_devices(plan.serving, servers=servers(config), index=server)
+
+
+def gpu_memory_utilization(config: ArclightConfig, *, model: Path, machine: Machine, server: int = 0) -> float | None:
+    """vLLM's --gpu-memory-utilization: ``serving.gpu_memory_utilization``; else, on a device shared with the trainer,
+    what the trainer's estimated need leaves; else vLLM's own (None). Servers sharing a device split the share."""
+    s = config.serving
+    if not machine.gpus:
+        return s.gpu_memory_utilization
+    plan = device_plan(config, gpus=machine.gpus)
+    count = servers(config)
+    mine = gpu.replica_devices(plan.serving, servers=count, index=server)
+    sharing = sum(1 for i in range(count) if mine[0] in gpu.replica_devices(plan.serving, servers=count, index=i))
+    if s.gpu_memory_utilization is not None:
+        share = s.gpu_memory_utilization
+    elif mine[0] in plan.trainer:
+        if not machine.gpu_total_bytes:
+            raise ServiceError(f"vLLM shares CUDA device {mine[0]} with the trainer, but its memory is unknown: set "
+                               "serving.gpu_memory_utilization")
+        need = gpu.trainer_memory_for(config, model)
+        share = gpu.vllm_memory_share(total_bytes=machine.gpu_total_bytes, trainer_bytes=need.total)
+        weights = gpu.ModelShape.from_dir(model).params * 2
+        if share * machine.gpu_total_bytes / sharing < 1.2 * weights:
+            log.warning("vLLM's share of CUDA device %s (%.2f of %.1f GiB) leaves little beyond its %.1f GiB of weights "
+                        "for the KV cache; the trainer's estimated need is %.1f GiB: lower trainer.micro_batch_size, turn "
+                        "on trainer.gradient_checkpointing or serving.sleep_mode, or give each its own GPU (docs/gpu.md)",
+                        mine[0], share, machine.gpu_total_bytes / gpu.GIB, weights / gpu.GIB, need.total / gpu.GIB)
+    elif sharing > 1:
+        share = gpu.MAX_VLLM_SHARE
+    else:
+        return None
+    return int(share / sharing * 100) / 100 if sharing > 1 else share
+
+
+def vllm_argv(config: ArclightConfig, *, port: int, model: Path | None = None, machine: Machine | None = None,
+              server: int = 0, python: Path | None = None) -> list[str]:
+    """Return the command line of vLLM server number ``server`` for this config on ``machine`` (default: this one).
 
     LoRA is enabled only when versions are served as adapters: with it, vLLM on CPU runs every
     forward through its LoRA kernels even for the base model (104 vs 152 tokens/s measured here).
+    On a GPU: ``--gpu-memory-utilization`` (``gpu_memory_utilization``) and, with ``serving.sleep_mode``,
+    ``--enable-sleep-mode``, which the CPU build does not have (refused there).
     """
     s = config.serving
+    machine = machine or Machine.here(config)
+    model = model or model_dir(config)
+    on_gpu = machine.gpus > 0
+    if s.sleep_mode and not on_gpu:
+        raise ServiceError("serving.sleep_mode needs vLLM on a GPU: the CPU build has no sleep mode (there is no device "
+                           "memory to free for the trainer); unset serving.sleep_mode")
     lora = ["--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank)]
-    eager = s.eager if s.eager is not None else not hardware.has_gpu()
+    eager = s.eager if s.eager is not None else not on_gpu
     # the CPU build's default block of 128 tokens caches only whole blocks of a shared prompt prefix: 32 took
     # 64 sql rollouts from 59 to 46 s (prefix-cache hits 46% -> 69%)
-    block = s.block_size or (None if hardware.has_gpu() else 32)
+    block = s.block_size or (None if on_gpu else 32)
+    share = gpu_memory_utilization(config, model=model, machine=machine, server=server) if on_gpu else s.gpu_memory_utilization
     return [
-        str(vllm_python(config)), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model or model_dir(config)),
+        str(python or vllm_python(config)), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model),
         "--served-model-name", config.model.served_name,
         "--host", s.host, "--port", str(port),
-        "--dtype", serving_dtype(config),
+        "--dtype", serving_dtype(config, machine=machine),
         "--max-model-len", str(s.max_model_len),
-        *(lora if redeploy_mode(config) == "lora" else []),
+        *(lora if redeploy_mode(config, gpu=on_gpu) == "lora" else []),
         *(["--enforce-eager"] if eager and "--enforce-eager" not in s.extra_args else []),
         *(["--block-size", str(block)] if block and "--block-size" not in s.extra_args else []),
+        *(["--gpu-memory-utilization", f"{share:g}"] if share is not None and "--gpu-memory-utilization" not in s.extra_args else []),
+        *(["--enable-sleep-mode"] if s.sleep_mode and "--enable-sleep-mode" not in s.extra_args else []),
         "--disable-uvicorn-access-log",
         *s.extra_args,
     ]
 
 
-def vllm_env(config: ArclightConfig) -> dict[str, str]:
-    """Return the environment vLLM needs: offline, runtime LoRA updates, CPU KV-cache size and cores."""
+def vllm_env(config: ArclightConfig, *, machine: Machine | None = None, server: int = 0) -> dict[str, str]:
+    """Return the environment vLLM needs: offline, runtime LoRA updates, CPU KV-cache size and cores, and on a GPU the
+    devices of server number ``server`` (CUDA_VISIBLE_DEVICES).
+
+    vLLM is always given a local folder (``model_dir``: a Hugging Face id is resolved before it starts), so it
+    runs offline and loads exactly the snapshot the trainer loads.
+    """
+    machine = machine or Machine.here(config)
     reserved = config.serving.cpu_reserved_cores or 0
+    devices = server_devices(config, machine=machine, server=server)
+    if machine.visible:
+        devices = [machine.visible[d] if d < len(machine.visible) else d for d in devices]
     return {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -135,11 +251,12 @@ def vllm_env(config: ArclightConfig) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": str(config.serving.cpu_kvcache_gib),
         # vLLM's CPU build keeps a core for other processes by default; rollouts mostly wait on it
         "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved),
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{hardware.cpu_count() - reserved - 1}" if hardware.cpu_count() > reserved else "auto",
-        # Enables /collective_rpc, the in-place weight reload used for full-checkpoint redeploys.
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{machine.cpu_count - reserved - 1}" if machine.cpu_count > reserved else "auto",
+        # Enables /collective_rpc (in-place weight reloads for full-checkpoint redeploys) and /sleep, /wake_up.
         "VLLM_SERVER_DEV_MODE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        **({"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices)} if devices else {}),
         **config.serving.env,
     }
 
@@ -157,10 +274,13 @@ def start_vllm(
     log_dir = log_dir or config.project_dir / ".arclight" / "logs"
     host = "127.0.0.1" if config.serving.host in ("0.0.0.0", "", "::") else config.serving.host
     url = f"http://{host}:{port}"
+    machine, server = Machine.here(config), server_index(config, name)
+    argv = vllm_argv(config, port=port, model=model, machine=machine, server=server)
+    env = vllm_env(config, machine=machine, server=server)
     scratch = Path(tempfile.mkdtemp(prefix=f"arclight-{name}-"))
     return start_process(
-        name, vllm_argv(config, port=port, model=model), url=url, health_url=f"{url}/health",
-        log_path=log_dir / f"{name}-{port}.log", env={**scratch_env(scratch), **vllm_env(config)},
+        name, argv, url=url, health_url=f"{url}/health",
+        log_path=log_dir / f"{name}-{port}.log", env={**scratch_env(scratch), **env},
         timeout_s=config.serving.startup_timeout_s, cwd=log_dir, scratch=scratch,
     )
 
@@ -183,6 +303,38 @@ def _user() -> str:
     except (KeyError, OSError):
         name = f"uid_{os.getuid()}"
     return re.sub(r'[\\/:*?"<>|]', "_", name)
+
+
+@contextlib.contextmanager
+def asleep(urls: list[str], *, level: int = 1, timeout_s: float = 300.0) -> Iterator[None]:
+    """Put the vLLM servers at ``urls`` to sleep for the ``with`` block and wake them after (``serving.sleep_mode``).
+
+    Level 1 moves the weights to CPU memory and frees the KV cache, so the trainer gets the GPU memory they held;
+    ``POST /sleep`` and ``POST /wake_up`` need ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``. A server that
+    will not sleep is logged and left awake (training may then run short of memory); one that will not wake is an error.
+    """
+    import httpx
+
+    sleeping = []
+    with httpx.Client(timeout=timeout_s) as client:
+        for url in urls:
+            try:
+                client.post(f"{url}/sleep", params={"level": level}).raise_for_status()
+                sleeping.append(url)
+            except httpx.HTTPError as exc:
+                log.warning("vLLM at %s did not go to sleep (%s): training next to it; was it started with "
+                            "--enable-sleep-mode (serving.sleep_mode)?", url, exc)
+        try:
+            yield
+        finally:
+            failed = []
+            for url in sleeping:
+                try:
+                    client.post(f"{url}/wake_up").raise_for_status()
+                except httpx.HTTPError as exc:
+                    failed.append(f"{url} ({exc})")
+            if failed:
+                raise ServiceError(f"vLLM did not wake up after training: {', '.join(failed)}")
 
 
 def attach_vllm(url: str) -> Service:

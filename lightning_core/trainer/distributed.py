@@ -37,10 +37,11 @@ class GrpoJob:
     cfg: Any                     # TrainerConfig
     samples: list[Any]           # samples.Sample
     seed: int
-    device: str                  # cpu, or cuda (rank r uses cuda:r)
+    device: str                  # cpu, or cuda (rank r uses cuda:device_ids[r], default cuda:r)
     backend: str                 # gloo | nccl
     init_method: str             # tcp://127.0.0.1:PORT
     out_path: str                # rank 0 writes {"history", "trainable", "optimizer"} here
+    device_ids: list[int] | None = None  # trainer.devices: the CUDA devices of the ranks, in rank order
 
 
 def backend_for(device: torch.device) -> str:
@@ -52,6 +53,10 @@ def spawn_grpo(job_fields: dict[str, Any], *, processes: int) -> dict[str, Any]:
     """Run the GRPO steps on ``processes`` ranks of this machine; return rank 0's history, weights and optimizer state."""
     if processes < 2:
         raise ValueError(f"spawn_grpo needs at least 2 processes, found {processes}")
+    ids = job_fields.get("device_ids")
+    if job_fields["device"].startswith("cuda") and ids is not None and len(ids) < processes:
+        raise ValueError(f"trainer.processes={processes} needs {processes} GPUs, but the trainer has {len(ids)}: {ids} "
+                         "(vLLM takes the first GPU unless serving.devices or trainer.devices say otherwise)")
     if job_fields["device"].startswith("cuda") and torch.cuda.device_count() < processes:
         raise ValueError(f"trainer.processes={processes} needs {processes} GPUs, found {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory(prefix="arclight-ddp-") as tmp:
@@ -69,7 +74,7 @@ def _rank_main(rank: int, world_size: int, job: GrpoJob) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         device = torch.device("cpu")
     else:
-        device = torch.device("cuda", rank)
+        device = torch.device("cuda", job.device_ids[rank] if job.device_ids else rank)
         torch.cuda.set_device(device)
     dist.init_process_group(job.backend, init_method=job.init_method, rank=rank, world_size=world_size)
     try:
@@ -110,6 +115,7 @@ def run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir, 
     result = spawn_grpo(dict(
         base_model_dir=str(base_model_dir), parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
         parent_dir=str(parent_dir) if parent_dir else None, cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),
+        device_ids=list(cfg.devices) if device.type == "cuda" and getattr(cfg, "devices", None) else None,
     ), processes=cfg.processes)
     named = dict(model.named_parameters())
     missing = sorted(set(result["trainable"]) - set(named))

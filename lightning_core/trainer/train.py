@@ -20,6 +20,7 @@ import torch
 from lightning_core import tracking
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig, TrainerConfig
+from lightning_core.common import gpu
 from lightning_core.common.durable import save_atomically
 from lightning_core.trainer import checkpoint, versions
 from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of
@@ -103,7 +104,7 @@ def train_policy(
                                path=None, metrics=stats, mlflow_run_id=mlflow_run_id, message=message)
 
         seed_everything(cfg.seed + epoch)
-        device = pick_device(cfg.device)
+        device, cfg = trainer_device(config, cfg)
         amp = autocast_dtype(cfg.dtype, device)
         model = load_policy_model(
             base_model_dir, finetune=cfg.finetune, device=device, bf16=amp is not None, lora_r=cfg.lora_r,
@@ -206,6 +207,20 @@ def train_policies(
             epoch_metrics=epoch_metrics, catalog=catalog,
         ))
     return results
+
+
+def trainer_device(config: ArclightConfig, cfg: TrainerConfig) -> tuple[torch.device, TrainerConfig]:
+    """The trainer's device, and ``cfg`` with the CUDA devices of its ranks (``trainer.devices``, else the GPUs vLLM
+    leaves it: ``common.gpu.device_plan``). CPU, or an explicit ``cuda:N``, is used as given."""
+    device = pick_device(cfg.device)
+    if device.type != "cuda" or device.index is not None:
+        return device, cfg
+    count = torch.cuda.device_count()
+    if config.serving.urls and cfg.devices is None:  # vLLM runs elsewhere: every GPU here is the trainer's
+        devices = list(range(count))
+    else:
+        devices = gpu.device_plan(gpus=count, serving=config.serving.devices, trainer=cfg.devices).trainer
+    return torch.device("cuda", devices[0]), cfg.model_copy(update={"devices": devices})
 
 
 def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed):
