@@ -242,7 +242,16 @@ class TrainerConfig(Section):
     devices: list[int] | None = Field(
         None, description="CUDA device indices the trainer uses (rank r of trainer.processes takes the r-th). None = "
         "the GPUs vLLM does not use, or vLLM's own on a one-GPU machine (shared).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences (both the plain "
+                                         "and the shared-prefix forward).")
+    attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="Attention of the shared-prefix forward: sdpa (a dense tree mask) or flex (FlexAttention "
+        "with a block mask built from the prefix tree, compiled; skips the masked blocks). auto: flex on CUDA, sdpa "
+        "elsewhere (torch 2.13 has no FlexAttention backward on CPU, so flex fails for training there). The choice is "
+        "logged as the MLflow param attention_backend and the step metric flex_attention.")
+    logits_chunk_tokens: int = Field(
+        1024, ge=1, description="The loss computes full-vocabulary logits for the response tokens only, this many at a "
+        "time; with more than one chunk each is recomputed in backward, so peak memory holds one chunk's logits.")
     processes: int = Field(
         1, ge=1, description="Data-parallel GRPO ranks on this machine (torch.distributed: gloo on CPU, nccl with one "
         "GPU per rank): each step's micro-batches are shared out and gradients summed, the same step as one process. "

@@ -61,14 +61,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def loss_and_grads(model, samples, *, shared: bool, device: torch.device = CPU):
+def loss_and_grads(model, samples, *, shared: bool, device: torch.device = CPU, attention: str = "sdpa",
+                   logits_chunk_tokens: int = 1024):
     weights = loss_weights(samples, normalization="token")
     batch = collate(samples, weights=weights, pad_token_id=0, device=device)
     model.zero_grad(set_to_none=True)
     if shared:
-        logps, _ = tree_response_logps(model, build_tree(samples), batch["response_ids"])
+        logps, _ = tree_response_logps(model, build_tree(samples), batch["response_ids"], attention=attention,
+                                       logits_chunk_tokens=logits_chunk_tokens)
     else:
-        logps, _ = response_logps(model, batch)
+        logps, _ = response_logps(model, batch, logits_chunk_tokens=logits_chunk_tokens)
     loss, _ = grpo_loss(logps=logps.float(), old_logps=batch["old_logps"], advantages=batch["advantages"],
                         mask=batch["response_mask"], weights=batch["weights"], epsilon_low=0.2, epsilon_high=0.2)
     loss.backward()

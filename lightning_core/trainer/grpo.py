@@ -17,33 +17,40 @@ import time
 from typing import Callable
 
 import torch
-from trl.trainer.utils import selective_log_softmax_and_entropy
 
 from lightning_core.trainer import collectives
 from lightning_core.trainer.samples import Sample, Step
 from lightning_core.trainer.batches import collate
-from lightning_core.trainer.prefix_tree import PrefixTree, build_tree, tree_response_logps
+from lightning_core.trainer.prefix_tree import PrefixTree, build_tree, scatter_rows, tree_response_logps
+from lightning_core.trainer.token_logps import decoder_and_head, token_logps
 
 log = logging.getLogger(__name__)
 
 
-def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token logprobs (and entropy, without grad) of the response tokens; logits only for them."""
-    width = batch["response_ids"].size(1)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
-    logits = out.logits[:, :-1, :]  # position t predicts token t+1: the last width+1 positions give the response
-    logps, entropy = selective_log_softmax_and_entropy(logits, batch["response_ids"], entropy_requires_grad=False)
-    return logps, (entropy if with_entropy else None)
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False,
+                   logits_chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token logprobs [B, W] (and entropy, without grad) of the response tokens; logits only for the real ones."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # [B, L, H]
+    response_ids = batch["response_ids"]
+    b_idx, k_idx = batch["response_mask"].bool().nonzero(as_tuple=True)
+    # prompts are left-padded and responses right-padded: position L-W-1+k predicts response token k
+    at = hidden.size(1) - response_ids.size(1) - 1 + k_idx
+    flat, flat_entropy = token_logps(hidden[b_idx, at], response_ids[b_idx, k_idx], head=head,
+                                     chunk_tokens=logits_chunk_tokens, with_entropy=with_entropy)
+    return scatter_rows(flat, b_idx, k_idx, like=response_ids), (
+        scatter_rows(flat_entropy, b_idx, k_idx, like=response_ids) if with_entropy else None)
 
 
 def micro_batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tree: PrefixTree | None, *,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      with_entropy: bool = False, attention: str = "sdpa", logits_chunk_tokens: int = 1024,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Response logprobs of a micro-batch: one packed shared-prefix forward when ``tree`` is given, else padded."""
     if tree is not None:
-        return tree_response_logps(model, tree, batch["response_ids"], with_entropy=with_entropy)
-    return response_logps(model, batch, with_entropy=with_entropy)
+        return tree_response_logps(model, tree, batch["response_ids"], with_entropy=with_entropy, attention=attention,
+                                   logits_chunk_tokens=logits_chunk_tokens)
+    return response_logps(model, batch, with_entropy=with_entropy, logits_chunk_tokens=logits_chunk_tokens)
 
 
 def grpo_loss(
@@ -100,8 +107,14 @@ def train_grpo(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     passes: int = 1,
     max_steps: int | None = None,
+    attention: str = "sdpa",
+    logits_chunk_tokens: int = 1024,
 ) -> list[dict[str, float]]:
-    """Run the optimizer steps; return one metrics dict per step (skipped steps included)."""
+    """Run the optimizer steps; return one metrics dict per step (skipped steps included).
+
+    ``attention`` is the shared-prefix forward's kernel (``tree_attention.choose_attention``); on CUDA
+    each step also reports ``peak_memory_gb``, the most GPU memory allocated during it (on CPU, nothing).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world_size = collectives.world()
     first_pass_logps: dict[int, list[float]] = {}  # on-policy "old" logprobs, reused by later passes
@@ -111,6 +124,8 @@ def train_grpo(
         if max_steps is not None and step_index >= max_steps:
             break
         t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "ratio_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
                   "encoded": 0.0}
@@ -127,7 +142,8 @@ def train_grpo(
                 if beta != 0.0:
                     with torch.no_grad():
                         ref = reference(batch, tree).float()
-                logps, entropy = micro_batch_logps(model, batch, tree, with_entropy=True)
+                logps, entropy = micro_batch_logps(model, batch, tree, with_entropy=True, attention=attention,
+                                                   logits_chunk_tokens=logits_chunk_tokens)
                 logps = logps.float()
                 loss, stats = grpo_loss(
                     logps=logps, old_logps=batch["old_logps"], advantages=batch["advantages"],
@@ -175,9 +191,12 @@ def train_grpo(
             "step_tokens": float(tokens),
             "encoded_tokens": totals["encoded"],
             "shared_prefix": 1.0 if step.shared_prefix else 0.0,
+            "flex_attention": 1.0 if (step.shared_prefix and attention == "flex") else 0.0,
             "step_triplets": float(len(step.samples)),
             "skipped": 0.0 if skip_reason is None else 1.0,
         }
+        if device.type == "cuda":
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         history.append(metrics)
         if on_step is not None:
             on_step(step_index, metrics)

@@ -14,6 +14,7 @@ from lightning_core.trainer.batches import plan_steps
 from lightning_core.trainer.grpo import train_grpo
 from lightning_core.trainer.policy_model import reference_logps_fn
 from lightning_core.trainer.prefix_tree import TREE_ATTENTION, attn_implementation
+from lightning_core.trainer.tree_attention import prepare_attention
 
 if TYPE_CHECKING:
     from lightning_core.config import TrainerConfig
@@ -26,6 +27,7 @@ OPTIMIZER_STATE = "optimizer.pt"
 
 def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step, parent_dir=None,
               parent_adapter_dir=None):
+    attention = prepare_attention(model, cfg.attention, device=device)
     steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
                        normalization=cfg.loss_normalization, seed=seed,
                        shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
@@ -34,13 +36,14 @@ def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp,
                                   weight_decay=cfg.weight_decay)
     if cfg.keep_optimizer_state and parent_dir is not None:
         resume_optimizer(optimizer, Path(parent_dir) / OPTIMIZER_STATE, cfg=cfg)
-    reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device)
+    reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device,
+                                    attention=attention, logits_chunk_tokens=cfg.logits_chunk_tokens)
                  if cfg.beta != 0.0 else None)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                          beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
                          reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
-                         max_steps=cfg.max_steps)
+                         max_steps=cfg.max_steps, attention=attention, logits_chunk_tokens=cfg.logits_chunk_tokens)
     return metrics, optimizer
 
 

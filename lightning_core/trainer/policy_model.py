@@ -78,15 +78,20 @@ def load_policy_model(
     return model.to(device)
 
 
-def reference_logps_fn(model: torch.nn.Module, *, base_model_dir: str | Path, finetune: str, device: torch.device):
+def reference_logps_fn(model: torch.nn.Module, *, base_model_dir: str | Path, finetune: str, device: torch.device,
+                       attention: str = "sdpa", logits_chunk_tokens: int = 1024):
     """Return (batch, tree) -> reference response logprobs: the adapter switched off (LoRA) or a frozen base copy."""
     from lightning_core.trainer.grpo import micro_batch_logps
+    from lightning_core.trainer.tree_attention import use_flex
 
+    kw = dict(attention=attention, logits_chunk_tokens=logits_chunk_tokens)
     if finetune == "lora":
         def reference(batch, tree):
             with model.disable_adapter():
-                return micro_batch_logps(model, batch, tree)[0]
+                return micro_batch_logps(model, batch, tree, **kw)[0]
         return reference
     ref = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32).to(device).eval()
     ref.requires_grad_(False)
-    return lambda batch, tree: micro_batch_logps(ref, batch, tree)[0]
+    if attention == "flex":
+        use_flex(ref)
+    return lambda batch, tree: micro_batch_logps(ref, batch, tree, **kw)[0]

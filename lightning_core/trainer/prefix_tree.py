@@ -18,11 +18,15 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from lightning_core.trainer.token_logps import decoder_and_head, token_logps
+from lightning_core.trainer.tree_attention import TREE_FLEX, tree_block_mask
+
 if TYPE_CHECKING:
     from lightning_core.trainer.samples import Sample
 
 # Attention kernels that take an arbitrary (tree) mask; flash-attention-2 only does causal/varlen.
-TREE_ATTENTION = ("sdpa", "eager")
+# TREE_FLEX is SDPA that also takes FlexAttention block masks (tree_attention.use_flex).
+TREE_ATTENTION = ("sdpa", "eager", TREE_FLEX)
 
 
 @dataclass
@@ -34,6 +38,7 @@ class PrefixTree:
     depths: np.ndarray         # [N] position id of each node
     logit_nodes: np.ndarray    # [U] nodes whose logits predict some response token, ascending
     gather: np.ndarray         # [B, W] index into logit_nodes for response token k of sample b (0 where padded)
+    response_lengths: np.ndarray  # [B] response tokens of each sample (gather's real entries are [b, :len])
 
     @property
     def size(self) -> int:
@@ -114,7 +119,8 @@ def build_tree(samples: Sequence["Sample"]) -> PrefixTree:
     for b, row in enumerate(predicting):
         gather[b, : len(row)] = np.searchsorted(logit_nodes, row)
     return PrefixTree(token_ids=np.asarray(tokens, dtype=np.int64), parents=np.asarray(parents, dtype=np.int64),
-                      depths=np.asarray(depths, dtype=np.int64), logit_nodes=logit_nodes, gather=gather)
+                      depths=np.asarray(depths, dtype=np.int64), logit_nodes=logit_nodes, gather=gather,
+                      response_lengths=np.asarray([len(s.response_ids) for s in samples], dtype=np.int64))
 
 
 def ancestor_mask(parents: np.ndarray) -> np.ndarray:
@@ -132,7 +138,7 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
 def attention_mask(tree: PrefixTree, *, implementation: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The 4D mask transformers uses as given: bool for sdpa, additive (0 / dtype min) for eager."""
     allowed = torch.from_numpy(ancestor_mask(tree.parents)).to(device)[None, None]
-    if implementation == "sdpa":
+    if implementation in ("sdpa", TREE_FLEX):
         return allowed
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -146,22 +152,39 @@ def attn_implementation(model: torch.nn.Module) -> str:
 
 
 def tree_response_logps(model: torch.nn.Module, tree: PrefixTree, response_ids: torch.Tensor, *,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token logprobs [B, W] (and entropy, without grad) of the responses, from one packed forward."""
+                        with_entropy: bool = False, attention: str = "sdpa", logits_chunk_tokens: int = 1024,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token logprobs [B, W] (and entropy, without grad) of the responses, from one packed forward.
+
+    ``attention``: sdpa (a dense [N, N] mask; sdpa or eager kernels) or flex (a FlexAttention block
+    mask; the model must have been through ``tree_attention.use_flex``). Logits are computed only for
+    the real response tokens, ``logits_chunk_tokens`` at a time (``token_logps``).
+    """
     device = response_ids.device
-    compute_dtype = next(p.dtype for p in model.parameters())
-    if torch.is_autocast_enabled(device.type):
-        compute_dtype = torch.get_autocast_dtype(device.type)
-    mask = attention_mask(tree, implementation=attn_implementation(model), dtype=compute_dtype, device=device)
-    out = model(input_ids=torch.from_numpy(tree.token_ids).to(device)[None],
-                position_ids=torch.from_numpy(tree.depths).to(device)[None],
-                attention_mask=mask, logits_to_keep=torch.from_numpy(tree.logit_nodes).to(device), use_cache=False)
-    logp_nodes = torch.log_softmax(out.logits[0].float(), dim=-1)  # [U, V]
-    gather = torch.from_numpy(tree.gather).to(device)
-    logps = logp_nodes[gather, response_ids]  # [B, W]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            per_node = -(logp_nodes.exp() * logp_nodes).sum(-1)
-            entropy = per_node[gather]
-    return logps, entropy
+    if attention == "flex":
+        mask = tree_block_mask(tree.parents, device=device)
+    elif attention == "sdpa":
+        compute_dtype = next(p.dtype for p in model.parameters())
+        if torch.is_autocast_enabled(device.type):
+            compute_dtype = torch.get_autocast_dtype(device.type)
+        mask = attention_mask(tree, implementation=attn_implementation(model), dtype=compute_dtype, device=device)
+    else:
+        raise ValueError(f"tree attention must be 'sdpa' or 'flex', found {attention!r}")
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=torch.from_numpy(tree.token_ids).to(device)[None],
+                     position_ids=torch.from_numpy(tree.depths).to(device)[None],
+                     attention_mask=mask, use_cache=False).last_hidden_state[0]  # [N, H]
+    width = response_ids.size(1)
+    real = torch.from_numpy(np.arange(width)[None, :] < tree.response_lengths[:, None]).to(device)  # [B, W]
+    b_idx, k_idx = real.nonzero(as_tuple=True)
+    nodes = torch.from_numpy(tree.logit_nodes).to(device)[torch.from_numpy(tree.gather).to(device)[b_idx, k_idx]]
+    flat, flat_entropy = token_logps(hidden[nodes], response_ids[b_idx, k_idx], head=head,
+                                     chunk_tokens=logits_chunk_tokens, with_entropy=with_entropy)
+    return scatter_rows(flat, b_idx, k_idx, like=response_ids), (
+        scatter_rows(flat_entropy, b_idx, k_idx, like=response_ids) if with_entropy else None)
+
+
+def scatter_rows(values: torch.Tensor, b_idx: torch.Tensor, k_idx: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
+    """Per-token values of the real response tokens -> [B, W] fp32, zero where padded."""
+    out = torch.zeros(like.shape, dtype=values.dtype, device=values.device)
+    return out.index_put((b_idx, k_idx), values)

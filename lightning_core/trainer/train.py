@@ -28,6 +28,7 @@ from lightning_core.trainer.distributed import run_grpo_distributed
 from lightning_core.trainer.grpo_run import OPTIMIZER_STATE, run_grpo
 from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, pick_device, seed_everything
 from lightning_core.trainer.sft import select_sft_rows, train_sft
+from lightning_core.trainer.tree_attention import choose_attention
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def train_policy(
     (the epoch stage's sampling counts, ``sampling/...``) are logged beside the training's own."""
     cfg = config.trainer_for(policy)
     params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
+    if cfg.mode == "grpo":  # the shared-prefix forward's attention on this device (fails here for flex on a CPU)
+        params["attention_backend"] = choose_attention(cfg.attention, device=pick_device(cfg.device))
     learning_rate = scheduled_learning_rate(cfg, epoch=epoch, epochs=config.epochs)
     cfg = cfg.model_copy(update={"learning_rate": learning_rate})
     rows = [r for r in rows_of(triplets) if r.get("policy") in (None, policy)]
