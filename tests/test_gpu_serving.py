@@ -59,6 +59,31 @@ def test_the_trainer_estimate_adds_weights_lora_state_activations_and_logits():
     assert (full.weights, full.trainable) == (0, 16 * shape.params)
 
 
+QWEN7B = ModelShape(hidden_size=3584, layers=28, heads=28, kv_heads=4, intermediate_size=18944, vocab_size=152064)
+
+
+def test_the_logits_term_is_bounded_by_the_chunk():
+    everything = trainer_memory(QWEN7B, micro_batch_size=8, sequence_length=2048)
+    assert everything.logits == 8 * 8 * 2048 * 152064  # logits_tokens=None: every token of the micro-batch
+    chunked = trainer_memory(QWEN7B, micro_batch_size=8, sequence_length=2048, logits_tokens=min(8 * 512, 1024))
+    assert chunked.logits == 8 * 152064 * 1024
+    assert (chunked.weights, chunked.trainable, chunked.activations) == (
+        everything.weights, everything.trainable, everything.activations)
+    assert everything.total - chunked.total == 8 * 152064 * (8 * 2048 - 1024)
+    with pytest.raises(ValueError, match="logits_tokens must be >= 0"):
+        trainer_memory(QWEN7B, micro_batch_size=1, sequence_length=16, logits_tokens=-1)
+
+
+def test_the_configs_estimate_counts_one_chunk_of_response_logits(tmp_path, model_dir):
+    shape = ModelShape.from_dir(model_dir)
+    for overrides, tokens in ((["trainer.logits_chunk_tokens=64"], 64),
+                              (["trainer.micro_batch_size=2", "trainer.max_response_length=16"], 2 * 16)):
+        cfg = config_for(tmp_path, model_dir, *overrides)
+        t = cfg.trainer_for(cfg.policies[0].name)
+        assert tokens == min(t.micro_batch_size * t.max_response_length, t.logits_chunk_tokens)
+        assert gpu.trainer_memory_for(cfg, model_dir).logits == 8 * shape.vocab_size * tokens
+
+
 def test_vllms_share_is_what_the_trainer_and_the_margin_leave_within_bounds():
     assert vllm_memory_share(total_bytes=80 * GIB, trainer_bytes=20 * GIB) == 0.72  # (80 - 20 - 2) / 80
     assert vllm_memory_share(total_bytes=24 * GIB, trainer_bytes=23 * GIB) == 0.1

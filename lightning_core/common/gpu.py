@@ -8,7 +8,7 @@ Pure functions over numbers, so the choices can be tested without a GPU:
 
 The trainer's memory is an estimate, not a measurement (docs/gpu.md): bf16 base weights, LoRA weights
 with their gradients and AdamW moments in fp32, the activations one micro-batch keeps for backward,
-and its full-vocabulary logits.
+and the full-vocabulary logits of at most one chunk of its response tokens (trainer.logits_chunk_tokens).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TrainerMemory:
     weights: int        # base weights (bf16 for LoRA; counted in `trainable` for full fine-tuning)
     trainable: int      # trainable weights, gradients and AdamW moments, fp32: 16 bytes per parameter
     activations: int    # what one micro-batch's forward keeps for the backward
-    logits: int         # one micro-batch's full-vocabulary logits, fp32, and their gradient
+    logits: int         # full-vocabulary logits, fp32, and their gradient, for the tokens that have them at once
 
     @property
     def total(self) -> int:
@@ -96,15 +96,27 @@ class TrainerMemory:
 
 def trainer_memory(shape: ModelShape, *, micro_batch_size: int, sequence_length: int, finetune: str = "lora",
                    lora_r: int = 16, lora_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                   weight_bytes: int = 2, gradient_checkpointing: bool = False) -> TrainerMemory:
+                   weight_bytes: int = 2, gradient_checkpointing: bool = False,
+                   logits_tokens: int | None = None) -> TrainerMemory:
     """Estimate the trainer's peak memory for one micro-batch of ``micro_batch_size`` x ``sequence_length`` tokens.
 
     Activations: a Llama-style layer keeps about 8 x hidden + 4 x intermediate values per token for its backward
     (norm inputs and outputs, q/k/v, the attention output, the MLP's gate, up, activation and product; no attention
     scores, as SDPA and flash attention recompute them), in bf16. With gradient checkpointing only each layer's
     input (hidden values) is kept, plus one layer's full set while it is recomputed.
+
+    Logits: 8 bytes x vocab for each of ``logits_tokens`` tokens, the fp32 logits and their fp32 gradient (the bf16
+    head output and the bf16 gradient handed back to the head are transient, left to the margin). The loss computes
+    logits only for the real response tokens, trainer.logits_chunk_tokens at a time, recomputing each chunk in
+    backward when there are several (lightning_core/trainer/token_logps.py), so at peak one chunk's are held:
+    ``logits_tokens`` = min(response tokens of the micro-batch, logits_chunk_tokens). None counts every token of the
+    micro-batch (prompt and response; the estimate before chunking, an upper bound).
     """
     tokens = micro_batch_size * sequence_length
+    if logits_tokens is None:
+        logits_tokens = tokens
+    elif logits_tokens < 0:
+        raise ValueError(f"logits_tokens must be >= 0, found {logits_tokens}")
     h, i = shape.hidden_size, shape.intermediate_size
     per_layer = 2 * (8 * h + 4 * i) * tokens
     activations = (shape.layers * 2 * h * tokens + per_layer) if gradient_checkpointing else shape.layers * per_layer
@@ -113,12 +125,13 @@ def trainer_memory(shape: ModelShape, *, micro_batch_size: int, sequence_length:
     else:
         weights, trainable = weight_bytes * shape.params, 16 * lora_params(shape, r=lora_r, targets=lora_targets)
     return TrainerMemory(weights=weights, trainable=trainable, activations=activations,
-                         logits=8 * tokens * shape.vocab_size)
+                         logits=8 * logits_tokens * shape.vocab_size)
 
 
 def trainer_memory_for(config: ArclightConfig, model: Path) -> TrainerMemory:
     """The estimate for this config's trainer on the model in ``model``: the largest over its policies' settings, for
-    sequences of trainer.max_prompt_length + max_response_length tokens (at most serving.max_model_len)."""
+    sequences of trainer.max_prompt_length + max_response_length tokens (at most serving.max_model_len), with logits
+    for min(micro_batch_size x max_response_length, logits_chunk_tokens) tokens at once."""
     shape = ModelShape.from_dir(model)
     needs = []
     for policy in config.policies:
@@ -127,7 +140,8 @@ def trainer_memory_for(config: ArclightConfig, model: Path) -> TrainerMemory:
             shape, micro_batch_size=t.micro_batch_size, finetune=t.finetune, lora_r=t.lora_r,
             sequence_length=min(t.max_prompt_length + t.max_response_length, config.serving.max_model_len),
             lora_targets=t.lora_target_modules, weight_bytes=4 if t.dtype == "float32" else 2,
-            gradient_checkpointing=t.gradient_checkpointing))
+            gradient_checkpointing=t.gradient_checkpointing,
+            logits_tokens=min(t.micro_batch_size * t.max_response_length, t.logits_chunk_tokens)))
     return max(needs, key=lambda need: need.total)
 
 
