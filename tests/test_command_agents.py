@@ -24,6 +24,7 @@ from lightning_core.serving.client import GatewayClient
 from lightning_core.store.catalog import Catalog
 from lightning_core.store.outputs import load_triplets
 from tests.conftest import REPO
+from tests.helpers.tokens import gateway_tokens
 
 AGENTS = REPO / "tests" / "command_agents"
 OTEL_AGENT = AGENTS / "otel_agent.py"
@@ -144,12 +145,6 @@ def _run_through_gateway(admin, gateway, collector, *, run_id: str, command: lis
     return outcome
 
 
-def _gateway_tokens(cfg, run_id: str) -> dict:
-    return {rid: (p, r) for rid, p, r in _lake_rows(
-        cfg, "SELECT response_id, prompt_token_ids, response_token_ids FROM spans WHERE run_id = ? AND span_kind = 'llm' "
-        "AND response_token_ids IS NOT NULL", [run_id])}
-
-
 @pytest.mark.integration
 def test_a_python_agent_in_its_own_virtualenv_trains_through_the_gateway(admin, gateway, collector, collector_config):
     assert AGENTS_PYTHON.is_file(), f"{AGENTS_PYTHON} is missing: run `make setup` (scripts/setup_agents.sh builds it)"
@@ -160,7 +155,7 @@ def test_a_python_agent_in_its_own_virtualenv_trains_through_the_gateway(admin, 
     assert (outcome.status, outcome.error, outcome.reward) == (SUCCEEDED, None, None)  # its reward is a span
     report = materialize_triplets(collector_config, run_id="cmd-venv", epoch=0)
     triplets = load_triplets(collector_config, run_id="cmd-venv", epoch=0, policy="default").to_pylist()
-    recorded = _gateway_tokens(collector_config, "cmd-venv")
+    recorded = gateway_tokens(collector_config, "cmd-venv")
     assert (report.llm_calls, report.rewards, report.silences) == (2, 1, [])
     assert len(recorded) == 2 and {t["response_id"] for t in triplets} == set(recorded)
     for t in triplets:
@@ -184,7 +179,7 @@ def test_a_nodejs_agent_gives_its_reward_as_its_last_line_of_output(admin, gatew
     assert (outcome.status, outcome.error, outcome.reward) == (SUCCEEDED, None, 0.75)
     report = materialize_triplets(collector_config, run_id="cmd-node", epoch=0)
     triplets = load_triplets(collector_config, run_id="cmd-node", epoch=0, policy="default").to_pylist()
-    recorded = _gateway_tokens(collector_config, "cmd-node")
+    recorded = gateway_tokens(collector_config, "cmd-node")
     assert (report.llm_calls, report.rewards, report.silences) == (2, 1, [])
     assert len(recorded) == 2 and sorted(t["response_id"] for t in triplets) == sorted(recorded)
     for t in triplets:

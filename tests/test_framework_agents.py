@@ -27,6 +27,7 @@ from lightning_core.rollouts.runner import SUCCEEDED, RolloutSpec, RunnerSetting
 from lightning_core.serving.client import GatewayClient
 from lightning_core.store.catalog import Catalog
 from lightning_core.store.outputs import load_triplets
+from tests.helpers.tokens import gateway_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -105,15 +106,6 @@ def agents_python() -> Path:
 @pytest.fixture(scope="module")
 def admin(gateway) -> GatewayClient:
     return GatewayClient(gateway.url)
-
-
-def gateway_tokens(collector_config, run_id: str) -> dict[str, tuple[list[int], list[int]]]:
-    """The token ids the gateway recorded per response id."""
-    with Catalog.from_config(collector_config).read() as con:
-        rows = con.execute(
-            "SELECT response_id, prompt_token_ids, response_token_ids FROM spans "
-            "WHERE run_id = ? AND span_kind = 'llm' AND response_token_ids IS NOT NULL", [run_id]).fetchall()
-    return {rid: (prompt, response) for rid, prompt, response in rows}
 
 
 def calls_view(collector_config, run_id: str) -> list[dict]:

@@ -25,7 +25,7 @@ from lightning_core.common.model import load_tokenizer
 from lightning_core.pipeline.triplets import materialize_triplets
 from lightning_core.tracing import RolloutContext, init_tracing
 from lightning_core.store.outputs import load_triplets
-from tests.helpers.tokens import shown_text
+from tests.helpers.tokens import gateway_tokens, shown_text
 
 pytestmark = pytest.mark.integration
 
@@ -70,15 +70,6 @@ def reward(value: float) -> None:
     """A reward as an agent that follows the span conventions without the SDK's helper writes it."""
     with tracing.span("score", **{"arclight.reward.value": value}):
         pass
-
-
-def gateway_tokens(collector_config, run_id: str) -> dict[str, tuple[list[int], list[int]]]:
-    """The token ids the gateway recorded per response id (typed columns of the spans view)."""
-    with Catalog.from_config(collector_config).read() as con:
-        rows = con.execute(
-            "SELECT response_id, prompt_token_ids, response_token_ids FROM spans "
-            "WHERE run_id = ? AND span_kind = 'llm' AND response_token_ids IS NOT NULL", [run_id]).fetchall()
-    return {rid: (prompt, response) for rid, prompt, response in rows}
 
 
 def llm_calls(collector_config, run_id: str) -> list[dict]:

@@ -187,7 +187,7 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
     context = tracing.RolloutContext(spec.run_id, spec.epoch, spec.rollout_id, spec.task_id, attempt)
     handle = tracing.init_tracing(
         endpoint=settings.collector_url, token=settings.collector_token, context=context, service_name="arclight-agent",
-        resource_attributes={semconv.prompt_version_key(name): v for name, v in settings.prompt_versions.items()},
+        resource_attributes=_prompt_version_attributes(settings),
     )
     ctx = AgentContext(
         run_id=spec.run_id, epoch=spec.epoch, rollout_id=spec.rollout_id, task_id=spec.task_id, attempt=attempt,
@@ -217,6 +217,11 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
     conn.close()
 
 
+def _prompt_version_attributes(settings: RunnerSettings) -> dict[str, str]:
+    """The resource attributes naming the prompt version each prompt of this rollout runs with."""
+    return {semconv.prompt_version_key(name): v for name, v in settings.prompt_versions.items()}
+
+
 def _run_function(settings: RunnerSettings, spec: RolloutSpec, ctx: AgentContext) -> Any:
     """Call the ``module:function`` agent in this process; return what it returned."""
     fn = load_agent(settings.agent or "", paths=settings.agent_path)
@@ -237,8 +242,7 @@ def _run_program(settings: RunnerSettings, spec: RolloutSpec, ctx: AgentContext)
         base_url=ctx.base_url, api_key=ctx.api_key, model=ctx.model, temperature=ctx.temperature, mode=ctx.mode,
         task=spec.task, resources=ctx.resources, context=context.to_env(), collector_url=settings.collector_url,
         collector_token=settings.collector_token, traceparent=traceparent, extra=settings.command_env,
-        resource={**context.resource_attributes(),
-                  **{semconv.prompt_version_key(name): v for name, v in settings.prompt_versions.items()}},
+        resource={**context.resource_attributes(), **_prompt_version_attributes(settings)},
     )
     return run_command(settings.command, task=spec.task, env=env, cwd=Path(settings.command_cwd or os.getcwd())).reward
 

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import sys
-import traceback
 
 import otel_setup
 
@@ -102,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             speakers = asyncio.run(run_team(args.team, settings, str(task.get("question", "What is 2 + 3?"))))
             reward = float(task.get("reward", 1.0))
     except Exception:
-        traceback.print_exc()
-        provider.force_flush(10_000)
-        provider.shutdown()
-        return 1
+        return otel_setup.fail(provider)
     finally:
         if instrumentor is not None:
             instrumentor.uninstrument()

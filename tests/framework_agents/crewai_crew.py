@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import traceback
 
 import otel_setup
 
@@ -108,10 +107,7 @@ def _run(args: argparse.Namespace) -> int:
                 crewai_event_bus.flush()
             reward = float(task.get("reward", 1.0))
     except Exception:
-        traceback.print_exc()
-        provider.force_flush(10_000)
-        provider.shutdown()
-        return 1
+        return otel_setup.fail(provider)
     finally:
         for each in instrumentors:
             each.uninstrument()

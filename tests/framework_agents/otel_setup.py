@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,3 +95,11 @@ def finish(provider: TracerProvider, reward: float) -> None:
     if not flushed:
         print("the spans could not be exported to the collector", file=sys.stderr)
         raise SystemExit(3)
+
+
+def fail(provider: TracerProvider) -> int:
+    """Print the error, export what was recorded, stop; return the exit status of a failed run (1)."""
+    traceback.print_exc()
+    provider.force_flush(10_000)
+    provider.shutdown()
+    return 1
