@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -47,18 +48,43 @@ def _raw_counts(lake_root: Path, run_id: str) -> tuple[int, int]:
                        [run_id]).fetchall()[0]
 
 
-def _send(url: str, run_id: str, *, requests: int, spans: int, acked: list[int], stop: threading.Event | None = None):
+RETRYABLE = {429, 502, 503, 504}  # what an OTLP/HTTP exporter sends again (the OTLP spec), after Retry-After
+
+
+def _send(url: str, run_id: str, *, requests: int, spans: int, acked: list[int], stop: threading.Event | None = None,
+          refusals: list[str] | None = None, may_die: bool = False):
+    """Send ``requests`` exports of ``spans`` spans as an OTLP exporter does: a retryable refusal (or, unless the
+    collector ``may_die``, a broken connection) is sent again, the same body, up to 5 times; every refusal is
+    recorded in ``refusals``. With ``may_die``, a broken connection ends the sender: the collector was killed, and
+    what it did not acknowledge is the sender's to resend elsewhere."""
+    refusals = refusals if refusals is not None else []
     with httpx.Client(timeout=30) as client:
         for _ in range(requests):
             if stop is not None and stop.is_set():
                 return
-            try:
-                status = client.post(f"{url}/v1/traces", content=_request(run_id, spans).SerializeToString(),
-                                     headers=PB).status_code
-            except httpx.HTTPError:
-                return  # the collector died: what it did not acknowledge is the sender's to resend
-            if status == 200:
-                acked.append(spans)
+            body = _request(run_id, spans).SerializeToString()
+            for _attempt in range(5):
+                try:
+                    response = client.post(f"{url}/v1/traces", content=body, headers=PB)
+                except httpx.HTTPError as exc:
+                    if may_die:
+                        return
+                    refusals.append(f"{type(exc).__name__}: {exc}")
+                    time.sleep(0.5)
+                    continue
+                if response.status_code == 200:
+                    acked.append(spans)
+                    break
+                refusals.append(f"{response.status_code}: {response.text[:300]}")
+                if response.status_code not in RETRYABLE:
+                    break
+                time.sleep(min(float(response.headers.get("Retry-After", 1)), 2.0))
+
+
+def _report(refusals: list[str]) -> None:
+    """Refusals that a resend got past are no failure, but they are shown (pytest's warnings summary)."""
+    if refusals:
+        warnings.warn(f"the collector refused {len(refusals)} request(s) that the sender sent again: {refusals[:5]}")
 
 
 def _s3_settings(url: str) -> list[str]:
@@ -85,13 +111,16 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
     services = [start_collector(cfg, timeout_s=60) for cfg in configs]
     try:
         acked: list[int] = []
-        senders = [threading.Thread(target=_send, args=(s.url, "two"), kwargs=dict(requests=15, spans=40, acked=acked))
+        refusals: list[str] = []
+        senders = [threading.Thread(target=_send, args=(s.url, "two"),
+                                    kwargs=dict(requests=15, spans=40, acked=acked, refusals=refusals))
                    for s in services for _ in range(2)]
         for t in senders:
             t.start()
         for t in senders:
             t.join()
-        assert sum(acked) == 4 * 15 * 40
+        _report(refusals)
+        assert sum(acked) == 4 * 15 * 40, refusals
         assert _raw_counts(lake_root, "two") == (2400, 2400)
 
         # one collector SIGKILLed while two senders stream to each: every acknowledged span is readable, once
@@ -99,9 +128,11 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
         acked_killed: list[int] = []
         stop = threading.Event()
         senders = [threading.Thread(target=_send, args=(services[0].url, "kill"),
-                                    kwargs=dict(requests=10_000, spans=40, acked=acked_killed, stop=stop)) for _ in range(2)]
+                                    kwargs=dict(requests=10_000, spans=40, acked=acked_killed, stop=stop, may_die=True))
+                   for _ in range(2)]
         senders += [threading.Thread(target=_send, args=(services[1].url, "kill"),
-                                     kwargs=dict(requests=10_000, spans=40, acked=acked_live, stop=stop)) for _ in range(2)]
+                                     kwargs=dict(requests=10_000, spans=40, acked=acked_live, stop=stop, refusals=refusals))
+                    for _ in range(2)]
         for t in senders:
             t.start()
         deadline = time.monotonic() + 60
@@ -113,6 +144,7 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
         stop.set()
         for t in senders:
             t.join()
+        _report(refusals)
         rows, distinct = _raw_counts(lake_root, "kill")
         assert rows == distinct  # no span twice
         # the killed collector may have committed a batch it could not acknowledge: at least every acknowledged one
