@@ -68,6 +68,11 @@ fi
 if .venv/bin/arclight model --help >/dev/null 2>&1; then
   .venv/bin/arclight model prepare
 fi
+# The retrieval example's corpus and BM25 index (examples/rag/index/, generated and seeded: a few seconds).
+if [ ! -f examples/rag/index/built.json ]; then
+  log "building the retrieval example's corpus and search index"
+  .venv/bin/python examples/rag/build_index.py
+fi
 # The Node.js agent of the framework tests exports with the OpenTelemetry JS SDK (pinned in its lock file).
 if command -v npm >/dev/null 2>&1 && [ ! -d tests/node_sender/node_modules ]; then
   log "installing the Node.js test agent's OpenTelemetry packages"

@@ -20,6 +20,7 @@ MODULES = (
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
     "requests", "urllib3", "charset_normalizer", "certifi",
     "httpx", "httpcore", "httpx2", "httpcore2", "h11", "h2", "anyio", "jiter",
+    "anyio._backends._asyncio",  # loaded lazily by an async client's first request (the Agents SDK's AsyncOpenAI)
     "openai", "openai.resources.chat.completions", "openai.types.chat", "openai.types.chat.chat_completion",
     "openai.types.chat.completion_create_params", "openai.types.chat.chat_completion_chunk",
 )

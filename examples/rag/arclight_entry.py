@@ -1,0 +1,68 @@
+"""How Arclight runs the retrieval agent: configuration only, no change to ``rag_agent.py``.
+
+The runner calls ``run(task, ctx)`` in a worker process whose global OpenTelemetry tracer provider exports to
+Arclight's collector with the rollout's context. This wrapper
+
+1. turns on OpenInference's Agents SDK instrumentation (in place of the SDK's own export to OpenAI), so the agent,
+   each model call and each tool call become spans; the agent's name (``researcher``) names the policy's calls;
+2. points the OpenAI environment variables at the rollout's gateway URL;
+3. scores the answer (``reward.py``) and records what the agent did on the rollout's span (``rag.*``: searches,
+   whether the gold chain's documents were found, whether the answer is grounded in a retrieved document).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from agents import set_trace_processors
+from openinference.instrumentation.openai_agents import OpenAIAgentsInstrumentor
+from opentelemetry import trace as otel_trace
+from rag_agent import solve
+from retriever import DEFAULT_INDEX, Retriever
+from reward import exact_match, f1, format_ok, reward
+
+HERE = Path(__file__).resolve().parent
+# (imported here, at module level: the rollout fork server imports this module once, and every rollout process
+# forked from it starts with the Agents SDK and the instrumentation loaded)
+
+
+@lru_cache(maxsize=2)
+def retriever(folder: str) -> Retriever:
+    return Retriever(Path(folder))
+
+
+@lru_cache(maxsize=1)
+def instrument() -> None:
+    set_trace_processors([])  # nothing to OpenAI's servers; OpenInference adds its processor
+    OpenAIAgentsInstrumentor().instrument()
+
+
+def run(task: dict, ctx) -> float:
+    """Answer one question through the rollout's gateway URL; return format + F1 (``reward.py``)."""
+    instrument()
+    os.environ["OPENAI_BASE_URL"] = ctx.base_url
+    os.environ["OPENAI_API_KEY"] = ctx.api_key
+    r = ctx.resources
+    index = Path(r.get("index", DEFAULT_INDEX))
+    trace = asyncio.run(solve(task["question"], retriever(str(index if index.is_absolute() else HERE / index)),
+                              model=ctx.model, temperature=ctx.temperature, max_tokens=int(r.get("max_tokens", 64)),
+                              max_turns=int(r.get("max_turns", 4)), k=int(r.get("k", 3))))
+    found = {title for titles in trace.found for title in titles}
+    span = otel_trace.get_current_span()
+    span.set_attributes({
+        "rag.searches": len(trace.queries),
+        "rag.empty_searches": sum(1 for titles in trace.found if not titles),
+        "rag.chain_found": sum(1 for name in task.get("chain", []) if name in found),
+        "rag.chain_length": len(task.get("chain", [])),
+        "rag.answered": trace.answer is not None,
+        "rag.format_ok": format_ok(trace.answer),
+        "rag.grounded": trace.answer is not None and bool(trace.answer.strip())
+        and any(trace.answer.strip().lower() in text.lower() for text in trace.texts),
+        "rag.f1": f1(trace.answer, task["answer"]),
+        "rag.exact_match": exact_match(trace.answer, task["answer"]),
+        "rag.answer": trace.answer or "",
+    })
+    return reward(trace.answer, task["answer"])

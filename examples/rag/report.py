@@ -1,0 +1,126 @@
+"""What a retrieval run did, read back from its lake with SQL: held-out reward, F1, exact match, searches per
+question and grounded answers for every evaluation; the training curve as a plot; and one question that failed
+before training and succeeded after, with both trajectories.
+
+    .venv/bin/python examples/rag/report.py examples/rag/.arclight/measure/<stamp> [--plot examples/rag/curve-s0.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from lightning_core import analyst  # noqa: E402
+
+# one row per rollout: its evaluation (label, dataset, epochs trained before it) or training epoch, and what the
+# agent did (the rag.* attributes arclight_entry.py sets on the rollout span)
+ROLLOUTS = """
+WITH outcome AS (
+    SELECT rollout_id,
+           (attributes->>'rag.searches')::INT AS searches,
+           (attributes->>'rag.empty_searches')::INT AS empty_searches,
+           (attributes->>'rag.chain_found')::INT AS chain_found,
+           (attributes->>'rag.chain_length')::INT AS chain_length,
+           (attributes->>'rag.format_ok')::BOOLEAN AS format_ok,
+           (attributes->>'rag.grounded')::BOOLEAN AS grounded,
+           (attributes->>'rag.f1')::DOUBLE AS f1,
+           (attributes->>'rag.exact_match')::BOOLEAN AS exact_match
+    FROM spans WHERE attributes->>'rag.searches' IS NOT NULL
+)
+SELECT r.run_id, r.epoch, r.mode, r.rollout_id, r.task_id, r.reward,
+       e.policy_version AS label, (e.stats->>'after_epochs')::INT AS after_epochs, e.stats->>'dataset' AS dataset,
+       o.* EXCLUDE (rollout_id)
+FROM rollouts r JOIN outcome o USING (rollout_id) LEFT JOIN epochs e ON e.run_id = r.run_id AND e.epoch = r.epoch
+WHERE r.status = 'succeeded'
+"""
+
+SUMMARY = """
+SELECT {key}, count(*) AS questions, avg(reward) AS reward, avg(f1) AS f1, avg(exact_match::INT) AS exact_match,
+       avg(format_ok::INT) AS format_ok, avg(searches) AS searches, avg(empty_searches) AS empty_searches,
+       avg(chain_found / chain_length) AS chain_docs_found, avg(grounded::INT) AS grounded
+FROM rag WHERE mode = '{mode}' GROUP BY ALL ORDER BY ALL
+"""
+
+# the model's calls and the tools' results of one rollout, in order
+TRAJECTORY = """
+SELECT name, coalesce(attributes->>'arclight.llm.response_tool_calls', attributes->>'arclight.llm.response_text') AS reply,
+       attributes->>'output.value' AS tool_output, status_code
+FROM spans WHERE rollout_id = ? AND (name IN ('search', 'answer') OR span_kind = 'llm') ORDER BY start_ns
+"""
+
+
+def table(rows: list[tuple], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join([*lines, *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("project", type=Path, help="the measured project's folder (its .arclight/lake)")
+    parser.add_argument("--plot", type=Path, default=None, help="write the training and held-out curves here (PNG)")
+    args = parser.parse_args()
+    con = analyst.connect(args.project / ".arclight" / "lake")
+    con.execute(f"CREATE TEMP TABLE rag AS {ROLLOUTS}")
+
+    key = "label, after_epochs, regexp_extract(dataset, '[^/]+$') AS dataset"
+    evals = con.execute(SUMMARY.format(key=key, mode="eval")).fetchall()
+    columns = [d[0] for d in con.description]
+    print("## Held-out evaluations (greedy)\n")
+    print(table(evals, columns))
+    train = con.execute(SUMMARY.format(key="epoch", mode="train")).fetchall()
+    print("\n## Training rollouts per epoch (sampled)\n")
+    print(table(train, [d[0] for d in con.description]))
+
+    # a held-out question that failed before training (base) and succeeded after (the last evaluation of test.jsonl)
+    pair = con.execute("""
+        WITH plain AS (SELECT * FROM rag WHERE mode = 'eval' AND dataset LIKE '%/test.jsonl'),
+             first AS (SELECT * FROM plain WHERE after_epochs = (SELECT min(after_epochs) FROM plain)),
+             last AS (SELECT * FROM plain WHERE after_epochs = (SELECT max(after_epochs) FROM plain))
+        SELECT f.task_id, f.rollout_id, l.rollout_id, f.reward, l.reward
+        FROM first f JOIN last l USING (task_id) WHERE l.reward > f.reward ORDER BY l.reward - f.reward DESC, task_id
+        LIMIT 1""").fetchall()
+    if pair:
+        task_id, before, after, r0, r1 = pair[0]
+        question = con.execute("SELECT task FROM rollouts WHERE rollout_id = ?", [before]).fetchone()[0]
+        print(f"\n## One question before and after training\n\n`{json.loads(question)['question']}` "
+              f"(gold: {json.loads(question)['answer']}); reward {r0:.2f} -> {r1:.2f}\n")
+        for title, rollout in (("before", before), ("after", after)):
+            print(f"{title}:\n")
+            for name, reply, output, status in con.execute(TRAJECTORY, [rollout]).fetchall():
+                text = reply if reply is not None else output
+                print(f"- {name}{' (failed)' if status == 'ERROR' else ''}: {str(text)[:300]!s}")
+            print()
+
+    if args.plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        epochs = [row[0] for row in train]
+        left.plot(epochs, [row[2] for row in train], marker="o", label="reward")
+        left.plot(epochs, [row[3] for row in train], marker="o", label="F1")
+        left.plot(epochs, [row[8] for row in train], marker="o", label="chain documents found")
+        left.set(title="training rollouts (sampled)", xlabel="epoch", ylim=(0, 1))
+        left.legend()
+        for dataset in sorted({row[2] for row in evals}):
+            points = sorted((row[1], row[4], row[5]) for row in evals if row[2] == dataset)
+            right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{dataset} reward")
+            right.plot([p[0] for p in points], [p[2] for p in points], marker="x", linestyle="--", label=f"{dataset} F1")
+        right.set(title="held-out (greedy)", xlabel="epochs trained", ylim=(0, 1))
+        right.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The retrieval example (examples/rag): its generated world and questions, the BM25 index, the reward, and one epoch
+of the real train flow with the Agents SDK agent on the session's tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+import pytest
+
+from lightning_core.config import load_config
+from lightning_core.store.catalog import Catalog
+from lightning_core.store.outputs import load_triplets
+from tests.conftest import REPO
+from tests.test_examples import _overrides
+
+RAG = REPO / "examples" / "rag"
+sys.path.insert(0, str(RAG))
+
+import make_data  # noqa: E402
+import reward  # noqa: E402
+from retriever import Retriever, build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    """A 3,000-document world, its index, and 10 questions over it."""
+    folder = tmp_path_factory.mktemp("rag-index")
+    build(folder, docs=3000, seed=11)
+    world = make_data.make_world(11, 3000)
+    questions = make_data.make_questions(world, random.Random(12), 10, set())
+    return folder, world, questions
+
+
+def test_every_question_follows_from_the_documents_of_its_chain(small_world):
+    _, world, questions = small_world
+    docs = {title: text for _, title, text in world.documents()}
+    assert len(docs) == 3000  # every entity has one document, and no two share a name
+    for q in questions:
+        assert q["chain"][0] in q["question"]
+        for here, there in zip(q["chain"], [*q["chain"][1:], q["answer"]]):
+            assert there in docs[here]  # each hop's next name is in the current document
+        assert q["hops"] == len(q["chain"])
+
+
+def test_the_data_is_seeded_and_the_splits_do_not_share_an_entity():
+    a, b = make_data.make_world(3, 500), make_data.make_world(3, 500)
+    assert list(a.documents()) == list(b.documents())
+    assert list(a.documents()) != list(make_data.make_world(4, 500).documents())
+    rows = {name: [json.loads(line) for line in (RAG / name).read_text().splitlines()]
+            for name in ("train.jsonl", "test.jsonl", "test_reworded.jsonl")}
+    assert (len(rows["train.jsonl"]), len(rows["test.jsonl"])) == (1000, 100)
+    assert not {q["chain"][0] for q in rows["train.jsonl"]} & {q["chain"][0] for q in rows["test.jsonl"]}
+    for plain, reworded in zip(rows["test.jsonl"], rows["test_reworded.jsonl"]):
+        assert plain["answer"] == reworded["answer"] and plain["question"] != reworded["question"]
+        assert plain["chain"][0] in reworded["question"]
+    assert {q["hops"] for q in rows["test.jsonl"]} == {2, 3}
+
+
+def test_the_index_finds_a_document_by_its_name_in_milliseconds_and_nothing_for_unknown_words(small_world):
+    folder, world, questions = small_world
+    retriever = Retriever(folder)
+    person = world.people[17]
+    started = time.perf_counter()
+    hits = retriever.search(person["name"], 3)
+    assert hits[0].title == person["name"] and time.perf_counter() - started < 0.5
+    assert retriever.search(questions[0]["question"], 3)[0].title == questions[0]["chain"][0]
+    assert retriever.search("zzqx wrrbl", 3) == []
+
+
+def test_a_missing_index_names_the_command_that_builds_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build_index.py"):
+        Retriever(tmp_path / "nowhere")
+
+
+def test_the_reward_is_format_plus_token_f1():
+    assert reward.reward("Sorbdal", "Sorbdal") == pytest.approx(1.0)
+    assert reward.reward("Ola Drent", "Ola Brenn") == pytest.approx(0.2 + 0.8 * 0.5)
+    assert reward.reward("the city of Sorbdal, I think it is", "Sorbdal") == pytest.approx(0.8 * 2 * (1 / 7) / (1 / 7 + 1))
+    assert reward.reward("Tamvik", "Sorbdal") == pytest.approx(0.2)
+    assert reward.reward(None, "Sorbdal") == 0.0 and reward.reward("", "Sorbdal") == 0.0
+    assert reward.exact_match("The Sorbdal.", "sorbdal") and not reward.exact_match("Sorbdal city", "Sorbdal")
+
+
+@pytest.mark.integration
+def test_one_epoch_of_the_agents_sdk_retrieval_agent_trains_the_researcher(
+    prefect_harness, tmp_path, small_world, vllm_server, collector, collector_config, tiny_model_dir
+):
+    from flows.train import train_epoch
+
+    assert "lightning_core" not in (RAG / "rag_agent.py").read_text()  # the agent is plain Agents SDK code
+    folder, _, questions = small_world
+    dataset = tmp_path / "questions.jsonl"
+    dataset.write_text("".join(json.dumps(q) + "\n" for q in questions[:2]))
+    run = "ex-rag"
+    overrides = _overrides(tmp_path, run=run, agent_path=RAG, vllm_server=vllm_server, collector=collector,
+                           collector_config=collector_config, tiny_model_dir=tiny_model_dir, dataset=str(dataset),
+                           **{"rollouts.resources.index": str(folder), "rollouts.resources.max_tokens": "48",
+                              "rollouts.informative_groups": "null", "evaluation.every_epochs": "null", "epochs": "1"})
+    row = train_epoch(config_path=str(RAG / "config.yaml"), overrides=overrides)
+    cfg = load_config(RAG / "config.yaml", overrides=overrides)
+    assert (row["status"], row["succeeded"]) == ("completed", 6)
+
+    with Catalog.from_config(cfg).read() as con:
+        gateway = dict(con.execute(
+            "SELECT response_id, response_token_ids FROM spans WHERE run_id = ? AND epoch = 0 AND span_kind = 'llm' "
+            "AND response_token_ids IS NOT NULL", [run]).fetchall())
+        outcomes = con.execute(
+            "SELECT attributes->>'rag.searches', attributes->>'rag.f1' FROM spans WHERE run_id = ? AND epoch = 0 "
+            "AND attributes->>'rag.searches' IS NOT NULL", [run]).fetchall()
+        agents = con.execute("SELECT DISTINCT agent_name FROM llm_calls WHERE run_id = ? AND epoch = 0", [run]).fetchall()
+    triplets = load_triplets(cfg, run_id=run, epoch=0, policy="researcher").to_pylist()
+    assert len(outcomes) == 6  # what each rollout searched and scored, on its span
+    assert agents == [("researcher",)] and len(triplets) == len(gateway) >= 6
+    for t in triplets:
+        assert t["agent_name"] == "researcher" and t["response_token_ids"] == gateway[t["response_id"]]
+        assert -1.0 <= t["reward"] <= 1.0
