@@ -69,7 +69,7 @@ if .venv/bin/arclight model --help >/dev/null 2>&1; then
   .venv/bin/arclight model prepare
 fi
 # The retrieval example's corpus and BM25 index (examples/rag/index/, generated and seeded: a few seconds).
-if [ ! -f examples/rag/index/built.json ]; then
+if [ ! -f examples/rag/index/built.json ] || [ ! -f examples/rag/index/docs.arrow ]; then
   log "building the retrieval example's corpus and search index"
   .venv/bin/python examples/rag/build_index.py
 fi

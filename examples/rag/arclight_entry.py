@@ -21,7 +21,7 @@ from agents import set_trace_processors
 from openinference.instrumentation.openai_agents import OpenAIAgentsInstrumentor
 from opentelemetry import trace as otel_trace
 from rag_agent import solve
-from retriever import DEFAULT_INDEX, Retriever
+from retriever import DEFAULT_INDEX, Retriever, is_built
 from reward import exact_match, f1, format_ok, reward
 
 HERE = Path(__file__).resolve().parent
@@ -32,6 +32,10 @@ HERE = Path(__file__).resolve().parent
 @lru_cache(maxsize=2)
 def retriever(folder: str) -> Retriever:
     return Retriever(Path(folder))
+
+
+if is_built(DEFAULT_INDEX):
+    retriever(str(DEFAULT_INDEX))  # loaded once in the fork server: the rollout processes share it
 
 
 @lru_cache(maxsize=1)

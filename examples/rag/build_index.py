@@ -26,7 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     built = build(args.out, docs=args.docs, seed=args.seed)
     retriever = Retriever(args.out)
-    queries = [d["title"] for d in retriever.docs[:: max(1, len(retriever.docs) // 200)]]
+    titles = retriever.titles()
+    queries = titles[:: max(1, len(titles) // 200)]
     latencies = []
     for query in queries:
         started = time.perf_counter()
