@@ -30,7 +30,9 @@ def small_world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rag-index")
     build(folder, docs=3000, seed=11)
     world = make_data.make_world(11, 3000)
-    questions = make_data.make_questions(world, random.Random(12), 10, set())
+    used: set[str] = set()
+    questions = make_data.make_questions(world, random.Random(12), 10, used)
+    questions += make_data.make_questions(world, random.Random(13), 6, used, make_data.ONE_HOP)
     return folder, world, questions
 
 
@@ -50,9 +52,11 @@ def test_the_data_is_seeded_and_the_splits_do_not_share_an_entity():
     assert list(a.documents()) == list(b.documents())
     assert list(a.documents()) != list(make_data.make_world(4, 500).documents())
     rows = {name: [json.loads(line) for line in (RAG / name).read_text().splitlines()]
-            for name in ("train.jsonl", "test.jsonl", "test_reworded.jsonl")}
-    assert (len(rows["train.jsonl"]), len(rows["test.jsonl"])) == (1000, 100)
-    assert not {q["chain"][0] for q in rows["train.jsonl"]} & {q["chain"][0] for q in rows["test.jsonl"]}
+            for name in ("train.jsonl", "test.jsonl", "test_reworded.jsonl", "test_1hop.jsonl")}
+    assert (len(rows["train.jsonl"]), len(rows["test.jsonl"]), len(rows["test_1hop.jsonl"])) == (1000, 100, 100)
+    starts = {name: {q["chain"][0] for q in split} for name, split in rows.items()}
+    assert not starts["train.jsonl"] & (starts["test.jsonl"] | starts["test_1hop.jsonl"])
+    assert {q["hops"] for q in rows["train.jsonl"]} == {1, 2, 3} and {q["hops"] for q in rows["test_1hop.jsonl"]} == {1}
     for plain, reworded in zip(rows["test.jsonl"], rows["test_reworded.jsonl"]):
         assert plain["answer"] == reworded["answer"] and plain["question"] != reworded["question"]
         assert plain["chain"][0] in reworded["question"]
@@ -75,12 +79,16 @@ def test_a_missing_index_names_the_command_that_builds_it(tmp_path):
         Retriever(tmp_path / "nowhere")
 
 
-def test_the_reward_is_format_plus_token_f1():
-    assert reward.reward("Sorbdal", "Sorbdal") == pytest.approx(1.0)
-    assert reward.reward("Ola Drent", "Ola Brenn") == pytest.approx(0.2 + 0.8 * 0.5)
-    assert reward.reward("the city of Sorbdal, I think it is", "Sorbdal") == pytest.approx(0.8 * 2 * (1 / 7) / (1 / 7 + 1))
-    assert reward.reward("Tamvik", "Sorbdal") == pytest.approx(0.2)
-    assert reward.reward(None, "Sorbdal") == 0.0 and reward.reward("", "Sorbdal") == 0.0
+def test_the_reward_is_format_plus_token_f1_and_format_asks_for_a_name_from_the_retrieved_documents():
+    docs = ["Ola Drent is a pilot born in Sorbdal in 1950. She works for Bex Mills."]
+    assert reward.reward("Sorbdal", "Sorbdal", docs) == pytest.approx(1.0)
+    assert reward.reward("Sorbdal", "Sorbdal", []) == pytest.approx(0.8)  # right, but found nowhere: no format score
+    assert reward.reward("Ola Drent", "Ola Brenn", docs) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert reward.reward("Bex Mills", "Sorbdal", docs) == pytest.approx(0.2)  # a name from the results, wrong
+    assert reward.reward("Tamvik", "Sorbdal", docs) == 0.0  # a name from nowhere: the shortcut the first run learned
+    long = "pilot born in Sorbdal in 1950"
+    assert reward.reward(long, "Sorbdal", docs) == pytest.approx(0.8 * 2 * (1 / 6) / (1 / 6 + 1))  # 6 words
+    assert reward.reward(None, "Sorbdal", docs) == 0.0 and reward.reward("", "Sorbdal", docs) == 0.0
     assert reward.exact_match("The Sorbdal.", "sorbdal") and not reward.exact_match("Sorbdal city", "Sorbdal")
 
 

@@ -62,11 +62,11 @@ def run(task: dict, ctx) -> float:
         "rag.chain_found": sum(1 for name in task.get("chain", []) if name in found),
         "rag.chain_length": len(task.get("chain", [])),
         "rag.answered": trace.answer is not None,
-        "rag.format_ok": format_ok(trace.answer),
+        "rag.format_ok": format_ok(trace.answer, trace.texts),
         "rag.grounded": trace.answer is not None and bool(trace.answer.strip())
         and any(trace.answer.strip().lower() in text.lower() for text in trace.texts),
         "rag.f1": f1(trace.answer, task["answer"]),
         "rag.exact_match": exact_match(trace.answer, task["answer"]),
         "rag.answer": trace.answer or "",
     })
-    return reward(trace.answer, task["answer"])
+    return reward(trace.answer, task["answer"], trace.texts)

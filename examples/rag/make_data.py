@@ -104,7 +104,14 @@ def make_world(seed: int = SEED, docs: int = DOCS) -> World:
     return World(countries, cities, companies, people)
 
 
-# (kind, hops, template, reworded template, the chain from the named entity to the answer)
+# (kind, hops, template, reworded template); the chain from the named entity to the answer is in make_questions.
+# One-hop questions are a curriculum for training only (and a diagnostic split): every held-out question is 2 or
+# 3 hops.
+ONE_HOP = [
+    ("birthplace", 1, "Where was {person} born?", "{person} was born in which city?"),
+    ("company_founder", 1, "Who founded {company}?", "{company} was founded by which person?"),
+    ("company_city", 1, "In which city are the headquarters of {company}?", "{company} has its headquarters in which city?"),
+]
 QUESTIONS = [
     ("founder_birthplace", 2, "Where was the founder of {company} born?",
      "The person who founded {company} was born in which city?"),
@@ -119,15 +126,24 @@ QUESTIONS = [
 ]
 
 
-def make_questions(world: World, rng: random.Random, n: int, used: set[str]) -> list[dict]:
-    """``n`` questions whose named entities are not in ``used`` (added to it), the kinds in turn."""
+def make_questions(world: World, rng: random.Random, n: int, used: set[str], kinds: list | None = None) -> list[dict]:
+    """``n`` questions whose named entities are not in ``used`` (added to it), the ``kinds`` (default: the 2- and
+    3-hop ``QUESTIONS``) in turn."""
+    kinds = kinds or QUESTIONS
     people = {p["name"]: p for p in world.people}
     cities = {c["name"]: c for c in world.cities}
     companies = {c["name"]: c for c in world.companies}
     out = []
     while len(out) < n:
-        kind, hops, template, reworded = QUESTIONS[len(out) % len(QUESTIONS)]
-        if kind.startswith("employer"):
+        kind, hops, template, reworded = kinds[len(out) % len(kinds)]
+        if kind == "birthplace":
+            start = rng.choice(world.people)
+            names, chain, answer = {"person": start["name"]}, [start["name"]], start["city"]
+        elif kind in ("company_founder", "company_city"):
+            start = rng.choice(world.companies)
+            names, chain = {"company": start["name"]}, [start["name"]]
+            answer = start["founder"] if kind == "company_founder" else start["city"]
+        elif kind.startswith("employer"):
             start = rng.choice(world.people)
             company = companies[start["employer"]]
             names = {"person": start["name"]}
@@ -165,19 +181,25 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=DOCS)
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--one-hop-share", type=float, default=0.5, help="share of one-hop questions in train")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     world = make_world(args.seed, args.docs)
     rng, used = random.Random(args.seed + 1), set()
-    train = make_questions(world, rng, args.train, used)
+    one_hop = round(args.train * args.one_hop_share)
+    train = make_questions(world, rng, args.train - one_hop, used) + make_questions(world, rng, one_hop, used, ONE_HOP)
+    random.Random(args.seed + 2).shuffle(train)
     test = make_questions(world, rng, args.test, used)
+    test_1hop = make_questions(world, rng, args.test, used, ONE_HOP)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in [("train.jsonl", train), ("test.jsonl", test),
-                       ("test_reworded.jsonl", [{**q, "question": q["reworded"]} for q in test])]:
+                       ("test_reworded.jsonl", [{**q, "question": q["reworded"]} for q in test]),
+                       ("test_1hop.jsonl", test_1hop)]:
         with open(args.out / name, "w") as fh:
             for row in rows:
                 fh.write(json.dumps({k: v for k, v in row.items() if k != "reworded"}) + "\n")
-    print(f"{len(train)} train, {len(test)} held-out questions (and reworded) in {args.out}")
+    print(f"{len(train)} train ({one_hop} of one hop), {len(test)} held-out questions (and reworded), "
+          f"{len(test_1hop)} one-hop held-out in {args.out}")
 
 
 if __name__ == "__main__":
