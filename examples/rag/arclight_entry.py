@@ -17,6 +17,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+# (the Agents SDK and the instrumentation are imported at module level: the rollout fork server imports this module
+# once, and every rollout process forked from it starts with them loaded)
 from agents import set_trace_processors
 from openinference.instrumentation.openai_agents import OpenAIAgentsInstrumentor
 from opentelemetry import trace as otel_trace
@@ -25,8 +27,6 @@ from retriever import DEFAULT_INDEX, Retriever, is_built
 from reward import exact_match, f1, format_ok, reward
 
 HERE = Path(__file__).resolve().parent
-# (imported here, at module level: the rollout fork server imports this module once, and every rollout process
-# forked from it starts with the Agents SDK and the instrumentation loaded)
 
 
 @lru_cache(maxsize=2)
