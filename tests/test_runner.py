@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -96,3 +97,21 @@ def test_bad_agent_references_fail_before_anything_runs():
         load_agent("no_such_module_xyz:run")
     with pytest.raises(ValueError, match="has no function 'nope'"):
         load_agent("tests.helpers.agents:nope", paths=(str(REPO),))
+
+
+def test_an_agent_module_of_the_same_name_from_another_path_is_refused_not_run(tmp_path):
+    # fails before: the import cache handed the second project the first project's module, and its rollouts ran
+    # (and were trained as) the other agent
+    from lightning_core.rollouts.runner import load_agent
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, answer in ((first, 1.0), (second, 2.0)):
+        folder.mkdir()
+        (folder / "same_name_agent.py").write_text(f"def run(task, ctx):\n    return {answer}\n")
+    try:
+        assert load_agent("same_name_agent:run", paths=(str(first),))(None, None) == 1.0
+        with pytest.raises(ValueError, match="already loaded in this process from .*first.*rename one"):
+            load_agent("same_name_agent:run", paths=(str(second),))
+        assert load_agent("same_name_agent:run", paths=(str(first),))(None, None) == 1.0  # its own path: fine
+    finally:
+        sys.modules.pop("same_name_agent", None)

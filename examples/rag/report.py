@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 from lightning_core import analyst  # noqa: E402
 
 # one row per rollout: its evaluation (label, dataset, epochs trained before it) or training epoch, and what the
-# agent did (the rag.* attributes arclight_entry.py sets on the rollout span)
+# agent did (the rag.* attributes rag_entry.py sets on the rollout span)
 ROLLOUTS = """
 WITH outcome AS (
     SELECT rollout_id,

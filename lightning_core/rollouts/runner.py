@@ -151,10 +151,28 @@ def load_agent(ref: str, *, paths: tuple[str, ...] = ()) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"agent module {module_name!r} could not be imported ({exc}); searched {list(paths)} and sys.path") from exc
+    _check_origin(module, module_name, paths)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"agent {ref!r}: module {module_name!r} has no function {attr!r}")
     return fn
+
+
+def _check_origin(module: Any, module_name: str, paths: tuple[str, ...]) -> None:
+    """Raise when ``module`` was loaded from elsewhere although one of the agent's ``paths`` holds a module of that
+    name: an earlier run in this process (or the rollout fork server, which preloads the first agent it serves)
+    loaded another agent's module of the same name, and Python's import cache would run that one instead."""
+    loaded = getattr(module, "__file__", None)
+    if not loaded:
+        return
+    relative = Path(*module_name.split("."))
+    candidates = [Path(p) / relative.with_suffix(".py") for p in paths] + [Path(p) / relative / "__init__.py" for p in paths]
+    own = [c.resolve() for c in candidates if c.is_file()]
+    if own and Path(loaded).resolve() not in own:
+        raise ValueError(
+            f"agent module {module_name!r} is already loaded in this process from {loaded}, not from {own[0]}: two "
+            f"agents whose modules share a name cannot run in one process; rename one of them (or run each "
+            f"project in its own process)")
 
 
 def failure_kind(exc: BaseException, gateway_url: str) -> str:
