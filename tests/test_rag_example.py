@@ -14,6 +14,7 @@ from lightning_core.config import load_config
 from lightning_core.store.catalog import Catalog
 from lightning_core.store.outputs import load_triplets
 from tests.conftest import REPO
+from tests.helpers.tokens import gateway_tokens
 from tests.test_examples import _overrides
 
 RAG = REPO / "examples" / "rag"
@@ -111,10 +112,8 @@ def test_one_epoch_of_the_agents_sdk_retrieval_agent_trains_the_researcher(
     cfg = load_config(RAG / "config.yaml", overrides=overrides)
     assert (row["status"], row["succeeded"]) == ("completed", 6)
 
+    gateway = {rid: response for rid, (_, response) in gateway_tokens(cfg, run).items()}  # the run has one epoch
     with Catalog.from_config(cfg).read() as con:
-        gateway = dict(con.execute(
-            "SELECT response_id, response_token_ids FROM spans WHERE run_id = ? AND epoch = 0 AND span_kind = 'llm' "
-            "AND response_token_ids IS NOT NULL", [run]).fetchall())
         outcomes = con.execute(
             "SELECT attributes->>'rag.searches', attributes->>'rag.f1' FROM spans WHERE run_id = ? AND epoch = 0 "
             "AND attributes->>'rag.searches' IS NOT NULL", [run]).fetchall()
