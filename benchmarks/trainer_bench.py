@@ -283,6 +283,8 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on in both trainers")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="trl's default (off here, like Arclight)")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: by GPU name)")
+    ap.add_argument("--json", type=Path, help="also append the result to this file, one JSON object per line")
+    ap.add_argument("--label", help="a name for the run, stored in the result")
     a = ap.parse_args()
     groups, per_group, prompt_len, response_len = SHAPES[a.shape]["samples"] if a.shape else (4, 4, 128, 64)
     groups, per_group = a.groups or groups, a.per_group or per_group
@@ -327,6 +329,11 @@ def main() -> None:
                 if name in result:
                     result[f"speedup_{name.removeprefix('arclight_')}"] = (result[name]["tokens_per_s"]
                                                                            / result["trl"]["tokens_per_s"])
+    if a.label:
+        result["label"] = a.label
+    if a.json:
+        with a.json.open("a") as f:
+            f.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=2))
     print(table(result))
 

@@ -12,8 +12,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from lightning_core.store.outputs import TRIPLET_SCHEMA
-
 VOCAB = 64
 
 
@@ -81,5 +79,7 @@ def make_triplets(
 
 def triplet_table(rows: list[dict[str, Any]]) -> pa.Table:
     """The rows as a pyarrow Table with the lake's triplet schema."""
+    from lightning_core.store.outputs import TRIPLET_SCHEMA  # here, not at the top: the GPU machine has no deltalake
+
     schema = pa.schema(list(TRIPLET_SCHEMA)[: TRIPLET_SCHEMA.get_field_index("flags") + 1])
     return pa.Table.from_pylist(rows, schema=schema)
