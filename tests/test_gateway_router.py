@@ -6,7 +6,9 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
-from lightning_core.serving.router import GatewayError, GatewayState, PolicySwitch, Router, RolloutInfo
+from lightning_core.serving.router import (GatewayError, GatewayState, PinnedVersionGone, PolicySwitch, Router,
+                                           RolloutInfo)
+from lightning_core import semconv
 from lightning_core.serving.app import build_app, serve
 from lightning_core.serving.recording import parse_traceparent
 
@@ -134,3 +136,54 @@ def test_replica_groups_send_each_policy_to_its_own_replicas_and_the_base_model_
     assert router.group_upstreams("writer") == ["http://w1:1", "http://w2:2"]
     plain = make_router()
     assert plain.groups == {None: ["http://a:1", "http://b:2"]} and plain.group_upstreams("coder") == plain.upstreams
+
+
+def test_a_rollout_keeps_the_versions_it_started_on_across_redeploys_until_they_are_unloaded():
+    """Asynchronous epochs redeploy while rollouts run: each rollout's calls all go to the versions serving when it
+    was registered, for every policy it calls, or fail on our side once such a version is gone."""
+    router = make_router()
+    router.switch("default", PolicySwitch(served_model="default-v1", version=1), keep=2)
+    router.register(RolloutInfo(rollout_id="early"))
+    router.switch("default", PolicySwitch(served_model="default-v2", version=2), keep=2)  # v1 kept for rollback
+    router.switch("coder", PolicySwitch(served_model="coder-v5", version=5), keep=2)
+    router.register(RolloutInfo(rollout_id="late"))
+    early, early_replicas, _ = router.rollout("early")
+    late, late_replicas, _ = router.rollout("late")
+    assert early.pins == {"default": ("default-v1", 1), "coder": ("base", 0)}
+    pinned = router.resolve("gpt-4o", early, early_replicas)
+    assert (pinned.served_model, pinned.policy, pinned.version) == ("default-v1", "default", 1)
+    assert router.resolve("gpt-4o", late, late_replicas).served_model == "default-v2"
+    assert router.resolve("coder", late, late_replicas).served_model == "coder-v5"
+    with pytest.raises(PinnedVersionGone, match="rollout 'early' started on version 0 of policy 'coder'"):
+        router.resolve("coder", early, early_replicas)  # the base weights of coder are not loaded under that name
+    assert router.resolve("default-v2", early, early_replicas).version == 2  # an exact version asked for by name
+    router.switch("default", PolicySwitch(served_model="default-v3", version=3), keep=2)  # v1 unloaded
+    with pytest.raises(PinnedVersionGone) as gone:
+        router.resolve("gpt-4o", early, early_replicas)
+    assert gone.value.status == 503 and (gone.value.target.served_model, gone.value.target.version) == ("default-v1", 1)
+    assert router.resolve(None, None, None).version == 3  # traffic outside rollouts takes the newest
+    # merged weights: every version is served under the base name, reloaded in place, so no older one stays
+    merged = Router(upstreams=["http://a:1"], base_model="base", policies=["calc"])
+    merged.switch("calc", PolicySwitch(served_model="base", version=1), keep=2)
+    merged.register(RolloutInfo(rollout_id="r"))
+    info, replicas, _ = merged.rollout("r")
+    assert merged.resolve("calc", info, replicas).version == 1
+    merged.switch("calc", PolicySwitch(served_model="base", version=2), keep=2)
+    with pytest.raises(PinnedVersionGone, match="now version 2"):
+        merged.resolve("calc", info, replicas)
+    merged.register(RolloutInfo(rollout_id="r", attempt=1))  # its next attempt is pinned afresh
+    assert merged.resolve("calc", *merged.rollout("r")[:2]).version == 2
+
+
+def test_a_call_to_a_pinned_version_that_is_gone_is_a_503_recorded_as_our_failure():
+    exporter = InMemorySpanExporter()
+    app = build_app(upstreams=["http://127.0.0.1:9"], base_model="base", exporter=exporter, policies=["calc"], token="t")
+    with TestClient(app, headers={"Authorization": "Bearer t"}) as client:
+        assert client.post("/admin/rollouts", json={"rollout_id": "r", "run_id": "run", "epoch": 1}).status_code == 201
+        app.state.router.switch("calc", PolicySwitch(served_model="base", version=1), keep=2)  # merged weights reloaded
+        r = client.post("/rollout/r/v1/chat/completions", json={"model": "calc", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "started on version 0 of policy 'calc'" in r.json()["error"]["message"]
+        app.state.recorder.flush()
+    [span] = exporter.get_finished_spans()
+    assert span.attributes["arclight.llm.upstream_failed"] is True and span.attributes["arclight.policy.version"] == 0
+    assert span.resource.attributes[semconv.ROLLOUT_ID] == "r" and span.status.status_code.name == "ERROR"

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from lightning_core.common.http_guard import foreign_browser, has_token, json_depth_over, trusted
 from lightning_core.serving.metrics import GatewayMetrics
 from lightning_core.serving.recording import Call, SpanRecorder, parse_traceparent
-from lightning_core.serving.router import GatewayError, PolicySwitch, ReplicaRefused, RolloutInfo, Router
+from lightning_core.serving.router import GatewayError, PinnedVersionGone, PolicySwitch, ReplicaRefused, RolloutInfo, Router
 
 log = logging.getLogger("arclight.gateway")
 
@@ -166,6 +166,11 @@ class Gateway:
             body = await self.read_json(request)
             validate_request(body, operation)
             target = router.resolve(body.get("model"), info, replicas)
+        except PinnedVersionGone as exc:  # recorded as a call our side failed: the rollout is not the agent's failure
+            self.finish(Call(operation=operation, body=body, target=exc.target, resource=resource, start_ns=start_ns,
+                             started=started, parent=parse_traceparent(request.headers.get("traceparent"))),
+                        endpoint, str(exc.status), error=exc.message, upstream_failed=True)
+            return error_response(exc)
         except GatewayError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)

@@ -39,6 +39,16 @@ class ReplicaRefused(GatewayError):
     """A vLLM replica that refused the connection (down or restarting), as opposed to one that is slow or failing."""
 
 
+class PinnedVersionGone(GatewayError):
+    """A rollout's pinned version is no longer served (weights reloaded in place, or the adapter unloaded): its call
+    cannot go to the version its rollout started on, and no other version may answer it. Our failure, not the
+    agent's: the call is recorded as failed upstream and the rollout runs again (``target`` names the pin)."""
+
+    def __init__(self, message: str, target: "Target"):
+        super().__init__(503, message, "pinned_version_unavailable")
+        self.target = target
+
+
 class RolloutInfo(BaseModel):
     """A registered rollout: where its spans belong and which policy it samples from."""
 
@@ -49,6 +59,10 @@ class RolloutInfo(BaseModel):
     task_id: str | None = Field(None, max_length=1024)
     attempt: int | None = None
     policy: str | None = Field(None, description="Policy every call of this rollout uses; default by model name.")
+    pins: dict[str, tuple[str, int]] | None = Field(
+        None, description="Set by the gateway at registration: policy -> (served model, version) serving then. Every "
+        "call of the rollout to a policy goes to its pinned version, so a redeploy during the rollout never switches "
+        "it mid-way.")
 
     # these values name lake folders or BIGINT columns: one bad one would make the collector
     # refuse every export batch that carries it, with other rollouts' spans in it
@@ -254,11 +268,13 @@ class Router:
         self._down[replica] = time.monotonic() + self.DOWN_FOR_S
 
     def register(self, info: RolloutInfo) -> str:
-        """Register (or re-register) a rollout; return the replica its calls will stick to."""
+        """Register (or re-register) a rollout, pinned to the version its policy serves now; return the replica its
+        calls will stick to."""
         self.refresh()
         if info.policy is not None and info.policy not in self.policies:
             raise GatewayError(400, f"policy {info.policy!r} is not served here; known policies: {sorted(self.policies)}")
-        self.state.put_rollout(info)
+        pins = {name: (state.served_model or self.base_model, state.version) for name, state in self.policies.items()}
+        self.state.put_rollout(info.model_copy(update={"pins": pins}))
         return self.live(self.replicas_for(info.rollout_id))[0]
 
     def forget(self, rollout_id: str) -> bool:
@@ -305,7 +321,21 @@ class Router:
         name = (rollout.policy if rollout is not None and rollout.policy else None) \
             or (requested if requested in self.policies else self.default_policy)
         state = self.policies[name]
+        if rollout is not None and rollout.pins and name in rollout.pins:
+            return self._in_group(self._pinned(rollout, state, replicas), rollout)
         return self._in_group(Target(state.served_model or self.base_model, name, state.version, replicas[0], replicas), rollout)
+
+    def _pinned(self, rollout: RolloutInfo, state: PolicyState, replicas: list[str]) -> Target:
+        """The rollout's pinned version of ``state``'s policy while it is still loaded (serving, or kept for
+        rollback); else ``PinnedVersionGone``."""
+        pin = tuple(rollout.pins[state.name])
+        target = Target(pin[0], state.name, pin[1], replicas[0], replicas)
+        if pin == (state.served_model or self.base_model, state.version) or pin in state.history:
+            return target
+        raise PinnedVersionGone(
+            f"rollout {rollout.rollout_id!r} started on version {pin[1]} of policy {state.name!r} ({pin[0]}), which is "
+            f"no longer served (now version {state.version}, {state.served_model or self.base_model}): its calls must "
+            "all go to one version, so this one fails on our side and the rollout runs again", target)
 
     def switch(self, policy: str, update: PolicySwitch, *, keep: int) -> PolicyState:
         """Make ``update`` the policy's current version; the old one becomes the first rollback."""
