@@ -219,6 +219,16 @@ class TrainerConfig(Section):
         "token", description="token: every response token weighs the same; sequence: every triplet; rollout: every rollout."
     )
     use_recorded_logprobs: bool = Field(True, description="Ratio against sampling-time logprobs when present (else on-policy, ratio 1).")
+    max_staleness: int = Field(
+        0, ge=0, description="Asynchronous epochs: 0 runs the epoch's stages one after another (rollouts, then training, "
+        "then redeploy); k >= 1 samples the next epoch's rollouts on the serving version while this epoch trains, and "
+        "never trains a triplet more than k versions after the version that sampled it (older groups are left out). "
+        "The whole run's setting: not a per-policy key.")
+    behaviour_correction: Literal["ppo", "decoupled"] = Field(
+        "ppo", description="The loss on samples the serving policy drew: ppo clips the ratio against the recorded "
+        "(behaviour) logprobs; decoupled is AReaL's decoupled objective, the ratio against the trainer's own policy "
+        "before the step, times the behaviour weight proximal/behaviour truncated at importance_cap (verl's TIS).")
+    importance_cap: float = Field(2.0, ge=1.0, description="decoupled: the behaviour importance weight's upper bound.")
     micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass (plain forward).")
     shared_prefix: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -287,6 +297,9 @@ class PolicyConfig(Section):
         unknown = sorted(set(value) - set(TrainerConfig.model_fields))
         if unknown:
             raise ValueError(f"unknown trainer keys {unknown}; known: {sorted(TrainerConfig.model_fields)}")
+        if "max_staleness" in value:
+            raise ValueError("trainer.max_staleness is the whole run's (the epochs overlap or not for every policy): "
+                             "set it in the trainer section, not per policy")
         return value
 
     @field_validator("name")

@@ -13,7 +13,7 @@ from lightning_core.store.catalog import Catalog
 from lightning_core.config import load_config
 from lightning_core.rollouts.runner import RolloutOutcome
 from lightning_core.serving.vllm import redeploy_mode
-from lightning_core.epoch.deploy import version_number
+from lightning_core.trainer.versions import version_number
 
 
 def test_auto_redeploy_merges_on_cpu_and_groups_replicas_when_an_agent_stays_frozen(monkeypatch):

@@ -4,7 +4,6 @@ died restarted and brought up to the serving versions, the version each policy s
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,22 +12,11 @@ from lightning_core.epoch.context import RunContext
 from lightning_core.serving.redeploy import (deploy_adapter, deploy_full_weights, merge_adapter, prune_merged,
                                              restore_adapter)
 from lightning_core.serving.vllm import model_dir, redeploy_mode, replica_group, serving_dtype, start_vllm
-from lightning_core.trainer.versions import latest_version
+from lightning_core.trainer.versions import latest_version, version_number
 from lightning_core.epoch.stack import Outage
 
 
 log = logging.getLogger("arclight.deploy")
-
-
-_VERSION_NUMBER = re.compile(r"-v(\d+)$")
-
-
-def version_number(version: str) -> int:
-    """Return N of a version id ``<policy>-vN``."""
-    match = _VERSION_NUMBER.search(version)
-    if not match:
-        raise ValueError(f"policy version {version!r} is not of the form <policy>-v<N>")
-    return int(match.group(1))
 
 
 @dataclass

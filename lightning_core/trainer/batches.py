@@ -56,6 +56,26 @@ def epoch_stats(rows: list[dict[str, Any]], *, success_reward: float) -> dict[st
     }
 
 
+def staleness(row: dict[str, Any], *, trained_from: int) -> int | None:
+    """Versions between the one that sampled ``row`` (its ``policy_version``) and ``trained_from``; None when the
+    call's version was not recorded (no gateway span)."""
+    sampled = row.get("policy_version")
+    return None if sampled is None else trained_from - int(sampled)
+
+
+def within_staleness(rows: list[dict[str, Any]], *, trained_from: int, max_staleness: int
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Keep the groups whose every triplet was sampled at most ``max_staleness`` versions before ``trained_from``.
+
+    A group goes whole or not at all: its advantages were computed over all its members, so dropping some would
+    bias the rest. Triplets of unrecorded version count as fresh (and are counted)."""
+    stale_groups = {group_key(r) for r in rows if (staleness(r, trained_from=trained_from) or 0) > max_staleness}
+    kept = [r for r in rows if group_key(r) not in stale_groups]
+    counts = {"staleness_dropped_groups": len(stale_groups), "staleness_dropped_triplets": len(rows) - len(kept),
+              "staleness_unknown": sum(1 for r in kept if r.get("policy_version") is None)}
+    return kept, counts
+
+
 def make_samples(
     rows: list[dict[str, Any]],
     *,
@@ -63,8 +83,10 @@ def make_samples(
     max_response_length: int,
     use_recorded_logprobs: bool,
     keep_zero_advantage: bool = False,
+    trained_from: int = 0,
 ) -> tuple[list[Sample], dict[str, int]]:
-    """Turn triplet rows into samples; drop the untrainable ones and count why."""
+    """Turn triplet rows into samples; drop the untrainable ones and count why. ``trained_from``: the version number
+    the training starts from (each sample's staleness is counted from it)."""
     counts = {"dropped_zero_advantage": 0, "dropped_no_tokens": 0, "dropped_bad_advantage": 0,
               "truncated_prompt": 0, "truncated_response": 0, "logprobs_missing": 0, "logprobs_mismatched": 0}
     samples: list[Sample] = []
@@ -100,6 +122,7 @@ def make_samples(
             prompt_ids=[int(t) for t in prompt], response_ids=[int(t) for t in response], logprobs=logprobs,
             advantage=float(advantage), reward=float(row.get("reward") or 0.0),
             rollout_id=rollout_key(row, i), group_id=group_key(row), row=i,
+            staleness=max(staleness(row, trained_from=trained_from) or 0, 0),
         ))
     return samples, counts
 

@@ -26,6 +26,8 @@ from lightning_core.trainer.token_logps import decoder_and_head, token_logps
 
 log = logging.getLogger(__name__)
 
+BEHAVIOUR_CORRECTIONS = ("ppo", "decoupled")
+
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False,
                    logits_chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -64,13 +66,29 @@ def grpo_loss(
     epsilon_high: float,
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
+    prox_logps: torch.Tensor | None = None,
+    importance_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate loss summed with per-sample token weights; NaN old logps mean on-policy."""
-    old_logps = torch.where(torch.isnan(old_logps), logps.detach(), old_logps)
-    ratio = torch.exp(logps - old_logps)
+    """Clipped surrogate loss summed with per-sample token weights; NaN old logps mean on-policy.
+
+    ``old_logps`` are the behaviour policy's (recorded when the call was sampled). Without ``prox_logps`` the
+    ratio is against them (PPO, trl's loss). With ``prox_logps`` (the trainer's own logprobs before this update)
+    the loss is AReaL's decoupled objective: the ratio is against the proximal policy and clipped there, and
+    each token is weighted by the behaviour importance weight prox / behaviour, truncated at ``importance_cap``
+    (verl's truncated importance sampling), so stale samples still correct for the policy that sampled them.
+    """
+    behaviour = torch.where(torch.isnan(old_logps), logps.detach(), old_logps)
+    if prox_logps is None:
+        centre, behaviour_weight = behaviour, None
+    else:
+        centre = prox_logps.detach()
+        behaviour_weight = torch.exp(centre - behaviour).clamp(max=importance_cap)
+    ratio = torch.exp(logps - centre)
     adv = advantages.unsqueeze(1)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if behaviour_weight is not None:
+        per_token = behaviour_weight * per_token
     kl = None
     if beta != 0.0:
         if ref_logps is None:
@@ -82,11 +100,15 @@ def grpo_loss(
     loss = (per_token * weight).sum()
     n = mask.sum().clamp(min=1.0)
     is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    zero = torch.zeros((), device=logps.device)
     stats = {
         "ratio_sum": (ratio.detach() * mask).sum(),
         "clipped_sum": (is_clipped.float() * mask).sum(),
-        "kl_sum": (kl.detach() * mask).sum() if kl is not None else torch.zeros((), device=logps.device),
+        "kl_sum": (kl.detach() * mask).sum() if kl is not None else zero,
         "tokens": n,
+        "behaviour_weight_sum": (behaviour_weight * mask).sum() if behaviour_weight is not None else zero,
+        "behaviour_capped_sum": ((behaviour_weight >= importance_cap).float() * mask).sum()
+        if behaviour_weight is not None else zero,
     }
     return loss, stats
 
@@ -109,15 +131,24 @@ def train_grpo(
     max_steps: int | None = None,
     attention: str = "sdpa",
     logits_chunk_tokens: int = 1024,
+    behaviour_correction: str = "ppo",
+    importance_cap: float = 2.0,
 ) -> list[dict[str, float]]:
     """Run the optimizer steps; return one metrics dict per step (skipped steps included).
 
     ``attention`` is the shared-prefix forward's kernel (``tree_attention.choose_attention``); on CUDA
     each step also reports ``peak_memory_gb``, the most GPU memory allocated during it (on CPU, nothing).
+    ``behaviour_correction``: ppo (the ratio against the recorded behaviour logprobs) or decoupled (``grpo_loss``);
+    every step reports the staleness of its samples (versions between the one that sampled them and the one
+    trained from: ``staleness/max``, ``staleness/mean``).
     """
+    if behaviour_correction not in BEHAVIOUR_CORRECTIONS:
+        raise ValueError(f"behaviour_correction must be one of {BEHAVIOUR_CORRECTIONS}, found {behaviour_correction!r}")
+    decoupled = behaviour_correction == "decoupled"
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world_size = collectives.world()
     first_pass_logps: dict[int, list[float]] = {}  # on-policy "old" logprobs, reused by later passes
+    proximal_logps: dict[int, list[float]] = {}  # decoupled: every sample's logprobs before the step's first pass
     history: list[dict[str, float]] = []
     model.train()
     for step_index, step in enumerate(s for _ in range(passes) for s in steps):
@@ -128,7 +159,7 @@ def train_grpo(
             torch.cuda.reset_peak_memory_stats(device)
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "ratio_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
-                  "encoded": 0.0}
+                  "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0}
         skip_reason = None
         mine = (step.micro_batches if world_size == 1 else
                 collectives.shard(step.micro_batches, rank=rank, world_size=world_size, shared_prefix=step.shared_prefix))
@@ -145,10 +176,11 @@ def train_grpo(
                 logps, entropy = micro_batch_logps(model, batch, tree, with_entropy=True, attention=attention,
                                                    logits_chunk_tokens=logits_chunk_tokens)
                 logps = logps.float()
+                prox = _proximal(samples, logps, proximal_logps) if decoupled else None
                 loss, stats = grpo_loss(
                     logps=logps, old_logps=batch["old_logps"], advantages=batch["advantages"],
                     mask=batch["response_mask"], weights=batch["weights"], epsilon_low=epsilon_low,
-                    epsilon_high=epsilon_high, beta=beta, ref_logps=ref,
+                    epsilon_high=epsilon_high, beta=beta, ref_logps=ref, prox_logps=prox, importance_cap=importance_cap,
                 )
             if not torch.isfinite(loss):
                 skip_reason = "loss"
@@ -157,7 +189,7 @@ def train_grpo(
             if passes > 1:
                 _remember(samples, logps, first_pass_logps)
             totals["loss"] += loss.item()
-            for key in ("ratio_sum", "clipped_sum", "kl_sum", "tokens"):
+            for key in ("ratio_sum", "clipped_sum", "kl_sum", "tokens", "behaviour_weight_sum", "behaviour_capped_sum"):
                 totals[key] += stats[key].item()
             totals["entropy_sum"] += (entropy.float() * batch["response_mask"]).sum().item()
         if world_size > 1:  # every rank reaches here, whatever its share, so the collectives always pair up
@@ -194,7 +226,12 @@ def train_grpo(
             "flex_attention": 1.0 if (step.shared_prefix and attention == "flex") else 0.0,
             "step_triplets": float(len(step.samples)),
             "skipped": 0.0 if skip_reason is None else 1.0,
+            "staleness/max": float(max((s.staleness for s in step.samples), default=0)),
+            "staleness/mean": sum(s.staleness for s in step.samples) / max(len(step.samples), 1),
         }
+        if decoupled:
+            metrics["behaviour_weight/mean"] = totals["behaviour_weight_sum"] / n
+            metrics["behaviour_weight/capped"] = totals["behaviour_capped_sum"] / n
         if device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         history.append(metrics)
@@ -211,6 +248,18 @@ def _with_first_pass_logps(samples: list[Sample], seen: dict[int, list[float]]) 
             s = Sample(**{**s.__dict__, "logprobs": seen[s.row]})
         out.append(s)
     return out
+
+
+def _proximal(samples: list[Sample], logps: torch.Tensor, seen: dict[int, list[float]]) -> torch.Tensor:
+    """The proximal policy's logprobs [B, W]: this pass's own (detached) the first time a sample is seen, the
+    first pass's afterwards (the parameters before the epoch's updates, as trl's old logprobs)."""
+    prox = logps.detach().clone()
+    for i, s in enumerate(samples):
+        if s.row in seen:
+            prox[i, : len(s.response_ids)] = torch.tensor(seen[s.row], dtype=prox.dtype, device=prox.device)
+        else:
+            seen[s.row] = prox[i, : len(s.response_ids)].float().cpu().tolist()
+    return prox
 
 
 def _remember(samples: list[Sample], logps: torch.Tensor, seen: dict[int, list[float]]) -> None:

@@ -22,6 +22,7 @@ class Sample:
     rollout_id: str
     group_id: str
     row: int
+    staleness: int = 0  # versions between the one that sampled it and the one it trains from
 
     @property
     def tokens(self) -> int:

@@ -23,7 +23,7 @@ from lightning_core.config import ArclightConfig, TrainerConfig
 from lightning_core.common import gpu
 from lightning_core.common.durable import save_atomically
 from lightning_core.trainer import checkpoint, versions
-from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of
+from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of, within_staleness
 from lightning_core.trainer.distributed import run_grpo_distributed
 from lightning_core.trainer.grpo_run import OPTIMIZER_STATE, run_grpo
 from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, pick_device, seed_everything
@@ -84,9 +84,16 @@ def train_policy(
                                        max_response_length=cfg.max_response_length,
                                        use_recorded_logprobs=False, keep_zero_advantage=True)
     else:
+        trained_from = versions.version_number(parent_version) if parent_version else 0
+        rows, stale = within_staleness(rows, trained_from=trained_from, max_staleness=config.trainer.max_staleness)
+        if stale["staleness_dropped_groups"]:
+            log.warning("policy %r epoch %d: %d groups (%d triplets) left out: sampled more than trainer.max_staleness="
+                        "%d versions before %s", policy, epoch, stale["staleness_dropped_groups"],
+                        stale["staleness_dropped_triplets"], config.trainer.max_staleness, parent_version)
         samples, counts = make_samples(rows, max_prompt_length=cfg.max_prompt_length,
                                        max_response_length=cfg.max_response_length,
-                                       use_recorded_logprobs=cfg.use_recorded_logprobs)
+                                       use_recorded_logprobs=cfg.use_recorded_logprobs, trained_from=trained_from)
+        counts.update(stale)
     stats.update({k: float(v) for k, v in counts.items()})
     stats["trainable_triplets"] = float(len(samples))
 
@@ -265,6 +272,8 @@ def _summarise(steps: list[dict[str, float]], *, elapsed: float) -> dict[str, fl
         "grad_norm": mean("grad_norm"), "tokens_per_s": tokens / elapsed if tokens else math.nan,
         "optimizer_steps": float(len(done)), "skipped_steps": float(len(steps) - len(done)),
         "train_time_s": elapsed,
+        "staleness/max": max((s.get("staleness/max", 0.0) for s in steps), default=0.0),
+        "staleness/mean": mean("staleness/mean"),
     }
 
 

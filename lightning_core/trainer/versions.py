@@ -12,6 +12,14 @@ from lightning_core.store.catalog import Catalog
 _NUMBER = re.compile(r"-v(\d+)$")
 
 
+def version_number(version: str) -> int:
+    """Return N of a version id ``<policy>-vN``."""
+    match = _NUMBER.search(version)
+    if not match:
+        raise ValueError(f"policy version {version!r} is not of the form <policy>-v<N>")
+    return int(match.group(1))
+
+
 def version_name(policy: str, number: int) -> str:
     """Return the version id of the ``number``-th version of ``policy`` (also the served adapter name)."""
     return f"{policy}-v{number}"
