@@ -10,7 +10,9 @@ hands it to every stage and task.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
+import threading
 from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, unmapped
@@ -156,18 +158,12 @@ def sample_until_informative(ctx: RunContext, *, epoch: int, report: dict[str, A
         report = t.triplets(ctx, run_id=run_id, epoch=epoch)
 
 
-def run_epoch(ctx: RunContext, *, epoch: int | None = None) -> dict[str, Any]:
-    """Run (or resume) one epoch on the run's services and return its summary row."""
+def sample_epoch(ctx: RunContext, *, epoch: int) -> None:
+    """The epoch's rollouts, ingest and triplets (with dynamic sampling), on the versions serving now; an epoch an
+    earlier run cut off resumes at the stage it reached."""
     logger = get_run_logger()
     catalog, run_id = ctx.catalog, ctx.run_id
-    epoch = ep.next_epoch(catalog, run_id=run_id) if epoch is None else epoch
     status = ep.epoch_status(catalog, run_id=run_id, epoch=epoch)
-    if ep.reached(status, "completed"):
-        logger.info("epoch %s of run %s is already complete", epoch, run_id)
-        return _row(ctx, epoch)
-    if status is not None:
-        logger.info("resuming epoch %s of run %s after stage %r", epoch, run_id, status)
-    t.redeploy(ctx)  # serve the newest version before sampling from it
     if not ep.reached(status, "rollouts_done"):
         serving = deploy.serving_versions(ctx)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="planned", policy_version=",".join(serving.values()))
@@ -183,12 +179,62 @@ def run_epoch(ctx: RunContext, *, epoch: int | None = None) -> dict[str, Any]:
         counts = ep.record_sampling(catalog, run_id=run_id, epoch=epoch, informative_groups=report["informative_groups"])
         logger.info("epoch %s sampling: %s", epoch, counts)
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="triplets_done", stats=report)
-    if not ep.reached(status, "trained"):
-        results = t.train(ctx, run_id=run_id, epoch=epoch)
-        for r in results:
-            logger.info(r["message"])
-        new = ",".join(r["version"] for r in results if r["version"]) or None
-        ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="trained", new_version=new)
+
+
+def train_beside_next_rollouts(ctx: RunContext, *, epoch: int) -> list[dict[str, Any]]:
+    """Asynchronous epochs (``trainer.max_staleness`` >= 1): train ``epoch`` in a task run of its own while the next
+    epoch's rollouts, ingest and triplets run on the version serving now; return the training's results.
+
+    The next epoch then trains one version after the one that sampled it (the bound is checked when it trains). A
+    failure of the next epoch's sampling waits for this training to finish (its version is kept), then stops the run;
+    Ctrl-C stops both at once.
+    """
+    abandon = threading.Event()
+    training = t.train.submit(ctx, run_id=ctx.run_id, epoch=epoch, abandon=abandon)
+    sampling_error: Exception | None = None
+    try:
+        sample_epoch(ctx, epoch=epoch + 1)
+    except Exception as exc:  # noqa: BLE001 - raised again once the training beside it is in
+        sampling_error = exc
+    except BaseException:
+        abandon.set()  # Ctrl-C: the training thread stops before its next micro-batch
+        raise
+    try:
+        results = training.result()
+    except BaseException:
+        abandon.set()
+        raise
+    if sampling_error is not None:
+        _record_trained(ctx, epoch=epoch, results=results)
+        raise sampling_error
+    return results
+
+
+def run_epoch(ctx: RunContext, *, epoch: int | None = None, overlap: bool = True) -> dict[str, Any]:
+    """Run (or resume) one epoch on the run's services and return its summary row.
+
+    With ``trainer.max_staleness`` >= 1 and ``overlap``, the next epoch's rollouts run while this one trains
+    (``train_beside_next_rollouts``); the next call of this function then starts at that epoch's training.
+    """
+    logger = get_run_logger()
+    catalog, run_id = ctx.catalog, ctx.run_id
+    epoch = ep.next_epoch(catalog, run_id=run_id) if epoch is None else epoch
+    status = ep.epoch_status(catalog, run_id=run_id, epoch=epoch)
+    if ep.reached(status, "completed"):
+        logger.info("epoch %s of run %s is already complete", epoch, run_id)
+        return _row(ctx, epoch)
+    if status is not None:
+        logger.info("resuming epoch %s of run %s after stage %r", epoch, run_id, status)
+    t.redeploy(ctx)  # serve the newest version before sampling from it
+    sample_epoch(ctx, epoch=epoch)
+    if not ep.reached(ep.epoch_status(catalog, run_id=run_id, epoch=epoch), "trained"):
+        ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="triplets_done",
+                            train_started_at=dt.datetime.now(dt.timezone.utc))
+        if ctx.config.trainer.max_staleness and overlap:
+            results = train_beside_next_rollouts(ctx, epoch=epoch)
+        else:
+            results = t.train(ctx, run_id=run_id, epoch=epoch)
+        _record_trained(ctx, epoch=epoch, results=results)
     deployed = t.redeploy(ctx)
     for d in deployed:
         logger.info("policy %s now serves %s (first answer after %.2f s)", d["policy"], d["version"], d["first_answer_s"])
@@ -198,6 +244,17 @@ def run_epoch(ctx: RunContext, *, epoch: int | None = None) -> dict[str, Any]:
     ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="completed")
     t.publish_epoch_report(ctx, run_id=run_id, epoch=epoch)
     return _row(ctx, epoch)
+
+
+def _record_trained(ctx: RunContext, *, epoch: int, results: list[dict[str, Any]]) -> None:
+    """The epoch's training is done: its new versions, when it ended and the staleness it trained on."""
+    for r in results:
+        get_run_logger().info(r["message"])
+    new = ",".join(r["version"] for r in results if r["version"]) or None
+    stale = [r["staleness/max"] for r in results if r.get("staleness/max") is not None]
+    ep.set_epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=epoch, status="trained", new_version=new,
+                        train_finished_at=dt.datetime.now(dt.timezone.utc),
+                        staleness_max=int(max(stale)) if stale else None)
 
 
 def _row(ctx: RunContext, epoch: int) -> dict[str, Any]:
@@ -237,7 +294,7 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, ep
         if every and config.evaluation.at_start and ep.next_epoch(ctx.catalog, run_id=ctx.run_id) == 0:
             run_evaluation(ctx, tasks=config.evaluation.tasks)
         while (next_epoch := ep.next_epoch(ctx.catalog, run_id=ctx.run_id)) < target:
-            run_epoch(ctx, epoch=next_epoch)
+            run_epoch(ctx, epoch=next_epoch, overlap=next_epoch + 1 < target)
             if every and ((next_epoch + 1) % every == 0 or next_epoch + 1 == target):
                 run_evaluation(ctx, tasks=config.evaluation.tasks)
         return reports.summary_rows(ctx)

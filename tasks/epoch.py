@@ -109,12 +109,14 @@ def triplets(ctx: RunContext, *, run_id: str, epoch: int) -> dict[str, Any]:
 
 
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)
-def train(ctx: RunContext, *, run_id: str, epoch: int) -> list[dict[str, Any]]:
-    """Train each policy on its triplets; return one summary per policy."""
-    results = stages.train(ctx, run_id=run_id, epoch=epoch)
+def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Train each policy on its triplets; return one summary per policy. ``abandon``: stop before the next micro-batch
+    once set (the flow left while this task ran beside the next epoch's rollouts)."""
+    results = stages.train(ctx, run_id=run_id, epoch=epoch, abandon=abandon)
     return [
         {"policy": r.policy, "version": r.version, "parent_version": r.parent_version, "message": r.message,
-         **{k: r.metrics.get(k) for k in ("reward/mean", "loss", "kl", "clip_ratio", "grad_norm", "tokens_per_s")}}
+         **{k: r.metrics.get(k) for k in ("reward/mean", "loss", "kl", "clip_ratio", "grad_norm", "tokens_per_s",
+                                          "staleness/max", "train_time_s")}}
         for r in results
     ]
 

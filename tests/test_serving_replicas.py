@@ -105,7 +105,10 @@ def test_two_replicas_stickiness_redeploy_to_both_one_dying_redeploy_without_it_
         again = deploy_adapter(gateway=admin, replicas=[a, b], policy=POLICY, adapter_dir=adapter, keep_versions=2)
         deployed.append(again.served_model)
         assert (again.version, again.skipped) == (2, [b])
-        assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
+        assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())  # still their v1, on a
+        assert admin.flush()
+        assert {model for *_, model in _spans(collector_config, 1)} == {done.served_model}  # pinned at registration
+        clients = _rollouts(admin, 2, 16)  # rollouts registered from now on are pinned to v2
 
         # the redeploy stage restarts a replica it started that died; back up, b has no adapter yet, and the
         # calls of its rollouts fall over to a ("does not exist" from b) instead of failing
@@ -114,17 +117,17 @@ def test_two_replicas_stickiness_redeploy_to_both_one_dying_redeploy_without_it_
         revived = stack.replicas[1]
         assert revived.alive() and again.served_model not in served_models(b)
         assert admin.flush()
-        seen = _spans(collector_config, 1)
+        seen = _spans(collector_config, 2)
         assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
         assert admin.flush()
-        assert +_added(_spans(collector_config, 1), seen) == {a: len(clients)}
+        assert +_added(_spans(collector_config, 2), seen) == {a: len(clients)}
 
         # loading the serving version onto it (what the stage does next) brings b's rollouts back to b
         assert restore_adapter(replicas=[a, b], policy=POLICY, adapter_dir=adapter, version=2) == [b]
-        seen = _spans(collector_config, 1)
+        seen = _spans(collector_config, 2)
         assert all(greedy(client, POLICY).startswith(TARGET) for client in clients.values())
         assert admin.flush()
-        back = +_added(_spans(collector_config, 1), seen)
+        back = +_added(_spans(collector_config, 2), seen)
         assert set(back) == {a, b} and sum(back.values()) == len(clients)
     finally:
         for version in deployed:

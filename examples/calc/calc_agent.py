@@ -9,12 +9,15 @@ the model call that wrote it (pipeline.tool_failure_penalty).
 
 The system prompt is a versioned resource (``rollouts.resources.prompts.system``; SYSTEM when
 unset), so prompt optimisation can improve it without touching this code (config.apo.yaml);
-``resources.worked_example: false`` leaves the worked example out.
+``resources.worked_example: false`` leaves the worked example out; ``resources.tool_latency_s`` makes every
+calculator call take that long, as a remote sandbox or API would (``benchmarks/async_bench.py``).
 
 The agent is plain OpenAI-client code: Arclight only changes its ``base_url``.
 """
 
 from __future__ import annotations
+
+import time
 
 from calc_protocol import ANSWER, CALC, EXAMPLE, SYSTEM, _number, calculate  # noqa: F401 (others import them from here)
 from lightning_core import tracing
@@ -28,6 +31,7 @@ def run(task: dict, ctx) -> float:
     messages = [{"role": "system", "content": ctx.prompt("system", default=SYSTEM)}, *example,
                 {"role": "user", "content": task["question"]}]
     answer = None
+    latency_s = float(ctx.resources.get("tool_latency_s", 0.0))
     with tracing.agent("calc"):
         for _ in range(max_turns):
             reply = client.chat.completions.create(
@@ -45,6 +49,7 @@ def run(task: dict, ctx) -> float:
                 break
             try:
                 with tracing.tool("calculator", expression=call.group(1)):
+                    time.sleep(latency_s)
                     result = _number(calculate(call.group(1)))
             except (ValueError, SyntaxError, ZeroDivisionError, TypeError):
                 result = "error"

@@ -197,9 +197,13 @@ def materialize(ctx: RunContext, *, run_id: str, epoch: int):
     return materialize_triplets(ctx.config, run_id=run_id, epoch=epoch, catalog=ctx.catalog)
 
 
-def train(ctx: RunContext, *, run_id: str, epoch: int) -> list[Any]:
+def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event | None = None) -> list[Any]:
     """Train every policy on its triplets of the epoch; return the trainer's results. With ``serving.sleep_mode`` the
-    vLLM servers sleep meanwhile (their GPU memory goes to the trainer) and wake before the redeploy."""
+    vLLM servers sleep meanwhile (their GPU memory goes to the trainer) and wake before the redeploy.
+
+    Training stops before its next micro-batch once a stop is asked for (Ctrl-C) or ``abandon`` is set (the flow
+    left while this ran beside the next epoch's rollouts, in a thread of its own)."""
+    from lightning_core.common import stopping
     from lightning_core.serving.vllm import asleep, model_dir
     from lightning_core.trainer.train import train_policies
 
@@ -210,4 +214,5 @@ def train(ctx: RunContext, *, run_id: str, epoch: int) -> list[Any]:
     sleeping = asleep([r.url for r in ctx.stack.replicas]) if config.serving.sleep_mode and ctx.stack else contextlib.nullcontext()
     with sleeping:
         return train_policies(config, run_id=run_id, epoch=epoch, base_model_dir=base, catalog=ctx.catalog,
-                              epoch_metrics={f"sampling/{k}": float(v) for k, v in sampled.items()})
+                              epoch_metrics={f"sampling/{k}": float(v) for k, v in sampled.items()},
+                              should_stop=lambda: stopping.stopping() or (abandon is not None and abandon.is_set()))

@@ -115,6 +115,11 @@ ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS prompt_versions JSON;   -- name ->
 ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS error_kind VARCHAR;
 ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS infra_failures BIGINT DEFAULT 0;  -- attempts our services failed
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS incidents JSON;  -- outages and restarts of our services during the epoch
+-- Asynchronous epochs (issue 43): when the epoch trained, so that overlapping epochs show as they ran (the next
+-- epoch's started_at falls before this one's train_finished_at), and the staleness its training saw.
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS train_started_at TIMESTAMPTZ;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS train_finished_at TIMESTAMPTZ;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS staleness_max BIGINT;  -- most versions a trained triplet was behind
 -- Per-agent reporting (issue 18): one row per (run, epoch, agent) of the training rollouts, replaced
 -- whenever the epoch's triplets are made (sql/agent_epochs.sql plus the config's agent selection).
 CREATE TABLE IF NOT EXISTS agent_epochs (

@@ -59,8 +59,8 @@ def epoch_stats(rows: list[dict[str, Any]], *, success_reward: float) -> dict[st
 def staleness(row: dict[str, Any], *, trained_from: int) -> int | None:
     """Versions between the one that sampled ``row`` (its ``policy_version``) and ``trained_from``; None when the
     call's version was not recorded (no gateway span)."""
-    sampled = row.get("policy_version")
-    return None if sampled is None else trained_from - int(sampled)
+    sampled = str(row.get("policy_version") or "").rsplit("-v", 1)[-1]  # the gateway's number ("3"), or "<policy>-v3"
+    return trained_from - int(sampled) if sampled.isdigit() else None
 
 
 def within_staleness(rows: list[dict[str, Any]], *, trained_from: int, max_staleness: int
@@ -72,7 +72,7 @@ def within_staleness(rows: list[dict[str, Any]], *, trained_from: int, max_stale
     stale_groups = {group_key(r) for r in rows if (staleness(r, trained_from=trained_from) or 0) > max_staleness}
     kept = [r for r in rows if group_key(r) not in stale_groups]
     counts = {"staleness_dropped_groups": len(stale_groups), "staleness_dropped_triplets": len(rows) - len(kept),
-              "staleness_unknown": sum(1 for r in kept if r.get("policy_version") is None)}
+              "staleness_unknown": sum(1 for r in kept if staleness(r, trained_from=trained_from) is None)}
     return kept, counts
 
 

@@ -110,8 +110,10 @@ def _cpu(value: Any) -> Any:
 
 
 def run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step,
-                          parent_dir=None, parent_adapter_dir=None):
-    """The GRPO steps on ``cfg.processes`` ranks (``trainer.distributed``); rank 0's weights and AdamW land in ``model``."""
+                          parent_dir=None, parent_adapter_dir=None, should_stop=None):
+    """The GRPO steps on ``cfg.processes`` ranks (``trainer.distributed``); rank 0's weights and AdamW land in ``model``.
+
+    ``should_stop`` is not asked: the ranks are processes of their own, in this process's group, and stop with it."""
     result = spawn_grpo(dict(
         base_model_dir=str(base_model_dir), parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
         parent_dir=str(parent_dir) if parent_dir else None, cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 BEHAVIOUR_CORRECTIONS = ("ppo", "decoupled")
 
 
+class TrainingStopped(Exception):
+    """A GRPO run ended early because its ``should_stop`` said so; no version comes of it."""
+
+
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False,
                    logits_chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs [B, W] (and entropy, without grad) of the response tokens; logits only for the real ones."""
@@ -133,6 +137,7 @@ def train_grpo(
     logits_chunk_tokens: int = 1024,
     behaviour_correction: str = "ppo",
     importance_cap: float = 2.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Run the optimizer steps; return one metrics dict per step (skipped steps included).
 
@@ -140,7 +145,9 @@ def train_grpo(
     each step also reports ``peak_memory_gb``, the most GPU memory allocated during it (on CPU, nothing).
     ``behaviour_correction``: ppo (the ratio against the recorded behaviour logprobs) or decoupled (``grpo_loss``);
     every step reports the staleness of its samples (versions between the one that sampled them and the one
-    trained from: ``staleness/max``, ``staleness/mean``).
+    trained from: ``staleness/max``, ``staleness/mean``). ``should_stop`` is asked before every micro-batch: when it
+    answers True the run raises ``TrainingStopped`` and the parameters are left as the last finished step made them
+    (a run stopped from another thread: Ctrl-C while an asynchronous epoch trains beside the next one's rollouts).
     """
     if behaviour_correction not in BEHAVIOUR_CORRECTIONS:
         raise ValueError(f"behaviour_correction must be one of {BEHAVIOUR_CORRECTIONS}, found {behaviour_correction!r}")
@@ -164,6 +171,9 @@ def train_grpo(
         mine = (step.micro_batches if world_size == 1 else
                 collectives.shard(step.micro_batches, rank=rank, world_size=world_size, shared_prefix=step.shared_prefix))
         for micro in mine:
+            if should_stop is not None and should_stop():
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingStopped(f"training stopped at step {step_index}: a stop was asked for")
             samples = _with_first_pass_logps(micro, first_pass_logps)
             batch = collate(samples, weights=step.weights, pad_token_id=pad_token_id, device=device)
             tree = build_tree(samples) if step.shared_prefix else None

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import torch
@@ -62,9 +62,11 @@ def train_policy(
     epoch: int,
     epoch_metrics: dict[str, float] | None = None,
     catalog: Catalog | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``policy`` on its triplets of one epoch; save, record and register the new version. ``epoch_metrics``
-    (the epoch stage's sampling counts, ``sampling/...``) are logged beside the training's own."""
+    (the epoch stage's sampling counts, ``sampling/...``) are logged beside the training's own. ``should_stop``:
+    asked before every GRPO micro-batch (``grpo.train_grpo``)."""
     cfg = config.trainer_for(policy)
     params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
     if cfg.mode == "grpo":  # the shared-prefix forward's attention on this device (fails here for flex on a CPU)
@@ -134,7 +136,7 @@ def train_policy(
             run = run_grpo if cfg.processes == 1 else run_grpo_distributed
             steps, optimizer = run(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device,
                                    amp=amp, seed=cfg.seed + epoch, parent_dir=parent_dir,
-                                   parent_adapter_dir=parent_adapter_dir,
+                                   parent_adapter_dir=parent_adapter_dir, should_stop=should_stop,
                                    on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
         stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
         tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps")}, step=epoch)
@@ -195,6 +197,7 @@ def train_policies(
     triplets: dict[str, Any] | None = None,
     epoch_metrics: dict[str, float] | None = None,
     catalog: Catalog | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[TrainResult]:
     """Train every policy of the config on its own triplets, one after another, each from its latest version."""
     catalog = catalog or Catalog.from_config(config)
@@ -214,7 +217,7 @@ def train_policies(
             base_model_dir=parent["path"] if (parent and full) else base_model_dir,
             parent_adapter_dir=parent["path"] if (parent and not full) else None,
             parent_version=parent["version"] if parent else None, run_id=run_id, epoch=epoch,
-            epoch_metrics=epoch_metrics, catalog=catalog,
+            epoch_metrics=epoch_metrics, catalog=catalog, should_stop=should_stop,
         ))
     return results
 
