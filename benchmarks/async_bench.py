@@ -49,14 +49,16 @@ def busy_seconds(intervals: list[tuple[float, float]], start: float, end: float)
     return covered
 
 
-def run_once(*, agent: str, staleness: int, epochs: int, tasks: int, group: int, latency: float, seed: int) -> dict:
+def run_once(*, agent: str, staleness: int, epochs: int, tasks: int, group: int, latency: float, seed: int,
+             concurrency: int | None, extra: list[str]) -> dict:
     """Train a fresh calc project; return its wall time and idle shares."""
     from flows.train import train
 
     overrides = [f"trainer.max_staleness={staleness}", f"rollouts.tasks_per_epoch={tasks}",
+                 *([f"rollouts.concurrency={concurrency}"] if concurrency else []),
                  f"rollouts.group_size={group}", "rollouts.informative_groups=null", f"rollouts.max_tasks_per_epoch={tasks}",
                  "evaluation.every_epochs=null", f"epochs={epochs}", "trainer.lr_schedule=constant",
-                 f"rollouts.resources.tool_latency_s={latency if agent == 'latency' else 0}"]
+                 f"rollouts.resources.tool_latency_s={latency if agent == 'latency' else 0}", *extra]
     _, overrides = fresh_project(CONFIG, seed=seed, overrides=overrides)
     cfg = load_config(CONFIG, overrides=overrides)
     services.up(cfg)
@@ -81,19 +83,20 @@ def run_once(*, agent: str, staleness: int, epochs: int, tasks: int, group: int,
             "vllm_idle": 1 - busy_seconds(calls, started, ended) / wall,
             "trainer_idle": 1 - busy_seconds(trains, started, ended) / wall, "rollouts": rollouts,
             "reward_per_epoch": rewards, "load_at_start": load, "latency_s": latency if agent == "latency" else 0.0,
-            "tasks": tasks, "group": group, "project": str(cfg.project_dir)}
+            "tasks": tasks, "group": group, "concurrency": cfg.rollouts.concurrency, "overrides": extra,
+            "project": str(cfg.project_dir)}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| agent | mode | epoch wall time | vs synchronous | vLLM idle | trainer idle | rollouts | reward per epoch | load at start |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| agent | rollouts at once | mode | epoch wall time | vs synchronous | vLLM idle | trainer idle | rollouts | reward per epoch | load at start |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     sync = {r["agent"]: r["epoch_s"] for r in rows if r["max_staleness"] == 0}
     for r in rows:
         name = f"calc, calculator {r['latency_s']:g} s a call" if r["agent"] == "latency" else "calc"
         mode = "synchronous" if r["max_staleness"] == 0 else f"max_staleness {r['max_staleness']}"
         ratio = f"{r['epoch_s'] / sync[r['agent']]:.2f}x" if r["agent"] in sync else "-"
         rewards = ", ".join(f"{x:.2f}" for x in r["reward_per_epoch"])
-        lines.append(f"| {name} | {mode} | {r['epoch_s']:.1f} s | {ratio} | {r['vllm_idle']:.0%} | {r['trainer_idle']:.0%} "
+        lines.append(f"| {name} | {r['concurrency']} | {mode} | {r['epoch_s']:.1f} s | {ratio} | {r['vllm_idle']:.0%} | {r['trainer_idle']:.0%} "
                      f"| {r['rollouts']} | {rewards} | {r['load_at_start']:.2f} |")
     return "\n".join(lines)
 
@@ -105,15 +108,22 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=8, help="problems per epoch")
     ap.add_argument("--group", type=int, default=8, help="samples per problem")
     ap.add_argument("--latency", type=float, default=2.0, help="seconds a calculator call takes (the latency agent)")
+    ap.add_argument("--concurrency", type=int, help="rollouts at once (default: the calc config's 64); a sandbox or API "
+                    "pool that serves a few agents at a time is what makes an agent wait on its tools")
+    ap.add_argument("--set", dest="common", action="append", default=[], help="an override for every run")
+    ap.add_argument("--async-set", dest="overlapped", action="append", default=[],
+                    help="an override for the max_staleness 1 runs only (e.g. their CPU split)")
+    ap.add_argument("--modes", nargs="+", type=int, default=[0, 1], help="max_staleness values to run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="append the rows here, one JSON object per line")
     a = ap.parse_args()
     rows = []
     with on_signals():
         for agent in a.agents:
-            for staleness in (0, 1):
+            for staleness in a.modes:
                 row = run_once(agent=agent, staleness=staleness, epochs=a.epochs, tasks=a.tasks, group=a.group,
-                               latency=a.latency, seed=a.seed)
+                               latency=a.latency, seed=a.seed, concurrency=a.concurrency,
+                               extra=[*a.common, *(a.overlapped if staleness else [])])
                 row["finished"] = dt.datetime.now().isoformat(timespec="seconds")
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)

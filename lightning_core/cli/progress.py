@@ -37,15 +37,18 @@ EXPECTED_ERRORS = _expected_errors()
 
 def _snapshot(catalog: Catalog, run_id: str) -> dict[str, Any]:
     with catalog.read(spans=False) as con:
-        epochs = con.execute("SELECT epoch, status FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
+        epochs = con.execute("SELECT epoch, status, train_started_at IS NOT NULL AND train_finished_at IS NULL "
+                             "FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
         current = epochs[-1][0] if epochs else None
         counts = dict(con.execute(
             "SELECT status, count(*) FROM rollouts WHERE run_id = ? AND epoch = ? GROUP BY status", [run_id, current]
         ).fetchall()) if current is not None else {}
+    # asynchronous epochs: one epoch trains while the next one's rollouts run, and both show
+    busy = [f"epoch {e}: {'training' if training else status}" for e, status, training in epochs if status != "completed"]
     return {
-        "completed": sum(1 for _, s in epochs if s == "completed"),
+        "completed": sum(1 for _, s, _ in epochs if s == "completed"),
         "epoch": current,
-        "stage": epochs[-1][1] if epochs else "starting services",
+        "stage": " · ".join(busy) if busy else (f"epoch {current}: completed" if epochs else "starting services"),
         "planned": sum(counts.values()),
         "done": sum(n for s, n in counts.items() if s != "planned"),
         "failed": counts.get("failed", 0) + counts.get("timed_out", 0),
@@ -79,7 +82,7 @@ def run_with_progress(
                 except Exception:  # a locked or half-created catalog: try again next second
                     continue
                 if epoch_bar is not None:
-                    progress.update(epoch_bar, completed=snap["completed"], note=f"epoch {snap['epoch']}: {snap['stage']}")
+                    progress.update(epoch_bar, completed=snap["completed"], note=snap["stage"])
                 note = f"{snap['failed']} failed/timed out" if snap["failed"] else ""
                 progress.update(rollout_bar, total=snap["planned"] or None, completed=snap["done"], note=note)
 
@@ -116,9 +119,10 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
     table = Table(title=f"run {config.run_name}")
     rows = summary_rows(ctx)
     ours = any(r["infra_retried"] or r["infra_left_out"] for r in rows)  # the column only when our services failed
+    stale = any(r["staleness_max"] for r in rows)  # asynchronous epochs: how many versions behind each trained
     for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out",
                    *(["ours: retried/left out"] if ours else []), "groups (informative/drawn)", "trained",
-                   "held-out after", "status"):
+                   *(["staleness"] if stale else []), "held-out after", "status"):
         table.add_column(column)
     for r in rows:
         reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
@@ -127,6 +131,7 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
         retried = [f"{r['infra_retried']}/{r['infra_left_out']}" if r["infra_retried"] or r["infra_left_out"] else ""]
         table.add_row(str(r["epoch"]), r["policy_version"] or "", reward, str(r["succeeded"]), str(r["failed"]),
                       str(r["timed_out"]), *(retried if ours else []), groups, r["new_version"] or "-",
+                      *([str(r["staleness_max"]) if r["staleness_max"] is not None else ""] if stale else []),
                       "" if after is None else f"{after['success_rate']:.0%}", r["status"])
     console.print(table)
     from lightning_core.epoch.failures import describe_incidents

@@ -31,7 +31,7 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
                    count(r.rollout_id) AS rollouts,
                    count(*) FILTER (WHERE r.infra_failures > 0) AS infra_retried,
                    count(*) FILTER (WHERE r.status <> 'planned' AND r.error_kind = 'infrastructure') AS infra_left_out,
-                   any_value(e.incidents) AS incidents
+                   any_value(e.incidents) AS incidents, any_value(e.staleness_max) AS staleness_max
             FROM epochs e LEFT JOIN rollouts r ON r.run_id = e.run_id AND r.epoch = e.epoch AND r.mode = 'train'
             WHERE e.run_id = ?
             GROUP BY ALL ORDER BY e.epoch
@@ -39,7 +39,7 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
             [config.run_name],
         ).fetchall()
     keys = ("epoch", "status", "policy_version", "new_version", "tasks_sampled", "informative_groups", "reward_mean",
-            "succeeded", "failed", "timed_out", "rollouts", "infra_retried", "infra_left_out", "incidents")
+            "succeeded", "failed", "timed_out", "rollouts", "infra_retried", "infra_left_out", "incidents", "staleness_max")
     rows = [dict(zip(keys, row)) for row in rows]
     for row in rows:
         row["incidents"] = json.loads(row["incidents"]) if row["incidents"] else {}

@@ -1,0 +1,25 @@
+"""What `arclight train`'s progress line says, read from the epochs table as a re-run would see it."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from lightning_core.cli.progress import _snapshot
+from lightning_core.epoch import bookkeeping as ep
+from lightning_core.store.catalog import Catalog
+from tests.conftest import make_config
+
+
+def test_the_progress_line_shows_an_epoch_training_beside_the_next_epochs_rollouts(tmp_path):
+    catalog = Catalog.from_config(make_config(tmp_path, "run_name=r"))
+    catalog.ensure()
+    assert _snapshot(catalog, "r")["stage"] == "starting services"
+    now = dt.datetime.now(dt.timezone.utc)
+    ep.set_epoch_status(catalog, run_id="r", epoch=0, status="completed")
+    ep.set_epoch_status(catalog, run_id="r", epoch=1, status="triplets_done", train_started_at=now)
+    ep.set_epoch_status(catalog, run_id="r", epoch=2, status="planned")
+    snap = _snapshot(catalog, "r")
+    assert snap["stage"] == "epoch 1: training · epoch 2: planned" and (snap["completed"], snap["epoch"]) == (1, 2)
+    ep.set_epoch_status(catalog, run_id="r", epoch=1, status="completed", train_finished_at=now)
+    ep.set_epoch_status(catalog, run_id="r", epoch=2, status="completed")
+    assert _snapshot(catalog, "r")["stage"] == "epoch 2: completed"
