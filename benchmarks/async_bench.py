@@ -7,7 +7,9 @@ with its own collector, vLLM and gateway. Reported per run:
 
 - epoch wall time: the train flow's wall time over its epochs (the overlap shows here);
 - vLLM idle: the share of that time with no model call in flight (the gateway's spans of the run's calls);
-- trainer idle: the share with no training stage running (the epochs table's train_started_at / train_finished_at).
+- trainer idle: the share with no training stage running (the epochs table's train_started_at / train_finished_at);
+- CPU busy: the share of the machine's CPU time (every core, /proc/stat) that was not idle: what an overlap can
+  still use is the rest.
 
     .venv/bin/python benchmarks/async_bench.py --epochs 4                 # both agents, both modes
     .venv/bin/python benchmarks/async_bench.py --agents latency --latency 2 --epochs 3
@@ -22,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +40,13 @@ from lightning_core.common.stopping import on_signals  # noqa: E402
 from measure import fresh_project  # noqa: E402
 
 CONFIG = REPO / "examples" / "calc" / "config.yaml"
+
+
+def cpu_times() -> tuple[int, int]:
+    """This machine's CPU time so far (jiffies, all cores): busy and total (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def busy_seconds(intervals: list[tuple[float, float]], start: float, end: float) -> float:
@@ -64,9 +74,9 @@ def run_once(*, agent: str, staleness: int, epochs: int, tasks: int, group: int,
     services.up(cfg)
     try:
         load = os.getloadavg()[0]
-        started = time.time()
+        started, cpu_before = time.time(), cpu_times()
         train(config_path=str(CONFIG), overrides=overrides, epochs=epochs)
-        ended = time.time()
+        ended, cpu_after = time.time(), cpu_times()
     finally:
         services.down(cfg)
     with RunContext.of(cfg).catalog.read() as con:
@@ -82,14 +92,15 @@ def run_once(*, agent: str, staleness: int, epochs: int, tasks: int, group: int,
     return {"agent": agent, "max_staleness": staleness, "epochs": epochs, "wall_s": wall, "epoch_s": wall / epochs,
             "vllm_idle": 1 - busy_seconds(calls, started, ended) / wall,
             "trainer_idle": 1 - busy_seconds(trains, started, ended) / wall, "rollouts": rollouts,
+            "cpu_busy": (cpu_after[0] - cpu_before[0]) / max(cpu_after[1] - cpu_before[1], 1),
             "reward_per_epoch": rewards, "load_at_start": load, "latency_s": latency if agent == "latency" else 0.0,
             "tasks": tasks, "group": group, "concurrency": cfg.rollouts.concurrency, "overrides": extra,
             "project": str(cfg.project_dir)}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| agent | rollouts at once | mode | epoch wall time | vs synchronous | vLLM idle | trainer idle | rollouts | reward per epoch | load at start |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| agent | rollouts at once | mode | epoch wall time | vs synchronous | vLLM idle | trainer idle | CPU busy | rollouts | reward per epoch | load at start |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     sync = {r["agent"]: r["epoch_s"] for r in rows if r["max_staleness"] == 0}
     for r in rows:
         name = f"calc, calculator {r['latency_s']:g} s a call" if r["agent"] == "latency" else "calc"
@@ -97,6 +108,7 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['epoch_s'] / sync[r['agent']]:.2f}x" if r["agent"] in sync else "-"
         rewards = ", ".join(f"{x:.2f}" for x in r["reward_per_epoch"])
         lines.append(f"| {name} | {r['concurrency']} | {mode} | {r['epoch_s']:.1f} s | {ratio} | {r['vllm_idle']:.0%} | {r['trainer_idle']:.0%} "
+                     f"| {r['cpu_busy']:.0%} "
                      f"| {r['rollouts']} | {rewards} | {r['load_at_start']:.2f} |")
     return "\n".join(lines)
 
@@ -112,24 +124,38 @@ def main() -> None:
                     "pool that serves a few agents at a time is what makes an agent wait on its tools")
     ap.add_argument("--set", dest="common", action="append", default=[], help="an override for every run")
     ap.add_argument("--async-set", dest="overlapped", action="append", default=[],
-                    help="an override for the max_staleness 1 runs only (e.g. their CPU split)")
+                    help="an override for the max_staleness 1 runs only")
     ap.add_argument("--modes", nargs="+", type=int, default=[0, 1], help="max_staleness values to run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="append the rows here, one JSON object per line")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # AGENT:STALENESS: one run, in this process (see below)
     a = ap.parse_args()
+    if a.one:
+        agent, staleness = a.one.split(":")
+        with on_signals():
+            row = run_once(agent=agent, staleness=int(staleness), epochs=a.epochs, tasks=a.tasks, group=a.group,
+                           latency=a.latency, seed=a.seed, concurrency=a.concurrency,
+                           extra=[*a.common, *(a.overlapped if int(staleness) else [])])
+        print(json.dumps(row))
+        return
     rows = []
-    with on_signals():
-        for agent in a.agents:
-            for staleness in a.modes:
-                row = run_once(agent=agent, staleness=staleness, epochs=a.epochs, tasks=a.tasks, group=a.group,
-                               latency=a.latency, seed=a.seed, concurrency=a.concurrency,
-                               extra=[*a.common, *(a.overlapped if staleness else [])])
-                row["finished"] = dt.datetime.now().isoformat(timespec="seconds")
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                rows.append(row)
-                if a.json:
-                    with a.json.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+    for agent in a.agents:
+        for staleness in a.modes:
+            # each run in a process of its own: a process that trained once has its OpenMP settings fixed (the
+            # asynchronous run's trainer threads wait passively only where torch was not loaded before it)
+            args = list(sys.argv[1:])
+            if "--json" in args:
+                del args[args.index("--json"):args.index("--json") + 2]
+            args = [arg for arg in args if not arg.startswith("--json=")]
+            out = subprocess.run([sys.executable, __file__, *args, "--one", f"{agent}:{staleness}"], check=True,
+                                 stdout=subprocess.PIPE, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            row["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+            if a.json:
+                with a.json.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
     print(table(rows))
 
 

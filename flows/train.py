@@ -22,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import rollout_task_runner
 from lightning_core import tracking
+from lightning_core.common import hardware
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.epoch import bookkeeping as ep
 from lightning_core.epoch import deploy, failures, reports, sampling, stages
@@ -64,6 +65,8 @@ def project_lock(config: ArclightConfig) -> Iterator[None]:
 def running(config: ArclightConfig, *, lock: bool = True) -> Iterator[RunContext]:
     """The run's context over its services, started (or attached) for the block and watched by a supervisor that
     restarts the ones that die; with ``lock``, the project's training lock held too."""
+    if config.trainer.max_staleness and not hardware.has_gpu():
+        hardware.passive_openmp()  # the trainer runs beside vLLM on the same cores: neither spins while it waits
     with (project_lock(config) if lock else contextlib.nullcontext()), open_stack(config) as stack:
         ctx = RunContext.of(config, stack)
         with Supervisor(ctx):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -61,3 +62,17 @@ def gpu_total_bytes(index: int) -> int:
     import torch
 
     return int(torch.cuda.mem_get_info(index)[1])
+
+
+def passive_openmp() -> bool:
+    """Make OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) in this process, where torch has not loaded
+    OpenMP yet, and in the processes it starts; True when this process's threads will wait passively.
+
+    vLLM's CPU build and the trainer both run OpenMP threads that spin between parallel regions. Taking turns
+    (synchronous epochs) that is the fastest wait; running at once on the same cores (asynchronous epochs), the
+    spinning threads of one take the other's time: on 2 cores the calc example's overlapped epochs ran 28% slower
+    than in turn, and about as fast once both waited passively (benchmarks/README.md). A setting the user made
+    is kept.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and "torch" not in sys.modules

@@ -256,6 +256,8 @@ def vllm_env(config: ArclightConfig, *, machine: Machine | None = None, server: 
         "VLLM_SERVER_DEV_MODE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        # asynchronous epochs on a CPU: the trainer trains beside vLLM on the same cores (hardware.passive_openmp)
+        **({"OMP_WAIT_POLICY": "PASSIVE"} if config.trainer.max_staleness and not devices and not machine.gpus else {}),
         **({"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices)} if devices else {}),
         **config.serving.env,
     }
