@@ -101,3 +101,16 @@ def test_groups_sampled_more_than_max_staleness_versions_ago_are_left_out_whole_
     assert sorted({(s.group_id, s.staleness) for s in samples}) == [("g0", 0), ("g1", 1), ("g2", 0)]
     metrics = one_step(lora_model(tiny_dir), samples)
     assert metrics["staleness/max"] == 1.0 and metrics["staleness/mean"] == pytest.approx(2 / 6)
+
+
+def test_the_behaviour_correction_is_decoupled_when_epochs_overlap_unless_chosen(tmp_path):
+    from lightning_core.config import load_config
+
+    def used(*overrides):
+        cfg = load_config(None, overrides=[f"project_dir={tmp_path}", *overrides])
+        return cfg.trainer_for(cfg.policies[0].name).correction
+
+    assert used() == "ppo"  # synchronous epochs: the loss of before (the main-job test holds it)
+    assert used("trainer.max_staleness=1") == "decoupled"
+    assert used("trainer.max_staleness=1", "trainer.behaviour_correction=ppo") == "ppo"
+    assert used("trainer.behaviour_correction=decoupled") == "decoupled"

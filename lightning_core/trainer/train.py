@@ -71,6 +71,7 @@ def train_policy(
     params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
     if cfg.mode == "grpo":  # the shared-prefix forward's attention on this device (fails here for flex on a CPU)
         params["attention_backend"] = choose_attention(cfg.attention, device=pick_device(cfg.device))
+        params["behaviour_correction_used"] = cfg.correction
     learning_rate = scheduled_learning_rate(cfg, epoch=epoch, epochs=config.epochs)
     cfg = cfg.model_copy(update={"learning_rate": learning_rate})
     rows = [r for r in rows_of(triplets) if r.get("policy") in (None, policy)]
