@@ -115,6 +115,36 @@ def test_hot_redeploy_changes_outputs_without_restart_and_rejects_a_corrupt_adap
     assert vllm_server.process.pid == pid
 
 
+def test_a_version_name_another_project_left_loaded_from_its_own_folder_is_replaced_by_ours(
+    gateway, vllm_server, adapter_dir, tmp_path
+):
+    """Two projects with a policy of one name on one attached vLLM both make `<policy>-v1`. The second must serve its
+    own weights, not the first's (and not a folder the first may have deleted, which vLLM reads again on a reload)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    policy = "redeploy-foreign"
+    foreign = tmp_path / "other-project" / f"{policy}-v1"
+    shutil.copytree(adapter_dir, foreign)
+    weights = load_file(str(foreign / "adapter_model.safetensors"))
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, str(foreign / "adapter_model.safetensors"))
+    loaded = httpx.post(f"{vllm_server.url}/v1/load_lora_adapter",
+                        json={"lora_name": f"{policy}-v1", "lora_path": str(foreign)}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+
+    admin = GatewayClient(gateway.url)
+    client = OpenAI(base_url=admin.register_rollout(rollout_id="foreign-1", run_id="redeploy-test", epoch=0),
+                    api_key="x", max_retries=0)
+    assert not greedy(client, f"{policy}-v1").startswith(TARGET)  # the other project's weights (B = 0: the base)
+    done = deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=policy, adapter_dir=adapter_dir)
+    assert done.served_model == f"{policy}-v1"
+    roots = {m["id"]: m.get("root") for m in httpx.get(f"{vllm_server.url}/v1/models").json()["data"]}
+    assert Path(roots[f"{policy}-v1"]).resolve() == adapter_dir.resolve()
+    assert greedy(client, policy).startswith(TARGET)
+    httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": f"{policy}-v1"}, timeout=60)
+
+
 def test_switch_to_an_adapter_that_is_not_loaded_is_refused(gateway):
     r = httpx.put(f"{gateway.url}/admin/policies/default", json={"served_model": "never-loaded-v9", "version": 9})
     assert r.status_code == 409 and "not loaded" in r.json()["error"]["message"]

@@ -114,3 +114,25 @@ def test_down_removes_the_scratch_folders_of_what_up_started(tmp_path):
     assert down(cfg) == ["vllm0"]
     assert process.wait(10) is not None
     assert not scratch.exists() and not path.exists()
+
+
+def test_a_failure_that_a_stop_caused_comes_out_as_the_stop():
+    """After Ctrl-C, a thread's own way of stopping (a training's TrainingStopped) may reach the command before the
+    main thread's KeyboardInterrupt: it is the stop all the same (exit 130, "interrupted"), not an error."""
+    import signal
+    import time
+
+    from lightning_core.common.stopping import on_signals
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with on_signals():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass  # lost on its way, as when the training thread's failure comes out first
+            raise RuntimeError("training stopped at step 3: a stop was asked for")
+    assert isinstance(stopped.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError):  # without a stop, a failure stays what it is
+        with on_signals():
+            raise RuntimeError("a real failure")

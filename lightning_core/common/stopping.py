@@ -4,7 +4,8 @@
 flight see it within a quarter second, kill their agent's process group and report
 ``interrupted``: they stay planned, and the next run does them again), kills the agent
 processes at once, and raises ``KeyboardInterrupt`` in the main thread, so that every ``finally``
-stops the servers its block started. A second signal while that cleanup runs kills what is left
+stops the servers its block started. Whatever else the block raises once a stop was asked for (a training thread
+that stopped at its next micro-batch may get there first) comes out as ``KeyboardInterrupt`` too. A second signal while that cleanup runs kills what is left
 (every server and agent process group this process started) and exits at once with 130.
 
 Servers register here when they start (``services.start_process``) and leave when they stop;
@@ -88,6 +89,10 @@ def on_signals() -> Iterator[None]:
     STOP.clear()
     try:
         yield
+    except Exception as exc:
+        if STOP.is_set():  # a failure the stop caused (a training stopped beside the rollouts, ...) is the stop
+            raise KeyboardInterrupt(f"stopped ({type(exc).__name__}: {exc})") from exc
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -96,10 +96,10 @@ def deploy_adapter(
         replicas = list(served)
         try:
             for replica in replicas:
-                if name in served[replica]:
-                    # a versioned name never changes its weights: a replica that kept it loaded
-                    # (a gateway restart, an attached vLLM) serves the right adapter already
+                if _holds(served[replica], name, adapter_dir):
+                    # a replica that kept this adapter loaded (a gateway restart, an attached vLLM) serves it already
                     continue
+                _replace_foreign(http, replica, served[replica], name)
                 _load(http, replica, name, Path(adapter_dir).resolve())
                 loaded.append(replica)
             load_s = time.perf_counter() - started
@@ -204,7 +204,9 @@ def restore_adapter(*, replicas: list[str], policy: str, adapter_dir: Path, vers
     name, loaded = served_name(policy, version), []
     with httpx.Client(timeout=timeout_s) as http:
         for replica in (r.rstrip("/") for r in replicas):
-            if name not in _served(http, replica):
+            served = _served(http, replica)
+            if not _holds(served, name, adapter_dir):
+                _replace_foreign(http, replica, served, name)
                 _load(http, replica, name, Path(adapter_dir).resolve())
                 _verify(http, replica, name, verify_prompt)
                 loaded.append(replica)
@@ -263,8 +265,8 @@ def prune_merged(serving_dir: Path, *, keep: int) -> list[Path]:
     return removed
 
 
-def _served(http: httpx.Client, replica: str) -> set[str]:
-    """Return the model names (base and adapters) ``replica`` serves now."""
+def _served(http: httpx.Client, replica: str) -> dict[str, str | None]:
+    """Return the models (base and adapters) ``replica`` serves now: name -> the folder vLLM loaded it from."""
     try:
         response = http.get(f"{replica}/v1/models")
         response.raise_for_status()
@@ -272,7 +274,23 @@ def _served(http: httpx.Client, replica: str) -> set[str]:
         raise ReplicaRefused(f"vLLM at {replica} refused the connection: {exc!r}") from None
     except httpx.HTTPError as exc:
         raise RedeployError(f"vLLM at {replica} could not be asked for its models: {exc!r}") from None
-    return {m.get("id") for m in response.json().get("data", [])}
+    return {m.get("id"): m.get("root") for m in response.json().get("data", [])}
+
+
+def _holds(served: dict[str, str | None], name: str, adapter_dir: Path) -> bool:
+    """Whether a replica serves ``name`` from ``adapter_dir`` itself. The same name from another folder is another
+    project's adapter (two projects with a policy of the same name on one attached vLLM, or one project's earlier
+    run): its weights are not these, and vLLM reads its folder again whenever it evicts and reloads it."""
+    root = served.get(name, "")
+    return root is not None and root != "" and Path(root).resolve() == Path(adapter_dir).resolve()
+
+
+def _replace_foreign(http: httpx.Client, replica: str, served: dict[str, str | None], name: str) -> None:
+    """Unload ``name`` from ``replica`` when it serves it from another folder, so that it can be loaded from ours."""
+    if name in served:
+        log.warning("vLLM at %s serves %s from %s, not this run's folder: unloading it to load this run's weights",
+                    replica, name, served[name])
+        _unload(http, replica, name)
 
 
 def _load(http: httpx.Client, replica: str, name: str, path: Path) -> None:
