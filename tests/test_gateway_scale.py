@@ -79,10 +79,18 @@ def test_processes_share_registrations_route_rollouts_alike_and_switch_together(
             assert answer["model"] == "tiny-base"  # nothing deployed: the base model
     assert {rid: seen for rid, seen in answered.items()} == {rid: {port_of[registered[rid]]} for rid in rollouts}
 
-    # a switch through one process is what every process serves from the next call on
+    # a switch through one process is what every process serves from the next call on to the rollouts registered
+    # after it; those registered before it keep the version they started on (pinned), whichever process serves them
     r = httpx.put(f"{url}/admin/policies/default", json={"served_model": "base", "version": 1}, timeout=30)
     assert r.status_code == 200, r.text
-    assert {_call(url, rid)["model"] for rid in rollouts} == {"base"}
+    assert {_call(url, rid)["model"] for rid in rollouts} == {"tiny-base"}
+    later = [f"scale-late-{i}" for i in range(8)]
+    for rid in later:
+        r = httpx.post(f"{url}/admin/rollouts", headers={"Connection": "close"}, timeout=30,
+                       json={"rollout_id": rid, "run_id": "scale", "epoch": 0, "task_id": f"t{rid}"})
+        assert r.status_code == 201
+        registered[rid] = r.json()["replica"]
+    assert {_call(url, rid)["model"] for rid in later} == {"base"}
 
     # one flush reaches every process: all 24 x 6 calls are in the lake right after it, from several processes
     r = httpx.post(f"{url}/admin/flush", timeout=60)
@@ -94,10 +102,10 @@ def test_processes_share_registrations_route_rollouts_alike_and_switch_together(
                                      json_extract_string(resource, '$."service.instance.id"'),
                                      json_extract(attributes, '$."arclight.policy.version"')::INT
                               FROM spans WHERE run_id = 'scale'""").fetchall()
-    assert len(rows) == len(rollouts) * 5
+    assert len(rows) == len(rollouts) * 5 + len(later)
     assert {(rid, replica) for rid, replica, _, _ in rows} == set(registered.items())
     assert len({instance for _, _, instance, _ in rows}) >= 2  # the calls were served by more than one process
-    assert sorted(collections.Counter(version for *_, version in rows).items()) == [(0, 4 * 24), (1, 24)]
+    assert sorted(collections.Counter(version for *_, version in rows).items()) == [(0, 5 * 24), (1, len(later))]
 
 
 def test_a_forgotten_rollout_is_gone_for_every_process(multi_gateway):

@@ -332,6 +332,8 @@ class Router:
         target = Target(pin[0], state.name, pin[1], replicas[0], replicas)
         if pin == (state.served_model or self.base_model, state.version) or pin in state.history:
             return target
+        if pin == (self.base_model, 0) and (state.served_model or self.base_model) != self.base_model:
+            return target  # the base model stays loaded, unchanged, beside the adapters (merged weights replace it)
         raise PinnedVersionGone(
             f"rollout {rollout.rollout_id!r} started on version {pin[1]} of policy {state.name!r} ({pin[0]}), which is "
             f"no longer served (now version {state.version}, {state.served_model or self.base_model}): its calls must "
