@@ -143,11 +143,8 @@ def main() -> None:
         for staleness in a.modes:
             # each run in a process of its own: a process that trained once has its OpenMP settings fixed (the
             # asynchronous run's trainer threads wait passively only where torch was not loaded before it)
-            args = list(sys.argv[1:])
-            if "--json" in args:
-                del args[args.index("--json"):args.index("--json") + 2]
-            args = [arg for arg in args if not arg.startswith("--json=")]
-            out = subprocess.run([sys.executable, __file__, *args, "--one", f"{agent}:{staleness}"], check=True,
+            # (the child prints its row and returns before --json is read: only this process appends)
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", f"{agent}:{staleness}"], check=True,
                                  stdout=subprocess.PIPE, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
             row["finished"] = dt.datetime.now().isoformat(timespec="seconds")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import sys
 from pathlib import Path
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -64,9 +63,9 @@ def gpu_total_bytes(index: int) -> int:
     return int(torch.cuda.mem_get_info(index)[1])
 
 
-def passive_openmp() -> bool:
+def passive_openmp() -> None:
     """Make OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) in this process, where torch has not loaded
-    OpenMP yet, and in the processes it starts; True when this process's threads will wait passively.
+    OpenMP yet, and in the processes it starts.
 
     vLLM's CPU build and the trainer both run OpenMP threads that spin between parallel regions. Taking turns
     (synchronous epochs) that is the fastest wait; running at once on the same cores (asynchronous epochs), the
@@ -75,4 +74,3 @@ def passive_openmp() -> bool:
     is kept.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and "torch" not in sys.modules

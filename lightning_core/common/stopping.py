@@ -4,9 +4,10 @@
 flight see it within a quarter second, kill their agent's process group and report
 ``interrupted``: they stay planned, and the next run does them again), kills the agent
 processes at once, and raises ``KeyboardInterrupt`` in the main thread, so that every ``finally``
-stops the servers its block started. Whatever else the block raises once a stop was asked for (a training thread
-that stopped at its next micro-batch may get there first) comes out as ``KeyboardInterrupt`` too. A second signal while that cleanup runs kills what is left
-(every server and agent process group this process started) and exits at once with 130.
+stops the servers its block started. Whatever else the block raises once a stop was asked for (a
+training thread that stopped at its next micro-batch may get there first) comes out as
+``KeyboardInterrupt`` too. A second signal while that cleanup runs kills what is left (every
+server and agent process group this process started) and exits at once with 130.
 
 Servers register here when they start (``services.start_process``) and leave when they stop;
 rollout processes register for as long as they run (``runner.run_attempt``). Each runs in its

@@ -95,13 +95,9 @@ def deploy_adapter(
         served, skipped = _reachable(http, [r.rstrip("/") for r in replicas], policy)
         replicas = list(served)
         try:
-            for replica in replicas:
-                if _holds(served[replica], name, adapter_dir):
-                    # a replica that kept this adapter loaded (a gateway restart, an attached vLLM) serves it already
-                    continue
-                _replace_foreign(http, replica, served[replica], name)
-                _load(http, replica, name, Path(adapter_dir).resolve())
-                loaded.append(replica)
+            for replica in replicas:  # one that kept it loaded (a gateway restart, an attached vLLM) serves it already
+                if _load_ours(http, replica, served[replica], name, adapter_dir):
+                    loaded.append(replica)  # so that a failure on the next one unloads it again
             load_s = time.perf_counter() - started
             texts = [_verify(http, replica, name, verify_prompt) for replica in replicas]
             first_answer_s = time.perf_counter() - started
@@ -204,10 +200,7 @@ def restore_adapter(*, replicas: list[str], policy: str, adapter_dir: Path, vers
     name, loaded = served_name(policy, version), []
     with httpx.Client(timeout=timeout_s) as http:
         for replica in (r.rstrip("/") for r in replicas):
-            served = _served(http, replica)
-            if not _holds(served, name, adapter_dir):
-                _replace_foreign(http, replica, served, name)
-                _load(http, replica, name, Path(adapter_dir).resolve())
+            if _load_ours(http, replica, _served(http, replica), name, adapter_dir):
                 _verify(http, replica, name, verify_prompt)
                 loaded.append(replica)
     return loaded
@@ -277,20 +270,21 @@ def _served(http: httpx.Client, replica: str) -> dict[str, str | None]:
     return {m.get("id"): m.get("root") for m in response.json().get("data", [])}
 
 
-def _holds(served: dict[str, str | None], name: str, adapter_dir: Path) -> bool:
-    """Whether a replica serves ``name`` from ``adapter_dir`` itself. The same name from another folder is another
-    project's adapter (two projects with a policy of the same name on one attached vLLM, or one project's earlier
-    run): its weights are not these, and vLLM reads its folder again whenever it evicts and reloads it."""
-    root = served.get(name, "")
-    return root is not None and root != "" and Path(root).resolve() == Path(adapter_dir).resolve()
+def _load_ours(http: httpx.Client, replica: str, served: dict[str, str | None], name: str, adapter_dir: Path) -> bool:
+    """Load ``adapter_dir`` as ``name`` on ``replica`` unless it serves it from there already; True when it loaded.
 
-
-def _replace_foreign(http: httpx.Client, replica: str, served: dict[str, str | None], name: str) -> None:
-    """Unload ``name`` from ``replica`` when it serves it from another folder, so that it can be loaded from ours."""
+    The same name from another folder is another project's adapter (two projects with a policy of one name on an
+    attached vLLM, or an earlier run of this one): its weights are not these, and vLLM reads its folder again
+    whenever it evicts and reloads it. It is unloaded first."""
+    ours = Path(adapter_dir).resolve()
     if name in served:
+        if served[name] and Path(served[name]).resolve() == ours:
+            return False
         log.warning("vLLM at %s serves %s from %s, not this run's folder: unloading it to load this run's weights",
                     replica, name, served[name])
         _unload(http, replica, name)
+    _load(http, replica, name, ours)
+    return True
 
 
 def _load(http: httpx.Client, replica: str, name: str, path: Path) -> None:
