@@ -75,6 +75,24 @@ def test_the_index_finds_a_document_by_its_name_in_milliseconds_and_nothing_for_
     assert retriever.search("zzqx wrrbl", 3) == []
 
 
+def test_the_worked_examples_follow_the_protocol_they_teach():
+    """Each worked example searches with its question, then with a name its last result gave, and answers with a name
+    from the last result: the base model copies what they show (README), so a slip here is learned."""
+    import rag_agent
+
+    items = rag_agent.example_items()
+    assert [i["content"] for i in items if i.get("role") == "user"] == [q for q, _ in rag_agent.EXAMPLES]
+    for question, steps in rag_agent.EXAMPLES:
+        (first, arguments, _), *rest = steps
+        assert (first, arguments) == ("search", {"query": question})
+        for (_, _, before), (tool, arguments, _) in zip(steps, rest):
+            name = arguments["query" if tool == "search" else "answer"]
+            assert name in before and name not in question
+        assert steps[-1][0] == "answer" and [tool for tool, _, _ in steps].count("answer") == 1
+    outputs = [i["output"] for i in items if i.get("type") == "function_call_output"]
+    assert outputs[0] == "Results for 'Who founded Kel Labs?':\n[1] " + rag_agent.EXAMPLES[0][1][0][2]
+
+
 def test_a_missing_index_names_the_command_that_builds_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_index.py"):
         Retriever(tmp_path / "nowhere")

@@ -194,12 +194,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in [("train.jsonl", train), ("test.jsonl", test),
                        ("test_reworded.jsonl", [{**q, "question": q["reworded"]} for q in test]),
-                       ("test_1hop.jsonl", test_1hop)]:
+                       ("test_1hop.jsonl", test_1hop),
+                       # the one-hop difficulty on its own (README, attempt 4): train on these, evaluate on test_1hop
+                       ("train_1hop.jsonl", [q for q in train if q["hops"] == 1]),
+                       ("test_1hop_reworded.jsonl", [{**q, "question": q["reworded"]} for q in test_1hop])]:
         with open(args.out / name, "w") as fh:
             for row in rows:
                 fh.write(json.dumps({k: v for k, v in row.items() if k != "reworded"}) + "\n")
-    print(f"{len(train)} train ({one_hop} of one hop), {len(test)} held-out questions (and reworded), "
-          f"{len(test_1hop)} one-hop held-out in {args.out}")
+    print(f"{len(train)} train ({one_hop} of one hop, also in train_1hop.jsonl), {len(test)} held-out questions (and "
+          f"reworded), {len(test_1hop)} one-hop held-out (and reworded) in {args.out}")
 
 
 if __name__ == "__main__":

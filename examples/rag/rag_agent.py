@@ -4,7 +4,7 @@ Plain Agents SDK code with no Arclight in it. The model client is the SDK's ``Op
 ``AsyncOpenAI`` client, which reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` like any deployment; point them at
 Arclight's gateway and every call is served and recorded there.
 
-The agent has two tools: ``search(query)``, the three best documents by BM25, and ``answer(answer)``, which ends
+The agent has two tools: ``search(query)``, the best ``k`` documents by BM25 (the config gives 1), and ``answer(answer)``, which ends
 the run (``StopAtTools``). ``tool_choice="required"`` makes the server constrain every reply to a call of one of
 them (a 135M model writes no tool calls on its own). The chat template of the example's model shows neither the
 tools nor the model's own calls, so the system prompt describes the tools and every search result repeats the
@@ -31,19 +31,31 @@ from retriever import Retriever
 
 SYSTEM = (
     "You answer questions about people, companies, cities and countries by searching an encyclopedia. "
-    "Each turn, call one tool: search with a short query naming one person, company or city, or answer with "
-    "the final answer, a name only. Search for the name in the question first, then for the name you found."
+    "Each turn, call one tool: search with a query, or answer with the final answer, a name only. "
+    "Search for the question first, then for the name you found, then answer."
 )
-# One worked search as real turns (a 135M model follows a protocol it has seen once): a world of its own.
-EXAMPLE_QUESTION = "Where was the founder of Bex Mills born?"
-EXAMPLE_STEPS = [
-    ("search", {"query": "Bex Mills"},
-     "Results for 'Bex Mills':\n[1] Bex Mills: Bex Mills is a brewing company founded by Ola Drent in 1901. "
-     "Its headquarters are in Tamvik.\n[2] Bex Works: Bex Works is a mining company founded by Ivo Kesk in 1932. "
-     "Its headquarters are in Drundal."),
-    ("search", {"query": "Ola Drent"},
-     "Results for 'Ola Drent':\n[1] Ola Drent: Ola Drent is a pilot born in Sorbdal in 1950. She works for Bex Mills."),
-    ("answer", {"answer": "Sorbdal"}, "Sorbdal"),
+# Worked examples as real turns (a 135M model follows a protocol it has seen, and copies what it has seen): a world
+# of their own. One example taught the base model to repeat its query ("Bex Mills") and its answer ("Sorbdal");
+# three, one one-hop and two two-hop, each searching with its question first, taught it to copy the question it is
+# asked and a name from the result (README: "The agent and what the model sees").
+EXAMPLES = [
+    ("Who founded Kel Labs?", [
+        ("search", {"query": "Who founded Kel Labs?"},
+         "Kel Labs: Kel Labs is a software company founded by Tia Mork in 1977. Its headquarters are in Vendu."),
+        ("answer", {"answer": "Tia Mork"}, "Tia Mork"),
+    ]),
+    ("Where was the founder of Bex Mills born?", [
+        ("search", {"query": "Where was the founder of Bex Mills born?"},
+         "Bex Mills: Bex Mills is a brewing company founded by Ola Drent in 1901. Its headquarters are in Tamvik."),
+        ("search", {"query": "Ola Drent"}, "Ola Drent: Ola Drent is a pilot born in Sorbdal in 1950. She works for Bex Mills."),
+        ("answer", {"answer": "Sorbdal"}, "Sorbdal"),
+    ]),
+    ("In which country are the headquarters of Rin Group?", [
+        ("search", {"query": "In which country are the headquarters of Rin Group?"},
+         "Rin Group: Rin Group is a mining company founded by Edda Voss in 1968. Its headquarters are in Almby."),
+        ("search", {"query": "Almby"}, "Almby: Almby is a small city in Teskland. It was founded in 1402 and lies on the Ure river."),
+        ("answer", {"answer": "Teskland"}, "Teskland"),
+    ]),
 ]
 
 
@@ -58,11 +70,16 @@ class Trace:
 
 
 def example_items() -> list[dict]:
-    """The worked example as Agents SDK input items: the question, then each tool call and its output."""
-    items: list[dict] = [{"role": "user", "content": EXAMPLE_QUESTION}]
-    for i, (tool, arguments, output) in enumerate(EXAMPLE_STEPS):
-        items.append({"type": "function_call", "call_id": f"example-{i}", "name": tool, "arguments": json.dumps(arguments)})
-        items.append({"type": "function_call_output", "call_id": f"example-{i}", "output": output})
+    """The worked examples as Agents SDK input items: each question, then each tool call and its output."""
+    items: list[dict] = []
+    for j, (question, steps) in enumerate(EXAMPLES):
+        items.append({"role": "user", "content": question})
+        for i, (tool, arguments, output) in enumerate(steps):
+            call_id = f"example-{j}-{i}"
+            if tool == "search":
+                output = f"Results for {arguments['query']!r}:\n[1] {output}"
+            items.append({"type": "function_call", "call_id": call_id, "name": tool, "arguments": json.dumps(arguments)})
+            items.append({"type": "function_call_output", "call_id": call_id, "output": output})
     return items
 
 
@@ -95,7 +112,7 @@ def build_agent(retriever: Retriever, trace: Trace, *, model: str, temperature: 
 
 
 async def solve(question: str, retriever: Retriever, *, model: str, temperature: float = 1.0, max_tokens: int = 64,
-                max_turns: int = 4, k: int = 3) -> Trace:
+                max_turns: int = 4, k: int = 1) -> Trace:
     """Run the agent on ``question``; the trace says what it searched, found and answered (``answer`` None when it
     gave none within ``max_turns`` model calls)."""
     trace = Trace()

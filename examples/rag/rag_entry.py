@@ -53,7 +53,7 @@ def run(task: dict, ctx) -> float:
     index = Path(r.get("index", DEFAULT_INDEX))
     trace = asyncio.run(solve(task["question"], retriever(str(index if index.is_absolute() else HERE / index)),
                               model=ctx.model, temperature=ctx.temperature, max_tokens=int(r.get("max_tokens", 64)),
-                              max_turns=int(r.get("max_turns", 4)), k=int(r.get("k", 3))))
+                              max_turns=int(r.get("max_turns", 4)), k=int(r.get("k", 1))))
     found = {title for titles in trace.found for title in titles}
     span = otel_trace.get_current_span()
     span.set_attributes({

@@ -78,13 +78,17 @@ def main() -> None:
     print("\n## Training rollouts per epoch (sampled)\n")
     print(table(train, [d[0] for d in con.description]))
 
-    # a held-out question that failed before training (base) and succeeded after (the last evaluation of test.jsonl)
+    # a held-out question that failed before training (base) and succeeded after (the last evaluation of the same
+    # split): from the 2- and 3-hop split when one there did, else from the reworded or the one-hop split
     pair = con.execute("""
-        WITH plain AS (SELECT * FROM rag WHERE mode = 'eval' AND dataset LIKE '%/test.jsonl'),
-             first AS (SELECT * FROM plain WHERE after_epochs = (SELECT min(after_epochs) FROM plain)),
-             last AS (SELECT * FROM plain WHERE after_epochs = (SELECT max(after_epochs) FROM plain))
+        WITH first AS (SELECT * FROM rag r WHERE mode = 'eval'
+                       AND after_epochs = (SELECT min(after_epochs) FROM rag WHERE mode = 'eval' AND dataset = r.dataset)),
+             last AS (SELECT * FROM rag r WHERE mode = 'eval'
+                      AND after_epochs = (SELECT max(after_epochs) FROM rag WHERE mode = 'eval' AND dataset = r.dataset))
         SELECT f.task_id, f.rollout_id, l.rollout_id, f.reward, l.reward
-        FROM first f JOIN last l USING (task_id) WHERE l.reward > f.reward ORDER BY l.reward - f.reward DESC, task_id
+        FROM first f JOIN last l USING (task_id, dataset) WHERE l.reward > f.reward
+        ORDER BY CASE WHEN f.dataset LIKE '%/test.jsonl' THEN 0 WHEN f.dataset LIKE '%/test_reworded.jsonl' THEN 1 ELSE 2 END,
+                 l.exact_match DESC, l.reward - f.reward DESC, task_id
         LIMIT 1""").fetchall()
     if pair:
         task_id, before, after, r0, r1 = pair[0]
