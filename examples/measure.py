@@ -51,7 +51,10 @@ def machine() -> str:
 
 
 def project_overrides(config_path: Path, work: Path, run_name: str, extra: list[str]) -> list[str]:
-    """Overrides that move a config into the fresh project folder ``work``, keeping its data and agent paths."""
+    """Overrides that move a config into the fresh project folder ``work``, keeping its data and agent paths.
+
+    The pinned paths come last: they are resolved from the config's folder with ``extra`` applied, so a relative
+    ``--set rollouts.dataset=...`` names a file beside the config, not one in ``work``."""
     original = load_config(config_path, overrides=extra)
     r = original.rollouts
     pinned = [f"project_dir={work}", f"run_name={run_name}",
@@ -61,7 +64,7 @@ def project_overrides(config_path: Path, work: Path, run_name: str, extra: list[
             pinned.append(f"rollouts.{key}={getattr(r, key)}")
     if r.command:  # a program agent keeps running where its config says, with the paths it names from there
         pinned.append(f"rollouts.command_cwd={(original.project_dir / (r.command_cwd or '.')).resolve()}")
-    return [*pinned, *extra]
+    return [*extra, *pinned]
 
 
 def fresh_project(config_path: Path, *, seed: int, overrides: list[str]) -> tuple[str, list[str]]:
