@@ -2,7 +2,7 @@
 question and grounded answers for every evaluation; the training curve as a plot; and one question that failed
 before training and succeeded after, with both trajectories.
 
-    .venv/bin/python examples/rag/report.py examples/rag/.arclight/measure/<stamp> [--plot examples/rag/curve-s0.png]
+    .venv/bin/python examples/rag/report.py examples/rag/.arclight/measure/config-<stamp> [--plot examples/rag/curve-s0.png]
 """
 
 from __future__ import annotations
@@ -61,13 +61,37 @@ def table(rows: list[tuple], columns: list[str]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("project", type=Path, help="the measured project's folder (its .arclight/lake)")
-    parser.add_argument("--plot", type=Path, default=None, help="write the training and held-out curves here (PNG)")
-    args = parser.parse_args()
-    con = analyst.connect(args.project / ".arclight" / "lake")
+SPLITS = """
+SELECT regexp_extract(dataset, '[^/]+$') AS dataset, after_epochs, avg(reward), avg(f1), avg(exact_match::INT)
+FROM rag WHERE mode = 'eval' GROUP BY ALL ORDER BY ALL
+"""
+
+
+def before_after(points: list[tuple], after: int | None) -> list[tuple]:
+    """(dataset, epochs, reward, F1 and exact match before, then after) per held-out split, from ``SPLITS`` rows:
+    before is the evaluation after 0 epochs, after the one after ``after`` epochs (default: the last); a split
+    with no evaluation then is left out."""
+    rows = []
+    for dataset in sorted({p[0] for p in points}):
+        by_epochs = {p[1]: p[2:] for p in points if p[0] == dataset}
+        last = max(by_epochs) if after is None else after
+        if 0 in by_epochs and last in by_epochs and last > 0:
+            (r0, f0, e0), (r1, f1_, e1) = by_epochs[0], by_epochs[last]
+            rows.append((dataset, last, r0, r1, f0, f1_, e0, e1))
+    return rows
+
+
+def report(project: Path) -> tuple[str, list[tuple], list[tuple], list[tuple]]:
+    """Print one project's evaluations, training epochs and before/after question; return its run's name, its
+    evaluation and training rows and its held-out splits' averages per evaluation (``SPLITS``)."""
+    lake = project / ".arclight" / "lake"
+    if not lake.is_dir():
+        sys.exit(f"error: {project} has no lake ({lake}): pass a measured project's folder, "
+                 "examples/rag/.arclight/measure/config-<stamp>")
+    con = analyst.connect(lake)
     con.execute(f"CREATE TEMP TABLE rag AS {ROLLOUTS}")
+    run = con.execute("SELECT min(run_id) FROM rollouts WHERE mode = 'train'").fetchone()[0] or project.name
+    print(f"# {run} ({project.name})\n")
 
     key = "label, after_epochs, regexp_extract(dataset, '[^/]+$') AS dataset"
     evals = con.execute(SUMMARY.format(key=key, mode="eval")).fetchall()
@@ -79,7 +103,7 @@ def main() -> None:
     print(table(train, [d[0] for d in con.description]))
 
     # a held-out question that failed before training (base) and succeeded after (the last evaluation of the same
-    # split): from the 2- and 3-hop split when one there did, else from the reworded or the one-hop split
+    # split): one answered exactly after and with F1 0 before first, from the 2- and 3-hop split when one there was
     pair = con.execute("""
         WITH first AS (SELECT * FROM rag r WHERE mode = 'eval'
                        AND after_epochs = (SELECT min(after_epochs) FROM rag WHERE mode = 'eval' AND dataset = r.dataset)),
@@ -87,8 +111,9 @@ def main() -> None:
                       AND after_epochs = (SELECT max(after_epochs) FROM rag WHERE mode = 'eval' AND dataset = r.dataset))
         SELECT f.task_id, f.rollout_id, l.rollout_id, f.reward, l.reward
         FROM first f JOIN last l USING (task_id, dataset) WHERE l.reward > f.reward
-        ORDER BY CASE WHEN f.dataset LIKE '%/test.jsonl' THEN 0 WHEN f.dataset LIKE '%/test_reworded.jsonl' THEN 1 ELSE 2 END,
-                 l.exact_match DESC, l.reward - f.reward DESC, task_id
+        ORDER BY l.exact_match AND f.f1 = 0 DESC,
+                 CASE WHEN f.dataset LIKE '%/test.jsonl' THEN 0 WHEN f.dataset LIKE '%/test_reworded.jsonl' THEN 1 ELSE 2 END,
+                 l.reward - f.reward DESC, task_id
         LIMIT 1""").fetchall()
     if pair:
         task_id, before, after, r0, r1 = pair[0]
@@ -102,6 +127,31 @@ def main() -> None:
                 print(f"- {name}{' (failed)' if status == 'ERROR' else ''}: {str(text)[:300]!s}")
             print()
 
+    return run, evals, train, con.execute(SPLITS).fetchall()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("projects", type=Path, nargs="+",
+                        help="measured projects' folders (each with its .arclight/lake); several: one per seed")
+    parser.add_argument("--plot", type=Path, default=None, help="write the training and held-out curves here (PNG)")
+    parser.add_argument("--after", type=int, default=None,
+                        help="compare with the evaluation after this many epochs (default: each project's last)")
+    args = parser.parse_args()
+    runs = [(run, evals, train, before_after(points, args.after))
+            for project in args.projects for run, evals, train, points in [report(project)]]
+    columns = ["dataset", "epochs", "reward_before", "reward_after", "f1_before", "f1_after", "em_before", "em_after"]
+    print("\n## Before and after, per run\n")
+    print(table([(name, *row) for name, _, _, rows in runs for row in rows], ["run", *columns]))
+    if len(runs) > 1:
+        datasets = sorted({row[0] for _, _, _, rows in runs for row in rows})
+        means = []
+        for dataset in datasets:
+            rows = [row for _, _, _, rs in runs for row in rs if row[0] == dataset]
+            means.append((dataset, len(rows), *(sum(r[i] for r in rows) / len(rows) for i in range(2, 8))))
+        print(f"\n## Mean over the {len(runs)} runs\n")
+        print(table(means, ["dataset", "runs", *columns[2:]]))
+
     if args.plot is not None:
         import matplotlib
 
@@ -109,18 +159,23 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        epochs = [row[0] for row in train]
-        left.plot(epochs, [row[2] for row in train], marker="o", label="reward")
-        left.plot(epochs, [row[3] for row in train], marker="o", label="F1")
-        left.plot(epochs, [row[8] for row in train], marker="o", label="chain documents found")
+        for name, evals, train, _ in runs:
+            tag = f"{name}: " if len(runs) > 1 else ""
+            epochs = [row[0] for row in train]
+            left.plot(epochs, [row[2] for row in train], marker="o", label=f"{tag}reward")
+            if len(runs) == 1:
+                left.plot(epochs, [row[3] for row in train], marker="o", label="F1")
+                left.plot(epochs, [row[8] for row in train], marker="o", label="chain documents found")
+            for dataset in sorted({row[2] for row in evals}):
+                points = sorted({row[1]: (row[4], row[5]) for row in evals if row[2] == dataset}.items())
+                right.plot([p[0] for p in points], [p[1][0] for p in points], marker="o", label=f"{tag}{dataset} reward")
+                if len(runs) == 1:
+                    right.plot([p[0] for p in points], [p[1][1] for p in points], marker="x", linestyle="--",
+                               label=f"{dataset} F1")
         left.set(title="training rollouts (sampled)", xlabel="epoch", ylim=(0, 1))
-        left.legend()
-        for dataset in sorted({row[2] for row in evals}):
-            points = sorted((row[1], row[4], row[5]) for row in evals if row[2] == dataset)
-            right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{dataset} reward")
-            right.plot([p[0] for p in points], [p[2] for p in points], marker="x", linestyle="--", label=f"{dataset} F1")
+        left.legend(fontsize="small")
         right.set(title="held-out (greedy)", xlabel="epochs trained", ylim=(0, 1))
-        right.legend()
+        right.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot: {args.plot}")
