@@ -105,8 +105,8 @@ def make_world(seed: int = SEED, docs: int = DOCS) -> World:
 
 
 # (kind, hops, template, reworded template); the chain from the named entity to the answer is in make_questions.
-# One-hop questions are a curriculum for training only (and a diagnostic split): every held-out question is 2 or
-# 3 hops.
+# One-hop questions: half of train.jsonl, and the difficulty the 135M model learns (train_1hop.jsonl,
+# test_1hop.jsonl); test.jsonl and test_reworded.jsonl are 2 and 3 hops.
 ONE_HOP = [
     ("birthplace", 1, "Where was {person} born?", "{person} was born in which city?"),
     ("company_founder", 1, "Who founded {company}?", "{company} was founded by which person?"),

@@ -4,9 +4,9 @@ Plain Agents SDK code with no Arclight in it. The model client is the SDK's ``Op
 ``AsyncOpenAI`` client, which reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` like any deployment; point them at
 Arclight's gateway and every call is served and recorded there.
 
-The agent has two tools: ``search(query)``, the best ``k`` documents by BM25 (the config gives 1), and ``answer(answer)``, which ends
-the run (``StopAtTools``). ``tool_choice="required"`` makes the server constrain every reply to a call of one of
-them (a 135M model writes no tool calls on its own). The chat template of the example's model shows neither the
+The agent has two tools: ``search(query)``, the best ``k`` documents by BM25 (the config gives 1), and
+``answer(answer)``, which ends the run (``StopAtTools``). ``tool_choice="required"`` makes the server constrain
+every reply to a call of one of them (a 135M model writes no tool calls on its own). The chat template of the example's model shows neither the
 tools nor the model's own calls, so the system prompt describes the tools and every search result repeats the
 query it answers. A search that finds nothing, or a call whose arguments are not the tool's JSON, is a failed tool
 call: the SDK tells the model so, and the failed tool span costs the call that wrote it
