@@ -94,16 +94,17 @@ def test_the_worked_examples_follow_the_protocol_they_teach():
 
 
 def test_a_measurement_reads_a_dataset_set_on_its_command_line_beside_the_config(tmp_path):
-    """``measure.py --set rollouts.dataset=train_1hop.jsonl`` (README, attempt 4) trains on the example's file, not
-    on one looked for in the fresh measurement folder."""
+    """``measure.py --set rollouts.dataset=train.jsonl`` (README, the 2- and 3-hop task) trains on the example's
+    file, not on one looked for in the fresh measurement folder."""
     sys.path.insert(0, str(REPO / "examples"))
     from measure import project_overrides
 
     overrides = project_overrides(RAG / "config.yaml", tmp_path / "work", "rag-measure-s0",
-                                  ["rollouts.dataset=train_1hop.jsonl", "rollouts.group_size=4"])
+                                  ["rollouts.dataset=train.jsonl", "rollouts.group_size=4"])
     cfg = load_config(RAG / "config.yaml", overrides=overrides)
     assert cfg.project_dir == tmp_path / "work" and cfg.rollouts.group_size == 4
-    assert (cfg.rollouts.dataset, cfg.rollouts.eval_dataset) == (RAG / "train_1hop.jsonl", RAG / "test.jsonl")
+    assert cfg.rollouts.dataset == RAG / "train.jsonl"
+    assert cfg.rollouts.eval_dataset == load_config(RAG / "config.yaml").rollouts.eval_dataset  # the config's own
 
 
 def test_a_missing_index_names_the_command_that_builds_it(tmp_path):
