@@ -175,6 +175,11 @@ def make_questions(world: World, rng: random.Random, n: int, used: set[str], kin
     return out
 
 
+def reworded(questions: list[dict]) -> list[dict]:
+    """The same questions asked in their other words (same answers and chains)."""
+    return [{**q, "question": q["reworded"]} for q in questions]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=SEED)
@@ -193,11 +198,11 @@ def main() -> None:
     test_1hop = make_questions(world, rng, args.test, used, ONE_HOP)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in [("train.jsonl", train), ("test.jsonl", test),
-                       ("test_reworded.jsonl", [{**q, "question": q["reworded"]} for q in test]),
+                       ("test_reworded.jsonl", reworded(test)),
                        ("test_1hop.jsonl", test_1hop),
                        # the one-hop difficulty on its own (README, attempt 4): train on these, evaluate on test_1hop
                        ("train_1hop.jsonl", [q for q in train if q["hops"] == 1]),
-                       ("test_1hop_reworded.jsonl", [{**q, "question": q["reworded"]} for q in test_1hop])]:
+                       ("test_1hop_reworded.jsonl", reworded(test_1hop))]:
         with open(args.out / name, "w") as fh:
             for row in rows:
                 fh.write(json.dumps({k: v for k, v in row.items() if k != "reworded"}) + "\n")

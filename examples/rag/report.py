@@ -33,7 +33,8 @@ WITH outcome AS (
     FROM spans WHERE attributes->>'rag.searches' IS NOT NULL
 )
 SELECT r.run_id, r.epoch, r.mode, r.rollout_id, r.task_id, r.reward,
-       e.policy_version AS label, (e.stats->>'after_epochs')::INT AS after_epochs, e.stats->>'dataset' AS dataset,
+       e.policy_version AS label, (e.stats->>'after_epochs')::INT AS after_epochs,
+       regexp_extract(e.stats->>'dataset', '[^/]+$') AS dataset,
        o.* EXCLUDE (rollout_id)
 FROM rollouts r JOIN outcome o USING (rollout_id) LEFT JOIN epochs e ON e.run_id = r.run_id AND e.epoch = r.epoch
 WHERE r.status = 'succeeded'
@@ -62,7 +63,7 @@ def table(rows: list[tuple], columns: list[str]) -> str:
 
 
 SPLITS = """
-SELECT regexp_extract(dataset, '[^/]+$') AS dataset, after_epochs, avg(reward), avg(f1), avg(exact_match::INT)
+SELECT dataset, after_epochs, avg(reward), avg(f1), avg(exact_match::INT)
 FROM rag WHERE mode = 'eval' GROUP BY ALL ORDER BY ALL
 """
 
@@ -93,7 +94,7 @@ def report(project: Path) -> tuple[str, list[tuple], list[tuple], list[tuple]]:
     run = con.execute("SELECT min(run_id) FROM rollouts WHERE mode = 'train'").fetchone()[0] or project.name
     print(f"# {run} ({project.name})\n")
 
-    key = "label, after_epochs, regexp_extract(dataset, '[^/]+$') AS dataset"
+    key = "label, after_epochs, dataset"
     evals = con.execute(SUMMARY.format(key=key, mode="eval")).fetchall()
     columns = [d[0] for d in con.description]
     print("## Held-out evaluations (greedy)\n")
@@ -105,14 +106,14 @@ def report(project: Path) -> tuple[str, list[tuple], list[tuple], list[tuple]]:
     # a held-out question that failed before training (base) and succeeded after (the last evaluation of the same
     # split): one answered exactly after and with F1 0 before first, from the 2- and 3-hop split when one there was
     pair = con.execute("""
-        WITH first AS (SELECT * FROM rag r WHERE mode = 'eval'
-                       AND after_epochs = (SELECT min(after_epochs) FROM rag WHERE mode = 'eval' AND dataset = r.dataset)),
-             last AS (SELECT * FROM rag r WHERE mode = 'eval'
-                      AND after_epochs = (SELECT max(after_epochs) FROM rag WHERE mode = 'eval' AND dataset = r.dataset))
+        WITH evals AS (SELECT *, min(after_epochs) OVER split AS first_epochs, max(after_epochs) OVER split AS last_epochs
+                       FROM rag WHERE mode = 'eval' WINDOW split AS (PARTITION BY dataset)),
+             first AS (SELECT * FROM evals WHERE after_epochs = first_epochs),
+             last AS (SELECT * FROM evals WHERE after_epochs = last_epochs)
         SELECT f.task_id, f.rollout_id, l.rollout_id, f.reward, l.reward
         FROM first f JOIN last l USING (task_id, dataset) WHERE l.reward > f.reward
         ORDER BY l.exact_match AND f.f1 = 0 DESC,
-                 CASE WHEN f.dataset LIKE '%/test.jsonl' THEN 0 WHEN f.dataset LIKE '%/test_reworded.jsonl' THEN 1 ELSE 2 END,
+                 CASE f.dataset WHEN 'test.jsonl' THEN 0 WHEN 'test_reworded.jsonl' THEN 1 ELSE 2 END,
                  l.reward - f.reward DESC, task_id
         LIMIT 1""").fetchall()
     if pair:
@@ -138,8 +139,10 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=None,
                         help="compare with the evaluation after this many epochs (default: each project's last)")
     args = parser.parse_args()
-    runs = [(run, evals, train, before_after(points, args.after))
-            for project in args.projects for run, evals, train, points in [report(project)]]
+    runs = []
+    for project in args.projects:
+        run, evals, train, points = report(project)
+        runs.append((run, evals, train, before_after(points, args.after)))
     columns = ["dataset", "epochs", "reward_before", "reward_after", "f1_before", "f1_after", "em_before", "em_after"]
     print("\n## Before and after, per run\n")
     print(table([(name, *row) for name, _, _, rows in runs for row in rows], ["run", *columns]))
