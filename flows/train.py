@@ -79,7 +79,7 @@ def run_round(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_tasks
     our services failed once they are back (``rollouts.infra_retries`` times), then stop the run if too many failed.
 
     A rollout our services failed and that failed again every time is left out, and its group does not train
-    (``pipeline/sql/triplets.sql``): a group scored on the members the infrastructure happened to leave is biased.
+    (``sql/triplets.sql``): a group scored on the members the infrastructure happened to leave is biased.
     """
     logger = get_run_logger()
     config, stack = ctx.config, ctx.services

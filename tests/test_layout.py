@@ -28,10 +28,13 @@ def test_every_module_lives_in_its_part_or_is_one_the_root_shares():
     assert sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == list(PARTS)
 
 
-def test_the_sql_steps_are_package_data_read_through_importlib_resources():
+def test_the_sql_lives_in_the_top_level_sql_folder_and_is_read_through_importlib_resources():
     from lightning_core.pipeline.steps import sql_files, sql_text
+    from lightning_core.store.outputs import VIEWS_SQL
 
     names = {f.name for f in sql_files()}
     assert {"span_nodes.sql", "credit.sql", "triplets.sql", "advantages.sql", "arrivals.sql"} <= names
+    assert "views.sql" not in names and VIEWS_SQL.read_text() == (REPO / "sql" / "views.sql").read_text()
     assert sql_text("credit").startswith("-- credit:")
-    assert not (REPO / "sql").exists()
+    assert {p.name for p in (REPO / "sql").glob("*.sql")} == names | {"views.sql"}
+    assert sorted(str(p.relative_to(REPO)) for p in (REPO / "lightning_core").rglob("*.sql")) == []

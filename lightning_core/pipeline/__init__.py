@@ -1,1 +1,1 @@
-"""Spans to a repaired tree to triplets, by SQL: one .sql file per step (package data), run with bound parameters."""
+"""Spans to a repaired tree to triplets, by SQL: one file per step in the top-level sql/, run with bound parameters."""

@@ -1,10 +1,11 @@
-"""One step of the SQL pipeline: its file (package data, ``sql/<step>.sql``), its ``$parameters``, bound and run.
+"""One step of the SQL pipeline: its file (``sql/<step>.sql``), its ``$parameters``, bound and run.
 
 Each file is a chain of named CTEs that ends in one SELECT; ``run_stage`` binds the parameters the
 text uses (never pasted into it) and keeps the result as a temporary table (a view for the steps
-that only join columns) named for what it holds, which the next step reads. The files ship inside
-the package and are read through ``importlib.resources``, so a wheel installed the usual way finds
-them.
+that only join columns) named for what it holds, which the next step reads. The files live in the
+top-level ``sql/`` folder, beside the analyst views (``views.sql``, not a step), and ship inside the
+package as ``lightning_core.sql`` (a package-dir mapping in pyproject.toml); they are read through
+``importlib.resources``, so a wheel installed the usual way finds them, and so does the editable install.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 
 import duckdb
 
-SQL = files("lightning_core.pipeline") / "sql"
+SQL = files("lightning_core.sql")
+NOT_STEPS = {"views.sql"}  # the analyst views (lightning_core.store.outputs reads them)
 
 
 def sql_files() -> list[Traversable]:
     """Every step's file, by name."""
-    return sorted((f for f in SQL.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return sorted((f for f in SQL.iterdir() if f.name.endswith(".sql") and f.name not in NOT_STEPS), key=lambda f: f.name)
 
 
 VIEW_STAGES = {"repaired_spans", "span_agents", "span_owners", "llm_calls"}  # views: they only join columns to narrow tables

@@ -44,8 +44,8 @@ TABLES = ("triplets", *OUTPUTS)  # every output table, in the order the views ar
 # llm_calls, the token arrays -- the triplets and the spans' typed columns hold those, so the
 # stored calls keep counts (prompt_tokens, response_tokens) and messages only.
 NOT_STORED = {"llm_calls": "run_id, epoch, prompt_token_ids, response_token_ids, response_logprobs"}
-# the analyst views over the output tables: package data beside this module (a wheel installed the usual way finds it)
-VIEWS_SQL = resources.files("lightning_core.store") / "views.sql"
+# the analyst views over the output tables: sql/views.sql, package data (lightning_core.sql) that a wheel finds
+VIEWS_SQL = resources.files("lightning_core.sql") / "views.sql"
 
 # The row contract the trainer reads (load_triplets). Extra columns may follow, never fewer.
 TRIPLET_SCHEMA = pa.schema(
@@ -383,7 +383,7 @@ def _file_list(paths) -> str:
 
 
 def views_sql(lake_root: Path, versions: dict[str, int] | None = None) -> str:
-    """Return the DDL of the analyst views (``views.sql`` beside this module) over one snapshot of the output tables (the newest,
+    """Return the DDL of the analyst views (``sql/views.sql``) over one snapshot of the output tables (the newest,
     or ``versions``); empty before the outputs' schema files exist (``pipeline.ensure_views`` places them)."""
     if not all(schema_file(lake_root, output).exists() for output in TABLES):
         return ""
