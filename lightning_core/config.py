@@ -522,6 +522,16 @@ class ArclightConfig(Section):
     def _run_name_is_a_partition_value(cls, value: str) -> str:
         return names.check_run_id(value, what="run_name")
 
+    @model_validator(mode="after")
+    def _vllm_stays_awake_under_rollouts(self) -> "ArclightConfig":
+        if self.serving.sleep_mode and self.trainer.max_staleness:
+            raise ValueError(
+                f"serving.sleep_mode puts vLLM to sleep while an epoch trains, but trainer.max_staleness = "
+                f"{self.trainer.max_staleness} runs the next epoch's rollouts during that training: they would call a "
+                "sleeping vLLM (its /health still answers 200). Unset serving.sleep_mode, or set trainer.max_staleness: 0 "
+                "(docs/failures.md)")
+        return self
+
     def resolved(self) -> "ArclightConfig":
         """Return a copy whose relative paths are absolute, based on ``project_dir``."""
         base = self.project_dir.resolve()
@@ -630,6 +640,8 @@ def _describe(exc: ValidationError, source: str) -> str:
             hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(sorted(known))})"
             lines.append(f"{source}: unknown key {key!r}{suggestion}")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a rule across keys: the message names them
+            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: key {key!r}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -270,6 +270,10 @@ def register_version(config, *, policy: str, source: str, mlflow_run_id: str, ve
     name = registered_model_name(config, policy)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, tags={"arclight.policy": policy})
+    # a model version of this id is an interrupted training's (registered, never recorded in the catalog, which
+    # numbers versions): it points at weights nothing serves, so it goes before the version is registered again
+    for orphan in client.search_model_versions(f"name = '{name}' AND tags.`arclight.version` = '{version}'"):
+        client.delete_model_version(name, orphan.version)
     # register_model() of a plain artifact folder fails in MLflow 3.17 (no MLmodel); this does not.
     mv = client.create_model_version(name, source=source, run_id=mlflow_run_id,
                                      tags={"arclight.version": version, "arclight.policy": policy})

@@ -74,3 +74,15 @@ def test_a_cluster_executor_needs_its_address(tmp_path):
     cfg = load_config(None, overrides=[f"project_dir={tmp_path}", "rollouts.executor=ray", "rollouts.address=auto"])
     assert (cfg.rollouts.executor, cfg.rollouts.address) == ("ray", "auto")
     assert load_config(None, overrides=[f"project_dir={tmp_path}"]).rollouts.executor == "local"
+
+
+def test_sleep_mode_with_overlapping_epochs_is_refused_at_load_in_one_line_that_names_both_keys(tmp_path):
+    # issue 51, finding 6: vLLM slept while the next epoch's rollouts called it (its /health still answered 200)
+    path = _write(tmp_path, "serving:\n  sleep_mode: true\ntrainer:\n  max_staleness: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: serving.sleep_mode")
+    assert "trainer.max_staleness = 2" in message and "got {" not in message
+    assert load_config(path, overrides=["trainer.max_staleness=0"]).serving.sleep_mode  # each alone is fine
+    assert load_config(path, overrides=["serving.sleep_mode=false"]).trainer.max_staleness == 2

@@ -216,3 +216,38 @@ def test_a_learning_rate_schedule_decays_over_the_runs_last_epochs(tmp_path, tin
     assert run.data.params["learning_rate"] == "0.01" and run.data.params["lr_schedule"] == "linear"
     history = client.get_metric_history(result.mlflow_run_id, "learning_rate")
     assert {m.step: m.value for m in history} == pytest.approx({1: rates[1], 4: rates[4]})
+
+
+@pytest.mark.parametrize("mode", ["sft", "grpo"])
+def test_a_resumed_epoch_trains_each_policy_once_even_when_a_version_was_recorded_before_the_stop(tmp_path, tiny_dir,
+                                                                                                  mode):
+    # issue 51, finding 5: a version is recorded before the epoch is marked trained; Ctrl-C in between (while the
+    # next policy trains, or in an asynchronous epoch's save) used to train the first policy again on the same
+    # triplets on resume (masked for GRPO at staleness 0-1 only, never for SFT)
+    cfg = project(tmp_path, f"trainer.mode={mode}", "trainer.max_staleness=3",
+                  "policies=[{name: planner, agent_match: plan}, {name: executor, agent_match: exec}]")
+    tables = {p: triplet_table(make_triplets(groups=2, per_group=2, policy=p, epoch=0)) for p in ("planner", "executor")}
+    first = train_policy(cfg, tables["planner"], policy="planner", base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    assert first.version == "planner-v1"  # ... and then the run was stopped while the executor trained
+    resumed = train_policies(cfg, run_id="r1", epoch=0, base_model_dir=tiny_dir, triplets=tables)
+    assert [(r.policy, r.version) for r in resumed] == [("planner", "planner-v1"), ("executor", "executor-v1")]
+    assert "already trained on this epoch" in resumed[0].message
+    assert sorted(r[0] for r in versions_rows(cfg)) == ["executor-v1", "planner-v1"]
+    assert resumed[0].mlflow_run_id == first.mlflow_run_id and resumed[0].path == first.path
+
+
+def test_a_version_saved_and_registered_but_never_recorded_is_trained_again_under_its_id(tmp_path, tiny_dir):
+    # issue 51, finding 5: Ctrl-C after the checkpoint was renamed into place (or registered in MLflow) and before the
+    # catalog row: the resumed run picks the same id, and the folder left behind made every later save fail
+    cfg = project(tmp_path)
+    table = triplet_table(make_triplets(groups=2, per_group=2, epoch=0))
+    first = train_policy(cfg, table, policy="default", base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    with Catalog.from_config(cfg).write() as con:  # as if the stop came just before the catalog row was written
+        con.execute("DELETE FROM policy_versions")
+    (first.path / "stale-marker").write_text("from the interrupted run")
+    again = train_policy(cfg, table, policy="default", base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    assert again.version == "default-v1" and again.path == first.path and not (again.path / "stale-marker").exists()
+    assert [r[0] for r in versions_rows(cfg)] == ["default-v1"]
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    registered = MlflowClient().search_model_versions("name = 'calc-default'")
+    assert [(v.tags["arclight.version"], str(v.version)) for v in registered] == [("default-v1", again.registry_version)]

@@ -151,9 +151,10 @@ def train_policy(
 
         version = versions.next_version(catalog, policy=policy)
         root = cfg.output_dir / policy
+        # a folder of that name is an interrupted training's (saved, never recorded): nothing points at it
         path = save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir,
-                                                                  optimizer=optimizer),
-                                          root=root, name=version)
+                                                       optimizer=optimizer),
+                               root=root, name=version, replace=True)
         source = tracking.log_checkpoint(path, version=version)
         registry_version = tracking.register_version(config, policy=policy, source=source, mlflow_run_id=mlflow_run_id,
                                                      version=version, alias=cfg.registry_alias)
@@ -170,6 +171,15 @@ def train_policy(
         return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=version, parent_version=parent_version,
                            path=path, metrics=stats, steps=steps, mlflow_run_id=mlflow_run_id,
                            registry_version=registry_version, message=message)
+
+
+def _already_trained(row: dict[str, Any]) -> TrainResult:
+    """The result of a policy's training that an earlier, interrupted run of the epoch already recorded."""
+    message = (f"policy {row['policy']!r} epoch {row['epoch']}: {row['version']} was already trained on this epoch by "
+               "an earlier run that stopped before the epoch was marked trained; not training it again")
+    return TrainResult(policy=row["policy"], run_id=row["run_id"], epoch=row["epoch"], version=row["version"],
+                       parent_version=row["parent_version"], path=Path(row["path"]), metrics=row["metrics"] or {},
+                       mlflow_run_id=row["mlflow_run_id"], registry_version=row["registry_version"], message=message)
 
 
 def scheduled_learning_rate(cfg: TrainerConfig, *, epoch: int, epochs: int) -> float:
@@ -205,6 +215,11 @@ def train_policies(
     catalog.ensure()
     results = []
     for policy in config.policies:
+        done = versions.version_of_epoch(catalog, policy=policy.name, run_id=run_id, epoch=epoch)
+        if done is not None:  # an interrupted run recorded it before the epoch was marked trained: never train twice
+            results.append(_already_trained(done))
+            log.warning(results[-1].message)
+            continue
         if triplets is not None:
             table = triplets.get(policy.name, [])
         else:

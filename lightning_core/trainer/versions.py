@@ -35,12 +35,22 @@ def next_version(catalog: Catalog, *, policy: str) -> str:
 
 def latest_version(catalog: Catalog, *, policy: str) -> dict[str, Any] | None:
     """Return the newest recorded version of ``policy`` as a dict, or None."""
+    return _newest(catalog, "policy = ?", [policy])
+
+
+def version_of_epoch(catalog: Catalog, *, policy: str, run_id: str, epoch: int) -> dict[str, Any] | None:
+    """Return the version of ``policy`` trained on (``run_id``, ``epoch``) as a dict, or None when there is none."""
+    return _newest(catalog, "policy = ? AND run_id = ? AND epoch = ?", [policy, run_id, epoch])
+
+
+def _newest(catalog: Catalog, where: str, params: list[Any]) -> dict[str, Any] | None:
+    """The highest-numbered version row that matches ``where``, its metrics parsed; None when none does."""
     with catalog.read(spans=False) as con:
-        rows = con.execute("SELECT * FROM policy_versions WHERE policy = ?", [policy]).fetchdf().to_dict("records")
+        rows = con.execute(f"SELECT * FROM policy_versions WHERE {where}", params).fetchdf().to_dict("records")
     rows = [r for r in rows if _NUMBER.search(r["version"])]
     if not rows:
         return None
-    row = max(rows, key=lambda r: int(_NUMBER.search(r["version"]).group(1)))
+    row = max(rows, key=lambda r: version_number(r["version"]))
     row["metrics"] = json.loads(row["metrics"]) if isinstance(row.get("metrics"), str) else row.get("metrics")
     return row
 
