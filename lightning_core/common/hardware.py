@@ -70,7 +70,7 @@ def passive_openmp() -> None:
     vLLM's CPU build and the trainer both run OpenMP threads that spin between parallel regions. Taking turns
     (synchronous epochs) that is the fastest wait; running at once on the same cores (asynchronous epochs), the
     spinning threads of one take the other's time: on 2 cores the calc example's overlapped epochs ran 28% slower
-    than in turn, and about as fast once both waited passively (benchmarks/README.md). A setting the user made
+    than in turn, and about as fast once both waited passively (docs/measurement-log.md). A setting the user made
     is kept.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
