@@ -10,6 +10,7 @@ folder that is not below the one it belongs to.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -63,6 +64,20 @@ def check_rollout_id(value: Any, *, what: str = "rollout id") -> str:
     if isinstance(value, str) and ROLLOUT_ID_PATTERN.fullmatch(value):
         return value
     raise InvalidName(f"{what} {value!r} is not valid: expected 1-256 letters, digits, '.', '_', ':' or '-'")
+
+
+TASK_ID_IN_ROLLOUT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_NOT_IN_ROLLOUT_ID = re.compile(r"[^A-Za-z0-9._:-]+")
+
+
+def rollout_id_part(task_id: str) -> str:
+    """The part of a rollout id that names its task: the task id itself when it is 1-64 of the characters a rollout
+    id may hold, else its safe characters (at most 40) and 10 hex digits of its hash, so that any id a dataset holds
+    (``gsm8k/train/17``, ``q 17``, a URL, a long hash) makes a valid, stable and distinct rollout id."""
+    if TASK_ID_IN_ROLLOUT_ID.fullmatch(task_id):
+        return task_id
+    slug = _NOT_IN_ROLLOUT_ID.sub("_", task_id).strip("_")[:40] or "task"
+    return f"{slug}-{hashlib.blake2b(task_id.encode('utf-8'), digest_size=5).hexdigest()}"
 
 
 def inside(root: str | os.PathLike[str], path: str | os.PathLike[str], *, what: str = "folder") -> Path:

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
+from lightning_core import names
 from lightning_core.rollouts.dataset import DatasetError, load_tasks
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig
@@ -88,12 +89,17 @@ def _training_dataset(config: ArclightConfig) -> Path:
 
 def _insert_plan(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks: list[dict[str, Any]], group_size: int,
                  sampling_round: int) -> None:
-    prefix = f"{run_id}-{ {'train': 'e', 'eval': 'eval'}.get(mode, mode)}{epoch}"
     specs = [
-        RolloutSpec(run_id, epoch, f"{prefix}-{task['id']}-{k}", task["id"], task["id"], k, task)
+        RolloutSpec(run_id, epoch, rollout_id(run_id=run_id, epoch=epoch, mode=mode, task_id=task["id"], sample=k),
+                    task["id"], task["id"], k, task)
         for task in tasks
         for k in range(group_size)
     ]
+    ids: dict[str, str] = {}
+    for s in specs:
+        if ids.setdefault(s.rollout_id, s.task_id) != s.task_id:
+            raise DatasetError(f"task ids {ids[s.rollout_id]!r} and {s.task_id!r} make the same rollout id "
+                               f"{s.rollout_id!r}: rename one of them in the dataset")
     with catalog.write() as con:
         con.executemany(
             "INSERT INTO rollouts (run_id, epoch, rollout_id, task_id, group_id, sample_index, attempt, status, task, "
@@ -101,6 +107,13 @@ def _insert_plan(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks:
             [(s.run_id, s.epoch, s.rollout_id, s.task_id, s.group_id, s.sample_index, json.dumps(s.task), mode,
               sampling_round) for s in specs],
         )
+
+
+def rollout_id(*, run_id: str, epoch: int, mode: str, task_id: str, sample: int) -> str:
+    """The id of sample ``sample`` of task ``task_id`` in (run, epoch, mode): a URL path segment the gateway
+    accepts, whatever characters the task id holds (``names.rollout_id_part``)."""
+    prefix = {"train": "e", "eval": "eval"}.get(mode, mode)
+    return names.check_rollout_id(f"{run_id}-{prefix}{epoch}-{names.rollout_id_part(task_id)}-{sample}")
 
 
 def record_prompt_versions(catalog: Catalog, *, run_id: str, epoch: int, mode: str, versions: dict[str, str]) -> None:

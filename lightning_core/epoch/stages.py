@@ -16,7 +16,7 @@ from lightning_core.epoch import bookkeeping as ep
 from lightning_core.epoch.context import RunContext
 from lightning_core.rollouts.runner import (AGENT, FAILED, INFRASTRUCTURE, RolloutOutcome, RolloutSpec, RunnerSettings,
                                             run_rollout, settings_from_config)
-from lightning_core.epoch.failures import check_collector
+from lightning_core.epoch.failures import RunStopped, check_collector
 
 log = logging.getLogger("arclight.stages")
 
@@ -47,30 +47,47 @@ def runner_settings(ctx: RunContext, *, mode: str = "train", prompt_versions: li
 def run_one_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attempt: int = 0) -> RolloutOutcome:
     """Register each attempt with the gateway and run the rollout; return its outcome (the caller records it).
 
-    A gateway that cannot register the rollout (down, restarting) fails it as an infrastructure failure: it runs
-    again once the gateway is back.
+    A gateway that cannot register the rollout (down, restarting, answering 5xx) fails the attempt that was being
+    registered as an infrastructure failure: it runs again once the gateway is back. A gateway that refuses the
+    registration (a 4xx) is neither the agent's failure nor an outage, and no retry would change its answer: the run
+    stops with the gateway's reason (``RunStopped``).
     """
     import httpx
 
     from lightning_core.serving.client import GatewayAdminError
 
     gateway = _shared_gateway_client(settings)
+    registering = first_attempt
 
     def register(attempt: int) -> None:
+        nonlocal registering
+        registering = attempt
         gateway.register_rollout(
             rollout_id=spec.rollout_id, run_id=spec.run_id, epoch=spec.epoch, task_id=spec.task_id, attempt=attempt
         )
 
     try:
         return run_rollout(settings, spec, first_attempt=first_attempt, before_attempt=register)
-    except (httpx.HTTPError, GatewayAdminError) as exc:
-        now = time.time()
-        return RolloutOutcome(spec.rollout_id, FAILED, first_attempt, None,
-                              f"the gateway at {settings.gateway_url} could not register the rollout: {exc}", now, now,
-                              INFRASTRUCTURE)
+    except GatewayAdminError as exc:
+        if exc.status is not None and 400 <= exc.status < 500:
+            raise RunStopped(
+                f"the gateway at {settings.gateway_url} refused to register rollout {spec.rollout_id!r} of task "
+                f"{spec.task_id!r} (attempt {registering}): {exc}. This is neither the agent's failure nor an outage, and "
+                "running it again would be refused the same way, so the run stopped. Completed stages are kept; "
+                "report this with the task's id") from None
+        return _registration_failed(settings, spec, attempt=registering, error=exc)
+    except httpx.HTTPError as exc:
+        return _registration_failed(settings, spec, attempt=registering, error=exc)
     finally:
         with contextlib.suppress(httpx.HTTPError, GatewayAdminError):
             gateway.forget_rollout(spec.rollout_id)
+
+
+def _registration_failed(settings: RunnerSettings, spec: RolloutSpec, *, attempt: int, error: Exception) -> RolloutOutcome:
+    now = time.time()
+    return RolloutOutcome(spec.rollout_id, FAILED, attempt, None,
+                          f"the gateway at {settings.gateway_url} could not register the rollout: {error}", now, now,
+                          INFRASTRUCTURE)
 
 
 def run_rollout_batch(

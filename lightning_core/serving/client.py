@@ -14,7 +14,11 @@ import httpx
 
 
 class GatewayAdminError(RuntimeError):
-    """The gateway refused an admin call; the message carries its reason."""
+    """The gateway refused an admin call; the message carries its reason, ``status`` its HTTP status."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class GatewayClient:
@@ -32,7 +36,8 @@ class GatewayClient:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            raise GatewayAdminError(f"gateway {method} {path} answered {response.status_code}: {response.text[:2000]}")
+            raise GatewayAdminError(f"gateway {method} {path} answered {response.status_code}: {response.text[:2000]}",
+                                    status=response.status_code)
         return response.json() if response.content else None
 
     def register_rollout(
@@ -47,7 +52,8 @@ class GatewayClient:
         """Forget a finished rollout (later calls with its id get 404)."""
         response = self.http.delete(f"/admin/rollouts/{rollout_id}")
         if response.status_code not in (204, 404):
-            raise GatewayAdminError(f"gateway DELETE /admin/rollouts/{rollout_id} answered {response.status_code}: {response.text}")
+            raise GatewayAdminError(f"gateway DELETE /admin/rollouts/{rollout_id} answered {response.status_code}: "
+                                    f"{response.text}", status=response.status_code)
 
     def policies(self) -> dict[str, Any]:
         """Return the base model, upstreams and every policy's current and earlier versions."""
