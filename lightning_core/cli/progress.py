@@ -1,23 +1,32 @@
 """Terminal progress for long runs: a rich display fed by the catalog, then a summary.
 
 The display polls the catalog (epochs and rollouts tables) once a second, so it shows the same
-truth a re-run would resume from, whatever runs the work (an in-process flow, a worker).
+truth a re-run would resume from, whatever runs the work (an in-process flow, a worker). It is
+the only thing that redraws the screen: everything else the run prints goes above it, or to the
+log file (``output.py``). Not on a terminal there is no display, only those lines.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from lightning_core.cli.output import command_output, print_table
 from lightning_core.epoch.context import RunContext
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig
 from lightning_core.common.stopping import on_signals
+
+log = logging.getLogger("arclight.cli")
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -64,13 +73,44 @@ def run_with_progress(
     title: str,
     summary: bool = True,
     run_id: str | None = None,
+    verbose: bool = False,
 ) -> Any:
-    """Run ``work()`` while showing epoch and rollout progress; print a summary; Ctrl-C (or SIGTERM) stops cleanly."""
+    """Run ``work()`` while showing epoch and rollout progress; print a summary; Ctrl-C (or SIGTERM) stops cleanly.
+
+    A run that stops on an expected error ends with one paragraph saying why (the last thing on the screen); its
+    traceback goes to the log file."""
     catalog = Catalog.from_config(config)
     catalog.ensure()
     run_id = run_id or config.run_name
+    with command_output(config, console=console, verbose=verbose) as log_file:
+        try:
+            with _display(console, catalog, run_id=run_id, epochs=epochs), on_signals():
+                result = work()
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted:[/yellow] the rollouts in flight and the services started for this run "
+                          "were stopped; run the same command again to resume where it stopped")
+            raise SystemExit(130) from None
+        except EXPECTED_ERRORS as exc:
+            log.error("the run stopped: %s", exc, exc_info=exc, extra={"screen": False})
+            console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
+            console.print(f"completed stages are kept; fix the problem and run the same command again to resume "
+                          f"(the full log: {log_file})", soft_wrap=True, highlight=False)
+            raise SystemExit(1) from None
+        if summary:
+            print_summary(config, console=console, log_file=log_file)
+    return result
+
+
+@contextlib.contextmanager
+def _display(console: Console, catalog: Catalog, *, run_id: str, epochs: int | None) -> Iterator[None]:
+    """On a terminal, the live display (epochs, rollouts of the current epoch, failures) for the block; elsewhere
+    nothing. It stops before the block's error leaves, so what the command prints next comes after it."""
+    if not console.is_terminal:
+        yield
+        return
     stop = threading.Event()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+               TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         epoch_bar = progress.add_task("epochs", total=epochs, note="") if epochs else None
         rollout_bar = progress.add_task("rollouts", total=None, note="starting services")
@@ -81,36 +121,23 @@ def run_with_progress(
                     snap = _snapshot(catalog, run_id)
                 except Exception:  # a locked or half-created catalog: try again next second
                     continue
-                if epoch_bar is not None:
-                    progress.update(epoch_bar, completed=snap["completed"], note=snap["stage"])
+                if epoch_bar is not None:  # a run may already have more epochs than were asked for
+                    progress.update(epoch_bar, total=max(epochs, snap["completed"]), completed=snap["completed"],
+                                    note=snap["stage"])
                 note = f"{snap['failed']} failed/timed out" if snap["failed"] else ""
                 progress.update(rollout_bar, total=snap["planned"] or None, completed=snap["done"], note=note)
 
         poller = threading.Thread(target=poll, name="arclight-progress", daemon=True)
         poller.start()
         try:
-            with on_signals():
-                result = work()
-        except KeyboardInterrupt:
-            stop.set()
-            console.print("[yellow]interrupted:[/yellow] the rollouts in flight and the services started for this run "
-                          "were stopped; run the same command again to resume where it stopped")
-            raise SystemExit(130) from None
-        except EXPECTED_ERRORS as exc:
-            stop.set()
-            console.print(f"[red]error:[/red] {exc}")
-            console.print("completed stages are kept; fix the problem and run the same command again to resume")
-            raise SystemExit(1) from None
+            yield
         finally:
             stop.set()
             poller.join(timeout=5)
-    if summary:
-        print_summary(config, console=console)
-    return result
 
 
-def print_summary(config: ArclightConfig, *, console: Console) -> None:
-    """Print reward per epoch and where the results are."""
+def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | None = None) -> None:
+    """Print reward per epoch and where the results are (the log file among them)."""
     from lightning_core.epoch.reports import eval_curve, summary_rows
 
     ctx = RunContext.of(config)
@@ -133,7 +160,7 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
                       str(r["timed_out"]), *(retried if ours else []), groups, r["new_version"] or "-",
                       *([str(r["staleness_max"]) if r["staleness_max"] is not None else ""] if stale else []),
                       "" if after is None else f"{after['success_rate']:.0%}", r["status"])
-    console.print(table)
+    print_table(console, table)
     from lightning_core.epoch.failures import describe_incidents
 
     for r in rows:
@@ -147,6 +174,8 @@ def print_summary(config: ArclightConfig, *, console: Console) -> None:
     _print_silences(ctx, console=console)
     console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
     console.print(f"lake:    {lake}\nstate:   {ctx.catalog.state_root} (Delta tables)")
+    if log_file is not None:
+        console.print(f"log:     {log_file}")
     console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
 
@@ -173,7 +202,7 @@ def _print_agents(ctx: RunContext, *, console: Console) -> None:
                       str(sum(r["calls"] for r in mine)), str(sum(r["triplets"] for r in mine)),
                       span(first["reward_mean"], last["reward_mean"], ".3f"),
                       span(first["success_rate"], last["success_rate"], ".0%"))
-    console.print(table)
+    print_table(console, table)
     trained = sorted({r["agent_name"] or "(no agent)" for r in rows if r["policy"]})
     frozen = sorted({r["agent_name"] or "(no agent)" for r in rows if not r["policy"]})
     console.print(f"trained: {', '.join(trained) or '-'}   frozen: {', '.join(frozen) or '-'}")

@@ -10,11 +10,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from lightning_core.cli.common import console, fail, need_lake, prefect_api, project
+from lightning_core.cli.output import VerboseOpt, print_table
 from lightning_core.config import ArclightConfig
 
 
 @project(positional=True)
-def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str]) -> None:
+def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str], verbose: bool = VerboseOpt) -> None:
     """Improve a prompt resource by beam search with a critic (APO); promote the best version; report held-out scores."""
     from lightning_core.apo import search as apo
     from lightning_core.cli.progress import run_with_progress
@@ -32,7 +33,7 @@ def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str]) -> 
             return search_flow(config_path=str(config), overrides=extra)
 
     result = run_with_progress(cfg, work, console=console, epochs=None, summary=False, run_id=apo.run_id(cfg),
-                               title=f"optimising prompt {target!r} of {cfg.name}")
+                               title=f"optimising prompt {target!r} of {cfg.name}", verbose=verbose)
     if result is not None:
         _print_search(result)
 
@@ -47,7 +48,7 @@ def _print_search(result: dict) -> None:
     for r in result["rounds"]:
         table.add_row(str(r["round"]), str(r["candidates"]), str(r["new"]), r["best"], f"{r['best_score'] or 0:.3f}",
                       str(len(r["rejected"])))
-    Console().print(table)
+    print_table(Console(), table)
     for version, held in result["held_out"].items():
         console.print(escape(f"held-out {version}: reward {held['reward_mean']:.3f}, success {held['success_rate']:.0%} "
                              f"on {held['tasks']} tasks"))

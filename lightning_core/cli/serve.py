@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from lightning_core.cli.common import console, fail, project
+from lightning_core.cli.output import VerboseOpt, command_output
 from lightning_core.config import ArclightConfig
 
 
@@ -122,14 +123,15 @@ def model_prepare(
 
 
 @project(positional=True)
-def up(cfg: ArclightConfig) -> None:
+def up(cfg: ArclightConfig, verbose: bool = VerboseOpt) -> None:
     """Start the collector, vLLM and the gateway in the background for later runs of this project."""
     from lightning_core.common.services import ServiceError
     from lightning_core.epoch.stack import up as stack_up
     from lightning_core.common.stopping import on_signals
 
     try:
-        with on_signals():  # Ctrl-C while vLLM starts: what was started is stopped
+        # on_signals: Ctrl-C while vLLM starts stops what was started
+        with command_output(cfg, console=console, verbose=verbose), on_signals():
             record = stack_up(cfg)
     except ServiceError as exc:
         fail(str(exc), code=1)

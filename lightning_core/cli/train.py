@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from lightning_core.cli.common import console, prefect_api, project
+from lightning_core.cli.output import VerboseOpt
 from lightning_core.cli.prompts import check_prompt_versions
 from lightning_core.config import ArclightConfig
 
@@ -18,12 +19,23 @@ def train(
     config: Path,
     overrides: list[str],
     epochs: Optional[int] = typer.Option(None, help="Total epochs the run should have (default: the config's epochs)."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Train: start what is needed, run epochs through Prefect with progress, then summarise."""
-    from lightning_core.cli.progress import run_with_progress
+    from lightning_core.cli.progress import print_summary, run_with_progress
+    from lightning_core.epoch.bookkeeping import next_epoch
+    from lightning_core.store.catalog import Catalog
 
     target = epochs or cfg.epochs
     extra = list(overrides or [])
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    have = next_epoch(catalog, run_id=cfg.run_name)
+    if have >= target:  # --epochs is the run's total: nothing to start
+        console.print(f"run {cfg.run_name} already has {have} completed epochs, and --epochs is the run's total: "
+                      f"{target} trains none (--epochs {have + 1} trains one more)", soft_wrap=True, highlight=False)
+        print_summary(cfg, console=console)
+        return
 
     def work():
         with prefect_api(cfg):
@@ -31,7 +43,8 @@ def train(
 
             return train_flow(config_path=str(config), overrides=extra, epochs=target)
 
-    run_with_progress(cfg, work, console=console, epochs=target, title=f"training {cfg.name} / run {cfg.run_name}")
+    run_with_progress(cfg, work, console=console, epochs=target, title=f"training {cfg.name} / run {cfg.run_name}",
+                      verbose=verbose)
 
 
 @project(positional=True)
@@ -42,6 +55,7 @@ def evaluate(
     label: Optional[str] = typer.Option(None, help="Name of this evaluation (default: the versions serving)."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Score this prompt version (e.g. system-v3) "
                                                "instead of the serving one (repeatable; `arclight prompts` lists them)."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Evaluate the serving policy on the held-out tasks and print reward and success rate."""
     from lightning_core.cli.progress import run_with_progress
@@ -56,6 +70,7 @@ def evaluate(
             return evaluate_flow(config_path=str(config), overrides=extra, label=label,
                                  prompt_versions=list(prompt or []) or None)
 
-    result = run_with_progress(cfg, work, console=console, epochs=None, title=f"evaluating {cfg.name}", summary=False)
+    result = run_with_progress(cfg, work, console=console, epochs=None, title=f"evaluating {cfg.name}", summary=False,
+                               verbose=verbose)
     if result is not None:
         console.print_json(data=result)

@@ -1,0 +1,90 @@
+"""What a long command shows (train, evaluate, optimize-prompt, up): our messages on the screen, the rest in a file.
+
+On a terminal, one live display (``progress.py``) owns the screen and updates in place; above it go only our own
+messages: what the flows say about their stages and the versions they trained, and our warnings. Prefect's records
+(a line per task run, the tracebacks), MLflow's, transformers' (its progress bars are off), Python's warnings and
+the tracebacks of a run that stopped go to the project's log file, ``<project>/.arclight/logs/arclight.log``,
+beside the servers' own logs; the command prints its path first. Not on a terminal (CI, a pipe) there is no
+display: the same messages come as one plain line each, and tables are as wide as their content rather than 80
+columns. ``--verbose`` shows every record on the screen as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from lightning_core.common import logs
+from lightning_core.config import ArclightConfig
+
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Prefect's, MLflow's and transformers' log records, "
+                          "warnings and progress bars on the screen too (they always go to the log file).")
+LEVELS = {logging.WARNING: ("warning: ", "yellow"), logging.ERROR: ("error: ", "red"), logging.CRITICAL: ("error: ", "red")}
+
+
+class ScreenHandler(logging.Handler):
+    """Print each record as one line on the command's console: above the live display while one runs.
+
+    The line is the time and the message's first line (a failed rollout's warning carries the agent's traceback:
+    the whole record is in the log file); ``verbose`` shows the whole message, the logger's name and any traceback."""
+
+    def __init__(self, console: Console, *, verbose: bool = False) -> None:
+        super().__init__(level=logging.INFO)
+        self.console, self.verbose = console, verbose
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            label, style = LEVELS.get(record.levelno, ("", ""))
+            line = Text(time.strftime("%H:%M:%S ", time.localtime(record.created)), style="dim")
+            if self.verbose:
+                run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+                kind = "Task run" if getattr(record, "task_run_name", None) else "Flow run"
+                line.append(f"{record.name}: " + (f"{kind} {run!r} - " if run else ""), style="dim")
+            line.append(label, style=style)
+            message = record.getMessage()
+            first, more = message.partition("\n")[::2]
+            line.append(message if self.verbose else first + (" [more in the log]" if more.strip() else ""))
+            if self.verbose and record.exc_info:
+                line.append("\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip())
+            self.console.print(line, soft_wrap=True, highlight=False)
+        except Exception:  # noqa: BLE001 - logging's own contract: a handler reports, never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def command_output(config: ArclightConfig, *, console: Console, verbose: bool = False) -> Iterator[Path]:
+    """Within the block, log records go to the project's log file and, ours only (all with ``verbose``), to
+    ``console``; the libraries' own output goes with them (``logs.project_log``). Print the file's path; yield it."""
+    path = logs.log_path(config.project_dir)
+    screen = ScreenHandler(console, verbose=verbose)
+    if not verbose:
+        screen.addFilter(logs.Ours())
+    with logs.project_log(path, screen=screen, progress_bars=verbose):
+        logging.getLogger("arclight.cli").info("arclight %s", " ".join(sys.argv[1:]), extra={"screen": False})
+        console.print(Text(f"log: {path}", style="dim"), soft_wrap=True)
+        yield path
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print ``table`` whole: a cell that does not fit folds onto another line instead of ending in "…"; not on a
+    terminal, the table is as wide as its content (a pipe's console would otherwise be 80 columns)."""
+    for column in table.columns:
+        column.overflow = "fold"
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(file=console.file, width=max(width, console.width), no_color=console.no_color,
+            force_terminal=False).print(table)
