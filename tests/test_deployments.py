@@ -63,11 +63,25 @@ def test_deploy_all_then_run_train_epoch_on_a_process_worker(prefect_server, tmp
     ]
     run = _prefect(env, "deployment", "run", "train-epoch/calc", "--params", json.dumps({"overrides": overrides}))
     flow_run_id = next(line.split(":")[-1].strip() for line in run.stdout.splitlines() if "UUID" in line)
-    _prefect(env, "worker", "start", "--pool", "arclight", "--run-once", timeout=600)
+    # the server's fixture quiets Prefect to WARNING; the flow run logs at Prefect's default level, as a user's would
+    worker = _prefect({**env, "PREFECT_LOGGING_LEVEL": "INFO"}, "worker", "start", "--pool", "arclight", "--run-once",
+                      timeout=600)
 
     api = env["PREFECT_API_URL"]
     state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]
     assert state["type"] == "COMPLETED", state
+    # the worker's output: a line per stage event (flows/logging.yml), no line per task run, no library noise; the
+    # flow run's logs in the API keep Prefect's own records, and the libraries' output is in the project's log file
+    shown = worker.stdout + worker.stderr
+    assert "epoch 0: 6 rollouts planned, 6 to run" in shown, shown[-4000:]
+    for noise in ("Task run", "Finished in state Completed()", "Loading weights", "FutureWarning", "MLflow database"):
+        assert noise not in shown, f"{noise!r} in the worker's output:\n{shown[-4000:]}"
+    records = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
+    messages = [r["message"] for r in records]
+    assert "epoch 0: 6 rollouts planned, 6 to run" in messages
+    assert sum(1 for r in records if r["task_run_id"] and r["message"] == "Finished in state Completed()") >= 5
+    logged = (tmp_path / ".arclight" / "logs" / "arclight.log").read_text()
+    assert "FutureWarning" in logged and "MLflow database tables" in logged
     cfg = make_config(tmp_path, *overrides)
     with Catalog.from_config(cfg).read() as con:
         assert con.execute("SELECT epoch, status FROM epochs WHERE run_id = 'deployed'").fetchall() == [(0, "completed")]
