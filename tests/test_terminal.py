@@ -214,8 +214,15 @@ def test_piped_to_a_file_a_plain_line_per_stage_event_and_tables_as_wide_as_thei
     assert [(r[0], r[7], r[9]) for r in rows[:2]] == [("0", "screen-v1", "completed"), ("1", "screen-v2", "completed")]
 
 
-def test_asking_for_fewer_epochs_than_the_run_has_says_so_and_starts_nothing(project):
-    """After the two tests above, the run has 2 epochs; `--epochs 1` once showed `epochs 2/1` while services started."""
+def test_asking_for_fewer_epochs_than_the_run_has_says_so_and_starts_nothing(tmp_path, tiny_model_dir):
+    """A run with 2 completed epochs; `--epochs 1` once showed `epochs 2/1` while services started."""
+    from lightning_core.epoch import bookkeeping as ep
+
+    project = _project(tmp_path / "fewer", tiny_model_dir, QUESTIONS)
+    catalog = Catalog.from_config(load_config(project))
+    catalog.ensure()
+    for epoch in (0, 1):
+        ep.set_epoch_status(catalog, run_id="screen-1", epoch=epoch, status="completed")
     started = time.monotonic()
     proc = subprocess.run([str(ARCLIGHT), "train", str(project), "--epochs", "1"], capture_output=True, text=True,
                           env=_env(project.parent, "fewer"), cwd=REPO, timeout=120)
