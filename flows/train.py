@@ -17,12 +17,12 @@ from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import rollout_task_runner
 from lightning_core import tracking
-from lightning_core.common import hardware, logs
+from lightning_core.common import hardware, logs, stopping
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.epoch import bookkeeping as ep
 from lightning_core.epoch import deploy, failures, reports, sampling, stages
@@ -71,7 +71,7 @@ def running(config: ArclightConfig, *, lock: bool = True) -> Iterator[RunContext
         hardware.passive_openmp()  # the trainer runs beside vLLM on the same cores: neither spins while it waits
     with (project_lock(config) if lock else contextlib.nullcontext()), open_stack(config) as stack:
         ctx = RunContext.of(config, stack)
-        with Supervisor(ctx):
+        with Supervisor(ctx), stopping.run_scope():  # the rollouts in flight end before the services stop
             yield ctx
 
 
@@ -89,9 +89,11 @@ def run_round(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_tasks
     for attempt in range(retries + 1):
         run_rollouts(ctx, run_id=run_id, epoch=epoch, mode=mode, eval_tasks=eval_tasks, settings=settings)
         t.ingest(ctx, run_id=run_id, epoch=epoch, mode=mode)
+        failures.settle_blame(ctx, run_id=run_id, epoch=epoch, mode=mode, sampling_round=sampling_round)
         if attempt == retries:
             break
-        failed = failures.retry_infrastructure_failures(ctx, run_id=run_id, epoch=epoch, mode=mode)
+        failed = failures.retry_infrastructure_failures(ctx, run_id=run_id, epoch=epoch, mode=mode,
+                                                        sampling_round=sampling_round)
         if not failed:
             break
         outages = "; ".join(o.describe() for o in stack.outages[-3:]) or "no outage was seen: their calls failed upstream"
@@ -131,7 +133,7 @@ def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_ta
                       "concurrency": unmapped(config.rollouts.concurrency)}
         with rollout_task_runner(config) as cluster:  # None: the flow's own threads
             futures = cluster.map(t.rollouts, parameters) if cluster else t.rollouts.map(**parameters)
-            for future in as_completed(futures):
+            for future in _completed(futures, ctx.services):
                 outcomes = failures.blame_outages(future.result(), ctx.services)
                 stages.record_rollouts(ctx, outcomes)
                 done += len(outcomes)
@@ -140,6 +142,18 @@ def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_ta
                     if outcome.status != "succeeded":
                         logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
     return ep.rollout_counts(catalog, run_id=run_id, epoch=epoch, mode=mode)
+
+
+def _completed(futures: list, stack) -> Iterator:
+    """The futures as they complete; a server the supervisor could not restart stops the wait at once (every later
+    rollout would fail, and those in flight may hang on it until they time out). The rollouts left unrecorded stay
+    planned and run on resume."""
+    pending = list(futures)
+    while pending:
+        stack.raise_failure()
+        done, not_done = wait(pending, timeout=1.0)
+        yield from done
+        pending = list(not_done)
 
 
 def sample_until_informative(ctx: RunContext, *, epoch: int, report: dict[str, Any]) -> dict[str, Any]:

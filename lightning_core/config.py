@@ -155,6 +155,10 @@ class ServingConfig(Section):
         "46 s instead of 59), vLLM's own default on GPU.")
     keep_versions: int = Field(2, ge=1, description="Policy versions kept loaded per policy (current + rollbacks); older ones are unloaded.")
     startup_timeout_s: float = Field(300.0, gt=0, description="How long a vLLM start may take before it is an error.")
+    stuck_after_s: float = Field(
+        60.0, gt=0, description="A vLLM this run started that generates no token, and answers no one-token request, "
+        "for this long is stuck (its /health still answers: it only reports a dead engine): it is stopped and restarted, "
+        "and the rollouts it held are our failure. A third of it apart, the probes each wait a third of it.")
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for the CPU build.")
     cpu_reserved_cores: int | None = Field(
         None, ge=0, description="CPU build: cores vLLM leaves to other processes (VLLM_CPU_NUM_OF_RESERVED_CPU); "

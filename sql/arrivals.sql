@@ -1,6 +1,7 @@
 -- arrivals: one row per rollout of ($run_id, $epoch) in $mode that the runner recorded as succeeded -- or as
--- failed by the agent, which a call our side failed may have caused (a program agent's exit status cannot say
--- whose failure it was) --, with what of its recorded attempt reached the lake. The ingest barrier (stages.ingest_barrier) runs it once every span
+-- failed by the agent, or timed out, which a call our side failed may have caused (a program agent's exit status
+-- cannot say whose failure it was; a call that hung on our vLLM runs the rollout out of time) --, with what of its
+-- recorded attempt reached the lake. The ingest barrier (stages.ingest_barrier) runs it once every span
 -- is durable (the agents flushed before reporting, the gateway just flushed) and fails the rollouts it names:
 --   verdict 'spans_lost'      no span at all, not even the runner's rollout span: the collector never stored them
 --                             (infrastructure: the rollout runs again)
@@ -9,13 +10,14 @@
 --                             agent may have carried on with an error it caught, so its reward says nothing)
 --   verdict 'no_spans'        only the runner's own spans: the agent recorded nothing (the agent's failure)
 --   verdict NULL              what a rollout should leave: it stays as the runner recorded it
--- A rollout the agent failed gets only the 'upstream_failed' verdict: that it left few spans is its own doing.
+-- A rollout the agent failed, or that timed out, gets only the 'upstream_failed' verdict: that it left few spans is
+-- its own doing (or the timeout's).
 -- Reads: rollouts (the state table), spans.
 WITH
 ran AS (
     SELECT rollout_id, attempt, status FROM rollouts
     WHERE run_id = $run_id AND epoch = $epoch AND mode = $mode
-      AND (status = 'succeeded' OR (status = 'failed' AND error_kind = 'agent'))
+      AND (status IN ('succeeded', 'timed_out') OR (status = 'failed' AND error_kind = 'agent'))
 ),
 arrived AS (
     SELECT rollout_id, attempt,
@@ -35,7 +37,7 @@ SELECT r.rollout_id, r.attempt,
     coalesce(a.failed_calls, 0) AS failed_calls,
     a.failed_call_error,
     CASE WHEN a.failed_calls > 0 THEN 'upstream_failed'
-         WHEN r.status = 'failed' THEN NULL
+         WHEN r.status <> 'succeeded' THEN NULL
          WHEN a.spans IS NULL THEN 'spans_lost'
          WHEN a.agent_spans = 0 THEN 'no_spans'
     END AS verdict

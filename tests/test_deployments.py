@@ -86,3 +86,60 @@ def test_deploy_all_then_run_train_epoch_on_a_process_worker(prefect_server, tmp
     with Catalog.from_config(cfg).read() as con:
         assert con.execute("SELECT epoch, status FROM epochs WHERE run_id = 'deployed'").fetchall() == [(0, "completed")]
         assert con.execute("SELECT count(*) FROM rollouts WHERE run_id = 'deployed' AND status = 'succeeded'").fetchall() == [(6,)]
+
+
+def test_a_deployment_run_cancelled_from_the_server_ends_cancelled_with_no_process_left_and_no_exporter_noise(
+        prefect_server, tmp_path, vllm_server, collector, collector_config, tiny_model_dir):
+    # issue 51, finding 10: it held, but nothing guarded it; and the flow's own exporter warned about the collector it
+    # had just stopped ("Max retries exceeded ... /v1/traces") after the run ended
+    import time
+    import uuid
+
+    from tests.helpers.processes import gateway_calls
+    from tests.test_main_job import _kill_marked, _marked
+
+    env = prefect_server
+    _prefect(env, "work-pool", "create", "arclight", "--type", "process", "--overwrite")
+    _prefect(env, "deploy", "--all")
+    dataset = tmp_path / "tasks.jsonl"
+    dataset.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Say {w}.", "turns": 40, "pause_s": 0.5}) + "\n"
+                               for i, w in enumerate(["xyzzy", "plugh"])))
+    gateway_port = free_port()
+    overrides = [
+        f"project_dir={tmp_path}", "name=cancelled", "run_name=cancelled",
+        f"lake.path={tmp_path / 'lake'}", f"gateway.port={gateway_port}", f"collector.port={free_port()}",
+        f"serving.urls={json.dumps([vllm_server.url])}", f"model.path={tiny_model_dir}", "model.served_name=tiny",
+        "policies=[{name: cancelled}]", "rollouts.agent=tests.helpers.flow_agent:run_steady",
+        f"rollouts.agent_path={json.dumps([str(REPO)])}", f"rollouts.dataset={dataset}", "rollouts.group_size=2",
+        "rollouts.timeout_s=120", "serving.redeploy=lora",
+    ]
+    run = _prefect(env, "deployment", "run", "train-epoch/calc", "--params", json.dumps({"overrides": overrides}))
+    flow_run_id = next(line.split(":")[-1].strip() for line in run.stdout.splitlines() if "UUID" in line)
+    mark = f"cancel-{uuid.uuid4().hex[:8]}"
+    worker_env = {**env, "PREFECT_LOGGING_LEVEL": "INFO", "ARCLIGHT_TEST_MARK": mark}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "arclight", "--run-once"], cwd=REPO,
+                                  env=worker_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    api = env["PREFECT_API_URL"]
+    try:
+        deadline = time.monotonic() + 300
+        while gateway_calls(f"http://127.0.0.1:{gateway_port}") < 4:  # the rollouts are in flight
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert any("lightning_core gateway" in c for _, c in _marked(mark))
+        _prefect(env, "flow-run", "cancel", flow_run_id)
+        cancelled = time.monotonic()
+        worker.wait(timeout=120)
+        took = time.monotonic() - cancelled
+        time.sleep(5)  # anything the flow run left would still be sending by now
+        left = [(pid, c) for pid, c in _marked(mark)]
+    finally:
+        _kill_marked(mark)
+    state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]
+    shown = log.read_text(errors="replace")
+    assert state["type"] == "CANCELLED", (state, shown[-3000:])
+    assert took < 60, took
+    assert left == [], f"left running after the cancellation: {left}"
+    for noise in ("Max retries exceeded", "/v1/traces", "Failed to export", "Traceback"):
+        assert noise not in shown, f"{noise!r} in the worker's output:\n{shown[-4000:]}"

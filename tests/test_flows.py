@@ -212,3 +212,31 @@ def test_an_agent_without_an_agent_span_trains_and_its_calls_are_reported_as_no_
     console = Console(record=True, width=200)
     print_summary(cfg, console=console)
     assert "(no agent)" in console.export_text()
+
+
+def test_a_run_stopped_by_the_agents_own_failures_trains_the_epoch_to_the_end_once_the_cause_is_fixed(
+        prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir):
+    # issue 51, finding 8: only planned rollouts and our failures ran again, so the same command stopped again on the
+    # same old failures after the user had fixed the agent's backend
+    from flows.train import train_epoch
+    from lightning_core.epoch.failures import RunStopped
+
+    marker = tmp_path / "backend-down"
+    marker.touch()
+    rows = [{"id": f"q{i}", "question": f"Say the word {w}.", "target": w, "fail_while": str(marker)}
+            for i, w in enumerate(["xyzzy", "plugh"])]
+    overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                           tiny_model_dir=tiny_model_dir, dataset=_dataset(tmp_path / "tasks.jsonl", rows),
+                           **{"rollouts.agent": "tests.helpers.flow_agent:run_unless_marked", "run_name": "agent-down"})
+    with pytest.raises(RunStopped) as err:
+        train_epoch(overrides=overrides)
+    assert "8 of 8 rollouts" in str(err.value) and "calculator backend unreachable (x8)" in str(err.value)
+    assert "this round's 8 failed rollouts run again" in str(err.value)
+    marker.unlink()  # the backend is back
+    result = train_epoch(overrides=overrides)
+    assert result["status"] == "completed" and result["new_version"] == f"{POLICY}-v1"
+    cfg = make_config(tmp_path, *overrides)
+    with Catalog.from_config(cfg).read() as con:
+        assert con.execute("SELECT status, attempt, count(*) FROM rollouts WHERE run_id = 'agent-down' GROUP BY ALL"
+                           ).fetchall() == [("succeeded", 1, 8)]  # each ran again as a new attempt
+        assert con.execute("SELECT DISTINCT attempt FROM triplets WHERE run_id = 'agent-down'").fetchall() == [(1,)]

@@ -87,10 +87,14 @@ def test_the_ingest_barrier_fails_lost_spans_and_calls_our_side_failed_as_ours_a
     quiet.span("rollout", 0, 10, attrs={"arclight.span.kind": "rollout"})
     # exit0: a program agent (rollouts.command) that exited non-zero after a call our side failed: its status
     # cannot say whose failure it was, the gateway's span can
+    # hung0: timed out while its call hung on our vLLM (the call failed once the replica was restarted); slow0 ran
+    # out of time by itself
     write(cfg.lake.path, [_rollout("ok0", "t1", 1.0), _rollout("up0", "t1", 0.0, failed_call=True), quiet,
-                          _rollout("exit0", "t3", 0.0, failed_call=True)], run_id=run_id)
+                          _rollout("exit0", "t3", 0.0, failed_call=True), _rollout("hung0", "t4", 0.0, failed_call=True),
+                          _rollout("slow0", "t4", 0.0)], run_id=run_id)
     _plan(cfg, run_id, [("ok0", "t1", SUCCEEDED, None), ("up0", "t1", SUCCEEDED, None), ("q0", "tq", SUCCEEDED, None),
-                        ("lost0", "t2", SUCCEEDED, None), ("boom0", "t2", FAILED, AGENT), ("exit0", "t3", FAILED, AGENT)])
+                        ("lost0", "t2", SUCCEEDED, None), ("boom0", "t2", FAILED, AGENT), ("exit0", "t3", FAILED, AGENT),
+                        ("hung0", "t4", TIMED_OUT, "timeout"), ("slow0", "t4", TIMED_OUT, "timeout")])
     counts = ingest_barrier(RunContext.of(cfg, Stack(collector=collector)), run_id=run_id, epoch=0)
     with Catalog.from_config(cfg).read(spans=False) as con:
         got = {r[0]: r[1:] for r in con.execute(
@@ -101,7 +105,9 @@ def test_the_ingest_barrier_fails_lost_spans_and_calls_our_side_failed_as_ours_a
     assert got["q0"][:2] == (FAILED, AGENT) and "produced no spans" in got["q0"][2]
     assert got["boom0"][:2] == (FAILED, AGENT)  # no spans at all, but it failed by itself: still the agent's
     assert got["exit0"][:2] == (FAILED, INFRASTRUCTURE) and "could not be reached" in got["exit0"][2]
-    assert counts == {SUCCEEDED: 1, FAILED: 5}
+    assert got["hung0"][:2] == (FAILED, INFRASTRUCTURE) and "could not be reached" in got["hung0"][2]
+    assert got["slow0"][:2] == (TIMED_OUT, "timeout")
+    assert counts == {SUCCEEDED: 1, FAILED: 6, TIMED_OUT: 1}
 
 
 def _request(url: str) -> httpx.Request:
@@ -154,6 +160,45 @@ def test_an_attempt_that_ran_while_a_service_was_down_is_ours_even_when_the_agen
     assert blamed["before"] == outcomes[1] and blamed["after"] == outcomes[2] and blamed["cut"] == outcomes[3]
 
 
+def test_an_outage_seen_after_its_rollouts_were_recorded_still_blames_them_before_the_round_is_judged(tmp_path):
+    # issue 51, finding 3: an attached server counts as down only after ~3 s (18 s when it hangs); an agent that
+    # caught the error and returned 0 had finished its group by then, and its rollout trained
+    from lightning_core.epoch.failures import settle_blame
+
+    cfg = make_config(tmp_path)
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    _plan(cfg, "r1", [(f"r{i}", "t", "planned", None) for i in range(4)])
+    ep.record_outcomes(catalog, [
+        RolloutOutcome("r0", SUCCEEDED, 0, 0.0, None, 100.0, 103.0),  # caught the gateway's error, returned 0
+        RolloutOutcome("r1", TIMED_OUT, 0, None, "did not finish", 95.0, 115.0, "timeout"),
+        RolloutOutcome("r2", SUCCEEDED, 0, 1.0, None, 50.0, 99.0),  # before: stays
+        RolloutOutcome("r3", FAILED, 0, None, "ValueError: no", 130.0, 131.0, AGENT)])  # after: stays
+    stack = Stack(collector=None)
+    stack.outages.append(Outage("gateway", started=100.5, reason="not answering", ended=120.0))  # seen late
+    assert settle_blame(RunContext.of(cfg, stack), run_id="r1", epoch=0, mode="train", sampling_round=0) == 2
+    with catalog.read(spans=False) as con:
+        got = dict(con.execute("SELECT rollout_id, status || '/' || coalesce(error_kind, '') FROM rollouts").fetchall())
+    assert got == {"r0": "failed/infrastructure", "r1": "failed/infrastructure", "r2": "succeeded/", "r3": "failed/agent"}
+    stack.failure = RuntimeError("vllm0 could not be started again")
+    with pytest.raises(RuntimeError, match="could not be started again"):  # the round is never judged past that
+        settle_blame(RunContext.of(cfg, stack), run_id="r1", epoch=0, mode="train", sampling_round=0)
+
+
+def test_retries_of_our_failures_stay_in_their_sampling_round(tmp_path):
+    from lightning_core.epoch.failures import retry_infrastructure_failures
+
+    cfg = make_config(tmp_path)
+    Catalog.from_config(cfg).ensure()
+    _plan(cfg, "r1", [("a0", "ta", FAILED, INFRASTRUCTURE), ("b0", "tb", FAILED, INFRASTRUCTURE)])
+    with Catalog.from_config(cfg).write() as con:  # a0: left out by round 0 after its retries; b0: round 1's
+        con.execute("UPDATE rollouts SET sampling_round = 1, infra_failures = 0 WHERE rollout_id = 'b0'")
+        con.execute("UPDATE rollouts SET infra_failures = 2 WHERE rollout_id = 'a0'")
+    ctx = RunContext.of(cfg)
+    assert retry_infrastructure_failures(ctx, run_id="r1", epoch=0, mode="train", sampling_round=1) == ["b0"]
+    assert [s.rollout_id for s in ep.pending_rollouts(ctx.catalog, run_id="r1", epoch=0)] == ["b0"]
+
+
 def test_interrupted_rollouts_are_not_recorded_so_they_run_again(tmp_path):
     cfg = make_config(tmp_path)
     catalog = Catalog.from_config(cfg)
@@ -178,8 +223,12 @@ def test_a_round_that_mostly_failed_stops_the_run_with_its_most_common_errors(tm
     assert "3 of 4 rollouts" in message and "2 infrastructure, 1 timeout" in message
     assert "could not register the rollout (x2)" in message and "/x/collector.log" in message
     assert "rollouts.stop_at_failed_share = 0.75" in message and "run the same command again" in message
+    # issue 51, finding 8: the agent's own failures run again on resume (ours are retried anyway); before, the same
+    # command stopped again on the same rows, whatever the user had fixed
+    assert "this round's 1 failed rollouts run again" in message
+    assert [s.rollout_id for s in ep.pending_rollouts(Catalog.from_config(cfg), run_id="r1", epoch=0)] == ["f2"]
     cfg = make_config(tmp_path, "rollouts.stop_at_failed_share=0.8")
-    assert check_round(RunContext.of(cfg), run_id="r1", epoch=0, mode="train", sampling_round=0, logs=[])["failed"] == 3
+    assert check_round(RunContext.of(cfg), run_id="r1", epoch=0, mode="train", sampling_round=0, logs=[])["failed"] == 2
 
 
 def test_a_collector_whose_lake_refuses_commits_says_why_on_healthz_and_in_arclight_status(tmp_path):

@@ -185,3 +185,30 @@ def first_token(client: OpenAI, model: str) -> tuple[str, float]:
     response = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=1, temperature=0, logprobs=True)
     entry = response.choices[0].logprobs.content[0]
     return entry.token, entry.logprob
+
+
+def test_a_call_to_a_version_its_replica_lost_is_our_failure_not_the_agents(gateway, vllm_server, adapter_dir,
+                                                                             collector_config):
+    # issue 51, finding 2: a replica restarted under a LoRA version serves the base model only; vLLM's 404 for the
+    # missing adapter counted as the agent's failure
+    import openai
+
+    from lightning_core.rollouts.runner import INFRASTRUCTURE, failure_kind
+    from lightning_core.store.catalog import Catalog
+
+    policy = "lost-adapter"
+    admin = GatewayClient(gateway.url)
+    deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=policy, adapter_dir=adapter_dir)
+    client = OpenAI(base_url=admin.register_rollout(rollout_id="lost-1", run_id="lost-adapter", epoch=0), api_key="x",
+                    max_retries=0)
+    assert greedy(client, policy).startswith(TARGET)
+    httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": f"{policy}-v1"}).raise_for_status()
+    with pytest.raises(openai.APIStatusError) as err:  # as after a restart: the replica serves no adapter
+        greedy(client, policy)
+    assert err.value.status_code == 503 and "does not serve lost-adapter-v1" in str(err.value)
+    assert failure_kind(err.value, gateway.url) == INFRASTRUCTURE
+    assert admin.flush()
+    with Catalog.from_config(collector_config).read() as con:
+        failed = con.execute("SELECT json_extract(attributes, '$.\"arclight.llm.upstream_failed\"')::BOOLEAN FROM spans "
+                             "WHERE rollout_id = 'lost-1' AND status_code = 'ERROR'").fetchall()
+    assert failed == [(True,)]  # the ingest barrier reads it: the rollout runs again (sql/arrivals.sql)

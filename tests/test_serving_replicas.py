@@ -113,7 +113,7 @@ def test_two_replicas_stickiness_redeploy_to_both_one_dying_redeploy_without_it_
         # the redeploy stage restarts a replica it started that died; back up, b has no adapter yet, and the
         # calls of its rollouts fall over to a ("does not exist" from b) instead of failing
         stack = Stack(collector=collector, replicas=[vllm_server, second_replica])
-        assert revive_replicas(RunContext.of(serving_config, stack)) == [b]
+        assert [r.url for r in revive_replicas(RunContext.of(serving_config, stack))] == [b]
         revived = stack.replicas[1]
         assert revived.alive() and again.served_model not in served_models(b)
         assert admin.flush()

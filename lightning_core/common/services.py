@@ -7,16 +7,18 @@ when its health URL answers 200; a server that dies or stays unhealthy past its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import httpx
 
@@ -69,6 +71,7 @@ class Service:
             _signal_group(self.process, signal.SIGKILL)
             return
         _signal_group(self.process, signal.SIGTERM)
+        _signal_group(self.process, signal.SIGCONT)  # a stopped (stuck, SIGSTOPped) process acts on SIGTERM only once continued
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -175,11 +178,29 @@ def start_process(
     return service
 
 
+_starts = threading.local()
+
+
+@contextlib.contextmanager
+def cancelled_by(event: threading.Event) -> Iterator[None]:
+    """Starts made in this thread within the block give up (and stop what they started) once ``event`` is set: a
+    supervisor that restarts a server stops waiting for it when its flow ends."""
+    previous = getattr(_starts, "cancel", None)
+    _starts.cancel = event
+    try:
+        yield
+    finally:
+        _starts.cancel = previous
+
+
 def wait_healthy(service: Service, *, timeout_s: float) -> None:
-    """Block until the service answers its health URL; raise ``ServiceError`` on death or timeout (the caller
-    stops it: ``start_process`` does)."""
+    """Block until the service answers its health URL; raise ``ServiceError`` on death or timeout, or once a stop is
+    asked for (Ctrl-C, or the event of ``cancelled_by``); the caller stops it (``start_process`` does)."""
     deadline = time.monotonic() + timeout_s
+    cancel = getattr(_starts, "cancel", None)
     while time.monotonic() < deadline:
+        if stopping.stopping() or (cancel is not None and cancel.is_set()):
+            raise ServiceError(f"the start of {service.name} was given up: the run is stopping")
         if service.process is not None and service.process.poll() is not None:
             raise ServiceError(
                 f"{service.name} exited with code {service.process.returncode} during start-up "

@@ -17,6 +17,7 @@ own process group, so a terminal's Ctrl-C reaches only this process, which stops
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -26,8 +27,11 @@ from typing import Iterator
 log = logging.getLogger("arclight.stopping")
 
 STOP = threading.Event()  # set by the first signal: rollouts end, stages return, the command unwinds
+# the current run's "it has ended" event (``run_scope``): a context variable, so the threads a flow's task runner
+# starts for its rollouts see their own run's, and a later run (or a rollout run outside any run) is not affected
+_RUN_ENDED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("arclight_run_ended", default=None)
 _groups: dict[int, str] = {}  # process group -> what it is ("rollout", "vllm0", ...)
-_rollouts: set[int] = set()
+_rollouts: dict[int, threading.Event | None] = {}  # a rollout's process group -> the run it belongs to
 _lock = threading.Lock()
 
 
@@ -36,19 +40,46 @@ def stopping() -> bool:
     return STOP.is_set()
 
 
+def rollouts_end() -> bool:
+    """True once the rollouts in flight here are to end now: a stop was asked for, or their run ended (``run_scope``)."""
+    ended = _RUN_ENDED.get()
+    return STOP.is_set() or (ended is not None and ended.is_set())
+
+
+@contextlib.contextmanager
+def run_scope() -> Iterator[None]:
+    """A run's block (a flow's services and stages): when it leaves by an exception -- a run that stopped, a deployment
+    run cancelled from the Prefect server (Prefect's own SIGTERM handling raises it) -- the rollouts it still runs end
+    with it: their agents are killed, and their rollouts, interrupted, stay planned and run on resume. Left running,
+    they outlived the run and their exporters retried against the collector it had stopped. Threads that run the
+    block's rollouts must start in its context (``contextvars.copy_context``: Prefect's task runners do)."""
+    ended = threading.Event()
+    token = _RUN_ENDED.set(ended)
+    try:
+        yield
+    except BaseException:
+        ended.set()
+        with _lock:
+            rollouts = [pgid for pgid, run in _rollouts.items() if run is ended]
+        _kill(rollouts)
+        raise
+    finally:
+        _RUN_ENDED.reset(token)
+
+
 def add_group(pgid: int, what: str, *, rollout: bool = False) -> None:
     """Remember a process group this process started (killed by a second signal; a rollout's also by the first)."""
     with _lock:
         _groups[pgid] = what
         if rollout:
-            _rollouts.add(pgid)
+            _rollouts[pgid] = _RUN_ENDED.get()
 
 
 def drop_group(pgid: int) -> None:
     """Forget a process group that was stopped."""
     with _lock:
         _groups.pop(pgid, None)
-        _rollouts.discard(pgid)
+        _rollouts.pop(pgid, None)
 
 
 def kill_group(pgid: int) -> None:

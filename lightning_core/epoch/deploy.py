@@ -10,9 +10,9 @@ from pathlib import Path
 
 from lightning_core.epoch.context import RunContext
 from lightning_core.serving.redeploy import (deploy_adapter, deploy_full_weights, merge_adapter, prune_merged,
-                                             restore_adapter)
+                                             reload_full_weights, restore_adapter)
 from lightning_core.serving.vllm import model_dir, redeploy_mode, replica_group, serving_dtype, start_vllm
-from lightning_core.trainer.versions import latest_version, version_number
+from lightning_core.trainer.versions import latest_version, version_name, version_number, version_row
 from lightning_core.epoch.stack import Outage
 
 
@@ -30,11 +30,13 @@ class Redeployed:
 
 def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does); replicas restarted
-    meanwhile (``revived``, default: those this call restarts) get it back."""
+    meanwhile (``revived``, default: those this call restarts) get it back. The outage of a replica this call restarts
+    ends only once it serves again."""
     config, stack = ctx.config, ctx.services
 
     catalog = ctx.catalog
-    revived = revive_replicas(ctx) if revived is None else revived
+    restarts = revive_replicas(ctx) if revived is None else []
+    revived = [r.url for r in restarts] if revived is None else revived
     gateway = stack.gateway_client(config)
     mode = redeploy_mode(config)
     replicas = [r.url for r in stack.replicas]
@@ -47,8 +49,7 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
                 continue
             number = version_number(latest["version"])
             full = latest.get("kind") == "full" or mode == "merged"
-            # grouped replicas (a frozen agent, several policies): only the policy's own get its weights
-            own = [r.url for r in stack.replicas if replica_group(r) == policy.name] or replicas
+            own = _own_replicas(stack, policy.name)
             if (serving.get(policy.name) or {}).get("version") == number:
                 if not full and revived:  # restarted replicas catch up with the adapter the gateway serves
                     restore_adapter(replicas=revived, policy=policy.name, adapter_dir=latest["path"], version=number,
@@ -57,10 +58,7 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
                     continue
                 own = [url for url in own if url in revived]  # a restarted replica of the policy serves base weights
             if full:
-                weights = Path(latest["path"])
-                if latest.get("kind") != "full":
-                    weights = merge_adapter(base_model_dir=model_dir(config), adapter_dir=weights,
-                                            out_dir=weights.with_name(f"{weights.name}.merged"), dtype=serving_dtype(config))
+                weights = serving_weights(config, latest)
                 d = deploy_full_weights(gateway=gateway, replicas=own, policy=policy.name, model_dir=weights,
                                         version=number, verify_prompt=config.serving.verify_prompt)
                 if latest.get("kind") != "full":
@@ -70,37 +68,120 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
                                    version=number, keep_versions=config.serving.keep_versions,
                                    verify_prompt=config.serving.verify_prompt)
             deployed.append(Redeployed(policy.name, latest["version"], d.first_answer_s))
+        stack.serving = gateway.policies()["policies"]
     finally:
         gateway.close()
+    end_outages(restarts)
     return deployed
 
 
-def revive_replicas(ctx: RunContext) -> list[str]:
-    """Restart the vLLM replicas this process started that have exited (an OOM kill, a crash); return their URLs.
+def restore_policy_table(ctx: RunContext) -> None:
+    """Give a restarted gateway the policy table the last redeploy left (``Stack.serving``): the versions vLLM serves
+    and rollouts in flight are pinned to, each policy's earlier ones first so that its rollback history is rebuilt.
+    A version trained since (asynchronous epochs) waits for the next redeploy."""
+    if not ctx.services.serving:  # no redeploy in this process yet: the newest versions are what it serves
+        deploy_latest(ctx, revived=[])
+        return
+    gateway = ctx.services.gateway_client(ctx.config)
+    try:
+        for policy, state in ctx.services.serving.items():
+            history = [(h["served_model"], h["version"]) for h in reversed(state.get("history") or [])]
+            for served_model, version in [*history, (state.get("served_model"), state.get("version") or 0)]:
+                if served_model:
+                    gateway.switch_policy(policy, served_model=served_model, version=version)
+    finally:
+        gateway.close()
 
-    A restarted replica serves the base model and no adapter; ``deploy_latest`` brings it up to the
-    serving versions before the next rollouts. Replicas someone else runs are left to them. Each
-    restart is recorded as an outage of the stack (rollouts that ran meanwhile are not the agent's).
+
+def restore_serving(ctx: RunContext, *, revived: list[str]) -> None:
+    """Give restarted replicas (``revived``) exactly what the gateway serves now -- the versions rollouts in flight are
+    pinned to -- and nothing newer: each policy's serving adapter and the earlier ones kept for rollback, or the
+    serving version's (merged) weights. The version just trained beside the rollouts (asynchronous epochs) waits for
+    the next redeploy."""
+    config, stack = ctx.config, ctx.services
+    gateway = stack.gateway_client(config)
+    try:
+        serving = gateway.policies()["policies"]
+    finally:
+        gateway.close()
+    full_mode = redeploy_mode(config) == "merged"
+    for policy in config.policies:
+        state = serving.get(policy.name) or {}
+        number = state.get("version") or 0
+        if not number:
+            continue  # the base model: a restarted replica serves it already
+        row = version_row(ctx.catalog, version_name(policy.name, number))
+        if row.get("kind") == "full" or full_mode:  # weights replaced in place: no earlier version stays loaded
+            own = [url for url in _own_replicas(stack, policy.name) if url in revived]
+            if own:
+                reload_full_weights(replicas=own, policy=policy.name, model_dir=serving_weights(config, row),
+                                    served_model=state["served_model"], verify_prompt=config.serving.verify_prompt)
+            continue
+        for kept in [number, *(h["version"] for h in state.get("history") or [])]:
+            if kept:
+                adapter = row if kept == number else version_row(ctx.catalog, version_name(policy.name, kept))
+                restore_adapter(replicas=revived, policy=policy.name, adapter_dir=adapter["path"], version=kept,
+                                verify_prompt=config.serving.verify_prompt)
+
+
+def serving_weights(config, row: dict) -> Path:
+    """The weights folder vLLM reloads for a version: the full checkpoint, or the adapter merged into the base model
+    (made once, next to the adapter)."""
+    weights = Path(row["path"])
+    if row.get("kind") == "full":
+        return weights
+    return merge_adapter(base_model_dir=model_dir(config), adapter_dir=weights,
+                         out_dir=weights.with_name(f"{weights.name}.merged"), dtype=serving_dtype(config))
+
+
+def _own_replicas(stack, policy: str) -> list[str]:
+    """The replicas that serve ``policy``: its group's (a frozen agent, several policies), else every replica."""
+    return [r.url for r in stack.replicas if replica_group(r) == policy] or [r.url for r in stack.replicas]
+
+
+@dataclass
+class Revived:
+    """A replica restarted on its port, and its outage, which lasts until it serves what it served before."""
+
+    url: str
+    outage: Outage
+
+
+def revive_replicas(ctx: RunContext, *, outages: dict[str, Outage] | None = None) -> list[Revived]:
+    """Restart the vLLM replicas this process started that have exited (an OOM kill, a crash, or stopped because they
+    were stuck); return them with their outages, which stay open: the caller ends them (``end_outages``) once the
+    replicas serve again what rollouts are pinned to.
+
+    A restarted replica serves the base model and no adapter. Replicas someone else runs are left to them.
+    ``outages`` (name -> outage) are outages already open for a replica (the supervisor found it stuck): kept as its
+    outage instead of a new one.
     """
     from urllib.parse import urlparse
 
-
     config, stack = ctx.config, ctx.services
     revived = []
-    with stack.lock:
+    stack.raise_failure()  # the supervisor already gave up on one: the run is stopping with its error
+    with stack.locked():
         for i, replica in enumerate(stack.replicas):
             if replica.owned and not replica.alive():
                 log.warning("vLLM replica %s at %s exited with status %s: restarting it on the same port (log: %s)",
                             replica.name, replica.url, replica.process.returncode, replica.log_path)
-                outage = Outage(replica.name, replica.last_seen or time.time(),
-                                f"exited with status {replica.process.returncode}")
-                stack.outages.append(outage)
+                outage = (outages or {}).get(replica.name) or Outage(
+                    replica.name, replica.last_seen or time.time(), f"exited with status {replica.process.returncode}")
+                if outage not in stack.outages:
+                    stack.outages.append(outage)
                 replica.stop()  # what it left running in its process group (the engine core)
                 stack.replicas[i] = start_vllm(config, port=urlparse(replica.url).port, name=replica.name,
                                                log_dir=replica.log_path.parent if replica.log_path else None)
-                outage.ended, outage.restarted = time.time(), True
-                revived.append(replica.url)
+                outage.restarted = True
+                revived.append(Revived(replica.url, outage))
     return revived
+
+
+def end_outages(revived: list[Revived]) -> None:
+    """The restarted replicas serve what they served before: their outages are over."""
+    for r in revived:
+        r.outage.ended = time.time()
 
 
 def serving_versions(ctx: RunContext) -> dict[str, str]:

@@ -33,6 +33,39 @@ def blame_outages(outcomes: list[RolloutOutcome], stack: Stack) -> list[RolloutO
     return blamed
 
 
+def settle_blame(ctx: RunContext, *, run_id: str, epoch: int, mode: str, sampling_round: int | None = None) -> int:
+    """Before a round's rollouts are judged: let the supervisor look at every server until none is in doubt (an
+    attached server counts as down only after a few missed checks, and a stuck vLLM after ``serving.stuck_after_s``),
+    then make every recorded attempt of the round that ran during an outage our failure -- also those recorded
+    before the outage was seen (an agent that caught the error and returned 0 may have finished its group by then).
+    Return how many were blamed now."""
+    stack = ctx.services
+    if stack.supervisor is not None:
+        stack.supervisor.settle()
+    stack.raise_failure()
+    round_filter, args = _round_filter(sampling_round)
+    with ctx.catalog.read(spans=False) as con:
+        rows = con.execute(
+            f"SELECT rollout_id, status, attempt, reward, error, epoch(started_at), epoch(finished_at), error_kind "
+            f"FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = ? AND status <> 'planned' "
+            f"AND coalesce(error_kind, '') <> 'infrastructure' AND started_at IS NOT NULL {round_filter}",
+            [run_id, epoch, mode, *args]).fetchall()
+    recorded = [RolloutOutcome(*row) for row in rows]
+    blamed = [o for o in blame_outages(recorded, stack) if o.error_kind == INFRASTRUCTURE]
+    if blamed:
+        with ctx.catalog.write() as con:
+            con.executemany("UPDATE rollouts SET status = ?, error_kind = ?, error = ? WHERE rollout_id = ?",
+                            [(o.status, o.error_kind, o.error, o.rollout_id) for o in blamed])
+        log.warning("epoch %s: %d rollouts ran while a service was down (seen after they were recorded): they are "
+                    "our failure and run again", epoch, len(blamed))
+    return len(blamed)
+
+
+def _round_filter(sampling_round: int | None) -> tuple[str, list[int]]:
+    """The SQL condition (and its argument) that keeps one sampling round's rollouts; none for every round."""
+    return ("", []) if sampling_round is None else ("AND coalesce(sampling_round, 0) = ?", [sampling_round])
+
+
 def check_collector(stack: Stack) -> None:
     """Raise ``ServiceError`` with the collector's own reason and its log when it says it cannot store spans."""
     from lightning_core.common.services import ServiceError, health
@@ -50,17 +83,20 @@ class RunStopped(RuntimeError):
     """A sampling round that failed too much to train on; the message says what failed and what to do."""
 
 
-def retry_infrastructure_failures(ctx: RunContext, *, run_id: str, epoch: int, mode: str) -> list[str]:
-    """Plan the rollouts of (run, epoch, mode) that our services failed to run again (status back to planned);
-    return their ids. Their next attempt gets a new attempt number, so their earlier spans never mix in."""
+def retry_infrastructure_failures(ctx: RunContext, *, run_id: str, epoch: int, mode: str,
+                                  sampling_round: int | None = None) -> list[str]:
+    """Plan the rollouts of (run, epoch, mode) -- of one ``sampling_round`` when given: an earlier round's were
+    retried by that round -- that our services failed to run again (status back to planned); return their ids. Their
+    next attempt gets a new attempt number, so their earlier spans never mix in."""
+    round_filter, args = _round_filter(sampling_round)
+    where = (f"WHERE run_id = ? AND epoch = ? AND mode = ? AND status <> 'planned' AND error_kind = 'infrastructure' "
+             f"{round_filter}")
     with ctx.catalog.write() as con:
-        ids = [r for (r,) in con.execute(
-            "SELECT rollout_id FROM rollouts WHERE run_id = ? AND epoch = ? AND mode = ? AND status <> 'planned' "
-            "AND error_kind = 'infrastructure' ORDER BY rollout_id", [run_id, epoch, mode]).fetchall()]
+        ids = [r for (r,) in con.execute(f"SELECT rollout_id FROM rollouts {where} ORDER BY rollout_id",
+                                         [run_id, epoch, mode, *args]).fetchall()]
         if ids:
-            con.execute("UPDATE rollouts SET status = 'planned', infra_failures = coalesce(infra_failures, 0) + 1 "
-                        "WHERE run_id = ? AND epoch = ? AND mode = ? AND status <> 'planned' "
-                        "AND error_kind = 'infrastructure'", [run_id, epoch, mode])
+            con.execute(f"UPDATE rollouts SET status = 'planned', infra_failures = coalesce(infra_failures, 0) + 1 "
+                        f"{where}", [run_id, epoch, mode, *args])
     return ids
 
 
@@ -71,7 +107,8 @@ def wait_for_services(stack: Stack, *, timeout_s: float) -> None:
 
     deadline = time.monotonic() + timeout_s
     while True:
-        with stack.lock:  # not while the supervisor restarts one
+        stack.raise_failure()  # one that cannot be restarted: no use waiting
+        with stack.locked():  # not while the supervisor restarts one
             down = [(s, h) for s in stack.services() if not (h := health(s.health_url, timeout_s=5.0)).ok]
         if not down:
             return
@@ -124,8 +161,8 @@ def check_round(ctx: RunContext, *, run_id: str, epoch: int, mode: str, sampling
     """Count the round's failures; raise ``RunStopped`` when at least ``rollouts.stop_at_failed_share`` of its
     rollouts failed or timed out (after retries): training on what is left, or drawing more tasks, would hide it."""
     config = ctx.config
-    round_filter = "" if sampling_round is None else "AND coalesce(sampling_round, 0) = ?"
-    args = [run_id, epoch, mode] + ([] if sampling_round is None else [sampling_round])
+    round_filter, round_args = _round_filter(sampling_round)
+    args = [run_id, epoch, mode, *round_args]
     with ctx.catalog.read(spans=False) as con:
         rows = con.execute(
             f"SELECT status, coalesce(error_kind, ''), split_part(coalesce(error, ''), chr(10), 1) AS first_line, count(*) "
@@ -143,9 +180,24 @@ def check_round(ctx: RunContext, *, run_id: str, epoch: int, mode: str, sampling
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_kind.items(), key=lambda kv: -kv[1]))
         common = "; ".join(f"{line[:200] or '(no message)'} (x{n})" for _, line, n in failed[:3])
         where = f"sampling round {sampling_round} of epoch {epoch}" if sampling_round is not None else f"{mode} epoch {epoch}"
+        again = _plan_failed_again(ctx, run_id=run_id, epoch=epoch, mode=mode, sampling_round=sampling_round)
         raise RunStopped(
             f"{n_failed} of {total} rollouts of {where} (run {run_id}) failed or timed out ({kinds}), at least "
             f"rollouts.stop_at_failed_share = {share:g} of them, so the run stopped instead of training on the rest or "
             f"drawing more tasks. Most common: {common}. Logs: {', '.join(logs) or 'none'}. Fix the cause and run the "
-            "same command again: completed stages are kept and this epoch resumes")
+            f"same command again: completed stages are kept, and this round's {again} failed rollouts run again "
+            "(each as a new attempt)")
     return result
+
+
+def _plan_failed_again(ctx: RunContext, *, run_id: str, epoch: int, mode: str, sampling_round: int | None) -> int:
+    """Plan the round's failed and timed-out rollouts again (the agent's own failures; ours are retried anyway), so
+    that the same command, run once the cause is fixed, runs them instead of stopping on the same rows; return how
+    many. Their next attempt gets a new number (``stages.first_attempts``), so the failed attempt's spans never mix in."""
+    round_filter, args = _round_filter(sampling_round)
+    where = (f"WHERE run_id = ? AND epoch = ? AND mode = ? AND status IN ('{FAILED}', '{TIMED_OUT}') "
+             f"AND coalesce(error_kind, '') <> '{INFRASTRUCTURE}' {round_filter}")
+    with ctx.catalog.write() as con:
+        (count,) = con.execute(f"SELECT count(*) FROM rollouts {where}", [run_id, epoch, mode, *args]).fetchall()[0]
+        con.execute(f"UPDATE rollouts SET status = 'planned' {where}", [run_id, epoch, mode, *args])
+    return count

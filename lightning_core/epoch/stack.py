@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 
@@ -64,6 +64,27 @@ class Stack:
     gateway: Service | None = None
     outages: list[Outage] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    supervisor: Any = field(default=None, repr=False)  # the flow's ``supervise.Supervisor`` while one watches
+    serving: dict[str, Any] = field(default_factory=dict)  # the gateway's policy table as the last redeploy left it
+    sleeping: bool = False  # serving.sleep_mode: the vLLM replicas sleep on purpose while the trainer runs
+    failure: BaseException | None = None  # a server that died and could not be restarted: the flow raises it
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``lock`` for the block. The wait for it (a restart may hold it for minutes) takes it in half-second
+        tries, so that a Ctrl-C reaches the main thread meanwhile: a thread blocked on a lock with no timeout is not
+        woken by a signal the system delivers to another thread."""
+        while not self.lock.acquire(timeout=0.5):
+            pass
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def raise_failure(self) -> None:
+        """Raise the error of a server that could not be restarted, if one could not (the run cannot go on)."""
+        if self.failure is not None:
+            raise self.failure
 
     def outages_during(self, start: float, end: float) -> list[Outage]:
         """The outages that overlap the time from ``start`` to ``end``."""
@@ -80,10 +101,12 @@ class Stack:
         return GatewayClient(self.gateway.url, token=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN"))
 
     def stop(self) -> None:
-        """Stop the services this process started, in reverse order."""
-        for service in reversed(self.services()):
-            if service.owned:
-                service.stop()
+        """Stop the services this process started, in reverse order; a restart under way (it holds ``lock``) ends
+        first, so the server it started is stopped too."""
+        with self.locked():
+            for service in reversed(self.services()):
+                if service.owned:
+                    service.stop()
 
 
 def state_path(config: ArclightConfig) -> Path:
@@ -131,11 +154,16 @@ def start_stack(config: ArclightConfig, *, with_model: bool = True, log_dir: Pat
 @contextlib.contextmanager
 def open_stack(config: ArclightConfig, *, with_model: bool = True) -> Iterator[Stack]:
     """Run the ``with`` block with a collector (and vLLM + gateway), stopping what was started here."""
+    from lightning_core.rollouts.runner import close_outcome_spans
+
     stack = start_stack(config, with_model=with_model)
     try:
         yield stack
     finally:
-        stack.stop()
+        try:
+            close_outcome_spans()  # while the collector they go to still runs
+        finally:
+            stack.stop()
 
 
 def check_collector_lake(config: ArclightConfig, collector: Service) -> None:

@@ -7,6 +7,7 @@ the catalog and the lake, so any one can be re-run alone for a (run, epoch).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -100,12 +101,22 @@ def run_rollout_batch(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from lightning_core.common.services import ServiceError
+    from lightning_core.rollouts.runner import flush_outcome_spans
+
     def one(spec: RolloutSpec) -> RolloutOutcome:
         with slot:
             return run_one_rollout(settings, spec, first_attempt=first_attempts.get(spec.rollout_id, 0))
 
     with ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix="arclight-rollout") as pool:
-        return list(pool.map(one, specs))
+        # each thread in this one's context: a rollout ends with the run that started it (stopping.run_scope)
+        outcomes = [f.result() for f in [pool.submit(contextvars.copy_context().run, one, spec) for spec in specs]]
+    # the outcome spans leave from this process, which may be a Dask or Ray worker the flow cannot flush
+    for run_id, epoch in {(s.run_id, s.epoch) for s in specs}:
+        if not flush_outcome_spans(run_id=run_id, epoch=epoch):
+            raise ServiceError(f"the outcome spans of epoch {epoch}'s rollouts could not be delivered to the collector "
+                               f"at {settings.collector_url} from this worker: the lake would miss how they ended")
+    return outcomes
 
 
 def record_rollouts(ctx: RunContext, outcomes: list[RolloutOutcome]) -> None:
@@ -171,7 +182,11 @@ def ingest_barrier(ctx: RunContext, *, run_id: str, epoch: int, mode: str = "tra
 
     config, stack = ctx.config, ctx.services
     check_collector(stack)
-    flush_outcome_spans(run_id=run_id, epoch=epoch)
+    if not flush_outcome_spans(run_id=run_id, epoch=epoch):  # those the flow's own process recorded
+        check_collector(stack)
+        raise ServiceError(f"the outcome spans of epoch {epoch}'s rollouts could not be delivered to the collector at "
+                           f"{stack.collector.url} (its log: {stack.collector.log_path or 'its own'}); the epoch stopped "
+                           "here: run the same command again to resume it")
     if stack.gateway is not None:
         gateway = stack.gateway_client(config)
         try:
@@ -229,7 +244,20 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
     base = model_dir(config)
     # serving.sleep_mode: vLLM's weights and KV cache leave the GPU while the trainer needs it
     sleeping = asleep([r.url for r in ctx.stack.replicas]) if config.serving.sleep_mode and ctx.stack else contextlib.nullcontext()
-    with sleeping:
+    with _sleeping_on_purpose(ctx.stack if config.serving.sleep_mode else None), sleeping:
         return train_policies(config, run_id=run_id, epoch=epoch, base_model_dir=base, catalog=ctx.catalog,
                               epoch_metrics={f"sampling/{k}": float(v) for k, v in sampled.items()},
                               should_stop=lambda: stopping.stopping() or (abandon is not None and abandon.is_set()))
+
+
+@contextlib.contextmanager
+def _sleeping_on_purpose(stack):
+    """Tell the supervisor that the replicas sleep on purpose (it does not probe them meanwhile)."""
+    if stack is None:
+        yield
+        return
+    stack.sleeping = True
+    try:
+        yield
+    finally:
+        stack.sleeping = False

@@ -317,7 +317,7 @@ def _skip_main_reimport() -> None:
 
 def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> RolloutOutcome:
     """Run one attempt in a worker process; kill its process group when it outlives ``settings.timeout_s`` or a stop
-    is asked for (``stopping.STOP``: the attempt is then ``INTERRUPTED``)."""
+    is asked for or its run stopped (``stopping.rollouts_end``: the attempt is then ``INTERRUPTED``)."""
     if multiprocessing.current_process().daemon:
         raise RuntimeError(
             "rollouts run in child processes (so a hung agent can be killed), but this process is daemonic and may not "
@@ -325,7 +325,7 @@ def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> Ro
     ctx = _mp_context(preload=(settings.agent.partition(":")[0],) if settings.agent else ())
     parent, child = ctx.Pipe(duplex=False)
     started = time.time()
-    if stopping.stopping():
+    if stopping.rollouts_end():
         return RolloutOutcome(spec.rollout_id, INTERRUPTED, attempt, None, "stopped before it started", started, started)
     process = ctx.Process(target=_worker, args=(child, settings, spec, attempt), daemon=True,
                           name=f"{WORKER_NAME_PREFIX}{spec.rollout_id}")
@@ -339,8 +339,8 @@ def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> Ro
             if parent.poll(max(0.0, min(POLL_S, deadline - time.monotonic()))):
                 status, reward, error, kind = parent.recv()
                 break
-            if stopping.stopping():
-                status, error, kind = INTERRUPTED, "stopped by Ctrl-C or SIGTERM", None
+            if stopping.rollouts_end():
+                status, error, kind = INTERRUPTED, "stopped by Ctrl-C or SIGTERM, or the run stopped", None
                 break
             if time.monotonic() >= deadline:
                 break
@@ -442,18 +442,60 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
             resource = Resource.create({semconv.SERVICE_NAME: "arclight-runner", semconv.RUN_ID: run_id, semconv.EPOCH: epoch})
             provider = TracerProvider(resource=resource, id_generator=SystemRandomIds())
             headers = {"Authorization": f"Bearer {token}"} if token else None
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
-                endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers),
-                schedule_delay_millis=200))
+            exporter = _Delivery(OTLPSpanExporter(endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers))
+            provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+            provider.arclight_delivery = exporter
             _outcome_providers[key] = provider
         return _outcome_providers[key]
 
 
 def flush_outcome_spans(*, run_id: str, epoch: int, timeout_s: float = 30.0) -> bool:
-    """Export the outcome spans of (run, epoch) recorded in this process so far; False when some could not be sent."""
+    """Export the outcome spans of (run, epoch) recorded in this process so far; False when some could not be sent
+    (in time, or at all: the collector refused them or could not be reached)."""
     with _outcome_guard:
         providers = [p for (_, _, r, e), p in _outcome_providers.items() if (r, e) == (run_id, epoch)]
-    return all(p.force_flush(int(timeout_s * 1000)) for p in providers)
+    sent = all(p.force_flush(int(timeout_s * 1000)) for p in providers)
+    return sent and not any(p.arclight_delivery.lost() for p in providers)
+
+
+def close_outcome_spans(*, timeout_s: float = 5.0) -> None:
+    """Send the outcome spans this process still holds and stop their exporters: before the collector they go to
+    stops, so that no exporter retries against a collector that is gone (warnings after the command ended)."""
+    with _outcome_guard:
+        providers = list(_outcome_providers.values())
+        _outcome_providers.clear()
+    for provider in providers:
+        provider.force_flush(int(timeout_s * 1000))
+        provider.shutdown()
+
+
+class _Delivery:
+    """A span exporter that counts the spans its exports lost: the OTLP exporter logs a failed export (after its
+    retries) and drops the spans, and a processor's flush reports only that the spans were handed over."""
+
+    def __init__(self, exporter: Any):
+        self.exporter, self._lost, self._guard = exporter, 0, threading.Lock()
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        result = self.exporter.export(spans)
+        if result is not SpanExportResult.SUCCESS:
+            with self._guard:
+                self._lost += len(spans)
+        return result
+
+    def lost(self) -> int:
+        """The spans lost since the last call."""
+        with self._guard:
+            lost, self._lost = self._lost, 0
+        return lost
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 def outcome_row(spec: RolloutSpec, outcome: RolloutOutcome) -> dict[str, Any]:

@@ -135,9 +135,13 @@ class Gateway:
             call.target.replica = replica
             try:
                 response = await self.client.post(f"{replica}/v1/{path}", data=body, headers=JSON_HEADERS)
-                if response.status == 404 and i + 1 < len(replicas) and b"does not exist" in await response.read():
-                    # a replica restarted after the redeploy has no adapter of this version yet: the next one has
+                if response.status == 404 and b"does not exist" in await response.read():
+                    # a replica restarted after the redeploy has no adapter of this version yet: the next one may
+                    # have; with none left, the version the gateway routes to is missing on our side, not the agent's
                     response.release()
+                    if i + 1 == len(replicas):
+                        raise GatewayError(503, f"vLLM at {replica} does not serve {call.target.served_model} (restarted "
+                                                "and not yet given it back?)", "upstream_unavailable")
                     log.warning("vLLM replica %s does not serve %s (restarted since the redeploy?): the call goes to %s",
                                 replica, call.target.served_model, replicas[i + 1])
                     continue

@@ -158,9 +158,23 @@ def deploy_full_weights(
     without another reload; adapters trained on the old weights should be redeployed.
     """
     started = time.perf_counter()
+    base = gateway.policies()["base_model"]
+    texts, load_s = reload_full_weights(replicas=replicas, policy=policy, model_dir=model_dir, served_model=base,
+                                        verify_prompt=verify_prompt, timeout_s=timeout_s)
+    first_answer_s = time.perf_counter() - started
+    gateway.switch_policy(policy, served_model=base, version=version)
+    return Deployment(policy=policy, version=version, served_model=base, load_s=load_s, first_answer_s=first_answer_s,
+                      switch_s=time.perf_counter() - started, verify_text=texts[0])
+
+
+def reload_full_weights(*, replicas: list[str], policy: str, model_dir: Path, served_model: str,
+                        verify_prompt: str = "Say hi.", timeout_s: float = 600.0) -> tuple[list[str], float]:
+    """Reload ``model_dir``'s weights in place on every replica, reset their prefix caches and verify each with a real
+    request to ``served_model``; return the answers and the seconds the reloads took. Switches nothing: a replica
+    restarted under a version the gateway serves already catches up this way (``epoch.deploy.restore_serving``)."""
+    started = time.perf_counter()
     if not (Path(model_dir) / "config.json").is_file():
         raise RedeployError(f"{model_dir} is not a model folder: config.json is missing")
-    base = gateway.policies()["base_model"]
     with httpx.Client(timeout=timeout_s) as http:
         for replica in replicas:
             try:
@@ -183,11 +197,7 @@ def deploy_full_weights(
                 raise RedeployError(f"vLLM at {replica} reloaded weights but could not reset its prefix cache: "
                                     f"{reset.status_code} {reset.text[:500]}")
         load_s = time.perf_counter() - started
-        texts = [_verify(http, replica, base, verify_prompt) for replica in replicas]
-        first_answer_s = time.perf_counter() - started
-    gateway.switch_policy(policy, served_model=base, version=version)
-    return Deployment(policy=policy, version=version, served_model=base, load_s=load_s, first_answer_s=first_answer_s,
-                      switch_s=time.perf_counter() - started, verify_text=texts[0])
+        return [_verify(http, replica, served_model, verify_prompt) for replica in replicas], load_s
 
 
 def restore_adapter(*, replicas: list[str], policy: str, adapter_dir: Path, version: int, verify_prompt: str = "Say hi.",

@@ -28,7 +28,7 @@ from typing import Iterator
 from lightning_core.common import gpu, hardware
 from lightning_core.config import ArclightConfig
 from lightning_core.common.model import REPO_ROOT, ModelError, resolve_model
-from lightning_core.common.services import Service, ServiceError, attach, free_port, start_process
+from lightning_core.common.services import Health, Service, ServiceError, attach, free_port, start_process
 
 log = logging.getLogger("arclight.vllm")
 
@@ -305,6 +305,37 @@ def _user() -> str:
     except (KeyError, OSError):
         name = f"uid_{os.getuid()}"
     return re.sub(r'[\\/:*?"<>|]', "_", name)
+
+
+_TOKEN_COUNTERS = re.compile(r"^vllm:(?:generation|prompt)_tokens_total(?:\{[^}]*\})? (\S+)$", re.M)
+
+
+def tokens_processed(url: str, *, timeout_s: float) -> float | None:
+    """The prompt and generated tokens vLLM at ``url`` has processed so far (its Prometheus counters); None when
+    ``/metrics`` does not answer within ``timeout_s``. A count that moves is an engine that works."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=timeout_s)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return sum(float(n) for n in _TOKEN_COUNTERS.findall(response.text))
+
+
+def answers_one_token(url: str, *, model: str, timeout_s: float) -> Health:
+    """Ask vLLM at ``url`` for one token of ``model``: its engine works when it answers in time. ``/health`` does not
+    tell: it reports only an engine that died, not one that hangs."""
+    import httpx
+
+    try:
+        response = httpx.post(f"{url}/v1/completions", timeout=timeout_s,
+                              json={"model": model, "prompt": "1", "max_tokens": 1, "temperature": 0})
+    except httpx.HTTPError as exc:
+        return Health(False, f"a one-token request got no answer within {timeout_s:.0f} s ({type(exc).__name__})")
+    if response.status_code != 200:
+        return Health(False, f"a one-token request was answered {response.status_code}")
+    return Health(True)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,14 @@ def version_of_epoch(catalog: Catalog, *, policy: str, run_id: str, epoch: int) 
     return _newest(catalog, "policy = ? AND run_id = ? AND epoch = ?", [policy, run_id, epoch])
 
 
+def version_row(catalog: Catalog, version: str) -> dict[str, Any]:
+    """Return the recorded row of ``version``; a ``ValueError`` naming it when the catalog has none."""
+    row = _newest(catalog, "version = ?", [version])
+    if row is None:
+        raise ValueError(f"policy version {version} is served but not recorded in the catalog {catalog.state_root}")
+    return row
+
+
 def _newest(catalog: Catalog, where: str, params: list[Any]) -> dict[str, Any] | None:
     """The highest-numbered version row that matches ``where``, its metrics parsed; None when none does."""
     with catalog.read(spans=False) as con:

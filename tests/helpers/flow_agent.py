@@ -51,6 +51,13 @@ def run_without_agent_span(task, ctx):
     return (len(reply.choices[0].message.content or "") % 5) / 10 + 0.01 * sample_index
 
 
+def run_unless_marked(task, ctx):
+    """``run``, but the agent's own tool fails while the file ``task["fail_while"]`` exists (a backend that is down)."""
+    if os.path.exists(task["fail_while"]):
+        raise RuntimeError("calculator backend unreachable")
+    return run(task, ctx)
+
+
 def run_steady(task, ctx):
     """Several model calls half a second apart (rollouts in flight long enough to lose a server under them). An agent
     that carries on: a call that fails is caught and the rollout scored 0, as if the answer were wrong."""
