@@ -23,3 +23,26 @@ def test_the_progress_line_shows_an_epoch_training_beside_the_next_epochs_rollou
     ep.set_epoch_status(catalog, run_id="r", epoch=1, status="completed", train_finished_at=now)
     ep.set_epoch_status(catalog, run_id="r", epoch=2, status="completed")
     assert _snapshot(catalog, "r")["stage"] == "epoch 2: completed"
+
+
+def test_a_table_printed_off_a_terminal_is_whole_and_lands_on_the_console_it_was_given():
+    """A pipe's console is 80 columns: the table is printed as wide as its content instead, on the same console,
+    so that a recording console (the summary a caller asks for) holds it too."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_core.cli.output import print_table
+
+    table = Table(title="run r")
+    for column in ("agent", "policy", "note"):
+        table.add_column(column)
+    table.add_row("checker", "frozen (its calls train nothing)", "x" * 120)
+    out = io.StringIO()
+    console = Console(file=out, record=True, width=80, force_terminal=False)
+    print_table(console, table)
+    recorded = console.export_text()
+    row = next(line for line in recorded.splitlines() if "checker" in line)
+    assert [c.strip() for c in row.split("│")[1:4]] == ["checker", "frozen (its calls train nothing)", "x" * 120]
+    assert out.getvalue() == recorded and console.width == 80  # printed there, and the console left as it was

@@ -85,6 +85,9 @@ def print_table(console: Console, table: Table) -> None:
     if console.is_terminal:
         console.print(table)
         return
-    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    Console(file=console.file, width=max(width, console.width), no_color=console.no_color,
-            force_terminal=False).print(table)
+    width, previous = Measurement.get(console, console.options.update_width(10_000), table).maximum, console.width
+    console.width = max(width, previous)  # the same console, so that a recording console records the table too
+    try:
+        console.print(table)
+    finally:
+        console.width = previous
