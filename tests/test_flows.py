@@ -240,3 +240,32 @@ def test_a_run_stopped_by_the_agents_own_failures_trains_the_epoch_to_the_end_on
         assert con.execute("SELECT status, attempt, count(*) FROM rollouts WHERE run_id = 'agent-down' GROUP BY ALL"
                            ).fetchall() == [("succeeded", 1, 8)]  # each ran again as a new attempt
         assert con.execute("SELECT DISTINCT attempt FROM triplets WHERE run_id = 'agent-down'").fetchall() == [(1,)]
+
+
+def test_a_flow_logs_on_when_the_log_folder_of_an_earlier_flows_project_was_removed(prefect_harness, tmp_path):
+    """A flow called from Python keeps logging to its project's file after it returns. When that folder goes (a
+    deleted project, a test's temporary folder) and the handler had been closed meanwhile (``logging.config`` closes
+    every handler when a library sets logging up again), the next record could not be written: logging's error
+    report went through ``print``, which a ``log_prints`` flow turns into a record for the same handler, and CI's
+    next two flows failed with a RecursionError. The folder is made again and the record written."""
+    import logging
+    import shutil
+
+    from prefect import flow
+
+    from lightning_core.common import logs
+
+    project = tmp_path / "gone"
+    logs.to_project_log(project)
+    path = logs.log_path(project)
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "baseFilename", None) == str(path))
+    handler.close()
+    shutil.rmtree(project)
+
+    @flow(log_prints=True)
+    def talk() -> int:
+        logging.getLogger("flows.talk").warning("still here")
+        return 1
+
+    assert talk() == 1
+    assert "still here" in path.read_text()

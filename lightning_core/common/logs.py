@@ -119,12 +119,36 @@ class FileFormat(logging.Formatter):
         return line
 
 
+class ProjectFile(logging.handlers.RotatingFileHandler):
+    """Appends to the project's log file, rolling over at ``LOG_BYTES``. Its folder is made again when it was removed
+    under a process that still logs (a flow called from Python leaves the handler in place after it returns). A record
+    it still cannot write is reported once, on the process's own stderr: never through ``print``, which Prefect's
+    ``log_prints`` turns into a log record that came back here, until a RecursionError failed the next flow."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(path, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
+        self.setFormatter(FileFormat())
+        self._reported = False
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        if self._reported or sys.__stderr__ is None:
+            return
+        self._reported = True
+        with contextlib.suppress(Exception):
+            sys.__stderr__.write(f"arclight: cannot write the log file {self.baseFilename} "
+                                 f"({sys.exc_info()[1]!r}); its records are lost\n")
+
+
 def file_handler(path: Path) -> logging.Handler:
     """A handler appending to ``path`` (made if missing), rolling over at ``LOG_BYTES``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
-    handler.setFormatter(FileFormat())
-    return handler
+    return ProjectFile(path)
 
 
 def writes_to_terminal(handler: logging.Handler) -> bool:

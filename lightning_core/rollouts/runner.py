@@ -411,6 +411,7 @@ def record_outcome_span(settings: RunnerSettings, spec: RolloutSpec, outcome: Ro
     span.end(end_time=int(outcome.finished_at * 1e9))
 
 
+OUTCOME_EXPORT_TIMEOUT_S = 30.0
 _outcome_providers: dict[tuple, Any] = {}
 _outcome_guard = threading.Lock()
 
@@ -421,8 +422,9 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
     Building a provider and an OTLP exporter per rollout cost ~14 ms CPU in the flow process. The
     resource names the lake partition (run, epoch); the rollout, task and attempt are span attributes.
     Spans are exported in the background: with the collector down, an export retried for its whole
-    timeout, and one at a time they held every rollout thread of the round for minutes. The exporter's
-    own timeout (10 s) stays. (Outcome spans seen twice in the lake, once blamed on a 5 s timeout, were
+    timeout, and one at a time they held every rollout thread of the round for minutes. Each export may take
+    ``OUTCOME_EXPORT_TIMEOUT_S`` with its retries: at the exporter's own 10 s, a collector slowed by a machine at load
+    46 lost a batch, and the round stopped on it. (Outcome spans seen twice in the lake, once blamed on a 5 s timeout, were
     ids repeated after the trainer seeded ``random``: ``common/ids.py``.)
     """
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -442,14 +444,15 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
             resource = Resource.create({semconv.SERVICE_NAME: "arclight-runner", semconv.RUN_ID: run_id, semconv.EPOCH: epoch})
             provider = TracerProvider(resource=resource, id_generator=SystemRandomIds())
             headers = {"Authorization": f"Bearer {token}"} if token else None
-            exporter = _Delivery(OTLPSpanExporter(endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers))
+            exporter = _Delivery(OTLPSpanExporter(endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers,
+                                                  timeout=OUTCOME_EXPORT_TIMEOUT_S))
             provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
             provider.arclight_delivery = exporter
             _outcome_providers[key] = provider
         return _outcome_providers[key]
 
 
-def flush_outcome_spans(*, run_id: str, epoch: int, timeout_s: float = 30.0) -> bool:
+def flush_outcome_spans(*, run_id: str, epoch: int, timeout_s: float = 2 * OUTCOME_EXPORT_TIMEOUT_S) -> bool:
     """Export the outcome spans of (run, epoch) recorded in this process so far; False when some could not be sent
     (in time, or at all: the collector refused them or could not be reached)."""
     with _outcome_guard:
