@@ -79,26 +79,6 @@ def _assert_nothing_ours_trained(cfg, run_id: str) -> list[tuple]:
     return rows
 
 
-def test_a_killed_vllm_is_restarted_during_the_rollouts_and_the_rollouts_it_failed_run_again(
-        prefect_harness, tmp_path, tiny_model_dir):
-    from flows.train import train_epoch
-
-    cfg, overrides = _config(tmp_path, tiny_model_dir, tasks=2, run_name="vllm-killed")
-    killer = _kill_when(cfg, calls=6, pattern=rf"vllm\.entrypoints\.openai\.api_server .*--port {cfg.serving.port} ")
-    result = train_epoch(overrides=overrides)
-    killer.join(timeout=5)
-    assert killer.killed is not None, "vLLM was never killed: the rollouts ended first"
-    assert result["status"] == "completed" and result["new_version"] == f"{POLICY}-v1"
-    rows = _assert_nothing_ours_trained(cfg, "vllm-killed")
-    assert any(r[3] > 0 for r in rows)  # some ran again ...
-    assert all(r[1] == "succeeded" and r[2] is None for r in rows)  # ... and finished
-    with Catalog.from_config(cfg).read(spans=False) as con:
-        incidents = json.loads(con.execute("SELECT incidents FROM epochs WHERE run_id = 'vllm-killed'").fetchall()[0][0])
-    assert any(o.startswith("vllm0 exited with status -9") and o.endswith("restarted") for o in incidents["outages"])
-    assert incidents["retried"] == sum(r[3] > 0 for r in rows) and incidents["left_out"] == 0
-    assert killer.killed not in pids_matching(rf"--port {cfg.serving.port} ")  # stopped with the stack: nothing left either
-
-
 def test_a_killed_collector_and_a_killed_gateway_are_restarted_and_every_rollouts_spans_arrive(
         prefect_harness, tmp_path, tiny_model_dir):
     from flows.train import train_epoch
@@ -183,9 +163,12 @@ def test_in_merged_mode_a_stuck_vllm_and_a_killed_one_are_restarted_and_nothing_
     killed.join(timeout=5)
     assert killed.killed is not None and second["status"] == "completed" and second["new_version"] == f"{POLICY}-v2"
     assert second["policy_version"] == f"{POLICY}-v1"
-    _assert_nothing_ours_trained(cfg, "merged-faults")
-    assert any(o.startswith("vllm0 exited with status -9") and o.endswith("restarted")
-               for o in _incidents(cfg, "merged-faults", 1)["outages"])
+    rows = [r for r in _assert_nothing_ours_trained(cfg, "merged-faults") if "-e1-" in r[0]]
+    assert any(r[3] > 0 for r in rows) and all(r[1] == "succeeded" and r[2] is None for r in rows)  # ran again, finished
+    incidents = _incidents(cfg, "merged-faults", 1)
+    assert any(o.startswith("vllm0 exited with status -9") and o.endswith("restarted") for o in incidents["outages"])
+    assert incidents["retried"] == sum(r[3] > 0 for r in rows) and incidents["left_out"] == 0
+    assert killed.killed not in pids_matching(vllm)
     # every call that trains was sampled from v1, the version its rollout was pinned to: its recorded logprobs are
     # v1's, recomputed from v1's merged weights (and not the base model's, which a restarted replica serves first)
     with Catalog.from_config(cfg).read() as con:
