@@ -131,6 +131,7 @@ def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_ta
         batches = stages.rollout_batches(pending, size=max(config.rollouts.group_size, ROLLOUT_BATCH))
         parameters = {"specs": batches, "settings": unmapped(settings), "first_attempts": unmapped(attempts),
                       "concurrency": unmapped(config.rollouts.concurrency)}
+        unsuccessful: dict[tuple[str, str], int] = {}  # (status, the error's last line): rollouts
         with rollout_task_runner(config) as cluster:  # None: the flow's own threads
             futures = cluster.map(t.rollouts, parameters) if cluster else t.rollouts.map(**parameters)
             for future in _completed(futures, ctx.services):
@@ -140,8 +141,22 @@ def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_ta
                 update_progress_artifact(progress, 100.0 * done / total)
                 for outcome in outcomes:
                     if outcome.status != "succeeded":
-                        logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
+                        _warn_once(logger, outcome, unsuccessful)
+        for (status, cause), count in unsuccessful.items():
+            if count > 1:
+                logger.warning("epoch %s: %d more %s rollouts %s the same way (%s)", epoch, count - 1, mode,
+                               "timed out" if status == "timed_out" else status, cause[:200])
     return ep.rollout_counts(catalog, run_id=run_id, epoch=epoch, mode=mode)
+
+
+def _warn_once(logger, outcome, seen: dict[tuple[str, str], int]) -> None:
+    """Warn of an unsuccessful rollout the first time its cause (status and the error's last line) shows in the round,
+    and count the repeats: an agent that fails every rollout the same way gets one line, not one per rollout."""
+    lines = (outcome.error or "").strip().splitlines()
+    key = (outcome.status, lines[-1] if lines else "")
+    if key not in seen:
+        logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
+    seen[key] = seen.get(key, 0) + 1
 
 
 def _completed(futures: list, stack) -> Iterator:
@@ -273,7 +288,19 @@ def _record_trained(ctx: RunContext, *, epoch: int, results: list[dict[str, Any]
     stale = [r["staleness/max"] for r in results if r.get("staleness/max") is not None]
     ep.set_epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=epoch, status="trained", new_version=new,
                         train_finished_at=dt.datetime.now(dt.timezone.utc),
-                        staleness_max=int(max(stale)) if stale else None)
+                        staleness_max=int(max(stale)) if stale else None, **_logprob_gap(results))
+
+
+def _logprob_gap(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch's vLLM-against-trainer columns: the largest gap and clipped share over its policies (issue 56)."""
+    def worst(key: str) -> float | None:
+        values = [r[key] for r in results if r.get(key) is not None and r[key] == r[key]]  # not NaN
+        return max(values) if values else None
+
+    corrections = sorted({r["behaviour_correction"] for r in results if r.get("behaviour_correction")})
+    return {"logprob_gap_mean": worst("logprob_gap/epoch_start_mean"),
+            "logprob_gap_max": worst("logprob_gap/epoch_start_max"), "clipped_first": worst("clip_ratio/epoch_start"),
+            "behaviour_correction": ",".join(corrections) or None}
 
 
 def _row(ctx: RunContext, epoch: int) -> dict[str, Any]:

@@ -232,8 +232,10 @@ class TrainerConfig(Section):
         "auto", description="The loss on samples the serving policy drew: ppo clips the ratio against the recorded "
         "(behaviour) logprobs; decoupled is AReaL's decoupled objective, the ratio against the trainer's own policy "
         "before the step, times the behaviour weight proximal/behaviour truncated at importance_cap (verl's TIS). "
-        "auto: decoupled when the epochs overlap (max_staleness >= 1), else ppo (docs/async.md: on the calc example "
-        "at max_staleness 1, ppo reached 48% held-out and decoupled 91%, against 94% synchronous).")
+        "auto: decoupled when the epochs overlap (max_staleness >= 1; docs/async.md: on the calc example at "
+        "max_staleness 1, ppo reached 48% held-out and decoupled 91%, against 94% synchronous) or when vLLM and the "
+        "trainer compute the policy differently (bf16 serving against an fp32 trainer, another device, an attached "
+        "vLLM whose serving.dtype is auto: docs/config.md#vllm-and-the-trainer), else ppo.")
     importance_cap: float = Field(2.0, ge=1.0, description="decoupled: the behaviour importance weight's upper bound.")
     micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass (plain forward).")
     shared_prefix: Literal["auto", "on", "off"] = Field(
@@ -286,13 +288,6 @@ class TrainerConfig(Section):
     def _yaml_on_off(cls, value: Any) -> Any:
         """YAML reads a bare on/off as a boolean: take it as meant."""
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-    @property
-    def correction(self) -> str:
-        """The behaviour correction the GRPO loss uses: ``behaviour_correction``, with auto resolved by the staleness."""
-        if self.behaviour_correction != "auto":
-            return self.behaviour_correction
-        return "decoupled" if self.max_staleness else "ppo"
 
 
 class PolicyConfig(Section):

@@ -116,7 +116,9 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
     return [
         {"policy": r.policy, "version": r.version, "parent_version": r.parent_version, "message": r.message,
          **{k: r.metrics.get(k) for k in ("reward/mean", "loss", "kl", "clip_ratio", "grad_norm", "tokens_per_s",
-                                          "staleness/max", "train_time_s")}}
+                                          "staleness/max", "train_time_s", "logprob_gap/epoch_start_mean",
+                                          "logprob_gap/epoch_start_max", "clip_ratio/epoch_start",
+                                          "behaviour_correction")}}
         for r in results
     ]
 

@@ -105,12 +105,14 @@ def test_groups_sampled_more_than_max_staleness_versions_ago_are_left_out_whole_
 
 def test_the_behaviour_correction_is_decoupled_when_epochs_overlap_unless_chosen(tmp_path):
     from lightning_core.config import load_config
+    from lightning_core.trainer.train import behaviour_correction
 
     def used(*overrides):
-        cfg = load_config(None, overrides=[f"project_dir={tmp_path}", *overrides])
-        return cfg.trainer_for(cfg.policies[0].name).correction
+        cfg = load_config(None, overrides=[f"project_dir={tmp_path}", "serving.dtype=float32", "trainer.device=cpu",
+                                           *overrides])
+        return behaviour_correction(cfg, cfg.trainer_for(cfg.policies[0].name))[0]
 
-    assert used() == "ppo"  # synchronous epochs: the loss of before (the main-job test holds it)
+    assert used() == "ppo"  # synchronous epochs, vLLM and the trainer both in fp32 on a CPU: the loss of before
     assert used("trainer.max_staleness=1") == "decoupled"
     assert used("trainer.max_staleness=1", "trainer.behaviour_correction=ppo") == "ppo"
     assert used("trainer.behaviour_correction=decoupled") == "decoupled"

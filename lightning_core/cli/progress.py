@@ -147,9 +147,11 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     rows = summary_rows(ctx)
     ours = any(r["infra_retried"] or r["infra_left_out"] for r in rows)  # the column only when our services failed
     stale = any(r["staleness_max"] for r in rows)  # asynchronous epochs: how many versions behind each trained
+    gap = any(r["logprob_gap_mean"] is not None for r in rows)  # GRPO with recorded logprobs: vLLM against the trainer
     for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out",
                    *(["ours: retried/left out"] if ours else []), "groups (informative/drawn)", "trained",
-                   *(["staleness"] if stale else []), "held-out after", "status"):
+                   *(["staleness"] if stale else []), *(["vLLM gap mean/max", "correction (clipped)"] if gap else []),
+                   "held-out after", "status"):
         table.add_column(column)
     for r in rows:
         reward = "" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
@@ -159,7 +161,7 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
         table.add_row(str(r["epoch"]), r["policy_version"] or "", reward, str(r["succeeded"]), str(r["failed"]),
                       str(r["timed_out"]), *(retried if ours else []), groups, r["new_version"] or "-",
                       *([str(r["staleness_max"]) if r["staleness_max"] is not None else ""] if stale else []),
-                      "" if after is None else f"{after['success_rate']:.0%}", r["status"])
+                      *(_gap_cells(r) if gap else []), "" if after is None else f"{after['success_rate']:.0%}", r["status"])
     print_table(console, table)
     from lightning_core.epoch.failures import describe_incidents
 
@@ -178,6 +180,15 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
         console.print(f"log:     {log_file}")
     console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
+
+
+def _gap_cells(row: dict[str, Any]) -> list[str]:
+    """An epoch's vLLM-against-trainer cells at its first step: the logprob gap (mean/max), and the correction its
+    loss used with the share of tokens the first micro-batch clipped."""
+    if row["logprob_gap_mean"] is None:
+        return ["", row["behaviour_correction"] or ""]
+    clipped = "" if row["clipped_first"] is None else f" ({row['clipped_first']:.1%})"
+    return [f"{row['logprob_gap_mean']:.4f}/{row['logprob_gap_max']:.3f}", f"{row['behaviour_correction'] or ''}{clipped}"]
 
 
 def _print_agents(ctx: RunContext, *, console: Console) -> None:

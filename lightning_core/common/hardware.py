@@ -37,6 +37,17 @@ def cpu_has_bf16() -> bool:
     return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
 
+def serving_dtype(config, *, gpu: bool | None = None, cpu_bf16: bool | None = None) -> str:
+    """vLLM's dtype for ``config`` (an ``ArclightConfig``): ``serving.dtype``, or for auto bf16 where the hardware
+    computes it natively (a GPU, or a CPU with AVX512-BF16/AMX), else fp32. ``gpu``/``cpu_bf16``: this machine's
+    unless given."""
+    if config.serving.dtype != "auto":
+        return config.serving.dtype
+    gpu = has_gpu() if gpu is None else gpu
+    cpu_bf16 = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
+    return "bfloat16" if gpu or cpu_bf16 else "float32"
+
+
 def cpu_count() -> int:
     """Cores this process may run on."""
     try:

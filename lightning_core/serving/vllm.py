@@ -132,11 +132,9 @@ def upstream_specs(replicas: list[Service]) -> list[str]:
 
 def serving_dtype(config: ArclightConfig, *, machine: Machine | None = None) -> str:
     """Return vLLM's dtype: the configured one, or for auto bf16 where the hardware computes it natively."""
-    if config.serving.dtype != "auto":
-        return config.serving.dtype
-    if machine is not None:
-        return "bfloat16" if machine.gpus or machine.cpu_bf16 else "float32"
-    return "bfloat16" if hardware.has_gpu() or hardware.cpu_has_bf16() else "float32"
+    if machine is None:
+        return hardware.serving_dtype(config)
+    return hardware.serving_dtype(config, gpu=bool(machine.gpus), cpu_bf16=machine.cpu_bf16)
 
 
 def servers(config: ArclightConfig) -> int:

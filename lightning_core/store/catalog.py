@@ -120,6 +120,12 @@ ALTER TABLE epochs ADD COLUMN IF NOT EXISTS incidents JSON;  -- outages and rest
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS train_started_at TIMESTAMPTZ;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS train_finished_at TIMESTAMPTZ;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS staleness_max BIGINT;  -- most versions a trained triplet was behind
+-- vLLM against the trainer (issue 56): at the epoch's first GRPO step, before any update, the mean and largest
+-- |trainer logprob - recorded logprob| of the response tokens, and the share of tokens its first micro-batch clipped
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS logprob_gap_mean DOUBLE;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS logprob_gap_max DOUBLE;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS clipped_first DOUBLE;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_correction VARCHAR;  -- ppo | decoupled (the versions' own)
 -- Per-agent reporting (issue 18): one row per (run, epoch, agent) of the training rollouts, replaced
 -- whenever the epoch's triplets are made (sql/agent_epochs.sql plus the config's agent selection).
 CREATE TABLE IF NOT EXISTS agent_epochs (

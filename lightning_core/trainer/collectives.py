@@ -88,6 +88,13 @@ def all_reduce_sums(values: dict[str, float], *, device: torch.device) -> dict[s
     return dict(zip(keys, t.tolist()))
 
 
+def all_reduce_max(value: float, *, device: torch.device) -> float:
+    """The largest of a per-rank scalar over all ranks."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def broadcast_parameters(params: Sequence[torch.nn.Parameter], *, src: int = 0) -> None:
     """Give every rank rank ``src``'s values of ``params`` (as DDP does when it wraps a model)."""
     for p in params:

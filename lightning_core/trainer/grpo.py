@@ -105,9 +105,16 @@ def grpo_loss(
     n = mask.sum().clamp(min=1.0)
     is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     zero = torch.zeros((), device=logps.device)
+    # the inference engine's logprobs against the trainer's, on the tokens it recorded them for: the gap that enters
+    # a PPO ratio even on-policy (other dtype, other kernels)
+    recorded = mask * (~torch.isnan(old_logps)).float()
+    gap = torch.where(recorded > 0, (logps.detach() - behaviour).abs(), torch.zeros_like(logps))
     stats = {
         "ratio_sum": (ratio.detach() * mask).sum(),
         "clipped_sum": (is_clipped.float() * mask).sum(),
+        "gap_sum": gap.sum(),
+        "gap_max": gap.max() if gap.numel() else zero,
+        "gap_tokens": recorded.sum(),
         "kl_sum": (kl.detach() * mask).sum() if kl is not None else zero,
         "tokens": n,
         "behaviour_weight_sum": (behaviour_weight * mask).sum() if behaviour_weight is not None else zero,
@@ -166,7 +173,8 @@ def train_grpo(
             torch.cuda.reset_peak_memory_stats(device)
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "ratio_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
-                  "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0}
+                  "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0, "gap_sum": 0.0,
+                  "gap_tokens": 0.0, "gap_max": 0.0, "first_clipped": math.nan}
         skip_reason = None
         mine = (step.micro_batches if world_size == 1 else
                 collectives.shard(step.micro_batches, rank=rank, world_size=world_size, shared_prefix=step.shared_prefix))
@@ -199,11 +207,18 @@ def train_grpo(
             if passes > 1:
                 _remember(samples, logps, first_pass_logps)
             totals["loss"] += loss.item()
-            for key in ("ratio_sum", "clipped_sum", "kl_sum", "tokens", "behaviour_weight_sum", "behaviour_capped_sum"):
+            for key in ("ratio_sum", "clipped_sum", "kl_sum", "tokens", "behaviour_weight_sum", "behaviour_capped_sum",
+                        "gap_sum", "gap_tokens"):
                 totals[key] += stats[key].item()
+            totals["gap_max"] = max(totals["gap_max"], stats["gap_max"].item())
+            if math.isnan(totals["first_clipped"]):  # the first micro-batch: what clipping drops before any update
+                totals["first_clipped"] = stats["clipped_sum"].item() / max(stats["tokens"].item(), 1.0)
             totals["entropy_sum"] += (entropy.float() * batch["response_mask"]).sum().item()
         if world_size > 1:  # every rank reaches here, whatever its share, so the collectives always pair up
+            gap_max, first = totals.pop("gap_max"), totals.pop("first_clipped")
             totals = collectives.all_reduce_sums({**totals, "skip": float(skip_reason is not None)}, device=device)
+            totals["gap_max"] = collectives.all_reduce_max(gap_max, device=device)
+            totals["first_clipped"] = first  # this rank's first micro-batch (rank 0 logs)
             if totals.pop("skip") > 0 and skip_reason is None:  # a non-finite loss on any rank skips the step everywhere
                 skip_reason = "loss"
             if skip_reason is None:
@@ -225,7 +240,10 @@ def train_grpo(
             "loss": totals["loss"] if skip_reason is None else math.nan,
             "kl": totals["kl_sum"] / n,
             "clip_ratio": totals["clipped_sum"] / n,
+            "clip_ratio/first_micro_batch": totals["first_clipped"],
             "ratio/mean": totals["ratio_sum"] / n,
+            "logprob_gap/mean": totals["gap_sum"] / totals["gap_tokens"] if totals["gap_tokens"] else math.nan,
+            "logprob_gap/max": totals["gap_max"] if totals["gap_tokens"] else math.nan,
             "entropy": totals["entropy_sum"] / n,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed,

@@ -44,7 +44,7 @@ def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp,
                          beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
                          reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
                          max_steps=cfg.max_steps, attention=attention, logits_chunk_tokens=cfg.logits_chunk_tokens,
-                         behaviour_correction=cfg.correction, importance_cap=cfg.importance_cap,
+                         behaviour_correction=cfg.behaviour_correction, importance_cap=cfg.importance_cap,
                          should_stop=should_stop)
     return metrics, optimizer
 

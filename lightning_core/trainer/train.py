@@ -20,7 +20,7 @@ import torch
 from lightning_core import tracking
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig, TrainerConfig
-from lightning_core.common import gpu
+from lightning_core.common import gpu, hardware
 from lightning_core.common.durable import save_atomically
 from lightning_core.trainer import checkpoint, versions
 from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of, within_staleness
@@ -31,6 +31,12 @@ from lightning_core.trainer.sft import select_sft_rows, train_sft
 from lightning_core.trainer.tree_attention import choose_attention
 
 log = logging.getLogger(__name__)
+
+
+# vLLM against the trainer at the epoch's first GRPO step, before any update (the numerics' gap alone, on-policy):
+# the step metric -> the epoch's
+EPOCH_START = {"logprob_gap/mean": "logprob_gap/epoch_start_mean", "logprob_gap/max": "logprob_gap/epoch_start_max",
+               "clip_ratio/first_micro_batch": "clip_ratio/epoch_start"}
 
 
 @dataclass
@@ -68,10 +74,13 @@ def train_policy(
     (the epoch stage's sampling counts, ``sampling/...``) are logged beside the training's own. ``should_stop``:
     asked before every GRPO micro-batch (``grpo.train_grpo``)."""
     cfg = config.trainer_for(policy)
+    correction, why = behaviour_correction(config, cfg)
+    cfg = cfg.model_copy(update={"behaviour_correction": correction})
     params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
     if cfg.mode == "grpo":  # the shared-prefix forward's attention on this device (fails here for flex on a CPU)
         params["attention_backend"] = choose_attention(cfg.attention, device=pick_device(cfg.device))
-        params["behaviour_correction_used"] = cfg.correction
+        params["behaviour_correction_used"] = correction
+        params["behaviour_correction_why"] = why
     learning_rate = scheduled_learning_rate(cfg, epoch=epoch, epochs=config.epochs)
     cfg = cfg.model_copy(update={"learning_rate": learning_rate})
     rows = [r for r in rows_of(triplets) if r.get("policy") in (None, policy)]
@@ -99,6 +108,8 @@ def train_policy(
         counts.update(stale)
     stats.update({k: float(v) for k, v in counts.items()})
     stats["trainable_triplets"] = float(len(samples))
+    if cfg.mode == "grpo":
+        stats["behaviour_correction"] = correction  # recorded with the version
 
     stats["learning_rate"] = learning_rate
     with tracking.start_run(config, run_id=run_id, policy=policy, params=params) as run:
@@ -140,7 +151,8 @@ def train_policy(
                                    parent_adapter_dir=parent_adapter_dir, should_stop=should_stop,
                                    on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
         stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
-        tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps")}, step=epoch)
+        tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps", *EPOCH_START.values())
+                              if k in stats and math.isfinite(stats[k])}, step=epoch)
         if stats["optimizer_steps"] == 0:
             message = (f"policy {policy!r} epoch {epoch}: all {len(steps)} steps were skipped (non-finite loss "
                        "or gradients); no new version")
@@ -180,6 +192,29 @@ def _already_trained(row: dict[str, Any]) -> TrainResult:
     return TrainResult(policy=row["policy"], run_id=row["run_id"], epoch=row["epoch"], version=row["version"],
                        parent_version=row["parent_version"], path=Path(row["path"]), metrics=row["metrics"] or {},
                        mlflow_run_id=row["mlflow_run_id"], registry_version=row["registry_version"], message=message)
+
+
+def behaviour_correction(config: ArclightConfig, cfg: TrainerConfig) -> tuple[str, str]:
+    """The behaviour correction the GRPO loss uses, and why: ``trainer.behaviour_correction`` when set; for auto,
+    decoupled when the epochs overlap (stale samples) or when vLLM and the trainer compute the policy differently,
+    else ppo. They compute alike only when both run in fp32 on the same kind of device: in any other case the
+    recorded logprobs differ from the trainer's even on-policy (bf16 autocast keeps fp32 weights and reductions,
+    and vLLM's kernels are not the trainer's), and ppo's ratio against them clips tokens where they disagree. An
+    attached vLLM (serving.urls) computes in ``serving.dtype`` on this machine's kind of device when that is set,
+    and in an unknown way when it is auto."""
+    if cfg.behaviour_correction != "auto":
+        return cfg.behaviour_correction, "set by trainer.behaviour_correction"
+    if config.trainer.max_staleness:
+        return "decoupled", f"epochs overlap (trainer.max_staleness = {config.trainer.max_staleness})"
+    device = pick_device(cfg.device)
+    trainer = f"{'bfloat16 autocast' if autocast_dtype(cfg.dtype, device) is not None else 'float32'} on {device.type}"
+    if config.serving.urls and config.serving.dtype == "auto":
+        return "decoupled", (f"vLLM is attached (serving.urls) and serving.dtype does not say how it computes; the "
+                             f"trainer computes {trainer}")
+    serving = f"{hardware.serving_dtype(config)} on {'cuda' if hardware.has_gpu() else 'cpu'}"
+    if serving != trainer:
+        return "decoupled", f"vLLM computes {serving}, the trainer {trainer}"
+    return "ppo", f"vLLM and the trainer both compute {trainer}"
 
 
 def scheduled_learning_rate(cfg: TrainerConfig, *, epoch: int, epochs: int) -> float:
@@ -286,7 +321,9 @@ def _summarise(steps: list[dict[str, float]], *, elapsed: float) -> dict[str, fl
         return sum(values) / len(values) if values else math.nan
 
     tokens = sum(s.get("step_tokens", 0.0) for s in steps)
+    first = steps[0] if steps else {}
     return {
+        **{epoch_key: first.get(step_key, math.nan) for step_key, epoch_key in EPOCH_START.items()},
         "loss": mean("loss"), "kl": mean("kl"), "clip_ratio": mean("clip_ratio"), "entropy": mean("entropy"),
         "grad_norm": mean("grad_norm"), "tokens_per_s": tokens / elapsed if tokens else math.nan,
         "optimizer_steps": float(len(done)), "skipped_steps": float(len(steps) - len(done)),

@@ -1,0 +1,98 @@
+"""Do vLLM and the trainer agree on the policy (issue 56)? A tiny model served in bf16 and trained in fp32: the
+logprobs vLLM recorded differ from the trainer's even on the first micro-batch of an on-policy step, so PPO's ratio
+against them is not 1 and clipping drops tokens; the default correction (decoupled, chosen because the numerics
+differ) brings the clipped share down to what fp32 serving gives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_core.config import load_config
+from lightning_core.trainer.train import behaviour_correction
+from tests.conftest import make_config
+
+pytestmark = pytest.mark.integration
+
+# a tight clip, so that the tiny model's bf16 rounding shows as clipped tokens
+TIGHT = ["trainer.epsilon_low=0.01", "trainer.epsilon_high=0.01"]
+
+
+@pytest.fixture(scope="module")
+def bf16_vllm(tmp_path_factory, tiny_model_dir):
+    """The session's tiny model served by a vLLM of its own in bfloat16 (the session's serves float32)."""
+    from lightning_core.serving.vllm import start_vllm
+
+    cfg = make_config(tmp_path_factory.mktemp("bf16"), f"model.path={tiny_model_dir}", "model.served_name=tiny",
+                      "serving.port=0", "serving.dtype=bfloat16", "serving.max_model_len=1024", "serving.redeploy=lora")
+    service = start_vllm(cfg)
+    yield service
+    service.stop()
+
+
+def _sampled(url: str, *, seed: int) -> list[dict]:
+    """Two groups of four rollouts whose responses vLLM sampled (temperature 1), each with the logprobs vLLM recorded
+    for its tokens, as the gateway records them: on-policy triplets of the version vLLM serves (the base model)."""
+    import httpx
+
+    from tests.tiny_llama import make_triplets
+
+    rows = make_triplets(groups=2, per_group=4, rewarded=0, seed=seed, prompt_len=12)
+    for i, row in enumerate(rows):
+        response = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": row["prompt_token_ids"], "max_tokens": 12, "temperature": 1.0, "seed": seed + i,
+            "logprobs": 0, "return_tokens_as_token_ids": True, "ignore_eos": True})
+        response.raise_for_status()
+        logprobs = response.json()["choices"][0]["logprobs"]
+        row["response_token_ids"] = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+        row["response_logprobs"] = logprobs["token_logprobs"]
+    return rows
+
+
+def _first_step(tmp_path, tiny_model_dir, rows: list[dict], *, dtype: str, run: str, extra=()) -> dict:
+    """One epoch of GRPO on ``rows`` by the trainer (fp32 on this CPU) of a config whose vLLM serves in ``dtype``:
+    the gap, the clipped share at its first step, and the correction it used."""
+    from lightning_core.trainer.train import train_policies
+    from tests.tiny_llama import triplet_table
+
+    cfg = make_config(tmp_path / run, f"model.path={tiny_model_dir}", "model.served_name=tiny", f"run_name={run}",
+                      f"serving.dtype={dtype}", "trainer.device=cpu", "trainer.micro_batch_size=8", "trainer.lora_r=4",
+                      "trainer.lora_alpha=8", *TIGHT, *extra)
+    [result] = train_policies(cfg, run_id=run, epoch=0, base_model_dir=tiny_model_dir,
+                              triplets={"default": triplet_table([{**r, "run_id": run} for r in rows])})
+    m = result.metrics
+    return {"gap_mean": m["logprob_gap/epoch_start_mean"], "gap_max": m["logprob_gap/epoch_start_max"],
+            "clipped": m["clip_ratio/epoch_start"], "correction": m["behaviour_correction"]}
+
+
+def test_bf16_serving_and_fp32_training_disagree_on_policy_and_the_default_correction_clips_no_more_than_fp32(
+        tmp_path, bf16_vllm, vllm_server, tiny_model_dir):
+    fp32 = _first_step(tmp_path, tiny_model_dir, _sampled(vllm_server.url, seed=0), dtype="float32", run="gap-fp32")
+    bf16_rows = _sampled(bf16_vllm.url, seed=0)
+    ppo = _first_step(tmp_path, tiny_model_dir, bf16_rows, dtype="bfloat16", run="gap-bf16-ppo",
+                      extra=["trainer.behaviour_correction=ppo"])
+    default = _first_step(tmp_path, tiny_model_dir, bf16_rows, dtype="bfloat16", run="gap-bf16-auto")
+    print(json.dumps({"fp32": fp32, "bf16 ppo": ppo, "bf16 default": default}))
+    # fp32 against fp32: the same numbers up to summation order, and ppo by default
+    assert fp32["correction"] == "ppo" and fp32["gap_mean"] < 1e-4
+    # bf16 against fp32, on the first micro-batch of an on-policy step: the ratio is not 1, and ppo clips for it
+    assert ppo["correction"] == "ppo" and ppo["gap_mean"] > 20 * max(fp32["gap_mean"], 1e-6)
+    assert ppo["clipped"] > fp32["clipped"] + 0.01
+    # the default sees that the numerics differ and corrects: no more clipped than fp32 serving
+    assert default["correction"] == "decoupled" and default["gap_mean"] == pytest.approx(ppo["gap_mean"])
+    assert default["clipped"] <= fp32["clipped"]
+
+
+def test_auto_chooses_the_correction_from_how_vllm_and_the_trainer_compute(tmp_path):
+    def choice(*overrides: str) -> str:
+        cfg = load_config(None, overrides=[f"project_dir={tmp_path}", "trainer.device=cpu", *overrides])
+        return behaviour_correction(cfg, cfg.trainer_for("default"))[0]
+
+    assert choice("serving.dtype=float32") == "ppo"  # both fp32 on a CPU
+    assert choice("serving.dtype=bfloat16") == "decoupled"
+    assert choice("serving.dtype=float32", "trainer.dtype=bfloat16") == "decoupled"
+    assert choice("serving.dtype=float32", "trainer.max_staleness=1") == "decoupled"
+    assert choice("serving.urls=['http://127.0.0.1:9']") == "decoupled"  # attached, numerics unknown
+    assert choice("serving.urls=['http://127.0.0.1:9']", "serving.dtype=float32") == "ppo"  # ... unless declared
+    assert choice("serving.dtype=bfloat16", "trainer.behaviour_correction=ppo") == "ppo"
