@@ -131,7 +131,7 @@ def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_ta
         batches = stages.rollout_batches(pending, size=max(config.rollouts.group_size, ROLLOUT_BATCH))
         parameters = {"specs": batches, "settings": unmapped(settings), "first_attempts": unmapped(attempts),
                       "concurrency": unmapped(config.rollouts.concurrency)}
-        unsuccessful: dict[tuple[str, str], int] = {}  # (status, the error's last line): rollouts
+        unsuccessful: dict[tuple[str, str], int] = {}  # (status, error type): rollouts
         with rollout_task_runner(config) as cluster:  # None: the flow's own threads
             futures = cluster.map(t.rollouts, parameters) if cluster else t.rollouts.map(**parameters)
             for future in _completed(futures, ctx.services):
@@ -144,16 +144,17 @@ def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_ta
                         _warn_once(logger, outcome, unsuccessful)
         for (status, cause), count in unsuccessful.items():
             if count > 1:
-                logger.warning("epoch %s: %d more %s rollouts %s the same way (%s)", epoch, count - 1, mode,
-                               "timed out" if status == "timed_out" else status, cause[:200])
+                logger.warning("epoch %s: %d more %s rollouts %s", epoch, count - 1, mode,
+                               "timed out" if status == "timed_out" else f"{status} with {cause}")
     return ep.rollout_counts(catalog, run_id=run_id, epoch=epoch, mode=mode)
 
 
 def _warn_once(logger, outcome, seen: dict[tuple[str, str], int]) -> None:
-    """Warn of an unsuccessful rollout the first time its cause (status and the error's last line) shows in the round,
-    and count the repeats: an agent that fails every rollout the same way gets one line, not one per rollout."""
+    """Warn of an unsuccessful rollout the first time its cause (status and error type: the error's last line up to
+    its first colon) shows in the round, and count the repeats: an agent that fails every rollout the same way gets
+    one line, not one per rollout."""
     lines = (outcome.error or "").strip().splitlines()
-    key = (outcome.status, lines[-1] if lines else "")
+    key = (outcome.status, lines[-1].split(":")[0][:80] if lines else "an error")
     if key not in seen:
         logger.warning("rollout %s %s: %s", outcome.rollout_id, outcome.status, (outcome.error or "")[:300])
     seen[key] = seen.get(key, 0) + 1

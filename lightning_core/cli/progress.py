@@ -150,7 +150,7 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     gap = any(r["logprob_gap_mean"] is not None for r in rows)  # GRPO with recorded logprobs: vLLM against the trainer
     for column in ("epoch", "served", "reward (mean)", "succeeded", "failed", "timed out",
                    *(["ours: retried/left out"] if ours else []), "groups (informative/drawn)", "trained",
-                   *(["staleness"] if stale else []), *(["vLLM gap mean/max", "correction (clipped)"] if gap else []),
+                   *(["staleness"] if stale else []),
                    "held-out after", "status"):
         table.add_column(column)
     for r in rows:
@@ -161,8 +161,10 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
         table.add_row(str(r["epoch"]), r["policy_version"] or "", reward, str(r["succeeded"]), str(r["failed"]),
                       str(r["timed_out"]), *(retried if ours else []), groups, r["new_version"] or "-",
                       *([str(r["staleness_max"]) if r["staleness_max"] is not None else ""] if stale else []),
-                      *(_gap_cells(r) if gap else []), "" if after is None else f"{after['success_rate']:.0%}", r["status"])
+                      "" if after is None else f"{after['success_rate']:.0%}", r["status"])
     print_table(console, table)
+    if gap:
+        _print_correction(rows, console=console)
     from lightning_core.epoch.failures import describe_incidents
 
     for r in rows:
@@ -182,13 +184,21 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
 
 
-def _gap_cells(row: dict[str, Any]) -> list[str]:
-    """An epoch's vLLM-against-trainer cells at its first step: the logprob gap (mean/max), and the correction its
-    loss used with the share of tokens the first micro-batch clipped."""
-    if row["logprob_gap_mean"] is None:
-        return ["", row["behaviour_correction"] or ""]
-    clipped = "" if row["clipped_first"] is None else f" ({row['clipped_first']:.1%})"
-    return [f"{row['logprob_gap_mean']:.4f}/{row['logprob_gap_max']:.3f}", f"{row['behaviour_correction'] or ''}{clipped}"]
+def _print_correction(rows: list[dict[str, Any]], *, console: Console) -> None:
+    """One line under the table: how far vLLM's recorded logprobs were from the trainer's at each epoch's first step
+    (the numerics' gap alone, on-policy), the behaviour correction the versions trained with, and the share of
+    tokens the first micro-batch clipped (the epochs table has each epoch's)."""
+    def span(key: str, fmt: str) -> str:
+        values = [r[key] for r in rows if r[key] is not None]
+        low, high = format(min(values), fmt), format(max(values), fmt)
+        return low if low == high else f"{low}-{high}"
+
+    used = sorted({c for r in rows if r["behaviour_correction"] for c in r["behaviour_correction"].split(",")})
+    clipped = f"; clipped at the first micro-batch: {span('clipped_first', '.1%')}" if any(
+        r["clipped_first"] is not None for r in rows) else ""
+    console.print(f"vLLM against the trainer, at each epoch's first step: logprob gap mean {span('logprob_gap_mean', '.4f')}, "
+                  f"max {span('logprob_gap_max', '.2f')}; behaviour correction {', '.join(used) or '-'}{clipped} "
+                  "(docs/config.md#vllm-and-the-trainer)")
 
 
 def _print_agents(ctx: RunContext, *, console: Console) -> None:
