@@ -99,11 +99,7 @@ def restore_serving(ctx: RunContext, *, revived: list[str]) -> None:
     serving version's (merged) weights. The version just trained beside the rollouts (asynchronous epochs) waits for
     the next redeploy."""
     config, stack = ctx.config, ctx.services
-    gateway = stack.gateway_client(config)
-    try:
-        serving = gateway.policies()["policies"]
-    finally:
-        gateway.close()
+    serving = gateway_policies(ctx)
     full_mode = redeploy_mode(config) == "merged"
     for policy in config.policies:
         state = serving.get(policy.name) or {}
@@ -184,14 +180,18 @@ def end_outages(revived: list[Revived]) -> None:
         r.outage.ended = time.time()
 
 
-def serving_versions(ctx: RunContext) -> dict[str, str]:
-    """Return the version each policy serves now ('base' before any training)."""
-    config, stack = ctx.config, ctx.services
-    gateway = stack.gateway_client(config)
+def gateway_policies(ctx: RunContext) -> dict[str, dict]:
+    """What the gateway serves now, per policy name (its ``/admin/policies`` answer)."""
+    gateway = ctx.services.gateway_client(ctx.config)
     try:
-        serving = gateway.policies()["policies"]
+        return gateway.policies()["policies"]
     finally:
         gateway.close()
+
+
+def serving_versions(ctx: RunContext) -> dict[str, str]:
+    """Return the version each policy serves now ('base' before any training)."""
+    config, serving = ctx.config, gateway_policies(ctx)
     labels = {}
     for p in config.policies:
         number = (serving.get(p.name) or {}).get("version") or 0
