@@ -146,11 +146,14 @@ def test_a_batch_on_a_remote_worker_delivers_its_outcome_spans_before_it_returns
 
 
 @pytest.mark.integration
-def test_a_batch_whose_outcome_spans_cannot_be_delivered_says_so_instead_of_returning(gateway):
+def test_a_batch_whose_outcome_spans_cannot_be_delivered_says_so_instead_of_returning(gateway, monkeypatch):
     import threading
 
     from lightning_core.common.services import ServiceError, free_port
     from lightning_core.epoch.stages import run_rollout_batch
+    from lightning_core.rollouts import runner
+
+    monkeypatch.setattr(runner, "OUTCOME_EXPORT_TIMEOUT_S", 3.0)  # the exporter's retries against nothing: 3 s, not 30
 
     nowhere = f"http://127.0.0.1:{free_port()}"  # a collector that is gone
     settings = RunnerSettings(agent="tests.helpers.agents:returns_reward", collector_url=nowhere, gateway_url=gateway.url,
