@@ -53,6 +53,7 @@ def run_one(example: str, cell: str, seed: int) -> dict:
     command = [sys.executable, "examples/measure.py", config, "--epochs", str(epochs), "--eval-tasks", str(tasks),
                "--seed", str(seed), "--set", f"serving.dtype={dtype}", "--set",
                f"trainer.behaviour_correction={correction}", "--out", str(RESULTS / "logprob_gap_runs.md")]
+    RESULTS.mkdir(parents=True, exist_ok=True)  # measure.py appends its table there: before the first run, too
     before = uptime()
     started = time.time()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -64,7 +65,6 @@ def run_one(example: str, cell: str, seed: int) -> dict:
                              f"{Path(config).stem}-{stamp.group(1)}") if stamp else None}
     if done.returncode != 0:
         record["error"] = (done.stdout + done.stderr)[-3000:]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     with open(INDEX, "a") as out:
         out.write(json.dumps(record) + "\n")
     return record
