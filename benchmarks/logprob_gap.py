@@ -113,16 +113,14 @@ def _dataset_overrides(config_path: Path) -> list[str]:
     return [f"rollouts.{key}={getattr(r, key)}" for key in ("dataset", "eval_dataset") if getattr(r, key) is not None]
 
 
-def _recorded(example: str, cell: str, seed: int) -> bool:
-    """Whether a run of (example, cell, seed) is on record with its lake whole (evaluated before and after)."""
-    records = [json.loads(line) for line in INDEX.read_text().splitlines()] if INDEX.exists() else []
-    return any(r["example"] == example and r["cell"] == cell and r["seed"] == seed and measured(r) is not None
-               for r in records)
+def _records() -> list[dict]:
+    """Every run on record, in the order they ran."""
+    return [json.loads(line) for line in INDEX.read_text().splitlines()] if INDEX.exists() else []
 
 
 def report() -> str:
     """The side-by-side table of every recorded run, and the plot of the gap per epoch."""
-    records = [json.loads(line) for line in INDEX.read_text().splitlines()] if INDEX.exists() else []
+    records = _records()
     rows, curves = [], {}
     for example in EXAMPLES:
         for cell in CELLS:
@@ -197,10 +195,12 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only summarise the runs recorded so far")
     args = parser.parse_args()
     if not args.report:
+        # a grid run again goes on where it stopped: runs on record with their lake whole (evaluated before and after)
+        done = {(r["example"], r["cell"], r["seed"]) for r in _records() if measured(r) is not None}
         for seed in range(args.runs):  # seed-major: an interrupted grid still has every cell at the first seeds
             for example in args.examples:
                 for cell in args.cells:
-                    if _recorded(example, cell, seed):  # a grid run again goes on where it stopped
+                    if (example, cell, seed) in done:
                         continue
                     record = run_one(example, cell, seed)
                     print(json.dumps({k: record.get(k) for k in ("example", "cell", "seed", "returncode", "wall_s")}),
