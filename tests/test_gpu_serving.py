@@ -188,6 +188,15 @@ def test_replicas_sharing_a_gpu_split_vllms_share(tmp_path, model_dir):
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
 
 
+def test_servers_start_side_by_side_on_cpu_and_on_gpus_only_where_they_share_no_device(tmp_path, model_dir):
+    cfg = config_for(tmp_path, model_dir, "serving.replicas=3")
+    assert vllm.start_waves(cfg, [0, 1, 2], machine=CPU) == [[0, 1, 2]]
+    apart = config_for(tmp_path, model_dir, "serving.replicas=2", "serving.devices=[0, 1]", "trainer.devices=[2]")
+    assert vllm.start_waves(apart, [0, 1], machine=Machine(gpus=3, cpu_count=16)) == [[0, 1]]
+    shared = config_for(tmp_path, model_dir, "serving.replicas=3", "serving.devices=[0]", "trainer.devices=[1]")
+    assert vllm.start_waves(shared, [0, 1, 2], machine=Machine(gpus=2, cpu_count=16)) == [[0], [1], [2]]
+
+
 # --- sleep around the train stage -----------------------------------------------------------------------------------
 
 class _FakeVllm(http.server.BaseHTTPRequestHandler):

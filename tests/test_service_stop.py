@@ -69,3 +69,24 @@ def test_vllm_keeps_its_temporary_files_in_a_folder_of_its_own(vllm_server):
     entries = list(scratch.iterdir())
     assert any(entry.is_socket() for entry in entries), entries
     assert any(entry.name.startswith("vllm_dist_") for entry in entries), entries
+
+
+def test_servers_started_side_by_side_fail_at_the_first_death_and_leave_none_running(tmp_path, tiny_model_dir):
+    """vLLM replicas start together: one that dies ends the start at once (not after the others' timeout), the error
+    names it, and the ones still starting are stopped."""
+    from lightning_core.config import load_config
+    from lightning_core.serving.vllm import start_vllm_replicas
+
+    port = free_port()
+    fake = tmp_path / "python"  # stands in for vLLM's interpreter: the second server dies, the first never answers
+    fake.write_text(f"#!/bin/bash\necho $$ >> {tmp_path}/pids\n"
+                    f"case \" $* \" in *\" --port {port + 1} \"*) echo 'no such model'; exit 3;; esac\nexec sleep 300\n")
+    fake.chmod(0o755)
+    cfg = load_config(None, overrides=[f"project_dir={tmp_path}", f"serving.vllm_python={fake}", f"model.path={tiny_model_dir}",
+                                       "serving.replicas=2", f"serving.port={port}", "serving.startup_timeout_s=120"])
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match=r"vllm1 exited with code 3 during start-up[\s\S]*no such model"):
+        start_vllm_replicas(cfg)
+    assert time.monotonic() - started < 30
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 2 and not any(_running(pid) for pid in pids)

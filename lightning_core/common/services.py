@@ -150,10 +150,13 @@ def start_process(
     timeout_s: float = 60.0,
     cwd: Path | None = None,
     scratch: Path | None = None,
+    wait: bool = True,
 ) -> Service:
     """Start ``argv`` in its own process group, logging to ``log_path``, and wait until healthy.
 
     ``scratch``: a folder the process keeps its temporary files in, removed when it stops (or fails to start).
+    ``wait=False`` returns once the process runs: the caller waits (``wait_healthy``) and stops it if that fails, so
+    that several slow servers start side by side.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
@@ -170,6 +173,8 @@ def start_process(
     stopping.add_group(process.pid, name)  # its own session: a second Ctrl-C kills it with the rest
     service = Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path,
                       env=dict(env or {}), scratch=scratch)
+    if not wait:
+        return service
     try:
         wait_healthy(service, timeout_s=timeout_s)
     except BaseException:  # it died, stayed unhealthy, or we were interrupted: leave nothing of it behind
@@ -196,23 +201,33 @@ def cancelled_by(event: threading.Event) -> Iterator[None]:
 def wait_healthy(service: Service, *, timeout_s: float) -> None:
     """Block until the service answers its health URL; raise ``ServiceError`` on death or timeout, or once a stop is
     asked for (Ctrl-C, or the event of ``cancelled_by``); the caller stops it (``start_process`` does)."""
+    wait_all_healthy([service], timeout_s=timeout_s)
+
+
+def wait_all_healthy(services: Sequence[Service], *, timeout_s: float) -> None:
+    """``wait_healthy`` for servers starting side by side: the first of them to die ends the wait at once."""
     deadline = time.monotonic() + timeout_s
     cancel = getattr(_starts, "cancel", None)
-    while time.monotonic() < deadline:
+    pending = list(services)
+    while pending and time.monotonic() < deadline:
         if stopping.stopping() or (cancel is not None and cancel.is_set()):
-            raise ServiceError(f"the start of {service.name} was given up: the run is stopping")
-        if service.process is not None and service.process.poll() is not None:
-            raise ServiceError(
-                f"{service.name} exited with code {service.process.returncode} during start-up "
-                f"(log {service.log_path}):\n{service.log_tail()}"
-            )
-        if is_healthy(service.health_url, timeout_s=1.0):
-            return
-        time.sleep(0.2)
-    raise ServiceError(
-        f"{service.name} did not answer {service.health_url} within {timeout_s:.0f} s "
-        f"(log {service.log_path}):\n{service.log_tail()}"
-    )
+            raise ServiceError(f"the start of {', '.join(s.name for s in pending)} was given up: the run is stopping")
+        for service in list(pending):
+            if service.process is not None and service.process.poll() is not None:
+                raise ServiceError(
+                    f"{service.name} exited with code {service.process.returncode} during start-up "
+                    f"(log {service.log_path}):\n{service.log_tail()}"
+                )
+            if is_healthy(service.health_url, timeout_s=1.0):
+                pending.remove(service)
+        if pending:
+            time.sleep(0.2)
+    if pending:
+        service = pending[0]
+        raise ServiceError(
+            f"{service.name} did not answer {service.health_url} within {timeout_s:.0f} s "
+            f"(log {service.log_path}):\n{service.log_tail()}"
+        )
 
 
 def attach(name: str, endpoint: str, *, setting: str, health_path: str = "/healthz") -> Service:
