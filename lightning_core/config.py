@@ -154,6 +154,14 @@ class ServingConfig(Section):
         "build (its default 128 caches only whole 128-token blocks of a shared prompt: 32 served 64 sql rollouts in "
         "46 s instead of 59), vLLM's own default on GPU.")
     keep_versions: int = Field(2, ge=1, description="Policy versions kept loaded per policy (current + rollbacks); older ones are unloaded.")
+    weights_uri: str | None = Field(
+        None, description="Where the trainer publishes each version (its adapter, and in merged mode its merged "
+        "weights) for vLLM hosts that do not share its disk: s3://bucket/prefix (or a shared folder, file:///path). "
+        "The gateway beside vLLM fetches a version to its own disk, checks every file against the published "
+        "manifest, and vLLM loads it from there. Default: vLLM reads the trainer's folders (one machine).")
+    weights_storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Storage options for weights_uri, as lake.storage_options (AWS_ENDPOINT_URL, "
+        "AWS_REGION); credentials come from the AWS_* environment (or the host's role), as the span store's.")
     startup_timeout_s: float = Field(300.0, gt=0, description="How long a vLLM start may take before it is an error.")
     stuck_after_s: float = Field(
         60.0, gt=0, description="A vLLM this run started that generates no token, and answers no one-token request, "

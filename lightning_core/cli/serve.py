@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,9 @@ def gateway(
     workers: Optional[int] = typer.Option(None, help="Gateway processes on the one port (default gateway.workers, 1)."),
     state: Optional[Path] = typer.Option(None, help="SQLite file the processes share registrations and policies in "
                                                     "(default: in memory for one process, a temporary file for several)."),
+    weights_dir: Optional[Path] = typer.Option(None, help="Folder to fetch published versions into (serving.weights_uri), "
+                                                          "for the vLLM on this host to load; credentials from AWS_* or "
+                                                          "serving.weights_storage_options."),
 ) -> None:
     """Run the OpenAI-compatible gateway that forwards to vLLM and records every call as a span."""
     from lightning_core.serving.app import serve
@@ -37,6 +41,7 @@ def gateway(
         console.print("[red]error:[/red] no vLLM to forward to: pass --upstream URL or set serving.urls (or run `arclight serve`)")
         raise typer.Exit(2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.update({k.upper(): v for k, v in cfg.serving.weights_storage_options.items()})  # for POST /admin/weights
     g = cfg.gateway
     console.print(escape(f"gateway on http://{g.host}:{g.port}/v1 (rollouts: /rollout/<id>/v1) -> {', '.join(upstreams)}"
                          + (f" ({g.workers} processes)" if g.workers > 1 else "")))
@@ -45,7 +50,7 @@ def gateway(
               policies=list(policy or [p.name for p in cfg.policies]), collector_url=collector_url or cfg.collector.url,
               token=g.token, collector_token=cfg.collector.token, upstream_timeout_s=g.upstream_timeout_s,
               max_body_bytes=g.max_body_bytes, keep_versions=cfg.serving.keep_versions, log_level=log_level,
-              workers=g.workers, state_path=state, export_delay_ms=g.export_delay_ms)
+              workers=g.workers, state_path=state, export_delay_ms=g.export_delay_ms, weights_dir=weights_dir)
     except ValueError as exc:
         fail(str(exc), code=2)
 

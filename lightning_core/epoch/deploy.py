@@ -8,10 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_core.common import published
 from lightning_core.epoch.context import RunContext
-from lightning_core.serving.redeploy import (deploy_adapter, deploy_full_weights, merge_adapter, prune_merged,
+from lightning_core.serving.client import GatewayAdminError, GatewayClient
+from lightning_core.serving.redeploy import (RedeployError, deploy_adapter, deploy_full_weights, merge_adapter, prune_merged,
                                              reload_full_weights, restore_adapter)
 from lightning_core.serving.vllm import model_dir, redeploy_mode, replica_group, serving_dtype, start_vllm
+from lightning_core.trainer.train import SERVING_LEAVES_OUT
 from lightning_core.trainer.versions import latest_version, version_name, version_number, version_row
 from lightning_core.epoch.stack import Outage
 
@@ -40,6 +43,7 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
     gateway = stack.gateway_client(config)
     mode = redeploy_mode(config)
     replicas = [r.url for r in stack.replicas]
+    fetched = bool(config.serving.weights_uri)
     deployed = []
     try:
         serving = gateway.policies()["policies"]
@@ -52,21 +56,24 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
             own = _own_replicas(stack, policy.name)
             if (serving.get(policy.name) or {}).get("version") == number:
                 if not full and revived:  # restarted replicas catch up with the adapter the gateway serves
-                    restore_adapter(replicas=revived, policy=policy.name, adapter_dir=latest["path"], version=number,
+                    restore_adapter(replicas=revived, policy=policy.name, version=number, fetched=fetched,
+                                    adapter_dir=folder_for_vllm(config, gateway, Path(latest["path"]), policy=policy.name),
                                     verify_prompt=config.serving.verify_prompt)
                 if not (full and set(revived) & set(own)):
                     continue
                 own = [url for url in own if url in revived]  # a restarted replica of the policy serves base weights
             if full:
                 weights = serving_weights(config, latest)
-                d = deploy_full_weights(gateway=gateway, replicas=own, policy=policy.name, model_dir=weights,
-                                        version=number, verify_prompt=config.serving.verify_prompt)
+                d = deploy_full_weights(gateway=gateway, replicas=own, policy=policy.name, version=number,
+                                        model_dir=folder_for_vllm(config, gateway, weights, policy=policy.name),
+                                        verify_prompt=config.serving.verify_prompt, fetched=fetched)
                 if latest.get("kind") != "full":
                     prune_merged(weights, keep=config.serving.keep_versions)
             else:
-                d = deploy_adapter(gateway=gateway, replicas=replicas, policy=policy.name, adapter_dir=latest["path"],
-                                   version=number, keep_versions=config.serving.keep_versions,
-                                   verify_prompt=config.serving.verify_prompt)
+                d = deploy_adapter(gateway=gateway, replicas=replicas, policy=policy.name, version=number,
+                                   adapter_dir=folder_for_vllm(config, gateway, Path(latest["path"]), policy=policy.name),
+                                   keep_versions=config.serving.keep_versions,
+                                   verify_prompt=config.serving.verify_prompt, fetched=fetched)
             deployed.append(Redeployed(policy.name, latest["version"], d.first_answer_s))
         stack.serving = gateway.policies()["policies"]
     finally:
@@ -101,6 +108,17 @@ def restore_serving(ctx: RunContext, *, revived: list[str]) -> None:
     config, stack = ctx.config, ctx.services
     serving = gateway_policies(ctx)
     full_mode = redeploy_mode(config) == "merged"
+    fetched = bool(config.serving.weights_uri)
+    gateway = stack.gateway_client(config)
+    try:
+        _restore(ctx, serving, revived=revived, full_mode=full_mode, fetched=fetched, gateway=gateway)
+    finally:
+        gateway.close()
+
+
+def _restore(ctx: RunContext, serving: dict, *, revived: list[str], full_mode: bool, fetched: bool,
+             gateway: GatewayClient) -> None:
+    config, stack = ctx.config, ctx.services
     for policy in config.policies:
         state = serving.get(policy.name) or {}
         number = state.get("version") or 0
@@ -110,14 +128,33 @@ def restore_serving(ctx: RunContext, *, revived: list[str]) -> None:
         if row.get("kind") == "full" or full_mode:  # weights replaced in place: no earlier version stays loaded
             own = [url for url in _own_replicas(stack, policy.name) if url in revived]
             if own:
-                reload_full_weights(replicas=own, policy=policy.name, model_dir=serving_weights(config, row),
+                weights = folder_for_vllm(config, gateway, serving_weights(config, row), policy=policy.name)
+                reload_full_weights(replicas=own, policy=policy.name, model_dir=weights, fetched=fetched,
                                     served_model=state["served_model"], verify_prompt=config.serving.verify_prompt)
             continue
         for kept in [number, *(h["version"] for h in state.get("history") or [])]:
             if kept:
                 adapter = row if kept == number else version_row(ctx.catalog, version_name(policy.name, kept))
-                restore_adapter(replicas=revived, policy=policy.name, adapter_dir=adapter["path"], version=kept,
+                restore_adapter(replicas=revived, policy=policy.name, version=kept, fetched=fetched,
+                                adapter_dir=folder_for_vllm(config, gateway, Path(adapter["path"]), policy=policy.name),
                                 verify_prompt=config.serving.verify_prompt)
+
+
+def folder_for_vllm(config, gateway: GatewayClient, folder: Path, *, policy: str) -> str:
+    """The folder vLLM loads ``folder`` from: the folder itself on one machine; with ``serving.weights_uri``, the copy
+    that the gateway beside vLLM fetched to its own disk and checked against the published manifest. A folder made
+    here (merged weights) is published first; one the trainer published already is left as it is."""
+    uri = config.serving.weights_uri
+    if not uri:
+        return str(folder)
+    target = published.join(uri, policy, folder.name)
+    try:
+        if folder.is_dir():
+            published.publish(folder, target, options=config.serving.weights_storage_options,
+                              leave_out=SERVING_LEAVES_OUT)
+        return gateway.fetch_weights(target)["path"]
+    except (published.PublishError, GatewayAdminError) as exc:
+        raise RedeployError(f"{folder.name} could not reach vLLM's host through {target}: {exc}") from None
 
 
 def serving_weights(config, row: dict) -> Path:

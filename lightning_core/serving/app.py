@@ -11,7 +11,8 @@ Agents point their OpenAI client at ``{gateway}/rollout/{rollout_id}/v1`` (train
 Admin endpoints (bearer token when one is set): ``POST /admin/rollouts`` registers a rollout
 (unknown rollout ids get 404), ``DELETE /admin/rollouts/{id}`` forgets it, ``GET /admin/policies``
 lists policy versions, ``PUT /admin/policies/{name}`` switches a policy to a loaded adapter
-atomically, ``POST /admin/policies/{name}/rollback`` switches back. See docs/serving.md.
+atomically, ``POST /admin/policies/{name}/rollback`` switches back, ``POST /admin/weights`` fetches a published
+version to this host for the vLLM beside it (``serving.weights_uri``). See docs/serving.md.
 
 This module only wires the routes to the handlers (``gateway.Gateway``) and runs the server's
 processes; ``router`` decides where a call goes and ``recording`` what its span holds.
@@ -54,6 +55,7 @@ def build_app(
     keep_versions: int = 2,
     state_path: str | os.PathLike | None = None,
     export_delay_ms: int = 200,
+    weights_dir: str | os.PathLike | None = None,
 ) -> Starlette:
     """Return the gateway's Starlette app (spans go to ``exporter``; registrations and policies to ``state_path``,
     which every process of one gateway shares, or to memory)."""
@@ -61,7 +63,8 @@ def build_app(
     router = Router(upstreams=upstreams, base_model=base_model, policies=policies or ["default"], state=GatewayState(state_path))
     gw = Gateway(router=router,
                  recorder=SpanRecorder(exporter, metrics, delay_ms=export_delay_ms), metrics=metrics, token=token,
-                 upstream_timeout_s=upstream_timeout_s, max_body_bytes=max_body_bytes, keep_versions=keep_versions)
+                 upstream_timeout_s=upstream_timeout_s, max_body_bytes=max_body_bytes, keep_versions=keep_versions,
+                 weights_dir=str(weights_dir) if weights_dir else None)
     routes = [
         Route("/rollout/{rollout_id}/v1/chat/completions", gw.completions, methods=["POST"]),
         Route("/rollout/{rollout_id}/v1/completions", gw.completions, methods=["POST"]),
@@ -75,6 +78,7 @@ def build_app(
         Route("/admin/policies/{policy}", gw.switch_policy, methods=["PUT"]),
         Route("/admin/policies/{policy}/rollback", gw.rollback_policy, methods=["POST"]),
         Route("/admin/flush", gw.flush, methods=["POST"]),
+        Route("/admin/weights", gw.fetch_weights, methods=["POST"]),
         Route("/healthz", gw.healthz, methods=["GET"]),
         Route("/metrics", gw.prometheus, methods=["GET"]),
     ]
@@ -100,7 +104,8 @@ def _app(settings: dict[str, Any]) -> Starlette:
     return build_app(upstreams=settings["upstreams"], base_model=settings["base_model"], policies=settings["policies"],
                      exporter=exporter, token=settings.get("token"), upstream_timeout_s=settings["upstream_timeout_s"],
                      max_body_bytes=settings["max_body_bytes"], keep_versions=settings["keep_versions"],
-                     state_path=settings.get("state_path"), export_delay_ms=settings.get("export_delay_ms", 200))
+                     state_path=settings.get("state_path"), export_delay_ms=settings.get("export_delay_ms", 200),
+                     weights_dir=settings.get("weights_dir"))
 
 
 def app_from_environment() -> Starlette:
@@ -126,6 +131,7 @@ def serve(
     workers: int = 1,
     state_path: str | os.PathLike | None = None,
     export_delay_ms: int = 200,
+    weights_dir: str | os.PathLike | None = None,
 ) -> None:
     """Run the gateway in the foreground until interrupted; spans go to the collector at ``collector_url``.
 
@@ -142,7 +148,8 @@ def serve(
     settings = {"upstreams": upstreams, "base_model": base_model, "policies": policies, "collector_url": collector_url,
                 "token": token, "collector_token": collector_token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN") or None,
                 "upstream_timeout_s": upstream_timeout_s, "max_body_bytes": max_body_bytes, "keep_versions": keep_versions,
-                "state_path": str(state_path) if state_path else None, "export_delay_ms": export_delay_ms}
+                "state_path": str(state_path) if state_path else None, "export_delay_ms": export_delay_ms,
+                "weights_dir": str(weights_dir) if weights_dir else None}
     # idle client connections are kept longer than clients keep them (httpx, so the OpenAI SDK: 5 s; aiohttp: 15 s),
     # so a client never sends on a connection the gateway is closing: at uvicorn's 5 s, a rollout client idle for
     # about 5 s got "Server disconnected without sending a response" (an OpenAI client with max_retries=0 failed)

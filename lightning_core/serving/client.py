@@ -67,6 +67,11 @@ class GatewayClient:
         """Switch ``policy`` back to its previous version."""
         return self._call("POST", f"/admin/policies/{policy}/rollback")
 
+    def fetch_weights(self, uri: str, *, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Have the gateway fetch the version published at ``uri`` to its host (for the vLLM beside it); return the
+        folder it is in there (``path``), its ``bytes`` and the manifest's ``files``."""
+        return self._call("POST", "/admin/weights", json={"uri": uri}, timeout=timeout_s)
+
     def flush(self) -> bool:
         """Export every span recorded so far to the collector now."""
         return bool(self._call("POST", "/admin/flush")["flushed"])

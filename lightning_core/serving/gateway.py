@@ -9,6 +9,7 @@ import json
 import logging
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -40,9 +41,11 @@ class Gateway:
     """The gateway's request handlers, sharing the router, the metrics, the span recorder and one HTTP client."""
 
     def __init__(self, *, router: Router, recorder: SpanRecorder, metrics: GatewayMetrics, token: str | None,
-                 upstream_timeout_s: float, max_body_bytes: int, keep_versions: int):
+                 upstream_timeout_s: float, max_body_bytes: int, keep_versions: int,
+                 weights_dir: str | None = None):
         self.router, self.recorder, self.metrics, self.token = router, recorder, metrics, token
         self.upstream_timeout_s, self.max_body_bytes, self.keep_versions = upstream_timeout_s, max_body_bytes, keep_versions
+        self.weights_dir = weights_dir  # where POST /admin/weights fetches to (its storage's credentials: AWS_*)
         self.client: aiohttp.ClientSession | None = None
         self.flushed = 0
 
@@ -365,6 +368,34 @@ class Gateway:
         self.metrics.policy_version.labels(name).set(policy.version)
         log.info("policy %s now serves %s (version %d)", name, policy.served_model, policy.version)
         return JSONResponse(policy.as_dict())
+
+    async def fetch_weights(self, request: Request) -> Response:
+        """``POST /admin/weights`` ``{"uri": ...}``: fetch a version the trainer published (``serving.weights_uri``) to
+        this host's disk, checked file by file against its manifest, for the vLLM beside the gateway to load; answer
+        the folder it is in, its size and its manifest. Fetched versions beyond ``keep_versions`` + 1 are deleted."""
+        from lightning_core.common.published import PublishError, fetch, prune
+
+        try:
+            self.authorize_admin(request)
+            uri = (await self.read_json(request)).get("uri")
+            if not isinstance(uri, str) or not uri:
+                raise GatewayError(422, 'POST /admin/weights needs {"uri": "s3://bucket/prefix/<version>"}')
+            if not self.weights_dir:
+                raise GatewayError(409, "this gateway has no folder to fetch weights into (arclight gateway "
+                                        "--weights-dir, which start_gateway sets)")
+            started = time.perf_counter()
+            try:
+                folder = await asyncio.to_thread(fetch, uri, Path(self.weights_dir))
+            except PublishError as exc:
+                raise GatewayError(502, str(exc)) from None
+            await asyncio.to_thread(prune, Path(self.weights_dir), keep=self.keep_versions + 1, fetched=folder)
+        except GatewayError as exc:
+            return error_response(exc)
+        manifest = json.loads((folder / "manifest.json").read_text())["files"]
+        log.info("fetched %s to %s (%d files, %d bytes) in %.2f s", uri, folder, len(manifest),
+                 sum(f["bytes"] for f in manifest.values()), time.perf_counter() - started)
+        return JSONResponse({"path": str(folder), "bytes": sum(f["bytes"] for f in manifest.values()),
+                             "files": manifest, "seconds": round(time.perf_counter() - started, 3)})
 
     async def rollback_policy(self, request: Request) -> Response:
         """``POST /admin/policies/{name}/rollback``."""

@@ -81,10 +81,13 @@ def deploy_adapter(
     keep_versions: int = 2,
     verify_prompt: str = "Say hi.",
     timeout_s: float = 120.0,
+    fetched: bool = False,
 ) -> Deployment:
-    """Load ``adapter_dir`` as a new version of ``policy`` on every replica, verify, switch, prune."""
+    """Load ``adapter_dir`` as a new version of ``policy`` on every replica, verify, switch, prune. ``fetched``: the
+    folder is on vLLM's host, where the gateway fetched it and checked it against its manifest (``weights_uri``)."""
     started = time.perf_counter()
-    check_adapter_dir(adapter_dir)
+    if not fetched:
+        check_adapter_dir(adapter_dir)
     current = gateway.policies()["policies"].get(policy) or {"served_model": None, "version": 0, "history": []}
     version = version if version is not None else int(current["version"]) + 1
     name = served_name(policy, version)
@@ -151,6 +154,7 @@ def deploy_full_weights(
     version: int,
     verify_prompt: str = "Say hi.",
     timeout_s: float = 600.0,
+    fetched: bool = False,
 ) -> Deployment:
     """Reload full weights in place on every replica (``reload_weights``), verify, and switch the gateway.
 
@@ -160,7 +164,7 @@ def deploy_full_weights(
     started = time.perf_counter()
     base = gateway.policies()["base_model"]
     texts, load_s = reload_full_weights(replicas=replicas, policy=policy, model_dir=model_dir, served_model=base,
-                                        verify_prompt=verify_prompt, timeout_s=timeout_s)
+                                        verify_prompt=verify_prompt, timeout_s=timeout_s, fetched=fetched)
     first_answer_s = time.perf_counter() - started
     gateway.switch_policy(policy, served_model=base, version=version)
     return Deployment(policy=policy, version=version, served_model=base, load_s=load_s, first_answer_s=first_answer_s,
@@ -168,12 +172,13 @@ def deploy_full_weights(
 
 
 def reload_full_weights(*, replicas: list[str], policy: str, model_dir: Path, served_model: str,
-                        verify_prompt: str = "Say hi.", timeout_s: float = 600.0) -> tuple[list[str], float]:
+                        verify_prompt: str = "Say hi.", timeout_s: float = 600.0,
+                        fetched: bool = False) -> tuple[list[str], float]:
     """Reload ``model_dir``'s weights in place on every replica, reset their prefix caches and verify each with a real
     request to ``served_model``; return the answers and the seconds the reloads took. Switches nothing: a replica
     restarted under a version the gateway serves already catches up this way (``epoch.deploy.restore_serving``)."""
     started = time.perf_counter()
-    if not (Path(model_dir) / "config.json").is_file():
+    if not fetched and not (Path(model_dir) / "config.json").is_file():
         raise RedeployError(f"{model_dir} is not a model folder: config.json is missing")
     with httpx.Client(timeout=timeout_s) as http:
         for replica in replicas:
@@ -191,6 +196,7 @@ def reload_full_weights(*, replicas: list[str], policy: str, model_dir: Path, se
             if response.status_code != 200:
                 raise RedeployError(f"vLLM at {replica} could not reload weights from {model_dir}: "
                                     f"{response.status_code} {response.text[:2000]}")
+            log.info("vLLM at %s reloaded the weights of %s from %s", replica, policy, model_dir)
             # cached prefixes were computed with the old weights (every rollout shares its system prompt)
             reset = http.post(f"{replica}/reset_prefix_cache")
             if reset.status_code != 200:
@@ -201,12 +207,13 @@ def reload_full_weights(*, replicas: list[str], policy: str, model_dir: Path, se
 
 
 def restore_adapter(*, replicas: list[str], policy: str, adapter_dir: Path, version: int, verify_prompt: str = "Say hi.",
-                    timeout_s: float = 120.0) -> list[str]:
+                    timeout_s: float = 120.0, fetched: bool = False) -> list[str]:
     """Load the serving version of ``policy`` onto ``replicas`` that lack it (restarted ones); return those loaded.
 
     The gateway already serves that version, so nothing is switched: the replicas only catch up.
     """
-    check_adapter_dir(adapter_dir)
+    if not fetched:
+        check_adapter_dir(adapter_dir)
     name, loaded = served_name(policy, version), []
     with httpx.Client(timeout=timeout_s) as http:
         for replica in (r.rstrip("/") for r in replicas):

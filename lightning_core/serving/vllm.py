@@ -420,6 +420,11 @@ def start_waves(config: ArclightConfig, indices: list[int], *, machine: Machine 
     return [w[1] for w in waves]
 
 
+def weights_dir(config: ArclightConfig) -> Path:
+    """Where a gateway this project starts keeps the versions it fetches from ``serving.weights_uri``."""
+    return config.project_dir / ".arclight" / "gateway" / "weights"
+
+
 def start_gateway(
     config: ArclightConfig,
     *,
@@ -461,6 +466,9 @@ def start_gateway(
     env = {"ARCLIGHT_GATEWAY_TOKEN": g.token} if g.token else {}
     if config.collector.token:
         env["ARCLIGHT_COLLECTOR_TOKEN"] = config.collector.token
+    if config.serving.weights_uri:  # it fetches each version from there for the vLLM beside it (credentials: env)
+        argv += ["--weights-dir", str(weights_dir(config))]
+        env.update({k.upper(): v for k, v in config.serving.weights_storage_options.items()})
     return start_process(
         "gateway", argv, url=g.url, health_url=f"{g.url}/healthz",
         log_path=log_dir / "gateway.log", env=env, timeout_s=timeout_s,

@@ -140,16 +140,6 @@ def readable_files(root, lane: str, table: DeltaTable, where: Location) -> list[
 
 def arrow_filesystem(where: Location):
     """A pyarrow S3 filesystem for the location, from its storage options and the AWS_* environment."""
-    import pyarrow.fs as pafs
+    from lightning_core.common.published import s3_filesystem
 
-    options = {k.lower(): v for k, v in os.environ.items() if k.startswith("AWS_")}
-    options.update({k.lower(): v for k, v in (where.options or {}).items()})
-    endpoint = options.get("aws_endpoint_url") or options.get("endpoint_url") or options.get("aws_endpoint")
-    kwargs = {"region": options.get("aws_region") or options.get("region") or "us-east-1"}
-    if options.get("aws_access_key_id"):
-        kwargs.update(access_key=options["aws_access_key_id"], secret_key=options.get("aws_secret_access_key"),
-                      session_token=options.get("aws_session_token"))
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return pafs.S3FileSystem(**kwargs), endpoint
+    return s3_filesystem(where.options)

@@ -20,7 +20,7 @@ import torch
 from lightning_core import tracking
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig, TrainerConfig
-from lightning_core.common import gpu, hardware
+from lightning_core.common import gpu, hardware, published
 from lightning_core.common.durable import save_atomically
 from lightning_core.trainer import checkpoint, versions
 from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of, within_staleness
@@ -167,6 +167,9 @@ def train_policy(
         path = save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir,
                                                        optimizer=optimizer),
                                root=root, name=version, replace=True)
+        if config.serving.weights_uri:  # for vLLM hosts that do not share this disk: before the version is recorded
+            published.publish(path, published.join(config.serving.weights_uri, policy, version),
+                              options=config.serving.weights_storage_options, leave_out=SERVING_LEAVES_OUT)
         source = tracking.log_checkpoint(path, version=version)
         registry_version = tracking.register_version(config, policy=policy, source=source, mlflow_run_id=mlflow_run_id,
                                                      version=version, alias=cfg.registry_alias)
@@ -183,6 +186,9 @@ def train_policy(
         return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=version, parent_version=parent_version,
                            path=path, metrics=stats, steps=steps, mlflow_run_id=mlflow_run_id,
                            registry_version=registry_version, message=message)
+
+
+SERVING_LEAVES_OUT = (OPTIMIZER_STATE,)  # the optimizer's state resumes training here; vLLM never reads it (2x the adapter)
 
 
 def _already_trained(row: dict[str, Any]) -> TrainResult:
