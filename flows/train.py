@@ -262,6 +262,8 @@ def run_epoch(ctx: RunContext, *, epoch: int | None = None, overlap: bool = True
         logger.info("resuming epoch %s of run %s after stage %r", epoch, run_id, status)
     t.redeploy(ctx)  # serve the newest version before sampling from it
     sample_epoch(ctx, epoch=epoch)
+    # the epoch's rollouts as MLflow traces, beside its training (a failure there is a warning in the summary)
+    publishing = t.publish_traces.submit(ctx, run_id=run_id, epoch=epoch) if ctx.config.tracking.traces != "off" else None
     if not ep.reached(ep.epoch_status(catalog, run_id=run_id, epoch=epoch), "trained"):
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="triplets_done",
                             train_started_at=dt.datetime.now(dt.timezone.utc))
@@ -273,6 +275,8 @@ def run_epoch(ctx: RunContext, *, epoch: int | None = None, overlap: bool = True
     deployed = t.redeploy(ctx)
     for d in deployed:
         logger.info("policy %s now serves %s (first answer after %.2f s)", d["policy"], d["version"], d["first_answer_s"])
+    if publishing is not None:
+        publishing.wait()  # its own task: a failure is in its result and the log, never the epoch's
     incidents = failures.record_incidents(ctx, run_id=run_id, epoch=epoch)
     if incidents:
         logger.warning("epoch %s: %s", epoch, failures.describe_incidents(incidents))
@@ -362,6 +366,8 @@ def run_evaluation(ctx: RunContext, *, label: str | None = None, tasks: int | No
     eval_epoch = reports.eval_epoch(ctx.catalog, run_id=eval_run, label=label)
     counts = run_round(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
     result = reports.record_eval(ctx, epoch=eval_epoch, label=label)
+    if config.tracking.traces != "off":
+        t.publish_traces(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", label=label)
     create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
                           description=f"Held-out evaluation of {label}")
     get_run_logger().info("evaluation of %s after %s epochs: %s (rollouts %s)", label, result["after_epochs"], result, counts)

@@ -202,6 +202,12 @@ class TrackingConfig(Section):
 
     mlflow_uri: str | None = Field(None, description="Tracking URI; default sqlite:///<project dir>/mlflow.db.")
     experiment: str | None = Field(None, description="Experiment name; default the project name.")
+    traces: Literal["all", "sample", "off"] = Field(
+        "all", description="Each epoch's rollouts (and each evaluation's) as MLflow traces, after its triplets: all "
+        "of them; sample: every failed rollout and each group's best and worst, up to traces_cap; off: none.")
+    traces_cap: int = Field(200, ge=1, description="sample: the most traces one epoch publishes.")
+    traces_timeout_s: float = Field(120.0, gt=0, description="The most seconds one epoch spends publishing traces; "
+                                    "what is left is reported in the epoch's summary (arclight traces publishes it later).")
 
 
 class TrainerConfig(Section):

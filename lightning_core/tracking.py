@@ -64,6 +64,20 @@ def start_run(config, *, run_id: str, policy: str, params: dict[str, Any]) -> ml
     return active
 
 
+def traces_url(config, *, ui: str = "http://127.0.0.1:5000") -> str:
+    """The project's traces page in the MLflow UI (``mlflow ui`` on the tracking store; a tracking server's own URL)."""
+    base = config.mlflow_uri.rstrip("/") if config.mlflow_uri.startswith("http") else ui
+    return f"{base}/#/experiments/{experiment_id(config)}/traces"
+
+
+def runs_of(config, *, run_id: str) -> list[str]:
+    """The MLflow runs of an Arclight run, one per policy that has trained (in the config's order of policies)."""
+    exp = experiment_id(config)
+    found = MlflowClient().search_runs([exp], filter_string=f"tags.`arclight.run_id` = '{run_id}'", max_results=100)
+    by_policy = {r.data.tags.get("arclight.policy"): r.info.run_id for r in found}
+    return [by_policy[p.name] for p in config.policies if p.name in by_policy]
+
+
 def next_step(run_id: str) -> int:
     """Return the first unused global step of a run (steps continue across epochs)."""
     history = MlflowClient().get_metric_history(run_id, "loss")

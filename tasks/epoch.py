@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from lightning_core import tracking
 from lightning_core.common.services import ServiceError
 from lightning_core.epoch import bookkeeping as ep
-from lightning_core.epoch import deploy, failures, reports, stages
+from lightning_core.epoch import deploy, failures, reports, stages, traces
 from lightning_core.epoch.context import RunContext
 from lightning_core.rollouts.runner import RolloutOutcome, RolloutSpec, RunnerSettings
 
@@ -127,6 +127,19 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
 def redeploy(ctx: RunContext) -> list[dict[str, Any]]:
     """Serve the newest version of every policy; the old one stays loaded for rollback."""
     return [vars(d) for d in deploy.deploy_latest(ctx)]
+
+
+@task(name="publish-traces", cache_policy=NO_CACHE, timeout_seconds=3600)
+def publish_traces(ctx: RunContext, *, run_id: str, epoch: int, mode: str = "train", label: str | None = None
+                   ) -> dict[str, Any]:
+    """Publish the epoch's rollouts as MLflow traces (bounded by tracking.traces_timeout_s, not retried: what is left
+    ``arclight traces`` publishes later); a failure is a warning, never a failed epoch."""
+    report = traces.publish_epoch(ctx.config, run_id=run_id, epoch=epoch, mode=mode, catalog=ctx.catalog, label=label)
+    (get_run_logger().warning if report.error or report.left else get_run_logger().info)(report.summary())
+    result = {"published": report.published, "already": report.already, "left": report.left, "chosen": report.chosen,
+              "rollouts": report.rollouts, "seconds": report.seconds, "error": report.error, "mode": report.mode}
+    ep.record_traces(ctx.catalog, run_id=run_id, epoch=epoch, traces=result)
+    return result
 
 
 @task(name="log-eval-curve", cache_policy=NO_CACHE, retries=1)

@@ -234,3 +234,64 @@ def triplets(
     print_silences(report.silences, console=console, missing_reward=cfg.pipeline.missing_reward)
     if out is not None:
         console.print(escape(f"wrote {out}"))
+
+
+@project(lake=True)
+def traces(
+    cfg: ArclightConfig,
+    run: Optional[str] = typer.Option(None, "--run", help="Run id (default: the config's run; <run>.eval: its "
+                                      "evaluations)."),
+    epoch: Optional[int] = typer.Option(None, "--epoch", help="Epoch (default: every epoch of the run that ran)."),
+    production: bool = typer.Option(False, "--production", help="The production spans (spans/production) instead of "
+                                    "a run's."),
+    keep: str = typer.Option("all", "--traces", help="all | sample (every failed rollout and each group's best and "
+                             "worst, up to tracking.traces_cap)."),
+) -> None:
+    """Publish rollouts from the lake as MLflow traces: a finished run's or epoch's (runs made before traces existed,
+    or an epoch whose time budget ran out), or the production traces. A trace already published is kept, not
+    duplicated."""
+    from lightning_core.epoch.traces import publish_epoch
+    from lightning_core.names import InvalidName, check_epoch, check_run_id
+    from lightning_core.pipeline.steps import PipelineError
+    from lightning_core.store.catalog import Catalog
+
+    if keep not in ("all", "sample"):
+        fail(f"--traces must be all or sample, not {keep!r}", code=2)
+    if production and (run is not None or epoch is not None):
+        fail("--production publishes the production spans, which have no run or epoch: leave out --run and --epoch",
+             code=2)
+    try:
+        if run is not None:
+            check_run_id(run, what="--run")
+        if epoch is not None:
+            check_epoch(epoch, what="--epoch")
+        need_lake(cfg)
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"traces": keep})})
+        run_id = None if production else (run or cfg.run_name)
+        with lake_io(cfg):
+            catalog = Catalog.from_config(cfg)
+            if production:
+                epochs: list[int | None] = [None]
+            elif epoch is not None:
+                epochs = [epoch]
+            else:
+                with catalog.read(spans=False) as con:
+                    epochs = [e for (e,) in con.execute("SELECT DISTINCT epoch FROM rollouts WHERE run_id = ? AND status "
+                                                        "NOT IN ('planned', 'running') ORDER BY 1", [run_id]).fetchall()]
+                if not epochs:
+                    fail(f"run {run_id!r} has no rollouts that ran in {catalog.state_root}: see `arclight query "
+                         "\"SELECT DISTINCT run_id FROM rollouts\"` for the runs there are", code=2)
+            mode = "eval" if run_id and run_id.endswith(".eval") else "train"
+            failed = False
+            for e in epochs:
+                report = publish_epoch(cfg, run_id=run_id, epoch=e, mode=mode, catalog=catalog)
+                console.print(escape(report.summary()))
+                failed = failed or report.error is not None
+    except (PipelineError, InvalidName) as exc:
+        fail(str(exc), code=2)
+    from lightning_core import tracking
+
+    console.print(escape(f"see them: mlflow ui --backend-store-uri {cfg.mlflow_uri}, then "
+                         f"{tracking.traces_url(cfg)}"))
+    if failed:
+        raise typer.Exit(1)

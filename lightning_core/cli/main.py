@@ -1,6 +1,6 @@
 """The ``arclight`` command line: one Typer app, its commands registered from one module per command group.
 
-    lake.py      collector, query, shell, views, compact, migrate-lake, triplets
+    lake.py      collector, query, shell, views, compact, migrate-lake, triplets, traces
     serve.py     gateway, serve, redeploy, model prepare, up, status, down
     train.py     train, evaluate
     prompts.py   optimize-prompt, prompts
@@ -25,7 +25,7 @@ for name, command in (("collector", lake.collector), ("query", lake.query), ("sh
 app.add_typer(model_app, name="model")
 model_app.command("prepare")(serve.model_prepare)
 for name, command in (("gateway", serve.gateway), ("serve", serve.serve), ("redeploy", serve.redeploy),
-                      ("triplets", lake.triplets), ("train", train.train), ("evaluate", train.evaluate),
+                      ("triplets", lake.triplets), ("traces", lake.traces), ("train", train.train), ("evaluate", train.evaluate),
                       ("optimize-prompt", prompts.optimize_prompt), ("prompts", prompts.prompts), ("up", serve.up),
                       ("status", serve.status), ("down", serve.down)):
     app.command(name)(command)

@@ -176,12 +176,30 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     _print_agents(ctx, console=console)
     lake = config.lake.path
     _print_silences(ctx, console=console)
-    console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
+    _print_traces(config, rows, console=console)
     console.print(f"lake:    {lake}\nstate:   {ctx.catalog.state_root} (Delta tables)")
     if log_file is not None:
         console.print(f"log:     {log_file}")
     console.print(f'query:   arclight query --lake {lake} "SELECT * FROM rollout_summary WHERE run_id = \'{config.run_name}\' LIMIT 10"')
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
+
+
+def _print_traces(config: ArclightConfig, rows: list[dict[str, Any]], *, console: Console) -> None:
+    """Where the run is in MLflow: the one ``mlflow ui`` command and the traces page, with how many rollouts it shows
+    and the epochs whose traces are not all there (a failure or the time budget: ``arclight traces`` publishes them)."""
+    from lightning_core import tracking
+
+    reports = [(r["epoch"], r["traces"]) for r in rows if r["traces"]]
+    ui = "" if config.mlflow_uri.startswith("http") else f"mlflow ui --backend-store-uri {config.mlflow_uri}, then "
+    console.print(f"MLflow:  {config.mlflow_uri}   ({ui}{tracking.traces_url(config)})")
+    if reports:
+        shown = sum(t["published"] + t["already"] for _, t in reports)
+        console.print(f"traces:  {shown} rollouts of {len(reports)} epochs (tracking.traces={reports[-1][1]['mode']})")
+    for epoch, t in reports:
+        if t["error"] or t["left"]:
+            why = t["error"] or f"{t['left']} left when tracking.traces_timeout_s ran out"
+            console.print(f"[yellow]epoch {epoch}, traces:[/yellow] {escape(why)} (arclight traces --epoch {epoch} "
+                          "publishes the rest)")
 
 
 def _print_correction(rows: list[dict[str, Any]], *, console: Console) -> None:

@@ -263,6 +263,12 @@ def set_epoch_status(catalog: Catalog, *, run_id: str, epoch: int, status: str, 
         con.execute(f"UPDATE epochs SET {assignments} WHERE run_id = ? AND epoch = ?", [*updates.values(), run_id, epoch])
 
 
+def record_traces(catalog: Catalog, *, run_id: str, epoch: int, traces: dict[str, Any]) -> None:
+    """Record what publishing the epoch's traces to MLflow did (``epoch/traces.py``), whatever the epoch's status."""
+    with catalog.write() as con:
+        con.execute("UPDATE epochs SET traces = ? WHERE run_id = ? AND epoch = ?", [json.dumps(traces), run_id, epoch])
+
+
 def next_epoch(catalog: Catalog, *, run_id: str) -> int:
     """Return the epoch to run next: an unfinished one if there is one, else the last completed + 1."""
     with catalog.read(spans=False) as con:

@@ -33,7 +33,8 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
                    count(*) FILTER (WHERE r.status <> 'planned' AND r.error_kind = 'infrastructure') AS infra_left_out,
                    any_value(e.incidents) AS incidents, any_value(e.staleness_max) AS staleness_max,
                    any_value(e.logprob_gap_mean) AS logprob_gap_mean, any_value(e.logprob_gap_max) AS logprob_gap_max,
-                   any_value(e.clipped_first) AS clipped_first, any_value(e.behaviour_correction) AS behaviour_correction
+                   any_value(e.clipped_first) AS clipped_first, any_value(e.behaviour_correction) AS behaviour_correction,
+                   any_value(e.traces) AS traces
             FROM epochs e LEFT JOIN rollouts r ON r.run_id = e.run_id AND r.epoch = e.epoch AND r.mode = 'train'
             WHERE e.run_id = ?
             GROUP BY ALL ORDER BY e.epoch
@@ -42,10 +43,11 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
         ).fetchall()
     keys = ("epoch", "status", "policy_version", "new_version", "tasks_sampled", "informative_groups", "reward_mean",
             "succeeded", "failed", "timed_out", "rollouts", "infra_retried", "infra_left_out", "incidents", "staleness_max",
-            "logprob_gap_mean", "logprob_gap_max", "clipped_first", "behaviour_correction")
+            "logprob_gap_mean", "logprob_gap_max", "clipped_first", "behaviour_correction", "traces")
     rows = [dict(zip(keys, row)) for row in rows]
     for row in rows:
         row["incidents"] = json.loads(row["incidents"]) if row["incidents"] else {}
+        row["traces"] = json.loads(row["traces"]) if row["traces"] else None
     return rows
 
 

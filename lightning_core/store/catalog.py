@@ -126,6 +126,8 @@ ALTER TABLE epochs ADD COLUMN IF NOT EXISTS logprob_gap_mean DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS logprob_gap_max DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS clipped_first DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_correction VARCHAR;  -- ppo | decoupled (the versions' own)
+-- The epoch's rollouts as MLflow traces (issue 54): published, already there, left by the time budget, seconds, error
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS traces JSON;
 -- Per-agent reporting (issue 18): one row per (run, epoch, agent) of the training rollouts, replaced
 -- whenever the epoch's triplets are made (sql/agent_epochs.sql plus the config's agent selection).
 CREATE TABLE IF NOT EXISTS agent_epochs (
