@@ -15,7 +15,8 @@ versions AS (
     FROM llm_calls GROUP BY grp
 )
 SELECT coalesce(s.grp, r.rollout_id) AS grp,
-    coalesce(s.rollout_id, r.rollout_id) AS rollout_id, coalesce(s.task_id, r.task_id) AS task_id,
+    coalesce(s.rollout_id, r.rollout_id, s.grp) AS rollout_id,  -- a production trace's: its trace id
+    coalesce(s.task_id, r.task_id) AS task_id,
     coalesce(r.attempt, s.attempt) AS attempt, r.group_id, r.sample_index, r.mode, r.task,
     coalesce(r.status, s.status) AS status, s.status AS span_status, r.error, r.error_kind,
     coalesce(s.reward, r.reward) AS reward, s.calls, s.judge_calls, s.prompt_tokens::BIGINT AS prompt_tokens,

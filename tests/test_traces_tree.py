@@ -81,3 +81,23 @@ def test_publishing_twice_makes_each_trace_once_in_a_real_mlflow_store(tmp_path)
     by_id = {s.span_id: s for s in a.data.spans}
     moved = next(s for s in a.data.spans if s.name == "chat base" and s.attributes.get("arclight.repair_reason"))
     assert by_id[moved.parent_id].name == "agent planner"
+
+
+def test_production_traces_publish_one_trace_per_trace_id_and_again_none(tmp_path):
+    import mlflow
+
+    cfg = make_config(tmp_path, f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    served = []
+    for answer in ("4", "5"):
+        r = Rollout(None, attempt=None)
+        agent = r.agent("planner", 0, 100)
+        r.call(10, 20, parent=agent, text=answer)
+        served.append(r)
+    write(cfg.lake.path, served, run_id=None, epoch=None)
+    first = publish_epoch(cfg, run_id=None, epoch=None, mode="production")
+    again = publish_epoch(cfg, run_id=None, epoch=None, mode="production")
+    assert (first.published, again.published, again.already) == (2, 0, 2), (first.summary(), again.summary())
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment or cfg.name).experiment_id
+    found = mlflow.search_traces(locations=[experiment], return_type="list")
+    assert sorted(t.info.tags["arclight.rollout_id"] for t in found) == sorted(r.trace_id for r in served)
+    assert {t.info.tags["arclight.run_id"] for t in found} == {"(production)"}

@@ -281,7 +281,7 @@ def traces(
                 if not epochs:
                     fail(f"run {run_id!r} has no rollouts that ran in {catalog.state_root}: see `arclight query "
                          "\"SELECT DISTINCT run_id FROM rollouts\"` for the runs there are", code=2)
-            mode = "eval" if run_id and run_id.endswith(".eval") else "train"
+            mode = "production" if production else "eval" if run_id.endswith(".eval") else "train"
             failed = False
             for e in epochs:
                 report = publish_epoch(cfg, run_id=run_id, epoch=e, mode=mode, catalog=catalog)

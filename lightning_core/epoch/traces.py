@@ -15,6 +15,7 @@ left. It is idempotent: a trace already published for the same rollout attempt i
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,7 @@ def publish_epoch(config: ArclightConfig, *, run_id: str | None, epoch: int | No
         report.chosen = len(chosen)
         _publish(config, chosen, report=report, mode=mode, label=label, deadline=deadline)
     except Exception as exc:  # noqa: BLE001 - a trace that cannot be published never fails the epoch
+        log.debug("publishing failed", exc_info=True)
         report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         log.warning("publishing the traces of %s stopped: %s", run_id, report.error)
     report.seconds = round(time.monotonic() - started, 3)
@@ -108,6 +110,9 @@ def publish_epoch(config: ArclightConfig, *, run_id: str | None, epoch: int | No
 
 def _publish(config: ArclightConfig, traces: list[RolloutTrace], *, report: Publication, mode: str,
              label: str | None, deadline: float) -> None:
+    # traces stored as they end, not by a queue of MLflow's own: publishing is then done when this returns (what
+    # the time budget bounds), and a process that exits leaves nothing half-sent
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
     import mlflow
     from mlflow import MlflowClient
 
@@ -147,7 +152,9 @@ def _publish(config: ArclightConfig, traces: list[RolloutTrace], *, report: Publ
 
 
 def _key(trace: RolloutTrace) -> tuple[str, str]:
-    return trace.rollout_id, str(trace.row["attempt"])
+    """What makes a trace the same one: its rollout and attempt (a production trace has no attempt)."""
+    attempt = trace.row["attempt"]
+    return trace.rollout_id, "" if attempt is None else str(attempt)
 
 
 def _existing(client, experiment: str, *, run_id: str | None, epoch: int | None) -> dict[tuple[str, str], tuple[str, bool]]:
@@ -162,7 +169,7 @@ def _existing(client, experiment: str, *, run_id: str | None, epoch: int | None)
                                     page_token=token, include_spans=False)
         for t in page:
             tags = t.info.tags
-            key = (tags.get("arclight.rollout_id"), tags.get("arclight.attempt"))
+            key = (tags.get("arclight.rollout_id"), tags.get("arclight.attempt", ""))
             complete = tags.get(PUBLISHED) == "true"
             if key not in found or complete:
                 found[key] = (t.info.trace_id, complete)
