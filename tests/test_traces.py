@@ -18,10 +18,9 @@ import pytest
 
 from lightning_core import analyst
 from lightning_core.common.model import DEFAULT_MODEL_DIR, is_model_dir
-from lightning_core.common.services import free_port
+from lightning_core.common.services import free_port, start_process
 from lightning_core.config import load_config
 from lightning_core.epoch import traces as publishing
-from lightning_core.pipeline.traces import RolloutTrace
 from tests.spans_factory import shared_stages
 from tests.test_main_job import SMALL, _arclight, _kill_marked, _project
 
@@ -128,44 +127,18 @@ def test_a_trace_published_again_is_not_duplicated_and_one_cut_off_half_way_is_m
                                                                               for t in before)
 
 
-def test_sample_keeps_failed_rollouts_and_each_groups_best_and_worst_up_to_the_cap():
-    def rollout(name: str, group: str, reward: float | None, status: str = "succeeded") -> RolloutTrace:
-        return RolloutTrace(run_id="r", epoch=0, row={"rollout_id": name, "group_id": group, "reward": reward,
-                                                      "status": status})
-
-    rollouts = [rollout("a0", "a", 0.0), rollout("a1", "a", 1.0), rollout("a2", "a", 0.5), rollout("b0", "b", 0.2),
-                rollout("b1", "b", None, "failed"), rollout("c0", "c", 1.0), rollout("c1", "c", 1.0)]
-    picked = publishing.choose(rollouts, mode="sample", cap=100)
-    assert [t.rollout_id for t in picked] == ["a0", "a1", "b0", "b1", "c0", "c1"]
-    assert [t.rollout_id for t in publishing.choose(rollouts, mode="sample", cap=2)] == ["a1", "b1"]
-    assert publishing.choose(rollouts, mode="off", cap=100) == [] and len(publishing.choose(rollouts, mode="all", cap=1)) == 7
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(trained):
     """``mlflow ui`` on the run's store, as the train summary tells a user to start it."""
     cfg, _ = trained
     port = free_port()
-    log = open(cfg.project_dir / "mlflow-ui.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", cfg.mlflow_uri,
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=cfg.project_dir)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, (cfg.project_dir / "mlflow-ui.log").read_text()
-        time.sleep(1)
+    ui = start_process("mlflow ui", [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri",
+                                     cfg.mlflow_uri, "--host", "127.0.0.1", "--port", str(port)],
+                       url=url, health_url=f"{url}/health", log_path=cfg.project_dir / "mlflow-ui.log", timeout_s=180,
+                       cwd=cfg.project_dir)
     yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-    log.close()
+    ui.stop()
 
 
 @pytest.fixture

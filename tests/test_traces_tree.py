@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
+from lightning_core.epoch import traces as publishing
 from lightning_core.epoch.traces import PUBLISHED, publish_epoch
-from lightning_core.pipeline.traces import rollout_traces
+from lightning_core.pipeline.traces import RolloutTrace, rollout_traces
 from tests.conftest import make_config
 from tests.spans_factory import Rollout, rows, shared_stages, write
 
@@ -101,3 +102,16 @@ def test_production_traces_publish_one_trace_per_trace_id_and_again_none(tmp_pat
     found = mlflow.search_traces(locations=[experiment], return_type="list")
     assert sorted(t.info.tags["arclight.rollout_id"] for t in found) == sorted(r.trace_id for r in served)
     assert {t.info.tags["arclight.run_id"] for t in found} == {"(production)"}
+
+
+def test_sample_keeps_failed_rollouts_and_each_groups_best_and_worst_up_to_the_cap():
+    def rollout(name: str, group: str, reward: float | None, status: str = "succeeded") -> RolloutTrace:
+        return RolloutTrace(run_id="r", epoch=0, row={"rollout_id": name, "group_id": group, "reward": reward,
+                                                      "status": status})
+
+    rollouts = [rollout("a0", "a", 0.0), rollout("a1", "a", 1.0), rollout("a2", "a", 0.5), rollout("b0", "b", 0.2),
+                rollout("b1", "b", None, "failed"), rollout("c0", "c", 1.0), rollout("c1", "c", 1.0)]
+    picked = publishing.choose(rollouts, mode="sample", cap=100)
+    assert [t.rollout_id for t in picked] == ["a0", "a1", "b0", "b1", "c0", "c1"]
+    assert [t.rollout_id for t in publishing.choose(rollouts, mode="sample", cap=2)] == ["a1", "b1"]
+    assert publishing.choose(rollouts, mode="off", cap=100) == [] and len(publishing.choose(rollouts, mode="all", cap=1)) == 7
