@@ -75,14 +75,18 @@ def test_the_gateway_fetches_a_version_to_its_own_folder_and_answers_why_when_it
     with TestClient(app, headers={"Authorization": "Bearer t"}) as client:
         answer = client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"})
         assert answer.status_code == 200, answer.text
-        assert answer.json()["path"] == str(tmp_path / "serve" / "p-v1") and answer.json()["bytes"] > 300_000
-        assert _same_bytes(tmp_path / "trainer" / "p-v1", tmp_path / "serve" / "p-v1")
-        for n in (2, 3):  # keep_versions + 1 fetched versions stay on this disk
+        assert answer.json()["path"] == str(tmp_path / "serve" / "p" / "p-v1") and answer.json()["bytes"] > 300_000
+        assert _same_bytes(tmp_path / "trainer" / "p-v1", tmp_path / "serve" / "p" / "p-v1")
+        publish(_adapter(tmp_path / "trainer" / "q-v1"), "s3://arclight/w/q/q-v1")  # another policy's version
+        assert client.post("/admin/weights", json={"uri": "s3://arclight/w/q/q-v1"}).status_code == 200
+        for n in (2, 3):  # each policy keeps its keep_versions + 1 newest fetched versions on this disk
             publish(_adapter(tmp_path / "trainer" / f"p-v{n}"), f"s3://arclight/w/p/p-v{n}")
             assert client.post("/admin/weights", json={"uri": f"s3://arclight/w/p/p-v{n}"}).status_code == 200
-        assert sorted(p.name for p in (tmp_path / "serve").iterdir()) == ["p-v2", "p-v3"]
+        assert sorted(p.name for p in (tmp_path / "serve" / "p").iterdir()) == ["p-v2", "p-v3"]
+        assert [p.name for p in (tmp_path / "serve" / "q").iterdir()] == ["q-v1"]
         missing = client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v9"})
         assert missing.status_code == 502 and "nothing is published at s3://arclight/w/p/p-v9" in missing.text
         assert client.post("/admin/weights", json={}).status_code == 422
+        assert client.post("/admin/weights", json={"uri": "s3://arclight/p-v1"}).status_code == 422
         assert client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"},
                            headers={"Authorization": "Bearer wrong"}).status_code in (401, 403)

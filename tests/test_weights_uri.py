@@ -45,7 +45,7 @@ def test_a_trained_version_reaches_vllm_through_s3_and_the_gateways_own_folder(m
     manifest = published_manifest(uri, options=options)
     assert manifest is not None and set(manifest.files) == {p.relative_to(served).as_posix() for p in served.rglob("*")
                                                             if p.is_file() and p.name != "optimizer.pt"}
-    fetched = weights_dir(cfg) / served.name
+    fetched = weights_dir(cfg) / POLICY / served.name
     assert _same_bytes(served, fetched)
     logs = cfg.project_dir / ".arclight" / "logs"
     # the folder vLLM loaded the version from is the gateway's copy, not the trainer's

@@ -372,23 +372,25 @@ class Gateway:
     async def fetch_weights(self, request: Request) -> Response:
         """``POST /admin/weights`` ``{"uri": ...}``: fetch a version the trainer published (``serving.weights_uri``) to
         this host's disk, checked file by file against its manifest, for the vLLM beside the gateway to load; answer
-        the folder it is in, its size and its manifest. Fetched versions beyond ``keep_versions`` + 1 are deleted."""
+        the folder it is in, its size and its manifest. Each policy (the URI's folder above the version) keeps its
+        ``keep_versions`` + 1 newest fetched versions: vLLM reads a loaded adapter's folder again when it reloads it."""
         from lightning_core.common.published import PublishError, fetch, prune
 
         try:
             self.authorize_admin(request)
             uri = (await self.read_json(request)).get("uri")
-            if not isinstance(uri, str) or not uri:
-                raise GatewayError(422, 'POST /admin/weights needs {"uri": "s3://bucket/prefix/<version>"}')
+            if not isinstance(uri, str) or uri.rstrip("/").count("/") < 4:  # <scheme>://<bucket>/<policy>/<version>
+                raise GatewayError(422, 'POST /admin/weights needs {"uri": "s3://bucket/prefix/<policy>/<version>"}')
             if not self.weights_dir:
                 raise GatewayError(409, "this gateway has no folder to fetch weights into (arclight gateway "
                                         "--weights-dir, which start_gateway sets)")
             started = time.perf_counter()
+            policy_dir = Path(self.weights_dir) / uri.rstrip("/").rsplit("/", 2)[-2]
             try:
-                folder = await asyncio.to_thread(fetch, uri, Path(self.weights_dir))
+                folder = await asyncio.to_thread(fetch, uri, policy_dir)
             except PublishError as exc:
                 raise GatewayError(502, str(exc)) from None
-            await asyncio.to_thread(prune, Path(self.weights_dir), keep=self.keep_versions + 1, fetched=folder)
+            await asyncio.to_thread(prune, policy_dir, keep=self.keep_versions + 1, fetched=folder)
         except GatewayError as exc:
             return error_response(exc)
         manifest = json.loads((folder / "manifest.json").read_text())["files"]
