@@ -107,7 +107,7 @@ def test_a_version_deployed_from_control_reaches_vllm_on_serve_only_through_s3_b
         sent = {name: host.bytes_sent() - before[name] for name, host in hosts.hosts.items()}
         assert "policy calc now serves calc-v1" in deployed.stdout + deployed.stderr, deployed.stdout + deployed.stderr
 
-        fetched = "/mnt/project/.arclight/gateway/weights/calc-v1"
+        fetched = "/mnt/project/.arclight/gateway/weights/calc/calc-v1"
         assert serve.sh("ls /mnt/adapter", check=False).returncode != 0  # control's disk is not serve's
         sums = "cd {} && sha256sum adapter_config.json adapter_model.safetensors"
         assert serve.sh(sums.format(fetched)).stdout == control.sh(sums.format("/mnt/adapter")).stdout
