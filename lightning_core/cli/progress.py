@@ -176,7 +176,9 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     _print_agents(ctx, console=console)
     lake = config.lake.path
     _print_silences(ctx, console=console)
-    console.print(f"MLflow:  {config.mlflow_uri}   (mlflow ui --backend-store-uri {config.mlflow_uri})")
+    server = config.mlflow_uri.startswith(("http://", "https://"))  # a tracking server has its own UI
+    console.print(f"MLflow:  {config.mlflow_uri}   "
+                  f"({'open it in a browser' if server else f'mlflow ui --backend-store-uri {config.mlflow_uri}'})")
     console.print(f"lake:    {lake}\nstate:   {ctx.catalog.state_root} (Delta tables)")
     if log_file is not None:
         console.print(f"log:     {log_file}")

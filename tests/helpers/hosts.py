@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,16 @@ class Hosts:
         return self
 
     def __exit__(self, *exc) -> None:
+        # a second Ctrl-C (or a wrapper's forwarded SIGINT) must not cut the cleanup short and leave hosts behind
+        masked = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, masked) if threading.current_thread() is threading.main_thread() else None
+        try:
+            self._remove()
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _remove(self) -> None:
         for host in self.hosts.values():
             for process in reversed(host.processes):
                 host.stop(process, timeout_s=10)
