@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,22 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` and wait for it, also on Ctrl-C: the run then stops its own servers before it exits
+    (``subprocess.run`` would SIGKILL it a quarter second after the interrupt and leave its vLLM servers behind)."""
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; a kill of this script did not
+            try:
+                process.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_one(example: str, cell: str, seed: int) -> dict:
     """One measure.py run of ``example`` with ``cell`` (dtype:correction) and ``seed``; its record."""
     config, epochs, tasks = EXAMPLES[example]
@@ -56,7 +73,7 @@ def run_one(example: str, cell: str, seed: int) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)  # measure.py appends its table there: before the first run, too
     before = uptime()
     started = time.time()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    done = _run(command)
     stamp = re.search(r"^### .*\((\d{8}-\d{6})\)$", done.stdout, re.M)
     record = {"example": example, "cell": cell, "seed": seed, "returncode": done.returncode,
               "command": " ".join(command[1:]), "uptime_before": before, "uptime_after": uptime(),

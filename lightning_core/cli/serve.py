@@ -30,8 +30,8 @@ def gateway(
     state: Optional[Path] = typer.Option(None, help="SQLite file the processes share registrations and policies in "
                                                     "(default: in memory for one process, a temporary file for several)."),
     weights_dir: Optional[Path] = typer.Option(None, help="Folder to fetch published versions into (serving.weights_uri), "
-                                                          "for the vLLM on this host to load; credentials from AWS_* or "
-                                                          "serving.weights_storage_options."),
+                                                          "for the vLLM on this host to load; endpoint from "
+                                                          "serving.weights_storage_options, credentials from AWS_*."),
 ) -> None:
     """Run the OpenAI-compatible gateway that forwards to vLLM and records every call as a span."""
     from lightning_core.serving.app import serve

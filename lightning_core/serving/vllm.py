@@ -405,8 +405,9 @@ def start_vllm_replicas(config: ArclightConfig, *, log_dir: Path | None = None) 
 
 def start_waves(config: ArclightConfig, indices: list[int], *, machine: Machine | None = None) -> list[list[int]]:
     """Which vLLM servers start side by side: on CPU all at once (each start is ~35 s of mostly single-threaded imports
-    and setup: two took 72 s one after the other); on GPUs only servers that share no device, since a server measures
-    its device's free memory as it starts and would count the memory of another one starting beside it."""
+    and setup: the calc example's two took 67 s one after the other, 45 s together); on GPUs only servers that share
+    no device, since a server measures its device's free memory as it starts and would count the memory of another
+    one starting beside it."""
     machine = machine or Machine.here(config)
     waves: list[tuple[set[int], list[int]]] = []
     for index in indices:
