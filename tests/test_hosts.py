@@ -42,13 +42,28 @@ def _rights():
         pytest.skip(why)
 
 
+def _http(host, url: str, *, token: str | None = None, body: dict | None = None, timeout_s: float = 2) -> str:
+    """A request from ``host`` (with the project's Python: nothing the repository does not install): "<status> <body>",
+    or "unreachable"."""
+    code = ("import httpx, json, sys\n"
+            "a = json.loads(sys.argv[1])\n"
+            "try:\n"
+            "    r = httpx.request('POST' if a['body'] is not None else 'GET', a['url'], json=a['body'], timeout=a['t'],"
+            " headers={'Authorization': 'Bearer ' + a['token']} if a['token'] else {})\n"
+            "    print(r.status_code, r.text)\n"
+            "except httpx.HTTPError:\n"
+            "    print('unreachable')\n")
+    args = json.dumps({"url": url, "token": token, "body": body, "t": timeout_s})
+    return host.sh(shlex.join([PYTHON, "-c", code, args]), timeout_s=timeout_s + 60).stdout.strip()
+
+
 def _wait(host, url: str, *, timeout_s: float, process=None) -> None:
     """Wait until ``url`` answers (asked from ``host``); fail with the process's log if it exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise AssertionError(f"exited {process.returncode}:\n{process.log_path.read_text()[-3000:]}")
-        if host.sh(f"curl -s -o /dev/null -m 2 -w '%{{http_code}}' {url}", check=False).stdout.startswith(("2", "4")):
+        if _http(host, url).startswith(("2", "4")):
             return
         time.sleep(0.5)
     log = process.log_path.read_text()[-3000:] if process is not None else ""
@@ -72,7 +87,7 @@ def test_hosts_have_their_own_disks_a_link_that_can_be_cut_and_no_way_out(tmp_pa
         assert "default" not in control.sh("ip route").stdout
         sent = store.bytes_sent()
         work.link(False)
-        assert work.sh(f"curl -s -m 2 http://{store.address}:8000/", check=False).returncode != 0
+        assert _http(work, f"http://{store.address}:8000/") == "unreachable"
         work.link(True)
         _wait(work, f"http://{store.address}:8000/", timeout_s=30)
         assert store.bytes_sent() > sent
@@ -145,10 +160,9 @@ def test_a_version_deployed_from_control_reaches_vllm_on_serve_only_through_s3_b
         assert serve.sh(sums.format(fetched)).stdout == control.sh(sums.format("/mnt/adapter")).stdout
         vllm_log = serve.sh("cat /mnt/project/.arclight/logs/vllm0-8000.log").stdout
         assert f"Loaded new LoRA adapter: name 'calc-v1', path '{fetched}'" in vllm_log
-        answer = control.sh(f"curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
-                            f"http://{serve.address}:8400/v1/chat/completions -d '{{\"model\": \"calc\", \"messages\": "
-                            "[{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 3}'").stdout
-        assert json.loads(answer)["model"] in ("calc", "calc-v1"), answer
+        answer = _http(control, f"http://{serve.address}:8400/v1/chat/completions", token=token, timeout_s=120,
+                       body={"model": "calc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert answer.startswith("200 ") and json.loads(answer[4:])["model"] in ("calc", "calc-v1"), answer
         print(f"bytes sent during the redeploy: {sent}")
         adapter_bytes = int(control.sh("du -cb /mnt/adapter/adapter_model.safetensors | tail -1").stdout.split()[0])
         assert sent["control"] >= adapter_bytes and sent["store"] >= adapter_bytes  # up to S3, down to serve
