@@ -49,12 +49,15 @@ def uptime() -> str:
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     """Run ``command`` and wait for it, also on Ctrl-C: the run then stops its own servers before it exits
-    (``subprocess.run`` would SIGKILL it a quarter second after the interrupt and leave its vLLM servers behind)."""
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    (``subprocess.run`` would SIGKILL it a quarter second after the interrupt and leave its vLLM servers behind).
+    The run has a session of its own, so a terminal's Ctrl-C reaches it once, from here: a second interrupt would
+    make it kill its servers at once instead of stopping them (``common.stopping``)."""
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
         try:
             stdout, stderr = process.communicate()
         except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; a kill of this script did not
+            process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=180)
             except subprocess.TimeoutExpired:
