@@ -89,6 +89,7 @@ ROLLOUT_ERROR_KIND = "arclight.rollout.error_kind"  # agent | timeout | infrastr
 # --- OpenTelemetry GenAI semantic conventions -----------------------------------------------
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"  # "chat", "text_completion", ...
 GEN_AI_SYSTEM = "gen_ai.system"
+CLIENT_ADDRESS = "client.address"  # OTel semconv: the address the call came from (which host ran the agent)
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_RESPONSE_ID = "gen_ai.response.id"

@@ -66,7 +66,7 @@ def start_run(config, *, run_id: str, policy: str, params: dict[str, Any]) -> ml
 
 def traces_url(config, *, ui: str = "http://127.0.0.1:5000") -> str:
     """The project's traces page in the MLflow UI (``mlflow ui`` on the tracking store; a tracking server's own URL)."""
-    base = config.mlflow_uri.rstrip("/") if config.mlflow_uri.startswith("http") else ui
+    base = config.mlflow_uri.rstrip("/") if config.mlflow_uri.startswith(("http://", "https://")) else ui
     return f"{base}/#/experiments/{experiment_id(config)}/traces"
 
 

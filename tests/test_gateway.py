@@ -84,6 +84,7 @@ def test_chat_answer_is_plain_and_span_holds_the_sampled_tokens(admin, collector
     assert attrs[semconv.POLICY_VERSION] == 0 and attrs[semconv.LLM_STREAMED] is False
     assert attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] == 12 and attrs[semconv.LLM_LATENCY_MS] > 0
     assert json.loads(attrs[semconv.REQUEST_PARAMS]) == {"max_tokens": 12, "temperature": 1.0, "seed": 7}
+    assert attrs[semconv.CLIENT_ADDRESS] == "127.0.0.1"  # where the call came from (the agent's host)
     assert (span["rollout_id"], span["task_id"], span["run_id"], span["epoch"]) == ("chat-1", "task-chat-1", "gw-test", 3)
 
 

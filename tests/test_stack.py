@@ -64,6 +64,31 @@ def test_a_collector_writing_to_another_lake_is_refused(tmp_path, collector, col
         start_stack(cfg, with_model=False)
 
 
+def test_a_collector_on_another_host_is_checked_by_where_its_span_tables_are(tmp_path, s3):
+    """With the span tables on object storage a collector has a folder of its own (another host's disk): the project
+    attaches to one that writes to its lake.spans_uri, with the collector's token, and refuses one that writes
+    elsewhere, naming both places."""
+    from lightning_core.epoch.stack import check_collector_lake
+    from lightning_core.ingest.service import start_collector
+
+    options = json.dumps({"AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"})
+    theirs = make_config(tmp_path / "ingest", f"lake.path={tmp_path / 'ingest' / 'lake'}", f"collector.port={free_port()}",
+                         "lake.spans_uri=s3://arclight/hosts/spans", f"lake.storage_options={options}",
+                         "collector.token=secret", "collector.host=127.0.0.1")
+    service = start_collector(theirs, log_dir=tmp_path)
+    try:
+        def ours(uri: str):
+            return make_config(tmp_path / "control", f"collector.endpoint={service.url}", "collector.token=secret",
+                               f"lake.spans_uri={uri}", f"lake.storage_options={options}")
+
+        check_collector_lake(ours("s3://arclight/hosts/spans/"), service)  # another folder, the same tables
+        with pytest.raises(ServiceError, match="writes its spans to s3://arclight/hosts/spans, but this project "
+                                               "reads them from s3://arclight/other/spans"):
+            check_collector_lake(ours("s3://arclight/other/spans"), service)
+    finally:
+        service.stop()
+
+
 def test_sigterm_during_work_stops_the_servers_the_process_started(tmp_path):
     # the way measure.py and `arclight train` run: start servers, work, stop them in `finally`
     script = tmp_path / "work.py"

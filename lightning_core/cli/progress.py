@@ -190,7 +190,8 @@ def _print_traces(config: ArclightConfig, rows: list[dict[str, Any]], *, console
     from lightning_core import tracking
 
     reports = [(r["epoch"], r["traces"]) for r in rows if r["traces"]]
-    ui = "" if config.mlflow_uri.startswith("http") else f"mlflow ui --backend-store-uri {config.mlflow_uri}, then "
+    server = config.mlflow_uri.startswith(("http://", "https://"))  # a tracking server has its own UI
+    ui = "" if server else f"mlflow ui --backend-store-uri {config.mlflow_uri}, then "
     console.print(f"MLflow:  {config.mlflow_uri}   ({ui}{tracking.traces_url(config)})")
     if reports:
         shown = sum(t["published"] + t["already"] for _, t in reports)

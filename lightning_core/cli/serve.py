@@ -91,14 +91,21 @@ def redeploy(
     upstream: Optional[list[str]] = typer.Option(None, help="vLLM replica URL (repeatable; default the gateway's upstreams)."),
 ) -> None:
     """Hot-load a LoRA adapter into every replica, verify it, and switch the gateway to it."""
+    from lightning_core.epoch.deploy import folder_for_vllm
     from lightning_core.serving.client import GatewayAdminError, GatewayClient
-    from lightning_core.serving.redeploy import RedeployError, deploy_adapter
+    from lightning_core.serving.redeploy import RedeployError, check_adapter_dir, deploy_adapter, served_name
 
     client = GatewayClient(cfg.gateway.url, token=cfg.gateway.token)
     try:
-        replicas = list(upstream or client.policies()["upstreams"])
-        done = deploy_adapter(gateway=client, replicas=replicas, policy=policy, adapter_dir=adapter, version=version,
-                              keep_versions=cfg.serving.keep_versions, verify_prompt=cfg.serving.verify_prompt)
+        state = client.policies()
+        replicas = list(upstream or state["upstreams"])
+        version = version or int((state["policies"].get(policy) or {}).get("version") or 0) + 1
+        check_adapter_dir(adapter)
+        # with serving.weights_uri, vLLM's host gets the adapter through object storage and the gateway beside it
+        folder = folder_for_vllm(cfg, client, adapter, policy=policy, name=served_name(policy, version))
+        done = deploy_adapter(gateway=client, replicas=replicas, policy=policy, adapter_dir=folder, version=version,
+                              keep_versions=cfg.serving.keep_versions, verify_prompt=cfg.serving.verify_prompt,
+                              fetched=bool(cfg.serving.weights_uri))
     except (RedeployError, GatewayAdminError) as exc:
         console.print(f"[red]redeploy failed, the previous version keeps serving:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None

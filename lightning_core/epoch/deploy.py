@@ -140,14 +140,15 @@ def _restore(ctx: RunContext, serving: dict, *, revived: list[str], full_mode: b
                                 verify_prompt=config.serving.verify_prompt)
 
 
-def folder_for_vllm(config, gateway: GatewayClient, folder: Path, *, policy: str) -> str:
+def folder_for_vllm(config, gateway: GatewayClient, folder: Path, *, policy: str, name: str | None = None) -> str:
     """The folder vLLM loads ``folder`` from: the folder itself on one machine; with ``serving.weights_uri``, the copy
-    that the gateway beside vLLM fetched to its own disk and checked against the published manifest. A folder made
-    here (merged weights) is published first; one the trainer published already is left as it is."""
+    that the gateway beside vLLM fetched to its own disk and checked against the published manifest, under ``name``
+    (default the folder's). A folder made here (merged weights, an adapter deployed by hand) is published first; one
+    the trainer published already is left as it is."""
     uri = config.serving.weights_uri
     if not uri:
         return str(folder)
-    target = published.join(uri, policy, folder.name)
+    target = published.join(uri, policy, name or folder.name)
     try:
         if folder.is_dir():
             published.publish(folder, target, options=config.serving.weights_storage_options,

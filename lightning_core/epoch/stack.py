@@ -166,9 +166,24 @@ def open_stack(config: ArclightConfig, *, with_model: bool = True) -> Iterator[S
             stack.stop()
 
 
+def _collector_auth(config: ArclightConfig) -> dict[str, str]:
+    token = config.collector.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def check_collector_lake(config: ArclightConfig, collector: Service) -> None:
-    """Refuse a collector that writes to another lake than the project reads (spans would vanish)."""
-    lake = httpx.get(collector.health_url, timeout=10).json().get("lake")
+    """Refuse a collector that writes to another lake than the project reads (spans would vanish). With the span
+    tables on object storage (``lake.spans_uri``) the collector may run on another host with a folder of its own:
+    what must agree is where the span tables are."""
+    health = httpx.get(collector.health_url, timeout=10, headers=_collector_auth(config)).json()
+    lake, spans = health.get("lake"), health.get("spans")
+    if config.lake.spans_uri:
+        if spans is not None and spans.rstrip("/") != config.lake.spans_uri.rstrip("/"):
+            raise ServiceError(
+                f"the collector at {collector.url} writes its spans to {spans}, but this project reads them from "
+                f"{config.lake.spans_uri}: give both the same lake.spans_uri"
+            )
+        return
     if lake is not None and Path(lake).resolve() != Path(config.lake.path).resolve():
         raise ServiceError(
             f"the collector at {collector.url} writes to the lake {lake}, but this project reads {config.lake.path}: "

@@ -158,11 +158,12 @@ class TraceReceiver:
 
     async def healthz(self, request: Request) -> Response:
         """``GET /healthz``: 200 ``ok``, or 503 ``unhealthy`` with the reason while the lake refuses commits (the
-        reason and the lake path only for a loopback client with no token set, or with the token)."""
+        reason, the lake path and where its span tables are only for a loopback client with no token set, or with the token)."""
         failing = self.writer.failing if self.writer is not None else None
         body = {"status": "ok" if failing is None else "unhealthy"}
         if trusted(request, self.token):
             body["lake"] = str(self.lake.root)
+            body["spans"] = self.lake.location.table_uri(self.lake.root, "").rstrip("/")  # a folder or s3://...
             if failing is not None:
                 body["reason"] = failing.reason()
         return JSONResponse(body, status_code=200 if failing is None else 503)

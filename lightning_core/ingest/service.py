@@ -3,6 +3,7 @@ its own session, stopped with the rest of the stack (``common.services``)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         "--set", f"collector.workers={c.workers}",
         "--set", f"collector.compact={str(c.compact).lower()}",
         "--log-level", "warning",
+        # the span tables' place (object storage), which the collector records in the lake folder it is given
+        *(["--set", f"lake.spans_uri={config.lake.spans_uri}",
+            "--set", f"lake.storage_options={json.dumps(config.lake.storage_options)}"] if config.lake.spans_uri else []),
     ]
     env = {"ARCLIGHT_COLLECTOR_TOKEN": c.token} if c.token else {}
     return start_process(

@@ -175,14 +175,14 @@ class Gateway:
             target = router.resolve(body.get("model"), info, replicas)
         except PinnedVersionGone as exc:  # recorded as a call our side failed: the rollout is not the agent's failure
             self.finish(Call(operation=operation, body=body, target=exc.target, resource=resource, start_ns=start_ns,
-                             started=started, parent=parse_traceparent(request.headers.get("traceparent"))),
+                             started=started, parent=parse_traceparent(request.headers.get("traceparent")), client=_client(request)),
                         endpoint, str(exc.status), error=exc.message, upstream_failed=True)
             return error_response(exc)
         except GatewayError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)
         call = Call(operation=operation, body=body, target=target, resource=resource, start_ns=start_ns, started=started,
-                    parent=parse_traceparent(request.headers.get("traceparent")))
+                    parent=parse_traceparent(request.headers.get("traceparent")), client=_client(request))
         upstream_body = orjson.dumps(call.upstream_body())
         path = "chat/completions" if operation == "chat" else "completions"
         self.metrics.in_flight.inc()
@@ -468,6 +468,11 @@ class Gateway:
         ok = ok and not waiting
         body = {"flushed": ok} if not waiting else {"flushed": False, "not_flushed": waiting}
         return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _client(request: Request) -> str | None:
+    """The caller's address (``client.address`` on its spans): on several hosts, the machine that ran the agent."""
+    return request.client.host if request.client is not None else None
 
 
 def error_body(exc: GatewayError) -> dict[str, Any]:

@@ -105,6 +105,7 @@ class Call:
     start_ns: int
     started: float
     parent: SpanContext | None
+    client: str | None = None  # the caller's address, as the gateway's socket sees it
     capture: Capture = field(default_factory=Capture)
 
     @property
@@ -202,6 +203,8 @@ class Call:
             semconv.LLM_STREAMED: bool(body.get("stream")),
             semconv.REQUEST_PARAMS: _dumps({k: body[k] for k in SAMPLING_KEYS if k in body}),
         }
+        if self.client:
+            base[semconv.CLIENT_ADDRESS] = self.client
         if isinstance(body.get("model"), str):
             base[semconv.GEN_AI_REQUEST_MODEL] = body["model"]
         if target.policy is not None:
