@@ -104,7 +104,8 @@ def test_a_trace_published_again_is_not_duplicated_and_one_cut_off_half_way_is_m
                              "--set", f"tracking.mlflow_uri={cfg.mlflow_uri}"],
                             capture_output=True, text=True, timeout=300, cwd=cfg.project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"1 published, {len(before) - 1} already there, 1 cut off before and made again" in result.stdout
+    said = result.stdout + result.stderr  # the command's lines go to stderr, as every arclight report's
+    assert f"1 published, {len(before) - 1} already there, 1 cut off before and made again" in said, said
     after = _search(cfg, f"tag.`arclight.run_id` = '{run}' AND tag.`arclight.epoch` = '0'")
     assert len(after) == len(before) and cut not in {t.info.trace_id for t in after}
     assert sorted(t.info.tags["arclight.rollout_id"] for t in after) == sorted(t.info.tags["arclight.rollout_id"]
@@ -201,6 +202,8 @@ def test_the_traces_page_and_one_trace_show_the_task_its_reward_and_the_models_a
     reward = float(trace.info.tags["arclight.reward"])
     assert re.search(rf"\nreward\n{reward:g}\n", _page_text(browser)), _page_text(browser)[-1500:]
     spans = browser.find_elements(By.XPATH, "//*[normalize-space(text())='chat base']")
-    spans[0].click()  # the first model call: its messages and its answer
+    # the first model call: its messages and its answer (a click by script: the drawer's resize handle lies over the
+    # span tree's names at some window sizes, and a pointer click there lands on it)
+    browser.execute_script("arguments[0].click();", spans[0])
     _wait_for(browser, "Assistant", " ".join(answer.split())[:40])
     browser.save_screenshot(str(shots / "mlflow-trace.png"))
