@@ -192,7 +192,7 @@ def _tags(trace: RolloutTrace, *, mode: str, label: str | None) -> dict[str, str
 
 
 def _write(client, experiment: str, trace: RolloutTrace, *, runs: list[str], mode: str, label: str | None) -> str:
-    """Make one trace: its root (the rollout's one root span, or a rollout span over several), its spans, feedback."""
+    """Make one trace: its root (the rollout's one root span, or a rollout span over several) and its spans."""
     from mlflow.entities import SpanStatusCode
     from mlflow.entities.span_status import SpanStatus
 
