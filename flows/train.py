@@ -275,8 +275,13 @@ def run_epoch(ctx: RunContext, *, epoch: int | None = None, overlap: bool = True
     deployed = t.redeploy(ctx)
     for d in deployed:
         logger.info("policy %s now serves %s (first answer after %.2f s)", d["policy"], d["version"], d["first_answer_s"])
-    if publishing is not None:
-        publishing.wait()  # its own task: a failure is in its result and the log, never the epoch's
+    if publishing is not None:  # its own task: a failure is in its result and a warning, never the epoch's
+        publishing.wait()
+        if publishing.state.is_completed():
+            t.log_traces(publishing.result())
+        else:
+            logger.warning("epoch %s: publishing its traces failed (%s): arclight traces --epoch %s publishes them",
+                           epoch, publishing.state.message, epoch)
     incidents = failures.record_incidents(ctx, run_id=run_id, epoch=epoch)
     if incidents:
         logger.warning("epoch %s: %s", epoch, failures.describe_incidents(incidents))
@@ -367,7 +372,7 @@ def run_evaluation(ctx: RunContext, *, label: str | None = None, tasks: int | No
     counts = run_round(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
     result = reports.record_eval(ctx, epoch=eval_epoch, label=label)
     if config.tracking.traces != "off":
-        t.publish_traces(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", label=label)
+        t.log_traces(t.publish_traces(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", label=label))
     create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
                           description=f"Held-out evaluation of {label}")
     get_run_logger().info("evaluation of %s after %s epochs: %s (rollouts %s)", label, result["after_epochs"], result, counts)

@@ -133,13 +133,19 @@ def redeploy(ctx: RunContext) -> list[dict[str, Any]]:
 def publish_traces(ctx: RunContext, *, run_id: str, epoch: int, mode: str = "train", label: str | None = None
                    ) -> dict[str, Any]:
     """Publish the epoch's rollouts as MLflow traces (bounded by tracking.traces_timeout_s, not retried: what is left
-    ``arclight traces`` publishes later); a failure is a warning, never a failed epoch."""
+    ``arclight traces`` publishes later); a failure is in the result, never a failed epoch. The flow logs the result's
+    ``summary`` (a line of a task run would read "Task run 'publish-traces-...'" on a worker's output)."""
     report = traces.publish_epoch(ctx.config, run_id=run_id, epoch=epoch, mode=mode, catalog=ctx.catalog, label=label)
-    (get_run_logger().warning if report.error or report.left else get_run_logger().info)(report.summary())
     result = {"published": report.published, "already": report.already, "left": report.left, "chosen": report.chosen,
               "rollouts": report.rollouts, "seconds": report.seconds, "error": report.error, "mode": report.mode}
     ep.record_traces(ctx.catalog, run_id=run_id, epoch=epoch, traces=result)
-    return result
+    return {**result, "summary": report.summary()}
+
+
+def log_traces(result: dict[str, Any] | None) -> None:
+    """The flow's line of what publishing an epoch's traces did: a warning when some are missing."""
+    if result:
+        (get_run_logger().warning if result["error"] or result["left"] else get_run_logger().info)(result["summary"])
 
 
 @task(name="log-eval-curve", cache_policy=NO_CACHE, retries=1)
