@@ -294,7 +294,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
             "rollouts.dataset": str(CALC / "train.jsonl"), "rollouts.eval_dataset": str(CALC / "test.jsonl"),
             "rollouts.agent_path": json.dumps([str(CALC)]),
             "rollouts.tasks_per_epoch": "4", "rollouts.group_size": "4", "rollouts.informative_groups": "2",
-            "rollouts.max_tasks_per_epoch": "8", "rollouts.concurrency": "16", "evaluation.every_epochs": "null",
+            "rollouts.max_tasks_per_epoch": "16", "rollouts.concurrency": "16", "evaluation.every_epochs": "null",
         }
         counters = _Counters(hosts)
         trained = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "2",
