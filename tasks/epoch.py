@@ -129,7 +129,7 @@ def redeploy(ctx: RunContext) -> list[dict[str, Any]]:
     return [vars(d) for d in deploy.deploy_latest(ctx)]
 
 
-@task(name="publish-traces", cache_policy=NO_CACHE, timeout_seconds=3600)
+@task(name="publish-traces", cache_policy=NO_CACHE)  # bounded by tracking.traces_timeout_s, its own deadline
 def publish_traces(ctx: RunContext, *, run_id: str, epoch: int, mode: str = "train", label: str | None = None
                    ) -> dict[str, Any]:
     """Publish the epoch's rollouts as MLflow traces (bounded by tracking.traces_timeout_s, not retried: what is left
