@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 
 from lightning_core import semconv
 from lightning_core.common.ids import SystemRandomIds
+from lightning_core.common.http_guard import bearer
 
 log = logging.getLogger("arclight.tracing")
 
@@ -176,8 +177,7 @@ def init_tracing(
 
             url = (endpoint or os.environ.get(ENV_ENDPOINT) or "http://127.0.0.1:4318").rstrip("/")
             token = token or os.environ.get(ENV_TOKEN)
-            headers = {"Authorization": f"Bearer {token}"} if token else None
-            exporter = OTLPSpanExporter(endpoint=f"{url}/v1/traces", headers=headers)
+            exporter = OTLPSpanExporter(endpoint=f"{url}/v1/traces", headers=bearer(token) or None)
     if batch:
         provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=2048, schedule_delay_millis=200))
     else:

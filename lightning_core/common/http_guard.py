@@ -4,10 +4,11 @@ and browsers (Origin, Host) driving a server that listens on loopback without a 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from starlette.requests import Request
+if TYPE_CHECKING:  # agents' environments import bearer() and may have no starlette
+    from starlette.requests import Request
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}  # bind addresses that need no token
 
@@ -21,6 +22,11 @@ def is_loopback_name(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header a client sends with ``token``; no header when there is no token."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def has_token(request: Request, token: str | None) -> bool:

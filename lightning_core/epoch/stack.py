@@ -23,6 +23,7 @@ import httpx
 
 from lightning_core.config import ArclightConfig
 from lightning_core.serving.client import GatewayClient
+from lightning_core.common.http_guard import bearer
 from lightning_core.common.services import Service, ServiceError, health, is_healthy
 from lightning_core.ingest.service import start_collector
 
@@ -168,7 +169,7 @@ def open_stack(config: ArclightConfig, *, with_model: bool = True) -> Iterator[S
 
 def _collector_auth(config: ArclightConfig) -> dict[str, str]:
     token = config.collector.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    return bearer(token)
 
 
 def check_collector_lake(config: ArclightConfig, collector: Service) -> None:

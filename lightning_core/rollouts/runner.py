@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from lightning_core import semconv, tracing
 from lightning_core.common import stopping
+from lightning_core.common.http_guard import bearer
 from lightning_core.rollouts.command import CommandFailed, command_environment, resolve_command, run_command
 
 SUCCEEDED, FAILED, TIMED_OUT = "succeeded", "failed", "timed_out"
@@ -443,8 +444,7 @@ def _outcome_provider(collector_url: str, token: str | None, run_id: str, epoch:
                 _outcome_providers.clear()
             resource = Resource.create({semconv.SERVICE_NAME: "arclight-runner", semconv.RUN_ID: run_id, semconv.EPOCH: epoch})
             provider = TracerProvider(resource=resource, id_generator=SystemRandomIds())
-            headers = {"Authorization": f"Bearer {token}"} if token else None
-            exporter = _Delivery(OTLPSpanExporter(endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=headers,
+            exporter = _Delivery(OTLPSpanExporter(endpoint=f"{collector_url.rstrip('/')}/v1/traces", headers=bearer(token) or None,
                                                   timeout=OUTCOME_EXPORT_TIMEOUT_S))
             provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
             provider.arclight_delivery = exporter

@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from lightning_core.common.http_guard import LOOPBACK_HOSTS
+from lightning_core.common.http_guard import LOOPBACK_HOSTS, bearer
 from lightning_core.serving.gateway import Gateway
 from lightning_core.serving.metrics import GatewayMetrics
 from lightning_core.serving.recording import SpanRecorder
@@ -99,8 +99,7 @@ def _app(settings: dict[str, Any]) -> Starlette:
     from lightning_core.serving.span_export import GatewaySpanExporter
 
     collector_token = settings.get("collector_token")
-    headers = {"Authorization": f"Bearer {collector_token}"} if collector_token else None
-    exporter = GatewaySpanExporter(f"{settings['collector_url'].rstrip('/')}/v1/traces", headers=headers)
+    exporter = GatewaySpanExporter(f"{settings['collector_url'].rstrip('/')}/v1/traces", headers=bearer(collector_token) or None)
     return build_app(upstreams=settings["upstreams"], base_model=settings["base_model"], policies=settings["policies"],
                      exporter=exporter, token=settings.get("token"), upstream_timeout_s=settings["upstream_timeout_s"],
                      max_body_bytes=settings["max_body_bytes"], keep_versions=settings["keep_versions"],

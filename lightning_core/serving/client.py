@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from lightning_core.common.http_guard import bearer
+
 
 class GatewayAdminError(RuntimeError):
     """The gateway refused an admin call; the message carries its reason, ``status`` its HTTP status."""
@@ -26,8 +28,7 @@ class GatewayClient:
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0):
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self.http = httpx.Client(base_url=self.url, headers=bearer(token), timeout=timeout_s)
 
     def close(self) -> None:
         """Close the HTTP connections."""

@@ -166,6 +166,7 @@ class Gateway:
         endpoint = "chat" if operation == "chat" else "completions"
         start_ns, started = time.time_ns(), time.perf_counter()
         router = self.router
+        origin = {"parent": parse_traceparent(request.headers.get("traceparent")), "client": _client(request)}
         try:
             self.authorize(request)
             rollout_id = request.path_params.get("rollout_id")
@@ -175,14 +176,13 @@ class Gateway:
             target = router.resolve(body.get("model"), info, replicas)
         except PinnedVersionGone as exc:  # recorded as a call our side failed: the rollout is not the agent's failure
             self.finish(Call(operation=operation, body=body, target=exc.target, resource=resource, start_ns=start_ns,
-                             started=started, parent=parse_traceparent(request.headers.get("traceparent")), client=_client(request)),
+                             started=started, **origin),
                         endpoint, str(exc.status), error=exc.message, upstream_failed=True)
             return error_response(exc)
         except GatewayError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)
-        call = Call(operation=operation, body=body, target=target, resource=resource, start_ns=start_ns, started=started,
-                    parent=parse_traceparent(request.headers.get("traceparent")), client=_client(request))
+        call = Call(operation=operation, body=body, target=target, resource=resource, start_ns=start_ns, started=started, **origin)
         upstream_body = orjson.dumps(call.upstream_body())
         path = "chat/completions" if operation == "chat" else "completions"
         self.metrics.in_flight.inc()
