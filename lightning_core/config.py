@@ -209,6 +209,12 @@ class TrackingConfig(Section):
     traces_timeout_s: float = Field(120.0, gt=0, description="The most seconds one epoch spends publishing traces; "
                                     "what is left is reported in the epoch's summary (arclight traces publishes it later).")
 
+    @field_validator("traces", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` as false: take it as meant (``traces: off``, ``--set tracking.traces=off``)."""
+        return "off" if value is False else value
+
 
 class TrainerConfig(Section):
     """Training of a policy from an epoch's triplets (GRPO, or SFT on the best traces)."""

@@ -86,3 +86,14 @@ def test_sleep_mode_with_overlapping_epochs_is_refused_at_load_in_one_line_that_
     assert "trainer.max_staleness = 2" in message and "got {" not in message
     assert load_config(path, overrides=["trainer.max_staleness=0"]).serving.sleep_mode  # each alone is fine
     assert load_config(path, overrides=["serving.sleep_mode=false"]).trainer.max_staleness == 2
+
+
+def test_traces_off_in_the_file_or_on_the_command_line_means_off(tmp_path):
+    """YAML 1.1 reads a bare ``off`` as false: ``tracking.traces: off`` must still mean off, not a type error."""
+    path = tmp_path / "config.yaml"
+    path.write_text("tracking:\n  traces: off\n")
+    assert load_config(path).tracking.traces == "off"
+    assert load_config(None, overrides=["tracking.traces=off"]).tracking.traces == "off"
+    assert load_config(None, overrides=["tracking.traces=sample"]).tracking.traces == "sample"
+    with pytest.raises(ConfigError, match="tracking.traces"):
+        load_config(None, overrides=["tracking.traces=on"])  # "on" is no setting of traces: all, sample or off
