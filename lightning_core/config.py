@@ -11,16 +11,26 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lightning_core import names
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the model; the message names key and file."""
+
+
+def _switch_word(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``on``/``off`` as a boolean: take it as the word meant (``traces: off``,
+    ``--set trainer.shared_prefix=on``)."""
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
+# A choice among words that include on or off: a bare on/off in YAML is read as the word.
+Switch = BeforeValidator(_switch_word)
 
 
 class Section(BaseModel):
@@ -202,18 +212,12 @@ class TrackingConfig(Section):
 
     mlflow_uri: str | None = Field(None, description="Tracking URI; default sqlite:///<project dir>/mlflow.db.")
     experiment: str | None = Field(None, description="Experiment name; default the project name.")
-    traces: Literal["all", "sample", "off"] = Field(
+    traces: Annotated[Literal["all", "sample", "off"], Switch] = Field(
         "all", description="Each epoch's rollouts (and each evaluation's) as MLflow traces, after its triplets: all "
         "of them; sample: every failed rollout and each group's best and worst, up to traces_cap; off: none.")
     traces_cap: int = Field(200, ge=1, description="sample: the most traces one epoch publishes.")
     traces_timeout_s: float = Field(120.0, gt=0, description="The most seconds one epoch spends publishing traces; "
                                     "what is left is reported in the epoch's summary (arclight traces publishes it later).")
-
-    @field_validator("traces", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        """YAML reads a bare ``off`` as false: take it as meant (``traces: off``, ``--set tracking.traces=off``)."""
-        return "off" if value is False else value
 
 
 class TrainerConfig(Section):
@@ -258,7 +262,7 @@ class TrainerConfig(Section):
         "vLLM whose serving.dtype is auto: docs/config.md#vllm-and-the-trainer), else ppo.")
     importance_cap: float = Field(2.0, ge=1.0, description="decoupled: the behaviour importance weight's upper bound.")
     micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass (plain forward).")
-    shared_prefix: Literal["auto", "on", "off"] = Field(
+    shared_prefix: Annotated[Literal["auto", "on", "off"], Switch] = Field(
         "auto",
         description="Shared-prefix forward: the samples of a micro-batch are packed as one prefix tree, so a group's "
         "prompt and a rollout's earlier turns are encoded once (same logprobs and gradients as the plain forward). "
@@ -301,13 +305,6 @@ class TrainerConfig(Section):
     output_dir: Path = Field(Path(".arclight/checkpoints"), description="Checkpoints: <output_dir>/<policy>/<version>, plus a 'latest' link.")
     registry_alias: str = Field("serving", description="MLflow registry alias set on each new version.")
     log_samples: int = Field(16, ge=0, description="Trajectories logged to MLflow as a table.")
-
-
-    @field_validator("shared_prefix", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, value: Any) -> Any:
-        """YAML reads a bare on/off as a boolean: take it as meant."""
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class PolicyConfig(Section):
