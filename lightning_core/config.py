@@ -433,7 +433,11 @@ class RolloutsConfig(Section):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"resources.prompts.{name} must be a non-empty text, found {text!r}")
         return value
-    seed: int = Field(0, description="Seed of task sampling.")
+    seed: int = Field(
+        0, description="Seed of task sampling and of the model's sampling in each rollout: the gateway sends vLLM a seed "
+        "per call, derived from this, the epoch, the task, the sample's place in its group, the attempt and the call's "
+        "messages, so the same config run twice draws the same completions (up to the engine's numerics: batches "
+        "of other sizes can round differently). A call that names its own seed keeps it.")
 
     @field_validator("command", mode="before")
     @classmethod

@@ -138,6 +138,31 @@ def test_n_choices_give_one_span_each(admin, collector_config, tokenizer):
         assert shown_text(tokenizer, by_index[choice.index][semconv.RESPONSE_TOKEN_IDS]) == choice.message.content
 
 
+def test_a_seeded_rollout_samples_the_same_completions_again(admin, collector_config):
+    """Two rollouts registered with one seed draw the same text for the same call (a run repeated with one config);
+    another seed, or the same call asked again in one rollout, draws anew; a call's own seed is kept."""
+    def draw(rollout_id: str, rollout_seed: int | None, **extra) -> tuple[str, str]:
+        client = rollout_client(admin, rollout_id, seed=rollout_seed)
+        response = client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=12, temperature=1.0, **extra)
+        return response.choices[0].message.content, response.id
+
+    first, first_id = draw("seeded-1", 123)
+    again, _ = draw("seeded-2", 123)
+    other, _ = draw("seeded-3", 124)
+    assert again == first
+    assert other != first
+    client = rollout_client(admin, "seeded-4", seed=123)
+    twice = [client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=12, temperature=1.0)
+             .choices[0].message.content for _ in range(2)]
+    assert twice[0] == first and twice[1] != first  # an agent drawing the same call twice gets two samples
+    own = [draw(f"own-{rollout_seed}", rollout_seed, seed=5)[0] for rollout_seed in (123, 124)]
+    assert own[0] == own[1]  # the call's seed, not the rollout's
+
+    [span] = gateway_spans(collector_config, admin, first_id)
+    sent = json.loads(span["attributes"][semconv.REQUEST_PARAMS])["seed"]
+    assert isinstance(sent, int) and 0 <= sent < 2**63  # recorded with the call, as sent to vLLM
+
+
 def test_unknown_rollout_is_404_and_malformed_request_is_400(admin, gateway):
     unknown = OpenAI(base_url=f"{gateway.url}/rollout/never-registered/v1", api_key="x", max_retries=0)
     with pytest.raises(APIStatusError) as err:

@@ -9,7 +9,7 @@ import pytest
 
 from lightning_core.store.catalog import Catalog
 from lightning_core.rollouts.runner import (FAILED, SUCCEEDED, TIMED_OUT, RolloutSpec, RunnerSettings,
-                                            flush_outcome_spans, load_agent, run_rollout)
+                                            flush_outcome_spans, load_agent, rollout_seed, run_rollout)
 from tests.conftest import REPO
 
 
@@ -161,3 +161,18 @@ def test_a_batch_whose_outcome_spans_cannot_be_delivered_says_so_instead_of_retu
     spec = RolloutSpec("runner-nowhere", 0, "nowhere-0", "t1", "t1", 0, {"a": 6, "b": 7, "answer": 42})
     with pytest.raises(ServiceError, match="outcome spans .* could not be delivered to the collector"):
         run_rollout_batch(settings, [spec], first_attempts={}, slot=threading.Semaphore(1))
+
+
+def test_a_rollouts_sampling_seed_is_the_same_in_a_rerun_and_new_for_each_sample_epoch_and_attempt():
+    settings = RunnerSettings(agent="m:f", collector_url="", gateway_url="", model="default", sampling_seed=0)
+    spec = RolloutSpec("run-a", 2, "r-1", "t1", "g1", 3, {})
+    seed = rollout_seed(settings, spec, 0)
+    assert 0 <= seed < 2**63
+    # another run, another rollout id, the same task and sample: the same seed, so a repeated run samples alike
+    assert rollout_seed(settings, RolloutSpec("run-b", 2, "r-9", "t1", "g7", 3, {}), 0) == seed
+    others = {rollout_seed(settings, spec, 1), rollout_seed(settings, RolloutSpec("run-a", 3, "r-1", "t1", "g1", 3, {}), 0),
+              rollout_seed(settings, RolloutSpec("run-a", 2, "r-1", "t1", "g1", 4, {}), 0),
+              rollout_seed(settings, RolloutSpec("run-a", 2, "r-1", "t2", "g1", 3, {}), 0),
+              rollout_seed(RunnerSettings(agent="m:f", collector_url="", gateway_url="", model="default", sampling_seed=1), spec, 0)}
+    assert seed not in others and len(others) == 5
+    assert rollout_seed(RunnerSettings(agent="m:f", collector_url="", gateway_url="", model="default"), spec, 0) is None

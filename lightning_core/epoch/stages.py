@@ -16,7 +16,7 @@ from typing import Any
 from lightning_core.epoch import bookkeeping as ep
 from lightning_core.epoch.context import RunContext
 from lightning_core.rollouts.runner import (AGENT, FAILED, INFRASTRUCTURE, RolloutOutcome, RolloutSpec, RunnerSettings,
-                                            run_rollout, settings_from_config)
+                                            rollout_seed, run_rollout, settings_from_config)
 from lightning_core.epoch.failures import RunStopped, check_collector
 
 log = logging.getLogger("arclight.stages")
@@ -64,7 +64,8 @@ def run_one_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attemp
         nonlocal registering
         registering = attempt
         gateway.register_rollout(
-            rollout_id=spec.rollout_id, run_id=spec.run_id, epoch=spec.epoch, task_id=spec.task_id, attempt=attempt
+            rollout_id=spec.rollout_id, run_id=spec.run_id, epoch=spec.epoch, task_id=spec.task_id, attempt=attempt,
+            seed=rollout_seed(settings, spec, attempt),
         )
 
     try:

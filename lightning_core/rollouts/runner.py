@@ -24,6 +24,7 @@ since a daemonic process may not start the fork server or rollout processes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import inspect
 import multiprocessing
@@ -138,6 +139,7 @@ class RunnerSettings:
     command: tuple[str, ...] = ()  # the agent as a program (rollouts.command), its program path resolved
     command_env: dict[str, str] = field(default_factory=dict)
     command_cwd: str | None = None  # where the program runs (the project folder)
+    sampling_seed: int | None = None  # rollouts.seed: each rollout's model sampling is seeded from it (rollout_seed)
 
 
 def load_agent(ref: str, *, paths: tuple[str, ...] = ()) -> Callable[..., Any]:
@@ -543,5 +545,15 @@ def settings_from_config(config, *, collector_url: str, gateway_url: str, model:
         temperature=temperature if temperature is not None else r.temperature if mode == "train" else 0.0,
         resources=dict(r.resources if resources is None else resources), mode=mode,
         prompt_versions=dict(prompt_versions or {}),
-        command=command, command_env=dict(r.command_env), command_cwd=str(cwd.resolve()),
+        command=command, command_env=dict(r.command_env), command_cwd=str(cwd.resolve()), sampling_seed=r.seed,
     )
+
+
+def rollout_seed(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> int | None:
+    """The seed of one attempt's model sampling (the gateway derives each call's from it): a hash of rollouts.seed, the
+    epoch, the task, the sample's place in its group and the attempt, so a rerun of the run with the same config draws
+    the same samples, and a retried attempt new ones. Not the run's id: two runs of one config are meant to agree."""
+    if settings.sampling_seed is None:
+        return None
+    key = f"{settings.sampling_seed}\0{spec.epoch}\0{spec.task_id}\0{spec.sample_index}\0{attempt}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1

@@ -43,10 +43,11 @@ class GatewayClient:
 
     def register_rollout(
         self, *, rollout_id: str, run_id: str | None = None, epoch: int | None = None, task_id: str | None = None,
-        attempt: int | None = None, policy: str | None = None,
+        attempt: int | None = None, policy: str | None = None, seed: int | None = None,
     ) -> str:
         """Register a rollout and return the base URL its agent should use (``.../rollout/<id>/v1``)."""
-        body = {"rollout_id": rollout_id, "run_id": run_id, "epoch": epoch, "task_id": task_id, "attempt": attempt, "policy": policy}
+        body = {"rollout_id": rollout_id, "run_id": run_id, "epoch": epoch, "task_id": task_id, "attempt": attempt,
+                "policy": policy, "seed": seed}
         return self._call("POST", "/admin/rollouts", json={k: v for k, v in body.items() if v is not None})["base_url"]
 
     def forget_rollout(self, rollout_id: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import sqlite3
@@ -48,6 +49,7 @@ class Gateway:
         self.weights_dir = weights_dir  # where POST /admin/weights fetches to (its storage's credentials: AWS_*)
         self.client: aiohttp.ClientSession | None = None
         self.flushed = 0
+        self.asked: dict[tuple[str, bytes], int] = {}  # (rollout, call digest) -> times asked, for call_seed
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -173,6 +175,8 @@ class Gateway:
             info, replicas, resource = router.rollout(rollout_id) if rollout_id is not None else (None, None, router.production_resource)
             body = await self.read_json(request)
             validate_request(body, operation)
+            if info is not None and info.seed is not None and body.get("seed") is None:
+                body["seed"] = self.call_seed(info, body)
             target = router.resolve(body.get("model"), info, replicas)
         except PinnedVersionGone as exc:  # recorded as a call our side failed: the rollout is not the agent's failure
             self.finish(Call(operation=operation, body=body, target=exc.target, resource=resource, start_ns=start_ns,
@@ -215,6 +219,20 @@ class Gateway:
             return error_response(exc)
         finally:
             self.metrics.in_flight.dec()
+
+    def call_seed(self, info: RolloutInfo, body: dict[str, Any]) -> int:
+        """The seed a rollout's call is sampled with: a hash of the rollout's seed and what the call asks (its messages or
+        prompt), so a repeated run gets the same seed for the same call whatever order the calls arrive in, across
+        rollouts running at once. The same call asked again within the rollout (an agent drawing twice) gets the next
+        seed, counted in this process."""
+        asked = orjson.dumps([body.get("messages"), body.get("prompt")], option=orjson.OPT_SORT_KEYS)
+        digest = hashlib.blake2b(asked, digest_size=16).digest()
+        key = (info.rollout_id, digest)
+        if len(self.asked) > 100_000:
+            self.asked.clear()
+        count = self.asked[key] = self.asked.get(key, -1) + 1
+        mixed = hashlib.blake2b(digest + info.seed.to_bytes(8, "little") + count.to_bytes(8, "little"), digest_size=8)
+        return int.from_bytes(mixed.digest(), "little") >> 1  # vLLM takes a signed 64-bit seed
 
     async def stream(self, call: "Call", path: str, upstream_body: bytes, endpoint: str) -> Response:
         """Forward a streaming call: SSE chunks are captured and stripped on their way to the client."""

@@ -59,6 +59,10 @@ class RolloutInfo(BaseModel):
     task_id: str | None = Field(None, max_length=1024)
     attempt: int | None = None
     policy: str | None = Field(None, description="Policy every call of this rollout uses; default by model name.")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Seeds the rollout's sampling: a call that names no seed of its own is sent to "
+        "vLLM with one derived from this and the call's messages, so a run repeated with the same seeds samples the same "
+        "completions (up to the engine's numerics). None = unseeded.")
     pins: dict[str, tuple[str, int]] | None = Field(
         None, description="Set by the gateway at registration: policy -> (served model, version) serving then. Every "
         "call of the rollout to a policy goes to its pinned version, so a redeploy during the rollout never switches "
