@@ -55,6 +55,15 @@ def run_one(mode: str, *, epochs: int, workdir: Path) -> dict:
         code = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ}).returncode
     wall = time.monotonic() - started
     load.append(uptime())
+    if code != 0:  # keep what the run said: the run's folder goes with the bench's
+        kept = RESULTS.with_name(f"traces_bench-failed-{mode}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(project / "bench.log", kept)
+        tail = (project / "bench.log").read_text(errors="replace").strip().splitlines()[-15:]
+        print(f"{mode}: arclight train exited {code} after {wall:.1f} s; its output is in {kept}:\n" + "\n".join(tail),
+              file=sys.stderr, flush=True)
+        return {"mode": mode, "returncode": code, "wall_s": round(wall, 1), "load": load, "machine": os.uname().nodename,
+                "log": str(kept.relative_to(REPO)), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     cfg = load_config(project / "config.yaml", overrides=overrides)
     with Catalog.from_config(cfg).read(spans=False) as con:
         rows = con.execute("SELECT epoch, epoch(finished_at) - epoch(started_at), epoch(train_finished_at) - "
