@@ -300,6 +300,18 @@ class TrainerConfig(Section):
         1, ge=1, description="Data-parallel GRPO ranks on this machine (torch.distributed: gloo on CPU, nccl with one "
         "GPU per rank): each step's micro-batches are shared out and gradients summed, the same step as one process. "
         "GRPO only; SFT runs in one process.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where the training stage computes: local (the flow's process, beside it on one machine) or "
+        "ray (a task on the Ray cluster at trainer.address, on a node that has trainer.ray_resources: a train host that "
+        "shares no disk with the flow; trainer.processes > 1 makes that many ranks, one bundle of the resources each, "
+        "in a placement group). ray needs serving.weights_uri (versions travel through it, both ways) and an MLflow "
+        "server (tracking.mlflow_uri http(s)://...): docs/scaling.md.")
+    address: str | None = Field(
+        None, description="The Ray cluster of executor ray (the head's host:6379, or auto); None = rollouts.address.")
+    ray_resources: dict[str, float] = Field(
+        default_factory=lambda: {"train": 1.0}, description="What one rank of executor ray needs of a node: Ray resources "
+        "by name (a train host is started with `ray start --resources '{\"train\": 1}'`); CPU and GPU are Ray's "
+        "num_cpus and num_gpus.")
     success_reward: float = Field(1.0, description="A rollout whose reward is >= this counts as a success (success_rate).")
     sft_min_reward: float | None = Field(1.0, description="SFT keeps triplets whose reward is >= this; None = no threshold.")
     sft_top_fraction: float | None = Field(None, gt=0, le=1, description="SFT keeps the top fraction of each group by reward.")
@@ -327,6 +339,10 @@ class PolicyConfig(Section):
         if "max_staleness" in value:
             raise ValueError("trainer.max_staleness is the whole run's (the epochs overlap or not for every policy): "
                              "set it in the trainer section, not per policy")
+        whole_run = sorted({"executor", "address", "ray_resources"} & set(value))
+        if whole_run:
+            raise ValueError(f"trainer.{', trainer.'.join(whole_run)}: where training runs is the whole run's: set it in "
+                             "the trainer section, not per policy")
         return value
 
     @field_validator("name")
@@ -552,6 +568,23 @@ class ArclightConfig(Section):
                 f"{self.trainer.max_staleness} runs the next epoch's rollouts during that training: they would call a "
                 "sleeping vLLM (its /health still answers 200). Unset serving.sleep_mode, or set trainer.max_staleness: 0 "
                 "(docs/failures.md)")
+        return self
+
+    @model_validator(mode="after")
+    def _train_hosts_reach_what_they_need(self) -> "ArclightConfig":
+        if self.trainer.executor != "ray":
+            return self
+        needs = []
+        if not (self.trainer.address or self.rollouts.address):
+            needs.append("a Ray cluster: trainer.address (the head's host:6379), or rollouts.address")
+        if not self.serving.weights_uri:
+            needs.append("serving.weights_uri (s3://bucket/prefix): a train host publishes each version there and "
+                         "fetches the parent it did not train from there; it shares no disk with the flow")
+        if not (self.tracking.mlflow_uri or "").startswith(("http://", "https://")):
+            needs.append("an MLflow tracking server, tracking.mlflow_uri: http://host:5000 (a train host logs its steps "
+                         "and checkpoint there; a sqlite file is one machine's)")
+        if needs:
+            raise ValueError("trainer.executor=ray trains on another host, so it needs " + "; and ".join(needs))
         return self
 
     def resolved(self) -> "ArclightConfig":

@@ -135,56 +135,10 @@ def test_epoch_rollouts_run_on_two_dask_workers_and_a_hung_one_is_killed_at_its_
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A Ray head node (``ray start --head``) in its own process group, stopped by killing that group."""
-    import contextlib
-    import os
-    import secrets
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    from tests.helpers.ray_head import ray_head
 
-    from lightning_core.common.services import free_port
-
-    port = free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
-    temp = tmp_path_factory.mktemp("ray")
-    # The raylet waits 30 s by default for its dashboard agent, which took over a minute to start on this
-    # 2-core machine under load (the raylet then aborts: "Timed out waiting for file .../metrics_agent_port").
-    # Ray 2.60 clients expect token authentication (RAY_AUTH_MODE=token) and look for the token in
-    # ~/.ray/auth_token, which `ray start` writes only on some machines (not on a fresh one): the head
-    # and every client get one token of this session through the environment instead.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env = {**os.environ, **auth, "RAY_agent_register_timeout_ms": "300000"}
-    proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--object-store-memory=200000000",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    previous = {key: os.environ.get(key) for key in auth}
-    os.environ.update(auth)
-    try:
-        deadline = time.monotonic() + 240
-        address = None
-        while True:
-            if (temp / "ray_current_cluster").is_file():
-                address = (temp / "ray_current_cluster").read_text().strip()
-                if subprocess.run([ray, "status", f"--address={address}"], capture_output=True).returncode == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "ray start --head did not come up in 240 s"
-            time.sleep(3)
+    with ray_head(tmp_path_factory.mktemp("ray")) as address:
         yield address
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # SIGTERM first; Ray's processes outlive it, so then SIGKILL
-            os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=20)
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_epoch_rollouts_run_on_a_ray_cluster_and_a_hung_one_is_killed_at_its_timeout(

@@ -36,9 +36,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lightning_core.pipeline.steps import PipelineError
     from lightning_core.serving.redeploy import RedeployError
     from lightning_core.common.services import ServiceError
-    from lightning_core.epoch.failures import RunStopped
+    from lightning_core.epoch.failures import RunStopped, TrainHostError
 
-    return (ConfigError, DatasetError, PipelineError, RedeployError, ServiceError, RunStopped)
+    return (ConfigError, DatasetError, PipelineError, RedeployError, ServiceError, RunStopped, TrainHostError)
 
 
 EXPECTED_ERRORS = _expected_errors()

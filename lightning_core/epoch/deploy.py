@@ -160,10 +160,12 @@ def folder_for_vllm(config, gateway: GatewayClient, folder: Path, *, policy: str
 
 def serving_weights(config, row: dict) -> Path:
     """The weights folder vLLM reloads for a version: the full checkpoint, or the adapter merged into the base model
-    (made once, next to the adapter)."""
+    (made once, next to the adapter; by the train host, and published by name, when a train host trained it)."""
     weights = Path(row["path"])
     if row.get("kind") == "full":
         return weights
+    if config.serving.weights_uri and not weights.is_dir():  # trained on a train host, which merged and published it
+        return weights.with_name(f"{weights.name}.merged")
     return merge_adapter(base_model_dir=model_dir(config), adapter_dir=weights,
                          out_dir=weights.with_name(f"{weights.name}.merged"), dtype=serving_dtype(config))
 

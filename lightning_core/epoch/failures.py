@@ -83,6 +83,33 @@ class RunStopped(RuntimeError):
     """A sampling round that failed too much to train on; the message says what failed and what to do."""
 
 
+def worker_lost(exc: BaseException) -> bool:
+    """Whether a rollout batch's task failed because the engine lost its worker (its node died, its process was
+    killed), not because the task raised: Ray's system errors, not a ``RayTaskError`` (the task's own exception)."""
+    try:
+        from ray.exceptions import RayError, RayTaskError
+    except ImportError:
+        return False
+    return isinstance(exc, RayError) and not isinstance(exc, RayTaskError)
+
+
+def lost_with_their_worker(specs: list, *, first_attempts: dict[str, int], error: BaseException) -> list[RolloutOutcome]:
+    """The outcomes of a batch of rollouts whose worker was lost (its node died, its process was killed): each an
+    infrastructure failure, so that it runs again, with a new attempt number, once the round's runs are in (the engine
+    itself is told not to run it again: a re-run under the same attempt numbers would mix its spans with the lost
+    run's)."""
+    now = time.time()
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    why = f"the worker running it was lost: {type(error).__name__}: {lines[0] if lines else ''}"[:500]
+    return [RolloutOutcome(spec.rollout_id, FAILED, first_attempts.get(spec.rollout_id, 0), None, why, now, now,
+                           INFRASTRUCTURE) for spec in specs]
+
+
+class TrainHostError(RuntimeError):
+    """The training stage failed on a train host (``trainer.executor: ray``): a rank died or raised, the cluster has
+    no node to train on, or the parent version could not be fetched; no version was made. The message says which."""
+
+
 def retry_infrastructure_failures(ctx: RunContext, *, run_id: str, epoch: int, mode: str,
                                   sampling_round: int | None = None) -> list[str]:
     """Plan the rollouts of (run, epoch, mode) -- of one ``sampling_round`` when given: an earlier round's were

@@ -243,12 +243,18 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
     config = ctx.config
     sampled = ep.sampling_counts(ctx.catalog, run_id=run_id, epoch=epoch)
     base = model_dir(config)
+    executor = None
+    if config.trainer.executor == "ray":  # on a train host: a Ray task placed by trainer.ray_resources
+        from lightning_core.epoch.train_hosts import ray_executor
+
+        executor = ray_executor(config)
     # serving.sleep_mode: vLLM's weights and KV cache leave the GPU while the trainer needs it
     sleeping = asleep([r.url for r in ctx.stack.replicas]) if config.serving.sleep_mode and ctx.stack else contextlib.nullcontext()
     with _sleeping_on_purpose(ctx.stack if config.serving.sleep_mode else None), sleeping:
         return train_policies(config, run_id=run_id, epoch=epoch, base_model_dir=base, catalog=ctx.catalog,
                               epoch_metrics={f"sampling/{k}": float(v) for k, v in sampled.items()},
-                              should_stop=lambda: stopping.stopping() or (abandon is not None and abandon.is_set()))
+                              should_stop=lambda: stopping.stopping() or (abandon is not None and abandon.is_set()),
+                              executor=executor)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from lightning_core.common import gpu, hardware, published
 from lightning_core.common.durable import save_atomically
 from lightning_core.trainer import checkpoint, versions
 from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of, within_staleness
+from lightning_core.trainer.collectives import broadcast_parameters
 from lightning_core.trainer.distributed import run_grpo_distributed
 from lightning_core.trainer.grpo_run import OPTIMIZER_STATE, run_grpo
 from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, pick_device, seed_everything
@@ -56,6 +57,102 @@ class TrainResult:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Rank:
+    """This process's place among the ranks of one training spread over hosts; the process group is joined already."""
+
+    rank: int
+    world: int
+
+
+@dataclass
+class TrainJob:
+    """The compute of one version as plain data, so that it can travel to a train host (``trainer.executor``): what to
+    train from and with what settings; where the version goes is the config's (``trainer.output_dir``,
+    ``serving.weights_uri``)."""
+
+    config: ArclightConfig
+    policy: str
+    version: str
+    run_id: str
+    epoch: int
+    cfg: TrainerConfig             # the policy's settings: learning rate scheduled, behaviour correction resolved
+    samples: list[Any]
+    base_model_dir: str            # the weights to load: the base model, or a full-finetune parent's checkpoint
+    parent_version: str | None
+    parent_adapter_dir: str | None  # a LoRA parent's folder, where the flow's catalog says it is
+    parent_state_dir: str | None   # where the parent's optimizer state is (default: the parent's folder)
+    mlflow_run_id: str
+    first_step: int                # the MLflow step of this epoch's first training step
+    merge_dtype: str | None = None  # merged serving, trained elsewhere: the train host merges in this dtype (set by
+                                    # the executor, which knows how vLLM serves)
+
+
+@dataclass
+class TrainDone:
+    """What computing a version gave: its steps and, unless every step was skipped, its folder on the machine that
+    computed it; a train host also says where it logged the checkpoint in MLflow."""
+
+    steps: list[dict[str, float]]
+    path: str | None
+    source: str | None = None
+    host: str | None = None
+
+
+# runs a TrainJob somewhere (epoch/train_hosts.py: on a Ray node) and gives back what it made; asks should_stop
+Executor = Callable[[TrainJob, "Callable[[], bool] | None"], TrainDone]
+
+
+def compute_version(job: TrainJob, *, on_step: Callable[[int, dict[str, float]], None] | None,
+                    should_stop: Callable[[], bool] | None = None, rank: Rank | None = None) -> TrainDone:
+    """Train the job's samples and save the version to ``trainer.output_dir/<policy>/<version>`` on this machine,
+    published to ``serving.weights_uri`` when set (without the optimizer state); on ranks > 0 nothing is saved.
+    ``on_step(i, metrics)`` gets each step's metrics as it ends."""
+    config, cfg = job.config, job.cfg
+    seed_everything(cfg.seed + job.epoch)
+    if rank is None:
+        device, cfg = trainer_device(config, cfg)
+    else:  # a rank on a train host: the node's first device of the kind (Ray sets CUDA_VISIBLE_DEVICES per task)
+        device = pick_device(cfg.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
+    amp = autocast_dtype(cfg.dtype, device)
+    model = load_policy_model(
+        job.base_model_dir, finetune=cfg.finetune, device=device, bf16=amp is not None, lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+        parent_adapter_dir=job.parent_adapter_dir, gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    on_step = on_step or (lambda i, m: None)
+    optimizer = None
+    if cfg.mode == "sft":
+        steps = _run_sft(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device, amp=amp,
+                         seed=cfg.seed + job.epoch)
+        for i, m in enumerate(steps):
+            on_step(i, m)
+    else:
+        parent_dir = job.parent_state_dir or job.parent_adapter_dir or (job.base_model_dir if job.parent_version else None)
+        if rank is not None:
+            broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+            run = run_grpo
+        else:
+            run = run_grpo if cfg.processes == 1 else run_grpo_distributed
+        steps, optimizer = run(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device, amp=amp,
+                               seed=cfg.seed + job.epoch, parent_dir=parent_dir, parent_adapter_dir=job.parent_adapter_dir,
+                               should_stop=should_stop, on_step=on_step)
+    if (rank is not None and rank.rank != 0) or all(s.get("skipped") for s in steps):
+        return TrainDone(steps=steps, path=None)
+    root = Path(cfg.output_dir) / job.policy
+    # a folder of that name is an interrupted training's (saved, never recorded): nothing points at it
+    path = save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=job.base_model_dir,
+                                                   optimizer=optimizer),
+                           root=root, name=job.version, replace=True)
+    if config.serving.weights_uri:  # for vLLM hosts that do not share this disk: before the version is recorded
+        published.publish(path, published.join(config.serving.weights_uri, job.policy, job.version),
+                          options=config.serving.weights_storage_options, leave_out=SERVING_LEAVES_OUT)
+    return TrainDone(steps=steps, path=str(path))
+
+
 def train_policy(
     config: ArclightConfig,
     triplets: Any,
@@ -69,10 +166,13 @@ def train_policy(
     epoch_metrics: dict[str, float] | None = None,
     catalog: Catalog | None = None,
     should_stop: Callable[[], bool] | None = None,
+    executor: Executor | None = None,
 ) -> TrainResult:
     """Train ``policy`` on its triplets of one epoch; save, record and register the new version. ``epoch_metrics``
     (the epoch stage's sampling counts, ``sampling/...``) are logged beside the training's own. ``should_stop``:
-    asked before every GRPO micro-batch (``grpo.train_grpo``)."""
+    asked before every GRPO micro-batch (``grpo.train_grpo``). ``executor``: where the compute runs (a train host,
+    ``epoch/train_hosts.py``); default here. The samples, the MLflow run, the version's name, its registration and
+    its catalog row stay with the caller either way."""
     cfg = config.trainer_for(policy)
     correction, why = behaviour_correction(config, cfg)
     cfg = cfg.model_copy(update={"behaviour_correction": correction})
@@ -127,29 +227,19 @@ def train_policy(
             return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=None, parent_version=parent_version,
                                path=None, metrics=stats, mlflow_run_id=mlflow_run_id, message=message)
 
-        seed_everything(cfg.seed + epoch)
-        device, cfg = trainer_device(config, cfg)
-        amp = autocast_dtype(cfg.dtype, device)
-        model = load_policy_model(
-            base_model_dir, finetune=cfg.finetune, device=device, bf16=amp is not None, lora_r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-            parent_adapter_dir=parent_adapter_dir, gradient_checkpointing=cfg.gradient_checkpointing,
-        )
         first_step = tracking.next_step(mlflow_run_id)
+        version = versions.next_version(catalog, policy=policy)
+        job = TrainJob(config=config, policy=policy, version=version, run_id=run_id, epoch=epoch, cfg=cfg,
+                       samples=samples, base_model_dir=str(base_model_dir), parent_version=parent_version,
+                       parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None, parent_state_dir=None,
+                       mlflow_run_id=mlflow_run_id, first_step=first_step)
         t0 = time.perf_counter()
-        optimizer = None
-        if cfg.mode == "sft":
-            steps = _run_sft(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device, amp=amp,
-                             seed=cfg.seed + epoch)
-            for i, m in enumerate(steps):
-                tracking.log_metrics(m, step=first_step + i)
+        if executor is None:
+            done = compute_version(job, on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i),
+                                   should_stop=should_stop)
         else:
-            parent_dir = parent_adapter_dir or (base_model_dir if parent_version else None)
-            run = run_grpo if cfg.processes == 1 else run_grpo_distributed
-            steps, optimizer = run(model, samples, cfg=cfg, base_model_dir=base_model_dir, device=device,
-                                   amp=amp, seed=cfg.seed + epoch, parent_dir=parent_dir,
-                                   parent_adapter_dir=parent_adapter_dir, should_stop=should_stop,
-                                   on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i))
+            done = executor(job, should_stop)
+        steps = done.steps
         stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
         tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps", *EPOCH_START.values())
                               if k in stats and math.isfinite(stats[k])}, step=epoch)
@@ -161,16 +251,9 @@ def train_policy(
             return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=None, parent_version=parent_version,
                                path=None, metrics=stats, steps=steps, mlflow_run_id=mlflow_run_id, message=message)
 
-        version = versions.next_version(catalog, policy=policy)
-        root = cfg.output_dir / policy
-        # a folder of that name is an interrupted training's (saved, never recorded): nothing points at it
-        path = save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=base_model_dir,
-                                                       optimizer=optimizer),
-                               root=root, name=version, replace=True)
-        if config.serving.weights_uri:  # for vLLM hosts that do not share this disk: before the version is recorded
-            published.publish(path, published.join(config.serving.weights_uri, policy, version),
-                              options=config.serving.weights_storage_options, leave_out=SERVING_LEAVES_OUT)
-        source = tracking.log_checkpoint(path, version=version)
+        assert done.path is not None
+        path, root = Path(done.path), cfg.output_dir / policy
+        source = done.source or tracking.log_checkpoint(path, version=version)
         registry_version = tracking.register_version(config, policy=policy, source=source, mlflow_run_id=mlflow_run_id,
                                                      version=version, alias=cfg.registry_alias)
         versions.record_version(
@@ -178,10 +261,12 @@ def train_policy(
             path=str(path), metrics=stats, kind=cfg.finetune, base_model=str(Path(base_model_dir).resolve()),
             mlflow_run_id=mlflow_run_id, registry_version=registry_version,
         )
-        checkpoint.set_latest(root, version)
+        if path.is_dir():  # trained on this machine: else the train host's disk holds it (and the weights store)
+            checkpoint.set_latest(root, version)
         mlflow.set_tag(f"epoch_{epoch}.outcome", f"trained:{version}")
+        where = f" on {done.host}" if done.host else ""
         message = (f"policy {policy!r} epoch {epoch}: {version} from {int(stats['trainable_triplets'])} triplets, "
-                   f"{int(stats['optimizer_steps'])} steps, reward/mean {stats['reward/mean']:.3f}")
+                   f"{int(stats['optimizer_steps'])} steps{where}, reward/mean {stats['reward/mean']:.3f}")
         log.info(message)
         return TrainResult(policy=policy, run_id=run_id, epoch=epoch, version=version, parent_version=parent_version,
                            path=path, metrics=stats, steps=steps, mlflow_run_id=mlflow_run_id,
@@ -250,8 +335,10 @@ def train_policies(
     epoch_metrics: dict[str, float] | None = None,
     catalog: Catalog | None = None,
     should_stop: Callable[[], bool] | None = None,
+    executor: Executor | None = None,
 ) -> list[TrainResult]:
-    """Train every policy of the config on its own triplets, one after another, each from its latest version."""
+    """Train every policy of the config on its own triplets, one after another, each from its latest version
+    (``executor``: where the compute runs, ``train_policy``)."""
     catalog = catalog or Catalog.from_config(config)
     catalog.ensure()
     results = []
@@ -274,7 +361,7 @@ def train_policies(
             base_model_dir=parent["path"] if (parent and full) else base_model_dir,
             parent_adapter_dir=parent["path"] if (parent and not full) else None,
             parent_version=parent["version"] if parent else None, run_id=run_id, epoch=epoch,
-            epoch_metrics=epoch_metrics, catalog=catalog, should_stop=should_stop,
+            epoch_metrics=epoch_metrics, catalog=catalog, should_stop=should_stop, executor=executor,
         ))
     return results
 

@@ -1,0 +1,310 @@
+"""The training stage on train hosts (``trainer.executor: ray``): the compute of each version runs as a Ray task on a
+node that has ``trainer.ray_resources``, and ``trainer.processes: N`` as N rank tasks in a Ray placement group, one
+bundle each, that meet through torch.distributed's own TCP rendezvous at rank 0 (gloo on CPU, nccl on GPUs). Ray
+places them; nothing here schedules.
+
+A train host shares no disk with the flow. It loads the base model as it resolves it, the parent version from its own
+disk when it trained it and else from ``serving.weights_uri`` (with the optimizer state, which is published apart so
+that vLLM's hosts fetch the lean copy), logs each step and the checkpoint to the MLflow server, saves the version on
+its own disk and publishes it (and, in merged serving, the merged weights as ``<version>.merged``). The flow keeps the
+samples, the version's name, its registration and its catalog row (``trainer/train.py::train_policy``).
+
+The first rank that fails stops the others (a rank left alone would wait in the all-reduce for ever) and the stage
+fails with ``TrainHostError``: no version is made of half the gradients. Ray is told not to run a task again
+(``max_retries=0``): a rank re-run alone could never meet the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lightning_core.common import published
+from lightning_core.config import ArclightConfig
+from lightning_core.epoch.failures import TrainHostError
+from lightning_core.trainer.grpo import TrainingStopped
+from lightning_core.trainer.grpo_run import OPTIMIZER_STATE
+from lightning_core.trainer.train import Executor, Rank, TrainDone, TrainJob, compute_version
+
+log = logging.getLogger("arclight.train_hosts")
+
+STATE = ".state"    # <version>.state: the optimizer state of a version trained on a train host, published apart
+MERGED = ".merged"  # <version>.merged: its merged weights, for merged serving
+READY_TIMEOUT_S = 120.0  # how long the placement group may wait for its nodes
+
+
+def ray_executor(config: ArclightConfig) -> Executor:
+    """The executor of ``trainer.executor: ray``: each version's compute as Ray tasks on the cluster at
+    ``trainer.address`` (default ``rollouts.address``)."""
+    from lightning_core.serving.vllm import redeploy_mode, serving_dtype
+
+    address = config.trainer.address or config.rollouts.address
+    merge_dtype = serving_dtype(config) if redeploy_mode(config) == "merged" else None
+
+    def execute(job: TrainJob, should_stop: Callable[[], bool] | None) -> TrainDone:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=False)
+        if job.cfg.finetune != "full":
+            job = dataclasses.replace(job, merge_dtype=merge_dtype)
+        world = job.cfg.processes if job.cfg.mode == "grpo" else 1
+        need = _task_options(config.trainer.ray_resources)
+        _check_cluster(need, world=world, address=address)
+        task = ray.remote(max_retries=0)(train_on_host)
+        if world == 1:
+            refs = [task.options(**need).remote(job)]
+            return _wait_for(refs, job=job, should_stop=should_stop)[0]
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = _bundle(need)
+        group = placement_group([bundle] * world, strategy="PACK")
+        try:
+            ready, _ = ray.wait([group.ready()], timeout=READY_TIMEOUT_S)
+            if not ready:
+                raise TrainHostError(f"training {job.version} needs {world} bundles of {bundle} (trainer.processes = "
+                                     f"{world}, trainer.ray_resources) and the Ray cluster at {address} could not place "
+                                     f"them within {READY_TIMEOUT_S:.0f} s: start more train hosts, or lower "
+                                     "trainer.processes; no version was made")
+            at = [PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=r)
+                  for r in range(world)]
+            host, port = ray.get(ray.remote(max_retries=0)(_rendezvous).options(**need, scheduling_strategy=at[0]).remote())
+            init_method = f"tcp://{host}:{port}"
+            refs = [task.options(**need, scheduling_strategy=at[r]).remote(job, r, world, init_method) for r in range(world)]
+            return _wait_for(refs, job=job, should_stop=should_stop)[0]
+        finally:
+            remove_placement_group(group)
+
+    return execute
+
+
+def _task_options(resources: dict[str, float]) -> dict[str, Any]:
+    """Ray task options for ``trainer.ray_resources``: CPU and GPU as num_cpus / num_gpus, the rest by name."""
+    rest = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": float(resources.get("CPU", 1)), "num_gpus": float(resources.get("GPU", 0)),
+            **({"resources": rest} if rest else {})}
+
+
+def _bundle(options: dict[str, Any]) -> dict[str, float]:
+    """One rank's placement-group bundle (Ray takes no zero amounts there: a train host may offer no CPU to tasks, so
+    that rollouts never land on it, and ``{"CPU": 0, "train": 1}`` asks for its train slot alone)."""
+    bundle = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
+    return {k: v for k, v in bundle.items() if v}
+
+
+def _check_cluster(need: dict[str, Any], *, world: int, address: str | None) -> None:
+    """Fail at once, with the command that fixes it, when the cluster has no node with the trainer's resources."""
+    import ray
+
+    have = ray.cluster_resources()
+    bundle = _bundle(need)
+    short = {k: v * world for k, v in bundle.items() if have.get(k, 0.0) < v * world}
+    if short:
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        raise TrainHostError(
+            f"the Ray cluster at {address} has {', '.join(f'{have.get(k, 0):g} {k}' for k in short)}, and training "
+            f"needs {', '.join(f'{v:g} {k}' for k, v in short.items())} ({world} rank(s) of {bundle}: "
+            "trainer.processes, trainer.ray_resources). Start a train host on each GPU or CPU machine: "
+            f"`ray start --address {address} --resources '{_json(custom)}'`")
+
+
+def _json(value: dict) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _rendezvous() -> tuple[str, int]:
+    """On rank 0's node: its address and a free port for torch.distributed's TCP store."""
+    import ray
+
+    from lightning_core.common.services import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def _wait_for(refs: list, *, job: TrainJob, should_stop: Callable[[], bool] | None) -> list[TrainDone]:
+    """Every rank's result; the first failure cancels the others and fails the stage, and so does a stop."""
+    import ray
+    from ray.exceptions import RayError
+
+    pending, results = list(refs), {}
+    while pending:
+        if should_stop is not None and should_stop():
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise TrainingStopped(f"training {job.version} stopped on its train host(s): a stop was asked for")
+        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        for ref in ready:
+            try:
+                results[ref] = ray.get(ref)
+            except RayError as exc:
+                for other in pending:
+                    ray.cancel(other, force=True)
+                rank = refs.index(ref)
+                others = " (the other ranks were stopped)" if len(refs) > 1 else ""
+                raise TrainHostError(f"training {job.version} failed on rank {rank} of {len(refs)}{others}: "
+                                     f"{_cause(exc)}; no version was made of it") from None
+    return [results[ref] for ref in refs]
+
+
+def _cause(exc: BaseException) -> str:
+    """One line of what went wrong on the train host: the task's own exception when it raised one."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    if len(line) > 240 and ". " in line[:240]:  # Ray's own text goes on with advice for its dashboard
+        line = line[:line[:240].rindex(". ") + 1]
+    return line
+
+
+def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str | None = None) -> TrainDone:
+    """Run on a train host (a Ray task): compute the version as rank ``rank`` of ``world``; rank 0 publishes it and logs
+    its steps and checkpoint to the MLflow server."""
+    import ray
+    import torch
+
+    config = job.config
+    here = ray.util.get_node_ip_address()
+    log.info("training %s as rank %d of %d on %s", job.version, rank, world, here)
+    threads = os.environ.get("ARCLIGHT_TRAIN_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    job = _with_parent_here(job)
+    if world > 1:
+        import torch.distributed as dist
+
+        from lightning_core.trainer.distributed import backend_for
+        from lightning_core.trainer.policy_model import pick_device
+
+        backend = backend_for(pick_device(job.cfg.device))
+        if backend == "gloo":  # the interface of the node's own address: another may not reach the other hosts
+            interface = _interface_of(here)
+            if interface:
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+    try:
+        on_step = _mlflow_steps(config, job) if rank == 0 else None
+        done = compute_version(job, on_step=on_step, rank=Rank(rank, world) if world > 1 else None)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if done.path is None:
+        return dataclasses.replace(done, host=here)
+    path = Path(done.path)
+    _publish_state(config, job, path)
+    if job.merge_dtype:
+        from lightning_core.serving.redeploy import merge_adapter
+
+        merged = merge_adapter(base_model_dir=Path(job.base_model_dir), adapter_dir=path,
+                               out_dir=path.with_name(f"{path.name}{MERGED}"), dtype=job.merge_dtype)
+        published.publish(merged, published.join(config.serving.weights_uri, job.policy, merged.name),
+                          options=config.serving.weights_storage_options)
+    source = _log_checkpoint(config, job, path)
+    return dataclasses.replace(done, source=source, host=here)
+
+
+def _with_parent_here(job: TrainJob) -> TrainJob:
+    """The job with the base model and the parent version as this host has them: the base model as this host
+    resolves it when the flow's path is not here; the parent from this host's disk when it trained it, else fetched
+    from ``serving.weights_uri`` with its optimizer state."""
+    config = job.config
+    if not Path(job.base_model_dir).is_dir() and job.cfg.finetune != "full":
+        from lightning_core.serving.vllm import model_dir
+
+        job = dataclasses.replace(job, base_model_dir=str(model_dir(config)))
+    if job.parent_version is None:
+        return job
+    if job.cfg.finetune == "full":
+        parent = job.base_model_dir
+    else:
+        parent = job.parent_adapter_dir
+    if parent and Path(parent).is_dir():
+        return job
+    uri, options = config.serving.weights_uri, config.serving.weights_storage_options
+    root = Path(config.project_dir) / ".arclight" / "trainer" / "parents" / job.policy
+    try:
+        fetched = published.fetch(published.join(uri, job.policy, job.parent_version), root, options=options)
+        state = None
+        if job.cfg.keep_optimizer_state and published.published_manifest(
+                published.join(uri, job.policy, f"{job.parent_version}{STATE}"), options=options) is not None:
+            state = published.fetch(published.join(uri, job.policy, f"{job.parent_version}{STATE}"), root, options=options)
+    except published.PublishError as exc:
+        raise TrainHostError(f"training {job.version} needs its parent {job.parent_version}, which this train host did "
+                             f"not train and could not fetch: {exc}") from None
+    log.info("fetched the parent %s from %s", job.parent_version, uri)
+    if job.cfg.finetune == "full":
+        return dataclasses.replace(job, base_model_dir=str(fetched), parent_state_dir=str(state) if state else None)
+    return dataclasses.replace(job, parent_adapter_dir=str(fetched),
+                               parent_state_dir=str(state) if state else str(fetched))
+
+
+def _publish_state(config: ArclightConfig, job: TrainJob, path: Path) -> None:
+    """Publish the version's optimizer state as ``<version>.state``, for a train host that trains its child without
+    having trained it (the version itself is published without it: vLLM's hosts never read it)."""
+    state = path / OPTIMIZER_STATE
+    if not state.is_file():
+        return
+    folder = path.with_name(f"{path.name}{STATE}")
+    folder.mkdir(exist_ok=True)
+    target = folder / OPTIMIZER_STATE
+    if not target.exists():
+        try:
+            os.link(state, target)
+        except OSError:
+            shutil.copy2(state, target)
+    published.publish(folder, published.join(config.serving.weights_uri, job.policy, folder.name),
+                      options=config.serving.weights_storage_options)
+
+
+def _mlflow_steps(config: ArclightConfig, job: TrainJob) -> Callable[[int, dict[str, float]], None]:
+    """Log each step's metrics to the flow's MLflow run, on the tracking server, at the run's global step."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.mlflow_uri)
+
+    def on_step(i: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        finite = [Metric(k, float(v), now, job.first_step + i) for k, v in metrics.items()
+                  if v is not None and math.isfinite(float(v))]
+        if finite:
+            client.log_batch(job.mlflow_run_id, metrics=finite)
+
+    return on_step
+
+
+def _log_checkpoint(config: ArclightConfig, job: TrainJob, path: Path) -> str:
+    """Log the checkpoint folder to the flow's MLflow run as ``checkpoints/<version>``; return its artifact URI (the
+    registered version's source)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.mlflow_uri)
+    client.log_artifacts(job.mlflow_run_id, str(path), artifact_path=f"checkpoints/{job.version}")
+    return f"{client.get_run(job.mlflow_run_id).info.artifact_uri.rstrip('/')}/checkpoints/{job.version}"
+
+
+def _interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` on this host (``ip -o addr``), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[3].split("/")[0] == address:
+            return parts[1]
+    return None

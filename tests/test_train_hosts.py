@@ -1,0 +1,174 @@
+"""The training stage on train hosts (``trainer.executor: ray``, issue 53 steps 2 and 3): a Ray head with two ``train``
+slots on this machine, the tiny Llama, the weights store a folder. Across hosts that share no disk:
+tests/test_hosts.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_core.common import published
+from lightning_core.config import ConfigError, load_config
+from lightning_core.epoch.failures import TrainHostError
+from lightning_core.epoch.train_hosts import _with_parent_here
+from lightning_core.trainer.train import TrainJob
+from tests.conftest import REPO
+from tests.tiny_llama import build_tiny_llama
+
+SERVER = ["tracking.mlflow_uri=http://10.0.0.9:5000", "serving.weights_uri=s3://weights/calc"]
+
+
+def test_training_on_a_train_host_is_refused_without_a_cluster_a_weights_store_or_an_mlflow_server():
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, overrides=["trainer.executor=ray"])
+    text = str(refused.value)
+    assert "trainer.address" in text and "serving.weights_uri" in text and "tracking.mlflow_uri: http" in text
+    with pytest.raises(ConfigError, match=r"tracking.mlflow_uri: http"):
+        load_config(None, overrides=["trainer.executor=ray", "trainer.address=10.0.0.2:6379",
+                                     "serving.weights_uri=s3://weights/calc", "tracking.mlflow_uri=sqlite:///m.db"])
+    cfg = load_config(None, overrides=["trainer.executor=ray", "rollouts.executor=ray", "rollouts.address=10.0.0.2:6379",
+                                       *SERVER])
+    assert cfg.trainer.ray_resources == {"train": 1.0}  # rollouts.address serves as the trainer's cluster too
+    with pytest.raises(ConfigError, match=r"where training runs is the whole run's"):
+        load_config(None, values={"policies": [{"name": "a", "trainer": {"executor": "ray"}}]})
+
+
+def _job(tmp_path: Path, **kw) -> TrainJob:
+    config = load_config(None, overrides=[f"project_dir={tmp_path / 'host'}", f"serving.weights_uri=file://{tmp_path}/store"]).resolved()
+    fields = dict(config=config, policy="calc", version="calc-v3", run_id="r1", epoch=2, cfg=config.trainer, samples=[],
+                  base_model_dir=str(tmp_path), parent_version="calc-v2",
+                  parent_adapter_dir=str(tmp_path / "control-only" / "calc-v2"), parent_state_dir=None,
+                  mlflow_run_id="m", first_step=0)
+    return TrainJob(**{**fields, **kw})
+
+
+def test_a_train_host_fetches_the_parent_it_did_not_train_with_its_optimizer_state(tmp_path):
+    made = tmp_path / "made" / "calc-v2"
+    made.mkdir(parents=True)
+    (made / "adapter_model.safetensors").write_bytes(b"weights")
+    state = tmp_path / "made" / "calc-v2.state"
+    state.mkdir()
+    (state / "optimizer.pt").write_bytes(b"moments")
+    for folder in (made, state):
+        published.publish(folder, published.join(f"file://{tmp_path}/store", "calc", folder.name))
+    job = _with_parent_here(_job(tmp_path))
+    assert Path(job.parent_adapter_dir, "adapter_model.safetensors").read_bytes() == b"weights"
+    assert Path(job.parent_state_dir, "optimizer.pt").read_bytes() == b"moments"
+    assert Path(job.parent_adapter_dir).is_relative_to(tmp_path / "host")  # the host's own disk
+    here = _job(tmp_path, parent_adapter_dir=str(made))  # a parent this host trained: its own folder, nothing fetched
+    assert _with_parent_here(here).parent_adapter_dir == str(made)
+
+
+def test_a_parent_never_published_fails_the_stage_naming_it(tmp_path):
+    with pytest.raises(TrainHostError, match=r"training calc-v3 needs its parent calc-v2, which this train host did not "
+                                             r"train and could not fetch: nothing is published at"):
+        _with_parent_here(_job(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head with 2 CPUs and two ``train`` slots: two ranks fit, as on two train hosts."""
+    from tests.helpers.ray_head import ray_head
+
+    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=2, resources={"train": 2}) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _drive(tmp_path: Path, name: str, tiny: Path, *, address: str | None, background: bool = False, **options):
+    args = [sys.executable, "-m", "tests.helpers.train_driver", "--project", str(tmp_path / name), "--model", str(tiny),
+            "--weights", f"file://{tmp_path}/store-{name}", "--mlflow", f"sqlite:///{tmp_path}/mlflow-{name}.db",
+            *(["--address", address] if address else ["--local"]),
+            *[a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
+    if background:
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return _events(done.stdout, done.stderr)
+
+
+def _events(stdout: str, stderr: str = "") -> dict[str, dict]:
+    events = {}
+    for line in stdout.splitlines():  # Ray's raylet writes lines of its own there too
+        if line.startswith("{"):
+            event = json.loads(line)
+            events[event["event"]] = event
+    assert "catalog" in events, stdout[-3000:] + stderr[-3000:]
+    return events
+
+
+@pytest.mark.integration
+def test_two_ranks_on_train_slots_make_the_one_process_version_and_the_next_from_the_store(cluster, tiny, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    for epoch in (0, 1):
+        local = _drive(tmp_path, "local", tiny, address=None, processes=1, epoch=epoch)
+        if epoch == 1:  # the ranks' host lost its disk: the parent and its optimizer state come from the store
+            import shutil
+
+            shutil.rmtree(tmp_path / "ranks" / ".arclight" / "checkpoints")
+        ranks = _drive(tmp_path, "ranks", tiny, address=cluster, processes=2, epoch=epoch)
+        version = f"default-v{epoch + 1}"
+        assert local["trained"]["version"] == ranks["trained"]["version"] == version, ranks
+        assert " on " in ranks["trained"]["message"]  # says where it trained
+        assert ranks["trained"]["losses"] == pytest.approx(local["trained"]["losses"], rel=1e-4, abs=1e-6)
+        one = load_file(str(Path(local["trained"]["path"]) / "adapter_model.safetensors"))
+        two = load_file(str(Path(ranks["trained"]["path"]) / "adapter_model.safetensors"))
+        assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5 < max(float(v.abs().max()) for v in one.values())
+        store = tmp_path / "store-ranks" / "default"
+        assert (store / version / "adapter_model.safetensors").is_file()
+        assert not (store / version / "optimizer.pt").exists()  # vLLM's hosts fetch the lean copy ...
+        assert (store / f"{version}.state" / "optimizer.pt").is_file()  # ... the next train host the moments
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow-ranks.db")
+        run_id = ranks["trained"]["mlflow_run_id"]
+        assert len(client.get_metric_history(run_id, "loss")) == len(ranks["trained"]["losses"]) * (epoch + 1)
+        assert [a.path for a in client.list_artifacts(run_id, f"checkpoints/{version}")]
+    assert (tmp_path / "ranks" / ".arclight" / "trainer" / "parents" / "default" / "default-v1.state").is_dir()
+
+
+@pytest.mark.integration
+def test_a_rank_that_dies_during_a_step_fails_the_stage_and_makes_no_version(cluster, tiny, tmp_path):
+    proc = _drive(tmp_path, "dies", tiny, address=cluster, background=True, processes=2, groups=8, tokens_per_step=30,
+                  passes=30)
+    deadline = time.monotonic() + 120
+    while len(ranks := _rank_pids()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the two ranks did not start"
+        time.sleep(0.25)
+    time.sleep(3)  # both are in their steps (about 10 s of them)
+    subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(ranks[-1])])
+    stdout, _ = proc.communicate(timeout=120)
+    events = _events(stdout)
+    failed = events["failed"]
+    assert failed["type"] == "TrainHostError"
+    assert re.search(r"training default-v1 failed on rank [01] of 2 \(the other ranks were stopped\): .+; no version was "
+                     r"made of it", failed["error"]), failed
+    assert events["catalog"]["versions"] == []
+    assert not (tmp_path / "store-dies").exists()  # nothing published
+    deadline = time.monotonic() + 30
+    while _rank_pids():
+        assert time.monotonic() < deadline, "a rank outlived the stage"
+        time.sleep(0.5)
+
+
+@pytest.mark.integration
+def test_a_cluster_without_the_trainers_resources_says_how_to_start_a_train_host(cluster, tiny, tmp_path):
+    events = _drive(tmp_path, "nohost", tiny, address=cluster, resources=json.dumps({"gpu-train": 1}))
+    assert events["failed"]["type"] == "TrainHostError"
+    assert f"ray start --address {cluster} --resources '{{\"gpu-train\": 1.0}}'" in events["failed"]["error"]
+
+
+def _rank_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "^ray::train_on_host"], capture_output=True, text=True).stdout.split()
+    return sorted(int(pid) for pid in found)
+
