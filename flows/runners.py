@@ -39,3 +39,18 @@ def rollout_task_runner(config: ArclightConfig) -> Iterator[TaskRunner | None]:
         raise ValueError(f"rollouts.executor must be 'local', 'dask' or 'ray', found {executor!r}")
     with runner:
         yield runner
+
+
+@contextlib.contextmanager
+def no_engine_retries(runner: TaskRunner | None) -> Iterator[None]:
+    """Tell Ray not to run a rollout task again when its worker or node is lost: it would run under the same attempt
+    numbers, and its spans would mix with the lost run's in the lake. The flow records such a batch as our failure
+    and runs it again with new attempt numbers (``failures.lost_with_their_worker``). Dask re-runs a task whose
+    worker died on its own (``distributed.scheduler.allowed-failures``); that is left as it is."""
+    if runner is None or type(runner).__name__ != "RayTaskRunner":
+        yield
+        return
+    from prefect_ray.context import remote_options
+
+    with remote_options(max_retries=0):
+        yield

@@ -20,7 +20,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runners import rollout_task_runner
+from flows.runners import no_engine_retries, rollout_task_runner
 from lightning_core import tracking
 from lightning_core.common import hardware, logs, stopping
 from lightning_core.config import ArclightConfig, load_config
@@ -132,10 +132,19 @@ def run_rollouts(ctx: RunContext, *, run_id: str, epoch: int, mode: str, eval_ta
         parameters = {"specs": batches, "settings": unmapped(settings), "first_attempts": unmapped(attempts),
                       "concurrency": unmapped(config.rollouts.concurrency)}
         unsuccessful: dict[tuple[str, str], int] = {}  # (status, error type): rollouts
-        with rollout_task_runner(config) as cluster:  # None: the flow's own threads
+        with rollout_task_runner(config) as cluster, no_engine_retries(cluster):  # None: the flow's own threads
             futures = cluster.map(t.rollouts, parameters) if cluster else t.rollouts.map(**parameters)
+            batch_of = {id(future): batch for future, batch in zip(futures, batches)}
             for future in _completed(futures, ctx.services):
-                outcomes = failures.blame_outages(future.result(), ctx.services)
+                try:
+                    outcomes = future.result()
+                except Exception as exc:  # noqa: BLE001 - only a batch whose worker was lost is kept going
+                    if cluster is None or not failures.worker_lost(exc):
+                        raise
+                    outcomes = failures.lost_with_their_worker(batch_of[id(future)], first_attempts=attempts, error=exc)
+                    logger.warning("epoch %s: %d rollouts lost with their worker (%s): they run again as our failure",
+                                   epoch, len(outcomes), outcomes[0].error)
+                outcomes = failures.blame_outages(outcomes, ctx.services)
                 stages.record_rollouts(ctx, outcomes)
                 done += len(outcomes)
                 update_progress_artifact(progress, 100.0 * done / total)

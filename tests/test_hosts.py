@@ -3,7 +3,8 @@
 First the hosts themselves (a private disk each, a link that can be cut, no way out), then step 1 across them: a
 version deployed from ``control`` reaches vLLM on ``serve`` only through object storage on ``store`` and the gateway
 beside vLLM, byte for byte, with the user-facing commands (``moto_server``, ``arclight serve``, ``arclight
-redeploy``)."""
+redeploy``); then the whole calc loop across eight hosts, trained on two train hosts, through a cut link and a dead
+worker; then two ranks on two train hosts against one process, and one of them dying."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -211,6 +213,59 @@ def _json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _store(store):
+    """On ``store``: object storage (moto server, port 5000, bucket ``arclight``) and the MLflow server (port 5001,
+    runs in SQLite on store's own disk, artifacts on S3); return the MLflow server's process (wait for its /health)."""
+    s3 = f"http://{store.address}:5000"
+    moto = store.start([str(REPO / ".venv" / "bin" / "moto_server"), "-H", store.address, "-p", "5000"], log="moto")
+    _wait(store, s3, timeout_s=60, process=moto)
+    store.sh(f"{PYTHON} -c \"import boto3; boto3.client('s3', endpoint_url='{s3}', region_name='us-east-1')"
+             ".create_bucket(Bucket='arclight')\"", env=AWS)
+    store.sh("mkdir -p /mnt/mlflow")
+    return store.start([str(REPO / ".venv" / "bin" / "mlflow"), "server", "--host", store.address, "--port", "5001",
+                        "--workers", "1", "--backend-store-uri", "sqlite:////mnt/mlflow/mlflow.db",
+                        "--artifacts-destination", "s3://arclight/mlflow", "--allowed-hosts", f"{store.address}:5001"],
+                       log="mlflow", env={**AWS, "MLFLOW_S3_ENDPOINT_URL": s3})
+
+
+class _Faults:
+    """The faults of the two-epoch run, each set off by a line of control's log: ``ingest``'s link cut for 20 s when
+    epoch 0's rollouts start, and ``work-2`` killed (every process on it: its node dies) a few seconds into epoch 1's."""
+
+    def __init__(self, hosts: Hosts, *, log: str = "/mnt/project/.arclight/logs/arclight.log"):
+        self.hosts, self.log, self.done = hosts, log, threading.Event()
+        self.seen: dict[str, float] = {}
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def _wait_for(self, pattern: str) -> bool:
+        while not self.done.wait(0.5):
+            text = self.hosts["control"].sh(f"cat {self.log} 2>/dev/null", check=False).stdout
+            if re.search(pattern, text):
+                return True
+        return False
+
+    def run(self) -> None:
+        if not self._wait_for(r"epoch 0: \d+ rollouts planned"):
+            return
+        self.seen["ingest down"] = time.time()
+        self.hosts["ingest"].link(False)
+        self.done.wait(20)
+        self.hosts["ingest"].link(True)
+        self.seen["ingest up"] = time.time()
+        if not self._wait_for(r"epoch 1: \d+ rollouts planned"):
+            return
+        self.done.wait(3)
+        self.hosts["work-2"].kill_all()
+        self.seen["work-2 killed"] = time.time()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+        with contextlib.suppress(RuntimeError):
+            self.hosts["ingest"].link(True)
+
+
 def _ray_start(host, *args: str, env: dict[str, str]):
     """``ray start --block`` on ``host`` (the node's own address, no dashboard, a small object store)."""
     head = ["--include-dashboard=false"] if "--head" in args else []  # refused on a worker node
@@ -223,8 +278,10 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
     """The loop across hosts, each role started with the command a user runs on a real machine: S3 and the MLflow
     server on ``store``, the Prefect server, the Ray head and ``arclight train`` on ``control``, the collector on
     ``ingest`` writing the span tables to S3, vLLM and the gateway on ``serve``, the rollouts on Ray workers on
-    ``work-1`` and ``work-2``. (Training still runs on ``control``: issue 53's step 2 moves it.)"""
-    names = ["store", "control", "ingest", "serve", "work-1", "work-2"]
+    ``work-1`` and ``work-2``, and the training as two ranks on the Ray nodes ``train-1`` and ``train-2``
+    (``trainer.executor: ray``, ``trainer.processes: 2``), which publish each version to S3 and log to the MLflow
+    server."""
+    names = ["store", "control", "ingest", "serve", "work-1", "work-2", "train-1", "train-2"]
     with Hosts(names, logs=tmp_path / "logs") as hosts:
         store, control, ingest, serve = (hosts[n] for n in names[:4])
         workers = [hosts["work-1"], hosts["work-2"]]
@@ -235,17 +292,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         prefect_api = f"http://{control.address}:4200/api"
         mlflow_uri = f"http://{store.address}:5001"
 
-        # store: object storage and the MLflow server (runs in SQLite on store's disk, artifacts on S3)
-        moto = store.start([str(REPO / ".venv" / "bin" / "moto_server"), "-H", store.address, "-p", "5000"], log="moto")
-        _wait(store, s3, timeout_s=60, process=moto)
-        store.sh(f"{PYTHON} -c \"import boto3; boto3.client('s3', endpoint_url='{s3}', region_name='us-east-1')"
-                 ".create_bucket(Bucket='arclight')\"", env=AWS)
-        store.sh("mkdir -p /mnt/mlflow")
-        mlflow = store.start([str(REPO / ".venv" / "bin" / "mlflow"), "server", "--host", store.address, "--port", "5001",
-                              "--workers", "1", "--backend-store-uri", "sqlite:////mnt/mlflow/mlflow.db",
-                              "--artifacts-destination", "s3://arclight/mlflow",
-                              "--allowed-hosts", f"{store.address}:5001"],
-                             log="mlflow", env={**AWS, "MLFLOW_S3_ENDPOINT_URL": s3})
+        mlflow = _store(store)
         # control: the Prefect server and the Ray head (no CPUs of its own: rollouts go to the workers)
         prefect = control.start([str(REPO / ".venv" / "bin" / "prefect"), "server", "start", "--host", control.address,
                                  "--port", "4200"], log="prefect",
@@ -277,12 +324,18 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         # work-1, work-2: Ray workers; what runs there reports task runs to the Prefect server
         nodes = [_ray_start(w, f"--address={control.address}:6379", "--num-cpus=2",
                             env={**ray_auth, "PREFECT_API_URL": prefect_api}) for w in workers]
+        # train-1, train-2: Ray nodes with a train slot and no CPU for tasks, so that no rollout lands there; the
+        # trainer's torch threads are set apart (ARCLIGHT_TRAIN_THREADS), as Ray would give a 0-CPU task one
+        trainers = [hosts["train-1"], hosts["train-2"]]
+        nodes += [_ray_start(t, f"--address={control.address}:6379", "--num-cpus=0", '--resources={"train": 1}',
+                             env={**ray_auth, **AWS, "ARCLIGHT_TRAIN_THREADS": "1"}) for t in trainers]
         deadline = time.monotonic() + 300
-        while "0.0/4.0 CPU" not in control.sh(f"{REPO}/.venv/bin/ray status --address={control.address}:6379",
-                                              env=ray_auth, check=False).stdout:
+        while not all(f" {want}" in (status := control.sh(f"{REPO}/.venv/bin/ray status --address={control.address}:6379",
+                                                           env=ray_auth, check=False).stdout)
+                      for want in ("0.0/4.0 CPU", "0.0/2.0 train")):
             for node in (head, *nodes):
                 assert node.poll() is None, node.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray cluster did not reach 2 workers of 2 CPUs in 300 s"
+            assert time.monotonic() < deadline, f"the Ray cluster did not reach 2 workers and 2 train hosts in 300 s:\n{status}"
             time.sleep(3)
         _wait(control, f"http://{serve.address}:8400/healthz", timeout_s=600, process=served)
 
@@ -295,15 +348,19 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
             "rollouts.agent_path": json.dumps([str(CALC)]),
             "rollouts.tasks_per_epoch": "4", "rollouts.group_size": "4", "rollouts.informative_groups": "2",
             "rollouts.max_tasks_per_epoch": "16", "rollouts.concurrency": "16", "evaluation.every_epochs": "null",
+            "trainer.executor": "ray", "trainer.processes": "2",
+            "trainer.ray_resources": json.dumps({"train": 1, "CPU": 0}),
         }
-        counters = _Counters(hosts)
+        counters, faults = _Counters(hosts), _Faults(hosts)
         trained = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "2",
                                          *[a for k, v in run.items() for a in ("--set", f"{k}={v}")]]),
                              env={**AWS, **ray_auth, "PREFECT_API_URL": prefect_api}, timeout_s=1500, check=False)
-        counters.stop()
         output = trained.stdout + trained.stderr
         (tmp_path / "logs" / "control-train.log").write_text(output)
+        counters.stop()
+        faults.stop()
         assert trained.returncode == 0, output[-5000:]
+        assert set(faults.seen) == {"ingest down", "ingest up", "work-2 killed"}, faults.seen
         # what each host sent in each epoch: the counters between the starts of the epochs' rollouts (control's log)
         log = control.sh("cat /mnt/project/.arclight/logs/arclight.log").stdout
         starts = [_log_time(log, rf"epoch {e}: \d+ rollouts planned") for e in (0, 1)] + [time.time()]
@@ -313,15 +370,29 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         for epoch, sent in enumerate(per_epoch):
             print(f"epoch {epoch}: MB sent by each host: " + ", ".join(f"{n} {v / 1e6:.1f}" for n, v in sent.items()))
 
-        # the weights vLLM serves are the ones the trainer merged, byte for byte, fetched to serve's own disk
-        merged = control.sh("find /mnt/project -type d -name calc-v2.merged").stdout.split()
+        # each epoch trained on the train hosts, as 2 ranks, and nothing of the versions is on control's disk
+        by_ip = {t.address: t for t in trainers}
+        trained_on = [re.search(rf"epoch {e}: calc-v{e + 1} from \d+ triplets, \d+ steps on ([\d.]+)", log) for e in (0, 1)]
+        assert all(m and m.group(1) in by_ip for m in trained_on), [m and m.group(0) for m in trained_on]
+        for epoch, sent in enumerate(per_epoch):  # both ranks took part: each sent its gradients to the other (gloo)
+            assert all(sent[t.name] > 1e6 for t in trainers), (epoch, sent)
+        assert control.sh("find /mnt/project -name 'adapter_model.safetensors' -o -name '*.merged'").stdout == ""
+        # the weights vLLM serves are the ones rank 0 merged on its train host, byte for byte, fetched to serve's disk
+        rank0 = by_ip[trained_on[1].group(1)]
+        merged = rank0.sh("find /mnt/project -type d -name calc-v2.merged").stdout.split()
         assert len(merged) == 1, merged
         fetched = "/mnt/project/.arclight/gateway/weights/calc/calc-v2.merged"
         sums = "cd {} && find . -type f -not -name manifest.json | sort | xargs sha256sum"
-        assert serve.sh(sums.format(fetched)).stdout == control.sh(sums.format(merged[0])).stdout
-        assert f"reloaded the weights of calc from {fetched}" in control.sh(  # "vLLM at <url> reloaded ..."
-            "cat /mnt/project/.arclight/logs/arclight.log").stdout
-        assert serve.sh(f"ls {merged[0]}", check=False).returncode != 0  # control's disk is not serve's
+        assert serve.sh(sums.format(fetched)).stdout == rank0.sh(sums.format(merged[0])).stdout
+        assert f"reloaded the weights of calc from {fetched}" in log  # "vLLM at <url> reloaded ..."
+        assert serve.sh(f"ls {merged[0]}", check=False).returncode != 0  # a train host's disk is not serve's
+        # each version's optimizer state is published apart from the lean copy vLLM's host fetches
+        keys = store.sh(f"{PYTHON} -c \"import boto3; print('\\n'.join(o['Key'] for o in boto3.client('s3', "
+                        f"endpoint_url='{s3}', region_name='us-east-1').list_objects_v2(Bucket='arclight', "
+                        "Prefix='weights/')['Contents']))\"", env=AWS).stdout.split()
+        assert {"weights/calc/calc-v1.state/optimizer.pt", "weights/calc/calc-v2/adapter_model.safetensors",
+                "weights/calc/calc-v2.merged/model.safetensors"} <= set(keys), keys
+        assert not any(k.endswith("/optimizer.pt") and ".state/" not in k for k in keys), keys
 
         # every model call of the rollouts came from work-1 or work-2, and the spans are on S3, read from control
         query = ("SELECT json_extract_string(attributes, '$.\"client.address\"') AS client, count(*) AS calls "
@@ -330,6 +401,16 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
                                                  *[a for k, v in run.items() for a in ("--set", f"{k}={v}")]]),
                                      env=AWS, timeout_s=300).stdout)
         assert {r["client"] for r in rows} == {w.address for w in workers}, rows
+        # the faults: no rollout left out; those work-2 took down with it ran again as our failure, not the agent's
+        query = ("SELECT epoch, status, coalesce(error_kind, '') AS kind, count(*) AS n, "
+                 "sum(coalesce(infra_failures, 0))::INTEGER AS reruns FROM rollouts WHERE mode = 'train' GROUP BY ALL ORDER BY ALL")
+        states = _json_lines(control.sh(shlex.join([ARCLIGHT, "query", query, "--format", "json", "-c", config,
+                                                   *[a for k, v in run.items() for a in ("--set", f"{k}={v}")]]),
+                                       env=AWS, timeout_s=300).stdout)
+        print("rollouts by epoch and status:", states)
+        assert all(r["status"] == "succeeded" for r in states), states
+        assert sum(r["reruns"] for r in states if r["epoch"] == 1) > 0, states
+        assert re.search(r"epoch 1: \d+ rollouts lost with their worker", log), "no batch was lost with work-2"
         # no span data file on the collector's disk, nor on control's but the read copies (DuckDB reads no S3)
         assert ingest.sh("find /mnt/lake -path '*spans/*' -name '*.parquet'").stdout == ""
         assert control.sh("find /mnt/project -path '*spans/*' -name '*.parquet' -not -path '*_mirror*'").stdout == ""
@@ -343,3 +424,103 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
                              "print(sorted(m.step for r in runs for m in c.get_metric_history(r.info.run_id, "
                              "'reward/mean')))\"").stdout.strip()
         assert history == "[0, 1]", history
+        # the train hosts logged every step and the checkpoints there; the registered versions point at them
+        logged = _json_lines(control.sh(
+            f"{PYTHON} -c \"import json; from mlflow import MlflowClient; c = MlflowClient('{mlflow_uri}'); "
+            "runs = c.search_runs([e.experiment_id for e in c.search_experiments()]); "
+            "print(json.dumps({'steps': sum(len(c.get_metric_history(r.info.run_id, 'loss')) for r in runs), "
+            "'sources': sorted(v.source for v in c.search_model_versions())}))\"").stdout)[-1]
+        assert logged["steps"] >= 2 and len(logged["sources"]) == 2, logged
+        assert all(src.startswith("mlflow-artifacts:") and "/checkpoints/calc-v" in src for src in logged["sources"]), logged
+
+
+def test_two_ranks_on_two_train_hosts_train_what_one_process_does_and_a_dead_host_makes_no_version(tmp_path):
+    """``trainer.processes: 2`` as Ray ranks on ``train-1`` and ``train-2`` (torch.distributed's TCP rendezvous at rank
+    0, gloo over the hosts' link), driven from ``control`` as the flow's training stage does
+    (tests/helpers/train_driver.py): the adapter equals one process's on the same samples. Then ``train-2`` dies during
+    a step: the stage fails naming the rank, the other rank is stopped, and no version is recorded or published."""
+    names = ["store", "control", "train-1", "train-2"]
+    with Hosts(names, logs=tmp_path / "logs") as hosts:
+        store, control = hosts["store"], hosts["control"]
+        trainers = [hosts["train-1"], hosts["train-2"]]
+        s3, mlflow_uri = f"http://{store.address}:5000", f"http://{store.address}:5001"
+        ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_agent_register_timeout_ms": "300000"}
+        mlflow = _store(store)
+        head = _ray_start(control, "--head", "--port=6379", "--num-cpus=0", env=ray_auth)
+        nodes = [_ray_start(t, f"--address={control.address}:6379", "--num-cpus=0", '--resources={"train": 1}',
+                            env={**ray_auth, **AWS, "ARCLIGHT_TRAIN_THREADS": "1"}) for t in trainers]
+        deadline = time.monotonic() + 300
+        while " 0.0/2.0 train" not in (status := control.sh(f"{REPO}/.venv/bin/ray status --address={control.address}:6379",
+                                                             env=ray_auth, check=False).stdout):
+            for node in (head, *nodes):
+                assert node.poll() is None, node.log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the two train hosts did not join in 300 s:\n{status}"
+            time.sleep(3)
+        _wait(control, f"{mlflow_uri}/health", timeout_s=180, process=mlflow)
+        for host in (control, *trainers):  # the same tiny model (seeded) on each host's own disk, as one installs it
+            host.sh(f"cd {REPO} && " + shlex.join([PYTHON, "-c", "import sys; from pathlib import Path; from "
+                                                   "tests.tiny_llama import build_tiny_llama; "
+                                                   "build_tiny_llama(Path(sys.argv[1]))", "/tmp/tiny"]), timeout_s=120)
+
+        def drive(name: str, *extra: str, timeout_s: float = 600):
+            argv = [PYTHON, "-m", "tests.helpers.train_driver", "--project", f"/tmp/{name}", "--model", "/tmp/tiny",
+                    "--weights", f"s3://arclight/{name}", "--weights-options", json.dumps({"AWS_ENDPOINT_URL": s3}),
+                    "--mlflow", mlflow_uri, "--resources", json.dumps({"train": 1, "CPU": 0}), *extra]
+            done = control.sh(f"cd {REPO} && {shlex.join(argv)}", env={**AWS, **ray_auth}, timeout_s=timeout_s, check=False)
+            events = {e["event"]: e for e in _json_lines("\n".join(line for line in done.stdout.splitlines()
+                                                                   if line.startswith("{")))}
+            assert "catalog" in events, done.stdout[-3000:] + done.stderr[-3000:]
+            return events
+
+        one = drive("one", "--local", "--processes", "1")
+        two = drive("two", "--address", f"{control.address}:6379", "--processes", "2")
+        assert "trained" in two and two["trained"]["version"] == "default-v1", two
+        rank0 = re.search(r"steps on ([\d.]+)", two["trained"]["message"]).group(1)
+        assert rank0 in {t.address for t in trainers}, two["trained"]["message"]
+        assert two["trained"]["losses"] == pytest.approx(one["trained"]["losses"], rel=1e-4, abs=1e-6)
+        # the published adapter (fetched from S3 on control) against the one process's
+        compare = ("import json, sys; from pathlib import Path; from safetensors.torch import load_file; "
+                   "from lightning_core.common import published; a = load_file(sys.argv[1]); "
+                   "b = load_file(str(published.fetch('s3://arclight/two/default/default-v1', Path('/tmp/fetched'), "
+                   "options=json.loads(sys.argv[2])) / 'adapter_model.safetensors')); "
+                   "print(max(float((a[k] - b[k]).abs().max()) for k in a))")
+        error = float(control.sh(f"cd {REPO} && " + shlex.join([
+            PYTHON, "-c", compare, "/tmp/one/.arclight/checkpoints/default/default-v1/adapter_model.safetensors",
+            json.dumps({"AWS_ENDPOINT_URL": s3})]), env=AWS, timeout_s=120).stdout.strip())
+        print(f"two ranks on train-1/train-2 against one process: max abs difference {error:.2e}")
+        assert error < 1e-5
+        assert control.sh("ls /tmp/two/.arclight/checkpoints 2>/dev/null", check=False).stdout == ""  # not on control
+
+        # train-2 dies (every process on it) a few seconds into a long training
+        slow = ("--address", f"{control.address}:6379", "--processes", "2", "--groups", "8", "--tokens-per-step", "30",
+                "--passes", "30")
+        result: dict = {}
+        driver = threading.Thread(target=lambda: result.update(drive("dies", *slow)), daemon=True)
+        driver.start()
+        deadline = time.monotonic() + 300
+        while not any("ray::train_on_host" in _cmdline(pid) for pid in trainers[1].pids()):
+            assert driver.is_alive() and time.monotonic() < deadline, f"no rank started on train-2: {result}"
+            time.sleep(0.5)
+        time.sleep(3)
+        trainers[1].kill_all()
+        driver.join(timeout=300)
+        assert not driver.is_alive(), "the stage did not end after train-2 died"
+        assert result["failed"]["type"] == "TrainHostError", result
+        assert re.search(r"training default-v1 failed on rank [01] of 2 \(the other ranks were stopped\): .+; no version "
+                         r"was made of it", result["failed"]["error"]), result["failed"]
+        print("train-2 died:", result["failed"]["error"])
+        assert result["catalog"]["versions"] == []
+        deadline = time.monotonic() + 60  # the rank on train-1 is stopped, not left waiting in the all-reduce
+        while any("ray::train_on_host" in _cmdline(pid) for pid in trainers[0].pids()):
+            assert time.monotonic() < deadline, "the rank on train-1 outlived the stage"
+            time.sleep(1)
+        listed = store.sh(f"{PYTHON} -c \"import boto3; print(boto3.client('s3', endpoint_url='{s3}', "
+                          "region_name='us-east-1').list_objects_v2(Bucket='arclight', Prefix='dies/')['KeyCount'])\"",
+                          env=AWS).stdout.strip()
+        assert listed == "0", listed  # nothing published
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    return ""

@@ -90,6 +90,20 @@ class Host:
         done = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True)
         return [int(p) for p in done.stdout.split()]
 
+    def kill_all(self) -> int:
+        """The machine dies: SIGKILL every process on this host but the one that holds its namespaces (the harness's,
+        so that the host can still be looked at and removed); return how many were killed."""
+        killed = 0
+        for pid in self.pids():
+            if self.holder is not None and pid == self.holder.pid:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        return killed
+
     def bytes_sent(self) -> int:
         """Bytes this host has sent to the others (its interface's counter)."""
         return int(self.sh("cat /sys/class/net/eth0/statistics/tx_bytes").stdout)
