@@ -85,9 +85,38 @@ def run_one(example: str, cell: str, seed: int) -> dict:
                              f"{Path(config).stem}-{stamp.group(1)}") if stamp else None}
     if done.returncode != 0:
         record["error"] = (done.stdout + done.stderr)[-3000:]
+    else:  # the figures now, with the record: a run's project folder does not outlive this machine
+        try:
+            record["measured"] = measured(record)
+        except Exception as exc:  # the record of a finished run is kept anyway; --report tries its lake again
+            record["measured_error"] = f"{type(exc).__name__}: {exc}"
     with open(INDEX, "a") as out:
         out.write(json.dumps(record) + "\n")
     return record
+
+
+def figures(record: dict) -> dict | None:
+    """One run's figures: those stored with its record, else its lake's, else (a lake lost with an earlier machine)
+    what its table in ``logprob_gap_runs.md`` kept: held-out success before/after and train reward per epoch."""
+    return record.get("measured") or measured(record) or from_table(record)
+
+
+def from_table(record: dict) -> dict | None:
+    """The figures measure.py's table kept of a run (by its project's time stamp); None if it has none."""
+    stamp = re.search(r"(\d{8}-\d{6})$", record.get("project") or "")
+    runs = RESULTS / "logprob_gap_runs.md"
+    if not stamp or not runs.exists():
+        return None
+    section = re.search(rf"^### .*\({stamp.group(1)}\)$(.*?)(?=^### |\Z)", runs.read_text(), re.M | re.S)
+    row = next((line for line in (section.group(1) if section else "").splitlines()
+                if line.startswith("| ") and "%" in line), None)
+    if row is None:
+        return None
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    return {"before_reward": None, "after_reward": None, "before_success": float(cells[0].rstrip("%")) / 100,
+            "after_success": float(cells[1].rstrip("%")) / 100,
+            "train_reward": [float(v) for v in cells[5].split(",")], "gap_mean": [], "gap_max": [], "clipped": [],
+            "correction": [], "call_tokens_per_s": None, "machine": cells[-1], "lake_lost": True}
 
 
 def measured(record: dict) -> dict | None:
@@ -118,7 +147,8 @@ def measured(record: dict) -> dict | None:
             "SELECT sum(len(response_token_ids)) / nullif(sum((end_ns - start_ns) / 1e9), 0) FROM spans "
             "WHERE run_id = ? AND span_kind = 'llm' AND response_token_ids IS NOT NULL", [cfg.run_name]).fetchall()[0][0]
     first, last = curve[0], curve[-1]
-    return {"before_reward": first["reward_mean"], "after_reward": last["reward_mean"],
+    table = from_table(record) or {}
+    return {"machine": table.get("machine"), "before_reward": first["reward_mean"], "after_reward": last["reward_mean"],
             "before_success": first["success_rate"], "after_success": last["success_rate"],
             "train_reward": [e[5] for e in epochs], "gap_mean": [e[1] for e in epochs],
             "gap_max": [e[2] for e in epochs], "clipped": [e[3] for e in epochs],
@@ -145,25 +175,29 @@ def report() -> str:
     for example in EXAMPLES:
         for cell in CELLS:
             runs = [(r, m) for r in records if r["example"] == example and r["cell"] == cell
-                    for m in [measured(r)] if m is not None]
+                    for m in [figures(r)] if m is not None]
             if not runs:
                 continue
             ms = [m for _, m in runs]
-            curves[(example, cell)] = [m["gap_mean"] for m in ms]
+            curves[(example, cell)] = [m["gap_mean"] for m in ms if m["gap_mean"]]
             rows.append(
                 f"| {example} | {cell.replace(':', ' | ')} | {len(ms)} "
                 f"| {_spread([m['before_reward'] for m in ms])} -> {_spread([m['after_reward'] for m in ms])} "
                 f"| {_spread([m['before_success'] for m in ms], pct=True)} -> "
                 f"{_spread([m['after_success'] for m in ms], pct=True)} "
                 f"| {_spread([m['train_reward'][-1] for m in ms])} "
-                f"| {_spread([m['gap_mean'][0] for m in ms], digits=4)} / {_spread([m['gap_max'][0] for m in ms])} "
-                f"| {_spread([m['clipped'][0] for m in ms], pct=True)} "
+                f"| {_spread([m['gap_mean'][0] for m in ms if m['gap_mean']], digits=4)} / "
+                f"{_spread([m['gap_max'][0] for m in ms if m['gap_max']])} "
+                f"| {_spread([m['clipped'][0] for m in ms if m['clipped']], pct=True)} "
                 f"| {_spread([m['call_tokens_per_s'] for m in ms], digits=0)} "
-                f"| {', '.join(str(r['seed']) for r, _ in runs)} |")
+                f"| {', '.join(str(r['seed']) + ('*' if m.get('lake_lost') else '') for r, m in runs)} "
+                f"| {'; '.join(sorted({m['machine'] for m in ms if m.get('machine')}))} |")
     table = "\n".join([
         "| example | vLLM dtype | correction | runs | held-out reward before -> after | success before -> after "
-        "| train reward, last epoch | gap at epoch 0: mean / max | clipped at epoch 0 | tokens/s of a call | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+        "| train reward, last epoch | gap at epoch 0: mean / max | clipped at epoch 0 | tokens/s of a call | seeds | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows,
+        "", "Seeds marked * ran on a machine whose disk is gone: only measure.py's table of them is left (held-out "
+        "success and train reward), no reward or gap. Each column's mean and spread is over the runs that have it."])
     _plot(curves)
     return table
 
@@ -216,7 +250,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report:
         # a grid run again goes on where it stopped: runs on record with their lake whole (evaluated before and after)
-        done = {(r["example"], r["cell"], r["seed"]) for r in _records() if measured(r) is not None}
+        done = {(r["example"], r["cell"], r["seed"]) for r in _records() if r["returncode"] == 0 and figures(r) is not None}
         for seed in range(args.runs):  # seed-major: an interrupted grid still has every cell at the first seeds
             for example in args.examples:
                 for cell in args.cells:
