@@ -219,6 +219,7 @@ def _plot(curves: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {key: runs for key, runs in curves.items() if runs}  # runs whose lake was lost have no gaps
     examples = sorted({e for e, _ in curves})
     if not examples:
         return

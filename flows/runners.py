@@ -9,6 +9,7 @@ can be killed at its timeout, and a daemonic process may not start children.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 from prefect.task_runners import TaskRunner
@@ -34,7 +35,10 @@ def rollout_task_runner(config: ArclightConfig) -> Iterator[TaskRunner | None]:
             from prefect_ray import RayTaskRunner
         except ImportError as exc:
             raise RuntimeError(f"rollouts.executor=ray needs prefect-ray ({exc}): pip install -e '.[ray]'") from exc
-        runner = RayTaskRunner(address=address)
+        # the workers' own output (their agents' exporters retrying, a task's traceback) stays in Ray's logs on their
+        # nodes: streamed to the driver it scrolled through the command's display. A failed task's error still
+        # reaches the flow, and the task runs' logs the Prefect server
+        runner = RayTaskRunner(address=address, init_kwargs={"log_to_driver": False, "logging_level": logging.WARNING})
     else:
         raise ValueError(f"rollouts.executor must be 'local', 'dask' or 'ray', found {executor!r}")
     with runner:

@@ -172,7 +172,9 @@ class ServingConfig(Section):
     weights_storage_options: dict[str, str] = Field(
         default_factory=dict, description="Storage options for weights_uri, as lake.storage_options (AWS_ENDPOINT_URL, "
         "AWS_REGION); credentials come from the AWS_* environment (or the host's role), as the span store's.")
-    startup_timeout_s: float = Field(300.0, gt=0, description="How long a vLLM start may take before it is an error.")
+    startup_timeout_s: float = Field(300.0, gt=0, description="How long a vLLM start may take before it is an error, "
+                                     "and how long the flow waits for a server that stopped answering (before rollouts "
+                                     "run again; the collector at the ingest barrier) before the run stops.")
     stuck_after_s: float = Field(
         60.0, gt=0, description="A vLLM this run started that generates no token, and answers no one-token request, "
         "for this long is stuck (its /health still answers: it only reports a dead engine): it is stopped and restarted, "

@@ -4,7 +4,8 @@ First the hosts themselves (a private disk each, a link that can be cut, no way 
 version deployed from ``control`` reaches vLLM on ``serve`` only through object storage on ``store`` and the gateway
 beside vLLM, byte for byte, with the user-facing commands (``moto_server``, ``arclight serve``, ``arclight
 redeploy``); then the whole calc loop across eight hosts, trained on two train hosts, through a cut link and a dead
-worker; then two ranks on two train hosts against one process, and one of them dying."""
+worker, and stopped in one paragraph by a link cut for good; then two ranks on two train hosts against one process,
+and one of them dying."""
 
 from __future__ import annotations
 
@@ -266,6 +267,15 @@ class _Faults:
             self.hosts["ingest"].link(True)
 
 
+class _IngestDownForGood(_Faults):
+    """``ingest``'s link cut when epoch 2's rollouts start, and left down until the test stops watching."""
+
+    def run(self) -> None:
+        if self._wait_for(r"epoch 2: \d+ rollouts planned"):
+            self.hosts["ingest"].link(False)
+            self.seen["ingest down"] = time.time()
+
+
 def _ray_start(host, *args: str, env: dict[str, str]):
     """``ray start --block`` on ``host`` (the node's own address, no dashboard, a small object store)."""
     head = ["--include-dashboard=false"] if "--head" in args else []  # refused on a worker node
@@ -432,6 +442,35 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
             "'sources': sorted(v.source for v in c.search_model_versions())}))\"").stdout)[-1]
         assert logged["steps"] >= 2 and len(logged["sources"]) == 2, logged
         assert all(src.startswith("mlflow-artifacts:") and "/checkpoints/calc-v" in src for src in logged["sources"]), logged
+
+        # epoch 2: ingest's link goes down for good as its rollouts start. The agents' exporters retry, then give up;
+        # the run stops in one paragraph (from the worker whose outcome spans could not leave, or from the ingest
+        # barrier after waiting serving.startup_timeout_s, 30 s here, for the collector), trains nothing on the spans
+        # that did arrive, and makes no version. The workers' own output stays on their nodes
+        down = _IngestDownForGood(hosts)
+        third = {**run, "serving.startup_timeout_s": "30"}
+        stopped = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "3",
+                                         *[a for k, v in third.items() for a in ("--set", f"{k}={v}")]]),
+                             env={**AWS, **ray_auth, "PREFECT_API_URL": prefect_api}, timeout_s=900, check=False)
+        said = stopped.stdout + stopped.stderr
+        (tmp_path / "logs" / "control-train-epoch-2.log").write_text(said)
+        down.stop()
+        assert "ingest down" in down.seen, "epoch 2's rollouts never started"
+        assert stopped.returncode != 0, said[-5000:]
+        collector_at = rf"the\s+collector\s+at\s+http://{re.escape(ingest.address)}:4318\S*"
+        paragraph = re.search(rf"error:\s+(the\s+outcome\s+spans\s+of\s+epoch\s+2's\s+rollouts\s+could\s+not\s+be\s+"
+                              rf"delivered\s+to\s+{collector_at}|{collector_at}\s+did\s+not\s+answer\s+for\s+30\s+s).*?"
+                              r"run\s+the\s+same\s+command\s+again\s+to\s+resume", said, re.S)
+        assert paragraph, said[-5000:]
+        assert "Traceback" not in said and "opentelemetry" not in said, said[-5000:]
+        print("ingest down for good in epoch 2:", " ".join(paragraph.group(0).split()))
+        keys = store.sh(f"{PYTHON} -c \"import boto3; print('\\n'.join(o['Key'] for o in boto3.client('s3', "
+                        f"endpoint_url='{s3}', region_name='us-east-1').list_objects_v2(Bucket='arclight', "
+                        "Prefix='weights/')['Contents']))\"", env=AWS).stdout.split()
+        assert not any("calc-v3" in k for k in keys), keys
+        versions = control.sh(f"{PYTHON} -c \"from mlflow import MlflowClient; "
+                              f"print(len(MlflowClient('{mlflow_uri}').search_model_versions()))\"").stdout.strip()
+        assert versions == "2", versions
 
 
 def test_two_ranks_on_two_train_hosts_train_what_one_process_does_and_a_dead_host_makes_no_version(tmp_path):

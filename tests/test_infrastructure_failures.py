@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,8 @@ from lightning_core.rollouts.runner import (AGENT, FAILED, INFRASTRUCTURE, INTER
                                             RolloutOutcome, failure_kind)
 from lightning_core.ingest.service import start_collector
 from lightning_core.epoch.stack import Outage, Stack, state_path
-from lightning_core.epoch.failures import RunStopped, blame_outages, check_round
+from lightning_core.common.services import ServiceError, free_port
+from lightning_core.epoch.failures import RunStopped, blame_outages, check_collector, check_round
 from lightning_core.epoch.stages import ingest_barrier
 from lightning_core.tracking import agent_metric_name
 from lightning_core.store.outputs import load_triplets
@@ -253,6 +255,10 @@ def test_a_collector_whose_lake_refuses_commits_says_why_on_healthz_and_in_arcli
         health = httpx.get(collector.health_url)
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
         assert "refused every commit since" in health.json()["reason"] and "Not a directory" in health.json()["reason"]
+        started = time.monotonic()  # the ingest barrier does not wait on a collector that says what is wrong
+        with pytest.raises(ServiceError, match=r"cannot store spans: .*refused every commit since.* fix the lake"):
+            check_collector(Stack(collector=collector), wait_s=60)
+        assert time.monotonic() - started < 10
         state_path(cfg).parent.mkdir(parents=True, exist_ok=True)
         state_path(cfg).write_text(json.dumps({"collector": {"url": collector.url, "health_url": collector.health_url,
                                                              "pid": collector.process.pid, "log": str(collector.log_path)}}))
@@ -270,6 +276,33 @@ def test_a_collector_whose_lake_refuses_commits_says_why_on_healthz_and_in_arcli
     finally:
         state_path(cfg).unlink(missing_ok=True)
         collector.stop()
+
+
+def test_a_collector_that_does_not_answer_is_waited_for_and_one_still_down_stops_the_run_saying_so(tmp_path):
+    """The ingest barrier's look at the collector (``check_collector``): an outage shorter than the wait (the network
+    to it cut for a while, a restart) is waited out; one that outlasts it stops the run, saying what to do."""
+    cfg = make_config(tmp_path, f"collector.port={free_port()}")
+    Catalog.from_config(cfg).ensure()
+    collector = start_collector(cfg, timeout_s=60)
+    collector.stop()
+    stack = Stack(collector=collector)
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as stopped:
+        check_collector(stack, wait_s=3)
+    assert time.monotonic() - started >= 3
+    assert f"the collector at {collector.url} did not answer for 3 s (" in str(stopped.value)
+    assert "could not be reached" in str(stopped.value) and "run the same command again to resume" in str(stopped.value)
+
+    back: dict = {}
+    starter = threading.Timer(2.0, lambda: back.update(service=start_collector(cfg, timeout_s=60)))
+    starter.start()  # the same collector again, on its port, while the barrier waits
+    try:
+        started = time.monotonic()
+        check_collector(stack, wait_s=60)
+        assert 2.0 <= time.monotonic() - started < 60
+    finally:
+        starter.join()
+        back["service"].stop()
 
 
 def test_calls_owned_by_no_agent_get_a_metric_name_mlflow_accepts():

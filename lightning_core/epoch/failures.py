@@ -66,17 +66,30 @@ def _round_filter(sampling_round: int | None) -> tuple[str, list[int]]:
     return ("", []) if sampling_round is None else ("AND coalesce(sampling_round, 0) = ?", [sampling_round])
 
 
-def check_collector(stack: Stack) -> None:
-    """Raise ``ServiceError`` with the collector's own reason and its log when it says it cannot store spans."""
+def check_collector(stack: Stack, *, wait_s: float = 0.0) -> None:
+    """Raise ``ServiceError`` when the collector cannot store spans: it says so (its own reason and its log), or it
+    does not answer for ``wait_s`` seconds (down, or the network to it cut: the supervisor restarts one this process
+    started, and an outage shorter than that is waited out)."""
     from lightning_core.common.services import ServiceError, health
 
-    ok, reason, _ = health(stack.collector.health_url)
-    if not ok:
-        where = f"; its log is {stack.collector.log_path}" if stack.collector.log_path else ""
+    deadline = time.monotonic() + wait_s
+    while not (seen := health(stack.collector.health_url)).ok and not seen.answered and time.monotonic() < deadline:
+        stack.raise_failure()  # ours died and could not be restarted: no use waiting
+        time.sleep(1.0)
+    if seen.ok:
+        return
+    where = f"; its log is {stack.collector.log_path}" if stack.collector.log_path else ""
+    if seen.answered:
         raise ServiceError(
-            f"the collector at {stack.collector.url} cannot store spans: {reason or 'it does not answer'}{where}. Spans "
-            "it refuses are lost to training, so the run stopped instead of training on what is left: fix the lake "
-            "(disk space, permissions, a folder that was removed) and run the same command again to resume")
+            f"the collector at {stack.collector.url} cannot store spans: {seen.reason}{where}. Spans it refuses are "
+            "lost to training, so the run stopped instead of training on what is left: fix the lake (disk space, "
+            "permissions, a folder that was removed) and run the same command again to resume")
+    waited = f" for {wait_s:.0f} s" if wait_s else ""
+    raise ServiceError(
+        f"the collector at {stack.collector.url} did not answer{waited} ({seen.reason}){where}. The spans of the "
+        "epoch's rollouts cannot reach the lake, so the run stopped instead of training on what arrived: start the "
+        "collector again, or mend the network between it and this machine and the agents, then run the same command "
+        "again to resume (the rollouts whose spans were lost run again)")
 
 
 class RunStopped(RuntimeError):

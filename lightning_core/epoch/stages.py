@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -116,7 +117,10 @@ def run_rollout_batch(
     for run_id, epoch in {(s.run_id, s.epoch) for s in specs}:
         if not flush_outcome_spans(run_id=run_id, epoch=epoch):
             raise ServiceError(f"the outcome spans of epoch {epoch}'s rollouts could not be delivered to the collector "
-                               f"at {settings.collector_url} from this worker: the lake would miss how they ended")
+                               f"at {settings.collector_url} from the worker on {socket.gethostname()} (its exporter "
+                               "gave up retrying): the lake would miss how they ended, so the run stopped instead of "
+                               "training on what arrived. Start the collector again, or mend the network between the "
+                               "workers and it.")
     return outcomes
 
 
@@ -175,14 +179,15 @@ def ingest_barrier(ctx: RunContext, *, run_id: str, epoch: int, mode: str = "tra
 
     Workers flush their own spans before reporting, so once the gateway has flushed its LLM-call
     spans the collector has acknowledged, and so stored, every span of the epoch. A collector that
-    cannot store spans stops the epoch here with its reason and its log (``ServiceError``).
+    cannot store spans stops the epoch here with its reason and its log (``ServiceError``); one that
+    does not answer is waited for as long as a server's start may take (``serving.startup_timeout_s``).
     """
     from lightning_core.pipeline.steps import run_stage
     from lightning_core.rollouts.runner import flush_outcome_spans
     from lightning_core.common.services import ServiceError
 
     config, stack = ctx.config, ctx.services
-    check_collector(stack)
+    check_collector(stack, wait_s=config.serving.startup_timeout_s)
     if not flush_outcome_spans(run_id=run_id, epoch=epoch):  # those the flow's own process recorded
         check_collector(stack)
         raise ServiceError(f"the outcome spans of epoch {epoch}'s rollouts could not be delivered to the collector at "
