@@ -214,6 +214,13 @@ def _json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _s3_keys(store, s3: str, prefix: str) -> list[str]:
+    """The keys under ``prefix`` in the bucket ``arclight`` of the S3 server at ``s3``, listed on ``store``."""
+    return store.sh(f"{PYTHON} -c \"import boto3; print('\\n'.join(o['Key'] for o in boto3.client('s3', "
+                    f"endpoint_url='{s3}', region_name='us-east-1').list_objects_v2(Bucket='arclight', "
+                    f"Prefix='{prefix}').get('Contents', [])))\"", env=AWS).stdout.split()
+
+
 def _store(store):
     """On ``store``: object storage (moto server, port 5000, bucket ``arclight``) and the MLflow server (port 5001,
     runs in SQLite on store's own disk, artifacts on S3); return the MLflow server's process (wait for its /health)."""
@@ -397,9 +404,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         assert f"reloaded the weights of calc from {fetched}" in log  # "vLLM at <url> reloaded ..."
         assert serve.sh(f"ls {merged[0]}", check=False).returncode != 0  # a train host's disk is not serve's
         # each version's optimizer state is published apart from the lean copy vLLM's host fetches
-        keys = store.sh(f"{PYTHON} -c \"import boto3; print('\\n'.join(o['Key'] for o in boto3.client('s3', "
-                        f"endpoint_url='{s3}', region_name='us-east-1').list_objects_v2(Bucket='arclight', "
-                        "Prefix='weights/')['Contents']))\"", env=AWS).stdout.split()
+        keys = _s3_keys(store, s3, "weights/")
         assert {"weights/calc/calc-v1.state/optimizer.pt", "weights/calc/calc-v2/adapter_model.safetensors",
                 "weights/calc/calc-v2.merged/model.safetensors"} <= set(keys), keys
         assert not any(k.endswith("/optimizer.pt") and ".state/" not in k for k in keys), keys
@@ -464,9 +469,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         assert paragraph, said[-5000:]
         assert "Traceback" not in said and "opentelemetry" not in said, said[-5000:]
         print("ingest down for good in epoch 2:", " ".join(paragraph.group(0).split()))
-        keys = store.sh(f"{PYTHON} -c \"import boto3; print('\\n'.join(o['Key'] for o in boto3.client('s3', "
-                        f"endpoint_url='{s3}', region_name='us-east-1').list_objects_v2(Bucket='arclight', "
-                        "Prefix='weights/')['Contents']))\"", env=AWS).stdout.split()
+        keys = _s3_keys(store, s3, "weights/")
         assert not any("calc-v3" in k for k in keys), keys
         versions = control.sh(f"{PYTHON} -c \"from mlflow import MlflowClient; "
                               f"print(len(MlflowClient('{mlflow_uri}').search_model_versions()))\"").stdout.strip()
