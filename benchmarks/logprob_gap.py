@@ -250,8 +250,10 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only summarise the runs recorded so far")
     args = parser.parse_args()
     if not args.report:
-        # a grid run again goes on where it stopped: runs on record with their lake whole (evaluated before and after)
-        done = {(r["example"], r["cell"], r["seed"]) for r in _records() if r["returncode"] == 0 and figures(r) is not None}
+        # a grid run again goes on where it stopped: runs on record with their figures (evaluated before and after),
+        # and a run that failed only after its last evaluation, whose figures were recovered into its record
+        done = {(r["example"], r["cell"], r["seed"]) for r in _records()
+                if (r["returncode"] == 0 or r.get("measured")) and figures(r) is not None}
         for seed in range(args.runs):  # seed-major: an interrupted grid still has every cell at the first seeds
             for example in args.examples:
                 for cell in args.cells:
