@@ -261,9 +261,11 @@ class TrainerConfig(Section):
         "(behaviour) logprobs; decoupled is AReaL's decoupled objective, the ratio against the trainer's own policy "
         "before the step, times the behaviour weight proximal/behaviour truncated at importance_cap (verl's TIS). "
         "auto: decoupled when the epochs overlap (max_staleness >= 1; docs/async.md: on the calc example at "
-        "max_staleness 1, ppo reached 48% held-out and decoupled 91%, against 94% synchronous) or when vLLM and the "
+        "max_staleness 1, ppo reached 48% held-out and decoupled 91%, against 94% synchronous), when vLLM and the "
         "trainer compute the policy differently (bf16 serving against an fp32 trainer, another device, an attached "
-        "vLLM whose serving.dtype is auto: docs/config.md#vllm-and-the-trainer), else ppo.")
+        "vLLM whose serving.dtype is auto), and also when both compute in fp32, where it learned more than ppo in 4 "
+        "of 5 paired runs (docs/config.md#vllm-and-the-trainer): auto is always decoupled, and the reason is "
+        "recorded with each version.")
     importance_cap: float = Field(2.0, ge=1.0, description="decoupled: the behaviour importance weight's upper bound.")
     micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass (plain forward).")
     shared_prefix: Annotated[Literal["auto", "on", "off"], Switch] = Field(

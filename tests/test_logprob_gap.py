@@ -68,13 +68,14 @@ def _first_step(tmp_path, tiny_model_dir, rows: list[dict], *, dtype: str, run: 
 
 def test_bf16_serving_and_fp32_training_disagree_on_policy_and_the_default_correction_clips_no_more_than_fp32(
         tmp_path, bf16_vllm, vllm_server, tiny_model_dir):
-    fp32 = _first_step(tmp_path, tiny_model_dir, _sampled(vllm_server.url, seed=0), dtype="float32", run="gap-fp32")
+    fp32 = _first_step(tmp_path, tiny_model_dir, _sampled(vllm_server.url, seed=0), dtype="float32", run="gap-fp32",
+                       extra=["trainer.behaviour_correction=ppo"])
     bf16_rows = _sampled(bf16_vllm.url, seed=0)
     ppo = _first_step(tmp_path, tiny_model_dir, bf16_rows, dtype="bfloat16", run="gap-bf16-ppo",
                       extra=["trainer.behaviour_correction=ppo"])
     default = _first_step(tmp_path, tiny_model_dir, bf16_rows, dtype="bfloat16", run="gap-bf16-auto")
     print(json.dumps({"fp32": fp32, "bf16 ppo": ppo, "bf16 default": default}))
-    # fp32 against fp32: the same numbers up to summation order, and ppo by default
+    # fp32 against fp32: the same numbers up to summation order, so ppo's ratio starts at 1 (the level to reach)
     assert fp32["correction"] == "ppo" and fp32["gap_mean"] < 1e-4
     # bf16 against fp32, on the first micro-batch of an on-policy step: the ratio is not 1, and ppo clips for it
     assert ppo["correction"] == "ppo" and ppo["gap_mean"] > 20 * max(fp32["gap_mean"], 1e-6)
@@ -85,14 +86,20 @@ def test_bf16_serving_and_fp32_training_disagree_on_policy_and_the_default_corre
 
 
 def test_auto_chooses_the_correction_from_how_vllm_and_the_trainer_compute(tmp_path):
-    def choice(*overrides: str) -> str:
+    def choice(*overrides: str) -> tuple[str, str]:
         cfg = load_config(None, overrides=[f"project_dir={tmp_path}", "trainer.device=cpu", *overrides])
-        return behaviour_correction(cfg, cfg.trainer_for("default"))[0]
+        return behaviour_correction(cfg, cfg.trainer_for("default"))
 
-    assert choice("serving.dtype=float32") == "ppo"  # both fp32 on a CPU
-    assert choice("serving.dtype=bfloat16") == "decoupled"
-    assert choice("serving.dtype=float32", "trainer.dtype=bfloat16") == "decoupled"
-    assert choice("serving.dtype=float32", "trainer.max_staleness=1") == "decoupled"
-    assert choice("serving.urls=['http://127.0.0.1:9']") == "decoupled"  # attached, numerics unknown
-    assert choice("serving.urls=['http://127.0.0.1:9']", "serving.dtype=float32") == "ppo"  # ... unless declared
-    assert choice("serving.dtype=bfloat16", "trainer.behaviour_correction=ppo") == "ppo"
+    # auto is decoupled in every case; what differs is the reason recorded with the version
+    assert choice("serving.dtype=bfloat16") == ("decoupled", "vLLM computes bfloat16 on cpu, the trainer float32 on cpu")
+    assert choice("serving.dtype=float32", "trainer.dtype=bfloat16") == (
+        "decoupled", "vLLM computes float32 on cpu, the trainer bfloat16 autocast on cpu")
+    assert choice("serving.dtype=float32", "trainer.max_staleness=1") == (
+        "decoupled", "epochs overlap (trainer.max_staleness = 1)")
+    used, why = choice("serving.urls=['http://127.0.0.1:9']")  # attached, numerics unknown
+    assert used == "decoupled" and "serving.dtype does not say how it computes" in why
+    for same in (["serving.dtype=float32"], ["serving.urls=['http://127.0.0.1:9']", "serving.dtype=float32"]):
+        used, why = choice(*same)  # both fp32 on a CPU: decoupled all the same (it learned no worse there)
+        assert used == "decoupled" and why.startswith("vLLM and the trainer both compute float32 on cpu; decoupled")
+    assert choice("serving.dtype=bfloat16", "trainer.behaviour_correction=ppo") == (
+        "ppo", "set by trainer.behaviour_correction")

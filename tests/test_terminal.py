@@ -212,10 +212,10 @@ def test_piped_to_a_file_a_plain_line_per_stage_event_and_tables_as_wide_as_thei
     assert len(header) > 80 and "…" not in text
     rows = [_cells(line) for line in lines[summary:] if line.startswith("│")]
     assert [(r[0], r[7], r[9]) for r in rows[:2]] == [("0", "screen-v1", "completed"), ("1", "screen-v2", "completed")]
-    # served and trained in fp32: no gap to speak of, and ppo
+    # served and trained in fp32: no gap to speak of, and decoupled (auto)
     [gap] = [line for line in lines if line.startswith("vLLM against the trainer, at each epoch's first step")]
     assert float(gap.split("logprob gap mean ")[1].split(",")[0].split("-")[-1]) < 1e-3, gap
-    assert "behaviour correction ppo; clipped at the first micro-batch: " in gap, gap
+    assert "behaviour correction decoupled; clipped at the first micro-batch: " in gap, gap
 
 
 def test_asking_for_fewer_epochs_than_the_run_has_says_so_and_starts_nothing(tmp_path, tiny_model_dir):

@@ -103,7 +103,7 @@ def test_groups_sampled_more_than_max_staleness_versions_ago_are_left_out_whole_
     assert metrics["staleness/max"] == 1.0 and metrics["staleness/mean"] == pytest.approx(2 / 6)
 
 
-def test_the_behaviour_correction_is_decoupled_when_epochs_overlap_unless_chosen(tmp_path):
+def test_the_behaviour_correction_is_decoupled_unless_chosen(tmp_path):
     from lightning_core.config import load_config
     from lightning_core.trainer.train import behaviour_correction
 
@@ -112,7 +112,8 @@ def test_the_behaviour_correction_is_decoupled_when_epochs_overlap_unless_chosen
                                            *overrides])
         return behaviour_correction(cfg, cfg.trainer_for(cfg.policies[0].name))[0]
 
-    assert used() == "ppo"  # synchronous epochs, vLLM and the trainer both in fp32 on a CPU: the loss of before
+    assert used() == "decoupled"  # synchronous epochs, vLLM and the trainer both in fp32 on a CPU: decoupled too
+    assert used("trainer.behaviour_correction=ppo") == "ppo"
     assert used("trainer.max_staleness=1") == "decoupled"
     assert used("trainer.max_staleness=1", "trainer.behaviour_correction=ppo") == "ppo"
     assert used("trainer.behaviour_correction=decoupled") == "decoupled"

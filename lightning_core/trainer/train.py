@@ -286,13 +286,15 @@ def _already_trained(row: dict[str, Any]) -> TrainResult:
 
 
 def behaviour_correction(config: ArclightConfig, cfg: TrainerConfig) -> tuple[str, str]:
-    """The behaviour correction the GRPO loss uses, and why: ``trainer.behaviour_correction`` when set; for auto,
-    decoupled when the epochs overlap (stale samples) or when vLLM and the trainer compute the policy differently,
-    else ppo. They compute alike only when both run in fp32 on the same kind of device: in any other case the
-    recorded logprobs differ from the trainer's even on-policy (bf16 autocast keeps fp32 weights and reductions,
-    and vLLM's kernels are not the trainer's), and ppo's ratio against them clips tokens where they disagree. An
-    attached vLLM (serving.urls) computes in ``serving.dtype`` on this machine's kind of device when that is set,
-    and in an unknown way when it is auto."""
+    """The behaviour correction the GRPO loss uses, and why: ``trainer.behaviour_correction`` when set; auto is
+    decoupled, and the reason says what parts vLLM's recorded logprobs from the trainer's in this run: stale samples
+    (the epochs overlap), other numerics (bf16 serving, bf16 autocast, another device: the recorded logprobs differ
+    from the trainer's even on-policy, and ppo's ratio against them clips tokens where they disagree), or, where
+    both compute in fp32 on one kind of device, vLLM's constrained decoding alone (a grammar masks the logits before
+    vLLM computes its logprobs). In fp32 too, decoupled learned more than ppo in 4 of 5 paired runs
+    (docs/config.md#vllm-and-the-trainer), so auto no longer picks ppo anywhere. An attached vLLM (serving.urls)
+    computes in ``serving.dtype`` on this machine's kind of device when that is set, and in an unknown way when it
+    is auto."""
     if cfg.behaviour_correction != "auto":
         return cfg.behaviour_correction, "set by trainer.behaviour_correction"
     if config.trainer.max_staleness:
@@ -305,7 +307,9 @@ def behaviour_correction(config: ArclightConfig, cfg: TrainerConfig) -> tuple[st
     serving = f"{hardware.serving_dtype(config)} on {'cuda' if hardware.has_gpu() else 'cpu'}"
     if serving != trainer:
         return "decoupled", f"vLLM computes {serving}, the trainer {trainer}"
-    return "ppo", f"vLLM and the trainer both compute {trainer}"
+    return "decoupled", (f"vLLM and the trainer both compute {trainer}; decoupled all the same, for the logprobs "
+                         f"vLLM records under a grammar (tool_choice, structured output) and because it learned no "
+                         f"worse than ppo in fp32")
 
 
 def scheduled_learning_rate(cfg: TrainerConfig, *, epoch: int, epochs: int) -> float:
