@@ -639,13 +639,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[s
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"{source}: config file not found")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML{_yaml_where(exc)}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of settings at the top level, found {type(loaded).__name__}")
-        data = loaded
+        data = _read_settings(file)
         data.setdefault("project_dir", str(file.resolve().parent))
     for override in overrides or []:
         _apply_override(data, override, source)
@@ -658,6 +652,41 @@ def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[s
     if path is not None and not Path(config.project_dir).is_absolute():
         config.project_dir = Path(path).resolve().parent / config.project_dir
     return config.resolved()
+
+
+def _read_settings(file: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings of config ``file``, on top of those of the file its ``extends:`` names (a path relative to
+    ``file``'s folder), recursively. Mappings merge key by key; any other value (a list, a scalar) replaces the base
+    file's. The base file's relative paths resolve, like the rest, from the project folder: by default the folder
+    of the file that was loaded, not the base file's."""
+    source = str(file)
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML{_yaml_where(exc)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, found {type(loaded).__name__}")
+    if "extends" not in loaded:
+        return loaded
+    parent = loaded.pop("extends")
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{source}: extends: expected the path of the config file this one builds on, "
+                          f"found {parent!r}")
+    base_file = (file.parent / parent).resolve()
+    chain = (*chain, file.resolve())
+    if base_file in chain:
+        raise ConfigError(f"{source}: extends: {parent} makes a cycle ({' -> '.join(str(f) for f in (*chain, base_file))})")
+    if not base_file.is_file():
+        raise ConfigError(f"{source}: extends: {parent}: config file not found (looked for {base_file})")
+    return _merged(_read_settings(base_file, chain), loaded)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: nested mappings merged, everything else from ``top``."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _apply_override(data: dict[str, Any], override: str, source: str) -> None:

@@ -59,6 +59,34 @@ def test_malformed_override_and_missing_file_are_clear(tmp_path):
         load_config(_write(tmp_path, "- a\n- b\n"))
 
 
+def test_a_config_extends_another_mapping_by_mapping_and_says_what_is_wrong_with_the_chain(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "name: rag\nrun_name: one\nrollouts:\n  dataset: one.jsonl\n  group_size: 8\n  resources: {k: 1, max_turns: 4}\n"
+        "trainer:\n  learning_rate: 1.0e-3\nserving:\n  extra_args: [--a, --b]\n")
+    sub = tmp_path / "stage"
+    sub.mkdir()
+    (sub / "sft.yaml").write_text("extends: ../base.yaml\nrun_name: two\nrollouts:\n  dataset: two.jsonl\n"
+                                  "  resources: {max_turns: 5}\ntrainer:\n  mode: sft\nserving:\n  extra_args: [--c]\n")
+    cfg = load_config(sub / "sft.yaml", overrides=["rollouts.group_size=4"])
+    assert (cfg.name, cfg.run_name, cfg.trainer.mode, cfg.trainer.learning_rate) == ("rag", "two", "sft", 1.0e-3)
+    assert cfg.rollouts.resources == {"k": 1, "max_turns": 5}  # mappings merge key by key
+    assert cfg.serving.extra_args == ["--c"]  # a list replaces the base file's
+    assert cfg.rollouts.group_size == 4  # overrides still come last
+    assert cfg.rollouts.dataset == (sub / "two.jsonl").resolve()  # paths resolve from the loaded file's folder
+    assert load_config(tmp_path / "base.yaml").run_name == "one"  # the base file alone is unchanged
+
+    (sub / "lost.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"lost.yaml: extends: nowhere.yaml: config file not found"):
+        load_config(sub / "lost.yaml")
+    (sub / "a.yaml").write_text("extends: b.yaml\n")
+    (sub / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"makes a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_config(sub / "a.yaml")
+    (sub / "odd.yaml").write_text("extends: [base.yaml]\n")
+    with pytest.raises(ConfigError, match="extends: expected the path of the config file"):
+        load_config(sub / "odd.yaml")
+
+
 def test_literal_values_are_not_parsed_as_yaml(tmp_path):
     cfg = load_config(None, overrides=[f"project_dir={tmp_path}"],
                       values={"collector.token": "Xy9 #long-secret-part", "gateway.host": "::", "lake.path": tmp_path / "a: b"})
