@@ -63,6 +63,7 @@ def test_a_program_gets_the_task_on_stdin_and_the_rollout_in_its_environment(col
     assert json.loads(env["ARCLIGHT_TASK"]) == task and json.loads(env["ARCLIGHT_RESOURCES"]) == {"max_turns": 3}
     assert (env["ARCLIGHT_RUN_ID"], env["ARCLIGHT_EPOCH"], env["ARCLIGHT_ROLLOUT_ID"], env["ARCLIGHT_ATTEMPT"]) == (
         "cmd", "0", "cmd-report", "0")
+    assert (env["ARCLIGHT_GROUP_ID"], env["ARCLIGHT_SAMPLE_INDEX"]) == ("task-cmd-report", "0")
     assert env["ARCLIGHT_MODEL"] == "overridden" and env["MY_TOOL_URL"] == "http://tools"  # command_env wins
     assert env["ARCLIGHT_TEMPERATURE"] == "0.7" and env["ARCLIGHT_MODE"] == "train"
     assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"{collector.url}/v1/traces"

@@ -14,7 +14,8 @@ it and whatever it started, exactly like a Python agent. What it gets:
   ``arclight.task_id``, ``arclight.attempt`` and the prompt versions), ``OTEL_SERVICE_NAME`` and
   ``TRACEPARENT`` (the runner's ``rollout`` span, for agents that continue the trace);
 - the rest of the rollout: ``ARCLIGHT_RUN_ID``, ``ARCLIGHT_EPOCH``, ``ARCLIGHT_ROLLOUT_ID``,
-  ``ARCLIGHT_TASK_ID``, ``ARCLIGHT_ATTEMPT``, ``ARCLIGHT_MODE``, ``ARCLIGHT_RESOURCES`` (JSON),
+  ``ARCLIGHT_TASK_ID``, ``ARCLIGHT_ATTEMPT``, ``ARCLIGHT_GROUP_ID``, ``ARCLIGHT_SAMPLE_INDEX`` (set by the runner),
+  ``ARCLIGHT_MODE``, ``ARCLIGHT_RESOURCES`` (JSON),
   ``ARCLIGHT_COLLECTOR_URL`` / ``ARCLIGHT_COLLECTOR_TOKEN`` (for ``lightning_core.tracing.init_tracing``).
 
 It ends with exit status 0 (succeeded) or anything else (the agent failed: the error carries the status

@@ -78,6 +78,8 @@ class AgentContext:
     resources: dict[str, Any] = field(default_factory=dict)
     mode: str = "train"  # train | eval | apo
     prompt_versions: dict[str, str] = field(default_factory=dict)  # prompt name -> version this rollout runs with
+    group_id: str = ""  # the group of rollouts of one task this rollout belongs to (its advantage is within it)
+    sample_index: int = 0  # which of the group's rollouts this is, 0 .. group_size - 1 (an agent may vary by it)
 
     def prompt(self, name: str, default: str | None = None, **values: Any) -> str:
         """Return the serving text of prompt ``name`` (``rollouts.resources.prompts.<name>``), formatted with ``values``.
@@ -214,7 +216,7 @@ def _worker(conn, settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> 
         run_id=spec.run_id, epoch=spec.epoch, rollout_id=spec.rollout_id, task_id=spec.task_id, attempt=attempt,
         base_url=f"{settings.gateway_url.rstrip('/')}/rollout/{spec.rollout_id}/v1", model=settings.model,
         api_key=settings.api_key, temperature=settings.temperature, resources=dict(settings.resources), mode=settings.mode,
-        prompt_versions=dict(settings.prompt_versions),
+        prompt_versions=dict(settings.prompt_versions), group_id=spec.group_id, sample_index=spec.sample_index,
     )
     status, reward, error, kind = SUCCEEDED, None, None, None
     attributes = {semconv.SPAN_KIND: semconv.KIND_ROLLOUT, "arclight.rollout.sample_index": spec.sample_index}
@@ -262,7 +264,9 @@ def _run_program(settings: RunnerSettings, spec: RolloutSpec, ctx: AgentContext)
     env = command_environment(
         base_url=ctx.base_url, api_key=ctx.api_key, model=ctx.model, temperature=ctx.temperature, mode=ctx.mode,
         task=spec.task, resources=ctx.resources, context=context.to_env(), collector_url=settings.collector_url,
-        collector_token=settings.collector_token, traceparent=traceparent, extra=settings.command_env,
+        collector_token=settings.collector_token, traceparent=traceparent,
+        extra={"ARCLIGHT_GROUP_ID": spec.group_id, "ARCLIGHT_SAMPLE_INDEX": str(spec.sample_index),
+               **settings.command_env},
         resource={**context.resource_attributes(), **_prompt_version_attributes(settings)},
     )
     return run_command(settings.command, task=spec.task, env=env, cwd=Path(settings.command_cwd or os.getcwd())).reward
