@@ -163,6 +163,28 @@ def test_a_seeded_rollout_samples_the_same_completions_again(admin, collector_co
     assert isinstance(sent, int) and 0 <= sent < 2**63  # recorded with the call, as sent to vLLM
 
 
+def test_a_seeded_call_after_a_tool_call_samples_the_same_whatever_id_the_server_gave_that_call(admin):
+    """vLLM makes up each tool call's id (``chatcmpl-tool-<random>``); an agent sends it back in its next call, as the
+    assistant turn's ``tool_calls[].id`` and the tool result's ``tool_call_id``. Two runs of one seed then asked with
+    other ids for what the model sees as the same prompt, and the seed, a hash of the messages, differed: the retrieval
+    example's reruns of one seed parted at 35 of 64 second calls (benchmarks/seed_divergence.py). The ids pair a call
+    with its result; they are not what the call asks."""
+    def after_tool_call(rollout_id: str, call_id: str, *, query: str = "Ola Drent") -> str:
+        messages = [*MESSAGES,
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": call_id, "type": "function",
+                         "function": {"name": "search", "arguments": json.dumps({"query": query})}}]},
+                    {"role": "tool", "tool_call_id": call_id, "content": "Ola Drent is a pilot born in Sorbdal."}]
+        client = rollout_client(admin, rollout_id, seed=123)
+        return client.chat.completions.create(model="anything", messages=messages, max_tokens=12,
+                                              temperature=1.0).choices[0].message.content
+
+    first = after_tool_call("ids-1", "chatcmpl-tool-4f1c9d2e")
+    assert after_tool_call("ids-2", "chatcmpl-tool-a07b3e55") == first
+    draws = {after_tool_call(f"ids-q{i}", "chatcmpl-tool-4f1c9d2e", query=f"Ola Drent {i}") for i in range(3)}
+    assert len(draws | {first}) > 1  # what the call asks still seeds it: other arguments, other draws
+
+
 def test_unknown_rollout_is_404_and_malformed_request_is_400(admin, gateway):
     unknown = OpenAI(base_url=f"{gateway.url}/rollout/never-registered/v1", api_key="x", max_retries=0)
     with pytest.raises(APIStatusError) as err:

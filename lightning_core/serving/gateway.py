@@ -38,6 +38,22 @@ JSON_HEADERS = {"content-type": "application/json"}
 UPSTREAM_KEEPALIVE_S = 4.0  # under vLLM's own keep-alive (5 s)
 
 
+def _without_call_ids(messages: Any) -> Any:
+    """``messages`` without the ids that pair a tool call with its result (``tool_calls[].id``, ``tool_call_id``):
+    what a call asks, as the model sees it, whatever ids an earlier reply was given."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for message in messages:
+        if isinstance(message, dict):
+            message = {k: v for k, v in message.items() if k != "tool_call_id"}
+            if isinstance(message.get("tool_calls"), list):
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c
+                                         for c in message["tool_calls"]]
+        out.append(message)
+    return out
+
+
 class Gateway:
     """The gateway's request handlers, sharing the router, the metrics, the span recorder and one HTTP client."""
 
@@ -224,8 +240,9 @@ class Gateway:
         """The seed a rollout's call is sampled with: a hash of the rollout's seed and what the call asks (its messages or
         prompt), so a repeated run gets the same seed for the same call whatever order the calls arrive in, across
         rollouts running at once. The same call asked again within the rollout (an agent drawing twice) gets the next
-        seed, counted in this process."""
-        asked = orjson.dumps([body.get("messages"), body.get("prompt")], option=orjson.OPT_SORT_KEYS)
+        seed, counted in this process. Tool-call ids are left out: the server makes them up anew in every run
+        (``chatcmpl-tool-<random>``), and they only pair a call with its result."""
+        asked = orjson.dumps([_without_call_ids(body.get("messages")), body.get("prompt")], option=orjson.OPT_SORT_KEYS)
         digest = hashlib.blake2b(asked, digest_size=16).digest()
         key = (info.rollout_id, digest)
         if len(self.asked) > 100_000:
