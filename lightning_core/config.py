@@ -263,8 +263,8 @@ class TrainerConfig(Section):
         "auto: decoupled when the epochs overlap (max_staleness >= 1; docs/async.md: on the calc example at "
         "max_staleness 1, ppo reached 48% held-out and decoupled 91%, against 94% synchronous), when vLLM and the "
         "trainer compute the policy differently (bf16 serving against an fp32 trainer, another device, an attached "
-        "vLLM whose serving.dtype is auto), and also when both compute in fp32, where it learned more than ppo in 4 "
-        "of 5 paired runs (docs/config.md#vllm-and-the-trainer): auto is always decoupled, and the reason is "
+        "vLLM whose serving.dtype is auto), and also when both compute in fp32, where it learned more than ppo in 5 "
+        "of 6 paired runs (docs/config.md#vllm-and-the-trainer): auto is always decoupled, and the reason is "
         "recorded with each version.")
     importance_cap: float = Field(2.0, ge=1.0, description="decoupled: the behaviour importance weight's upper bound.")
     micro_batch_size: int = Field(8, ge=1, description="Triplets per forward/backward pass (plain forward).")

@@ -291,7 +291,7 @@ def behaviour_correction(config: ArclightConfig, cfg: TrainerConfig) -> tuple[st
     (the epochs overlap), other numerics (bf16 serving, bf16 autocast, another device: the recorded logprobs differ
     from the trainer's even on-policy, and ppo's ratio against them clips tokens where they disagree), or, where
     both compute in fp32 on one kind of device, vLLM's constrained decoding alone (a grammar masks the logits before
-    vLLM computes its logprobs). In fp32 too, decoupled learned more than ppo in 4 of 5 paired runs
+    vLLM computes its logprobs). In fp32 too, decoupled learned more than ppo in 5 of 6 paired runs
     (docs/config.md#vllm-and-the-trainer), so auto no longer picks ppo anywhere. An attached vLLM (serving.urls)
     computes in ``serving.dtype`` on this machine's kind of device when that is set, and in an unknown way when it
     is auto."""
