@@ -108,7 +108,10 @@ def triplets(ctx: RunContext, *, run_id: str, epoch: int) -> dict[str, Any]:
             "agents": agents}
 
 
-@task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600)
+# log_prints off: the trainer's libraries print to a stdout they capture themselves (dill disassembles a function
+# to find its globals while datasets fingerprints SFT's preprocessing), and Prefect's print patch sent those 180
+# lines of bytecode to the run's log instead (and dill found no globals)
+@task(name="train", cache_policy=NO_CACHE, timeout_seconds=4 * 3600, log_prints=False)
 def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event | None = None) -> list[dict[str, Any]]:
     """Train each policy on its triplets; return one summary per policy. ``abandon``: stop before the next micro-batch
     once set (the flow left while this task ran beside the next epoch's rollouts)."""

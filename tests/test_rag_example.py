@@ -26,6 +26,24 @@ from retriever import Retriever, build  # noqa: E402
 
 
 @pytest.fixture(scope="module")
+def rag_vllm(tmp_path_factory, tiny_model_dir, collector_config):
+    """vLLM serving the tiny model with the example's own serving settings (its chat template, the tool-call parser,
+    constrained JSON without free whitespace): the oracle's pinned calls fit a reply only without it, since a
+    random model under a grammar that allows whitespace writes whitespace until its token budget ends."""
+    from lightning_core.serving.vllm import start_vllm
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path_factory.mktemp("rag-serving"), f"model.path={tiny_model_dir}",
+                         "model.served_name=tiny", "serving.port=0", "serving.dtype=float32",
+                         "serving.max_model_len=2048", "serving.max_lora_rank=16", "serving.redeploy=lora",
+                         f"collector.endpoint={collector_config.collector.url}")
+    config.serving.extra_args = list(load_config(RAG / "config.yaml").serving.extra_args)
+    service = start_vllm(config)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     """A 3,000-document world, its index, and 10 questions over it."""
     folder = tmp_path_factory.mktemp("rag-index")
@@ -127,7 +145,7 @@ def test_the_reward_is_format_plus_token_f1_and_format_asks_for_a_name_from_the_
 
 @pytest.mark.integration
 def test_one_epoch_of_the_agents_sdk_retrieval_agent_trains_the_researcher(
-    prefect_harness, tmp_path, small_world, vllm_server, collector, collector_config, tiny_model_dir
+    prefect_harness, tmp_path, small_world, rag_vllm, collector, collector_config, tiny_model_dir
 ):
     from flows.train import train_epoch
 
@@ -136,7 +154,7 @@ def test_one_epoch_of_the_agents_sdk_retrieval_agent_trains_the_researcher(
     dataset = tmp_path / "questions.jsonl"
     dataset.write_text("".join(json.dumps(q) + "\n" for q in questions[:2]))
     run = "ex-rag"
-    overrides = _overrides(tmp_path, run=run, agent_path=RAG, vllm_server=vllm_server, collector=collector,
+    overrides = _overrides(tmp_path, run=run, agent_path=RAG, vllm_server=rag_vllm, collector=collector,
                            collector_config=collector_config, tiny_model_dir=tiny_model_dir, dataset=str(dataset),
                            **{"rollouts.resources.index": str(folder), "rollouts.resources.max_tokens": "48",
                               "rollouts.informative_groups": "null", "evaluation.every_epochs": "null", "epochs": "1"})
@@ -156,3 +174,60 @@ def test_one_epoch_of_the_agents_sdk_retrieval_agent_trains_the_researcher(
     for t in triplets:
         assert t["agent_name"] == "researcher" and t["response_token_ids"] == gateway[t["response_id"]]
         assert -1.0 <= t["reward"] <= 1.0
+
+
+def test_the_oracle_follows_each_chain_searching_with_the_question_first_where_it_finds_the_first_document(small_world):
+    import rag_teach
+
+    folder, _, questions = small_world
+    retriever = Retriever(folder)
+    for q in questions:
+        calls = rag_teach.plan(q, retriever, k=1)
+        first = retriever.search(q["question"], 1)[0].title
+        assert calls[0] == ("search", {"query": q["question"] if first == q["chain"][0] else q["chain"][0]})
+        assert calls[1:-1] == [("search", {"query": name}) for name in q["chain"][1:]]
+        assert calls[-1] == ("answer", {"answer": q["answer"]}) and len(calls) == q["hops"] + 1
+        for (_, arguments), name in zip(calls, q["chain"]):  # every search finds the chain's next document
+            assert retriever.search(arguments["query"], 1)[0].title == name
+    assert any(c[0][1]["query"] == q["question"] for q in questions for c in [rag_teach.plan(q, retriever, k=1)])
+
+
+@pytest.mark.integration
+def test_an_sft_epoch_of_the_multihop_warm_start_trains_on_the_oracles_traces_as_the_gateway_recorded_them(
+    prefect_harness, tmp_path, small_world, rag_vllm, collector, collector_config, tiny_model_dir
+):
+    """multihop_sft.yaml: sample 0 of each group is the scripted oracle, written by the served model under a
+    constraint; its calls are ordinary traces, and SFT trains on the rollouts that succeeded."""
+    from flows.train import train_epoch
+
+    folder, _, questions = small_world
+    dataset = tmp_path / "multihop.jsonl"
+    dataset.write_text("".join(json.dumps(q) + "\n" for q in [q for q in questions if q["hops"] > 1][:2]))
+    run = "ex-rag-sft"
+    overrides = _overrides(tmp_path, run=run, agent_path=RAG, vllm_server=rag_vllm, collector=collector,
+                           collector_config=collector_config, tiny_model_dir=tiny_model_dir, dataset=str(dataset),
+                           **{"rollouts.resources.index": str(folder), "rollouts.resources.max_tokens": "160",
+                              "rollouts.group_size": "2", "epochs": "1", "rollouts.timeout_s": "120"})
+    row = train_epoch(config_path=str(RAG / "multihop_sft.yaml"), overrides=overrides)
+    cfg = load_config(RAG / "multihop_sft.yaml", overrides=overrides)
+    assert (row["status"], row["succeeded"]) == ("completed", 4)
+
+    gateway = {rid: response for rid, (_, response) in gateway_tokens(cfg, run).items()}
+    with Catalog.from_config(cfg).read() as con:
+        sources = con.execute(
+            "SELECT attributes->>'rag.source', (attributes->>'arclight.rollout.sample_index')::INT, count(*) FROM spans "
+            "WHERE run_id = ? AND attributes->>'rag.searches' IS NOT NULL GROUP BY ALL ORDER BY ALL", [run]).fetchall()
+        oracle = con.execute(
+            "SELECT rollout_id, attributes->>'rag.chain_found', attributes->>'rag.chain_length', "
+            "attributes->>'rag.exact_match' FROM spans WHERE run_id = ? AND attributes->>'rag.source' = 'oracle'",
+            [run]).fetchall()
+    assert sources == [("oracle", 0, 2), ("sample", 1, 2)]  # sample 0 of each group is the oracle, the rest the model
+    # the oracle found every document of its chain and answered right, whatever the (tiny, random) model would write
+    assert len(oracle) == 2 and all(found == length and exact == "true" for _, found, length, exact in oracle)
+    triplets = load_triplets(cfg, run_id=run, epoch=0, policy="researcher").to_pylist()
+    taught = [t for t in triplets if t["rollout_id"] in {r for r, *_ in oracle}]
+    hops = sum(len(q["chain"]) for q in [q for q in questions if q["hops"] > 1][:2])
+    assert len(taught) == hops + 2  # a search per hop and the answer, for each of the two questions
+    for t in taught:  # what SFT trains on is what the model wrote, token for token as the gateway recorded it
+        assert t["response_token_ids"] == gateway[t["response_id"]] and t["reward"] == pytest.approx(1.0)
+    assert row["new_version"] == "researcher-v1"

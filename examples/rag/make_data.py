@@ -202,11 +202,14 @@ def main() -> None:
                        ("test_1hop.jsonl", test_1hop),
                        # the one-hop difficulty on its own (README, attempt 4): train on these, evaluate on test_1hop
                        ("train_1hop.jsonl", [q for q in train if q["hops"] == 1]),
+                       # the 2- and 3-hop half (multihop_*.yaml: SFT from traces, then GRPO; evaluated on test)
+                       ("train_multihop.jsonl", [q for q in train if q["hops"] > 1]),
                        ("test_1hop_reworded.jsonl", reworded(test_1hop))]:
         with open(args.out / name, "w") as fh:
             for row in rows:
                 fh.write(json.dumps({k: v for k, v in row.items() if k != "reworded"}) + "\n")
-    print(f"{len(train)} train ({one_hop} of one hop, also in train_1hop.jsonl), {len(test)} held-out questions (and "
+    print(f"{len(train)} train ({one_hop} of one hop, also in train_1hop.jsonl, the rest in train_multihop.jsonl), "
+          f"{len(test)} held-out questions (and "
           f"reworded), {len(test_1hop)} one-hop held-out (and reworded) in {args.out}")
 
 

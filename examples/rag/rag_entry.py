@@ -44,19 +44,35 @@ def instrument() -> None:
     OpenAIAgentsInstrumentor().instrument()
 
 
-def run(task: dict, ctx) -> float:
-    """Answer one question through the rollout's gateway URL; return format + F1 (``reward.py``)."""
+def run(task: dict, ctx, **attributes) -> float:
+    """Answer one question through the rollout's gateway URL; return format + F1 (``reward.py``). ``attributes``
+    go on the rollout span beside ``rag.*``."""
+    prepare(ctx)
+    r = ctx.resources
+    trace = asyncio.run(solve(task["question"], retriever_of(ctx), model=ctx.model, temperature=ctx.temperature,
+                              max_tokens=int(r.get("max_tokens", 64)), max_turns=int(r.get("max_turns", 4)),
+                              k=int(r.get("k", 1))))
+    return score(task, trace, **attributes)
+
+
+def prepare(ctx) -> None:
+    """Instrument the Agents SDK once, and point the OpenAI environment at the rollout's gateway URL."""
     instrument()
     os.environ["OPENAI_BASE_URL"] = ctx.base_url
     os.environ["OPENAI_API_KEY"] = ctx.api_key
-    r = ctx.resources
-    index = Path(r.get("index", DEFAULT_INDEX))
-    trace = asyncio.run(solve(task["question"], retriever(str(index if index.is_absolute() else HERE / index)),
-                              model=ctx.model, temperature=ctx.temperature, max_tokens=int(r.get("max_tokens", 64)),
-                              max_turns=int(r.get("max_turns", 4)), k=int(r.get("k", 1))))
+
+
+def retriever_of(ctx) -> Retriever:
+    """The retriever over ``resources.index`` (default the example's ``index/``)."""
+    index = Path(ctx.resources.get("index", DEFAULT_INDEX))
+    return retriever(str(index if index.is_absolute() else HERE / index))
+
+
+def score(task: dict, trace, **attributes) -> float:
+    """Record what the agent did on the rollout span (``rag.*``, plus ``attributes``); return its reward."""
     found = {title for titles in trace.found for title in titles}
     span = otel_trace.get_current_span()
-    span.set_attributes({
+    span.set_attributes({**attributes,
         "rag.searches": len(trace.queries),
         "rag.empty_searches": sum(1 for titles in trace.found if not titles),
         "rag.chain_found": sum(1 for name in task.get("chain", []) if name in found),

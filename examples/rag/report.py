@@ -29,7 +29,8 @@ WITH outcome AS (
            (attributes->>'rag.format_ok')::BOOLEAN AS format_ok,
            (attributes->>'rag.grounded')::BOOLEAN AS grounded,
            (attributes->>'rag.f1')::DOUBLE AS f1,
-           (attributes->>'rag.exact_match')::BOOLEAN AS exact_match
+           (attributes->>'rag.exact_match')::BOOLEAN AS exact_match,
+           attributes->>'rag.source' AS source  -- rag_teach.py: oracle or sample (NULL: the agent alone)
     FROM spans WHERE attributes->>'rag.searches' IS NOT NULL
 )
 SELECT r.run_id, r.epoch, r.mode, r.rollout_id, r.task_id, r.reward,
@@ -45,6 +46,19 @@ SELECT {key}, count(*) AS questions, avg(reward) AS reward, avg(f1) AS f1, avg(e
        avg(format_ok::INT) AS format_ok, avg(searches) AS searches, avg(empty_searches) AS empty_searches,
        avg(chain_found / chain_length) AS chain_docs_found, avg(grounded::INT) AS grounded
 FROM rag WHERE mode = '{mode}' GROUP BY ALL ORDER BY ALL
+"""
+
+# what each source of a warm-start epoch (rag_teach.py) gave: its rollouts and calls, and those SFT kept (reward at
+# least the run's trainer.sft_min_reward, as the trainer selects them)
+SOURCES = """
+WITH run AS (SELECT coalesce((config->'trainer'->>'sft_min_reward')::DOUBLE, 1.0) AS min_reward FROM runs
+             WHERE run_id = (SELECT min(run_id) FROM rollouts WHERE mode = 'train'))
+SELECT r.epoch, r.source, count(DISTINCT r.rollout_id) AS rollouts,
+       count(DISTINCT r.rollout_id) FILTER (WHERE r.reward >= run.min_reward) AS rollouts_kept,
+       count(t.span_id) AS calls, count(t.span_id) FILTER (WHERE t.reward >= run.min_reward) AS calls_kept,
+       avg(r.searches) AS searches, avg(r.chain_found / r.chain_length) AS chain_docs_found
+FROM rag r CROSS JOIN run LEFT JOIN triplets t ON t.rollout_id = r.rollout_id AND t.run_id = r.run_id
+WHERE r.mode = 'train' AND r.source IS NOT NULL GROUP BY ALL ORDER BY ALL
 """
 
 # the model's calls and the tools' results of one rollout, in order
@@ -102,6 +116,10 @@ def report(project: Path) -> tuple[str, list[tuple], list[tuple], list[tuple]]:
     train = con.execute(SUMMARY.format(key="epoch", mode="train")).fetchall()
     print("\n## Training rollouts per epoch (sampled)\n")
     print(table(train, [d[0] for d in con.description]))
+    sources = con.execute(SOURCES).fetchall()
+    if sources:
+        print("\n## What each source gave the warm-start (SFT) epochs\n")
+        print(table(sources, [d[0] for d in con.description]))
 
     # a held-out question that failed before training (base) and succeeded after (the last evaluation of the same
     # split): one answered exactly after and with F1 0 before first, from the 2- and 3-hop split when one there was
@@ -129,6 +147,15 @@ def report(project: Path) -> tuple[str, list[tuple], list[tuple], list[tuple]]:
             print()
 
     return run, evals, train, con.execute(SPLITS).fetchall()
+
+
+def rows(project: Path, sql: str) -> list[dict]:
+    """``sql`` (over the ``rag`` table of ``ROLLOUTS``) on ``project``'s lake, as dicts."""
+    con = analyst.connect(project / ".arclight" / "lake")
+    con.execute(f"CREATE TEMP TABLE rag AS {ROLLOUTS}")
+    result = con.execute(sql)
+    columns = [d[0] for d in result.description]
+    return [dict(zip(columns, row)) for row in result.fetchall()]
 
 
 def main() -> None:

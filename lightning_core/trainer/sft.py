@@ -51,7 +51,10 @@ def train_sft(
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place on the samples' response tokens; return trl's per-step logs."""
     from datasets import Dataset
+    from datasets.utils import disable_progress_bars
     from trl import SFTConfig, SFTTrainer
+
+    disable_progress_bars()  # SFTTrainer's dataset passes ("Dropping fully masked examples ...") drew bars in the log
 
     dataset = Dataset.from_list([
         {"input_ids": s.prompt_ids + s.response_ids,
