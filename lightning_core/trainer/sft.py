@@ -52,6 +52,7 @@ def train_sft(
     """Fine-tune ``model`` in place on the samples' response tokens; return trl's per-step logs."""
     from datasets import Dataset
     from datasets.utils import disable_progress_bars
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     disable_progress_bars()  # SFTTrainer's dataset passes ("Dropping fully masked examples ...") drew bars in the log
@@ -70,5 +71,6 @@ def train_sft(
             disable_tqdm=True, dataloader_num_workers=0,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # with tqdm off it printed every step's log dict; the caller logs them
         trainer.train()
         return [h for h in trainer.state.log_history if "loss" in h]
