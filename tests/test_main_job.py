@@ -11,6 +11,7 @@ trap, and the run must go through it with every span stored and no error anywher
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,6 @@ import pytest
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import load_config
 from lightning_core.common.model import DEFAULT_MODEL_DIR, is_model_dir
-from lightning_core.common.services import free_port
 from tests.conftest import REPO
 from tests.helpers.processes import gateway_calls
 
@@ -50,11 +50,20 @@ def base_model() -> Path:
 
 
 def _project(tmp_path: Path) -> tuple[Path, list[str]]:
-    """A copy of the calc example (its agent, datasets and config) in its own folder, with free ports."""
+    """A copy of the calc example (its agent, datasets and config) in its own folder, on free ports."""
     project = tmp_path / "calc"
     shutil.copytree(REPO / "examples" / "calc", project, ignore=shutil.ignore_patterns(".arclight", "mlflow.db", "mlartifacts"))
-    ports = [f"collector.port={free_port()}", f"gateway.port={free_port()}", f"serving.port={free_port()}"]
+    # port 0: each server binds a free port itself. A port picked here and bound later could be taken meanwhile (the
+    # gateway once failed to start on one, "address already in use", with two vLLM servers starting beside it)
+    ports = ["collector.port=0", "gateway.port=0", "serving.port=0"]
     return project / "config.yaml", ports
+
+
+def _gateway_url(project: Path) -> str | None:
+    """The URL the project's gateway serves on, from the first line of its log (``gateway on http://host:port/v1``)."""
+    log = project / ".arclight" / "logs" / "gateway.log"
+    found = re.findall(r"^gateway on (http://[^/\s]+)/v1", log.read_text(errors="replace"), re.M) if log.exists() else []
+    return found[-1] if found else None
 
 
 def _arclight(*args: str, log: Path, mark: str, **popen) -> subprocess.Popen:
@@ -157,14 +166,14 @@ def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_sp
 
 def test_ctrl_c_in_the_middle_of_the_rollouts_stops_everything_and_the_next_run_resumes(tmp_path, base_model):
     config, ports = _project(tmp_path)
-    gateway_port = int(ports[1].split("=")[1])
     overrides = [*SMALL, *ports, "evaluation.every_epochs=null", "rollouts.timeout_s=600"]
     args = ["train", str(config), "--epochs", "1", *[a for o in overrides for a in ("--set", o)]]
     log, mark = tmp_path / "train.log", f"sigint-{uuid.uuid4().hex[:8]}"
     proc = _arclight(*args, log=log, mark=mark)
     try:
         deadline = time.monotonic() + 600
-        while gateway_calls(f"http://127.0.0.1:{gateway_port}") < 8:  # rollouts in flight: agents calling the model through the gateway
+        # rollouts in flight: agents calling the model through the gateway (on the port it bound, which its log says)
+        while (gateway := _gateway_url(config.parent)) is None or gateway_calls(gateway) < 8:
             assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
             assert time.monotonic() < deadline, "the rollouts never started"
             time.sleep(0.2)
