@@ -143,23 +143,30 @@ def test_the_reward_is_format_plus_token_f1_and_format_asks_for_a_name_from_the_
     assert reward.exact_match("The Sorbdal.", "sorbdal") and not reward.exact_match("Sorbdal city", "Sorbdal")
 
 
+def _one_epoch(config: str, run: str, questions: list[dict], tmp_path, index, vllm, collector, collector_config,
+               tiny_model_dir, **extra: str):
+    """One epoch of the example's ``config`` on ``questions``, on the module's servers; its summary row and config."""
+    from flows.train import train_epoch
+
+    dataset = tmp_path / f"{run}.jsonl"
+    dataset.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    overrides = _overrides(tmp_path, run=run, agent_path=RAG, vllm_server=vllm, collector=collector,
+                           collector_config=collector_config, tiny_model_dir=tiny_model_dir, dataset=str(dataset),
+                           **{"rollouts.resources.index": str(index), "evaluation.every_epochs": "null", "epochs": "1",
+                              **extra})
+    row = train_epoch(config_path=str(RAG / config), overrides=overrides)
+    return row, load_config(RAG / config, overrides=overrides)
+
+
 @pytest.mark.integration
 def test_one_epoch_of_the_agents_sdk_retrieval_agent_trains_the_researcher(
     prefect_harness, tmp_path, small_world, rag_vllm, collector, collector_config, tiny_model_dir
 ):
-    from flows.train import train_epoch
-
     assert "lightning_core" not in (RAG / "rag_agent.py").read_text()  # the agent is plain Agents SDK code
     folder, _, questions = small_world
-    dataset = tmp_path / "questions.jsonl"
-    dataset.write_text("".join(json.dumps(q) + "\n" for q in questions[:2]))
     run = "ex-rag"
-    overrides = _overrides(tmp_path, run=run, agent_path=RAG, vllm_server=rag_vllm, collector=collector,
-                           collector_config=collector_config, tiny_model_dir=tiny_model_dir, dataset=str(dataset),
-                           **{"rollouts.resources.index": str(folder), "rollouts.resources.max_tokens": "48",
-                              "rollouts.informative_groups": "null", "evaluation.every_epochs": "null", "epochs": "1"})
-    row = train_epoch(config_path=str(RAG / "config.yaml"), overrides=overrides)
-    cfg = load_config(RAG / "config.yaml", overrides=overrides)
+    row, cfg = _one_epoch("config.yaml", run, questions[:2], tmp_path, folder, rag_vllm, collector, collector_config,
+                          tiny_model_dir, **{"rollouts.resources.max_tokens": "48", "rollouts.informative_groups": "null"})
     assert (row["status"], row["succeeded"]) == ("completed", 6)
 
     gateway = {rid: response for rid, (_, response) in gateway_tokens(cfg, run).items()}  # the run has one epoch
@@ -198,18 +205,12 @@ def test_an_sft_epoch_of_the_multihop_warm_start_trains_on_the_oracles_traces_as
 ):
     """multihop_sft.yaml: sample 0 of each group is the scripted oracle, written by the served model under a
     constraint; its calls are ordinary traces, and SFT trains on the rollouts that succeeded."""
-    from flows.train import train_epoch
-
     folder, _, questions = small_world
-    dataset = tmp_path / "multihop.jsonl"
-    dataset.write_text("".join(json.dumps(q) + "\n" for q in [q for q in questions if q["hops"] > 1][:2]))
     run = "ex-rag-sft"
-    overrides = _overrides(tmp_path, run=run, agent_path=RAG, vllm_server=rag_vllm, collector=collector,
-                           collector_config=collector_config, tiny_model_dir=tiny_model_dir, dataset=str(dataset),
-                           **{"rollouts.resources.index": str(folder), "rollouts.resources.max_tokens": "160",
-                              "rollouts.group_size": "2", "epochs": "1", "rollouts.timeout_s": "120"})
-    row = train_epoch(config_path=str(RAG / "multihop_sft.yaml"), overrides=overrides)
-    cfg = load_config(RAG / "multihop_sft.yaml", overrides=overrides)
+    row, cfg = _one_epoch("multihop_sft.yaml", run, [q for q in questions if q["hops"] > 1][:2], tmp_path, folder,
+                          rag_vllm, collector, collector_config, tiny_model_dir,
+                          **{"rollouts.resources.max_tokens": "160", "rollouts.group_size": "2",
+                             "rollouts.timeout_s": "120"})
     assert (row["status"], row["succeeded"]) == ("completed", 4)
 
     gateway = {rid: response for rid, (_, response) in gateway_tokens(cfg, run).items()}
