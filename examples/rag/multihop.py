@@ -40,6 +40,10 @@ SPLITS = {"test": HERE / "test.jsonl", "test_reworded": HERE / "test_reworded.js
 RESULTS = HERE / "multihop_results.jsonl"
 
 
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def one_seed(seed: int, args: argparse.Namespace) -> dict:
     """Base, SFT and GRPO for one seed, with an evaluation of both splits after each; the seed's record."""
     from flows.train import evaluate, train
@@ -52,7 +56,6 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
                              ["collector.port=0", "gateway.port=0", "serving.port=0", f"rollouts.seed={seed}",
                               f"trainer.seed={seed}", *common])
     steps: list[dict] = []
-    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     record = {"seed": seed, "project": str(cfg.project_dir), "machine": machine(), "uptime_before": uptime(),
               "sft_epochs": args.sft_epochs, "grpo_epochs": args.grpo_epochs, "eval_tasks": args.eval_tasks,
               "overrides": args.overrides, "steps": steps}

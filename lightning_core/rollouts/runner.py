@@ -263,10 +263,9 @@ def _run_program(settings: RunnerSettings, spec: RolloutSpec, ctx: AgentContext)
     context = tracing.RolloutContext(spec.run_id, spec.epoch, spec.rollout_id, spec.task_id, ctx.attempt)
     env = command_environment(
         base_url=ctx.base_url, api_key=ctx.api_key, model=ctx.model, temperature=ctx.temperature, mode=ctx.mode,
-        task=spec.task, resources=ctx.resources, context=context.to_env(), collector_url=settings.collector_url,
-        collector_token=settings.collector_token, traceparent=traceparent,
-        extra={"ARCLIGHT_GROUP_ID": spec.group_id, "ARCLIGHT_SAMPLE_INDEX": str(spec.sample_index),
-               **settings.command_env},
+        task=spec.task, resources=ctx.resources, collector_url=settings.collector_url,
+        context={**context.to_env(), "ARCLIGHT_GROUP_ID": spec.group_id, "ARCLIGHT_SAMPLE_INDEX": str(spec.sample_index)},
+        collector_token=settings.collector_token, traceparent=traceparent, extra=settings.command_env,
         resource={**context.resource_attributes(), **_prompt_version_attributes(settings)},
     )
     return run_command(settings.command, task=spec.task, env=env, cwd=Path(settings.command_cwd or os.getcwd())).reward
