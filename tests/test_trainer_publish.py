@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -251,3 +252,28 @@ def test_a_version_saved_and_registered_but_never_recorded_is_trained_again_unde
     mlflow.set_tracking_uri(cfg.mlflow_uri)
     registered = MlflowClient().search_model_versions("name = 'calc-default'")
     assert [(v.tags["arclight.version"], str(v.version)) for v in registered] == [("default-v1", again.registry_version)]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sft_checkpoints_activations_only_when_the_config_says_so(tmp_path, tiny_dir, monkeypatch, checkpointing):
+    """trl's SFTConfig turns activation checkpointing on by default (and warns through transformers' deprecated
+    name): SFT then recomputed every forward pass even with ``trainer.gradient_checkpointing: false``, about twice
+    the time of a GRPO step on the same calls. The config decides, as it does for GRPO."""
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    enabled = []
+    original = PreTrainedModel.activation_checkpointing_enable  # what transformers' Trainer calls
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
+                        lambda self, *a, **kw: (enabled.append(type(self).__name__), original(self, *a, **kw))[1])
+    cfg = project(tmp_path, "trainer.mode=sft", "trainer.sft_epochs=1", f"trainer.gradient_checkpointing={checkpointing}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_policy(cfg, triplet_table(make_triplets(groups=2, per_group=4, rewarded=2)), policy="default",
+                              base_model_dir=tiny_dir, run_id="r1", epoch=0)
+    assert result.version == "default-v1"
+    assert bool(enabled) is checkpointing, enabled
+    # (peft still reads transformers' deprecated `is_gradient_checkpointing` itself: not ours to change)
+    ours = [str(w.message) for w in caught if re.search(r"`gradient_checkpointing(_enable)?` is deprecated", str(w.message))]
+    assert not ours, ours

@@ -72,7 +72,7 @@ def load_policy_model(
         raise ValueError(f"finetune='full' continues from a full checkpoint (pass it as base_model_dir), "
                          f"not from an adapter ({parent_adapter_dir})")
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()  # transformers' name for it now (gradient_... is deprecated)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model.to(device)

@@ -391,7 +391,8 @@ def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp,
     logs = train_sft(model, samples, tokenizer=tokenizer, learning_rate=cfg.learning_rate,
                      weight_decay=cfg.weight_decay, micro_batch_size=cfg.micro_batch_size, epochs=cfg.sft_epochs,
                      max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_prompt_length + cfg.max_response_length,
-                     seed=seed, bf16=amp is not None, device=device)
+                     seed=seed, bf16=amp is not None, device=device,
+                     activation_checkpointing=cfg.gradient_checkpointing)
     return [{"loss": float(h["loss"]), "grad_norm": float(h.get("grad_norm", math.nan)),
              "entropy": float(h.get("entropy", math.nan)), "skipped": 0.0} for h in logs]
 
