@@ -14,12 +14,14 @@ each step's wall time, goes to ``multihop_results.jsonl`` beside this file.
 
     .venv/bin/python examples/rag/multihop.py --seeds 0 1 2
     .venv/bin/python examples/rag/multihop.py --seeds 0 --sft-epochs 1 --grpo-epochs 0 --eval-tasks 8 --set rollouts.tasks_per_epoch=4
+    .venv/bin/python examples/rag/multihop.py --summary     # the seeds' records: mean ± spread per step and split
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -104,6 +106,49 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
     return record
 
 
+STAGES = ("base", "sft", "grpo")
+MEASURES = ("reward", "f1", "exact_match", "searches", "chain_docs_found")
+
+
+def summary(path: Path) -> str:
+    """The seeds' records in ``path`` as markdown: for each split and step, each measure's mean ± sample standard
+    deviation over the seeds (the last record of each seed counts), then each step's wall time."""
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["seed"]] = record
+    if not records:
+        sys.exit(f"error: {path} holds no seed's record: run multihop.py --seeds 0 1 2 first")
+
+    def spread(values: list[float]) -> str:
+        mean = statistics.fmean(values)
+        return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+    lines = [f"seeds {', '.join(map(str, sorted(records)))} (mean ± sample standard deviation)", "",
+             f"| split | step | {' | '.join(MEASURES)} |", "|---|---|" + "---|" * len(MEASURES)]
+    for split in SPLITS:
+        for stage in STAGES:
+            rows = [row for record in records.values() for row in record.get("evaluations", [])
+                    if row["label"] == f"{split}:{stage}"]
+            if rows:
+                lines.append(f"| {split} | {stage} | " + " | ".join(spread([float(r[m]) for r in rows]) for m in MEASURES)
+                             + " |")
+    steps = sorted({s["step"] for record in records.values() for s in record["steps"]},
+                   key=lambda name: min(i for record in records.values() for i, s in enumerate(record["steps"])
+                                        if s["step"] == name))
+    lines += ["", "| step | " + " | ".join(f"seed {seed} (min)" for seed in sorted(records)) + " |",
+              "|---|" + "---|" * len(records)]
+    for step in [*steps, "total"]:
+        cells = []
+        for seed in sorted(records):
+            wall = records[seed]["total_s"] if step == "total" else next(
+                (s["wall_s"] for s in records[seed]["steps"] if s["step"] == step), None)
+            cells.append("" if wall is None else f"{wall / 60:.1f}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -111,9 +156,13 @@ def main() -> None:
     parser.add_argument("--grpo-epochs", type=int, default=load_config(GRPO).epochs - load_config(SFT).epochs)
     parser.add_argument("--eval-tasks", type=int, default=50, help="held-out questions per split and evaluation")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSONL file each seed's record is appended to")
+    parser.add_argument("--summary", action="store_true", help="print the records in --out as a table, run nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override KEY=VALUE for both steps (repeatable)")
     args = parser.parse_args()
+    if args.summary:
+        print(summary(args.out))
+        return
     for seed in args.seeds:
         record = one_seed(seed, args)
         line = {"seed": seed, **{stage: record.get(stage) for stage in ("base", "sft", "grpo")},

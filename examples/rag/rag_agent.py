@@ -83,8 +83,15 @@ def example_items() -> list[dict]:
     return items
 
 
-def build_agent(retriever: Retriever, trace: Trace, *, model: str, temperature: float, max_tokens: int, k: int) -> Agent:
-    @function_tool
+def build_agent(retriever: Retriever, trace: Trace, *, model: str, temperature: float, max_tokens: int, k: int,
+                max_searches: int | None = None) -> Agent:
+    """The agent; after ``max_searches`` searches (None: no limit) ``answer`` is the only tool it is offered, so its
+    next reply is the answer, whatever it read last."""
+
+    def may_search(_ctx, _agent) -> bool:
+        return max_searches is None or len(trace.queries) < max_searches
+
+    @function_tool(is_enabled=may_search)
     def search(query: str) -> str:
         """Search the encyclopedia; returns the best documents for the query."""
         hits = retriever.search(query, k)
@@ -112,11 +119,12 @@ def build_agent(retriever: Retriever, trace: Trace, *, model: str, temperature: 
 
 
 async def solve(question: str, retriever: Retriever, *, model: str, temperature: float = 1.0, max_tokens: int = 64,
-                max_turns: int = 4, k: int = 1) -> Trace:
+                max_turns: int = 4, k: int = 1, max_searches: int | None = None) -> Trace:
     """Run the agent on ``question``; the trace says what it searched, found and answered (``answer`` None when it
-    gave none within ``max_turns`` model calls)."""
+    gave none within ``max_turns`` model calls). With ``max_searches`` below ``max_turns`` it always answers."""
     trace = Trace()
-    agent = build_agent(retriever, trace, model=model, temperature=temperature, max_tokens=max_tokens, k=k)
+    agent = build_agent(retriever, trace, model=model, temperature=temperature, max_tokens=max_tokens, k=k,
+                        max_searches=max_searches)
     try:
         await Runner.run(agent, [*example_items(), {"role": "user", "content": question}], max_turns=max_turns)
     except (MaxTurnsExceeded, ModelBehaviorError):  # no answer in time, or a reply that is no tool call

@@ -51,8 +51,14 @@ def run(task: dict, ctx, **attributes) -> float:
     r = ctx.resources
     trace = asyncio.run(solve(task["question"], retriever_of(ctx), model=ctx.model, temperature=ctx.temperature,
                               max_tokens=int(r.get("max_tokens", 64)), max_turns=int(r.get("max_turns", 4)),
-                              k=int(r.get("k", 1))))
+                              k=int(r.get("k", 1)), max_searches=max_searches(r)))
     return score(task, trace, **attributes)
+
+
+def max_searches(resources: dict) -> int | None:
+    """``resources.max_searches``: after that many searches the agent's only tool is ``answer`` (default: no limit)."""
+    value = resources.get("max_searches")
+    return None if value is None else int(value)
 
 
 def prepare(ctx) -> None:

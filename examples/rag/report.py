@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -149,6 +150,12 @@ def report(project: Path) -> tuple[str, list[tuple], list[tuple], list[tuple]]:
     return run, evals, train, con.execute(SPLITS).fetchall()
 
 
+def spread(values: list[float]) -> str:
+    """``mean ± sample standard deviation`` (the mean alone for one value)."""
+    mean = statistics.fmean(values)
+    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
 def rows(project: Path, sql: str) -> list[dict]:
     """``sql`` (over the ``rag`` table of ``ROLLOUTS``) on ``project``'s lake, as dicts."""
     con = analyst.connect(project / ".arclight" / "lake")
@@ -178,8 +185,8 @@ def main() -> None:
         means = []
         for dataset in datasets:
             rows = [row for _, _, _, rs in runs for row in rs if row[0] == dataset]
-            means.append((dataset, len(rows), *(sum(r[i] for r in rows) / len(rows) for i in range(2, 8))))
-        print(f"\n## Mean over the {len(runs)} runs\n")
+            means.append((dataset, len(rows), *(spread([r[i] for r in rows]) for i in range(2, 8))))
+        print(f"\n## Mean over the {len(runs)} runs, ± their sample standard deviation\n")
         print(table(means, ["dataset", "runs", *columns[2:]]))
 
     if args.plot is not None:
