@@ -232,3 +232,26 @@ def test_an_sft_epoch_of_the_multihop_warm_start_trains_on_the_oracles_traces_as
     for t in taught:  # what SFT trains on is what the model wrote, token for token as the gateway recorded it
         assert t["response_token_ids"] == gateway[t["response_id"]] and t["reward"] == pytest.approx(1.0)
     assert row["new_version"] == "researcher-v1"
+
+
+def test_after_max_searches_the_agent_is_offered_only_the_answer_tool(small_world, monkeypatch):
+    """resources.max_searches (the multi-hop configs: 3 of 4 turns): once the agent has searched that many times,
+    answer is the only tool of its next request, so under tool_choice="required" the last turn answers."""
+    import asyncio
+
+    from agents import RunContextWrapper
+    from rag_agent import Trace, build_agent
+    from rag_entry import max_searches
+
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    folder, _, _ = small_world
+    trace = Trace()
+    agent = build_agent(Retriever(folder), trace, model="m", temperature=0.0, max_tokens=8, k=1,
+                        max_searches=max_searches({"max_searches": 2}))
+    offered = lambda: sorted(t.name for t in asyncio.run(agent.get_all_tools(RunContextWrapper(context=None))))  # noqa: E731
+    assert offered() == ["answer", "search"]
+    trace.queries += ["first", "second"]
+    assert offered() == ["answer"]
+    assert max_searches({}) is None  # no limit unless the config sets one (config.yaml's one-hop default)
+    unlimited = build_agent(Retriever(folder), Trace(queries=["q"] * 9), model="m", temperature=0.0, max_tokens=8, k=1)
+    assert sorted(t.name for t in asyncio.run(unlimited.get_all_tools(RunContextWrapper(context=None)))) == ["answer", "search"]
