@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -121,9 +120,7 @@ def summary(path: Path) -> str:
     if not records:
         sys.exit(f"error: {path} holds no seed's record: run multihop.py --seeds 0 1 2 first")
 
-    def spread(values: list[float]) -> str:
-        mean = statistics.fmean(values)
-        return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+    from report import spread
 
     lines = [f"seeds {', '.join(map(str, sorted(records)))} (mean ± sample standard deviation)", "",
              f"| split | step | {' | '.join(MEASURES)} |", "|---|---|" + "---|" * len(MEASURES)]
