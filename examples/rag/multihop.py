@@ -131,9 +131,7 @@ def summary(path: Path) -> str:
             if rows:
                 lines.append(f"| {split} | {stage} | " + " | ".join(spread([float(r[m]) for r in rows]) for m in MEASURES)
                              + " |")
-    steps = sorted({s["step"] for record in records.values() for s in record["steps"]},
-                   key=lambda name: min(i for record in records.values() for i, s in enumerate(record["steps"])
-                                        if s["step"] == name))
+    steps = list(dict.fromkeys(s["step"] for record in records.values() for s in record["steps"]))  # in run order
     lines += ["", "| step | " + " | ".join(f"seed {seed} (min)" for seed in sorted(records)) + " |",
               "|---|" + "---|" * len(records)]
     for step in [*steps, "total"]:
