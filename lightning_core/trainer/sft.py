@@ -70,7 +70,7 @@ def train_sft(
             completion_only_loss=True, seed=seed, data_seed=seed, logging_steps=1, report_to="none",
             save_strategy="no", bf16=bf16, use_cpu=device.type == "cpu", lr_scheduler_type="constant",
             disable_tqdm=True, dataloader_num_workers=0,
-            # trl's own default is on (recompute every forward pass, ~2x the step); the config's setting decides
+            # trl's own default is on (every forward pass computed twice); the config's setting decides
             activation_checkpointing=activation_checkpointing,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
