@@ -54,7 +54,7 @@ def project_overrides(config_path: Path, work: Path, run_name: str, extra: list[
     """Overrides that move a config into the fresh project folder ``work``, keeping its data and agent paths.
 
     The pinned paths come last: they are resolved from the config's folder with ``extra`` applied, so a relative
-    ``--set rollouts.dataset=...`` names a file beside the config, not one in ``work``."""
+    ``--set rollouts.dataset=...`` (or ``model.path=...``) names a file beside the config, not one in ``work``."""
     original = load_config(config_path, overrides=extra)
     r = original.rollouts
     pinned = [f"project_dir={work}", f"run_name={run_name}",
@@ -62,6 +62,8 @@ def project_overrides(config_path: Path, work: Path, run_name: str, extra: list[
     for key in ("dataset", "eval_dataset"):
         if getattr(r, key) is not None:
             pinned.append(f"rollouts.{key}={getattr(r, key)}")
+    if original.model.path is not None and Path(original.model.path).is_absolute():  # a folder, not a hub id
+        pinned.append(f"model.path={original.model.path}")
     if r.command:  # a program agent keeps running where its config says, with the paths it names from there
         pinned.append(f"rollouts.command_cwd={(original.project_dir / (r.command_cwd or '.')).resolve()}")
     return [*extra, *pinned]
@@ -91,6 +93,10 @@ def main() -> None:
     parser.add_argument("--extra-eval", type=Path, action="append", default=[],
                         help="another held-out JSONL set, evaluated before and after too (repeatable)")
     args = parser.parse_args()
+    for path in args.extra_eval:  # before the services start and the first evaluation runs, not after it
+        if not path.is_file():
+            parser.error(f"--extra-eval {path}: no such file; give the JSONL set's path "
+                         f"(e.g. examples/rag/test_reworded.jsonl)")
 
     from flows.train import evaluate, train
 
