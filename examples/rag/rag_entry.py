@@ -52,7 +52,13 @@ def run(task: dict, ctx, **attributes) -> float:
     trace = asyncio.run(solve(task["question"], retriever_of(ctx), model=ctx.model, temperature=ctx.temperature,
                               max_tokens=int(r.get("max_tokens", 64)), max_turns=int(r.get("max_turns", 4)),
                               k=int(r.get("k", 1)), max_searches=max_searches(r)))
-    return score(task, trace, **attributes)
+    return score(task, trace, chain_doc_bonus=chain_doc_bonus(ctx), **attributes)
+
+
+def chain_doc_bonus(ctx) -> float:
+    """``resources.chain_doc_bonus``: a training-only shaping reward added for each document of the question's gold
+    chain that the agent's searches found (default 0). Evaluations score format + F1 alone."""
+    return float(ctx.resources.get("chain_doc_bonus", 0.0)) if ctx.mode == "train" else 0.0
 
 
 def max_searches(resources: dict) -> int | None:
@@ -74,14 +80,17 @@ def retriever_of(ctx) -> Retriever:
     return retriever(str(index if index.is_absolute() else HERE / index))
 
 
-def score(task: dict, trace, **attributes) -> float:
-    """Record what the agent did on the rollout span (``rag.*``, plus ``attributes``); return its reward."""
+def score(task: dict, trace, *, chain_doc_bonus: float = 0.0, **attributes) -> float:
+    """Record what the agent did on the rollout span (``rag.*``, plus ``attributes``); return its reward: format + F1,
+    plus ``chain_doc_bonus`` for each gold chain document found (``rag.shaping``; 0 unless a training config sets it)."""
     found = {title for titles in trace.found for title in titles}
+    chain_found = sum(1 for name in task.get("chain", []) if name in found)
+    shaping = chain_doc_bonus * chain_found
     span = otel_trace.get_current_span()
     span.set_attributes({**attributes,
         "rag.searches": len(trace.queries),
         "rag.empty_searches": sum(1 for titles in trace.found if not titles),
-        "rag.chain_found": sum(1 for name in task.get("chain", []) if name in found),
+        "rag.chain_found": chain_found,
         "rag.chain_length": len(task.get("chain", [])),
         "rag.answered": trace.answer is not None,
         "rag.format_ok": format_ok(trace.answer, trace.texts),
@@ -90,5 +99,6 @@ def score(task: dict, trace, **attributes) -> float:
         "rag.f1": f1(trace.answer, task["answer"]),
         "rag.exact_match": exact_match(trace.answer, task["answer"]),
         "rag.answer": trace.answer or "",
+        "rag.shaping": shaping,
     })
-    return reward(trace.answer, task["answer"], trace.texts)
+    return reward(trace.answer, task["answer"], trace.texts) + shaping
