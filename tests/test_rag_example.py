@@ -118,10 +118,11 @@ def test_a_measurement_reads_a_dataset_set_on_its_command_line_beside_the_config
     from measure import project_overrides
 
     overrides = project_overrides(RAG / "config.yaml", tmp_path / "work", "rag-measure-s0",
-                                  ["rollouts.dataset=train.jsonl", "rollouts.group_size=4"])
+                                  ["rollouts.dataset=train.jsonl", "rollouts.group_size=4", "model.path=index"])
     cfg = load_config(RAG / "config.yaml", overrides=overrides)
     assert cfg.project_dir == tmp_path / "work" and cfg.rollouts.group_size == 4
     assert cfg.rollouts.dataset == RAG / "train.jsonl"
+    assert cfg.model.path == str(RAG / "index")  # a folder beside the config (a merged checkpoint, say)
     assert cfg.rollouts.eval_dataset == load_config(RAG / "config.yaml").rollouts.eval_dataset  # the config's own
 
 
@@ -141,6 +142,32 @@ def test_the_reward_is_format_plus_token_f1_and_format_asks_for_a_name_from_the_
     assert reward.reward(long, "Sorbdal", docs) == pytest.approx(0.8 * 2 * (1 / 6) / (1 / 6 + 1))  # 6 words
     assert reward.reward(None, "Sorbdal", docs) == 0.0 and reward.reward("", "Sorbdal", docs) == 0.0
     assert reward.exact_match("The Sorbdal.", "sorbdal") and not reward.exact_match("Sorbdal city", "Sorbdal")
+
+
+def test_the_shaping_reward_counts_the_gold_chain_documents_found_and_only_in_training():
+    """resources.chain_doc_bonus (multihop_grpo.yaml): each document of the question's chain that a search found adds
+    the bonus to a training rollout's reward, recorded as rag.shaping; evaluations score format + F1 alone."""
+    from types import SimpleNamespace
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from rag_agent import Trace
+    from rag_entry import chain_doc_bonus, score
+
+    task = {"question": "Where was the boss of Ola Drent born?", "answer": "Sorbdal", "chain": ["Ola Drent", "Bex Mills"]}
+    # two searches found the chain's first document and a namesake; the answer is a name from nowhere
+    trace = Trace(queries=["Ola Drent", "Bex Mill"], found=[["Ola Drent"], ["Bex Mill"]],
+                  texts=["Ola Drent works for Bex Mills.", "Bex Mill is a river."], answer="Tamvik")
+    with TracerProvider().get_tracer("t").start_as_current_span("rollout") as span:
+        assert score(task, trace) == 0.0
+        assert span.attributes["rag.shaping"] == 0.0 and span.attributes["rag.chain_found"] == 1
+        assert score(task, trace, chain_doc_bonus=0.1) == pytest.approx(0.1)  # one of the two chain documents
+        assert span.attributes["rag.shaping"] == pytest.approx(0.1)
+    trace.found[1], trace.answer = ["Bex Mills"], "Sorbdal"
+    trace.texts[1] = "Bex Mills' boss was born in Sorbdal."
+    assert score(task, trace, chain_doc_bonus=0.1) == pytest.approx(1.2)  # right and grounded, both documents found
+    assert chain_doc_bonus(SimpleNamespace(mode="train", resources={"chain_doc_bonus": 0.1})) == 0.1
+    assert chain_doc_bonus(SimpleNamespace(mode="eval", resources={"chain_doc_bonus": 0.1})) == 0.0
+    assert chain_doc_bonus(SimpleNamespace(mode="train", resources={})) == 0.0
 
 
 def _one_epoch(config: str, run: str, questions: list[dict], tmp_path, index, vllm, collector, collector_config,
