@@ -256,9 +256,9 @@ def test_a_version_saved_and_registered_but_never_recorded_is_trained_again_unde
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_sft_checkpoints_activations_only_when_the_config_says_so(tmp_path, tiny_dir, monkeypatch, checkpointing):
-    """trl's SFTConfig turns activation checkpointing on by default (and warns through transformers' deprecated
-    name): SFT then recomputed every forward pass even with ``trainer.gradient_checkpointing: false``, about twice
-    the time of a GRPO step on the same calls. The config decides, as it does for GRPO."""
+    """trl's SFTConfig, which SFT ran on until it moved to the trainer's own step, turned activation checkpointing
+    on by default (and warned through transformers' deprecated name): SFT recomputed every forward pass even with
+    ``trainer.gradient_checkpointing: false``. The config decides, as it does for GRPO."""
     import warnings
 
     from transformers import PreTrainedModel

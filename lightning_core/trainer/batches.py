@@ -161,18 +161,21 @@ def plan_steps(
         for s in by_rollout[rollout]:
             steps[min(n_steps - 1, int((used + s.tokens / 2) // target))].append(s)
             used += s.tokens
-    planned = []
-    for chunk in steps:
-        if not chunk:
-            continue
-        plain = [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
-        shared = pack_shared_prefix(chunk, micro_batch_tokens=micro_batch_tokens) if shared_prefix != "off" else None
-        use_shared = shared is not None and (
-            shared_prefix == "on"
-            or sum(tree_size(mb) for mb in shared) <= SHARED_PREFIX_GAIN * sum(plain_size(mb) for mb in plain))
-        planned.append(Step(micro_batches=shared if use_shared else plain,
-                            weights=loss_weights(chunk, normalization=normalization), shared_prefix=use_shared))
-    return planned
+    return [make_step(chunk, micro_batch_size=micro_batch_size, normalization=normalization,
+                      shared_prefix=shared_prefix, micro_batch_tokens=micro_batch_tokens) for chunk in steps if chunk]
+
+
+def make_step(chunk: list[Sample], *, micro_batch_size: int, normalization: str, shared_prefix: str,
+              micro_batch_tokens: int) -> Step:
+    """One optimizer step of ``chunk``: plain micro-batches of ``micro_batch_size``, or packed for the shared-prefix
+    forward (``shared_prefix`` on, or auto where that encodes at most SHARED_PREFIX_GAIN of the plain tokens)."""
+    plain = [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+    shared = pack_shared_prefix(chunk, micro_batch_tokens=micro_batch_tokens) if shared_prefix != "off" else None
+    use_shared = shared is not None and (
+        shared_prefix == "on"
+        or sum(tree_size(mb) for mb in shared) <= SHARED_PREFIX_GAIN * sum(plain_size(mb) for mb in plain))
+    return Step(micro_batches=shared if use_shared else plain,
+                weights=loss_weights(chunk, normalization=normalization), shared_prefix=use_shared)
 
 
 # auto uses the shared-prefix forward when it encodes at most this fraction of the plain forward's tokens:

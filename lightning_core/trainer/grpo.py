@@ -111,6 +111,7 @@ def grpo_loss(
     gap = torch.where(recorded > 0, (logps.detach() - behaviour).abs(), torch.zeros_like(logps))
     stats = {
         "ratio_sum": (ratio.detach() * mask).sum(),
+        "nll_sum": -(logps.detach() * mask).sum(),
         "clipped_sum": (is_clipped.float() * mask).sum(),
         "gap_sum": gap.sum(),
         "gap_max": gap.max() if gap.numel() else zero,
@@ -172,8 +173,8 @@ def train_grpo(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "ratio_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
-                  "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0, "gap_sum": 0.0,
+        totals = {"loss": 0.0, "ratio_sum": 0.0, "nll_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0,
+                  "entropy_sum": 0.0, "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0, "gap_sum": 0.0,
                   "gap_tokens": 0.0, "gap_max": 0.0, "first_clipped": math.nan}
         skip_reason = None
         mine = (step.micro_batches if world_size == 1 else
@@ -207,8 +208,8 @@ def train_grpo(
             if passes > 1:
                 _remember(samples, logps, first_pass_logps)
             totals["loss"] += loss.item()
-            for key in ("ratio_sum", "clipped_sum", "kl_sum", "tokens", "behaviour_weight_sum", "behaviour_capped_sum",
-                        "gap_sum", "gap_tokens"):
+            for key in ("ratio_sum", "nll_sum", "clipped_sum", "kl_sum", "tokens", "behaviour_weight_sum",
+                        "behaviour_capped_sum", "gap_sum", "gap_tokens"):
                 totals[key] += stats[key].item()
             totals["gap_max"] = max(totals["gap_max"], stats["gap_max"].item())
             if math.isnan(totals["first_clipped"]):  # the first micro-batch: what clipping drops before any update
@@ -242,6 +243,7 @@ def train_grpo(
             "clip_ratio": totals["clipped_sum"] / n,
             "clip_ratio/first_micro_batch": totals["first_clipped"],
             "ratio/mean": totals["ratio_sum"] / n,
+            "nll": totals["nll_sum"] / n,  # the responses' mean negative logprob before the step (SFT's loss)
             "logprob_gap/mean": totals["gap_sum"] / totals["gap_tokens"] if totals["gap_tokens"] else math.nan,
             "logprob_gap/max": totals["gap_max"] if totals["gap_tokens"] else math.nan,
             "entropy": totals["entropy_sum"] / n,

@@ -1,5 +1,5 @@
-"""One process's GRPO run of an epoch: the steps planned from the samples, AdamW continued from the parent version,
-the reference model when a KL term is on, then ``grpo.train_grpo``. Takes the trainer settings as an object (a
+"""One process's GRPO (or SFT) run of an epoch: the steps planned from the samples, AdamW continued from the parent
+version, the reference model when a KL term is on, then ``grpo.train_grpo``. Takes the trainer settings as an object (a
 ``config.TrainerConfig``) and imports neither the catalog, MLflow nor the config."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from lightning_core.trainer.batches import plan_steps
 from lightning_core.trainer.grpo import train_grpo
 from lightning_core.trainer.policy_model import reference_logps_fn
+from lightning_core.trainer.sft import plan_sft_steps
 from lightning_core.trainer.prefix_tree import TREE_ATTENTION, attn_implementation
 from lightning_core.trainer.tree_attention import prepare_attention
 
@@ -32,10 +33,7 @@ def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp,
                        normalization=cfg.loss_normalization, seed=seed,
                        shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
                        micro_batch_tokens=cfg.micro_batch_tokens)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    if cfg.keep_optimizer_state and parent_dir is not None:
-        resume_optimizer(optimizer, Path(parent_dir) / OPTIMIZER_STATE, cfg=cfg)
+    optimizer = adamw(model, cfg=cfg, parent_dir=parent_dir)
     reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device,
                                     attention=attention, logits_chunk_tokens=cfg.logits_chunk_tokens)
                  if cfg.beta != 0.0 else None)
@@ -47,6 +45,34 @@ def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp,
                          behaviour_correction=cfg.behaviour_correction, importance_cap=cfg.importance_cap,
                          should_stop=should_stop)
     return metrics, optimizer
+
+
+def run_sft(model, samples, *, cfg: TrainerConfig, device, amp, seed, on_step, parent_dir=None, should_stop=None):
+    """SFT on the trainer's own step (``sft.plan_sft_steps``): ``trainer.sft_epochs`` passes, ``micro_batch_size``
+    calls per optimizer step, the shared-prefix forward where it saves tokens, AdamW continued from the parent's
+    moments as GRPO's is (and handed on to the versions after). Each step's ``loss`` is the responses' token-mean
+    negative log-likelihood before it."""
+    attention = prepare_attention(model, cfg.attention, device=device)
+    steps = plan_sft_steps(samples, calls_per_step=cfg.micro_batch_size, passes=cfg.sft_epochs, seed=seed,
+                           shared_prefix=shared_prefix_mode(cfg.shared_prefix, model),
+                           micro_batch_tokens=cfg.micro_batch_tokens)
+    optimizer = adamw(model, cfg=cfg, parent_dir=parent_dir)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    report = (lambda i, m: on_step(i, {**m, "loss": m["nll"]})) if on_step is not None else None
+    metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                         beta=0.0, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
+                         pad_token_id=pad_id, on_step=report, attention=attention,
+                         logits_chunk_tokens=cfg.logits_chunk_tokens, should_stop=should_stop)
+    return [{**m, "loss": m["nll"]} for m in metrics], optimizer
+
+
+def adamw(model, *, cfg: TrainerConfig, parent_dir=None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with the parent version's moments when ``keep_optimizer_state``."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    if cfg.keep_optimizer_state and parent_dir is not None:
+        resume_optimizer(optimizer, Path(parent_dir) / OPTIMIZER_STATE, cfg=cfg)
+    return optimizer
 
 
 def resume_optimizer(optimizer: torch.optim.Optimizer, path: Path, *, cfg: TrainerConfig) -> bool:

@@ -1,18 +1,22 @@
-"""SFT from traces: keep the best triplets and fine-tune on their response tokens with trl's SFTTrainer.
+"""SFT from traces: keep the best triplets and fine-tune on their response tokens, on the trainer's own step.
 
-The triplets are already token ids, so the dataset is pre-tokenised (``input_ids`` +
-``completion_mask``); with ``completion_only_loss=True`` SFTTrainer masks the prompt tokens.
+The triplets are already token ids. ``plan_sft_steps`` turns them into ``grpo.train_grpo`` steps whose gradient is
+the responses' token-mean negative log-likelihood, so SFT gets the shared-prefix forward: the calls of an agent's
+rollout share their prompt's prefix (system prompt, worked examples, earlier turns), encoded once per micro-batch.
+trl's SFTTrainer, which this replaces, encoded every call whole: 5.1 s per call against 0.84 on the multi-hop warm
+start's calls here (``benchmarks/sft_bench.py``).
 """
 
 from __future__ import annotations
 
-import tempfile
+import dataclasses
+import math
+import random
 from collections import defaultdict
 from typing import Any
 
-import torch
-
-from lightning_core.trainer.samples import Sample, group_key
+from lightning_core.trainer.batches import make_step
+from lightning_core.trainer.samples import Sample, Step, group_key
 
 
 def select_sft_rows(rows: list[dict[str, Any]], *, min_reward: float | None, top_fraction: float | None) -> list[dict[str, Any]]:
@@ -34,46 +38,25 @@ def select_sft_rows(rows: list[dict[str, Any]], *, min_reward: float | None, top
     return kept
 
 
-def train_sft(
-    model: torch.nn.Module,
-    samples: list[Sample],
-    *,
-    tokenizer,
-    learning_rate: float,
-    weight_decay: float,
-    micro_batch_size: int,
-    epochs: float,
-    max_grad_norm: float,
-    max_length: int,
-    seed: int,
-    bf16: bool,
-    device: torch.device,
-    activation_checkpointing: bool = False,
-) -> list[dict[str, float]]:
-    """Fine-tune ``model`` in place on the samples' response tokens; return trl's per-step logs."""
-    from datasets import Dataset
-    from datasets.utils import disable_progress_bars
-    from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+def plan_sft_steps(samples: list[Sample], *, calls_per_step: int, passes: float, seed: int, shared_prefix: str,
+                   micro_batch_tokens: int) -> list[Step]:
+    """SFT's optimizer steps for ``grpo.train_grpo``: ``passes`` over the calls (the last one partial when
+    fractional), each in its own shuffled order, ``calls_per_step`` calls per step (a rollout's calls stay together,
+    so a step's calls share their prompt's prefix), every call's advantage 1 and no behaviour logprobs.
 
-    disable_progress_bars()  # SFTTrainer's dataset passes ("Dropping fully masked examples ...") drew bars in the log
-
-    dataset = Dataset.from_list([
-        {"input_ids": s.prompt_ids + s.response_ids,
-         "completion_mask": [0] * len(s.prompt_ids) + [1] * len(s.response_ids)}
-        for s in samples
-    ])
-    with tempfile.TemporaryDirectory(prefix="arclight-sft-") as out:
-        args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=micro_batch_size, learning_rate=learning_rate,
-            weight_decay=weight_decay, num_train_epochs=epochs, max_grad_norm=max_grad_norm, max_length=max_length,
-            completion_only_loss=True, seed=seed, data_seed=seed, logging_steps=1, report_to="none",
-            save_strategy="no", bf16=bf16, use_cpu=device.type == "cpu", lr_scheduler_type="constant",
-            disable_tqdm=True, dataloader_num_workers=0,
-            # trl's own default is on (every forward pass computed twice); the config's setting decides
-            activation_checkpointing=activation_checkpointing,
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-        trainer.remove_callback(PrinterCallback)  # with tqdm off it printed every step's log dict; the caller logs them
-        trainer.train()
-        return [h for h in trainer.state.log_history if "loss" in h]
+    On-policy with advantage 1 the clipped surrogate's ratio is 1 and its gradient is that of the responses'
+    token-mean negative log-likelihood: the step is SFT's, and it gets the trainer's shared-prefix forward."""
+    sft = [dataclasses.replace(s, advantage=1.0, logprobs=None) for s in samples]
+    by_rollout: dict[str, list[Sample]] = defaultdict(list)
+    for s in sft:
+        by_rollout[s.rollout_id].append(s)
+    per_pass = math.ceil(len(sft) / calls_per_step)
+    steps: list[Step] = []
+    for p in range(math.ceil(passes)):
+        order = sorted(by_rollout)
+        random.Random(seed + p).shuffle(order)
+        calls = [s for rollout in order for s in by_rollout[rollout]]
+        steps += [make_step(calls[i:i + calls_per_step], micro_batch_size=calls_per_step, normalization="token",
+                            shared_prefix=shared_prefix, micro_batch_tokens=micro_batch_tokens)
+                  for i in range(0, len(calls), calls_per_step)]
+    return steps[:max(1, math.ceil(passes * per_pass))]

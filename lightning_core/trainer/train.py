@@ -26,9 +26,9 @@ from lightning_core.trainer import checkpoint, versions
 from lightning_core.trainer.batches import epoch_stats, make_samples, rows_of, within_staleness
 from lightning_core.trainer.collectives import broadcast_parameters
 from lightning_core.trainer.distributed import run_grpo_distributed
-from lightning_core.trainer.grpo_run import OPTIMIZER_STATE, run_grpo
+from lightning_core.trainer.grpo_run import OPTIMIZER_STATE, run_grpo, run_sft
 from lightning_core.trainer.policy_model import autocast_dtype, load_policy_model, pick_device, seed_everything
-from lightning_core.trainer.sft import select_sft_rows, train_sft
+from lightning_core.trainer.sft import select_sft_rows
 from lightning_core.trainer.tree_attention import choose_attention
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,11 @@ def compute_version(job: TrainJob, *, on_step: Callable[[int, dict[str, float]],
     )
     on_step = on_step or (lambda i, m: None)
     optimizer = None
-    if cfg.mode == "sft":
-        steps = _run_sft(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device, amp=amp,
-                         seed=cfg.seed + job.epoch)
-        for i, m in enumerate(steps):
-            on_step(i, m)
+    parent_dir = job.parent_state_dir or job.parent_adapter_dir or (job.base_model_dir if job.parent_version else None)
+    if cfg.mode == "sft":  # one process (on a train host, each rank trains alike and rank 0 saves)
+        steps, optimizer = run_sft(model, job.samples, cfg=cfg, device=device, amp=amp, seed=cfg.seed + job.epoch,
+                                   parent_dir=parent_dir, should_stop=should_stop, on_step=on_step)
     else:
-        parent_dir = job.parent_state_dir or job.parent_adapter_dir or (job.base_model_dir if job.parent_version else None)
         if rank is not None:
             broadcast_parameters([p for p in model.parameters() if p.requires_grad])
             run = run_grpo
@@ -382,19 +380,6 @@ def trainer_device(config: ArclightConfig, cfg: TrainerConfig) -> tuple[torch.de
     else:
         devices = gpu.device_plan(gpus=count, serving=config.serving.devices, trainer=cfg.devices).trainer
     return torch.device("cuda", devices[0]), cfg.model_copy(update={"devices": devices})
-
-
-def _run_sft(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
-    logs = train_sft(model, samples, tokenizer=tokenizer, learning_rate=cfg.learning_rate,
-                     weight_decay=cfg.weight_decay, micro_batch_size=cfg.micro_batch_size, epochs=cfg.sft_epochs,
-                     max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_prompt_length + cfg.max_response_length,
-                     seed=seed, bf16=amp is not None, device=device,
-                     activation_checkpointing=cfg.gradient_checkpointing)
-    return [{"loss": float(h["loss"]), "grad_norm": float(h.get("grad_norm", math.nan)),
-             "entropy": float(h.get("entropy", math.nan)), "skipped": 0.0} for h in logs]
 
 
 def _save_model(model, folder: Path, *, cfg: TrainerConfig, base_model_dir, optimizer=None) -> None:
