@@ -99,6 +99,7 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
                                                                               mode="eval"))
     record["training"] = report.rows(cfg.project_dir, report.SUMMARY.format(key="epoch", mode="train"))
     record["sources"] = report.rows(cfg.project_dir, report.SOURCES)
+    record["by_hops"] = report.rows(cfg.project_dir, report.BY_HOPS)
     report.report(cfg.project_dir)
     with open(args.out, "a") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
@@ -131,6 +132,18 @@ def summary(path: Path) -> str:
             if rows:
                 lines.append(f"| {split} | {stage} | " + " | ".join(spread([float(r[m]) for r in rows]) for m in MEASURES)
                              + " |")
+    hops = {seed: by_hops(record) for seed, record in records.items()}
+    if any(hops.values()):
+        lines += ["", "by the questions' hops (F1, searches per question)", "",
+                  "| split | step | hops | f1 | searches |", "|---|---|---|---|---|"]
+        for split in SPLITS:
+            for stage in STAGES:
+                for n in (2, 3):
+                    rows = [row for seed_rows in hops.values() for row in seed_rows
+                            if row["label"] == f"{split}:{stage}" and row["hops"] == n]
+                    if rows:
+                        lines.append(f"| {split} | {stage} | {n} | {spread([float(r['f1']) for r in rows])} | "
+                                     f"{spread([float(r['searches']) for r in rows])} |")
     steps = list(dict.fromkeys(s["step"] for record in records.values() for s in record["steps"]))  # in run order
     lines += ["", "| step | " + " | ".join(f"seed {seed} (min)" for seed in sorted(records)) + " |",
               "|---|" + "---|" * len(records)]
@@ -142,6 +155,19 @@ def summary(path: Path) -> str:
             cells.append("" if wall is None else f"{wall / 60:.1f}")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def by_hops(record: dict) -> list[dict]:
+    """A seed's evaluations by hops (``report.BY_HOPS``): from its record, else read from its project's lake when
+    that is still there (records written before the field existed)."""
+    if record.get("by_hops"):
+        return record["by_hops"]
+    project = Path(record["project"])
+    if not (project / ".arclight" / "lake").is_dir():
+        return []
+    import report
+
+    return report.rows(project, report.BY_HOPS)
 
 
 def main() -> None:

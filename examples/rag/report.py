@@ -62,6 +62,13 @@ FROM rag r CROSS JOIN run LEFT JOIN triplets t ON t.rollout_id = r.rollout_id AN
 WHERE r.mode = 'train' AND r.source IS NOT NULL GROUP BY ALL ORDER BY ALL
 """
 
+# each evaluation by the number of hops (the chain's length): whether the policy searches as often as the question needs
+BY_HOPS = """
+SELECT label, dataset, chain_length AS hops, count(*) AS questions, avg(reward) AS reward, avg(f1) AS f1,
+       avg(searches) AS searches, avg(chain_found / chain_length) AS chain_docs_found
+FROM rag WHERE mode = 'eval' GROUP BY ALL ORDER BY dataset, min(after_epochs), label, hops
+"""
+
 # the model's calls and the tools' results of one rollout, in order
 TRAJECTORY = """
 SELECT name, coalesce(attributes->>'arclight.llm.response_tool_calls', attributes->>'arclight.llm.response_text') AS reply,
@@ -114,6 +121,10 @@ def report(project: Path) -> tuple[str, list[tuple], list[tuple], list[tuple]]:
     columns = [d[0] for d in con.description]
     print("## Held-out evaluations (greedy)\n")
     print(table(evals, columns))
+    hops = con.execute(BY_HOPS).fetchall()
+    if len({row[2] for row in hops}) > 1:
+        print("\n## Held-out evaluations by hops\n")
+        print(table(hops, [d[0] for d in con.description]))
     train = con.execute(SUMMARY.format(key="epoch", mode="train")).fetchall()
     print("\n## Training rollouts per epoch (sampled)\n")
     print(table(train, [d[0] for d in con.description]))
