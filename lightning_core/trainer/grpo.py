@@ -174,8 +174,8 @@ def train_grpo(
             torch.cuda.reset_peak_memory_stats(device)
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "ratio_sum": 0.0, "nll_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0,
-                  "entropy_sum": 0.0, "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0, "gap_sum": 0.0,
-                  "gap_tokens": 0.0, "gap_max": 0.0, "first_clipped": math.nan}
+                  "entropy_sum": 0.0, "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0,
+                  "gap_sum": 0.0, "gap_tokens": 0.0, "gap_max": 0.0, "first_clipped": math.nan}
         skip_reason = None
         mine = (step.micro_batches if world_size == 1 else
                 collectives.shard(step.micro_batches, rank=rank, world_size=world_size, shared_prefix=step.shared_prefix))
