@@ -145,11 +145,6 @@ def plan_steps(
     """
     if shared_prefix not in ("off", "on", "auto"):
         raise ValueError(f"shared_prefix must be 'off', 'on' or 'auto', found {shared_prefix!r}")
-    by_rollout: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_rollout[s.rollout_id].append(s)
-    order = sorted(by_rollout)
-    random.Random(seed).shuffle(order)
     # As few steps as the budget allows, of about equal size: 99 triplets in two steps are 50 + 49,
     # not 96 + 3 (a step of 3 triplets would move the weights as far as one of 96, on far less evidence).
     total = sum(s.tokens for s in samples)
@@ -157,12 +152,21 @@ def plan_steps(
     target = total / n_steps
     steps: list[list[Sample]] = [[] for _ in range(n_steps)]
     used = 0
-    for rollout in order:
-        for s in by_rollout[rollout]:
-            steps[min(n_steps - 1, int((used + s.tokens / 2) // target))].append(s)
-            used += s.tokens
+    for s in in_rollout_order(samples, seed=seed):
+        steps[min(n_steps - 1, int((used + s.tokens / 2) // target))].append(s)
+        used += s.tokens
     return [make_step(chunk, micro_batch_size=micro_batch_size, normalization=normalization,
                       shared_prefix=shared_prefix, micro_batch_tokens=micro_batch_tokens) for chunk in steps if chunk]
+
+
+def in_rollout_order(samples: list[Sample], *, seed: int) -> list[Sample]:
+    """The samples with each rollout's calls together, in their order, the rollouts shuffled by ``seed``."""
+    by_rollout: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_rollout[s.rollout_id].append(s)
+    order = sorted(by_rollout)
+    random.Random(seed).shuffle(order)
+    return [s for rollout in order for s in by_rollout[rollout]]
 
 
 def make_step(chunk: list[Sample], *, micro_batch_size: int, normalization: str, shared_prefix: str,

@@ -58,12 +58,15 @@ def run_sft(model, samples, *, cfg: TrainerConfig, device, amp, seed, on_step, p
                            micro_batch_tokens=cfg.micro_batch_tokens)
     optimizer = adamw(model, cfg=cfg, parent_dir=parent_dir)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    report = (lambda i, m: on_step(i, {**m, "loss": m["nll"]})) if on_step is not None else None
+    def sft_metrics(m: dict) -> dict:  # SFT's loss is the likelihood's, not the surrogate's (-1 at ratio 1)
+        return {**m, "loss": m["nll"]}
+
+    report = (lambda i, m: on_step(i, sft_metrics(m))) if on_step is not None else None
     metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                          beta=0.0, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
                          pad_token_id=pad_id, on_step=report, attention=attention,
                          logits_chunk_tokens=cfg.logits_chunk_tokens, should_stop=should_stop)
-    return [{**m, "loss": m["nll"]} for m in metrics], optimizer
+    return [sft_metrics(m) for m in metrics], optimizer
 
 
 def adamw(model, *, cfg: TrainerConfig, parent_dir=None) -> torch.optim.Optimizer:

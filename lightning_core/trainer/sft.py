@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 from collections import defaultdict
 from typing import Any
 
-from lightning_core.trainer.batches import make_step
+from lightning_core.trainer.batches import in_rollout_order, make_step
 from lightning_core.trainer.samples import Sample, Step, group_key
 
 
@@ -47,15 +46,10 @@ def plan_sft_steps(samples: list[Sample], *, calls_per_step: int, passes: float,
     On-policy with advantage 1 the clipped surrogate's ratio is 1 and its gradient is that of the responses'
     token-mean negative log-likelihood: the step is SFT's, and it gets the trainer's shared-prefix forward."""
     sft = [dataclasses.replace(s, advantage=1.0, logprobs=None) for s in samples]
-    by_rollout: dict[str, list[Sample]] = defaultdict(list)
-    for s in sft:
-        by_rollout[s.rollout_id].append(s)
     per_pass = math.ceil(len(sft) / calls_per_step)
     steps: list[Step] = []
     for p in range(math.ceil(passes)):
-        order = sorted(by_rollout)
-        random.Random(seed + p).shuffle(order)
-        calls = [s for rollout in order for s in by_rollout[rollout]]
+        calls = in_rollout_order(sft, seed=seed + p)
         steps += [make_step(calls[i:i + calls_per_step], micro_batch_size=calls_per_step, normalization="token",
                             shared_prefix=shared_prefix, micro_batch_tokens=micro_batch_tokens)
                   for i in range(0, len(calls), calls_per_step)]
