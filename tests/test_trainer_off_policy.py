@@ -83,6 +83,38 @@ def test_the_decoupled_objective_clips_against_the_proximal_policy_and_weights_b
         one_step(model, samples, behaviour_correction="vtrace")
 
 
+# log pi_now - log pi_behaviour of the k-th token of the i-th response is SHIFTS[(i + k) % 6], each away from every bound below: the ppo
+# clip at 1 -/+ 0.2 (log 0.8 = -0.223, log 1.2 = 0.182) and the cap 1.5 (log 1.5 = 0.405)
+SHIFTS = (-0.3, -0.05, 0.0, 0.1, 0.3, 0.8)
+
+
+def test_decoupled_steps_report_the_capped_behaviour_weight_and_what_ppo_would_have_clipped(tiny_dir):
+    """Under decoupled the first pass's ratio is 1 by construction (the proximal logprobs are the current ones), so
+    what it clipped says nothing; the step reports what matters instead, computed here token by token."""
+    model = lora_model(tiny_dir)
+    samples = stale_samples(model, shift=0.0)
+    for i, s in enumerate(samples):
+        s.logprobs = [lp - SHIFTS[(i + k) % len(SHIFTS)] for k, lp in enumerate(s.logprobs)]
+    cap, eps = 1.5, 0.2
+    tokens = [(math.exp(SHIFTS[(i + k) % len(SHIFTS)]), s.advantage)
+              for i, s in enumerate(samples) for k in range(len(s.response_ids))]
+    assert {a > 0 for _, a in tokens} == {True, False}  # both signs of advantage, so both sides of the clip count
+    ppo_clipped = sum((w > 1 + eps and a > 0) or (w < 1 - eps and a < 0) for w, a in tokens) / len(tokens)
+    capped = sum(w >= cap for w, _ in tokens) / len(tokens)
+    weight_mean = sum(min(w, cap) for w, _ in tokens) / len(tokens)
+    assert 0 < ppo_clipped < 1 and 0 < capped < 1
+
+    decoupled = one_step(model, samples, behaviour_correction="decoupled", importance_cap=cap)
+    assert decoupled["clip_ratio"] == 0.0 and "clip_ratio/first_micro_batch" not in decoupled  # 0 by construction
+    assert decoupled["behaviour_weight/capped"] == pytest.approx(capped)
+    assert decoupled["behaviour_weight/mean"] == pytest.approx(weight_mean, rel=1e-5)
+    assert decoupled["clip_ratio/ppo_equivalent"] == pytest.approx(ppo_clipped)
+    # under ppo the same share is what it did clip
+    ppo = one_step(model, samples, behaviour_correction="ppo", importance_cap=cap)
+    assert ppo["clip_ratio"] == ppo["clip_ratio/first_micro_batch"] == pytest.approx(ppo_clipped)
+    assert ppo["clip_ratio/ppo_equivalent"] == pytest.approx(ppo_clipped) and "behaviour_weight/capped" not in ppo
+
+
 def test_groups_sampled_more_than_max_staleness_versions_ago_are_left_out_whole_and_steps_report_staleness(tiny_dir):
     rows = make_triplets(groups=4, per_group=2, rewarded=0, seed=3)
     versions = {"g0": 3, "g1": 2, "g2": None, "g3": 1}  # trained from version 3

@@ -80,6 +80,8 @@ def grpo_loss(
     the loss is AReaL's decoupled objective: the ratio is against the proximal policy and clipped there, and
     each token is weighted by the behaviour importance weight prox / behaviour, truncated at ``importance_cap``
     (verl's truncated importance sampling), so stale samples still correct for the policy that sampled them.
+    Whatever the correction, ``ppo_clipped_sum`` counts the tokens plain PPO's ratio (against the behaviour
+    logprobs) clips, and under decoupled ``behaviour_capped_sum`` those whose behaviour weight reached the cap.
     """
     behaviour = torch.where(torch.isnan(old_logps), logps.detach(), old_logps)
     if prox_logps is None:
@@ -103,7 +105,12 @@ def grpo_loss(
     weight = mask * weights.unsqueeze(1)
     loss = (per_token * weight).sum()
     n = mask.sum().clamp(min=1.0)
-    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    def clips(r: torch.Tensor) -> torch.Tensor:  # where min(r A, clip(r) A) takes the clipped term: no gradient
+        return ((r < 1 - epsilon_low) & (adv < 0)) | ((r > 1 + epsilon_high) & (adv > 0))
+
+    is_clipped = clips(ratio)
+    # what plain PPO would clip here: its ratio pi_theta / pi_behaviour (under ppo the ratio above)
+    ppo_clipped = is_clipped if prox_logps is None else clips(torch.exp(logps.detach() - behaviour))
     zero = torch.zeros((), device=logps.device)
     # the inference engine's logprobs against the trainer's, on the tokens it recorded them for: the gap that enters
     # a PPO ratio even on-policy (other dtype, other kernels)
@@ -113,6 +120,7 @@ def grpo_loss(
         "ratio_sum": (ratio.detach() * mask).sum(),
         "nll_sum": -(logps.detach() * mask).sum(),
         "clipped_sum": (is_clipped.float() * mask).sum(),
+        "ppo_clipped_sum": (ppo_clipped.float() * mask).sum(),
         "gap_sum": gap.sum(),
         "gap_max": gap.max() if gap.numel() else zero,
         "gap_tokens": recorded.sum(),
@@ -173,9 +181,11 @@ def train_grpo(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "ratio_sum": 0.0, "nll_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "tokens": 0.0,
+        totals = {"loss": 0.0, "ratio_sum": 0.0, "nll_sum": 0.0, "clipped_sum": 0.0, "ppo_clipped_sum": 0.0,
+                  "kl_sum": 0.0, "tokens": 0.0,
                   "entropy_sum": 0.0, "encoded": 0.0, "behaviour_weight_sum": 0.0, "behaviour_capped_sum": 0.0,
-                  "gap_sum": 0.0, "gap_tokens": 0.0, "gap_max": 0.0, "first_clipped": math.nan}
+                  "gap_sum": 0.0, "gap_tokens": 0.0, "gap_max": 0.0, "first_clipped": math.nan, "micro_batches": 0.0}
+        ran = 0  # the micro-batches this rank ran in the step (summed over ranks in totals)
         skip_reason = None
         mine = (step.micro_batches if world_size == 1 else
                 collectives.shard(step.micro_batches, rank=rank, world_size=world_size, shared_prefix=step.shared_prefix))
@@ -205,11 +215,13 @@ def train_grpo(
                 skip_reason = "loss"
                 break
             loss.backward()
+            ran += 1
+            totals["micro_batches"] += 1.0
             if passes > 1:
                 _remember(samples, logps, first_pass_logps)
             totals["loss"] += loss.item()
-            for key in ("ratio_sum", "nll_sum", "clipped_sum", "kl_sum", "tokens", "behaviour_weight_sum",
-                        "behaviour_capped_sum", "gap_sum", "gap_tokens"):
+            for key in ("ratio_sum", "nll_sum", "clipped_sum", "ppo_clipped_sum", "kl_sum", "tokens",
+                        "behaviour_weight_sum", "behaviour_capped_sum", "gap_sum", "gap_tokens"):
                 totals[key] += stats[key].item()
             totals["gap_max"] = max(totals["gap_max"], stats["gap_max"].item())
             if math.isnan(totals["first_clipped"]):  # the first micro-batch: what clipping drops before any update
@@ -241,7 +253,7 @@ def train_grpo(
             "loss": totals["loss"] if skip_reason is None else math.nan,
             "kl": totals["kl_sum"] / n,
             "clip_ratio": totals["clipped_sum"] / n,
-            "clip_ratio/first_micro_batch": totals["first_clipped"],
+            "clip_ratio/ppo_equivalent": totals["ppo_clipped_sum"] / n,
             "ratio/mean": totals["ratio_sum"] / n,
             "nll": totals["nll_sum"] / n,  # the responses' mean negative logprob before the step (SFT's loss)
             "logprob_gap/mean": totals["gap_sum"] / totals["gap_tokens"] if totals["gap_tokens"] else math.nan,
@@ -255,13 +267,18 @@ def train_grpo(
             "shared_prefix": 1.0 if step.shared_prefix else 0.0,
             "flex_attention": 1.0 if (step.shared_prefix and attention == "flex") else 0.0,
             "step_triplets": float(len(step.samples)),
+            "micro_batches": totals["micro_batches"],  # run in the step, over all ranks
+            "micro_batches/rank": float(ran),  # run by this process (rank 0's is logged)
+            "world_size": float(world_size),
             "skipped": 0.0 if skip_reason is None else 1.0,
             "staleness/max": float(max((s.staleness for s in step.samples), default=0)),
             "staleness/mean": sum(s.staleness for s in step.samples) / max(len(step.samples), 1),
         }
-        if decoupled:
+        if decoupled:  # the first pass's ratio is 1 by construction (_proximal), so nothing it clipped is reported
             metrics["behaviour_weight/mean"] = totals["behaviour_weight_sum"] / n
             metrics["behaviour_weight/capped"] = totals["behaviour_capped_sum"] / n
+        else:
+            metrics["clip_ratio/first_micro_batch"] = totals["first_clipped"]
         if device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         history.append(metrics)
