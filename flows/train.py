@@ -67,9 +67,10 @@ def project_lock(config: ArclightConfig) -> Iterator[None]:
 def running(config: ArclightConfig, *, lock: bool = True) -> Iterator[RunContext]:
     """The run's context over its services, started (or attached) for the block and watched by a supervisor that
     restarts the ones that die; with ``lock``, the project's training lock held too."""
-    if config.trainer.max_staleness and not hardware.has_gpu():
-        hardware.passive_openmp()  # the trainer runs beside vLLM on the same cores: neither spins while it waits
-    with (project_lock(config) if lock else contextlib.nullcontext()), open_stack(config) as stack:
+    # asynchronous epochs on a CPU: the trainer runs beside vLLM on the same cores, and neither spins while it waits
+    passive = config.trainer.max_staleness and not hardware.has_gpu()
+    with (hardware.passive_openmp() if passive else contextlib.nullcontext()), \
+            (project_lock(config) if lock else contextlib.nullcontext()), open_stack(config) as stack:
         ctx = RunContext.of(config, stack)
         with Supervisor(ctx), stopping.run_scope():  # the rollouts in flight end before the services stop
             yield ctx

@@ -21,6 +21,56 @@ from lightning_core.ingest.service import start_collector
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Fixtures that start (or are) a vLLM, a whole training run or a Prefect API: a test that uses one is an integration
+# test, and `make test-fast` (-m "not integration") must start none of them.
+SERVER_FIXTURES = {"vllm_server", "gateway", "main_job", "prefect_harness"}
+
+
+def _runs_without_integration(config: pytest.Config) -> bool:
+    expression = " ".join((config.getoption("markexpr", "") or "").split())
+    return "not integration" in expression
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that uses a server fixture but is not marked ``integration``: it would start vLLM (or a Prefect
+    API, or a training run) inside ``make test-fast``, which promises none."""
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("integration") is None
+                and any(_uses_the_sessions(item, name) for name in SERVER_FIXTURES)]
+    if unmarked:
+        raise pytest.UsageError(f"{len(unmarked)} test(s) use a server fixture ({', '.join(sorted(SERVER_FIXTURES))}) "
+                                f"but are not marked integration: {', '.join(unmarked)}. Add "
+                                "@pytest.mark.integration (or pytestmark) so `make test-fast` does not start them")
+
+
+def _uses_the_sessions(item: pytest.Item, name: str) -> bool:
+    """Whether ``item`` uses this file's fixture ``name`` (a module may define its own, e.g. a gateway over a fake vLLM)."""
+    info = getattr(item, "_fixtureinfo", None)
+    definitions = info.name2fixturedefs.get(name) if info is not None else None
+    return bool(definitions) and definitions[-1].func.__module__ == __name__
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_vllm_without_integration(request):
+    """Under ``-m "not integration"`` (``make test-fast``), starting a vLLM fails the test that tries: the fast lane
+    starts none."""
+    if not _runs_without_integration(request.config):
+        yield
+        return
+    from lightning_core.serving import vllm
+
+    real = vllm.start_process
+
+    def refuse(name, argv, **kwargs):
+        if any("vllm" in str(a) for a in argv):
+            raise AssertionError(f"a test outside the integration mark started {name} ({' '.join(map(str, argv[:4]))} "
+                                 "...): mark it @pytest.mark.integration")
+        return real(name, argv, **kwargs)
+
+    vllm.start_process = refuse
+    yield
+    vllm.start_process = real
+
+
 def make_config(tmp: Path, *overrides: str) -> ArclightConfig:
     """A config rooted at ``tmp`` with free ports, plus ``overrides``."""
     return load_config(

@@ -29,6 +29,30 @@ def _async_overrides(tmp_path, fixtures, **extra):
         "rollouts.group_size": "3", "trainer.max_staleness": "1", **extra})
 
 
+def _openmp_setting_of_a_child() -> str:
+    """``OMP_WAIT_POLICY`` as a process started now from this one sees it (repr: None when unset)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import os; print(repr(os.environ.get('OMP_WAIT_POLICY')))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_passive_openmp_holds_for_its_block_only_and_keeps_a_users_own_setting(monkeypatch):
+    """Asynchronous epochs make OpenMP wait passively while they run; the setting used to stay in the process for good,
+    so every server a later test started inherited it and the suite's speed depended on test order."""
+    from lightning_core.common import hardware
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with hardware.passive_openmp():
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and _openmp_setting_of_a_child() == "'PASSIVE'"
+    assert "OMP_WAIT_POLICY" not in os.environ and _openmp_setting_of_a_child() == "None"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with hardware.passive_openmp():
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's own choice wins
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def _versions_per_attempt(con, run_id: str) -> list[tuple]:
     """(rollout, attempt, distinct versions, calls) of every rollout attempt's model calls (the gateway's spans)."""
     return con.execute(
@@ -45,8 +69,12 @@ def test_the_next_epoch_samples_while_this_one_trains_within_the_staleness_bound
     fixtures = dict(vllm_server=vllm_server, collector=collector, collector_config=collector_config,
                     tiny_model_dir=tiny_model_dir)
     overrides = _async_overrides(tmp_path, fixtures, run_name="asyncrun")
+    shell = os.environ.get("OMP_WAIT_POLICY")
     rows = train(overrides=overrides, epochs=3)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # the run's passive OpenMP waits ended with it: a server the pytest process starts next gets the shell's setting
+    assert os.environ.get("OMP_WAIT_POLICY") == shell
+    assert _openmp_setting_of_a_child() == repr(shell)
     cfg = make_config(tmp_path, *overrides)
     with Catalog.from_config(cfg).read() as con:
         epochs = con.execute(

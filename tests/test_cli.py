@@ -169,3 +169,54 @@ def test_query_refuses_statements_that_write_files(tmp_path):
     for sql in ("EXPLAIN SELECT count(*) FROM spans", "DESCRIBE spans", "SHOW TABLES",
                 "WITH x AS (SELECT 1 AS a) SELECT a FROM x", "FROM spans SELECT count(*)"):
         assert _arclight("query", "--lake", str(lake), sql).returncode == 0, sql
+
+
+SECRETS = {"gateway.token": "SECRET-gw-4f1c", "collector.token": "SECRET-col-9a2e"}
+
+
+def test_tokens_and_storage_keys_given_on_the_command_line_stay_out_of_the_project_log(tmp_path):
+    """The project log is the file an error asks the user to share: the command line it records hides every value of
+    a token, a key or the storage options (docs/scaling.md passes the tokens as --set)."""
+    from lightning_core.common.logs import log_path
+    from lightning_core.common.services import free_port
+
+    config = tmp_path / "config.yaml"
+    config.write_text("name: leak\n")
+    storage = json.dumps({"AWS_SECRET_ACCESS_KEY": "SECRET-aws-77d0", "AWS_REGION": "eu-west-1"})
+    out = _arclight("up", str(config), *[a for key, value in SECRETS.items() for a in ("--set", f"{key}={value}")],
+                    "--set", f"lake.storage_options={storage}", "--set", "serving.env={HF_TOKEN: SECRET-hf-0b3a}",
+                    "--set", f"collector.endpoint=http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert out.returncode == 1 and "collector.endpoint" in out.stderr, out.stderr  # it stops before starting anything
+    logged = log_path(tmp_path).read_text()
+    line = next(line for line in logged.splitlines() if "arclight.cli: arclight up" in line)
+    assert "SECRET-" not in logged, line
+    assert "--set gateway.token=*** --set collector.token=***" in line and "--set lake.storage_options=***" in line
+    assert "HF_TOKEN" in line and "collector.endpoint=http://127.0.0.1:" in line  # what is no secret stays readable
+
+
+def test_a_started_collector_reads_its_storage_options_without_them_on_its_command_line(tmp_path, s3):
+    """``ps`` shows every user a process's command line: the storage options (S3 keys) and the token reach the
+    collector some other way, and it still writes its spans to object storage with them."""
+    from lightning_core.ingest.service import start_collector
+    from tests.conftest import make_config
+
+    options = {"AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag",
+               "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "SECRET-s3-5e61"}
+    # no catalog made here: the collector records where its spans go from the options it was given
+    cfg = make_config(tmp_path, "lake.spans_uri=s3://arclight/cmdline/spans", f"lake.storage_options={json.dumps(options)}",
+                      f"collector.token={SECRETS['collector.token']}")
+    service = start_collector(cfg, log_dir=tmp_path)
+    try:
+        cmdline = open(f"/proc/{service.process.pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        assert "lightning_core collector" in cmdline and "lake.spans_uri=s3://arclight/cmdline/spans" in cmdline
+        assert "SECRET-" not in cmdline and s3 not in cmdline, cmdline
+        handle = tracing.init_tracing(endpoint=service.url, token=SECRETS["collector.token"], set_global=False,
+                                      context=tracing.RolloutContext(run_id="cmdline", epoch=0))
+        with tracing.agent("a"):
+            tracing.emit_reward(1.0)
+        handle.flush()
+        with Catalog.from_config(cfg).read() as con:
+            rows = con.execute("SELECT name FROM spans WHERE run_id = 'cmdline' ORDER BY name").fetchall()
+        assert rows == [("agent a",), ("reward primary",)]
+    finally:
+        service.stop()

@@ -62,6 +62,7 @@ def test_a_server_that_dies_during_start_up_leaves_no_scratch_folder(tmp_path):
     assert not scratch.exists()
 
 
+@pytest.mark.integration
 def test_vllm_keeps_its_temporary_files_in_a_folder_of_its_own(vllm_server):
     """Each vLLM start used to leave ZeroMQ sockets and a ``vllm_dist_*`` file in /tmp for good."""
     scratch = vllm_server.scratch

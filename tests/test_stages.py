@@ -95,6 +95,23 @@ def test_epoch_status_advances_and_next_epoch_resumes_an_unfinished_one(tmp_path
         ep.set_epoch_status(catalog, run_id="r", epoch=1, status="done")
 
 
+def test_the_config_a_run_records_in_the_catalog_hides_its_tokens_and_storage_keys(tmp_path):
+    """Analysts query the runs table (and share what they find): the config recorded there keeps its settings but not
+    the values of the tokens and the storage options."""
+    cfg = load_config(None, overrides=[f"project_dir={tmp_path}", "run_name=hidden", "gateway.token=SECRET-gw-71aa",
+                                       "collector.token=SECRET-col-03be",
+                                       'lake.storage_options={"AWS_SECRET_ACCESS_KEY": "SECRET-aws-c4d2"}'])
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    ep.ensure_run(catalog, cfg)
+    with catalog.read(spans=False) as con:
+        recorded = json.loads(con.execute("SELECT config FROM runs WHERE run_id = 'hidden'").fetchall()[0][0])
+    assert "SECRET-" not in json.dumps(recorded)
+    assert (recorded["gateway"]["token"], recorded["collector"]["token"], recorded["lake"]["storage_options"]) == (
+        "***", "***", "***")
+    assert recorded["gateway"]["port"] == cfg.gateway.port and recorded["run_name"] == "hidden"
+
+
 def test_bad_datasets_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\nnot json\n')

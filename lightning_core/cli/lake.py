@@ -31,7 +31,12 @@ def collector(
     """Run the OTLP/HTTP collector that writes spans into the lake's Delta tables."""
     from lightning_core.store.catalog import Catalog
     from lightning_core.ingest.collector import serve
+    from lightning_core.ingest.service import storage_options_from_environment
 
+    try:
+        cfg = storage_options_from_environment(cfg)  # how start_collector passes them: never on the command line
+    except ValueError as exc:
+        fail(str(exc), code=2)
     with lake_io(cfg):
         Catalog.from_config(cfg).ensure()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

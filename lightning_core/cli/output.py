@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lightning_core.common import logs
+from lightning_core.common.redact import redacted_argv
 from lightning_core.config import ArclightConfig
 
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Prefect's, MLflow's and transformers' log records, "
@@ -72,7 +73,9 @@ def command_output(config: ArclightConfig, *, console: Console, verbose: bool = 
     if not verbose:
         screen.addFilter(logs.Ours())
     with logs.project_log(path, screen=screen, progress_bars=verbose):
-        logging.getLogger("arclight.cli").info("arclight %s", " ".join(sys.argv[1:]), extra={"screen": False})
+        # the file is the one an error asks the user to share: tokens and keys given as --set stay out of it
+        logging.getLogger("arclight.cli").info("arclight %s", " ".join(redacted_argv(sys.argv[1:])),
+                                               extra={"screen": False})
         console.print(Text(f"log: {path}", style="dim"), soft_wrap=True)
         yield path
 

@@ -7,10 +7,12 @@ finish in 10 minutes where fp32 took 44 s (docs/measurement-log.md, issue 14). D
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -74,9 +76,11 @@ def gpu_total_bytes(index: int) -> int:
     return int(torch.cuda.mem_get_info(index)[1])
 
 
-def passive_openmp() -> None:
-    """Make OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) in this process, where torch has not loaded
-    OpenMP yet, and in the processes it starts.
+@contextlib.contextmanager
+def passive_openmp() -> Iterator[None]:
+    """For the block, make OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) in this process, where torch
+    has not loaded OpenMP yet, and in the processes it starts; then put the environment back as it was, so the
+    servers a later run (or a later test in the same process) starts get what the user's shell gave.
 
     vLLM's CPU build and the trainer both run OpenMP threads that spin between parallel regions. Taking turns
     (synchronous epochs) that is the fastest wait; running at once on the same cores (asynchronous epochs), the
@@ -84,4 +88,12 @@ def passive_openmp() -> None:
     than in turn, and about as fast once both waited passively (docs/measurement-log.md). A setting the user made
     is kept.
     """
+    before = os.environ.get("OMP_WAIT_POLICY")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = before

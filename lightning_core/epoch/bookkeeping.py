@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lightning_core import names
+from lightning_core.common.redact import redacted
 from lightning_core.rollouts.dataset import DatasetError, load_tasks
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig
@@ -230,11 +231,11 @@ def rollout_counts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "tr
 
 
 def ensure_run(catalog: Catalog, config: ArclightConfig) -> None:
-    """Record the run and its config once."""
+    """Record the run and its config once (tokens and storage options hidden: analysts read and share the table)."""
     with catalog.write() as con:
         con.execute(
             "INSERT INTO runs (run_id, project, config) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            [config.run_name, config.name, config.model_dump_json()],
+            [config.run_name, config.name, json.dumps(redacted(config.model_dump(mode="json")))],
         )
 
 

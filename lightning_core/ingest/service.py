@@ -4,11 +4,32 @@ its own session, stopped with the rest of the stack (``common.services``)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from lightning_core.common.services import Service, attach, free_port, start_process
 from lightning_core.config import ArclightConfig
+
+
+STORAGE_OPTIONS_ENV = "ARCLIGHT_LAKE_STORAGE_OPTIONS"  # lake.storage_options as JSON, for `arclight collector`
+
+
+def storage_options_from_environment(config: ArclightConfig) -> ArclightConfig:
+    """``config`` with ``$ARCLIGHT_LAKE_STORAGE_OPTIONS`` (a JSON object) under its own ``lake.storage_options``: how
+    a collector gets S3 keys without them on its command line."""
+    raw = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not raw:
+        return config
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{STORAGE_OPTIONS_ENV}: expected a JSON object of storage options, found invalid JSON "
+                         f"({exc.msg} at character {exc.pos})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{STORAGE_OPTIONS_ENV}: expected a JSON object of storage options, found {type(options).__name__}")
+    merged = {**{str(k): str(v) for k, v in options.items()}, **config.lake.storage_options}
+    return config.model_copy(update={"lake": config.lake.model_copy(update={"storage_options": merged})})
 
 
 def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, timeout_s: float = 60.0) -> Service:
@@ -36,10 +57,12 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         "--set", f"collector.compact={str(c.compact).lower()}",
         "--log-level", "warning",
         # the span tables' place (object storage), which the collector records in the lake folder it is given
-        *(["--set", f"lake.spans_uri={config.lake.spans_uri}",
-            "--set", f"lake.storage_options={json.dumps(config.lake.storage_options)}"] if config.lake.spans_uri else []),
+        *(["--set", f"lake.spans_uri={config.lake.spans_uri}"] if config.lake.spans_uri else []),
     ]
+    # secrets go in its environment, which only its user can read, never on its command line, which `ps` shows all
     env = {"ARCLIGHT_COLLECTOR_TOKEN": c.token} if c.token else {}
+    if config.lake.spans_uri and config.lake.storage_options:
+        env[STORAGE_OPTIONS_ENV] = json.dumps(config.lake.storage_options)
     return start_process(
         "collector", argv, url=c.url, health_url=f"{c.url}/healthz",
         log_path=log_dir / "collector.log", env=env, timeout_s=timeout_s,
