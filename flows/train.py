@@ -308,19 +308,7 @@ def _record_trained(ctx: RunContext, *, epoch: int, results: list[dict[str, Any]
     stale = [r["staleness/max"] for r in results if r.get("staleness/max") is not None]
     ep.set_epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=epoch, status="trained", new_version=new,
                         train_finished_at=dt.datetime.now(dt.timezone.utc),
-                        staleness_max=int(max(stale)) if stale else None, **_logprob_gap(results))
-
-
-def _logprob_gap(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The epoch's vLLM-against-trainer columns: the largest gap and clipped share over its policies (issue 56)."""
-    def worst(key: str) -> float | None:
-        values = [r[key] for r in results if r.get(key) is not None and r[key] == r[key]]  # not NaN
-        return max(values) if values else None
-
-    corrections = sorted({r["behaviour_correction"] for r in results if r.get("behaviour_correction")})
-    return {"logprob_gap_mean": worst("logprob_gap/epoch_start_mean"),
-            "logprob_gap_max": worst("logprob_gap/epoch_start_max"), "clipped_first": worst("clip_ratio/epoch_start"),
-            "behaviour_correction": ",".join(corrections) or None}
+                        staleness_max=int(max(stale)) if stale else None, **reports.epoch_start_columns(results))
 
 
 def _row(ctx: RunContext, epoch: int) -> dict[str, Any]:

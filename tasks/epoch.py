@@ -121,6 +121,8 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
          **{k: r.metrics.get(k) for k in ("reward/mean", "loss", "kl", "clip_ratio", "grad_norm", "tokens_per_s",
                                           "staleness/max", "train_time_s", "logprob_gap/epoch_start_mean",
                                           "logprob_gap/epoch_start_max", "clip_ratio/epoch_start",
+                                          "clip_ratio/epoch_start_ppo_equivalent",
+                                          "behaviour_weight/epoch_start_capped", "behaviour_weight/epoch_start_mean",
                                           "behaviour_correction")}}
         for r in results
     ]

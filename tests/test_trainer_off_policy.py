@@ -115,6 +115,44 @@ def test_decoupled_steps_report_the_capped_behaviour_weight_and_what_ppo_would_h
     assert ppo["clip_ratio/ppo_equivalent"] == pytest.approx(ppo_clipped) and "behaviour_weight/capped" not in ppo
 
 
+def test_the_epochs_table_and_the_end_of_run_line_show_the_capped_weight_and_what_ppo_would_have_clipped(tmp_path):
+    """Each epoch's first-step figures, as the train task hands them on, reach the catalog and the line that ends
+    ``arclight train``; an epoch from before (decoupled, its clipped_first a 0.0 by construction) shows no share."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lightning_core.cli.progress import _print_correction
+    from lightning_core.epoch import bookkeeping as ep
+    from lightning_core.epoch import reports
+    from lightning_core.epoch.context import RunContext
+    from tests.conftest import make_config
+
+    ctx = RunContext.of(make_config(tmp_path))
+    ctx.catalog.ensure()
+    gap = {"logprob_gap/epoch_start_mean": 0.0144, "logprob_gap/epoch_start_max": 0.056}
+    decoupled = {**gap, "behaviour_correction": "decoupled", "clip_ratio/epoch_start": math.nan,
+                 "clip_ratio/epoch_start_ppo_equivalent": 0.24, "behaviour_weight/epoch_start_capped": 0.31,
+                 "behaviour_weight/epoch_start_mean": 0.996}
+    ppo = {**gap, "behaviour_correction": "ppo", "clip_ratio/epoch_start": 0.12,
+           "clip_ratio/epoch_start_ppo_equivalent": 0.125}
+    before = {"logprob_gap_mean": 0.0144, "logprob_gap_max": 0.056, "clipped_first": 0.0,
+              "behaviour_correction": "decoupled"}  # a lake written before the ppo-equivalent existed
+    for epoch, columns in enumerate([before, reports.epoch_start_columns([decoupled]),
+                                     reports.epoch_start_columns([ppo])]):
+        ep.set_epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=epoch, status="trained", **columns)
+    rows = reports.summary_rows(ctx)
+    assert [(r["clipped_first"], r["ppo_clipped_first"], r["behaviour_capped_first"], r["behaviour_weight_first"])
+            for r in rows] == [(0.0, None, None, None), (None, 0.24, 0.31, 0.996), (0.12, 0.125, None, None)]
+
+    out = StringIO()
+    _print_correction(rows, console=Console(file=out, width=400))
+    line = out.getvalue()
+    assert "behaviour correction decoupled, ppo" in line, line
+    assert "ppo clipped at the first micro-batch: 12.0%" in line, line  # not 0.0-12.0%: the 0.0 measured nothing
+    assert "behaviour weight at importance_cap: 31.0% of tokens (mean 0.996); ppo would have clipped 24.0%" in line, line
+
+
 def test_groups_sampled_more_than_max_staleness_versions_ago_are_left_out_whole_and_steps_report_staleness(tiny_dir):
     rows = make_triplets(groups=4, per_group=2, rewarded=0, seed=3)
     versions = {"g0": 3, "g1": 2, "g2": None, "g3": 1}  # trained from version 3

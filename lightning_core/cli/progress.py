@@ -205,18 +205,30 @@ def _print_traces(config: ArclightConfig, rows: list[dict[str, Any]], *, console
 
 def _print_correction(rows: list[dict[str, Any]], *, console: Console) -> None:
     """One line under the table: how far vLLM's recorded logprobs were from the trainer's at each epoch's first step
-    (the numerics' gap alone, on-policy), the behaviour correction the versions trained with, and the share of
-    tokens the first micro-batch clipped (the epochs table has each epoch's)."""
-    def span(key: str, fmt: str) -> str:
-        values = [r[key] for r in rows if r[key] is not None]
+    (the numerics' gap alone, on-policy), the behaviour correction the versions trained with and what it did there
+    (the epochs table has each epoch's): under ppo the share of tokens the first micro-batch clipped; under decoupled,
+    whose ratio is 1 there by construction, the share whose behaviour weight hit importance_cap and what ppo would
+    have clipped."""
+    def span(key: str, fmt: str, among: list[dict[str, Any]] = rows) -> str | None:
+        values = [r[key] for r in among if r.get(key) is not None]
+        if not values:
+            return None
         low, high = format(min(values), fmt), format(max(values), fmt)
         return low if low == high else f"{low}-{high}"
 
+    def trained_with(correction: str) -> list[dict[str, Any]]:
+        return [r for r in rows if correction in (r["behaviour_correction"] or "").split(",")]
+
     used = sorted({c for r in rows if r["behaviour_correction"] for c in r["behaviour_correction"].split(",")})
-    clipped = f"; clipped at the first micro-batch: {span('clipped_first', '.1%')}" if any(
-        r["clipped_first"] is not None for r in rows) else ""
+    what = ""
+    if clipped := span("clipped_first", ".1%", trained_with("ppo")):
+        what += f"; ppo clipped at the first micro-batch: {clipped}"
+    if capped := span("behaviour_capped_first", ".1%", trained_with("decoupled")):
+        what += (f"; behaviour weight at importance_cap: {capped} of tokens (mean "
+                 f"{span('behaviour_weight_first', '.3f', trained_with('decoupled'))}); ppo would have clipped "
+                 f"{span('ppo_clipped_first', '.1%', trained_with('decoupled'))}")
     console.print(f"vLLM against the trainer, at each epoch's first step: logprob gap mean {span('logprob_gap_mean', '.4f')}, "
-                  f"max {span('logprob_gap_max', '.2f')}; behaviour correction {', '.join(used) or '-'}{clipped} "
+                  f"max {span('logprob_gap_max', '.2f')}; behaviour correction {', '.join(used) or '-'}{what} "
                   "(docs/config.md#vllm-and-the-trainer)")
 
 

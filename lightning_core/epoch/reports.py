@@ -34,6 +34,9 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
                    any_value(e.incidents) AS incidents, any_value(e.staleness_max) AS staleness_max,
                    any_value(e.logprob_gap_mean) AS logprob_gap_mean, any_value(e.logprob_gap_max) AS logprob_gap_max,
                    any_value(e.clipped_first) AS clipped_first, any_value(e.behaviour_correction) AS behaviour_correction,
+                   any_value(e.ppo_clipped_first) AS ppo_clipped_first,
+                   any_value(e.behaviour_capped_first) AS behaviour_capped_first,
+                   any_value(e.behaviour_weight_first) AS behaviour_weight_first,
                    any_value(e.traces) AS traces
             FROM epochs e LEFT JOIN rollouts r ON r.run_id = e.run_id AND r.epoch = e.epoch AND r.mode = 'train'
             WHERE e.run_id = ?
@@ -43,12 +46,33 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
         ).fetchall()
     keys = ("epoch", "status", "policy_version", "new_version", "tasks_sampled", "informative_groups", "reward_mean",
             "succeeded", "failed", "timed_out", "rollouts", "infra_retried", "infra_left_out", "incidents", "staleness_max",
-            "logprob_gap_mean", "logprob_gap_max", "clipped_first", "behaviour_correction", "traces")
+            "logprob_gap_mean", "logprob_gap_max", "clipped_first", "behaviour_correction", "ppo_clipped_first",
+            "behaviour_capped_first", "behaviour_weight_first", "traces")
     rows = [dict(zip(keys, row)) for row in rows]
     for row in rows:
         row["incidents"] = json.loads(row["incidents"]) if row["incidents"] else {}
         row["traces"] = json.loads(row["traces"]) if row["traces"] else None
     return rows
+
+
+def epoch_start_columns(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch's vLLM-against-trainer columns from its policies' first steps, before any update (issues 56, 68):
+    each the worst over the policies (the mean behaviour weight: the farthest from 1)."""
+    def values(key: str) -> list[float]:
+        return [r[key] for r in results if r.get(key) is not None and r[key] == r[key]]  # not NaN
+
+    def worst(key: str) -> float | None:
+        return max(values(key), default=None)
+
+    corrections = sorted({r["behaviour_correction"] for r in results if r.get("behaviour_correction")})
+    return {"logprob_gap_mean": worst("logprob_gap/epoch_start_mean"),
+            "logprob_gap_max": worst("logprob_gap/epoch_start_max"),
+            "clipped_first": worst("clip_ratio/epoch_start"),  # ppo's versions only (decoupled: 1 by construction)
+            "ppo_clipped_first": worst("clip_ratio/epoch_start_ppo_equivalent"),
+            "behaviour_capped_first": worst("behaviour_weight/epoch_start_capped"),
+            "behaviour_weight_first": max(values("behaviour_weight/epoch_start_mean"), key=lambda w: abs(w - 1),
+                                          default=None),
+            "behaviour_correction": ",".join(corrections) or None}
 
 
 def eval_run_id(config: ArclightConfig) -> str:

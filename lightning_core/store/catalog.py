@@ -124,7 +124,13 @@ ALTER TABLE epochs ADD COLUMN IF NOT EXISTS staleness_max BIGINT;  -- most versi
 -- |trainer logprob - recorded logprob| of the response tokens, and the share of tokens its first micro-batch clipped
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS logprob_gap_mean DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS logprob_gap_max DOUBLE;
-ALTER TABLE epochs ADD COLUMN IF NOT EXISTS clipped_first DOUBLE;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS clipped_first DOUBLE;  -- ppo only: under decoupled the ratio is 1 there
+-- (issue 68) at the epoch's first step: the share of tokens plain PPO's ratio pi_theta / pi_behaviour clips (under
+-- ppo: did; under decoupled: would have), and under decoupled the share whose behaviour weight pi_prox / pi_behaviour
+-- reached importance_cap and the mean weight
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS ppo_clipped_first DOUBLE;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_capped_first DOUBLE;
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_weight_first DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_correction VARCHAR;  -- ppo | decoupled (the versions' own)
 -- The epoch's rollouts as MLflow traces (issue 54): published, already there, left by the time budget, seconds, error
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS traces JSON;

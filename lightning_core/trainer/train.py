@@ -35,9 +35,12 @@ log = logging.getLogger(__name__)
 
 
 # vLLM against the trainer at the epoch's first GRPO step, before any update (the numerics' gap alone, on-policy):
-# the step metric -> the epoch's
+# the step metric -> the epoch's. The first step's micro-batches all see the parameters the epoch started from.
 EPOCH_START = {"logprob_gap/mean": "logprob_gap/epoch_start_mean", "logprob_gap/max": "logprob_gap/epoch_start_max",
-               "clip_ratio/first_micro_batch": "clip_ratio/epoch_start"}
+               "clip_ratio/first_micro_batch": "clip_ratio/epoch_start",  # ppo only
+               "clip_ratio/ppo_equivalent": "clip_ratio/epoch_start_ppo_equivalent",
+               "behaviour_weight/capped": "behaviour_weight/epoch_start_capped",  # decoupled only
+               "behaviour_weight/mean": "behaviour_weight/epoch_start_mean"}
 
 
 @dataclass
