@@ -8,7 +8,7 @@ train: setup
 	.venv/bin/arclight train examples/calc/config.yaml
 
 test: setup
-	.venv/bin/python -m pytest -q -ra --durations=25
+	.venv/bin/python -m pytest -q -ra --durations=25 --junitxml=test-results/junit.xml
 
 # Unit tests only (no vLLM, no servers beyond the collector).
 test-fast:
