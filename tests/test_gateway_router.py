@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
@@ -10,7 +12,10 @@ from lightning_core.serving.router import (GatewayError, GatewayState, PinnedVer
                                            RolloutInfo)
 from lightning_core import semconv
 from lightning_core.serving.app import build_app, serve
-from lightning_core.serving.recording import parse_traceparent
+from lightning_core.serving.gateway import Gateway
+from lightning_core.serving.metrics import GatewayMetrics
+from lightning_core.serving.recording import SpanRecorder, parse_traceparent
+from tests.helpers.fake_vllm import ThreadServer, fake_vllm
 
 
 def make_router() -> Router:
@@ -187,3 +192,50 @@ def test_a_call_to_a_pinned_version_that_is_gone_is_a_503_recorded_as_our_failur
     [span] = exporter.get_finished_spans()
     assert span.attributes["arclight.llm.upstream_failed"] is True and span.attributes["arclight.policy.version"] == 0
     assert span.resource.attributes[semconv.ROLLOUT_ID] == "r" and span.status.status_code.name == "ERROR"
+
+
+def _seeds_sent(exporter: InMemorySpanExporter) -> list[int]:
+    return [json.loads(span.attributes[semconv.REQUEST_PARAMS])["seed"] for span in exporter.get_finished_spans()]
+
+
+def test_a_repeated_call_gets_a_new_seed_whichever_gateway_process_answers_it(tmp_path):
+    """``gateway.workers > 1``: the processes behind one address share one state file, and the kernel hands each
+    connection to any of them. A rollout that asks the same call again (an agent drawing twice, or retrying) must get
+    the next seed, not the one the process it lands on gave that call before."""
+    state = tmp_path / "state.sqlite"
+    exporters = [InMemorySpanExporter(), InMemorySpanExporter()]
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with ThreadServer(fake_vllm()) as upstream:
+        apps = [build_app(upstreams=[upstream.url], base_model="base", exporter=exporter, state_path=state, token="t")
+                for exporter in exporters]
+        auth = {"Authorization": "Bearer t"}
+        with TestClient(apps[0], headers=auth) as one, TestClient(apps[1], headers=auth) as other:
+            assert one.post("/admin/rollouts", json={"rollout_id": "r", "seed": 5}).status_code == 201
+            for client in (one, other, one, other):
+                assert client.post("/rollout/r/v1/chat/completions", json=ask).status_code == 200
+            for app in apps:
+                app.state.recorder.flush()
+    seeds = [_seeds_sent(exporter) for exporter in exporters]
+    assert [len(s) for s in seeds] == [2, 2]
+    assert len(set(seeds[0] + seeds[1])) == 4, f"the four asks of one call were sent with seeds {seeds}"
+
+
+def test_a_repeated_call_never_gets_its_first_seed_again_however_many_calls_other_rollouts_make():
+    """The counts of repeated calls were kept in a dict emptied past 100,000 entries, so a rollout's next ask after
+    that got its first seed again. They now live as long as the rollout's registration, and go with it."""
+    metrics = GatewayMetrics()
+    gw = Gateway(router=make_router(), recorder=SpanRecorder(InMemorySpanExporter(), metrics), metrics=metrics,
+                 token=None, upstream_timeout_s=1.0, max_body_bytes=1 << 20, keep_versions=2)
+    kept, busy = RolloutInfo(rollout_id="kept", seed=7), RolloutInfo(rollout_id="busy", seed=7)
+    gw.router.register(kept)
+    gw.router.register(busy)
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+    first = gw.call_seed(kept, ask)
+    busy_first = gw.call_seed(busy, {"prompt": "0"})
+    for i in range(1, 100_001):
+        gw.call_seed(busy, {"prompt": str(i)})
+    assert gw.call_seed(kept, ask) != first
+    # forgotten with its rollout: the same rollout registered again draws its first seeds again (a repeated run)
+    assert gw.router.forget("busy")
+    gw.router.register(busy)
+    assert gw.call_seed(busy, {"prompt": "0"}) == busy_first

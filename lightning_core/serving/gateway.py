@@ -65,7 +65,6 @@ class Gateway:
         self.weights_dir = weights_dir  # where POST /admin/weights fetches to (its storage's credentials: AWS_*)
         self.client: aiohttp.ClientSession | None = None
         self.flushed = 0
-        self.asked: dict[tuple[str, bytes], int] = {}  # (rollout, call digest) -> times asked, for call_seed
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -239,15 +238,13 @@ class Gateway:
     def call_seed(self, info: RolloutInfo, body: dict[str, Any]) -> int:
         """The seed a rollout's call is sampled with: a hash of the rollout's seed and what the call asks (its messages or
         prompt), so a repeated run gets the same seed for the same call whatever order the calls arrive in, across
-        rollouts running at once. The same call asked again within the rollout (an agent drawing twice) gets the next
-        seed, counted in this process. Tool-call ids are left out: the server makes them up anew in every run
-        (``chatcmpl-tool-<random>``), and they only pair a call with its result."""
+        rollouts running at once. The same call asked again by the rollout with the same seed (an agent drawing twice, or
+        retrying; each attempt has its own seed) gets the next seed, counted in the state every process of the gateway
+        shares (``gateway.workers``), and forgotten with the rollout. Tool-call ids are left out: the server makes
+        them up anew in every run (``chatcmpl-tool-<random>``), and they only pair a call with its result."""
         asked = orjson.dumps([_without_call_ids(body.get("messages")), body.get("prompt")], option=orjson.OPT_SORT_KEYS)
         digest = hashlib.blake2b(asked, digest_size=16).digest()
-        key = (info.rollout_id, digest)
-        if len(self.asked) > 100_000:
-            self.asked.clear()
-        count = self.asked[key] = self.asked.get(key, -1) + 1
+        count = self.router.state.count_call(info.rollout_id, info.seed, digest)
         mixed = hashlib.blake2b(digest + info.seed.to_bytes(8, "little") + count.to_bytes(8, "little"), digest_size=8)
         return int.from_bytes(mixed.digest(), "little") >> 1  # vLLM takes a signed 64-bit seed
 

@@ -116,7 +116,8 @@ class GatewayState:
     One process uses an in-memory database. Several processes behind one address (``gateway.workers``) open one
     file: a registration or a policy switch made through any of them is seen by all, since every call reads its
     rollout by primary key and reloads the (small) policy table whenever another process committed
-    (``PRAGMA data_version``). Registrations live as long as the gateway; nothing here needs to survive it.
+    (``PRAGMA data_version``). Registrations live as long as the gateway; nothing here needs to survive it. So do the
+    counts of a rollout's repeated calls (``count_call``), which go with its registration.
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
@@ -133,6 +134,9 @@ class GatewayState:
                         "seen REAL NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS flushes (id INTEGER PRIMARY KEY CHECK (id = 0), generation INTEGER)")
         self.db.execute("INSERT OR IGNORE INTO flushes VALUES (0, 0)")
+        # how many times each rollout asked each call with its seed: every process counts in one place
+        self.db.execute("CREATE TABLE IF NOT EXISTS calls (rollout_id TEXT NOT NULL, seed INTEGER NOT NULL, "
+                        "call BLOB NOT NULL, asked INTEGER NOT NULL, PRIMARY KEY (rollout_id, seed, call)) WITHOUT ROWID")
         self._seen: dict[str, int] = {}
 
     def changed(self, reader: str = "policies") -> bool:
@@ -169,7 +173,15 @@ class GatewayState:
         return row[0] if row else None
 
     def delete_rollout(self, rollout_id: str) -> bool:
+        """Forget a rollout and the counts of its calls; False when it was not registered."""
+        self.db.execute("DELETE FROM calls WHERE rollout_id = ?", (rollout_id,))
         return self.db.execute("DELETE FROM rollouts WHERE rollout_id = ?", (rollout_id,)).rowcount > 0
+
+    def count_call(self, rollout_id: str, seed: int, call: bytes) -> int:
+        """How many times the rollout asked ``call`` with ``seed`` before this ask (0 the first time), counted in one
+        statement for every process of the gateway."""
+        return self.db.execute("INSERT INTO calls VALUES (?, ?, ?, 0) ON CONFLICT DO UPDATE SET asked = asked + 1 "
+                               "RETURNING asked", (rollout_id, seed, call)).fetchone()[0]
 
     def count_rollouts(self) -> int:
         return self.db.execute("SELECT count(*) FROM rollouts").fetchone()[0]
