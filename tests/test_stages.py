@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
+import time
 
 import pytest
 
@@ -123,3 +126,70 @@ def test_bad_datasets_name_the_file_and_line(tmp_path):
         dataset.load_tasks(dup)
     with pytest.raises(dataset.DatasetError, match="not found"):
         dataset.load_tasks(tmp_path / "missing.jsonl")
+
+
+@contextlib.contextmanager
+def _served(app):
+    """Serve a real app (the gateway's) on a free loopback port in this process, for a test that needs no vLLM."""
+    import uvicorn
+
+    from lightning_core.common.services import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway app did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_registration_refused_for_a_setting_names_the_setting_instead_of_asking_for_a_report():
+    """A wrong token, a gateway of another config, an endpoint that is no gateway: each 4xx says which setting fixes
+    it; only a refusal no setting explains (a 422) still asks for a report with the task's id."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from lightning_core.epoch.failures import RunStopped
+    from lightning_core.epoch.stages import run_one_rollout
+    from lightning_core.rollouts.runner import RolloutSpec, RunnerSettings
+    from lightning_core.serving.app import build_app
+    from lightning_core.serving.client import GatewayAdminError, GatewayClient
+
+    def gateway(token: str | None):
+        return build_app(upstreams=["http://127.0.0.1:9"], base_model="base", policies=["calc"], token=token,
+                         exporter=InMemorySpanExporter())
+
+    def refusal(url: str, *, token: str | None, rollout_id: str = "r-0") -> str:
+        settings = RunnerSettings(agent="tests.helpers.flow_agent:run", collector_url="http://127.0.0.1:9",
+                                  gateway_url=url, model="calc", gateway_token=token, retries=0)
+        with pytest.raises(RunStopped) as stopped:
+            run_one_rollout(settings, RolloutSpec("r", 0, rollout_id, "task-7", "g", 0, {"question": "hi"}))
+        return str(stopped.value)
+
+    with _served(gateway("right")) as url, _served(gateway(None)) as open_url:
+        wrong_token = refusal(url, token="wrong")
+        not_a_gateway = refusal(f"{url}/elsewhere", token="right")
+        invalid = refusal(url, token="right", rollout_id="not a valid/rollout id")
+        with pytest.raises(GatewayAdminError) as unknown:  # what the gateway answers for a policy it does not serve
+            GatewayClient(url, token="right").register_rollout(rollout_id="r-1", policy="other")
+        client = GatewayClient(open_url)
+        client.http.headers["Host"] = "arclight.example"  # a token-less gateway reached by a name, not loopback
+        with pytest.raises(GatewayAdminError) as forbidden:
+            client.register_rollout(rollout_id="r-2")
+    assert "answered 401" in wrong_token and "set gateway.token (or ARCLIGHT_GATEWAY_TOKEN)" in wrong_token, wrong_token
+    assert "answered 404" in not_a_gateway and f"gateway.endpoint ({url}/elsewhere) is not an Arclight gateway" in \
+        not_a_gateway, not_a_gateway
+    from lightning_core.epoch.stages import refused_registration
+
+    policy = refused_registration(unknown.value, gateway_url=url, policies=["other"])
+    assert "answered 400" in policy and "the config's policies (other)" in policy and "gateway.endpoint" in policy, policy
+    host = refused_registration(forbidden.value, gateway_url=open_url, policies=["calc"])
+    assert "answered 403" in host and "gateway.token" in host, host
+    assert all("report this" not in m for m in (wrong_token, not_a_gateway, policy, host))
+    assert "answered 422" in invalid and "report this with the task's id" in invalid, invalid

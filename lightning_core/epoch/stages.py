@@ -75,15 +75,39 @@ def run_one_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attemp
         if exc.status is not None and 400 <= exc.status < 500:
             raise RunStopped(
                 f"the gateway at {settings.gateway_url} refused to register rollout {spec.rollout_id!r} of task "
-                f"{spec.task_id!r} (attempt {registering}): {exc}. This is neither the agent's failure nor an outage, and "
-                "running it again would be refused the same way, so the run stopped. Completed stages are kept; "
-                "report this with the task's id") from None
+                f"{spec.task_id!r} (attempt {registering}): "
+                + refused_registration(exc, gateway_url=settings.gateway_url, policies=[settings.model])) from None
         return _registration_failed(settings, spec, attempt=registering, error=exc)
     except httpx.HTTPError as exc:
         return _registration_failed(settings, spec, attempt=registering, error=exc)
     finally:
         with contextlib.suppress(httpx.HTTPError, GatewayAdminError):
             gateway.forget_rollout(spec.rollout_id)
+
+
+def refused_registration(error: Exception, *, gateway_url: str, policies: list[str]) -> str:
+    """The gateway's refusal of a registration (a 4xx), and what to do: a wrong token, a gateway of another config or
+    an endpoint that is no gateway are settings to fix; only a refusal no setting explains is ours to hear about."""
+    status, text = getattr(error, "status", None), str(error)
+    if status == 401:
+        advice = (f"set gateway.token (or ARCLIGHT_GATEWAY_TOKEN) to the token the gateway at {gateway_url} was started "
+                  "with (gateway.token in its config, or its --token)")
+    elif status == 403:
+        advice = (f"the gateway at {gateway_url} takes admin calls only with its own token: set gateway.token here and "
+                  "there (a gateway without one answers only requests addressed to localhost or an IP address, so "
+                  "gateway.endpoint must name it so)")
+    elif status == 400 and "is not served here" in text:
+        advice = (f"the config's policies ({', '.join(policies)}) are not the ones the gateway at {gateway_url} serves: "
+                  "gateway.endpoint names a gateway started for another config; point it at this project's gateway, "
+                  "or leave it unset so that the command starts one")
+    elif status in (404, 405):
+        advice = (f"gateway.endpoint ({gateway_url}) is not an Arclight gateway (it has no POST /admin/rollouts): set it "
+                  "to the URL `arclight serve` or `arclight up` printed, without /v1")
+    else:
+        return (f"{text}. This is neither the agent's failure nor an outage, and running it again would be refused the "
+                "same way, so the run stopped. Completed stages are kept; report this with the task's id")
+    return (f"{text}. The run stopped: a setting is wrong, and neither the agent nor an outage is to blame; "
+            f"{advice}. Completed stages are kept")
 
 
 def _registration_failed(settings: RunnerSettings, spec: RolloutSpec, *, attempt: int, error: Exception) -> RolloutOutcome:
