@@ -294,9 +294,8 @@ def traces(
                 failed = failed or report.error is not None
     except (PipelineError, InvalidName) as exc:
         fail(str(exc), code=2)
-    from lightning_core import tracking
+    from lightning_core.cli.progress import where_traces_are
 
-    console.print(escape(f"see them: mlflow ui --backend-store-uri {cfg.mlflow_uri}, then "
-                         f"{tracking.traces_url(cfg)}"))
+    console.print(escape(f"see them: {where_traces_are(cfg)}"))
     if failed:
         raise typer.Exit(1)

@@ -184,15 +184,21 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     console.print(f'         arclight query --lake {lake} "SELECT epoch, count(*), avg(reward) FROM triplets GROUP BY epoch"')
 
 
+def where_traces_are(config: ArclightConfig) -> str:
+    """How a user sees the project's traces: a tracking server's own page, or on a tracking store (SQLite) the one
+    ``mlflow ui`` command and then its page (``mlflow ui --backend-store-uri http://...`` would not start)."""
+    from lightning_core import tracking
+
+    server = config.mlflow_uri.startswith(("http://", "https://"))  # a tracking server has its own UI
+    ui = "" if server else f"mlflow ui --backend-store-uri {config.mlflow_uri}, then "
+    return f"{ui}{tracking.traces_url(config)}"
+
+
 def _print_traces(config: ArclightConfig, rows: list[dict[str, Any]], *, console: Console) -> None:
     """Where the run is in MLflow: the one ``mlflow ui`` command and the traces page, with how many rollouts it shows
     and the epochs whose traces are not all there (a failure or the time budget: ``arclight traces`` publishes them)."""
-    from lightning_core import tracking
-
     reports = [(r["epoch"], r["traces"]) for r in rows if r["traces"]]
-    server = config.mlflow_uri.startswith(("http://", "https://"))  # a tracking server has its own UI
-    ui = "" if server else f"mlflow ui --backend-store-uri {config.mlflow_uri}, then "
-    console.print(f"MLflow:  {config.mlflow_uri}   ({ui}{tracking.traces_url(config)})")
+    console.print(f"MLflow:  {config.mlflow_uri}   ({where_traces_are(config)})")
     if reports:
         shown = sum(t["published"] + t["already"] for _, t in reports)
         console.print(f"traces:  {shown} rollouts of {len(reports)} epochs (tracking.traces={reports[-1][1]['mode']})")
