@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -657,8 +657,8 @@ def load_config(path: str | os.PathLike[str] | None = None, *, overrides: list[s
 def _read_settings(file: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The settings of config ``file``, on top of those of the file its ``extends:`` names (a path relative to
     ``file``'s folder), recursively. Mappings merge key by key; any other value (a list, a scalar) replaces the base
-    file's. The base file's relative paths resolve, like the rest, from the project folder: by default the folder
-    of the file that was loaded, not the base file's."""
+    file's, and null deletes the base file's key. The base file's relative paths resolve, like the rest, from the
+    project folder: by default the folder of the file that was loaded, not the base file's."""
     source = str(file)
     try:
         loaded = yaml.safe_load(file.read_text()) or {}
@@ -678,15 +678,33 @@ def _read_settings(file: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{source}: extends: {parent} makes a cycle ({' -> '.join(str(f) for f in (*chain, base_file))})")
     if not base_file.is_file():
         raise ConfigError(f"{source}: extends: {parent}: config file not found (looked for {base_file})")
-    return _merged(_read_settings(base_file, chain), loaded)
+    return _merged(_read_settings(base_file, chain), loaded, ArclightConfig)
 
 
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``: nested mappings merged, everything else from ``top``."""
+def _merged(base: dict[str, Any], top: dict[str, Any], model: type[BaseModel] | None) -> dict[str, Any]:
+    """``top`` over ``base``, both settings of ``model`` (None: a mapping of the user's, such as
+    ``rollouts.resources``): nested mappings merged, everything else from ``top``. A null in ``top`` deletes the key:
+    a mapping's entry is gone, a setting is back to its default; a setting that takes null as a value of its own
+    (``trainer.sft_min_reward: null``, no threshold) gets it."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        field = model.model_fields.get(key) if model is not None else None  # an unknown key stays, to be reported
+        if value is None and (model is None or (field is not None and type(None) not in get_args(field.annotation))):
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value, _section(field))
+        else:
+            out[key] = value
     return out
+
+
+def _section(field: Any) -> type[BaseModel] | None:
+    """The settings model of a config field that holds a section; None for a mapping of the user's (or no field)."""
+    annotation = getattr(field, "annotation", None)
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _apply_override(data: dict[str, Any], override: str, source: str) -> None:

@@ -87,6 +87,27 @@ def test_a_config_extends_another_mapping_by_mapping_and_says_what_is_wrong_with
         load_config(sub / "odd.yaml")
 
 
+def test_null_in_a_config_that_extends_another_deletes_the_base_files_key(tmp_path):
+    """A training-only key of the base's mapping (rag's chain_doc_bonus) can be taken out in the file that extends it,
+    and a setting goes back to its default: null deletes, through a chain of files too."""
+    (tmp_path / "base.yaml").write_text(
+        "name: rag\nrollouts:\n  group_size: 4\n  resources: {k: 1, max_turns: 4, chain_doc_bonus: 0.1}\n"
+        "tracking:\n  mlflow_uri: http://mlflow.example:5000\ntrainer:\n  sft_min_reward: 0.6\n")
+    (tmp_path / "eval.yaml").write_text("extends: base.yaml\nrollouts:\n  group_size: null\n"
+                                        "  resources: {chain_doc_bonus: null, k: 2}\ntracking: null\n"
+                                        "trainer:\n  sft_min_reward: null\n")
+    cfg = load_config(tmp_path / "eval.yaml")
+    assert cfg.rollouts.resources == {"k": 2, "max_turns": 4}  # the key is gone, not None
+    assert cfg.rollouts.group_size == 8 and cfg.tracking.mlflow_uri is None  # the defaults, not the base's values
+    assert cfg.trainer.sft_min_reward is None  # null is this setting's own value (no threshold), not its default 1.0
+    (tmp_path / "typo.yaml").write_text("extends: base.yaml\ntrainer:\n  sft_min_rewrd: null\n")
+    with pytest.raises(ConfigError, match="unknown key 'trainer.sft_min_rewrd'"):  # a misspelt key is still reported
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "last.yaml").write_text("extends: eval.yaml\nrollouts:\n  resources: {max_turns: 6}\n")
+    assert load_config(tmp_path / "last.yaml").rollouts.resources == {"k": 2, "max_turns": 6}
+    assert load_config(tmp_path / "base.yaml").rollouts.resources["chain_doc_bonus"] == 0.1  # the base is unchanged
+
+
 def test_literal_values_are_not_parsed_as_yaml(tmp_path):
     cfg = load_config(None, overrides=[f"project_dir={tmp_path}"],
                       values={"collector.token": "Xy9 #long-secret-part", "gateway.host": "::", "lake.path": tmp_path / "a: b"})
