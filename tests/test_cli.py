@@ -194,6 +194,18 @@ def test_tokens_and_storage_keys_given_on_the_command_line_stay_out_of_the_proje
     assert "HF_TOKEN" in line and "collector.endpoint=http://127.0.0.1:" in line  # what is no secret stays readable
 
 
+def test_redaction_hides_secret_options_and_settings_and_keeps_the_rest():
+    from lightning_core.common.redact import redacted_argv
+
+    argv = ["gateway", "--token", "T1", "--api-key=T2", "--set=collector.token=T3", "--set", "trainer.max_tokens=64",
+            "--set", "pipeline.missing_token_ids=fail", "--set", "rollouts.command_env={OPENAI_API_KEY: T4, MODE: x}",
+            "--set", "serving.weights_storage_options.AWS_ENDPOINT_URL=T5", "--port", "8400"]
+    assert redacted_argv(argv) == [
+        "gateway", "--token", "***", "--api-key=***", "--set=collector.token=***", "--set", "trainer.max_tokens=64",
+        "--set", "pipeline.missing_token_ids=fail", "--set", 'rollouts.command_env={"OPENAI_API_KEY": "***", "MODE": "x"}',
+        "--set", "serving.weights_storage_options.AWS_ENDPOINT_URL=***", "--port", "8400"]
+
+
 def test_a_started_collector_reads_its_storage_options_without_them_on_its_command_line(tmp_path, s3):
     """``ps`` shows every user a process's command line: the storage options (S3 keys) and the token reach the
     collector some other way, and it still writes its spans to object storage with them."""
