@@ -153,7 +153,7 @@ def run_search(ctx: RunContext) -> dict[str, Any]:
     create_table_artifact(
         [{k: c[k] for k in ("version", "parent_version", "made_by", "round", "score", "score_tasks", "serving")} for c in candidates],
         key=t.artifact_key(run_id, "prompt-candidates"), description=f"Prompt versions of {name!r} after the search")
-    tracking.log_prompt_search(config, summary, candidates)
+    tracking.log_prompt_search(config, summary, candidates, lake=catalog.lake_id())
     return summary
 
 

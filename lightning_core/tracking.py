@@ -7,6 +7,11 @@ the reward curve; so do the per-agent metrics ``agent/<name>/{calls,triplets,rew
 (every agent, frozen ones too, logged to every policy's run). Each epoch adds a reward-curve plot, a
 per-agent plot (``plots/agents.png``), a table of sample trajectories and the checkpoint; each new
 version is registered as ``<project>-<policy>`` with an alias.
+
+MLflow is not the lake's alone: a store outlives ``rm -rf .arclight`` (``mlflow.db`` sits beside it), and one tracking
+server may serve several users of one project. So each run, model version and trace Arclight makes carries the lake's
+id (``LAKE``, the catalog's ``Catalog.lake_id()``), and only what carries this lake's id is resumed, replaced or
+counted as already there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from mlflow.tracking import MlflowClient
 log = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("reward/mean", "reward/std", "success_rate", "triplets", "zero_adv_groups")
+LAKE = "arclight.lake"  # the tag naming the lake a run, model version or trace belongs to
 
 
 def experiment_id(config) -> str:
@@ -39,12 +45,14 @@ def experiment_id(config) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_run(config, *, run_id: str, policy: str, params: dict[str, Any]) -> mlflow.ActiveRun:
-    """Start (or resume) the MLflow run of ``run_id``/``policy``; log params it does not have yet."""
+def start_run(config, *, run_id: str, policy: str, params: dict[str, Any], lake: str) -> mlflow.ActiveRun:
+    """Start (or resume) the MLflow run of ``run_id``/``policy`` in the lake ``lake`` (its id); log params it does not
+    have yet. Another lake's run of the same names is left alone."""
     exp = experiment_id(config)
     client = MlflowClient()
     found = client.search_runs(
-        [exp], filter_string=f"tags.`arclight.run_id` = '{run_id}' and tags.`arclight.policy` = '{policy}'",
+        [exp], filter_string=f"tags.`arclight.run_id` = '{run_id}' and tags.`arclight.policy` = '{policy}' "
+                             f"and tags.`{LAKE}` = '{lake}'",
         max_results=1,
     )
     if found:
@@ -52,7 +60,7 @@ def start_run(config, *, run_id: str, policy: str, params: dict[str, Any]) -> ml
         have = found[0].data.params
     else:
         active = mlflow.start_run(experiment_id=exp, run_name=f"{run_id}/{policy}",
-                                  tags={"arclight.run_id": run_id, "arclight.policy": policy})
+                                  tags={"arclight.run_id": run_id, "arclight.policy": policy, LAKE: lake})
         have = {}
     new = {k: _param(v) for k, v in params.items() if k not in have}
     changed = {k: _param(v) for k, v in params.items() if k in have and have[k] != _param(v)}
@@ -70,10 +78,12 @@ def traces_url(config, *, ui: str = "http://127.0.0.1:5000") -> str:
     return f"{base}/#/experiments/{experiment_id(config)}/traces"
 
 
-def runs_of(config, *, run_id: str) -> list[str]:
-    """The MLflow runs of an Arclight run, one per policy that has trained (in the config's order of policies)."""
+def runs_of(config, *, run_id: str, lake: str) -> list[str]:
+    """The MLflow runs of an Arclight run of the lake ``lake``, one per policy that has trained (in the config's order
+    of policies)."""
     exp = experiment_id(config)
-    found = MlflowClient().search_runs([exp], filter_string=f"tags.`arclight.run_id` = '{run_id}'", max_results=100)
+    found = MlflowClient().search_runs(
+        [exp], filter_string=f"tags.`arclight.run_id` = '{run_id}' and tags.`{LAKE}` = '{lake}'", max_results=100)
     by_policy = {r.data.tags.get("arclight.policy"): r.info.run_id for r in found}
     return [by_policy[p.name] for p in config.policies if p.name in by_policy]
 
@@ -122,9 +132,9 @@ def log_reward_curve(run_id: str, *, epoch: int) -> str:
     return artifact
 
 
-def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> None:
+def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[str, Any]], *, lake: str) -> None:
     """Log the newest held-out evaluation (``eval/success_rate``, ``eval/reward_mean`` at step = epochs trained)
-    and the learning-curve plot to every policy's MLflow run."""
+    and the learning-curve plot to every policy's MLflow run (of the lake ``lake``)."""
     if not curve:
         return
     import matplotlib
@@ -147,7 +157,7 @@ def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[st
     ax.legend(loc="lower right")
     fig.tight_layout()
     for policy in config.policies:
-        with start_run(config, run_id=config.run_name, policy=policy.name, params={}) as run:
+        with start_run(config, run_id=config.run_name, policy=policy.name, params={}, lake=lake) as run:
             step = int(latest["after_epochs"])
             logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval/success_rate")
             if all(m.step != step for m in logged):  # an evaluation reused by `arclight evaluate` is logged once
@@ -169,10 +179,11 @@ def agent_metric_name(agent: str | None, metric: str) -> str:
     return f"agent/{name}/{metric}"
 
 
-def log_agent_epochs(config, rows: list[dict[str, Any]], *, epoch: int) -> None:
+def log_agent_epochs(config, rows: list[dict[str, Any]], *, epoch: int, lake: str) -> None:
     """Log the per-agent metrics of ``epoch`` (``agent/<name>/{calls,triplets,reward_mean,success_rate}``,
     step = epoch) and a plot of every agent across the run's epochs, frozen agents dashed, to every
-    policy's MLflow run. ``rows`` are the run's ``agent_epochs`` rows (``epoch.agent_epochs``)."""
+    policy's MLflow run (of the lake ``lake``). ``rows`` are the run's ``agent_epochs`` rows
+    (``epoch.agent_epochs``)."""
     if not rows:
         return
     import matplotlib
@@ -201,7 +212,7 @@ def log_agent_epochs(config, rows: list[dict[str, Any]], *, epoch: int) -> None:
     fig.tight_layout()
     current = [r for r in rows if r["epoch"] == epoch]
     for policy in config.policies:
-        with start_run(config, run_id=config.run_name, policy=policy.name, params={}) as run:
+        with start_run(config, run_id=config.run_name, policy=policy.name, params={}, lake=lake) as run:
             logged = MlflowClient().get_metric_history(run.info.run_id, agent_metric_name(current[0]["agent_name"], "calls")) if current else []
             if all(m.step != epoch for m in logged):  # a resumed epoch publishes its report again
                 log_metrics({agent_metric_name(r["agent_name"], k): r[k] for r in current
@@ -210,9 +221,9 @@ def log_agent_epochs(config, rows: list[dict[str, Any]], *, epoch: int) -> None:
     plt.close(fig)
 
 
-def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str, Any]]) -> None:
-    """Log a prompt search to its own MLflow run (``<run>.apo`` / ``prompt:<name>``): best score per round
-    (metric and plot), every candidate with score, parent and critique (a table), held-out scores."""
+def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str, Any]], *, lake: str) -> None:
+    """Log a prompt search to its own MLflow run (``<run>.apo`` / ``prompt:<name>``, of the lake ``lake``): best score
+    per round (metric and plot), every candidate with score, parent and critique (a table), held-out scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +234,7 @@ def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str
               "apo.branch_factor": po.branch_factor, "apo.tasks_per_eval": po.tasks_per_eval,
               "apo.samples_per_task": po.samples_per_task, "apo.critic": po.critic.kind,
               "apo.critic_model": po.critic.function or po.critic.model or config.model.served_name}
-    with start_run(config, run_id=summary["run_id"], policy=f"prompt:{summary['prompt']}", params=params):
+    with start_run(config, run_id=summary["run_id"], policy=f"prompt:{summary['prompt']}", params=params, lake=lake):
         for r in summary["rounds"]:
             log_metrics({"apo/best_score": r["best_score"], "apo/candidates": r["candidates"], "apo/rollouts": r["rollouts"],
                          "apo/proposals": r["proposals"], "apo/rejected": len(r["rejected"])}, step=r["round"])
@@ -278,19 +289,23 @@ def registered_model_name(config, policy: str) -> str:
     return f"{config.name}-{policy}"
 
 
-def register_version(config, *, policy: str, source: str, mlflow_run_id: str, version: str, alias: str) -> str:
-    """Register a checkpoint as a model version, alias it, and return the registry version number."""
+def register_version(config, *, policy: str, source: str, mlflow_run_id: str, version: str, alias: str,
+                     lake: str) -> str:
+    """Register a checkpoint as a model version of the lake ``lake``, alias it, and return the registry version
+    number."""
     client = MlflowClient()
     name = registered_model_name(config, policy)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, tags={"arclight.policy": policy})
-    # a model version of this id is an interrupted training's (registered, never recorded in the catalog, which
-    # numbers versions): it points at weights nothing serves, so it goes before the version is registered again
-    for orphan in client.search_model_versions(f"name = '{name}' AND tags.`arclight.version` = '{version}'"):
+    # a model version of this id from this lake is an interrupted training's (registered, never recorded in the
+    # catalog, which numbers versions): it points at weights nothing serves, so it goes before the version is
+    # registered again. Another lake's version of the same id (the lake made again, another user) is that lake's.
+    for orphan in client.search_model_versions(
+            f"name = '{name}' AND tags.`arclight.version` = '{version}' AND tags.`{LAKE}` = '{lake}'"):
         client.delete_model_version(name, orphan.version)
     # register_model() of a plain artifact folder fails in MLflow 3.17 (no MLmodel); this does not.
     mv = client.create_model_version(name, source=source, run_id=mlflow_run_id,
-                                     tags={"arclight.version": version, "arclight.policy": policy})
+                                     tags={"arclight.version": version, "arclight.policy": policy, LAKE: lake})
     set_alias(config, policy=policy, registry_version=str(mv.version), alias=alias)
     return str(mv.version)
 

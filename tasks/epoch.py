@@ -157,7 +157,7 @@ def log_traces(result: dict[str, Any] | None) -> None:
 def log_eval_curve(ctx: RunContext) -> list[dict[str, Any]]:
     """Log the held-out learning curve to MLflow (metrics and a plot); return it."""
     curve = reports.eval_curve(ctx)
-    tracking.log_eval_curve(ctx.config, curve, reports.summary_rows(ctx))
+    tracking.log_eval_curve(ctx.config, curve, reports.summary_rows(ctx), lake=ctx.catalog.lake_id())
     return curve
 
 
@@ -188,7 +188,7 @@ def publish_epoch_report(ctx: RunContext, *, run_id: str, epoch: int) -> None:
             success = "" if a["success_rate"] is None else f"{a['success_rate']:.0%}"
             lines.append(f"| {a['agent_name'] or '(no agent)'} | {a['policy'] or 'frozen'} | {a['calls']} | {a['triplets']} "
                          f"| {reward} | {success} |")
-    tracking.log_agent_epochs(config, agents, epoch=epoch)
+    tracking.log_agent_epochs(config, agents, epoch=epoch, lake=ctx.catalog.lake_id())
     lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · state tables: `{ctx.catalog.state_root}`"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(run_id, "report"), description="Reward per epoch")
 

@@ -286,7 +286,33 @@ class Catalog:
         self.lake_root.mkdir(parents=True, exist_ok=True)
         ensure_schema_files(self.lake_root)
         self.state_root.mkdir(parents=True, exist_ok=True)
+        self.lake_id()
         self.load_sql()
+
+    def lake_id(self) -> str:
+        """This lake's id: 32 hex digits made once, when its state folder is first used (a lake made before lake ids
+        gets one then), and kept in it (``<state>/lake_id``). What it names in a store shared with other lakes -- MLflow
+        runs, model versions and traces, tagged ``arclight.lake`` -- is this lake's: a lake made again after
+        ``rm -rf .arclight``, or another user's of the same project, has its own."""
+        path = self.state_root / LAKE_ID_FILE
+        if not path.is_file():
+            self.state_root.mkdir(parents=True, exist_ok=True)
+            made = self.state_root / f".{LAKE_ID_FILE}.{os.getpid()}.{uuid.uuid4().hex}"
+            made.write_text(uuid.uuid4().hex + "\n")
+            fsync_file(made)
+            try:
+                os.link(made, path)  # the first to make one wins; the others read it back
+            except FileExistsError:
+                pass
+            finally:
+                made.unlink()
+            fsync_dir(self.state_root)
+        text = path.read_text().strip()
+        if not re.fullmatch(r"[0-9a-f]{32}", text):
+            raise ValueError(f"{path} should hold this lake's id, 32 hex digits; found {text[:80]!r}: remove the file "
+                             "and a new id is made (MLflow runs, model versions and traces tagged with the old one are "
+                             "then another lake's)")
+        return text
 
     def load_sql(self) -> str:
         """SQL that makes the state tables with their newest committed rows (``state_sql``); the state of an
@@ -378,6 +404,7 @@ class Catalog:
 
 
 LOCK_FILE = ".write.lock"
+LAKE_ID_FILE = "lake_id"  # Catalog.lake_id
 MIGRATED_MARK = "MIGRATED_FROM_CATALOG_FILE"
 _writing = threading.local()  # per thread: the state folders it is writing, and their connections
 

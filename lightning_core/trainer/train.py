@@ -213,7 +213,7 @@ def train_policy(
         stats["behaviour_correction"] = correction  # recorded with the version
 
     stats["learning_rate"] = learning_rate
-    with tracking.start_run(config, run_id=run_id, policy=policy, params=params) as run:
+    with tracking.start_run(config, run_id=run_id, policy=policy, params=params, lake=catalog.lake_id()) as run:
         mlflow_run_id = run.info.run_id
         sampled = {k: float(v) for k, v in (epoch_metrics or {}).items()}
         stats.update(sampled)
@@ -256,7 +256,7 @@ def train_policy(
         path, root = Path(done.path), cfg.output_dir / policy
         source = done.source or tracking.log_checkpoint(path, version=version)
         registry_version = tracking.register_version(config, policy=policy, source=source, mlflow_run_id=mlflow_run_id,
-                                                     version=version, alias=cfg.registry_alias)
+                                                     version=version, alias=cfg.registry_alias, lake=catalog.lake_id())
         versions.record_version(
             catalog, version=version, policy=policy, parent_version=parent_version, run_id=run_id, epoch=epoch,
             path=str(path), metrics=stats, kind=cfg.finetune, base_model=str(Path(base_model_dir).resolve()),
