@@ -10,8 +10,8 @@ ui``); ``mlflow.search_traces`` reads them back.
 Publishing is bounded and stoppable, and never fails an epoch: its work runs in a thread of its own, and
 ``publish_epoch`` returns when that is done, when ``tracking.traces_timeout_s`` has passed, or within a quarter second
 of a stop (``common/stopping.py``: Ctrl-C), whichever comes first -- whatever the slow part is (the SQL that rebuilds
-the trees, reading what MLflow has, MLflow's SQLite file locked by another writer). The thread then writes nothing
-more. An error there (MLflow's ``database is locked`` among them) is the report's ``error``, a line in the epoch's
+the trees, reading what MLflow has, MLflow's SQLite file locked by another writer). The thread then starts no other
+trace (the one it is making is finished, or left without its published tag and made again next time). An error there (MLflow's ``database is locked`` among them) is the report's ``error``, a line in the epoch's
 summary. It reports what it did and what it left. It is idempotent within a lake: a trace this lake (its
 ``arclight.lake`` tag, ``Catalog.lake_id``) already published for the same rollout attempt is kept, one cut off half-way
 (no ``arclight.published`` tag) is deleted and made again; another lake's traces of the same run, epoch and rollout
@@ -123,7 +123,7 @@ def publish_epoch(config: ArclightConfig, *, run_id: str | None, epoch: int | No
                 why = f"tracking.traces_timeout_s ({settings.traces_timeout_s:g} s) ran out"
                 break
     finally:
-        work.cancel.set()  # the thread writes nothing more (a KeyboardInterrupt here too)
+        work.cancel.set()  # the thread starts nothing more (on a KeyboardInterrupt here too)
     with work.lock:
         result = dataclasses.replace(report, trace_ids=list(report.trace_ids))
         phase = work.phase
