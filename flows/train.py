@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, unmapped
@@ -366,13 +367,15 @@ def run_evaluation(ctx: RunContext, *, label: str | None = None, tasks: int | No
     settings = stages.runner_settings(ctx, mode="eval", prompt_versions=prompt_versions)
     label = label or reports.eval_label(config, deploy.serving_versions(ctx), tasks=tasks,
                                         prompt_versions=settings.prompt_versions)
-    eval_epoch = reports.eval_epoch(ctx.catalog, run_id=eval_run, label=label)
+    # the same versions on another held-out file (or on this file's new contents) are another evaluation
+    eval_epoch = reports.eval_epoch(ctx.catalog, run_id=eval_run, label=label,
+                                    dataset=reports.eval_dataset(config, tasks=tasks))
     counts = run_round(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
     result = reports.record_eval(ctx, epoch=eval_epoch, label=label)
     if config.tracking.traces != "off":
         t.log_traces(t.publish_traces(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", label=label))
     create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
-                          description=f"Held-out evaluation of {label}")
+                          description=f"Held-out evaluation of {label} on {Path(result['dataset']).name}")
     get_run_logger().info("evaluation of %s after %s epochs: %s (rollouts %s)", label, result["after_epochs"], result, counts)
     t.log_eval_curve(ctx)
     return result

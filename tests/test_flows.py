@@ -242,6 +242,40 @@ def test_a_run_stopped_by_the_agents_own_failures_trains_the_epoch_to_the_end_on
         assert con.execute("SELECT DISTINCT attempt FROM triplets WHERE run_id = 'agent-down'").fetchall() == [(1,)]
 
 
+def test_an_evaluation_on_another_held_out_file_runs_its_own_rollouts_and_reports_its_own_figure(
+        prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir):
+    # issue 68, finding 10: `arclight evaluate --set rollouts.eval_dataset=<other>.jsonl` right after an evaluation
+    # of the same version planned 3 rollouts and ran 0, then reported the first file's figure as its own
+    from flows.train import evaluate
+
+    held_out = _dataset(tmp_path / "test.jsonl", [  # the flow agent scores "constant" tasks 0.5
+        {"id": f"test-{i:04d}", "behavior": "constant", "question": f"Say {i}.", "target": "-"} for i in range(3)])
+    reworded = _dataset(tmp_path / "test_reworded.jsonl", [  # ... and these 1.0: the target "" is in every reply
+        {"id": f"reph-{i:04d}", "question": f"Repeat the number {i}.", "target": ""} for i in range(3)])
+    overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                           tiny_model_dir=tiny_model_dir, dataset=held_out,
+                           **{"run_name": "evalsets", "rollouts.eval_dataset": held_out, "tracking.traces": "off"})
+    cfg = make_config(tmp_path, *overrides)
+
+    def rollouts_by_epoch():
+        with Catalog.from_config(cfg).read() as con:
+            return dict(con.execute("SELECT epoch, list(task_id ORDER BY task_id) FROM rollouts "
+                                    "WHERE run_id = 'evalsets.eval' AND status = 'succeeded' GROUP BY epoch").fetchall())
+
+    first = evaluate(overrides=overrides)
+    second = evaluate(overrides=[*overrides, f"rollouts.eval_dataset={reworded}"])
+    assert first["label"] == second["label"] == "base"  # one version serving, two held-out files
+    assert second["eval_epoch"] != first["eval_epoch"]
+    assert rollouts_by_epoch() == {first["eval_epoch"]: [f"test-{i:04d}" for i in range(3)],
+                                   second["eval_epoch"]: [f"reph-{i:04d}" for i in range(3)]}  # 3 planned, 3 ran
+    assert (first["dataset"], first["tasks"], first["reward_mean"], first["success_rate"]) == (held_out, 3, 0.5, 0.0)
+    assert (second["dataset"], second["tasks"], second["success_rate"]) == (reworded, 3, 1.0)
+    assert second["reward_mean"] == pytest.approx(1.0)
+
+    again = evaluate(overrides=overrides)  # the first file again: the same evaluation, reused, nothing runs
+    assert again == first and len(rollouts_by_epoch()) == 2
+
+
 def test_a_flow_logs_on_when_the_log_folder_of_an_earlier_flows_project_was_removed(prefect_harness, tmp_path):
     """A flow called from Python keeps logging to its project's file after it returns. When that folder goes (a
     deleted project, a test's temporary folder) and the handler had been closed meanwhile (``logging.config`` closes

@@ -3,14 +3,17 @@ failures), the held-out evaluations and their learning curve."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from lightning_core.epoch import bookkeeping as ep
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig
 from lightning_core.epoch.context import RunContext
+from lightning_core.rollouts.dataset import DatasetError
 
 
 log = logging.getLogger("arclight.reports")
@@ -80,15 +83,31 @@ def eval_run_id(config: ArclightConfig) -> str:
     return f"{config.run_name}.eval"
 
 
-def eval_epoch(catalog: Catalog, *, run_id: str, label: str) -> int:
-    """Return the eval epoch of ``label`` (the versions evaluated): its earlier one, or a new one."""
+def eval_dataset(config: ArclightConfig, *, tasks: int | None = None) -> dict[str, Any]:
+    """Say what an evaluation runs on: the held-out file's path, the sha256 of its bytes and the cap on its tasks
+    (``tasks``, else ``rollouts.eval_tasks``). Two evaluations of the same versions are one only when these match."""
+    path = config.rollouts.eval_dataset
+    if path is None:
+        raise DatasetError("rollouts.eval_dataset is not set: point it at a JSONL file of held-out tasks")
+    if not Path(path).is_file():
+        raise DatasetError(f"held-out dataset {path} not found: set rollouts.eval_dataset to a JSONL file")
+    return {"dataset": str(path), "dataset_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "eval_tasks": tasks or config.rollouts.eval_tasks}
+
+
+def eval_epoch(catalog: Catalog, *, run_id: str, label: str, dataset: dict[str, Any] | None = None) -> int:
+    """Return the eval epoch of ``label`` (the versions evaluated) on ``dataset`` (``eval_dataset``): its earlier one,
+    or a new one. An epoch recorded without the dataset's identity (a lake from before it was kept) matches none."""
     with catalog.read(spans=False) as con:
-        rows = con.execute("SELECT epoch, policy_version FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id]).fetchall()
-    for number, evaluated in rows:
-        if evaluated == label:
+        rows = con.execute("SELECT epoch, policy_version, stats FROM epochs WHERE run_id = ? ORDER BY epoch",
+                           [run_id]).fetchall()
+    for number, evaluated, stats in rows:
+        kept = json.loads(stats) if stats else {}
+        if evaluated == label and all(kept.get(key) == value for key, value in (dataset or {}).items()):
             return number
     number = rows[-1][0] + 1 if rows else 0
-    ep.set_epoch_status(catalog, run_id=run_id, epoch=number, status="planned", policy_version=label)
+    ep.set_epoch_status(catalog, run_id=run_id, epoch=number, status="planned", policy_version=label,
+                        **({"stats": dataset} if dataset else {}))
     return number
 
 
@@ -113,9 +132,9 @@ def record_eval(ctx: RunContext, *, epoch: int, label: str) -> dict[str, Any]:
     stats = json.loads(row[0][0]) if row and row[0][0] else {}
     if "after_epochs" not in stats:  # an evaluation reused later keeps the epoch count of its first run
         stats["after_epochs"] = sum(1 for r in summary_rows(ctx) if r["status"] == "completed")
-        stats["dataset"] = str(config.rollouts.eval_dataset)
+    stats.setdefault("dataset", str(config.rollouts.eval_dataset))  # eval_dataset's identity put it there at planning
     ep.set_epoch_status(catalog, run_id=eval_run_id(config), epoch=epoch, status="completed", stats=stats)
-    return {**eval_result(ctx, epoch=epoch, label=label), "after_epochs": stats["after_epochs"]}
+    return {**eval_result(ctx, epoch=epoch, label=label), "dataset": stats["dataset"], "after_epochs": stats["after_epochs"]}
 
 
 def eval_curve(ctx: RunContext) -> list[dict[str, Any]]:
