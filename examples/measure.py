@@ -114,7 +114,8 @@ def main() -> None:
                 up_s = time.perf_counter() - started
                 load_before = os.getloadavg()
                 # labelled by the versions serving, so the train flow's own evaluations (evaluation.every_epochs) of
-                # the same versions are reused rather than run twice
+                # the same versions on the same file are reused rather than run twice; each --extra-eval file is its
+                # own evaluation (reports.eval_dataset: path and sha256), even beside another file of the same stem
                 before = evaluate(config_path=str(config_path), overrides=overrides)
                 t_extra = time.perf_counter()
                 extra = {path: {"before": evaluate(config_path=str(config_path), label=f"{path.stem}:before",
