@@ -1,7 +1,8 @@
 """Do vLLM and the trainer agree on the policy (issue 56)? A tiny model served in bf16 and trained in fp32: the
 logprobs vLLM recorded differ from the trainer's even on the first micro-batch of an on-policy step, so PPO's ratio
-against them is not 1 and clipping drops tokens; the default correction (decoupled, chosen because the numerics
-differ) brings the clipped share down to what fp32 serving gives."""
+against them is not 1 and clipping drops tokens. The default correction (decoupled) takes its ratio against the
+trainer's own logprobs, 1 there by construction; vLLM's enter as the behaviour weight, which is then not 1, and which
+fp32 serving leaves at 1 (issue 68)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from tests.conftest import make_config
 
 pytestmark = pytest.mark.integration
 
-# a tight clip, so that the tiny model's bf16 rounding shows as clipped tokens
-TIGHT = ["trainer.epsilon_low=0.01", "trainer.epsilon_high=0.01"]
+# a tight clip and cap, so that the tiny model's bf16 rounding shows as clipped tokens and capped weights
+TIGHT = ["trainer.epsilon_low=0.01", "trainer.epsilon_high=0.01", "trainer.importance_cap=1.01"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def _sampled(url: str, *, seed: int) -> list[dict]:
 
 def _first_step(tmp_path, tiny_model_dir, rows: list[dict], *, dtype: str, run: str, extra=()) -> dict:
     """One epoch of GRPO on ``rows`` by the trainer (fp32 on this CPU) of a config whose vLLM serves in ``dtype``:
-    the gap, the clipped share at its first step, and the correction it used."""
+    the gap, the clipped share at its first step, what ppo clipped or would have, the behaviour weight (decoupled),
+    and the correction it used."""
     from lightning_core.trainer.train import train_policies
     from tests.tiny_llama import triplet_table
 
@@ -63,26 +65,32 @@ def _first_step(tmp_path, tiny_model_dir, rows: list[dict], *, dtype: str, run: 
                               triplets={"default": triplet_table([{**r, "run_id": run} for r in rows])})
     m = result.metrics
     return {"gap_mean": m["logprob_gap/epoch_start_mean"], "gap_max": m["logprob_gap/epoch_start_max"],
-            "clipped": m["clip_ratio/epoch_start"], "correction": m["behaviour_correction"]}
+            "clipped": m["clip_ratio/epoch_start"], "ppo_clipped": m["clip_ratio/epoch_start_ppo_equivalent"],
+            "capped": m.get("behaviour_weight/epoch_start_capped"), "weight": m.get("behaviour_weight/epoch_start_mean"),
+            "correction": m["behaviour_correction"]}
 
 
-def test_bf16_serving_and_fp32_training_disagree_on_policy_and_the_default_correction_clips_no_more_than_fp32(
+def test_bf16_serving_and_fp32_training_disagree_on_policy_and_the_default_corrects_with_a_behaviour_weight_off_1(
         tmp_path, bf16_vllm, vllm_server, tiny_model_dir):
-    fp32 = _first_step(tmp_path, tiny_model_dir, _sampled(vllm_server.url, seed=0), dtype="float32", run="gap-fp32",
-                       extra=["trainer.behaviour_correction=ppo"])
+    fp32 = _first_step(tmp_path, tiny_model_dir, _sampled(vllm_server.url, seed=0), dtype="float32", run="gap-fp32")
     bf16_rows = _sampled(bf16_vllm.url, seed=0)
     ppo = _first_step(tmp_path, tiny_model_dir, bf16_rows, dtype="bfloat16", run="gap-bf16-ppo",
                       extra=["trainer.behaviour_correction=ppo"])
     default = _first_step(tmp_path, tiny_model_dir, bf16_rows, dtype="bfloat16", run="gap-bf16-auto")
-    print(json.dumps({"fp32": fp32, "bf16 ppo": ppo, "bf16 default": default}))
-    # fp32 against fp32: the same numbers up to summation order, so ppo's ratio starts at 1 (the level to reach)
-    assert fp32["correction"] == "ppo" and fp32["gap_mean"] < 1e-4
+    print(json.dumps({"fp32 default": fp32, "bf16 ppo": ppo, "bf16 default": default}))
+    # fp32 against fp32: the same numbers up to summation order, so the behaviour weight is 1 and ppo would clip
+    # nothing (the level to reach)
+    assert fp32["correction"] == "decoupled" and fp32["gap_mean"] < 1e-4
+    assert fp32["weight"] == pytest.approx(1.0, abs=1e-4) and fp32["capped"] == 0.0 and fp32["ppo_clipped"] == 0.0
     # bf16 against fp32, on the first micro-batch of an on-policy step: the ratio is not 1, and ppo clips for it
     assert ppo["correction"] == "ppo" and ppo["gap_mean"] > 20 * max(fp32["gap_mean"], 1e-6)
-    assert ppo["clipped"] > fp32["clipped"] + 0.01
-    # the default sees that the numerics differ and corrects: no more clipped than fp32 serving
+    assert ppo["clipped"] > 0.05 and ppo["ppo_clipped"] == pytest.approx(ppo["clipped"], abs=0.05)
+    # the default: its ratio is 1 here by construction, so it reports no clipped share; the behaviour weight carries
+    # the gap (off 1, often past the cap), and what ppo would have clipped is what ppo did on the same samples
     assert default["correction"] == "decoupled" and default["gap_mean"] == pytest.approx(ppo["gap_mean"])
-    assert default["clipped"] <= fp32["clipped"]
+    assert default["clipped"] != default["clipped"]  # NaN: not reported
+    assert default["capped"] > 0.05 and abs(default["weight"] - 1) > 1e-3
+    assert default["ppo_clipped"] == pytest.approx(ppo["ppo_clipped"])
 
 
 def test_auto_chooses_the_correction_from_how_vllm_and_the_trainer_compute(tmp_path):

@@ -215,7 +215,10 @@ def test_piped_to_a_file_a_plain_line_per_stage_event_and_tables_as_wide_as_thei
     # served and trained in fp32: no gap to speak of, and decoupled (auto)
     [gap] = [line for line in lines if line.startswith("vLLM against the trainer, at each epoch's first step")]
     assert float(gap.split("logprob gap mean ")[1].split(",")[0].split("-")[-1]) < 1e-3, gap
-    assert "behaviour correction decoupled; clipped at the first micro-batch: " in gap, gap
+    # decoupled's ratio is 1 at the first micro-batch by construction: the line shows the behaviour weight instead,
+    # at 1 with both in fp32, and what ppo would have clipped (nothing)
+    assert ("behaviour correction decoupled; behaviour weight at importance_cap: 0.0% of tokens (mean 1.000); "
+            "ppo would have clipped 0.0%") in gap, gap
 
 
 def test_asking_for_fewer_epochs_than_the_run_has_says_so_and_starts_nothing(tmp_path, tiny_model_dir):
