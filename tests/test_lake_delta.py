@@ -180,25 +180,62 @@ def test_local_copies_of_s3_files_are_removed_once_vacuum_removed_them_from_the_
     assert _raw_counts(root, "mirror") == (40, 40)
 
 
-def _compact_forever(root: str) -> None:
+def test_the_lake_folder_records_where_its_spans_are_but_no_storage_key(tmp_path):
+    """``spans.location.json`` tells every reader of the lake folder where the span tables are, and the folder is
+    readable by other users of the host: it keeps the endpoint and the options, never a key or a token. The process
+    that was given them goes on using them; another reader takes its credentials from the AWS_* environment."""
+    from lightning_core.store.location import LOCATION_FILE, location
+
+    public = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}
+    keys = {"AWS_ACCESS_KEY_ID": "SECRET-id-20f1", "AWS_SECRET_ACCESS_KEY": "SECRET-aws-3b9e",
+            "AWS_SESSION_TOKEN": "SECRET-sts-c5a7"}
+    cfg = make_config(tmp_path, "lake.spans_uri=s3://arclight/keys/spans", f"lake.storage_options={json.dumps(public | keys)}")
+    Catalog.from_config(cfg)  # what every command does first: records where the spans live
+    recorded = (cfg.lake.path / LOCATION_FILE).read_text()
+    assert "SECRET-" not in recorded, recorded
+    assert json.loads(recorded) == {"uri": "s3://arclight/keys/spans", "storage_options": public}
+    assert location(cfg.lake.path).options == public | keys  # this process still reads the store with its keys
+
+
+def _compact_forever(root: str, begun: str) -> None:
     lake = Lake(root)
+    Path(begun).touch()  # the parent kills from here on: the first compaction begins now
     while True:
         lake.compact(min_files=2, idle_s=0)
 
 
-@pytest.mark.parametrize("after_s", [0.05, 0.3, 1.0])
-def test_a_compactor_killed_at_any_moment_leaves_every_span_once(tmp_path, after_s):
+def _log_version(table_path: Path) -> int:
+    """The table's latest version, from its log's file names (cheap enough to poll)."""
+    return max(int(p.stem) for p in (table_path / "_delta_log").glob("*.json"))
+
+
+@pytest.mark.parametrize("kill_at", ["begun", 1, 6])
+def test_a_compactor_killed_at_any_moment_leaves_every_span_once(tmp_path, kill_at):
+    """Killed as its first compaction begins, or right after its first or sixth commit (of 12 partitions): every
+    span once, and the next compactor compacts exactly the partitions the killed one left."""
     lake = Lake(tmp_path / "lake")
     for epoch in range(12):
         for _ in range(4):
             lake.write(request_to_tables(_request("ck", 25, epoch=epoch)))
-    child = multiprocessing.get_context("spawn").Process(target=_compact_forever, args=(str(tmp_path / "lake"),))
+    table_path = lake.table_path("training")
+    written = _log_version(table_path)
+    begun = tmp_path / "begun"
+    child = multiprocessing.get_context("spawn").Process(target=_compact_forever,
+                                                         args=(str(tmp_path / "lake"), str(begun)))
     child.start()
-    time.sleep(after_s + 2.0)  # the spawned interpreter takes ~2 s to import
+    deadline = time.monotonic() + 120
+    while not (begun.exists() if kill_at == "begun" else _log_version(table_path) >= written + kill_at):
+        assert child.is_alive() and time.monotonic() < deadline, f"the child compactor never reached {kill_at!r}"
+        time.sleep(0.005)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
     assert _raw_counts(tmp_path / "lake", "ck") == (1200, 1200)
-    assert Lake(tmp_path / "lake").compact(min_files=2, idle_s=0) >= 0  # what it left does not stop the next one
+    history = open_table(tmp_path / "lake", "training", create=False).history()
+    compacted = sum(h["operation"] == "OPTIMIZE" for h in history)  # the killed child's commits: each one partition
+    assert len(history) - compacted == written + 1  # the create and the 48 appends; nothing else committed
+    assert compacted >= (0 if kill_at == "begun" else kill_at)
+    # what it left does not stop the next one, which compacts exactly the partitions still in 4 files
+    assert Lake(tmp_path / "lake").compact(min_files=2, idle_s=0) == 12 - compacted
     snap = snapshot(tmp_path / "lake")
     assert len(snap.files["training"]) == 12 and _raw_counts(tmp_path / "lake", "ck") == (1200, 1200)
 
