@@ -45,3 +45,18 @@ def test_an_evaluation_is_reused_only_on_the_same_held_out_file_with_the_same_co
     assert capped != changed and reports.eval_dataset(on_test, tasks=1) == capped
     with catalog.read(spans=False) as con:
         assert con.execute("SELECT count(*) FROM epochs WHERE run_id = 'calc-1.eval'").fetchall()[0][0] == 3
+
+
+def test_an_evaluation_recorded_before_the_files_identity_was_kept_is_run_once_more(tmp_path):
+    from lightning_core.epoch import bookkeeping as ep
+
+    test = _write(tmp_path / "test.jsonl", "test", ["Chloe has 4 boxes with 4 apples each."])
+    cfg = make_config(tmp_path, f"rollouts.eval_dataset={test}")
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    # what an older lake holds: the label, and the path record_eval wrote after the run, but no sha256 or task cap
+    ep.set_epoch_status(catalog, run_id="calc-1.eval", epoch=0, status="completed", policy_version="calc-v16",
+                        stats={"after_epochs": 16, "dataset": test})
+    again = reports.eval_epoch(catalog, run_id="calc-1.eval", label="calc-v16", dataset=reports.eval_dataset(cfg))
+    assert again == 1  # its file's contents are unknown, so it is not taken for this one: a new evaluation runs
+    assert reports.eval_epoch(catalog, run_id="calc-1.eval", label="calc-v16", dataset=reports.eval_dataset(cfg)) == 1
