@@ -50,13 +50,21 @@ def test_query_is_read_only_and_reports_sql_errors(tmp_path):
 
 def test_shell_runs_statements_read_only(tmp_path):
     lake = _lake_with_spans(tmp_path)
+    export = tmp_path / "export.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_core", "shell", "--lake", str(lake)],
-        input="SELECT count(*) AS n\nFROM spans WHERE run_id = 'cli';\n.quit\n",
+        input=(f"COPY (SELECT * FROM spans) TO '{export}';\n"  # writes: each refused, and the shell goes on
+               "CREATE TABLE t AS SELECT 1 AS x;\n"
+               "SELECT count(*) AS tables_made FROM duckdb_tables() WHERE table_name = 't';\n"
+               "SELECT count(*) AS n\nFROM spans WHERE run_id = 'cli';\n.quit\n"),
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "│ 2 " in proc.stdout or " 2 " in proc.stdout
+    assert "read-only here: COPY statements are refused" in proc.stderr, proc.stderr
+    assert "read-only here: CREATE statements are refused" in proc.stderr, proc.stderr
+    assert not export.exists()  # nothing written outside the lake ...
+    made, spans = proc.stdout.split("tables_made")[1].split("┃ n ┃")
+    assert "│ 0 " in made and "│ 2 │" in spans, proc.stdout  # ... nor a table inside it; the spans as before
 
 
 def test_config_errors_exit_2_without_a_traceback(tmp_path):
