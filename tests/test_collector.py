@@ -163,13 +163,34 @@ def test_invalid_run_id_is_rejected_with_the_fix(guarded):
     assert "arclight.run_id 'bad/run' is not valid" in Status.FromString(r.content).message
 
 
+def _metrics(url: str) -> dict[str, float]:
+    """The collector's samples by name and labels, e.g. ``requests_rejected_total{reason="unauthorized"}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return {s.name.removeprefix("arclight_collector_") + "".join(f'{{{k}="{v}"}}' for k, v in s.labels.items()): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_metrics_count_spans_and_rejections(guarded):
     _, service = guarded
-    text = httpx.get(f"{service.url}/metrics").text
-    assert "arclight_collector_spans_received_total" in text
-    assert 'arclight_collector_requests_rejected_total{reason="unauthorized"}' in text
-    assert "arclight_collector_flush_latency_seconds_bucket" in text
-    assert "arclight_collector_requests_per_conversion_bucket" in text
+    before = _metrics(service.url)
+    bodies = [_export_request("metrics", n).SerializeToString() for n in (3, 5)]
+    for body in bodies:  # one after the other: two conversions, two commits
+        assert httpx.post(f"{service.url}/v1/traces", content=body, headers=PB).status_code == 200
+    assert httpx.post(f"{service.url}/v1/traces", content=bodies[0],
+                      headers={"Content-Type": "application/x-protobuf"}).status_code == 401
+    assert httpx.post(f"{service.url}/v1/traces", content=b"\x00" * 5000, headers=PB).status_code == 413
+    after = _metrics(service.url)
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert delta["spans_received_total"] == 8
+    assert delta["requests_total"] == 2
+    assert delta["bytes_received_total"] == sum(len(b) for b in bodies)
+    assert delta['requests_rejected_total{reason="unauthorized"}'] == 1
+    assert delta['requests_rejected_total{reason="too_large"}'] == 1
+    assert delta["files_written_total"] == 2
+    assert delta["flush_latency_seconds_count"] == 2 and delta["flush_latency_seconds_sum"] > 0
+    assert delta["requests_per_conversion_count"] == 2 and delta["requests_per_conversion_sum"] == 2
 
 
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path):
