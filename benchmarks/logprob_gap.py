@@ -7,7 +7,8 @@ trainer's own, with the behaviour weight truncated at importance_cap), ``--runs`
 
 - held-out reward and success before -> after, mean and spread over the seeds;
 - the gap at each epoch's first GRPO step, before any update: mean and largest |trainer - vLLM| logprob over the
-  response tokens, and the share of tokens the first micro-batch clipped (the epochs table);
+  response tokens, and the share of tokens ppo clipped (or would have clipped, under decoupled) at the first step (the
+  epochs table);
 - vLLM's generation speed (the rollouts' response tokens per second of rollout stage);
 - a plot of the gap per epoch, bf16 against fp32 serving.
 
@@ -138,7 +139,11 @@ def measured(record: dict) -> dict | None:
         return None
     with ctx.catalog.read(spans=False) as con:
         epochs = con.execute(
-            "SELECT e.epoch, e.logprob_gap_mean, e.logprob_gap_max, e.clipped_first, e.behaviour_correction, "
+            "SELECT e.epoch, e.logprob_gap_mean, e.logprob_gap_max, "
+            # what ppo clipped, or would have clipped under decoupled (an older decoupled lake's clipped_first is 0 by
+            # construction: its first micro-batch's ratio is 1, so it is not shown)
+            "coalesce(e.ppo_clipped_first, CASE WHEN e.behaviour_correction = 'ppo' THEN e.clipped_first END), "
+            "e.behaviour_correction, "
             "avg(r.reward) FILTER (WHERE r.status = 'succeeded') FROM epochs e LEFT JOIN rollouts r "
             "ON r.run_id = e.run_id AND r.epoch = e.epoch AND r.mode = 'train' WHERE e.run_id = ? GROUP BY ALL "
             "ORDER BY e.epoch", [cfg.run_name]).fetchall()
