@@ -4,6 +4,7 @@ again, and none of them trains as it was. A SIGKILL, as an OOM kill or a crash w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -45,21 +46,26 @@ def _config(tmp_path: Path, tiny_model_dir: Path, *, tasks: int, run_name: str, 
     return make_config(tmp_path, *overrides), overrides
 
 
-def _kill_when(cfg, *, calls: float, pattern: str, timeout_s: float = 300, sig: int = signal.SIGKILL) -> threading.Thread:
-    """In the background: once the gateway has answered ``calls`` calls, send ``sig`` (SIGKILL) to the process group of
-    the server whose command line matches ``pattern``. The thread's ``killed`` attribute holds its pid."""
+def _kill_when(cfg, *, calls: float, pattern: str, timeout_s: float = 300, sig: int = signal.SIGKILL,
+               before=None) -> threading.Thread:
+    """In the background: once the gateway has answered ``calls`` calls, call ``before`` (if given), then send ``sig``
+    (SIGKILL) to the process group of the server whose command line matches ``pattern``. The thread's ``killed``
+    attribute holds its pid, ``killed_at`` the time (wall clock)."""
     def kill() -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             pids = pids_matching(pattern) if gateway_calls(cfg.gateway.url) >= calls else []
             if len(pids) == 1:  # none while a supervisor restarts the server (a loaded machine can make it restart one)
+                if before is not None:
+                    before()
+                thread.killed_at = time.time()
                 os.killpg(pids[0], sig)
                 thread.killed = pids[0]
                 return
             time.sleep(0.1)
 
     thread = threading.Thread(target=kill, daemon=True)
-    thread.killed = None
+    thread.killed = thread.killed_at = None
     thread.start()
     return thread
 
@@ -136,11 +142,30 @@ def _recomputed_logprobs(model_dir: Path, prompt: list[int], response: list[int]
 _recomputed_logprobs.models = {}
 
 
-def test_in_merged_mode_a_stuck_vllm_and_a_killed_one_are_restarted_and_nothing_trains_from_the_wrong_weights(
+class _SupervisorLines(logging.Handler):
+    """The supervisor's log lines as (time, line), from its own thread; ``on_failed_restart`` runs there, once, when
+    it reports a restart that failed (before it tries again)."""
+
+    def __init__(self, on_failed_restart):
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[float, str]] = []
+        self.on_failed_restart = on_failed_restart
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        self.lines.append((record.created, line))
+        if "could not be restarted" in line and self.on_failed_restart is not None:
+            self.on_failed_restart()
+            self.on_failed_restart = None
+
+
+def test_merged_mode_a_stuck_vllm_and_a_killed_one_whose_first_restore_fails_are_restarted_and_train_no_wrong_weights(
         prefect_harness, tmp_path, tiny_model_dir):
     # issue 51, findings 2-4: the outage ended when the new replica answered /health, before it got back the version
     # its rollouts were pinned to (merged weights: base-model answers recorded as v1); a replica that was alive but
-    # stuck was never looked at again, and the rollouts it held timed out as the agent's own failures
+    # stuck was never looked at again, and the rollouts it held timed out as the agent's own failures.
+    # issue 68, finding 2: when the restore after the restart failed, it was never tried again, and the next one-token
+    # probe of the base model ended the outage: the replica served the base weights under v1 for the rest of the epoch
     from flows.train import train_epoch
 
     cfg, overrides = _config(tmp_path, tiny_model_dir, tasks=3, run_name="merged-faults", **{
@@ -159,10 +184,27 @@ def test_in_merged_mode_a_stuck_vllm_and_a_killed_one_are_restarted_and_nothing_
                for o in incidents["outages"]), incidents
     assert stuck.killed not in pids_matching(vllm)
 
-    killed = _kill_when(cfg, calls=gateway_calls(cfg.gateway.url) + 6, pattern=vllm)  # epoch 1: v1 serves, merged
-    second = train_epoch(overrides=overrides)
+    # epoch 1: v1 serves, merged. vLLM is killed, and the first restore of v1's weights fails: the policy's checkpoint
+    # folder is away (a disk that came unmounted) until the supervisor reports that the restart failed
+    checkpoints = cfg.trainer.output_dir / POLICY
+    away = checkpoints.with_name(f"{POLICY}.unmounted")
+    lines = _SupervisorLines(on_failed_restart=lambda: away.rename(checkpoints))
+    logging.getLogger("arclight.supervise").addHandler(lines)
+    killed = _kill_when(cfg, calls=gateway_calls(cfg.gateway.url) + 6, pattern=vllm,
+                        before=lambda: checkpoints.rename(away))
+    try:
+        second = train_epoch(overrides=overrides)
+    finally:
+        logging.getLogger("arclight.supervise").removeHandler(lines)
+        if away.exists():
+            away.rename(checkpoints)
     killed.join(timeout=5)
     assert killed.killed is not None and second["status"] == "completed" and second["new_version"] == f"{POLICY}-v2"
+    failed = [(t, line) for t, line in lines.lines if line.startswith("vllm0 could not be restarted")]
+    restored = [t for t, line in lines.lines if line.startswith("restarted: vllm0 exited with status -9")]
+    assert len(failed) == 1 and "faults-v1" in failed[0][1], lines.lines  # the first restore failed
+    assert len(restored) == 1 and restored[0] > failed[0][0], lines.lines  # the retried one succeeded
+    assert not [line for _, line in lines.lines if line.startswith("vllm0 answers again")], lines.lines  # no probe
     assert second["policy_version"] == f"{POLICY}-v1"
     rows = [r for r in _assert_nothing_ours_trained(cfg, "merged-faults") if "-e1-" in r[0]]
     assert any(r[3] > 0 for r in rows) and all(r[1] == "succeeded" and r[2] is None for r in rows)  # ran again, finished
@@ -170,14 +212,21 @@ def test_in_merged_mode_a_stuck_vllm_and_a_killed_one_are_restarted_and_nothing_
     assert any(o.startswith("vllm0 exited with status -9") and o.endswith("restarted") for o in incidents["outages"])
     assert incidents["retried"] == sum(r[3] > 0 for r in rows) and incidents["left_out"] == 0
     assert killed.killed not in pids_matching(vllm)
+    # every call between the kill and the restore that succeeded is our failure: its attempt ran again
+    with Catalog.from_config(cfg).read() as con:
+        between = con.execute(
+            "SELECT s.rollout_id, s.attempt, r.attempt, r.status FROM spans s JOIN rollouts r USING (rollout_id) "
+            "WHERE r.run_id = 'merged-faults' AND s.span_kind = 'llm' AND s.start_ns BETWEEN ? AND ?",
+            [int(killed.killed_at * 1e9), int(restored[0] * 1e9)]).fetchall()
+    assert between and all(row[1] < row[2] or row[3] != "succeeded" for row in between), between
     # every call that trains was sampled from v1, the version its rollout was pinned to: its recorded logprobs are
     # v1's, recomputed from v1's merged weights (and not the base model's, which a restarted replica serves first)
     with Catalog.from_config(cfg).read() as con:
         calls = con.execute(
             "SELECT prompt_token_ids, response_token_ids, response_logprobs, policy_version FROM triplets "
-            "WHERE run_id = 'merged-faults' AND epoch = 1 ORDER BY start_ns DESC LIMIT 8").fetchall()
+            "WHERE run_id = 'merged-faults' AND epoch = 1 ORDER BY start_ns").fetchall()
     v1 = cfg.trainer.output_dir / POLICY / f"{POLICY}-v1.merged"
-    assert len(calls) == 8 and {c[3] for c in calls} <= {"1", f"{POLICY}-v1"}
+    assert len(calls) == 48 and {c[3] for c in calls} <= {"1", f"{POLICY}-v1"}, len(calls)  # 12 rollouts, 4 calls
     gaps, base_gaps = [], []
     for prompt, response, logprobs, _ in calls:
         gaps += [abs(a - b) for a, b in zip(_recomputed_logprobs(v1, prompt, response), logprobs)]

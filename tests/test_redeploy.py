@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -212,3 +213,76 @@ def test_a_call_to_a_version_its_replica_lost_is_our_failure_not_the_agents(gate
         failed = con.execute("SELECT json_extract(attributes, '$.\"arclight.llm.upstream_failed\"')::BOOLEAN FROM spans "
                              "WHERE rollout_id = 'lost-1' AND status_code = 'ERROR'").fetchall()
     assert failed == [(True,)]  # the ingest barrier reads it: the rollout runs again (sql/arrivals.sql)
+
+
+def test_a_replica_reloading_merged_weights_for_longer_than_stuck_after_s_is_not_restarted_as_stuck(
+        collector, gateway, vllm_server, tiny_model_dir, tmp_path):
+    """issue 68, finding 6: a reload of merged weights holds vLLM's engine (up to 600 s: a 7B model, slow storage), so
+    its one-token probes go unanswered; the supervisor took that for a stuck engine after serving.stuck_after_s and
+    stopped the replica halfway through the reload. Here a redeploy's reload is held twice as long as stuck_after_s
+    (the session vLLM's engine processes stopped meanwhile, its API server up) under a supervisor that watches it."""
+    import contextlib
+    import signal
+    import threading
+    import time
+
+    from lightning_core.epoch.context import RunContext
+    from lightning_core.epoch.deploy import deploy_latest
+    from lightning_core.epoch.stack import Stack
+    from lightning_core.epoch.supervise import Supervisor
+    from lightning_core.trainer.versions import record_version
+    from tests.conftest import make_config
+
+    policy = "slow-reload"
+    cfg = make_config(tmp_path, f"model.path={tiny_model_dir}", "model.served_name=tiny", "serving.redeploy=merged",
+                      "serving.stuck_after_s=3", f"policies={json.dumps([{'name': policy}])}")
+    stack = Stack(collector=collector, replicas=[vllm_server], gateway=gateway)
+    ctx = RunContext.of(cfg, stack)
+    # a full checkpoint with the weights vLLM serves already, so that the session's other tests find them unchanged
+    record_version(ctx.catalog, version=f"{policy}-v1", policy=policy, parent_version=None, run_id="slow-reload",
+                   epoch=0, path=str(tiny_model_dir), metrics={}, kind="full", base_model=str(tiny_model_dir),
+                   mlflow_run_id=None, registry_version=None)
+    engine = [pid for pid in _group(vllm_server.process.pid) if pid != vllm_server.process.pid]
+    held_s = 2 * cfg.serving.stuck_after_s + 2
+
+    def hold() -> None:
+        for pid in engine:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(held_s)
+        finally:
+            for pid in engine:
+                with contextlib.suppress(ProcessLookupError):  # stopped by a supervisor that took it for stuck
+                    os.kill(pid, signal.SIGCONT)
+
+    try:
+        with Supervisor(ctx, interval_s=0.5):
+            holder = threading.Thread(target=hold, daemon=True)
+            started = time.monotonic()
+            holder.start()
+            [deployed] = deploy_latest(ctx)
+            took = time.monotonic() - started
+            holder.join()
+    finally:  # the old code's supervisor started a vLLM of its own in the session's place
+        for replica in stack.replicas:
+            if replica is not vllm_server:
+                replica.stop()
+    assert engine and took >= held_s - 0.5, (engine, took)  # the reload waited for the engine
+    assert deployed.version == f"{policy}-v1"
+    assert stack.outages == [] and stack.replicas == [vllm_server] and vllm_server.process.poll() is None
+    assert stack.reloading == {}  # the mark ends with the reload
+    with stack.reloads([vllm_server.url], timeout_s=0.0):  # and lasts no longer than the reload's timeout
+        assert not stack.is_reloading(vllm_server.url)
+
+
+def _group(leader: int) -> list[int]:
+    """The processes of ``leader``'s process group (vLLM's API server, its engine core and workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == leader:
+                    found.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return found

@@ -11,8 +11,8 @@ from pathlib import Path
 from lightning_core.common import published
 from lightning_core.epoch.context import RunContext
 from lightning_core.serving.client import GatewayAdminError, GatewayClient
-from lightning_core.serving.redeploy import (RedeployError, deploy_adapter, deploy_full_weights, merge_adapter, prune_merged,
-                                             reload_full_weights, restore_adapter)
+from lightning_core.serving.redeploy import (RELOAD_TIMEOUT_S, RedeployError, deploy_adapter, deploy_full_weights,
+                                             merge_adapter, prune_merged, reload_full_weights, restore_adapter)
 from lightning_core.serving.vllm import model_dir, redeploy_mode, replica_group, serving_dtype, start_vllm
 from lightning_core.trainer.train import SERVING_LEAVES_OUT
 from lightning_core.trainer.versions import latest_version, version_name, version_number, version_row
@@ -34,7 +34,8 @@ class Redeployed:
 def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does); replicas restarted
     meanwhile (``revived``, default: those this call restarts) get it back. The outage of a replica this call restarts
-    ends only once it serves again."""
+    ends only once it serves again; when this call fails, such a replica is stopped again (``stop_unrestored``).
+    Replicas that reload merged weights are marked as reloading meanwhile (``Stack.reloads``)."""
     config, stack = ctx.config, ctx.services
 
     catalog = ctx.catalog
@@ -64,9 +65,12 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
                 own = [url for url in own if url in revived]  # a restarted replica of the policy serves base weights
             if full:
                 weights = serving_weights(config, latest)
-                d = deploy_full_weights(gateway=gateway, replicas=own, policy=policy.name, version=number,
-                                        model_dir=folder_for_vllm(config, gateway, weights, policy=policy.name),
-                                        verify_prompt=config.serving.verify_prompt, fetched=fetched)
+                folder = folder_for_vllm(config, gateway, weights, policy=policy.name)
+                # one replica after another, each within the reload's timeout; none is stuck meanwhile
+                with stack.reloads(own, timeout_s=RELOAD_TIMEOUT_S * len(own)):
+                    d = deploy_full_weights(gateway=gateway, replicas=own, policy=policy.name, version=number,
+                                            model_dir=folder, verify_prompt=config.serving.verify_prompt,
+                                            fetched=fetched)
                 if latest.get("kind") != "full":
                     prune_merged(weights, keep=config.serving.keep_versions)
             else:
@@ -76,6 +80,9 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
                                    verify_prompt=config.serving.verify_prompt, fetched=fetched)
             deployed.append(Redeployed(policy.name, latest["version"], d.first_answer_s))
         stack.serving = gateway.policies()["policies"]
+    except BaseException:
+        stop_unrestored(stack, restarts)
+        raise
     finally:
         gateway.close()
     end_outages(restarts)
@@ -183,14 +190,14 @@ class Revived:
     outage: Outage
 
 
-def revive_replicas(ctx: RunContext, *, outages: dict[str, Outage] | None = None) -> list[Revived]:
+def revive_replicas(ctx: RunContext) -> list[Revived]:
     """Restart the vLLM replicas this process started that have exited (an OOM kill, a crash, or stopped because they
-    were stuck); return them with their outages, which stay open: the caller ends them (``end_outages``) once the
-    replicas serve again what rollouts are pinned to.
+    were stuck or not restored); return them with their outages, which stay open: the caller ends them
+    (``end_outages``) once the replicas serve again what rollouts are pinned to, or stops them again
+    (``stop_unrestored``).
 
-    A restarted replica serves the base model and no adapter. Replicas someone else runs are left to them.
-    ``outages`` (name -> outage) are outages already open for a replica (the supervisor found it stuck): kept as its
-    outage instead of a new one.
+    A restarted replica serves the base model and no adapter. Replicas someone else runs are left to them. A replica
+    whose outage is still open (found stuck, or an earlier restart not restored) keeps that outage instead of a new one.
     """
     from urllib.parse import urlparse
 
@@ -202,7 +209,7 @@ def revive_replicas(ctx: RunContext, *, outages: dict[str, Outage] | None = None
             if replica.owned and not replica.alive():
                 log.warning("vLLM replica %s at %s exited with status %s: restarting it on the same port (log: %s)",
                             replica.name, replica.url, replica.process.returncode, replica.log_path)
-                outage = (outages or {}).get(replica.name) or Outage(
+                outage = stack.open_outage(replica.name) or Outage(
                     replica.name, replica.last_seen or time.time(), f"exited with status {replica.process.returncode}")
                 if outage not in stack.outages:
                     stack.outages.append(outage)
@@ -218,6 +225,19 @@ def end_outages(revived: list[Revived]) -> None:
     """The restarted replicas serve what they served before: their outages are over."""
     for r in revived:
         r.outage.ended = time.time()
+
+
+def stop_unrestored(stack, revived: list[Revived]) -> None:
+    """Stop restarted replicas that could not be given back what they served: alive, they would answer with the base
+    model the calls the gateway records under the version it serves. Their outages stay open, and the next start (the
+    supervisor's, or the next redeploy's) tries again from the start: after a failed reload vLLM's engine is dead."""
+    urls = {r.url for r in revived}
+    with stack.locked():
+        for replica in stack.replicas:
+            if replica.owned and replica.url in urls:
+                log.warning("vLLM replica %s at %s was restarted but not given back what it served: stopping it",
+                            replica.name, replica.url)
+                replica.stop()
 
 
 def gateway_policies(ctx: RunContext) -> dict[str, dict]:

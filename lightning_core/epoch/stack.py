@@ -68,6 +68,7 @@ class Stack:
     supervisor: Any = field(default=None, repr=False)  # the flow's ``supervise.Supervisor`` while one watches
     serving: dict[str, Any] = field(default_factory=dict)  # the gateway's policy table as the last redeploy left it
     sleeping: bool = False  # serving.sleep_mode: the vLLM replicas sleep on purpose while the trainer runs
+    reloading: dict[str, float] = field(default_factory=dict)  # replica URL -> until when (monotonic) it reloads weights
     failure: BaseException | None = None  # a server that died and could not be restarted: the flow raises it
 
     @contextlib.contextmanager
@@ -81,6 +82,27 @@ class Stack:
             yield
         finally:
             self.lock.release()
+
+    @contextlib.contextmanager
+    def reloads(self, urls: list[str], *, timeout_s: float) -> Iterator[None]:
+        """Mark the replicas at ``urls`` as reloading weights for the block, for at most ``timeout_s``: their engine
+        answers nothing meanwhile, and the supervisor does not take that for a stuck one."""
+        until = time.monotonic() + timeout_s
+        for url in urls:
+            self.reloading[url] = until
+        try:
+            yield
+        finally:
+            for url in urls:
+                self.reloading.pop(url, None)
+
+    def is_reloading(self, url: str) -> bool:
+        """True while the replica at ``url`` reloads weights on purpose, within the reload's own timeout."""
+        return self.reloading.get(url, 0.0) > time.monotonic()
+
+    def open_outage(self, service: str) -> Outage | None:
+        """The outage of ``service`` under way, if one is."""
+        return next((o for o in reversed(self.outages) if o.service == service and o.ended is None), None)
 
     def raise_failure(self) -> None:
         """Raise the error of a server that could not be restarted, if one could not (the run cannot go on)."""

@@ -6,11 +6,14 @@ A ``Supervisor`` looks at every server of the stack once a second, from its own 
   same port at once -- during the rollout stage, not at the next redeploy -- and gets back what it
   served (a vLLM replica the versions the gateway serves, which rollouts in flight are pinned to; a
   gateway its policy table). Its outage ends only then: until it serves what was pinned, the calls it
-  answers are our failure. A start that fails is tried again once; then the run stops with its error
+  answers are our failure. A replica that started but could not be given that back (its weights could
+  not be read, vLLM refused them) is stopped again: alive, it would answer with the base model. A
+  restart that fails, start or restore, is tried again once; then the run stops with its error
   (``Stack.failure``, raised by the flow) instead of counting every later rollout as ours;
 - a vLLM this process started is alive but stuck when its engine processes no token and answers no
   one-token request for ``serving.stuck_after_s`` (its ``/health`` reports only a dead engine): it is
-  stopped and restarted as above;
+  stopped and restarted as above. One that reloads weights on purpose (a redeploy, ``Stack.reloads``) or
+  sleeps on purpose (``Stack.sleeping``) is not probed meanwhile;
 - a server that does not answer its health URL three times in a row, or a collector that answers
   that it cannot store spans, is down for as long as that lasts;
 - every such time is an ``Outage`` of the stack, so the flow can tell the rollouts our services
@@ -34,7 +37,8 @@ from urllib.parse import urlparse
 from lightning_core.common import stopping
 from lightning_core.common.services import Health, Service, ServiceError, cancelled_by, health
 from lightning_core.epoch.context import RunContext
-from lightning_core.epoch.deploy import end_outages, restore_policy_table, restore_serving, revive_replicas
+from lightning_core.epoch.deploy import (end_outages, restore_policy_table, restore_serving, revive_replicas,
+                                         stop_unrestored)
 from lightning_core.epoch.stack import Outage
 
 log = logging.getLogger("arclight.supervise")
@@ -97,6 +101,8 @@ class Supervisor:
             for service in list(self.stack.services()):
                 if self._stop.is_set():
                     return
+                if service not in self.stack.services():
+                    continue  # a restart earlier in this look replaced it (replicas are revived together)
                 if service.owned and service.process.poll() is not None:
                     self._restart(service)
                     continue
@@ -119,8 +125,8 @@ class Supervisor:
         from lightning_core.serving.vllm import answers_one_token, tokens_processed
 
         serving = self.ctx.config.serving
-        if self.stack.sleeping:
-            return None  # serving.sleep_mode: asleep on purpose while the trainer runs
+        if self.stack.sleeping or self.stack.is_reloading(service.url):
+            return None  # asleep on purpose while the trainer runs (serving.sleep_mode), or reloading weights
         third = serving.stuck_after_s / 3
         tokens = tokens_processed(service.url, timeout_s=min(5.0, third))
         if tokens is not None and tokens != self._tokens.get(service.name):
@@ -181,19 +187,26 @@ class Supervisor:
 
     def _start_again(self, service: Service) -> None:
         """Start ``service`` again and give it back what it served; its outage (opened here if it just exited) stays
-        open through failed tries and ends when it serves again."""
+        open through failed tries (``Stack.open_outage`` finds it again) and ends when it serves again."""
         stack, config = self.stack, self.ctx.config
-        outage = self._open.get(service.name)
+        outage = self._open.pop(service.name, None) or stack.open_outage(service.name)
         if outage is None:
             outage = Outage(service.name, service.last_seen or time.time(),
                             f"exited with status {service.process.returncode}")
-            self._open[service.name] = outage
             stack.outages.append(outage)
         if service in stack.replicas:
-            revived = revive_replicas(self.ctx, outages={service.name: outage})
+            revived = revive_replicas(self.ctx)  # each keeps its open outage, this one's included
             if stack.gateway is not None and revived:
-                restore_serving(self.ctx, revived=[r.url for r in revived])  # exactly what rollouts are pinned to
+                try:
+                    restore_serving(self.ctx, revived=[r.url for r in revived])  # exactly what rollouts are pinned to
+                except Exception as exc:
+                    stop_unrestored(stack, revived)  # down, their outages open, until a try restores them
+                    raise ServiceError(f"it started again but could not be given back the version its rollouts are "
+                                       f"pinned to: {exc}") from exc
             end_outages(revived)
+            for r in revived:
+                if r.outage is not outage:
+                    log.warning("restarted: %s", r.outage.describe())
         else:
             log.warning("%s at %s exited with status %s: restarting it on the same port (log: %s)", service.name,
                         service.url, service.process.returncode, service.log_path)
@@ -216,5 +229,4 @@ class Supervisor:
             else:
                 raise ServiceError(f"{service.name} exited and is no server of this stack that can be restarted")
             outage.ended, outage.restarted = time.time(), True
-        self._open.pop(service.name, None)
         log.warning("restarted: %s", outage.describe())

@@ -28,6 +28,8 @@ from lightning_core.serving.client import GatewayClient
 
 log = logging.getLogger("arclight.redeploy")
 
+RELOAD_TIMEOUT_S = 600.0  # a reload of merged weights in place may take this long (a 7B model, slow storage)
+
 
 class RedeployError(RuntimeError):
     """A redeploy that did not happen; the previous version still serves. The message says why."""
@@ -153,7 +155,7 @@ def deploy_full_weights(
     model_dir: Path,
     version: int,
     verify_prompt: str = "Say hi.",
-    timeout_s: float = 600.0,
+    timeout_s: float = RELOAD_TIMEOUT_S,
     fetched: bool = False,
 ) -> Deployment:
     """Reload full weights in place on every replica (``reload_weights``), verify, and switch the gateway.
@@ -172,7 +174,7 @@ def deploy_full_weights(
 
 
 def reload_full_weights(*, replicas: list[str], policy: str, model_dir: Path, served_model: str,
-                        verify_prompt: str = "Say hi.", timeout_s: float = 600.0,
+                        verify_prompt: str = "Say hi.", timeout_s: float = RELOAD_TIMEOUT_S,
                         fetched: bool = False) -> tuple[list[str], float]:
     """Reload ``model_dir``'s weights in place on every replica, reset their prefix caches and verify each with a real
     request to ``served_model``; return the answers and the seconds the reloads took. Switches nothing: a replica
