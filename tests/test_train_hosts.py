@@ -118,6 +118,12 @@ def test_two_ranks_on_train_slots_make_the_one_process_version_and_the_next_from
         assert local["trained"]["version"] == ranks["trained"]["version"] == version, ranks
         assert " on " in ranks["trained"]["message"]  # says where it trained
         assert ranks["trained"]["losses"] == pytest.approx(local["trained"]["losses"], rel=1e-4, abs=1e-6)
+        # as the trainer counted them: two ranks ran the step's micro-batches between them, rank 0 only its share
+        steps = len(local["trained"]["losses"])
+        assert local["trained"]["world_sizes"] == [1] * steps and ranks["trained"]["world_sizes"] == [2] * steps, ranks
+        assert ranks["trained"]["micro_batches"] == local["trained"]["micro_batches"], ranks
+        assert all(0 < mine < every for mine, every in zip(ranks["trained"]["rank0_micro_batches"],
+                                                            ranks["trained"]["micro_batches"])), ranks
         one = load_file(str(Path(local["trained"]["path"]) / "adapter_model.safetensors"))
         two = load_file(str(Path(ranks["trained"]["path"]) / "adapter_model.safetensors"))
         assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5 < max(float(v.abs().max()) for v in one.values())

@@ -50,8 +50,8 @@ def case_steps(normalization, shared_prefix, micro_batch_size):
                       normalization=normalization, seed=0, shared_prefix=shared_prefix, micro_batch_tokens=20)
 
 
-def one_step_gradients(tiny_dir: Path, steps, *, beta: float) -> dict[str, torch.Tensor]:
-    """Run ``train_grpo`` for one step with a zero learning rate; return the gradients it applied."""
+def one_step_gradients(tiny_dir: Path, steps, *, beta: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Run ``train_grpo`` for one step with a zero learning rate; return the gradients it applied and its metrics."""
     seed_everything(0)
     model = load_policy_model(tiny_dir, finetune="lora", device=CPU, bf16=False, lora_r=4, lora_alpha=8,
                               lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
@@ -61,9 +61,9 @@ def one_step_gradients(tiny_dir: Path, steps, *, beta: float) -> dict[str, torch
             p.data = torch.randn(p.shape, generator=gen) * 0.2
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     reference = reference_logps_fn(model, base_model_dir=tiny_dir, finetune="lora", device=CPU) if beta else None
-    train_grpo(model, steps, optimizer=torch.optim.SGD(list(params.values()), lr=0.0), epsilon_low=0.2,
-               epsilon_high=0.2, beta=beta, max_grad_norm=1e9, device=CPU, reference=reference)
-    return {n: p.grad.detach().clone() for n, p in params.items()}
+    [metrics] = train_grpo(model, steps, optimizer=torch.optim.SGD(list(params.values()), lr=0.0), epsilon_low=0.2,
+                           epsilon_high=0.2, beta=beta, max_grad_norm=1e9, device=CPU, reference=reference)
+    return {n: p.grad.detach().clone() for n, p in params.items()}, metrics
 
 
 def _rank(rank: int, world_size: int, port: int, tiny_dir: str, out_dir: str) -> None:
@@ -73,9 +73,8 @@ def _rank(rank: int, world_size: int, port: int, tiny_dir: str, out_dir: str) ->
         results = []
         for normalization, shared_prefix, micro_batch_size, beta in CASES:
             steps = case_steps(normalization, shared_prefix, micro_batch_size)
-            share = shard(steps[0].micro_batches, rank=rank, world_size=world_size, shared_prefix=steps[0].shared_prefix)
-            grads = one_step_gradients(Path(tiny_dir), steps, beta=beta)
-            results.append({"micro_batches": len(share), "samples": sum(len(mb) for mb in share), "grads": grads})
+            grads, metrics = one_step_gradients(Path(tiny_dir), steps, beta=beta)
+            results.append({"metrics": metrics, "grads": grads})
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -94,10 +93,18 @@ def test_two_gloo_ranks_give_the_single_process_lora_gradients_with_an_uneven_sp
     for i, (normalization, shared_prefix, micro_batch_size, beta) in enumerate(CASES):
         steps = case_steps(normalization, shared_prefix, micro_batch_size)
         assert len(steps) == 1 and steps[0].shared_prefix == (shared_prefix == "on")
-        expected = one_step_gradients(tiny_dir, steps, beta=beta)
-        counts = [ranks[r][i]["micro_batches"] for r in range(WORLD)]
-        assert sum(counts) == len(steps[0].micro_batches) and counts[0] != counts[1], counts  # uneven on purpose
-        assert sum(ranks[r][i]["samples"] for r in range(WORLD)) == 9
+        expected, alone = one_step_gradients(tiny_dir, steps, beta=beta)
+        micro = steps[0].micro_batches
+        assert alone["world_size"] == 1 and alone["micro_batches/rank"] == alone["micro_batches"] == len(micro)
+        # what each rank ran, as the trainer counted it: its own share, not the whole step (which sums alike)
+        seen = [ranks[r][i]["metrics"] for r in range(WORLD)]
+        assert [m["world_size"] for m in seen] == [WORLD] * WORLD, f"case {CASES[i]}: the world size each rank saw"
+        counts = [int(m["micro_batches/rank"]) for m in seen]
+        shares = [shard(micro, rank=r, world_size=WORLD, shared_prefix=steps[0].shared_prefix) for r in range(WORLD)]
+        assert counts == [len(s) for s in shares], f"case {CASES[i]}: ranks ran {counts} of {len(micro)} micro-batches"
+        assert sum(counts) == len(micro) and counts[0] != counts[1], counts  # uneven on purpose
+        assert all(m["micro_batches"] == len(micro) for m in seen)  # the step's count, summed over the ranks
+        assert sum(len(mb) for s in shares for mb in s) == 9
         assert all(float(g.abs().sum()) > 0 for g in expected.values())  # every LoRA matrix gets a gradient
         for r in range(WORLD):
             err = relative_error(ranks[r][i]["grads"], expected)
@@ -137,7 +144,11 @@ def test_train_policy_on_two_processes_saves_the_single_process_adapter(tmp_path
     assert relative_error(two, one) < 1e-4
     moved = {n for n in one if n.endswith("lora_B.weight") and float(one[n].abs().sum()) > 0}
     assert moved  # the steps changed the adapter (LoRA B starts at zero)
+    assert len(steps_one) == len(steps_two)
     for a, b in zip(steps_one, steps_two):
+        assert (a["world_size"], b["world_size"]) == (1, 2)
+        assert b["micro_batches"] == a["micro_batches"] >= 2  # the step's micro-batches, summed over the ranks ...
+        assert 0 < b["micro_batches/rank"] < b["micro_batches"], b  # ... of which rank 0 ran its share, not all
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert opt_two["state"][0]["step"] == opt_one["state"][0]["step"]

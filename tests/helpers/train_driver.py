@@ -57,6 +57,9 @@ def main() -> int:
                                   triplets={"default": rows}, catalog=catalog, executor=executor)
         print(json.dumps({"event": "trained", "version": result.version, "path": str(result.path),
                           "message": result.message, "losses": [s.get("loss") for s in result.steps],
+                          "world_sizes": [s.get("world_size") for s in result.steps],
+                          "micro_batches": [s.get("micro_batches") for s in result.steps],
+                          "rank0_micro_batches": [s.get("micro_batches/rank") for s in result.steps],
                           "mlflow_run_id": result.mlflow_run_id}), flush=True)
     except Exception as exc:  # noqa: BLE001 - the test reads what failed
         print(json.dumps({"event": "failed", "type": type(exc).__name__, "error": str(exc)}), flush=True)
