@@ -29,7 +29,15 @@ def raises(task, ctx):
 
 
 def hangs(task, ctx):
+    """Start a child that sleeps and sleep too; with ``task["pids"]``, write both pids there first (one a line)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
     with tracing.agent("sleeper"):
+        child = subprocess.Popen(["sleep", "3600"])
+        if task.get("pids"):
+            Path(task["pids"]).write_text(f"{os.getpid()}\n{child.pid}\n")
         time.sleep(3600)
 
 
