@@ -14,6 +14,7 @@ from urllib.parse import unquote
 from deltalake import DeltaTable
 
 
+from lightning_core.common.redact import is_secret
 from lightning_core.store.delta import LakeFormatError, owner
 from lightning_core.store.span_schema import LANES
 
@@ -21,6 +22,8 @@ log = logging.getLogger("arclight.lake")
 
 
 LOCATION_FILE = "spans.location.json"
+# lake folder -> the storage options this process was given for it, keys included: the folder's file keeps no key
+_given: dict[str, dict[str, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -28,36 +31,49 @@ class Location:
     """Where a lake's span tables live: its own folder (``uri`` None) or object storage."""
 
     uri: str | None = None
-    options: dict[str, str] | None = None  # delta-rs storage options (no secrets: credentials come from the environment)
+    options: dict[str, str] | None = None  # delta-rs storage options (keys: this process's own, else AWS_* from the environment)
 
     def table_uri(self, root: str | os.PathLike[str], lane: str) -> str:
         return f"{self.uri.rstrip('/')}/{lane}" if self.uri else str(Path(root).resolve() / "spans" / lane)
 
 
 def location(root: str | os.PathLike[str]) -> Location:
-    """The span tables' location recorded in the lake folder (``set_location``), else the folder itself."""
-    path = Path(root) / LOCATION_FILE
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
+    """The span tables' location recorded in the lake folder (``set_location``), else the folder itself; its storage
+    options with the keys this process was given for the lake (``set_location``), which the folder never holds."""
+    record = _recorded(root)
+    if record is None:
         return Location()
-    return Location(record["uri"], record.get("storage_options") or {})
+    return Location(record["uri"], {**(record.get("storage_options") or {}), **_given.get(os.path.abspath(root), {})})
+
+
+def _recorded(root: str | os.PathLike[str]) -> dict | None:
+    try:
+        return json.loads((Path(root) / LOCATION_FILE).read_text())
+    except FileNotFoundError:
+        return None
 
 
 def set_location(root: str | os.PathLike[str], uri: str | None, options: dict[str, str] | None = None) -> None:
     """Record that this lake's span tables live at ``uri`` (``lake.spans_uri``), so that every reader of the
-    folder finds them; refuse to move a lake whose tables already live elsewhere."""
+    folder finds them; refuse to move a lake whose tables already live elsewhere.
+
+    The folder is readable by other users of the host, so the file keeps only the options that find the store
+    (endpoint, region, ``conditional_put``), never a key, a secret or a token: this process keeps the ones it was
+    given (``location`` adds them back), and any other reader takes its credentials from the ``AWS_*`` environment.
+    """
     if uri is None:  # the folder's own record (if any) stands: readers given only the folder find the spans
         return
-    current = location(root)
-    if current.uri and current.uri.rstrip("/") != uri.rstrip("/"):
-        raise LakeFormatError(f"the lake at {root} keeps its spans at {current.uri}, not {uri}: set lake.spans_uri "
+    record = _recorded(root)
+    if record and record["uri"].rstrip("/") != uri.rstrip("/"):
+        raise LakeFormatError(f"the lake at {root} keeps its spans at {record['uri']}, not {uri}: set lake.spans_uri "
                               "to the first, or use another lake folder")
-    if current.uri == uri and (current.options or {}) == (options or {}):
-        return
+    _given[os.path.abspath(root)] = dict(options or {})
+    public = {key: value for key, value in (options or {}).items() if not is_secret(key)}
+    if record and record["uri"] == uri and (record.get("storage_options") or {}) == public:
+        return  # (a file an older Arclight wrote with keys in it differs, and is written again without them)
     Path(root).mkdir(parents=True, exist_ok=True)
     tmp = Path(root) / f".{LOCATION_FILE}.{owner()}.tmp"
-    tmp.write_text(json.dumps({"uri": uri, "storage_options": options or {}}, indent=1))
+    tmp.write_text(json.dumps({"uri": uri, "storage_options": public}, indent=1))
     os.replace(tmp, Path(root) / LOCATION_FILE)
 
 
