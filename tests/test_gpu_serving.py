@@ -5,6 +5,7 @@ mode) and two GPUs, and the pure functions behind them."""
 from __future__ import annotations
 
 import http.server
+import json
 import sys
 import threading
 from pathlib import Path
@@ -122,6 +123,24 @@ def test_cpu_command_line_is_unchanged(tmp_path, model_dir):
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
         "VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def test_an_api_key_in_extra_args_reaches_vllm_through_its_environment_not_its_command_line(tmp_path, model_dir):
+    """``ps`` shows every user of the host a process's command line: a vLLM ``--api-key`` given in serving.extra_args
+    goes to vLLM as VLLM_API_KEY (vLLM 0.32 takes its key from there when no --api-key is given), and the config that
+    the runs table and the project log record hides it."""
+    from lightning_core.common.redact import redacted, redacted_argv
+
+    for given in (["--api-key", "SECRET-vllm-6d0e"], ["--api-key=SECRET-vllm-6d0e"], ["--api_key", "SECRET-vllm-6d0e"],
+                  ["--api-key", "SECRET-old", "--api-key", "SECRET-vllm-6d0e"]):  # the last one counts, as in vLLM
+        cfg = config_for(tmp_path, model_dir, f"serving.extra_args={json.dumps(['--max-num-seqs', '8', *given])}")
+        argv = vllm.vllm_argv(cfg, port=8000, machine=CPU)
+        assert "SECRET-" not in " ".join(argv) and argv[-2:] == ["--max-num-seqs", "8"], argv
+        assert vllm.vllm_env(cfg, machine=CPU)["VLLM_API_KEY"] == "SECRET-vllm-6d0e"
+        assert "SECRET-" not in json.dumps(redacted(cfg.model_dump(mode="json"))), given
+        assert "SECRET-" not in " ".join(redacted_argv(["--set", f"serving.extra_args={json.dumps(given)}"]))
+    with pytest.raises(ServiceError, match="one key"):
+        vllm.vllm_argv(config_for(tmp_path, model_dir, 'serving.extra_args=["--api-key", "a", "b"]'), port=8000, machine=CPU)
 
 
 def test_sleep_mode_is_refused_on_cpu(tmp_path, model_dir):

@@ -35,6 +35,8 @@ def redacted(value: Any, *, name: str = "") -> Any:
     if isinstance(value, dict):
         return {k: redacted(v, name=str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):  # arguments (serving.extra_args, rollouts.command): --api-key KEY
+            return redacted_argv(value)
         return [redacted(v) for v in value]
     return value
 

@@ -226,8 +226,34 @@ def vllm_argv(config: ArclightConfig, *, port: int, model: Path | None = None, m
         *(["--gpu-memory-utilization", f"{share:g}"] if share is not None and "--gpu-memory-utilization" not in s.extra_args else []),
         *(["--enable-sleep-mode"] if s.sleep_mode and "--enable-sleep-mode" not in s.extra_args else []),
         "--disable-uvicorn-access-log",
-        *s.extra_args,
+        *without_api_key(s.extra_args)[0],
     ]
+
+
+API_KEY_OPTIONS = ("--api-key", "--api_key")  # vLLM's parser takes either spelling
+
+
+def without_api_key(extra_args: list[str]) -> tuple[list[str], str | None]:
+    """``serving.extra_args`` without vLLM's ``--api-key``, and the key it gave: ``ps`` shows a command line to every
+    user of the host, so vLLM gets the key in its environment instead (VLLM_API_KEY, which vLLM 0.32 reads when no
+    --api-key is given). A later --api-key replaces an earlier one, as in vLLM; vLLM reads one key from there."""
+    rest: list[str] = []
+    keys: list[str] = []
+    taking = False  # the arguments after --api-key are its values, up to the next option
+    for arg in extra_args:
+        option, sep, value = arg.partition("=")
+        if option in API_KEY_OPTIONS:
+            keys, taking = ([value], False) if sep else ([], True)
+        elif taking and not arg.startswith("--"):
+            keys.append(arg)
+        else:
+            rest.append(arg)
+            taking = False
+    if len(keys) > 1:
+        raise ServiceError(f"serving.extra_args gives vLLM {len(keys)} API keys after --api-key: Arclight passes vLLM its "
+                           "key in its environment (VLLM_API_KEY), where vLLM reads one, to keep it off the command line "
+                           "that every user of the host can see; give one key")
+    return rest, keys[0] if keys else None
 
 
 def vllm_env(config: ArclightConfig, *, machine: Machine | None = None, server: int = 0) -> dict[str, str]:
@@ -258,6 +284,7 @@ def vllm_env(config: ArclightConfig, *, machine: Machine | None = None, server: 
         **({"OMP_WAIT_POLICY": "PASSIVE"} if config.trainer.max_staleness and not devices and not machine.gpus else {}),
         **({"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices)} if devices else {}),
         **config.serving.env,
+        **({"VLLM_API_KEY": key} if (key := without_api_key(config.serving.extra_args)[1]) else {}),
     }
 
 
