@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.runners import no_engine_retries, rollout_task_runner
 from lightning_core import tracking
 from lightning_core.common import hardware, logs, stopping
+from lightning_core.common.redact import given_back
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.epoch import bookkeeping as ep
 from lightning_core.epoch import deploy, failures, reports, sampling, stages
@@ -42,8 +43,9 @@ ROLLOUT_BATCH = 8
 
 
 def load(config_path: str | None, overrides: list[str] | None) -> ArclightConfig:
-    """Load the project config a flow run was given; a run no command set up (a worker's) logs to the project's file."""
-    config = load_config(config_path, overrides=list(overrides or []))
+    """Load the project config a flow run was given, with the secrets the command kept out of its parameters; a run
+    no command set up (a worker's) logs to the project's file."""
+    config = load_config(config_path, overrides=given_back(overrides))
     logs.to_project_log(config.project_dir)
     return config
 

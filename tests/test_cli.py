@@ -214,6 +214,24 @@ def test_redaction_hides_secret_options_and_settings_and_keeps_the_rest():
         "--set", "serving.weights_storage_options.AWS_ENDPOINT_URL=***", "--port", "8400"]
 
 
+def test_a_flow_gets_back_the_secrets_its_command_kept_out_of_its_parameters_and_refuses_one_no_command_holds():
+    """A command gives its flow the --set overrides with secrets hidden (Prefect records a run's parameters); the flow,
+    in the same process, gets the values back. A run Prefect started again from its parameters has only ``***``: it
+    stops and says which setting, instead of using ``***`` as a token."""
+    import pytest
+
+    from lightning_core.common.redact import given_back, held_back
+    from lightning_core.config import ConfigError
+
+    meant = ["gateway.token=SECRET-gw-1", 'serving.env={"HF_TOKEN": "SECRET-hf-2", "MODE": "x"}', "epochs=3"]
+    with held_back(meant) as shown:
+        assert shown == ["gateway.token=***", 'serving.env={"HF_TOKEN": "***", "MODE": "x"}', "epochs=3"]
+        assert given_back(shown) == meant
+    assert given_back(["epochs=3"]) == ["epochs=3"]
+    with pytest.raises(ConfigError, match=r"^gateway.token, serving.env: this flow run was given the value of a secret"):
+        given_back(shown)
+
+
 def test_a_started_collector_reads_its_storage_options_without_them_on_its_command_line(tmp_path, s3):
     """``ps`` shows every user a process's command line: the storage options (S3 keys) and the token reach the
     collector some other way, and it still writes its spans to object storage with them."""

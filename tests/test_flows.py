@@ -303,3 +303,40 @@ def test_a_flow_logs_on_when_the_log_folder_of_an_earlier_flows_project_was_remo
 
     assert talk() == 1
     assert "still here" in path.read_text()
+
+
+def test_a_secret_given_to_arclight_evaluate_with_set_takes_effect_but_is_not_a_parameter_of_its_flow_run(
+        prefect_harness, tmp_path, monkeypatch):
+    """Prefect keeps a flow run's parameters in its database and shows them in its UI: a token given with --set (the
+    collector's here) reaches the flow and takes effect, and its value is in none of the run's parameters. A collector
+    started with that token tells its lake folder only to a caller that sends the token, so the flow's refusal of a
+    collector that writes to another lake proves the flow used it (and it stops there, before any vLLM)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from typer.testing import CliRunner
+
+    from lightning_core.cli.main import app
+    from lightning_core.ingest.service import start_collector
+
+    secret = "SECRET-col-flow-71c3"
+    theirs = make_config(tmp_path / "theirs", f"collector.token={secret}")
+    collector = start_collector(theirs, log_dir=tmp_path)
+    config = tmp_path / "ours" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text("name: secrets\n")
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the command's flows report to the harness
+    try:
+        result = CliRunner().invoke(app, [
+            "evaluate", str(config), "--set", f"collector.endpoint={collector.url}", "--set", f"collector.token={secret}",
+            "--set", f"serving.urls=[http://127.0.0.1:{free_port()}]"])
+    finally:
+        collector.stop()
+    assert result.exit_code == 1, result.output
+    assert f"writes to the lake {theirs.lake.path}" in result.output, result.output  # it held the collector's token
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.parameters.get("config_path") == str(config)]
+    assert len(runs) == 1 and runs[0].state.is_failed(), runs
+    assert secret not in json.dumps(runs[0].parameters), runs[0].parameters
+    assert f"collector.endpoint={collector.url}" in runs[0].parameters["overrides"]  # what is no secret stays readable
+    assert "collector.token=***" in runs[0].parameters["overrides"]

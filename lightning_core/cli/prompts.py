@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from lightning_core.cli.common import console, fail, need_lake, prefect_api, project
 from lightning_core.cli.output import VerboseOpt, print_table
+from lightning_core.common.redact import held_back
 from lightning_core.config import ArclightConfig
 
 
@@ -27,10 +28,10 @@ def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str], ver
     extra = list(overrides or [])
 
     def work():
-        with prefect_api(cfg):
+        with prefect_api(cfg), held_back(extra) as shown:  # a flow run's parameters are kept and shown: no secret
             from flows.optimize_prompt import optimize_prompt as search_flow
 
-            return search_flow(config_path=str(config), overrides=extra)
+            return search_flow(config_path=str(config), overrides=shown)
 
     result = run_with_progress(cfg, work, console=console, epochs=None, summary=False, run_id=apo.run_id(cfg),
                                title=f"optimising prompt {target!r} of {cfg.name}", verbose=verbose)

@@ -10,6 +10,7 @@ import typer
 from lightning_core.cli.common import console, prefect_api, project
 from lightning_core.cli.output import VerboseOpt
 from lightning_core.cli.prompts import check_prompt_versions
+from lightning_core.common.redact import held_back
 from lightning_core.config import ArclightConfig
 
 
@@ -38,10 +39,10 @@ def train(
         return
 
     def work():
-        with prefect_api(cfg):
+        with prefect_api(cfg), held_back(extra) as shown:  # a flow run's parameters are kept and shown: no secret
             from flows.train import train as train_flow
 
-            return train_flow(config_path=str(config), overrides=extra, epochs=target)
+            return train_flow(config_path=str(config), overrides=shown, epochs=target)
 
     run_with_progress(cfg, work, console=console, epochs=target, title=f"training {cfg.name} / run {cfg.run_name}",
                       verbose=verbose)
@@ -64,10 +65,10 @@ def evaluate(
     check_prompt_versions(cfg, prompt)
 
     def work():
-        with prefect_api(cfg):
+        with prefect_api(cfg), held_back(extra) as shown:  # a flow run's parameters are kept and shown: no secret
             from flows.train import evaluate as evaluate_flow
 
-            return evaluate_flow(config_path=str(config), overrides=extra, label=label,
+            return evaluate_flow(config_path=str(config), overrides=shown, label=label,
                                  prompt_versions=list(prompt or []) or None)
 
     result = run_with_progress(cfg, work, console=console, epochs=None, title=f"evaluating {cfg.name}", summary=False,

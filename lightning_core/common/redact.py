@@ -4,15 +4,23 @@ A setting is secret when a part of its name is a token, a secret, a password, a 
 (``gateway.token``, ``AWS_SECRET_ACCESS_KEY``, ``serving.env.HF_TOKEN``, ``api_key``), and every value under a
 ``*storage_options`` mapping is (``lake.storage_options`` holds S3 keys and endpoints alike). Their values become
 ``***``; the names stay, so that a log still says what was set.
+
+A command hands a flow its ``--set`` overrides with the secrets hidden (``held_back``), since Prefect keeps a flow run's
+parameters in its database and shows them in its UI, and the flow takes the values back in the same process
+(``given_back``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from typing import Any, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
 import yaml
+
+from lightning_core.config import ConfigError
 
 HIDDEN = "***"
 SECRET_ANYWHERE = {"secret", "password", "passwd", "credential", "credentials"}
@@ -79,3 +87,46 @@ def redacted_argv(argv: Sequence[str]) -> list[str]:
         else:
             expect = "setting" if arg == "--set" else "secret" if is_secret(arg) else None
     return out
+
+
+def redacted_overrides(overrides: Sequence[str]) -> list[str]:
+    """``KEY=VALUE`` overrides (``--set``) with the values of secret settings replaced by ``***``."""
+    return [_setting(str(override)) for override in overrides]
+
+
+_held: dict[tuple[str, ...], list[str]] = {}  # the overrides a flow is given (secrets hidden) -> the ones meant
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def held_back(overrides: Sequence[str]) -> Iterator[list[str]]:
+    """For the block, ``overrides`` with every secret's value as ``***``: what a command passes a flow as its
+    parameters. The flow, which runs in this process, gets the values back with ``given_back``. They stay in memory,
+    not in the environment, which every process the run starts would inherit, a user's agent command too."""
+    meant = [str(override) for override in overrides]
+    shown = redacted_overrides(meant)
+    with _held_lock:
+        _held[tuple(shown)] = meant
+    try:
+        yield shown
+    finally:
+        with _held_lock:
+            if _held.get(tuple(shown)) is meant:
+                del _held[tuple(shown)]
+
+
+def given_back(overrides: Sequence[str] | None) -> list[str]:
+    """The overrides a flow run was given, with the secret values ``held_back`` kept out of its parameters. A hidden
+    value that no command of this process holds (a run Prefect started again from its parameters) is refused."""
+    shown = [str(override) for override in overrides or []]
+    with _held_lock:
+        meant = _held.get(tuple(shown))
+    if meant is not None:
+        return list(meant)
+    hidden = [o.partition("=")[0] for o in shown if HIDDEN in o.partition("=")[2]]
+    if hidden:
+        raise ConfigError(f"{', '.join(hidden)}: this flow run was given the value of a secret as {HIDDEN}, as a command "
+                          "passes it to keep it out of Prefect's records, and this process does not hold the value: "
+                          "give the secret in the config file or in the environment (ARCLIGHT_GATEWAY_TOKEN, "
+                          "ARCLIGHT_COLLECTOR_TOKEN, AWS_*), or run the command again")
+    return shown
