@@ -134,16 +134,17 @@ def test_a_version_deployed_from_control_reaches_vllm_on_serve_only_through_s3_b
                  ".create_bucket(Bucket='arclight')\"", env=AWS)
 
         token = uuid.uuid4().hex
+        tokens = {"ARCLIGHT_GATEWAY_TOKEN": token}  # in the environment: `ps` shows a command line to every user
         settings = {
             "project_dir": "/mnt/project", "model.path": str(DEFAULT_MODEL_DIR), "model.served_name": "base",
             "serving.redeploy": "lora", "serving.host": serve.address, "serving.port": "8000",
             "serving.max_model_len": "1024", "gateway.host": serve.address, "gateway.port": "8400",
-            "gateway.token": token, "collector.endpoint": "", "serving.weights_uri": "s3://arclight/weights",
+            "collector.endpoint": "", "serving.weights_uri": "s3://arclight/weights",
             "serving.weights_storage_options": json.dumps({"AWS_ENDPOINT_URL": s3}),
             "policies": json.dumps([{"name": "calc"}]),
         }
         flags = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
-        served = serve.start([ARCLIGHT, "serve", *flags], log="serve", env=AWS)
+        served = serve.start([ARCLIGHT, "serve", *flags], log="serve", env={**AWS, **tokens})
         _wait(control, f"http://{serve.address}:8400/healthz", timeout_s=600, process=served)  # vLLM, loaded machine
 
         # a LoRA adapter made on control's own disk (as the trainer would save it)
@@ -152,7 +153,8 @@ def test_a_version_deployed_from_control_reaches_vllm_on_serve_only_through_s3_b
                    "target_modules=['q_proj', 'v_proj'], init_lora_weights=False)); m.save_pretrained('/mnt/adapter')\"",
                    timeout_s=300)
         before = {name: host.bytes_sent() for name, host in hosts.hosts.items()}
-        deployed = control.sh(shlex.join([ARCLIGHT, "redeploy", "/mnt/adapter", "--policy", "calc", *flags]), env=AWS,
+        deployed = control.sh(shlex.join([ARCLIGHT, "redeploy", "/mnt/adapter", "--policy", "calc", *flags]),
+                              env={**AWS, **tokens},
                               timeout_s=300)
         sent = {name: host.bytes_sent() - before[name] for name, host in hosts.hosts.items()}
         assert "policy calc now serves calc-v1" in deployed.stdout + deployed.stderr, deployed.stdout + deployed.stderr
@@ -304,6 +306,8 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         workers = [hosts["work-1"], hosts["work-2"]]
         s3 = f"http://{store.address}:5000"
         token, collector_token = uuid.uuid4().hex, uuid.uuid4().hex
+        # tokens in the environment, never on a command line, which `ps` shows every user of the host
+        tokens = {"ARCLIGHT_GATEWAY_TOKEN": token, "ARCLIGHT_COLLECTOR_TOKEN": collector_token}
         ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
                     "RAY_agent_register_timeout_ms": "300000"}
         prefect_api = f"http://{control.address}:4200/api"
@@ -319,9 +323,10 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         # ingest: the collector, its span tables on S3
         lake_options = json.dumps({"AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"})
         lake = {"lake.spans_uri": "s3://arclight/spans", "lake.storage_options": lake_options}
-        collector = ingest.start([ARCLIGHT, "collector", "--host", ingest.address, "--port", "4318", "--token",
-                                  collector_token, "--lake", "/mnt/lake",
-                                  *[a for k, v in lake.items() for a in ("--set", f"{k}={v}")]], log="collector", env=AWS)
+        collector = ingest.start([ARCLIGHT, "collector", "--host", ingest.address, "--port", "4318", "--lake", "/mnt/lake",
+                                  "--set", f"lake.spans_uri={lake['lake.spans_uri']}"], log="collector",
+                                 env={**AWS, "ARCLIGHT_COLLECTOR_TOKEN": collector_token,
+                                      "ARCLIGHT_LAKE_STORAGE_OPTIONS": lake_options})
         # serve: vLLM and the gateway, which records every call to the collector
         config = str(CALC / "config.yaml")
         common = {
@@ -329,12 +334,11 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
             # ... from one vLLM: every call is the policy's (with agent_match a second one would serve frozen agents)
             "policies": json.dumps([{"name": "calc"}]),
             "serving.host": serve.address, "serving.port": "8000", "gateway.host": serve.address, "gateway.port": "8400",
-            "gateway.token": token, "collector.endpoint": f"http://{ingest.address}:4318",
-            "collector.token": collector_token, "serving.weights_uri": "s3://arclight/weights",
+            "collector.endpoint": f"http://{ingest.address}:4318", "serving.weights_uri": "s3://arclight/weights",
             "serving.weights_storage_options": json.dumps({"AWS_ENDPOINT_URL": s3}),
         }
         flags = [a for k, v in common.items() for a in ("--set", f"{k}={v}")]
-        served = serve.start([ARCLIGHT, "serve", "-c", config, *flags], log="serve", env=AWS)
+        served = serve.start([ARCLIGHT, "serve", "-c", config, *flags], log="serve", env={**AWS, **tokens})
         _wait(control, f"http://{ingest.address}:4318/healthz", timeout_s=120, process=collector)
         _wait(control, f"http://{store.address}:5001/health", timeout_s=180, process=mlflow)
         _wait(control, f"{prefect_api}/health", timeout_s=180, process=prefect)
@@ -371,7 +375,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         counters, faults = _Counters(hosts), _Faults(hosts)
         trained = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "2",
                                          *[a for k, v in run.items() for a in ("--set", f"{k}={v}")]]),
-                             env={**AWS, **ray_auth, "PREFECT_API_URL": prefect_api}, timeout_s=1500, check=False)
+                             env={**AWS, **ray_auth, **tokens, "PREFECT_API_URL": prefect_api}, timeout_s=1500, check=False)
         output = trained.stdout + trained.stderr
         (tmp_path / "logs" / "control-train.log").write_text(output)
         counters.stop()
@@ -456,7 +460,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         third = {**run, "serving.startup_timeout_s": "30"}
         stopped = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "3",
                                          *[a for k, v in third.items() for a in ("--set", f"{k}={v}")]]),
-                             env={**AWS, **ray_auth, "PREFECT_API_URL": prefect_api}, timeout_s=900, check=False)
+                             env={**AWS, **ray_auth, **tokens, "PREFECT_API_URL": prefect_api}, timeout_s=900, check=False)
         said = stopped.stdout + stopped.stderr
         (tmp_path / "logs" / "control-train-epoch-2.log").write_text(said)
         down.stop()
