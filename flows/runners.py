@@ -47,14 +47,40 @@ def rollout_task_runner(config: ArclightConfig) -> Iterator[TaskRunner | None]:
 
 @contextlib.contextmanager
 def no_engine_retries(runner: TaskRunner | None) -> Iterator[None]:
-    """Tell Ray not to run a rollout task again when its worker or node is lost: it would run under the same attempt
-    numbers, and its spans would mix with the lost run's in the lake. The flow records such a batch as our failure
-    and runs it again with new attempt numbers (``failures.lost_with_their_worker``). Dask re-runs a task whose
-    worker died on its own (``distributed.scheduler.allowed-failures``); that is left as it is."""
-    if runner is None or type(runner).__name__ != "RayTaskRunner":
-        yield
-        return
-    from prefect_ray.context import remote_options
+    """Keep the engine from running a rollout batch again when it loses the worker or node that ran it (or that held
+    its result): it would run under the same attempt numbers, and its spans would mix with the lost run's in the lake.
+    The flow records such a batch as our failure and runs it again with new attempt numbers
+    (``failures.lost_with_their_worker``). Ray is told so per task (``max_retries=0``). Dask cannot be (its
+    ``allowed-failures`` is the scheduler's, for every task), so each batch marks itself started on the scheduler and a
+    second start fails at once (``failures.refuse_a_second_run``); the marks go once the round's futures are released."""
+    kind = type(runner).__name__ if runner is not None else None
+    if kind == "RayTaskRunner":
+        from prefect_ray.context import remote_options
 
-    with remote_options(max_retries=0):
+        with remote_options(max_retries=0):
+            yield
+    elif kind == "DaskTaskRunner":
+        try:
+            yield
+        finally:
+            _forget_started_batches(runner.client)
+    else:
         yield
+
+
+def _forget_started_batches(client) -> None:
+    """Release the round's batches (so that no lost result is computed again) then forget that they started."""
+    from distributed import Event, Future
+
+    from lightning_core.epoch.failures import claim_name
+
+    keys = list(client.futures)
+    try:
+        if keys:
+            client.cancel([Future(key, client) for key in keys])
+        for key in keys:
+            Event(claim_name(key), client=client).clear()
+    except Exception as exc:  # noqa: BLE001 - a lost scheduler: what the round raised, if anything, matters more
+        logging.getLogger("arclight.flows").warning(
+            "could not forget the %d rollout batches of the round on the Dask scheduler (%r): their marks stay there, a "
+            "few bytes each", len(keys), exc)

@@ -57,8 +57,10 @@ def rollouts(
     One task per group rather than per rollout: a rollout's own work is a process and a few HTTP
     calls, and per-rollout task runs plus catalog writes cost the flow about as much CPU again.
     It needs only ``settings`` (the gateway's and collector's URLs and tokens), so it runs on a Dask
-    or Ray worker as well; the flow records the outcomes in the catalog.
+    or Ray worker as well; the flow records the outcomes in the catalog. The engine never runs one batch twice under
+    the same attempt numbers (``failures.refuse_a_second_run``).
     """
+    failures.refuse_a_second_run()
     return stages.run_rollout_batch(settings, specs, first_attempts=first_attempts, slot=_slot(concurrency))
 
 

@@ -7,6 +7,12 @@ tokens. A hung agent on a worker is killed at its timeout, and retries get a new
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
+
+import httpx
 import psutil
 import pytest
 
@@ -130,6 +136,85 @@ def test_epoch_rollouts_run_on_two_dask_workers_and_a_hung_one_is_killed_at_its_
         assert procs["servers"], f"worker {worker} started no rollout process"
         assert procs["alive"] == [], f"rollout processes still alive on {worker}: {procs['alive']}"
     assert {pid for p in pids.values() for pid in p} == set(worker_pids.values())
+
+
+STEADY = {"id": "steady", "question": "Say the word frob.", "target": "frob", "turns": 6, "pause_s": 0.5}
+
+
+def kill_the_worker_that_runs_rollouts(worker_pids: set[int], *, gateway_url: str, calls: int,
+                                       stop: threading.Event) -> dict:
+    """In a thread: once the gateway has answered ``calls`` model calls, kill the worker under which rollout processes
+    run (a fork server's children) and every process under it, as when its node dies. Dask's nanny starts a fresh
+    worker in its place. Returns what it killed, filled in when it did."""
+    killed: dict = {}
+
+    def answered() -> float:
+        with contextlib.suppress(httpx.HTTPError):
+            lines = httpx.get(f"{gateway_url}/metrics", timeout=5).text.splitlines()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                       if line.startswith("arclight_gateway_requests_total{") and 'status="200"' in line)
+        return 0.0
+
+    def watch():
+        while not stop.wait(0.1):
+            if answered() < calls:
+                continue
+            for pid in worker_pids:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker = psutil.Process(pid)
+                    if any("forkserver" in " ".join(p.cmdline()) and p.children() for p in worker.children(recursive=True)):
+                        for process in [worker, *worker.children(recursive=True)]:
+                            with contextlib.suppress(psutil.NoSuchProcess):
+                                process.kill()
+                        killed.update(pid=pid, at=time.time())
+                        return
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_a_batch_lost_with_its_dask_worker_runs_again_under_new_attempt_numbers(
+    prefect_harness, dask_cluster, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    """A Dask worker killed in the middle of a batch, with its rollout processes. Dask runs a task again on another
+    worker when the one running it dies (``distributed.scheduler.allowed-failures``): under the same attempt numbers,
+    the two executions' spans shared (rollout id, attempt), and the triplets took the calls of both under one reward.
+    The engine's second start is refused; the flow records the batch as our failure and runs it again under new
+    attempt numbers, as for Ray. Uses the module's cluster (its nanny starts a fresh worker in the killed one's place)."""
+    from distributed import Client
+
+    from flows.train import train_epoch
+
+    with Client(dask_cluster) as client:
+        worker_pids = set(client.run(os.getpid).values())
+    overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
+                           tiny_model_dir=tiny_model_dir, dataset=_dataset(tmp_path / "tasks.jsonl", [STEADY]),
+                           **{"run_name": "dasklost", "rollouts.group_size": "2", "rollouts.timeout_s": str(TIMEOUT_S),
+                              "rollouts.agent": "tests.helpers.flow_agent:run_steady", "rollouts.executor": "dask",
+                              "rollouts.address": dask_cluster.scheduler_address})
+    stop = threading.Event()  # killed once each of the two rollouts made about two of its six calls
+    killed = kill_the_worker_that_runs_rollouts(worker_pids, gateway_url=make_config(tmp_path, *overrides).gateway.url,
+                                                calls=4, stop=stop)
+    try:
+        result = train_epoch(overrides=overrides)
+    finally:
+        stop.set()
+    assert killed, "no worker was seen running the batch's rollouts"
+
+    with Catalog.from_config(make_config(tmp_path, *overrides)).read() as con:
+        rows = con.execute("SELECT rollout_id, status, attempt, coalesce(infra_failures, 0) FROM rollouts "
+                           "WHERE run_id = 'dasklost' AND epoch = 0 ORDER BY rollout_id").fetchall()
+        calls = con.execute("SELECT rollout_id, attempt, count(*) FROM spans "
+                            "WHERE run_id = 'dasklost' AND epoch = 0 AND span_kind = 'llm' GROUP BY ALL ORDER BY ALL").fetchall()
+    assert result["status"] == "completed"
+    # each (rollout, attempt) holds the calls of one execution (at most 6): the lost run's first ones under attempt 0,
+    # a whole run under 1
+    for rollout_id, attempt, n in calls:
+        assert n <= STEADY["turns"], (f"rollout {rollout_id} attempt {attempt}: {n} model calls, from more than one "
+                                      f"execution (calls {calls}, rollouts {rows})")
+    # the lost batch ran again as our failure, under attempt 1
+    assert [(status, attempt, reruns) for _, status, attempt, reruns in rows] == [("succeeded", 1, 1)] * 2, rows
+    assert [(r, a, n) for r, a, n in calls if a == 1] == [(rollout_id, 1, STEADY["turns"]) for rollout_id, *_ in rows]
 
 
 @pytest.fixture(scope="module")

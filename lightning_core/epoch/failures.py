@@ -96,9 +96,52 @@ class RunStopped(RuntimeError):
     """A sampling round that failed too much to train on; the message says what failed and what to do."""
 
 
+class RanBefore(RuntimeError):
+    """A rollout batch that the engine started a second time after losing the worker that ran it (or the one that held
+    its result): refused, since under the same attempt numbers its spans would mix with the first run's."""
+
+
+def claim_name(key: Any) -> str:
+    """The name of the Dask event that says the Dask task ``key`` (one rollout batch) has started."""
+    return f"arclight-batch-started-{key}"
+
+
+def refuse_a_second_run() -> None:
+    """On a Dask worker, raise ``RanBefore`` when this task was started before; mark it started otherwise.
+
+    Dask runs a task again on another worker when the one running it dies (``distributed.scheduler.allowed-failures``,
+    a setting of the scheduler for every task), and recomputes a finished one whose result was lost with its worker,
+    and it cannot be told not to for one task. Ray can (``max_retries=0``). The claims stay with the scheduler until the
+    round's futures are released (``flows/runners.py``). Outside a Dask worker this does nothing."""
+    try:
+        from distributed import Event, get_worker
+    except ImportError:
+        return
+    try:
+        worker = get_worker()
+    except ValueError:  # not on a Dask worker: the flow's threads, or Ray
+        return
+    key = worker.get_current_task()
+    claim = Event(claim_name(key))
+    if claim.is_set():
+        raise RanBefore(f"Dask started rollout batch {key!r} again after losing the worker that ran it (or that held its "
+                        "result); it runs again under new attempt numbers once the round's runs are in")
+    claim.set()
+
+
 def worker_lost(exc: BaseException) -> bool:
     """Whether a rollout batch's task failed because the engine lost its worker (its node died, its process was
-    killed), not because the task raised: Ray's system errors, not a ``RayTaskError`` (the task's own exception)."""
+    killed), not because the task raised: Ray's system errors, not a ``RayTaskError`` (the task's own exception); on
+    Dask, a batch started again (``RanBefore``) or one whose workers kept dying (``KilledWorker``)."""
+    if isinstance(exc, RanBefore):
+        return True
+    try:
+        from distributed import KilledWorker
+    except ImportError:
+        pass
+    else:
+        if isinstance(exc, KilledWorker):
+            return True
     try:
         from ray.exceptions import RayError, RayTaskError
     except ImportError:
@@ -109,8 +152,8 @@ def worker_lost(exc: BaseException) -> bool:
 def lost_with_their_worker(specs: list, *, first_attempts: dict[str, int], error: BaseException) -> list[RolloutOutcome]:
     """The outcomes of a batch of rollouts whose worker was lost (its node died, its process was killed): each an
     infrastructure failure, so that it runs again, with a new attempt number, once the round's runs are in (the engine
-    itself is told not to run it again: a re-run under the same attempt numbers would mix its spans with the lost
-    run's)."""
+    itself does not run it again: Ray is told not to, and on Dask a second start is refused, ``refuse_a_second_run``;
+    a re-run under the same attempt numbers would mix its spans with the lost run's)."""
     now = time.time()
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     why = f"the worker running it was lost: {type(error).__name__}: {lines[0] if lines else ''}"[:500]
