@@ -4,6 +4,7 @@ and refused when what arrives is not what was published (issue 53, step 1)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,95 @@ def test_the_gateway_fetches_a_version_to_its_own_folder_and_answers_why_when_it
         assert client.post("/admin/weights", json={"uri": "s3://arclight/p-v1"}).status_code == 422
         assert client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"},
                            headers={"Authorization": "Bearer wrong"}).status_code in (401, 403)
+
+
+# --- issue 68, finding 1: a manifest names only files inside the download folder --------------------------------
+
+
+def _stage(version, keys: list[str], payload: bytes) -> str:
+    """A version in a folder store whose manifest lists ``keys``, each with the payload's true size and sha256 (whoever
+    writes a manifest writes its hashes too), and the payload where the store's path ``<version>/<key>`` leads."""
+    import hashlib
+    import json
+
+    version.mkdir(parents=True)
+    for key in keys:
+        source = Path(os.path.normpath(f"{version}/{key}")) if key.strip("/") else None
+        if source is not None and not source.is_dir():
+            source.parent.mkdir(parents=True, exist_ok=True)
+            source.write_bytes(payload)
+    entry = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (version / MANIFEST).write_text(json.dumps({"files": {key: entry for key in keys}}))
+    return f"file://{version}"
+
+
+def _files(folder) -> set[str]:
+    return {str(p) for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("key", ["ABSOLUTE", "../../outside", "a/../../../outside", "a\\..\\outside", "a//b", "./a", ""],
+                         ids=["absolute", "dotdot", "dotdot-inside", "backslash", "empty-part", "dot", "empty"])
+def test_a_manifest_key_outside_the_download_folder_is_refused_before_anything_is_written(key, tmp_path):
+    key = str(tmp_path / "outside" / "written") if key == "ABSOLUTE" else key
+    uri = _stage(tmp_path / "store" / "p" / "p-v1", ["adapter_config.json", key], b"from whoever wrote the manifest")
+    before = _files(tmp_path)
+    with pytest.raises(PublishError, match=r"manifest of file://.*p-v1 names .* a relative path inside the version"):
+        fetch(uri, tmp_path / "serve" / "p")
+    assert _files(tmp_path) == before  # nothing written, outside the folder or in it
+    assert not (tmp_path / "serve" / "p").exists() or not list((tmp_path / "serve" / "p").iterdir())
+
+
+# --- issue 68, finding 11: a copy fetched before is not read again; two fetches at once keep their own folders -----
+
+
+def test_a_copy_fetched_before_is_trusted_by_its_sizes_and_times_without_reading_its_bytes(tmp_path):
+    uri = f"file://{tmp_path / 'store'}/calc/calc-v1"
+    trained = _adapter(tmp_path / "trainer" / "calc-v1")
+    publish(trained, uri)
+    local = fetch(uri, tmp_path / "serve")
+    weights = local / "adapter_model.safetensors"
+    seen = weights.stat()
+    # other bytes, same size and time: a later fetch (every deploy and restore) does not hash the copy again
+    with open(weights, "r+b") as fh:
+        fh.write(b"\0" * 16)
+    os.utime(weights, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    assert fetch(uri, tmp_path / "serve") == local and weights.read_bytes()[:16] == b"\0" * 16
+    # a file whose time or size changed since it was fetched: the copy is fetched again, and holds the trained bytes
+    os.utime(weights, ns=(seen.st_atime_ns, seen.st_mtime_ns + 1_000_000_000))
+    assert _same_bytes(trained, fetch(uri, tmp_path / "serve"))
+    (local / "adapter_config.json").write_text('{"r": 9}')
+    assert _same_bytes(trained, fetch(uri, tmp_path / "serve"))
+    (local / "tokenizer" / "vocab.json").unlink()
+    assert _same_bytes(trained, fetch(uri, tmp_path / "serve"))
+
+
+def test_two_saves_of_one_folder_at_once_never_delete_each_others_download(tmp_path):
+    import threading
+
+    from lightning_core.common.durable import save_atomically
+
+    first_wrote, second_wrote = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def save(who: str, wrote: threading.Event, wait_for: threading.Event | None) -> None:
+        def write(tmp):
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "weights").write_text(who * 1000)
+            wrote.set()
+            if wait_for is not None:
+                assert wait_for.wait(10)
+        try:
+            results[who] = save_atomically(write, root=tmp_path, name="calc-v1", replace=True)
+        except BaseException as exc:  # noqa: BLE001 - the test reports what each save raised
+            results[who] = exc
+
+    first = threading.Thread(target=save, args=("a", first_wrote, second_wrote))
+    first.start()
+    assert first_wrote.wait(10)  # the first is inside its download when the second starts
+    second = threading.Thread(target=save, args=("b", second_wrote, None))
+    second.start()
+    first.join(10), second.join(10)
+    assert results == {"a": tmp_path / "calc-v1", "b": tmp_path / "calc-v1"}, results
+    assert (tmp_path / "calc-v1" / "weights").read_text() in ("a" * 1000, "b" * 1000)
+    assert sorted(os.listdir(tmp_path)) == ["calc-v1"]  # no temporary folder left
+
