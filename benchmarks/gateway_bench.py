@@ -211,11 +211,13 @@ def start_gateway(upstream: str, workers: int, rollouts: int, log_dir: Path) -> 
 
     port = free_port()
     log = open(log_dir / f"gateway-w{workers}.log", "w")
+    admin = f"bench-{port}"  # the admin routes take only the token the gateway was started with
     proc = subprocess.Popen(
         [sys.executable, "-m", "lightning_core", "gateway", "--upstream", upstream, "--collector", upstream,
          "--port", str(port), "--log-level", "warning",
          *(["--workers", str(workers), "--state", str(log_dir / f"gateway-w{workers}.sqlite")] if workers > 1 else [])],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "ARCLIGHT_GATEWAY_ADMIN_TOKEN": admin})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -230,7 +232,8 @@ def start_gateway(upstream: str, workers: int, rollouts: int, log_dir: Path) -> 
     bases = []
     for i in range(rollouts):
         r = httpx.post(f"{url}/admin/rollouts", json={"rollout_id": f"bench-{i}", "run_id": "bench", "epoch": 0,
-                                                     "task_id": f"t{i}", "attempt": 0})
+                                                     "task_id": f"t{i}", "attempt": 0},
+                       headers={"Authorization": f"Bearer {admin}"})
         r.raise_for_status()
         bases.append(r.json()["base_url"] + "/chat/completions")
     return proc, url, bases

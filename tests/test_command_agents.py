@@ -78,6 +78,20 @@ def test_a_program_gets_the_task_on_stdin_and_the_rollout_in_its_environment(col
     assert env["TRACEPARENT"] == f"00-{trace_id}-{span_id}-01"
 
 
+def test_a_program_holds_the_agent_token_and_never_the_gateways_admin_token(collector, tmp_path, monkeypatch):
+    # issue 68: every agent's api_key was the gateway token, which also opens the admin routes (POST /admin/weights)
+    monkeypatch.setenv("ARCLIGHT_GATEWAY_TOKEN", "admin-s3cret")  # exported for `arclight train`, as docs/scaling.md does
+    config = ArclightConfig(project_dir=AGENTS, rollouts=RolloutsConfig(command=[sys.executable, str(OTEL_AGENT)]))
+    settings = settings_from_config(config, collector_url=collector.url, gateway_url="http://127.0.0.1:8400", model="m")
+    report = tmp_path / "report.json"
+    outcome = run_rollout(settings, _spec("cmd", "cmd-token", {"id": "t-8", "behaviour": "report",
+                                                               "report_file": str(report)}))
+    assert outcome.status == SUCCEEDED and settings.gateway_token == "admin-s3cret"  # the runner registers with it
+    env = json.loads(report.read_text())["env"]
+    assert [k for k, v in env.items() if "admin-s3cret" in v] == []
+    assert env["OPENAI_API_KEY"] == env["ARCLIGHT_API_KEY"] and env["OPENAI_API_KEY"].startswith("agent-")
+
+
 def test_a_failing_program_is_the_agents_failure_with_its_status_and_stderr(collector):
     outcome = run_rollout(_settings(collector, [sys.executable, str(OTEL_AGENT)]),
                           _spec("cmd", "cmd-fail", {"id": "t-1", "behaviour": "fail"}))
@@ -133,7 +147,7 @@ def test_the_command_is_checked_before_any_rollout(tmp_path):
 
 @pytest.fixture(scope="module")
 def admin(gateway) -> GatewayClient:
-    return GatewayClient(gateway.url)
+    return GatewayClient(gateway.url, token=gateway.token)
 
 
 def _run_through_gateway(admin, gateway, collector, *, run_id: str, command: list[str], task: dict):
@@ -190,3 +204,61 @@ def test_a_nodejs_agent_gives_its_reward_as_its_last_line_of_output(admin, gatew
     rows = _lake_rows(collector_config, "SELECT DISTINCT rollout_id, task_id, attempt, service_name FROM spans "
                       "WHERE run_id = 'cmd-node' AND name LIKE 'chat%' AND span_kind IS NULL", [])
     assert rows == [("cmd-node-r0", "task-cmd-node-r0", 0, "arclight-agent")]
+
+
+# --- issue 68, finding 1: what an agent can do to the gateway, in a real epoch ------------------------------------
+
+
+ATTACKS = ["manifest-absolute", "manifest-dotdot", "manifest-deep", "uri-empty-segment", "uri-empty-segment-again",
+           "uri-dotdot"]
+
+
+@pytest.mark.integration
+def test_a_command_agent_in_an_epoch_can_neither_write_nor_delete_outside_the_gateways_folder(
+        prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir):
+    import os
+
+    from flows.train import train_epoch
+    from lightning_core.common.services import free_port
+    from lightning_core.serving.vllm import weights_dir
+    from tests.conftest import make_config
+
+    project, folder = tmp_path / "project", tmp_path / "agent"
+    project.mkdir(), folder.mkdir()
+    store = tmp_path / "published"
+    tasks = [{"id": "attack", "question": "Say xyzzy.", "attack": str(folder), "store": str(store)},
+             {"id": "plain", "question": "Say plugh."}]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    settings = {
+        "project_dir": str(project), "lake.path": str(collector_config.lake.path),
+        "lake.catalog": str(project / "catalog.duckdb"), "name": "attacked", "run_name": "attacked",
+        "collector.endpoint": collector.url, "serving.urls": json.dumps([vllm_server.url]), "gateway.port": str(free_port()),
+        "model.path": str(tiny_model_dir), "model.served_name": "tiny", "policies": json.dumps([{"name": "attacked"}]),
+        "rollouts.command": f"{sys.executable} {AGENTS / 'weights_attack.py'}", "rollouts.dataset": str(tmp_path / "tasks.jsonl"),
+        "rollouts.group_size": "2", "rollouts.timeout_s": "60", "trainer.micro_batch_size": "4", "trainer.lora_r": "4",
+        "trainer.lora_alpha": "8", "serving.redeploy": "lora", "serving.weights_uri": f"file://{store}",
+    }
+    overrides = [f"{k}={v}" for k, v in settings.items()]
+    cfg = make_config(project, *overrides)
+    # what an unchecked fetch would prune first: another policy's fetched version, and a folder beside the weights
+    other, beside = weights_dir(cfg) / "other" / "other-v1", weights_dir(cfg).parent / "beside"
+    other.mkdir(parents=True), beside.mkdir()
+    (other / "adapter_model.safetensors").write_bytes(b"another policy's weights")
+    (beside / "state").write_text("the gateway's")
+    for path in (other.parent, beside):
+        os.utime(path, (1, 1))
+    result = train_epoch(overrides=overrides)
+    statuses = json.loads((folder / "statuses.json").read_text())
+    # its own token and none open no admin route; the admin token a process of the user can read in the gateway's
+    # environment gets past that, and then the store (403) and the names and the manifest (422) refuse it
+    assert {s for label, s in statuses.items() if "admin" not in label} == {401}, statuses
+    stolen = {label.rsplit(", ", 1)[0]: s for label, s in statuses.items() if label.endswith("stolen admin token")}
+    assert stolen == {**{f"{attack}, own store": 403 for attack in ATTACKS}, **{f"{attack}, configured store": 422
+                                                                                 for attack in ATTACKS}}, statuses
+    outside = [str(p) for p in tmp_path.rglob("*") if "outside" in p.name and not {folder, store} & set(p.parents)]
+    assert outside == []
+    assert (other / "adapter_model.safetensors").read_bytes() == b"another policy's weights"
+    assert (beside / "state").read_text() == "the gateway's"
+    # the flow's own admin calls still authenticate: it registered every rollout and fetched the version it trained
+    assert result["status"] == "completed" and result["new_version"] == "attacked-v1", result
+    assert sorted(p.name for p in weights_dir(cfg).iterdir()) == ["attacked", "other"]

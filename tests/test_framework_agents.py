@@ -105,7 +105,7 @@ def agents_python() -> Path:
 
 @pytest.fixture(scope="module")
 def admin(gateway) -> GatewayClient:
-    return GatewayClient(gateway.url)
+    return GatewayClient(gateway.url, token=gateway.token)
 
 
 def calls_view(collector_config, run_id: str) -> list[dict]:

@@ -11,6 +11,7 @@ from openai import APIStatusError, OpenAI
 
 from lightning_core import semconv
 from lightning_core.store.catalog import Catalog
+from lightning_core.common.http_guard import bearer
 from lightning_core.serving.client import GatewayClient
 from lightning_core.common.model import load_tokenizer
 from tests.helpers.tokens import shown_text
@@ -27,7 +28,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def admin(gateway) -> GatewayClient:
-    return GatewayClient(gateway.url)
+    return GatewayClient(gateway.url, token=gateway.token)
 
 
 def rollout_client(admin: GatewayClient, rollout_id: str, **context) -> OpenAI:
@@ -195,8 +196,19 @@ def test_unknown_rollout_is_404_and_malformed_request_is_400(admin, gateway):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(f"{gateway.url}/rollout/bad-1/v1/chat/completions", json={"model": "m", "messages": "hi"})
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
-    r = httpx.post(f"{gateway.url}/admin/rollouts", json={"rollout_id": "has space"})
+    r = httpx.post(f"{gateway.url}/admin/rollouts", json={"rollout_id": "has space"}, headers=bearer(gateway.token))
     assert r.status_code == 422
+
+
+def test_the_gateway_a_stack_starts_takes_admin_calls_only_with_the_token_it_was_given(gateway):
+    # issue 68: without gateway.token its admin routes were open to any local process, an agent among them
+    refused = {(path, str(headers)): httpx.request(method, f"{gateway.url}{path}", json=body, headers=headers, timeout=30).status_code
+               for method, path, body in [("POST", "/admin/rollouts", {"rollout_id": "local-1"}),
+                                          ("GET", "/admin/policies", None), ("POST", "/admin/flush", None),
+                                          ("POST", "/admin/weights", {"uri": "file:///tmp/staged/p/v1"})]
+               for headers in ({}, bearer("arclight"))}
+    assert set(refused.values()) == {401}, refused
+    assert gateway.token and GatewayClient(gateway.url, token=gateway.token).policies()["base_model"] == "tiny"
 
 
 def test_upstream_error_is_passed_on_and_recorded_as_an_error_span(admin, collector_config, gateway):

@@ -201,3 +201,33 @@ def test_with_a_token_origin_and_host_are_left_to_the_token():
         r = client.post("/admin/rollouts", json={"rollout_id": "tok-1"},
                         headers={"Authorization": "Bearer t0k", "Origin": "https://app.example"})
         assert r.status_code == 201
+
+
+# --- issue 68, finding 1: the agent token reaches the model and nothing else ----------------------------------------
+
+ADMIN_ROUTES = [("POST", "/admin/rollouts", {"rollout_id": "taken-over"}), ("DELETE", "/admin/rollouts/tok-2", None),
+                ("GET", "/admin/policies", None), ("PUT", "/admin/policies/default", {"served_model": "x", "version": 9}),
+                ("POST", "/admin/policies/default/rollback", None), ("POST", "/admin/flush", None),
+                ("POST", "/admin/weights", {"uri": "file:///tmp/staged/p/v1"})]
+
+
+def test_the_agent_token_reaches_the_model_routes_and_opens_no_admin_route(upstream):
+    from lightning_core.common.http_guard import agent_token
+
+    app = build_app(upstreams=[upstream.url], base_model="base", exporter=InMemorySpanExporter(), token="admin-s3cret")
+    agent = {"Authorization": f"Bearer {agent_token('admin-s3cret')}"}
+    admin = {"Authorization": "Bearer admin-s3cret"}
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as client:
+        assert client.post("/admin/rollouts", json={"rollout_id": "tok-2"}, headers=admin).status_code == 201
+        assert client.post("/rollout/tok-2/v1/chat/completions", json=ask, headers=agent).status_code == 200
+        assert client.post("/v1/chat/completions", json=ask, headers=agent).status_code == 200
+        assert client.get("/v1/models", headers=agent).status_code == 200
+        assert client.post("/v1/chat/completions", json=ask, headers=admin).status_code == 200  # a production client
+        assert client.post("/v1/chat/completions", json=ask).status_code == 401
+        refused = {path: client.request(method, path, json=body, headers=agent).status_code
+                   for method, path, body in ADMIN_ROUTES}
+        assert refused == {path: 401 for _, path, _ in ADMIN_ROUTES}
+        assert client.get("/healthz", headers=agent).json() == {"status": "ok"}  # no upstream URLs for an agent
+        assert client.get("/admin/policies", headers=admin).status_code == 200
+

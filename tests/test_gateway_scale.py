@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 from lightning_core import semconv
+from lightning_core.common.http_guard import bearer
 from lightning_core.store.catalog import Catalog
 from lightning_core.serving.recording import SCOPE
 from lightning_core.serving.router import Router
@@ -58,13 +59,13 @@ def _call(url: str, rollout: str, content: str = "hi") -> dict:
 
 
 def test_processes_share_registrations_route_rollouts_alike_and_switch_together(multi_gateway, replicas, collector_config):
-    url = multi_gateway.url
+    url, auth = multi_gateway.url, bearer(multi_gateway.token)
     port_of = {r.url: f"port-{r.port}" for r in replicas}
     expected = Router(upstreams=[r.url for r in replicas], base_model="x", policies=["default"])  # a router that never saw a call
     rollouts = [f"scale-{i}" for i in range(24)]
     registered = {}
     for rid in rollouts:
-        r = httpx.post(f"{url}/admin/rollouts", headers={"Connection": "close"}, timeout=30,
+        r = httpx.post(f"{url}/admin/rollouts", headers={"Connection": "close", **auth}, timeout=30,
                        json={"rollout_id": rid, "run_id": "scale", "epoch": 0, "task_id": f"t{rid}"})
         assert r.status_code == 201
         registered[rid] = r.json()["replica"]
@@ -81,19 +82,19 @@ def test_processes_share_registrations_route_rollouts_alike_and_switch_together(
 
     # a switch through one process is what every process serves from the next call on to the rollouts registered
     # after it; those registered before it keep the version they started on (pinned), whichever process serves them
-    r = httpx.put(f"{url}/admin/policies/default", json={"served_model": "base", "version": 1}, timeout=30)
+    r = httpx.put(f"{url}/admin/policies/default", json={"served_model": "base", "version": 1}, timeout=30, headers=auth)
     assert r.status_code == 200, r.text
     assert {_call(url, rid)["model"] for rid in rollouts} == {"tiny-base"}
     later = [f"scale-late-{i}" for i in range(8)]
     for rid in later:
-        r = httpx.post(f"{url}/admin/rollouts", headers={"Connection": "close"}, timeout=30,
+        r = httpx.post(f"{url}/admin/rollouts", headers={"Connection": "close", **auth}, timeout=30,
                        json={"rollout_id": rid, "run_id": "scale", "epoch": 0, "task_id": f"t{rid}"})
         assert r.status_code == 201
         registered[rid] = r.json()["replica"]
     assert {_call(url, rid)["model"] for rid in later} == {"base"}
 
     # one flush reaches every process: all 24 x 6 calls are in the lake right after it, from several processes
-    r = httpx.post(f"{url}/admin/flush", timeout=60)
+    r = httpx.post(f"{url}/admin/flush", timeout=60, headers=auth)
     assert r.status_code == 200 and r.json() == {"flushed": True}
     # no polling: the collector acknowledges an export once it is durable, and the flush returns after every
     # process's export was acknowledged
@@ -109,10 +110,10 @@ def test_processes_share_registrations_route_rollouts_alike_and_switch_together(
 
 
 def test_a_forgotten_rollout_is_gone_for_every_process(multi_gateway):
-    url = multi_gateway.url
-    assert httpx.post(f"{url}/admin/rollouts", json={"rollout_id": "gone-1"}).status_code == 201
+    url, auth = multi_gateway.url, bearer(multi_gateway.token)
+    assert httpx.post(f"{url}/admin/rollouts", json={"rollout_id": "gone-1"}, headers=auth).status_code == 201
     _call(url, "gone-1")
-    assert httpx.delete(f"{url}/admin/rollouts/gone-1", headers={"Connection": "close"}).status_code == 204
+    assert httpx.delete(f"{url}/admin/rollouts/gone-1", headers={"Connection": "close", **auth}).status_code == 204
     for _ in range(2 * WORKERS):
         r = httpx.post(f"{url}/rollout/gone-1/v1/chat/completions", headers={"Connection": "close"},
                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})

@@ -34,7 +34,7 @@ EPOCH = 0
 
 @pytest.fixture(scope="module")
 def admin(gateway) -> GatewayClient:
-    return GatewayClient(gateway.url)
+    return GatewayClient(gateway.url, token=gateway.token)
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_the_gateway_fetches_a_version_to_its_own_folder_and_answers_why_when_it
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)  # the gateway's host reads its storage's credentials from AWS_*
     publish(_adapter(tmp_path / "trainer" / "p-v1"), "s3://arclight/w/p/p-v1")
     app = build_app(upstreams=["http://127.0.0.1:9/v1"], base_model="base", exporter=InMemorySpanExporter(),
-                    token="t", weights_dir=tmp_path / "serve", keep_versions=1)
+                    token="t", weights_dir=tmp_path / "serve", keep_versions=1, weights_uri="s3://arclight/w")
     with TestClient(app, headers={"Authorization": "Bearer t"}) as client:
         answer = client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"})
         assert answer.status_code == 200, answer.text
@@ -88,7 +88,7 @@ def test_the_gateway_fetches_a_version_to_its_own_folder_and_answers_why_when_it
         missing = client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v9"})
         assert missing.status_code == 502 and "nothing is published at s3://arclight/w/p/p-v9" in missing.text
         assert client.post("/admin/weights", json={}).status_code == 422
-        assert client.post("/admin/weights", json={"uri": "s3://arclight/p-v1"}).status_code == 422
+        assert client.post("/admin/weights", json={"uri": "s3://arclight/p-v1"}).status_code == 403  # not under weights_uri
         assert client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"},
                            headers={"Authorization": "Bearer wrong"}).status_code in (401, 403)
 
@@ -183,3 +183,65 @@ def test_two_saves_of_one_folder_at_once_never_delete_each_others_download(tmp_p
     assert (tmp_path / "calc-v1" / "weights").read_text() in ("a" * 1000, "b" * 1000)
     assert sorted(os.listdir(tmp_path)) == ["calc-v1"]  # no temporary folder left
 
+
+def _tree(folder) -> set[str]:
+    return {str(p) for p in Path(folder).rglob("*")}
+
+
+def test_the_gateway_fetches_only_versions_under_its_weights_uri_and_deletes_nothing_for_a_refused_one(s3, tmp_path,
+                                                                                                        monkeypatch):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from starlette.testclient import TestClient
+
+    from lightning_core.serving.app import build_app
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    for uri in ("s3://arclight/w/p/p-v1", "s3://arclight/w/q/q-v1", "s3://arclight/v1", "s3://arclight/w/v1",
+                "s3://other/w/p/p-v1"):
+        if uri.startswith("s3://other"):
+            import boto3
+
+            boto3.client("s3", endpoint_url=s3, region_name="us-east-1").create_bucket(Bucket="other")
+        publish(_adapter(tmp_path / "trainer" / uri.replace("/", "_")), uri)
+    folder_store = f"file://{tmp_path / 'store'}"
+    publish(_adapter(tmp_path / "trainer" / "f-v1"), f"{folder_store}/f/f-v1")
+    serve = tmp_path / "serve"
+
+    def gateway(weights_uri):
+        app = build_app(upstreams=["http://127.0.0.1:9/v1"], base_model="base", exporter=InMemorySpanExporter(),
+                        token="t", weights_dir=serve, keep_versions=0, weights_uri=weights_uri)
+        return TestClient(app, headers={"Authorization": "Bearer t"})
+
+    with gateway("s3://arclight/w/") as client:
+        assert client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"}).status_code == 200
+        assert client.post("/admin/weights", json={"uri": "s3://arclight/w/q/q-v1"}).status_code == 200
+        fetched = _tree(serve)
+        refused = {uri: client.post("/admin/weights", json={"uri": uri}) for uri in [
+            "s3://arclight/../v1", "s3://arclight//v1", "s3://arclight/w/../v1", "s3://arclight/w//v1",
+            "s3://arclight/w/./v1", "s3://arclight/w/p/p-v1/..", "s3://arclight/w/p", "s3://arclight/w/p/p-v1/x",
+            "s3://other/w/p/p-v1", "s3://arclight/wx/p/p-v1", f"{folder_store}/f/f-v1", f"{tmp_path}/store/f/f-v1",
+            "s3://arclight/w/p\\..\\x/v1"]}
+        assert {uri: r.status_code for uri, r in refused.items()} == {
+            "s3://arclight/../v1": 403, "s3://arclight//v1": 403, "s3://arclight/w/../v1": 422,
+            "s3://arclight/w//v1": 422, "s3://arclight/w/./v1": 422, "s3://arclight/w/p/p-v1/..": 422,
+            "s3://arclight/w/p": 422, "s3://arclight/w/p/p-v1/x": 422, "s3://other/w/p/p-v1": 403,
+            "s3://arclight/wx/p/p-v1": 403, f"{folder_store}/f/f-v1": 403, f"{tmp_path}/store/f/f-v1": 403,
+            "s3://arclight/w/p\\..\\x/v1": 422}
+        assert "serving.weights_uri s3://arclight/w" in refused["s3://arclight/../v1"].text
+        assert "policy name '..' is not valid" in refused["s3://arclight/w/../v1"].text
+        assert _tree(serve) == fetched  # nothing fetched, nothing pruned
+    with gateway(folder_store) as client:  # a folder store: file:// (or its plain path) under it, and nothing else
+        assert client.post("/admin/weights", json={"uri": f"{folder_store}/f/f-v1"}).status_code == 200
+        assert client.post("/admin/weights", json={"uri": f"{tmp_path}/store/f/f-v1"}).status_code == 200
+        assert client.post("/admin/weights", json={"uri": f"{folder_store}/../store/f/f-v1"}).status_code == 422
+        assert client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"}).status_code == 403
+        assert client.post("/admin/weights", json={"uri": f"file://{tmp_path}/trainer/f-v1"}).status_code == 403
+        # a manifest in the store itself that names a file outside its version: refused, nothing written
+        _stage(tmp_path / "store" / "e" / "e-v1", ["../../outside", "config.json"], b"payload")
+        before = _tree(tmp_path)
+        evil = client.post("/admin/weights", json={"uri": f"{folder_store}/e/e-v1"})
+        assert evil.status_code == 422 and "names '../../outside'" in evil.text and _tree(tmp_path) == before
+    with gateway(None) as client:
+        missing = client.post("/admin/weights", json={"uri": "s3://arclight/w/p/p-v1"})
+        assert missing.status_code == 409 and "serving.weights_uri" in missing.text
+    assert sorted(p.name for p in serve.iterdir()) == ["f", "p", "q"]  # not even a folder for the refused version

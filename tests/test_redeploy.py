@@ -12,6 +12,7 @@ from openai import OpenAI
 
 from lightning_core import semconv
 from lightning_core.serving.client import GatewayClient
+from lightning_core.common.http_guard import bearer
 from lightning_core.common.model import load_tokenizer
 from lightning_core.serving.redeploy import RedeployError, deploy_adapter
 
@@ -67,7 +68,7 @@ def served_models(url: str) -> set[str]:
 def test_hot_redeploy_changes_outputs_without_restart_and_rejects_a_corrupt_adapter(
     gateway, vllm_server, adapter_dir, collector_config, tmp_path
 ):
-    admin = GatewayClient(gateway.url)
+    admin = GatewayClient(gateway.url, token=gateway.token)
     client = OpenAI(base_url=admin.register_rollout(rollout_id="redeploy-1", run_id="redeploy-test", epoch=0),
                     api_key="x", max_retries=0)
     pid = vllm_server.process.pid
@@ -134,7 +135,7 @@ def test_a_version_name_another_project_left_loaded_from_its_own_folder_is_repla
                         json={"lora_name": f"{policy}-v1", "lora_path": str(foreign)}, timeout=120)
     assert loaded.status_code == 200, loaded.text
 
-    admin = GatewayClient(gateway.url)
+    admin = GatewayClient(gateway.url, token=gateway.token)
     client = OpenAI(base_url=admin.register_rollout(rollout_id="foreign-1", run_id="redeploy-test", epoch=0),
                     api_key="x", max_retries=0)
     assert not greedy(client, f"{policy}-v1").startswith(TARGET)  # the other project's weights (B = 0: the base)
@@ -147,16 +148,17 @@ def test_a_version_name_another_project_left_loaded_from_its_own_folder_is_repla
 
 
 def test_switch_to_an_adapter_that_is_not_loaded_is_refused(gateway):
-    r = httpx.put(f"{gateway.url}/admin/policies/default", json={"served_model": "never-loaded-v9", "version": 9})
+    auth = bearer(gateway.token)
+    r = httpx.put(f"{gateway.url}/admin/policies/default", json={"served_model": "never-loaded-v9", "version": 9}, headers=auth)
     assert r.status_code == 409 and "not loaded" in r.json()["error"]["message"]
-    assert json.loads(httpx.get(f"{gateway.url}/admin/policies").text)["policies"]["default"]["served_model"] is None
+    assert json.loads(httpx.get(f"{gateway.url}/admin/policies", headers=auth).text)["policies"]["default"]["served_model"] is None
 
 
 def test_merged_redeploy_reloads_weights_in_place_and_resets_the_prefix_cache(gateway, vllm_server, adapter_dir, tiny_model_dir, tmp_path):
     from lightning_core.serving.redeploy import deploy_full_weights, merge_adapter
 
     policy = "merged-test"
-    admin = GatewayClient(gateway.url)
+    admin = GatewayClient(gateway.url, token=gateway.token)
     client = OpenAI(base_url=admin.register_rollout(rollout_id="merged-1", run_id="redeploy-test", epoch=0),
                     api_key="x", max_retries=0)
     pid = vllm_server.process.pid
@@ -198,7 +200,7 @@ def test_a_call_to_a_version_its_replica_lost_is_our_failure_not_the_agents(gate
     from lightning_core.store.catalog import Catalog
 
     policy = "lost-adapter"
-    admin = GatewayClient(gateway.url)
+    admin = GatewayClient(gateway.url, token=gateway.token)
     deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=policy, adapter_dir=adapter_dir)
     client = OpenAI(base_url=admin.register_rollout(rollout_id="lost-1", run_id="lost-adapter", epoch=0), api_key="x",
                     max_retries=0)

@@ -133,7 +133,7 @@ sys.path.insert(0, {repo!r})
 from lightning_core.epoch.stages import run_rollout_batch
 from lightning_core.rollouts.runner import RolloutSpec, RunnerSettings
 settings = RunnerSettings(agent="tests.helpers.agents:returns_reward", collector_url={collector!r}, gateway_url={gateway!r},
-                          model="tiny", agent_path=({repo!r},), timeout_s=30)
+                          model="tiny", agent_path=({repo!r},), timeout_s=30, gateway_token={token!r})
 specs = [RolloutSpec("runner-remote", 0, f"remote-{{i}}", "t1", "t1", i, {{"a": 6, "b": 7, "answer": 42}}) for i in range(3)]
 outcomes = run_rollout_batch(settings, specs, first_attempts={{}}, slot=threading.Semaphore(3))
 print(sorted(o.status for o in outcomes), flush=True)
@@ -146,7 +146,7 @@ def test_a_batch_on_a_remote_worker_delivers_its_outcome_spans_before_it_returns
     # issue 51, finding 10: the flow flushed only its own process's outcome spans; on Dask or Ray workers nobody did
     import subprocess
 
-    script = _WORKER.format(repo=str(REPO), collector=collector.url, gateway=gateway.url)
+    script = _WORKER.format(repo=str(REPO), collector=collector.url, gateway=gateway.url, token=gateway.token)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0 and "['succeeded', 'succeeded', 'succeeded']" in done.stdout, done.stderr[-3000:]
     with Catalog.from_config(collector_config).read() as con:  # nothing flushed here: the worker did it
@@ -167,7 +167,7 @@ def test_a_batch_whose_outcome_spans_cannot_be_delivered_says_so_instead_of_retu
 
     nowhere = f"http://127.0.0.1:{free_port()}"  # a collector that is gone
     settings = RunnerSettings(agent="tests.helpers.agents:returns_reward", collector_url=nowhere, gateway_url=gateway.url,
-                              model="tiny", agent_path=(str(REPO),), timeout_s=30)
+                              model="tiny", agent_path=(str(REPO),), timeout_s=30, gateway_token=gateway.token)
     spec = RolloutSpec("runner-nowhere", 0, "nowhere-0", "t1", "t1", 0, {"a": 6, "b": 7, "answer": 42})
     with pytest.raises(ServiceError, match="outcome spans .* could not be delivered to the collector"):
         run_rollout_batch(settings, [spec], first_attempts={}, slot=threading.Semaphore(1))

@@ -61,7 +61,7 @@ def test_two_replicas_stickiness_redeploy_to_both_one_dying_redeploy_without_it_
     two_replica_gateway, vllm_server, second_replica, collector, collector_config, serving_config, tiny_model_dir, tmp_path
 ):
     a, b = vllm_server.url, second_replica.url
-    admin = GatewayClient(two_replica_gateway.url)
+    admin = GatewayClient(two_replica_gateway.url, token=two_replica_gateway.token)
 
     # stickiness: every call of a rollout goes to one replica, and the rollouts use both
     clients = _rollouts(admin, 0, 16)  # 16: all on one replica has odds 2^-15 (8 failed once, random ports)
@@ -134,7 +134,7 @@ def test_two_replicas_stickiness_redeploy_to_both_one_dying_redeploy_without_it_
             httpx.post(f"{a}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
         if revived is not None:
             revived.stop()
-    assert json.loads(httpx.get(f"{two_replica_gateway.url}/admin/policies").text)["policies"][POLICY]["version"] == 2
+    assert admin.policies()["policies"][POLICY]["version"] == 2
 
 
 def _added(spans: list[tuple[str, str, str]], before: list[tuple[str, str, str]]) -> collections.Counter:

@@ -101,7 +101,7 @@ def test_a_registration_the_gateway_refuses_stops_the_run_instead_of_blaming_an_
     from lightning_core.rollouts.runner import RolloutSpec, RunnerSettings
 
     settings = RunnerSettings(agent="tests.helpers.flow_agent:run", collector_url=collector.url, gateway_url=gateway.url,
-                              model="tiny", retries=1)
+                              model="tiny", retries=1, gateway_token=gateway.token)
     spec = RolloutSpec("r", 0, "not a valid/rollout id", "t", "t", 0, {"question": "hi", "target": "x"})
     with pytest.raises(RunStopped, match=r"refused to register rollout .* \(attempt 3\): .*answered 422"):
         run_one_rollout(settings, spec, first_attempt=3)

@@ -24,7 +24,8 @@ def gateway(
     policy: Optional[list[str]] = typer.Option(None, help="Policy name served (repeatable; default the config's policies)."),
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (default 8400)."),
-    token: Optional[str] = typer.Option(None, help="Bearer token required from clients (needed off loopback)."),
+    token: Optional[str] = typer.Option(None, help="Admin token (gateway.token; needed off loopback): the admin routes take "
+                                                   "only it, the model routes it or the agent token made from it."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     workers: Optional[int] = typer.Option(None, help="Gateway processes on the one port (default gateway.workers, 1)."),
     state: Optional[Path] = typer.Option(None, help="SQLite file the processes share registrations and policies in "
@@ -50,7 +51,8 @@ def gateway(
               policies=list(policy or [p.name for p in cfg.policies]), collector_url=collector_url or cfg.collector.url,
               token=g.token, collector_token=cfg.collector.token, upstream_timeout_s=g.upstream_timeout_s,
               max_body_bytes=g.max_body_bytes, keep_versions=cfg.serving.keep_versions, log_level=log_level,
-              workers=g.workers, state_path=state, export_delay_ms=g.export_delay_ms, weights_dir=weights_dir)
+              workers=g.workers, state_path=state, export_delay_ms=g.export_delay_ms, weights_dir=weights_dir,
+              weights_uri=cfg.serving.weights_uri)
     except ValueError as exc:
         fail(str(exc), code=2)
 
@@ -95,7 +97,9 @@ def redeploy(
     from lightning_core.serving.client import GatewayAdminError, GatewayClient
     from lightning_core.serving.redeploy import RedeployError, check_adapter_dir, deploy_adapter, served_name
 
-    client = GatewayClient(cfg.gateway.url, token=cfg.gateway.token)
+    from lightning_core.epoch.stack import admin_token
+
+    client = GatewayClient(cfg.gateway.url, token=admin_token(cfg))
     try:
         state = client.policies()
         replicas = list(upstream or state["upstreams"])

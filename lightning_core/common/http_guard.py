@@ -3,6 +3,7 @@ and browsers (Origin, Host) driving a server that listens on loopback without a 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -22,6 +23,13 @@ def is_loopback_name(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def agent_token(admin_token: str) -> str:
+    """The token agents send to the model routes of a gateway whose admin token is ``admin_token``: made from it, so
+    every host that holds ``gateway.token`` agrees on it without a setting of its own, and it gives no way back to the
+    admin token. The gateway takes it on the model routes only."""
+    return "agent-" + hashlib.sha256(b"arclight agent token\0" + admin_token.encode()).hexdigest()
 
 
 def bearer(token: str | None) -> dict[str, str]:

@@ -41,6 +41,7 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     scratch: Path | None = None  # the process's own temporary folder, removed when it is stopped
     last_seen: float | None = None  # when it was last seen up (wall clock; the flow's supervisor looks every second)
+    token: str | None = field(default=None, repr=False)  # a gateway's admin token (its admin routes take no other)
 
     @property
     def owned(self) -> bool:

@@ -121,7 +121,7 @@ class Stack:
         """Return an admin client for the gateway."""
         if self.gateway is None:
             raise ServiceError("this stack has no gateway")
-        return GatewayClient(self.gateway.url, token=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN"))
+        return GatewayClient(self.gateway.url, token=self.gateway.token or admin_token(config))
 
     def stop(self) -> None:
         """Stop the services this process started, in reverse order; a restart under way (it holds ``lock``) ends
@@ -150,8 +150,15 @@ def _recorded(config: ArclightConfig) -> dict[str, dict]:
 def _attach_recorded(config: ArclightConfig, name: str) -> Service | None:
     entry = _recorded(config).get(name)
     if entry and is_healthy(entry["health_url"]):
-        return Service(name=name, url=entry["url"], health_url=entry["health_url"])
+        return Service(name=name, url=entry["url"], health_url=entry["health_url"], token=entry.get("token"))
     return None
+
+
+def admin_token(config: ArclightConfig) -> str | None:
+    """The admin token of the project's gateway: gateway.token ($ARCLIGHT_GATEWAY_TOKEN), else the one ``arclight up``
+    recorded for the gateway it started (a gateway started without gateway.token takes no other)."""
+    return (config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN")
+            or _recorded(config).get("gateway", {}).get("token"))
 
 
 def start_stack(config: ArclightConfig, *, with_model: bool = True, log_dir: Path | None = None) -> Stack:
@@ -228,8 +235,12 @@ def up(config: ArclightConfig) -> dict[str, dict]:
                        "scratch": str(service.scratch) if service.scratch else None}
         for service in stack.services()
     }
+    if stack.gateway is not None and stack.gateway.token:  # later runs attach with it; the file is the user's alone
+        record["gateway"]["token"] = stack.gateway.token
     path = state_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text(json.dumps(record, indent=2))
     return record
 

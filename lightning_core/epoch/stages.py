@@ -42,7 +42,7 @@ def runner_settings(ctx: RunContext, *, mode: str = "train", prompt_versions: li
     return settings_from_config(
         config, collector_url=stack.collector.url, gateway_url=stack.gateway.url, model=config.policies[0].name, mode=mode,
         resources=prompts.resources_with(config.rollouts.resources, chosen), prompt_versions=prompts.version_ids(chosen),
-        temperature=temperature,
+        temperature=temperature, gateway_token=stack.gateway.token,
     )
 
 

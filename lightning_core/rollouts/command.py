@@ -5,7 +5,8 @@ binary). The runner starts it in the rollout's worker process group, so a timeou
 it and whatever it started, exactly like a Python agent. What it gets:
 
 - standard input: the task as one line of JSON (also in ``ARCLIGHT_TASK``);
-- the model: ``OPENAI_BASE_URL`` / ``ARCLIGHT_BASE_URL`` (the rollout's gateway URL), ``OPENAI_API_KEY``,
+- the model: ``OPENAI_BASE_URL`` / ``ARCLIGHT_BASE_URL`` (the rollout's gateway URL), ``OPENAI_API_KEY`` (the
+  agent token: it opens the gateway's model routes and none of its admin routes, whose token is not inherited),
   ``ARCLIGHT_MODEL``, ``ARCLIGHT_TEMPERATURE``;
 - tracing, in OpenTelemetry's own variables, so an unchanged OTel SDK in any language exports to the
   collector with the rollout's context: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and ``..._TRACES_ENDPOINT``),
@@ -77,6 +78,9 @@ def resource_attributes_env(attributes: Mapping[str, Any]) -> str:
     return ",".join(f"{key}={quote(str(value), safe='')}" for key, value in attributes.items() if value is not None)
 
 
+ADMIN_TOKEN_VARIABLES = ("ARCLIGHT_GATEWAY_TOKEN", "ARCLIGHT_GATEWAY_ADMIN_TOKEN")
+
+
 def command_environment(
     *, base_url: str, api_key: str, model: str, temperature: float, mode: str, task: Mapping[str, Any],
     resources: Mapping[str, Any], context: Mapping[str, str], collector_url: str, collector_token: str | None,
@@ -86,8 +90,9 @@ def command_environment(
     config's ``rollouts.command_env``, which may override any of them)."""
     collector = collector_url.rstrip("/")
     env = dict(os.environ)
-    # a variable of the parent's environment that would send spans elsewhere or cut them is not inherited
-    for key in [k for k in env if k.startswith("OTEL_")]:
+    # a variable of the parent's environment that would send spans elsewhere or cut them is not inherited, nor the
+    # gateway's admin token: an agent holds the agent token (api_key), which opens the model routes only
+    for key in [k for k in env if k.startswith("OTEL_") or k in ADMIN_TOKEN_VARIABLES]:
         del env[key]
     env.update({
         "OPENAI_BASE_URL": base_url, "ARCLIGHT_BASE_URL": base_url,

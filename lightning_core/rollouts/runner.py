@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from lightning_core import semconv, tracing
 from lightning_core.common import stopping
-from lightning_core.common.http_guard import bearer
+from lightning_core.common.http_guard import agent_token, bearer
 from lightning_core.rollouts.command import CommandFailed, command_environment, resolve_command, run_command
 
 SUCCEEDED, FAILED, TIMED_OUT = "succeeded", "failed", "timed_out"
@@ -130,7 +130,7 @@ class RunnerSettings:
     model: str
     api_key: str = "arclight"
     collector_token: str | None = None
-    gateway_token: str | None = None  # admin calls (register each attempt); None on a loopback gateway without one
+    gateway_token: str | None = None  # the gateway's admin token (register each attempt); never given to an agent
     agent_path: tuple[str, ...] = ()
     timeout_s: float = 120.0
     retries: int = 0
@@ -522,17 +522,21 @@ def outcome_row(spec: RolloutSpec, outcome: RolloutOutcome) -> dict[str, Any]:
 
 def settings_from_config(config, *, collector_url: str, gateway_url: str, model: str, mode: str = "train",
                          resources: dict[str, Any] | None = None, prompt_versions: dict[str, str] | None = None,
-                         temperature: float | None = None) -> RunnerSettings:
+                         temperature: float | None = None, gateway_token: str | None = None) -> RunnerSettings:
     """Build runner settings from an ``ArclightConfig`` and the addresses of running services.
 
     ``resources`` replaces ``rollouts.resources`` (with the prompt versions chosen for these
     rollouts), ``temperature`` the mode's default (training: rollouts.temperature; else greedy).
+    ``gateway_token`` is the gateway's admin token (the stack's; default gateway.token): the runner registers each
+    attempt with it, and the agents never get it: their ``api_key`` is the agent token made from gateway.token, which
+    opens the model routes only (none on a loopback gateway without gateway.token, whose model routes take anyone).
     """
     r = config.rollouts
     if not r.agent and not r.command:
         raise ValueError("the config names no agent: set rollouts.agent ('module:function') or rollouts.command "
                          "(a program and its arguments)")
     paths = tuple(str(p) for p in [*r.agent_path, config.project_dir])
+    configured = config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or None
     command: tuple[str, ...] = ()
     cwd = Path(config.project_dir) / (r.command_cwd or ".")
     if r.command:  # fail before any rollout starts
@@ -541,9 +545,9 @@ def settings_from_config(config, *, collector_url: str, gateway_url: str, model:
         load_agent(r.agent, paths=paths)
     return RunnerSettings(
         agent=r.agent, collector_url=collector_url, gateway_url=gateway_url, model=model,
-        api_key=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or "arclight",
+        api_key=agent_token(configured) if configured else "arclight",
         collector_token=config.collector.token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN"),
-        gateway_token=config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN"),
+        gateway_token=gateway_token or configured,
         agent_path=paths, timeout_s=r.timeout_s, retries=r.retries,
         temperature=temperature if temperature is not None else r.temperature if mode == "train" else 0.0,
         resources=dict(r.resources if resources is None else resources), mode=mode,

@@ -8,7 +8,10 @@ Agents point their OpenAI client at ``{gateway}/rollout/{rollout_id}/v1`` (train
 - sends every call of one rollout to the same replica,
 - records one span per call (per choice when ``n > 1``) with the exact token ids and logprobs.
 
-Admin endpoints (bearer token when one is set): ``POST /admin/rollouts`` registers a rollout
+Two tokens: the admin token opens the admin endpoints and nothing else does; agents get the agent token
+(``http_guard.agent_token``, made from ``gateway.token``), which reaches the model routes only. A loopback gateway
+without ``gateway.token`` takes model calls from any local caller, and its admin token is one ``serve`` is given by
+whoever started it (the flow's stack), or makes up. Admin endpoints: ``POST /admin/rollouts`` registers a rollout
 (unknown rollout ids get 404), ``DELETE /admin/rollouts/{id}`` forgets it, ``GET /admin/policies``
 lists policy versions, ``PUT /admin/policies/{name}`` switches a policy to a loaded adapter
 atomically, ``POST /admin/policies/{name}/rollback`` switches back, ``POST /admin/weights`` fetches a published
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +37,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from lightning_core.common.http_guard import LOOPBACK_HOSTS, bearer
+from lightning_core.common.http_guard import LOOPBACK_HOSTS, agent_token, bearer
 from lightning_core.serving.gateway import Gateway
 from lightning_core.serving.metrics import GatewayMetrics
 from lightning_core.serving.recording import SpanRecorder
@@ -56,15 +60,22 @@ def build_app(
     state_path: str | os.PathLike | None = None,
     export_delay_ms: int = 200,
     weights_dir: str | os.PathLike | None = None,
+    weights_uri: str | None = None,
+    models_open: bool = False,
 ) -> Starlette:
     """Return the gateway's Starlette app (spans go to ``exporter``; registrations and policies to ``state_path``,
-    which every process of one gateway shares, or to memory)."""
+    which every process of one gateway shares, or to memory).
+
+    ``token`` is the admin token; the model routes take it or the agent token made from it, or, with ``models_open``,
+    any caller. Without a token (an app built in a test's process) every route is open to loopback callers.
+    ``POST /admin/weights`` fetches versions under ``weights_uri`` into ``weights_dir``, and refuses without them."""
     metrics = GatewayMetrics()
     router = Router(upstreams=upstreams, base_model=base_model, policies=policies or ["default"], state=GatewayState(state_path))
     gw = Gateway(router=router,
                  recorder=SpanRecorder(exporter, metrics, delay_ms=export_delay_ms), metrics=metrics, token=token,
                  upstream_timeout_s=upstream_timeout_s, max_body_bytes=max_body_bytes, keep_versions=keep_versions,
-                 weights_dir=str(weights_dir) if weights_dir else None)
+                 weights_dir=str(weights_dir) if weights_dir else None, weights_uri=weights_uri,
+                 agent_token=agent_token(token) if token is not None and not models_open else None)
     routes = [
         Route("/rollout/{rollout_id}/v1/chat/completions", gw.completions, methods=["POST"]),
         Route("/rollout/{rollout_id}/v1/completions", gw.completions, methods=["POST"]),
@@ -104,7 +115,8 @@ def _app(settings: dict[str, Any]) -> Starlette:
                      exporter=exporter, token=settings.get("token"), upstream_timeout_s=settings["upstream_timeout_s"],
                      max_body_bytes=settings["max_body_bytes"], keep_versions=settings["keep_versions"],
                      state_path=settings.get("state_path"), export_delay_ms=settings.get("export_delay_ms", 200),
-                     weights_dir=settings.get("weights_dir"))
+                     weights_dir=settings.get("weights_dir"), weights_uri=settings.get("weights_uri"),
+                     models_open=settings.get("models_open", False))
 
 
 def app_from_environment() -> Starlette:
@@ -131,8 +143,15 @@ def serve(
     state_path: str | os.PathLike | None = None,
     export_delay_ms: int = 200,
     weights_dir: str | os.PathLike | None = None,
+    weights_uri: str | None = None,
+    admin_token: str | None = None,
 ) -> None:
     """Run the gateway in the foreground until interrupted; spans go to the collector at ``collector_url``.
+
+    ``token`` (gateway.token, else ``$ARCLIGHT_GATEWAY_TOKEN``) is the admin token, and agents call the model routes with
+    the agent token made from it. Without one (loopback only) the model routes take any local caller, and the admin
+    routes take ``admin_token`` (``$ARCLIGHT_GATEWAY_ADMIN_TOKEN``: whoever started the gateway made it up and keeps it)
+    or, without that either, a random token no one holds: they are never open.
 
     ``workers`` > 1 runs that many processes on one socket (uvicorn's worker processes); they share rollout
     registrations and the policy table through the SQLite file ``state_path`` (a temporary one by default), and
@@ -142,10 +161,16 @@ def serve(
     if host not in LOOPBACK_HOSTS and not token:
         raise ValueError(f"gateway.host {host!r} is reachable from other machines: set gateway.token "
                          "(or $ARCLIGHT_GATEWAY_TOKEN) or bind to 127.0.0.1")
+    admin = token or admin_token or os.environ.get("ARCLIGHT_GATEWAY_ADMIN_TOKEN") or None
+    if admin is None:
+        log.warning("no gateway.token: the admin routes (/admin/...) take a token made up for this gateway alone; set "
+                    "gateway.token to call them from elsewhere (arclight redeploy, a flow attached by gateway.endpoint)")
+        admin = secrets.token_urlsafe(32)
     if workers < 1:
         raise ValueError(f"gateway.workers must be at least 1, found {workers}")
     settings = {"upstreams": upstreams, "base_model": base_model, "policies": policies, "collector_url": collector_url,
-                "token": token, "collector_token": collector_token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN") or None,
+                "token": admin, "models_open": token is None, "weights_uri": weights_uri,
+                "collector_token": collector_token or os.environ.get("ARCLIGHT_COLLECTOR_TOKEN") or None,
                 "upstream_timeout_s": upstream_timeout_s, "max_body_bytes": max_body_bytes, "keep_versions": keep_versions,
                 "state_path": str(state_path) if state_path else None, "export_delay_ms": export_delay_ms,
                 "weights_dir": str(weights_dir) if weights_dir else None}

@@ -59,10 +59,14 @@ class Gateway:
 
     def __init__(self, *, router: Router, recorder: SpanRecorder, metrics: GatewayMetrics, token: str | None,
                  upstream_timeout_s: float, max_body_bytes: int, keep_versions: int,
-                 weights_dir: str | None = None):
+                 weights_dir: str | None = None, agent_token: str | None = None, weights_uri: str | None = None):
+        # token: the admin routes'; agent_token: what the model routes take besides it (None: they take any caller, a
+        # loopback gateway without gateway.token)
         self.router, self.recorder, self.metrics, self.token = router, recorder, metrics, token
+        self.agent_token = agent_token
         self.upstream_timeout_s, self.max_body_bytes, self.keep_versions = upstream_timeout_s, max_body_bytes, keep_versions
         self.weights_dir = weights_dir  # where POST /admin/weights fetches to (its storage's credentials: AWS_*)
+        self.weights_uri = weights_uri  # serving.weights_uri: the only store POST /admin/weights fetches from
         self.client: aiohttp.ClientSession | None = None
         self.flushed = 0
 
@@ -109,10 +113,12 @@ class Gateway:
                 log.warning("gateway state: %s", exc)
 
     def authorize(self, request: Request) -> None:
-        """Raise a 401 unless the request carries the bearer token (when one is set)."""
-        if self.token is not None and not has_token(request, self.token):
-            raise GatewayError(401, "missing or wrong bearer token: send 'Authorization: Bearer <gateway token>' "
-                                    "(the OpenAI client sends its api_key this way)", "authentication_error")
+        """The model routes: raise a 401 unless the request carries the agent token or the admin token (when the
+        gateway has an agent token; without one, as on a loopback gateway with no gateway.token, anyone may call)."""
+        if self.agent_token is not None and not (has_token(request, self.agent_token) or has_token(request, self.token)):
+            raise GatewayError(401, "missing or wrong bearer token: send 'Authorization: Bearer <agent token>' (the "
+                                    "OpenAI client sends its api_key this way; Arclight gives its agents the token, made "
+                                    "from gateway.token)", "authentication_error")
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """Return the body as a JSON object, or raise 413 (checked while it streams in) or 400."""
@@ -141,8 +147,13 @@ class Gateway:
         return data
 
     def authorize_admin(self, request: Request) -> None:
-        """The token check, and without a token the browser checks of a loopback server (Origin, Host)."""
-        self.authorize(request)
+        """The admin routes: the admin token only (the agent token opens none of them). A gateway ``serve`` runs always
+        has one; an app built without one (in a test's process) makes the browser checks of a loopback server."""
+        if self.token is not None and not has_token(request, self.token):
+            raise GatewayError(401, "missing or wrong admin token: the admin routes (/admin/...) take only the gateway's "
+                                    "admin token ('Authorization: Bearer <gateway.token>'; a gateway a flow starts without "
+                                    "gateway.token makes up its own and gives it to the flow's runners only); an agent's "
+                                    "token opens none of them", "authentication_error")
         reason = foreign_browser(request) if self.token is None else None
         if reason is not None:
             raise GatewayError(403, reason, "permission_error")
@@ -406,20 +417,31 @@ class Gateway:
         this host's disk, checked file by file against its manifest, for the vLLM beside the gateway to load; answer
         the folder it is in, its size and its manifest. Each policy (the URI's folder above the version) keeps its
         ``keep_versions`` + 1 newest fetched versions: vLLM reads a loaded adapter's folder again when it reloads it."""
-        from lightning_core.common.published import PublishError, fetch, prune
+        from lightning_core.common.published import InvalidManifest, PublishError, fetch, prune, store_name, version_under
+        from lightning_core.names import InvalidName, inside
 
         try:
             self.authorize_admin(request)
             uri = (await self.read_json(request)).get("uri")
-            if not isinstance(uri, str) or uri.rstrip("/").count("/") < 4:  # <scheme>://<bucket>/<policy>/<version>
-                raise GatewayError(422, 'POST /admin/weights needs {"uri": "s3://bucket/prefix/<policy>/<version>"}')
-            if not self.weights_dir:
-                raise GatewayError(409, "this gateway has no folder to fetch weights into (arclight gateway "
-                                        "--weights-dir, which start_gateway sets)")
+            if not isinstance(uri, str):
+                raise GatewayError(422, 'POST /admin/weights needs {"uri": "<serving.weights_uri>/<policy>/<version>"}')
+            if not self.weights_uri or not self.weights_dir:
+                raise GatewayError(409, "this gateway fetches no weights: it was started without serving.weights_uri "
+                                        "(start_gateway passes it, with --weights-dir, when the config sets it)")
+            try:
+                found = version_under(uri, self.weights_uri)
+            except InvalidName as exc:
+                raise GatewayError(422, f"{uri}: {exc}") from None
+            if found is None:
+                raise GatewayError(403, f"{uri} is not under this gateway's serving.weights_uri "
+                                        f"{store_name(self.weights_uri)}: it fetches <serving.weights_uri>/<policy>/"
+                                        "<version> only", "permission_error")
             started = time.perf_counter()
-            policy_dir = Path(self.weights_dir) / uri.rstrip("/").rsplit("/", 2)[-2]
+            policy_dir = inside(self.weights_dir, Path(self.weights_dir) / found[0], what="policy folder")
             try:
                 folder = await asyncio.to_thread(fetch, uri, policy_dir)
+            except InvalidManifest as exc:  # the version asked for is not one: nothing was written
+                raise GatewayError(422, str(exc)) from None
             except PublishError as exc:
                 raise GatewayError(502, str(exc)) from None
             await asyncio.to_thread(prune, policy_dir, keep=self.keep_versions + 1, fetched=folder)
@@ -472,8 +494,9 @@ class Gateway:
                                "upstream_unavailable")
 
     async def healthz(self, request: Request) -> Response:
-        """``GET /healthz``; the upstream URLs only for a loopback client (no token set) or with the token."""
-        if not trusted(request, self.token):
+        """``GET /healthz``; the upstream URLs only with the admin token, or for a loopback client when the gateway takes
+        calls without a token."""
+        if not (has_token(request, self.token) or trusted(request, self.token if self.agent_token else None)):
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "upstreams": self.router.upstreams})
 

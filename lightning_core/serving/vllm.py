@@ -19,6 +19,7 @@ import getpass
 import logging
 import os
 import re
+import secrets
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -466,7 +467,9 @@ def start_gateway(
         raise ServiceError("the gateway needs at least one vLLM upstream URL")
     g = config.gateway
     if g.endpoint:
-        return attach("gateway", g.endpoint, setting="gateway.endpoint")
+        gateway = attach("gateway", g.endpoint, setting="gateway.endpoint")
+        gateway.token = g.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or None  # its admin token: gateway.token
+        return gateway
     if g.port == 0:
         g = g.model_copy(update={"port": free_port()})
     log_dir = log_dir or config.project_dir / ".arclight" / "logs"
@@ -491,13 +494,27 @@ def start_gateway(
         argv += ["--upstream", url]
     for policy in config.policies:
         argv += ["--policy", policy.name]
-    env = {"ARCLIGHT_GATEWAY_TOKEN": g.token} if g.token else {}
+    token = g.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or None
+    # without gateway.token the admin token is made up here, and only this process's runners get it (RunnerSettings)
+    admin = token or own_admin_token(config)
+    env = {"ARCLIGHT_GATEWAY_TOKEN": token} if token else {"ARCLIGHT_GATEWAY_ADMIN_TOKEN": admin}
     if config.collector.token:
         env["ARCLIGHT_COLLECTOR_TOKEN"] = config.collector.token
     if config.serving.weights_uri:  # it fetches each version from there for the vLLM beside it (credentials: env)
-        argv += ["--weights-dir", str(weights_dir(config))]
+        argv += ["--weights-dir", str(weights_dir(config)), "--set", f"serving.weights_uri={config.serving.weights_uri}"]
         env.update({k.upper(): v for k, v in config.serving.weights_storage_options.items()})
-    return start_process(
+    service = start_process(
         "gateway", argv, url=g.url, health_url=f"{g.url}/healthz",
         log_path=log_dir / "gateway.log", env=env, timeout_s=timeout_s,
     )
+    service.token = admin
+    return service
+
+
+_own_admin_tokens: dict[str, str] = {}
+
+
+def own_admin_token(config: ArclightConfig) -> str:
+    """The admin token of the gateways this process starts for ``config``'s project without gateway.token: made up once
+    per process and project, so a gateway restarted on its port takes the token the runners already hold."""
+    return _own_admin_tokens.setdefault(str(config.project_dir.resolve()), secrets.token_urlsafe(32))
