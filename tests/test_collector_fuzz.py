@@ -145,7 +145,7 @@ def encode(request: ExportTraceServiceRequest, encoding: dict) -> tuple[bytes, d
 # --- the property ----------------------------------------------------------------------------
 
 LAKE_FILE = re.compile(
-    r"catalog\.duckdb(\.wal)?|"
+    r"catalog\.duckdb(\.wal)?|catalog\.state/lake_id|"
     r"spans/(training|production)/_delta_log/([0-9]{20}\.(json|checkpoint\.parquet|crc)|_last_checkpoint|_commit_[^/]+\.json\.tmp)|"
     r"spans/training/run_id=[A-Za-z0-9][A-Za-z0-9._-]{0,127}/epoch=(0|[1-9][0-9]{0,18})/part-[0-9a-z-]+\.zstd\.parquet|"
     r"spans/production/date=[0-9]{4}-[0-9]{2}-[0-9]{2}/part-[0-9a-z-]+\.zstd\.parquet|"
