@@ -17,6 +17,7 @@ ends. Needs root (``Hosts.missing()`` says what is lacking, for a test to skip w
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PRIVATE = ("/tmp", "/mnt")  # each host's own disks
+REPO = Path(__file__).resolve().parents[2]  # the repository and its virtualenvs: software installed on every host
 SUBNET = "10.77.{}.{}"
+
+
+def _private_disks(name: str) -> str:
+    """The shell commands that give a host its own ``/tmp`` and ``/mnt``. A repository cloned under one of them (CI
+    in /tmp) stays visible there: it is held open (fd 3) before the tmpfs hides it, and bound back at its path."""
+    mounts = [f"mount -t tmpfs -o size=8g {name}-{p.strip('/')} {p}" for p in PRIVATE]
+    if any(REPO.is_relative_to(p) for p in PRIVATE):
+        repo = shlex.quote(str(REPO))
+        return " && ".join([f"exec 3<{repo}", *mounts, f"mkdir -p {repo}",
+                            f"mount --no-canonicalize --bind /proc/$$/fd/3 {repo}", "exec 3<&-"])
+    return " && ".join(mounts)
 
 
 def missing() -> str | None:
@@ -156,7 +169,7 @@ class Hosts:
                 _ip("addr", "add", f"{host.address}/24", "dev", "eth0", netns=host.netns)
                 _ip("link", "set", "eth0", "up", netns=host.netns)
                 _ip("link", "set", "lo", "up", netns=host.netns)
-                mounts = " && ".join(f"mount -t tmpfs -o size=8g {host.name}-{p.strip('/')} {p}" for p in PRIVATE)
+                mounts = _private_disks(host.name)
                 host.holder = subprocess.Popen(
                     ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--propagation", "private", "--",
                      "bash", "-c", f"{mounts} && echo ready && exec sleep infinity"],
