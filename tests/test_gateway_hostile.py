@@ -63,7 +63,8 @@ def test_a_normal_call_is_answered_stripped_and_recorded(gateway):
     assert len(_spans(gateway, "plain-1")) == 2
 
 
-@pytest.mark.parametrize("body", [
+# registrations whose span the collector could not store (a lake folder or a BIGINT column): each is refused
+POISON = [
     {"rollout_id": "esc-1", "run_id": "../../etc"},
     {"rollout_id": "esc-2", "run_id": "ok\n"},
     {"rollout_id": "esc-3", "run_id": "ok", "epoch": 2**63},
@@ -72,7 +73,17 @@ def test_a_normal_call_is_answered_stripped_and_recorded(gateway):
     {"rollout_id": "esc-6", "run_id": "ok", "epoch": True},
     {"rollout_id": "esc-7", "run_id": "ok", "attempt": 2**63},
     {"rollout_id": "esc\n"},
-])
+]
+# the most a registration may carry: accepted, and the collector stores its span
+EDGE = [
+    {"rollout_id": "gwedge-run", "run_id": "gw-edge." + "x" * 120},
+    {"rollout_id": "gwedge-epoch", "run_id": "gw-edge", "epoch": 2**63 - 1},
+    {"rollout_id": "gwedge-attempt", "run_id": "gw-edge", "epoch": 0, "attempt": 2**63 - 1},
+    {"rollout_id": "gwedge-task", "run_id": "gw-edge", "epoch": 0, "task_id": "ü\n" * 512},
+]
+
+
+@pytest.mark.parametrize("body", POISON)
 def test_registration_refuses_what_would_poison_the_lake(gateway, body):
     # fails before: 201 for each; the collector then rejected the gateway's whole export batch
     r = _register(gateway, **body)
@@ -81,24 +92,55 @@ def test_registration_refuses_what_would_poison_the_lake(gateway, body):
 
 
 def test_one_bad_registration_never_costs_other_rollouts_their_spans(upstream, collector, collector_config):
+    """Every registration the lake could not store (POISON) is refused, and its agent, calling anyway, gets a 404 and
+    records nothing; registrations at the limits (EDGE) are stored. All of it goes to the collector in one export
+    request with five good rollouts' spans, which the collector takes whole."""
     # fails before: run id ../../etc got 201, its span made the collector refuse the batch it was
     # in, and 4 of the 5 other rollouts' spans were lost while every client got 200
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from urllib.parse import quote
 
-    exporter = OTLPSpanExporter(endpoint=f"{collector.url}/v1/traces")
-    app = build_app(upstreams=[upstream.url], base_model="base", exporter=exporter)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    class Counted(SpanExporter):
+        """The OTLP exporter, with how many spans each export request carried and how the collector answered."""
+
+        def __init__(self):
+            self.inner, self.requests = OTLPSpanExporter(endpoint=f"{collector.url}/v1/traces"), []
+
+        def export(self, spans):
+            result = self.inner.export(spans)
+            self.requests.append((len(spans), result.name))
+            return result
+
+        def shutdown(self):
+            self.inner.shutdown()
+
+    exporter = Counted()
+    app = build_app(upstreams=[upstream.url], base_model="base", exporter=exporter, export_delay_ms=60_000)
+    refused, accepted, answers = [], [], []
     with ThreadServer(app) as gw:
-        bad = _register(gw, rollout_id="gwbad-x", run_id="../../etc", epoch=0)
-        if bad.status_code == 201:
-            assert _chat(gw, "gwbad-x", "hi").status_code == 200
-        for i in range(5):
-            assert _register(gw, rollout_id=f"gwbad-{i}", run_id="gw-batch", epoch=0).status_code == 201
-            assert _chat(gw, f"gwbad-{i}", "hi").status_code == 200
+        for i in range(max(5, len(POISON))):  # a bad registration between good ones, its agent calling anyway
+            if i < 5:
+                assert _register(gw, rollout_id=f"gwbad-{i}", run_id="gw-batch", epoch=0).status_code == 201
+                assert _chat(gw, f"gwbad-{i}", "hi").status_code == 200
+            if i < len(POISON):
+                refused.append(_register(gw, **POISON[i]).status_code)
+                answers.append(_chat(gw, quote(POISON[i]["rollout_id"], safe=""), "hi").status_code)
+        for body in EDGE:
+            accepted.append(_register(gw, **body).status_code)
+            assert _chat(gw, body["rollout_id"], "hi").status_code == 200
         assert httpx.post(f"{gw.url}/admin/flush", timeout=30).json() == {"flushed": True}
     with Catalog.from_config(collector_config).read() as con:
         rows = con.execute("SELECT rollout_id, count(*) FROM spans WHERE run_id = 'gw-batch' GROUP BY 1 ORDER BY 1").fetchall()
+        edges = con.execute("SELECT rollout_id, run_id, epoch, attempt, task_id FROM spans "
+                            "WHERE rollout_id LIKE 'gwedge-%' ORDER BY rollout_id").fetchall()
     assert rows == [(f"gwbad-{i}", 1) for i in range(5)]
-    assert bad.status_code == 422
+    assert exporter.requests == [(5 + len(EDGE), "SUCCESS")]  # one request, every good and edge span in it, taken
+    assert refused == [422] * len(POISON) and answers == [404] * len(POISON)
+    assert accepted == [201] * len(EDGE)
+    assert sorted(edges) == sorted((b["rollout_id"], b["run_id"], b.get("epoch", 0), b.get("attempt"), b.get("task_id"))
+                                   for b in EDGE)
 
 
 @pytest.mark.parametrize("behaviour", ["broken json", "json list"])
