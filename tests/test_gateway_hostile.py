@@ -63,6 +63,22 @@ def test_a_normal_call_is_answered_stripped_and_recorded(gateway):
     assert len(_spans(gateway, "plain-1")) == 2
 
 
+def test_forgetting_a_rollout_answers_the_spans_recorded_since_its_latest_registration(gateway):
+    """What the lake must hold for the rollout's last attempt (the flow stores it as rollouts.gateway_spans): each
+    attempt registers again and counts from 0; a call our side failed is recorded, a request refused unread is not."""
+    assert _register(gateway, rollout_id="count-1", attempt=0).status_code == 201
+    assert _chat(gateway, "count-1", "hello").status_code == 200
+    assert _register(gateway, rollout_id="count-1", attempt=1).status_code == 201
+    assert _chat(gateway, "count-1", "hello").status_code == 200
+    assert _chat(gateway, "count-1", "hello", stream=True).status_code == 200
+    assert _chat(gateway, "count-1", "broken json").status_code == 502
+    assert httpx.post(f"{gateway.url}/rollout/count-1/v1/chat/completions", json={"model": "m"}, timeout=30).status_code == 400
+    forgotten = httpx.delete(f"{gateway.url}/admin/rollouts/count-1", timeout=30)
+    assert (forgotten.status_code, forgotten.json()) == (200, {"rollout_id": "count-1", "recorded_spans": 3})
+    assert [s.resource.attributes.get(semconv.ATTEMPT) for s in _spans(gateway, "count-1")] == [0, 1, 1, 1]
+    assert httpx.delete(f"{gateway.url}/admin/rollouts/count-1", timeout=30).status_code == 404
+
+
 # registrations whose span the collector could not store (a lake folder or a BIGINT column): each is refused
 POISON = [
     {"rollout_id": "esc-1", "run_id": "../../etc"},

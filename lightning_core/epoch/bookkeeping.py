@@ -197,7 +197,8 @@ def pending_rollouts(catalog: Catalog, *, run_id: str, epoch: int, mode: str = "
 
 
 def record_outcomes(catalog: Catalog, outcomes: list[RolloutOutcome]) -> None:
-    """Store rollouts' outcomes (status, whose failure, attempt, reward, error, times) in the catalog, in one write.
+    """Store rollouts' outcomes (status, whose failure, attempt, reward, error, times, the model-call spans the gateway
+    recorded) in the catalog, in one write.
     Interrupted ones are not stored: they stay planned and run again."""
     outcomes = [o for o in outcomes if o.status != INTERRUPTED]
     if not outcomes:
@@ -205,9 +206,9 @@ def record_outcomes(catalog: Catalog, outcomes: list[RolloutOutcome]) -> None:
     with catalog.write() as con:
         con.executemany(
             "UPDATE rollouts SET status = ?, error_kind = ?, attempt = ?, reward = ?, error = ?, started_at = ?, "
-            "finished_at = ? WHERE rollout_id = ?",
-            [[o.status, o.error_kind, o.attempt, o.reward, o.error, _ts(o.started_at), _ts(o.finished_at), o.rollout_id]
-             for o in outcomes],
+            "finished_at = ?, gateway_spans = ? WHERE rollout_id = ?",
+            [[o.status, o.error_kind, o.attempt, o.reward, o.error, _ts(o.started_at), _ts(o.finished_at),
+              o.gateway_spans, o.rollout_id] for o in outcomes],
         )
 
 

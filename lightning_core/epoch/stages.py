@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import socket
 import threading
@@ -52,7 +53,8 @@ def run_one_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attemp
     A gateway that cannot register the rollout (down, restarting, answering 5xx) fails the attempt that was being
     registered as an infrastructure failure: it runs again once the gateway is back. A gateway that refuses the
     registration (a 4xx) is neither the agent's failure nor an outage, and no retry would change its answer: the run
-    stops with the gateway's reason (``RunStopped``).
+    stops with the gateway's reason (``RunStopped``). The outcome carries the model-call spans the gateway recorded
+    for its last attempt (``gateway_spans``, what forgetting the rollout answers), which the lake should hold.
     """
     import httpx
 
@@ -69,8 +71,9 @@ def run_one_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attemp
             seed=rollout_seed(settings, spec, attempt),
         )
 
+    recorded = None
     try:
-        return run_rollout(settings, spec, first_attempt=first_attempt, before_attempt=register)
+        outcome = run_rollout(settings, spec, first_attempt=first_attempt, before_attempt=register)
     except GatewayAdminError as exc:
         if exc.status is not None and 400 <= exc.status < 500:
             raise RunStopped(
@@ -82,7 +85,8 @@ def run_one_rollout(settings: RunnerSettings, spec: RolloutSpec, *, first_attemp
         return _registration_failed(settings, spec, attempt=registering, error=exc)
     finally:
         with contextlib.suppress(httpx.HTTPError, GatewayAdminError):
-            gateway.forget_rollout(spec.rollout_id)
+            recorded = gateway.forget_rollout(spec.rollout_id)
+    return dataclasses.replace(outcome, gateway_spans=recorded)
 
 
 def refused_registration(error: Exception, *, gateway_url: str, policies: list[str]) -> str:

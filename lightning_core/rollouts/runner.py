@@ -117,6 +117,7 @@ class RolloutOutcome:
     started_at: float
     finished_at: float
     error_kind: str | None = None  # agent | timeout | infrastructure (None when it succeeded)
+    gateway_spans: int | None = None  # model-call spans the gateway recorded for the last attempt (None: not asked)
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,14 @@ class GatewayClient:
                 "policy": policy, "seed": seed}
         return self._call("POST", "/admin/rollouts", json={k: v for k, v in body.items() if v is not None})["base_url"]
 
-    def forget_rollout(self, rollout_id: str) -> None:
-        """Forget a finished rollout (later calls with its id get 404)."""
+    def forget_rollout(self, rollout_id: str) -> int | None:
+        """Forget a finished rollout (later calls with its id get 404); return the model-call spans the gateway recorded
+        for it since its latest registration, None when it was not registered (or the gateway does not count)."""
         response = self.http.delete(f"/admin/rollouts/{rollout_id}")
-        if response.status_code not in (204, 404):
+        if response.status_code not in (200, 204, 404):
             raise GatewayAdminError(f"gateway DELETE /admin/rollouts/{rollout_id} answered {response.status_code}: "
                                     f"{response.text}", status=response.status_code)
+        return response.json().get("recorded_spans") if response.status_code == 200 else None
 
     def policies(self) -> dict[str, Any]:
         """Return the base model, upstreams and every policy's current and earlier versions."""

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from lightning_core import semconv
 from lightning_core.common.http_guard import foreign_browser, has_token, json_depth_over, trusted
 from lightning_core.serving.metrics import GatewayMetrics
 from lightning_core.serving.recording import Call, SpanRecorder, parse_traceparent
@@ -330,9 +331,14 @@ class Gateway:
         metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens") or 0)
         metrics.tokens.labels("completion").inc(usage.get("completion_tokens") or 0)
         end_ns = call.start_ns + int(elapsed * 1e9)
+        recorded = 0
         for attributes in call.span_attributes(latency_ms=elapsed * 1000, error=error, upstream_failed=upstream_failed):
             self.recorder.record(name=f"{call.operation} {call.target.served_model}", resource=call.resource, parent=call.parent,
                                  start_ns=call.start_ns, end_ns=end_ns, attributes=attributes, error=error)
+            recorded += 1
+        rollout_id = call.resource.attributes.get(semconv.ROLLOUT_ID)
+        if rollout_id is not None and recorded:  # what the lake should hold for it: forgetting it answers the count
+            self.router.state.count_recorded(rollout_id, recorded)
 
     async def get_upstream(self, replica: str, path: str) -> tuple[int, bytes]:
         """GET from one replica; its status and body."""
@@ -377,13 +383,17 @@ class Gateway:
                             status_code=201)
 
     async def forget_rollout(self, request: Request) -> Response:
-        """``DELETE /admin/rollouts/{id}``."""
+        """``DELETE /admin/rollouts/{id}``: 200 with the model-call spans recorded for it since its (latest)
+        registration, ``{"rollout_id", "recorded_spans"}``; 404 when it is not registered."""
         try:
             self.authorize_admin(request)
         except GatewayError as exc:
             return error_response(exc)
-        known = self.router.forget(request.path_params["rollout_id"])
-        return Response(status_code=204 if known else 404)
+        rollout_id = request.path_params["rollout_id"]
+        recorded = self.router.forget(rollout_id)
+        if recorded is None:
+            return Response(status_code=404)
+        return JSONResponse({"rollout_id": rollout_id, "recorded_spans": recorded})
 
     async def list_policies(self, request: Request) -> Response:
         """``GET /admin/policies``."""

@@ -117,7 +117,8 @@ class GatewayState:
     file: a registration or a policy switch made through any of them is seen by all, since every call reads its
     rollout by primary key and reloads the (small) policy table whenever another process committed
     (``PRAGMA data_version``). Registrations live as long as the gateway; nothing here needs to survive it. So do the
-    counts of a rollout's repeated calls (``count_call``), which go with its registration.
+    counts of a rollout's repeated calls (``count_call``), which go with its registration, and of the model-call spans
+    recorded for it since it was registered (``count_recorded``), which forgetting it answers.
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
@@ -126,7 +127,8 @@ class GatewayState:
         if self.path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per registration; the state dies with the gateway
-        self.db.execute("CREATE TABLE IF NOT EXISTS rollouts (rollout_id TEXT PRIMARY KEY, info TEXT NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS rollouts (rollout_id TEXT PRIMARY KEY, info TEXT NOT NULL, "
+                        "recorded INTEGER NOT NULL DEFAULT 0)")
         self.db.execute("CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, served_model TEXT, "
                         "version INTEGER NOT NULL, history TEXT NOT NULL)")
         # flush requests reach every process: /admin/flush raises the generation, each process flushes and acks it
@@ -166,16 +168,24 @@ class GatewayState:
         self.db.execute("DELETE FROM processes WHERE instance = ?", (instance,))
 
     def put_rollout(self, info: RolloutInfo) -> None:
-        self.db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?)", (info.rollout_id, info.model_dump_json()))
+        """Register a rollout (again: each attempt is registered), its count of recorded spans at 0."""
+        self.db.execute("INSERT OR REPLACE INTO rollouts (rollout_id, info) VALUES (?, ?)",
+                        (info.rollout_id, info.model_dump_json()))
 
     def get_rollout(self, rollout_id: str) -> str | None:
         row = self.db.execute("SELECT info FROM rollouts WHERE rollout_id = ?", (rollout_id,)).fetchone()
         return row[0] if row else None
 
-    def delete_rollout(self, rollout_id: str) -> bool:
-        """Forget a rollout and the counts of its calls; False when it was not registered."""
+    def delete_rollout(self, rollout_id: str) -> int | None:
+        """Forget a rollout and the counts of its calls; return the model-call spans recorded for it since its
+        registration, None when it was not registered."""
         self.db.execute("DELETE FROM calls WHERE rollout_id = ?", (rollout_id,))
-        return self.db.execute("DELETE FROM rollouts WHERE rollout_id = ?", (rollout_id,)).rowcount > 0
+        row = self.db.execute("DELETE FROM rollouts WHERE rollout_id = ? RETURNING recorded", (rollout_id,)).fetchone()
+        return row[0] if row else None
+
+    def count_recorded(self, rollout_id: str, spans: int) -> None:
+        """``spans`` model-call spans were handed to the exporter for the rollout (none once it is forgotten)."""
+        self.db.execute("UPDATE rollouts SET recorded = recorded + ? WHERE rollout_id = ?", (spans, rollout_id))
 
     def count_call(self, rollout_id: str, seed: int, call: bytes) -> int:
         """How many times the rollout asked ``call`` with ``seed`` before this ask (0 the first time), counted in one
@@ -293,8 +303,9 @@ class Router:
         self.state.put_rollout(info.model_copy(update={"pins": pins}))
         return self.live(self.replicas_for(info.rollout_id))[0]
 
-    def forget(self, rollout_id: str) -> bool:
-        """Forget a rollout; later calls with its id get 404 (from every process of the gateway)."""
+    def forget(self, rollout_id: str) -> int | None:
+        """Forget a rollout; later calls with its id get 404 (from every process of the gateway). Return the model-call
+        spans recorded for it since its registration, None when it was not registered."""
         self._resources.pop(rollout_id, None)
         return self.state.delete_rollout(rollout_id)
 

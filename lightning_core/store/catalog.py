@@ -114,6 +114,8 @@ ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS prompt_versions JSON;   -- name ->
 -- or collector down or failing) run again once the service is back; their groups never train (sql/triplets.sql).
 ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS error_kind VARCHAR;
 ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS infra_failures BIGINT DEFAULT 0;  -- attempts our services failed
+-- model-call spans the gateway recorded for the stored attempt (what the lake should hold; NULL: not known)
+ALTER TABLE rollouts ADD COLUMN IF NOT EXISTS gateway_spans BIGINT;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS incidents JSON;  -- outages and restarts of our services during the epoch
 -- Asynchronous epochs (issue 43): when the epoch trained, so that overlapping epochs show as they ran (the next
 -- epoch's started_at falls before this one's train_finished_at), and the staleness its training saw.
