@@ -8,11 +8,11 @@ train: setup
 	.venv/bin/arclight train examples/calc/config.yaml
 
 test: setup
-	.venv/bin/python -m pytest -q -ra --durations=25 --junitxml=test-results/junit.xml
+	.venv/bin/python -m pytest -q -ra -n 2 --dist loadgroup --durations=25 --junitxml=test-results/junit.xml
 
 # Unit tests only (no vLLM, no servers beyond the collector).
 test-fast:
-	.venv/bin/python -m pytest -q -ra -m "not integration"
+	.venv/bin/python -m pytest -q -ra -n 2 -m "not integration"
 
 # Reliability runs, not in CI (minutes): thousands of fuzz examples against a real collector, good
 # clients next to a hostile one, then 100k spans sent while the collector and a second compactor

@@ -33,7 +33,15 @@ def _runs_without_integration(config: pytest.Config) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a test that uses a server fixture but is not marked ``integration``: it would start vLLM (or a Prefect
-    API, or a training run) inside ``make test-fast``, which promises none."""
+    API, or a training run) inside ``make test-fast``, which promises none.
+
+    Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every integration test goes to one lane, in file
+    order, so no two heavy tests (vLLM, a training run, the hosts test at 15.6 GiB) ever run at once and the session's
+    servers start once; the unit tests run in the other lane beside them, on the CPU the heavy lane leaves idle (43%
+    of a 2-core machine's, measured by vmstat over a whole run)."""
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            item.add_marker(pytest.mark.xdist_group("integration"))
     unmarked = [item.nodeid for item in items if item.get_closest_marker("integration") is None
                 and any(_uses_the_sessions(item, name) for name in SERVER_FIXTURES)]
     if unmarked:
@@ -80,9 +88,10 @@ def make_config(tmp: Path, *overrides: str) -> ArclightConfig:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_harness():
-    """A Prefect API server (Prefect's own test harness) for one module's flow runs."""
+    """A Prefect API server (Prefect's own test harness) for the session's flow runs: started once (9-15 s here), not
+    once per module; no test stops or reconfigures it (tests/test_deployments.py runs its own server and worker)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):
