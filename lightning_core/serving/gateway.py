@@ -280,14 +280,15 @@ class Gateway:
         async def events() -> AsyncIterator[bytes]:
             error: str | None = None
             upstream_failed = True  # an error below is vLLM's (a broken or malformed stream) unless the client left
+            done = False
             try:
                 async for raw in upstream.content:
                     line = raw.strip()
                     if not line.startswith(b"data:"):
                         continue
                     payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        yield b"data: [DONE]\n\n"
+                    if payload == b"[DONE]":  # sent once the call is recorded: a rollout that ends on it has it counted
+                        done = True
                         continue
                     try:
                         chunk = _json_object(payload, call.target.replica)
@@ -316,6 +317,8 @@ class Gateway:
                 metrics.in_flight.dec()
                 self.finish(call, endpoint, "200" if error is None else "stream_error", error=error,
                             upstream_failed=error is not None and upstream_failed)
+            if done:
+                yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
