@@ -392,6 +392,7 @@ def evaluate(config_path: str | None = None, overrides: list[str] | None = None,
     ``prompt_versions`` (ids such as ``system-v3``) score those prompt versions instead of the serving ones.
     """
     config = load(config_path, overrides)
+    reports.eval_dataset(config)  # a missing held-out file is said before the services start (tens of seconds)
     _prepare(config)
     with running(config, lock=False) as ctx:
         return run_evaluation(ctx, label=label, prompt_versions=prompt_versions)

@@ -276,6 +276,20 @@ def test_an_evaluation_on_another_held_out_file_runs_its_own_rollouts_and_report
     assert again == first and len(rollouts_by_epoch()) == 2
 
 
+def test_an_evaluation_of_a_missing_held_out_file_says_so_before_any_server_is_asked_for(prefect_harness, tmp_path):
+    """`arclight evaluate --set rollouts.eval_dataset=<a path that is not there>` started the collector, vLLM and the
+    gateway (46 s for the calc example) before it said the file was missing. The services named here do not exist:
+    the file's error must come first, or the run fails on them instead."""
+    from flows.train import evaluate
+    from lightning_core.rollouts.dataset import DatasetError
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    missing = tmp_path / "nowhere" / "test.jsonl"
+    with pytest.raises(DatasetError, match=rf"held-out dataset {missing} not found"):
+        evaluate(overrides=[f"project_dir={tmp_path}", f"collector.endpoint={dead}", f"serving.urls={json.dumps([dead])}",
+                            f"gateway.endpoint={dead}", f"rollouts.eval_dataset={missing}", "tracking.traces=off"])
+
+
 def test_a_flow_logs_on_when_the_log_folder_of_an_earlier_flows_project_was_removed(prefect_harness, tmp_path):
     """A flow called from Python keeps logging to its project's file after it returns. When that folder goes (a
     deleted project, a test's temporary folder) and the handler had been closed meanwhile (``logging.config`` closes
