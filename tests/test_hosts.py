@@ -101,26 +101,37 @@ def test_hosts_have_their_own_disks_a_link_that_can_be_cut_and_no_way_out(tmp_pa
 
 def test_a_second_ctrl_c_during_cleanup_still_removes_every_host(tmp_path):
     """Ctrl-C in a terminal (or a wrapper such as ``timeout`` passing its signal on) can reach the test twice: the
-    second must not cut the cleanup short and leave hosts and their servers behind."""
+    second must not cut the cleanup short and leave hosts and their servers behind. The stubborn server ignores
+    SIGTERM and has a child in a session of its own, which stopping the server's session does not reach."""
     script = tmp_path / "hosts.py"
     script.write_text(
         "import sys, time\n"
         "from tests.helpers.hosts import Hosts\n"
         f"with Hosts(['a', 'b'], logs={str(tmp_path / 'logs')!r}) as hosts:\n"
-        "    hosts['a'].start(['bash', '-c', 'trap \"\" TERM; sleep 1000 & wait'], log='stubborn')\n"
+        "    hosts['a'].start(['bash', '-c', 'trap \"\" TERM; setsid sleep 1000 & wait'], log='stubborn')\n"
         "    print(' '.join(h.netns for h in hosts.hosts.values()), flush=True)\n"
         "    time.sleep(120)\n")
     process = subprocess.Popen([PYTHON, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     names = process.stdout.readline().split()
     assert len(names) == 2, process.stderr.read()
-    time.sleep(1)
+    deadline = time.monotonic() + 30  # every process on the hosts: the two holders, the server and its child
+    while len(pids := {int(p) for name in names for p in subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()}) < 4:
+        assert time.monotonic() < deadline, f"the stubborn server and its child did not start: {pids}"
+        time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     time.sleep(2)  # inside the cleanup: it waits up to 10 s for the server that ignores SIGTERM
     process.send_signal(signal.SIGINT)
     process.wait(timeout=60)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(name in listed for name in names), listed
+    left = {}  # a zombie waiting to be reaped has stopped running
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if (still := psutil.Process(pid)).status() != psutil.STATUS_ZOMBIE:
+                left[pid] = " ".join(still.cmdline())
+    assert left == {}, f"processes of the removed hosts still run: {left}"
 
 
 @pytest.mark.skipif(not is_model_dir(DEFAULT_MODEL_DIR), reason="needs the base model: make setup")

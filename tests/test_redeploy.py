@@ -77,7 +77,9 @@ def test_hot_redeploy_changes_outputs_without_restart_and_rejects_a_corrupt_adap
 
     done = deploy_adapter(gateway=admin, replicas=[vllm_server.url], policy=POLICY, adapter_dir=adapter_dir, keep_versions=2)
     assert (done.version, done.served_model) == (1, f"{POLICY}-v1")
-    assert done.first_answer_s < 10.0  # target < 2 s on an idle machine; benchmarks/ measures it
+    # the new version answered a real request before the switch, with the adapter's words: what the deploy did, not
+    # how fast (benchmarks/serving_bench.py measures that: < 2 s on an idle machine)
+    assert done.verify_text and TARGET.startswith(done.verify_text), done.verify_text
     assert greedy(client, POLICY).startswith(TARGET)
     assert vllm_server.process.pid == pid and vllm_server.process.poll() is None
 
