@@ -140,14 +140,16 @@ def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_sp
         epochs = con.execute("SELECT epoch, status, new_version FROM epochs WHERE run_id = ? ORDER BY epoch",
                              [cfg.run_name]).fetchall()
         versions = con.execute("SELECT version, parent_version FROM policy_versions ORDER BY created_at").fetchall()
+        # every span stored: per rollout, its runner's rollout span, a reward, and every model-call span the gateway
+        # recorded for the attempt (its own count, rollouts.gateway_spans), not only the first
         missing = con.execute(
-            "SELECT r.rollout_id, count(s.span_id) FILTER (WHERE s.span_kind = 'rollout'), "
-            "count(s.span_id) FILTER (WHERE s.span_kind = 'llm'), count(s.span_id) FILTER (WHERE s.span_kind = 'reward') "
+            "SELECT r.rollout_id, count(s.span_id) FILTER (WHERE s.span_kind = 'rollout') AS rollout_spans, "
+            "count(s.span_id) FILTER (WHERE s.span_kind = 'llm') AS llm_spans, r.gateway_spans, "
+            "count(s.span_id) FILTER (WHERE s.span_kind = 'reward') AS reward_spans "
             "FROM rollouts r LEFT JOIN spans s ON s.rollout_id = r.rollout_id AND s.attempt = r.attempt "
-            "WHERE r.run_id = ? AND r.status = 'succeeded' GROUP BY 1 "
-            "HAVING count(s.span_id) FILTER (WHERE s.span_kind = 'rollout') <> 1 "
-            "OR count(s.span_id) FILTER (WHERE s.span_kind = 'llm') = 0 "
-            "OR count(s.span_id) FILTER (WHERE s.span_kind = 'reward') = 0", [cfg.run_name]).fetchall()
+            "WHERE r.run_id = ? AND r.status = 'succeeded' GROUP BY r.rollout_id, r.gateway_spans "
+            "HAVING rollout_spans <> 1 OR llm_spans = 0 OR llm_spans IS DISTINCT FROM r.gateway_spans OR reward_spans = 0",
+            [cfg.run_name]).fetchall()
         statuses = dict(con.execute("SELECT status, count(*) FROM rollouts WHERE run_id = ? GROUP BY 1",
                                     [cfg.run_name]).fetchall())
     assert epochs == [(0, "completed", "calc-v1"), (1, "completed", "calc-v2"), (2, "completed", "calc-v3")]
