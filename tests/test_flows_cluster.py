@@ -70,13 +70,24 @@ ODD = [{"id": "stuck", "behavior": "hang", "question": "", "target": ""},
        {"id": "flaky", "behavior": "flaky", "question": "Say the word frob.", "target": "frob"}]
 
 
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def run_epoch_on(executor: str, address: str, *, run_name: str, tmp_path, vllm_server, collector, collector_config,
-                 tiny_model_dir) -> dict[str, list[int]]:
+                 tiny_model_dir) -> dict[int, tuple[str, int]]:
     """Run one training epoch with rollouts on the cluster, check what every executor must do; return the
-    processes that ran rollouts (from the agents' spans), by task."""
+    processes that ran rollouts, as the agents' spans saw them while they ran: pid -> (title, parent's pid)."""
     from flows.train import train_epoch
 
-    dataset = _dataset(tmp_path / "tasks.jsonl", QUESTIONS + ODD)
+    hung = tmp_path / "hung"  # the hung agent writes its pid and its child's there
+    hung.mkdir()
+    dataset = _dataset(tmp_path / "tasks.jsonl", QUESTIONS + [{**t, "pid_dir": str(hung)} if t["behavior"] == "hang" else t
+                                                              for t in ODD])
     overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
                            tiny_model_dir=tiny_model_dir, dataset=dataset,
                            **{"run_name": run_name, "rollouts.group_size": "2", "rollouts.timeout_s": str(TIMEOUT_S),
@@ -91,26 +102,38 @@ def run_epoch_on(executor: str, address: str, *, run_name: str, tmp_path, vllm_s
             "SELECT DISTINCT attempt FROM spans WHERE run_id = ? AND epoch = 0 AND span_kind = 'llm' "
             "AND task_id = 'flaky'", [run_name]).fetchall()
         versions = con.execute("SELECT version FROM policy_versions WHERE run_id = ?", [run_name]).fetchall()
+        # the model-call spans the gateway recorded for each rollout's attempt, which the worker sent back: all stored
+        unstored = con.execute(
+            "SELECT r.rollout_id, r.gateway_spans, count(s.span_id) FROM rollouts r LEFT JOIN spans s ON s.run_id = r.run_id "
+            "AND s.rollout_id = r.rollout_id AND s.attempt = r.attempt AND s.span_kind = 'llm' "
+            "WHERE r.run_id = ? AND r.epoch = 0 AND r.status = 'succeeded' GROUP BY ALL "
+            "HAVING count(s.span_id) IS DISTINCT FROM r.gateway_spans", [run_name]).fetchall()
         runners = con.execute(
-            "SELECT task_id, list(DISTINCT CAST(json_extract(attributes, '$.\"test.runner_pid\"') AS BIGINT)) FROM spans "
-            "WHERE run_id = ? AND epoch = 0 AND name = 'agent responder' GROUP BY task_id", [run_name]).fetchall()
+            "SELECT DISTINCT task_id, CAST(json_extract(attributes, '$.\"test.runner_pid\"') AS BIGINT), "
+            "json_extract_string(attributes, '$.\"test.runner\"'), "
+            "CAST(json_extract(attributes, '$.\"test.runner_parent_pid\"') AS BIGINT) FROM spans "
+            "WHERE run_id = ? AND epoch = 0 AND name = 'agent responder'", [run_name]).fetchall()
     by_task: dict[str, list[tuple]] = {}
     for task_id, *rest in rows:
         by_task.setdefault(task_id, []).append(tuple(rest))
 
     assert result["status"] == "completed" and versions == [(f"{POLICY}-v1",)]
     assert all(status == "succeeded" and attempt == 0 for q in QUESTIONS for status, attempt, _, _ in by_task[q["id"]])
-    # The hung agent was killed at the timeout on each of its two attempts (retries=1), the second numbered 1.
+    assert unstored == [], f"(rollout, the gateway's count, model-call spans in the lake) that differ: {unstored}"
+    # The hung agent was stopped at the timeout on each of its two attempts (retries=1), the second numbered 1:
+    # given its full time, then killed with the child it started (what happened, not how fast: a loaded machine is slow)
     for status, attempt, error, seconds in by_task["stuck"]:
         assert status == "timed_out" and attempt == 1 and f"within {TIMEOUT_S} s" in error
-        assert TIMEOUT_S <= seconds < TIMEOUT_S + 5
+        assert seconds >= TIMEOUT_S
+    started = {f.name: [int(pid) for pid in f.read_text().split()] for f in hung.iterdir()}
+    assert len(started) == 4, started  # 2 samples x 2 attempts
+    assert {name: pids for name, pids in started.items() if any(map(_running, pids))} == {}, "hung agents left running"
     # The flaky agent failed attempt 0 and succeeded on attempt 1, which the worker registered with the gateway.
     assert [(s, a) for s, a, _, _ in by_task["flaky"]] == [("succeeded", 1), ("succeeded", 1)]
     assert flaky_llm_attempts == [(1,)]
-    pids = dict(runners)
-    assert set(pids) == {*(q["id"] for q in QUESTIONS), "flaky"}  # a killed agent exports no span
-    assert all(psutil.Process().pid not in p for p in pids.values())  # no rollout ran in the flow's process
-    return pids
+    assert {task for task, *_ in runners} == {*(q["id"] for q in QUESTIONS), "flaky"}  # a killed agent exports no span
+    assert psutil.Process().pid not in {pid for _, pid, _, _ in runners}  # no rollout ran in the flow's process
+    return {pid: (title, parent) for _, pid, title, parent in runners}
 
 
 def test_epoch_rollouts_run_on_two_dask_workers_and_a_hung_one_is_killed_at_its_timeout(
@@ -135,7 +158,7 @@ def test_epoch_rollouts_run_on_two_dask_workers_and_a_hung_one_is_killed_at_its_
     for worker, procs in children.items():
         assert procs["servers"], f"worker {worker} started no rollout process"
         assert procs["alive"] == [], f"rollout processes still alive on {worker}: {procs['alive']}"
-    assert {pid for p in pids.values() for pid in p} == set(worker_pids.values())
+    assert set(pids) == set(worker_pids.values())
 
 
 STEADY = {"id": "steady", "question": "Say the word frob.", "target": "frob", "turns": 6, "pause_s": 0.5}
@@ -229,11 +252,15 @@ def ray_cluster(tmp_path_factory):
 def test_epoch_rollouts_run_on_a_ray_cluster_and_a_hung_one_is_killed_at_its_timeout(
     prefect_harness, ray_cluster, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
 ):
-    pids = run_epoch_on("ray", ray_cluster, run_name="rayrun", tmp_path=tmp_path, vllm_server=vllm_server,
-                        collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
-    # Both batches ran in Ray worker processes: the children of the head node's raylet, not of this process.
-    runner_pids = {pid for p in pids.values() for pid in p}
-    assert runner_pids
-    for pid in runner_pids:
-        if psutil.pid_exists(pid):
-            assert "ray::" in " ".join(psutil.Process(pid).cmdline()) or "default_worker" in " ".join(psutil.Process(pid).cmdline())
+    runners = run_epoch_on("ray", ray_cluster, run_name="rayrun", tmp_path=tmp_path, vllm_server=vllm_server,
+                           collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    # Both batches ran in Ray worker processes started by the raylet of the test's head node (as the agents saw them
+    # while they ran: a worker may be gone by now), not in this process, nor in a Ray instance started locally.
+    gcs_port = ray_cluster.rsplit(":", 1)[1]
+    raylets = [p.pid for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "raylet" and any(
+        a.startswith("--gcs-address=") and a.endswith(f":{gcs_port}") for a in p.info["cmdline"] or [])]
+    assert len(raylets) == 1, f"expected one raylet of the head node at {ray_cluster}, found {raylets}"
+    raylet = raylets[0]
+    assert runners and {pid: (title[:40], parent) for pid, (title, parent) in runners.items()
+                        if not title.startswith("ray::") or parent != raylet} == {}, (
+        f"rollouts ran outside the Ray workers of the head node's raylet (pid {raylet}): {runners}")

@@ -2,15 +2,20 @@
 
 ``task["behavior"]`` picks what it does: ``answer`` (default) calls the model and is rewarded
 when the reply contains the task's target letter, ``constant`` calls the model and always gets
-0.5 (a group with no learning signal), ``raise`` fails, ``hang`` never returns, ``silent``
-returns without a span and ``flaky`` fails its first attempt and answers on the next. The agent
-span's ``test.runner_pid`` is the process that ran the rollout (the parent of its fork server).
+0.5 (a group with no learning signal), ``raise`` fails, ``hang`` never returns (with ``task["pid_dir"]``, it starts a
+child and writes both pids there first), ``silent`` returns without a span and ``flaky`` fails its first attempt and
+answers on the next. The agent span says where the rollout ran, read while it runs:
+``test.runner_pid`` is the process that ran it (the parent of its fork server), ``test.runner`` that process's title
+(a Ray worker's reads ``ray::...``) and ``test.runner_parent_pid`` the process that started it (a Ray worker's is its
+node's raylet).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import psutil
 from opentelemetry import trace
@@ -23,10 +28,16 @@ def run(task, ctx):
     if behavior == "silent":
         return None
     with tracing.agent("responder"):
-        trace.get_current_span().set_attribute("test.runner_pid", psutil.Process(os.getppid()).ppid())
+        runner = psutil.Process(psutil.Process(os.getppid()).ppid())
+        trace.get_current_span().set_attributes({
+            "test.runner_pid": runner.pid, "test.runner": " ".join(runner.cmdline())[:200],
+            "test.runner_parent_pid": runner.ppid()})
         if behavior == "raise" or (behavior == "flaky" and ctx.attempt == 0):
             raise ValueError(f"task {ctx.task_id} asked this agent to fail (attempt {ctx.attempt})")
         if behavior == "hang":
+            if task.get("pid_dir"):  # a child too, and both pids in <pid_dir>/<rollout>-<attempt>: are they killed?
+                child = subprocess.Popen(["sleep", "3600"])
+                Path(task["pid_dir"], f"{ctx.rollout_id}-{ctx.attempt}").write_text(f"{os.getpid()} {child.pid}")
             time.sleep(3600)
         client = ctx.openai_client()
         reply = client.chat.completions.create(
