@@ -338,11 +338,13 @@ def test_a_secret_given_to_arclight_evaluate_with_set_takes_effect_but_is_not_a_
     config = tmp_path / "ours" / "config.yaml"
     config.parent.mkdir()
     config.write_text("name: secrets\n")
+    held_out = tmp_path / "ours" / "test.jsonl"  # a held-out file is checked before any service (the collector here)
+    held_out.write_text(json.dumps({"task_id": "t0", "question": "1+1", "answer": "2"}) + "\n")
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the command's flows report to the harness
     try:
         result = CliRunner().invoke(app, [
             "evaluate", str(config), "--set", f"collector.endpoint={collector.url}", "--set", f"collector.token={secret}",
-            "--set", f"serving.urls=[http://127.0.0.1:{free_port()}]"])
+            "--set", f"serving.urls=[http://127.0.0.1:{free_port()}]", "--set", f"rollouts.eval_dataset={held_out}"])
     finally:
         collector.stop()
     assert result.exit_code == 1, result.output
