@@ -390,6 +390,16 @@ class PipelineConfig(Section):
     exclude_llm_call_in_reward: bool = Field(
         True, description="LLM calls inside a reward function (an LLM judge) are not training data; false trains them too.")
     normalize_advantage_std: bool = Field(True, description="GRPO: divide (R - group mean) by (group std + 1e-4).")
+    advantage: Literal["rollout", "turn"] = Field(
+        "rollout",
+        description="rollout: every call of a rollout gets A_rollout = (R - group mean R) / (group std R + 1e-4); turn "
+        "(MT-GRPO, arXiv 2505.11821): a call gets A_rollout + turn_advantage_weight * A_turn, where A_turn = (s - mean s) "
+        "/ (std s + 1e-4) over the calls of its group with the same turn index, and s is the call's step reward: its "
+        "tool rewards (arclight.tool.reward) and tool-failure penalties, plus its matched reward under a per-call "
+        "reward_policy (first_occurrence, latest_unrewarded_call, first_sibling); fewer than 2 comparable calls, or "
+        "all-equal s, give A_turn = 0 (normalize_advantage_std=false drops the division). docs/config.md has the rule.")
+    turn_advantage_weight: float = Field(
+        1.0, ge=0.0, description="advantage=turn: the weight w of the turn term in A_rollout + w * A_turn.")
 
 
 class RolloutsConfig(Section):
@@ -417,6 +427,18 @@ class RolloutsConfig(Section):
         "train); None = off.")
     max_tasks_per_epoch: int | None = Field(
         None, ge=1, description="Dynamic sampling: the most tasks one epoch draws in all; None = 3 x tasks_per_epoch.")
+    balance_by: str | None = Field(
+        None, description="A task field (e.g. 'hops') whose values each epoch's draw holds in equal numbers, as near as "
+        "the counts allow (a value with too few tasks gives all it has, the others fill the rest); every task must "
+        "have the field. Needs tasks_per_epoch; dynamic sampling's further rounds are balanced too. None = a plain "
+        "seeded draw.")
+    validation_tasks: int | None = Field(
+        None, ge=1, description="Training tasks held out of every epoch's draw (seeded by rollouts.seed, balanced by "
+        "balance_by) as a validation split, scored every validate_every epochs; never rollouts.eval_dataset.")
+    validate_every: int | None = Field(
+        None, ge=0, description="Score the version trained so far greedily on the validation split before the first "
+        "epoch, after every N epochs and after the last; the best validated version is the run's result (served at "
+        "its end, and by `arclight evaluate`), while training continues from the newest. None or 0 = off.")
     group_size: int = Field(8, ge=1, description="Rollouts per task (the GRPO group).")
     eval_tasks: int | None = Field(None, ge=1, description="Cap on held-out tasks evaluated; None = all.")
     concurrency: int = Field(4, ge=1, description="Rollouts running at once (per process that runs them: the flow's, or each Dask/Ray worker).")
@@ -472,6 +494,16 @@ class RolloutsConfig(Section):
             raise ValueError("rollouts.command is empty: give the program and its arguments, "
                              "e.g. ['.venv-agents/bin/python', 'agent.py']")
         return value
+
+    @model_validator(mode="after")
+    def _draw_settings(self) -> "RolloutsConfig":
+        if self.balance_by is not None and self.tasks_per_epoch is None:
+            raise ValueError(f"rollouts.balance_by ({self.balance_by!r}) balances each epoch's draw, but "
+                             "rollouts.tasks_per_epoch is not set, so every task is drawn: set tasks_per_epoch")
+        if self.validate_every and not self.validation_tasks:
+            raise ValueError(f"rollouts.validate_every ({self.validate_every}) needs a validation split: set "
+                             "rollouts.validation_tasks (training tasks held out of the draw)")
+        return self
 
     @model_validator(mode="after")
     def _one_agent(self) -> "RolloutsConfig":

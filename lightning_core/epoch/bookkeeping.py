@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import random
-from pathlib import Path
 from typing import Any, Iterable
 
 from lightning_core import names
 from lightning_core.common.redact import redacted
+from lightning_core.epoch import draw
 from lightning_core.rollouts.dataset import DatasetError, load_tasks
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig
@@ -35,10 +34,7 @@ def plan_epoch(config: ArclightConfig, catalog: Catalog, *, run_id: str, epoch: 
         return existing
     r = config.rollouts
     if mode == "train":
-        tasks = load_tasks(_training_dataset(config))
-        rng = random.Random(r.seed * 100_003 + epoch)
-        if r.tasks_per_epoch is not None and r.tasks_per_epoch < len(tasks):
-            tasks = rng.sample(tasks, r.tasks_per_epoch)
+        tasks = draw.epoch_tasks(config, epoch=epoch)
         group_size = r.group_size
     elif mode == "eval":
         if r.eval_dataset is None:
@@ -64,9 +60,9 @@ def plan_more_tasks(config: ArclightConfig, catalog: Catalog, *, run_id: str, ep
             "SELECT list(DISTINCT task_id), coalesce(max(sampling_round), 0) + 1 FROM rollouts "
             "WHERE run_id = ? AND epoch = ? AND mode = 'train'", [run_id, epoch]).fetchall()[0]
     drawn = set(drawn or [])
-    remaining = [t for t in load_tasks(_training_dataset(config)) if t["id"] not in drawn]
-    rng = random.Random((r.seed * 100_003 + epoch) * 1_009 + rounds)
-    picked = rng.sample(remaining, min(count, len(remaining)))
+    remaining = [t for t in draw.training_pool(config) if t["id"] not in drawn]
+    picked = draw.draw(remaining, count=count, rng=draw.round_rng(config, epoch=epoch, sampling_round=rounds),
+                       balance_by=r.balance_by)
     if not picked:
         return []
     _insert_plan(catalog, run_id=run_id, epoch=epoch, mode="train", tasks=picked, group_size=r.group_size,
@@ -80,12 +76,6 @@ def plan_tasks(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks: l
     """Plan ``group_size`` rollouts of each of ``tasks`` for (run, epoch) in ``mode`` (idempotent); return the plan."""
     _insert_plan(catalog, run_id=run_id, epoch=epoch, mode=mode, tasks=tasks, group_size=group_size, sampling_round=0)
     return planned_rollouts(catalog, run_id=run_id, epoch=epoch, mode=mode)
-
-
-def _training_dataset(config: ArclightConfig) -> Path:
-    if config.rollouts.dataset is None:
-        raise DatasetError("rollouts.dataset is not set: point it at a JSONL file of training tasks")
-    return config.rollouts.dataset
 
 
 def _insert_plan(catalog: Catalog, *, run_id: str, epoch: int, mode: str, tasks: list[dict[str, Any]], group_size: int,

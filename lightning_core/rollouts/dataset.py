@@ -46,8 +46,9 @@ def _json_type(value: Any) -> str:
     return {type(None): "null", bool: "boolean", dict: "object", list: "array"}.get(type(value), type(value).__name__)
 
 
-def load_tasks(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL dataset: one JSON object per line; ``id`` defaults to ``task-<line>``."""
+def load_tasks(path: str | Path, *, required_field: str | None = None, required_by: str = "") -> list[dict[str, Any]]:
+    """Read a JSONL dataset: one JSON object per line; ``id`` defaults to ``task-<line>``. With ``required_field``,
+    a task without that field is an error naming its line and the setting that needs it (``required_by``)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset {path} not found: set rollouts.dataset to a JSONL file")
@@ -67,6 +68,9 @@ def load_tasks(path: str | Path) -> list[dict[str, Any]]:
             raise DatasetError(f"{path}:{number}: {exc}") from None
         if task_id in seen:
             raise DatasetError(f"{path}:{number}: duplicate task id {task_id!r}")
+        if required_field is not None and required_field not in task:
+            raise DatasetError(f"{path}:{number}: task {task_id!r} has no {required_field!r} field, which "
+                               f"{required_by or 'the caller'} needs on every task (add it, or unset {required_by})")
         seen.add(task_id)
         tasks.append({**task, "id": task_id})
     if not tasks:
