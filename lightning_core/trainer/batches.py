@@ -155,8 +155,10 @@ def plan_steps(
     for s in in_rollout_order(samples, seed=seed):
         steps[min(n_steps - 1, int((used + s.tokens / 2) // target))].append(s)
         used += s.tokens
+    rollout_tokens = response_tokens_by_rollout(samples)  # a rollout split over two steps still counts once
     return [make_step(chunk, micro_batch_size=micro_batch_size, normalization=normalization,
-                      shared_prefix=shared_prefix, micro_batch_tokens=micro_batch_tokens) for chunk in steps if chunk]
+                      shared_prefix=shared_prefix, micro_batch_tokens=micro_batch_tokens,
+                      rollout_tokens=rollout_tokens) for chunk in steps if chunk]
 
 
 def in_rollout_order(samples: list[Sample], *, seed: int) -> list[Sample]:
@@ -170,7 +172,7 @@ def in_rollout_order(samples: list[Sample], *, seed: int) -> list[Sample]:
 
 
 def make_step(chunk: list[Sample], *, micro_batch_size: int, normalization: str, shared_prefix: str,
-              micro_batch_tokens: int) -> Step:
+              micro_batch_tokens: int, rollout_tokens: dict[str, int] | None = None) -> Step:
     """One optimizer step of ``chunk``: plain micro-batches of ``micro_batch_size``, or packed for the shared-prefix
     forward (``shared_prefix`` on, or auto where that encodes at most SHARED_PREFIX_GAIN of the plain tokens)."""
     plain = [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
@@ -179,7 +181,8 @@ def make_step(chunk: list[Sample], *, micro_batch_size: int, normalization: str,
         shared_prefix == "on"
         or sum(tree_size(mb) for mb in shared) <= SHARED_PREFIX_GAIN * sum(plain_size(mb) for mb in plain))
     return Step(micro_batches=shared if use_shared else plain,
-                weights=loss_weights(chunk, normalization=normalization), shared_prefix=use_shared)
+                weights=loss_weights(chunk, normalization=normalization, rollout_tokens=rollout_tokens),
+                shared_prefix=use_shared)
 
 
 # auto uses the shared-prefix forward when it encodes at most this fraction of the plain forward's tokens:
@@ -203,12 +206,24 @@ def pack_shared_prefix(chunk: list[Sample], *, micro_batch_tokens: int) -> list[
     return batches
 
 
-def loss_weights(samples: Iterable[Sample], *, normalization: str) -> dict[int, float]:
+def response_tokens_by_rollout(samples: Iterable[Sample]) -> dict[str, int]:
+    """Each rollout's response tokens, over all its calls."""
+    per_rollout: dict[str, int] = defaultdict(int)
+    for s in samples:
+        per_rollout[s.rollout_id] += len(s.response_ids)
+    return dict(per_rollout)
+
+
+def loss_weights(samples: Iterable[Sample], *, normalization: str,
+                 rollout_tokens: dict[str, int] | None = None) -> dict[int, float]:
     """Per-token weight of each sample so that the weighted token sum is the normalised loss.
 
     token: every response token of the step weighs 1/N_tokens. sequence: each triplet's mean over its
     tokens, averaged over triplets. rollout: each rollout's mean over all its tokens, averaged over
-    rollouts (a 20-turn rollout counts as much as a 1-turn one).
+    rollouts (a 20-turn rollout counts as much as a 1-turn one; Agent Lightning's per_rollout_mean).
+    ``rollout_tokens``: each rollout's response tokens over the whole epoch (default: over ``samples``); a
+    rollout with only part of its tokens here counts as that fraction of a rollout, so one split over two
+    steps counts once in all: weight = 1 / (T_rollout x sum over the step's samples of their share of their rollout).
     """
     samples = list(samples)
     if normalization == "token":
@@ -217,10 +232,9 @@ def loss_weights(samples: Iterable[Sample], *, normalization: str) -> dict[int, 
     if normalization == "sequence":
         return {s.row: 1.0 / (len(s.response_ids) * len(samples)) for s in samples}
     if normalization == "rollout":
-        per_rollout: dict[str, int] = defaultdict(int)
-        for s in samples:
-            per_rollout[s.rollout_id] += len(s.response_ids)
-        return {s.row: 1.0 / (per_rollout[s.rollout_id] * len(per_rollout)) for s in samples}
+        whole = rollout_tokens if rollout_tokens is not None else response_tokens_by_rollout(samples)
+        held = sum(len(s.response_ids) / whole[s.rollout_id] for s in samples)  # rollouts here, in fractions
+        return {s.row: 1.0 / (whole[s.rollout_id] * held) for s in samples}
     raise ValueError(f"loss normalization must be 'token', 'sequence' or 'rollout', found {normalization!r}")
 
 
