@@ -437,6 +437,10 @@ class RolloutsConfig(Section):
         "balance_by) as a validation split, scored every validate_every epochs; never rollouts.eval_dataset.")
     validate_every: int | None = Field(
         None, ge=0, description="Score the version trained so far greedily on the validation split before the first "
+    metrics_by: str | None = Field(
+        None, description="A task field (e.g. 'hops') by whose values each epoch's collapse signals are also given "
+        "(tool_calls_per_rollout/hops_2, reward/mean/hops_2, ... in MLflow; sql/epoch_signals.sql); tasks without "
+        "the field count as '<field>=none'. None = the signals of all the epoch's rollouts only.")
         "epoch, after every N epochs and after the last; the best validated version is the run's result (served at "
         "its end, and by `arclight evaluate`), while training continues from the newest. None or 0 = off.")
     group_size: int = Field(8, ge=1, description="Rollouts per task (the GRPO group).")

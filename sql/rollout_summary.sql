@@ -1,6 +1,6 @@
 -- rollout_summary: one row per rollout (per trace for production spans): status, final reward,
--- calls, tokens, duration, agents, span coverage (share of spans owned by an agent), repairs
--- and flags. Independent of any policy's agent selection.
+-- calls, tool calls (tool spans outside reward functions), tokens, duration, agents, span coverage
+-- (share of spans owned by an agent), repairs and flags. Independent of any policy's agent selection.
 -- Reads: span_owners (sql/span_owners.sql), calls, rewards.
 WITH
 span_stats AS (
@@ -11,6 +11,7 @@ span_stats AS (
         count(*) FILTER (WHERE repair_reason IS NOT NULL AND parent_node IS NOT NULL) AS repaired_spans,
         count(*) FILTER (WHERE agent_name IS NOT NULL) / count(*) AS span_coverage,
         count(*) FILTER (WHERE status_code = 'ERROR') AS error_spans,
+        count(*) FILTER (WHERE is_tool AND NOT in_reward) AS tool_calls,
         min(start_ns) AS start_ns, max(end_ns) AS end_ns
     FROM span_owners GROUP BY grp
 ),
@@ -40,6 +41,7 @@ SELECT s.run_id, s.epoch, s.rollout_id, s.task_id, s.attempt,
     (s.end_ns - s.start_ns) / 1e6 AS duration_ms,
     coalesce(c.agents, []) AS agents,
     s.spans, s.repaired_spans, s.span_coverage, s.error_spans, coalesce(r.tool_failures, 0) AS tool_failures,
+    s.tool_calls,
     list_filter([
         CASE WHEN r.reward IS NULL THEN 'no_reward' END,
         CASE WHEN coalesce(c.calls_missing_token_ids, 0) > 0 THEN 'missing_token_ids' END,

@@ -70,6 +70,7 @@ class PolicyReport:
     no_reward: int = 0
     infra_dropped_groups: int = 0  # groups left out: our services failed one of their rollouts every time it ran
     path: str | None = None
+    signals: list[dict[str, Any]] = field(default_factory=list)  # sql/epoch_signals.sql's rows (runs only)
 
 
 @dataclass
@@ -278,6 +279,8 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
     _count_policy(con, table, report)
     for e in epochs:
         part = table if len(epochs) == 1 else table.filter(
+    if run_id is not None:
+        report.signals = _signals(con, table, run_id=run_id, policy=policy.name, by=config.rollouts.metrics_by)
             pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
         # large epochs are written as one file per DuckDB thread, encoded in parallel
         parts = min(config.lake.duckdb_threads, -(-part.num_rows // TRIPLETS_PER_FILE))
@@ -361,6 +364,16 @@ def _count_policy(con, table: pa.Table, report: PolicyReport) -> None:
 
 def ensure_views(config: ArclightConfig, *, catalog: Catalog | None = None) -> None:
     """Make the lake's catalog and the outputs' empty typed files, so the analyst views (triplets, llm_calls,
+def _signals(con, table: pa.Table, *, run_id: str, policy: str, by: str | None) -> list[dict[str, Any]]:
+    """The policy's collapse signals per epoch and slice (sql/epoch_signals.sql), over the triplets just made."""
+    con.register("triplets", table.select(["run_id", "epoch", "policy", "group_id", "rollout_id", "rollout_return"]))
+    try:
+        return run_stage(con, "epoch_signals", params={"run_id": run_id, "epoch": None, "policy": policy, "by": by}
+                         ).to_arrow_table().to_pylist()
+    finally:
+        con.unregister("triplets")
+
+
     rewards, agents, rollout_summary) bind before any pipeline run, and vacuum the output tables."""
     lake_root = Path(config.lake.path).resolve()
     _ensure_schema_outputs(config, lake_root)
