@@ -246,7 +246,12 @@ class TrainerConfig(Section):
     )
     epsilon_low: float = Field(0.2, ge=0, description="Clip the importance ratio below at 1 - epsilon_low.")
     epsilon_high: float = Field(0.2, ge=0, description="Clip the importance ratio above at 1 + epsilon_high.")
-    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (base model; LoRA: adapter off); 0 skips it.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient (k3 estimator) to the reference (kl_reference); 0 skips it.")
+    kl_reference: Literal["base", "warm_start"] = Field(
+        "base", description="The KL term's reference policy (with beta > 0): base, the base model (LoRA: the adapter "
+        "switched off); warm_start, the version this policy's GRPO started from: the newest version in its lineage "
+        "trained by an SFT epoch (trainer.mode sft) or by an earlier run (LoRA: loaded as a second adapter on the same "
+        "base). A run without one is refused. Recorded with each version as kl_reference / kl_reference_version.")
     loss_normalization: Literal["token", "sequence", "rollout"] = Field(
         "token", description="token: every response token weighs the same; sequence: every triplet; rollout: every rollout."
     )
