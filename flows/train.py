@@ -27,7 +27,7 @@ from lightning_core.common import hardware, logs, stopping
 from lightning_core.common.redact import given_back
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.epoch import bookkeeping as ep
-from lightning_core.epoch import deploy, failures, reports, sampling, stages
+from lightning_core.epoch import deploy, draw, failures, reports, sampling, stages, validation
 from lightning_core.epoch.context import RunContext
 from lightning_core.epoch.stack import open_stack
 from lightning_core.epoch.supervise import Supervisor
@@ -350,22 +350,60 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, ep
     with running(config) as ctx:
         if every and config.evaluation.at_start and ep.next_epoch(ctx.catalog, run_id=ctx.run_id) == 0:
             run_evaluation(ctx, tasks=config.evaluation.tasks)
+        start = ep.next_epoch(ctx.catalog, run_id=ctx.run_id)
+        if ep.epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=start) is None and \
+                validation.due(config, completed=start, target=target):
+            run_validation(ctx)  # the start, or a resumed run's due version (a version scored before is reused)
         while (next_epoch := ep.next_epoch(ctx.catalog, run_id=ctx.run_id)) < target:
             run_epoch(ctx, epoch=next_epoch, overlap=next_epoch + 1 < target)
             if every and ((next_epoch + 1) % every == 0 or next_epoch + 1 == target):
                 run_evaluation(ctx, tasks=config.evaluation.tasks)
+            if validation.due(config, completed=next_epoch + 1, target=target):
+                run_validation(ctx)
+        if config.rollouts.validate_every:
+            serve_result(ctx)
         return reports.summary_rows(ctx)
 
 
+def run_validation(ctx: RunContext) -> dict[str, Any]:
+    """Score the versions serving now greedily on the validation split of the training tasks, in the run
+    ``<run>.validation`` (``epoch/validation.py``); log it and the best so far to MLflow; return its result."""
+    config = ctx.config
+    run = validation.run_id(config)
+    t.redeploy(ctx)
+    settings = stages.runner_settings(ctx, mode="eval")
+    serving = deploy.serving_versions(ctx)
+    label = reports.eval_label(config, serving)
+    identity = {**draw.dataset_identity(config), "versions": serving}
+    epoch = reports.eval_epoch(ctx.catalog, run_id=run, label=label, dataset=identity)
+    ep.plan_tasks(ctx.catalog, run_id=run, epoch=epoch, mode="eval", tasks=draw.validation_split(config), group_size=1)
+    counts = run_round(ctx, run_id=run, epoch=epoch, mode="eval", settings=settings)
+    result = reports.record_eval(ctx, epoch=epoch, label=label, run_id=run)
+    rows = t.log_validation(ctx)
+    chosen = validation.best(rows)
+    get_run_logger().info("validation of %s after %s epochs: reward %.3f on %d training tasks held out (rollouts %s); "
+                          "best so far: %s", label, result["after_epochs"], result["reward_mean"] or 0.0,
+                          result["tasks"], counts, chosen["label"] if chosen else "-")
+    return result
+
+
+def serve_result(ctx: RunContext) -> None:
+    """At the run's end, serve its result: the best validated versions (training continues from the newest)."""
+    for d in t.redeploy(ctx, result=True):
+        get_run_logger().info("the run's result, its best validated version, now serves: policy %s %s",
+                              d["policy"], d["version"])
+
+
 def run_evaluation(ctx: RunContext, *, label: str | None = None, tasks: int | None = None,
-                   prompt_versions: list[str] | None = None) -> dict[str, Any]:
+                   prompt_versions: list[str] | None = None, result: bool = False) -> dict[str, Any]:
     """Evaluate the serving policy greedily on the held-out tasks (an earlier identical one is reused).
 
-    ``prompt_versions`` (ids such as ``system-v3``) replace the serving versions of those prompts.
+    ``prompt_versions`` (ids such as ``system-v3``) replace the serving versions of those prompts. ``result``:
+    evaluate the run's result (its best validated versions with ``rollouts.validate_every``), not the newest.
     """
     config = ctx.config
     eval_run = reports.eval_run_id(config)
-    t.redeploy(ctx)
+    t.redeploy(ctx, result=result)
     settings = stages.runner_settings(ctx, mode="eval", prompt_versions=prompt_versions)
     label = label or reports.eval_label(config, deploy.serving_versions(ctx), tasks=tasks,
                                         prompt_versions=settings.prompt_versions)
@@ -395,7 +433,7 @@ def evaluate(config_path: str | None = None, overrides: list[str] | None = None,
     reports.eval_dataset(config)  # a missing held-out file is said before the services start (tens of seconds)
     _prepare(config)
     with running(config, lock=False) as ctx:
-        return run_evaluation(ctx, label=label, prompt_versions=prompt_versions)
+        return run_evaluation(ctx, label=label, prompt_versions=prompt_versions, result=True)
 
 
 DEPLOYABLE = {"train-epoch": train_epoch, "train": train, "evaluate": evaluate}

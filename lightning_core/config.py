@@ -437,15 +437,15 @@ class RolloutsConfig(Section):
         "the counts allow (a value with too few tasks gives all it has, the others fill the rest); every task must "
         "have the field. Needs tasks_per_epoch; dynamic sampling's further rounds are balanced too. None = a plain "
         "seeded draw.")
+    metrics_by: str | None = Field(
+        None, description="A task field (e.g. 'hops') by whose values each epoch's collapse signals are also given "
+        "(tool_calls_per_rollout/hops_2, reward/mean/hops_2, ... in MLflow; sql/epoch_signals.sql); tasks without "
+        "the field count as '<field>=none'. None = the signals of all the epoch's rollouts only.")
     validation_tasks: int | None = Field(
         None, ge=1, description="Training tasks held out of every epoch's draw (seeded by rollouts.seed, balanced by "
         "balance_by) as a validation split, scored every validate_every epochs; never rollouts.eval_dataset.")
     validate_every: int | None = Field(
         None, ge=0, description="Score the version trained so far greedily on the validation split before the first "
-    metrics_by: str | None = Field(
-        None, description="A task field (e.g. 'hops') by whose values each epoch's collapse signals are also given "
-        "(tool_calls_per_rollout/hops_2, reward/mean/hops_2, ... in MLflow; sql/epoch_signals.sql); tasks without "
-        "the field count as '<field>=none'. None = the signals of all the epoch's rollouts only.")
         "epoch, after every N epochs and after the last; the best validated version is the run's result (served at "
         "its end, and by `arclight evaluate`), while training continues from the newest. None or 0 = off.")
     group_size: int = Field(8, ge=1, description="Rollouts per task (the GRPO group).")

@@ -167,6 +167,26 @@ def log_eval_curve(config, curve: list[dict[str, Any]], train_rows: list[dict[st
     plt.close(fig)
 
 
+def log_validation(config, rows: list[dict[str, Any]], best: dict[str, Any] | None, *, lake: str) -> None:
+    """Log the newest validation (``validation_reward``, ``validation_success_rate`` at step = epochs trained) and the
+    best validated version (tag ``validation_best_version``, metric ``validation_best_reward``: the run's result) to
+    every policy's MLflow run (of the lake ``lake``)."""
+    if not rows:
+        return
+    latest = rows[-1]
+    step = int(latest["after_epochs"])
+    for policy in config.policies:
+        with start_run(config, run_id=config.run_name, policy=policy.name, params={}, lake=lake) as run:
+            logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "validation_reward")
+            if all(m.step != step for m in logged):  # a validation reused on resume is logged once
+                log_metrics({"validation_reward": latest["reward_mean"],
+                             "validation_success_rate": latest["success_rate"]}, step=step)
+            if best is not None:
+                mlflow.set_tags({"validation_best_version": best["label"],
+                                 "validation_best_after_epochs": str(best["after_epochs"])})
+                log_metrics({"validation_best_reward": best["reward_mean"]}, step=step)
+
+
 NO_AGENT = "no_agent"  # the metrics of calls that no agent span owns (plain client code, agents in other languages)
 
 

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from lightning_core import tracking
 from lightning_core.common.services import ServiceError
 from lightning_core.epoch import bookkeeping as ep
-from lightning_core.epoch import deploy, failures, reports, stages, traces
+from lightning_core.epoch import deploy, failures, reports, stages, traces, validation
 from lightning_core.epoch.context import RunContext
 from lightning_core.rollouts.runner import RolloutOutcome, RolloutSpec, RunnerSettings
 
@@ -125,15 +125,17 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
                                           "logprob_gap/epoch_start_max", "clip_ratio/epoch_start",
                                           "clip_ratio/epoch_start_ppo_equivalent",
                                           "behaviour_weight/epoch_start_capped", "behaviour_weight/epoch_start_mean",
-                                          "behaviour_correction", "kl_reference", "kl_reference_version")}}
+                                          "behaviour_correction")}}
         for r in results
     ]
 
 
 @task(name="redeploy", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, timeout_seconds=600)
-def redeploy(ctx: RunContext) -> list[dict[str, Any]]:
-    """Serve the newest version of every policy; the old one stays loaded for rollback."""
-    return [vars(d) for d in deploy.deploy_latest(ctx)]
+def redeploy(ctx: RunContext, *, result: bool = False) -> list[dict[str, Any]]:
+    """Serve the newest version of every policy; the old one stays loaded for rollback. ``result``: serve the run's
+    result instead, its best validated versions (``rollouts.validate_every``; the newest when validation is off)."""
+    versions = validation.result_versions(ctx) if result else None
+    return [vars(d) for d in deploy.deploy_latest(ctx, versions=versions)]
 
 
 @task(name="publish-traces", cache_policy=NO_CACHE)  # bounded by tracking.traces_timeout_s, its own deadline
@@ -161,6 +163,14 @@ def log_eval_curve(ctx: RunContext) -> list[dict[str, Any]]:
     curve = reports.eval_curve(ctx)
     tracking.log_eval_curve(ctx.config, curve, reports.summary_rows(ctx), lake=ctx.catalog.lake_id())
     return curve
+
+
+def log_validation(ctx: RunContext) -> list[dict[str, Any]]:
+    """Log the newest validation score (``validation_reward``) and the best validated version to MLflow; return the
+    run's validations."""
+    rows = validation.curve(ctx)
+    tracking.log_validation(ctx.config, rows, validation.best(rows), lake=ctx.catalog.lake_id())
+    return rows
 
 
 def publish_epoch_report(ctx: RunContext, *, run_id: str, epoch: int) -> None:

@@ -85,15 +85,19 @@ def test_dynamic_sampling_stops_once_enough_groups_are_informative_and_trains_on
 def test_train_evaluates_every_k_epochs_and_shows_the_learning_curve(
     prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
 ):
+    """And validates on a split of the training tasks (rollouts.validate_every): the best validated version is the
+    run's result, the one `arclight evaluate` scores."""
     from flows.train import evaluate, train
     from lightning_core.cli.progress import print_summary
+    from lightning_core.epoch import draw, validation
 
     tasks = [{"id": f"q{i}", "question": f"Say the word w{i}.", "target": "w"} for i in range(3)]
     overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
                            tiny_model_dir=tiny_model_dir, dataset=_dataset(tmp_path / "tasks.jsonl", tasks),
                            **{"run_name": "curve", "rollouts.group_size": "2",
                               "rollouts.eval_dataset": _dataset(tmp_path / "test.jsonl", tasks),
-                              "evaluation.every_epochs": "2"})
+                              "evaluation.every_epochs": "2", "rollouts.validation_tasks": "1",
+                              "rollouts.validate_every": "2"})
     train(overrides=overrides, epochs=3)
     cfg = make_config(tmp_path, *overrides)
     curve = reports.eval_curve(RunContext.of(cfg))
@@ -101,7 +105,20 @@ def test_train_evaluates_every_k_epochs_and_shows_the_learning_curve(
     assert [c["label"] for c in curve] == ["base", f"{POLICY}-v2", f"{POLICY}-v3"] and all(c["tasks"] == 3 for c in curve)
     with Catalog.from_config(cfg).read() as con:
         eval_rollouts = con.execute("SELECT count(*) FROM rollouts WHERE run_id = 'curve.eval'").fetchall()[0][0]
-    assert evaluate(overrides=overrides)["after_epochs"] == 3  # the same version again is the same evaluation, reused
+    # validated like the curve, on a training task that no epoch drew; the best validated version is the result
+    validated = validation.curve(RunContext.of(cfg))
+    assert [(v["after_epochs"], v["label"], v["tasks"]) for v in validated] == [
+        (0, "base", 1), (2, f"{POLICY}-v2", 1), (3, f"{POLICY}-v3", 1)]
+    best = validation.best(validated)
+    held = {t["id"] for t in draw.validation_split(cfg)}
+    with Catalog.from_config(cfg).read() as con:
+        trained_on = {r[0] for r in con.execute("SELECT DISTINCT task_id FROM rollouts WHERE run_id = 'curve'").fetchall()}
+        assert {r[0] for r in con.execute("SELECT DISTINCT task_id FROM rollouts WHERE run_id = 'curve.validation'")
+                .fetchall()} == held
+    assert len(held) == 1 and trained_on == {t["id"] for t in tasks} - held
+    # `arclight evaluate` scores the run's result, the best validated version: evaluated already, so reused
+    evaluated = evaluate(overrides=overrides)
+    assert (evaluated["label"], evaluated["after_epochs"]) == (best["label"], best["after_epochs"])
     with Catalog.from_config(cfg).read() as con:
         assert con.execute("SELECT count(*) FROM rollouts WHERE run_id = 'curve.eval'").fetchall()[0][0] == eval_rollouts == 9
 
@@ -111,7 +128,11 @@ def test_train_evaluates_every_k_epochs_and_shows_the_learning_curve(
     assert [m.step for m in history] == [0, 2, 3]
     assert [m.value for m in history] == pytest.approx([c["success_rate"] for c in curve])
     assert "plots/eval_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    scores = client.get_metric_history(run.info.run_id, "validation_reward")
+    assert [(m.step, m.value) for m in scores] == [(v["after_epochs"], pytest.approx(v["reward_mean"])) for v in validated]
+    assert client.get_run(run.info.run_id).data.tags["validation_best_version"] == best["label"]
     console = Console(record=True, width=200)
     print_summary(cfg, console=console)
     text = console.export_text()
     assert "held-out success (3 tasks, greedy):" in text and f"({POLICY}-v3, 3 epochs)" in text
+    assert f"best: {best['label']} after {best['after_epochs']} epochs ({best['reward_mean']:.3f}), the run's result" in text

@@ -173,6 +173,7 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     if curve:
         points = " -> ".join(f"{c['success_rate']:.0%} ({c['label']}, {c['after_epochs']} epochs)" for c in curve)
         console.print(f"held-out success ({curve[-1]['tasks']} tasks, greedy): {points}")
+    _print_validation(ctx, rows, console=console)
     _print_agents(ctx, console=console)
     lake = config.lake.path
     _print_silences(ctx, console=console)
@@ -236,6 +237,23 @@ def _print_correction(rows: list[dict[str, Any]], *, console: Console) -> None:
     console.print(f"vLLM against the trainer, at each epoch's first step: logprob gap mean {span('logprob_gap_mean', '.4f')}, "
                   f"max {span('logprob_gap_max', '.2f')}; behaviour correction {', '.join(used) or '-'}{what} "
                   "(docs/config.md#vllm-and-the-trainer)")
+
+
+def _print_validation(ctx: RunContext, rows: list[dict[str, Any]], *, console: Console) -> None:
+    """With ``rollouts.validate_every``: the scores on the validation split and the best version, the run's result."""
+    from lightning_core.epoch import validation
+
+    if not ctx.config.rollouts.validate_every:
+        return
+    try:
+        scores = validation.curve(ctx)
+    except Exception as exc:  # the summary must not fail on a moved dataset; say why it is silent
+        console.print(f"(could not read the run's validation scores: {escape(str(exc))})")
+        return
+    newest = next((r["new_version"] for r in reversed(rows) if r["new_version"]), None)
+    if scores:
+        console.print(escape(validation.describe(scores, config=ctx.config, newest=newest)), soft_wrap=True,
+                      highlight=False)
 
 
 def _print_agents(ctx: RunContext, *, console: Console) -> None:

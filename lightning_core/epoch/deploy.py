@@ -31,11 +31,13 @@ class Redeployed:
     first_answer_s: float
 
 
-def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[Redeployed]:
+def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None,
+                  versions: dict[str, str] | None = None) -> list[Redeployed]:
     """Make the newest recorded version of every policy serve (no-op where it already does); replicas restarted
     meanwhile (``revived``, default: those this call restarts) get it back. The outage of a replica this call restarts
     ends only once it serves again; when this call fails, such a replica is stopped again (``stop_unrestored``).
-    Replicas that reload merged weights are marked as reloading meanwhile (``Stack.reloads``)."""
+    Replicas that reload merged weights are marked as reloading meanwhile (``Stack.reloads``). ``versions`` (policy
+    -> version id, or 'base'; ``validation.result_versions``) serves those instead: the run's best validated ones."""
     config, stack = ctx.config, ctx.services
 
     catalog = ctx.catalog
@@ -49,7 +51,11 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
     try:
         serving = gateway.policies()["policies"]
         for policy in config.policies:
-            latest = latest_version(catalog, policy=policy.name)
+            chosen = (versions or {}).get(policy.name)
+            if chosen == "base":
+                deployed += _serve_base(ctx, gateway, policy=policy.name, serving=serving.get(policy.name) or {})
+                continue
+            latest = version_row(catalog, chosen) if chosen else latest_version(catalog, policy=policy.name)
             if latest is None:
                 continue
             number = version_number(latest["version"])
@@ -87,6 +93,25 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None) -> list[
         gateway.close()
     end_outages(restarts)
     return deployed
+
+
+def _serve_base(ctx: RunContext, gateway: GatewayClient, *, policy: str, serving: dict) -> list[Redeployed]:
+    """Serve the starting model for ``policy`` again (the run's best validated version was its start): the gateway
+    routes it to the base model, which stays loaded beside adapters; merged weights are reloaded from the model
+    folder."""
+    if not serving.get("version"):
+        return []  # it serves the base model already
+    started = time.perf_counter()
+    base = gateway.policies()["base_model"]
+    if redeploy_mode(ctx.config) == "merged" or version_row(ctx.catalog, version_name(policy, serving["version"])).get(
+            "kind") == "full":
+        own = _own_replicas(ctx.services, policy)
+        with ctx.services.reloads(own, timeout_s=RELOAD_TIMEOUT_S * len(own)):
+            deploy_full_weights(gateway=gateway, replicas=own, policy=policy, version=0,
+                                model_dir=Path(model_dir(ctx.config)), verify_prompt=ctx.config.serving.verify_prompt)
+    else:
+        gateway.switch_policy(policy, served_model=base, version=0)
+    return [Redeployed(policy, "base", time.perf_counter() - started)]
 
 
 def restore_policy_table(ctx: RunContext) -> None:

@@ -123,18 +123,21 @@ def eval_label(config: ArclightConfig, serving: dict[str, str], *, tasks: int | 
     return label
 
 
-def record_eval(ctx: RunContext, *, epoch: int, label: str) -> dict[str, Any]:
-    """Mark an eval epoch complete, noting how many training epochs the evaluated policy had; return its result."""
+def record_eval(ctx: RunContext, *, epoch: int, label: str, run_id: str | None = None) -> dict[str, Any]:
+    """Mark an eval epoch complete, noting how many training epochs the evaluated policy had; return its result.
+    ``run_id``: the run that holds it (default ``eval_run_id``; ``validation.run_id`` for a validation)."""
     config = ctx.config
     catalog = ctx.catalog
+    run_id = run_id or eval_run_id(config)
     with catalog.read(spans=False) as con:
-        row = con.execute("SELECT stats FROM epochs WHERE run_id = ? AND epoch = ?", [eval_run_id(config), epoch]).fetchall()
+        row = con.execute("SELECT stats FROM epochs WHERE run_id = ? AND epoch = ?", [run_id, epoch]).fetchall()
     stats = json.loads(row[0][0]) if row and row[0][0] else {}
     if "after_epochs" not in stats:  # an evaluation reused later keeps the epoch count of its first run
         stats["after_epochs"] = sum(1 for r in summary_rows(ctx) if r["status"] == "completed")
     stats.setdefault("dataset", str(config.rollouts.eval_dataset))  # eval_dataset's identity put it there at planning
-    ep.set_epoch_status(catalog, run_id=eval_run_id(config), epoch=epoch, status="completed", stats=stats)
-    return {**eval_result(ctx, epoch=epoch, label=label), "dataset": stats["dataset"], "after_epochs": stats["after_epochs"]}
+    ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="completed", stats=stats)
+    return {**eval_result(ctx, epoch=epoch, label=label, run_id=run_id), "dataset": stats["dataset"],
+            "after_epochs": stats["after_epochs"]}
 
 
 def eval_curve(ctx: RunContext) -> list[dict[str, Any]]:
@@ -161,7 +164,7 @@ def eval_curve(ctx: RunContext) -> list[dict[str, Any]]:
     return [dict(zip(keys, row)) for row in rows]
 
 
-def eval_result(ctx: RunContext, *, epoch: int, label: str) -> dict[str, Any]:
+def eval_result(ctx: RunContext, *, epoch: int, label: str, run_id: str | None = None) -> dict[str, Any]:
     """Return reward and success rate of one evaluation: the agent's failures count as 0; tasks our services failed
     every time (``left_out``) are not scored, since they say nothing about the policy."""
     config = ctx.config
@@ -173,7 +176,7 @@ def eval_result(ctx: RunContext, *, epoch: int, label: str) -> dict[str, Any]:
             "count(*) FILTER (WHERE ours) "
             "FROM (SELECT *, coalesce(error_kind, '') = 'infrastructure' AS ours FROM rollouts "
             "      WHERE run_id = ? AND epoch = ? AND mode = 'eval')",
-            [success, eval_run_id(config), epoch],
+            [success, run_id or eval_run_id(config), epoch],
         ).fetchall()[0]
     return {"label": label, "eval_epoch": epoch, "tasks": n, "reward_mean": reward,
             "success_rate": (successes / n) if n else None, "failed": failed, "left_out": left_out}
