@@ -42,6 +42,9 @@ SPAN_NAME_ROLLOUT_OUTCOME = "rollout outcome"
 # --- Arclight attributes --------------------------------------------------------------------
 AGENT_NAME = "agent.name"  # shared with OpenInference's Agents SDK instrumentation
 TOOL_NAME = "tool.name"
+# A tool span's own reward, a number, for the model call that caused the tool call (sql/rewards.sql charges it
+# like a failed tool call: kind 'tool_reward'); pipeline.advantage = turn counts it in that call's step reward.
+TOOL_REWARD = "arclight.tool.reward"
 REWARD_NAME = "arclight.reward.name"
 REWARD_VALUE = "arclight.reward.value"
 MESSAGE_ROLE = "arclight.message.role"

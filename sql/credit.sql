@@ -13,6 +13,13 @@
 --                           the first such reward wins (R = sum of rewards)
 --   discounted              the last reward * $gamma ^ (selected calls after this one) (R = last reward)
 -- Failed tool calls charged to a call add their (negative) value to its reward and to R.
+-- step_reward (read by sql/advantages.sql when $advantage = 'turn'): what the spans say of this call
+-- alone -- its tool rewards (kind tool_reward) and failure penalties, plus, under the per-call
+-- policies (first_occurrence, latest_unrewarded_call, first_sibling), its matched reward. Under
+-- final/discounted the outcome is not repeated in it, and a call that caused no tool outcome has
+-- step_reward 0: it changed nothing it could be scored on (MT-GRPO's turn reward for a turn without a
+-- tool call). Under a per-call policy a call that none of these reach has step_reward NULL: its
+-- reward is unknown (flag no_reward), and it sits out of its turn's comparison.
 -- A call that no reward reaches has reward NULL and the flag no_reward -- never a made-up 0 (a
 -- penalised one: $missing_reward + penalty) -- and a rollout with no reward has R = $missing_reward.
 -- Rewards count when their emitting agent matches $reward_agent_match (NULL = all), whichever
@@ -95,6 +102,11 @@ penalties AS (
     FROM rewards WHERE kind = 'tool_failure' AND caused_by_call IS NOT NULL AND value <> 0
     GROUP BY grp, caused_by_call
 ),
+tool_rewards AS (
+    SELECT grp, caused_by_call AS call_key, sum(value) AS tool_reward
+    FROM rewards WHERE kind = 'tool_reward' AND caused_by_call IS NOT NULL
+    GROUP BY grp, caused_by_call
+),
 matched AS (
     SELECT c.*,
         CASE $reward_policy
@@ -106,21 +118,26 @@ matched AS (
         END AS matched_reward,
         CASE WHEN $reward_policy IN ('final', 'discounted') THEN rr.final_value ELSE rr.total_value END AS rollout_reward,
         coalesce(p.penalty, 0.0) AS penalty,
-        coalesce(p.failures, 0) AS failures
+        coalesce(p.failures, 0) AS failures,
+        tr.tool_reward
     FROM selected_calls c
     LEFT JOIN rollout_rewards rr ON rr.grp = c.grp
     LEFT JOIN first_occurrence fo ON fo.grp = c.grp AND fo.call_key = c.call_key
     LEFT JOIN latest_unrewarded_call lu ON lu.grp = c.grp AND lu.call_key = c.call_key
     LEFT JOIN first_sibling fs ON fs.grp = c.grp AND fs.call_key = c.call_key
     LEFT JOIN penalties p ON p.grp = c.grp AND p.call_key = c.call_key
+    LEFT JOIN tool_rewards tr ON tr.grp = c.grp AND tr.call_key = c.call_key
 )
-SELECT m.* EXCLUDE (matched_reward, rollout_reward, flags),
+SELECT m.* EXCLUDE (matched_reward, rollout_reward, flags, tool_reward),
     -- no matched reward: NULL (flagged no_reward), so no mean counts it as a real value; a
     -- penalty still lands on the call, on top of $missing_reward
     CASE WHEN m.matched_reward IS NOT NULL OR m.failures > 0
          THEN coalesce(m.matched_reward, $missing_reward::DOUBLE) + m.penalty END AS reward,
     coalesce(m.rollout_reward, $missing_reward::DOUBLE)
         + sum(m.penalty) OVER (PARTITION BY m.grp) AS rollout_return,
+    CASE WHEN $reward_policy IN ('final', 'discounted') THEN coalesce(m.tool_reward, 0.0) + m.penalty
+         WHEN m.matched_reward IS NOT NULL OR m.tool_reward IS NOT NULL OR m.failures > 0
+         THEN coalesce(m.matched_reward, 0.0) + coalesce(m.tool_reward, 0.0) + m.penalty END AS step_reward,
     list_filter(m.flags || [
         CASE WHEN m.matched_reward IS NULL THEN 'no_reward' END,
         CASE WHEN m.failures > 0 THEN 'tool_failure' END

@@ -8,7 +8,7 @@
 -- arclight.reward.value (emit_reward, or alone on any span), arclight.reward.name /
 -- arclight.reward.invalid (emit_reward of None or a non-number), Agent Lightning's
 -- agentlightning.reward.0.value, AgentOps' {"type": "reward", ...} output, or Agent Lightning's
--- pre-0.3 annotation. A reward scope (is_reward_scope: any span of kind reward -- a reward
+-- pre-0.3 annotation. tool_reward: a tool span's own reward (arclight.tool.reward, a number). A reward scope (is_reward_scope: any span of kind reward -- a reward
 -- function when it has no value and no name --, AgentOps' reward output, Agent Lightning's
 -- agentlightning.reward operation) marks the LLM calls under it as judge calls (sql/agents.sql).
 -- Parameters: $run_id, $epoch (NULL = every epoch of the run), $llm_call_match (a regex on span
@@ -21,6 +21,9 @@ selected AS (
            -- numbered where it is read, in parallel (a row_number() over 1M rows runs on one thread)
            (file_index::BIGINT << 32) | file_row_number AS node,
            contains(events, '"name":"exception"') AS has_exception,
+           -- a tool's own reward for the call that caused it (sql/rewards.sql), parsed where the text names it
+           CASE WHEN span_kind IS DISTINCT FROM 'llm' AND contains(attributes, 'arclight.tool.reward')
+                THEN TRY_CAST(json_extract_string(attributes, '$."arclight.tool.reward"') AS DOUBLE) END AS tool_reward,
            -- the attribute JSON is parsed only for spans whose typed columns leave something open
            -- (SDK and gateway spans of a rollout carry all of it in typed columns; a reward span's
            -- name tells a reward from a reward function)
@@ -101,7 +104,7 @@ classified AS MATERIALIZED (
             AND a[7] = 'AGENT' AS agent_label_from_name,
         coalesce(span_kind = 'rollout', false) AS is_rollout,
         a[16] AS rollout_status,
-        has_exception
+        has_exception, tool_reward
     FROM reward_payloads
 ),
 duplicated AS (

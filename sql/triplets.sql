@@ -1,5 +1,6 @@
 -- triplets: one row per selected model call, in time order per rollout (turn_index from 0):
--- the reward and the rollout's return (token ids and messages are joined in advantages.sql).
+-- the reward, the rollout's return and the call's step reward (token ids and messages are joined in
+-- advantages.sql).
 -- Calls without token ids are dropped when $missing_token_ids = 'drop' (else kept, flagged).
 -- group_id is the GRPO group: the task (a rollout with no task is its own group).
 -- Infrastructure failures are never training data: a rollout that our services failed (the state table's
@@ -28,5 +29,5 @@ SELECT
     coalesce(task_id, rollout_id, grp) AS group_id, attempt, agent_name,
     (row_number() OVER (PARTITION BY grp ORDER BY start_ns, node) - 1)::BIGINT AS turn_index,
     trace_id, span_id, start_ns, end_ns,
-    reward, rollout_return, response_id, grp, call_key, flags
+    reward, rollout_return, step_reward, response_id, grp, call_key, flags
 FROM trainable

@@ -13,8 +13,8 @@ SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS 
 FROM read_parquet({llm_calls}, hive_partitioning = true, hive_types = {'run_id': VARCHAR, 'epoch': BIGINT}, union_by_name = true)
 WHERE run_id <> '_schema';
 
--- rewards: one row per reward signal: a reward span (value NULL when it was None) or an
--- automatic tool-failure penalty with the call it is charged to.
+-- rewards: one row per reward signal: a reward span (value NULL when it was None), an
+-- automatic tool-failure penalty or a tool's own reward, with the call it is charged to.
 CREATE OR REPLACE VIEW rewards AS
 SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS run_id,
                   CASE WHEN run_id = '_production' THEN NULL ELSE epoch END AS epoch)
@@ -22,7 +22,7 @@ FROM read_parquet({rewards}, hive_partitioning = true, hive_types = {'run_id': V
 WHERE run_id <> '_schema';
 
 -- triplets: one row per training sample: a selected model call of one policy with prompt and
--- response token ids, logprobs, reward, GRPO advantage and flags.
+-- response token ids, logprobs, reward, GRPO advantage (with its rollout and turn terms) and flags.
 CREATE OR REPLACE VIEW triplets AS
 SELECT * REPLACE (CASE WHEN run_id = '_production' THEN NULL ELSE run_id END AS run_id,
                   CASE WHEN run_id = '_production' THEN NULL ELSE epoch END AS epoch)

@@ -72,10 +72,13 @@ class Rollout:
         attrs.update(kw.pop("attrs", {}))
         return self.span("reward primary", at, at, attrs=attrs, **kw)
 
-    def tool(self, name: str, start: int, end: int, *, failed: bool = False, **kw) -> str:
-        """An SDK tool span, failed with an exception event when told."""
+    def tool(self, name: str, start: int, end: int, *, failed: bool = False, reward: float | None = None, **kw) -> str:
+        """An SDK tool span, failed with an exception event when told, with its own reward (arclight.tool.reward) when given."""
         events = [{"name": "exception", "time_ns": end * 1000, "attributes": {"exception.type": "ValueError"}}] if failed else []
-        return self.span(f"tool {name}", start, end, attrs={"arclight.span.kind": "tool", "tool.name": name},
+        attrs = {"arclight.span.kind": "tool", "tool.name": name}
+        if reward is not None:
+            attrs["arclight.tool.reward"] = reward
+        return self.span(f"tool {name}", start, end, attrs=attrs,
                          status="ERROR" if failed else "UNSET", events=events, **kw)
 
 

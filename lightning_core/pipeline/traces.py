@@ -93,7 +93,8 @@ def _records(relation) -> list[dict[str, Any]]:
 
 
 def _triplets_by_span(config: ArclightConfig, *, run_id: str, epoch: int | None) -> dict[str, list[dict[str, Any]]]:
-    """The epoch's triplets by the span of their call: the policy, advantage, return and sampling version of each."""
+    """The epoch's triplets by the span of their call: the policy, advantage (and its rollout and turn terms), return
+    and sampling version of each."""
     found: dict[str, list[dict[str, Any]]] = {}
     for policy in config.policies:
         try:
@@ -102,7 +103,8 @@ def _triplets_by_span(config: ArclightConfig, *, run_id: str, epoch: int | None)
             continue
         if not isinstance(table, pa.Table) or table.num_rows == 0:
             continue
-        columns = table.select(["span_id", "advantage", "rollout_return", "policy_version", "reward"]).to_pylist()
+        columns = table.select(["span_id", "advantage", "rollout_advantage", "turn_advantage", "rollout_return",
+                                "policy_version", "reward"]).to_pylist()
         for t in columns:
             found.setdefault(t["span_id"], []).append({"policy": policy.name, **{k: t[k] for k in t if k != "span_id"}})
     return found
@@ -129,6 +131,8 @@ def _span(s: dict[str, Any], triplets: dict[str, list[dict[str, Any]]]) -> Trace
         ours["arclight.triplets"] = made
         if len(made) == 1:
             ours.update({"arclight.policy": made[0]["policy"], "arclight.advantage": made[0]["advantage"],
+                         "arclight.rollout_advantage": made[0]["rollout_advantage"],
+                         "arclight.turn_advantage": made[0]["turn_advantage"],  # None (left out) under advantage=rollout
                          "arclight.return": made[0]["rollout_return"]})
     elif s["is_tool"]:
         kind = "TOOL"

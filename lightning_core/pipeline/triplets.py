@@ -260,6 +260,8 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
         "missing_token_ids": pipeline.missing_token_ids,
         "policy": policy.name,
         "normalize_std": pipeline.normalize_advantage_std,
+        "advantage": pipeline.advantage,
+        "turn_advantage_weight": pipeline.turn_advantage_weight,
     }
     for stage, table in POLICY_STAGES:
         run_stage(con, stage, params=params, table=table)
@@ -277,10 +279,10 @@ def _policy_triplets(con, config: ArclightConfig, policy: PolicyConfig, *, run_i
         table, report.retokenized = retokenize_missing(table, tokenizer_path=_tokenizer_path(config))
     table = store.conform_triplets(table)
     _count_policy(con, table, report)
-    for e in epochs:
-        part = table if len(epochs) == 1 else table.filter(
     if run_id is not None:
         report.signals = _signals(con, table, run_id=run_id, policy=policy.name, by=config.rollouts.metrics_by)
+    for e in epochs:
+        part = table if len(epochs) == 1 else table.filter(
             pc.is_null(table["epoch"]) if e is None else pc.equal(table["epoch"], e))
         # large epochs are written as one file per DuckDB thread, encoded in parallel
         parts = min(config.lake.duckdb_threads, -(-part.num_rows // TRIPLETS_PER_FILE))
@@ -362,8 +364,6 @@ def _count_policy(con, table: pa.Table, report: PolicyReport) -> None:
         con.unregister("policy_triplets")
 
 
-def ensure_views(config: ArclightConfig, *, catalog: Catalog | None = None) -> None:
-    """Make the lake's catalog and the outputs' empty typed files, so the analyst views (triplets, llm_calls,
 def _signals(con, table: pa.Table, *, run_id: str, policy: str, by: str | None) -> list[dict[str, Any]]:
     """The policy's collapse signals per epoch and slice (sql/epoch_signals.sql), over the triplets just made."""
     con.register("triplets", table.select(["run_id", "epoch", "policy", "group_id", "rollout_id", "rollout_return"]))
@@ -374,6 +374,8 @@ def _signals(con, table: pa.Table, *, run_id: str, policy: str, by: str | None) 
         con.unregister("triplets")
 
 
+def ensure_views(config: ArclightConfig, *, catalog: Catalog | None = None) -> None:
+    """Make the lake's catalog and the outputs' empty typed files, so the analyst views (triplets, llm_calls,
     rewards, agents, rollout_summary) bind before any pipeline run, and vacuum the output tables."""
     lake_root = Path(config.lake.path).resolve()
     _ensure_schema_outputs(config, lake_root)

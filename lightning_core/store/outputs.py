@@ -75,8 +75,12 @@ TRIPLET_SCHEMA = pa.schema(
         ("rollout_return", pa.float64()),
         ("end_ns", pa.int64()),
         ("response_id", pa.string()),
+        ("rollout_advantage", pa.float64()),  # the group-normalised outcome advantage (sql/advantages.sql)
+        ("turn_advantage", pa.float64()),  # pipeline.advantage = turn: the call's own term; NULL under rollout
     ]
 )
+# Contract columns a later version added: triplets written before them read them as NULL.
+ADDED_TRIPLET_COLUMNS = ("rollout_advantage", "turn_advantage")
 PARTITION_COLUMNS = ("run_id", "epoch", "policy")
 
 
@@ -356,7 +360,11 @@ def drop_partition_columns(table: pa.Table) -> pa.Table:
 
 
 def conform_triplets(table: pa.Table) -> pa.Table:
-    """Cast a triplet table to ``TRIPLET_SCHEMA`` (column order and types of the contract)."""
+    """Cast a triplet table to ``TRIPLET_SCHEMA`` (column order and types of the contract; the columns a later
+    version added, ``ADDED_TRIPLET_COLUMNS``, are NULL where the table lacks them)."""
+    for name in ADDED_TRIPLET_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, TRIPLET_SCHEMA.field(name).type))
     missing = [f.name for f in TRIPLET_SCHEMA if f.name not in table.column_names]
     if missing:
         raise ValueError(f"triplet table lacks contract columns {missing}; found {table.column_names}")
