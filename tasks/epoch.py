@@ -125,7 +125,7 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
                                           "logprob_gap/epoch_start_max", "clip_ratio/epoch_start",
                                           "clip_ratio/epoch_start_ppo_equivalent",
                                           "behaviour_weight/epoch_start_capped", "behaviour_weight/epoch_start_mean",
-                                          "behaviour_correction")}}
+                                          "behaviour_correction", "kl_reference", "kl_reference_version")}}
         for r in results
     ]
 

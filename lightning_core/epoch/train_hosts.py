@@ -179,7 +179,7 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
     threads = os.environ.get("ARCLIGHT_TRAIN_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    job = _with_parent_here(job)
+    job = _with_reference_here(_with_parent_here(job))
     if world > 1:
         import torch.distributed as dist
 
@@ -248,6 +248,26 @@ def _with_parent_here(job: TrainJob) -> TrainJob:
         return dataclasses.replace(job, base_model_dir=str(fetched), parent_state_dir=str(state) if state else None)
     return dataclasses.replace(job, parent_adapter_dir=str(fetched),
                                parent_state_dir=str(state) if state else str(fetched))
+
+
+def _with_reference_here(job: TrainJob) -> TrainJob:
+    """The job with its KL reference as this host has it (``trainer.kl_reference``): a warm-start version fetched from
+    ``serving.weights_uri`` when this host did not train it; the base model as this host resolves it."""
+    if job.reference_dir is None or Path(job.reference_dir).is_dir():
+        return job
+    config = job.config
+    if job.reference_version is None:  # full fine-tuning's base model
+        from lightning_core.serving.vllm import model_dir
+
+        return dataclasses.replace(job, reference_dir=str(model_dir(config)))
+    root = Path(config.project_dir) / ".arclight" / "trainer" / "parents" / job.policy
+    try:
+        fetched = published.fetch(published.join(config.serving.weights_uri, job.policy, job.reference_version), root,
+                                  options=config.serving.weights_storage_options)
+    except published.PublishError as exc:
+        raise TrainHostError(f"training {job.version} takes its KL to {job.reference_version} (trainer.kl_reference="
+                             f"warm_start), which this train host did not train and could not fetch: {exc}") from None
+    return dataclasses.replace(job, reference_dir=str(fetched))
 
 
 def _publish_state(config: ArclightConfig, job: TrainJob, path: Path) -> None:

@@ -42,6 +42,7 @@ class GrpoJob:
     init_method: str             # tcp://127.0.0.1:PORT
     out_path: str                # rank 0 writes {"history", "trainable", "optimizer"} here
     device_ids: list[int] | None = None  # trainer.devices: the CUDA devices of the ranks, in rank order
+    reference_dir: str | None = None     # the KL reference when not the base model (trainer.kl_reference: warm_start)
 
 
 def backend_for(device: torch.device) -> str:
@@ -88,7 +89,8 @@ def _rank_main(rank: int, world_size: int, job: GrpoJob) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         broadcast_parameters(trainable)
         history, optimizer = run_grpo(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device,
-                                       amp=amp, seed=job.seed, on_step=None, parent_dir=job.parent_dir)
+                                       amp=amp, seed=job.seed, on_step=None, parent_dir=job.parent_dir,
+                                       reference_dir=job.reference_dir)
         if rank == 0:
             names = [n for n, p in model.named_parameters() if p.requires_grad]
             torch.save({"history": history,
@@ -110,7 +112,7 @@ def _cpu(value: Any) -> Any:
 
 
 def run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step,
-                          parent_dir=None, parent_adapter_dir=None, should_stop=None):
+                          parent_dir=None, parent_adapter_dir=None, should_stop=None, reference_dir=None):
     """The GRPO steps on ``cfg.processes`` ranks (``trainer.distributed``); rank 0's weights and AdamW land in ``model``.
 
     ``should_stop`` is not asked: the ranks are processes of their own, in this process's group, and stop with it."""
@@ -118,6 +120,7 @@ def run_grpo_distributed(model, samples, *, cfg: TrainerConfig, base_model_dir, 
         base_model_dir=str(base_model_dir), parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None,
         parent_dir=str(parent_dir) if parent_dir else None, cfg=cfg, samples=samples, seed=seed, device=device.type, backend=backend_for(device),
         device_ids=list(cfg.devices) if device.type == "cuda" and getattr(cfg, "devices", None) else None,
+        reference_dir=str(reference_dir) if reference_dir else None,
     ), processes=cfg.processes)
     named = dict(model.named_parameters())
     missing = sorted(set(result["trainable"]) - set(named))

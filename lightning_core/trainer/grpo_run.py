@@ -12,7 +12,7 @@ import torch
 
 from lightning_core.trainer.batches import plan_steps
 from lightning_core.trainer.grpo import train_grpo
-from lightning_core.trainer.policy_model import reference_logps_fn
+from lightning_core.trainer.policy_model import drop_reference_adapter, reference_logps_fn
 from lightning_core.trainer.sft import plan_sft_steps
 from lightning_core.trainer.prefix_tree import TREE_ATTENTION, attn_implementation
 from lightning_core.trainer.tree_attention import prepare_attention
@@ -27,7 +27,8 @@ OPTIMIZER_STATE = "optimizer.pt"
 
 
 def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp, seed, on_step, parent_dir=None,
-              parent_adapter_dir=None, should_stop=None):
+              parent_adapter_dir=None, should_stop=None, reference_dir=None):
+    """``reference_dir``: the KL reference when it is not the base model (``trainer.kl_reference: warm_start``)."""
     attention = prepare_attention(model, cfg.attention, device=device)
     steps = plan_steps(samples, tokens_per_step=cfg.tokens_per_step, micro_batch_size=cfg.micro_batch_size,
                        normalization=cfg.loss_normalization, seed=seed,
@@ -35,15 +36,19 @@ def run_grpo(model, samples, *, cfg: TrainerConfig, base_model_dir, device, amp,
                        micro_batch_tokens=cfg.micro_batch_tokens)
     optimizer = adamw(model, cfg=cfg, parent_dir=parent_dir)
     reference = (reference_logps_fn(model, base_model_dir=base_model_dir, finetune=cfg.finetune, device=device,
-                                    attention=attention, logits_chunk_tokens=cfg.logits_chunk_tokens)
+                                    attention=attention, logits_chunk_tokens=cfg.logits_chunk_tokens,
+                                    reference_dir=reference_dir)
                  if cfg.beta != 0.0 else None)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                         beta=cfg.beta, max_grad_norm=cfg.max_grad_norm, device=device, autocast_dtype=amp,
-                         reference=reference, pad_token_id=pad_id, on_step=on_step, passes=cfg.passes,
-                         max_steps=cfg.max_steps, attention=attention, logits_chunk_tokens=cfg.logits_chunk_tokens,
-                         behaviour_correction=cfg.behaviour_correction, importance_cap=cfg.importance_cap,
-                         should_stop=should_stop)
+    try:
+        metrics = train_grpo(model, steps, optimizer=optimizer, epsilon_low=cfg.epsilon_low,
+                             epsilon_high=cfg.epsilon_high, beta=cfg.beta, max_grad_norm=cfg.max_grad_norm,
+                             device=device, autocast_dtype=amp, reference=reference, pad_token_id=pad_id,
+                             on_step=on_step, passes=cfg.passes, max_steps=cfg.max_steps, attention=attention,
+                             logits_chunk_tokens=cfg.logits_chunk_tokens, behaviour_correction=cfg.behaviour_correction,
+                             importance_cap=cfg.importance_cap, should_stop=should_stop)
+    finally:
+        drop_reference_adapter(model)
     return metrics, optimizer
 
 

@@ -78,20 +78,53 @@ def load_policy_model(
     return model.to(device)
 
 
+REFERENCE_ADAPTER = "reference"
+
+
 def reference_logps_fn(model: torch.nn.Module, *, base_model_dir: str | Path, finetune: str, device: torch.device,
-                       attention: str = "sdpa", logits_chunk_tokens: int = 1024):
-    """Return (batch, tree) -> reference response logprobs: the adapter switched off (LoRA) or a frozen base copy."""
+                       attention: str = "sdpa", logits_chunk_tokens: int = 1024, reference_dir: str | Path | None = None):
+    """Return (batch, tree) -> reference response logprobs (call it under no_grad).
+
+    Without ``reference_dir``: the base model, i.e. the adapter switched off (LoRA) or a frozen copy of
+    ``base_model_dir`` (full). With it (``trainer.kl_reference: warm_start``): LoRA loads that adapter beside the
+    policy's on the same base, as peft adapter ``reference``, and switches to it for the reference pass (in eval
+    mode); full loads a frozen copy of that checkpoint. ``drop_reference_adapter`` removes the adapter again."""
     from lightning_core.trainer.grpo import micro_batch_logps
     from lightning_core.trainer.tree_attention import use_flex
 
     kw = dict(attention=attention, logits_chunk_tokens=logits_chunk_tokens)
-    if finetune == "lora":
+    if finetune == "lora" and reference_dir is None:
         def reference(batch, tree):
             with model.disable_adapter():
                 return micro_batch_logps(model, batch, tree, **kw)[0]
         return reference
-    ref = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32).to(device).eval()
+    if finetune == "lora":
+        model.load_adapter(str(reference_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        policy_adapter = model.active_adapter
+
+        def reference_adapter(batch, tree):
+            trainable = [p for p in model.parameters() if p.requires_grad]  # set_adapter moves requires_grad
+            was_training = model.training
+            model.set_adapter(REFERENCE_ADAPTER)
+            model.eval()
+            try:
+                return micro_batch_logps(model, batch, tree, **kw)[0]
+            finally:
+                model.set_adapter(policy_adapter)
+                model.train(was_training)
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                for p in trainable:
+                    p.requires_grad_(True)
+        return reference_adapter
+    ref = AutoModelForCausalLM.from_pretrained(str(reference_dir or base_model_dir), dtype=torch.float32).to(device).eval()
     ref.requires_grad_(False)
     if attention == "flex":
         use_flex(ref)
     return lambda batch, tree: micro_batch_logps(ref, batch, tree, **kw)[0]
+
+
+def drop_reference_adapter(model: torch.nn.Module) -> None:
+    """Remove the ``reference`` adapter ``reference_logps_fn`` loaded, so the version saves the policy's alone."""
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REFERENCE_ADAPTER)

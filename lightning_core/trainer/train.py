@@ -89,6 +89,8 @@ class TrainJob:
     first_step: int                # the MLflow step of this epoch's first training step
     merge_dtype: str | None = None  # merged serving, trained elsewhere: the train host merges in this dtype (set by
                                     # the executor, which knows how vLLM serves)
+    reference_version: str | None = None  # the KL reference's version (trainer.kl_reference: warm_start)
+    reference_dir: str | None = None  # where the KL reference is when not the policy's own base (kl_reference_dir)
 
 
 @dataclass
@@ -140,7 +142,7 @@ def compute_version(job: TrainJob, *, on_step: Callable[[int, dict[str, float]],
             run = run_grpo if cfg.processes == 1 else run_grpo_distributed
         steps, optimizer = run(model, job.samples, cfg=cfg, base_model_dir=job.base_model_dir, device=device, amp=amp,
                                seed=cfg.seed + job.epoch, parent_dir=parent_dir, parent_adapter_dir=job.parent_adapter_dir,
-                               should_stop=should_stop, on_step=on_step)
+                               should_stop=should_stop, on_step=on_step, reference_dir=job.reference_dir)
     if (rank is not None and rank.rank != 0) or all(s.get("skipped") for s in steps):
         return TrainDone(steps=steps, path=None)
     root = Path(cfg.output_dir) / job.policy
@@ -209,8 +211,14 @@ def train_policy(
         counts.update(stale)
     stats.update({k: float(v) for k, v in counts.items()})
     stats["trainable_triplets"] = float(len(samples))
+    stats["mode"] = cfg.mode  # recorded with the version: an SFT version is a warm start (versions.warm_start)
+    reference_version, reference_dir = None, None
     if cfg.mode == "grpo":
         stats["behaviour_correction"] = correction  # recorded with the version
+        reference_version, reference_dir = kl_reference_dir(catalog, cfg, policy=policy, run_id=run_id,
+                                                            parent_version=parent_version, base_model_dir=base_model_dir)
+        stats["kl_reference"] = cfg.kl_reference if cfg.beta != 0.0 else "off"
+        stats["kl_reference_version"] = reference_version
 
     stats["learning_rate"] = learning_rate
     with tracking.start_run(config, run_id=run_id, policy=policy, params=params, lake=catalog.lake_id()) as run:
@@ -233,7 +241,8 @@ def train_policy(
         job = TrainJob(config=config, policy=policy, version=version, run_id=run_id, epoch=epoch, cfg=cfg,
                        samples=samples, base_model_dir=str(base_model_dir), parent_version=parent_version,
                        parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None, parent_state_dir=None,
-                       mlflow_run_id=mlflow_run_id, first_step=first_step)
+                       mlflow_run_id=mlflow_run_id, first_step=first_step, reference_version=reference_version,
+                       reference_dir=reference_dir)
         t0 = time.perf_counter()
         if executor is None:
             done = compute_version(job, on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i),
@@ -284,6 +293,28 @@ def _already_trained(row: dict[str, Any]) -> TrainResult:
     return TrainResult(policy=row["policy"], run_id=row["run_id"], epoch=row["epoch"], version=row["version"],
                        parent_version=row["parent_version"], path=Path(row["path"]), metrics=row["metrics"] or {},
                        mlflow_run_id=row["mlflow_run_id"], registry_version=row["registry_version"], message=message)
+
+
+def kl_reference_dir(catalog: Catalog, cfg: TrainerConfig, *, policy: str, run_id: str, parent_version: str | None,
+                     base_model_dir: str | Path) -> tuple[str | None, str | None]:
+    """The KL reference of a GRPO epoch as (its version, its folder); (None, None) for the policy's base with LoRA (the
+    adapter switched off) and when ``beta`` is 0. ``trainer.kl_reference``: base is the base model (full: the root of
+    the lineage's, not the parent checkpoint ``base_model_dir`` is then); warm_start is ``versions.warm_start``."""
+    if cfg.beta == 0.0:
+        return None, None
+    if cfg.kl_reference == "base":
+        if cfg.finetune == "lora" or parent_version is None:
+            return None, (None if cfg.finetune == "lora" else str(base_model_dir))
+        return None, versions.lineage(catalog, parent_version)[-1]["base_model"]
+    start = versions.warm_start(catalog, version=parent_version, run_id=run_id)
+    if start is None:
+        raise ValueError(
+            f"trainer.kl_reference=warm_start (beta={cfg.beta}): policy {policy!r} has no warm start to take the KL to; "
+            f"expected a version trained by an SFT epoch (trainer.mode sft) or by an earlier run in the lineage of "
+            f"{parent_version or 'its parent'}, found "
+            f"{'no version yet' if parent_version is None else 'only GRPO versions of run ' + repr(run_id)}. Train SFT "
+            "epochs first (e.g. examples/rag/multihop_sft.yaml), or set trainer.kl_reference=base")
+    return start["version"], start["path"]
 
 
 def behaviour_correction(config: ArclightConfig, cfg: TrainerConfig) -> tuple[str, str]:

@@ -51,6 +51,27 @@ def version_row(catalog: Catalog, version: str) -> dict[str, Any]:
     return row
 
 
+def lineage(catalog: Catalog, version: str) -> list[dict[str, Any]]:
+    """The rows of ``version`` and of its ancestors, newest first (``version``'s parent, its parent, ...)."""
+    rows, seen = [], set()
+    while version is not None and version not in seen:
+        seen.add(version)
+        rows.append(version_row(catalog, version))
+        version = rows[-1].get("parent_version")
+    return rows
+
+
+def warm_start(catalog: Catalog, *, version: str | None, run_id: str) -> dict[str, Any] | None:
+    """The version a policy's GRPO started from: the newest in ``version``'s lineage (itself included) trained by an
+    SFT epoch, or by another run than ``run_id`` (the run continued it); None when there is none."""
+    if version is None:
+        return None
+    for row in lineage(catalog, version):
+        if (row.get("metrics") or {}).get("mode") == "sft" or row.get("run_id") != run_id:
+            return row
+    return None
+
+
 def _newest(catalog: Catalog, where: str, params: list[Any]) -> dict[str, Any] | None:
     """The highest-numbered version row that matches ``where``, its metrics parsed; None when none does."""
     with catalog.read(spans=False) as con:
