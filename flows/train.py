@@ -304,13 +304,15 @@ def run_epoch(ctx: RunContext, *, epoch: int | None = None, overlap: bool = True
 
 
 def _record_trained(ctx: RunContext, *, epoch: int, results: list[dict[str, Any]]) -> None:
-    """The epoch's training is done: its new versions, when it ended and the staleness it trained on."""
+    """The epoch's training is done: its new versions, when it ended, the staleness it trained on and the lowest
+    entropy of its policies."""
     for r in results:
         get_run_logger().info(r["message"])
     new = ",".join(r["version"] for r in results if r["version"]) or None
     stale = [r["staleness/max"] for r in results if r.get("staleness/max") is not None]
+    entropy = [r["entropy"] for r in results if r.get("entropy") is not None and r["entropy"] == r["entropy"]]  # not NaN
     ep.set_epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=epoch, status="trained", new_version=new,
-                        train_finished_at=dt.datetime.now(dt.timezone.utc),
+                        train_finished_at=dt.datetime.now(dt.timezone.utc), entropy=min(entropy, default=None),
                         staleness_max=int(max(stale)) if stale else None, **reports.epoch_start_columns(results))
 
 

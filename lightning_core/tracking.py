@@ -2,11 +2,11 @@
 
 Per-step metrics (``loss``, ``kl``, ``clip_ratio``, ``entropy``, ``grad_norm``, ``tokens_per_s``)
 use the global optimizer step; per-epoch metrics (``reward/mean``, ``reward/std``,
-``success_rate``, ``triplets``, ``zero_adv_groups``) use the epoch as step, so the MLflow UI draws
-the reward curve; so do the per-agent metrics ``agent/<name>/{calls,triplets,reward_mean,success_rate}``
-(every agent, frozen ones too, logged to every policy's run). Each epoch adds a reward-curve plot, a
-per-agent plot (``plots/agents.png``), a table of sample trajectories and the checkpoint; each new
-version is registered as ``<project>-<policy>`` with an alias.
+``success_rate``, ``triplets``, ``zero_adv_groups``, ``entropy/epoch_mean`` and the collapse signals of
+``log_epoch_signals``) use the epoch as step, so the MLflow UI draws the reward curve; so do the per-agent
+metrics ``agent/<name>/{calls,triplets,reward_mean,success_rate}`` (every agent, frozen ones too, logged to every
+policy's run). Each epoch adds a reward-curve plot, a per-agent plot (``plots/agents.png``), a table of sample
+trajectories and the checkpoint; each new version is registered as ``<project>-<policy>`` with an alias.
 
 MLflow is not the lake's alone: a store outlives ``rm -rf .arclight`` (``mlflow.db`` sits beside it), and one tracking
 server may serve several users of one project. So each run, model version and trace Arclight makes carries the lake's
@@ -239,6 +239,39 @@ def log_agent_epochs(config, rows: list[dict[str, Any]], *, epoch: int, lake: st
                              for k in ("calls", "triplets", "reward_mean", "success_rate") if r[k] is not None}, step=epoch)
             mlflow.log_figure(fig, "plots/agents.png")
     plt.close(fig)
+
+
+SIGNALS = ("zero_variance_groups", "reward_spread", "tool_calls_per_rollout")  # sql/epoch_signals.sql's columns
+
+
+def signal_metrics(rows: list[dict[str, Any]], *, policy: str) -> dict[str, float]:
+    """A policy's collapse signals of one epoch (``sql/epoch_signals.sql``'s rows) as MLflow metrics: ``SIGNALS`` over
+    all its rollouts, and per value of ``rollouts.metrics_by`` the same and ``reward/mean`` under
+    ``<metric>/<field>_<value>`` (``tool_calls_per_rollout/hops_2``: MLflow keys take no '=')."""
+    import re
+
+    metrics: dict[str, float] = {}
+    for row in (r for r in rows if r["policy"] == policy):
+        if row["slice"] == "all":
+            metrics.update({name: row[name] for name in SIGNALS})
+        else:
+            key = re.sub(r"[^\w\-. ]", "_", row["slice"])
+            metrics.update({f"{name}/{key}": row[name] for name in SIGNALS})
+            metrics[f"reward/mean/{key}"] = row["reward_mean"]
+    return metrics
+
+
+def log_epoch_signals(config, rows: list[dict[str, Any]], *, epoch: int, lake: str) -> None:
+    """Log each policy's collapse signals of ``epoch`` (``signal_metrics``, step = epoch) to its MLflow run (of the
+    lake ``lake``)."""
+    for policy in config.policies:
+        metrics = signal_metrics(rows, policy=policy.name)
+        if not metrics:
+            continue
+        with start_run(config, run_id=config.run_name, policy=policy.name, params={}, lake=lake) as run:
+            logged = MlflowClient().get_metric_history(run.info.run_id, "zero_variance_groups")
+            if all(m.step != epoch for m in logged):  # a resumed epoch publishes its report again
+                log_metrics(metrics, step=epoch)
 
 
 def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str, Any]], *, lake: str) -> None:

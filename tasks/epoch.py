@@ -107,7 +107,7 @@ def triplets(ctx: RunContext, *, run_id: str, epoch: int) -> dict[str, Any]:
     return {"spans": report.spans, "llm_calls": report.llm_calls, "policies": rows, "seconds": report.seconds,
             "silences": silences, "informative_groups": report.informative_groups, "span_versions": report.span_versions,
             "output_versions": report.output_versions, "span_files": report.span_files,
-            "agents": agents}
+            "agents": agents, "signals": [row for p in report.policies for row in p.signals]}
 
 
 # log_prints off: the trainer's libraries print to a stdout they capture themselves (dill disassembles a function
@@ -121,7 +121,7 @@ def train(ctx: RunContext, *, run_id: str, epoch: int, abandon: threading.Event 
     return [
         {"policy": r.policy, "version": r.version, "parent_version": r.parent_version, "message": r.message,
          **{k: r.metrics.get(k) for k in ("reward/mean", "loss", "kl", "clip_ratio", "grad_norm", "tokens_per_s",
-                                          "staleness/max", "train_time_s", "logprob_gap/epoch_start_mean",
+                                          "staleness/max", "train_time_s", "entropy", "logprob_gap/epoch_start_mean",
                                           "logprob_gap/epoch_start_max", "clip_ratio/epoch_start",
                                           "clip_ratio/epoch_start_ppo_equivalent",
                                           "behaviour_weight/epoch_start_capped", "behaviour_weight/epoch_start_mean",
@@ -201,6 +201,8 @@ def publish_epoch_report(ctx: RunContext, *, run_id: str, epoch: int) -> None:
             lines.append(f"| {a['agent_name'] or '(no agent)'} | {a['policy'] or 'frozen'} | {a['calls']} | {a['triplets']} "
                          f"| {reward} | {success} |")
     tracking.log_agent_epochs(config, agents, epoch=epoch, lake=ctx.catalog.lake_id())
+    signals = next((r["signals"] for r in rows if r["epoch"] == epoch), [])
+    tracking.log_epoch_signals(config, signals, epoch=epoch, lake=ctx.catalog.lake_id())
     lines += ["", f"MLflow: `{config.mlflow_uri}` · lake: `{config.lake.path}` · state tables: `{ctx.catalog.state_root}`"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(run_id, "report"), description="Reward per epoch")
 

@@ -165,6 +165,7 @@ def print_summary(config: ArclightConfig, *, console: Console, log_file: Path | 
     print_table(console, table)
     if gap:
         _print_correction(rows, console=console)
+    _print_signals(rows, console=console)
     from lightning_core.epoch.failures import describe_incidents
 
     for r in rows:
@@ -254,6 +255,37 @@ def _print_validation(ctx: RunContext, rows: list[dict[str, Any]], *, console: C
     if scores:
         console.print(escape(validation.describe(scores, config=ctx.config, newest=newest)), soft_wrap=True,
                       highlight=False)
+
+
+def _print_signals(rows: list[dict[str, Any]], *, console: Console) -> None:
+    """A table of what shows a collapse before the score falls, per epoch (and policy, when there are several): the
+    share of zero-variance groups, the spread of returns within groups, the policy's entropy on its sampled tokens
+    (the lowest of the epoch's policies) and tool calls per rollout, with reward and tool calls by the values of
+    ``rollouts.metrics_by`` (sql/epoch_signals.sql; docs/config.md#collapse-signals)."""
+    shown = [r for r in rows if r["signals"] or r["entropy"] is not None]
+    if not shown:
+        return
+    policies = sorted({s["policy"] for r in shown for s in r["signals"]})
+    fields = sorted({s["slice"].split("=", 1)[0] for r in shown for s in r["signals"] if s["slice"] != "all"})
+    table = Table(title="collapse signals")
+    for column in ("epoch", *(["policy"] if len(policies) > 1 else []), "zero-variance groups", "reward spread",
+                   "entropy", "tool calls / rollout", *(f"by {f}: reward, tool calls" for f in fields)):
+        table.add_column(column)
+
+    def number(value: float | None, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    for r in shown:
+        for policy in policies or [None]:
+            mine = [s for s in r["signals"] if s["policy"] == policy]
+            whole = next((s for s in mine if s["slice"] == "all"), {})
+            by = [" · ".join(f"{s['slice'].split('=', 1)[1]}: {number(s['reward_mean'], '.3f')}, "
+                             f"{number(s['tool_calls_per_rollout'], '.2f')}"
+                             for s in mine if s["slice"].startswith(f"{f}=")) for f in fields]
+            table.add_row(str(r["epoch"]), *([policy] if len(policies) > 1 else []),
+                          number(whole.get("zero_variance_groups"), ".0%"), number(whole.get("reward_spread"), ".3f"),
+                          number(r["entropy"], ".3f"), number(whole.get("tool_calls_per_rollout"), ".2f"), *by)
+    print_table(console, table)
 
 
 def _print_agents(ctx: RunContext, *, console: Console) -> None:

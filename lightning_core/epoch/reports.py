@@ -40,7 +40,8 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
                    any_value(e.ppo_clipped_first) AS ppo_clipped_first,
                    any_value(e.behaviour_capped_first) AS behaviour_capped_first,
                    any_value(e.behaviour_weight_first) AS behaviour_weight_first,
-                   any_value(e.traces) AS traces
+                   any_value(e.traces) AS traces, any_value(e.entropy) AS entropy,
+                   any_value(json_extract(e.stats, '$.signals')) AS signals
             FROM epochs e LEFT JOIN rollouts r ON r.run_id = e.run_id AND r.epoch = e.epoch AND r.mode = 'train'
             WHERE e.run_id = ?
             GROUP BY ALL ORDER BY e.epoch
@@ -50,11 +51,12 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
     keys = ("epoch", "status", "policy_version", "new_version", "tasks_sampled", "informative_groups", "reward_mean",
             "succeeded", "failed", "timed_out", "rollouts", "infra_retried", "infra_left_out", "incidents", "staleness_max",
             "logprob_gap_mean", "logprob_gap_max", "clipped_first", "behaviour_correction", "ppo_clipped_first",
-            "behaviour_capped_first", "behaviour_weight_first", "traces")
+            "behaviour_capped_first", "behaviour_weight_first", "traces", "entropy", "signals")
     rows = [dict(zip(keys, row)) for row in rows]
     for row in rows:
         row["incidents"] = json.loads(row["incidents"]) if row["incidents"] else {}
         row["traces"] = json.loads(row["traces"]) if row["traces"] else None
+        row["signals"] = json.loads(row["signals"]) if row["signals"] else []  # sql/epoch_signals.sql's rows
     return rows
 
 

@@ -134,6 +134,9 @@ ALTER TABLE epochs ADD COLUMN IF NOT EXISTS ppo_clipped_first DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_capped_first DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_weight_first DOUBLE;
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS behaviour_correction VARCHAR;  -- ppo | decoupled (the versions' own)
+-- Collapse signals (issue 70): the policy's mean entropy per sampled response token over the epoch's GRPO steps (the
+-- lowest over its policies); the lake-side signals (sql/epoch_signals.sql) are in stats.signals
+ALTER TABLE epochs ADD COLUMN IF NOT EXISTS entropy DOUBLE;
 -- The epoch's rollouts as MLflow traces (issue 54): published, already there, left by the time budget, seconds, error
 ALTER TABLE epochs ADD COLUMN IF NOT EXISTS traces JSON;
 -- Per-agent reporting (issue 18): one row per (run, epoch, agent) of the training rollouts, replaced

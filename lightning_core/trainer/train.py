@@ -253,6 +253,8 @@ def train_policy(
         stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
         tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps", *EPOCH_START.values())
                               if k in stats and math.isfinite(stats[k])}, step=epoch)
+        # the policy's mean entropy per sampled token over the epoch's steps: per step it is `entropy`
+        tracking.log_metrics({"entropy/epoch_mean": stats["entropy"]}, step=epoch)
         if stats["optimizer_steps"] == 0:
             message = (f"policy {policy!r} epoch {epoch}: all {len(steps)} steps were skipped (non-finite loss "
                        "or gradients); no new version")
