@@ -291,3 +291,64 @@ def test_after_max_searches_the_agent_is_offered_only_the_answer_tool(small_worl
     assert max_searches({}) is None  # no limit unless the config sets one (config.yaml's one-hop default)
     unlimited = build_agent(Retriever(folder), Trace(queries=["q"] * 9), model="m", temperature=0.0, max_tokens=8, k=1)
     assert sorted(t.name for t in asyncio.run(unlimited.get_all_tools(RunContextWrapper(context=None)))) == ["answer", "search"]
+
+
+def test_each_search_reports_its_information_gain_on_its_own_tool_span(monkeypatch):
+    """rag_entry.search_rewarder: +1 per gold chain document not seen before in the rollout, -0.5 per document seen
+    again, as arclight.tool.reward on the search's tool span, which the pipeline charges to the call that wrote it.
+    The model is a script of four tool calls (what it says does not matter here); the Agents SDK, its OpenInference
+    instrumentation and the tool are the real ones."""
+    import asyncio
+
+    from agents import ModelResponse, Runner, Usage, set_trace_processors
+    from agents.models.interface import Model
+    from openai.types.responses import ResponseFunctionToolCall
+    from openinference.instrumentation.openai_agents import OpenAIAgentsInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from rag_agent import Trace, build_agent
+    from rag_entry import information_gain, search_rewarder
+    from retriever import Hit
+
+    seen: set[str] = set()
+    assert information_gain(["Bex Mills"], chain=["Bex Mills", "Ola Drent"], seen=seen) == 1.0
+    assert information_gain(["Bex Mills", "Tamvik"], chain=["Bex Mills", "Ola Drent"], seen=seen) == -0.5  # -0.5 + 0
+    assert information_gain(["Ola Drent"], chain=["Bex Mills", "Ola Drent"], seen=seen) == 1.0
+    assert information_gain([], chain=["Bex Mills"], seen=seen) == 0.0 and seen == {"Bex Mills", "Tamvik", "Ola Drent"}
+
+    class Script(Model):
+        def __init__(self, calls):
+            self.calls = list(calls)
+
+        async def get_response(self, *args, **kwargs):
+            name, arguments = self.calls.pop(0)
+            call = ResponseFunctionToolCall(type="function_call", call_id=f"c{len(self.calls)}", name=name,
+                                            arguments=json.dumps(arguments))
+            return ModelResponse(output=[call], usage=Usage(), response_id=None)
+
+        def stream_response(self, *args, **kwargs):
+            raise NotImplementedError
+
+    class ByTitle:  # a search returns the document titled as its query
+        def search(self, query, k):
+            return [Hit(query, query, f"{query} is in the encyclopedia.", 1.0)]
+
+    monkeypatch.setenv("OPENAI_API_KEY", "x")  # build_agent makes a client; the script stands in for it
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    set_trace_processors([])  # nothing to OpenAI's servers
+    OpenAIAgentsInstrumentor().instrument(tracer_provider=provider)
+    try:
+        agent = build_agent(ByTitle(), Trace(), model="m", temperature=0.0, max_tokens=8, k=1,
+                            on_search=search_rewarder({"chain": ["Bex Mills", "Ola Drent"]}))
+        agent.model = Script([("search", {"query": "Bex Mills"}), ("search", {"query": "Bex Mills"}),
+                              ("search", {"query": "Tamvik"}), ("search", {"query": "Ola Drent"}),
+                              ("answer", {"answer": "Sorbdal"})])
+        asyncio.run(Runner.run(agent, "Where was the founder of Bex Mills born?", max_turns=6))
+    finally:
+        OpenAIAgentsInstrumentor().uninstrument()
+    tools = [(s.name, s.attributes.get("arclight.tool.reward")) for s in exporter.get_finished_spans()
+             if s.attributes.get("openinference.span.kind") == "TOOL"]
+    assert tools == [("search", 1.0), ("search", -0.5), ("search", 0.0), ("search", 1.0), ("answer", None)]

@@ -22,12 +22,13 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agents import (Agent, MaxTurnsExceeded, ModelBehaviorError, ModelSettings, OpenAIChatCompletionsModel, Runner,
                     StopAtTools, function_tool)
 from openai import AsyncOpenAI
-from retriever import Retriever
+from retriever import Hit, Retriever
 
 SYSTEM = (
     "You answer questions about people, companies, cities and countries by searching an encyclopedia. "
@@ -84,9 +85,10 @@ def example_items() -> list[dict]:
 
 
 def build_agent(retriever: Retriever, trace: Trace, *, model: str, temperature: float, max_tokens: int, k: int,
-                max_searches: int | None = None) -> Agent:
+                max_searches: int | None = None, on_search: Callable[[str, list[Hit]], None] | None = None) -> Agent:
     """The agent; after ``max_searches`` searches (None: no limit) ``answer`` is the only tool it is offered, so its
-    next reply is the answer, whatever it read last."""
+    next reply is the answer, whatever it read last. ``on_search(query, hits)`` runs inside each search, while its
+    tool span is the current span (how rag_entry.py records the search's own reward on it)."""
 
     def may_search(_ctx, _agent) -> bool:
         return max_searches is None or len(trace.queries) < max_searches
@@ -98,6 +100,8 @@ def build_agent(retriever: Retriever, trace: Trace, *, model: str, temperature: 
         trace.queries.append(query)
         trace.found.append([h.title for h in hits])
         trace.texts += [h.text for h in hits]
+        if on_search is not None:
+            on_search(query, hits)
         if not hits:
             raise LookupError(f"no document matches {query!r}: search for a name from the question or a result")
         lines = [f"[{i}] {h.title}: {h.text}" for i, h in enumerate(hits, 1)]
@@ -119,12 +123,13 @@ def build_agent(retriever: Retriever, trace: Trace, *, model: str, temperature: 
 
 
 async def solve(question: str, retriever: Retriever, *, model: str, temperature: float = 1.0, max_tokens: int = 64,
-                max_turns: int = 4, k: int = 1, max_searches: int | None = None) -> Trace:
+                max_turns: int = 4, k: int = 1, max_searches: int | None = None,
+                on_search: Callable[[str, list[Hit]], None] | None = None) -> Trace:
     """Run the agent on ``question``; the trace says what it searched, found and answered (``answer`` None when it
     gave none within ``max_turns`` model calls). With ``max_searches`` below ``max_turns`` it always answers."""
     trace = Trace()
     agent = build_agent(retriever, trace, model=model, temperature=temperature, max_tokens=max_tokens, k=k,
-                        max_searches=max_searches)
+                        max_searches=max_searches, on_search=on_search)
     try:
         await Runner.run(agent, [*example_items(), {"role": "user", "content": question}], max_turns=max_turns)
     except (MaxTurnsExceeded, ModelBehaviorError):  # no answer in time, or a reply that is no tool call

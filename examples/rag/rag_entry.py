@@ -7,7 +7,10 @@ Arclight's collector with the rollout's context. This wrapper
    each model call and each tool call become spans; the agent's name (``researcher``) names the policy's calls;
 2. points the OpenAI environment variables at the rollout's gateway URL;
 3. scores the answer (``reward.py``) and records what the agent did on the rollout's span (``rag.*``: searches,
-   whether the gold chain's documents were found, whether the answer is grounded in a retrieved document).
+   whether the gold chain's documents were found, whether the answer is grounded in a retrieved document);
+4. gives each search its own reward, its information gain (``information_gain``), on its tool span as
+   ``arclight.tool.reward``: the pipeline charges it to the model call that wrote the search, and
+   ``pipeline.advantage: turn`` credits that call with it (docs/config.md, "Turn-level advantages").
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from pathlib import Path
 from agents import set_trace_processors
 from openinference.instrumentation.openai_agents import OpenAIAgentsInstrumentor
 from opentelemetry import trace as otel_trace
+
+from lightning_core.semconv import TOOL_REWARD
 from rag_agent import solve
 from retriever import DEFAULT_INDEX, Retriever, is_built
 from reward import exact_match, f1, format_ok, reward
 
 HERE = Path(__file__).resolve().parent
+NEW_CHAIN_DOC_GAIN = 1.0  # a search's reward for each gold chain document it returned that this rollout had not seen
+REREAD_PENALTY = -0.5  # and for each document it returned that this rollout had already seen (StepSearch's redundancy)
 
 
 @lru_cache(maxsize=2)
@@ -51,8 +58,29 @@ def run(task: dict, ctx, **attributes) -> float:
     r = ctx.resources
     trace = asyncio.run(solve(task["question"], retriever_of(ctx), model=ctx.model, temperature=ctx.temperature,
                               max_tokens=int(r.get("max_tokens", 64)), max_turns=int(r.get("max_turns", 4)),
-                              k=int(r.get("k", 1)), max_searches=max_searches(r)))
+                              k=int(r.get("k", 1)), max_searches=max_searches(r), on_search=search_rewarder(task)))
     return score(task, trace, chain_doc_bonus=chain_doc_bonus(ctx), **attributes)
+
+
+def information_gain(titles: list[str], *, chain: list[str], seen: set[str]) -> float:
+    """One search's own reward: ``NEW_CHAIN_DOC_GAIN`` for each document of the question's gold ``chain`` among
+    ``titles`` that is not in ``seen``, ``REREAD_PENALTY`` for each title already in ``seen`` (any document: reading
+    it again gains nothing), 0 for other new documents; adds ``titles`` to ``seen``."""
+    gain = sum(REREAD_PENALTY if t in seen else NEW_CHAIN_DOC_GAIN if t in chain else 0.0 for t in titles)
+    seen.update(titles)
+    return gain
+
+
+def search_rewarder(task: dict):
+    """The ``on_search`` of one rollout: each search's information gain, set on its tool span (the current span
+    inside the tool) as ``arclight.tool.reward``."""
+    seen: set[str] = set()
+
+    def on_search(_query: str, hits) -> None:
+        gain = information_gain([h.title for h in hits], chain=task.get("chain", []), seen=seen)
+        otel_trace.get_current_span().set_attribute(TOOL_REWARD, gain)
+
+    return on_search
 
 
 def chain_doc_bonus(ctx) -> float:
