@@ -353,9 +353,8 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, ep
         if every and config.evaluation.at_start and ep.next_epoch(ctx.catalog, run_id=ctx.run_id) == 0:
             run_evaluation(ctx, tasks=config.evaluation.tasks)
         start = ep.next_epoch(ctx.catalog, run_id=ctx.run_id)
-        if ep.epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=start) is None and \
-                validation.due(config, completed=start, target=target):
-            run_validation(ctx)  # the start, or a resumed run's due version (a version scored before is reused)
+        if config.rollouts.validate_every and ep.epoch_status(ctx.catalog, run_id=ctx.run_id, epoch=start) is None:
+            run_validation(ctx)  # the version this call starts from (an SFT warm start; one scored before is reused)
         while (next_epoch := ep.next_epoch(ctx.catalog, run_id=ctx.run_id)) < target:
             run_epoch(ctx, epoch=next_epoch, overlap=next_epoch + 1 < target)
             if every and ((next_epoch + 1) % every == 0 or next_epoch + 1 == target):

@@ -445,8 +445,8 @@ class RolloutsConfig(Section):
         None, ge=1, description="Training tasks held out of every epoch's draw (seeded by rollouts.seed, balanced by "
         "balance_by) as a validation split, scored every validate_every epochs; never rollouts.eval_dataset.")
     validate_every: int | None = Field(
-        None, ge=0, description="Score the version trained so far greedily on the validation split before the first "
-        "epoch, after every N epochs and after the last; the best validated version is the run's result (served at "
+        None, ge=0, description="Score the versions serving greedily on the validation split: the version each `train` "
+        "call starts from (an SFT warm start), after every N-th epoch and after the last; the best validated version is the run's result (served at "
         "its end, and by `arclight evaluate`), while training continues from the newest. None or 0 = off.")
     group_size: int = Field(8, ge=1, description="Rollouts per task (the GRPO group).")
     eval_tasks: int | None = Field(None, ge=1, description="Cap on held-out tasks evaluated; None = all.")

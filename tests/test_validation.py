@@ -40,7 +40,7 @@ def _validated(ctx, *, trained: int, versions: dict[str, str], rewards: list[flo
     reports.record_eval(ctx, epoch=epoch, label=label, run_id=run)
 
 
-def test_validation_is_due_before_the_first_epoch_every_nth_and_after_the_last():
+def test_validation_is_due_every_nth_epoch_and_after_the_last():
     config = load_config(None, overrides=["rollouts.validation_tasks=2", "rollouts.validate_every=2"])
     assert [n for n in range(8) if validation.due(config, completed=n, target=7)] == [0, 2, 4, 6, 7]
     assert not any(validation.due(load_config(None), completed=n, target=7) for n in range(8))  # off by default

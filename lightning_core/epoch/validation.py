@@ -25,8 +25,8 @@ def run_id(config: ArclightConfig) -> str:
 
 
 def due(config: ArclightConfig, *, completed: int, target: int) -> bool:
-    """Whether the version after ``completed`` epochs is validated: before the first, every ``validate_every``-th,
-    and after the last (``target``)."""
+    """Whether the version after ``completed`` epochs is validated: every ``validate_every``-th and after the last
+    (``target``). The version a ``train`` call starts from is validated too (``flows.train.train``)."""
     every = config.rollouts.validate_every
     return bool(every) and (completed == 0 or completed % every == 0 or completed == target)
 
