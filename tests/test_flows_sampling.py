@@ -128,7 +128,7 @@ def test_train_evaluates_every_k_epochs_and_shows_the_learning_curve(
     assert [m.step for m in history] == [0, 2, 3]
     assert [m.value for m in history] == pytest.approx([c["success_rate"] for c in curve])
     assert "plots/eval_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    scores = client.get_metric_history(run.info.run_id, "validation_reward")
+    scores = sorted(client.get_metric_history(run.info.run_id, "validation_reward"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in scores] == [(v["after_epochs"], pytest.approx(v["reward_mean"])) for v in validated]
     assert client.get_run(run.info.run_id).data.tags["validation_best_version"] == best["label"]
     console = Console(record=True, width=200)
