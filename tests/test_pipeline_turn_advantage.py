@@ -10,6 +10,7 @@ import math
 import pytest
 
 from lightning_core import analyst
+from lightning_core.pipeline.traces import rollout_traces
 from lightning_core.pipeline.triplets import materialize_triplets
 from lightning_core.store.outputs import load_triplets
 from tests.conftest import make_config
@@ -85,6 +86,12 @@ def test_turn_advantage_adds_the_weighted_step_reward_normalised_over_the_groups
         shown = con.sql("SELECT rollout_advantage, turn_advantage FROM triplets WHERE rollout_id = 'B' AND turn_index = 1"
                         ).fetchall()
     assert shown == [(pytest.approx(A_ROLLOUT["B"]), pytest.approx(LOW))]
+    # and each LLM span of the rollout's MLflow trace carries them (lightning_core.pipeline.traces, what epoch/traces.py
+    # publishes)
+    b = next(r for r in rollout_traces(cfg, run_id="r1", epoch=0) if r.rollout_id == "B")
+    on_spans = [(s.attributes["arclight.rollout_advantage"], s.attributes["arclight.turn_advantage"],
+                 s.attributes["arclight.advantage"]) for s in b.spans if s.kind == "LLM"]
+    assert on_spans == [(t["B", i]["rollout_advantage"], t["B", i]["turn_advantage"], t["B", i]["advantage"]) for i in (0, 1)]
 
 
 def test_rollout_advantage_is_unchanged_by_tool_rewards_and_is_every_calls_advantage(tmp_path):
