@@ -96,3 +96,24 @@ def test_entropy_of_the_sampled_positions_is_log_v_for_a_uniform_policy_and_zero
     _, entropy = token_logps(rows, torch.zeros(5, dtype=torch.long), head=head, chunk_tokens=2, with_entropy=True)
     assert entropy.tolist() == pytest.approx([0.0] * 5, abs=1e-6)
     assert not entropy.requires_grad
+
+
+def test_signal_metrics_name_each_value_of_the_task_field_in_keys_mlflow_accepts():
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    from lightning_core.tracking import signal_metrics
+
+    def row(policy, slice_, value):
+        return {"policy": policy, "slice": slice_, "zero_variance_groups": value, "reward_spread": value / 2,
+                "reward_mean": value / 4, "tool_calls_per_rollout": value * 2}
+
+    rows = [row("default", "all", 0.5), row("default", "hops=2", 1.0), row("default", "kind=a/b?", 0.0),
+            row("other", "all", 0.1)]
+    metrics = signal_metrics(rows, policy="default")
+    assert metrics == {
+        "zero_variance_groups": 0.5, "reward_spread": 0.25, "tool_calls_per_rollout": 1.0,
+        "zero_variance_groups/hops_2": 1.0, "reward_spread/hops_2": 0.5, "tool_calls_per_rollout/hops_2": 2.0,
+        "reward/mean/hops_2": 0.25,
+        "zero_variance_groups/kind_a_b_": 0.0, "reward_spread/kind_a_b_": 0.0, "tool_calls_per_rollout/kind_a_b_": 0.0,
+        "reward/mean/kind_a_b_": 0.0}
+    assert all(validate_param_and_metric_name(key) for key in metrics)
