@@ -38,9 +38,9 @@ rewarded_tools AS (
 ),
 charged AS (
     -- the spans charged to the call that caused them (a failed tool call with a reward is one span)
-    SELECT * FROM innermost_failures
+    SELECT node, grp, agent_name, start_ns FROM innermost_failures
     UNION
-    SELECT * FROM rewarded_tools
+    SELECT node, grp, agent_name, start_ns FROM rewarded_tools
 ),
 policy_calls AS (
     SELECT grp, coalesce(agent_name, '') AS agent_key, end_ns, call_key FROM calls WHERE NOT in_reward

@@ -211,8 +211,15 @@ def test_one_epoch_of_the_agents_sdk_retrieval_agent_trains_the_researcher(
             "SELECT attributes->>'rag.searches', attributes->>'rag.f1' FROM spans WHERE run_id = ? AND epoch = 0 "
             "AND attributes->>'rag.searches' IS NOT NULL", [run]).fetchall()
         agents = con.execute("SELECT DISTINCT agent_name FROM llm_calls WHERE run_id = ? AND epoch = 0", [run]).fetchall()
+        # each search's information gain, on its tool span, charged to the researcher's call that wrote it
+        rewarded = con.execute("SELECT count(*) FROM spans WHERE run_id = ? AND epoch = 0 "
+                               "AND attributes->>'arclight.tool.reward' IS NOT NULL", [run]).fetchall()[0][0]
+        charged = con.execute("SELECT count(*), count(c.call_key) FROM rewards r LEFT JOIN llm_calls c "
+                              "ON c.rollout_id = r.rollout_id AND c.call_key = r.caused_by_call AND c.agent_name = 'researcher' "
+                              "WHERE r.run_id = ? AND r.epoch = 0 AND r.kind = 'tool_reward'", [run]).fetchall()[0]
     triplets = load_triplets(cfg, run_id=run, epoch=0, policy="researcher").to_pylist()
     assert len(outcomes) == 6  # what each rollout searched and scored, on its span
+    assert rewarded == sum(int(searches) for searches, _ in outcomes) and charged == (rewarded, rewarded)
     assert agents == [("researcher",)] and len(triplets) == len(gateway) >= 6
     for t in triplets:
         assert t["agent_name"] == "researcher" and t["response_token_ids"] == gateway[t["response_id"]]
