@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
         outcome[name][kind] += 1
     total = sum(sum(times) for times in per_file.values())
+    if not cases:
+        print(f"{args.junit}: no test ran (a collection error stops pytest before any test: see its output above)")
+        return 0
     print(f"| file | tests | seconds | share | not passed |\n|---|---|---|---|---|")
     for name, times in sorted(per_file.items(), key=lambda kv: -sum(kv[1])):
         bad = ", ".join(f"{n} {k}" for k, n in outcome[name].items() if k != "passed")
