@@ -274,6 +274,14 @@ def test_an_sft_epoch_of_the_multihop_warm_start_trains_on_the_oracles_traces_as
     assert len(taught) == hops + 2  # a search per hop and the answer, for each of the two questions
     for t in taught:  # what SFT trains on is what the model wrote, token for token as the gateway recorded it
         assert t["response_token_ids"] == gateway[t["response_id"]] and t["reward"] == pytest.approx(1.0)
+    # each oracle search found the next document of its chain: information gain +1 on its tool span, charged to the
+    # researcher's call that wrote it (sql/rewards.sql, kind tool_reward)
+    with Catalog.from_config(cfg).read() as con:
+        gains = con.execute(
+            "SELECT r.rollout_id, r.value, c.agent_name FROM rewards r LEFT JOIN llm_calls c "
+            "ON c.rollout_id = r.rollout_id AND c.call_key = r.caused_by_call "
+            "WHERE r.run_id = ? AND r.kind = 'tool_reward'", [run]).fetchall()
+    assert sorted((v, a) for r, v, a in gains if r in {r for r, *_ in oracle}) == [(1.0, "researcher")] * hops
     assert row["new_version"] == "researcher-v1"
 
 

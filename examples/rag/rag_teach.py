@@ -27,7 +27,7 @@ import dataclasses
 
 from agents import MaxTurnsExceeded, ModelBehaviorError, Runner
 from rag_agent import Trace, build_agent, example_items
-from rag_entry import prepare, retriever_of, score
+from rag_entry import prepare, retriever_of, score, search_rewarder
 from rag_entry import run as sample
 from retriever import Retriever
 
@@ -45,7 +45,8 @@ async def teach(task: dict, retriever: Retriever, *, model: str, max_tokens: int
     """Run the agent with every reply constrained to the oracle's next call; the trace of what it did."""
     calls = plan(task, retriever, k=k)
     trace = Trace()
-    agent = build_agent(retriever, trace, model=model, temperature=0.0, max_tokens=max_tokens, k=k)
+    agent = build_agent(retriever, trace, model=model, temperature=0.0, max_tokens=max_tokens, k=k,
+                        on_search=search_rewarder(task))  # its searches report their information gain, as the agent's do
     agent.model_settings = dataclasses.replace(agent.model_settings, parallel_tool_calls=False)
     tools = {tool.name: tool for tool in agent.tools}
     schemas = {name: copy.deepcopy(tool.params_json_schema) for name, tool in tools.items()}
