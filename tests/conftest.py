@@ -38,16 +38,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every integration test goes to one lane, in file
     order, so no two heavy tests (vLLM, a training run, the hosts test at 15.6 GiB) ever run at once and the session's
     servers start once; the unit tests run in the other lane beside them, on the CPU the heavy lane leaves idle (43%
-    of a 2-core machine's, measured by vmstat over a whole run)."""
+    of a 2-core machine's, measured by vmstat over a whole run).
+
+    The integration lane starts first (it is the run's critical path) and opens with the hosts test, before any
+    session server holds memory: in file order it came after the session's vLLMs and the unit lane's workers had
+    taken about 6 GiB, and Ray's memory monitor killed a train rank at 22.4 of 23.5 GB (CI, 2026-11-28)."""
     for item in items:
         if item.get_closest_marker("integration") is not None:
             item.add_marker(pytest.mark.xdist_group("integration"))
+    items.sort(key=_lane_order)  # stable: file order otherwise
     unmarked = [item.nodeid for item in items if item.get_closest_marker("integration") is None
                 and any(_uses_the_sessions(item, name) for name in SERVER_FIXTURES)]
     if unmarked:
         raise pytest.UsageError(f"{len(unmarked)} test(s) use a server fixture ({', '.join(sorted(SERVER_FIXTURES))}) "
                                 f"but are not marked integration: {', '.join(unmarked)}. Add "
                                 "@pytest.mark.integration (or pytestmark) so `make test-fast` does not start them")
+
+
+FIRST_IN_THE_INTEGRATION_LANE = ("tests/test_hosts.py",)
+
+
+def _lane_order(item: pytest.Item) -> tuple[int, int]:
+    """Integration tests before the others, and the memory-hungriest of them first (see above)."""
+    integration = item.get_closest_marker("integration") is not None
+    first = item.nodeid.split("::")[0] in FIRST_IN_THE_INTEGRATION_LANE
+    return (0 if integration else 1, 0 if first else 1)
 
 
 def _uses_the_sessions(item: pytest.Item, name: str) -> bool:
