@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,8 +12,10 @@ import time
 
 import mlflow
 import pytest
+from rich.console import Console
 
 from lightning_core import analyst
+from lightning_core.cli.progress import print_summary
 from lightning_core.store.catalog import Catalog
 from lightning_core.common.services import free_port
 from tests.conftest import REPO, make_config
@@ -60,14 +64,16 @@ def test_two_epochs_chain_policy_versions_and_record_failures(
 ):
     from flows.train import train_epoch
 
-    questions = [{"id": f"q{i}", "question": f"Say the word {w}.", "target": w} for i, w in enumerate(["xyzzy", "plugh", "qwfp"])]
+    questions = [{"id": f"q{i}", "question": f"Say the word {w}.", "target": w, "hops": hops}
+                 for i, (w, hops) in enumerate([("xyzzy", 1), ("plugh", 2), ("qwfp", 2)])]
     odd = [{"id": "boom", "behavior": "raise", "question": "", "target": ""},
            {"id": "stuck", "behavior": "hang", "question": "", "target": ""},
            {"id": "quiet", "behavior": "silent", "question": "", "target": ""}]
     dataset = _dataset(tmp_path / "tasks.jsonl", questions + odd)
     overrides = _overrides(tmp_path, vllm_server=vllm_server, collector=collector, collector_config=collector_config,
                            tiny_model_dir=tiny_model_dir,
-                           dataset=dataset, **{"rollouts.timeout_s": "15", "rollouts.group_size": "2"})
+                           dataset=dataset, **{"rollouts.timeout_s": "15", "rollouts.group_size": "2",
+                                               "rollouts.metrics_by": "hops"})
     cfg = make_config(tmp_path, *overrides)
     # an analyst in another process holds one connection for the whole two-epoch run, polling
     polls_path = tmp_path / "analyst.jsonl"
@@ -124,6 +130,39 @@ def test_two_epochs_chain_policy_versions_and_record_failures(
     runs = client.search_runs([experiment.experiment_id])
     history = [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "reward/mean")]
     assert sorted(set(history)) == [0, 1]
+
+    # the collapse signals (issue 70): in each epoch's row, in MLflow at step = epoch, and in the run's summary
+    with catalog.read(spans=False) as con:
+        kept = con.execute("SELECT epoch, entropy, stats FROM epochs WHERE run_id='flowrun' ORDER BY epoch").fetchall()
+    [run] = [r for r in runs if r.data.tags.get("arclight.policy") == POLICY]
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    logged = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+              for key in ("zero_variance_groups", "reward_spread", "tool_calls_per_rollout", "entropy/epoch_mean",
+                          "tool_calls_per_rollout/hops_1", "reward/mean/hops_2")}
+    for epoch, entropy, stats in kept:
+        signals = {s["slice"]: s for s in json.loads(stats)["signals"]}
+        assert sorted(signals) == ["all", "hops=1", "hops=2"]  # the odd tasks made no call: no triplet, no slice
+        assert (signals["hops=1"]["groups"], signals["hops=2"]["groups"], signals["all"]["rollouts"]) == (1, 2, 6)
+        # the agent's rewards differ by 0.01 per sample at least: no group is all-equal, none spreads less than 0.005
+        assert signals["all"]["zero_variance_groups"] == 0.0 and signals["all"]["reward_spread"] >= 0.0049
+        assert signals["all"]["tool_calls_per_rollout"] == 0.0  # it calls no tool
+        assert 0 < entropy <= math.log(vocab) + 1e-6  # nats per sampled token, at most log V
+        assert logged["entropy/epoch_mean"][epoch] == pytest.approx(entropy)
+        for key, (where, name) in {"zero_variance_groups": ("all", "zero_variance_groups"),
+                                   "reward_spread": ("all", "reward_spread"),
+                                   "tool_calls_per_rollout": ("all", "tool_calls_per_rollout"),
+                                   "tool_calls_per_rollout/hops_1": ("hops=1", "tool_calls_per_rollout"),
+                                   "reward/mean/hops_2": ("hops=2", "reward_mean")}.items():
+            assert logged[key][epoch] == pytest.approx(signals[where][name]), key
+    console = Console(file=io.StringIO(), width=120)
+    print_summary(cfg, console=console)
+    lines = console.file.getvalue().splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.strip() == "collapse signals"):]
+    table = table[:next(i for i, line in enumerate(table) if line.startswith("└"))]
+    assert "by hops: reward, tool calls" in table[2]
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in table if line.startswith("│")]
+    assert [(c[0], c[1], c[3], c[4]) for c in cells] == [(str(e), "0%", f"{h:.3f}", "0.00") for e, h, _ in kept]
+    assert all(c[5].startswith("1: ") and " · 2: " in c[5] for c in cells)
 
 
 def _kill_tree(pid: int) -> None:
