@@ -31,6 +31,7 @@ def _runs_without_integration(config: pytest.Config) -> bool:
     return "not integration" in expression
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks to group
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a test that uses a server fixture but is not marked ``integration``: it would start vLLM (or a Prefect
     API, or a training run) inside ``make test-fast``, which promises none.
@@ -56,6 +57,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 FIRST_IN_THE_INTEGRATION_LANE = ("tests/test_hosts.py",)
+
+# Under `make test` (xdist, on the controller): the worker each integration test ran on. More than one means two
+# heavy tests ran at once: with pytest 9.2 and xdist 3.8.0 loadgroup silently grouped nothing, the lanes mixed, and
+# Ray's memory monitor killed a rank of the hosts test (pytest-xdist#1386). The run then fails, whatever passed.
+_INTEGRATION_WORKERS: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    worker = getattr(report, "node", None)  # set on the controller's copy of a worker's report
+    if worker is not None and report.when == "call" and "integration" in report.keywords:
+        name = worker.gateway.id
+        _INTEGRATION_WORKERS[name] = _INTEGRATION_WORKERS.get(name, 0) + 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if len(_INTEGRATION_WORKERS) > 1:
+        ran = ", ".join(f"{n} on {w}" for w, n in sorted(_INTEGRATION_WORKERS.items()))
+        session.config.get_terminal_writer().line(
+            f"\nerror: the integration tests ran on {len(_INTEGRATION_WORKERS)} workers ({ran}), so heavy tests ran at "
+            "once: --dist loadgroup did not group them (pytest 9.2 with pytest-xdist 3.8.0 does not: keep pytest "
+            "<9.2 as pyproject.toml pins it, or run the integration tests alone: pytest -m integration)", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _lane_order(item: pytest.Item) -> tuple[int, int]:
