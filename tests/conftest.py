@@ -36,14 +36,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Refuse a test that uses a server fixture but is not marked ``integration``: it would start vLLM (or a Prefect
     API, or a training run) inside ``make test-fast``, which promises none.
 
-    Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every integration test goes to one lane, in file
-    order, so no two heavy tests (vLLM, a training run, the hosts test at 15.6 GiB) ever run at once and the session's
-    servers start once; the unit tests run in the other lane beside them, on the CPU the heavy lane leaves idle (43%
-    of a 2-core machine's, measured by vmstat over a whole run).
+    Integration tests never run two at once (vLLM, a training run, the hosts test at 15.6 GiB): ``make test`` runs
+    one process. Under ``--dist loadgroup`` they carry the group ``integration`` (one worker), which pytest-xdist
+    3.8.0 honours on pytest < 9.2 only (pytest-xdist#1386): a run whose integration tests spread over two workers
+    fails (``pytest_sessionfinish`` below).
 
-    The integration lane starts first (it is the run's critical path) and opens with the hosts test, before any
-    session server holds memory: in file order it came after the session's vLLMs and the unit lane's workers had
-    taken about 6 GiB, and Ray's memory monitor killed a train rank at 22.4 of 23.5 GB (CI, 2026-11-28)."""
+    Integration tests run first, opening with the hosts test, before any session server holds memory (in file order
+    it came after the session's vLLMs had taken several GiB)."""
     for item in items:
         if item.get_closest_marker("integration") is not None:
             item.add_marker(pytest.mark.xdist_group("integration"))
@@ -58,9 +57,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 FIRST_IN_THE_INTEGRATION_LANE = ("tests/test_hosts.py",)
 
-# Under `make test` (xdist, on the controller): the worker each integration test ran on. More than one means two
-# heavy tests ran at once: with pytest 9.2 and xdist 3.8.0 loadgroup silently grouped nothing, the lanes mixed, and
-# Ray's memory monitor killed a rank of the hosts test (pytest-xdist#1386). The run then fails, whatever passed.
+# Under xdist (on the controller): the worker each integration test ran on. More than one means two heavy tests ran
+# at once: with pytest 9.2, xdist 3.8.0's loadgroup silently grouped nothing, and Ray's memory monitor killed a rank
+# of the hosts test (pytest-xdist#1386). The run then fails, whatever passed.
 _INTEGRATION_WORKERS: dict[str, int] = {}
 
 
@@ -76,8 +75,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         ran = ", ".join(f"{n} on {w}" for w, n in sorted(_INTEGRATION_WORKERS.items()))
         session.config.get_terminal_writer().line(
             f"\nerror: the integration tests ran on {len(_INTEGRATION_WORKERS)} workers ({ran}), so heavy tests ran at "
-            "once: --dist loadgroup did not group them (pytest 9.2 with pytest-xdist 3.8.0 does not: keep pytest "
-            "<9.2 as pyproject.toml pins it, or run the integration tests alone: pytest -m integration)", red=True)
+            "once: --dist loadgroup did not group them (pytest 9.2 with pytest-xdist 3.8.0 does not, pytest-xdist#1386); "
+            "run them in one process, as make test does, or alone: pytest -m integration", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
