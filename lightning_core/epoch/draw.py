@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_core.config import ArclightConfig
-from lightning_core.rollouts.dataset import DatasetError, load_tasks
+from lightning_core.rollouts.dataset import DatasetError, file_sha256, load_tasks
 
 
 log = logging.getLogger("arclight.draw")
@@ -50,12 +50,16 @@ def training_pool(config: ArclightConfig) -> list[dict[str, Any]]:
 
 def epoch_rng(config: ArclightConfig, *, epoch: int) -> random.Random:
     """The random source of an epoch's first draw (sampling round 0)."""
-    return random.Random(config.rollouts.seed * 100_003 + epoch)
+    return random.Random(_epoch_seed(config, epoch))
+
+
+def _epoch_seed(config: ArclightConfig, epoch: int) -> int:
+    return config.rollouts.seed * 100_003 + epoch
 
 
 def round_rng(config: ArclightConfig, *, epoch: int, sampling_round: int) -> random.Random:
     """The random source of a later sampling round of an epoch (dynamic sampling)."""
-    return random.Random((config.rollouts.seed * 100_003 + epoch) * 1_009 + sampling_round)
+    return random.Random(_epoch_seed(config, epoch) * 1_009 + sampling_round)
 
 
 def epoch_tasks(config: ArclightConfig, *, epoch: int) -> list[dict[str, Any]]:
@@ -105,11 +109,9 @@ def balanced_quotas(counts: dict[str, int], *, count: int, rng: random.Random) -
 def dataset_identity(config: ArclightConfig) -> dict[str, Any]:
     """What a validation evaluation runs on, so that it is never taken for one on the held-out file: the training
     file, its sha256, and the split's size, seed and balance."""
-    import hashlib
-
     r = config.rollouts
     path = Path(r.dataset) if r.dataset is not None else None
     if path is None or not path.is_file():
         raise DatasetError(f"training dataset {path} not found: rollouts.validation_tasks draws from rollouts.dataset")
-    return {"dataset": f"validation:{path}", "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    return {"dataset": f"validation:{path}", "dataset_sha256": file_sha256(path),
             "validation_tasks": r.validation_tasks, "seed": r.seed, "balance_by": r.balance_by}

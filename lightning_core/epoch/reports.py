@@ -3,7 +3,6 @@ failures), the held-out evaluations and their learning curve."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -13,7 +12,7 @@ from lightning_core.epoch import bookkeeping as ep
 from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig
 from lightning_core.epoch.context import RunContext
-from lightning_core.rollouts.dataset import DatasetError
+from lightning_core.rollouts.dataset import DatasetError, file_sha256
 
 
 log = logging.getLogger("arclight.reports")
@@ -93,7 +92,7 @@ def eval_dataset(config: ArclightConfig, *, tasks: int | None = None) -> dict[st
         raise DatasetError("rollouts.eval_dataset is not set: point it at a JSONL file of held-out tasks")
     if not Path(path).is_file():
         raise DatasetError(f"held-out dataset {path} not found: set rollouts.eval_dataset to a JSONL file")
-    return {"dataset": str(path), "dataset_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+    return {"dataset": str(path), "dataset_sha256": file_sha256(path),
             "eval_tasks": tasks or config.rollouts.eval_tasks}
 
 

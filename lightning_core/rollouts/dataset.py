@@ -7,6 +7,7 @@ are refused when the file loads, with the line and the rule (``TASK_ID_RULE``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ def task_id_of(task: dict[str, Any], *, number: int) -> str:
     except UnicodeEncodeError:
         raise ValueError(f"its id {text[:80]!r} holds a lone surrogate: {TASK_ID_RULE}") from None
     return text
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a task file's bytes: with its path, what tells two evaluations' datasets apart."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _json_type(value: Any) -> str:
