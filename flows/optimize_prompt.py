@@ -129,7 +129,7 @@ def run_search(ctx: RunContext) -> dict[str, Any]:
                            "rollouts": apo.rollouts_used(catalog, run_id=run_id)})
             rounds.append(report)
             logger.info("round %d: best %s (%.3f); beam %s", rnd, beam[0].version, scores[beam[0].version] or 0.0,
-                        [v.version for v in beam])
+                        ", ".join(v.version for v in beam))
     finally:
         gateway.close()
     best = prompts.get(catalog, beam[0].version)

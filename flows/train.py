@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import json
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +28,7 @@ from lightning_core.common import hardware, logs, stopping
 from lightning_core.common.redact import given_back
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.epoch import bookkeeping as ep
-from lightning_core.epoch import deploy, draw, failures, reports, sampling, stages, validation
+from lightning_core.epoch import deploy, draw, failures, reports, sampling, sentences, stages, validation
 from lightning_core.epoch.context import RunContext
 from lightning_core.epoch.stack import open_stack
 from lightning_core.epoch.supervise import Supervisor
@@ -219,13 +220,13 @@ def sample_epoch(ctx: RunContext, *, epoch: int) -> None:
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="rollouts_done", stats={"rollouts": counts})
     if not ep.reached(status, "ingested"):
         counts = t.ingest(ctx, run_id=run_id, epoch=epoch)
-        logger.info("epoch %s rollouts: %s", epoch, counts)
+        logger.info("epoch %s rollouts: %s", epoch, sentences.rollout_counts(counts))
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="ingested", stats={"rollouts": counts})
     if not ep.reached(status, "triplets_done"):
         report = t.triplets(ctx, run_id=run_id, epoch=epoch)
         report = sample_until_informative(ctx, epoch=epoch, report=report)
         counts = ep.record_sampling(catalog, run_id=run_id, epoch=epoch, informative_groups=report["informative_groups"])
-        logger.info("epoch %s sampling: %s", epoch, counts)
+        logger.info("epoch %s sampling: %s", epoch, sentences.sampling(counts))
         ep.set_epoch_status(catalog, run_id=run_id, epoch=epoch, status="triplets_done", stats=report)
 
 
@@ -382,9 +383,9 @@ def run_validation(ctx: RunContext) -> dict[str, Any]:
     result = reports.record_eval(ctx, epoch=epoch, label=label, run_id=run)
     rows = t.log_validation(ctx)
     chosen = validation.best(rows)
-    get_run_logger().info("validation of %s after %s epochs: reward %.3f on %d training tasks held out (rollouts %s); "
+    get_run_logger().info("validation of %s after %s epochs: reward %.3f on %d training tasks held out (rollouts: %s); "
                           "best so far: %s", label, result["after_epochs"], result["reward_mean"] or 0.0,
-                          result["tasks"], counts, chosen["label"] if chosen else "-")
+                          result["tasks"], sentences.rollout_counts(counts), chosen["label"] if chosen else "-")
     return result
 
 
@@ -411,13 +412,16 @@ def run_evaluation(ctx: RunContext, *, label: str | None = None, tasks: int | No
     # the same versions on another held-out file (or on this file's new contents) are another evaluation
     eval_epoch = reports.eval_epoch(ctx.catalog, run_id=eval_run, label=label,
                                     dataset=reports.eval_dataset(config, tasks=tasks))
-    counts = run_round(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
+    run_round(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", eval_tasks=tasks, settings=settings)
     result = reports.record_eval(ctx, epoch=eval_epoch, label=label)
     if config.tracking.traces != "off":
         t.log_traces(t.publish_traces(ctx, run_id=eval_run, epoch=eval_epoch, mode="eval", label=label))
     create_table_artifact([result], key=t.artifact_key(config.run_name, "eval", eval_epoch),
                           description=f"Held-out evaluation of {label} on {Path(result['dataset']).name}")
-    get_run_logger().info("evaluation of %s after %s epochs: %s (rollouts %s)", label, result["after_epochs"], result, counts)
+    logger = get_run_logger()
+    logger.info("%s", sentences.evaluation(result))
+    # the machine-readable form, for the log file only
+    logger.info("evaluation %s: %s", label, json.dumps(result, default=str), extra={"screen": False})
     t.log_eval_curve(ctx)
     return result
 

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -207,6 +208,11 @@ def test_piped_to_a_file_a_plain_line_per_stage_event_and_tables_as_wide_as_thei
     for noise in NOISE:
         assert noise not in text, f"{noise!r} in the output:\n{text[-6000:]}"
     assert any("epoch 1: 16 rollouts planned" in line for line in lines[:summary])
+    # each stage's counts in words, never a Python dict (`epoch 1 rollouts: {'succeeded': 16}`; issue 72)
+    assert not re.search(r"\{'\w+': ", text), text[-6000:]
+    assert any(re.search(r"epoch 1 rollouts: \d+ succeeded", line) for line in lines[:summary]), text[-6000:]
+    assert any(re.search(r"epoch 1 sampling: \d+ tasks drawn in \d+ rounds?: \d+ groups informative", line)
+               for line in lines[:summary]), text[-6000:]
     header = next(line for line in lines if line.startswith("┃"))
     assert _cells(header.replace("┃", "│")) == list(COLUMN_NAMES)  # every column's name whole, on one line
     assert len(header) > 80 and "…" not in text

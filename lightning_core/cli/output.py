@@ -12,12 +12,13 @@ columns. ``--verbose`` shows every record on the screen as well.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
@@ -25,12 +26,16 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from lightning_core.cli.common import fail
 from lightning_core.common import logs
 from lightning_core.common.redact import redacted_argv
 from lightning_core.config import ArclightConfig
 
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Prefect's, MLflow's and transformers' log records, "
                           "warnings and progress bars on the screen too (they always go to the log file).")
+FormatOpt = typer.Option("text", "--format", "-f", help="text: the result as lines a person reads; json: the result "
+                         "as one JSON object on standard output (messages and progress stay on standard error).")
+FORMATS = ("text", "json")
 LEVELS = {logging.WARNING: ("warning: ", "yellow"), logging.ERROR: ("error: ", "red"), logging.CRITICAL: ("error: ", "red")}
 
 
@@ -94,3 +99,16 @@ def print_table(console: Console, table: Table) -> None:
         console.print(table)
     finally:
         console.width = previous
+
+
+def check_format(fmt: str) -> None:
+    """Exit with status 2 unless ``--format`` is one this command prints (before anything starts)."""
+    if fmt not in FORMATS:
+        fail(f"--format must be {' or '.join(FORMATS)}, not {fmt!r}", code=2)
+
+
+def print_result(result: Any, *, fmt: str, text: str) -> None:
+    """The command's result on standard output: ``text`` (a line a person reads), or with ``--format json`` the
+    result itself as one line of JSON, the same values the log file keeps."""
+    sys.stdout.write((json.dumps(result, default=str) if fmt == "json" else text) + "\n")
+    sys.stdout.flush()

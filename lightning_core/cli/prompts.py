@@ -10,17 +10,19 @@ from rich.console import Console
 from rich.markup import escape
 
 from lightning_core.cli.common import console, fail, need_lake, prefect_api, project
-from lightning_core.cli.output import VerboseOpt, print_table
+from lightning_core.cli.output import FormatOpt, VerboseOpt, check_format, print_result, print_table
 from lightning_core.common.redact import held_back
 from lightning_core.config import ArclightConfig
 
 
 @project(positional=True)
-def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str], verbose: bool = VerboseOpt) -> None:
+def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str], verbose: bool = VerboseOpt,
+                    fmt: str = FormatOpt) -> None:
     """Improve a prompt resource by beam search with a critic (APO); promote the best version; report held-out scores."""
     from lightning_core.apo import search as apo
     from lightning_core.cli.progress import run_with_progress
 
+    check_format(fmt)
     try:
         target = apo.target_prompt(cfg)
     except apo.ApoError as exc:
@@ -35,7 +37,9 @@ def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str], ver
 
     result = run_with_progress(cfg, work, console=console, epochs=None, summary=False, run_id=apo.run_id(cfg),
                                title=f"optimising prompt {target!r} of {cfg.name}", verbose=verbose)
-    if result is not None:
+    if result is not None and fmt == "json":
+        print_result(result, fmt=fmt, text="")
+    elif result is not None:
         _print_search(result)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from lightning_core.cli.common import console, prefect_api, project
-from lightning_core.cli.output import VerboseOpt
+from lightning_core.cli.output import FormatOpt, VerboseOpt, check_format, print_result
 from lightning_core.cli.prompts import check_prompt_versions
 from lightning_core.common.redact import held_back
 from lightning_core.config import ArclightConfig
@@ -57,10 +57,13 @@ def evaluate(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Score this prompt version (e.g. system-v3) "
                                                "instead of the serving one (repeatable; `arclight prompts` lists them)."),
     verbose: bool = VerboseOpt,
+    fmt: str = FormatOpt,
 ) -> None:
-    """Evaluate the serving policy on the held-out tasks and print reward and success rate."""
+    """Evaluate the serving policy on the held-out tasks and print success rate and reward."""
     from lightning_core.cli.progress import run_with_progress
+    from lightning_core.epoch import sentences
 
+    check_format(fmt)
     extra = list(overrides or [])
     check_prompt_versions(cfg, prompt)
 
@@ -74,4 +77,4 @@ def evaluate(
     result = run_with_progress(cfg, work, console=console, epochs=None, title=f"evaluating {cfg.name}", summary=False,
                                verbose=verbose)
     if result is not None:
-        console.print_json(data=result)
+        print_result(result, fmt=fmt, text=sentences.evaluation(result))
