@@ -7,10 +7,11 @@ setup:
 train: setup
 	.venv/bin/arclight train examples/calc/config.yaml
 
-# One process: xdist's loadgroup, which kept the integration tests in one lane, groups nothing on pytest 9.2
-# (pytest-xdist#1386), and two heavy tests at once ran the hosts test out of memory (docs/testing.md).
+# Two lanes, two pytest processes: the integration tests one after the other, the unit tests beside them
+# (scripts/test_lanes.py). Not xdist: its loadgroup groups nothing on pytest 9.2 (pytest-xdist#1386), and two heavy
+# tests at once ran the hosts test out of memory (docs/testing.md).
 test: setup
-	.venv/bin/python -m pytest -q -ra --durations=25 --junitxml=test-results/junit.xml
+	.venv/bin/python scripts/test_lanes.py
 
 # Unit tests only (no vLLM, no servers beyond the collector).
 test-fast:

@@ -1,7 +1,10 @@
 """Each test file's time in a pytest run, from its JUnit XML (``pytest --junitxml``), longest first.
 
-    python scripts/test_times.py test-results/junit.xml            # per file
-    python scripts/test_times.py test-results/junit.xml --tests 20 # and the 20 longest tests
+    python scripts/test_times.py test-results/junit-*.xml            # per file
+    python scripts/test_times.py test-results/junit-*.xml --tests 20 # and the 20 longest tests
+
+With several files (``make test``'s two lanes: integration, unit), the table adds them up and first says how long
+each lane took from end to end (its test suite's time): the lanes ran side by side, so the run took the longest.
 
 Setup and teardown of fixtures count with the test that ran them (pytest puts them in its ``time``), so a file that
 starts the session's vLLM first is charged for it. Used by ``.ci/run`` to print the table after ``make test``.
@@ -24,10 +27,18 @@ def file_of(case: ET.Element) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("junit")
+    parser.add_argument("junit", nargs="+")
     parser.add_argument("--tests", type=int, default=0, help="also list the N longest tests")
     args = parser.parse_args(argv)
-    cases = list(ET.parse(args.junit).getroot().iter("testcase"))
+    cases = []
+    for path in args.junit:
+        root = ET.parse(path).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        found = list(root.iter("testcase"))
+        wall = sum(float(suite.get("time") or 0) for suite in suites)
+        if len(args.junit) > 1:
+            print(f"{path}: {len(found)} tests, {wall:.1f} s ({wall / 60:.1f} min) from end to end")
+        cases += found
     per_file: dict[str, list[float]] = collections.defaultdict(list)
     outcome: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for case in cases:
@@ -37,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome[name][kind] += 1
     total = sum(sum(times) for times in per_file.values())
     if not cases:
-        print(f"{args.junit}: no test ran (a collection error stops pytest before any test: see its output above)")
+        print(f"{' '.join(args.junit)}: no test ran (a collection error stops pytest before any test: see its output above)")
         return 0
     print(f"| file | tests | seconds | share | not passed |\n|---|---|---|---|---|")
     for name, times in sorted(per_file.items(), key=lambda kv: -sum(kv[1])):

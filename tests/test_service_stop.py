@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,3 +92,26 @@ def test_servers_started_side_by_side_fail_at_the_first_death_and_leave_none_run
     assert time.monotonic() - started < 30
     pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
     assert len(pids) == 2 and not any(_running(pid) for pid in pids)
+
+
+def test_a_stack_starts_its_collector_and_gateway_beside_vllm_and_stops_both_when_vllm_fails(tmp_path, tiny_model_dir):
+    """``start_stack`` starts the collector, vLLM and the gateway side by side: the gateway answers while vLLM is still
+    starting (one after the other, it started only once vLLM answered). A vLLM that then dies ends the start with its
+    error, and the collector and gateway it started are stopped."""
+    from lightning_core.epoch.stack import start_stack
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, f"serving.vllm_python={tmp_path / 'python'}", f"model.path={tiny_model_dir}")
+    fake = tmp_path / "python"  # stands in for vLLM's interpreter: waits for both other servers, then dies
+    fake.write_text(
+        "#!/bin/bash\n"
+        "up() { (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null; }\n"
+        f"for i in $(seq 300); do up {cfg.collector.port} && up {cfg.gateway.port} && "
+        "{ echo 'the collector and the gateway answered while vLLM was starting'; exit 3; }; sleep 0.1; done\n"
+        "echo 'the collector and the gateway did not answer while vLLM was starting'; exit 4\n")
+    fake.chmod(0o755)
+    with pytest.raises(ServiceError, match=r"vllm0 exited with code 3 during start-up[\s\S]*answered while vLLM was starting"):
+        start_stack(cfg, log_dir=tmp_path / "logs")
+    for port in (cfg.collector.port, cfg.gateway.port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -32,8 +32,10 @@ def storage_options_from_environment(config: ArclightConfig) -> ArclightConfig:
     return config.model_copy(update={"lake": config.lake.model_copy(update={"storage_options": merged})})
 
 
-def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, timeout_s: float = 60.0) -> Service:
-    """Start ``arclight collector`` for this config's lake, or attach to ``collector.endpoint``."""
+def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, timeout_s: float = 60.0,
+                    wait: bool = True) -> Service:
+    """Start ``arclight collector`` for this config's lake, or attach to ``collector.endpoint``. ``wait=False``: return
+    once it runs, for the caller to wait on beside other starts (``services.wait_all_healthy``)."""
     c = config.collector
     if c.endpoint:
         return attach("collector", c.endpoint, setting="collector.endpoint")
@@ -65,5 +67,5 @@ def start_collector(config: ArclightConfig, *, log_dir: Path | None = None, time
         env[STORAGE_OPTIONS_ENV] = json.dumps(config.lake.storage_options)
     return start_process(
         "collector", argv, url=c.url, health_url=f"{c.url}/healthz",
-        log_path=log_dir / "collector.log", env=env, timeout_s=timeout_s,
+        log_path=log_dir / "collector.log", env=env, timeout_s=timeout_s, wait=wait,
     )

@@ -406,8 +406,10 @@ def attach_vllm(url: str) -> Service:
     return attach("vllm", url, setting="serving.urls entry", health_path="/health")
 
 
-def start_vllm_replicas(config: ArclightConfig, *, log_dir: Path | None = None) -> list[Service]:
-    """Attach to ``serving.urls`` or start ``serving.replicas`` vLLM servers (stopping all on failure)."""
+def start_vllm_replicas(config: ArclightConfig, *, log_dir: Path | None = None, wait: bool = True) -> list[Service]:
+    """Attach to ``serving.urls`` or start ``serving.replicas`` vLLM servers (stopping all on failure). ``wait=False``:
+    the last wave of starts is not waited for (on a CPU, every server): the caller waits for it beside its own starts
+    and stops them all if that fails."""
     if config.serving.urls:
         if replica_groups(config) != [None]:
             raise ServiceError(
@@ -419,11 +421,13 @@ def start_vllm_replicas(config: ArclightConfig, *, log_dir: Path | None = None) 
              for group in replica_groups(config) for i in range(config.serving.replicas)]
     started: dict[int, Service] = {}
     try:
-        for wave in start_waves(config, list(range(len(names)))):
+        waves = start_waves(config, list(range(len(names))))
+        for number, wave in enumerate(waves):
             for index in wave:
                 port = config.serving.port + index if config.serving.port else free_port()
                 started[index] = start_vllm(config, port=port, name=names[index], log_dir=log_dir, wait=False)
-            wait_all_healthy([started[index] for index in wave], timeout_s=config.serving.startup_timeout_s)
+            if wait or number < len(waves) - 1:
+                wait_all_healthy([started[index] for index in wave], timeout_s=config.serving.startup_timeout_s)
     except BaseException:
         for service in started.values():
             service.stop()
@@ -461,8 +465,10 @@ def start_gateway(
     collector_url: str | None = None,
     log_dir: Path | None = None,
     timeout_s: float = 60.0,
+    wait: bool = True,
 ) -> Service:
-    """Start ``arclight gateway`` forwarding to ``upstreams``, recording spans to the collector."""
+    """Start ``arclight gateway`` forwarding to ``upstreams``, recording spans to the collector. It asks neither at
+    start-up, so it may start beside them: ``wait=False`` returns once it runs (``services.wait_all_healthy``)."""
     if not upstreams:
         raise ServiceError("the gateway needs at least one vLLM upstream URL")
     g = config.gateway
@@ -505,7 +511,7 @@ def start_gateway(
         env.update({k.upper(): v for k, v in config.serving.weights_storage_options.items()})
     service = start_process(
         "gateway", argv, url=g.url, health_url=f"{g.url}/healthz",
-        log_path=log_dir / "gateway.log", env=env, timeout_s=timeout_s,
+        log_path=log_dir / "gateway.log", env=env, timeout_s=timeout_s, wait=wait,
     )
     service.token = admin
     return service
