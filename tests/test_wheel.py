@@ -28,7 +28,7 @@ def _tracked(prefixes: tuple[str, ...]) -> list[str]:
 
 def test_a_wheel_installed_into_a_fresh_virtualenv_imports_and_runs_arclight_triplets(tmp_path):
     source = tmp_path / "src"  # what a fresh clone has: the tracked files only, built outside the checkout
-    for name in _tracked(("lightning_core", "flows", "tasks", "sql", "pyproject.toml", "README.md")):
+    for name in _tracked(("arclight", "lightning_core", "flows", "tasks", "sql", "pyproject.toml", "README.md")):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
     dist = tmp_path / "dist"
@@ -40,9 +40,9 @@ def test_a_wheel_installed_into_a_fresh_virtualenv_imports_and_runs_arclight_tri
     [wheel] = dist.glob("arclight-*.whl")
     inside = set(zipfile.ZipFile(wheel).namelist())
     assert {"lightning_core/sql/credit.sql", "lightning_core/sql/triplets.sql", "lightning_core/sql/views.sql",
-            "flows/train.py", "tasks/epoch.py"} <= inside
+            "flows/train.py", "tasks/epoch.py", "arclight/__init__.py", "arclight/api.py"} <= inside
     # every tracked module and SQL file, so a package left off pyproject's list (packages are listed, not found) fails here
-    modules = {name for name in _tracked(("lightning_core", "flows", "tasks")) if name.endswith(".py")}
+    modules = {name for name in _tracked(("arclight", "lightning_core", "flows", "tasks")) if name.endswith(".py")}
     sql = {"lightning_core/" + name for name in _tracked(("sql",)) if name.endswith((".sql", ".py"))}
     assert sorted(modules - inside) == [] and sorted(sql - inside) == []
 
@@ -57,7 +57,7 @@ def test_a_wheel_installed_into_a_fresh_virtualenv_imports_and_runs_arclight_tri
     Path(site, "arclight-test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    where = subprocess.run([str(python), "-c", "import lightning_core.pipeline.steps as s; print(s.__file__)"],
+    where = subprocess.run([str(python), "-c", "import arclight, lightning_core.pipeline.steps as s; print(s.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-3000:]
     assert where.stdout.strip().startswith(site) and str(REPO) not in where.stdout  # the wheel's copy, not the checkout

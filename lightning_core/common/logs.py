@@ -231,3 +231,44 @@ def to_project_log(project_dir: Path | str) -> None:
     if _flow_log is not None:
         _flow_log()
     _flow_log = send_to_file(log_path(project_dir))
+
+
+@contextlib.contextmanager
+def as_found() -> Iterator[None]:
+    """Run the block, then put the process's logging back as it was found: the level, handlers, filters, propagation
+    and disabled flag of the root logger and of every logger that existed (transformers' among them), Python's
+    warnings captured or not, ``logging.disable``, transformers' and the Hugging Face hub's progress bars and the
+    environment variables ``libraries_to_logging`` sets. For a run called from a user's process (``arclight.train``):
+    what the run set up for itself (``project_log``) ends with it, and what the libraries it imported set up for
+    loggers of their own stays theirs."""
+    import warnings
+
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as hf
+
+    root = logging.getLogger()
+    for name in INFO_LOGGERS:  # the loggers whose levels a run sets: saved as they are now (made, if new)
+        logging.getLogger(name)
+    loggers = [root, *(lg for lg in root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved = [(lg, lg.level, list(lg.handlers), list(lg.filters), lg.propagate, lg.disabled) for lg in loggers]
+    captured, showwarning, disabled = logging._warnings_showwarning is not None, warnings.showwarning, root.manager.disable
+    bars = (hf.is_progress_bar_enabled(), not hub.are_progress_bars_disabled())
+    env = {key: os.environ.get(key) for key in ("MLFLOW_CONFIGURE_LOGGING", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    try:
+        yield
+    finally:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        hf.enable_progress_bar() if bars[0] else hf.disable_progress_bar()
+        hub.enable_progress_bars() if bars[1] else hub.disable_progress_bars()
+        for logger, level, handlers, filters, propagate, off in saved:
+            logger.handlers[:] = handlers
+            logger.filters[:] = filters
+            logger.propagate, logger.disabled = propagate, off
+            logger.setLevel(level)  # and clears every logger's cache of effective levels
+        logging.captureWarnings(captured)
+        warnings.showwarning = showwarning
+        logging.disable(disabled)
