@@ -72,3 +72,11 @@ def test_a_wheel_installed_into_a_fresh_virtualenv_imports_and_runs_arclight_tri
                           "--epoch", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
     assert "1 rollouts, 1 calls" in ran.stderr and "policy default" in ran.stderr and "1 triplets" in ran.stderr
+    # `arclight init` writes its templates from inside the wheel (package data), for every agent choice
+    for choice, agent_file in (("openai", "agent.py"), ("langgraph", "agent.py"), ("openai-agents", "agent.py"),
+                               ("command", "agent.mjs")):
+        made = subprocess.run([str(venv / "bin" / "arclight"), "init", str(tmp_path / choice), "--agent", choice],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
+        assert sorted(p.name for p in (tmp_path / choice).iterdir()) == sorted(["README.md", "config.yaml", "tasks.jsonl",
+                                                                               agent_file])

@@ -3,6 +3,7 @@
     lake.py      collector, query, shell, views, compact, migrate-lake, triplets, traces
     serve.py     gateway, serve, redeploy, model prepare, up, status, down
     train.py     train, evaluate
+    init.py      init
     prompts.py   optimize-prompt, prompts
     demo.py      demo
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import typer
 
-from lightning_core.cli import demo, lake, prompts, serve, train
+from lightning_core.cli import demo, init, lake, prompts, serve, train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train LLM agents from their own traces.")
 model_app = typer.Typer(no_args_is_help=True, help="Base model folders (no hub downloads).")
 
 for name, command in (("collector", lake.collector), ("query", lake.query), ("shell", lake.shell),
                       ("compact", lake.compact), ("views", lake.views), ("migrate-lake", lake.migrate_lake),
-                      ("demo", demo.demo)):
+                      ("demo", demo.demo), ("init", init.init)):
     app.command(name)(command)
 app.add_typer(model_app, name="model")
 model_app.command("prepare")(serve.model_prepare)
