@@ -163,6 +163,11 @@ def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_sp
     for failure in ("Failed to export", "Transient error", "could not be delivered", "Traceback"):
         assert failure not in output and failure not in logged, failure
     assert "held-out success" in output and "calc-v3" in output
+    # results read as text in a pipe, never a Python dict; the machine-readable form is in the log
+    assert not re.search(r"\{'\w+': ", output), re.search(r".*\{'\w+': .*", output).group(0)
+    assert re.search(r"held-out base after 0 epochs: \d+/10 tasks succeeded \(\d+%\), reward \d\.\d{3} on test\.jsonl",
+                     output), output[-3000:]
+    assert 'evaluation base: {"label": "base"' in logged
     print(f"main job: 3 epochs in {main_job.seconds:.0f} s; rollouts {statuses}")
 
 
