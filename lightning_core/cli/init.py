@@ -9,6 +9,7 @@ on the bundled model right after, before any edit.
 from __future__ import annotations
 
 import re
+import shutil
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -87,4 +88,7 @@ def init(
     except FileExistsError as exc:
         fail(str(exc), code=2)
     console.print(f"made {folder}/ (agent: {agent.value}): {', '.join(p.name for p in written)}", highlight=False)
+    if agent is AgentChoice.command and shutil.which("node") is None:
+        console.print("warning: node is not on PATH: agent.mjs needs Node.js 18 or later (or point rollouts.command at "
+                      "a program in another language)", highlight=False)
     console.print(f"train it on the bundled model:  arclight train {folder / 'config.yaml'} --epochs 1", highlight=False)
