@@ -632,6 +632,25 @@ class ArclightConfig(Section):
             raise ValueError("trainer.executor=ray trains on another host, so it needs " + "; and ".join(needs))
         return self
 
+    @model_validator(mode="after")
+    def _weights_fetched_beside_vllm(self) -> "ArclightConfig":
+        if not (self.serving.weights_uri and self.serving.urls):
+            return self
+        endpoint = self.gateway.endpoint
+        gateway = _host_of(endpoint) if endpoint else None
+        elsewhere = [url for url in self.serving.urls
+                     if not (_same_host(_host_of(url), gateway) if gateway else _is_this_host(_host_of(url)))]
+        if elsewhere:
+            where = (f"the gateway's ({endpoint}, gateway.endpoint)" if gateway else
+                     f"the one of the gateway this run starts (this machine: gateway.host {self.gateway.host})")
+            raise ValueError(
+                f"serving.weights_uri: the gateway fetches each version to its own disk and its vLLM replicas load it "
+                f"from there, so they must run on its host; serving.urls has {', '.join(elsewhere)} on another host than "
+                f"{where}, which would be asked to load a folder it does not have. Run a gateway on that host and set "
+                "gateway.endpoint to it, keep in serving.urls only the replicas on the gateway's host, or leave "
+                "serving.weights_uri unset when vLLM and the trainer share one disk")
+        return self
+
     def resolved(self) -> "ArclightConfig":
         """Return a copy whose relative paths are absolute, based on ``project_dir``."""
         base = self.project_dir.resolve()
@@ -828,3 +847,38 @@ def _model_location(base: Path, path: str) -> str:
 
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _host_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url if "://" in url else f"http://{url}").hostname or ""
+
+
+def _addresses(host: str) -> set[str]:
+    """The addresses ``host`` names (itself when it names none)."""
+    import socket
+
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)} or {host}
+    except (OSError, UnicodeError):
+        return {host}
+
+
+def _same_host(a: str, b: str) -> bool:
+    loopback = lambda h: h == "localhost" or h == "::1" or h.startswith("127.")  # noqa: E731
+    return a == b or (loopback(a) and loopback(b)) or bool(_addresses(a) & _addresses(b))
+
+
+def _is_this_host(host: str) -> bool:
+    """Whether ``host`` is an address of this machine: one a socket here can bind to."""
+    import socket
+
+    for address in _addresses(host):
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+                sock.bind((address, 0))
+            return True
+        except OSError:
+            continue
+    return False
