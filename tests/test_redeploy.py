@@ -169,7 +169,8 @@ def test_merged_redeploy_reloads_weights_in_place_and_resets_the_prefix_cache(ga
     first_before = first_token(client, "tiny")
     merged = merge_adapter(base_model_dir=tiny_model_dir, adapter_dir=adapter_dir, out_dir=tmp_path / "v1.merged", dtype="float32")
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
-    assert merge_adapter(base_model_dir=tiny_model_dir, adapter_dir=adapter_dir, out_dir=merged) == merged  # reused
+    assert merge_adapter(base_model_dir=tiny_model_dir, adapter_dir=adapter_dir, out_dir=merged,
+                         dtype="float32") == merged  # reused
     try:
         done = deploy_full_weights(gateway=admin, replicas=[vllm_server.url], policy=policy, model_dir=merged, version=1)
         assert (done.version, done.served_model) == (1, "tiny")

@@ -143,3 +143,35 @@ def test_a_cluster_without_the_trainers_resources_says_how_to_start_a_train_host
     events = _drive(tmp_path, "nohost", tiny, address=cluster, resources=json.dumps({"gpu-train": 1}))
     assert events["failed"]["type"] == "TrainHostError"
     assert f"ray start --address {cluster} --resources '{{\"gpu-train\": 1.0}}'" in events["failed"]["error"]
+
+
+@pytest.mark.integration
+def test_ctrl_c_while_one_rank_trains_cancels_its_ray_task(cluster, tmp_path):
+    """``trainer.processes: 1`` has no placement group whose removal stops the rank: a Ctrl-C (KeyboardInterrupt in the
+    flow's wait) must cancel the task, or it trains on and publishes a version that nobody records."""
+    import _thread
+    import threading
+
+    import ray
+    from ray.exceptions import RayError
+
+    from lightning_core.epoch.train_hosts import _wait_for
+
+    def rank_that_publishes(marker: str) -> None:  # a rank in little (nested: Ray ships it by value)
+        import time
+
+        time.sleep(3)  # trains...
+        Path(marker).write_text("published")  # ... and publishes
+
+    marker = tmp_path / "published"
+    ray.init(address=cluster, logging_level="WARNING", log_to_driver=False)
+    try:
+        ref = ray.remote(max_retries=0)(rank_that_publishes).options(num_cpus=0, resources={"train": 1}).remote(str(marker))
+        threading.Timer(1.5, _thread.interrupt_main).start()  # the first Ctrl-C raises KeyboardInterrupt in the main thread
+        with pytest.raises(KeyboardInterrupt):
+            _wait_for([ref], job=_job(tmp_path), should_stop=None)
+        with pytest.raises(RayError):  # cancelled: it never returns
+            ray.get(ref, timeout=60)
+        assert not marker.exists()
+    finally:
+        ray.shutdown()

@@ -25,17 +25,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lightning_core.common import published
+from lightning_core.common import host_weights, published
+from lightning_core.common.durable import save_atomically
 from lightning_core.config import ArclightConfig
 from lightning_core.epoch.failures import TrainHostError
 from lightning_core.trainer.grpo import TrainingStopped
 from lightning_core.trainer.grpo_run import OPTIMIZER_STATE
-from lightning_core.trainer.train import Executor, Rank, TrainDone, TrainJob, compute_version
+from lightning_core.trainer.train import SERVING_LEAVES_OUT, Executor, Rank, TrainDone, TrainJob, compute_version
 
 log = logging.getLogger("arclight.train_hosts")
 
-STATE = ".state"    # <version>.state: the optimizer state of a version trained on a train host, published apart
-MERGED = ".merged"  # <version>.merged: its merged weights, for merged serving
+STATE, MERGED = host_weights.SIBLINGS  # <version>.state: its optimizer state, published apart; .merged: merged weights
 READY_TIMEOUT_S = 120.0  # how long the placement group may wait for its nodes
 
 
@@ -136,22 +136,26 @@ def _wait_for(refs: list, *, job: TrainJob, should_stop: Callable[[], bool] | No
     from ray.exceptions import RayError
 
     pending, results = list(refs), {}
-    while pending:
-        if should_stop is not None and should_stop():
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise TrainingStopped(f"training {job.version} stopped on its train host(s): a stop was asked for")
-        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-        for ref in ready:
+    try:
+        while pending:
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(f"training {job.version} stopped on its train host(s): a stop was asked for")
+            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in ready:
+                try:
+                    results[ref] = ray.get(ref)
+                except RayError as exc:
+                    rank = refs.index(ref)
+                    others = " (the other ranks were stopped)" if len(refs) > 1 else ""
+                    raise TrainHostError(f"training {job.version} failed on rank {rank} of {len(refs)}{others}: "
+                                         f"{_cause(exc)}; no version was made of it") from None
+    except BaseException:  # a failure, a stop, or Ctrl-C (KeyboardInterrupt in ray.wait): no rank trains on alone
+        for ref in pending:
             try:
-                results[ref] = ray.get(ref)
-            except RayError as exc:
-                for other in pending:
-                    ray.cancel(other, force=True)
-                rank = refs.index(ref)
-                others = " (the other ranks were stopped)" if len(refs) > 1 else ""
-                raise TrainHostError(f"training {job.version} failed on rank {rank} of {len(refs)}{others}: "
-                                     f"{_cause(exc)}; no version was made of it") from None
+                ray.cancel(ref, force=True)
+            except Exception as exc:  # noqa: BLE001 - the first error is the one to raise
+                log.warning("could not cancel a rank of %s: %s", job.version, exc)
+        raise
     return [results[ref] for ref in refs]
 
 
@@ -203,6 +207,15 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
     if done.path is None:
         return dataclasses.replace(done, host=here)
     path = Path(done.path)
+    settle_version(config, job, path)
+    source = _log_checkpoint(config, job, path)
+    return dataclasses.replace(done, source=source, host=here)
+
+
+def settle_version(config: ArclightConfig, job: TrainJob, path: Path) -> None:
+    """What a train host does with the version it saved at ``path``: publish its optimizer state, merge and publish its
+    weights (merged serving), and keep ``serving.keep_versions`` of its versions and of the parents it fetched (every
+    one stays in the store, and a pruned one is fetched again if it is ever asked for)."""
     _publish_state(config, job, path)
     if job.merge_dtype:
         from lightning_core.serving.redeploy import merge_adapter
@@ -211,8 +224,17 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
                                out_dir=path.with_name(f"{path.name}{MERGED}"), dtype=job.merge_dtype)
         published.publish(merged, published.join(config.serving.weights_uri, job.policy, merged.name),
                           options=config.serving.weights_storage_options)
-    source = _log_checkpoint(config, job, path)
-    return dataclasses.replace(done, source=source, host=here)
+    keep = config.serving.keep_versions
+    pruned = host_weights.prune_versions(path.parent, keep=keep, current=job.version)
+    pruned += host_weights.prune_versions(_parents_root(config, job.policy), keep=keep, current=job.parent_version)
+    if pruned:
+        log.info("pruned %d folders of older versions on this train host (serving.keep_versions = %d): %s",
+                 len(pruned), keep, ", ".join(p.name for p in pruned))
+
+
+def _parents_root(config: ArclightConfig, policy: str) -> Path:
+    """Where a train host keeps the parents (and KL references) it fetched."""
+    return Path(config.project_dir) / ".arclight" / "trainer" / "parents" / policy
 
 
 def _with_parent_here(job: TrainJob) -> TrainJob:
@@ -230,10 +252,14 @@ def _with_parent_here(job: TrainJob) -> TrainJob:
         parent = job.base_model_dir
     else:
         parent = job.parent_adapter_dir
-    if parent and Path(parent).is_dir():
-        return job
     uri, options = config.serving.weights_uri, config.serving.weights_storage_options
-    root = Path(config.project_dir) / ".arclight" / "trainer" / "parents" / job.policy
+    if parent and Path(parent).is_dir():  # trained here: unless an interrupted run's, which the store does not hold
+        if host_weights.is_published_copy(Path(parent), published.join(uri, job.policy, job.parent_version),
+                                          options=options, leave_out=SERVING_LEAVES_OUT):
+            return job
+        log.warning("%s here is not the published %s (an interrupted run's, trained again since): fetching it", parent,
+                    job.parent_version)
+    root = _parents_root(config, job.policy)
     try:
         fetched = published.fetch(published.join(uri, job.policy, job.parent_version), root, options=options)
         state = None
@@ -253,14 +279,18 @@ def _with_parent_here(job: TrainJob) -> TrainJob:
 def _with_reference_here(job: TrainJob) -> TrainJob:
     """The job with its KL reference as this host has it (``trainer.kl_reference``): a warm-start version fetched from
     ``serving.weights_uri`` when this host did not train it; the base model as this host resolves it."""
-    if job.reference_dir is None or Path(job.reference_dir).is_dir():
-        return job
     config = job.config
+    if job.reference_dir is None:
+        return job
+    if Path(job.reference_dir).is_dir() and (job.reference_version is None or host_weights.is_published_copy(
+            Path(job.reference_dir), published.join(config.serving.weights_uri, job.policy, job.reference_version),
+            options=config.serving.weights_storage_options, leave_out=SERVING_LEAVES_OUT)):
+        return job
     if job.reference_version is None:  # full fine-tuning's base model
         from lightning_core.serving.vllm import model_dir
 
         return dataclasses.replace(job, reference_dir=str(model_dir(config)))
-    root = Path(config.project_dir) / ".arclight" / "trainer" / "parents" / job.policy
+    root = _parents_root(config, job.policy)
     try:
         fetched = published.fetch(published.join(config.serving.weights_uri, job.policy, job.reference_version), root,
                                   options=config.serving.weights_storage_options)
@@ -274,16 +304,19 @@ def _publish_state(config: ArclightConfig, job: TrainJob, path: Path) -> None:
     """Publish the version's optimizer state as ``<version>.state``, for a train host that trains its child without
     having trained it (the version itself is published without it: vLLM's hosts never read it)."""
     state = path / OPTIMIZER_STATE
+    name = f"{path.name}{STATE}"
     if not state.is_file():
+        shutil.rmtree(path.with_name(name), ignore_errors=True)  # an interrupted run's, of other moments
         return
-    folder = path.with_name(f"{path.name}{STATE}")
-    folder.mkdir(exist_ok=True)
-    target = folder / OPTIMIZER_STATE
-    if not target.exists():
+
+    def link(tmp: Path) -> None:  # made anew each time: a version trained again replaced the file it linked to
+        tmp.mkdir()
         try:
-            os.link(state, target)
+            os.link(state, tmp / OPTIMIZER_STATE)
         except OSError:
-            shutil.copy2(state, target)
+            shutil.copy2(state, tmp / OPTIMIZER_STATE)
+
+    folder = save_atomically(link, root=path.parent, name=name, replace=True)
     published.publish(folder, published.join(config.serving.weights_uri, job.policy, folder.name),
                       options=config.serving.weights_storage_options)
 

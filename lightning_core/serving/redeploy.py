@@ -229,8 +229,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
+MERGED_FROM = "merged_from.json"  # in a merged folder: the adapter's files (sha256), the base model and the dtype
+
+
 def merge_adapter(*, base_model_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
-    """Write base weights with the LoRA adapter merged in to ``out_dir`` (atomically); reuse it if present.
+    """Write base weights with the LoRA adapter merged in to ``out_dir`` (atomically); reuse it when it was merged from
+    these adapter files, base model and dtype (``merged_from.json``). One merged from other ones is made again: a
+    version trained again after an interrupted run is another adapter under the same name.
 
     On CPU, vLLM serves a LoRA adapter several times slower than plain weights, so there the
     redeploy path merges and reloads weights in place instead of loading the adapter.
@@ -244,9 +249,13 @@ def merge_adapter(*, base_model_dir: Path, adapter_dir: Path, out_dir: Path, dty
     from lightning_core.common.durable import save_atomically
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file():
-        return out_dir
     check_adapter_dir(adapter_dir)
+    source = _merge_source(base_model_dir=base_model_dir, adapter_dir=adapter_dir, dtype=dtype)
+    try:
+        if (out_dir / "config.json").is_file() and json.loads((out_dir / MERGED_FROM).read_text()) == source:
+            return out_dir
+    except (OSError, ValueError):  # none recorded (or an older Arclight's merge): made again
+        pass
 
     def write(tmp: Path) -> None:
         base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=getattr(torch, dtype))
@@ -255,8 +264,18 @@ def merge_adapter(*, base_model_dir: Path, adapter_dir: Path, out_dir: Path, dty
         for name in TOKENIZER_FILES:
             if (Path(base_model_dir) / name).is_file():
                 shutil.copy2(Path(base_model_dir) / name, tmp / name)
+        (tmp / MERGED_FROM).write_text(json.dumps(source, indent=1, sort_keys=True))
 
-    return save_atomically(write, root=out_dir.parent, name=out_dir.name)
+    return save_atomically(write, root=out_dir.parent, name=out_dir.name, replace=True)
+
+
+def _merge_source(*, base_model_dir: Path, adapter_dir: Path, dtype: str) -> dict:
+    """What a merge is made of: the adapter's files by sha256 (not its optimizer state), the base model and the dtype."""
+    from lightning_core.common.published import sha256_of
+
+    files = sorted(p for p in Path(adapter_dir).iterdir() if p.is_file() and p.name.startswith("adapter_"))
+    return {"adapter": {p.name: sha256_of(p) for p in files}, "base_model": str(Path(base_model_dir).resolve()),
+            "dtype": dtype}
 
 
 def prune_merged(serving_dir: Path, *, keep: int) -> list[Path]:
