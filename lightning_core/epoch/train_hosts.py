@@ -204,7 +204,8 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if done.path is None:
+    if done.path is None:  # a rank > 0 (or every step skipped): it made nothing, and may have fetched the parent
+        _prune_here(config, job, made=None)
         return dataclasses.replace(done, host=here)
     path = Path(done.path)
     settle_version(config, job, path)
@@ -224,9 +225,15 @@ def settle_version(config: ArclightConfig, job: TrainJob, path: Path) -> None:
                                out_dir=path.with_name(f"{path.name}{MERGED}"), dtype=job.merge_dtype)
         published.publish(merged, published.join(config.serving.weights_uri, job.policy, merged.name),
                           options=config.serving.weights_storage_options)
+    _prune_here(config, job, made=path)
+
+
+def _prune_here(config: ArclightConfig, job: TrainJob, *, made: Path | None) -> None:
+    """Keep ``serving.keep_versions`` on this host of the versions made next to ``made`` and of the parents fetched."""
     keep = config.serving.keep_versions
-    pruned = host_weights.prune_versions(path.parent, keep=keep, current=job.version)
-    pruned += host_weights.prune_versions(_parents_root(config, job.policy), keep=keep, current=job.parent_version)
+    pruned = host_weights.prune_versions(_parents_root(config, job.policy), keep=keep, current=job.parent_version)
+    if made is not None:
+        pruned += host_weights.prune_versions(made.parent, keep=keep, current=job.version)
     if pruned:
         log.info("pruned %d folders of older versions on this train host (serving.keep_versions = %d): %s",
                  len(pruned), keep, ", ".join(p.name for p in pruned))
