@@ -71,7 +71,7 @@ def train(*, agent: Callable[..., Any] | str | Sequence[str] | None = None, data
 
     overrides = _overrides(agent=agent, dataset=dataset, eval_dataset=eval_dataset, agent_match=agent_match,
                            config=config, settings=settings)
-    cfg = _load(config, overrides)
+    cfg = load_config(config, overrides=overrides)
     catalog = Catalog.from_config(cfg)
     catalog.ensure()
     with logs.as_found(), _screen_and_file(cfg, overrides, verbose=verbose):
@@ -87,12 +87,8 @@ def config(*, agent: Callable[..., Any] | str | Sequence[str] | None = None, dat
            eval_dataset: Tasks | None = None, agent_match: str | None = None, config: PathLike | None = None,
            **settings: Any) -> ArclightConfig:
     """The config ``train`` would run with these arguments, checked, without running anything."""
-    return _load(config, _overrides(agent=agent, dataset=dataset, eval_dataset=eval_dataset, agent_match=agent_match,
-                                    config=config, settings=settings))
-
-
-def _load(path: PathLike | None, overrides: list[str]) -> ArclightConfig:
-    return load_config(path, overrides=overrides)
+    return load_config(config, overrides=_overrides(agent=agent, dataset=dataset, eval_dataset=eval_dataset,
+                                                    agent_match=agent_match, config=config, settings=settings))
 
 
 def _overrides(*, agent: Any, dataset: Tasks | None, eval_dataset: Tasks | None, agent_match: str | None,
@@ -132,11 +128,14 @@ def _put(nested: dict[str, Any], parts: list[str], value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"setting {'.'.join(parts)}: {part!r} was given a value, not a section")
-    if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+    last = parts[-1]
+    if isinstance(value, Mapping) and value:  # copied key by key: the caller's mappings are never changed
+        if not isinstance(node.get(last), dict):
+            node[last] = {}
         for key, inner in value.items():
-            _put(node[parts[-1]], [str(key)], inner)
+            _put(node[last], [str(key)], inner)
     else:
-        node[parts[-1]] = dict(value) if isinstance(value, Mapping) else value
+        node[last] = {} if isinstance(value, Mapping) else value
 
 
 def _flat(nested: Mapping[str, Any], model: type[BaseModel] | None, prefix: str = "") -> list[tuple[str, Any]]:
@@ -267,7 +266,7 @@ def _prefect_api(cfg: ArclightConfig) -> Iterator[str]:
     from flows.api import prefect_api
 
     url = None
-    if "PREFECT_API_URL" not in os.environ and "prefect" in sys.modules:
+    if "PREFECT_API_URL" not in os.environ:
         from prefect.settings import PREFECT_API_URL
 
         url = PREFECT_API_URL.value() or None
