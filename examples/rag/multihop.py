@@ -14,6 +14,7 @@ each step's wall time, goes to ``multihop_results.jsonl`` beside this file.
 
     .venv/bin/python examples/rag/multihop.py --seeds 0 1 2
     .venv/bin/python examples/rag/multihop.py --seeds 0 --sft-epochs 1 --grpo-epochs 0 --eval-tasks 8 --set rollouts.tasks_per_epoch=4
+    .venv/bin/python examples/rag/multihop.py --seeds 0 --grpo-set pipeline.advantage=turn   # a switch for GRPO only
     .venv/bin/python examples/rag/multihop.py --summary     # the seeds' records: mean ± spread per step and split
 """
 
@@ -55,11 +56,11 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
     cfg = load_config(SFT, overrides=sft)
     grpo = project_overrides(GRPO, cfg.project_dir, cfg.run_name,
                              ["collector.port=0", "gateway.port=0", "serving.port=0", f"rollouts.seed={seed}",
-                              f"trainer.seed={seed}", *common])
+                              f"trainer.seed={seed}", *common, *args.grpo_overrides])
     steps: list[dict] = []
     record = {"seed": seed, "project": str(cfg.project_dir), "machine": machine(), "uptime_before": uptime(),
               "sft_epochs": args.sft_epochs, "grpo_epochs": args.grpo_epochs, "eval_tasks": args.eval_tasks,
-              "overrides": args.overrides, "steps": steps}
+              "overrides": args.overrides, "grpo_overrides": args.grpo_overrides, "steps": steps}
 
     def timed(name: str, fn) -> object:
         started = time.perf_counter()
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="print the records in --out as a table, run nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override KEY=VALUE for both steps (repeatable)")
+    parser.add_argument("--grpo-set", dest="grpo_overrides", action="append", default=[],
+                        help="config override KEY=VALUE for the GRPO step only (repeatable), e.g. pipeline.advantage=turn")
     args = parser.parse_args()
     if args.summary:
         print(summary(args.out))
