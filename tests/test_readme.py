@@ -1,8 +1,10 @@
 """The README's snippets run as written: the tour's Python blocks and its queries on the lake they make, and
 `arclight init`, in a fresh folder, in the order a reader meets them.
 
-Left to other tests: the Python API's block (it trains; tests/test_python_api.py runs docs/python-api.md's), and the
-commands that start servers (`arclight train` after `init`: tests/test_init.py; make train: tests/test_main_job.py).
+The Python API's block trains, so here it runs with ``arclight.config`` in place of ``arclight.train`` (the same
+arguments, checked, nothing started) in the folder `arclight init` made; tests/test_python_api.py trains through the
+API. The commands that start servers are left to their tests: `arclight train` after `init` (tests/test_init.py),
+make train (tests/test_main_job.py).
 """
 
 from __future__ import annotations
@@ -59,3 +61,10 @@ def test_the_readmes_arclight_init_makes_the_project_its_train_line_names(tmp_pa
     trains = [line for block in _blocks("bash") for line in block.splitlines() if line.startswith("arclight train my")]
     assert trains and {tmp_path / shlex.split(line, comments=True)[2] for line in trains} == {tmp_path / "my-agent" / "config.yaml"}
     assert (tmp_path / "my-agent" / "config.yaml").is_file() and (tmp_path / "my-agent" / "agent.py").is_file()
+
+    [api] = [b for b in _blocks("python") if "import arclight\n" in b]
+    assert "arclight.train(" in api and api.splitlines()[-1].startswith("print(result.")
+    checked = "\n".join(api.splitlines()[:-1]).replace("arclight.train(", "arclight.config(")
+    ran = _run([sys.executable, "-c", checked + "\nprint(result.rollouts.agent, result.rollouts.dataset, result.epochs)"],
+               tmp_path / "my-agent").stdout.split()
+    assert ran == ["agent:run", str(tmp_path / "my-agent" / "tasks.jsonl"), "1"]
