@@ -127,6 +127,19 @@ def test_logging_is_put_back_as_found_after_a_block_that_took_it_over_and_failed
         logs._flow_log = None  # to_project_log's, undone by as_found
 
 
+def _session_settings(tmp_path, *, run_name, vllm_server, collector, collector_config, tiny_model_dir) -> dict:
+    """Config keys of a small run on the session's services: two rollouts a task, a held-out evaluation each epoch."""
+    return dict(
+        project_dir=tmp_path, name="apitest", run_name=run_name,
+        lake={"path": collector_config.lake.path, "catalog": tmp_path / "catalog.duckdb"},
+        collector={"endpoint": collector.url}, gateway={"port": free_port()},
+        serving={"urls": [vllm_server.url], "redeploy": "lora"},  # the session's vLLM: its base weights stay
+        model={"path": tiny_model_dir, "served_name": "tiny"}, tracking={"traces": "off"},
+        rollouts={"group_size": 2, "concurrency": 4, "timeout_s": 20},
+        trainer={"micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "learning_rate": 0.01},
+        evaluation={"every_epochs": 1, "at_start": False})
+
+
 @pytest.mark.integration
 def test_the_python_api_trains_an_epoch_in_process_then_another_and_leaves_the_callers_logging_as_found(
         prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir):
@@ -141,15 +154,8 @@ def test_the_python_api_trains_an_epoch_in_process_then_another_and_leaves_the_c
     root.setLevel(logging.INFO)
     logging.getLogger("notebook").setLevel(logging.DEBUG)
     questions = [{"id": f"q{i}", "question": f"Say the word {w}.", "target": w} for i, w in enumerate(["xyzzy", "plugh"])]
-    settings = dict(
-        project_dir=tmp_path, name="apitest", run_name="api",
-        lake={"path": collector_config.lake.path, "catalog": tmp_path / "catalog.duckdb"},
-        collector={"endpoint": collector.url}, gateway={"port": free_port()},
-        serving={"urls": [vllm_server.url], "redeploy": "lora"},  # the session's vLLM: its base weights stay
-        model={"path": tiny_model_dir, "served_name": "tiny"}, tracking={"traces": "off"},
-        rollouts={"group_size": 2, "concurrency": 4, "timeout_s": 20},
-        trainer={"micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "learning_rate": 0.01},
-        evaluation={"every_epochs": 1, "at_start": False})
+    settings = _session_settings(tmp_path, run_name="api", vllm_server=vllm_server, collector=collector,
+                                 collector_config=collector_config, tiny_model_dir=tiny_model_dir)
     try:
         before = _logging_state()
         first = arclight.train(agent=solve, dataset=questions, eval_dataset=questions, agent_match="^solver$", epochs=1,
@@ -190,3 +196,69 @@ def test_the_python_api_trains_an_epoch_in_process_then_another_and_leaves_the_c
     finally:
         root.removeHandler(mine)
         root.setLevel(level)
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_python_api_as_it_stops_the_command_and_comes_out_as_keyboard_interrupt(
+        prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir):
+    """A SIGINT while an agent hangs: its process group is killed, its rollout stays planned (the next call runs it),
+    the call's gateway stops, and the caller gets KeyboardInterrupt with its signal handler and logging as before."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from lightning_core.common import stopping
+    from lightning_core.store.catalog import Catalog
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    settings = _session_settings(tmp_path, run_name="stop", vllm_server=vllm_server, collector=collector,
+                                 collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    settings["rollouts"] = {"group_size": 1, "timeout_s": 120}
+
+    returned = threading.Event()
+
+    def interrupt_once_the_agent_hangs() -> None:
+        while not returned.is_set():  # never once the call is over: the signal would stop the test session
+            if any(pids.iterdir()):
+                os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C, or a notebook's "interrupt the kernel"
+                return
+            time.sleep(0.1)
+
+    handler, before = signal.getsignal(signal.SIGINT), _logging_state()
+    sender = threading.Thread(target=interrupt_once_the_agent_hangs, daemon=True)
+    sender.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            arclight.train(agent="tests.helpers.flow_agent:run", agent_match=".*", epochs=1, **settings, dataset=[
+                {"id": "stuck", "behavior": "hang", "question": "", "target": "", "pid_dir": str(pids)}])
+    finally:
+        returned.set()
+        sender.join(timeout=5)
+    assert time.monotonic() - started < 150
+    [written] = list(pids.iterdir())
+    agent_pids = [int(p) for p in written.read_text().split()]
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(alive, agent_pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in agent_pids if alive(p)] == []  # the agent and the child it started
+    cfg = arclight.config(**settings)
+    with Catalog.from_config(cfg).read(spans=False) as con:
+        assert con.execute("SELECT task_id, status FROM rollouts WHERE run_id = 'stop'").fetchall() == [("stuck", "planned")]
+    with pytest.raises(OSError):  # the call's gateway stopped with it
+        import socket
+
+        socket.create_connection(("127.0.0.1", cfg.gateway.port), timeout=1).close()
+    assert signal.getsignal(signal.SIGINT) is handler and not stopping.stopping()
+    assert _changed(before, _logging_state()) == {}
