@@ -165,9 +165,10 @@ def test_make_train_runs_three_epochs_through_the_log_cleanup_trap_with_every_sp
     assert "held-out success" in output and "calc-v3" in output
     # results read as text in a pipe, never a Python dict; the machine-readable form is in the log
     assert not re.search(r"\{'\w+': ", output), re.search(r".*\{'\w+': .*", output).group(0)
-    assert re.search(r"held-out base after 0 epochs: \d+/10 tasks succeeded \(\d+%\), reward \d\.\d{3} on test\.jsonl",
+    # the base model's evaluation on 10 held-out tasks is labelled base@10 (evaluation.tasks caps the set)
+    assert re.search(r"held-out base@10 after 0 epochs: \d+/10 tasks succeeded \(\d+%\), reward \d\.\d{3} on test\.jsonl",
                      output), output[-3000:]
-    assert 'evaluation base: {"label": "base"' in logged
+    assert 'evaluation base@10: {"label": "base@10"' in logged
     print(f"main job: 3 epochs in {main_job.seconds:.0f} s; rollouts {statuses}")
 
 
