@@ -158,6 +158,7 @@ def test_ctrl_c_while_one_rank_trains_cancels_its_ray_task(tmp_path):
     from ray.exceptions import RayError
 
     from lightning_core.epoch.train_hosts import _wait_for
+    from tests.helpers.ray_head import ray_auth
 
     def rank_that_publishes(marker: str) -> None:  # a rank in little (nested: Ray ships it by value)
         import time
@@ -166,15 +167,17 @@ def test_ctrl_c_while_one_rank_trains_cancels_its_ray_task(tmp_path):
         Path(marker).write_text("published")  # ... and publishes
 
     marker = tmp_path / "published"
-    ray.init(address="local", num_cpus=1, resources={"train": 1}, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
-    try:
-        ref = ray.remote(max_retries=0)(rank_that_publishes).options(num_cpus=0, resources={"train": 1}).remote(str(marker))
-        threading.Timer(1.5, _thread.interrupt_main).start()  # the first Ctrl-C raises KeyboardInterrupt in the main thread
-        with pytest.raises(KeyboardInterrupt):
-            _wait_for([ref], job=_job(tmp_path), should_stop=None)
-        with pytest.raises(RayError):  # cancelled: it never returns
-            ray.get(ref, timeout=60)
-        assert not marker.exists()
-    finally:
-        ray.shutdown()
+    with ray_auth():  # this process's Ray token: Ray keeps the first token a process reads
+        ray.init(address="local", num_cpus=1, resources={"train": 1}, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
+        try:
+            ref = ray.remote(max_retries=0)(rank_that_publishes).options(num_cpus=0, resources={"train": 1}).remote(
+                str(marker))
+            threading.Timer(1.5, _thread.interrupt_main).start()  # the first Ctrl-C: KeyboardInterrupt in the main thread
+            with pytest.raises(KeyboardInterrupt):
+                _wait_for([ref], job=_job(tmp_path), should_stop=None)
+            with pytest.raises(RayError):  # cancelled: it never returns
+                ray.get(ref, timeout=60)
+            assert not marker.exists()
+        finally:
+            ray.shutdown()
