@@ -633,6 +633,17 @@ class ArclightConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _one_ray_driver_under_async_epochs(self) -> "ArclightConfig":
+        if not (self.trainer.max_staleness and self.trainer.executor == "ray" and self.rollouts.executor == "ray"):
+            return self
+        raise ValueError(
+            f"trainer.max_staleness = {self.trainer.max_staleness} runs the next epoch's rollouts while this epoch "
+            "trains, and both go through the flow's one Ray driver here (rollouts.executor=ray, trainer.executor=ray): "
+            "the rollouts' runner (prefect-ray's RayTaskRunner) calls ray.shutdown() when its round ends, which can "
+            "cut the connection the training waits on, and the training would fail (untested, so refused). Set "
+            "trainer.max_staleness: 0, or rollouts.executor: local or dask (docs/config.md#trainer)")
+
+    @model_validator(mode="after")
     def _weights_fetched_beside_vllm(self) -> "ArclightConfig":
         if not (self.serving.weights_uri and self.serving.urls):
             return self

@@ -37,6 +37,17 @@ def test_training_on_a_train_host_is_refused_without_a_cluster_a_weights_store_o
         load_config(None, values={"policies": [{"name": "a", "trainer": {"executor": "ray"}}]})
 
 
+def test_async_epochs_with_ray_rollouts_and_ray_training_are_refused_at_load():
+    both = ["trainer.executor=ray", "rollouts.executor=ray", "rollouts.address=10.0.0.2:6379", *SERVER]
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, overrides=[*both, "trainer.max_staleness=1"])
+    text = str(refused.value)
+    assert "trainer.max_staleness = 1" in text and "ray.shutdown()" in text  # what was found, and why
+    assert "trainer.max_staleness: 0" in text and "rollouts.executor" in text  # the settings that fix it
+    assert load_config(None, overrides=both).trainer.max_staleness == 0  # the epochs one after another
+    assert load_config(None, overrides=[*both[:1], *both[2:], "trainer.max_staleness=1"]).rollouts.executor == "local"
+
+
 def _job(tmp_path: Path, **kw) -> TrainJob:
     config = load_config(None, overrides=[f"project_dir={tmp_path / 'host'}", f"serving.weights_uri=file://{tmp_path}/store"]).resolved()
     fields = dict(config=config, policy="calc", version="calc-v3", run_id="r1", epoch=2, cfg=config.trainer, samples=[],
