@@ -556,9 +556,13 @@ class CriticConfig(Section):
 
 
 class PromptOptimizationConfig(Section):
-    """Automatic prompt optimisation (APO): beam search over a prompt resource with textual gradients."""
+    """Automatic prompt optimisation (APO): beam search over a prompt resource with textual gradients, or GEPA."""
 
-    prompt: str | None = Field(None, description="Which prompt of rollouts.resources.prompts to optimise; None = the only one.")
+    algorithm: Literal["beam", "gepa"] = Field(
+        "beam", description="beam: our beam search (rounds, beam_width, branch_factor); gepa: the gepa library's reflective "
+        "Pareto search (max_metric_calls, minibatch_size), which edits every named prompt at once unless `prompt` names one.")
+    prompt: str | None = Field(None, description="Which prompt of rollouts.resources.prompts to optimise; None = the only one "
+                               "(gepa: all of them, one GEPA component each).")
     run_name: str | None = Field(None, description="Run id of the search's rollouts and critic calls; default <run_name>.apo.")
     rounds: int = Field(3, ge=1, description="Beam-search rounds after scoring the starting prompt.")
     beam_width: int = Field(2, ge=1, description="Candidates kept after each round.")
@@ -568,6 +572,10 @@ class PromptOptimizationConfig(Section):
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the agent while candidates are scored (0: greedy).")
     failures: int = Field(4, ge=1, description="Lowest-reward trajectories shown to the critic per critique.")
     max_rollouts: int | None = Field(None, ge=1, description="Rollout budget of the search; a round that would exceed it is not started.")
+    max_metric_calls: int | None = Field(None, ge=1, description="gepa: its budget, in task evaluations (each runs "
+                                         "samples_per_task rollouts); None = max_rollouts // samples_per_task.")
+    minibatch_size: int = Field(3, ge=1, description="gepa: training tasks a candidate runs before the reflection model "
+                                "edits it (GEPA's reflection_minibatch_size); the validation split is tasks_per_eval tasks.")
     max_prompt_chars: int = Field(2000, ge=16, description="Edited prompts longer than this are cut off there.")
     held_out: bool = Field(True, description="At the end, evaluate the starting and the best prompt on rollouts.eval_dataset.")
     promote: bool = Field(True, description="Make the best prompt the serving version (used by later train and evaluate runs).")

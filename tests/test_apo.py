@@ -263,3 +263,115 @@ def test_a_hosted_critic_without_its_key_says_which_variable_to_set(tmp_path, mo
                       "prompt_optimization.critic.model=m", "prompt_optimization.critic.api_key_env=NO_SUCH_KEY_FOR_ARCLIGHT")
     with pytest.raises(apo.ApoError, match=r"\$NO_SUCH_KEY_FOR_ARCLIGHT is empty"):
         critic.make_critic(cfg, gateway_client=None, collector_url="http://127.0.0.1:9", collector_token=None)
+
+
+def _trajectory(**extra) -> dict:
+    system = {"role": "system", "content": "Answer briefly."}
+    question = {"role": "user", "content": "Say 3."}
+    first = {"agent": "planner", "messages": [{"role": "system", "content": "Plan."}, question], "response": "CALC: 3"}
+    second = {"agent": "prompted", "messages": [system, question, {"role": "assistant", "content": "CALC: 3"},
+                                                {"role": "tool", "content": "RESULT: 3"}], "response": "It is 3."}
+    return {"rollout_id": "r-1", "task_id": "t3", "task": {"id": "t3", "question": "Say 3.", "answer": 3}, "reward": 0.5,
+            "status": "finished", "error": None, "calls": [first, second, {"agent": "judge", "messages": [question],
+                                                                          "response": "ok"}],
+            "failed_tools": [{"tool": "calc", "error": "ZeroDivisionError: division by zero\nTraceback"}], **extra}
+
+
+def test_gepa_reflective_records_carry_the_task_the_steered_call_its_answer_the_reward_and_failed_tools():
+    from lightning_core.apo import gepa_adapter
+
+    failure = gepa_adapter.as_failure(_trajectory(), "Answer briefly.")
+    assert (failure["agent"], failure["response"]) == ("prompted", "It is 3.")  # the call whose messages hold the prompt
+    assert gepa_adapter.as_failure(_trajectory(), "Never used.")["agent"] == "judge"  # else the last call
+    rec = gepa_adapter.record(failure)
+    assert rec["Inputs"] == {"task": '{"question": "Say 3.", "answer": 3}', "agent": "prompted",
+                             "conversation": "user: Say 3.\nassistant: CALC: 3\ntool: RESULT: 3"}
+    assert rec["Generated Outputs"] == "It is 3."
+    assert rec["Feedback"] == "reward: 0.5 (finished); tool calc failed: ZeroDivisionError: division by zero"
+    failed = gepa_adapter.record(gepa_adapter.as_failure(_trajectory(reward=None, status="failed", error="Timeout\nx",
+                                                                     failed_tools=[], calls=[]), "Answer briefly."))
+    assert failed == {"Inputs": {"task": '{"question": "Say 3.", "answer": 3}'}, "Generated Outputs": "",
+                      "Feedback": "reward: none (failed); error: Timeout"}
+
+
+def test_gepa_splits_validation_from_training_tasks_and_names_its_budget_and_prompts(tmp_path):
+    from lightning_core.apo import gepa_adapter
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(t) + "\n" for t in _tasks("t", 8)))
+    cfg = make_config(tmp_path, f"rollouts.dataset={data}", "prompt_optimization.tasks_per_eval=3",
+                      'rollouts.resources={"prompts": {"writer": "W.", "rewriter": "R."}}', "prompt_optimization.algorithm=gepa")
+    train, val = gepa_adapter.split_tasks(cfg)
+    assert len(val) == 3 and len(train) == 5 and not {t["id"] for t in val} & {t["id"] for t in train}
+    assert [t["id"] for t in val] == [t["id"] for t in apo.draw_tasks(cfg, 0)]
+    assert apo.target_prompts(cfg) == ["rewriter", "writer"]  # GEPA: one component per named prompt
+    with pytest.raises(apo.ApoError, match="set prompt_optimization.max_metric_calls"):
+        apo.gepa_budget(cfg)
+    assert apo.gepa_budget(make_config(tmp_path, "prompt_optimization.max_rollouts=40",
+                                       "prompt_optimization.samples_per_task=2")) == 20
+    one = make_config(tmp_path, 'rollouts.resources={"prompts": {"writer": "W.", "rewriter": "R."}}',
+                      "prompt_optimization.algorithm=gepa", "prompt_optimization.prompt=writer")
+    assert apo.target_prompts(one) == ["writer"]
+    beam = make_config(tmp_path, 'rollouts.resources={"prompts": {"writer": "W.", "rewriter": "R."}}')
+    with pytest.raises(apo.ApoError, match="choose one with prompt_optimization.prompt"):
+        apo.target_prompts(beam)
+    v1 = prompts.PromptVersion("writer-v1", "writer", 1, "W.", None, None, None, "config", None, None, None, True)
+    assert gepa_adapter.label({"writer": v1}, [{"id": "b"}, {"id": "a"}]) == gepa_adapter.label({"writer": v1}, [{"id": "a"}, {"id": "b"}])
+    assert gepa_adapter.label({"writer": v1}, [{"id": "a"}]).startswith("writer-v1 g")
+
+
+@pytest.mark.integration
+def test_gepa_search_records_its_candidates_reflects_on_the_lake_and_promotes_the_best(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    """GEPA (the library) through the real gateway, collector and lake, with the scripted critic: 20 task evaluations."""
+    from flows.optimize_prompt import optimize_prompt
+    from tests.helpers import prompt_critic
+
+    fixtures = dict(vllm_server=vllm_server, collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir)
+    overrides = _apo_overrides(tmp_path, fixtures, **{
+        "run_name": "gepa", "prompt_optimization.algorithm": "gepa", "prompt_optimization.max_metric_calls": "20",
+        "prompt_optimization.minibatch_size": "2", "prompt_optimization.held_out": "false"})
+    prompt_critic.SEEN.clear()
+    summary = optimize_prompt(overrides=overrides)
+    cfg = make_config(tmp_path, *overrides)
+    catalog = Catalog.from_config(cfg)
+
+    # candidates and parents: every new version descends from one GEPA reflected on, through the critic's edit
+    found = {v.version: v for v in prompts.versions(catalog, "instructions")}
+    assert found["instructions-v1"].made_by == "config" and found["instructions-v1"].parent_version is None
+    children = [v for v in found.values() if v.version != "instructions-v1"]
+    assert children and all(v.made_by == "scripted" and v.run_id == "gepa.apo" and v.critique for v in children)
+    assert all(v.text == f"{found[v.parent_version].text} Mention {v.text.rsplit(' ', 1)[1]}" for v in children)
+    assert summary["metric_calls"] <= 20 and summary["rollouts"] == summary["metric_calls"]  # one sample per task
+
+    # the reflective dataset, from the lake: per task, its text, the model's answer in the lake, the reward
+    lines = [json.loads(line) for line in (catalog.state_root / "gepa" / "gepa.apo" / "reflections.jsonl").read_text().splitlines()]
+    assert lines and all(set(line["dataset"]) == {"instructions"} for line in lines)
+    first = lines[0]
+    with catalog.read() as con:
+        answers = dict(con.execute(
+            "SELECT task_id, json_extract_string(attributes, '$.\"arclight.llm.response_text\"') FROM spans "
+            "WHERE run_id = 'gepa.apo' AND epoch = ? AND span_kind = 'llm'", [first["epoch"]]).fetchall())
+        rewards = dict(con.execute("SELECT task_id, reward FROM rollouts WHERE run_id = 'gepa.apo' AND epoch = ?",
+                                   [first["epoch"]]).fetchall())
+    records = first["dataset"]["instructions"]
+    assert len(records) == len(answers) == 2  # the minibatch
+    by_question = {json.loads(r["Inputs"]["task"])["question"]: r for r in records}
+    questions = {f"Say {task_id[1:]}.": task_id for task_id in answers}
+    assert set(by_question) == set(questions)
+    for question, r in by_question.items():
+        assert r["Generated Outputs"] == answers[questions[question]]
+        assert r["Feedback"] == f"reward: {rewards[questions[question]]} (succeeded)"
+        assert r["Inputs"]["agent"] == "prompted"
+    assert prompt_critic.SEEN and all(f["reward"] < 1 and f["messages"][0]["role"] == "system" for f in prompt_critic.SEEN)
+
+    # the best on the validation split is promoted; its score is over the 4 validation tasks
+    best = found[summary["best"]]
+    assert summary["start_score"] == 0.0 < summary["best_score"] == best.score and best.score_tasks == 4
+    assert summary["promoted"] and best.serving and not found["instructions-v1"].serving
+    assert best.score == max(v.score for v in found.values() if v.score is not None)
+
+    # a second run resumes from GEPA's state: nothing is evaluated again
+    again = optimize_prompt(overrides=overrides)
+    assert (again["rollouts"], again["best"]) == (summary["rollouts"], summary["best"])

@@ -121,6 +121,10 @@ class ModelCritic:
             out.append(Proposal(critique=critique.strip(), text=text))
         return out
 
+    def chat(self, messages: list[dict[str, Any]], *, role: str, where: CallSite, k: int = 0) -> str:
+        """Ask the critic's model one question (traced like a critique); GEPA's reflection model calls this."""
+        return self._chat(messages, role=role, where=where, k=k)
+
     def _chat(self, messages: list[dict[str, str]], *, role: str, where: CallSite, k: int) -> str:
         import openai
 

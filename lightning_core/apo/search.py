@@ -54,6 +54,27 @@ def target_prompt(config: ArclightConfig) -> str:
     return chosen
 
 
+def target_prompts(config: ArclightConfig) -> list[str]:
+    """Return the prompts the search edits: GEPA edits every named prompt unless ``prompt`` names one; beam one."""
+    from lightning_core.apo.prompts import configured
+
+    po = config.prompt_optimization
+    if po.algorithm == "gepa" and po.prompt is None and configured(config):
+        return sorted(configured(config))
+    return [target_prompt(config)]
+
+
+def gepa_budget(config: ArclightConfig) -> int:
+    """Return GEPA's budget in task evaluations (``max_metric_calls``, else ``max_rollouts // samples_per_task``)."""
+    po = config.prompt_optimization
+    if po.max_metric_calls is not None:
+        return po.max_metric_calls
+    if po.max_rollouts is not None:
+        return max(1, po.max_rollouts // po.samples_per_task)
+    raise ApoError("prompt_optimization.algorithm is 'gepa', which needs a budget: set prompt_optimization.max_metric_calls "
+                   "(task evaluations) or prompt_optimization.max_rollouts")
+
+
 def draw_tasks(config: ArclightConfig, round: int) -> list[dict[str, Any]]:
     """Return the training tasks every candidate of ``round`` runs (seeded by the round)."""
     if config.rollouts.dataset is None:

@@ -18,13 +18,15 @@ from lightning_core.config import ArclightConfig
 @project(positional=True)
 def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str], verbose: bool = VerboseOpt,
                     fmt: str = FormatOpt) -> None:
-    """Improve a prompt resource by beam search with a critic (APO); promote the best version; report held-out scores."""
+    """Improve prompt resources by beam search or GEPA with a critic (APO); promote the best version; report held-out scores."""
     from lightning_core.apo import search as apo
     from lightning_core.cli.progress import run_with_progress
 
     check_format(fmt)
     try:
-        target = apo.target_prompt(cfg)
+        target = "+".join(apo.target_prompts(cfg))
+        if cfg.prompt_optimization.algorithm == "gepa":
+            apo.gepa_budget(cfg)
     except apo.ApoError as exc:
         fail(str(exc), code=2)
     extra = list(overrides or [])
