@@ -62,6 +62,16 @@ def start_run(config, *, run_id: str, policy: str, params: dict[str, Any], lake:
         active = mlflow.start_run(experiment_id=exp, run_name=f"{run_id}/{policy}",
                                   tags={"arclight.run_id": run_id, "arclight.policy": policy, LAKE: lake})
         have = {}
+    _log_new_params(params, have=have)
+    return active
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log to the active run the params it does not have yet (a changed one as a tag, as ``start_run``)."""
+    _log_new_params(params, have=MlflowClient().get_run(mlflow.active_run().info.run_id).data.params)
+
+
+def _log_new_params(params: dict[str, Any], *, have: dict[str, str]) -> None:
     new = {k: _param(v) for k, v in params.items() if k not in have}
     changed = {k: _param(v) for k, v in params.items() if k in have and have[k] != _param(v)}
     if new:
@@ -69,7 +79,6 @@ def start_run(config, *, run_id: str, policy: str, params: dict[str, Any], lake:
     if changed:  # MLflow params are immutable; record the change as a tag
         log.warning("params changed since the run started (kept as tags): %s", sorted(changed))
         mlflow.set_tags({f"param_changed.{k}": v for k, v in changed.items()})
-    return active
 
 
 def traces_url(config, *, ui: str = "http://127.0.0.1:5000") -> str:

@@ -127,7 +127,7 @@ def test_a_local_folder_named_like_the_parent_is_used_only_when_it_is_the_publis
 
 
 def test_a_train_host_keeps_serving_keep_versions_of_its_versions_merged_weights_states_and_fetched_parents(tmp_path, tiny):
-    config = _config(tmp_path, "serving.keep_versions=2")
+    config = _config(tmp_path, "serving.keep_versions=2", f"model.path={tiny}")  # each host resolves model.path
     root = config.trainer.output_dir / "calc"
     parents = config.project_dir / ".arclight" / "trainer" / "parents" / "calc"
     for n in range(1, 6):

@@ -245,14 +245,12 @@ def _parents_root(config: ArclightConfig, policy: str) -> Path:
 
 
 def _with_parent_here(job: TrainJob) -> TrainJob:
-    """The job with the base model and the parent version as this host has them: the base model as this host
-    resolves it when the flow's path is not here; the parent from this host's disk when it trained it, else fetched
-    from ``serving.weights_uri`` with its optimizer state."""
+    """The job with the base model and the parent version as this host has them: the base model (LoRA's, and full
+    fine-tuning's first version's) as this host resolves ``model.path``, never the flow's path; the parent from this
+    host's disk when it trained it, else fetched from ``serving.weights_uri`` with its optimizer state."""
     config = job.config
-    if not Path(job.base_model_dir).is_dir() and job.cfg.finetune != "full":
-        from lightning_core.serving.vllm import model_dir
-
-        job = dataclasses.replace(job, base_model_dir=str(model_dir(config)))
+    if job.cfg.finetune != "full" or job.parent_version is None:
+        job = dataclasses.replace(job, base_model_dir=_base_model_here(job))
     if job.parent_version is None:
         return job
     if job.cfg.finetune == "full":
@@ -281,6 +279,24 @@ def _with_parent_here(job: TrainJob) -> TrainJob:
         return dataclasses.replace(job, base_model_dir=str(fetched), parent_state_dir=str(state) if state else None)
     return dataclasses.replace(job, parent_adapter_dir=str(fetched),
                                parent_state_dir=str(state) if state else str(fetched))
+
+
+def _base_model_here(job: TrainJob) -> str:
+    """The base model's folder on this host: ``model.path`` as configured (the job carries the config), resolved
+    here: a folder, a Hugging Face id in this host's cache (downloaded unless offline), or the prepared SmolLM2 under
+    this host's ``models/`` (``$ARCLIGHT_HOME``, else the checkout)."""
+    import socket
+
+    from lightning_core.common.model import ModelError, resolve_model
+
+    try:
+        return str(resolve_model(job.config))
+    except ModelError as exc:
+        raise TrainHostError(
+            f"training {job.version} on train host {socket.gethostname()} needs the base model, which this host does "
+            f"not have: {exc}. The flow's host resolved it to {job.base_model_dir}; each train host resolves model.path "
+            "itself: prepare it there (`arclight model prepare`, or the same folder), or set model.path to a Hugging "
+            "Face id (fetched into each host's cache)") from None
 
 
 def _with_reference_here(job: TrainJob) -> TrainJob:

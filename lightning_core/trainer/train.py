@@ -79,7 +79,8 @@ class TrainJob:
     version: str
     run_id: str
     epoch: int
-    cfg: TrainerConfig             # the policy's settings: learning rate scheduled, behaviour correction resolved
+    cfg: TrainerConfig             # the policy's settings, learning rate scheduled; what depends on the machine (the
+                                   # attention's backend, the behaviour correction) is resolved where it trains
     samples: list[Any]
     base_model_dir: str            # the weights to load: the base model, or a full-finetune parent's checkpoint
     parent_version: str | None
@@ -91,17 +92,20 @@ class TrainJob:
                                     # the executor, which knows how vLLM serves)
     reference_version: str | None = None  # the KL reference's version (trainer.kl_reference: warm_start)
     reference_dir: str | None = None  # where the KL reference is when not the policy's own base (kl_reference_dir)
+    vllm_numerics: str | None = None  # how vLLM computes, as the flow's host sees it (``vllm_numerics``); None: here
 
 
 @dataclass
 class TrainDone:
     """What computing a version gave: its steps and, unless every step was skipped, its folder on the machine that
-    computed it; a train host also says where it logged the checkpoint in MLflow."""
+    computed it, and what that machine chose for the settings that depend on it; a train host also says where it
+    logged the checkpoint in MLflow."""
 
     steps: list[dict[str, float]]
     path: str | None
     source: str | None = None
     host: str | None = None
+    chosen: dict[str, str] = field(default_factory=dict)  # what the machine that trained chose (``machine_choices``)
 
 
 # runs a TrainJob somewhere (epoch/train_hosts.py: on a Ray node) and gives back what it made; asks should_stop
@@ -122,6 +126,7 @@ def compute_version(job: TrainJob, *, on_step: Callable[[int, dict[str, float]],
         if device.type == "cuda":
             device = torch.device("cuda", 0)
             torch.cuda.set_device(device)
+    cfg, chosen = machine_choices(config, cfg, device=device, vllm=job.vllm_numerics)
     amp = autocast_dtype(cfg.dtype, device)
     model = load_policy_model(
         job.base_model_dir, finetune=cfg.finetune, device=device, bf16=amp is not None, lora_r=cfg.lora_r,
@@ -144,7 +149,7 @@ def compute_version(job: TrainJob, *, on_step: Callable[[int, dict[str, float]],
                                seed=cfg.seed + job.epoch, parent_dir=parent_dir, parent_adapter_dir=job.parent_adapter_dir,
                                should_stop=should_stop, on_step=on_step, reference_dir=job.reference_dir)
     if (rank is not None and rank.rank != 0) or all(s.get("skipped") for s in steps):
-        return TrainDone(steps=steps, path=None)
+        return TrainDone(steps=steps, path=None, chosen=chosen)
     root = Path(cfg.output_dir) / job.policy
     # a folder of that name is an interrupted training's (saved, never recorded): nothing points at it
     path = save_atomically(lambda tmp: _save_model(model, tmp, cfg=cfg, base_model_dir=job.base_model_dir,
@@ -153,7 +158,21 @@ def compute_version(job: TrainJob, *, on_step: Callable[[int, dict[str, float]],
     if config.serving.weights_uri:  # for vLLM hosts that do not share this disk: before the version is recorded
         published.publish(path, published.join(config.serving.weights_uri, job.policy, job.version),
                           options=config.serving.weights_storage_options, leave_out=SERVING_LEAVES_OUT)
-    return TrainDone(steps=steps, path=str(path))
+    return TrainDone(steps=steps, path=str(path), chosen=chosen)
+
+
+def machine_choices(config: ArclightConfig, cfg: TrainerConfig, *, device: torch.device,
+                    vllm: str | None = None) -> tuple[TrainerConfig, dict[str, str]]:
+    """The settings that depend on the machine that trains, chosen on it (a train host's own device, not the flow's):
+    GRPO's tree attention backend (``trainer.attention``) and behaviour correction with why; ``cfg`` with the
+    correction resolved. The flow logs them as the MLflow params of the policy's run. ``vllm``: how vLLM computes, as
+    the flow's host sees it (``vllm_numerics``; default: as this machine does)."""
+    if cfg.mode != "grpo":
+        return cfg, {}
+    correction, why = behaviour_correction(config, cfg, device=device, vllm=vllm)
+    chosen = {"attention_backend": choose_attention(cfg.attention, device=device),
+              "behaviour_correction_used": correction, "behaviour_correction_why": why}
+    return cfg.model_copy(update={"behaviour_correction": correction}), chosen
 
 
 def train_policy(
@@ -177,13 +196,9 @@ def train_policy(
     ``epoch/train_hosts.py``); default here. The samples, the MLflow run, the version's name, its registration and
     its catalog row stay with the caller either way."""
     cfg = config.trainer_for(policy)
-    correction, why = behaviour_correction(config, cfg)
-    cfg = cfg.model_copy(update={"behaviour_correction": correction})
+    # the attention's backend and the behaviour correction are chosen where the version trains (machine_choices): on a
+    # train host, its own device; they are logged once it reports them
     params = {"policy": policy, "base_model": str(base_model_dir), **cfg.model_dump(mode="json")}
-    if cfg.mode == "grpo":  # the shared-prefix forward's attention on this device (fails here for flex on a CPU)
-        params["attention_backend"] = choose_attention(cfg.attention, device=pick_device(cfg.device))
-        params["behaviour_correction_used"] = correction
-        params["behaviour_correction_why"] = why
     learning_rate = scheduled_learning_rate(cfg, epoch=epoch, epochs=config.epochs)
     cfg = cfg.model_copy(update={"learning_rate": learning_rate})
     rows = [r for r in rows_of(triplets) if r.get("policy") in (None, policy)]
@@ -214,7 +229,6 @@ def train_policy(
     stats["mode"] = cfg.mode  # recorded with the version: an SFT version is a warm start (versions.warm_start)
     reference_version, reference_dir = None, None
     if cfg.mode == "grpo":
-        stats["behaviour_correction"] = correction  # recorded with the version
         reference_version, reference_dir = kl_reference_dir(catalog, cfg, policy=policy, run_id=run_id,
                                                             parent_version=parent_version, base_model_dir=base_model_dir)
         stats["kl_reference"] = cfg.kl_reference if cfg.beta != 0.0 else "off"
@@ -242,7 +256,7 @@ def train_policy(
                        samples=samples, base_model_dir=str(base_model_dir), parent_version=parent_version,
                        parent_adapter_dir=str(parent_adapter_dir) if parent_adapter_dir else None, parent_state_dir=None,
                        mlflow_run_id=mlflow_run_id, first_step=first_step, reference_version=reference_version,
-                       reference_dir=reference_dir)
+                       reference_dir=reference_dir, vllm_numerics=vllm_numerics(config))
         t0 = time.perf_counter()
         if executor is None:
             done = compute_version(job, on_step=lambda i, m: tracking.log_metrics(m, step=first_step + i),
@@ -251,6 +265,9 @@ def train_policy(
             done = executor(job, should_stop)
         steps = done.steps
         stats.update(_summarise(steps, elapsed=time.perf_counter() - t0))
+        if done.chosen:  # as the machine that trained chose them
+            tracking.log_params(done.chosen)
+            stats["behaviour_correction"] = done.chosen["behaviour_correction_used"]  # recorded with the version
         tracking.log_metrics({k: stats[k] for k in ("skipped_steps", "optimizer_steps", *EPOCH_START.values())
                               if k in stats and math.isfinite(stats[k])}, step=epoch)
         # the policy's mean entropy per sampled token over the epoch's steps: per step it is `entropy`
@@ -319,26 +336,38 @@ def kl_reference_dir(catalog: Catalog, cfg: TrainerConfig, *, policy: str, run_i
     return start["version"], start["path"]
 
 
-def behaviour_correction(config: ArclightConfig, cfg: TrainerConfig) -> tuple[str, str]:
+VLLM_UNKNOWN = "unknown"  # an attached vLLM (serving.urls) whose serving.dtype is auto
+
+
+def vllm_numerics(config: ArclightConfig) -> str:
+    """How vLLM computes the policy, as this machine (the flow's, which starts it) sees it: ``<dtype> on <device>``;
+    an attached vLLM (``serving.urls``) computes in ``serving.dtype`` on this machine's kind of device when that is
+    set, and in an unknown way (``VLLM_UNKNOWN``) when it is auto."""
+    if config.serving.urls and config.serving.dtype == "auto":
+        return VLLM_UNKNOWN
+    return f"{hardware.serving_dtype(config)} on {'cuda' if hardware.has_gpu() else 'cpu'}"
+
+
+def behaviour_correction(config: ArclightConfig, cfg: TrainerConfig, *, device: torch.device | None = None,
+                         vllm: str | None = None) -> tuple[str, str]:
     """The behaviour correction the GRPO loss uses, and why: ``trainer.behaviour_correction`` when set; auto is
     decoupled, and the reason says what parts vLLM's recorded logprobs from the trainer's in this run: stale samples
     (the epochs overlap), other numerics (bf16 serving, bf16 autocast, another device: the recorded logprobs differ
     from the trainer's even on-policy, and ppo's ratio against them clips tokens where they disagree), or, where
     both compute in fp32 on one kind of device, vLLM's constrained decoding alone (a grammar masks the logits before
     vLLM computes its logprobs). In fp32 too, decoupled learned more than ppo in 5 of 6 paired runs
-    (docs/config.md#vllm-and-the-trainer), so auto no longer picks ppo anywhere. An attached vLLM (serving.urls)
-    computes in ``serving.dtype`` on this machine's kind of device when that is set, and in an unknown way when it
-    is auto."""
+    (docs/config.md#vllm-and-the-trainer), so auto no longer picks ppo anywhere. ``device``: the trainer's (default:
+    ``trainer.device`` here); ``vllm``: how vLLM computes (``vllm_numerics``; default: as this machine sees it)."""
     if cfg.behaviour_correction != "auto":
         return cfg.behaviour_correction, "set by trainer.behaviour_correction"
     if config.trainer.max_staleness:
         return "decoupled", f"epochs overlap (trainer.max_staleness = {config.trainer.max_staleness})"
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device) if device is None else device
     trainer = f"{'bfloat16 autocast' if autocast_dtype(cfg.dtype, device) is not None else 'float32'} on {device.type}"
-    if config.serving.urls and config.serving.dtype == "auto":
+    serving = vllm_numerics(config) if vllm is None else vllm
+    if serving == VLLM_UNKNOWN:
         return "decoupled", (f"vLLM is attached (serving.urls) and serving.dtype does not say how it computes; the "
                              f"trainer computes {trainer}")
-    serving = f"{hardware.serving_dtype(config)} on {'cuda' if hardware.has_gpu() else 'cpu'}"
     if serving != trainer:
         return "decoupled", f"vLLM computes {serving}, the trainer {trainer}"
     return "decoupled", (f"vLLM and the trainer both compute {trainer}; decoupled all the same, for the logprobs "

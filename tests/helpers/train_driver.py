@@ -38,7 +38,7 @@ def main() -> int:
     from tests.tiny_llama import make_triplets, triplet_table
 
     config = load_config(None, overrides=[
-        f"project_dir={args.project}", "name=hosts", "trainer.micro_batch_size=3",
+        f"project_dir={args.project}", "name=hosts", f"model.path={args.model}", "trainer.micro_batch_size=3",
         f"trainer.tokens_per_step={args.tokens_per_step}", f"trainer.passes={args.passes}", "trainer.learning_rate=0.02",
         "trainer.lora_r=4", "trainer.lora_alpha=8", "trainer.log_samples=0", "trainer.shared_prefix=off",
         f"trainer.processes={args.processes}", f"serving.weights_uri={args.weights}", f"tracking.mlflow_uri={args.mlflow}",
