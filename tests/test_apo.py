@@ -375,3 +375,37 @@ def test_gepa_search_records_its_candidates_reflects_on_the_lake_and_promotes_th
     # a second run resumes from GEPA's state: nothing is evaluated again
     again = optimize_prompt(overrides=overrides)
     assert (again["rollouts"], again["best"]) == (summary["rollouts"], summary["best"])
+
+
+def test_ctrl_c_inside_a_gepa_evaluation_stops_the_search_instead_of_being_logged_and_skipped(tmp_path):
+    import gepa
+
+    from lightning_core.apo import gepa_adapter
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(t) + "\n" for t in _tasks("t", 6)))
+    cfg = make_config(tmp_path, f"rollouts.dataset={data}", "prompt_optimization.tasks_per_eval=2",
+                      'rollouts.resources={"prompts": {"instructions": "Answer briefly."}}', "prompt_optimization.algorithm=gepa",
+                      "prompt_optimization.critic.kind=scripted",
+                      "prompt_optimization.critic.function=tests.helpers.prompt_critic:critic")
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    start = prompts.register_config_prompts(catalog, cfg)
+    train, val = gepa_adapter.split_tasks(cfg)
+    calls = []
+
+    def evaluate(chosen, tasks):  # the first evaluation (the start on the validation split) scores; the second is cut off
+        calls.append(sorted(t["id"] for t in tasks))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return 0, {t["id"]: 0.0 for t in tasks}
+
+    adapter = gepa_adapter.ArclightAdapter(
+        catalog=catalog, run_id="default.apo", start=start, evaluate_fn=evaluate, val_ids=[t["id"] for t in val],
+        critic=critic.make_critic(cfg, gateway_client=None, collector_url="http://127.0.0.1:9", collector_token=None),
+        success=1.0, max_prompt_chars=2000)
+    with pytest.raises(KeyboardInterrupt):
+        gepa.optimize(seed_candidate={"instructions": "Answer briefly."}, trainset=train, valset=val, adapter=adapter,
+                      reflection_minibatch_size=2, max_metric_calls=50, seed=0)
+    assert len(calls) == 2 and calls[0] == sorted(t["id"] for t in val) and len(calls[1]) == 2
+    assert prompts.get(catalog, "instructions-v1").score == 0.0  # the validation score was recorded before the stop
