@@ -80,7 +80,7 @@ def main() -> None:
                                                 str(config_path.relative_to(REPO)), *sys.argv[2:]])
     best_text = next(v.text for v in versions if v.version == summary["best"])
     lines = [
-        f"### {config_path.relative_to(REPO)}: prompt optimisation, {po.critic.kind} critic, seed {args.seed} ({stamp})",
+        f"### {config_path.relative_to(REPO)}: prompt optimisation ({po.algorithm}), {po.critic.kind} critic, seed {args.seed} ({stamp})",
         "",
         f"`{command}`",
         "",

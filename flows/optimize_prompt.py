@@ -210,7 +210,6 @@ def run_gepa(ctx: RunContext) -> dict[str, Any]:
             success=config.trainer.success_reward, max_prompt_chars=po.max_prompt_chars, journal=run_dir / "reflections.jsonl")
         result = gepa.optimize(
             seed_candidate={name: v.text for name, v in start.items()}, trainset=train, valset=val, adapter=adapter,
-            reflection_lm=adapter.reflection_lm if adapter.propose_new_texts is None else None,
             reflection_minibatch_size=po.minibatch_size, max_metric_calls=budget, seed=po.seed,
             perfect_score=config.trainer.success_reward, run_dir=str(run_dir), logger=_GepaLog(), raise_on_exception=True)
     finally:

@@ -9,9 +9,10 @@ adapter to Arclight and writes no search of its own:
 - ``make_reflective_dataset``: what the reflection model reads comes from the lake by SQL
   (``sql/prompt_reflections.sql``): the task, each model call's messages and answer, the agent that made
   it, the failed tools, the reward;
-- the reflection model is the configured critic: a chat model (``reflection_lm``, asked GEPA's own
-  reflection prompt, traced like the beam search's critic calls), or a scripted critic, which gets the
-  same trajectories as in the beam search (``propose_new_texts``).
+- the reflection model is the configured critic (``propose_new_texts``): a chat model asked GEPA's own
+  reflection prompt (rendered and read back by GEPA's ``InstructionProposalSignature``, traced like the
+  beam search's critic calls), or a scripted critic, which gets the failed trajectories as in the beam
+  search. A proposal that is empty, unchanged or too short is dropped, as in the beam search.
 
 The flow that drives it is ``flows/optimize_prompt.py``; nothing here needs Prefect.
 """
@@ -144,7 +145,6 @@ class ArclightAdapter:
         self.critique: str | None = None
         self.proposals, self.rejected = 0, []
         self.errors: list[BaseException] = []  # GEPA logs and skips what these steps raise; the flow raises them after
-        self.propose_new_texts = None if isinstance(critic, ModelCritic) else self._scripted
 
     def versions_of(self, candidate: dict[str, str]) -> dict[str, PromptVersion]:
         """Each component's text as a catalog version: a known text is its version, a new one a child of the parent."""
@@ -199,38 +199,45 @@ class ArclightAdapter:
         return CallSite(run_id=self.run_id, epoch=self.parent_epoch, parent_version=parents, round=self.iteration)
 
     def reflection_lm(self, prompt: str | list[dict[str, Any]]) -> str:
-        """GEPA's reflection model: the configured chat critic, asked GEPA's reflection prompt."""
+        """GEPA's reflection model (its ``LanguageModel``): the configured chat critic, traced like a critique."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        self.proposals += 1
-        try:
-            text = self.critic.chat(messages, role="reflect", where=self.where(), k=self.proposals)
-        except Exception as exc:
-            self.errors.append(exc)
-            raise
-        self.critique = text[:2000]
-        return text
+        return self.critic.chat(messages, role="reflect", where=self.where(), k=self.proposals)
 
-    def _scripted(self, candidate: dict[str, str], reflective_dataset: Any,
-                  components_to_update: list[str]) -> dict[str, str]:
-        """GEPA's proposal step with a scripted critic: it gets the failed trajectories, as in the beam search."""
+    def propose_new_texts(self, candidate: dict[str, str], reflective_dataset: Any,
+                          components_to_update: list[str]) -> dict[str, str]:
+        """GEPA's proposal step: a model critic answers GEPA's own reflection prompt about the reflective dataset; a
+        scripted critic gets the failed trajectories, as in the beam search. What is unusable is dropped and counted."""
         try:
-            return self._scripted_texts(candidate, components_to_update)
+            return self._proposals(candidate, reflective_dataset, components_to_update)
         except Exception as exc:
             self.errors.append(exc)
             raise
 
-    def _scripted_texts(self, candidate: dict[str, str], components_to_update: list[str]) -> dict[str, str]:
+    def _proposals(self, candidate: dict[str, str], reflective_dataset: Any,
+                   components_to_update: list[str]) -> dict[str, str]:
+        from gepa.strategies.instruction_proposal import InstructionProposalSignature
+
         new = {}
         for name in components_to_update:
-            failed = [f for f in self.shown.get(name, []) if (f["reward"] if f["reward"] is not None else -1e308) < self.success]
-            if not failed:
-                continue
-            for proposal in self.critic.propose(candidate[name], failed, 1, where=self.where()):
-                self.proposals += 1
-                text = clean_prompt(proposal.text, max_chars=self.max_prompt_chars)
-                why = usable(text, candidate[name])
-                if why is not None:
-                    self.rejected.append({"parent": self.parent[name].version, "why": why, "text": (proposal.text or "")[:300]})
+            if isinstance(self.critic, ModelCritic):
+                if not reflective_dataset.get(name):
                     continue
-                new[name], self.critique = text, proposal.critique or None
+                self.proposals += 1
+                raw = self.reflection_lm(InstructionProposalSignature.prompt_renderer(
+                    {"current_instruction_doc": candidate[name], "dataset_with_feedback": reflective_dataset[name],
+                     "prompt_template": None}))
+                proposed = [(raw, InstructionProposalSignature.output_extractor(raw.strip())["new_instruction"])]
+            else:
+                failed = [f for f in self.shown.get(name, []) if (f["reward"] if f["reward"] is not None else -1e308) < self.success]
+                if not failed:
+                    continue
+                proposed = [(p.critique, p.text) for p in self.critic.propose(candidate[name], failed, 1, where=self.where())]
+                self.proposals += len(proposed)
+            for critique, text in proposed:
+                cleaned = clean_prompt(text, max_chars=self.max_prompt_chars)
+                why = usable(cleaned, candidate[name])
+                if why is not None:
+                    self.rejected.append({"parent": self.parent[name].version, "why": why, "text": (text or "")[:300]})
+                    continue
+                new[name], self.critique = cleaned, (critique or "")[:2000] or None
         return new
