@@ -76,6 +76,25 @@ def test_a_hung_agent_is_stopped_at_the_timeout(collector, collector_config, tmp
     assert _spans(collector_config, "hang-1")[-1][2:4] == (0, TIMED_OUT)
 
 
+def test_killing_a_group_returns_once_its_processes_have_exited():
+    """A SIGKILLed process exits when the kernel next schedules it: the runner reported a hung agent stopped while
+    the child it started still ran (CI at eb1064d, the test above, under load). With wait_s=0 (as before) 4 of 30
+    such groups here still had a process running when kill_group returned."""
+    import subprocess
+    import time
+
+    from lightning_core.common import stopping
+
+    running = 0
+    for _ in range(20):
+        group = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+        time.sleep(0.05)  # the shell has started its two children
+        stopping.kill_group(group.pid, wait_s=5)
+        running += stopping._group_runs(group.pid)
+        group.wait()
+    assert running == 0, f"{running} of 20 killed groups still had a process running when kill_group returned"
+
+
 def test_retries_make_new_attempts_and_record_each(collector, collector_config):
     outcome = run_rollout(_settings(collector, "raises", retries=2), _spec("retry-1"))
     assert outcome.status == FAILED and outcome.attempt == 2
