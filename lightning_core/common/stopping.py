@@ -22,8 +22,6 @@ import logging
 import os
 import signal
 import threading
-import time
-from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger("arclight.stopping")
@@ -84,29 +82,10 @@ def drop_group(pgid: int) -> None:
         _rollouts.pop(pgid, None)
 
 
-def kill_group(pgid: int, *, wait_s: float = 0.0) -> None:
-    """SIGKILL every process of the group (gone already: nothing to do). With ``wait_s``, return once none of them
-    runs, or after ``wait_s``: a killed process exits only when the kernel next schedules it, which on a loaded
-    machine came after the caller had reported it stopped (CI at eb1064d: a hung agent's child still running)."""
-    try:
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of the group (gone already: nothing to do)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + wait_s
-    while _group_runs(pgid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def _group_runs(pgid: int) -> bool:
-    """Whether a process of the group is alive (a zombie is not); False where there is no /proc to read."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we read
-        if int(group) == pgid and state != "Z":
-            return True
-    return False
 
 
 def _kill(groups: list[int]) -> None:

@@ -47,7 +47,6 @@ INTERRUPTED = "interrupted"  # stopped by Ctrl-C: not recorded, so the rollout s
 # whose failure it was (RolloutOutcome.error_kind, the rollouts table's error_kind)
 AGENT, INFRASTRUCTURE, TIMEOUT = "agent", "infrastructure", "timeout"
 POLL_S = 0.25  # how often a waiting rollout looks at the stop event
-KILL_WAIT_S = 5.0  # how long a stopped rollout waits for its killed processes to exit
 
 
 @dataclass(frozen=True)
@@ -356,12 +355,12 @@ def run_attempt(settings: RunnerSettings, spec: RolloutSpec, attempt: int) -> Ro
         status, error, kind = FAILED, None, AGENT
     finally:
         if status in (TIMED_OUT, INTERRUPTED):
-            stopping.kill_group(process.pid, wait_s=KILL_WAIT_S)  # the agent and anything it started
+            stopping.kill_group(process.pid)  # the agent and anything it started
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
             process.join(timeout=10)
-        stopping.kill_group(process.pid, wait_s=KILL_WAIT_S)  # what the agent left running after it returned
+        stopping.kill_group(process.pid)  # what the agent left running after it returned
         stopping.drop_group(process.pid)
         parent.close()
     if status == FAILED and error is None:
