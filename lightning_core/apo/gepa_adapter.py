@@ -29,7 +29,7 @@ from gepa import EvaluationBatch
 from lightning_core.apo import prompts
 from lightning_core.apo.critic import CallSite, Critic, ModelCritic
 from lightning_core.apo.prompts import PromptVersion
-from lightning_core.apo.search import clean_prompt, usable
+from lightning_core.apo.search import clean_prompt, json_list, usable
 from lightning_core.pipeline.steps import sql_text
 from lightning_core.store.catalog import Catalog
 
@@ -75,17 +75,9 @@ def trajectories(catalog: Catalog, *, run_id: str, epoch: int) -> list[dict[str,
     for rollout_id, task_id, task, reward, status, error, calls, failed_tools in rows:
         out.append({"rollout_id": rollout_id, "task_id": task_id, "task": json.loads(task) if task else {},
                     "reward": reward, "status": status, "error": error,
-                    "calls": [{**c, "messages": _json_list(c.get("messages"))} for c in json.loads(calls or "[]")],
+                    "calls": [{**c, "messages": json_list(c.get("messages"))} for c in json.loads(calls or "[]")],
                     "failed_tools": json.loads(failed_tools or "[]")})
     return out
-
-
-def _json_list(text: str | None) -> list[dict[str, Any]]:
-    try:
-        value = json.loads(text) if text else []
-    except json.JSONDecodeError:
-        return []
-    return value if isinstance(value, list) else []
 
 
 def call_of(trajectory: dict[str, Any], text: str) -> dict[str, Any] | None:

@@ -124,11 +124,11 @@ def failures(catalog: Catalog, *, run_id: str, epoch: int, success: float, limit
     for rollout_id, task_id, task, reward, status, error, messages, response in rows:
         out.append({"rollout_id": rollout_id, "task_id": task_id, "task": json.loads(task) if task else {},
                     "reward": reward, "status": status, "error": error,
-                    "messages": _json_list(messages), "response": response})
+                    "messages": json_list(messages), "response": response})
     return out
 
 
-def _json_list(text: str | None) -> list[dict[str, Any]]:
+def json_list(text: str | None) -> list[dict[str, Any]]:
     try:
         value = json.loads(text) if text else []
     except json.JSONDecodeError:
