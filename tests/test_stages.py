@@ -45,7 +45,7 @@ def test_auto_redeploy_merges_on_cpu_and_groups_replicas_when_an_agent_stays_fro
 def test_merged_weight_folders_beyond_keep_versions_are_deleted(tmp_path):
     import os
 
-    from lightning_core.serving.redeploy import prune_merged
+    from lightning_core.common.host_weights import prune_versions
 
     policy = tmp_path / "checkpoints" / "calc"
     for n in range(1, 6):
@@ -54,11 +54,11 @@ def test_merged_weight_folders_beyond_keep_versions_are_deleted(tmp_path):
         merged.mkdir()
         (merged / "model.safetensors").write_bytes(b"w")
         os.utime(merged, (1_000_000 + n, 1_000_000 + n))
-    removed = prune_merged(policy / "calc-v5.merged", keep=2)
+    removed = prune_versions(policy, keep=2, current="calc-v5", only=".merged")  # as deploy.py prunes the control host
     assert sorted(p.name for p in removed) == ["calc-v1.merged", "calc-v2.merged", "calc-v3.merged"]
     assert sorted(p.name for p in policy.iterdir()) == [
         "calc-v1", "calc-v2", "calc-v3", "calc-v4", "calc-v4.merged", "calc-v5", "calc-v5.merged"]
-    assert prune_merged(policy / "calc-v5.merged", keep=1) == [policy / "calc-v4.merged"]
+    assert prune_versions(policy, keep=1, current="calc-v5", only=".merged") == [policy / "calc-v4.merged"]
     assert (policy / "calc-v5.merged" / "model.safetensors").is_file()
 
 

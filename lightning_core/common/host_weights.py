@@ -7,7 +7,9 @@ the version trained again on resume (on this host or another) is another one. ``
 Every version a host trains leaves ``<version>`` (with its optimizer state), ``<version>.state`` and, in merged
 serving, ``<version>.merged`` (a full model); every parent it fetches, a copy and its state. ``prune_versions`` keeps
 the newest ``serving.keep_versions`` of them on each host; the store keeps every version, so a pruned one is fetched
-again if it is ever asked for.
+again if it is ever asked for. The control host prunes its merged folders with it too (``epoch/deploy.py``; a merged
+folder is a full copy of the base weights, and before this every epoch of every run left one: 67 GB in a week of calc
+runs); it keeps its adapters, which its catalog records.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Mapping
 
 from lightning_core.common import published
 
-SIBLINGS = (".state", ".merged")  # <version>.state: its optimizer state, published apart; <version>.merged: merged weights
+STATE, MERGED = SIBLINGS = (".state", ".merged")  # <version>.state: its optimizer state, published apart; .merged: merged weights
 
 
 def is_published_copy(folder: Path, uri: str, *, options: Mapping[str, str] | None = None,
@@ -44,15 +46,19 @@ def version_of(folder_name: str) -> str:
     return folder_name
 
 
-def prune_versions(root: Path, *, keep: int, current: str | None = None) -> list[Path]:
+def prune_versions(root: Path, *, keep: int, current: str | None = None, only: str | None = None) -> list[Path]:
     """Delete the versions under ``root`` but the ``keep`` most recently made or fetched (``current`` among them), each
-    with its ``.state`` and ``.merged`` folders; return the folders deleted. Links (``latest``) and the temporary
-    folders of a save under way (``.<name>.tmp-...``) are left alone."""
+    with its ``.state`` and ``.merged`` folders; return the folders deleted. ``only`` (a sibling's suffix, ``.merged``):
+    delete those folders alone, and leave the versions and their other siblings (the control host's adapters, which
+    its catalog records). Links (``latest``) and the temporary folders of a save under way (``.<name>.tmp-...``) are
+    left alone."""
     root = Path(root)
     if not root.is_dir():
         return []
     groups: dict[str, list[Path]] = {}
     for path in root.iterdir():
+        if only is not None and not path.name.endswith(only):
+            continue
         if path.is_dir() and not path.is_symlink() and not path.name.startswith("."):
             groups.setdefault(version_of(path.name), []).append(path)
     newest = sorted(groups, key=lambda v: (v == current, max(p.stat().st_mtime_ns for p in groups[v])), reverse=True)

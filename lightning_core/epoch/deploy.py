@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_core.common import published
+from lightning_core.common import host_weights, published
 from lightning_core.epoch.context import RunContext
 from lightning_core.serving.client import GatewayAdminError, GatewayClient
 from lightning_core.serving.redeploy import (RELOAD_TIMEOUT_S, RedeployError, deploy_adapter, deploy_full_weights,
-                                             merge_adapter, prune_merged, reload_full_weights, restore_adapter)
+                                             merge_adapter, reload_full_weights, restore_adapter)
 from lightning_core.serving.vllm import model_dir, redeploy_mode, replica_group, serving_dtype, start_vllm
 from lightning_core.trainer.train import SERVING_LEAVES_OUT
 from lightning_core.trainer.versions import latest_version, version_name, version_number, version_row
@@ -78,7 +78,8 @@ def deploy_latest(ctx: RunContext, *, revived: list[str] | None = None,
                                             model_dir=folder, verify_prompt=config.serving.verify_prompt,
                                             fetched=fetched)
                 if latest.get("kind") != "full":
-                    prune_merged(weights, keep=config.serving.keep_versions)
+                    host_weights.prune_versions(weights.parent, keep=config.serving.keep_versions,
+                                                current=host_weights.version_of(weights.name), only=host_weights.MERGED)
             else:
                 d = deploy_adapter(gateway=gateway, replicas=replicas, policy=policy.name, version=number,
                                    adapter_dir=folder_for_vllm(config, gateway, Path(latest["path"]), policy=policy.name),

@@ -278,24 +278,6 @@ def _merge_source(*, base_model_dir: Path, adapter_dir: Path, dtype: str) -> dic
             "dtype": dtype}
 
 
-def prune_merged(serving_dir: Path, *, keep: int) -> list[Path]:
-    """Delete the merged-weight folders next to ``serving_dir`` except the ``keep`` newest (it included).
-
-    A merged folder is a full copy of the base weights (270 MB for a 135M model in bf16) made only
-    to be reloaded into vLLM; the adapter it came from stays, so a pruned one is remade on demand.
-    Without this, every epoch of every run left one behind (67 GB over a week of calc runs here).
-    """
-    import shutil
-
-    serving_dir = Path(serving_dir)
-    siblings = [p for p in serving_dir.parent.glob("*.merged") if p.is_dir() and p != serving_dir]
-    siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    removed = siblings[max(keep - 1, 0):]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
 def _served(http: httpx.Client, replica: str) -> dict[str, str | None]:
     """Return the models (base and adapters) ``replica`` serves now: name -> the folder vLLM loaded it from."""
     try:
