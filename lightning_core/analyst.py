@@ -27,8 +27,9 @@ from typing import Any
 
 import duckdb
 
-from lightning_core.store.catalog import STATE_TABLE_NAMES, Catalog, view_sql
+from lightning_core.store.catalog import STATE_TABLE_NAMES, Catalog, span_views, view_sql
 from lightning_core.store.span_schema import LANES
+from lightning_core.store.location import location
 from lightning_core.store.spans import Snapshot, files_snapshot, snapshot_at
 from lightning_core.store.outputs import TABLES
 from lightning_core.store.outputs import snapshot as output_snapshot
@@ -117,7 +118,7 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
     for name in STATE_TABLE_NAMES:
         con.execute(f"DROP TABLE IF EXISTS {name}")
     con.execute(catalog.load_sql())  # the newest committed state, in memory
-    con.execute(view_sql(catalog.lake_root, snap))
+    span_views(con, catalog.lake_root, snap)
     con.execute(output_views_sql(catalog.lake_root, output_versions) or "SELECT 1")  # none before the first pipeline run
     versions = {**snap.versions, **output_versions}
     con.execute("CREATE OR REPLACE TABLE lake_snapshot AS SELECT * FROM (VALUES "
@@ -128,6 +129,31 @@ def _load(con: duckdb.DuckDBPyConnection, catalog: Catalog, *, at_version: dict[
 def cli_script(lake: str | os.PathLike[str] | Any) -> str:
     """SQL that gives a duckdb CLI session the same views and a copy of the state tables."""
     catalog = _catalog(lake)
-    parts = [view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None)), output_views_sql(catalog.lake_root),
-             catalog.load_sql()]
+    parts = [*_cli_store(catalog.lake_root), view_sql(catalog.lake_root, snapshot_at(catalog.lake_root, None)),
+             output_views_sql(catalog.lake_root), catalog.load_sql()]
     return "\n".join(parts) + "\n"
+
+
+def _cli_store(lake_root: Path) -> list[str]:
+    """For a lake whose spans are on S3: the statements that let a duckdb CLI read them itself (httpfs, and a secret
+    from the AWS credential chain -- the ``AWS_*`` environment, then ~/.aws -- scoped to the span tables, with the
+    lake's endpoint). The CLI installs the httpfs and aws extensions the first time, from DuckDB's repository."""
+    where = location(lake_root)
+    if not where.uri:
+        return []
+    options = {k.lower(): v for k, v in (where.options or {}).items()}
+    endpoint = options.get("aws_endpoint_url") or options.get("endpoint_url") or options.get("aws_endpoint")
+    settings = ["TYPE s3", "PROVIDER credential_chain", "CHAIN 'env;config'", f"SCOPE {_sql_text(where.uri)}"]
+    region = options.get("aws_region") or options.get("region")
+    if region:
+        settings.append(f"REGION {_sql_text(region)}")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        settings += [f"ENDPOINT {_sql_text(host or scheme)}", "URL_STYLE 'path'",
+                     f"USE_SSL {'false' if scheme == 'http' else 'true'}"]
+    return ["INSTALL httpfs; LOAD httpfs; INSTALL aws; LOAD aws;",
+            f"CREATE OR REPLACE SECRET arclight_spans ({', '.join(settings)});"]
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

@@ -74,11 +74,11 @@ def _checkpointed(table: DeltaTable) -> bool:
 
 
 def _span_rows(lake_root: Path, run_id: str) -> tuple[int, int]:
-    from lightning_core.store.catalog import view_sql
+    from lightning_core.store.catalog import span_views
     from lightning_core.store.spans import snapshot
 
     con = duckdb.connect()
-    con.execute(view_sql(Path(lake_root).resolve(), snapshot(lake_root)))
+    span_views(con, Path(lake_root).resolve(), snapshot(lake_root))
     return con.execute("SELECT count(*), count(DISTINCT (trace_id, span_id)) FROM spans_raw WHERE run_id = ?",
                        [run_id]).fetchall()[0]
 

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_core import analyst, semconv
-from lightning_core.store.catalog import Catalog, view_sql
-from lightning_core.store.spans import Lake, open_table, snapshot
+from lightning_core.store.catalog import Catalog, span_views
+from lightning_core.store.spans import Lake, files_snapshot, open_table, scope_files, snapshot
 from lightning_core.store.delta import LakeFormatError
-from lightning_core.store.location import prune_mirror, set_location
+from lightning_core.store.location import set_location
 from lightning_core.ingest.service import start_collector
 from lightning_core.store.span_schema import SPAN_SCHEMA
 from lightning_core.ingest.tables import request_to_tables
@@ -43,7 +43,7 @@ def _request(run_id: str, n: int, epoch: int = 0):
 def _raw_counts(lake_root: Path, run_id: str) -> tuple[int, int]:
     """(rows, distinct (trace_id, span_id)) of the run in the current snapshot, without de-duplication."""
     con = duckdb.connect()
-    con.execute(view_sql(lake_root.resolve(), snapshot(lake_root)))
+    span_views(con, lake_root.resolve(), snapshot(lake_root))
     return con.execute("SELECT count(*), count(DISTINCT (trace_id, span_id)) FROM spans_raw WHERE run_id = ?",
                        [run_id]).fetchall()[0]
 
@@ -161,23 +161,56 @@ def test_two_collectors_write_one_lake_and_every_acknowledged_span_is_there_once
             s.stop()
 
 
-def test_local_copies_of_s3_files_are_removed_once_vacuum_removed_them_from_the_store(tmp_path, s3):
+def test_a_lake_on_s3_is_read_from_the_store_and_no_span_file_is_written_to_local_disk(tmp_path, s3):
+    """DuckDB reads the span files on S3 through the store's filesystem (``attach_store``), through compaction and
+    vacuum: nothing of them lands in the lake folder, and the read copies an older Arclight kept (``_mirror``) go."""
     root = tmp_path / "lake"
-    set_location(root, "s3://arclight/mirror-test/spans",
+    set_location(root, "s3://arclight/read-test/spans",
                  {"AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"})
+    old_copy = root / "_mirror" / "training" / "run_id=old" / "epoch=0" / "part-0.parquet"
+    old_copy.parent.mkdir(parents=True)
+    old_copy.write_bytes(b"PAR1")
     lake = Lake(root, retention_hours=0)
     for _ in range(4):
-        lake.write(request_to_tables(_request("mirror", 10)))
-    assert _raw_counts(root, "mirror") == (40, 40)  # DuckDB reads local copies of the four files
-    copies = sorted((root / "_mirror").rglob("*.parquet"))
-    assert len(copies) == 4
-    assert prune_mirror(root) == []  # every original is still on the store
-
+        lake.write(request_to_tables(_request("s3read", 10, epoch=3)))
+    snap = snapshot(root)
+    assert len(snap.files["training"]) == 4 and all(f.startswith("s3://arclight/read-test/spans/training/run_id=s3read/epoch=3/")
+                                                    for f in snap.files["training"]), snap.files
+    assert _raw_counts(root, "s3read") == (40, 40)
     assert lake.compact(min_files=2, idle_s=0) == 1  # one file replaces four, and vacuum (retention 0) deletes them
-    assert _raw_counts(root, "mirror") == (40, 40)  # copies the compacted file
-    assert sorted(prune_mirror(root)) == copies
-    assert len(list((root / "_mirror").rglob("*.parquet"))) == 1
-    assert _raw_counts(root, "mirror") == (40, 40)
+    assert _raw_counts(root, "s3read") == (40, 40)
+    with Catalog(root).read() as con:  # the catalog's connections read the store too
+        assert con.execute("SELECT count(*), min(epoch) FROM spans WHERE run_id = 's3read'").fetchall() == [(40, 3)]
+    # an epoch's recorded files are the objects' URIs, and read back from them
+    recorded = scope_files(root, snapshot(root), "s3read", 3)
+    assert [f.startswith("s3://") for f in recorded["training"]] == [True]
+    assert files_snapshot(root, {"training": 5}, recorded).files["training"] == recorded["training"]
+
+    local = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    print("the lake folder holds:", local)
+    assert not (root / "_mirror").exists(), local
+    assert not [p for p in local if p.endswith(".parquet") and not p.startswith("_schema/")], local
+
+
+def test_arclight_views_on_a_lake_on_s3_gives_the_duckdb_cli_the_store_and_no_key(tmp_path, s3):
+    """A duckdb CLI reads S3 only with httpfs: the script ``arclight views`` prints loads it and makes a secret from
+    the AWS credential chain with the lake's endpoint, before views over the objects' URIs; no key is in it."""
+    from lightning_core import analyst
+
+    root = tmp_path / "lake"
+    set_location(root, "s3://arclight/views-test/spans", {"AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true",
+                                                          "AWS_SECRET_ACCESS_KEY": "never-in-the-script"})
+    Lake(root).write(request_to_tables(_request("views", 3)))
+    script = analyst.cli_script(root)
+    statements = [st.query.strip().rstrip(";").strip() for st in duckdb.connect().extract_statements(script)]
+    secret = next(st for st in statements if st.startswith("CREATE OR REPLACE SECRET"))
+    assert statements.index("LOAD httpfs") < statements.index(secret) < next(
+        i for i, st in enumerate(statements) if "spans_raw" in st), statements[:6]
+    host = s3.split("://", 1)[1]
+    assert all(part in secret for part in ("PROVIDER credential_chain", f"ENDPOINT '{host}'", "USE_SSL false",
+                                           "SCOPE 's3://arclight/views-test/spans'")), secret
+    assert "s3://arclight/views-test/spans/training/run_id=views/" in script
+    assert "never-in-the-script" not in script
 
 
 def test_the_lake_folder_records_where_its_spans_are_but_no_storage_key(tmp_path):

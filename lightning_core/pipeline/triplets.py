@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lightning_core.store import outputs as store
-from lightning_core.store.catalog import Catalog, state_sql, vacuum_state, view_sql
+from lightning_core.store.catalog import Catalog, span_views, state_sql, vacuum_state
 from lightning_core.store.spans import Snapshot, scope_files, span_scope_filter
 from lightning_core.store.spans import snapshot as lake_snapshot
 from lightning_core.config import ArclightConfig, PolicyConfig
@@ -149,7 +149,7 @@ def connect(config: ArclightConfig, snapshot: Snapshot | None = None, *, catalog
         "temp_directory": str(tmp),
         "preserve_insertion_order": "false",
     })
-    con.execute(view_sql(lake_root, snapshot))
+    span_views(con, lake_root, snapshot)
     # the rollouts as the flow recorded them (sql/triplets.sql leaves out the groups our services failed)
     con.execute(state_sql((catalog or Catalog.from_config(config)).state_root, names=("rollouts",)))
     return con

@@ -32,7 +32,7 @@ from lightning_core.store.delta import (CHECKPOINT_EVERY, add_action, clean_log,
                                         ensure_properties, refreshed, table_properties)
 from lightning_core.store.span_schema import SCHEMA_RUN, ensure_schema_files, schema_file
 from lightning_core.store.spans import Snapshot
-from lightning_core.store.location import set_location
+from lightning_core.store.location import attach_store, set_location
 from lightning_core.store.spans import snapshot as lake_snapshot
 from lightning_core.store.outputs import views_sql as output_views_sql
 
@@ -502,9 +502,17 @@ def _file_lock(path: Path, *, timeout_s: float) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def span_views(con: duckdb.DuckDBPyConnection, lake_root: Path, snapshot: Snapshot | None = None, *,
+               temporary: bool = False) -> None:
+    """Make the span views (``view_sql``) on ``con``, which reads the span files where they live (``attach_store``:
+    a lake on object storage is read from it, nothing copied to local disk)."""
+    attach_store(con, lake_root)
+    con.execute(view_sql(lake_root, snapshot, temporary=temporary))
+
+
 def _temporary_views(con: duckdb.DuckDBPyConnection, lake_root: Path) -> None:
     """The span and output views over the lake's current snapshot, as TEMP views of ``con``."""
-    con.execute(view_sql(lake_root, temporary=True))
+    span_views(con, lake_root, temporary=True)
     outputs = output_views_sql(lake_root)
     if outputs:
         con.execute(outputs.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))

@@ -1,12 +1,13 @@
-"""Where a lake's span tables live (its own folder, or object storage shared by several hosts), and the local copies
-DuckDB reads of the files on object storage (the mirror), pruned once the store has vacuumed them."""
+"""Where a lake's span tables live (its own folder, or object storage shared by several hosts), and the filesystem
+DuckDB connections read the files on object storage through: nothing of them is copied to local disk."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
+import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -77,81 +78,68 @@ def set_location(root: str | os.PathLike[str], uri: str | None, options: dict[st
     os.replace(tmp, Path(root) / LOCATION_FILE)
 
 
-_mirror_pruned: dict[str, float] = {}  # lake folder -> when this process last pruned its mirror
-PRUNE_EVERY_S = 600.0
+_mirror_removed: set[str] = set()  # lake folders whose old read copies this process has removed
 
 
-def prune_mirror_when_due(root: str | os.PathLike[str]) -> None:
-    """``prune_mirror`` at most every ``PRUNE_EVERY_S`` per lake and process (one listing of the store per lane); a
-    listing that failed is tried again next time."""
-    if time.monotonic() - _mirror_pruned.get(str(root), -PRUNE_EVERY_S) <= PRUNE_EVERY_S:
-        return
-    _mirror_pruned[str(root)] = time.monotonic()
-    try:
-        prune_mirror(root)
-    except OSError as exc:
-        log.warning("could not prune the local copies of %s: %r", location(root).uri, exc)
-
-
-def prune_mirror(root: str | os.PathLike[str]) -> list[Path]:
-    """Delete the local copies (``_mirror``) of object-storage files that are gone from the store; return them.
-
-    Delta's ``vacuum`` deletes a data file only ``retention_hours`` after it left the table, so a
-    copy is kept exactly as long as its original: a query that listed an older snapshot still
-    reads it. ``snapshot`` runs this at most every ``PRUNE_EVERY_S`` per process (one listing of
-    the store per lane). Copies half-written by a process that died (``.*.tmp``) go after an hour.
-    """
-    where = location(root)
-    if not where.uri:
+def remove_mirror(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete ``<lake>/_mirror``: the local copies of span files on object storage that an Arclight before
+    2026-11-29 made for DuckDB (it now reads the store itself, ``attach_store``); return the files removed.
+    ``snapshot`` calls this once per lake and process."""
+    mirror = Path(root).resolve() / "_mirror"
+    if not mirror.is_dir():
         return []
-    fs, _ = arrow_filesystem(where)
-    import pyarrow.fs as pafs
-
-    removed = []
-    for lane in LANES:
-        mirror = Path(root).resolve() / "_mirror" / lane
-        if not mirror.is_dir():
-            continue
-        prefix = where.table_uri(root, lane).split("://", 1)[1].rstrip("/") + "/"
-        stored = {unquote(info.path[len(prefix):]) for info in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-                  if info.type == pafs.FileType.File}  # as the copies are named (``readable_files``)
-        for folder, _, names_ in os.walk(mirror):
-            for name in names_:
-                local = Path(folder) / name
-                relative = local.relative_to(mirror).as_posix()
-                if name.startswith(".") and name.endswith(".tmp"):
-                    stale = time.time() - local.stat().st_mtime > 3600
-                else:
-                    stale = relative not in stored
-                if stale:
-                    local.unlink(missing_ok=True)
-                    removed.append(local)
+    removed = sorted(p for p in mirror.rglob("*") if p.is_file())
+    shutil.rmtree(mirror, ignore_errors=True)
     if removed:
-        log.info("removed %d local copies of files vacuumed from %s", len(removed), where.uri)
+        log.info("removed %d local copies of span files from %s: DuckDB reads them from %s now",
+                 len(removed), mirror, location(root).uri)
     return removed
 
 
-def readable_files(root, lane: str, table: DeltaTable, where: Location) -> list[str]:
-    """The table version's data files as paths DuckDB can read: local files, or local copies of remote ones.
+def remove_mirror_once(root: str | os.PathLike[str]) -> None:
+    if str(root) not in _mirror_removed:
+        _mirror_removed.add(str(root))
+        remove_mirror(root)
 
-    Delta data files never change once written, so a copy made once serves every later snapshot.
-    """
-    uris = table.file_uris()
+
+def readable_files(root, lane: str, table: DeltaTable, where: Location) -> list[str]:
+    """The table version's data files as DuckDB names them: local paths, or the objects' ``s3://`` URIs, which a
+    connection reads through the store's filesystem (``attach_store``): nothing of them is written locally."""
     if not where.uri:
-        return uris
-    prefix = where.table_uri(root, lane).rstrip("/") + "/"
-    mirror = Path(root).resolve() / "_mirror" / lane
-    missing = [(u, mirror / unquote(u[len(prefix):])) for u in uris if not (mirror / unquote(u[len(prefix):])).exists()]
-    if missing:
-        fs, _ = arrow_filesystem(where)
-        for uri, local in missing:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{local.name}.{owner()}.tmp")
-            with fs.open_input_stream(uri.split("://", 1)[1]) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
-            os.replace(tmp, local)
-    return [str(mirror / unquote(u[len(prefix):])) for u in uris]
+        return table.file_uris()
+    return [unquote(uri) for uri in table.file_uris()]  # the object's key, as the mirror named its copy
+
+
+_filesystems: dict[str, object] = {}  # storage options (as JSON) -> the fsspec filesystem DuckDB reads S3 through
+_filesystems_lock = threading.Lock()
+
+
+def store_filesystem(where: Location):
+    """An fsspec filesystem over pyarrow's S3 client for the location (its storage options and the ``AWS_*``
+    environment), made once per process and options. DuckDB 2.0.0 has no ``httpfs`` here, but reads any fsspec
+    filesystem registered on a connection (``attach_store``), with the same ``read_parquet`` as local files:
+    projection, row groups and hive partitions are read as they are needed, with ranged GETs."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    key = json.dumps(where.options or {}, sort_keys=True)
+    with _filesystems_lock:
+        if key not in _filesystems:
+            _filesystems[key] = ArrowFSWrapper(arrow_filesystem(where)[0])
+        return _filesystems[key]
+
+
+def attach_store(con, root: str | os.PathLike[str]) -> None:
+    """Let ``con`` read the span files of the lake at ``root`` where they live: for a lake on object storage, register
+    the store's filesystem (``store_filesystem``) for ``s3://``; nothing for a lake in its folder."""
+    where = location(root)
+    if not where.uri:
+        return
+    if not where.uri.startswith("s3://"):
+        raise LakeFormatError(f"lake.spans_uri {where.uri}: span tables are kept in the lake folder or on S3 "
+                              "(s3://bucket/prefix)")
+    if "s3" in con.list_filesystems():
+        con.unregister_filesystem("s3")  # another lake's, or this one's with other options
+    con.register_filesystem(store_filesystem(where))
 
 
 def arrow_filesystem(where: Location):

@@ -38,7 +38,7 @@ from lightning_core.common.durable import fsync_dir, fsync_file
 from lightning_core.store.delta import (CHECKPOINT_EVERY, COMMIT_HOOKS, DEFAULT_LOG_RETENTION_S, LakeFormatError,
                                         add_action, clean_log, commit_durably, committed_with, create_table, ensure_properties, owner,
                                         recovering, reread, refreshed, table_properties, update)
-from lightning_core.store.location import location, readable_files, prune_mirror_when_due
+from lightning_core.store.location import location, readable_files, remove_mirror_once
 from lightning_core.store.span_schema import (LANES, SPAN_SCHEMA, Partition, ensure_schema_files, lane_of,
                                               partition_fields, table_schema, with_partition_columns)
 
@@ -301,7 +301,7 @@ def snapshot(root: str | os.PathLike[str]) -> Snapshot:
 
     The tables are kept open per process and brought up to date incrementally (reading only the
     commits since the last call), so a snapshot costs about a millisecond. Files on object
-    storage are listed as local copies (``_mirror``: DuckDB 2.0.0 reads no S3 itself).
+    storage are listed by their ``s3://`` URIs, which a connection reads after ``attach_store``.
     """
     versions, files = {}, {}
     where = location(root)
@@ -312,7 +312,7 @@ def snapshot(root: str | os.PathLike[str]) -> Snapshot:
             versions[lane] = table.version() if table is not None else -1
             files[lane] = readable_files(root, lane, table, where) if table is not None else []
     if where.uri:
-        prune_mirror_when_due(root)
+        remove_mirror_once(root)  # the read copies an older Arclight kept
     return Snapshot(versions, files)
 
 
@@ -408,21 +408,41 @@ def _check_no_concurrent_compaction(table_path: Path, read: int, committed: int,
 
 def scope_files(root: str | os.PathLike[str], snap: Snapshot, run_id: str | None, epoch: int | None) -> dict[str, list[str]]:
     """The snapshot's data files that hold the spans of (run_id, epoch) -- the whole run when epoch is None --, as
-    paths relative to the lake root; {} for production traces. Recorded with an epoch, they reach its spans when
-    the log of the version it read is gone (``LOG_RETENTION``); the files stay until vacuumed."""
+    paths relative to the lake root (a lake on object storage: their ``s3://`` URIs); {} for production traces.
+    Recorded with an epoch, they reach its spans when the log of the version it read is gone (``LOG_RETENTION``);
+    the files stay until vacuumed."""
     if run_id is None:
         return {}
     lane, _ = span_scope_filter(run_id, epoch)
     marker = f"/run_id={run_id}/" + ("" if epoch is None else f"epoch={epoch}/")
     base = Path(root).resolve()
-    return {lane: [os.path.relpath(f, base) for f in snap.files[lane] if marker in f]}
+    return {lane: [f if "://" in f else os.path.relpath(f, base) for f in snap.files[lane] if marker in f]}
 
 
 def files_snapshot(root: str | os.PathLike[str], versions: dict[str, int], files: dict[str, list[str]]) -> Snapshot:
-    """The snapshot of recorded files (``scope_files``): those lanes hold only these files, the others none."""
-    base = Path(root).resolve()
-    out = {lane: [str(base / f) for f in files.get(lane, [])] for lane in LANES}
-    gone = [f for lane_files in out.values() for f in lane_files if not os.path.exists(f)]
+    """The snapshot of recorded files (``scope_files``): those lanes hold only these files, the others none. A file
+    an older Arclight recorded as its read copy (``_mirror/<lane>/...``) is read from the store again."""
+    base, where = Path(root).resolve(), location(root)
+
+    def stored(lane: str, f: str) -> str:
+        if "://" in f:
+            return f
+        if where.uri and f.startswith(f"_mirror/{lane}/"):
+            return where.table_uri(root, lane).rstrip("/") + "/" + f[len(f"_mirror/{lane}/"):]
+        return str(base / f)
+
+    out = {lane: [stored(lane, f) for f in files.get(lane, [])] for lane in LANES}
+    every = [f for lane_files in out.values() for f in lane_files]
+    remote = [f for f in every if "://" in f]
+    gone = [f for f in every if "://" not in f and not os.path.exists(f)]
+    if remote:
+        import pyarrow.fs as pafs
+
+        from lightning_core.store.location import arrow_filesystem
+
+        fs, _ = arrow_filesystem(where)
+        gone += [info.path for info in fs.get_file_info([f.split("://", 1)[1] for f in remote])
+                 if info.type == pafs.FileType.NotFound]
     if gone:
         raise ValueError(f"{len(gone)} of the recorded span files are gone (first: {gone[0]}): files that compaction "
                          "replaced stay collector.retention_hours hours, then vacuum deletes them")
