@@ -15,7 +15,8 @@ from lightning_core.common import published
 from lightning_core.common.durable import save_atomically
 from lightning_core.config import ConfigError, load_config
 from lightning_core.epoch import train_hosts
-from lightning_core.epoch.train_hosts import _publish_state, _with_parent_here
+from lightning_core.common.host_weights import publish_state
+from lightning_core.epoch.train_hosts import _with_parent_here
 from lightning_core.serving.redeploy import merge_adapter
 from lightning_core.trainer.train import TrainJob
 from tests.tiny_llama import build_tiny_llama
@@ -66,7 +67,7 @@ def _version(root: Path, name: str, write) -> Path:
 
 def test_a_version_trained_again_publishes_its_own_optimizer_state_not_the_interrupted_runs(tmp_path):
     config = _config(tmp_path)
-    root, job = config.trainer.output_dir / "calc", _job(config, version="calc-v3")
+    root = config.trainer.output_dir / "calc"
 
     def version(moments: bytes):
         def write(folder: Path) -> None:
@@ -75,9 +76,11 @@ def test_a_version_trained_again_publishes_its_own_optimizer_state_not_the_inter
             (folder / "optimizer.pt").write_bytes(moments)
         return write
 
-    _publish_state(config, job, _version(root, "calc-v3", version(b"interrupted run's moments")))
+    publish_state(config, _version(root, "calc-v3", version(b"interrupted run's moments")), policy="calc",
+                  state_file="optimizer.pt")
     # the flow never recorded calc-v3; the run resumes with another learning_rate and trains calc-v3 again
-    _publish_state(config, job, _version(root, "calc-v3", version(b"moments of the version recorded")))
+    publish_state(config, _version(root, "calc-v3", version(b"moments of the version recorded")), policy="calc",
+                  state_file="optimizer.pt")
     assert (root / "calc-v3.state" / "optimizer.pt").read_bytes() == b"moments of the version recorded"
     fetched = published.fetch(published.join(f"file://{tmp_path}/store", "calc", "calc-v3.state"), tmp_path / "next-host")
     assert (fetched / "optimizer.pt").read_bytes() == b"moments of the version recorded"

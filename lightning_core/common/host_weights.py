@@ -14,13 +14,19 @@ runs); it keeps its adapters, which its catalog records.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from lightning_core.common import published
+from lightning_core.common.durable import save_atomically
+from lightning_core.config import ArclightConfig
 
-STATE, MERGED = SIBLINGS = (".state", ".merged")  # <version>.state: its optimizer state, published apart; .merged: merged weights
+log = logging.getLogger("arclight.host_weights")
+
+STATE, MERGED = SIBLINGS = (".state", ".merged")  # <version>.state: its optimizer state, published apart; merged weights
 
 
 def is_published_copy(folder: Path, uri: str, *, options: Mapping[str, str] | None = None,
@@ -66,3 +72,81 @@ def prune_versions(root: Path, *, keep: int, current: str | None = None, only: s
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def parents_root(config: ArclightConfig, policy: str) -> Path:
+    """Where a host that trains keeps the parents (and KL references) it fetched."""
+    return Path(config.project_dir) / ".arclight" / "trainer" / "parents" / policy
+
+
+def holds_published(config: ArclightConfig, folder: str | Path | None, *, policy: str, version: str,
+                    leave_out: tuple[str, ...] = ()) -> bool:
+    """Whether ``folder`` is on this disk and holds ``version`` as published under ``serving.weights_uri`` (a folder of
+    that name that is not, an interrupted run's, is logged and not used)."""
+    if not folder or not Path(folder).is_dir():
+        return False
+    if is_published_copy(Path(folder), published.join(config.serving.weights_uri, policy, version),
+                         options=config.serving.weights_storage_options, leave_out=leave_out):
+        return True
+    log.warning("%s here is not the published %s (an interrupted run's, trained again since): fetching it", folder,
+                version)
+    return False
+
+
+def fetch_version(config: ArclightConfig, *, policy: str, version: str,
+                  with_state: bool = False) -> tuple[Path, Path | None]:
+    """Fetch ``version`` from ``serving.weights_uri`` into ``parents_root``, and its optimizer state
+    (``<version>.state``) when ``with_state`` and it was published; return both folders. Raises
+    ``published.PublishError`` when the store does not give it."""
+    uri, options = config.serving.weights_uri, config.serving.weights_storage_options
+    root = parents_root(config, policy)
+    fetched = published.fetch(published.join(uri, policy, version), root, options=options)
+    state = None
+    if with_state and published.published_manifest(published.join(uri, policy, f"{version}{STATE}"),
+                                                   options=options) is not None:
+        state = published.fetch(published.join(uri, policy, f"{version}{STATE}"), root, options=options)
+    return fetched, state
+
+
+def publish_state(config: ArclightConfig, path: Path, *, policy: str, state_file: str) -> None:
+    """Publish the optimizer state (``state_file``) of the version saved at ``path`` as ``<version>.state``, for a host
+    that trains its child without having trained it (the version itself is published without it: vLLM's hosts never
+    read it)."""
+    state = path / state_file
+    name = f"{path.name}{STATE}"
+    if not state.is_file():
+        shutil.rmtree(path.with_name(name), ignore_errors=True)  # an interrupted run's, of other moments
+        return
+
+    def link(tmp: Path) -> None:  # made anew each time: a version trained again replaced the file it linked to
+        tmp.mkdir()
+        try:
+            os.link(state, tmp / state_file)
+        except OSError:
+            shutil.copy2(state, tmp / state_file)
+
+    folder = save_atomically(link, root=path.parent, name=name, replace=True)
+    published.publish(folder, published.join(config.serving.weights_uri, policy, folder.name),
+                      options=config.serving.weights_storage_options)
+
+
+def settle_version(config: ArclightConfig, path: Path | None, *, policy: str, version: str,
+                   parent_version: str | None, state_file: str,
+                   merge: Callable[[Path, Path], Path] | None = None) -> None:
+    """What a host that trains does with the version it saved at ``path`` (None: it saved none): publish its optimizer
+    state; with ``merge`` (merged serving: ``merge(adapter, out)`` writes the merged weights to ``out``), merge it into
+    ``<version>.merged`` and publish that; and keep ``serving.keep_versions`` of its versions and of the parents it
+    fetched (every one stays in the store, and a pruned one is fetched again if it is ever asked for)."""
+    if path is not None:
+        publish_state(config, path, policy=policy, state_file=state_file)
+        if merge is not None:
+            merged = merge(path, path.with_name(f"{path.name}{MERGED}"))
+            published.publish(merged, published.join(config.serving.weights_uri, policy, merged.name),
+                              options=config.serving.weights_storage_options)
+    keep = config.serving.keep_versions
+    pruned = prune_versions(parents_root(config, policy), keep=keep, current=parent_version)
+    if path is not None:
+        pruned += prune_versions(path.parent, keep=keep, current=version)
+    if pruned:
+        log.info("pruned %d folders of older versions on this host (serving.keep_versions = %d): %s",
+                 len(pruned), keep, ", ".join(p.name for p in pruned))

@@ -7,7 +7,8 @@ A train host shares no disk with the flow. It loads the base model as it resolve
 disk when it trained it and else from ``serving.weights_uri`` (with the optimizer state, which is published apart so
 that vLLM's hosts fetch the lean copy), logs each step and the checkpoint to the MLflow server, saves the version on
 its own disk and publishes it (and, in merged serving, the merged weights as ``<version>.merged``). The flow keeps the
-samples, the version's name, its registration and its catalog row (``trainer/train.py::train_policy``).
+samples, the version's name, its registration and its catalog row (``trainer/train.py::train_policy``). This module
+places the ranks and waits for them; what moves and prunes the weights on a host's disk is ``common/host_weights.py``.
 
 The first rank that fails stops the others (a rank left alone would wait in the all-reduce for ever) and the stage
 fails with ``TrainHostError``: no version is made of half the gradients. Ray is told not to run a task again
@@ -20,13 +21,11 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from lightning_core.common import host_weights, published
-from lightning_core.common.durable import save_atomically
 from lightning_core.config import ArclightConfig
 from lightning_core.epoch.failures import TrainHostError
 from lightning_core.trainer.grpo import TrainingStopped
@@ -35,7 +34,6 @@ from lightning_core.trainer.train import SERVING_LEAVES_OUT, Executor, Rank, Tra
 
 log = logging.getLogger("arclight.train_hosts")
 
-STATE, MERGED = host_weights.SIBLINGS  # <version>.state: its optimizer state, published apart; .merged: merged weights
 READY_TIMEOUT_S = 120.0  # how long the placement group may wait for its nodes
 
 
@@ -205,7 +203,7 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
 
             dist.destroy_process_group()
     if done.path is None:  # a rank > 0 (or every step skipped): it made nothing, and may have fetched the parent
-        _prune_here(config, job, made=None)
+        settle_version(config, job, None)
         return dataclasses.replace(done, host=here)
     path = Path(done.path)
     settle_version(config, job, path)
@@ -213,35 +211,18 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
     return dataclasses.replace(done, source=source, host=here)
 
 
-def settle_version(config: ArclightConfig, job: TrainJob, path: Path) -> None:
-    """What a train host does with the version it saved at ``path``: publish its optimizer state, merge and publish its
-    weights (merged serving), and keep ``serving.keep_versions`` of its versions and of the parents it fetched (every
-    one stays in the store, and a pruned one is fetched again if it is ever asked for)."""
-    _publish_state(config, job, path)
-    if job.merge_dtype:
+def settle_version(config: ArclightConfig, job: TrainJob, path: Path | None) -> None:
+    """What a train host does with the version it saved at ``path`` (None: it made none, a rank > 0):
+    ``host_weights.settle_version``, with the merge of merged serving."""
+    merge = None
+    if path is not None and job.merge_dtype:
         from lightning_core.serving.redeploy import merge_adapter
 
-        merged = merge_adapter(base_model_dir=Path(job.base_model_dir), adapter_dir=path,
-                               out_dir=path.with_name(f"{path.name}{MERGED}"), dtype=job.merge_dtype)
-        published.publish(merged, published.join(config.serving.weights_uri, job.policy, merged.name),
-                          options=config.serving.weights_storage_options)
-    _prune_here(config, job, made=path)
-
-
-def _prune_here(config: ArclightConfig, job: TrainJob, *, made: Path | None) -> None:
-    """Keep ``serving.keep_versions`` on this host of the versions made next to ``made`` and of the parents fetched."""
-    keep = config.serving.keep_versions
-    pruned = host_weights.prune_versions(_parents_root(config, job.policy), keep=keep, current=job.parent_version)
-    if made is not None:
-        pruned += host_weights.prune_versions(made.parent, keep=keep, current=job.version)
-    if pruned:
-        log.info("pruned %d folders of older versions on this train host (serving.keep_versions = %d): %s",
-                 len(pruned), keep, ", ".join(p.name for p in pruned))
-
-
-def _parents_root(config: ArclightConfig, policy: str) -> Path:
-    """Where a train host keeps the parents (and KL references) it fetched."""
-    return Path(config.project_dir) / ".arclight" / "trainer" / "parents" / policy
+        def merge(adapter: Path, out: Path) -> Path:
+            return merge_adapter(base_model_dir=Path(job.base_model_dir), adapter_dir=adapter, out_dir=out,
+                                 dtype=job.merge_dtype)
+    host_weights.settle_version(config, path, policy=job.policy, version=job.version,
+                                parent_version=job.parent_version, state_file=OPTIMIZER_STATE, merge=merge)
 
 
 def _with_parent_here(job: TrainJob) -> TrainJob:
@@ -253,28 +234,18 @@ def _with_parent_here(job: TrainJob) -> TrainJob:
         job = dataclasses.replace(job, base_model_dir=_base_model_here(job))
     if job.parent_version is None:
         return job
-    if job.cfg.finetune == "full":
-        parent = job.base_model_dir
-    else:
-        parent = job.parent_adapter_dir
-    uri, options = config.serving.weights_uri, config.serving.weights_storage_options
-    if parent and Path(parent).is_dir():  # trained here: unless an interrupted run's, which the store does not hold
-        if host_weights.is_published_copy(Path(parent), published.join(uri, job.policy, job.parent_version),
-                                          options=options, leave_out=SERVING_LEAVES_OUT):
-            return job
-        log.warning("%s here is not the published %s (an interrupted run's, trained again since): fetching it", parent,
-                    job.parent_version)
-    root = _parents_root(config, job.policy)
+    parent = job.base_model_dir if job.cfg.finetune == "full" else job.parent_adapter_dir
+    # trained here: unless an interrupted run's, which the store does not hold
+    if host_weights.holds_published(config, parent, policy=job.policy, version=job.parent_version,
+                                    leave_out=SERVING_LEAVES_OUT):
+        return job
     try:
-        fetched = published.fetch(published.join(uri, job.policy, job.parent_version), root, options=options)
-        state = None
-        if job.cfg.keep_optimizer_state and published.published_manifest(
-                published.join(uri, job.policy, f"{job.parent_version}{STATE}"), options=options) is not None:
-            state = published.fetch(published.join(uri, job.policy, f"{job.parent_version}{STATE}"), root, options=options)
+        fetched, state = host_weights.fetch_version(config, policy=job.policy, version=job.parent_version,
+                                                    with_state=job.cfg.keep_optimizer_state)
     except published.PublishError as exc:
         raise TrainHostError(f"training {job.version} needs its parent {job.parent_version}, which this train host did "
                              f"not train and could not fetch: {exc}") from None
-    log.info("fetched the parent %s from %s", job.parent_version, uri)
+    log.info("fetched the parent %s from %s", job.parent_version, config.serving.weights_uri)
     if job.cfg.finetune == "full":
         return dataclasses.replace(job, base_model_dir=str(fetched), parent_state_dir=str(state) if state else None)
     return dataclasses.replace(job, parent_adapter_dir=str(fetched),
@@ -305,43 +276,19 @@ def _with_reference_here(job: TrainJob) -> TrainJob:
     config = job.config
     if job.reference_dir is None:
         return job
-    if Path(job.reference_dir).is_dir() and (job.reference_version is None or host_weights.is_published_copy(
-            Path(job.reference_dir), published.join(config.serving.weights_uri, job.policy, job.reference_version),
-            options=config.serving.weights_storage_options, leave_out=SERVING_LEAVES_OUT)):
+    if Path(job.reference_dir).is_dir() and (job.reference_version is None or host_weights.holds_published(
+            config, job.reference_dir, policy=job.policy, version=job.reference_version, leave_out=SERVING_LEAVES_OUT)):
         return job
     if job.reference_version is None:  # full fine-tuning's base model
         from lightning_core.serving.vllm import model_dir
 
         return dataclasses.replace(job, reference_dir=str(model_dir(config)))
-    root = _parents_root(config, job.policy)
     try:
-        fetched = published.fetch(published.join(config.serving.weights_uri, job.policy, job.reference_version), root,
-                                  options=config.serving.weights_storage_options)
+        fetched, _ = host_weights.fetch_version(config, policy=job.policy, version=job.reference_version)
     except published.PublishError as exc:
         raise TrainHostError(f"training {job.version} takes its KL to {job.reference_version} (trainer.kl_reference="
                              f"warm_start), which this train host did not train and could not fetch: {exc}") from None
     return dataclasses.replace(job, reference_dir=str(fetched))
-
-
-def _publish_state(config: ArclightConfig, job: TrainJob, path: Path) -> None:
-    """Publish the version's optimizer state as ``<version>.state``, for a train host that trains its child without
-    having trained it (the version itself is published without it: vLLM's hosts never read it)."""
-    state = path / OPTIMIZER_STATE
-    name = f"{path.name}{STATE}"
-    if not state.is_file():
-        shutil.rmtree(path.with_name(name), ignore_errors=True)  # an interrupted run's, of other moments
-        return
-
-    def link(tmp: Path) -> None:  # made anew each time: a version trained again replaced the file it linked to
-        tmp.mkdir()
-        try:
-            os.link(state, tmp / OPTIMIZER_STATE)
-        except OSError:
-            shutil.copy2(state, tmp / OPTIMIZER_STATE)
-
-    folder = save_atomically(link, root=path.parent, name=name, replace=True)
-    published.publish(folder, published.join(config.serving.weights_uri, job.policy, folder.name),
-                      options=config.serving.weights_storage_options)
 
 
 def _mlflow_steps(config: ArclightConfig, job: TrainJob) -> Callable[[int, dict[str, float]], None]:
