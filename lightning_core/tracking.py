@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -344,6 +346,29 @@ def log_checkpoint(path: Path, *, version: str) -> str:
     """Log a checkpoint folder as ``checkpoints/<version>``; return its artifact URI."""
     mlflow.log_artifacts(str(path), artifact_path=f"checkpoints/{version}")
     return mlflow.get_artifact_uri(f"checkpoints/{version}")
+
+
+def step_logger(config, *, mlflow_run_id: str, first_step: int) -> Callable[[int, dict[str, float]], None]:
+    """``on_step(i, metrics)`` for a process with no active run (a train host): log step ``i``'s finite metrics to the
+    run ``mlflow_run_id`` on the tracking server, at the run's global step ``first_step + i``."""
+    client = MlflowClient(tracking_uri=config.mlflow_uri)
+
+    def on_step(i: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        finite = [Metric(k, float(v), now, first_step + i) for k, v in metrics.items()
+                  if v is not None and math.isfinite(float(v))]
+        if finite:
+            client.log_batch(mlflow_run_id, metrics=finite)
+
+    return on_step
+
+
+def log_checkpoint_to(config, path: Path, *, mlflow_run_id: str, version: str) -> str:
+    """Log a checkpoint folder to the run ``mlflow_run_id`` on the tracking server as ``checkpoints/<version>`` (from a
+    process with no active run: a train host); return its artifact URI (the registered version's source)."""
+    client = MlflowClient(tracking_uri=config.mlflow_uri)
+    client.log_artifacts(mlflow_run_id, str(path), artifact_path=f"checkpoints/{version}")
+    return f"{client.get_run(mlflow_run_id).info.artifact_uri.rstrip('/')}/checkpoints/{version}"
 
 
 def registered_model_name(config, policy: str) -> str:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -175,6 +173,8 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
     import ray
     import torch
 
+    from lightning_core import tracking
+
     config = job.config
     here = ray.util.get_node_ip_address()
     log.info("training %s as rank %d of %d on %s", job.version, rank, world, here)
@@ -195,7 +195,8 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
     try:
-        on_step = _mlflow_steps(config, job) if rank == 0 else None
+        on_step = tracking.step_logger(config, mlflow_run_id=job.mlflow_run_id,
+                                       first_step=job.first_step) if rank == 0 else None
         done = compute_version(job, on_step=on_step, rank=Rank(rank, world) if world > 1 else None)
     finally:
         if world > 1:
@@ -207,7 +208,7 @@ def train_on_host(job: TrainJob, rank: int = 0, world: int = 1, init_method: str
         return dataclasses.replace(done, host=here)
     path = Path(done.path)
     settle_version(config, job, path)
-    source = _log_checkpoint(config, job, path)
+    source = tracking.log_checkpoint_to(config, path, mlflow_run_id=job.mlflow_run_id, version=job.version)
     return dataclasses.replace(done, source=source, host=here)
 
 
@@ -289,33 +290,6 @@ def _with_reference_here(job: TrainJob) -> TrainJob:
         raise TrainHostError(f"training {job.version} takes its KL to {job.reference_version} (trainer.kl_reference="
                              f"warm_start), which this train host did not train and could not fetch: {exc}") from None
     return dataclasses.replace(job, reference_dir=str(fetched))
-
-
-def _mlflow_steps(config: ArclightConfig, job: TrainJob) -> Callable[[int, dict[str, float]], None]:
-    """Log each step's metrics to the flow's MLflow run, on the tracking server, at the run's global step."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=config.mlflow_uri)
-
-    def on_step(i: int, metrics: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        finite = [Metric(k, float(v), now, job.first_step + i) for k, v in metrics.items()
-                  if v is not None and math.isfinite(float(v))]
-        if finite:
-            client.log_batch(job.mlflow_run_id, metrics=finite)
-
-    return on_step
-
-
-def _log_checkpoint(config: ArclightConfig, job: TrainJob, path: Path) -> str:
-    """Log the checkpoint folder to the flow's MLflow run as ``checkpoints/<version>``; return its artifact URI (the
-    registered version's source)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=config.mlflow_uri)
-    client.log_artifacts(job.mlflow_run_id, str(path), artifact_path=f"checkpoints/{job.version}")
-    return f"{client.get_run(job.mlflow_run_id).info.artifact_uri.rstrip('/')}/checkpoints/{job.version}"
 
 
 def _interface_of(address: str) -> str | None:
