@@ -65,46 +65,68 @@ def main() -> None:
                 trained = {"epochs": args.then_train, "after": after, "seconds": time.perf_counter() - t1,
                            "version": rows[-1]["new_version"] or rows[-1]["policy_version"] if rows else "-"}
             load_after = os.getloadavg()
-            versions = prompts.versions(Catalog.from_config(cfg), summary["prompt"])
+            catalog = Catalog.from_config(cfg)
         finally:
             services.down(cfg)
     total_s = time.perf_counter() - started
 
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "examples/measure_apo.py",
+                                                str(config_path.relative_to(REPO)), *sys.argv[2:]])
+    timing = (f"{total_s / 60:.1f} min (services up {up_s:.0f} s; search and held-out {apo_s / 60:.1f} min) "
+              f"| {load_before[0]:.2f} / {load_after[0]:.2f}")
+    table = report(cfg, summary, catalog, title=str(config_path.relative_to(REPO)), seed=args.seed, stamp=stamp,
+                   command=command, timing=timing, machine=machine(), trained=trained)
+    print(table)
+    record(table, example=config_path.parent.name, out=args.out)
+
+
+def searched(catalog: Catalog, summary: dict) -> dict[str, list[prompts.PromptVersion]]:
+    """Every version of each prompt the search edited, by name (GEPA edits several at once: ``best_versions`` names them)."""
+    return {name: prompts.versions(catalog, name) for name in summary["best_versions"]}
+
+
+def settings(cfg, summary: dict) -> str:
+    """What the search ran with: GEPA's budget and minibatch, or the beam's width, branches and rounds."""
     po = cfg.prompt_optimization
+    if summary["algorithm"] == "gepa":
+        return (f"GEPA, max_metric_calls {summary['max_metric_calls']} ({summary['metric_calls']} used), minibatch "
+                f"{po.minibatch_size} tasks, validation {po.tasks_per_eval} tasks, {po.samples_per_task} rollout(s) per task")
+    return f"beam {po.beam_width}, branch {po.branch_factor}, {po.rounds} rounds, {po.tasks_per_eval} tasks per candidate"
+
+
+def report(cfg, summary: dict, catalog: Catalog, *, title: str, seed: int, stamp: str, command: str, timing: str,
+           machine: str, trained: dict | None = None) -> str:
+    """The markdown table of one measurement: held-out start and best, the search's cost and settings, the best texts."""
+    po = cfg.prompt_optimization
+    found = searched(catalog, summary)
     critic = po.critic.function if po.critic.kind == "scripted" else (po.critic.model or f"{cfg.model.served_name} (local)")
     start, best = summary["held_out"].get(summary["start"]), summary["held_out"].get(summary["best"])
     curve = ", ".join(f"{r['round']}: {r['best_score']:.2f}" for r in summary["rounds"])
-    made = sum(1 for v in versions if v.run_id == summary["run_id"])
+    per = "best validation score per candidate kept" if summary["algorithm"] == "gepa" else "best train-sample score per round"
+    made = sum(1 for versions in found.values() for v in versions if v.run_id == summary["run_id"])
     rejected = sum(len(r["rejected"]) for r in summary["rounds"])
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "examples/measure_apo.py",
-                                                str(config_path.relative_to(REPO)), *sys.argv[2:]])
-    best_text = next(v.text for v in versions if v.version == summary["best"])
     lines = [
-        f"### {config_path.relative_to(REPO)}: prompt optimisation ({po.algorithm}), {po.critic.kind} critic, seed {args.seed} ({stamp})",
+        f"### {title}: prompt optimisation ({summary['algorithm']}), {po.critic.kind} critic, seed {seed} ({stamp})",
         "",
         f"`{command}`",
         "",
-        "| held-out reward, start prompt | best prompt | held-out tasks | best train-sample score per round | candidates made (proposals not usable) | rollouts | critic calls | search wall time | total wall time | load (1-min avg, start/end) | machine |",
+        f"| held-out reward, start prompt | best prompt | held-out tasks | {per} | candidates made (proposals not usable) "
+        "| rollouts | critic calls | search wall time | total wall time | load (1-min avg, start/end) | machine |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {_pct(start)} ({summary['start']}) | {_pct(best)} ({summary['best']}) | {(best or start or {}).get('tasks', '-')} "
         f"| {curve} | {made} ({rejected}) | {summary['rollouts']} | {summary['critic_calls']} | {summary['search_s'] / 60:.1f} min "
-        f"| {total_s / 60:.1f} min (services up {up_s:.0f} s; search and held-out {apo_s / 60:.1f} min) "
-        f"| {load_before[0]:.2f} / {load_after[0]:.2f} | {machine()} |",
+        f"| {timing} | {machine} |",
         "",
-        f"Critic: {critic}; beam {po.beam_width}, branch {po.branch_factor}, {po.rounds} rounds, {po.tasks_per_eval} tasks per "
-        f"candidate. Best prompt ({summary['best']}):",
-        "",
-        "```text",
-        best_text,
-        "```",
+        f"Critic: {critic}; {settings(cfg, summary)}.",
         "",
     ]
+    for name, version in summary["best_versions"].items():
+        text = next(v.text for v in found[name] if v.version == version)
+        lines += [f"Best prompt {name!r} ({version}):", "", "```text", text, "```", ""]
     if trained:
         lines += [f"Then GRPO with the promoted prompt: {trained['epochs']} epochs ({trained['seconds'] / 60:.1f} min, "
                   f"{trained['version']}): held-out {_pct(best)} -> {_pct(trained['after'])}.", ""]
-    table = "\n".join(lines)
-    print(table)
-    record(table, example=config_path.parent.name, out=args.out)
+    return "\n".join(lines)
 
 
 def _pct(result: dict | None) -> str:

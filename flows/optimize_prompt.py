@@ -143,7 +143,8 @@ def run_search(ctx: RunContext) -> dict[str, Any]:
         for version in dict.fromkeys([start.version, best.version]):
             held_out[version] = run_evaluation(ctx, prompt_versions=[version])
     summary = {
-        "prompt": name, "run_id": run_id, "start": start.version, "best": best.version, "promoted": promoted,
+        "algorithm": "beam", "prompt": name, "run_id": run_id, "start": start.version, "best": best.version,
+        "best_versions": {name: best.version}, "promoted": promoted,
         "start_score": rounds[0]["best_score"] if rounds else None, "best_score": rounds[-1]["best_score"] if rounds else None,
         "rounds": rounds, "rollouts": apo.rollouts_used(catalog, run_id=run_id),
         "critic_calls": getattr(critic, "calls", 0), "search_s": search_s, "wall_s": time.monotonic() - started,

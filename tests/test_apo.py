@@ -409,3 +409,111 @@ def test_ctrl_c_inside_a_gepa_evaluation_stops_the_search_instead_of_being_logge
                       reflection_minibatch_size=2, max_metric_calls=50, seed=0)
     assert len(calls) == 2 and calls[0] == sorted(t["id"] for t in val) and len(calls[1]) == 2
     assert prompts.get(catalog, "instructions-v1").score == 0.0  # the validation score was recorded before the stop
+
+
+SQL = REPO / "examples" / "sql"
+
+
+def test_measure_apo_reports_each_prompt_gepa_edited_and_gepa_settings_on_the_sql_examples_two_prompts(tmp_path):
+    """measure_apo's table for GEPA over the sql example's writer and rewriter: each one's best text, GEPA's budget and
+    minibatch (it looked versions up under the joined name 'rewriter+writer', found none and stopped, and printed the
+    beam's settings for GEPA)."""
+    import sys
+
+    from examples import measure_apo
+    from lightning_core.config import load_config
+
+    sys.path.insert(0, str(SQL))
+    import sql_agent
+
+    cfg = load_config(SQL / "config.apo.yaml", overrides=[f"project_dir={tmp_path}"])
+    catalog = Catalog.from_config(cfg)
+    catalog.ensure()
+    start = prompts.register_config_prompts(catalog, cfg)
+    assert {n: v.text for n, v in start.items()} == {"writer": sql_agent.WRITER_SYSTEM, "rewriter": sql_agent.REWRITER_SYSTEM}
+    assert apo.target_prompts(cfg) == ["rewriter", "writer"] and apo.gepa_budget(cfg) == 264
+    run = apo.run_id(cfg)
+    better, _ = prompts.add_candidate(catalog, name="writer", text=start["writer"].text + "\nCount with COUNT(*).",
+                                      parent="writer-v1", made_by="critic", critique="counts", run_id=run, round=1)
+    summary = {  # the shape run_gepa returns
+        "algorithm": "gepa", "prompt": "rewriter+writer", "run_id": run, "start": "rewriter-v1+writer-v1",
+        "best": "rewriter-v1+writer-v2", "best_versions": {"rewriter": "rewriter-v1", "writer": better.version},
+        "held_out": {"rewriter-v1+writer-v1": {"tasks": 83, "reward_mean": 0.34, "success_rate": 0.337},
+                     "rewriter-v1+writer-v2": {"tasks": 83, "reward_mean": 0.4, "success_rate": 0.4}},
+        "rounds": [{"round": 0, "best_score": 0.25, "rejected": []}, {"round": 1, "best_score": 0.3, "rejected": [{"why": "empty"}]}],
+        "rollouts": 40, "metric_calls": 40, "max_metric_calls": 264, "critic_calls": 2, "search_s": 120.0}
+    assert prompts.versions(catalog, summary["prompt"]) == []  # what the joined name found before
+    table = measure_apo.report(cfg, summary, catalog, title="examples/sql/config.apo.yaml", seed=0, stamp="s",
+                               command="c", timing="t | l", machine="m")
+    assert "prompt optimisation (gepa), model critic, seed 0" in table and "| best validation score per candidate kept |" in table
+    assert "| 0.34 reward, 34% success (rewriter-v1+writer-v1) | 0.40 reward, 40% success (rewriter-v1+writer-v2) | 83 " \
+           "| 0: 0.25, 1: 0.30 | 1 (1) | 40 | 2 | 2.0 min | t | l | m |" in table
+    assert ("GEPA, max_metric_calls 264 (40 used), minibatch 3 tasks, validation 24 tasks, 1 rollout(s) per task" in table
+            and "beam" not in table)
+    assert f"Best prompt 'writer' (writer-v2):\n\n```text\n{better.text}\n```" in table
+    assert f"Best prompt 'rewriter' (rewriter-v1):\n\n```text\n{sql_agent.REWRITER_SYSTEM}\n```" in table
+
+    beam = load_config(SQL / "config.apo.yaml", overrides=[f"project_dir={tmp_path}", "prompt_optimization.algorithm=beam",
+                                                           "prompt_optimization.prompt=writer"])
+    beam_summary = {**summary, "algorithm": "beam", "prompt": "writer", "start": "writer-v1", "best": "writer-v2",
+                    "best_versions": {"writer": "writer-v2"}, "held_out": {}}  # the shape run_search returns
+    table = measure_apo.report(beam, beam_summary, catalog, title="sql", seed=0, stamp="s", command="c", timing="t", machine="m")
+    assert "beam 2, branch 2, 3 rounds, 24 tasks per candidate" in table and "| best train-sample score per round |" in table
+    assert "Best prompt 'writer' (writer-v2)" in table and "rewriter" not in table
+
+
+@pytest.mark.integration
+def test_gepa_edits_the_sql_examples_writer_and_rewriter_prompts_each_from_its_own_agents_calls(
+    prefect_harness, tmp_path, vllm_server, collector, collector_config, tiny_model_dir
+):
+    """`optimize-prompt` with the sql example's own config.apo.yaml (GEPA over two prompts) on the tiny model: GEPA
+    reflects on each prompt in turn, each with its own agent's calls; the writer gets a child, the rewriter's unchanged
+    proposal is dropped; measure_apo reports both."""
+    from examples import measure_apo
+    from flows.optimize_prompt import optimize_prompt
+    from lightning_core.config import load_config
+    from tests.helpers import sql_prompt_critic
+    from tests.test_examples import _overrides as example_overrides
+    from tests.test_examples import _tasks as example_tasks
+
+    overrides = example_overrides(
+        tmp_path, run="ex-sql-gepa", agent_path=SQL, dataset=example_tasks(tmp_path, SQL / "train.jsonl", 6),
+        vllm_server=vllm_server, collector=collector, collector_config=collector_config, tiny_model_dir=tiny_model_dir, **{
+            "rollouts.resources.checker_model": "tiny", "rollouts.resources.checker_max_tokens": "8",
+            "rollouts.resources.rewrite": "always",  # the rewriter's prompt steers a call in every rollout
+            "rollouts.resources.similarity_weight": "0.5",
+            "prompt_optimization.tasks_per_eval": "2", "prompt_optimization.minibatch_size": "2",
+            # validation 2, the rewriter's iteration 2 (no proposal), the writer's 4 (+2 on validation if it is better),
+            # then the rewriter's again when 2 are left
+            "prompt_optimization.max_metric_calls": "10", "prompt_optimization.held_out": "false",
+            "prompt_optimization.critic.kind": "scripted",
+            "prompt_optimization.critic.function": "tests.helpers.sql_prompt_critic:critic"})
+    sql_prompt_critic.SEEN.clear()
+    summary = optimize_prompt(config_path=str(SQL / "config.apo.yaml"), overrides=overrides)
+    cfg = load_config(SQL / "config.apo.yaml", overrides=overrides)
+    catalog = Catalog.from_config(cfg)
+    start = {name: prompts.get(catalog, f"{name}-v1") for name in ("writer", "rewriter")}
+    assert all(v.made_by == "config" and v.text == cfg.rollouts.resources["prompts"][n] for n, v in start.items())
+
+    # GEPA reflects on each prompt in turn (the rewriter first: names sorted), each time with its own agent's calls
+    agent_of = {start["writer"].text: "writer", start["rewriter"].text: "rewriter"}
+    seen = [agent_of.get(prompt, prompt) for prompt, _ in sql_prompt_critic.SEEN]
+    assert seen[:2] == ["rewriter", "writer"] and seen[2:] in ([], ["rewriter"])
+    for prompt, failures in sql_prompt_critic.SEEN:
+        assert len(failures) == 2 and all(f["agent"] == agent_of[prompt] and f["messages"][0]["role"] == "system"
+                                          and f["messages"][0]["content"] == prompt for f in failures)
+    children = {name: [(v.parent_version, v.text, v.made_by, v.run_id) for v in prompts.versions(catalog, name)
+                       if v.version != f"{name}-v1"] for name in ("writer", "rewriter")}
+    assert children == {"writer": [("writer-v1", start["writer"].text + sql_prompt_critic.ADDED, "scripted", "ex-sql-gepa.apo")],
+                        "rewriter": []}
+    dropped = {"parent": "rewriter-v1", "why": "same as its parent", "text": start["rewriter"].text[:300]}
+    assert dropped in summary["rounds"][-1]["rejected"]
+    lines = [json.loads(line) for line in (catalog.state_root / "gepa" / "ex-sql-gepa.apo" / "reflections.jsonl").read_text().splitlines()]
+    assert [name for line in lines for name in line["dataset"]] == seen  # one component per iteration, as the critic saw
+    assert all(r["Inputs"]["agent"] == name for line in lines for name, records in line["dataset"].items() for r in records)
+
+    # both prompts are in the summary, which measure_apo reports with GEPA's settings
+    assert summary["prompt"] == "rewriter+writer" and set(summary["best_versions"]) == {"rewriter", "writer"}
+    assert summary["metric_calls"] == 10 and 0 < summary["rollouts"] <= 10  # an evaluation GEPA asks for twice runs once
+    table = measure_apo.report(cfg, summary, catalog, title="sql", seed=0, stamp="s", command="c", timing="t", machine="m")
+    assert "Best prompt 'writer'" in table and "Best prompt 'rewriter'" in table and "max_metric_calls 10" in table

@@ -17,6 +17,10 @@ Models: the writer and the rewriter call ``resources.writer_model`` / ``resource
 (default ``ctx.model``, the first policy); the checker calls ``resources.checker_model``, which
 the configs set to the base model's served name so the gateway never routes it to a trained
 adapter. The agent is plain OpenAI-client code: Arclight only changes its ``base_url``.
+
+Prompts: the writer's and the rewriter's system prompts are the resources ``prompts.writer`` and
+``prompts.rewriter`` when the config names them (``config.apo.yaml``, for prompt optimisation), else
+``WRITER_SYSTEM`` and ``REWRITER_SYSTEM``. The checker's prompt is fixed, like its model.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def run(task: dict, ctx) -> float:
     with tracing.agent("writer"):
         draft_text = _ask(client, model=r.get("writer_model", ctx.model), max_tokens=max_tokens,
                           temperature=ctx.temperature,
-                          messages=[{"role": "system", "content": WRITER_SYSTEM}, *WRITER_EXAMPLE,
+                          messages=[{"role": "system", "content": ctx.prompt("writer", default=WRITER_SYSTEM)}, *WRITER_EXAMPLE,
                                     {"role": "user", "content": question}])
     draft = extract_sql(draft_text)
 
@@ -130,7 +134,7 @@ def run(task: dict, ctx) -> float:
         with tracing.agent("rewriter"):
             fixed_text = _ask(client, model=r.get("rewriter_model", ctx.model), max_tokens=max_tokens,
                               temperature=ctx.temperature,
-                              messages=[{"role": "system", "content": REWRITER_SYSTEM},
+                              messages=[{"role": "system", "content": ctx.prompt("rewriter", default=REWRITER_SYSTEM)},
                                         {"role": "user", "content": f"Question: {question}\nQuery: {draft}\n"
                                                                     f"Result: {result}\nCritique: {critique}"}])
         final, last_reply = extract_sql(fixed_text) or draft, fixed_text
