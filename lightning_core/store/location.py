@@ -3,6 +3,7 @@ DuckDB connections read the files on object storage through: nothing of them is 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -121,11 +122,64 @@ def store_filesystem(where: Location):
     projection, row groups and hive partitions are read as they are needed, with ranged GETs."""
     from fsspec.implementations.arrow import ArrowFSWrapper
 
+    class StoreFilesystem(ArrowFSWrapper):
+        def _open(self, path, mode="rb", block_size=None, seekable=True, **kwargs):
+            if mode != "rb":
+                raise PermissionError(f"{path}: the span store is read here, never written through DuckDB")
+            return PositionalFile(self.fs.open_input_file(path), path)
+
     key = json.dumps(where.options or {}, sort_keys=True)
     with _filesystems_lock:
         if key not in _filesystems:
-            _filesystems[key] = ArrowFSWrapper(arrow_filesystem(where)[0])
+            _filesystems[key] = StoreFilesystem(arrow_filesystem(where)[0], skip_instance_cache=True)
         return _filesystems[key]
+
+
+class PositionalFile(io.RawIOBase):
+    """A file on the store that DuckDB's threads may share: each thread has its own position, and a read is one
+    positional read (pyarrow's ``read_at``, a ranged GET). DuckDB's Python filesystem reads at an offset as
+    ``seek`` then ``read`` on one handle, and pyarrow lets go of the GIL while it reads, so with one shared position
+    a second thread's seek moved the first one's read: on the 1M-span pipeline the Parquet reader got bytes of
+    another offset ("don't know what type", a page header read from the middle of a page)."""
+
+    def __init__(self, native, path: str):
+        super().__init__()
+        self._native, self.path = native, path
+        self.size = native.size()
+        self._positions = threading.local()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return getattr(self._positions, "at", 0)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self.size}[whence]
+        self._positions.at = max(0, base + offset)
+        return self._positions.at
+
+    def read(self, size: int = -1) -> bytes:
+        at = self.tell()
+        size = self.size - at if size is None or size < 0 else min(size, self.size - at)
+        data = self._native.read_at(size, at) if size > 0 else b""
+        if len(data) != size:
+            raise OSError(f"{self.path}: {size} bytes asked at {at}, the store gave {len(data)}")
+        self._positions.at = at + size
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._native.close()
+        super().close()
 
 
 def attach_store(con, root: str | os.PathLike[str]) -> None:
