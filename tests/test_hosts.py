@@ -4,7 +4,7 @@ First the hosts themselves (a private disk each, a link that can be cut, no way 
 version deployed from ``control`` reaches vLLM on ``serve`` only through object storage on ``store`` and the gateway
 beside vLLM, byte for byte, with the user-facing commands (``moto_server``, ``arclight serve``, ``arclight
 redeploy``); then the whole calc loop across eight hosts, trained on two train hosts, through a cut link and a dead
-worker, and stopped in one paragraph by a link cut for good; then two ranks on two train hosts against one process,
+worker, stopped in one paragraph by a link cut for good and resumed; then two ranks on two train hosts against one process,
 and one of them dying."""
 
 from __future__ import annotations
@@ -251,7 +251,8 @@ def _store(store):
 
 class _Faults:
     """The faults of the two-epoch run, each set off by a line of control's log: ``ingest``'s link cut for 20 s when
-    epoch 0's rollouts start, and ``work-2`` killed (every process on it: its node dies) a few seconds into epoch 1's."""
+    epoch 0's rollouts start, and ``work-2`` killed (every process on it: its node dies) while it runs a batch of
+    epoch 1's."""
 
     def __init__(self, hosts: Hosts, *, log: str = "/mnt/project/.arclight/logs/arclight.log"):
         self.hosts, self.log, self.done = hosts, log, threading.Event()
@@ -276,7 +277,12 @@ class _Faults:
         self.seen["ingest up"] = time.time()
         if not self._wait_for(r"epoch 1: \d+ rollouts planned"):
             return
-        self.done.wait(3)
+        # work-2 dies while it runs a batch, not a fixed time after the epoch started, when it may hold none
+        deadline = time.monotonic() + 120
+        while not any(_runs_a_rollout_batch(_cmdline(pid)) for pid in self.hosts["work-2"].pids()):
+            if time.monotonic() > deadline or self.done.wait(0.2):
+                return  # no batch ran on work-2 (faults.seen says so): nothing would be lost with it
+        self.done.wait(1)
         self.hosts["work-2"].kill_all()
         self.seen["work-2 killed"] = time.time()
 
@@ -315,6 +321,10 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
     with Hosts(names, logs=tmp_path / "logs") as hosts:
         store, control, ingest, serve = (hosts[n] for n in names[:4])
         workers = [hosts["work-1"], hosts["work-2"]]
+        took, lap = {}, [time.monotonic()]  # how long each part of the test took (seconds), printed at its end
+
+        def took_(part: str) -> None:
+            took[part], lap[0] = round(time.monotonic() - lap[0]), time.monotonic()
         s3 = f"http://{store.address}:5000"
         token, collector_token = uuid.uuid4().hex, uuid.uuid4().hex
         # tokens in the environment, never on a command line, which `ps` shows every user of the host
@@ -353,8 +363,9 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         _wait(control, f"http://{ingest.address}:4318/healthz", timeout_s=120, process=collector)
         _wait(control, f"http://{store.address}:5001/health", timeout_s=180, process=mlflow)
         _wait(control, f"{prefect_api}/health", timeout_s=180, process=prefect)
-        # work-1, work-2: Ray workers; what runs there reports task runs to the Prefect server
-        nodes = [_ray_start(w, f"--address={control.address}:6379", "--num-cpus=2",
+        # work-1, work-2: Ray workers; what runs there reports task runs to the Prefect server. One CPU each: a round's
+        # two batches run one on each (with two, Ray put both on work-1 at times, and work-2 died holding none)
+        nodes = [_ray_start(w, f"--address={control.address}:6379", "--num-cpus=1",
                             env={**ray_auth, "PREFECT_API_URL": prefect_api}) for w in workers]
         # train-1, train-2: Ray nodes with a train slot and no CPU for tasks, so that no rollout lands there; the
         # trainer's torch threads are set apart (ARCLIGHT_TRAIN_THREADS), as Ray would give a 0-CPU task one
@@ -364,7 +375,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         deadline = time.monotonic() + 300
         while not all(f" {want}" in (status := control.sh(f"{REPO}/.venv/bin/ray status --address={control.address}:6379",
                                                            env=ray_auth, check=False).stdout)
-                      for want in ("0.0/4.0 CPU", "0.0/2.0 train")):
+                      for want in ("0.0/2.0 CPU", "0.0/2.0 train")):
             for node in (head, *nodes):
                 assert node.poll() is None, node.log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, f"the Ray cluster did not reach 2 workers and 2 train hosts in 300 s:\n{status}"
@@ -378,17 +389,24 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
             "rollouts.executor": "ray", "rollouts.address": f"{control.address}:6379",
             "rollouts.dataset": str(CALC / "train.jsonl"), "rollouts.eval_dataset": str(CALC / "test.jsonl"),
             "rollouts.agent_path": json.dumps([str(CALC)]),
-            "rollouts.tasks_per_epoch": "4", "rollouts.group_size": "4", "rollouts.informative_groups": "2",
+            # one informative group is enough to train: with 2, the base model's (mostly all-zero) groups drew a
+            # second round of rollouts in most epochs (40 s each here)
+            "rollouts.tasks_per_epoch": "4", "rollouts.group_size": "4", "rollouts.informative_groups": "1",
             "rollouts.max_tasks_per_epoch": "16", "rollouts.concurrency": "16", "evaluation.every_epochs": "null",
             "trainer.executor": "ray", "trainer.processes": "2",
             "trainer.ray_resources": json.dumps({"train": 1, "CPU": 0}),
+            # each train host keeps one version of those it made and one of the parents it fetched: over three
+            # versions made on two hosts, pruning runs
+            "serving.keep_versions": "1",
         }
+        took_("hosts and services")
         counters, faults = _Counters(hosts), _Faults(hosts)
         trained = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "2",
                                          *[a for k, v in run.items() for a in ("--set", f"{k}={v}")]]),
                              env={**AWS, **ray_auth, **tokens, "PREFECT_API_URL": prefect_api}, timeout_s=1500, check=False)
         output = trained.stdout + trained.stderr
         (tmp_path / "logs" / "control-train.log").write_text(output)
+        took_("epochs 0 and 1")
         counters.stop()
         faults.stop()
         assert trained.returncode == 0, output[-5000:]
@@ -441,9 +459,8 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         assert all(r["status"] == "succeeded" for r in states), states
         assert sum(r["reruns"] for r in states if r["epoch"] == 1) > 0, states
         assert re.search(r"epoch 1: \d+ rollouts lost with their worker", log), "no batch was lost with work-2"
-        # no span data file on the collector's disk, nor on control's but the read copies (DuckDB reads no S3)
+        # no span data file on the collector's disk (control's is looked at after the last epoch)
         assert ingest.sh("find /mnt/lake -path '*spans/*' -name '*.parquet'").stdout == ""
-        assert control.sh("find /mnt/project -path '*spans/*' -name '*.parquet' -not -path '*_mirror*'").stdout == ""
         assert int(store.sh(f"{PYTHON} -c \"import boto3; print(boto3.client('s3', endpoint_url='{s3}', "
                             "region_name='us-east-1').list_objects_v2(Bucket='arclight', Prefix='spans/')['KeyCount'])\"",
                             env=AWS).stdout) > 0
@@ -467,6 +484,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         # the run stops in one paragraph (from the worker whose outcome spans could not leave, or from the ingest
         # barrier after waiting serving.startup_timeout_s, 30 s here, for the collector), trains nothing on the spans
         # that did arrive, and makes no version. The workers' own output stays on their nodes
+        took_("checks after epoch 1")
         down = _IngestDownForGood(hosts)
         third = {**run, "serving.startup_timeout_s": "30"}
         stopped = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "3",
@@ -474,6 +492,7 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
                              env={**AWS, **ray_auth, **tokens, "PREFECT_API_URL": prefect_api}, timeout_s=900, check=False)
         said = stopped.stdout + stopped.stderr
         (tmp_path / "logs" / "control-train-epoch-2.log").write_text(said)
+        took_("epoch 2 stopped")
         down.stop()
         assert "ingest down" in down.seen, "epoch 2's rollouts never started"
         assert stopped.returncode != 0, said[-5000:]
@@ -489,6 +508,64 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         versions = control.sh(f"{PYTHON} -c \"from mlflow import MlflowClient; "
                               f"print(len(MlflowClient('{mlflow_uri}').search_model_versions()))\"").stdout.strip()
         assert versions == "2", versions
+
+        # ingest's link is back; the same command resumes epoch 2, which makes calc-v3. vLLM serves the weights of the
+        # version the catalog recorded, byte for byte: its copy on serve's disk, the published one on S3 (manifest) and
+        # the merged folder next to the recorded path on the train host that made it
+        took_("checks after epoch 2")
+        resumed = control.sh(shlex.join([ARCLIGHT, "train", config, "--epochs", "3",
+                                         *[a for k, v in run.items() for a in ("--set", f"{k}={v}")]]),
+                             env={**AWS, **ray_auth, **tokens, "PREFECT_API_URL": prefect_api}, timeout_s=900, check=False)
+        said = resumed.stdout + resumed.stderr
+        (tmp_path / "logs" / "control-train-resumed.log").write_text(said)
+        took_("epoch 2 resumed")
+        assert resumed.returncode == 0, said[-5000:]
+        log = control.sh("cat /mnt/project/.arclight/logs/arclight.log").stdout
+        made = re.search(r"epoch 2: calc-v3 from \d+ triplets, \d+ steps on ([\d.]+)", log)
+        assert made and made.group(1) in by_ip, log[-3000:]
+        recorded = {r["version"]: r for r in _json_lines(control.sh(shlex.join([
+            ARCLIGHT, "query", "SELECT version, path, epoch FROM policy_versions ORDER BY version", "--format", "json",
+            "-c", config, *[a for k, v in run.items() for a in ("--set", f"{k}={v}")]]), env=AWS, timeout_s=300).stdout)}
+        assert sorted(recorded) == ["calc-v1", "calc-v2", "calc-v3"] and recorded["calc-v3"]["epoch"] == 2, recorded
+        fetched = "/mnt/project/.arclight/gateway/weights/calc/calc-v3.merged"
+        assert f"reloaded the weights of calc from {fetched}" in log
+        manifest = json.loads(store.sh(f"{PYTHON} -c \"import boto3; print(boto3.client('s3', endpoint_url='{s3}', "
+                                       "region_name='us-east-1').get_object(Bucket='arclight', "
+                                       "Key='weights/calc/calc-v3.merged/manifest.json')['Body'].read().decode())\"",
+                                       env=AWS).stdout)
+        published = {name: entry["sha256"] for name, entry in manifest["files"].items()}
+        served = _sha256s(serve, fetched)
+        assert served == published == _sha256s(by_ip[made.group(1)], recorded["calc-v3"]["path"] + ".merged"), (
+            served, published)
+        print(f"resumed epoch 2 made calc-v3 on {made.group(1)}; vLLM serves it: {len(served)} files, "
+              f"model.safetensors sha256 {served.get('model.safetensors', '?')[:16]}")
+
+        # each train host keeps serving.keep_versions (1) of the versions it made, with their optimizer state and
+        # merged weights, and of the parents it fetched; the one that made calc-v3 keeps that one
+        keep = int(run["serving.keep_versions"])
+        for trainer in trainers:
+            held = [h.removeprefix("/mnt/project/.arclight/") for h in trainer.sh(
+                "find /mnt/project/.arclight/checkpoints /mnt/project/.arclight/trainer/parents -mindepth 2 -maxdepth 2 "
+                "-type d -not -name '.*' 2>/dev/null | sort").stdout.split()]
+            print(f"{trainer.name} holds: {held}")
+            for root in ("checkpoints/calc/", "trainer/parents/calc/"):
+                folders = [h.removeprefix(root) for h in held if h.startswith(root)]
+                assert len({re.sub(r"\.(state|merged)$", "", f) for f in folders}) <= keep, (trainer.name, held)
+                assert len([f for f in folders if f.endswith(".merged")]) <= keep, (trainer.name, held)
+        assert {h for h in by_ip[made.group(1)].sh("ls /mnt/project/.arclight/checkpoints/calc").stdout.split()
+                if h != "latest"} == {"calc-v3", "calc-v3.state", "calc-v3.merged"}
+
+        # nothing of the spans is on control's disk (its /mnt and /tmp): no file of the span tables, nor a read copy
+        # (<lake>/_mirror); the state tables, the pipeline's outputs and the logs stay
+        spans_here = control.sh("find /mnt /tmp -type f \\( -path '*/_mirror/*' -o -path '*spans/*' -o -path "
+                                "'*/training/run_id=*' -o -path '*/production/date=*' \\) -not -name part-0-schema.parquet"
+                                ).stdout.split()
+        print("span data files on control's disk:", spans_here or "none")
+        print("parquet files on control's disk, by table:\n" + control.sh(
+            "find /mnt /tmp -name '*.parquet' | sed -E 's#/[^/]*$##; s#/[a-z_]+=[^/]*##g' | sort | uniq -c").stdout)
+        assert spans_here == [], spans_here
+        took_("checks after the resume")
+        print("seconds taken:", took)
 
 
 def test_two_ranks_on_two_train_hosts_train_what_one_process_does_and_a_dead_host_makes_no_version(tmp_path):
@@ -581,3 +658,15 @@ def _cmdline(pid: int) -> str:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     return ""
+
+
+def _sha256s(host, folder: str) -> dict[str, str]:
+    """Every file under ``folder`` on ``host`` but a fetched copy's ``manifest.json``: its relative path -> sha256."""
+    out = host.sh(f"cd {shlex.quote(folder)} && find . -type f -not -name manifest.json | sort | xargs sha256sum").stdout
+    return {path.removeprefix("./"): digest for digest, path in (line.split(None, 1) for line in out.splitlines())}
+
+
+def _runs_a_rollout_batch(cmdline: str) -> bool:
+    """A Ray worker process running a batch of rollouts: Ray titles a worker ``ray::<task name>`` while it runs a task
+    (prefect-ray names it after the Prefect task, ``rollouts``) and ``ray::IDLE`` once it is done."""
+    return cmdline.startswith("ray::rollouts")
