@@ -294,8 +294,11 @@ def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str
     import matplotlib.pyplot as plt
 
     po = config.prompt_optimization
-    params = {"apo.prompt": summary["prompt"], "apo.rounds": po.rounds, "apo.beam_width": po.beam_width,
-              "apo.branch_factor": po.branch_factor, "apo.tasks_per_eval": po.tasks_per_eval,
+    algorithm = summary.get("algorithm", "beam")
+    search = ({"apo.max_metric_calls": summary.get("max_metric_calls"), "apo.metric_calls": summary.get("metric_calls"),
+               "apo.minibatch_size": po.minibatch_size} if algorithm == "gepa" else
+              {"apo.rounds": po.rounds, "apo.beam_width": po.beam_width, "apo.branch_factor": po.branch_factor})
+    params = {"apo.prompt": summary["prompt"], "apo.algorithm": algorithm, **search, "apo.tasks_per_eval": po.tasks_per_eval,
               "apo.samples_per_task": po.samples_per_task, "apo.critic": po.critic.kind,
               "apo.critic_model": po.critic.function or po.critic.model or config.model.served_name}
     with start_run(config, run_id=summary["run_id"], policy=f"prompt:{summary['prompt']}", params=params, lake=lake):

@@ -371,6 +371,13 @@ def test_gepa_search_records_its_candidates_reflects_on_the_lake_and_promotes_th
     assert summary["start_score"] == 0.0 < summary["best_score"] == best.score and best.score_tasks == 4
     assert summary["promoted"] and best.serving and not found["instructions-v1"].serving
     assert best.score == max(v.score for v in found.values() if v.score is not None)
+    # MLflow's run names the search that ran and its budget, not the beam settings it did not use
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                             filter_string="tags.`arclight.policy` = 'prompt:instructions'")[0]
+    assert {k: v for k, v in run.data.params.items() if k in ("apo.algorithm", "apo.max_metric_calls", "apo.minibatch_size")} \
+        == {"apo.algorithm": "gepa", "apo.max_metric_calls": "20", "apo.minibatch_size": "2"}, run.data.params
+    assert not {"apo.rounds", "apo.beam_width", "apo.branch_factor"} & set(run.data.params), run.data.params
 
     # a second run resumes from GEPA's state: nothing is evaluated again
     again = optimize_prompt(overrides=overrides)
