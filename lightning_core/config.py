@@ -316,7 +316,8 @@ class TrainerConfig(Section):
         "in a placement group). ray needs serving.weights_uri (versions travel through it, both ways) and an MLflow "
         "server (tracking.mlflow_uri http(s)://...): docs/scaling.md.")
     address: str | None = Field(
-        None, description="The Ray cluster of executor ray (the head's host:6379, or auto); None = rollouts.address.")
+        None, description="The Ray cluster of executor ray (the head's host:6379, or auto); None = rollouts.address, "
+        "which it must be when rollouts run on Ray too (one Ray connection per process).")
     ray_resources: dict[str, float] = Field(
         default_factory=lambda: {"train": 1.0}, description="What one rank of executor ray needs of a node: Ray resources "
         "by name (a train host is started with `ray start --resources '{\"train\": 1}'`); CPU and GPU are Ray's "
@@ -641,6 +642,19 @@ class ArclightConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _one_ray_cluster_for_rollouts_and_training(self) -> "ArclightConfig":
+        both = self.trainer.executor == "ray" and self.rollouts.executor == "ray"
+        a, b = self.trainer.address, self.rollouts.address
+        if not (both and a and b) or a == b or (a != "auto" and b != "auto" and _same_endpoint(a, b)):
+            return self
+        raise ValueError(
+            f"trainer.address ({a}) and rollouts.address ({b}) name two Ray clusters, but the flow's process holds one "
+            "Ray connection, and the rollouts' runner (prefect-ray) reuses whichever is open: from the second epoch on "
+            "the rollouts would run on the trainer's cluster. Use one cluster: start each train host as a node of "
+            f"{b} with a train resource (ray start --address={b} --resources='{{\"train\": 1}}') and leave "
+            "trainer.address unset (docs/scaling.md)")
+
+    @model_validator(mode="after")
     def _one_ray_driver_under_async_epochs(self) -> "ArclightConfig":
         if not (self.trainer.max_staleness and self.trainer.executor == "ray" and self.rollouts.executor == "ray"):
             return self
@@ -882,6 +896,12 @@ def _addresses(host: str) -> set[str]:
         return {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)} or {host}
     except (OSError, UnicodeError):
         return {host}
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    """Whether two host:port addresses name one server (the same port on the same host)."""
+    (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+    return port_a == port_b and _same_host(host_a or a, host_b or b)
 
 
 def _same_host(a: str, b: str) -> bool:

@@ -49,6 +49,22 @@ def test_async_epochs_with_ray_rollouts_and_ray_training_are_refused_at_load():
     assert load_config(None, overrides=[*both[:1], *both[2:], "trainer.max_staleness=1"]).rollouts.executor == "local"
 
 
+def test_rollouts_and_training_on_two_ray_clusters_are_refused_naming_the_one_cluster_setup():
+    """The flow's process holds one Ray connection and prefect-ray's runner reuses an open one, so with two addresses
+    the second epoch's rollouts went to the trainer's cluster, silently."""
+    both = ["trainer.executor=ray", "rollouts.executor=ray", "rollouts.address=10.0.0.2:6379", *SERVER]
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, overrides=[*both, "trainer.address=10.0.0.3:6379"])
+    text = str(refused.value)
+    assert "trainer.address (10.0.0.3:6379)" in text and "rollouts.address (10.0.0.2:6379)" in text
+    assert "ray start --address=10.0.0.2:6379" in text and "leave trainer.address unset" in text
+    assert load_config(None, overrides=[*both, "trainer.address=10.0.0.2:6379"]).trainer.address == "10.0.0.2:6379"
+    local = ["trainer.executor=ray", "rollouts.executor=ray", "rollouts.address=127.0.0.1:6379", *SERVER]
+    assert load_config(None, overrides=[*local, "trainer.address=localhost:6379"]).trainer.address == "localhost:6379"
+    # rollouts elsewhere (dask, or this machine) and training on a Ray cluster: one Ray connection, accepted
+    assert load_config(None, overrides=["trainer.executor=ray", "trainer.address=10.0.0.3:6379", *SERVER]).trainer.address
+
+
 def _job(tmp_path: Path, **kw) -> TrainJob:
     config = load_config(None, overrides=[f"project_dir={tmp_path / 'host'}", f"serving.weights_uri=file://{tmp_path}/store"]).resolved()
     fields = dict(config=config, policy="calc", version="calc-v3", run_id="r1", epoch=2, cfg=config.trainer, samples=[],
