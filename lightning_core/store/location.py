@@ -18,7 +18,6 @@ from deltalake import DeltaTable
 
 from lightning_core.common.redact import is_secret
 from lightning_core.store.delta import LakeFormatError, owner
-from lightning_core.store.span_schema import LANES
 
 log = logging.getLogger("arclight.lake")
 

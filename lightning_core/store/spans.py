@@ -38,7 +38,7 @@ from lightning_core.common.durable import fsync_dir, fsync_file
 from lightning_core.store.delta import (CHECKPOINT_EVERY, COMMIT_HOOKS, DEFAULT_LOG_RETENTION_S, LakeFormatError,
                                         add_action, clean_log, commit_durably, committed_with, create_table, ensure_properties, owner,
                                         recovering, reread, refreshed, table_properties, update)
-from lightning_core.store.location import location, readable_files, remove_mirror_once
+from lightning_core.store.location import arrow_filesystem, location, readable_files, remove_mirror_once
 from lightning_core.store.span_schema import (LANES, SPAN_SCHEMA, Partition, ensure_schema_files, lane_of,
                                               partition_fields, table_schema, with_partition_columns)
 
@@ -437,8 +437,6 @@ def files_snapshot(root: str | os.PathLike[str], versions: dict[str, int], files
     gone = [f for f in every if "://" not in f and not os.path.exists(f)]
     if remote:
         import pyarrow.fs as pafs
-
-        from lightning_core.store.location import arrow_filesystem
 
         fs, _ = arrow_filesystem(where)
         gone += [info.path for info in fs.get_file_info([f.split("://", 1)[1] for f in remote])
