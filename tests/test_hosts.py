@@ -559,12 +559,13 @@ def test_two_epochs_of_calc_run_across_hosts_that_share_no_disk(tmp_path):
         # (<lake>/_mirror); the state tables, the pipeline's outputs and the logs stay
         # (the repository is seen on every host, under /tmp too when CI clones it there: its virtualenvs hold packages
         # with folders named spans/, so it is left out, and only data files count)
-        spans_here = control.sh(f"find /mnt /tmp -path {shlex.quote(str(REPO))} -prune -o -type f \\( -path '*/_mirror/*' "
+        find_here = f"find /mnt /tmp -path {shlex.quote(str(REPO))} -prune -o"
+        spans_here = control.sh(f"{find_here} -type f \\( -path '*/_mirror/*' "
                                 "-o -name '*.parquet' \\( -path '*spans/*' -o -path '*/training/run_id=*' -o -path "
                                 "'*/production/date=*' \\) \\) -not -name part-0-schema.parquet -print").stdout.split()
         print("span data files on control's disk:", spans_here or "none")
         print("parquet files on control's disk, by table:\n" + control.sh(
-            f"find /mnt /tmp -path {shlex.quote(str(REPO))} -prune -o -name '*.parquet' -print | sed -E 's#/[^/]*$##; s#/[a-z_]+=[^/]*##g' | sort | uniq -c").stdout)
+            f"{find_here} -name '*.parquet' -print | sed -E 's#/[^/]*$##; s#/[a-z_]+=[^/]*##g' | sort | uniq -c").stdout)
         assert spans_here == [], spans_here
         took_("checks after the resume")
         print("seconds taken:", took)
