@@ -55,6 +55,7 @@ class Publication:
     already: int = 0  # published before (a resumed epoch, or a second ``arclight traces``)
     replaced: int = 0  # cut off half-way before: deleted and made again
     left: int = 0  # chosen but not published: the time budget ran out
+    counted: bool = False  # the trees were rebuilt: rollouts and chosen are the epoch's (a cut before leaves them 0)
     seconds: float = 0.0
     error: str | None = None  # why publishing stopped, when it failed
     trace_ids: list[str] = field(default_factory=list)
@@ -62,9 +63,12 @@ class Publication:
     def summary(self) -> str:
         """One line for the epoch's log and summary."""
         scope = "production traces" if self.run_id is None else f"epoch {self.epoch} of {self.run_id}"
+        chosen = (f"{self.chosen} of {self.rollouts} rollouts chosen by tracking.traces={self.mode}"
+                  if self.counted or not self.error
+                  else "stopped before its rollouts were counted: every one is left for `arclight traces`")
         text = (f"traces of {scope}: {self.published} published, {self.already} already there"
                 f"{f', {self.replaced} cut off before and made again' if self.replaced else ''}"
-                f" ({self.chosen} of {self.rollouts} rollouts chosen by tracking.traces={self.mode}, {self.seconds:.1f} s)")
+                f" ({chosen}, {self.seconds:.1f} s)")
         if self.left:
             text += f"; {self.left} left: the {self.mode} budget of tracking.traces_timeout_s ran out"
         if self.error:
@@ -169,7 +173,7 @@ def _run(config: ArclightConfig, *, report: Publication, work: _Work, mode: str,
         traces = rollout_traces(config, run_id=report.run_id, epoch=report.epoch, catalog=catalog)
         chosen = choose(traces, mode=config.tracking.traces, cap=config.tracking.traces_cap)
         with work.lock:
-            report.rollouts, report.chosen = len(traces), len(chosen)
+            report.rollouts, report.chosen, report.counted = len(traces), len(chosen), True
         _publish(config, chosen, report=report, mode=mode, label=label, work=work, lake=lake)
     except _Cut:
         pass
