@@ -10,7 +10,14 @@ printed when both lanes have ended: in full when a unit test failed, else its su
 
 pytest-xdist's ``--dist loadgroup`` was meant to do this, but on pytest 9.2 it groups nothing (pytest-xdist#1386), so
 two lanes are two pytest processes here. Ctrl-C stops both (the terminal sends it to both; this script waits for them
-and then exits 130). The exit status is the first lane's if it failed, else the second's.
+and then exits 130). SIGTERM (CI's time limit) stops both the same way: each pytest unwinds (tests/helpers/sigterm.py),
+its fixtures stop their servers, and it prints its summary. The exit status is the first lane's if it failed, else the
+second's.
+
+A budget, ``ARCLIGHT_TEST_BUDGET_MIN`` (75 by default: CI stops the whole job at 90 min, and its set-up took 11), ends
+a run that has taken too long before CI's own limit does: both lanes stop as on Ctrl-C, the run fails and says so, and
+the tests that ran are listed with their times. Killed from outside, a run showed neither which test was running nor
+how long the others took.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("ARCLIGHT_TEST_RESULTS", ROOT / "test-results")).resolve()  # a test's runs write elsewhere
+BUDGET_MIN = 75.0
 
 
 def _from_the_terminal() -> bool:
@@ -40,6 +48,14 @@ def _signal_lanes(signum: int, *lanes: subprocess.Popen) -> None:
             lane.send_signal(signum)
 
 
+def _wait(lane: subprocess.Popen, deadline: float) -> int | None:
+    """The lane's exit status, or None when ``deadline`` (time.monotonic) passes first."""
+    try:
+        return lane.wait(timeout=max(0.0, deadline - time.monotonic()) if deadline != float("inf") else None)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def main(argv: list[str]) -> int:
     RESULTS.mkdir(exist_ok=True)
     for stale in ("junit.xml", "junit-integration.xml", "junit-unit.xml"):
@@ -52,15 +68,24 @@ def main(argv: list[str]) -> int:
                                  f"--junitxml={RESULTS / 'junit-unit.xml'}", *argv],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     print(f"unit tests: a second pytest process beside this one (pid {unit.pid}), output in {unit_log}", flush=True)
-    interrupted = False
+    interrupted = over_budget = False
+    budget_min = float(os.environ.get("ARCLIGHT_TEST_BUDGET_MIN") or BUDGET_MIN)
+    deadline = started + budget_min * 60
     integration = subprocess.Popen([*pytest, "--durations=25", "-m", "integration",
                                     f"--junitxml={RESULTS / 'junit-integration.xml'}", *argv])
     # a stop from outside (CI's timeout, `kill`) stops both lanes the way it would stop one pytest
     signal.signal(signal.SIGTERM, lambda signum, frame: _signal_lanes(signal.SIGTERM, integration, unit))
     while True:
         try:
-            first = integration.wait()
-            second = unit.wait()
+            first = _wait(integration, deadline)
+            second = _wait(unit, deadline)
+            if first is None or second is None:  # over budget: stop both as Ctrl-C would, and wait for their summaries
+                print(f"\nerror: make test ran past its budget of {budget_min:g} min (ARCLIGHT_TEST_BUDGET_MIN): both lanes "
+                      "stop as on Ctrl-C; the tests that ran, and their times, follow", flush=True)
+                over_budget = True
+                _signal_lanes(signal.SIGINT, integration, unit)
+                deadline = float("inf")
+                continue
             break
         except KeyboardInterrupt:  # wait for both lanes to stop their servers
             interrupted = True
@@ -74,6 +99,11 @@ def main(argv: list[str]) -> int:
         summary = next((line for line in reversed(text.splitlines()) if line.strip()), "")
         print(f"\nunit-test lane: {summary}", flush=True)
     print(f"both lanes ended after {took / 60:.1f} min: integration exit {first}, unit exit {second}", flush=True)
+    if over_budget:
+        junits = sorted(map(str, RESULTS.glob("junit-*.xml")))
+        if junits:
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "test_times.py"), *junits, "--tests", "15"], check=False)
+        return first or second or 1
     if interrupted:
         return 130
     return first if first != 0 else second

@@ -17,6 +17,7 @@ from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.common.services import Service, free_port
 from lightning_core.ingest.service import start_collector
+from tests.helpers.sigterm import pytest_configure  # noqa: F401 - a hook: SIGTERM unwinds like Ctrl-C
 
 REPO = Path(__file__).resolve().parents[1]
 

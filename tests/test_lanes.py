@@ -49,3 +49,114 @@ def test_the_unit_lane_runs_beside_the_integration_lane_and_its_failure_fails_th
     times = subprocess.run([sys.executable, str(REPO / "scripts" / "test_times.py"), *sorted(map(str, results.glob("junit-*.xml")))],
                            capture_output=True, text=True, timeout=60)
     assert times.returncode == 0 and "| total | 4 |" in times.stdout and "from end to end" in times.stdout, times.stdout
+
+
+def _started_group_alive(pid_file, deadline_s: float = 60) -> int:
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.exists(), "the test's fixture did not start its process"
+    return int(pid_file.read_text())
+
+
+def _gone(pid: int, within_s: float = 10) -> bool:
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_to_pytest_stops_what_a_fixture_started_and_writes_the_summary(tmp_path):
+    """CI's time limit and `timeout` send SIGTERM: a fixture's own process group (a training run: collector, gateway,
+    vLLMs) must stop with pytest, not go on under init. Before tests/helpers/sigterm.py it went on."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "server.pid"
+    (tmp_path / "test_server.py").write_text(
+        "import pathlib, signal, os, subprocess, time, pytest\n"
+        "@pytest.fixture\n"
+        "def server():\n"
+        "    proc = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+        f"    pathlib.Path({str(pid_file)!r}).write_text(str(proc.pid))\n"
+        "    try:\n"
+        "        yield proc\n"
+        "    finally:\n"
+        "        os.killpg(proc.pid, signal.SIGTERM)\n"
+        "        proc.wait()\n"
+        "def test_waits_on_its_server(server):\n"
+        "    time.sleep(120)\n")
+    pytest_run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.helpers.sigterm",
+                                   f"--junitxml={tmp_path / 'junit.xml'}", str(tmp_path / "test_server.py")],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        server = _started_group_alive(pid_file)
+        time.sleep(0.5)
+        pytest_run.send_signal(signal.SIGTERM)
+        output, _ = pytest_run.communicate(timeout=60)
+        outlived = not _gone(server)
+    finally:
+        if pytest_run.poll() is None:
+            pytest_run.kill()
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    assert not outlived, f"the fixture's process {server} outlived pytest's SIGTERM:\n{output}"
+    assert "KeyboardInterrupt" in output and "stopped by signal SIGTERM" in output, output
+    assert (tmp_path / "junit.xml").exists(), output
+
+
+def test_a_run_past_its_budget_stops_both_lanes_as_ctrl_c_would_and_lists_what_ran(tmp_path):
+    """CI stops the job at 90 min and printed neither the test that was running nor the others' times (stop 77): the
+    lanes' own budget ends the run first, each pytest unwinds its fixtures, and the times are printed."""
+    pid_file = tmp_path / "server.pid"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\nmarkers =\n    integration: starts servers\n")
+    (project / "test_heavy.py").write_text(
+        "import pathlib, signal, os, subprocess, time, pytest\n"
+        "@pytest.fixture\n"
+        "def server():\n"
+        "    proc = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+        f"    pathlib.Path({str(pid_file)!r}).write_text(str(proc.pid))\n"
+        "    try:\n"
+        "        yield proc\n"
+        "    finally:\n"
+        "        os.killpg(proc.pid, signal.SIGTERM)\n"
+        "        proc.wait()\n"
+        "@pytest.mark.integration\n"
+        "def test_quick():\n"
+        "    pass\n"
+        "@pytest.mark.integration\n"
+        "def test_hangs_on_its_server(server):\n"
+        "    time.sleep(300)\n")
+    (project / "test_light.py").write_text("def test_light_passes():\n    pass\n")
+    results = tmp_path / "results"
+    try:
+        run = subprocess.run([sys.executable, str(REPO / "scripts" / "test_lanes.py"), "-p", "no:cacheprovider"],
+                             cwd=project, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "ARCLIGHT_TEST_RESULTS": str(results), "ARCLIGHT_TEST_BUDGET_MIN": "0.15"})
+        server = int(pid_file.read_text())
+        outlived = not _gone(server)
+    finally:
+        import signal
+
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and "ran past its budget of 0.15 min (ARCLIGHT_TEST_BUDGET_MIN)" in output, output
+    assert not outlived, f"the integration lane's fixture process outlived the budget's stop:\n{output}"
+    assert "test_hangs_on_its_server" in output and "KeyboardInterrupt" in output, output  # where it stopped
+    assert "| tests/test_heavy.py |" in output and "| total |" in output, output  # the times, from the JUnit files
