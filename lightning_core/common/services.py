@@ -42,6 +42,7 @@ class Service:
     scratch: Path | None = None  # the process's own temporary folder, removed when it is stopped
     last_seen: float | None = None  # when it was last seen up (wall clock; the flow's supervisor looks every second)
     token: str | None = field(default=None, repr=False)  # a gateway's admin token (its admin routes take no other)
+    startup_setting: str | None = None  # the config key of its start-up time limit, named when a start runs past it
 
     @property
     def owned(self) -> bool:
@@ -152,12 +153,14 @@ def start_process(
     cwd: Path | None = None,
     scratch: Path | None = None,
     wait: bool = True,
+    startup_setting: str | None = None,
 ) -> Service:
     """Start ``argv`` in its own process group, logging to ``log_path``, and wait until healthy.
 
     ``scratch``: a folder the process keeps its temporary files in, removed when it stops (or fails to start).
     ``wait=False`` returns once the process runs: the caller waits (``wait_healthy``) and stops it if that fails, so
-    that several slow servers start side by side.
+    that several slow servers start side by side. ``startup_setting``: the config key of ``timeout_s``, which the error
+    of a start that runs past it names.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
@@ -173,7 +176,7 @@ def start_process(
         raise
     stopping.add_group(process.pid, name)  # its own session: a second Ctrl-C kills it with the rest
     service = Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path,
-                      env=dict(env or {}), scratch=scratch)
+                      env=dict(env or {}), scratch=scratch, startup_setting=startup_setting)
     if not wait:
         return service
     try:
@@ -225,8 +228,12 @@ def wait_all_healthy(services: Sequence[Service], *, timeout_s: float) -> None:
             time.sleep(0.2)
     if pending:
         service = pending[0]
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        busy = f"; the machine's load average is {load:.1f} on {os.cpu_count()} cores" if load is not None else ""
+        limit = (f": a slow or busy machine needs more time, set {service.startup_setting} (now {timeout_s:g}){busy}"
+                 if service.startup_setting else busy)
         raise ServiceError(
-            f"{service.name} did not answer {service.health_url} within {timeout_s:.0f} s "
+            f"{service.name} did not answer {service.health_url} within {timeout_s:.0f} s{limit} "
             f"(log {service.log_path}):\n{service.log_tail()}"
         )
 

@@ -312,6 +312,7 @@ def start_vllm(
         name, argv, url=url, health_url=f"{url}/health",
         log_path=log_dir / f"{name}-{port}.log", env={**scratch_env(scratch), **env},
         timeout_s=config.serving.startup_timeout_s, cwd=log_dir, scratch=scratch, wait=wait,
+        startup_setting="serving.startup_timeout_s",
     )
 
 
