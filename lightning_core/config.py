@@ -600,16 +600,17 @@ class PromptOptimizationConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _no_beam_search_keys(cls, data: Any) -> Any:
+        """Refuse a setting of the deleted beam search, naming the key and what to set for GEPA."""
         if not isinstance(data, dict):
             return data
         if data.get("algorithm") == "beam":
             raise ValueError("prompt_optimization.algorithm: beam: our beam search was replaced by GEPA (issue 73, see "
-                             "docs/config.md#prompt_optimization): remove the key (gepa is the only search) and set "
+                             "docs/config.md#beam-search-replaced-by-gepa): remove the key (gepa is the only search) and set "
                              "max_metric_calls (task evaluations) or max_rollouts, and minibatch_size")
         for key, instead in BEAM_KEYS.items():
             if key in data:
                 raise ValueError(f"prompt_optimization.{key} belonged to our beam search, which was replaced by GEPA "
-                                 f"(issue 73, see docs/config.md#prompt_optimization): remove it; {instead}")
+                                 f"(issue 73, see docs/config.md#beam-search-replaced-by-gepa): remove it; {instead}")
         return data
 
     @field_validator("run_name")
