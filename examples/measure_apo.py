@@ -1,4 +1,4 @@
-"""Measure prompt optimisation (APO) on an example: search, then held-out reward of the start and the best prompt.
+"""Measure prompt optimisation (APO, GEPA) on an example: search, then held-out reward of the start and the best prompt.
 
     .venv/bin/python examples/measure_apo.py examples/calc/config.apo.yaml
     .venv/bin/python examples/measure_apo.py examples/calc/config.apo.yaml \\
@@ -86,12 +86,10 @@ def searched(catalog: Catalog, summary: dict) -> dict[str, list[prompts.PromptVe
 
 
 def settings(cfg, summary: dict) -> str:
-    """What the search ran with: GEPA's budget and minibatch, or the beam's width, branches and rounds."""
+    """What the search ran with: GEPA's budget and minibatch, its validation split."""
     po = cfg.prompt_optimization
-    if summary["algorithm"] == "gepa":
-        return (f"GEPA, max_metric_calls {summary['max_metric_calls']} ({summary['metric_calls']} used), minibatch "
-                f"{po.minibatch_size} tasks, validation {po.tasks_per_eval} tasks, {po.samples_per_task} rollout(s) per task")
-    return f"beam {po.beam_width}, branch {po.branch_factor}, {po.rounds} rounds, {po.tasks_per_eval} tasks per candidate"
+    return (f"GEPA, max_metric_calls {summary['max_metric_calls']} ({summary['metric_calls']} used), minibatch "
+            f"{po.minibatch_size} tasks, validation {po.tasks_per_eval} tasks, {po.samples_per_task} rollout(s) per task")
 
 
 def report(cfg, summary: dict, catalog: Catalog, *, title: str, seed: int, stamp: str, command: str, timing: str,
@@ -102,7 +100,6 @@ def report(cfg, summary: dict, catalog: Catalog, *, title: str, seed: int, stamp
     critic = po.critic.function if po.critic.kind == "scripted" else (po.critic.model or f"{cfg.model.served_name} (local)")
     start, best = summary["held_out"].get(summary["start"]), summary["held_out"].get(summary["best"])
     curve = ", ".join(f"{r['round']}: {r['best_score']:.2f}" for r in summary["rounds"])
-    per = "best validation score per candidate kept" if summary["algorithm"] == "gepa" else "best train-sample score per round"
     made = sum(1 for versions in found.values() for v in versions if v.run_id == summary["run_id"])
     rejected = sum(len(r["rejected"]) for r in summary["rounds"])
     lines = [
@@ -110,8 +107,8 @@ def report(cfg, summary: dict, catalog: Catalog, *, title: str, seed: int, stamp
         "",
         f"`{command}`",
         "",
-        f"| held-out reward, start prompt | best prompt | held-out tasks | {per} | candidates made (proposals not usable) "
-        "| rollouts | critic calls | search wall time | total wall time | load (1-min avg, start/end) | machine |",
+        "| held-out reward, start prompt | best prompt | held-out tasks | best validation score per candidate kept "
+        "| candidates made (proposals not usable) | rollouts | critic calls | search wall time | total wall time | load (1-min avg, start/end) | machine |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {_pct(start)} ({summary['start']}) | {_pct(best)} ({summary['best']}) | {(best or start or {}).get('tasks', '-')} "
         f"| {curve} | {made} ({rejected}) | {summary['rollouts']} | {summary['critic_calls']} | {summary['search_s'] / 60:.1f} min "

@@ -540,48 +540,78 @@ class EvaluationConfig(Section):
 
 
 class CriticConfig(Section):
-    """Who writes the critiques and edits of prompt optimisation."""
+    """Who writes prompt optimisation's edits: GEPA's reflection model."""
 
     kind: Literal["model", "scripted"] = Field(
-        "model", description="model: an OpenAI-compatible chat model writes a critique of the prompt from the failed "
-        "trajectories (the textual gradient), then the edited prompt; scripted: a Python function does (rule-based edits).")
+        "model", description="model: an OpenAI-compatible chat model answers GEPA's reflection prompt about the "
+        "trajectories of a minibatch with the edited prompt; scripted: a Python function writes it (rule-based edits).")
     function: str | None = Field(None, description="scripted: the critic as 'module:function' (prompt, failures, n) -> "
                                  "[(critique, new prompt), ...]; looked up like rollouts.agent.")
     url: str | None = Field(None, description="model: base URL of an OpenAI-compatible API (e.g. a hosted one); None = the "
                             "local vLLM through the gateway, whose calls are traced under the optimisation run.")
     model: str | None = Field(None, description="model: the model name; None = model.served_name (the base model).")
     api_key_env: str = Field("OPENAI_API_KEY", description="model with url: the environment variable holding the API key.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature of critique and edit calls.")
-    max_tokens: int = Field(256, ge=1, description="Longest critique or edited prompt, in tokens.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the critic's calls.")
+    max_tokens: int = Field(256, ge=1, description="Longest answer of the critic (the edited prompt), in tokens.")
     timeout_s: float = Field(120.0, gt=0, description="Longest wait for one critic answer.")
 
 
-class PromptOptimizationConfig(Section):
-    """Automatic prompt optimisation (APO): beam search over a prompt resource with textual gradients, or GEPA."""
+# Keys of the beam search that GEPA replaced (issue 73): a config that still sets one is refused with what to set instead.
+BEAM_KEYS = {
+    "rounds": "set GEPA's budget instead: max_metric_calls (task evaluations) or max_rollouts",
+    "beam_width": "GEPA keeps a Pareto front of candidates instead; set its budget with max_metric_calls or max_rollouts",
+    "branch_factor": "GEPA's critic writes one edit per iteration; set the tasks it reflects on with minibatch_size "
+                     "and the budget with max_metric_calls or max_rollouts",
+    "failures": "GEPA's critic reads every task of its minibatch: set minibatch_size",
+}
 
-    algorithm: Literal["beam", "gepa"] = Field(
-        "beam", description="beam: our beam search (rounds, beam_width, branch_factor); gepa: the gepa library's reflective "
-        "Pareto search (max_metric_calls, minibatch_size), which edits every named prompt at once unless `prompt` names one.")
-    prompt: str | None = Field(None, description="Which prompt of rollouts.resources.prompts to optimise; None = the only one "
-                               "(gepa: all of them, one GEPA component each).")
+# The budget of a config that names none: about what the beam search's defaults spent (16 tasks x (1 + 3 rounds x 6
+# candidates) = 304 rollouts).
+DEFAULT_MAX_ROLLOUTS = 300
+
+
+class PromptOptimizationConfig(Section):
+    """Automatic prompt optimisation (APO): the gepa library's reflective search over the project's prompt resources."""
+
+    algorithm: Literal["gepa"] = Field(
+        "gepa", description="gepa: the gepa library's reflective Pareto search (max_metric_calls, minibatch_size), which "
+        "edits every named prompt at once unless `prompt` names one. Our beam search was replaced by it (issue 73).")
+    prompt: str | None = Field(None, description="Which prompt of rollouts.resources.prompts to optimise; None = all of "
+                               "them, one GEPA component each.")
     run_name: str | None = Field(None, description="Run id of the search's rollouts and critic calls; default <run_name>.apo.")
-    rounds: int = Field(3, ge=1, description="Beam-search rounds after scoring the starting prompt.")
-    beam_width: int = Field(2, ge=1, description="Candidates kept after each round.")
-    branch_factor: int = Field(2, ge=1, description="Edited prompts the critic writes per kept candidate per round.")
-    tasks_per_eval: int = Field(16, ge=1, description="Training tasks every candidate of a round runs (the same tasks for all).")
+    tasks_per_eval: int = Field(16, ge=1, description="GEPA's validation split: training tasks (seeded by seed) every "
+                                "candidate GEPA keeps is scored on.")
     samples_per_task: int = Field(1, ge=1, description="Rollouts per task and candidate.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the agent while candidates are scored (0: greedy).")
-    failures: int = Field(4, ge=1, description="Lowest-reward trajectories shown to the critic per critique.")
-    max_rollouts: int | None = Field(None, ge=1, description="Rollout budget of the search; a round that would exceed it is not started.")
-    max_metric_calls: int | None = Field(None, ge=1, description="gepa: its budget, in task evaluations (each runs "
-                                         "samples_per_task rollouts); None = max_rollouts // samples_per_task.")
-    minibatch_size: int = Field(3, ge=1, description="gepa: training tasks a candidate runs before the reflection model "
+    max_rollouts: int | None = Field(None, ge=1, description="Rollout budget of the search: max_metric_calls = max_rollouts "
+                                     f"// samples_per_task. Neither set: {DEFAULT_MAX_ROLLOUTS} rollouts, about what the "
+                                     "beam search's defaults spent.")
+    max_metric_calls: int | None = Field(None, ge=1, description="GEPA's budget, in task evaluations (each runs "
+                                         "samples_per_task rollouts); None = max_rollouts // samples_per_task. GEPA checks "
+                                         "it between iterations, so the last iteration can pass it by a few.")
+    minibatch_size: int = Field(3, ge=1, description="Training tasks a candidate runs before the reflection model "
                                 "edits it (GEPA's reflection_minibatch_size); the validation split is tasks_per_eval tasks.")
     max_prompt_chars: int = Field(2000, ge=16, description="Edited prompts longer than this are cut off there.")
     held_out: bool = Field(True, description="At the end, evaluate the starting and the best prompt on rollouts.eval_dataset.")
     promote: bool = Field(True, description="Make the best prompt the serving version (used by later train and evaluate runs).")
-    seed: int = Field(0, description="Seed of the task samples.")
+    seed: int = Field(0, description="Seed of the task samples and of GEPA.")
     critic: CriticConfig = Field(default_factory=CriticConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_beam_search_keys(cls, data: Any) -> Any:
+        """Refuse a setting of the deleted beam search, naming the key and what to set for GEPA."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("algorithm") == "beam":
+            raise ValueError("prompt_optimization.algorithm: beam: our beam search was replaced by GEPA (issue 73, see "
+                             "docs/config.md#beam-search-replaced-by-gepa): remove the key (gepa is the only search) and set "
+                             "max_metric_calls (task evaluations) or max_rollouts, and minibatch_size")
+        for key, instead in BEAM_KEYS.items():
+            if key in data:
+                raise ValueError(f"prompt_optimization.{key} belonged to our beam search, which was replaced by GEPA "
+                                 f"(issue 73, see docs/config.md#beam-search-replaced-by-gepa): remove it; {instead}")
+        return data
 
     @field_validator("run_name")
     @classmethod

@@ -81,7 +81,7 @@ def prompt_version_key(name: str) -> str:
 
 
 # Prompt optimisation: spans of the critic's calls carry its role.
-APO_ROLE = "arclight.apo.role"  # critique | edit
+APO_ROLE = "arclight.apo.role"  # reflect (GEPA's reflection prompt)
 APO_PARENT_VERSION = "arclight.apo.parent_version"
 
 # Rollout outcome spans written by the runner.

@@ -286,19 +286,18 @@ def log_epoch_signals(config, rows: list[dict[str, Any]], *, epoch: int, lake: s
 
 
 def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str, Any]], *, lake: str) -> None:
-    """Log a prompt search to its own MLflow run (``<run>.apo`` / ``prompt:<name>``, of the lake ``lake``): best score
-    per round (metric and plot), every candidate with score, parent and critique (a table), held-out scores."""
+    """Log a prompt search (GEPA) to its own MLflow run (``<run>.apo`` / ``prompt:<name>``, of the lake ``lake``): the best
+    validation score as each candidate is kept (metric and plot), every candidate with score, parent and critique (a
+    table), held-out scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     po = config.prompt_optimization
-    algorithm = summary.get("algorithm", "beam")
-    search = ({"apo.max_metric_calls": summary.get("max_metric_calls"), "apo.metric_calls": summary.get("metric_calls"),
-               "apo.minibatch_size": po.minibatch_size} if algorithm == "gepa" else
-              {"apo.rounds": po.rounds, "apo.beam_width": po.beam_width, "apo.branch_factor": po.branch_factor})
-    params = {"apo.prompt": summary["prompt"], "apo.algorithm": algorithm, **search, "apo.tasks_per_eval": po.tasks_per_eval,
+    params = {"apo.prompt": summary["prompt"], "apo.algorithm": summary["algorithm"],
+              "apo.max_metric_calls": summary.get("max_metric_calls"), "apo.metric_calls": summary.get("metric_calls"),
+              "apo.minibatch_size": po.minibatch_size, "apo.tasks_per_eval": po.tasks_per_eval,
               "apo.samples_per_task": po.samples_per_task, "apo.critic": po.critic.kind,
               "apo.critic_model": po.critic.function or po.critic.model or config.model.served_name}
     with start_run(config, run_id=summary["run_id"], policy=f"prompt:{summary['prompt']}", params=params, lake=lake):
@@ -317,10 +316,10 @@ def log_prompt_search(config, summary: dict[str, Any], candidates: list[dict[str
                          artifact_file="apo/candidates.json")
         fig, ax = plt.subplots(figsize=(6, 3.5))
         rounds = [r["round"] for r in summary["rounds"]]
-        ax.plot(rounds, [r["best_score"] for r in summary["rounds"]], marker="o", label="best in beam")
+        ax.plot(rounds, [r["best_score"] for r in summary["rounds"]], marker="o", label="best so far")
         for r in summary["rounds"]:
             ax.scatter([r["round"]] * len(r["scores"]), [v or 0.0 for v in r["scores"].values()], color="gray", alpha=0.5, s=12)
-        ax.set_xlabel("round (0 = starting prompt)")
+        ax.set_xlabel("candidate kept (0 = starting prompt)")
         ax.set_ylabel(f"mean reward ({po.tasks_per_eval} tasks)")
         ax.set_title(f"Prompt search: {summary['prompt']}")
         ax.grid(alpha=0.3)

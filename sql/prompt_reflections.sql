@@ -1,5 +1,5 @@
 -- prompt_reflections: what GEPA's reflection model reads about one evaluation of a prompt candidate. One row per
--- task: its lowest-reward rollout (as in sql/prompt_failures.sql, successes included), every model call of it in
+-- task: its lowest-reward rollout (successes included; ties broken by rollout id), every model call of it in
 -- order (request messages, reply, the agent whose span encloses the call), and the tool spans that failed.
 -- Reads the catalog's rollouts table and spans view. Parameters: $run_id, $epoch.
 WITH worst AS (

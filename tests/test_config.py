@@ -38,6 +38,34 @@ def test_unknown_key_names_the_key_the_file_and_a_suggestion(tmp_path):
     assert str(path) in message and "collector.prot" in message and "did you mean 'port'" in message
 
 
+@pytest.mark.parametrize("setting, instead", [
+    ("algorithm: beam", "max_metric_calls (task evaluations) or max_rollouts, and minibatch_size"),
+    ("rounds: 3", "max_metric_calls (task evaluations) or max_rollouts"),
+    ("beam_width: 2", "max_metric_calls or max_rollouts"),
+    ("branch_factor: 2", "minibatch_size"),
+    ("failures: 4", "minibatch_size"),
+])
+def test_a_config_of_the_beam_search_is_refused_with_the_key_and_what_to_set_for_gepa(tmp_path, setting, instead):
+    path = _write(tmp_path, f"prompt_optimization:\n  {setting}\n  tasks_per_eval: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    key = setting.split(":")[0]
+    assert message.startswith(f"{path}: prompt_optimization.{key}") and "Traceback" not in message
+    assert "our beam search" in message and "replaced by GEPA (issue 73, see docs/config.md" in message
+    assert instead in message
+    with pytest.raises(ConfigError, match=f"prompt_optimization.{key}"):  # an override too
+        load_config(None, overrides=[f"prompt_optimization.{key}={setting.split(': ')[1]}"])
+
+
+def test_a_config_without_a_search_budget_runs_gepa_on_about_the_beam_searchs_default_spend(tmp_path):
+    from lightning_core.apo import search as apo
+
+    cfg = load_config(_write(tmp_path, "prompt_optimization:\n  algorithm: gepa\n"))
+    assert cfg.prompt_optimization.algorithm == "gepa" == load_config(None).prompt_optimization.algorithm
+    assert apo.gepa_budget(cfg) == 300  # 16 tasks x (1 + 3 rounds x 6 candidates) = 304 rollouts, the beam's default
+
+
 def test_wrong_type_names_the_key_and_the_value(tmp_path):
     path = _write(tmp_path, "collector:\n  port: lots\n")
     with pytest.raises(ConfigError) as err:

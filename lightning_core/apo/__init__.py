@@ -1,1 +1,1 @@
-"""Prompt optimisation: beam search over a prompt resource with a critic's textual gradients; prompts as versions."""
+"""Prompt optimisation: GEPA (the library) over the prompt resources, with a critic as its reflection model; prompts as versions."""

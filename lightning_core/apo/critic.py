@@ -1,6 +1,6 @@
-"""Who writes prompt optimisation's critiques and edits: a chat model (the local vLLM through the gateway, traced
-under the search's run, or a hosted API) asked for a critique of the prompt given its failed trajectories -- the
-textual gradient -- and then for edited prompts; or a scripted function (rule-based edits)."""
+"""Who writes prompt optimisation's edits, as GEPA's reflection step: a chat model (the local vLLM through the gateway,
+traced under the search's run, or a hosted API) asked GEPA's own reflection prompt about the failed trajectories;
+or a scripted function (rule-based edits) given those trajectories."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Union
 
 from lightning_core import semconv
 from lightning_core.config import ArclightConfig
-from lightning_core.apo.search import ApoError, describe_failures
+from lightning_core.apo.search import ApoError
 
 log = logging.getLogger("arclight.apo")
 
@@ -25,15 +25,6 @@ class Proposal:
     text: str
 
 
-class Critic(Protocol):
-    """Writes ``n`` proposals for a prompt, given its failed trajectories."""
-
-    made_by: str
-
-    def propose(self, prompt: str, failures: list[dict[str, Any]], n: int, *, where: "CallSite") -> list[Proposal]:
-        ...
-
-
 @dataclass(frozen=True)
 class CallSite:
     """Where a critic's calls are traced: the optimisation run, the evaluation epoch they critique, the parent."""
@@ -44,37 +35,8 @@ class CallSite:
     round: int
 
 
-CRITIQUE_SYSTEM = "You are an expert at writing instructions (system prompts) for AI assistants."
-
-
-CRITIQUE = """An assistant ran with the prompt below and failed the tasks that follow.
-
-PROMPT:
-<<<
-{prompt}
->>>
-
-FAILED TASKS:
-{failures}
-
-In at most three sentences, say what the prompt should tell the assistant so that it gets such tasks right."""
-
-
-EDIT = """Rewrite the prompt below so that it follows the advice. Keep what works. Reply with the new prompt only.
-
-PROMPT:
-<<<
-{prompt}
->>>
-
-ADVICE:
-{critique}
-
-NEW PROMPT:"""
-
-
 class ModelCritic:
-    """A chat model writes the critique, then the edited prompt (two calls per proposal), each traced.
+    """A chat model answers GEPA's reflection prompt (one call per proposal), each call traced.
 
     By default the local vLLM answers through the gateway, under a rollout id of the optimisation
     run, so the gateway records the calls with their token ids; with ``critic.url`` a hosted
@@ -108,24 +70,8 @@ class ModelCritic:
             self.api_key = config.gateway.token or os.environ.get("ARCLIGHT_GATEWAY_TOKEN") or "arclight"
             self.timeout_s = c.timeout_s
 
-    def propose(self, prompt: str, failures: list[dict[str, Any]], n: int, *, where: CallSite) -> list[Proposal]:
-        shown = describe_failures(failures)
-        out = []
-        for k in range(n):
-            critique = self._chat([{"role": "system", "content": CRITIQUE_SYSTEM},
-                                   {"role": "user", "content": CRITIQUE.format(prompt=prompt, failures=shown)}],
-                                  role="critique", where=where, k=k)
-            text = self._chat([{"role": "system", "content": CRITIQUE_SYSTEM},
-                               {"role": "user", "content": EDIT.format(prompt=prompt, critique=critique.strip())}],
-                              role="edit", where=where, k=k)
-            out.append(Proposal(critique=critique.strip(), text=text))
-        return out
-
     def chat(self, messages: list[dict[str, Any]], *, role: str, where: CallSite, k: int = 0) -> str:
-        """Ask the critic's model one question (traced like a critique); GEPA's reflection model calls this."""
-        return self._chat(messages, role=role, where=where, k=k)
-
-    def _chat(self, messages: list[dict[str, str]], *, role: str, where: CallSite, k: int) -> str:
+        """Ask the critic's model one question, traced with ``role``; GEPA's reflection model calls this."""
         import openai
 
         from lightning_core import tracing
@@ -191,6 +137,10 @@ class ScriptedCritic:
                 critique, text = item
                 out.append(Proposal(str(critique), str(text)))
         return out
+
+
+# What GEPA's adapter asks for an edit: a model critic answers GEPA's reflection prompt, a scripted one gets the failures.
+Critic = Union[ModelCritic, ScriptedCritic]
 
 
 def make_critic(config: ArclightConfig, *, gateway_client, collector_url: str, collector_token: str | None) -> Critic:

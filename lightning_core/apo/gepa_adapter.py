@@ -1,4 +1,4 @@
-"""GEPA, the library, as prompt optimisation's search (``prompt_optimization.algorithm: gepa``).
+"""GEPA, the library, as prompt optimisation's search (the only one: it replaced our beam search, issue 73).
 
 GEPA (reflective prompt evolution with a Pareto front of candidates) does the searching; this module is its
 adapter to Arclight and writes no search of its own:
@@ -10,9 +10,9 @@ adapter to Arclight and writes no search of its own:
   (``sql/prompt_reflections.sql``): the task, each model call's messages and answer, the agent that made
   it, the failed tools, the reward;
 - the reflection model is the configured critic (``propose_new_texts``): a chat model asked GEPA's own
-  reflection prompt (rendered and read back by GEPA's ``InstructionProposalSignature``, traced like the
-  beam search's critic calls), or a scripted critic, which gets the failed trajectories as in the beam
-  search. A proposal that is empty, unchanged or too short is dropped, as in the beam search.
+  reflection prompt (rendered and read back by GEPA's ``InstructionProposalSignature``, each call traced
+  under the search's run), or a scripted critic, which gets the failed trajectories of the minibatch
+  (``fn(prompt, failures, n)``). A proposal that is empty, unchanged or too short is dropped and counted.
 
 The flow that drives it is ``flows/optimize_prompt.py``; nothing here needs Prefect.
 """
@@ -40,8 +40,8 @@ EvaluateFn = Callable[[dict[str, PromptVersion], list[dict[str, Any]]], tuple[in
 
 
 def split_tasks(config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Return GEPA's (training, validation) tasks: validation is the beam search's round-0 sample (tasks_per_eval, seeded),
-    training the other tasks of rollouts.dataset (the validation tasks when no other is left)."""
+    """Return GEPA's (training, validation) tasks: validation is ``tasks_per_eval`` tasks drawn by ``seed``
+    (``search.draw_tasks``), training the other tasks of rollouts.dataset (the validation tasks when no other is left)."""
     from lightning_core.apo.search import draw_tasks
     from lightning_core.rollouts.dataset import load_tasks
 
@@ -97,7 +97,8 @@ def _content(message: dict[str, Any]) -> str:
 
 
 def as_failure(trajectory: dict[str, Any], text: str) -> dict[str, Any]:
-    """A trajectory in the form the beam search shows its critic (``search.failures``), for the component ``text``."""
+    """A trajectory in the form a scripted critic gets it (``task, reward, status, error, messages, response``, plus
+    ``agent`` and ``failed_tools``), for the component ``text``."""
     call = call_of(trajectory, text) or {"messages": [], "response": None, "agent": None}
     return {"rollout_id": trajectory["rollout_id"], "task_id": trajectory["task_id"], "task": trajectory["task"],
             "reward": trajectory["reward"], "status": trajectory["status"], "error": trajectory["error"],
@@ -133,7 +134,7 @@ class ArclightAdapter:
         self.success, self.max_prompt_chars, self.journal = success, max_prompt_chars, journal
         self.parent: dict[str, PromptVersion] = dict(start)  # the candidate GEPA reflected on last
         self.parent_epoch, self.iteration = -1, 0
-        self.shown: dict[str, list[dict[str, Any]]] = {}  # component -> trajectories, as the beam search's critic gets them
+        self.shown: dict[str, list[dict[str, Any]]] = {}  # component -> trajectories, as a scripted critic gets them
         self.critique: str | None = None
         self.proposals, self.rejected = 0, []
         self.errors: list[BaseException] = []  # GEPA logs and skips what these steps raise; the flow raises them after
@@ -198,7 +199,7 @@ class ArclightAdapter:
     def propose_new_texts(self, candidate: dict[str, str], reflective_dataset: Any,
                           components_to_update: list[str]) -> dict[str, str]:
         """GEPA's proposal step: a model critic answers GEPA's own reflection prompt about the reflective dataset; a
-        scripted critic gets the failed trajectories, as in the beam search. What is unusable is dropped and counted."""
+        scripted critic gets the failed trajectories of the minibatch. What is unusable is dropped and counted."""
         try:
             return self._proposals(candidate, reflective_dataset, components_to_update)
         except Exception as exc:

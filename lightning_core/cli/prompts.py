@@ -18,15 +18,13 @@ from lightning_core.config import ArclightConfig
 @project(positional=True)
 def optimize_prompt(cfg: ArclightConfig, config: Path, overrides: list[str], verbose: bool = VerboseOpt,
                     fmt: str = FormatOpt) -> None:
-    """Improve prompt resources by beam search or GEPA with a critic (APO); promote the best version; report held-out scores."""
+    """Improve prompt resources by GEPA with a critic (APO); promote the best version; report held-out scores."""
     from lightning_core.apo import search as apo
     from lightning_core.cli.progress import run_with_progress
 
     check_format(fmt)
     try:
         target = "+".join(apo.target_prompts(cfg))
-        if cfg.prompt_optimization.algorithm == "gepa":
-            apo.gepa_budget(cfg)
     except apo.ApoError as exc:
         fail(str(exc), code=2)
     extra = list(overrides or [])
@@ -50,7 +48,7 @@ def _print_search(result: dict) -> None:
 
     table = Table(title=f"prompt search {result['run_id']}: {result['rollouts']} rollouts, {result['critic_calls']} critic "
                         f"calls, {result['wall_s'] / 60:.1f} min")
-    for column in ("round", "candidates", "new", "best", "best score", "rejected proposals"):
+    for column in ("candidate kept", "candidates", "new", "best so far", "best score", "rejected proposals"):
         table.add_column(column)
     for r in result["rounds"]:
         table.add_row(str(r["round"]), str(r["candidates"]), str(r["new"]), r["best"], f"{r['best_score'] or 0:.3f}",
