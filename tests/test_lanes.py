@@ -118,7 +118,8 @@ def test_sigterm_to_pytest_stops_what_a_fixture_started_and_writes_the_summary(t
 
 def test_a_run_past_its_budget_stops_both_lanes_as_ctrl_c_would_and_lists_what_ran(tmp_path):
     """CI stops the job at 90 min and printed neither the test that was running nor the others' times (stop 77): the
-    lanes' own budget ends the run first, each pytest unwinds its fixtures, and the times are printed."""
+    lanes' own budget ends the run first, each pytest unwinds its fixtures, and the times are printed. 30 s: with 9 s,
+    on a loaded machine, the budget ran out before pytest had reached the hanging test."""
     pid_file = tmp_path / "server.pid"
     project = tmp_path / "project"
     project.mkdir()
@@ -146,7 +147,7 @@ def test_a_run_past_its_budget_stops_both_lanes_as_ctrl_c_would_and_lists_what_r
         run = subprocess.run([sys.executable, str(REPO / "scripts" / "test_lanes.py"), "-p", "no:cacheprovider",
                               "-p", "tests.helpers.sigterm"],
                              cwd=project, capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "ARCLIGHT_TEST_RESULTS": str(results), "ARCLIGHT_TEST_BUDGET_MIN": "0.15",
+                             env={**os.environ, "ARCLIGHT_TEST_RESULTS": str(results), "ARCLIGHT_TEST_BUDGET_MIN": "0.5",
                                   "PYTHONPATH": str(REPO)})
         server = int(pid_file.read_text())
         outlived = not _gone(server)
@@ -158,7 +159,7 @@ def test_a_run_past_its_budget_stops_both_lanes_as_ctrl_c_would_and_lists_what_r
         except (OSError, ValueError):
             pass
     output = run.stdout + run.stderr
-    assert run.returncode != 0 and "ran past its budget of 0.15 min (ARCLIGHT_TEST_BUDGET_MIN)" in output, output
+    assert run.returncode != 0 and "ran past its budget of 0.5 min (ARCLIGHT_TEST_BUDGET_MIN)" in output, output
     assert not outlived, f"the integration lane's fixture process outlived the budget's stop:\n{output}"
     assert "stopped during test_heavy.py::test_hangs_on_its_server, " in output, output  # where it stopped
     assert "| tests/test_heavy.py |" in output and "| total |" in output, output  # the times, from the JUnit files
