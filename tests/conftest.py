@@ -17,7 +17,8 @@ from lightning_core.store.catalog import Catalog
 from lightning_core.config import ArclightConfig, load_config
 from lightning_core.common.services import Service, free_port
 from lightning_core.ingest.service import start_collector
-from tests.helpers.sigterm import pytest_configure  # noqa: F401 - a hook: SIGTERM unwinds like Ctrl-C
+# hooks: SIGTERM unwinds like Ctrl-C, and a stopped run names the test it was in
+from tests.helpers.sigterm import pytest_configure, pytest_keyboard_interrupt, pytest_runtest_protocol  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -163,3 +163,13 @@ def test_a_run_past_its_budget_stops_both_lanes_as_ctrl_c_would_and_lists_what_r
     assert not outlived, f"the integration lane's fixture process outlived the budget's stop:\n{output}"
     assert "stopped during test_heavy.py::test_hangs_on_its_server, " in output, output  # where it stopped
     assert "| tests/test_heavy.py |" in output and "| total |" in output, output  # the times, from the JUnit files
+
+
+def test_the_suites_conftest_registers_every_hook_of_the_sigterm_plugin():
+    """The fresh-clone run stopped by SIGTERM printed no "stopped during": conftest imported pytest_configure alone,
+    so the hooks that name the running test were never registered in the suite itself."""
+    import tests.conftest as conftest
+    from tests.helpers import sigterm
+
+    hooks = [name for name in vars(sigterm) if name.startswith("pytest_")]
+    assert hooks and all(getattr(conftest, name, None) is getattr(sigterm, name) for name in hooks), hooks
