@@ -51,6 +51,21 @@ def test_the_unit_lane_runs_beside_the_integration_lane_and_its_failure_fails_th
     assert times.returncode == 0 and "| total | 4 |" in times.stdout and "from end to end" in times.stdout, times.stdout
 
 
+def _server_fixture(pid_file) -> str:
+    """A test file's opening: a fixture that starts a process in its own session (as a training run's servers are),
+    records its pid in ``pid_file`` and stops it when the fixture ends."""
+    return ("import pathlib, signal, os, subprocess, time, pytest\n"
+            "@pytest.fixture\n"
+            "def server():\n"
+            "    proc = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+            f"    pathlib.Path({str(pid_file)!r}).write_text(str(proc.pid))\n"
+            "    try:\n"
+            "        yield proc\n"
+            "    finally:\n"
+            "        os.killpg(proc.pid, signal.SIGTERM)\n"
+            "        proc.wait()\n")
+
+
 def _started_group_alive(pid_file, deadline_s: float = 60) -> int:
     import time
 
@@ -82,16 +97,7 @@ def test_sigterm_to_pytest_stops_what_a_fixture_started_and_writes_the_summary(t
 
     pid_file = tmp_path / "server.pid"
     (tmp_path / "test_server.py").write_text(
-        "import pathlib, signal, os, subprocess, time, pytest\n"
-        "@pytest.fixture\n"
-        "def server():\n"
-        "    proc = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
-        f"    pathlib.Path({str(pid_file)!r}).write_text(str(proc.pid))\n"
-        "    try:\n"
-        "        yield proc\n"
-        "    finally:\n"
-        "        os.killpg(proc.pid, signal.SIGTERM)\n"
-        "        proc.wait()\n"
+        _server_fixture(pid_file) +
         "def test_waits_on_its_server(server):\n"
         "    time.sleep(120)\n")
     pytest_run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.helpers.sigterm",
@@ -125,16 +131,7 @@ def test_a_run_past_its_budget_stops_both_lanes_as_ctrl_c_would_and_lists_what_r
     project.mkdir()
     (project / "pytest.ini").write_text("[pytest]\nmarkers =\n    integration: starts servers\n")
     (project / "test_heavy.py").write_text(
-        "import pathlib, signal, os, subprocess, time, pytest\n"
-        "@pytest.fixture\n"
-        "def server():\n"
-        "    proc = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
-        f"    pathlib.Path({str(pid_file)!r}).write_text(str(proc.pid))\n"
-        "    try:\n"
-        "        yield proc\n"
-        "    finally:\n"
-        "        os.killpg(proc.pid, signal.SIGTERM)\n"
-        "        proc.wait()\n"
+        _server_fixture(pid_file) +
         "@pytest.mark.integration\n"
         "def test_quick():\n"
         "    pass\n"
